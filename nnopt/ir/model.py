@@ -1,0 +1,387 @@
+"""Model: an onnx-graphsurgeon graph plus everything graphsurgeon does not carry, with lossless load/save."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from nnopt.errors import ModelLoadError, UnsafeExternalDataError
+
+#: Protobuf cannot serialise a message of 2 GiB or more; above this many tensor bytes nnopt writes
+#: weights to an external-data file (and validates through files rather than in-memory bytes).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+@dataclass
+class Model:
+    """A mutable ONNX model.
+
+    ``graph`` is an onnx-graphsurgeon ``Graph`` that passes edit in place. The remaining fields hold what
+    graphsurgeon's import/export would otherwise drop, so that ``Model.from_proto(p).to_proto()`` keeps
+    every opset import, the model's metadata, node doc strings and the placement of outer-scope
+    initializers that only subgraphs use.
+    """
+
+    graph: gs.Graph
+    opset_imports: dict[str, int]
+    ir_version: int
+    producer_name: str = ""
+    producer_version: str = ""
+    domain: str = ""
+    model_version: int = 0
+    doc_string: str = ""
+    metadata_props: list[tuple[str, str]] = field(default_factory=list)
+    #: Per node name: (doc_string, metadata_props) of nodes that had them; graphsurgeon drops both.
+    node_extras: dict[str, tuple[str, list[tuple[str, str]]]] = field(default_factory=dict)
+    #: Names of top-level initializers. A constant with one of these names that only a subgraph uses is
+    #: written back at the top level (graphsurgeon would move it into every subgraph that uses it).
+    top_level_initializers: set[str] = field(default_factory=set)
+    #: True when the model was loaded with external data; it is then saved the same way.
+    external_data: bool = False
+    #: Initializers that are also graph inputs (IR >= 4): inputs with a default value. They are graph
+    #: inputs (Variables) to passes, since a caller may feed them, and are written back as initializers.
+    input_defaults: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    #: The original order of the graph inputs, initializer-inputs included, to write them back in order.
+    input_order: list[str] = field(default_factory=list)
+    #: Training info is not edited by nnopt, but kept.
+    training_info: list[onnx.TrainingInfoProto] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_proto(cls, proto: onnx.ModelProto) -> Model:
+        """Import a ModelProto (with its external data already loaded). The proto is not modified."""
+        graph = gs.import_onnx(proto)
+        input_names = [i.name for i in proto.graph.input]
+        defaults = {}
+        if proto.ir_version >= 4:
+            defaults = {t.name: t for t in proto.graph.initializer if t.name in set(input_names)}
+            if defaults:
+                _initializer_inputs_to_variables(graph, proto, defaults)
+        extras: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+        for node in _iter_node_protos(proto.graph):
+            props = [(p.key, p.value) for p in node.metadata_props]
+            if node.name and (node.doc_string or props):
+                extras[node.name] = (node.doc_string, props)
+        return cls(
+            graph=graph,
+            opset_imports={op.domain: op.version for op in proto.opset_import},
+            ir_version=proto.ir_version,
+            producer_name=proto.producer_name,
+            producer_version=proto.producer_version,
+            domain=proto.domain,
+            model_version=proto.model_version,
+            doc_string=proto.doc_string,
+            metadata_props=[(p.key, p.value) for p in proto.metadata_props],
+            node_extras=extras,
+            top_level_initializers={t.name for t in proto.graph.initializer},
+            training_info=[copy.deepcopy(t) for t in proto.training_info],
+            input_defaults={name: copy.deepcopy(t) for name, t in defaults.items()},
+            input_order=input_names,
+        )
+
+    def to_proto(self) -> onnx.ModelProto:
+        """Export to a ModelProto. Tensor data is copied; the Model stays usable."""
+        opsets = dict(self.opset_imports)
+        for g in [self.graph, *self.graph.subgraphs(recursive=True)]:
+            for node in g.nodes:
+                # NOTE: a domain first used by a pass needs an opset import; "" always has one.
+                opsets.setdefault(node.domain or "", 1)
+        proto = gs.export_onnx(
+            self.graph,
+            do_type_check=False,
+            opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
+        )
+        proto.ir_version = self.ir_version
+        proto.producer_name = self.producer_name
+        proto.producer_version = self.producer_version
+        proto.domain = self.domain
+        proto.model_version = self.model_version
+        proto.doc_string = self.doc_string
+        del proto.metadata_props[:]
+        for key, value in self.metadata_props:
+            proto.metadata_props.add(key=key, value=value)
+        proto.training_info.extend(self.training_info)
+        _hoist_outer_initializers(proto.graph, self.top_level_initializers)
+        self._restore_initializer_inputs(proto)
+        if self.node_extras:
+            for node in _iter_node_protos(proto.graph):
+                extra = self.node_extras.get(node.name)
+                if extra is not None:
+                    node.doc_string = extra[0]
+                    for key, value in extra[1]:
+                        node.metadata_props.add(key=key, value=value)
+        return proto
+
+    def _restore_initializer_inputs(self, proto: onnx.ModelProto) -> None:
+        g = proto.graph
+        present = {i.name for i in g.input}
+        for name, tensor in self.input_defaults.items():
+            if name in present:
+                g.initializer.append(tensor)
+        if self.ir_version < 4:
+            # NOTE: before IR 4 every initializer must also be listed as a graph input.
+            for t in g.initializer:
+                if t.name not in present:
+                    g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+                    present.add(t.name)
+        rank = {name: i for i, name in enumerate(self.input_order)}
+        if any(i.name in rank for i in g.input):
+            ordered = sorted(g.input, key=lambda i: rank.get(i.name, len(rank)))
+            if [i.name for i in ordered] != [i.name for i in g.input]:
+                copies = [copy.deepcopy(i) for i in ordered]
+                del g.input[:]
+                g.input.extend(copies)
+
+    def copy(self) -> Model:
+        """A deep copy (through the proto, so weight arrays are never shared with the original)."""
+        clone = Model.from_proto(self.to_proto())
+        clone.external_data = self.external_data
+        return clone
+
+    @property
+    def opset(self) -> int:
+        """The default-domain ("ai.onnx") opset version."""
+        return self.opset_imports.get("", self.opset_imports.get("ai.onnx", 1))
+
+    def all_graphs(self) -> list[gs.Graph]:
+        """The main graph followed by every subgraph (If/Loop/Scan bodies), recursively."""
+        return [self.graph, *self.graph.subgraphs(recursive=True)]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> Model:
+    """Load a model from a path or a ModelProto into nnopt's IR.
+
+    Raises:
+        ModelLoadError: the path does not exist, is not an ONNX protobuf, is truncated or corrupt, or the
+            onnx checker rejects the model.
+        UnsafeExternalDataError: an external-data location points outside the model's folder.
+    """
+    if isinstance(source, onnx.ModelProto):
+        proto = copy.deepcopy(source)
+        _check_not_empty(proto, "the ModelProto")
+        _run_checker(proto, "the ModelProto")
+        uses_external = any(external_data_helper.uses_external_data(t) for t in _all_tensors(proto))
+        if uses_external:
+            raise ModelLoadError(
+                "the ModelProto refers to external data that is not loaded; load it from its path instead"
+            )
+        return Model.from_proto(proto)
+    proto, uses_external = read_model_proto(Path(source))
+    model = Model.from_proto(proto)
+    model.external_data = uses_external
+    return model
+
+
+def read_model_proto(path: Path) -> tuple[onnx.ModelProto, bool]:
+    """Read, validate and fully load the ModelProto at ``path``; also say whether it used external data."""
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, not an ONNX model file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError) as exc:
+        raise ModelLoadError(f"{path}: not a valid ONNX model (the protobuf does not parse: {exc})") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    _check_not_empty(proto, str(path))
+    external = [t for t in _all_tensors(proto) if external_data_helper.uses_external_data(t)]
+    base_dir = path.resolve().parent
+    for tensor in external:
+        _check_external_location(tensor, base_dir, path)
+    if external:
+        external_data_helper.load_external_data_for_model(proto, str(base_dir))
+    # The checker validates through the path when the model is too large to serialise in memory.
+    _run_checker(proto if not external else str(path), str(path))
+    return proto, bool(external)
+
+
+def _check_not_empty(proto: onnx.ModelProto, where: str) -> None:
+    # NOTE: protobuf parses an empty file (or many short byte strings) into an empty, "valid" message.
+    if proto.ir_version == 0 or not proto.HasField("graph"):
+        raise ModelLoadError(f"{where}: not an ONNX model (no ir_version or graph; empty or not a ModelProto)")
+
+
+def _run_checker(proto_or_path: onnx.ModelProto | str, where: str) -> None:
+    try:
+        onnx.checker.check_model(proto_or_path)
+    except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{where}: rejected by the onnx checker: {first}") from exc
+
+
+def _check_external_location(tensor: onnx.TensorProto, base_dir: Path, model_path: Path) -> None:
+    info = external_data_helper.ExternalDataInfo(tensor)
+    location = info.location
+    if not location or os.path.isabs(location) or Path(location).drive:
+        raise UnsafeExternalDataError(
+            f"{model_path}: tensor '{tensor.name}' has external-data location '{location}', "
+            "which is not a relative path inside the model's folder"
+        )
+    target = (base_dir / location).resolve()
+    if base_dir != target and base_dir not in target.parents:
+        raise UnsafeExternalDataError(
+            f"{model_path}: tensor '{tensor.name}' has external-data location '{location}', "
+            "which points outside the model's folder; refusing to read it"
+        )
+    if not target.is_file():
+        raise ModelLoadError(
+            f"{model_path}: external-data file '{location}' of tensor '{tensor.name}' does not exist"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def tensor_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of all tensor data in the model (initializers and tensor attributes, subgraphs included)."""
+    total = 0
+    for t in _all_tensors(proto):
+        if t.HasField("raw_data"):
+            total += len(t.raw_data)
+        else:
+            total += t.ByteSize()
+    return total
+
+
+def save_model(model: Model | onnx.ModelProto, path: str | os.PathLike[str], external_data: bool | None = None) -> None:
+    """Write the model atomically: into a temporary folder beside ``path``, then renamed into place.
+
+    Weights go to ``<name>.data`` beside the model when ``external_data`` is True, when it is None and the
+    model was loaded with external data, or when the tensors would not fit a 2 GiB protobuf.
+    """
+    proto = model.to_proto() if isinstance(model, Model) else model
+    if external_data is None:
+        external_data = (isinstance(model, Model) and model.external_data) or (
+            tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+        )
+    write_proto_atomically(proto, Path(path), external_data)
+
+
+def write_proto_atomically(proto: onnx.ModelProto, path: Path, external_data: bool) -> None:
+    """Save ``proto`` to ``path`` through a temporary folder and rename; nothing is left on failure."""
+    out_dir = path.resolve().parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".nnopt-", dir=out_dir))
+    try:
+        tmp_model = tmp_dir / path.name
+        data_name = path.name + ".data"
+        if external_data:
+            proto = copy.deepcopy(proto)
+            onnx.save_model(
+                proto,
+                str(tmp_model),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+            if (tmp_dir / data_name).exists():
+                os.replace(tmp_dir / data_name, out_dir / data_name)
+        else:
+            onnx.save_model(proto, str(tmp_model))
+        os.replace(tmp_model, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _iter_graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_graph_protos(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _iter_graph_protos(g)
+
+
+def _iter_node_protos(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for g in _iter_graph_protos(graph):
+        yield from g.node
+
+
+def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    return external_data_helper._get_all_tensors(proto)
+
+
+def _hoist_outer_initializers(graph: onnx.GraphProto, top_level: set[str]) -> None:
+    """Put constants that subgraphs share, or that the model kept at the top level, back at the top.
+
+    graphsurgeon writes a constant into every graph whose nodes use it: an initializer that only an If
+    body used, or that both branches use, would move into (and be duplicated across) the subgraphs. ONNX
+    lets subgraphs read outer-scope names, so one top-level copy serves them all.
+    """
+    top_names = {t.name for t in graph.initializer}
+    seen_in: dict[str, int] = {}
+    subgraphs = list(_iter_graph_protos(graph))[1:]
+    for sub in subgraphs:
+        for t in sub.initializer:
+            seen_in[t.name] = seen_in.get(t.name, 0) + 1
+    hoist = {name for name, n in seen_in.items() if n > 1 or name in top_level or name in top_names}
+    if not hoist:
+        return
+    for sub in subgraphs:
+        keep = []
+        for t in sub.initializer:
+            if t.name in hoist:
+                if t.name not in top_names:
+                    graph.initializer.append(t)
+                    top_names.add(t.name)
+            else:
+                keep.append(t)
+        if len(keep) != len(sub.initializer):
+            del sub.initializer[:]
+            sub.initializer.extend(keep)
+
+
+def _initializer_inputs_to_variables(
+    graph: gs.Graph, proto: onnx.ModelProto, defaults: dict[str, onnx.TensorProto]
+) -> None:
+    """Turn constants that are also graph inputs back into graph inputs, in their original positions."""
+    tensors = graph.tensors()
+    by_name = {i.name: i for i in proto.graph.input}
+    inputs: list[gs.Tensor] = []
+    for value_info in proto.graph.input:
+        name = value_info.name
+        if name not in defaults:
+            inputs.append(tensors[name] if name in tensors else next(t for t in graph.inputs if t.name == name))
+            continue
+        const = tensors.get(name)
+        tensor_type = by_name[name].type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
+        variable = gs.Variable(name, dtype=onnx.helper.tensor_dtype_to_np_dtype(defaults[name].data_type), shape=shape)
+        if const is not None:
+            replace_tensor(graph, const, variable)
+        inputs.append(variable)
+    graph.inputs[:] = inputs
+
+
+def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every consumer of ``old`` (nodes and graph outputs, subgraphs included) read ``new``."""
+    for node in list(old.outputs):
+        for i, t in enumerate(node.inputs):
+            if t is old:
+                node.inputs[i] = new
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for i, t in enumerate(g.outputs):
+            if t is old:
+                g.outputs[i] = new
+
+
+def constant_values(tensor: gs.Tensor) -> np.ndarray | None:
+    """The values of a gs.Constant, or None for a Variable."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    return None
