@@ -143,6 +143,12 @@ class Model:
                 del g.input[:]
                 g.input.extend(copies)
 
+    def restore(self, proto: onnx.ModelProto) -> None:
+        """Replace this model's contents, in place, with ``proto`` (a snapshot from ``to_proto``)."""
+        external = self.external_data
+        self.__dict__.update(Model.from_proto(proto).__dict__)
+        self.external_data = external
+
     def copy(self) -> Model:
         """A deep copy (through the proto, so weight arrays are never shared with the original)."""
         clone = Model.from_proto(self.to_proto())

@@ -1,0 +1,96 @@
+"""The Python API behind the CLI: optimize and analyze a model in one call."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import onnx
+
+from nnopt.ir.model import Model, load_model
+from nnopt.pipeline.base import Pass, PassContext
+from nnopt.pipeline.manager import Budget, PassManager, PipelineReport
+from nnopt.pipeline.spec import DEFAULT_PIPELINE, instantiate, parse_pass_spec
+from nnopt.pipeline.verify import Verifier
+from nnopt.plugin_manager import Plugins, build_plugins, get_pass_class
+
+PassSpec = str | Pass | tuple[str, dict[str, Any]]
+
+
+def build_passes(specs: Sequence[PassSpec] | None, plugins: Plugins) -> tuple[list[Pass], bool]:
+    """Resolve specs into pass instances; None means the default pipeline. Also says if it is lossless."""
+    if specs is None:
+        names = [n for n in DEFAULT_PIPELINE if n in plugins.passes]
+        passes = [get_pass_class(plugins, n)() for n in names]
+    else:
+        passes = []
+        for spec in specs:
+            if isinstance(spec, Pass):
+                passes.append(spec)
+                continue
+            name, values = parse_pass_spec(spec) if isinstance(spec, str) else spec
+            passes.append(instantiate(get_pass_class(plugins, name), values))
+    return passes, not any(p.lossy for p in passes)
+
+
+def optimize(
+    model: Model | onnx.ModelProto | str | os.PathLike[str],
+    passes: Sequence[PassSpec] | None = None,
+    *,
+    data: str | os.PathLike[str] | None = None,
+    budget: Budget | None = None,
+    strict: bool = False,
+    fixed_point: bool | None = None,
+    seed: int = 0,
+    input_shapes: dict[str, list[int]] | None = None,
+    hardware: Any = None,
+    verify: bool = True,
+    plugins: Plugins | None = None,
+) -> tuple[Model, PipelineReport]:
+    """Run a pipeline (default: the lossless clean-ups) and return the optimized model and its report.
+
+    A Model argument is edited in place; a path or ModelProto is loaded first (and never modified).
+    ``fixed_point`` defaults to True for lossless pipelines.
+    """
+    from nnopt.cost import analyze
+
+    plugins = plugins or build_plugins()
+    if not isinstance(model, Model):
+        model = load_model(model)
+    pass_list, lossless = build_passes(passes, plugins)
+    proto = model.to_proto()
+    verifier = (
+        Verifier(proto, data_path=str(data) if data else None, seed=seed, input_shapes=input_shapes)
+        if verify
+        else None
+    )
+    rules = _cost_rules(plugins)
+
+    def totals(p: onnx.ModelProto) -> dict[str, Any]:
+        return analyze(p, hardware=hardware, input_shapes=input_shapes, rules=rules).totals
+
+    manager = PassManager(
+        pass_list,
+        analyze=totals,
+        verifier=verifier,
+        budget=budget,
+        strict=strict,
+        fixed_point=lossless if fixed_point is None else fixed_point,
+        hook=plugins.pm.hook,
+    )
+    ctx = PassContext(
+        seed=seed,
+        samples=verifier.samples if verifier is not None else [],
+        input_shapes=dict(input_shapes or {}),
+    )
+    report = manager.run(model, ctx)
+    return model, report
+
+
+def _cost_rules(plugins: Plugins) -> Any:
+    from nnopt.cost.rules import default_registry
+
+    registry = default_registry()
+    for rule in plugins.cost_rules:
+        registry.register(rule)
+    return registry

@@ -1,0 +1,310 @@
+"""The ``nnopt`` command line. Exit codes: 0 success, 1 internal error, 2 bad input, 3 a pass failed under --strict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from nnopt.errors import InputError, NnoptError
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_BAD_INPUT = 2
+EXIT_PASS_FAILED = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the problem (exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise InputError(f"{self.prog}: {message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="nnopt", description="Optimize ONNX models: ONNX in, smaller and faster ONNX out.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    parser.add_argument(
+        "--no-plugins",
+        action="store_true",
+        help="do not load third-party plugins (same as NNOPT_NO_PLUGINS=1)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    analyze = sub.add_parser("analyze", help="per-node cost: params, MACs, FLOPs, bytes, estimated latency")
+    analyze.add_argument("model")
+    analyze.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    analyze.add_argument("--hardware", default=None, help="profile name or flops=...,bandwidth=...")
+    analyze.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS",
+                         help="concrete shape for a dynamic input, e.g. x=1,3,224,224 (repeatable)")
+    analyze.add_argument("--measure", action="store_true", help="also time the model in onnxruntime")
+    analyze.add_argument("--runs", type=int, default=20, help="timed runs for --measure (median is reported)")
+    analyze.add_argument("--top", type=int, default=None, help="show only the N most expensive nodes")
+
+    opt = sub.add_parser("optimize", help="run a pass pipeline and write the optimized model")
+    opt.add_argument("model")
+    opt.add_argument("-o", "--output", required=True, help="where to write the optimized model")
+    opt.add_argument("-p", "--pass", dest="passes", action="append", default=None, metavar="PASS[:k=v,...]",
+                     help="a pass to run, with options (repeatable, in order); default: the lossless pipeline")
+    opt.add_argument("--data", default=None, help=".npz of reference inputs (arrays keyed by input name)")
+    opt.add_argument("--report", default=None, help="write the pipeline report as JSON")
+    opt.add_argument("--strict", action="store_true", help="a pass that is rolled back is an error (exit 3)")
+    opt.add_argument("--hardware", default=None, help="profile for the cost estimates")
+    opt.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS")
+    opt.add_argument("--seed", type=int, default=0, help="seed for generated inputs and randomised passes")
+    opt.add_argument("--max-rel-error", type=float, default=None, help="lossy budget: max relative output error")
+    opt.add_argument("--min-cosine", type=float, default=None, help="lossy budget: min cosine similarity")
+    opt.add_argument("--min-top1", type=float, default=None, help="lossy budget: min top-1 agreement")
+    opt.add_argument("--no-verify", action="store_true", help="skip numerical verification in onnxruntime")
+    opt.add_argument("--fixed-point", choices=["auto", "on", "off"], default="auto",
+                     help="repeat the pipeline until nothing changes (auto: for lossless pipelines)")
+    opt.add_argument("--external-data", choices=["auto", "on", "off"], default="auto",
+                     help="write weights to OUTPUT.data (auto: if the input had external data or is > 1.8 GB)")
+    opt.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+    passes = sub.add_parser("passes", help="list the registered passes and their options")
+    passes.add_argument("--json", action="store_true")
+
+    plugins = sub.add_parser("plugins", help="list loaded plugins and where they come from")
+    plugins.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="nnopt: %(levelname)s: %(message)s")
+    if not debug:
+        _quiet_third_party()
+    try:
+        args = build_parser().parse_args(argv)
+        if args.no_plugins:
+            os.environ["NNOPT_NO_PLUGINS"] = "1"
+        if args.command is None:
+            build_parser().print_help()
+            return EXIT_BAD_INPUT
+        return _COMMANDS[args.command](args)
+    except NnoptError as exc:
+        if debug:
+            raise
+        print(f"nnopt: error: {_one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("nnopt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # boundary: the whole program
+        if debug:
+            raise
+        print(f"nnopt: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for a traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from nnopt.cost import analyze, parse_input_shapes
+    from nnopt.ir.model import load_model
+
+    plugins = _plugins()
+    hardware = _hardware(args.hardware, plugins)
+    shapes = parse_input_shapes(args.input_shape)
+    model = load_model(args.model)
+    from nnopt.api import _cost_rules
+
+    report = analyze(model, hardware=hardware, input_shapes=shapes, rules=_cost_rules(plugins))
+    measured = None
+    if args.measure:
+        from nnopt.cost.timing import measure_latency
+
+        measured = measure_latency(model, runs=args.runs, input_shapes=shapes)
+    if args.json:
+        out = report.to_dict()
+        if measured is not None:
+            out["totals"]["measured_latency_s"] = measured["median_s"]
+            out["measured"] = measured
+        json.dump(out, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(report.format_table(max_rows=args.top))
+        if measured is not None:
+            est = report.totals["latency_s"]
+            print(
+                f"latency: estimated {est * 1e3:.3f} ms, measured {measured['median_s'] * 1e3:.3f} ms "
+                f"(onnxruntime CPU, median of {measured['runs']} runs)"
+            )
+    return EXIT_OK
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from nnopt.api import optimize
+    from nnopt.cost import parse_input_shapes
+    from nnopt.ir.model import load_model, save_model
+    from nnopt.pipeline.manager import Budget
+
+    src = Path(args.model)
+    dst = Path(args.output)
+    if src.exists() and dst.exists() and src.resolve() == dst.resolve():
+        raise InputError(f"{dst}: the output would overwrite the input model; choose another -o path")
+    if dst.exists() and dst.is_dir():
+        raise InputError(f"{dst}: is a directory; -o takes a file path")
+    plugins = _plugins()
+    hardware = _hardware(args.hardware, plugins)
+    shapes = parse_input_shapes(args.input_shape)
+    model = load_model(src)
+    budget = Budget(args.max_rel_error, args.min_cosine, args.min_top1)
+    fixed_point = {"auto": None, "on": True, "off": False}[args.fixed_point]
+    model, report = optimize(
+        model,
+        args.passes,
+        data=args.data,
+        budget=budget,
+        strict=args.strict,
+        fixed_point=fixed_point,
+        seed=args.seed,
+        input_shapes=shapes,
+        hardware=hardware,
+        verify=not args.no_verify,
+        plugins=plugins,
+    )
+    external = {"auto": None, "on": True, "off": False}[args.external_data]
+    save_model(model, dst, external_data=external)
+    if args.report:
+        _write_text_atomically(Path(args.report), json.dumps(_finite(report.to_dict()), indent=2) + "\n")
+    if args.json:
+        json.dump(_finite(report.to_dict()), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(report.format_table())
+        print(f"wrote {dst}")
+    return EXIT_OK
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    plugins = _plugins()
+    entries = []
+    for name in sorted(plugins.passes):
+        entry = plugins.passes[name]
+        entries.append(
+            {
+                "name": name,
+                "lossy": entry.cls.lossy,
+                "plugin": entry.plugin,
+                "summary": entry.cls.summary(),
+                "doc": (entry.cls.__doc__ or "").strip(),
+                "options": entry.cls.Options.describe(),
+            }
+        )
+    if args.json:
+        json.dump({"passes": entries}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    for e in entries:
+        print(f"{e['name']}  [{'lossy' if e['lossy'] else 'lossless'}; {e['plugin']}]")
+        print(f"    {e['summary']}")
+        for opt in e["options"]:
+            print(f"    --  {opt['name']} ({opt['type']}, default {opt['default']!r}): {opt['help']}")
+    _print_plugin_errors(plugins)
+    return EXIT_OK
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    plugins = _plugins()
+    rows = [
+        {
+            "name": p.name,
+            "distribution": p.distribution,
+            "status": p.status,
+            "error": p.error,
+            "passes": sorted(n for n, e in plugins.passes.items() if e.plugin == p.distribution),
+        }
+        for p in plugins.plugins
+    ]
+    if args.json:
+        json.dump({"plugins": rows}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    for r in rows:
+        line = f"{r['name']}  ({r['distribution']})  {r['status']}"
+        if r["passes"]:
+            line += f"  passes: {', '.join(r['passes'])}"
+        if r["error"]:
+            line += f"  problem: {r['error']}"
+        print(line)
+    return EXIT_OK
+
+
+_COMMANDS = {"analyze": cmd_analyze, "optimize": cmd_optimize, "passes": cmd_passes, "plugins": cmd_plugins}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _plugins() -> Any:
+    from nnopt.plugin_manager import build_plugins
+
+    plugins = build_plugins()
+    for p in plugins.errors:
+        print(f"nnopt: warning: plugin {p.name} ({p.distribution}) not loaded: {p.error}", file=sys.stderr)
+    return plugins
+
+
+def _print_plugin_errors(plugins: Any) -> None:
+    for p in plugins.plugins:
+        if p.status == "loaded" and p.error:
+            print(f"nnopt: warning: plugin {p.name} ({p.distribution}): {p.error}", file=sys.stderr)
+
+
+def _hardware(spec: str | None, plugins: Any) -> Any:
+    from nnopt.cost.hardware import BUILTIN_PROFILES, DEFAULT_PROFILE, parse_hardware
+
+    registry = {**BUILTIN_PROFILES, **plugins.hardware}
+    return parse_hardware(spec, registry) if spec else DEFAULT_PROFILE
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".nnopt-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no Infinity/NaN: write them as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _quiet_third_party() -> None:
+    os.environ.setdefault("ORT_LOGGING_LEVEL", "3")
+    try:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)
+    except Exception:  # boundary: optional quieting only
+        pass
+    import onnx_graphsurgeon as gs
+
+    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""networkx views of a graphsurgeon graph, derived on demand (never kept in parallel by hand)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import networkx as nx
+import onnx_graphsurgeon as gs
+
+#: The sink node of a dataflow view: every graph output feeds it.
+OUTPUTS = "__graph_outputs__"
+
+
+def subgraphs_of(node: gs.Node) -> list[gs.Graph]:
+    """The graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
+    found: list[gs.Graph] = []
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(v for v in value if isinstance(v, gs.Graph))
+    return found
+
+
+def implicit_inputs(node: gs.Node) -> list[gs.Tensor]:
+    """Outer-scope tensors a node's subgraphs read without listing them as inputs.
+
+    # NOTE: ONNX subgraphs may use any name visible in an enclosing graph; graphsurgeon resolves those
+    # to the outer tensor objects but does not add them to ``node.inputs``.
+    """
+    seen: dict[int, gs.Tensor] = {}
+    for sub in subgraphs_of(node):
+        for tensor in _free_tensors(sub):
+            seen.setdefault(id(tensor), tensor)
+    return list(seen.values())
+
+
+def _free_tensors(graph: gs.Graph) -> Iterable[gs.Tensor]:
+    defined = {id(t) for t in graph.inputs}
+    for n in graph.nodes:
+        defined.update(id(t) for t in n.outputs)
+    used: dict[int, gs.Tensor] = {}
+    for n in graph.nodes:
+        for t in list(n.inputs) + implicit_inputs(n):
+            used.setdefault(id(t), t)
+    for t in graph.outputs:
+        used.setdefault(id(t), t)
+    return [t for key, t in used.items() if key not in defined]
+
+
+def dataflow(graph: gs.Graph) -> nx.DiGraph:
+    """One graph level as a DiGraph: nodes are indices into ``graph.nodes`` plus ``OUTPUTS``.
+
+    An edge u → v means node v reads a tensor node u produces (implicit subgraph reads included); each
+    edge carries the tensor names in ``tensors``. Node attribute ``node`` is the gs.Node.
+    """
+    view = nx.DiGraph()
+    producer: dict[int, int] = {}
+    for i, node in enumerate(graph.nodes):
+        view.add_node(i, node=node)
+        for t in node.outputs:
+            producer[id(t)] = i
+    view.add_node(OUTPUTS)
+    for i, node in enumerate(graph.nodes):
+        for t in list(node.inputs) + implicit_inputs(node):
+            src = producer.get(id(t))
+            if src is not None:
+                _add_edge(view, src, i, t.name)
+    for t in graph.outputs:
+        src = producer.get(id(t))
+        if src is not None:
+            _add_edge(view, src, OUTPUTS, t.name)
+    return view
+
+
+def _add_edge(view: nx.DiGraph, src: int, dst: int | str, name: str) -> None:
+    if view.has_edge(src, dst):
+        view.edges[src, dst]["tensors"].append(name)
+    else:
+        view.add_edge(src, dst, tensors=[name])
+
+
+def live_node_indices(graph: gs.Graph) -> set[int]:
+    """Indices of the nodes some graph output depends on."""
+    view = dataflow(graph)
+    return {i for i in nx.ancestors(view, OUTPUTS) if i != OUTPUTS}
+
+
+def topological_nodes(graph: gs.Graph) -> list[gs.Node]:
+    """The graph's nodes in a deterministic topological order (ties broken by original position)."""
+    view = dataflow(graph)
+    view.remove_node(OUTPUTS)
+    order = nx.lexicographical_topological_sort(view)
+    return [graph.nodes[i] for i in order]
+
+
+def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+    return list(tensor.outputs)
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if tensor.inputs else None

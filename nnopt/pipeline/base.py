@@ -1,0 +1,219 @@
+"""Pass, PassOptions, PassResult and PassContext: the contract between the pass manager and every pass."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Union
+
+import numpy as np
+
+from nnopt.errors import OptionError
+from nnopt.ir.model import Model
+
+
+@dataclass(frozen=True)
+class PassOptions:
+    """Base of every pass's options: a frozen dataclass whose fields are the options.
+
+    Each field has a type (``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, ``tuple[str, ...]``, or
+    ``X | None``), a default, and ``metadata={"help": "..."}``. Subclasses validate in ``__post_init__``
+    by raising ``OptionError``. The same class drives CLI parsing (``from_strings``), ``nnopt passes`` and
+    the report (``to_dict``).
+    """
+
+    @classmethod
+    def from_strings(cls, values: dict[str, str], pass_name: str = "") -> PassOptions:
+        """Build options from ``key=value`` strings, converting each value to the field's type."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for key, raw in values.items():
+            attr = key.replace("-", "_")
+            if attr not in fields:
+                known = ", ".join(sorted(fields)) or "none"
+                raise OptionError(f"pass '{pass_name}' has no option '{key}' (options: {known})")
+            kwargs[attr] = _convert(raw, hints[attr], f"{pass_name}:{key}")
+        return cls.create(pass_name, **kwargs)
+
+    @classmethod
+    def create(cls, pass_name: str = "", **kwargs: Any) -> PassOptions:
+        """Construct, turning a TypeError for an unknown keyword into an OptionError."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - fields)
+        if unknown:
+            known = ", ".join(sorted(fields)) or "none"
+            raise OptionError(f"pass '{pass_name}' has no option '{unknown[0]}' (options: {known})")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def describe(cls) -> list[dict[str, Any]]:
+        """One entry per option: name, type, default and help, for ``nnopt passes``."""
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = f.default_factory()  # type: ignore[misc]
+            out.append(
+                {
+                    "name": f.name,
+                    "type": _type_name(hints[f.name]),
+                    "default": _jsonable(default),
+                    "help": f.metadata.get("help", ""),
+                }
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class NoOptions(PassOptions):
+    """For passes without options."""
+
+
+@dataclass
+class PassResult:
+    """What a pass reports back.
+
+    Attributes:
+        modified: whether the pass changed the model. The manager skips verification when it did not.
+        stats: counts with units in their names (``nodes_removed``, ``weight_bytes_saved``).
+        layers: per-layer decisions, each a dict with at least ``node`` and ``action`` (e.g. "rewritten",
+            "declined") and ``reason`` where a layer was left alone.
+    """
+
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class PassContext:
+    """Everything a pass may read besides its options. Passes never read globals or the environment.
+
+    Attributes:
+        seed: the pipeline's seed; ``rng(name)`` derives an independent, deterministic stream per pass.
+        samples: reference inputs (one feed dict per sample), for data-aware passes; may be empty.
+        input_shapes: concrete shapes the user gave for dynamic graph inputs.
+        hook: the pluggy hook relay, for passes that call other plugins.
+    """
+
+    seed: int = 0
+    samples: list[dict[str, np.ndarray]] = field(default_factory=list)
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    hook: Any = None
+
+    def rng(self, stream: str) -> np.random.Generator:
+        """A generator that depends only on the seed and ``stream`` (e.g. the pass name)."""
+        digest = hashlib.sha256(f"{self.seed}:{stream}".encode()).digest()
+        return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+    def seed_for(self, stream: str) -> int:
+        """An int seed (for scikit-learn's ``random_state``) that depends only on the seed and ``stream``."""
+        return int(self.rng(stream).integers(0, 2**31 - 1))
+
+
+class Pass:
+    """Base class of every pass, built-in or from a plugin.
+
+    Subclasses set ``name`` (stable, kebab-case: it is CLI surface; plugin passes use ``plugin.name``),
+    ``lossy``, ``Options`` (a ``PassOptions`` dataclass) and implement ``run``. The class docstring says
+    what the pass matches, what it rewrites, whether it is lossless, and its preconditions: it is shown by
+    ``nnopt passes``.
+
+    ``run`` edits the model it is given in place and returns a ``PassResult``. It must be deterministic
+    (randomness only from ``ctx.rng``), must not print, read files or the environment, and must never
+    write into a weight array in place (graphsurgeon copies share arrays): assign new arrays instead.
+    """
+
+    name: ClassVar[str] = ""
+    lossy: ClassVar[bool] = False
+    Options: ClassVar[type[PassOptions]] = NoOptions
+
+    def __init__(self, options: PassOptions | None = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def summary(cls) -> str:
+        """The first line of the docstring."""
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _convert(raw: str, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if raw.lower() in {"none", ""} and len(non_none) < len(args):
+            return None
+        last_error: OptionError | None = None
+        for candidate in non_none:
+            try:
+                return _convert(raw, candidate, where)
+            except OptionError as exc:
+                last_error = exc
+        assert last_error is not None
+        raise last_error
+    if origin is Literal:
+        for choice in args:
+            if str(choice) == raw:
+                return choice
+        raise OptionError(f"{where}: '{raw}' is not one of {', '.join(map(str, args))}")
+    if origin is tuple:
+        item = args[0] if args else str
+        parts = [p for p in raw.split(",") if p]
+        return tuple(_convert(p, item, where) for p in parts)
+    if hint is bool:
+        low = raw.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise OptionError(f"{where}: '{raw}' is not a boolean (use true or false)")
+    if hint in (int, float):
+        try:
+            value = float(raw) if hint is float else int(raw, 0)
+        except ValueError:
+            raise OptionError(f"{where}: '{raw}' is not {'a number' if hint is float else 'an integer'}") from None
+        return value
+    if hint is str:
+        return raw
+    raise OptionError(f"{where}: options of type {hint} cannot be given on the command line")
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return "{" + ",".join(map(str, args)) + "}"
+    if origin is tuple:
+        return f"list of {_type_name(args[0]) if args else 'str'}"
+    if hint is type(None):
+        return "none"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value

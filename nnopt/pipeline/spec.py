@@ -1,0 +1,53 @@
+"""Pipeline specs: ``name:key=value,key=value`` strings to configured Pass instances."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nnopt.errors import OptionError
+from nnopt.pipeline.base import Pass
+
+#: The default pipeline: lossless clean-ups only, iterated to a fixed point. Names missing from the
+#: registry (e.g. with a trimmed plugin set) are skipped.
+DEFAULT_PIPELINE = (
+    "constants-to-initializers",
+    "dce",
+    "fold-constants",
+    "remove-noops",
+    "fold-batchnorm",
+    "dce",
+)
+
+
+def parse_pass_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """Split ``name:key=value,key=value``. A token without ``=`` continues the previous value's list.
+
+    ``prune:nodes=conv1,conv2,ratio=0.3`` gives ``{"nodes": "conv1,conv2", "ratio": "0.3"}``.
+    """
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip()
+    if not name:
+        raise OptionError(f"empty pass name in '{spec}'")
+    values: dict[str, str] = {}
+    last: str | None = None
+    for token in rest.split(",") if rest.strip() else []:
+        key, eq, value = token.partition("=")
+        if eq:
+            last = key.strip()
+            if not last:
+                raise OptionError(f"pass '{name}': option without a name in '{spec}'")
+            values[last] = value.strip()
+        elif last is not None:
+            values[last] += "," + token.strip()
+        else:
+            raise OptionError(f"pass '{name}': expected key=value, got '{token}'")
+    return name, values
+
+
+def instantiate(cls: type[Pass], values: dict[str, Any]) -> Pass:
+    """A configured instance of ``cls`` from string or typed option values."""
+    if all(isinstance(v, str) for v in values.values()):
+        options = cls.Options.from_strings(values, cls.name)
+    else:
+        options = cls.Options.create(cls.name, **values)
+    return cls(options)

@@ -1,0 +1,176 @@
+"""Validity (checker, shape inference, SSA) and numerical fidelity of a rewritten model in onnxruntime."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from nnopt.ir.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes, write_proto_atomically
+from nnopt.runtime import RuntimeUnavailable, generate_samples, load_samples, make_session
+
+
+# ---------------------------------------------------------------------------------------------- validity
+def validity_problems(proto: onnx.ModelProto, *, strict_shapes: bool) -> str | None:
+    """None if the model passes the onnx checker (and strict shape inference if asked), else why not."""
+    large = tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+    try:
+        if large:
+            with tempfile.TemporaryDirectory(prefix="nnopt-check-") as tmp:
+                path = os.path.join(tmp, "model.onnx")
+                write_proto_atomically(proto, Path(path), external_data=True)
+                onnx.checker.check_model(path)
+                if strict_shapes:
+                    onnx.shape_inference.infer_shapes_path(path, path + ".inferred", strict_mode=True)
+        else:
+            onnx.checker.check_model(proto)
+            if strict_shapes:
+                onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    except Exception as exc:  # boundary: checker and shape inference
+        text = str(exc).strip().splitlines()
+        return f"invalid model: {text[0] if text else type(exc).__name__}"
+    return None
+
+
+def passes_strict_shape_inference(proto: onnx.ModelProto) -> bool:
+    """Whether the model passes strict shape inference at all (many real models do not)."""
+    return validity_problems(proto, strict_shapes=True) is None
+
+
+# ---------------------------------------------------------------------------------------------- fidelity
+@dataclass
+class Fidelity:
+    """How closely a model's outputs follow the reference outputs, over all samples and outputs.
+
+    ``max_rel_error`` is the largest |a - b| relative to the largest |reference| of the same output, so it
+    stays meaningful where single elements are near zero. ``top1_agreement`` is given for outputs that
+    look like class scores (float, rank 2, more than one class).
+    """
+
+    max_abs_error: float
+    max_rel_error: float
+    cosine_similarity: float
+    top1_agreement: float | None
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_abs_error": self.max_abs_error,
+            "max_rel_error": self.max_rel_error,
+            "cosine_similarity": self.cosine_similarity,
+            "top1_agreement": self.top1_agreement,
+            "samples": self.samples,
+        }
+
+
+def compare_outputs(reference: list[list[Any]], candidate: list[list[Any]]) -> Fidelity:
+    """Compare per-sample output lists of the same model interface."""
+    max_abs = 0.0
+    max_rel = 0.0
+    cosine = 1.0
+    top1_hits = 0
+    top1_total = 0
+    for ref_outs, cand_outs in zip(reference, candidate):
+        for ref, cand in zip(ref_outs, cand_outs):
+            ref_a = np.asarray(ref)
+            cand_a = np.asarray(cand)
+            if ref_a.shape != cand_a.shape:
+                return Fidelity(math.inf, math.inf, 0.0, 0.0 if top1_total else None, len(reference))
+            if ref_a.dtype.kind not in "fc":
+                same = bool(np.array_equal(ref_a, cand_a))
+                if not same:
+                    max_abs = max(max_abs, math.inf)
+                    max_rel = max(max_rel, math.inf)
+                    cosine = min(cosine, 0.0)
+                continue
+            if ref_a.size == 0:
+                continue
+            r = ref_a.astype(np.float64).ravel()
+            c = cand_a.astype(np.float64).ravel()
+            nan_mismatch = np.isnan(r) != np.isnan(c)
+            if nan_mismatch.any():
+                max_abs = max_rel = math.inf
+                cosine = min(cosine, 0.0)
+                continue
+            finite = np.isfinite(r) & np.isfinite(c)
+            inf_mismatch = (~finite) & ~np.isnan(r) & (r != c)
+            if inf_mismatch.any():
+                max_abs = max_rel = math.inf
+                continue
+            r, c = r[finite], c[finite]
+            if r.size == 0:
+                continue
+            diff = float(np.max(np.abs(r - c)))
+            scale = float(np.max(np.abs(r)))
+            max_abs = max(max_abs, diff)
+            max_rel = max(max_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf))
+            nr, nc = float(np.linalg.norm(r)), float(np.linalg.norm(c))
+            if nr > 0 and nc > 0:
+                cosine = min(cosine, float(np.dot(r, c) / (nr * nc)))
+            elif nr != nc:
+                cosine = min(cosine, 0.0)
+            if ref_a.ndim == 2 and ref_a.shape[1] > 1:
+                top1_hits += int(np.sum(np.argmax(ref_a, axis=1) == np.argmax(cand_a, axis=1)))
+                top1_total += ref_a.shape[0]
+    top1 = top1_hits / top1_total if top1_total else None
+    return Fidelity(max_abs, max_rel, cosine, top1, len(reference))
+
+
+class Verifier:
+    """Runs models on fixed reference inputs and compares their outputs.
+
+    The reference inputs come from a data file or are generated (seeded) from the model's input
+    signature. If onnxruntime cannot run the original model on them, ``unavailable`` says why and
+    numerical verification is skipped (validity checks still run).
+    """
+
+    def __init__(
+        self,
+        proto: onnx.ModelProto,
+        *,
+        data_path: str | None = None,
+        samples: int = 2,
+        seed: int = 0,
+        input_shapes: dict[str, list[int]] | None = None,
+    ) -> None:
+        self.unavailable: str | None = None
+        self.samples: list[dict[str, np.ndarray]] = []
+        self.reference: list[list[Any]] = []
+        try:
+            sess = make_session(proto)
+        except RuntimeUnavailable as exc:
+            if data_path:
+                raise
+            self.unavailable = str(exc)
+            return
+        try:
+            if data_path:
+                self.samples = load_samples(data_path, sess)  # DataError propagates: it is the user's input
+            else:
+                try:
+                    self.samples = generate_samples(sess, count=samples, seed=seed, input_shapes=input_shapes)
+                except RuntimeUnavailable as exc:
+                    self.unavailable = str(exc)
+                    return
+            try:
+                self.reference = [sess.run(feeds) for feeds in self.samples]
+            except Exception as exc:  # boundary: onnxruntime
+                self.unavailable = (
+                    "the original model does not run on the "
+                    f"{'given' if data_path else 'generated'} inputs: {str(exc).strip().splitlines()[0][:200]}"
+                )
+        finally:
+            sess.close()
+
+    def run(self, proto: onnx.ModelProto) -> list[list[Any]]:
+        sess = make_session(proto)
+        try:
+            return [sess.run(feeds) for feeds in self.samples]
+        finally:
+            sess.close()

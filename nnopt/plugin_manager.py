@@ -1,0 +1,166 @@
+"""Builds nnopt's pluggy PluginManager: hook specs, built-in passes, entry-point plugins, registries."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from nnopt import hookspecs
+from nnopt.errors import PluginError
+from nnopt.pipeline.base import Pass
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "nnopt.plugins"
+#: Set to 1/true/yes to run without third-party plugins (same as ``--no-plugins``).
+NO_PLUGINS_ENV = "NNOPT_NO_PLUGINS"
+BUILTIN = "nnopt (built-in)"
+
+
+@dataclass
+class PassEntry:
+    cls: type[Pass]
+    plugin: str
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    distribution: str
+    status: str  # "loaded" or "failed"
+    error: str = ""
+
+
+@dataclass
+class Plugins:
+    """The loaded plugins and what they registered."""
+
+    pm: pluggy.PluginManager
+    passes: dict[str, PassEntry] = field(default_factory=dict)
+    plugins: list[PluginInfo] = field(default_factory=list)
+    cost_rules: list[Any] = field(default_factory=list)
+    hardware: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> list[PluginInfo]:
+        return [p for p in self.plugins if p.status == "failed"]
+
+
+class _DefaultRunner:
+    """The default ``nnopt_run_pass``: just run the pass. Registered last so wrappers see it."""
+
+    @hookspecs.hookimpl(trylast=True)
+    def nnopt_run_pass(self, pass_: Pass, model: Any, ctx: Any) -> Any:
+        return pass_.run(model, ctx)
+
+
+def plugins_disabled_by_env() -> bool:
+    return os.environ.get(NO_PLUGINS_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def build_plugins(*, load_entry_points: bool = True, extra: list[Any] | None = None) -> Plugins:
+    """Create the plugin manager, register built-ins, then every ``nnopt.plugins`` entry point.
+
+    A plugin that fails to import, implements a hook that does not exist, raises in a hook, or
+    registers a duplicate pass name is reported in ``Plugins.plugins`` and skipped: it never takes nnopt
+    down. ``extra`` registers plugin objects directly (tests, scripts).
+    """
+    pm = pluggy.PluginManager("nnopt")
+    pm.add_hookspecs(hookspecs)
+    plugins = Plugins(pm=pm)
+    pm.register(_DefaultRunner(), name="nnopt.default-runner")
+
+    from nnopt import passes as builtin_passes  # the `passes/` folder, installed as nnopt.passes
+
+    _register(plugins, builtin_passes, "nnopt.passes", BUILTIN)
+    if load_entry_points and not plugins_disabled_by_env():
+        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            dist = ep.dist.name if ep.dist is not None else "?"
+            try:
+                obj = ep.load()
+            except Exception as exc:  # boundary: third-party import
+                plugins.plugins.append(PluginInfo(ep.name, dist, "failed", f"import failed: {_one_line(exc)}"))
+                log.warning("plugin %s (%s): import failed: %s", ep.name, dist, exc)
+                continue
+            _register(plugins, obj, ep.name, dist)
+    for i, obj in enumerate(extra or []):
+        _register(plugins, obj, getattr(obj, "__name__", f"extra-{i}"), "(registered directly)")
+    return plugins
+
+
+def _register(plugins: Plugins, obj: Any, name: str, dist: str) -> None:
+    pm = plugins.pm
+    try:
+        pm.register(obj, name=name)
+        pm.check_pending()  # a misspelled hook (nnopt_register_pass) fails here, loudly
+    except Exception as exc:  # boundary: pluggy validation of third-party code
+        if pm.is_registered(obj):
+            pm.unregister(obj)
+        plugins.plugins.append(PluginInfo(name, dist, "failed", _one_line(exc)))
+        log.warning("plugin %s (%s): %s", name, dist, exc)
+        return
+    problems: list[str] = []
+    passes = _call(obj, "nnopt_register_passes", problems)
+    rules = _call(obj, "nnopt_register_cost_rules", problems)
+    hardware = _call(obj, "nnopt_register_hardware", problems)
+    for cls in passes:
+        problem = _check_pass_class(cls)
+        if problem is None and cls.name in plugins.passes:
+            problem = f"pass name '{cls.name}' is already registered by {plugins.passes[cls.name].plugin}"
+        if problem:
+            problems.append(problem)
+            continue
+        plugins.passes[cls.name] = PassEntry(cls, dist if dist != BUILTIN else BUILTIN)
+    plugins.cost_rules.extend(rules)
+    for profile in hardware:
+        plugins.hardware.setdefault(profile.name, profile)
+    status = "failed" if problems and not (passes or rules or hardware) else "loaded"
+    plugins.plugins.append(PluginInfo(name, dist, status, "; ".join(problems)))
+    if problems:
+        log.warning("plugin %s (%s): %s", name, dist, "; ".join(problems))
+
+
+def _call(obj: Any, hook_name: str, problems: list[str]) -> list[Any]:
+    """Call one plugin's own implementation of a registration hook, isolating its failures."""
+    impl = getattr(obj, hook_name, None)
+    if impl is None:
+        return []
+    try:
+        result = impl()
+    except Exception as exc:  # boundary: third-party hook
+        problems.append(f"{hook_name} raised {type(exc).__name__}: {_one_line(exc)}")
+        return []
+    return list(result or [])
+
+
+def _check_pass_class(cls: Any) -> str | None:
+    if not (isinstance(cls, type) and issubclass(cls, Pass)):
+        return f"{cls!r} is not a subclass of nnopt.Pass"
+    if not cls.name or cls.name != cls.name.strip() or " " in cls.name or cls.name.lower() != cls.name:
+        return f"pass class {cls.__name__} has no valid kebab-case name ('{cls.name}')"
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def get_pass_class(plugins: Plugins, name: str) -> type[Pass]:
+    from nnopt.errors import PassNotFoundError
+    import difflib
+
+    entry = plugins.passes.get(name)
+    if entry is None:
+        close = difflib.get_close_matches(name, list(plugins.passes), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(sorted(plugins.passes))})"
+        raise PassNotFoundError(f"unknown pass '{name}'{hint}")
+    return entry.cls
+
+
+__all__ = ["Plugins", "PluginInfo", "PassEntry", "PluginError", "build_plugins", "get_pass_class"]
