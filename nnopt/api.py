@@ -50,7 +50,7 @@ def optimize(
     """Run a pipeline (default: the lossless clean-ups) and return the optimized model and its report.
 
     A Model argument is edited in place; a path or ModelProto is loaded first (and never modified).
-    ``fixed_point`` defaults to True for lossless pipelines.
+    ``fixed_point`` defaults to True for the default pipeline; an explicit pipeline runs once.
     """
     from nnopt.cost import analyze
 
@@ -75,7 +75,7 @@ def optimize(
         verifier=verifier,
         budget=budget,
         strict=strict,
-        fixed_point=lossless if fixed_point is None else fixed_point,
+        fixed_point=(passes is None and lossless) if fixed_point is None else fixed_point,
         hook=plugins.pm.hook,
     )
     ctx = PassContext(

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--min-top1", type=float, default=None, help="lossy budget: min top-1 agreement")
     opt.add_argument("--no-verify", action="store_true", help="skip numerical verification in onnxruntime")
     opt.add_argument("--fixed-point", choices=["auto", "on", "off"], default="auto",
-                     help="repeat the pipeline until nothing changes (auto: for lossless pipelines)")
+                     help="repeat the pipeline until nothing changes (auto: for the default pipeline)")
     opt.add_argument("--external-data", choices=["auto", "on", "off"], default="auto",
                      help="write weights to OUTPUT.data (auto: if the input had external data or is > 1.8 GB)")
     opt.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")

@@ -108,6 +108,7 @@ def _register(plugins: Plugins, obj: Any, name: str, dist: str) -> None:
     passes = _call(obj, "nnopt_register_passes", problems)
     rules = _call(obj, "nnopt_register_cost_rules", problems)
     hardware = _call(obj, "nnopt_register_hardware", problems)
+    accepted = 0
     for cls in passes:
         problem = _check_pass_class(cls)
         if problem is None and cls.name in plugins.passes:
@@ -115,11 +116,14 @@ def _register(plugins: Plugins, obj: Any, name: str, dist: str) -> None:
         if problem:
             problems.append(problem)
             continue
-        plugins.passes[cls.name] = PassEntry(cls, dist if dist != BUILTIN else BUILTIN)
+        plugins.passes[cls.name] = PassEntry(cls, dist)
+        accepted += 1
     plugins.cost_rules.extend(rules)
     for profile in hardware:
         plugins.hardware.setdefault(profile.name, profile)
-    status = "failed" if problems and not (passes or rules or hardware) else "loaded"
+    status = "failed" if problems and not (accepted or rules or hardware) else "loaded"
+    if status == "failed":
+        pm.unregister(obj)  # none of its hooks (wrappers, observers) may run
     plugins.plugins.append(PluginInfo(name, dist, status, "; ".join(problems)))
     if problems:
         log.warning("plugin %s (%s): %s", name, dist, "; ".join(problems))

@@ -54,6 +54,9 @@ class Model:
     input_defaults: dict[str, onnx.TensorProto] = field(default_factory=dict)
     #: The original order of the graph inputs, initializer-inputs included, to write them back in order.
     input_order: list[str] = field(default_factory=list)
+    #: Names that had value_info in the input. Only those get value_info on export: shapes a pass infers
+    #: along the way are not written out, so the file does not grow with annotations it never had.
+    value_info_names: set[str] = field(default_factory=set)
     #: Training info is not edited by nnopt, but kept.
     training_info: list[onnx.TrainingInfoProto] = field(default_factory=list)
 
@@ -88,6 +91,7 @@ class Model:
             training_info=[copy.deepcopy(t) for t in proto.training_info],
             input_defaults={name: copy.deepcopy(t) for name, t in defaults.items()},
             input_order=input_names,
+            value_info_names={v.name for g in _iter_graph_protos(proto.graph) for v in g.value_info},
         )
 
     def to_proto(self) -> onnx.ModelProto:
@@ -113,6 +117,11 @@ class Model:
             proto.metadata_props.add(key=key, value=value)
         proto.training_info.extend(self.training_info)
         _hoist_outer_initializers(proto.graph, self.top_level_initializers)
+        for g in _iter_graph_protos(proto.graph):
+            if any(v.name not in self.value_info_names for v in g.value_info):
+                kept = [v for v in g.value_info if v.name in self.value_info_names]
+                del g.value_info[:]
+                g.value_info.extend(kept)
         self._restore_initializer_inputs(proto)
         if self.node_extras:
             for node in _iter_node_protos(proto.graph):

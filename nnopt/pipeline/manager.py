@@ -289,7 +289,10 @@ class PassManager:
 
     def _after(self, record: PassRecord, model: Model) -> None:
         if self.hook is not None:
-            self.hook.nnopt_after_pass(record=record, model=model)
+            try:
+                self.hook.nnopt_after_pass(record=record, model=model)
+            except Exception as exc:  # boundary: third-party observers must not break the pipeline
+                log.warning("an nnopt_after_pass hook raised %s: %s", type(exc).__name__, exc)
 
 
 def _delta(before: Any, after: Any) -> Any:

@@ -1,0 +1,167 @@
+"""constants-to-initializers: turn Constant nodes into initializers, so later passes see every weight alike."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from nnopt.ir.model import Model
+from nnopt.pipeline.base import Pass, PassContext, PassResult
+
+
+# ---------------------------------------------------------------------------------------------- Constant attrs
+def _tensor_attr(value: Any) -> gs.Constant | None:
+    return value if isinstance(value, gs.Constant) else None
+
+
+def _float_attr(value: Any) -> np.ndarray | None:
+    # NOTE: Constant's value_float is a rank-0 float32 tensor, value_floats a rank-1 float32 tensor.
+    return np.array(value, dtype=np.float32) if isinstance(value, (int, float)) else None
+
+
+def _floats_attr(value: Any) -> np.ndarray | None:
+    return np.array(list(value), dtype=np.float32).reshape(-1) if isinstance(value, (list, tuple)) else None
+
+
+def _int_attr(value: Any) -> np.ndarray | None:
+    # NOTE: Constant's value_int is a rank-0 int64 tensor, value_ints a rank-1 int64 tensor.
+    return np.array(value, dtype=np.int64) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _ints_attr(value: Any) -> np.ndarray | None:
+    return np.array(list(value), dtype=np.int64).reshape(-1) if isinstance(value, (list, tuple)) else None
+
+
+#: Constant attribute name → converter from graphsurgeon's attribute value to an array or gs.Constant.
+#: value_string(s) and sparse_value are left alone: numpy string tensors and sparse initializers do not
+#: round-trip through graphsurgeon reliably, and they are never weights.
+_CONSTANT_ATTRS: dict[str, Callable[[Any], gs.Constant | np.ndarray | None]] = {
+    "value": _tensor_attr,
+    "value_float": _float_attr,
+    "value_floats": _floats_attr,
+    "value_int": _int_attr,
+    "value_ints": _ints_attr,
+}
+
+
+def is_onnx_op(node: gs.Node) -> bool:
+    """Whether ``node`` is in the default ONNX domain (graphsurgeon gives None, "" or "ai.onnx")."""
+    return (node.domain or "") in ("", "ai.onnx")
+
+
+def constant_node_payload(node: gs.Node) -> gs.Constant | np.ndarray | None:
+    """What a Constant node holds (a gs.Constant for ``value``, else an array), or None if unsupported.
+
+    None for other op types, for string/sparse values and for attribute references inside functions.
+    """
+    if node.op != "Constant" or not is_onnx_op(node) or len(node.attrs) != 1:
+        return None
+    attr_name, attr_value = next(iter(node.attrs.items()))
+    convert = _CONSTANT_ATTRS.get(attr_name)
+    if convert is None or isinstance(attr_value, gs.Node.AttributeRef):
+        return None
+    return convert(attr_value)
+
+
+def constant_array(tensor: gs.Tensor) -> np.ndarray | None:
+    """The values of ``tensor`` if they are known: an initializer, or the output of a Constant node."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    if len(tensor.inputs) == 1:
+        payload = constant_node_payload(tensor.inputs[0])
+        if isinstance(payload, gs.Constant):
+            return payload.values
+        return payload
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- naming
+def taken_names(model: Model) -> set[str]:
+    """Every tensor and node name used anywhere in the model (subgraphs included)."""
+    names: set[str] = set()
+    for graph in model.all_graphs():
+        names.update(graph.tensors().keys())
+        names.update(t.name for t in graph.inputs)
+        names.update(t.name for t in graph.outputs)
+        names.update(n.name for n in graph.nodes if n.name)
+    return names
+
+
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``… whichever is first free; the result is added to ``taken``."""
+    name = base
+    suffix = 0
+    while name in taken:
+        suffix += 1
+        name = f"{base}_{suffix}"
+    taken.add(name)
+    return name
+
+
+def graph_interface(graph: gs.Graph) -> set[int]:
+    """ids of the tensors that are ``graph``'s outputs (its interface: names that must stay produced)."""
+    return {id(t) for t in graph.outputs}
+
+
+# ---------------------------------------------------------------------------------------------- the pass
+def lower_constant_nodes(graph: gs.Graph) -> int:
+    """Turn ``graph``'s Constant nodes into gs.Constant tensors of the same name; return how many.
+
+    Constants that are outputs of ``graph`` stay nodes: an output that is an initializer is legal ONNX, but
+    runtimes have handled it poorly (If branches in particular), so the interface keeps a producer node.
+    """
+    outputs = graph_interface(graph)
+    converted = 0
+    keep: list[gs.Node] = []
+    for node in graph.nodes:
+        payload = constant_node_payload(node)
+        if payload is None or len(node.outputs) != 1 or id(node.outputs[0]) in outputs:
+            keep.append(node)
+            continue
+        out = node.outputs[0]
+        node.outputs.clear()
+        node.inputs.clear()
+        if isinstance(payload, gs.Constant):
+            # The attribute tensor is referenced, not copied: its node is gone, so nothing else can see it;
+            # LazyValues and export_dtype carry dtypes numpy lacks (bfloat16, float8) through unchanged.
+            out.to_constant(payload._values, export_dtype=payload._export_dtype)
+        else:
+            out.to_constant(payload)
+        converted += 1
+    if converted:
+        graph.nodes = keep
+    return converted
+
+
+class ConstantsToInitializers(Pass):
+    """Turn Constant nodes into initializers (graphsurgeon Constants), in the main graph and in subgraphs.
+
+    Matches: Constant nodes whose attribute is ``value``, ``value_float(s)`` or ``value_int(s)``.
+    Rewrites: the node's output tensor becomes an initializer of the same name and values, in the graph
+    that held the node (a Constant inside an If/Loop body becomes that body's initializer; one in the main
+    graph that only subgraphs read is still written at the top level). Lossless.
+    Preconditions: none. Left alone: Constants that are an output of their graph (the interface keeps a
+    producer node), string and sparse values, and attribute references inside functions.
+    """
+
+    name = "constants-to-initializers"
+    lossy = False
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        main_converted_names: list[str] = []
+        total = 0
+        for graph in model.all_graphs():
+            is_main = graph is model.graph
+            before = {id(n.outputs[0]): n.outputs[0] for n in graph.nodes if n.op == "Constant" and n.outputs}
+            count = lower_constant_nodes(graph)
+            total += count
+            if is_main and count:
+                main_converted_names.extend(
+                    t.name for t in before.values() if isinstance(t, gs.Constant)
+                )
+        # A main-graph constant that only a subgraph reads would otherwise be written into that subgraph;
+        # keep it where the Constant node was.
+        model.top_level_initializers.update(main_converted_names)
+        return PassResult(modified=total > 0, stats={"constants_converted": total})

@@ -1,0 +1,338 @@
+"""fold-constants: evaluate nodes whose inputs are all constant, without letting the model grow."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
+
+from nnopt.ir.graphview import subgraphs_of, topological_nodes
+from nnopt.ir.model import Model, _iter_graph_protos
+from nnopt.passes.constants_to_initializers import is_onnx_op
+from nnopt.passes.dce import remove_dead_nodes
+from nnopt.pipeline.base import Pass, PassContext, PassResult
+
+#: A folded node may add this many bytes beyond the constant inputs it frees: about what removing the node
+#: saves in the protobuf, so shape arithmetic and scalars fold while e.g. a ConstantOfShape that makes a
+#: [64] bias from its 8-byte shape stays (a larger allowance, such as 1 KiB per node, grows models whose
+#: weights are all built that way).
+SLACK_BYTES = 64
+
+#: Ops whose outputs are random: folding would freeze one sample.
+_NONDETERMINISTIC_OPS = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
+)
+
+
+# ---------------------------------------------------------------------------------------------- types
+@dataclass(frozen=True)
+class TensorType:
+    """What shape inference knows about one value.
+
+    Attributes:
+        elem_type: the onnx ``TensorProto`` data type, 0 when unknown.
+        shape: dims (int, a symbolic name, or None when unknown); None when even the rank is unknown.
+        is_tensor: False for sequences, optionals and maps.
+    """
+
+    elem_type: int
+    shape: tuple[int | str | None, ...] | None
+    is_tensor: bool = True
+
+    @property
+    def static_shape(self) -> tuple[int, ...] | None:
+        """The shape if every dim is a known int, else None."""
+        if self.shape is None or not all(isinstance(d, int) for d in self.shape):
+            return None
+        return tuple(int(d) for d in self.shape)  # type: ignore[arg-type]
+
+    @property
+    def nbytes(self) -> int | None:
+        """Bytes of the tensor if its shape and element size are known."""
+        shape = self.static_shape
+        size = element_size(self.elem_type)
+        if not self.is_tensor or shape is None or size is None:
+            return None
+        return math.prod(shape) * size
+
+
+def element_size(elem_type: int) -> int | None:
+    """Bytes per element of an onnx data type; None for strings, sub-byte and unknown types."""
+    if elem_type in (0, onnx.TensorProto.STRING):
+        return None
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+    except (KeyError, ValueError, TypeError):
+        return None
+    # NOTE: onnx maps 4-bit types to 1-byte numpy types; their packed size is smaller, never larger.
+    return int(np.dtype(dtype).itemsize)
+
+
+def _value_type(value_info: onnx.ValueInfoProto) -> TensorType:
+    kind = value_info.type.WhichOneof("value")
+    if kind != "tensor_type":
+        return TensorType(0, None, is_tensor=False)
+    tensor_type = value_info.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return TensorType(tensor_type.elem_type, None)
+    dims: list[int | str | None] = []
+    for d in tensor_type.shape.dim:
+        if d.HasField("dim_value") and d.dim_value >= 0:
+            # NOTE: some exporters write dim_value -1 for a dynamic dim; it is not a size.
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return TensorType(tensor_type.elem_type, tuple(dims))
+
+
+def infer_tensor_types(proto: onnx.ModelProto) -> dict[str, TensorType]:
+    """Types of every value in the model, from fresh ONNX shape inference (subgraphs included).
+
+    The model's own ``value_info`` and output shapes are dropped first: they may be stale, and passes use
+    these shapes to prove rewrites correct. ``proto`` is modified (pass a copy). Returns what inference
+    could establish; an empty dict if inference fails altogether.
+    """
+    for graph in _iter_graph_protos(proto.graph):
+        del graph.value_info[:]
+        for out in graph.output:
+            if out.type.HasField("tensor_type"):
+                out.type.tensor_type.ClearField("shape")
+    inferred = None
+    for data_prop in (True, False):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=data_prop)
+            break
+        except Exception:  # boundary: onnx shape inference rejects some real models; retry, then give up
+            continue
+    if inferred is None:
+        return {}
+    types: dict[str, TensorType] = {}
+    for graph in _iter_graph_protos(inferred.graph):
+        for t in graph.initializer:
+            types[t.name] = TensorType(t.data_type, tuple(int(d) for d in t.dims))
+        for vi in [*graph.input, *graph.value_info, *graph.output]:
+            if vi.name:
+                types[vi.name] = _value_type(vi)
+    return types
+
+
+# ---------------------------------------------------------------------------------------------- shape ops
+def _shape_value(node: gs.Node, shape: tuple[int, ...]) -> np.ndarray:
+    # NOTE: since opset 15 Shape takes optional start/end attributes, clamped like Python slicing.
+    start = int(node.attrs.get("start", 0))
+    end = node.attrs.get("end")
+    return np.array(shape[start : (None if end is None else int(end))], dtype=np.int64)
+
+
+def _size_value(node: gs.Node, shape: tuple[int, ...]) -> np.ndarray:
+    return np.array(math.prod(shape), dtype=np.int64)
+
+
+#: Ops whose output depends only on their input's shape: op type → value given the static shape.
+_SHAPE_OPS: dict[str, Callable[[gs.Node, tuple[int, ...]], np.ndarray]] = {
+    "Shape": _shape_value,
+    "Size": _size_value,
+}
+
+
+def fold_shape_ops(graph: gs.Graph, types: dict[str, TensorType], pinned: set[str]) -> int:
+    """Replace the outputs of Shape/Size nodes whose input has a static inferred shape by constants.
+
+    The shapes come from fresh inference (``infer_tensor_types``), never from the model's own value_info.
+    Outputs in ``pinned`` (graph outputs) stay. Returns the number of nodes folded.
+    """
+    folded = 0
+    for node in graph.nodes:
+        fold = _SHAPE_OPS.get(node.op)
+        if fold is None or not is_onnx_op(node) or len(node.outputs) != 1 or not node.inputs:
+            continue
+        source, out = node.inputs[0], node.outputs[0]
+        known = types.get(source.name)
+        shape = known.static_shape if known is not None and known.is_tensor else None
+        if shape is None or isinstance(source, gs.Constant) or out.name in pinned:
+            continue
+        out.to_constant(fold(node, shape))
+        out.inputs.clear()
+        folded += 1
+    return folded
+
+
+# ---------------------------------------------------------------------------------------------- size rule
+def _known_nbytes(tensor: gs.Tensor, types: dict[str, TensorType]) -> int | None:
+    if isinstance(tensor, gs.Constant):
+        return int(tensor._values.nbytes)
+    known = types.get(tensor.name)
+    return known.nbytes if known is not None else None
+
+
+def _size_rule(
+    types: dict[str, TensorType], consumers: dict[str, int], pinned: set[str]
+) -> Callable[[gs.Node], bool]:
+    """``should_exclude_node`` for graphsurgeon: True for nodes that must not be folded.
+
+    A node folds only when its outputs' bytes are at most ``freed + SLACK_BYTES``, where
+    ``freed`` counts the inputs that die with it (used by this node alone and not a graph output), so
+    folding never grows the model: a ConstantOfShape/Expand/Tile/Range that builds a large tensor from a
+    small one stays, and so does a Transpose of a weight that other nodes also read. Outputs whose size
+    inference cannot establish, random ops, other domains and graph outputs stay too.
+    """
+
+    def exclude(node: gs.Node) -> bool:
+        if node.op in _NONDETERMINISTIC_OPS or not is_onnx_op(node):
+            return True
+        out_bytes = 0
+        for out in node.outputs:
+            if out.is_empty():
+                continue
+            size = _known_nbytes(out, types)
+            if out.name in pinned or size is None:
+                return True
+            out_bytes += size
+        freed = 0
+        seen: set[str] = set()
+        for inp in node.inputs:
+            if inp.is_empty() or inp.name in seen:
+                continue
+            seen.add(inp.name)
+            if consumers.get(inp.name, 0) == 1 and inp.name not in pinned:
+                freed += _known_nbytes(inp, types) or 0
+        return out_bytes > freed + SLACK_BYTES
+
+    return exclude
+
+
+def _consumer_counts(model: Model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for graph in model.all_graphs():
+        for name, tensor in graph.tensors().items():
+            counts[name] = max(counts.get(name, 0), len({id(n) for n in tensor.outputs}))
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------- the pass
+class FoldConstants(Pass):
+    """Fold nodes whose inputs are all constant into constants, with onnx-graphsurgeon and onnxruntime.
+
+    Matches: nodes (main graph and subgraphs) whose inputs are constants or folded values, and Shape/Size
+    nodes whose input has a static shape by fresh ONNX shape inference (never by the model's value_info).
+    Rewrites: their outputs become initializers (evaluated by graphsurgeon's ``fold_constants``, which
+    runs onnxruntime); nodes left dead are removed. A node is not folded when its outputs are larger than
+    the constant inputs it frees plus ``SLACK_BYTES`` (so the model does not grow: ConstantOfShape, Expand,
+    Tile or Range building a large tensor stay), nor when it is random, in another domain, produces a
+    graph output or has outputs of unknown size. Constant nodes are lowered to initializers as a side
+    effect, except those producing graph outputs. Lossless.
+    Preconditions: none; nodes onnxruntime cannot evaluate are left alone.
+    """
+
+    name = "fold-constants"
+    lossy = False
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        snapshot = model.to_proto()
+        probe = onnx.ModelProto()
+        probe.CopyFrom(snapshot)
+        types = infer_tensor_types(probe)
+        pinned = {t.name for g in model.all_graphs() for t in g.outputs}
+        outputs_before = _graph_output_producers(model)
+        had_outputs = {id(n) for g in model.all_graphs() for n in g.nodes if n.outputs}
+        consumers = _consumer_counts(model)
+        shape_folds = 0
+        ir_versions: list[tuple[gs.Graph, int | None]] = []
+        try:
+            # graphsurgeon logs a warning for every node onnxruntime cannot evaluate; those simply stay.
+            with G_LOGGER.suppress():
+                graphs = [model.graph]
+                while graphs:
+                    graph = graphs.pop(0)
+                    # NOTE: graphsurgeon's fold_constants requires topologically sorted nodes.
+                    graph.nodes = topological_nodes(graph)
+                    shape_folds += fold_shape_ops(graph, types, pinned)
+                    # graphsurgeon evaluates an export of the graph in onnxruntime. Subgraphs carry no IR
+                    # version (the export would get onnx's newest, which onnxruntime may not read yet), and
+                    # before IR 4 initializers had to be graph inputs; evaluate with the model's, at least 4.
+                    ir_versions.append((graph, graph.ir_version))
+                    graph.ir_version = max(model.ir_version, 4)
+                    _fold_graph(graph, _size_rule(types, consumers, pinned))
+                    graphs.extend(sub for node in graph.nodes if node.outputs for sub in subgraphs_of(node))
+        except Exception as exc:  # boundary: graphsurgeon and onnxruntime on arbitrary models
+            model.restore(snapshot)
+            reason = f"graphsurgeon fold_constants failed: {type(exc).__name__}: {str(exc).strip()[:200]}"
+            return PassResult(modified=False, layers=[{"node": "*", "action": "declined", "reason": reason}])
+        finally:
+            for graph, version in ir_versions:
+                graph.ir_version = version
+        _restore_graph_outputs(outputs_before)
+        emptied = [n for g in model.all_graphs() for n in g.nodes if id(n) in had_outputs and not n.outputs]
+        folded = sum(1 for n in emptied if n.op != "Constant")
+        lowered = len(emptied) - folded
+        removed = remove_dead_nodes(model.graph)
+        return PassResult(
+            modified=removed > 0 or bool(emptied),
+            stats={
+                "nodes_folded": folded,
+                "shape_ops_folded": shape_folds,
+                "constants_lowered": lowered,
+                "nodes_removed": removed,
+            },
+        )
+
+
+def _fold_graph(graph: gs.Graph, exclude: Callable[[gs.Node], bool]) -> None:
+    """One level of graphsurgeon constant folding: all at once, or node by node if that fails.
+
+    fold_shapes=False: graphsurgeon's shape folding trusts possibly stale value_info and its cast elision
+    rounds float constants to ints; shapes are folded beforehand by ``fold_shape_ops`` instead.
+    """
+    options = dict(
+        fold_shapes=False,
+        recurse_subgraphs=False,
+        flatten_subgraphs=False,
+        size_threshold=None,
+        should_exclude_node=exclude,
+        recurse_functions=False,
+    )
+    try:
+        # One onnxruntime session for every foldable tensor; it fails as a whole if any node cannot run.
+        graph.fold_constants(partitioning=None, error_ok=False, **options)
+    except Exception:  # boundary: onnxruntime rejected the folded subgraph; fold around the failing nodes
+        # "recursive" evaluates each output separately, peeling off nodes that fail ("basic" retries a
+        # failing part forever in graphsurgeon 0.6).
+        graph.fold_constants(partitioning="recursive", error_ok=True, **options)
+
+
+@dataclass
+class _OutputProducer:
+    tensor: gs.Variable
+    node: gs.Node
+    index: int
+    dtype: object
+    shape: object
+
+
+def _graph_output_producers(model: Model) -> list[_OutputProducer]:
+    found = []
+    for graph in model.all_graphs():
+        for t in graph.outputs:
+            if isinstance(t, gs.Variable) and len(t.inputs) == 1:
+                node = t.inputs[0]
+                found.append(_OutputProducer(t, node, list(node.outputs).index(t), t.dtype, t.shape))
+    return found
+
+
+def _restore_graph_outputs(records: list[_OutputProducer]) -> None:
+    """Give graph outputs that graphsurgeon turned into constants their producer node back.
+
+    graphsurgeon lowers every Constant node, graph outputs included; the output then stays produced by its
+    Constant node, keeping the interface free of initializer outputs.
+    """
+    for rec in records:
+        if isinstance(rec.tensor, gs.Constant):
+            rec.tensor.to_variable(dtype=rec.dtype, shape=rec.shape)
+            rec.node.outputs.insert(rec.index, rec.tensor)

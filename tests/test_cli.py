@@ -1,0 +1,171 @@
+"""The command line: main jobs end to end, and every kind of bad input → one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from nnopt.cli import main
+from nnopt.testing import model_from_text, run
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "small_cnn.onnx"
+
+
+def _small(tmp_path: Path) -> Path:
+    proto = model_from_text(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 4] y) {
+          a = Identity(x)
+          dead = Neg(x)
+          y = Relu(a)
+        }
+        """
+    )
+    path = tmp_path / "in.onnx"
+    onnx.save_model(proto, str(path))
+    return path
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_optimize_writes_model_and_report(tmp_path, capsys):
+    src = _small(tmp_path)
+    before = src.read_bytes()
+    out, rep = tmp_path / "out.onnx", tmp_path / "report.json"
+    code, stdout, err = _run(capsys, "optimize", str(src), "-o", str(out), "-p", "dce", "--report", str(rep))
+    assert code == 0, err
+    assert "dce" in stdout and "applied" in stdout
+    assert src.read_bytes() == before  # the input is never modified
+    result = onnx.load(str(out))
+    assert [n.op_type for n in result.graph.node] == ["Identity", "Relu"]
+    report = json.loads(rep.read_text())
+    [p] = report["passes"]
+    assert p["name"] == "dce" and p["status"] == "applied" and p["stats"]["nodes_removed"] == 1
+    assert p["before"]["nodes"] == 3 and p["after"]["nodes"] == 2
+    assert set(report) >= {"passes", "final"}
+    assert report["passes"][0]["fidelity"]["max_abs_error"] == 0.0
+    x = np.arange(8, dtype=np.float32).reshape(2, 4) - 4
+    np.testing.assert_array_equal(run(result, {"x": x})[0], np.maximum(x, 0))
+
+
+def test_default_pipeline_on_the_example_model(tmp_path, capsys):
+    out = tmp_path / "small.onnx"
+    code, stdout, err = _run(capsys, "optimize", str(EXAMPLE), "-o", str(out))
+    assert code == 0, err
+    before, after = onnx.load(str(EXAMPLE)), onnx.load(str(out))
+    assert len(after.graph.node) < len(before.graph.node)
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(run(after, {"x": x})[0], run(before, {"x": x})[0], rtol=1e-4, atol=1e-5)
+
+
+def test_analyze_json_contract(capsys):
+    code, stdout, err = _run(capsys, "analyze", str(EXAMPLE), "--json")
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert {"params", "macs", "flops", "weight_bytes", "activation_bytes", "latency_s"} <= set(data["totals"])
+    assert {"name", "op_type", "params", "macs", "flops", "weight_bytes", "output_bytes"} <= set(data["nodes"][0])
+    conv1 = next(n for n in data["nodes"] if n["name"] == "conv1")
+    assert conv1["macs"] == 16 * 32 * 32 * 3 * 9  # N counted as 1
+    assert conv1["flops"] == 2 * conv1["macs"]
+    assert any("batch" in note for note in data["notes"])
+
+
+def test_passes_lists_dce_with_its_description(capsys):
+    code, stdout, _ = _run(capsys, "passes", "--json")
+    assert code == 0
+    entries = {p["name"]: p for p in json.loads(stdout)["passes"]}
+    assert entries["dce"]["lossy"] is False and entries["dce"]["plugin"] == "nnopt (built-in)"
+
+
+def _assert_one_line_error(code: int, err: str, needle: str) -> None:
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("nnopt: error:") and needle in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda d: d / "missing.onnx", "no such file"),
+        (lambda d: (d / "text.onnx").write_text("hello, not onnx\n") and d / "text.onnx", "not"),
+        (lambda d: (d / "empty.onnx").write_bytes(b"") or d / "empty.onnx", "not an ONNX model"),
+    ],
+    ids=["missing", "not-onnx", "empty"],
+)
+def test_bad_model_paths(tmp_path, capsys, make, needle):
+    path = make(tmp_path)
+    out = tmp_path / "out.onnx"
+    code, _, err = _run(capsys, "optimize", str(path), "-o", str(out))
+    _assert_one_line_error(code, err, needle)
+    assert not out.exists()
+
+
+def test_truncated_and_checker_rejected(tmp_path, capsys):
+    data = EXAMPLE.read_bytes()
+    trunc = tmp_path / "trunc.onnx"
+    trunc.write_bytes(data[: len(data) // 3])
+    code, _, err = _run(capsys, "analyze", str(trunc))
+    _assert_one_line_error(code, err, "trunc.onnx")
+    proto = onnx.load(str(EXAMPLE))
+    proto.graph.node[0].input[0] = "nowhere"
+    bad = tmp_path / "bad.onnx"
+    onnx.save_model(proto, str(bad))
+    code, _, err = _run(capsys, "optimize", str(bad), "-o", str(tmp_path / "o.onnx"))
+    _assert_one_line_error(code, err, "checker")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_unknown_pass_and_option(tmp_path, capsys):
+    src, out = _small(tmp_path), tmp_path / "o.onnx"
+    code, _, err = _run(capsys, "optimize", str(src), "-o", str(out), "-p", "dcee")
+    _assert_one_line_error(code, err, "did you mean 'dce'")
+    code, _, err = _run(capsys, "optimize", str(src), "-o", str(out), "-p", "dce:depth=3")
+    _assert_one_line_error(code, err, "has no option 'depth'")
+    assert not out.exists()
+
+
+def test_data_file_that_does_not_match(tmp_path, capsys):
+    src, out = _small(tmp_path), tmp_path / "o.onnx"
+    data = tmp_path / "data.npz"
+    np.savez(data, wrong_name=np.zeros((3, 1, 4), np.float32))
+    code, _, err = _run(capsys, "optimize", str(src), "-o", str(out), "--data", str(data))
+    _assert_one_line_error(code, err, "missing input(s) x")
+    np.savez(data, x=np.zeros((3, 1, 5), np.float32))
+    code, _, err = _run(capsys, "optimize", str(src), "-o", str(out), "--data", str(data))
+    _assert_one_line_error(code, err, "shape")
+    assert not out.exists()
+
+
+def test_output_may_not_overwrite_input(tmp_path, capsys):
+    src = _small(tmp_path)
+    code, _, err = _run(capsys, "optimize", str(src), "-o", str(src))
+    _assert_one_line_error(code, err, "overwrite the input")
+
+
+def test_usage_error_is_one_line(capsys):
+    code, _, err = _run(capsys, "optimize")
+    _assert_one_line_error(code, err, "required")
+
+
+def test_python_dash_m_and_debug_traceback(tmp_path):
+    env = {**os.environ, "NNOPT_NO_PLUGINS": "1"}
+    done = subprocess.run([sys.executable, "-m", "nnopt", "analyze", str(tmp_path / "nope.onnx")],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and "no such file" in done.stderr and "Traceback" not in done.stderr
+    done = subprocess.run([sys.executable, "-m", "nnopt", "--debug", "analyze", str(tmp_path / "nope.onnx")],
+                          capture_output=True, text=True, env=env)
+    assert "Traceback" in done.stderr

@@ -1,0 +1,109 @@
+"""Plugin discovery through the nnopt.plugins entry-point group, with broken plugins isolated by name."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from nnopt import hookimpl
+from nnopt.errors import PassNotFoundError
+from nnopt.pipeline.base import Pass, PassContext, PassResult
+from nnopt.plugin_manager import BUILTIN, build_plugins, get_pass_class
+
+
+class _Dist:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _EntryPoint:
+    """Stands in for importlib.metadata.EntryPoint: plugin loading is tested without installing."""
+
+    def __init__(self, name: str, obj=None, error: Exception | None = None) -> None:
+        self.name = name
+        self.dist = _Dist(f"{name}-dist")
+        self._obj = obj
+        self._error = error
+
+    def load(self):
+        if self._error is not None:
+            raise self._error
+        return self._obj
+
+
+def _plugin_module(name: str, **hooks) -> types.SimpleNamespace:
+    return types.SimpleNamespace(__name__=name, **hooks)
+
+
+class HelloPass(Pass):
+    """Test plugin pass: changes nothing."""
+
+    name = "hello.noop"
+
+    def run(self, model, ctx: PassContext) -> PassResult:
+        return PassResult(modified=False)
+
+
+class DceImpostor(HelloPass):
+    name = "dce"
+
+
+@hookimpl
+def _register_hello():
+    return [HelloPass]
+
+
+@hookimpl
+def _register_impostor():
+    return [DceImpostor]
+
+
+@hookimpl
+def _register_raises():
+    raise ValueError("plugin bug")
+
+
+def _fake_entry_points(monkeypatch, eps):
+    import nnopt.plugin_manager as pm_mod
+
+    monkeypatch.setattr(pm_mod.importlib.metadata, "entry_points", lambda group: eps if group == "nnopt.plugins" else [])
+
+
+def test_builtin_passes_register_through_the_hook():
+    plugins = build_plugins(load_entry_points=False)
+    assert plugins.passes["dce"].plugin == BUILTIN
+    assert plugins.plugins[0].status == "loaded"
+
+
+def test_good_and_broken_plugins(monkeypatch):
+    eps = [
+        _EntryPoint("hello", _plugin_module("hello", nnopt_register_passes=_register_hello)),
+        _EntryPoint("broken-import", error=ImportError("No module named 'missing_dep'")),
+        _EntryPoint("raises", _plugin_module("raises", nnopt_register_passes=_register_raises)),
+        _EntryPoint("duplicate", _plugin_module("duplicate", nnopt_register_passes=_register_impostor)),
+        _EntryPoint("typo", _plugin_module("typo", nnopt_register_pass=_register_hello)),
+    ]
+    _fake_entry_points(monkeypatch, eps)
+    plugins = build_plugins()
+    by_name = {p.name: p for p in plugins.plugins}
+    assert by_name["hello"].status == "loaded"
+    assert plugins.passes["hello.noop"].plugin == "hello-dist"
+    assert by_name["broken-import"].status == "failed" and "missing_dep" in by_name["broken-import"].error
+    assert by_name["raises"].status == "failed" and "plugin bug" in by_name["raises"].error
+    assert by_name["duplicate"].status == "failed" and "already registered" in by_name["duplicate"].error
+    assert plugins.passes["dce"].plugin == BUILTIN  # the built-in keeps its name
+    assert by_name["typo"].status == "failed" and "nnopt_register_pass" in by_name["typo"].error
+
+
+def test_no_plugins_environment_variable(monkeypatch):
+    _fake_entry_points(monkeypatch, [_EntryPoint("hello", _plugin_module("hello", nnopt_register_passes=_register_hello))])
+    monkeypatch.setenv("NNOPT_NO_PLUGINS", "1")
+    plugins = build_plugins()
+    assert "hello.noop" not in plugins.passes and "dce" in plugins.passes
+
+
+def test_unknown_pass_suggests_the_closest_name():
+    plugins = build_plugins(load_entry_points=False)
+    with pytest.raises(PassNotFoundError, match="did you mean 'dce'"):
+        get_pass_class(plugins, "dcee")
