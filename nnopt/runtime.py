@@ -2,35 +2,38 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
-from nnopt.errors import DataError, NnoptError
-from nnopt.ir.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes, write_proto_atomically
+from nnopt.errors import DataError, InputError, NnoptError
+from nnopt.ir.model import EXTERNAL_DATA_THRESHOLD, Model, tensor_bytes, write_proto_atomically
 
 #: Axis-0 dims that are unknown become 1 (a batch of one); other unknown dims become this.
 DEFAULT_DYNAMIC_DIM = 64
 
-_ORT_TYPES = {
+_PROVIDERS = ["CPUExecutionProvider"]
+
+#: onnxruntime input type strings to the numpy dtypes used to feed them.
+_ORT_DTYPES: dict[str, Any] = {
     "tensor(float)": np.float32,
     "tensor(double)": np.float64,
     "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int16)": np.int16,
     "tensor(int8)": np.int8,
+    "tensor(int16)": np.int16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
     "tensor(uint8)": np.uint8,
     "tensor(uint16)": np.uint16,
     "tensor(uint32)": np.uint32,
     "tensor(uint64)": np.uint64,
     "tensor(bool)": np.bool_,
-    "tensor(string)": np.str_,
+    "tensor(string)": np.object_,
 }
 
 
@@ -38,92 +41,120 @@ class RuntimeUnavailable(NnoptError):
     """onnxruntime cannot create a session for, or run, this model."""
 
 
-@dataclass
-class Session:
-    """An onnxruntime session plus the temporary folder it may need (for models over 2 GiB)."""
-
-    ort: Any
-    _tmp: Path | None = None
-
-    def close(self) -> None:
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[Any]:
-        return self.ort.run(None, feeds)
-
-
-def make_session(proto: onnx.ModelProto, *, optimize: bool = False, threads: int = 0) -> Session:
-    """Open ``proto`` in onnxruntime (CPU).
+def make_session(
+    model: Model | onnx.ModelProto | str | os.PathLike[str], *, optimize: bool = False
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session for a Model, a ModelProto with its weights loaded, or a path.
 
     ``optimize=False`` disables onnxruntime's graph optimisations so that verification runs the graph as
-    nnopt wrote it; timing uses ``optimize=True``, as a deployment would.
+    nnopt wrote it; timing uses ``optimize=True``, as a deployment would. Models whose tensors exceed
+    ``EXTERNAL_DATA_THRESHOLD`` cannot be serialised in memory: they are written with external data to a
+    temporary folder and opened by path.
+
+    Raises:
+        RuntimeUnavailable: onnxruntime cannot load the model.
     """
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    if threads:
-        options.intra_op_num_threads = threads
-    tmp: Path | None = None
+    # Fatal only: failures reach the caller as exceptions, so onnxruntime's own log would say it twice.
+    options.log_severity_level = 4
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        if tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD:
-            tmp = Path(tempfile.mkdtemp(prefix="nnopt-session-"))
-            write_proto_atomically(proto, tmp / "model.onnx", external_data=True)
-            sess = ort.InferenceSession(str(tmp / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        else:
-            sess = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # boundary: onnxruntime
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(model, (str, os.PathLike)):
+            return ort.InferenceSession(str(model), options, providers=_PROVIDERS)
+        proto = model.to_proto() if isinstance(model, Model) else model
+        if tensor_bytes(proto) <= EXTERNAL_DATA_THRESHOLD:
+            return ort.InferenceSession(proto.SerializeToString(), options, providers=_PROVIDERS)
+        # onnxruntime has read (or mapped) the weights once the session exists, so the folder can go.
+        with tempfile.TemporaryDirectory(prefix="nnopt-ort-", ignore_cleanup_errors=True) as tmp:
+            path = Path(tmp) / "model.onnx"
+            write_proto_atomically(proto, path, external_data=True)
+            return ort.InferenceSession(str(path), options, providers=_PROVIDERS)
+    except Exception as exc:  # boundary: onnxruntime raises its own exception types
         raise RuntimeUnavailable(f"onnxruntime cannot load the model: {_first_line(exc)}") from exc
-    return Session(sess, tmp)
 
 
-def input_specs(sess: Session) -> list[tuple[str, Any, list[Any]]]:
+def input_specs(sess: ort.InferenceSession) -> list[tuple[str, Any, list[Any]]]:
     """(name, numpy dtype or None, shape with None/str for unknown dims) of each model input."""
-    specs = []
-    for inp in sess.ort.get_inputs():
-        specs.append((inp.name, _ORT_TYPES.get(inp.type), list(inp.shape or [])))
-    return specs
+    return [(i.name, _ORT_DTYPES.get(i.type), list(i.shape or [])) for i in sess.get_inputs()]
 
 
-def concrete_shape(name: str, shape: list[Any], input_shapes: dict[str, list[int]]) -> list[int]:
-    if name in input_shapes:
-        return list(input_shapes[name])
-    return [d if isinstance(d, int) and d >= 0 else (1 if axis == 0 else DEFAULT_DYNAMIC_DIM)
-            for axis, d in enumerate(shape)]
+def make_feeds(
+    session: ort.InferenceSession,
+    input_shapes: dict[str, list[int]] | None = None,
+    seed: int = 0,
+    given: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Inputs for every input of ``session``: the ``given`` values, and synthetic ones for the rest.
+
+    Floats are seeded standard-normal; integers are zeros (valid as indices and lengths); bools False;
+    strings empty. Shapes come from ``input_shapes``, else from the model, where a named symbolic dim
+    takes the size it has in a shape that fixes it (a given value or ``input_shapes``), else 1 if it
+    appears on axis 0 of some input (a batch dim), else :data:`DEFAULT_DYNAMIC_DIM`; unnamed dims are 1
+    on axis 0 and :data:`DEFAULT_DYNAMIC_DIM` elsewhere.
+
+    Raises:
+        InputError: ``input_shapes`` or ``given`` names an unknown input, or an input has a type that
+            cannot be generated (give its value then).
+    """
+    shapes = input_shapes or {}
+    given = given or {}
+    inputs = session.get_inputs()
+    names = [i.name for i in inputs]
+    unknown = [n for n in [*shapes, *given] if n not in names]
+    if unknown:
+        raise InputError(
+            f"input '{unknown[0]}' is not a model input; inputs are: {', '.join(names) or 'none'}"
+        )
+    # The same symbol is the same size in every input.
+    sizes: dict[str, int] = {}
+    for inp in inputs:
+        fixed = given[inp.name].shape if inp.name in given else shapes.get(inp.name)
+        if fixed is not None and len(fixed) == len(inp.shape or []):
+            for d, size in zip(inp.shape, fixed):
+                if isinstance(d, str) and d:
+                    sizes.setdefault(d, int(size))
+    for inp in inputs:
+        if inp.shape and isinstance(inp.shape[0], str) and inp.shape[0]:
+            sizes.setdefault(inp.shape[0], 1)
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for inp in inputs:
+        if inp.name in given:
+            feeds[inp.name] = given[inp.name]
+            continue
+        dtype = _ORT_DTYPES.get(inp.type)
+        if dtype is None:
+            raise InputError(f"cannot generate a value for input '{inp.name}' of type {inp.type}; give one")
+        if inp.name in shapes:
+            shape = [int(d) for d in shapes[inp.name]]
+        else:
+            shape = [_dim_size(d, axis, sizes) for axis, d in enumerate(inp.shape or [])]
+        if np.issubdtype(dtype, np.floating):
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.object_:
+            feeds[inp.name] = np.full(shape, "", dtype=object)
+        else:
+            feeds[inp.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def _dim_size(dim: int | str | None, axis: int, sizes: dict[str, int]) -> int:
+    if isinstance(dim, int) and dim >= 0:
+        return dim
+    if isinstance(dim, str) and dim:
+        return sizes.setdefault(dim, 1 if axis == 0 else DEFAULT_DYNAMIC_DIM)
+    return 1 if axis == 0 else DEFAULT_DYNAMIC_DIM
 
 
 def generate_samples(
-    sess: Session, *, count: int = 2, seed: int = 0, input_shapes: dict[str, list[int]] | None = None
+    sess: ort.InferenceSession, *, count: int = 2, seed: int = 0, input_shapes: dict[str, list[int]] | None = None
 ) -> list[dict[str, np.ndarray]]:
-    """Seeded inputs for each model input: floats ~ N(0, 1), integers in [0, 4), random booleans."""
-    rng = np.random.default_rng(seed)
-    samples = []
-    for _ in range(count):
-        feeds: dict[str, np.ndarray] = {}
-        for name, dtype, shape in input_specs(sess):
-            if dtype is None:
-                raise RuntimeUnavailable(f"input '{name}' is not a tensor; give reference data with --data")
-            dims = concrete_shape(name, shape, input_shapes or {})
-            if np.issubdtype(dtype, np.floating):
-                feeds[name] = rng.standard_normal(dims).astype(dtype)
-            elif dtype == np.bool_:
-                feeds[name] = rng.integers(0, 2, dims).astype(np.bool_)
-            elif np.issubdtype(dtype, np.integer):
-                feeds[name] = rng.integers(0, 4, dims).astype(dtype)
-            else:
-                feeds[name] = np.full(dims, "a", dtype=object)
-        samples.append(feeds)
-    return samples
+    """``count`` sets of generated inputs (see ``make_feeds``), seeded ``seed``, ``seed + 1``, ..."""
+    return [make_feeds(sess, input_shapes, seed=seed + i) for i in range(count)]
 
 
-def load_samples(path: str | Path, sess: Session) -> list[dict[str, np.ndarray]]:
+def load_samples(path: str | Path, sess: ort.InferenceSession) -> list[dict[str, np.ndarray]]:
     """Read an ``.npz`` of reference inputs: one array per input name, samples on the first axis.
 
     An array of the input's rank + 1 is a stack of samples; one of the input's own rank is split along

@@ -24,19 +24,11 @@ def model_from_text(text: str, initializers: dict[str, np.ndarray] | None = None
 
 def run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[Any]:
     """Outputs of ``proto`` in onnxruntime (graph optimisations off)."""
-    sess = make_session(proto)
-    try:
-        return sess.run(feeds)
-    finally:
-        sess.close()
+    return make_session(proto).run(None, feeds)
 
 
 def random_feeds(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    sess = make_session(proto)
-    try:
-        return generate_samples(sess, count=1, seed=seed)[0]
-    finally:
-        sess.close()
+    return generate_samples(make_session(proto), count=1, seed=seed)[0]
 
 
 def apply_pass(pass_: Pass, proto: onnx.ModelProto, ctx: PassContext | None = None) -> tuple[onnx.ModelProto, PassResult]:

@@ -70,10 +70,7 @@ def write_data(model: RealModel, onnx_path: Path, out: Path, samples: int = 2, s
     from nnopt.runtime import generate_samples, make_session
 
     sess = make_session(onnx.load(str(onnx_path)))
-    try:
-        feeds = generate_samples(sess, count=samples, seed=seed, input_shapes=model.input_shapes)
-    finally:
-        sess.close()
+    feeds = generate_samples(sess, count=samples, seed=seed, input_shapes=model.input_shapes)
     arrays = {}
     for name in feeds[0]:
         if name in model.fixed_inputs:

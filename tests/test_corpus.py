@@ -34,7 +34,7 @@ def _corpus() -> list[Path]:
 
 
 def _inputs(path: Path, sess) -> dict[str, np.ndarray] | None:
-    specs = sess.ort.get_inputs()
+    specs = sess.get_inputs()
     pbs = sorted(glob.glob(str(path.parent / "test_data_set_0" / "input_*.pb")))
     if pbs and len(pbs) == len(specs):
         feeds = {}
@@ -73,15 +73,18 @@ def test_corpus_model_keeps_its_outputs(path: Path, pipeline):
     proto = onnx.load(str(path))
     try:
         sess = make_session(proto)
-        feeds = _inputs(path, sess)
-        reference = sess.run(feeds)
-    except (RuntimeUnavailable, Exception) as exc:  # the acceptance covers what onnxruntime can run
+    except RuntimeUnavailable as exc:  # the acceptance covers what onnxruntime can run
+        pytest.skip(str(exc)[:160])
+    feeds = _inputs(path, sess)
+    try:
+        reference = sess.run(None, feeds)
+    except Exception as exc:  # onnxruntime's own error types: the original does not run
         pytest.skip(f"onnxruntime cannot run the original: {str(exc).splitlines()[0][:120]}")
     model, report = optimize(load_model(path), pipeline, plugins=PLUGINS)
     out = model.to_proto()
     onnx.checker.check_model(out)
     new = make_session(out)
-    _assert_same(reference, new.run(feeds), _ids(path))
+    _assert_same(reference, new.run(None, feeds), _ids(path))
     assert not any(r.status == "rolled_back" and "raised" in r.reason for r in report.passes), report.format_table()
     # Interface: same input and output names, in the same order. Before IR 4 every initializer is also
     # listed as an input; those are weights, and dead ones may go.

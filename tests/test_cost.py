@@ -20,7 +20,8 @@ from nnopt.cost import (
     parse_input_shapes,
 )
 from nnopt.cost.hardware import parse_hardware
-from nnopt.cost.timing import DEFAULT_DYNAMIC_DIM, make_feeds, measure_latency, open_session
+from nnopt.cost.timing import measure_latency
+from nnopt.runtime import DEFAULT_DYNAMIC_DIM, make_feeds, make_session
 from nnopt.errors import InputError, PluginError
 from nnopt.ir.model import load_model
 
@@ -431,7 +432,7 @@ def test_measure_latency_on_a_tiny_model():
 
 def test_measure_latency_through_external_data(monkeypatch: pytest.MonkeyPatch):
     # Models too large to serialise in memory are written with external data and opened by path.
-    monkeypatch.setattr("nnopt.cost.timing.EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr("nnopt.runtime.EXTERNAL_DATA_THRESHOLD", 0)
     assert measure_latency(conv_model(3, 8, 3, 10), warmup=0, runs=2)["median_s"] > 0
 
 
@@ -451,7 +452,7 @@ def test_feeds_keep_symbolic_dims_consistent_and_accept_given_values():
     ]
     inputs = [vi("a", ["B", "T"]), vi("b", ["B", "T"]), vi("k", [], TensorProto.INT64)]
     model = make_model(nodes, inputs, [vi("y", ["B", "T"])])
-    session = open_session(model)
+    session = make_session(model)
     feeds = make_feeds(session)
     assert feeds["a"].shape == feeds["b"].shape == (1, DEFAULT_DYNAMIC_DIM)
     assert feeds["k"].dtype == np.int64 and feeds["k"].shape == ()

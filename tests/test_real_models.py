@@ -36,14 +36,14 @@ def test_real_model_keeps_its_outputs(real, pipeline):
     original = onnx.load(str(path))
     sess = make_session(original)
     samples = load_samples(data, sess)
-    reference = [sess.run(s) for s in samples]
+    reference = [sess.run(None, s) for s in samples]
     model, report = optimize(load_model(path), pipeline, data=data, input_shapes=spec.input_shapes, plugins=PLUGINS)
     assert report.verification == "onnxruntime", report.verification
     out = model.to_proto()
     onnx.checker.check_model(out)
     new = make_session(out)
     for ref, sample in zip(reference, samples):
-        for a, b in zip(ref, new.run(sample)):
+        for a, b in zip(ref, new.run(None, sample)):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
     assert len(out.graph.node) <= len(original.graph.node)
     assert out.ByteSize() <= original.ByteSize() + 1024

@@ -621,7 +621,7 @@ def _fill_unknown_shapes(
         )
         return
     # Imported here: onnxruntime is slow to import and most analyses never need it.
-    from nnopt.cost.timing import make_feeds, open_session
+    from nnopt.runtime import make_feeds, make_session
 
     run = onnx.ModelProto()
     run.CopyFrom(proto)
@@ -631,7 +631,7 @@ def _fill_unknown_shapes(
     present = {o.name for o in run.graph.output}
     run.graph.output.extend(onnx.ValueInfoProto(name=n) for n in unknown if n not in present)
     try:
-        session = open_session(run, optimize=False)
+        session = make_session(run, optimize=False)
         values = session.run(unknown, make_feeds(session, fixed))
     except Exception as exc:  # noqa: BLE001 - boundary: a failure only costs those shapes
         notes.append(

@@ -149,28 +149,22 @@ class Verifier:
                 raise
             self.unavailable = str(exc)
             return
-        try:
-            if data_path:
-                self.samples = load_samples(data_path, sess)  # DataError propagates: it is the user's input
-            else:
-                try:
-                    self.samples = generate_samples(sess, count=samples, seed=seed, input_shapes=input_shapes)
-                except RuntimeUnavailable as exc:
-                    self.unavailable = str(exc)
-                    return
+        if data_path:
+            self.samples = load_samples(data_path, sess)  # DataError propagates: it is the user's input
+        else:
             try:
-                self.reference = [sess.run(feeds) for feeds in self.samples]
-            except Exception as exc:  # boundary: onnxruntime
-                self.unavailable = (
-                    "the original model does not run on the "
-                    f"{'given' if data_path else 'generated'} inputs: {str(exc).strip().splitlines()[0][:200]}"
-                )
-        finally:
-            sess.close()
+                self.samples = generate_samples(sess, count=samples, seed=seed, input_shapes=input_shapes)
+            except RuntimeUnavailable as exc:
+                self.unavailable = str(exc)
+                return
+        try:
+            self.reference = [sess.run(None, feeds) for feeds in self.samples]
+        except Exception as exc:  # boundary: onnxruntime
+            self.unavailable = (
+                "the original model does not run on the "
+                f"{'given' if data_path else 'generated'} inputs: {str(exc).strip().splitlines()[0][:200]}"
+            )
 
     def run(self, proto: onnx.ModelProto) -> list[list[Any]]:
         sess = make_session(proto)
-        try:
-            return [sess.run(feeds) for feeds in self.samples]
-        finally:
-            sess.close()
+        return [sess.run(None, feeds) for feeds in self.samples]
