@@ -64,7 +64,7 @@ def optimize(
         if verify
         else None
     )
-    rules = _cost_rules(plugins)
+    rules = plugins.cost_rules
 
     def totals(p: onnx.ModelProto) -> dict[str, Any]:
         return analyze(p, hardware=hardware, input_shapes=input_shapes, rules=rules).totals
@@ -85,12 +85,3 @@ def optimize(
     )
     report = manager.run(model, ctx)
     return model, report
-
-
-def _cost_rules(plugins: Plugins) -> Any:
-    from nnopt.cost.rules import default_registry
-
-    registry = default_registry()
-    for rule in plugins.cost_rules:
-        registry.register(rule)
-    return registry

@@ -84,8 +84,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_third_party()
     try:
         args = build_parser().parse_args(argv)
-        if args.no_plugins:
-            os.environ["NNOPT_NO_PLUGINS"] = "1"
         if args.command is None:
             build_parser().print_help()
             return EXIT_BAD_INPUT
@@ -111,13 +109,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from nnopt.cost import analyze, parse_input_shapes
     from nnopt.ir.model import load_model
 
-    plugins = _plugins()
+    plugins = _plugins(args)
     hardware = _hardware(args.hardware, plugins)
     shapes = parse_input_shapes(args.input_shape)
     model = load_model(args.model)
-    from nnopt.api import _cost_rules
-
-    report = analyze(model, hardware=hardware, input_shapes=shapes, rules=_cost_rules(plugins))
+    report = analyze(model, hardware=hardware, input_shapes=shapes, rules=plugins.cost_rules)
     measured = None
     if args.measure:
         from nnopt.cost.timing import measure_latency
@@ -153,7 +149,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         raise InputError(f"{dst}: the output would overwrite the input model; choose another -o path")
     if dst.exists() and dst.is_dir():
         raise InputError(f"{dst}: is a directory; -o takes a file path")
-    plugins = _plugins()
+    plugins = _plugins(args)
     hardware = _hardware(args.hardware, plugins)
     shapes = parse_input_shapes(args.input_shape)
     model = load_model(src)
@@ -186,7 +182,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
-    plugins = _plugins()
+    plugins = _plugins(args)
     entries = []
     for name in sorted(plugins.passes):
         entry = plugins.passes[name]
@@ -214,7 +210,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    plugins = _plugins()
+    plugins = _plugins(args)
     rows = [
         {
             "name": p.name,
@@ -243,10 +239,10 @@ _COMMANDS = {"analyze": cmd_analyze, "optimize": cmd_optimize, "passes": cmd_pas
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _plugins() -> Any:
+def _plugins(args: argparse.Namespace) -> Any:
     from nnopt.plugin_manager import build_plugins
 
-    plugins = build_plugins()
+    plugins = build_plugins(load_entry_points=not args.no_plugins)
     for p in plugins.errors:
         print(f"nnopt: warning: plugin {p.name} ({p.distribution}) not loaded: {p.error}", file=sys.stderr)
     return plugins

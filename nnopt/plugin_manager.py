@@ -43,7 +43,8 @@ class Plugins:
     pm: pluggy.PluginManager
     passes: dict[str, PassEntry] = field(default_factory=dict)
     plugins: list[PluginInfo] = field(default_factory=list)
-    cost_rules: list[Any] = field(default_factory=list)
+    #: The built-in cost rules plus every plugin's (a ``CostRuleRegistry``).
+    cost_rules: Any = None
     hardware: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -72,7 +73,9 @@ def build_plugins(*, load_entry_points: bool = True, extra: list[Any] | None = N
     """
     pm = pluggy.PluginManager("nnopt")
     pm.add_hookspecs(hookspecs)
-    plugins = Plugins(pm=pm)
+    from nnopt.cost.rules import default_registry
+
+    plugins = Plugins(pm=pm, cost_rules=default_registry())
     pm.register(_DefaultRunner(), name="nnopt.default-runner")
 
     from nnopt import passes as builtin_passes  # the `passes/` folder, installed as nnopt.passes
@@ -118,10 +121,15 @@ def _register(plugins: Plugins, obj: Any, name: str, dist: str) -> None:
             continue
         plugins.passes[cls.name] = PassEntry(cls, dist)
         accepted += 1
-    plugins.cost_rules.extend(rules)
+    for rule in rules:
+        try:
+            plugins.cost_rules.register(rule)
+            accepted += 1
+        except Exception as exc:  # boundary: a malformed or conflicting third-party rule
+            problems.append(f"cost rule {getattr(rule, 'op_type', rule)!r}: {_one_line(exc)}")
     for profile in hardware:
         plugins.hardware.setdefault(profile.name, profile)
-    status = "failed" if problems and not (accepted or rules or hardware) else "loaded"
+    status = "failed" if problems and not (accepted or hardware) else "loaded"
     if status == "failed":
         pm.unregister(obj)  # none of its hooks (wrappers, observers) may run
     plugins.plugins.append(PluginInfo(name, dist, status, "; ".join(problems)))

@@ -107,3 +107,26 @@ def test_unknown_pass_suggests_the_closest_name():
     plugins = build_plugins(load_entry_points=False)
     with pytest.raises(PassNotFoundError, match="did you mean 'dce'"):
         get_pass_class(plugins, "dcee")
+
+
+def test_example_plugin_distribution_through_an_entry_point(monkeypatch, capsys):
+    """The example in plugins/ found as an installed distribution would be, listed by `nnopt plugins`."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from nnopt.cli import main
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "plugins" / "nnopt-example-plugin"))
+    import nnopt_example_plugin
+
+    ep = _EntryPoint("example", nnopt_example_plugin)
+    ep.dist = _Dist("nnopt-example-plugin")
+    _fake_entry_points(monkeypatch, [ep])
+    assert main(["plugins", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["plugins"]}
+    assert rows["example"]["distribution"] == "nnopt-example-plugin"
+    assert rows["example"]["passes"] == ["example.strip-doc-strings"]
+    assert main(["--no-plugins", "plugins", "--json"]) == 0
+    assert "example" not in {r["name"] for r in json.loads(capsys.readouterr().out)["plugins"]}
+    sys.modules.pop("nnopt_example_plugin", None)

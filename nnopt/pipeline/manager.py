@@ -109,6 +109,8 @@ class PipelineReport:
         header = ["pass", "status", "params", "flops", "weight_bytes", "latency_us", "max_rel_err", "cosine", "seconds"]
         rows = [["(input)", "", *_cost_cells(self.original), "", "", ""]]
         for r in self.passes:
+            if r.iteration > 0 and r.status == "unchanged":
+                continue  # repeats that found nothing more are summarised below
             fid = r.fidelity or {}
             rows.append(
                 [
@@ -124,6 +126,9 @@ class PipelineReport:
         lines = ["  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                  for row in [header, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        iterations = max((r.iteration for r in self.passes), default=0) + 1
+        if iterations > 1:
+            lines.append(f"fixed point: {iterations} iteration(s) over the pipeline")
         for r in self.rolled_back:
             lines.append(f"rolled back: {r.name}: {r.reason}")
         if self.verification != "onnxruntime":
