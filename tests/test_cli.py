@@ -169,3 +169,10 @@ def test_python_dash_m_and_debug_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "nnopt", "--debug", "analyze", str(tmp_path / "nope.onnx")],
                           capture_output=True, text=True, env=env)
     assert "Traceback" in done.stderr
+
+
+def test_same_input_same_options_same_bytes(tmp_path, capsys):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    assert main(["optimize", str(EXAMPLE), "-o", str(a)]) == 0
+    assert main(["optimize", str(EXAMPLE), "-o", str(b)]) == 0
+    assert a.read_bytes() == b.read_bytes()
