@@ -1,0 +1,1 @@
+"""Analyses passes share: intermediate activations on reference data, layer selection."""
