@@ -80,7 +80,8 @@ def optimize(
     )
     ctx = PassContext(
         seed=seed,
-        samples=verifier.samples if verifier is not None else [],
+        # Reference data only: generated inputs verify the rewrite but are no data to fit weights on.
+        samples=verifier.samples if verifier is not None and data else [],
         input_shapes=dict(input_shapes or {}),
     )
     report = manager.run(model, ctx)

@@ -9,9 +9,12 @@ from nnopt.pipeline.base import Pass
 @hookimpl
 def nnopt_register_passes() -> list[type[Pass]]:
     from nnopt.passes.constants_to_initializers import ConstantsToInitializers
+    from nnopt.passes.conv_to_separable import ConvToSeparable
     from nnopt.passes.dce import DeadNodeElimination
     from nnopt.passes.fold_batchnorm import FoldBatchNorm
     from nnopt.passes.fold_constants import FoldConstants
+    from nnopt.passes.kmeans import KMeansWeightSharing
     from nnopt.passes.remove_noops import RemoveNoops
+    from nnopt.passes.svd import Svd
 
-    return [DeadNodeElimination, ConstantsToInitializers, FoldConstants, RemoveNoops, FoldBatchNorm]
+    return [DeadNodeElimination, ConstantsToInitializers, FoldConstants, RemoveNoops, FoldBatchNorm, ConvToSeparable, Svd, KMeansWeightSharing]

@@ -1,17 +1,20 @@
-"""constants-to-initializers: turn Constant nodes into initializers, so later passes see every weight alike."""
+"""constants-to-initializers: turn Constant nodes into initializers, so later passes see weights alike."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from nnopt.ir.model import Model
 from nnopt.pipeline.base import Pass, PassContext, PassResult
 
 
-# ---------------------------------------------------------------------------------------------- Constant attrs
+# ---------------------------------------------------------------------------------------- Constant attrs
 def _tensor_attr(value: Any) -> gs.Constant | None:
     return value if isinstance(value, gs.Constant) else None
 
@@ -65,6 +68,21 @@ def constant_node_payload(node: gs.Node) -> gs.Constant | np.ndarray | None:
     return convert(attr_value)
 
 
+def detached_values(const: gs.Constant) -> np.ndarray | LazyValues:
+    """``const``'s values for a new Constant, sharing nothing that graphsurgeon's export writes to.
+
+    Unloaded values stay lazy, so dtypes numpy lacks (bfloat16, float8) pass through unchanged, but over a
+    copy of the TensorProto: graphsurgeon's export renames the TensorProto behind LazyValues in place, which
+    would rename a tensor inside the ModelProto the model was imported from.
+    """
+    values = const._values
+    if isinstance(values, LazyValues) and not isinstance(values, SparseValues):
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(values.tensor)
+        return LazyValues(tensor)
+    return values
+
+
 def constant_array(tensor: gs.Tensor) -> np.ndarray | None:
     """The values of ``tensor`` if they are known: an initializer, or the output of a Constant node."""
     if isinstance(tensor, gs.Constant):
@@ -100,33 +118,31 @@ def unique_name(base: str, taken: set[str]) -> str:
     return name
 
 
-def graph_interface(graph: gs.Graph) -> set[int]:
-    """ids of the tensors that are ``graph``'s outputs (its interface: names that must stay produced)."""
-    return {id(t) for t in graph.outputs}
+def graph_outputs(model: Model) -> set[int]:
+    """ids of the tensors that are an output of the main graph or of any subgraph: the interfaces."""
+    return {id(t) for graph in model.all_graphs() for t in graph.outputs}
 
 
 # ---------------------------------------------------------------------------------------------- the pass
-def lower_constant_nodes(graph: gs.Graph) -> int:
+def lower_constant_nodes(graph: gs.Graph, pinned: set[int]) -> int:
     """Turn ``graph``'s Constant nodes into gs.Constant tensors of the same name; return how many.
 
-    Constants that are outputs of ``graph`` stay nodes: an output that is an initializer is legal ONNX, but
-    runtimes have handled it poorly (If branches in particular), so the interface keeps a producer node.
+    Constants in ``pinned`` (graph outputs, also of subgraphs that return an outer value) stay nodes: an
+    output that is an initializer is legal ONNX, but runtimes have handled it poorly (If branches in
+    particular), so the interface keeps a producer node.
     """
-    outputs = graph_interface(graph)
     converted = 0
     keep: list[gs.Node] = []
     for node in graph.nodes:
         payload = constant_node_payload(node)
-        if payload is None or len(node.outputs) != 1 or id(node.outputs[0]) in outputs:
+        if payload is None or len(node.outputs) != 1 or id(node.outputs[0]) in pinned:
             keep.append(node)
             continue
         out = node.outputs[0]
         node.outputs.clear()
         node.inputs.clear()
         if isinstance(payload, gs.Constant):
-            # The attribute tensor is referenced, not copied: its node is gone, so nothing else can see it;
-            # LazyValues and export_dtype carry dtypes numpy lacks (bfloat16, float8) through unchanged.
-            out.to_constant(payload._values, export_dtype=payload._export_dtype)
+            out.to_constant(detached_values(payload), export_dtype=payload._export_dtype)
         else:
             out.to_constant(payload)
         converted += 1
@@ -142,7 +158,7 @@ class ConstantsToInitializers(Pass):
     Rewrites: the node's output tensor becomes an initializer of the same name and values, in the graph
     that held the node (a Constant inside an If/Loop body becomes that body's initializer; one in the main
     graph that only subgraphs read is still written at the top level). Lossless.
-    Preconditions: none. Left alone: Constants that are an output of their graph (the interface keeps a
+    Preconditions: none. Left alone: Constants that are an output of any graph (the interface keeps a
     producer node), string and sparse values, and attribute references inside functions.
     """
 
@@ -150,18 +166,20 @@ class ConstantsToInitializers(Pass):
     lossy = False
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        main_converted_names: list[str] = []
-        total = 0
-        for graph in model.all_graphs():
-            is_main = graph is model.graph
-            before = {id(n.outputs[0]): n.outputs[0] for n in graph.nodes if n.op == "Constant" and n.outputs}
-            count = lower_constant_nodes(graph)
-            total += count
-            if is_main and count:
-                main_converted_names.extend(
-                    t.name for t in before.values() if isinstance(t, gs.Constant)
-                )
-        # A main-graph constant that only a subgraph reads would otherwise be written into that subgraph;
-        # keep it where the Constant node was.
-        model.top_level_initializers.update(main_converted_names)
+        total = lower_model_constants(model)
         return PassResult(modified=total > 0, stats={"constants_converted": total})
+
+
+def lower_model_constants(model: Model) -> int:
+    """``lower_constant_nodes`` on every graph of ``model``; return how many Constant nodes were lowered."""
+    total = 0
+    pinned = graph_outputs(model)
+    for graph in model.all_graphs():
+        outputs = [n.outputs[0] for n in graph.nodes if n.op == "Constant" and len(n.outputs) == 1]
+        count = lower_constant_nodes(graph, pinned)
+        total += count
+        if graph is model.graph and count:
+            # A main-graph constant that only a subgraph reads would otherwise be written into that
+            # subgraph; keep it where the Constant node was.
+            model.top_level_initializers.update(t.name for t in outputs if isinstance(t, gs.Constant))
+    return total

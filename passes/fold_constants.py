@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
@@ -13,7 +16,12 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from nnopt.ir.graphview import subgraphs_of, topological_nodes
 from nnopt.ir.model import Model, _iter_graph_protos
-from nnopt.passes.constants_to_initializers import is_onnx_op
+from nnopt.passes.constants_to_initializers import (
+    constant_node_payload,
+    detached_values,
+    is_onnx_op,
+    lower_model_constants,
+)
 from nnopt.passes.dce import remove_dead_nodes
 from nnopt.pipeline.base import Pass, PassContext, PassResult
 
@@ -25,7 +33,15 @@ SLACK_BYTES = 64
 
 #: Ops whose outputs are random: folding would freeze one sample.
 _NONDETERMINISTIC_OPS = frozenset(
-    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
+    {
+        "RandomNormal",
+        "RandomUniform",
+        "RandomNormalLike",
+        "RandomUniformLike",
+        "Multinomial",
+        "Bernoulli",
+        "Dropout",
+    }
 )
 
 
@@ -107,7 +123,9 @@ def infer_tensor_types(proto: onnx.ModelProto) -> dict[str, TensorType]:
     inferred = None
     for data_prop in (True, False):
         try:
-            inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=data_prop)
+            inferred = onnx.shape_inference.infer_shapes(
+                proto, check_type=False, strict_mode=False, data_prop=data_prop
+            )
             break
         except Exception:  # boundary: onnx shape inference rejects some real models; retry, then give up
             continue
@@ -242,6 +260,8 @@ class FoldConstants(Pass):
         pinned = {t.name for g in model.all_graphs() for t in g.outputs}
         outputs_before = _graph_output_producers(model)
         had_outputs = {id(n) for g in model.all_graphs() for n in g.nodes if n.outputs}
+        # graphsurgeon would lower Constant nodes too, but turns value_float(s) into float64 tensors.
+        lowered = lower_model_constants(model)
         consumers = _consumer_counts(model)
         shape_folds = 0
         ir_versions: list[tuple[gs.Graph, int | None]] = []
@@ -259,7 +279,8 @@ class FoldConstants(Pass):
                     # before IR 4 initializers had to be graph inputs; evaluate with the model's, at least 4.
                     ir_versions.append((graph, graph.ir_version))
                     graph.ir_version = max(model.ir_version, 4)
-                    _fold_graph(graph, _size_rule(types, consumers, pinned))
+                    with _typed_constant_nodes(graph):
+                        _fold_graph(graph, _size_rule(types, consumers, pinned))
                     graphs.extend(sub for node in graph.nodes if node.outputs for sub in subgraphs_of(node))
         except Exception as exc:  # boundary: graphsurgeon and onnxruntime on arbitrary models
             model.restore(snapshot)
@@ -269,18 +290,12 @@ class FoldConstants(Pass):
             for graph, version in ir_versions:
                 graph.ir_version = version
         _restore_graph_outputs(outputs_before)
-        emptied = [n for g in model.all_graphs() for n in g.nodes if id(n) in had_outputs and not n.outputs]
-        folded = sum(1 for n in emptied if n.op != "Constant")
-        lowered = len(emptied) - folded
-        removed = remove_dead_nodes(model.graph)
+        emptied = any(id(n) in had_outputs and not n.outputs for g in model.all_graphs() for n in g.nodes)
+        # Folded nodes lost their outputs; they, and producers only they used, are now dead.
+        folded = remove_dead_nodes(model.graph)
         return PassResult(
-            modified=removed > 0 or bool(emptied),
-            stats={
-                "nodes_folded": folded,
-                "shape_ops_folded": shape_folds,
-                "constants_lowered": lowered,
-                "nodes_removed": removed,
-            },
+            modified=folded > 0 or lowered > 0 or emptied,
+            stats={"nodes_folded": folded, "shape_ops_folded": shape_folds, "constants_lowered": lowered},
         )
 
 
@@ -290,14 +305,14 @@ def _fold_graph(graph: gs.Graph, exclude: Callable[[gs.Node], bool]) -> None:
     fold_shapes=False: graphsurgeon's shape folding trusts possibly stale value_info and its cast elision
     rounds float constants to ints; shapes are folded beforehand by ``fold_shape_ops`` instead.
     """
-    options = dict(
-        fold_shapes=False,
-        recurse_subgraphs=False,
-        flatten_subgraphs=False,
-        size_threshold=None,
-        should_exclude_node=exclude,
-        recurse_functions=False,
-    )
+    options: dict[str, Any] = {
+        "fold_shapes": False,
+        "recurse_subgraphs": False,
+        "flatten_subgraphs": False,
+        "size_threshold": None,
+        "should_exclude_node": exclude,
+        "recurse_functions": False,
+    }
     try:
         # One onnxruntime session for every foldable tensor; it fails as a whole if any node cannot run.
         graph.fold_constants(partitioning=None, error_ok=False, **options)
@@ -305,6 +320,33 @@ def _fold_graph(graph: gs.Graph, exclude: Callable[[gs.Node], bool]) -> None:
         # "recursive" evaluates each output separately, peeling off nodes that fail ("basic" retries a
         # failing part forever in graphsurgeon 0.6).
         graph.fold_constants(partitioning="recursive", error_ok=True, **options)
+
+
+@contextlib.contextmanager
+def _typed_constant_nodes(graph: gs.Graph) -> Iterator[None]:
+    """While folding, give the Constant nodes left (graph outputs) a private ``value`` of the right dtype.
+
+    graphsurgeon lowers every Constant node it meets, reading value_float(s) as float64 (consumers folded
+    against that value would come out float64), and renames the TensorProto of a lazily loaded ``value``
+    on export. The original attributes are put back afterwards.
+    """
+    saved: list[tuple[gs.Node, Any]] = []
+    for node in graph.nodes:
+        payload = constant_node_payload(node)
+        if payload is None or not node.outputs:
+            continue
+        saved.append((node, node.attrs))
+        if isinstance(payload, gs.Constant):
+            # A private copy: graphsurgeon renames the TensorProto behind lazily loaded values on export.
+            payload = gs.Constant(payload.name, detached_values(payload), export_dtype=payload._export_dtype)
+        else:
+            payload = gs.Constant(f"{node.outputs[0].name}_value", payload)
+        node.attrs = OrderedDict(value=payload)
+    try:
+        yield
+    finally:
+        for node, attrs in saved:
+            node.attrs = attrs
 
 
 @dataclass

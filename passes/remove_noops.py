@@ -1,9 +1,10 @@
-"""remove-noops: remove nodes that provably return their input unchanged (Identity, Cast to the same type, …)."""
+"""remove-noops: remove nodes that provably return their input unchanged (Identity, same-type Cast, …)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx

@@ -1,0 +1,378 @@
+"""Shared by the low-rank passes: rank choice from rank/energy/max_error, costs, and data-aware least-squares refits."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from nnopt.analysis.activations import collect_activations
+from nnopt.errors import NnoptError, OptionError
+from nnopt.ir.model import Model
+from nnopt.pipeline.base import PassContext
+
+#: The rank rule when none of ``rank``, ``energy`` and ``max_error`` is given: keep 99% of the squared
+#: singular values (a relative weight error of at most 10%). Conservative: on trained weights it often
+#: keeps too many ranks to save anything, so layers are declined rather than silently degraded.
+DEFAULT_ENERGY = 0.99
+
+#: Ridge of the data-aware refit, relative to each unknown's own energy (diag of ZᵀZ). It pulls the refit
+#: towards the weight-fit solution along directions the data barely excite, so few rows cannot overfit.
+REFIT_RIDGE = 1e-3
+
+#: Above this much work (n·m·min(n, m)), the SVD goes through the eigendecomposition of the smaller Gram
+#: matrix: LAPACK's SVD of the 1024 × 8210 Gemm weight of ddddocr's CRNN takes 17 s on two cores, this 2 s.
+GRAM_SVD_WORK = 2e9
+
+#: At most this many activation rows (output positions × samples) per layer enter a refit; more are
+#: subsampled (seeded). Forming ZᵀZ costs rows × k², which dominates the refit.
+MAX_FIT_ROWS = 50_000
+
+
+# ---------------------------------------------------------------------------------------------- options
+def check_rank_options(rank: int | None, energy: float | None, max_error: float | None) -> None:
+    """Validate the rank rule options shared by the low-rank passes.
+
+    Raises:
+        OptionError: more than one of them is set, or one is out of range.
+    """
+    given = [name for name, value in (("rank", rank), ("energy", energy), ("max_error", max_error)) if value is not None]
+    if len(given) > 1:
+        raise OptionError(f"give at most one of rank, energy and max_error (got {', '.join(given)})")
+    if rank is not None and rank < 1:
+        raise OptionError(f"rank must be at least 1 (got {rank})")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise OptionError(f"energy must be in (0, 1] (got {energy})")
+    if max_error is not None and not 0.0 <= max_error < 1.0:
+        raise OptionError(f"max_error must be in [0, 1) (got {max_error})")
+
+
+def check_min_saving(name: str, value: float) -> None:
+    """A minimum saving is a fraction below 1; negative values allow growth (for exact full-rank rewrites)."""
+    if not (math.isfinite(value) and value < 1.0):
+        raise OptionError(f"{name} must be a finite fraction below 1 (got {value})")
+
+
+@dataclass(frozen=True)
+class RankRule:
+    """How many singular values a layer keeps. Exactly one field is set.
+
+    A layer may have several spectra (conv-to-separable factorises one slice per input channel but must
+    use one rank for all of them, the depth multiplier). Then ``rank`` is that rank, ``energy`` asks
+    *every* spectrum to keep that fraction of its squared singular values (the largest rank any of them
+    needs), and ``max_error`` bounds the layer's relative weight error over all spectra together.
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    max_error: float | None = None
+
+    @classmethod
+    def from_options(cls, rank: int | None, energy: float | None, max_error: float | None) -> RankRule:
+        if rank is None and energy is None and max_error is None:
+            return cls(energy=DEFAULT_ENERGY)
+        return cls(rank=rank, energy=energy, max_error=max_error)
+
+    def choose(self, spectra: np.ndarray, limit: int, tol: float) -> int:
+        """The rank to keep, between 1 and ``limit``.
+
+        Args:
+            spectra: singular values, one row per spectrum, each in descending order.
+            limit: the full rank (``min`` of the factorised matrix's dims).
+            tol: singular values at or below this are numerical noise and count as zero, so a weight of
+                exact rank r meets ``energy=1`` or ``max_error=0`` at r.
+        """
+        if self.rank is not None:
+            return max(1, min(self.rank, limit))
+        sq = np.where(spectra > tol, spectra, 0.0) ** 2
+        sq = sq[:, :limit]
+        if self.energy is not None:
+            needed = 1
+            for row in sq:
+                total = float(row.sum())
+                if total <= 0.0:
+                    continue
+                kept = np.cumsum(row) / total
+                # The slack absorbs rounding in the cumulative sum; energy=1 then means "numerical rank".
+                needed = max(needed, int(np.searchsorted(kept, self.energy - 1e-12)) + 1)
+            return min(needed, limit)
+        assert self.max_error is not None
+        total = float(sq.sum())
+        if total <= 0.0:
+            return 1
+        tails = _tail_sums(sq)
+        ok = np.nonzero(np.sqrt(tails / total) <= self.max_error + 1e-12)[0]
+        return max(1, min(int(ok[0]) if ok.size else limit, limit))
+
+    def describe(self) -> str:
+        if self.rank is not None:
+            return f"rank={self.rank}"
+        if self.energy is not None:
+            return f"energy={self.energy:g}"
+        return f"max_error={self.max_error:g}"
+
+
+def _tail_sums(sq: np.ndarray) -> np.ndarray:
+    """``tails[r]`` = the squared singular values all spectra drop when keeping r, for r = 0..k."""
+    per_rank = sq.sum(axis=0)
+    return np.concatenate([np.cumsum(per_rank[::-1])[::-1], [0.0]])
+
+
+def relative_error(spectra: np.ndarray, rank: int) -> float:
+    """||W − Ŵ||_F / ||W||_F of the rank-``rank`` truncation, from the singular values alone."""
+    sq = spectra.astype(np.float64) ** 2
+    total = float(sq.sum())
+    return math.sqrt(float(sq[:, rank:].sum()) / total) if total > 0 else 0.0
+
+
+def numerical_tolerance(spectra: np.ndarray, shape: tuple[int, int], dtype: np.dtype) -> float:
+    """Singular values below this are rounding noise of a weight stored in ``dtype`` (as numpy's matrix_rank)."""
+    eps = float(np.finfo(dtype).eps) if np.issubdtype(dtype, np.floating) else float(np.finfo(np.float32).eps)
+    return float(spectra.max(initial=0.0)) * max(shape) * eps
+
+
+def thin_svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``U, S, Vᵀ`` of a float64 matrix (n × m) with k = min(n, m) singular values in descending order.
+
+    Large matrices go through the eigendecomposition of the k × k Gram matrix. Singular values then carry
+    an absolute error of about √eps·s_max (1e-8 relative), far below the float32 noise floor that
+    ``numerical_tolerance`` cuts at; the rows of Vᵀ are Uᵀ·A / S, so a truncation U_r·S_r·V_rᵀ = U_r·U_rᵀ·A
+    is an exact projection whatever the accuracy of small S.
+    """
+    n, m = matrix.shape
+    if n * m * min(n, m) < GRAM_SVD_WORK:
+        return np.linalg.svd(matrix, full_matrices=False)
+    a = matrix if n <= m else matrix.T
+    eigvals, vectors = np.linalg.eigh(a @ a.T)
+    order = np.argsort(eigvals)[::-1]
+    values = np.sqrt(np.clip(eigvals[order], 0.0, None))
+    left = vectors[:, order]
+    projected = left.T @ a
+    floor = values[0] * 1e-12 if values.size else 0.0
+    right = np.divide(projected, values[:, None], out=np.zeros_like(projected), where=values[:, None] > floor)
+    if n <= m:
+        return left, values, right
+    return right.T, values, left.T
+
+
+# ---------------------------------------------------------------------------------------------- graph helpers
+def node_label(node: gs.Node) -> str:
+    """The name a per-layer report uses: the node name, or its first output's name for unnamed nodes."""
+    return node.name or (node.outputs[0].name if node.outputs else node.op)
+
+
+def saving(before: int, after: int) -> float:
+    """Fraction saved (negative when ``after`` is larger)."""
+    return 1.0 - after / before if before else 0.0
+
+
+def main_graph_costs(model: Model, ctx: PassContext) -> dict[str, dict[str, Any]]:
+    """nnopt's cost analysis of the main-graph nodes, keyed by each node's first output tensor name.
+
+    Uses ``ctx.input_shapes`` for dynamic inputs (other unknown dims count as 1, as in ``nnopt analyze``).
+    Returns {} when the analysis cannot run (a report without absolute FLOPs, never a failed pass).
+    """
+    from nnopt.cost import analyze
+
+    proto = model.to_proto()
+    outputs: dict[str, str] = {}
+    for i, node in enumerate(proto.graph.node):
+        # Unique names of our own, so records map back even where the model's node names are empty or repeat.
+        node.name = f"n{i}"
+        if node.output:
+            outputs[node.name] = node.output[0]
+    try:
+        report = analyze(proto, input_shapes=ctx.input_shapes or None)
+    except NnoptError:
+        return {}
+    return {outputs[r["name"]]: r for r in report.nodes if r["name"] in outputs}
+
+
+def scaled_flops(cost: dict[str, Any] | None, macs_before: int, macs_after: int) -> tuple[int | None, int | None]:
+    """FLOPs before and after a rewrite whose MACs per output position go from ``macs_before`` to ``macs_after``."""
+    if not cost or not cost.get("costed", True) or not cost.get("flops"):
+        return None, None
+    before = int(cost["flops"])
+    # FLOPs = 2 × positions × MACs per position, so the division is exact under nnopt's cost conventions.
+    if before % macs_before == 0:
+        return before, before // macs_before * macs_after
+    return before, round(before * macs_after / macs_before)
+
+
+# ---------------------------------------------------------------------------------------------- activations
+def layer_inputs(model: Model, names: Sequence[str], samples: Sequence[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
+    """The values of main-graph tensors on the reference samples: graph inputs from the feeds, others by running."""
+    feeds = samples[0].keys() if samples else ()
+    direct = [n for n in names if n in feeds]
+    values = collect_activations(model, [n for n in names if n not in feeds], samples)
+    values.update({n: [np.asarray(s[n]) for s in samples] for n in direct})
+    return values
+
+
+def run_convs(xs: Sequence[np.ndarray], convs: Sequence[tuple[np.ndarray, dict[str, Any]]], opset: int) -> list[list[np.ndarray]]:
+    """Run Conv(x, weight, **attrs) for each conv on each sample in onnxruntime; outputs per sample, per conv.
+
+    A one-input model built in memory: onnxruntime applies pads, auto_pad, strides, dilations and groups
+    exactly as the rewritten model will.
+    """
+    from nnopt.runtime import make_session
+
+    dtype = xs[0].dtype
+    elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+    x_info = onnx.helper.make_tensor_value_info("x", elem, [f"d{i}" for i in range(xs[0].ndim)])
+    nodes, inits, outs = [], [], []
+    for i, (weight, attrs) in enumerate(convs):
+        inits.append(onnx.numpy_helper.from_array(np.ascontiguousarray(weight.astype(dtype)), f"w{i}"))
+        nodes.append(onnx.helper.make_node("Conv", ["x", f"w{i}"], [f"y{i}"], **attrs))
+        outs.append(onnx.helper.make_tensor_value_info(f"y{i}", elem, None))
+    opsets = [onnx.helper.make_opsetid("", opset)]
+    graph = onnx.helper.make_graph(nodes, "lowrank_probe", [x_info], outs, inits)
+    proto = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=onnx.helper.find_min_ir_version_for(opsets))
+    sess = make_session(proto)
+    return [sess.run(None, {"x": x}) for x in xs]
+
+
+def channel_rows(y: np.ndarray) -> np.ndarray:
+    """(N, C, *spatial) → (N·spatial, C) in float64: one row per output position."""
+    return np.moveaxis(np.asarray(y, dtype=np.float64), 1, -1).reshape(-1, y.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------- refit
+@dataclass
+class NormalEquations:
+    """Sufficient statistics of the least-squares problem min ‖Y − Z·P − 1·δᵀ‖ over some rows.
+
+    ``gram`` = ZaᵀZa and ``cross`` = ZaᵀY with Za = [Z, 1] when ``intercept`` (the column of ones last).
+    Additive, so splits of the rows can be fitted and validated separately and then combined.
+    """
+
+    gram: np.ndarray
+    cross: np.ndarray
+    yy: float
+    y_sum: np.ndarray
+    rows: int
+    intercept: bool
+
+    @classmethod
+    def empty(cls, k: int, n: int, intercept: bool) -> NormalEquations:
+        ka = k + int(intercept)
+        return cls(np.zeros((ka, ka)), np.zeros((ka, n)), 0.0, np.zeros(n), 0, intercept)
+
+    def add(self, z: np.ndarray, y: np.ndarray) -> None:
+        if self.intercept:
+            z = np.concatenate([z, np.ones((z.shape[0], 1))], axis=1)
+        self.gram += z.T @ z
+        self.cross += z.T @ y
+        self.yy += float(np.einsum("ij,ij->", y, y))
+        self.y_sum += y.sum(axis=0)
+        self.rows += z.shape[0]
+
+    def __add__(self, other: NormalEquations) -> NormalEquations:
+        return NormalEquations(self.gram + other.gram, self.cross + other.cross, self.yy + other.yy,
+                               self.y_sum + other.y_sum, self.rows + other.rows, self.intercept)
+
+    def augmented(self, p: np.ndarray, delta: np.ndarray | None) -> np.ndarray:
+        if not self.intercept:
+            return p
+        return np.concatenate([p, (np.zeros(p.shape[1]) if delta is None else delta)[None, :]], axis=0)
+
+    def solve(self, p0: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The ridge solution pulled towards ``p0`` (and δ towards 0): returns (P, δ or None)."""
+        start = self.augmented(p0, None)
+        diag = np.diag(self.gram).copy()
+        # Columns the data never excite get a floor, so the system stays definite and they keep p0.
+        diag = np.maximum(diag, 1e-12 * max(float(diag.mean()), 1e-300))
+        lhs = self.gram + REFIT_RIDGE * np.diag(diag)
+        rhs = self.cross + REFIT_RIDGE * diag[:, None] * start
+        try:
+            sol = np.linalg.solve(lhs, rhs)
+        except np.linalg.LinAlgError:
+            sol = np.linalg.lstsq(lhs, rhs, rcond=None)[0]
+        if self.intercept:
+            return sol[:-1], sol[-1]
+        return sol, None
+
+    def sq_error(self, p: np.ndarray, delta: np.ndarray | None) -> float:
+        """‖Y − Z·P − 1·δᵀ‖² over these rows, from the statistics alone."""
+        pa = self.augmented(p, delta)
+        value = self.yy - 2.0 * float(np.einsum("ij,ij->", pa, self.cross)) + float(np.einsum("ij,ij->", pa, self.gram @ pa))
+        return max(value, 0.0)
+
+    def sq_norm(self, bias: np.ndarray) -> float:
+        """‖Y + 1·biasᵀ‖²: the squared norm of the layer's real output (Y is the output before the bias)."""
+        return self.yy + 2.0 * float(bias @ self.y_sum) + self.rows * float(bias @ bias)
+
+
+@dataclass
+class Refit:
+    """The outcome of a data-aware refit of a layer's second factor."""
+
+    p: np.ndarray
+    delta: np.ndarray | None
+    used: bool
+    figures: dict[str, Any]
+
+
+def refit_second_factor(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    p0: np.ndarray,
+    bias: np.ndarray,
+    intercept: bool,
+    rng: np.random.Generator,
+) -> Refit:
+    """Refit P (and a bias correction δ) so that Z·P + δ matches the layer's real output Y.
+
+    Args:
+        pairs: per sample, (Z, Y): the first factor's output and the original layer's output before its
+            bias, both (rows × channels) in float64.
+        p0: the weight-fit second factor (k × n), the starting point and the fallback.
+        bias: the layer's original bias (n,), zeros if it has none; errors are relative to ‖Y + bias‖.
+        intercept: whether a bias correction may be fitted (the rewritten layer can carry a bias).
+        rng: seeded stream for subsampling rows.
+
+    The refit is validated before it is used: fitted on half of the samples (alternate rows when there is
+    one sample) and kept only if it lowers the output error on the other half; the final refit then uses
+    all rows. Errors are relative Frobenius norms of the layer output.
+    """
+    k, n = p0.shape
+    cap = max(1, MAX_FIT_ROWS // max(1, len(pairs)))
+    halves = (NormalEquations.empty(k, n, intercept), NormalEquations.empty(k, n, intercept))
+    for index, (z, y) in enumerate(pairs):
+        if z.shape[0] > cap:
+            keep = np.sort(rng.choice(z.shape[0], size=cap, replace=False))
+            z, y = z[keep], y[keep]
+        if len(pairs) >= 2:
+            halves[index % 2].add(z, y)
+        else:
+            halves[0].add(z[0::2], y[0::2])
+            halves[1].add(z[1::2], y[1::2])
+    fit, held = halves
+    total = fit + held
+    norm_all = math.sqrt(max(total.sq_norm(bias), 1e-300))
+    norm_held = math.sqrt(max(held.sq_norm(bias), 1e-300))
+
+    p_half, d_half = fit.solve(p0)
+    held_before = math.sqrt(held.sq_error(p0, None)) / norm_held
+    held_after = math.sqrt(held.sq_error(p_half, d_half)) / norm_held
+    used = held.rows > 0 and held_after < held_before
+    p, delta = total.solve(p0) if used else (p0, None)
+    figures = {
+        "fit_rows": total.rows,
+        "output_error_weight_fit": math.sqrt(total.sq_error(p0, None)) / norm_all,
+        "output_error": math.sqrt(total.sq_error(p, delta)) / norm_all,
+        "heldout_error_weight_fit": held_before,
+        "heldout_error_refit": held_after,
+    }
+    return Refit(p, delta, used, figures)
+
+
+def fit_figures(refit: Refit) -> dict[str, Any]:
+    """The per-layer report entries of a refit, floats rounded for reading."""
+    out: dict[str, Any] = {"fit": "data" if refit.used else "weights"}
+    for key, value in refit.figures.items():
+        out[key] = round(value, 6) if isinstance(value, float) else value
+    return out

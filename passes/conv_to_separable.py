@@ -1,0 +1,303 @@
+"""conv-to-separable: approximate a dense K×K Conv by a depthwise K×K Conv and a pointwise 1×1 Conv."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from nnopt.analysis.selection import is_selected
+from nnopt.ir.model import Model
+from nnopt.passes._lowrank import (
+    RankRule,
+    channel_rows,
+    check_min_saving,
+    check_rank_options,
+    fit_figures,
+    layer_inputs,
+    main_graph_costs,
+    node_label,
+    numerical_tolerance,
+    refit_second_factor,
+    relative_error,
+    run_convs,
+    saving,
+    scaled_flops,
+)
+from nnopt.passes.constants_to_initializers import constant_array, is_onnx_op, taken_names, unique_name
+from nnopt.pipeline.base import Pass, PassContext, PassOptions, PassResult
+
+_PREFIX = "conv_to_separable"
+#: Conv attributes that describe the sliding window: they go to the depthwise conv unchanged.
+_WINDOW_ATTRS = ("auto_pad", "dilations", "kernel_shape", "pads", "strides")
+
+
+@dataclass(frozen=True)
+class ConvToSeparableOptions(PassOptions):
+    rank: int | None = field(
+        default=None,
+        metadata={"help": "depth multiplier m: rank kept per input channel (capped at min(C_out, K²))"},
+    )
+    energy: float | None = field(
+        default=None,
+        metadata={"help": "smallest m at which every input channel's C_out×K² slice keeps this fraction of its "
+                          "squared singular values (the default, 0.99, when rank, energy and max_error are unset)"},
+    )
+    max_error: float | None = field(
+        default=None,
+        metadata={"help": "smallest m at which the layer's relative weight error ‖W − Ŵ‖/‖W‖ is at most this"},
+    )
+    min_flops_saving: float = field(
+        default=0.1,
+        metadata={"help": "rewrite a conv only where its FLOPs drop by at least this fraction (negative values "
+                          "allow growth: -1 accepts up to twice the FLOPs, e.g. for exact full-rank rewrites)"},
+    )
+    data_aware: bool = field(
+        default=True,
+        metadata={"help": "with reference data (--data), refit the pointwise weights and bias by least squares "
+                          "on the layer's real inputs, minimising its output error"},
+    )
+    nodes: tuple[str, ...] = field(default=(), metadata={"help": "only these convs (shell patterns; default all)"})
+    exclude: tuple[str, ...] = field(default=(), metadata={"help": "never these convs (shell patterns)"})
+
+    def __post_init__(self) -> None:
+        check_rank_options(self.rank, self.energy, self.max_error)
+        check_min_saving("min_flops_saving", self.min_flops_saving)
+
+
+class _Decline(Exception):
+    """Raised inside the pass (never escapes it) with the reason a conv stays as it is, and figures if known."""
+
+    def __init__(self, reason: str, figures: dict[str, Any] | None = None) -> None:
+        super().__init__(reason)
+        self.figures = figures or {}
+
+
+@dataclass
+class _Plan:
+    """One conv's rewrite: factors in float64 (refit in place by the data-aware step), and its report."""
+
+    graph: gs.Graph
+    node: gs.Node
+    weight: np.ndarray
+    bias: np.ndarray
+    depthwise: np.ndarray  # (C_in·m, 1, *kernel): output channel c·m + j reads input channel c
+    pointwise: np.ndarray  # (C_out, C_in·m)
+    delta: np.ndarray | None
+    report: dict[str, Any]
+
+    @property
+    def c_in(self) -> int:
+        return int(self.weight.shape[1])
+
+
+def separable_factors(weight: np.ndarray, rule: RankRule) -> tuple[np.ndarray, np.ndarray, int, float]:
+    """Factor each input channel's C_out × K² slice of a Conv weight by a truncated SVD.
+
+    W[:, c] ≈ U_c S_c V_cᵀ at rank m; the depthwise filters are √S·Vᵀ, the pointwise weights U·√S (the
+    square root splits the scale evenly, so neither factor's values get extreme).
+
+    Returns:
+        (depthwise weight (C_in·m, 1, *kernel), pointwise matrix (C_out, C_in·m), m, relative weight error),
+        in float64.
+    """
+    c_out, c_in = weight.shape[:2]
+    kernel = weight.shape[2:]
+    area = math.prod(kernel)
+    slices = weight.astype(np.float64).reshape(c_out, c_in, area).transpose(1, 0, 2)  # (C_in, C_out, K²)
+    u, s, vt = np.linalg.svd(slices, full_matrices=False)
+    full = min(c_out, area)
+    m = rule.choose(s, full, numerical_tolerance(s, (c_out, area), weight.dtype))
+    root = np.sqrt(s[:, :m])
+    # NOTE: a Conv with group = C_in and C_in·m outputs gives output channel o the input channel o // m,
+    # so rank j of channel c must be output channel c·m + j: C-order reshape of (C_in, m, ...).
+    depthwise = (vt[:, :m, :] * root[:, :, None]).reshape(c_in * m, 1, *kernel)
+    pointwise = (u[:, :, :m] * root[:, None, :]).transpose(1, 0, 2).reshape(c_out, c_in * m)
+    return depthwise, pointwise, m, relative_error(s, m)
+
+
+class ConvToSeparable(Pass):
+    """Approximate dense K×K convolutions by a depthwise K×K conv and a pointwise 1×1 conv (per-channel SVD).
+
+    Matches: ``Conv`` with group 1, a kernel larger than 1×1 and a constant floating-point weight read by
+    no other node (1-D, 2-D and 3-D kernels), in the main graph and in subgraphs, selected by ``nodes`` /
+    ``exclude``. Declined with a reason: grouped and depthwise convs, 1×1 convs, non-constant or shared
+    weights, ConvTranspose, and convs whose FLOPs would not drop by ``min_flops_saving``.
+
+    Rewrites: for each input channel c the C_out × K² slice W[:, c] is replaced by its best rank-m
+    factorisation, which gives m depthwise K×K filters and m pointwise weight columns::
+
+        X ─ Conv(W [C_out, C_in, K, K], B) ─ Y
+          →  X ─ Conv(group=C_in, W_dw [C_in·m, 1, K, K]) ─ Conv(1×1, W_pw [C_out, C_in·m, 1, 1], B) ─ Y
+
+    Strides, pads / auto_pad and dilations go to the depthwise conv, the bias to the pointwise one. FLOPs go
+    from C_out·C_in·K² to C_in·m·(K² + C_out) per output position. The depth multiplier m is one number per
+    layer, from ``rank``, ``energy`` (every slice keeps that fraction of its squared singular values) or
+    ``max_error`` (relative weight error of the layer); default energy 0.99.
+
+    Lossy: exact only at full rank (m = min(C_out, K²), which never saves FLOPs) or for weights of
+    separable structure. With reference data (``--data``) and ``data_aware``, the pointwise weights and
+    bias are refit by least squares on the layer's real inputs to minimise its output error, and kept
+    where that lowers the error on held-out samples.
+    """
+
+    name = "conv-to-separable"
+    lossy = True
+    Options = ConvToSeparableOptions
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        opts: ConvToSeparableOptions = self.options  # type: ignore[assignment]
+        rule = RankRule.from_options(opts.rank, opts.energy, opts.max_error)
+        costs = main_graph_costs(model, ctx)
+        plans: list[_Plan] = []
+        layers: list[dict[str, Any]] = []
+        for graph in model.all_graphs():
+            for node in graph.nodes:
+                if node.op not in ("Conv", "ConvTranspose") or not is_onnx_op(node):
+                    continue
+                label = node_label(node)
+                if not is_selected(node.name or "", opts.nodes, opts.exclude):
+                    continue
+                try:
+                    # Only main-graph nodes are costed (If/Loop bodies run a data-dependent number of times).
+                    plan = self._plan(graph, node, rule, opts, costs if graph is model.graph else {})
+                except _Decline as why:
+                    layers.append({"node": label, "op_type": node.op, "action": "declined", "reason": str(why),
+                                   **why.figures})
+                    continue
+                plans.append(plan)
+                layers.append(plan.report)
+        if opts.data_aware and ctx.samples and plans:
+            self._refit(model, ctx, [p for p in plans if p.graph is model.graph])
+        taken = taken_names(model)
+        for plan in plans:
+            self._apply(plan, taken)
+        rewritten = [p.report for p in plans]
+        return PassResult(
+            modified=bool(plans),
+            stats={
+                "convs_rewritten": len(plans),
+                "convs_declined": len(layers) - len(plans),
+                "flops_saved": sum(r["flops_before"] - r["flops_after"] for r in rewritten if r["flops_before"] is not None),
+                "params_saved": sum(r["params_before"] - r["params_after"] for r in rewritten),
+            },
+            layers=layers,
+        )
+
+    # ------------------------------------------------------------------------------------------ planning
+    def _plan(self, graph: gs.Graph, node: gs.Node, rule: RankRule, opts: ConvToSeparableOptions,
+              costs: dict[str, dict[str, Any]]) -> _Plan:
+        if node.op == "ConvTranspose":
+            raise _Decline("ConvTranspose is not handled")
+        if len(node.inputs) < 2 or len(node.outputs) != 1:
+            raise _Decline("expected X, W inputs and one output")
+        weight = constant_array(node.inputs[1])
+        if weight is None:
+            raise _Decline("weight is not a constant")
+        weight = np.asarray(weight)
+        if weight.dtype.kind != "f" or weight.ndim < 3:
+            raise _Decline(f"weight is {weight.dtype} of rank {weight.ndim}, not a floating-point conv kernel")
+        if len({id(n) for n in node.inputs[1].outputs}) > 1:
+            # The other readers keep the dense weight, so factorising this one would grow the model.
+            raise _Decline("weight is shared with other nodes")
+        c_out, c_per_group = weight.shape[:2]
+        group = int(node.attrs.get("group", 1))
+        area = math.prod(weight.shape[2:])
+        if group != 1:
+            kind = "depthwise" if c_per_group == 1 else "grouped"
+            raise _Decline(f"{kind} conv (group={group}): only dense convs are separated")
+        if area == 1:
+            raise _Decline("1×1 conv: there is no spatial kernel to separate")
+        bias = np.zeros(c_out)
+        if len(node.inputs) > 2 and not node.inputs[2].is_empty():
+            values = constant_array(node.inputs[2])
+            if values is None:
+                raise _Decline("bias is not a constant")
+            bias = np.asarray(values, dtype=np.float64).reshape(-1)
+
+        depthwise, pointwise, m, error = separable_factors(weight, rule)
+        c_in = c_per_group
+        macs_before = c_out * c_in * area
+        macs_after = c_in * m * area + c_out * c_in * m
+        flops_before, flops_after = scaled_flops(costs.get(node.outputs[0].name), macs_before, macs_after)
+        figures: dict[str, Any] = {
+            "m": m,
+            "rule": rule.describe(),
+            "c_in": c_in,
+            "c_out": c_out,
+            "kernel": list(weight.shape[2:]),
+            "weight_error": round(error, 6),
+            "macs_per_position_before": macs_before,
+            "macs_per_position_after": macs_after,
+            "flops_saving": round(saving(macs_before, macs_after), 6),
+            "flops_before": flops_before,
+            "flops_after": flops_after,
+            "params_before": weight.size,
+            "params_after": depthwise.size + pointwise.size,
+        }
+        if saving(macs_before, macs_after) < opts.min_flops_saving:
+            raise _Decline(
+                f"m={m} ({rule.describe()}) saves {saving(macs_before, macs_after):.1%} of the FLOPs, "
+                f"below min_flops_saving={opts.min_flops_saving:g}",
+                figures,
+            )
+        report = {"node": node_label(node), "op_type": "Conv", "action": "rewritten", **figures}
+        return _Plan(graph, node, weight, bias, depthwise, pointwise, None, report)
+
+    # ------------------------------------------------------------------------------------------ data-aware refit
+    def _refit(self, model: Model, ctx: PassContext, plans: list[_Plan]) -> None:
+        """Refit the pointwise weights and bias of main-graph plans on the layers' real inputs."""
+        if not plans:
+            return
+        try:
+            inputs = layer_inputs(model, sorted({p.node.inputs[0].name for p in plans}), ctx.samples)
+        except Exception as exc:  # boundary: onnxruntime on the user's model and data
+            for plan in plans:
+                plan.report["fit"] = f"weights (reference data did not run: {str(exc).splitlines()[0][:120]})"
+            return
+        for plan in plans:
+            xs = inputs[plan.node.inputs[0].name]
+            attrs = {k: v for k, v in plan.node.attrs.items() if k in _WINDOW_ATTRS}
+            outs = run_convs(xs, [(plan.weight, {**attrs, "group": 1}), (plan.depthwise, {**attrs, "group": plan.c_in})],
+                             model.opset)
+            pairs = [(channel_rows(z), channel_rows(y)) for y, z in outs]
+            refit = refit_second_factor(pairs, plan.pointwise.T, plan.bias, True, ctx.rng(f"{self.name}:{plan.report['node']}"))
+            plan.pointwise = refit.p.T
+            plan.delta = refit.delta
+            plan.report.update(fit_figures(refit))
+            if refit.used:
+                recon = np.einsum("ocm,cmk->ock", plan.pointwise.reshape(plan.weight.shape[0], plan.c_in, -1),
+                                  plan.depthwise.reshape(plan.c_in, -1, math.prod(plan.weight.shape[2:])))
+                dense = plan.weight.astype(np.float64).reshape(recon.shape)
+                plan.report["weight_error_refit"] = round(float(np.linalg.norm(recon - dense) / np.linalg.norm(dense)), 6)
+
+    # ------------------------------------------------------------------------------------------ rewriting
+    def _apply(self, plan: _Plan, taken: set[str]) -> None:
+        node, graph = plan.node, plan.graph
+        label = plan.report["node"]
+        dtype = plan.weight.dtype
+        x, y = node.inputs[0], node.outputs[0]
+        old_bias = node.inputs[2] if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
+        window = {k: v for k, v in node.attrs.items() if k in _WINDOW_ATTRS}
+        spatial = plan.weight.ndim - 2
+
+        def fresh(what: str) -> str:
+            return unique_name(f"{_PREFIX}/{label}/{what}", taken)
+
+        dw_weight = gs.Constant(fresh("depthwise_weight"), plan.depthwise.astype(dtype))
+        pw_weight = gs.Constant(fresh("pointwise_weight"), plan.pointwise.reshape(*plan.pointwise.shape, *([1] * spatial)).astype(dtype))
+        if plan.delta is not None:
+            bias: gs.Tensor | None = gs.Constant(fresh("pointwise_bias"), (plan.bias + plan.delta).astype(dtype))
+        else:
+            bias = old_bias  # unchanged values: the same tensor, never a write into its array
+        mid = gs.Variable(fresh("depthwise_out"), dtype=y.dtype)
+        node.inputs.clear()
+        node.outputs.clear()
+        depthwise = gs.Node("Conv", fresh("depthwise"), attrs={**window, "group": plan.c_in}, inputs=[x, dw_weight], outputs=[mid])
+        pointwise = gs.Node("Conv", fresh("pointwise"), attrs={"kernel_shape": [1] * spatial},
+                            inputs=[mid, pw_weight] + ([bias] if bias is not None else []), outputs=[y])
+        index = next(i for i, n in enumerate(graph.nodes) if n is node)
+        graph.nodes[index:index + 1] = [depthwise, pointwise]

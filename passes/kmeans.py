@@ -1,0 +1,668 @@
+"""kmeans: share each weight tensor's values among 2^bits k-means centroids, stored as a codebook plus indices."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from nnopt.analysis.selection import is_selected
+from nnopt.errors import OptionError
+from nnopt.ir.model import Model, replace_tensor
+from nnopt.passes.constants_to_initializers import constant_array, constant_node_payload, is_onnx_op, taken_names, unique_name
+from nnopt.pipeline.base import Pass, PassContext, PassOptions, PassResult
+
+_PREFIX = "kmeans"
+
+#: k-means restarts (k-means++ seeds) per clustering; the best inertia wins. On 1-D weight histograms a
+#: second and third start lower the weight error by well under 1 %, at 2-3× the clustering time.
+N_INIT = 1
+#: A tensor with more distinct values than this is clustered on a histogram of its values: at most
+#: ``HISTOGRAM_BUDGET // k`` uniform bins (capped at ``MAX_BINS``), each a point weighted by its count at
+#: the mean of its values. Below it, the exact distinct values (weighted by their counts) are clustered.
+HISTOGRAM_BUDGET = 1 << 22
+MAX_BINS = 1 << 16
+MIN_BINS = 1 << 12
+#: Elements per block when mapping a large tensor to its clusters, to bound the temporary memory.
+_BLOCK = 1 << 22
+
+_ONNX_DTYPE: dict[Any, int] = {
+    np.dtype(np.float16): onnx.TensorProto.FLOAT16,
+    np.dtype(np.float32): onnx.TensorProto.FLOAT,
+    np.dtype(np.float64): onnx.TensorProto.DOUBLE,
+}
+
+
+@dataclass(frozen=True)
+class KMeansOptions(PassOptions):
+    bits: int = field(
+        default=8,
+        metadata={"help": "index width: k = 2^bits shared values per codebook (1-8). 8 keeps the outputs of "
+                          "every model measured within 1e-2 relative error; 4 and below trade accuracy for size"},
+    )
+    per_channel: bool = field(
+        default=False,
+        metadata={"help": "one codebook per output channel (Conv axis 0, ConvTranspose axis 1, Gemm axis 0 "
+                          "with transB else 1, MatMul last axis; other initializers axis 0) instead of one per tensor"},
+    )
+    nodes: tuple[str, ...] = field(default=(), metadata={"help": "only weights read by these nodes (shell patterns; default all)"})
+    exclude: tuple[str, ...] = field(default=(), metadata={"help": "never weights read by these nodes (shell patterns)"})
+    min_size: int = field(default=1024, metadata={"help": "leave tensors with fewer elements than this alone"})
+    all_initializers: bool = field(
+        default=False,
+        metadata={"help": "also share any other floating-point constant of at least min_size elements (LSTM "
+                          "weights, embedding tables, ...), not only Conv/ConvTranspose/Gemm/MatMul weights"},
+    )
+    keep_zeros: bool = field(
+        default=True,
+        metadata={"help": "reserve an exact 0 in the codebook of a tensor (channel) that has zeros, so pruned "
+                          "weights stay exactly zero; that leaves 2^bits - 1 shared values for the rest"},
+    )
+    storage: Literal["auto", "uint8", "subbyte", "bitpack"] = field(
+        default="auto",
+        metadata={"help": "how indices are stored: uint8 (1 byte each, any opset); subbyte (ONNX UINT4, or "
+                          "UINT2 for bits <= 2 at opset 25; needs the model at opset >= 21); bitpack (bits-wide "
+                          "fields in uint8/32/64 words unpacked with BitShift, opset >= 11); auto: the smallest "
+                          "that the model's opset allows"},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
+            raise OptionError(f"kmeans: bits must be an integer from 1 to 8, got {self.bits!r}")
+        if isinstance(self.min_size, bool) or not isinstance(self.min_size, int) or self.min_size < 1:
+            raise OptionError(f"kmeans: min_size must be a positive integer, got {self.min_size!r}")
+
+
+class _Decline(Exception):
+    """Raised inside the pass (never escapes it) with the reason a weight stays as it is."""
+
+
+# ---------------------------------------------------------------------------------------------- clustering
+@dataclass
+class Clustering:
+    """One codebook and the index of every value into it.
+
+    Attributes:
+        codebook: the shared values in float64, ascending; 0.0 first when zeros were reserved.
+        codes: per input value, its codebook index (uint8).
+        exact: whether the tensor had at most k distinct values, so the codebook is those values.
+        distinct: distinct values in the input.
+    """
+
+    codebook: np.ndarray
+    codes: np.ndarray
+    exact: bool
+    distinct: int
+
+
+def cluster_values(values: np.ndarray, k: int, *, keep_zeros: bool, seed: int) -> Clustering:
+    """Cluster a flat float array into at most ``k`` shared values with k-means (1-D).
+
+    Zeros get their own exact 0 centroid when ``keep_zeros`` (and are left out of the clustering). A tensor
+    with at most k distinct values keeps them exactly. Otherwise scikit-learn's KMeans (k-means++,
+    ``random_state=seed``) runs on the sorted distinct values weighted by their counts, or, for tensors with
+    more distinct values than ``HISTOGRAM_BUDGET // k``, on a uniform histogram of the values (bin means
+    weighted by bin counts). Each centroid is then replaced by the exact mean of the values assigned to it.
+    """
+    zero = values == 0 if keep_zeros else None
+    has_zero = bool(zero is not None and zero.any())
+    rest = values[~zero] if has_zero else values
+    free = k - int(has_zero)
+    codes = np.zeros(values.size, dtype=np.uint8)
+    if rest.size == 0:
+        return Clustering(np.zeros(1), codes, True, 1)
+    ordered = np.sort(rest)
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    distinct = int(starts.size) + int(has_zero)
+    if starts.size <= free:
+        centroids = ordered[starts].astype(np.float64)
+        rest_codes = np.searchsorted(ordered[starts], rest)
+        exact = True
+    else:
+        centroids, rest_codes = _kmeans_1d(rest, ordered, starts, free, seed)
+        exact = False
+    offset = int(has_zero)
+    if has_zero:
+        codes[~zero] = rest_codes + offset
+        centroids = np.concatenate(([0.0], centroids))
+    else:
+        codes[:] = rest_codes
+    return Clustering(centroids, codes, exact, distinct)
+
+
+def _kmeans_1d(rest: np.ndarray, ordered: np.ndarray, starts: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids (exact cluster means, ascending) and per-value cluster indices of ``rest``."""
+    bins = min(MAX_BINS, max(MIN_BINS, HISTOGRAM_BUDGET // k))
+    if starts.size <= bins:
+        # Few enough distinct values: cluster them exactly; values map to groups by binary search.
+        group_starts = starts
+        uniques = ordered[starts]
+
+        def group_of(block: np.ndarray) -> np.ndarray:
+            return np.searchsorted(uniques, block)
+    else:
+        lo = float(ordered[0])
+        scale = bins / (float(ordered[-1]) - lo)
+
+        def bin_of(block: np.ndarray) -> np.ndarray:
+            # One formula for the sorted and the unsorted values, so both land in the same bins; it is
+            # monotone, so the bins of the sorted values are sorted too. float64, so tiny ranges do not
+            # overflow the scale.
+            return np.minimum(((block.astype(np.float64) - lo) * scale).astype(np.int64), bins - 1)
+
+        sorted_bins = np.concatenate([bin_of(ordered[i:i + _BLOCK]) for i in range(0, ordered.size, _BLOCK)])
+        group_starts = np.flatnonzero(np.concatenate(([True], sorted_bins[1:] != sorted_bins[:-1])))
+        lut = np.zeros(bins, dtype=np.int64)
+        lut[sorted_bins[group_starts]] = np.arange(group_starts.size)
+
+        def group_of(block: np.ndarray) -> np.ndarray:
+            return lut[bin_of(block)]
+
+    counts = np.diff(np.append(group_starts, ordered.size)).astype(np.float64)
+    sums = np.add.reduceat(ordered, group_starts, dtype=np.float64)
+    if group_starts.size <= k:
+        labels = np.arange(group_starts.size)
+    else:
+        labels = _sklearn_kmeans(sums / counts, counts, k, seed)
+    # Exact means of what each cluster holds, ascending; clusters k-means left empty are dropped.
+    size = np.bincount(labels, weights=counts)
+    total = np.bincount(labels, weights=sums)
+    used = np.flatnonzero(size > 0)
+    means = total[used] / size[used]
+    order = np.argsort(means, kind="stable")
+    rank = np.zeros(size.size, dtype=np.int64)
+    rank[used[order]] = np.arange(used.size)
+    group_code = rank[labels].astype(np.uint8)
+    out = np.empty(rest.size, dtype=np.uint8)
+    for begin in range(0, rest.size, _BLOCK):
+        out[begin:begin + _BLOCK] = group_code[group_of(rest[begin:begin + _BLOCK])]
+    return means[order], out
+
+
+def _sklearn_kmeans(points: np.ndarray, weights: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Cluster labels of 1-D ``points`` weighted by ``weights`` (scikit-learn KMeans, k-means++)."""
+    from sklearn.cluster import KMeans  # heavy: imported when a tensor actually needs clustering
+
+    model = KMeans(n_clusters=k, init="k-means++", n_init=N_INIT, random_state=seed, algorithm="lloyd")
+    with warnings.catch_warnings():
+        # Duplicate bin means can leave fewer distinct points than k; the empty clusters are dropped.
+        warnings.simplefilter("ignore")
+        model.fit(points.reshape(-1, 1), sample_weight=weights)
+    return np.asarray(model.labels_, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- storage
+@dataclass
+class _Builder:
+    """Creates the decode subgraph of one weight: uniquely named constants, variables and nodes."""
+
+    label: str
+    taken: set[str]
+    nodes: list[gs.Node] = field(default_factory=list)
+    constants: list[gs.Constant] = field(default_factory=list)
+
+    def name(self, what: str) -> str:
+        return unique_name(f"{_PREFIX}/{self.label}/{what}", self.taken)
+
+    def const(self, what: str, values: np.ndarray | LazyValues) -> gs.Constant:
+        const = gs.Constant(self.name(what), values)
+        self.constants.append(const)
+        return const
+
+    def lazy_const(self, what: str, data_type: int, dims: tuple[int, ...], raw: bytes) -> gs.Constant:
+        tensor = onnx.TensorProto(name=self.name(what), data_type=data_type, dims=list(dims), raw_data=raw)
+        const = gs.Constant(tensor.name, LazyValues(tensor))
+        self.constants.append(const)
+        return const
+
+    def op(self, op: str, inputs: list[gs.Tensor], dtype: Any, shape: tuple[int, ...] | None, **attrs: Any) -> gs.Variable:
+        out = gs.Variable(self.name(op.lower()), dtype=dtype, shape=list(shape) if shape is not None else None)
+        self.nodes.append(gs.Node(op, self.name(op), attrs=attrs, inputs=inputs, outputs=[out]))
+        return out
+
+
+@dataclass(frozen=True)
+class _Format:
+    """One way to store indices: its size, when the model can use it, and its decoder."""
+
+    describe: Callable[[int, Model], str]
+    unavailable: Callable[[int, Model], str | None]
+    nbytes: Callable[[int, int, Model], int]
+    #: Builds the constants and nodes that turn the stored indices into int32 indices of the weight's shape.
+    build: Callable[[_Builder, np.ndarray, int, Model], gs.Variable]
+
+
+def _cast_int32(b: _Builder, stored: gs.Constant, shape: tuple[int, ...]) -> gs.Variable:
+    # NOTE: Gather's indices must be int32 or int64 (onnxruntime rejects uint8 and uint4 ones): Cast first.
+    return b.op("Cast", [stored], np.int32, shape, to=onnx.TensorProto.INT32)
+
+
+# uint8: one byte per index. Cast (opset 6 gives Cast an int ``to``) and Gather exist at every usable opset.
+def _uint8_build(b: _Builder, codes: np.ndarray, bits: int, model: Model) -> gs.Variable:
+    return _cast_int32(b, b.const("indices", codes.astype(np.uint8)), codes.shape)
+
+
+# subbyte: ONNX's packed UINT4 (opset 21, IR 10) or UINT2 (opset 25, IR 11), two or four per byte.
+def _subbyte_type(bits: int, model: Model) -> tuple[int, int] | None:
+    """(ONNX data type, bits per element) of the narrowest sub-byte type the model allows, or None."""
+    if bits <= 2 and model.opset >= 25 and model.ir_version >= 11:
+        return onnx.TensorProto.UINT2, 2
+    if bits <= 4 and model.opset >= 21 and model.ir_version >= 10:
+        return onnx.TensorProto.UINT4, 4
+    return None
+
+
+def _subbyte_unavailable(bits: int, model: Model) -> str | None:
+    if bits > 4:
+        return f"subbyte storage holds at most 4-bit indices, not {bits}"
+    if _subbyte_type(bits, model) is None:
+        return (f"subbyte storage needs opset >= 21 and IR >= 10 (UINT4); the model has opset {model.opset}, "
+                f"IR {model.ir_version}")
+    return None
+
+
+def _subbyte_build(b: _Builder, codes: np.ndarray, bits: int, model: Model) -> gs.Variable:
+    data_type, width = _subbyte_type(bits, model)  # type: ignore[misc]
+    per = 8 // width
+    flat = codes.reshape(-1)
+    padded = np.zeros(-(-flat.size // per) * per, dtype=np.uint8)
+    padded[:flat.size] = flat
+    # NOTE: ONNX packs sub-byte elements from the low bits up: element 2i is the low nibble of byte i.
+    lanes = padded.reshape(-1, per)
+    raw = np.zeros(lanes.shape[0], dtype=np.uint8)
+    for j in range(per):
+        raw |= lanes[:, j] << np.uint8(j * width)
+    stored = b.lazy_const("indices", data_type, codes.shape, raw.tobytes())
+    return _cast_int32(b, stored, codes.shape)
+
+
+# bitpack: floor(W / bits) fields per W-bit word, unpacked with two BitShifts (opset 11).
+#: Word types onnxruntime's BitShift implements (uint16 it does not).
+_WORDS = (np.dtype(np.uint8), np.dtype(np.uint32), np.dtype(np.uint64))
+
+
+def _bitpack_word(bits: int) -> tuple[np.dtype, int]:
+    """The word type that stores ``bits``-wide fields densest (the smaller word on ties), and fields per word."""
+    word = min(_WORDS, key=lambda w: (w.itemsize * 8 / (w.itemsize * 8 // bits), w.itemsize))
+    return word, word.itemsize * 8 // bits
+
+
+def _bitpack_unavailable(bits: int, model: Model) -> str | None:
+    if model.opset < 11:
+        return f"bitpack storage needs BitShift (opset >= 11); the model has opset {model.opset}"
+    return None
+
+
+def _bitpack_nbytes(n: int, bits: int, model: Model) -> int:
+    word, per = _bitpack_word(bits)
+    return -(-n // per) * word.itemsize
+
+
+def _bitpack_build(b: _Builder, codes: np.ndarray, bits: int, model: Model) -> gs.Variable:
+    word, per = _bitpack_word(bits)
+    width = word.itemsize * 8
+    flat = codes.reshape(-1)
+    words = -(-flat.size // per)
+    padded = np.zeros(words * per, dtype=np.uint8)
+    padded[:flat.size] = flat
+    lanes = padded.reshape(words, per)
+    packed = np.zeros(words, dtype=word)
+    for j in range(per):  # field j holds bits [j*bits, (j+1)*bits) of its word
+        packed |= lanes[:, j].astype(word) << word.type(j * bits)
+    stored = b.const("indices", packed.reshape(words, 1))
+    # Shifting field j to the top of the word and then down by width - bits isolates it, with BitShift only
+    # (BitwiseAnd would need opset 18); [words, 1] against [per] broadcasts to [words, per].
+    left = b.const("shift_left", np.array([width - bits * (j + 1) for j in range(per)], dtype=word))
+    right = b.const("shift_right", np.array([width - bits], dtype=word))
+    fields = b.op("BitShift", [stored, left], word, (words, per), direction="LEFT")
+    fields = b.op("BitShift", [fields, right], word, (words, per), direction="RIGHT")
+    indices = b.op("Cast", [fields], np.int32, (words, per), to=onnx.TensorProto.INT32)
+    if words * per != flat.size:
+        # The last word has unused fields: flatten and cut them off before taking the weight's shape.
+        indices = b.op("Reshape", [indices, b.const("flat_shape", np.array([-1], dtype=np.int64))], np.int32, (words * per,))
+        indices = b.op("Slice", [indices, b.const("starts", np.array([0], dtype=np.int64)),
+                                 b.const("ends", np.array([flat.size], dtype=np.int64))], np.int32, (flat.size,))
+    shape = b.const("shape", np.array(codes.shape, dtype=np.int64))
+    return b.op("Reshape", [indices, shape], np.int32, codes.shape)
+
+
+def _never(bits: int, model: Model) -> str | None:
+    return None
+
+
+#: Index storage formats by option value. "auto" picks the smallest available (then the earliest here).
+FORMATS: dict[str, _Format] = {
+    "uint8": _Format(lambda bits, m: "uint8", _never, lambda n, bits, m: n, _uint8_build),
+    "subbyte": _Format(
+        lambda bits, m: "uint2" if _subbyte_type(bits, m) == (onnx.TensorProto.UINT2, 2) else "uint4",
+        _subbyte_unavailable,
+        lambda n, bits, m: -(-n * _subbyte_type(bits, m)[1] // 8),  # type: ignore[index]
+        _subbyte_build,
+    ),
+    "bitpack": _Format(
+        lambda bits, m: f"bitpack({_bitpack_word(bits)[1]}x{bits}-bit in {_bitpack_word(bits)[0].name})",
+        _bitpack_unavailable,
+        _bitpack_nbytes,
+        _bitpack_build,
+    ),
+}
+
+
+def choose_format(storage: str, bits: int, n: int, model: Model) -> str:
+    """The storage format for ``n`` indices of ``bits`` bits: ``storage`` itself, or the smallest for auto.
+
+    Raises:
+        _Decline: the asked-for format is not available for this model.
+    """
+    if storage != "auto":
+        why = FORMATS[storage].unavailable(bits, model)
+        if why is not None:
+            raise _Decline(why)
+        return storage
+    usable = [name for name, f in FORMATS.items() if f.unavailable(bits, model) is None]
+    # The bit-shift decoder is four to six nodes where the others are one: on a tie, the simpler one.
+    return min(usable, key=lambda name: (FORMATS[name].nbytes(n, bits, model), name == "bitpack"))
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def _conv_axis(node: gs.Node, ndim: int) -> int | None:
+    return 0  # [M, C/group, k...]
+
+
+def _conv_transpose_axis(node: gs.Node, ndim: int) -> int | None:
+    # NOTE: ConvTranspose weight is [C, M/group, k...]: axis 1 is the output channel within its group.
+    return 1
+
+
+def _gemm_axis(node: gs.Node, ndim: int) -> int | None:
+    return 0 if int(node.attrs.get("transB", 0)) else 1  # B is [N, K] with transB, else [K, N]
+
+
+def _matmul_axis(node: gs.Node, ndim: int) -> int | None:
+    return ndim - 1 if ndim >= 2 else None  # B is [..., K, N]; a 1-D B has no output-channel axis
+
+
+#: Op type → (input index of its weight, output-channel axis of that weight for ``per_channel``).
+WEIGHT_INPUTS: dict[str, tuple[int, Callable[[gs.Node, int], int | None]]] = {
+    "Conv": (1, _conv_axis),
+    "ConvTranspose": (1, _conv_transpose_axis),
+    "Gemm": (1, _gemm_axis),
+    "MatMul": (1, _matmul_axis),
+}
+
+
+@dataclass
+class _Weight:
+    """One constant tensor to share, the nodes that read it and what the report says about it."""
+
+    graph: gs.Graph
+    tensor: gs.Tensor
+    #: The nodes that made it a candidate, each with the rule giving its output-channel axis.
+    slots: list[tuple[gs.Node, Callable[[gs.Node, int], int | None]]]
+    entry: dict[str, Any]
+
+    @property
+    def readers(self) -> list[gs.Node]:
+        """Every node that reads the tensor, in any graph, whatever made it a candidate."""
+        return list({id(n): n for n in self.tensor.outputs}.values())
+
+
+def _node_label(node: gs.Node) -> str:
+    return node.name or (node.outputs[0].name if node.outputs else node.op)
+
+
+def _first_axis(node: gs.Node, ndim: int) -> int | None:
+    return 0 if ndim >= 1 else None
+
+
+def _is_float_constant(tensor: gs.Tensor) -> bool:
+    values = constant_node_payload(tensor.inputs[0]) if len(tensor.inputs) == 1 else tensor
+    if not isinstance(values, (gs.Constant, np.ndarray)) or values.dtype is None:
+        return False
+    return np.dtype(values.dtype) in _ONNX_DTYPE
+
+
+def _distinct(values: np.ndarray) -> int:
+    ordered = np.sort(values.reshape(-1))
+    return int(np.count_nonzero(ordered[1:] != ordered[:-1])) + 1 if ordered.size else 0
+
+
+class KMeansWeightSharing(Pass):
+    """Share each weight tensor's values among k = 2^bits k-means centroids: a codebook plus indices.
+
+    Matches: constant floating-point weights of Conv, ConvTranspose, Gemm (B) and MatMul (B), initializers
+    or Constant-node outputs, of at least ``min_size`` elements, in the main graph and in subgraphs, whose
+    readers are all selected by ``nodes`` / ``exclude``; with ``all_initializers``, any other float16/32/64
+    constant of that size too. Declined with a reason: non-constant or non-float weights, small ones,
+    weights that are graph outputs or read from several graphs, and weights the rewrite would not shrink.
+
+    Rewrites: the weight becomes a codebook (one, or one per output channel with ``per_channel``) and an
+    index per element, decoded in the graph so stock onnxruntime runs it::
+
+        Conv(X, W [M, C, kh, kw] float)
+          →  Conv(X, Gather(codebook [k], Cast(indices [M, C, kh, kw] uint8 | uint4, to=int32)))
+          →  (bitpack) Conv(X, Gather(codebook, Reshape(Cast(BitShift(BitShift(words [P, 1], L), R)))))
+          →  (per_channel) ... Gather(codebooks [M·k], Add(indices, channel offsets [M, 1, 1, 1]))
+
+    Indices take the smallest storage the model's opset allows (``storage``): ONNX UINT4/UINT2 at opset
+    >= 21/25, else bits-wide fields packed into uint8/uint32/uint64 words and unpacked with BitShift (opset
+    >= 11), else uint8. The opset is never raised.
+
+    Lossy: every value becomes the mean of its cluster (scikit-learn KMeans, k-means++ initialisation,
+    seeded from the pipeline seed and the tensor's name); exact for tensors with at most k distinct values.
+    Exact zeros stay exact zeros (``keep_zeros``), so pruned weights stay pruned.
+    Preconditions: none. onnxruntime folds the decoding into plain weights when it creates a session with
+    graph optimisations on: the file and the bytes to load shrink, the memory of a running session does not.
+    """
+
+    name = "kmeans"
+    lossy = True
+    Options = KMeansOptions
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        opts: KMeansOptions = self.options  # type: ignore[assignment]
+        weights = self._collect(model, opts)
+        taken = taken_names(model)
+        layers: list[dict[str, Any]] = []
+        inserts: dict[int, list[gs.Node]] = {}
+        dropped: set[int] = set()
+        positions = {id(n): i for g in model.all_graphs() for i, n in enumerate(g.nodes)}
+        started = time.perf_counter()
+        from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+
+        # NOTE: scikit-learn's Lloyd iterations add per-thread partial sums in whatever order the OpenMP
+        # threads finish, which can change the last bits of a centroid; one thread keeps runs byte-identical.
+        with threadpool_limits(limits=1, user_api="openmp"):
+            for weight in weights:
+                readers = weight.readers  # before the rewrite moves them to the decoded tensor
+                try:
+                    nodes = self._rewrite(model, weight, opts, ctx, taken)
+                except _Decline as why:
+                    layers.append({**weight.entry, "action": "declined", "reason": str(why)})
+                    continue
+                layers.append(weight.entry)
+                first = min(readers, key=lambda n: positions[id(n)])
+                inserts.setdefault(id(first), []).extend(nodes)
+                if not isinstance(weight.tensor, gs.Constant):
+                    dropped.add(id(weight.tensor.inputs[0]))  # the Constant node that nothing reads any more
+        for graph in model.all_graphs():
+            if any(id(n) in inserts or id(n) in dropped for n in graph.nodes):
+                rebuilt: list[gs.Node] = []
+                for node in graph.nodes:
+                    if id(node) in dropped:
+                        node.outputs.clear()
+                        continue
+                    rebuilt.extend(inserts.get(id(node), []))  # decoders only read constants: any place works
+                    rebuilt.append(node)
+                graph.nodes = rebuilt
+        done = [entry for entry in layers if entry["action"] == "rewritten"]
+        before = sum(entry["bytes_before"] for entry in done)
+        after = sum(entry["bytes_after"] for entry in done)
+        return PassResult(
+            modified=bool(done),
+            stats={
+                "weights_rewritten": len(done),
+                "weights_declined": len(layers) - len(done),
+                "weight_elements_shared": sum(entry["elements"] for entry in done),
+                "weight_bytes_before": before,
+                "weight_bytes_after": after,
+                "weight_bytes_saved": before - after,
+                "clustering_seconds": round(time.perf_counter() - started, 3),
+            },
+            layers=layers,
+        )
+
+    # ------------------------------------------------------------------------------------------ selection
+    def _collect(self, model: Model, opts: KMeansOptions) -> list[_Weight]:
+        """The candidate weights in graph order, each once, with the nodes that made them candidates."""
+        found: dict[int, _Weight] = {}
+        for graph in model.all_graphs():
+            for node in graph.nodes:
+                if not is_onnx_op(node):
+                    continue
+                slot = WEIGHT_INPUTS.get(node.op)
+                for index, tensor in enumerate(node.inputs):
+                    if slot is not None and index == slot[0]:
+                        axis_of = slot[1]
+                    elif opts.all_initializers and not tensor.is_empty() and _is_float_constant(tensor):
+                        axis_of = _first_axis
+                    else:
+                        continue
+                    weight = found.get(id(tensor))
+                    if weight is None:
+                        entry = {"node": _node_label(node), "op_type": node.op, "tensor": tensor.name}
+                        weight = found[id(tensor)] = _Weight(graph, tensor, [], entry)
+                    weight.slots.append((node, axis_of))
+        return list(found.values())
+
+    def _check(self, model: Model, weight: _Weight, opts: KMeansOptions) -> np.ndarray:
+        values = constant_array(weight.tensor)
+        if values is None:
+            raise _Decline("weight is not a constant")
+        values = np.asarray(values)
+        if values.dtype not in _ONNX_DTYPE:
+            raise _Decline(f"weight is {values.dtype}, not float16/32/64")
+        if values.size < opts.min_size:
+            raise _Decline(f"{values.size} elements, below min_size={opts.min_size}")
+        readers = weight.readers
+        unselected = [_node_label(n) for n in readers if not is_selected(n.name or "", opts.nodes, opts.exclude)]
+        if unselected:
+            raise _Decline(f"also read by unselected node {unselected[0]}")
+        in_graph = {id(n) for n in weight.graph.nodes}
+        if any(id(r) not in in_graph for r in readers):
+            raise _Decline("read from more than one graph")
+        if any(weight.tensor is t for g in model.all_graphs() for t in g.outputs):
+            raise _Decline("weight is a graph output")
+        if not np.all(np.isfinite(values)):
+            raise _Decline("weight has NaN or infinite values")
+        return values
+
+    # ------------------------------------------------------------------------------------------ rewriting
+    def _rewrite(self, model: Model, weight: _Weight, opts: KMeansOptions, ctx: PassContext, taken: set[str]) -> list[gs.Node]:
+        """Cluster one weight, build its decoder and point its readers at it; return the decoder's nodes."""
+        values = self._check(model, weight, opts)
+        entry = weight.entry
+        n = values.size
+        fmt_name = choose_format(opts.storage, opts.bits, n, model)
+        axes = {axis_of(node, values.ndim) for node, axis_of in weight.slots}
+        axis = next(iter(axes)) if len(axes) == 1 else None
+        per_channel = opts.per_channel and axis is not None
+        if opts.per_channel and not per_channel:
+            entry["note"] = "per tensor: its readers disagree on the channel axis" if len(axes) > 1 else "per tensor: no channel axis"
+        k = 1 << opts.bits
+        dtype = values.dtype
+        work = values.astype(np.float32) if dtype == np.float16 else values  # sort and bin in 32 bits at least
+        seed = ctx.seed_for(f"{self.name}:{weight.tensor.name}")
+
+        started = time.perf_counter()
+        if per_channel:
+            rows = np.moveaxis(work, axis, 0).reshape(values.shape[axis], -1)
+            results = [cluster_values(row, k, keep_zeros=opts.keep_zeros, seed=seed) for row in rows]
+            codebook = np.zeros((rows.shape[0], max(r.codebook.size for r in results)), dtype=np.float64)
+            for c, r in enumerate(results):
+                codebook[c, :r.codebook.size] = r.codebook
+            row_codes = np.stack([r.codes for r in results])
+            moved_shape = (values.shape[axis], *(d for i, d in enumerate(values.shape) if i != axis))
+            codes = np.ascontiguousarray(np.moveaxis(row_codes.reshape(moved_shape), 0, axis))
+            exact = all(r.exact for r in results)
+            distinct = _distinct(work)
+        else:
+            rows = work.reshape(1, -1)
+            result = cluster_values(rows[0], k, keep_zeros=opts.keep_zeros, seed=seed)
+            codebook = result.codebook[None, :]
+            row_codes = result.codes[None, :]
+            codes = result.codes.reshape(values.shape)
+            exact, distinct = result.exact, result.distinct
+        seconds = time.perf_counter() - started
+
+        stored_codebook = codebook.astype(dtype)
+        error, max_abs, used = _errors(rows, row_codes, stored_codebook)
+        b = _Builder(weight.tensor.name or "weight", taken)
+        indices = FORMATS[fmt_name].build(b, codes, opts.bits, model)
+        if per_channel:
+            offsets_shape = [1] * values.ndim
+            offsets_shape[axis] = codebook.shape[0]
+            offsets = (np.arange(codebook.shape[0], dtype=np.int32) * codebook.shape[1]).reshape(offsets_shape)
+            indices = b.op("Add", [indices, b.const("channel_offsets", offsets)], np.int32, values.shape)
+        decoded = b.op("Gather", [b.const("codebook", stored_codebook.reshape(-1)), indices], dtype, values.shape)
+        bytes_before = n * dtype.itemsize
+        bytes_after = sum(_stored_bytes(c) for c in b.constants)
+        entry.update({
+            "bits": opts.bits,
+            "k": int(codebook.shape[1]),
+            "granularity": f"per channel (axis {axis}, {codebook.shape[0]} codebooks)" if per_channel else "per tensor",
+            "storage": FORMATS[fmt_name].describe(opts.bits, model),
+            "elements": int(n),
+            "distinct_before": distinct,
+            "distinct_after": int(np.unique(stored_codebook.reshape(-1)[used]).size),
+            "exact": exact,
+            "zeros": int(np.count_nonzero(values == 0)),
+            "rel_error": float(f"{error:.6g}"),
+            "max_abs_error": float(f"{max_abs:.6g}"),
+            "bytes_before": int(bytes_before),
+            "bytes_after": int(bytes_after),
+            "seconds": round(seconds, 4),
+        })
+        if bytes_after >= bytes_before:
+            raise _Decline(f"codebook and indices ({bytes_after} bytes) would not be smaller than the weight ({bytes_before})")
+        replace_tensor(weight.graph, weight.tensor, decoded)
+        entry["action"] = "rewritten"
+        return b.nodes
+
+
+def _stored_bytes(const: gs.Constant) -> int:
+    """Bytes of a constant as written to the file (sub-byte types packed)."""
+    values = const._values
+    if isinstance(values, LazyValues):
+        return len(values.tensor.raw_data)
+    return int(np.asarray(values).nbytes)
+
+
+def _errors(rows: np.ndarray, row_codes: np.ndarray, codebook: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """Relative Frobenius error ‖W − Ŵ‖/‖W‖, max |W − Ŵ|, and which flat codebook entries are used.
+
+    Args:
+        rows: the weight as [codebooks, values per codebook]; row_codes: each value's index in its row's
+            codebook; codebook: [codebooks, k].
+    """
+    table = codebook.astype(np.float64)
+    sq_err = sq_ref = max_abs = 0.0
+    used = np.zeros(table.shape, dtype=bool)
+    for r in range(rows.shape[0]):
+        for begin in range(0, rows.shape[1], _BLOCK):
+            ref = rows[r, begin:begin + _BLOCK].astype(np.float64)
+            codes = row_codes[r, begin:begin + _BLOCK]
+            diff = ref - table[r][codes]
+            sq_err += float(diff @ diff)
+            sq_ref += float(ref @ ref)
+            max_abs = max(max_abs, float(np.max(np.abs(diff))))
+            used[r, :] |= np.bincount(codes, minlength=table.shape[1])[:table.shape[1]] > 0
+    error = math.sqrt(sq_err / sq_ref) if sq_ref > 0 else (0.0 if sq_err == 0 else math.inf)
+    return error, max_abs, used.reshape(-1)

@@ -1,0 +1,403 @@
+"""svd: factor the constant weight of a Gemm, MatMul or Conv into two thinner layers through a truncated SVD."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from nnopt.analysis.selection import is_selected
+from nnopt.ir.model import Model
+from nnopt.passes._lowrank import (
+    RankRule,
+    channel_rows,
+    check_min_saving,
+    check_rank_options,
+    fit_figures,
+    layer_inputs,
+    main_graph_costs,
+    node_label,
+    numerical_tolerance,
+    refit_second_factor,
+    relative_error,
+    run_convs,
+    saving,
+    scaled_flops,
+    thin_svd,
+)
+from nnopt.passes.constants_to_initializers import constant_array, is_onnx_op, taken_names, unique_name
+from nnopt.pipeline.base import Pass, PassContext, PassOptions, PassResult
+
+_PREFIX = "svd"
+#: Conv attributes that describe the sliding window: they go to the first (K×K, r filters) conv unchanged.
+_WINDOW_ATTRS = ("auto_pad", "dilations", "kernel_shape", "pads", "strides")
+
+
+@dataclass(frozen=True)
+class SvdOptions(PassOptions):
+    rank: int | None = field(default=None, metadata={"help": "rank r kept (capped at the full rank)"})
+    energy: float | None = field(
+        default=None,
+        metadata={"help": "smallest r keeping this fraction of the squared singular values (the default, 0.99, "
+                          "when rank, energy and max_error are unset)"},
+    )
+    max_error: float | None = field(
+        default=None, metadata={"help": "smallest r whose relative weight error ‖W − Ŵ‖/‖W‖ is at most this"}
+    )
+    min_param_saving: float = field(
+        default=0.1,
+        metadata={"help": "rewrite a layer only where its weight params drop by at least this fraction "
+                          "(negative values allow growth)"},
+    )
+    data_aware: bool = field(
+        default=True,
+        metadata={"help": "with reference data (--data), refit the second factor (and bias) by least squares on "
+                          "the layer's real inputs, minimising its output error"},
+    )
+    nodes: tuple[str, ...] = field(default=(), metadata={"help": "only these layers (shell patterns; default all)"})
+    exclude: tuple[str, ...] = field(default=(), metadata={"help": "never these layers (shell patterns)"})
+
+    def __post_init__(self) -> None:
+        check_rank_options(self.rank, self.energy, self.max_error)
+        check_min_saving("min_param_saving", self.min_param_saving)
+
+
+class _Decline(Exception):
+    """Raised inside the pass (never escapes it) with the reason a layer stays as it is, and figures if known."""
+
+    def __init__(self, reason: str, figures: dict[str, Any] | None = None) -> None:
+        super().__init__(reason)
+        self.figures = figures or {}
+
+
+@dataclass
+class _Layer:
+    """A layer read as ``y = x · M + bias`` with a constant M (n × m), and its planned factors."""
+
+    graph: gs.Graph
+    node: gs.Node
+    rule: _Rule
+    matrix: np.ndarray  # n × m, float64
+    dtype: np.dtype
+    bias: np.ndarray  # (m,) float64, zeros if none; only scales the reported output errors
+    intercept: bool  # whether a refit may add a bias correction the rewrite can carry
+    kernel: tuple[int, ...] = ()  # Conv only: the spatial kernel shape
+    left: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # n × r
+    right: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # r × m
+    delta: np.ndarray | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _float_weight(node: gs.Node, index: int, what: str) -> np.ndarray:
+    if index >= len(node.inputs) or node.inputs[index].is_empty():
+        raise _Decline(f"{what} is missing")
+    values = constant_array(node.inputs[index])
+    if values is None:
+        raise _Decline(f"{what} is not a constant")
+    values = np.asarray(values)
+    if values.dtype.kind != "f":
+        raise _Decline(f"{what} is {values.dtype}, not floating point")
+    if len({id(n) for n in node.inputs[index].outputs}) > 1:
+        # The other readers keep the full weight, so factorising it here would grow the model.
+        raise _Decline(f"{what} is shared with other nodes")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------- op rules
+@dataclass(frozen=True)
+class _Rule:
+    """How one op type is read as ``x · M``, how to compute (Z, Y) rows from its input, and how to rewrite it."""
+
+    read: Callable[[gs.Graph, gs.Node, int], _Layer]
+    rows: Callable[[_Layer, list[np.ndarray], int], list[tuple[np.ndarray, np.ndarray]]]
+    emit: Callable[[_Layer, Callable[[str], str], int], list[gs.Node]]
+
+
+def _read_gemm(graph: gs.Graph, node: gs.Node, opset: int) -> _Layer:
+    # NOTE: before Gemm-7, C broadcasting needed the broadcast attribute; not worth supporting.
+    if opset < 7:
+        raise _Decline(f"Gemm at opset {opset} (< 7) is not handled")
+    b = _float_weight(node, 1, "B")
+    if b.ndim != 2:
+        raise _Decline("B is not 2-D")
+    matrix = (b.T if int(node.attrs.get("transB", 0)) else b).astype(np.float64)
+    n_out = matrix.shape[1]
+    beta = float(node.attrs.get("beta", 1.0))
+    bias = np.zeros(n_out)
+    intercept = True
+    if len(node.inputs) > 2 and not node.inputs[2].is_empty():
+        c = constant_array(node.inputs[2])
+        if c is None:
+            intercept = False  # a runtime C cannot absorb a fitted correction
+        else:
+            c = np.asarray(c, dtype=np.float64)
+            # A correction δ (per output column) folds into C only if C + δ is no larger than C or (N,).
+            intercept = c.size == 1 or np.broadcast_shapes(c.shape, (n_out,)) == c.shape
+            if c.size in (1, n_out):
+                bias = beta * np.broadcast_to(c.reshape(-1), (n_out,))
+    return _Layer(graph, node, RULES["Gemm"], matrix, b.dtype, bias, intercept)
+
+
+def _rows_gemm(layer: _Layer, xs: list[np.ndarray], opset: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    alpha = float(layer.node.attrs.get("alpha", 1.0))
+    trans_a = int(layer.node.attrs.get("transA", 0))
+    pairs = []
+    for x in xs:
+        a = np.asarray(x, dtype=np.float64)
+        a = a.T if trans_a else a
+        pairs.append((alpha * (a @ layer.left), alpha * (a @ layer.matrix)))
+    return pairs
+
+
+def _emit_gemm(layer: _Layer, fresh: Callable[[str], str], opset: int) -> list[gs.Node]:
+    node = layer.node
+    a, y = node.inputs[0], node.outputs[0]
+    c = node.inputs[2] if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
+    beta = float(node.attrs.get("beta", 1.0))
+    first_attrs = {k: node.attrs[k] for k in ("alpha", "transA") if k in node.attrs}
+    second_attrs = {"beta": beta} if c is not None else {}
+    if layer.delta is not None:
+        # beta·C + δ folds into a new C read with beta = 1 (C's own array is never written).
+        base = np.zeros(layer.delta.shape) if c is None else beta * np.asarray(constant_array(c), dtype=np.float64)
+        c = gs.Constant(fresh("second_bias"), (base + layer.delta).astype(layer.dtype))
+        second_attrs = {"beta": 1.0}
+    left = gs.Constant(fresh("first_weight"), layer.left.astype(layer.dtype))
+    right = gs.Constant(fresh("second_weight"), layer.right.astype(layer.dtype))
+    mid = gs.Variable(fresh("first_out"), dtype=y.dtype)
+    first_inputs: list[gs.Tensor] = [a, left]
+    second_inputs: list[gs.Tensor] = [mid, right] + ([c] if c is not None else [])
+    if opset < 11:
+        # NOTE: Gemm's C is optional only from opset 11; before, a broadcast zero stands in for it.
+        first_inputs.append(gs.Constant(fresh("first_zero_c"), np.zeros(1, dtype=layer.dtype)))
+        if c is None:
+            second_inputs.append(gs.Constant(fresh("second_zero_c"), np.zeros(1, dtype=layer.dtype)))
+    node.inputs.clear()
+    node.outputs.clear()
+    return [
+        gs.Node("Gemm", fresh("first"), attrs=first_attrs, inputs=first_inputs, outputs=[mid]),
+        gs.Node("Gemm", fresh("second"), attrs=second_attrs, inputs=second_inputs, outputs=[y]),
+    ]
+
+
+def _read_matmul(graph: gs.Graph, node: gs.Node, opset: int) -> _Layer:
+    w = _float_weight(node, 1, "second input")
+    if w.ndim != 2:
+        raise _Decline(f"second input is {w.ndim}-D, not a 2-D weight")
+    # No bias to carry a correction: MatMul + Add would cost a node for a small gain.
+    return _Layer(graph, node, RULES["MatMul"], w.astype(np.float64), w.dtype, np.zeros(w.shape[1]), False)
+
+
+def _rows_matmul(layer: _Layer, xs: list[np.ndarray], opset: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    # NOTE: MatMul broadcasts like numpy: the weight multiplies the last axis of any batched left input.
+    flat = [np.asarray(x, dtype=np.float64).reshape(-1, layer.matrix.shape[0]) for x in xs]
+    return [(x @ layer.left, x @ layer.matrix) for x in flat]
+
+
+def _emit_matmul(layer: _Layer, fresh: Callable[[str], str], opset: int) -> list[gs.Node]:
+    node = layer.node
+    a, y = node.inputs[0], node.outputs[0]
+    left = gs.Constant(fresh("first_weight"), layer.left.astype(layer.dtype))
+    right = gs.Constant(fresh("second_weight"), layer.right.astype(layer.dtype))
+    mid = gs.Variable(fresh("first_out"), dtype=y.dtype)
+    node.inputs.clear()
+    node.outputs.clear()
+    return [
+        gs.Node("MatMul", fresh("first"), inputs=[a, left], outputs=[mid]),
+        gs.Node("MatMul", fresh("second"), inputs=[mid, right], outputs=[y]),
+    ]
+
+
+def _read_conv(graph: gs.Graph, node: gs.Node, opset: int) -> _Layer:
+    w = _float_weight(node, 1, "weight")
+    if w.ndim < 3:
+        raise _Decline(f"weight is {w.ndim}-D, not a conv kernel")
+    group = int(node.attrs.get("group", 1))
+    if group != 1:
+        kind = "depthwise" if w.shape[1] == 1 else "grouped"
+        raise _Decline(f"{kind} conv (group={group}): only dense convs are factorised")
+    c_out = w.shape[0]
+    bias = np.zeros(c_out)
+    if len(node.inputs) > 2 and not node.inputs[2].is_empty():
+        values = constant_array(node.inputs[2])
+        if values is None:
+            raise _Decline("bias is not a constant")
+        bias = np.asarray(values, dtype=np.float64).reshape(-1)
+    # Each output position computes W_mat · patch with W_mat = W reshaped to C_out × (C_in·K²): M = W_matᵀ.
+    matrix = w.astype(np.float64).reshape(c_out, -1).T
+    return _Layer(graph, node, RULES["Conv"], matrix, w.dtype, bias, True, kernel=tuple(w.shape[2:]))
+
+
+def _conv_first_weight(layer: _Layer) -> np.ndarray:
+    """L (C_in·K² × r) as the first conv's weight: r filters of shape C_in × K."""
+    return layer.left.T.reshape(layer.left.shape[1], -1, *layer.kernel)
+
+
+def _rows_conv(layer: _Layer, xs: list[np.ndarray], opset: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    attrs = {k: v for k, v in layer.node.attrs.items() if k in _WINDOW_ATTRS}
+    dense = layer.matrix.T.reshape(layer.matrix.shape[1], -1, *layer.kernel)
+    outs = run_convs(xs, [(dense, attrs), (_conv_first_weight(layer), attrs)], opset)
+    return [(channel_rows(z), channel_rows(y)) for y, z in outs]
+
+
+def _emit_conv(layer: _Layer, fresh: Callable[[str], str], opset: int) -> list[gs.Node]:
+    node = layer.node
+    x, y = node.inputs[0], node.outputs[0]
+    old_bias = node.inputs[2] if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
+    window = {k: v for k, v in node.attrs.items() if k in _WINDOW_ATTRS}
+    kernel = layer.kernel
+    first = gs.Constant(fresh("first_weight"), _conv_first_weight(layer).astype(layer.dtype))
+    second_w = layer.right.T.reshape(layer.right.shape[1], layer.right.shape[0], *([1] * len(kernel)))
+    second = gs.Constant(fresh("second_weight"), second_w.astype(layer.dtype))
+    bias: gs.Tensor | None = old_bias  # unchanged values: the same tensor, never a write into its array
+    if layer.delta is not None:
+        bias = gs.Constant(fresh("second_bias"), (layer.bias + layer.delta).astype(layer.dtype))
+    mid = gs.Variable(fresh("first_out"), dtype=y.dtype)
+    node.inputs.clear()
+    node.outputs.clear()
+    return [
+        gs.Node("Conv", fresh("first"), attrs={**window, "group": 1}, inputs=[x, first], outputs=[mid]),
+        gs.Node("Conv", fresh("second"), attrs={"kernel_shape": [1] * len(kernel)},
+                inputs=[mid, second] + ([bias] if bias is not None else []), outputs=[y]),
+    ]
+
+
+#: Op type → how svd reads, refits and rewrites it.
+RULES: dict[str, _Rule] = {
+    "Gemm": _Rule(_read_gemm, _rows_gemm, _emit_gemm),
+    "MatMul": _Rule(_read_matmul, _rows_matmul, _emit_matmul),
+    "Conv": _Rule(_read_conv, _rows_conv, _emit_conv),
+}
+
+
+# ---------------------------------------------------------------------------------------------- the pass
+class Svd(Pass):
+    """Factor the constant weight of Gemm, MatMul and Conv layers through a truncated SVD.
+
+    Matches: ``Gemm`` with a constant 2-D B (any transA/transB, alpha, beta, C); ``MatMul`` whose second
+    input is a constant 2-D weight (the left input may be batched or 1-D); dense ``Conv`` (group 1) with a
+    constant weight, including 1×1. Weights must be floating point and read by no other node. Main graph
+    and subgraphs; ``nodes`` / ``exclude`` select layers. Declined with a reason: grouped and depthwise
+    convs, ConvTranspose, non-constant or shared weights, and layers whose weight params would not drop by
+    ``min_param_saving``.
+
+    Rewrites the n × m weight W ≈ L·R with L = U_r·√S_r (n × r) and R = √S_r·V_rᵀ (r × m), worth it where
+    r(n + m) < nm::
+
+        Gemm(A, B, C; transA, transB, alpha, beta)  →  Gemm(A, L; transA, alpha) ─ Gemm(·, R, C; beta)
+        MatMul(A, W)                                →  MatMul(A, L) ─ MatMul(·, R)
+        Conv K×K (C_in → C_out, B)                  →  Conv K×K (C_in → r) ─ Conv 1×1 (r → C_out, B)
+
+    transA, alpha, beta and C are carried unchanged; the first conv keeps strides, pads / auto_pad and
+    dilations. r comes from ``rank``, ``energy`` or ``max_error`` (default energy 0.99).
+
+    Lossy: exact only where W has rank ≤ r. With reference data (``--data``) and ``data_aware``, R (and a
+    bias correction for Gemm and Conv, folded into C / B) is refit by least squares on the layer's real
+    inputs to minimise its output error, and kept where that lowers the error on held-out samples.
+    """
+
+    name = "svd"
+    lossy = True
+    Options = SvdOptions
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        opts: SvdOptions = self.options  # type: ignore[assignment]
+        rule = RankRule.from_options(opts.rank, opts.energy, opts.max_error)
+        costs = main_graph_costs(model, ctx)
+        planned: list[_Layer] = []
+        layers: list[dict[str, Any]] = []
+        for graph in model.all_graphs():
+            for node in graph.nodes:
+                if node.op not in (*RULES, "ConvTranspose") or not is_onnx_op(node):
+                    continue
+                if not is_selected(node.name or "", opts.nodes, opts.exclude):
+                    continue
+                try:
+                    if node.op == "ConvTranspose":
+                        raise _Decline("ConvTranspose is not handled")
+                    if len(node.inputs) < 2 or len(node.outputs) != 1:
+                        raise _Decline("expected two inputs and one output")
+                    layer = RULES[node.op].read(graph, node, model.opset)
+                    # Only main-graph nodes are costed (If/Loop bodies run a data-dependent number of times).
+                    self._factor(layer, rule, opts, costs if graph is model.graph else {})
+                except _Decline as why:
+                    layers.append({"node": node_label(node), "op_type": node.op, "action": "declined",
+                                   "reason": str(why), **why.figures})
+                    continue
+                planned.append(layer)
+                layers.append(layer.report)
+        if opts.data_aware and ctx.samples:
+            self._refit(model, ctx, [layer for layer in planned if layer.graph is model.graph])
+        taken = taken_names(model)
+        for layer in planned:
+            label = layer.report["node"]
+
+            def fresh(what: str, label: str = label) -> str:
+                return unique_name(f"{_PREFIX}/{label}/{what}", taken)
+
+            new_nodes = layer.rule.emit(layer, fresh, model.opset)
+            index = next(i for i, n in enumerate(layer.graph.nodes) if n is layer.node)
+            layer.graph.nodes[index:index + 1] = new_nodes
+        reports = [layer.report for layer in planned]
+        return PassResult(
+            modified=bool(planned),
+            stats={
+                "layers_rewritten": len(planned),
+                "layers_declined": len(layers) - len(planned),
+                "params_saved": sum(r["params_before"] - r["params_after"] for r in reports),
+                "flops_saved": sum(r["flops_before"] - r["flops_after"] for r in reports if r["flops_before"] is not None),
+            },
+            layers=layers,
+        )
+
+    def _factor(self, layer: _Layer, rule: RankRule, opts: SvdOptions, costs: dict[str, dict[str, Any]]) -> None:
+        """Choose the rank, compute L and R, and fill the layer's report; raise _Decline if not worth it."""
+        n, m = layer.matrix.shape
+        u, s, vt = thin_svd(layer.matrix)
+        spectra = s[None, :]
+        r = rule.choose(spectra, min(n, m), numerical_tolerance(spectra, (n, m), layer.dtype))
+        before, after = n * m, r * (n + m)
+        flops_before, flops_after = scaled_flops(costs.get(layer.node.outputs[0].name), before, after)
+        figures: dict[str, Any] = {
+            "rank": r,
+            "rule": rule.describe(),
+            "shape": [n, m],
+            "weight_error": round(relative_error(spectra, r), 6),
+            "params_before": before,
+            "params_after": after,
+            "param_saving": round(saving(before, after), 6),
+            "flops_before": flops_before,
+            "flops_after": flops_after,
+        }
+        if saving(before, after) < opts.min_param_saving:
+            raise _Decline(
+                f"rank {r} ({rule.describe()}) saves {saving(before, after):.1%} of the weight params, "
+                f"below min_param_saving={opts.min_param_saving:g}",
+                figures,
+            )
+        root = np.sqrt(s[:r])
+        layer.left = u[:, :r] * root[None, :]
+        layer.right = root[:, None] * vt[:r]
+        layer.report = {"node": node_label(layer.node), "op_type": layer.node.op, "action": "rewritten", **figures}
+
+    def _refit(self, model: Model, ctx: PassContext, planned: list[_Layer]) -> None:
+        """Refit R (and a bias correction) of main-graph layers on their real inputs."""
+        if not planned:
+            return
+        try:
+            inputs = layer_inputs(model, sorted({layer.node.inputs[0].name for layer in planned}), ctx.samples)
+        except Exception as exc:  # boundary: onnxruntime on the user's model and data
+            for layer in planned:
+                layer.report["fit"] = f"weights (reference data did not run: {str(exc).splitlines()[0][:120]})"
+            return
+        for layer in planned:
+            pairs = layer.rule.rows(layer, inputs[layer.node.inputs[0].name], model.opset)
+            refit = refit_second_factor(pairs, layer.right, layer.bias, layer.intercept,
+                                        ctx.rng(f"{self.name}:{layer.report['node']}"))
+            layer.right, layer.delta = refit.p, refit.delta
+            layer.report.update(fit_figures(refit))
+            if refit.used:
+                error = np.linalg.norm(layer.left @ layer.right - layer.matrix) / np.linalg.norm(layer.matrix)
+                layer.report["weight_error_refit"] = round(float(error), 6)

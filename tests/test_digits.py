@@ -1,0 +1,129 @@
+"""The committed digits CNN (examples/digits): real test accuracy, kept exactly by the default pipeline.
+
+The model was trained by examples/digits/train_digits_cnn.py (torch, training only; not needed here):
+
+    x[N,1,8,8] → Conv3x3(1→32) → BN → Relu → Conv3x3(32→64) → BN → Relu → MaxPool
+               → Conv3x3(64→128) → BN → Relu → GlobalAveragePool → Flatten → Gemm(128→128) → Relu
+               → Gemm(128→10) → logits
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from nnopt.api import optimize
+from nnopt.cost import analyze
+from nnopt.plugin_manager import build_plugins
+from nnopt.runtime import load_samples, make_session
+
+DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
+MODEL = DIGITS / "digits_cnn.onnx"
+DATA = DIGITS / "digits_test.npz"
+LABELS = DIGITS / "digits_test_labels.npy"
+
+
+def _predict(model: onnx.ModelProto | Path, x: np.ndarray) -> np.ndarray:
+    return make_session(model).run(None, {"x": x})[0].argmax(axis=1)
+
+
+@pytest.fixture(scope="module")
+def split() -> tuple[np.ndarray, np.ndarray]:
+    with np.load(DATA) as npz:
+        assert npz.files == ["x"]  # a valid nnopt --data file holds model inputs only
+        x = npz["x"]
+    return x, np.load(LABELS)
+
+
+def test_committed_files_are_what_the_training_script_documents(split):
+    x, y = split
+    # train_test_split(test_size=0.25, stratify=y) of 1,797 images: 450 test images, every class present.
+    assert x.shape == (450, 1, 8, 8) and x.dtype == np.float32
+    assert y.shape == (450,) and y.dtype == np.int64
+    assert np.bincount(y).tolist() == [45, 46, 44, 46, 45, 46, 45, 45, 43, 45]
+    # Pixels are scaled by 1/16 (sklearn's digits are 0..16): values are multiples of 1/16 in [0, 1].
+    assert x.min() == 0.0 and x.max() == 1.0
+    assert np.array_equal(x * 16, np.round(x * 16))
+    proto = onnx.load(str(MODEL))
+    onnx.checker.check_model(proto, full_check=True)
+    assert MODEL.stat().st_size < 1_000_000
+    assert [i.name for i in proto.graph.input] == ["x"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("Conv") == 3 and ops.count("BatchNormalization") == 3 and ops.count("Gemm") == 2
+
+
+def test_real_test_accuracy(split):
+    x, y = split
+    accuracy = float(np.mean(_predict(MODEL, x) == y))
+    print(f"digits CNN test accuracy: {accuracy:.4f} ({int(round(accuracy * len(y)))}/{len(y)})")
+    assert accuracy >= 0.95
+    assert accuracy == pytest.approx(446 / 450)  # what the training script reported
+
+
+def test_default_pipeline_keeps_every_prediction_and_folds_the_batchnorms(split):
+    x, y = split
+    before = analyze(MODEL).totals
+    model, report = optimize(MODEL, None, data=DATA, plugins=build_plugins(load_entry_points=False))
+    proto = model.to_proto()
+    after = analyze(proto).totals
+
+    assert report.rolled_back == []
+    assert report.verification == "onnxruntime"
+    assert report.fidelity is not None and report.fidelity["samples"] == 450  # one sample per test image
+    ops = [n.op_type for n in proto.graph.node]
+    assert "BatchNormalization" not in ops
+    assert ops.count("Conv") == 3 and ops.count("Gemm") == 2
+    # Folding three BNs removes their 4 × (32 + 64 + 128) = 896 parameters and their elementwise FLOPs
+    # (2 × C × H × W each: 2 × (32·64 + 64·64 + 128·16) = 16,384).
+    assert before["params"] - after["params"] == 896
+    assert before["flops"] - after["flops"] == 16_384
+    assert after["macs"] == before["macs"]
+
+    original, optimized = _predict(MODEL, x), _predict(proto, x)
+    assert np.array_equal(optimized, original)  # same predictions, so exactly the same accuracy
+    assert float(np.mean(optimized == y)) == float(np.mean(original == y))
+
+
+def test_test_split_is_a_valid_data_file():
+    samples = load_samples(DATA, make_session(MODEL))
+    assert len(samples) == 450
+    assert samples[0]["x"].shape == (1, 1, 8, 8)
+
+
+def test_compression_benchmark_measures_the_digits_cnn(tmp_path, monkeypatch):
+    """benchmarks/compression.py on the digits CNN: real figures for what runs, a row for what is missing."""
+    import importlib.util
+    import json
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compression.py"
+    spec = importlib.util.spec_from_file_location("compression_benchmark", script)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    out = tmp_path / "compression"
+    argv = ["--models", "digits", "--settings", "default", "default+no-such-pass:bits=4",
+            "--runs", "2", "--rounds", "1", "--out", str(out)]
+    assert bench.main(argv) == 0
+
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["machine"]["cores"] == os.cpu_count()
+    (digits,) = result["models"]
+    original, (default, missing) = digits["original"], digits["settings"]
+    assert original["params"] == 111_370 and original["flops"] == 4_821_632
+    assert original["accuracy"] == pytest.approx(446 / 450)
+    assert default["status"] == "applied"
+    assert (default["params"], default["flops"]) == (110_474, 4_805_248)
+    assert default["accuracy"] == original["accuracy"] and default["top1_agreement"] == 1.0
+    assert default["cosine_similarity"] > 0.999999 and default["max_rel_error"] < 1e-5
+    assert default["bytes"] < original["bytes"] and default["latency_ratio"] > 0
+    assert missing["status"] == "not available"
+    assert missing["notes"] == ["pass not registered yet: no-such-pass"]
+    table = out.with_suffix(".md").read_text()
+    assert "| `default` | applied | 443.8 (0.991) |" in table
+    assert "| `default+no-such-pass:bits=4` | not available |" in table
