@@ -183,11 +183,11 @@ def load_samples(path: str | Path, sess: ort.InferenceSession) -> list[dict[str,
     for name, dtype, shape in specs:
         arr = arrays[name]
         if len(shape) and arr.ndim == len(shape) + 1:
-            samples = [arr[i] for i in range(arr.shape[0])]
+            samples = [np.asarray(arr[i]) for i in range(arr.shape[0])]
         elif arr.ndim == len(shape) and arr.ndim > 0:
             samples = [arr[i : i + 1] for i in range(arr.shape[0])]
         elif not shape and arr.ndim in (0, 1):
-            samples = [arr] if arr.ndim == 0 else [arr[i] for i in range(arr.shape[0])]
+            samples = [arr] if arr.ndim == 0 else [np.asarray(arr[i]) for i in range(arr.shape[0])]
         else:
             raise DataError(
                 f"data file {path}: array '{name}' has shape {list(arr.shape)}, model input has rank {len(shape)}"
@@ -201,7 +201,7 @@ def load_samples(path: str | Path, sess: ort.InferenceSession) -> list[dict[str,
                     )
         if dtype is not None and arr.dtype != dtype:
             if np.can_cast(arr.dtype, dtype, casting="same_kind"):
-                samples = [s.astype(dtype) for s in samples]
+                samples = [np.asarray(s).astype(dtype) for s in samples]
             else:
                 raise DataError(f"data file {path}: array '{name}' is {arr.dtype}, model input is {np.dtype(dtype)}")
         per_input[name] = samples

@@ -13,7 +13,7 @@ from nnopt.cli import main
 from nnopt.ir.model import load_model
 from nnopt.runtime import make_session
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.large
 
 ELEMENTS = 190_000_000  # 760 MB of float32 per weight, three weights: 2.28 GB
 

