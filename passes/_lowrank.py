@@ -20,9 +20,10 @@ from nnopt.pipeline.base import PassContext
 #: keeps too many ranks to save anything, so layers are declined rather than silently degraded.
 DEFAULT_ENERGY = 0.99
 
-#: Ridge of the data-aware refit, relative to each unknown's own energy (diag of ZᵀZ). It pulls the refit
-#: towards the weight-fit solution along directions the data barely excite, so few rows cannot overfit.
-REFIT_RIDGE = 1e-3
+#: Ridges tried by the data-aware refit, relative to each unknown's own energy (diag of ZᵀZ); the one with
+#: the lowest error on held-out samples wins. A ridge pulls the refit towards the weight-fit solution along
+#: directions the data barely excite, which is what keeps few or noisy rows from overfitting.
+REFIT_RIDGES = (1e-6, 1e-4, 1e-2, 1.0)
 
 #: Above this much work (n·m·min(n, m)), the SVD goes through the eigendecomposition of the smaller Gram
 #: matrix: LAPACK's SVD of the 1024 × 8210 Gemm weight of ddddocr's CRNN takes 17 s on two cores, this 2 s.
@@ -165,6 +166,12 @@ def node_label(node: gs.Node) -> str:
     return node.name or (node.outputs[0].name if node.outputs else node.op)
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, shortened for a per-layer report."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
+
+
 def saving(before: int, after: int) -> float:
     """Fraction saved (negative when ``after`` is larger)."""
     return 1.0 - after / before if before else 0.0
@@ -280,21 +287,27 @@ class NormalEquations:
             return p
         return np.concatenate([p, (np.zeros(p.shape[1]) if delta is None else delta)[None, :]], axis=0)
 
-    def solve(self, p0: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """The ridge solution pulled towards ``p0`` (and δ towards 0): returns (P, δ or None)."""
+    def solve(self, p0: np.ndarray, ridges: Sequence[float]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Ridge solutions pulled towards ``p0`` (and δ towards 0), one per ridge: a list of (P, δ or None).
+
+        The ridge is relative to each unknown's own energy (diag of ZaᵀZa). Directions the data never
+        excite keep ``p0`` whatever the ridge; weakly excited ones move towards the data as it shrinks.
+        One eigendecomposition serves every ridge.
+        """
         start = self.augmented(p0, None)
         diag = np.diag(self.gram).copy()
-        # Columns the data never excite get a floor, so the system stays definite and they keep p0.
+        # Columns the data never excite get a floor, so the scaling stays finite and they keep p0.
         diag = np.maximum(diag, 1e-12 * max(float(diag.mean()), 1e-300))
-        lhs = self.gram + REFIT_RIDGE * np.diag(diag)
-        rhs = self.cross + REFIT_RIDGE * diag[:, None] * start
-        try:
-            sol = np.linalg.solve(lhs, rhs)
-        except np.linalg.LinAlgError:
-            sol = np.linalg.lstsq(lhs, rhs, rcond=None)[0]
-        if self.intercept:
-            return sol[:-1], sol[-1]
-        return sol, None
+        scale = 1.0 / np.sqrt(diag)
+        eigvals, vectors = np.linalg.eigh(self.gram * scale[:, None] * scale[None, :])
+        eigvals = np.clip(eigvals, 0.0, None)
+        base = vectors.T @ (self.cross * scale[:, None])
+        pull = vectors.T @ (start / scale[:, None])
+        solutions = []
+        for ridge in ridges:
+            sol = scale[:, None] * (vectors @ ((base + ridge * pull) / (eigvals + ridge)[:, None]))
+            solutions.append((sol[:-1], sol[-1]) if self.intercept else (sol, None))
+        return solutions
 
     def sq_error(self, p: np.ndarray, delta: np.ndarray | None) -> float:
         """‖Y − Z·P − 1·δᵀ‖² over these rows, from the statistics alone."""
@@ -335,8 +348,9 @@ def refit_second_factor(
         rng: seeded stream for subsampling rows.
 
     The refit is validated before it is used: fitted on half of the samples (alternate rows when there is
-    one sample) and kept only if it lowers the output error on the other half; the final refit then uses
-    all rows. Errors are relative Frobenius norms of the layer output.
+    one sample) with each ridge of ``REFIT_RIDGES``, and kept only if the best of them lowers the output
+    error on the other half; the final refit then uses all rows with that ridge. Errors are relative
+    Frobenius norms of the layer output (bias included).
     """
     k, n = p0.shape
     cap = max(1, MAX_FIT_ROWS // max(1, len(pairs)))
@@ -355,13 +369,15 @@ def refit_second_factor(
     norm_all = math.sqrt(max(total.sq_norm(bias), 1e-300))
     norm_held = math.sqrt(max(held.sq_norm(bias), 1e-300))
 
-    p_half, d_half = fit.solve(p0)
     held_before = math.sqrt(held.sq_error(p0, None)) / norm_held
-    held_after = math.sqrt(held.sq_error(p_half, d_half)) / norm_held
+    trials = [math.sqrt(held.sq_error(p, d)) / norm_held for p, d in fit.solve(p0, REFIT_RIDGES)]
+    best = int(np.argmin(trials))
+    held_after = trials[best]
     used = held.rows > 0 and held_after < held_before
-    p, delta = total.solve(p0) if used else (p0, None)
+    p, delta = total.solve(p0, [REFIT_RIDGES[best]])[0] if used else (p0, None)
     figures = {
         "fit_rows": total.rows,
+        "ridge": REFIT_RIDGES[best],
         "output_error_weight_fit": math.sqrt(total.sq_error(p0, None)) / norm_all,
         "output_error": math.sqrt(total.sq_error(p, delta)) / norm_all,
         "heldout_error_weight_fit": held_before,

@@ -16,6 +16,7 @@ from nnopt.passes._lowrank import (
     channel_rows,
     check_min_saving,
     check_rank_options,
+    first_line,
     fit_figures,
     layer_inputs,
     main_graph_costs,
@@ -60,7 +61,7 @@ class ConvToSeparableOptions(PassOptions):
         metadata={"help": "with reference data (--data), refit the pointwise weights and bias by least squares "
                           "on the layer's real inputs, minimising its output error"},
     )
-    nodes: tuple[str, ...] = field(default=(), metadata={"help": "only these convs (shell patterns; default all)"})
+    nodes: tuple[str, ...] = field(default=(), metadata={"help": "only these convs: shell patterns over node names (an unnamed node goes by its output's name); default all"})
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "never these convs (shell patterns)"})
 
     def __post_init__(self) -> None:
@@ -151,7 +152,7 @@ class ConvToSeparable(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         opts: ConvToSeparableOptions = self.options  # type: ignore[assignment]
         rule = RankRule.from_options(opts.rank, opts.energy, opts.max_error)
-        costs = main_graph_costs(model, ctx)
+        costs = main_graph_costs(model, ctx) if any(n.op == "Conv" for n in model.graph.nodes) else {}
         plans: list[_Plan] = []
         layers: list[dict[str, Any]] = []
         for graph in model.all_graphs():
@@ -159,7 +160,7 @@ class ConvToSeparable(Pass):
                 if node.op not in ("Conv", "ConvTranspose") or not is_onnx_op(node):
                     continue
                 label = node_label(node)
-                if not is_selected(node.name or "", opts.nodes, opts.exclude):
+                if not is_selected(label, opts.nodes, opts.exclude):
                     continue
                 try:
                     # Only main-graph nodes are costed (If/Loop bodies run a data-dependent number of times).
@@ -170,8 +171,11 @@ class ConvToSeparable(Pass):
                     continue
                 plans.append(plan)
                 layers.append(plan.report)
-        if opts.data_aware and ctx.samples and plans:
+        if opts.data_aware and ctx.samples:
             self._refit(model, ctx, [p for p in plans if p.graph is model.graph])
+            for plan in plans:
+                if plan.graph is not model.graph:
+                    plan.report.update(fit="weights", fit_note="data-aware fitting covers main-graph layers only")
         taken = taken_names(model)
         for plan in plans:
             self._apply(plan, taken)
@@ -256,13 +260,17 @@ class ConvToSeparable(Pass):
             inputs = layer_inputs(model, sorted({p.node.inputs[0].name for p in plans}), ctx.samples)
         except Exception as exc:  # boundary: onnxruntime on the user's model and data
             for plan in plans:
-                plan.report["fit"] = f"weights (reference data did not run: {str(exc).splitlines()[0][:120]})"
+                plan.report.update(fit="weights", fit_note=f"the reference data did not run: {first_line(exc)}")
             return
         for plan in plans:
             xs = inputs[plan.node.inputs[0].name]
             attrs = {k: v for k, v in plan.node.attrs.items() if k in _WINDOW_ATTRS}
-            outs = run_convs(xs, [(plan.weight, {**attrs, "group": 1}), (plan.depthwise, {**attrs, "group": plan.c_in})],
-                             model.opset)
+            try:
+                outs = run_convs(xs, [(plan.weight, {**attrs, "group": 1}),
+                                      (plan.depthwise, {**attrs, "group": plan.c_in})], model.opset)
+            except Exception as exc:  # boundary: onnxruntime on a probe of this layer
+                plan.report.update(fit="weights", fit_note=f"the layer probe did not run: {first_line(exc)}")
+                continue
             pairs = [(channel_rows(z), channel_rows(y)) for y, z in outs]
             refit = refit_second_factor(pairs, plan.pointwise.T, plan.bias, True, ctx.rng(f"{self.name}:{plan.report['node']}"))
             plan.pointwise = refit.p.T

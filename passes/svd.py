@@ -16,6 +16,7 @@ from nnopt.passes._lowrank import (
     channel_rows,
     check_min_saving,
     check_rank_options,
+    first_line,
     fit_figures,
     layer_inputs,
     main_graph_costs,
@@ -57,7 +58,7 @@ class SvdOptions(PassOptions):
         metadata={"help": "with reference data (--data), refit the second factor (and bias) by least squares on "
                           "the layer's real inputs, minimising its output error"},
     )
-    nodes: tuple[str, ...] = field(default=(), metadata={"help": "only these layers (shell patterns; default all)"})
+    nodes: tuple[str, ...] = field(default=(), metadata={"help": "only these layers: shell patterns over node names (an unnamed node goes by its output's name); default all"})
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "never these layers (shell patterns)"})
 
     def __post_init__(self) -> None:
@@ -305,14 +306,14 @@ class Svd(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         opts: SvdOptions = self.options  # type: ignore[assignment]
         rule = RankRule.from_options(opts.rank, opts.energy, opts.max_error)
-        costs = main_graph_costs(model, ctx)
+        costs = main_graph_costs(model, ctx) if any(n.op in RULES for n in model.graph.nodes) else {}
         planned: list[_Layer] = []
         layers: list[dict[str, Any]] = []
         for graph in model.all_graphs():
             for node in graph.nodes:
                 if node.op not in (*RULES, "ConvTranspose") or not is_onnx_op(node):
                     continue
-                if not is_selected(node.name or "", opts.nodes, opts.exclude):
+                if not is_selected(node_label(node), opts.nodes, opts.exclude):
                     continue
                 try:
                     if node.op == "ConvTranspose":
@@ -330,6 +331,9 @@ class Svd(Pass):
                 layers.append(layer.report)
         if opts.data_aware and ctx.samples:
             self._refit(model, ctx, [layer for layer in planned if layer.graph is model.graph])
+            for layer in planned:
+                if layer.graph is not model.graph:
+                    layer.report.update(fit="weights", fit_note="data-aware fitting covers main-graph layers only")
         taken = taken_names(model)
         for layer in planned:
             label = layer.report["node"]
@@ -390,10 +394,14 @@ class Svd(Pass):
             inputs = layer_inputs(model, sorted({layer.node.inputs[0].name for layer in planned}), ctx.samples)
         except Exception as exc:  # boundary: onnxruntime on the user's model and data
             for layer in planned:
-                layer.report["fit"] = f"weights (reference data did not run: {str(exc).splitlines()[0][:120]})"
+                layer.report.update(fit="weights", fit_note=f"the reference data did not run: {first_line(exc)}")
             return
         for layer in planned:
-            pairs = layer.rule.rows(layer, inputs[layer.node.inputs[0].name], model.opset)
+            try:
+                pairs = layer.rule.rows(layer, inputs[layer.node.inputs[0].name], model.opset)
+            except Exception as exc:  # boundary: onnxruntime on a probe of this layer (Conv)
+                layer.report.update(fit="weights", fit_note=f"the layer probe did not run: {first_line(exc)}")
+                continue
             refit = refit_second_factor(pairs, layer.right, layer.bias, layer.intercept,
                                         ctx.rng(f"{self.name}:{layer.report['node']}"))
             layer.right, layer.delta = refit.p, refit.delta
