@@ -164,8 +164,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def get_pass_class(plugins: Plugins, name: str) -> type[Pass]:
-    from nnopt.errors import PassNotFoundError
     import difflib
+
+    from nnopt.errors import PassNotFoundError
 
     entry = plugins.passes.get(name)
     if entry is None:

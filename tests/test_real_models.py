@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from realmodels import REAL_MODELS, write_data
 
 from nnopt.api import optimize
 from nnopt.cost import analyze
@@ -15,7 +16,6 @@ from nnopt.cost.timing import measure_latency
 from nnopt.ir.model import load_model
 from nnopt.plugin_manager import build_plugins
 from nnopt.runtime import load_samples, make_session
-from realmodels import REAL_MODELS, write_data
 
 pytestmark = pytest.mark.slow
 PLUGINS = build_plugins(load_entry_points=False)
