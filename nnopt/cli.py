@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="concrete shape for a dynamic input, e.g. x=1,3,224,224 (repeatable)")
     analyze.add_argument("--measure", action="store_true", help="also time the model in onnxruntime")
     analyze.add_argument("--runs", type=int, default=20, help="timed runs for --measure (median is reported)")
+    analyze.add_argument("--data", default=None,
+                         help=".npz of inputs for --measure (its first sample); default: generated inputs")
     analyze.add_argument("--top", type=int, default=None, help="show only the N most expensive nodes")
 
     opt = sub.add_parser("optimize", help="run a pass pipeline and write the optimized model")
@@ -119,7 +121,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.measure:
         from nnopt.cost.timing import measure_latency
 
-        measured = measure_latency(model, runs=args.runs, input_shapes=shapes)
+        feeds = None
+        if args.data:
+            from nnopt.runtime import load_samples, make_session
+
+            samples = load_samples(args.data, make_session(model))
+            if not samples:
+                raise InputError(f"data file {args.data}: holds no samples")
+            feeds = samples[0]
+        measured = measure_latency(model, feeds, runs=args.runs, input_shapes=shapes)
     if args.json:
         out = report.to_dict()
         if measured is not None:

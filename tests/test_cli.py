@@ -176,3 +176,13 @@ def test_same_input_same_options_same_bytes(tmp_path, capsys):
     assert main(["optimize", str(EXAMPLE), "-o", str(a)]) == 0
     assert main(["optimize", str(EXAMPLE), "-o", str(b)]) == 0
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_analyze_measure_with_data(tmp_path, capsys):
+    src = _small(tmp_path)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.ones((2, 3, 4), np.float32))
+    code, stdout, err = _run(capsys, "analyze", str(src), "--measure", "--runs", "3", "--data", str(data), "--json")
+    assert code == 0, err
+    out = json.loads(stdout)
+    assert out["measured"]["runs"] == 3 and out["totals"]["measured_latency_s"] > 0
