@@ -81,9 +81,20 @@ def optimize(
     )
     ctx = PassContext(
         seed=seed,
-        # Reference data only: generated inputs verify the rewrite but are no data to fit weights on.
-        samples=verifier.samples if verifier is not None and data else [],
+        samples=_pass_samples(proto, data, verifier),
         input_shapes=dict(input_shapes or {}),
     )
     report = manager.run(model, ctx)
     return model, report
+
+
+def _pass_samples(proto: onnx.ModelProto, data: Any, verifier: Verifier | None) -> list[dict[str, Any]]:
+    """The user's reference data for data-aware passes (never generated inputs: those verify rewrites but
+    are no data to fit weights on), read once whether or not verification runs."""
+    if not data:
+        return []
+    if verifier is not None and verifier.samples:
+        return verifier.samples
+    from nnopt.runtime import load_samples, make_session
+
+    return load_samples(data, make_session(proto))

@@ -17,4 +17,13 @@ def nnopt_register_passes() -> list[type[Pass]]:
     from nnopt.passes.remove_noops import RemoveNoops
     from nnopt.passes.svd import Svd
 
-    return [DeadNodeElimination, ConstantsToInitializers, FoldConstants, RemoveNoops, FoldBatchNorm, ConvToSeparable, Svd, KMeansWeightSharing]
+    return [
+        DeadNodeElimination,
+        ConstantsToInitializers,
+        FoldConstants,
+        RemoveNoops,
+        FoldBatchNorm,
+        ConvToSeparable,
+        Svd,
+        KMeansWeightSharing,
+    ]

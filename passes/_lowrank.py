@@ -1,10 +1,11 @@
-"""Shared by the low-rank passes: rank choice from rank/energy/max_error, costs, and data-aware least-squares refits."""
+"""Shared by the low-rank passes: rank choice, costs, and least-squares refits on reference activations."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -26,8 +27,9 @@ DEFAULT_ENERGY = 0.99
 REFIT_RIDGES = (1e-6, 1e-4, 1e-2, 1.0)
 
 #: Above this much work (n·m·min(n, m)), the SVD goes through the eigendecomposition of the smaller Gram
-#: matrix: LAPACK's SVD of the 1024 × 8210 Gemm weight of ddddocr's CRNN takes 17 s on two cores, this 2 s.
-GRAM_SVD_WORK = 2e9
+#: matrix: LAPACK's SVD of the 1024 × 8210 Gemm weight of ddddocr's CRNN takes 17 s on two cores, this 2 s;
+#: svd over the 83 convs of ddddocr's detector takes 0.5 s instead of 2.9 s, with the same ranks.
+GRAM_SVD_WORK = 1e7
 
 #: At most this many activation rows (output positions × samples) per layer enter a refit; more are
 #: subsampled (seeded). Forming ZᵀZ costs rows × k², which dominates the refit.
@@ -41,7 +43,11 @@ def check_rank_options(rank: int | None, energy: float | None, max_error: float 
     Raises:
         OptionError: more than one of them is set, or one is out of range.
     """
-    given = [name for name, value in (("rank", rank), ("energy", energy), ("max_error", max_error)) if value is not None]
+    given = [
+        name
+        for name, value in (("rank", rank), ("energy", energy), ("max_error", max_error))
+        if value is not None
+    ]
     if len(given) > 1:
         raise OptionError(f"give at most one of rank, energy and max_error (got {', '.join(given)})")
     if rank is not None and rank < 1:
@@ -131,7 +137,7 @@ def relative_error(spectra: np.ndarray, rank: int) -> float:
 
 
 def numerical_tolerance(spectra: np.ndarray, shape: tuple[int, int], dtype: np.dtype) -> float:
-    """Singular values below this are rounding noise of a weight stored in ``dtype`` (as numpy's matrix_rank)."""
+    """Singular values below this are rounding noise of a weight stored in ``dtype`` (as matrix_rank)."""
     eps = float(np.finfo(dtype).eps) if np.issubdtype(dtype, np.floating) else float(np.finfo(np.float32).eps)
     return float(spectra.max(initial=0.0)) * max(shape) * eps
 
@@ -199,8 +205,13 @@ def main_graph_costs(model: Model, ctx: PassContext) -> dict[str, dict[str, Any]
     return {outputs[r["name"]]: r for r in report.nodes if r["name"] in outputs}
 
 
-def scaled_flops(cost: dict[str, Any] | None, macs_before: int, macs_after: int) -> tuple[int | None, int | None]:
-    """FLOPs before and after a rewrite whose MACs per output position go from ``macs_before`` to ``macs_after``."""
+def scaled_flops(
+    cost: dict[str, Any] | None, macs_before: int, macs_after: int
+) -> tuple[int | None, int | None]:
+    """(FLOPs before, FLOPs after) of a rewrite from ``macs_before`` to ``macs_after`` MACs per position.
+
+    (None, None) when the analysis did not cost the node.
+    """
     if not cost or not cost.get("costed", True) or not cost.get("flops"):
         return None, None
     before = int(cost["flops"])
@@ -211,8 +222,10 @@ def scaled_flops(cost: dict[str, Any] | None, macs_before: int, macs_after: int)
 
 
 # ---------------------------------------------------------------------------------------------- activations
-def layer_inputs(model: Model, names: Sequence[str], samples: Sequence[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
-    """The values of main-graph tensors on the reference samples: graph inputs from the feeds, others by running."""
+def layer_inputs(
+    model: Model, names: Sequence[str], samples: Sequence[dict[str, np.ndarray]]
+) -> dict[str, list[np.ndarray]]:
+    """Values of main-graph tensors on the reference samples: graph inputs from the feeds, others by a run."""
     feeds = samples[0].keys() if samples else ()
     direct = [n for n in names if n in feeds]
     values = collect_activations(model, [n for n in names if n not in feeds], samples)
@@ -220,7 +233,9 @@ def layer_inputs(model: Model, names: Sequence[str], samples: Sequence[dict[str,
     return values
 
 
-def run_convs(xs: Sequence[np.ndarray], convs: Sequence[tuple[np.ndarray, dict[str, Any]]], opset: int) -> list[list[np.ndarray]]:
+def run_convs(
+    xs: Sequence[np.ndarray], convs: Sequence[tuple[np.ndarray, dict[str, Any]]], opset: int
+) -> list[list[np.ndarray]]:
     """Run Conv(x, weight, **attrs) for each conv on each sample in onnxruntime; outputs per sample, per conv.
 
     A one-input model built in memory: onnxruntime applies pads, auto_pad, strides, dilations and groups
@@ -238,7 +253,9 @@ def run_convs(xs: Sequence[np.ndarray], convs: Sequence[tuple[np.ndarray, dict[s
         outs.append(onnx.helper.make_tensor_value_info(f"y{i}", elem, None))
     opsets = [onnx.helper.make_opsetid("", opset)]
     graph = onnx.helper.make_graph(nodes, "lowrank_probe", [x_info], outs, inits)
-    proto = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=onnx.helper.find_min_ir_version_for(opsets))
+    proto = onnx.helper.make_model(
+        graph, opset_imports=opsets, ir_version=onnx.helper.find_min_ir_version_for(opsets)
+    )
     sess = make_session(proto)
     return [sess.run(None, {"x": x}) for x in xs]
 
@@ -279,8 +296,14 @@ class NormalEquations:
         self.rows += z.shape[0]
 
     def __add__(self, other: NormalEquations) -> NormalEquations:
-        return NormalEquations(self.gram + other.gram, self.cross + other.cross, self.yy + other.yy,
-                               self.y_sum + other.y_sum, self.rows + other.rows, self.intercept)
+        return NormalEquations(
+            self.gram + other.gram,
+            self.cross + other.cross,
+            self.yy + other.yy,
+            self.y_sum + other.y_sum,
+            self.rows + other.rows,
+            self.intercept,
+        )
 
     def augmented(self, p: np.ndarray, delta: np.ndarray | None) -> np.ndarray:
         if not self.intercept:
@@ -312,7 +335,11 @@ class NormalEquations:
     def sq_error(self, p: np.ndarray, delta: np.ndarray | None) -> float:
         """‖Y − Z·P − 1·δᵀ‖² over these rows, from the statistics alone."""
         pa = self.augmented(p, delta)
-        value = self.yy - 2.0 * float(np.einsum("ij,ij->", pa, self.cross)) + float(np.einsum("ij,ij->", pa, self.gram @ pa))
+        value = (
+            self.yy
+            - 2.0 * float(np.einsum("ij,ij->", pa, self.cross))
+            + float(np.einsum("ij,ij->", pa, self.gram @ pa))
+        )
         return max(value, 0.0)
 
     def sq_norm(self, bias: np.ndarray) -> float:

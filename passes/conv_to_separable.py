@@ -8,9 +8,6 @@ from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
-from nnopt.analysis.selection import is_selected
-from nnopt.ir.model import Model
 from nnopt.passes._lowrank import (
     RankRule,
     channel_rows,
@@ -29,6 +26,9 @@ from nnopt.passes._lowrank import (
     scaled_flops,
 )
 from nnopt.passes.constants_to_initializers import constant_array, is_onnx_op, taken_names, unique_name
+
+from nnopt.analysis.selection import is_selected
+from nnopt.ir.model import Model
 from nnopt.pipeline.base import Pass, PassContext, PassOptions, PassResult
 
 _PREFIX = "conv_to_separable"
@@ -44,24 +44,38 @@ class ConvToSeparableOptions(PassOptions):
     )
     energy: float | None = field(
         default=None,
-        metadata={"help": "smallest m at which every input channel's C_out×K² slice keeps this fraction of its "
-                          "squared singular values (the default, 0.99, when rank, energy and max_error are unset)"},
+        metadata={
+            "help": "smallest m at which every input channel's C_out×K² slice keeps this fraction of its "
+            "squared singular values (the default, 0.99, when rank, energy and max_error are unset)"
+        },
     )
     max_error: float | None = field(
         default=None,
-        metadata={"help": "smallest m at which the layer's relative weight error ‖W − Ŵ‖/‖W‖ is at most this"},
+        metadata={
+            "help": "smallest m at which the layer's relative weight error ‖W − Ŵ‖/‖W‖ is at most this"
+        },
     )
     min_flops_saving: float = field(
         default=0.1,
-        metadata={"help": "rewrite a conv only where its FLOPs drop by at least this fraction (negative values "
-                          "allow growth: -1 accepts up to twice the FLOPs, e.g. for exact full-rank rewrites)"},
+        metadata={
+            "help": "rewrite a conv only where its FLOPs drop by at least this fraction (negative values "
+            "allow growth: -1 accepts up to twice the FLOPs, e.g. for exact full-rank rewrites)"
+        },
     )
     data_aware: bool = field(
         default=True,
-        metadata={"help": "with reference data (--data), refit the pointwise weights and bias by least squares "
-                          "on the layer's real inputs, minimising its output error"},
+        metadata={
+            "help": "with reference data (--data), refit the pointwise weights and bias by least squares "
+            "on the layer's real inputs, minimising its output error"
+        },
     )
-    nodes: tuple[str, ...] = field(default=(), metadata={"help": "only these convs: shell patterns over node names (an unnamed node goes by its output's name); default all"})
+    nodes: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "only these convs: shell patterns over node names (an unnamed node goes by its "
+            "output's name); default all"
+        },
+    )
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "never these convs (shell patterns)"})
 
     def __post_init__(self) -> None:
@@ -70,7 +84,7 @@ class ConvToSeparableOptions(PassOptions):
 
 
 class _Decline(Exception):
-    """Raised inside the pass (never escapes it) with the reason a conv stays as it is, and figures if known."""
+    """Raised inside the pass (never escapes it) with why a conv stays as it is, and figures if known."""
 
     def __init__(self, reason: str, figures: dict[str, Any] | None = None) -> None:
         super().__init__(reason)
@@ -166,8 +180,15 @@ class ConvToSeparable(Pass):
                     # Only main-graph nodes are costed (If/Loop bodies run a data-dependent number of times).
                     plan = self._plan(graph, node, rule, opts, costs if graph is model.graph else {})
                 except _Decline as why:
-                    layers.append({"node": label, "op_type": node.op, "action": "declined", "reason": str(why),
-                                   **why.figures})
+                    layers.append(
+                        {
+                            "node": label,
+                            "op_type": node.op,
+                            "action": "declined",
+                            "reason": str(why),
+                            **why.figures,
+                        }
+                    )
                     continue
                 plans.append(plan)
                 layers.append(plan.report)
@@ -175,7 +196,9 @@ class ConvToSeparable(Pass):
             self._refit(model, ctx, [p for p in plans if p.graph is model.graph])
             for plan in plans:
                 if plan.graph is not model.graph:
-                    plan.report.update(fit="weights", fit_note="data-aware fitting covers main-graph layers only")
+                    plan.report.update(
+                        fit="weights", fit_note="data-aware fitting covers main-graph layers only"
+                    )
         taken = taken_names(model)
         for plan in plans:
             self._apply(plan, taken)
@@ -185,15 +208,23 @@ class ConvToSeparable(Pass):
             stats={
                 "convs_rewritten": len(plans),
                 "convs_declined": len(layers) - len(plans),
-                "flops_saved": sum(r["flops_before"] - r["flops_after"] for r in rewritten if r["flops_before"] is not None),
+                "flops_saved": sum(
+                    r["flops_before"] - r["flops_after"] for r in rewritten if r["flops_before"] is not None
+                ),
                 "params_saved": sum(r["params_before"] - r["params_after"] for r in rewritten),
             },
             layers=layers,
         )
 
     # ------------------------------------------------------------------------------------------ planning
-    def _plan(self, graph: gs.Graph, node: gs.Node, rule: RankRule, opts: ConvToSeparableOptions,
-              costs: dict[str, dict[str, Any]]) -> _Plan:
+    def _plan(
+        self,
+        graph: gs.Graph,
+        node: gs.Node,
+        rule: RankRule,
+        opts: ConvToSeparableOptions,
+        costs: dict[str, dict[str, Any]],
+    ) -> _Plan:
         if node.op == "ConvTranspose":
             raise _Decline("ConvTranspose is not handled")
         if len(node.inputs) < 2 or len(node.outputs) != 1:
@@ -203,7 +234,9 @@ class ConvToSeparable(Pass):
             raise _Decline("weight is not a constant")
         weight = np.asarray(weight)
         if weight.dtype.kind != "f" or weight.ndim < 3:
-            raise _Decline(f"weight is {weight.dtype} of rank {weight.ndim}, not a floating-point conv kernel")
+            raise _Decline(
+                f"weight is {weight.dtype} of rank {weight.ndim}, not a floating-point conv kernel"
+            )
         if len({id(n) for n in node.inputs[1].outputs}) > 1:
             # The other readers keep the dense weight, so factorising this one would grow the model.
             raise _Decline("weight is shared with other nodes")
@@ -251,7 +284,7 @@ class ConvToSeparable(Pass):
         report = {"node": node_label(node), "op_type": "Conv", "action": "rewritten", **figures}
         return _Plan(graph, node, weight, bias, depthwise, pointwise, None, report)
 
-    # ------------------------------------------------------------------------------------------ data-aware refit
+    # -------------------------------------------------------------------------------------- data-aware refit
     def _refit(self, model: Model, ctx: PassContext, plans: list[_Plan]) -> None:
         """Refit the pointwise weights and bias of main-graph plans on the layers' real inputs."""
         if not plans:
@@ -260,27 +293,43 @@ class ConvToSeparable(Pass):
             inputs = layer_inputs(model, sorted({p.node.inputs[0].name for p in plans}), ctx.samples)
         except Exception as exc:  # boundary: onnxruntime on the user's model and data
             for plan in plans:
-                plan.report.update(fit="weights", fit_note=f"the reference data did not run: {first_line(exc)}")
+                plan.report.update(
+                    fit="weights", fit_note=f"the reference data did not run: {first_line(exc)}"
+                )
             return
         for plan in plans:
             xs = inputs[plan.node.inputs[0].name]
             attrs = {k: v for k, v in plan.node.attrs.items() if k in _WINDOW_ATTRS}
             try:
-                outs = run_convs(xs, [(plan.weight, {**attrs, "group": 1}),
-                                      (plan.depthwise, {**attrs, "group": plan.c_in})], model.opset)
+                outs = run_convs(
+                    xs,
+                    [(plan.weight, {**attrs, "group": 1}), (plan.depthwise, {**attrs, "group": plan.c_in})],
+                    model.opset,
+                )
             except Exception as exc:  # boundary: onnxruntime on a probe of this layer
                 plan.report.update(fit="weights", fit_note=f"the layer probe did not run: {first_line(exc)}")
                 continue
             pairs = [(channel_rows(z), channel_rows(y)) for y, z in outs]
-            refit = refit_second_factor(pairs, plan.pointwise.T, plan.bias, True, ctx.rng(f"{self.name}:{plan.report['node']}"))
+            refit = refit_second_factor(
+                pairs, plan.pointwise.T, plan.bias, True, ctx.rng(f"{self.name}:{plan.report['node']}")
+            )
             plan.pointwise = refit.p.T
             plan.delta = refit.delta
             plan.report.update(fit_figures(refit))
+            if refit.delta is not None and not (
+                len(plan.node.inputs) > 2 and not plan.node.inputs[2].is_empty()
+            ):
+                plan.report["params_after"] += refit.delta.size  # the fitted correction becomes a new bias
             if refit.used:
-                recon = np.einsum("ocm,cmk->ock", plan.pointwise.reshape(plan.weight.shape[0], plan.c_in, -1),
-                                  plan.depthwise.reshape(plan.c_in, -1, math.prod(plan.weight.shape[2:])))
+                recon = np.einsum(
+                    "ocm,cmk->ock",
+                    plan.pointwise.reshape(plan.weight.shape[0], plan.c_in, -1),
+                    plan.depthwise.reshape(plan.c_in, -1, math.prod(plan.weight.shape[2:])),
+                )
                 dense = plan.weight.astype(np.float64).reshape(recon.shape)
-                plan.report["weight_error_refit"] = round(float(np.linalg.norm(recon - dense) / np.linalg.norm(dense)), 6)
+                plan.report["weight_error_refit"] = round(
+                    float(np.linalg.norm(recon - dense) / np.linalg.norm(dense)), 6
+                )
 
     # ------------------------------------------------------------------------------------------ rewriting
     def _apply(self, plan: _Plan, taken: set[str]) -> None:
@@ -296,16 +345,32 @@ class ConvToSeparable(Pass):
             return unique_name(f"{_PREFIX}/{label}/{what}", taken)
 
         dw_weight = gs.Constant(fresh("depthwise_weight"), plan.depthwise.astype(dtype))
-        pw_weight = gs.Constant(fresh("pointwise_weight"), plan.pointwise.reshape(*plan.pointwise.shape, *([1] * spatial)).astype(dtype))
+        pw_weight = gs.Constant(
+            fresh("pointwise_weight"),
+            plan.pointwise.reshape(*plan.pointwise.shape, *([1] * spatial)).astype(dtype),
+        )
         if plan.delta is not None:
-            bias: gs.Tensor | None = gs.Constant(fresh("pointwise_bias"), (plan.bias + plan.delta).astype(dtype))
+            bias: gs.Tensor | None = gs.Constant(
+                fresh("pointwise_bias"), (plan.bias + plan.delta).astype(dtype)
+            )
         else:
             bias = old_bias  # unchanged values: the same tensor, never a write into its array
         mid = gs.Variable(fresh("depthwise_out"), dtype=y.dtype)
         node.inputs.clear()
         node.outputs.clear()
-        depthwise = gs.Node("Conv", fresh("depthwise"), attrs={**window, "group": plan.c_in}, inputs=[x, dw_weight], outputs=[mid])
-        pointwise = gs.Node("Conv", fresh("pointwise"), attrs={"kernel_shape": [1] * spatial},
-                            inputs=[mid, pw_weight] + ([bias] if bias is not None else []), outputs=[y])
+        depthwise = gs.Node(
+            "Conv",
+            fresh("depthwise"),
+            attrs={**window, "group": plan.c_in},
+            inputs=[x, dw_weight],
+            outputs=[mid],
+        )
+        pointwise = gs.Node(
+            "Conv",
+            fresh("pointwise"),
+            attrs={"kernel_shape": [1] * spatial},
+            inputs=[mid, pw_weight] + ([bias] if bias is not None else []),
+            outputs=[y],
+        )
         index = next(i for i, n in enumerate(graph.nodes) if n is node)
-        graph.nodes[index:index + 1] = [depthwise, pointwise]
+        graph.nodes[index : index + 1] = [depthwise, pointwise]

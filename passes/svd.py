@@ -1,16 +1,13 @@
-"""svd: factor the constant weight of a Gemm, MatMul or Conv into two thinner layers through a truncated SVD."""
+"""svd: factor the constant weight of a Gemm, MatMul or Conv into two thinner layers by a truncated SVD."""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
-from nnopt.analysis.selection import is_selected
-from nnopt.ir.model import Model
 from nnopt.passes._lowrank import (
     RankRule,
     channel_rows,
@@ -30,6 +27,9 @@ from nnopt.passes._lowrank import (
     thin_svd,
 )
 from nnopt.passes.constants_to_initializers import constant_array, is_onnx_op, taken_names, unique_name
+
+from nnopt.analysis.selection import is_selected
+from nnopt.ir.model import Model
 from nnopt.pipeline.base import Pass, PassContext, PassOptions, PassResult
 
 _PREFIX = "svd"
@@ -42,23 +42,35 @@ class SvdOptions(PassOptions):
     rank: int | None = field(default=None, metadata={"help": "rank r kept (capped at the full rank)"})
     energy: float | None = field(
         default=None,
-        metadata={"help": "smallest r keeping this fraction of the squared singular values (the default, 0.99, "
-                          "when rank, energy and max_error are unset)"},
+        metadata={
+            "help": "smallest r keeping this fraction of the squared singular values (the default, 0.99, "
+            "when rank, energy and max_error are unset)"
+        },
     )
     max_error: float | None = field(
         default=None, metadata={"help": "smallest r whose relative weight error ‖W − Ŵ‖/‖W‖ is at most this"}
     )
     min_param_saving: float = field(
         default=0.1,
-        metadata={"help": "rewrite a layer only where its weight params drop by at least this fraction "
-                          "(negative values allow growth)"},
+        metadata={
+            "help": "rewrite a layer only where its weight params drop by at least this fraction "
+            "(negative values allow growth)"
+        },
     )
     data_aware: bool = field(
         default=True,
-        metadata={"help": "with reference data (--data), refit the second factor (and bias) by least squares on "
-                          "the layer's real inputs, minimising its output error"},
+        metadata={
+            "help": "with reference data (--data), refit the second factor (and bias) by least squares on "
+            "the layer's real inputs, minimising its output error"
+        },
     )
-    nodes: tuple[str, ...] = field(default=(), metadata={"help": "only these layers: shell patterns over node names (an unnamed node goes by its output's name); default all"})
+    nodes: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "only these layers: shell patterns over node names (an unnamed node goes by its "
+            "output's name); default all"
+        },
+    )
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "never these layers (shell patterns)"})
 
     def __post_init__(self) -> None:
@@ -67,7 +79,7 @@ class SvdOptions(PassOptions):
 
 
 class _Decline(Exception):
-    """Raised inside the pass (never escapes it) with the reason a layer stays as it is, and figures if known."""
+    """Raised inside the pass (never escapes it) with why a layer stays as it is, and figures if known."""
 
     def __init__(self, reason: str, figures: dict[str, Any] | None = None) -> None:
         super().__init__(reason)
@@ -110,7 +122,7 @@ def _float_weight(node: gs.Node, index: int, what: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- op rules
 @dataclass(frozen=True)
 class _Rule:
-    """How one op type is read as ``x · M``, how to compute (Z, Y) rows from its input, and how to rewrite it."""
+    """How one op type reads as ``x · M``, yields (Z, Y) rows from its input, and is rewritten."""
 
     read: Callable[[gs.Graph, gs.Node, int], _Layer]
     rows: Callable[[_Layer, list[np.ndarray], int], list[tuple[np.ndarray, np.ndarray]]]
@@ -162,7 +174,11 @@ def _emit_gemm(layer: _Layer, fresh: Callable[[str], str], opset: int) -> list[g
     second_attrs = {"beta": beta} if c is not None else {}
     if layer.delta is not None:
         # beta·C + δ folds into a new C read with beta = 1 (C's own array is never written).
-        base = np.zeros(layer.delta.shape) if c is None else beta * np.asarray(constant_array(c), dtype=np.float64)
+        base = (
+            np.zeros(layer.delta.shape)
+            if c is None
+            else beta * np.asarray(constant_array(c), dtype=np.float64)
+        )
         c = gs.Constant(fresh("second_bias"), (base + layer.delta).astype(layer.dtype))
         second_attrs = {"beta": 1.0}
     left = gs.Constant(fresh("first_weight"), layer.left.astype(layer.dtype))
@@ -260,8 +276,13 @@ def _emit_conv(layer: _Layer, fresh: Callable[[str], str], opset: int) -> list[g
     node.outputs.clear()
     return [
         gs.Node("Conv", fresh("first"), attrs={**window, "group": 1}, inputs=[x, first], outputs=[mid]),
-        gs.Node("Conv", fresh("second"), attrs={"kernel_shape": [1] * len(kernel)},
-                inputs=[mid, second] + ([bias] if bias is not None else []), outputs=[y]),
+        gs.Node(
+            "Conv",
+            fresh("second"),
+            attrs={"kernel_shape": [1] * len(kernel)},
+            inputs=[mid, second] + ([bias] if bias is not None else []),
+            outputs=[y],
+        ),
     ]
 
 
@@ -324,8 +345,15 @@ class Svd(Pass):
                     # Only main-graph nodes are costed (If/Loop bodies run a data-dependent number of times).
                     self._factor(layer, rule, opts, costs if graph is model.graph else {})
                 except _Decline as why:
-                    layers.append({"node": node_label(node), "op_type": node.op, "action": "declined",
-                                   "reason": str(why), **why.figures})
+                    layers.append(
+                        {
+                            "node": node_label(node),
+                            "op_type": node.op,
+                            "action": "declined",
+                            "reason": str(why),
+                            **why.figures,
+                        }
+                    )
                     continue
                 planned.append(layer)
                 layers.append(layer.report)
@@ -333,7 +361,9 @@ class Svd(Pass):
             self._refit(model, ctx, [layer for layer in planned if layer.graph is model.graph])
             for layer in planned:
                 if layer.graph is not model.graph:
-                    layer.report.update(fit="weights", fit_note="data-aware fitting covers main-graph layers only")
+                    layer.report.update(
+                        fit="weights", fit_note="data-aware fitting covers main-graph layers only"
+                    )
         taken = taken_names(model)
         for layer in planned:
             label = layer.report["node"]
@@ -343,7 +373,7 @@ class Svd(Pass):
 
             new_nodes = layer.rule.emit(layer, fresh, model.opset)
             index = next(i for i, n in enumerate(layer.graph.nodes) if n is layer.node)
-            layer.graph.nodes[index:index + 1] = new_nodes
+            layer.graph.nodes[index : index + 1] = new_nodes
         reports = [layer.report for layer in planned]
         return PassResult(
             modified=bool(planned),
@@ -351,12 +381,16 @@ class Svd(Pass):
                 "layers_rewritten": len(planned),
                 "layers_declined": len(layers) - len(planned),
                 "params_saved": sum(r["params_before"] - r["params_after"] for r in reports),
-                "flops_saved": sum(r["flops_before"] - r["flops_after"] for r in reports if r["flops_before"] is not None),
+                "flops_saved": sum(
+                    r["flops_before"] - r["flops_after"] for r in reports if r["flops_before"] is not None
+                ),
             },
             layers=layers,
         )
 
-    def _factor(self, layer: _Layer, rule: RankRule, opts: SvdOptions, costs: dict[str, dict[str, Any]]) -> None:
+    def _factor(
+        self, layer: _Layer, rule: RankRule, opts: SvdOptions, costs: dict[str, dict[str, Any]]
+    ) -> None:
         """Choose the rank, compute L and R, and fill the layer's report; raise _Decline if not worth it."""
         n, m = layer.matrix.shape
         u, s, vt = thin_svd(layer.matrix)
@@ -384,17 +418,26 @@ class Svd(Pass):
         root = np.sqrt(s[:r])
         layer.left = u[:, :r] * root[None, :]
         layer.right = root[:, None] * vt[:r]
-        layer.report = {"node": node_label(layer.node), "op_type": layer.node.op, "action": "rewritten", **figures}
+        layer.report = {
+            "node": node_label(layer.node),
+            "op_type": layer.node.op,
+            "action": "rewritten",
+            **figures,
+        }
 
     def _refit(self, model: Model, ctx: PassContext, planned: list[_Layer]) -> None:
         """Refit R (and a bias correction) of main-graph layers on their real inputs."""
         if not planned:
             return
         try:
-            inputs = layer_inputs(model, sorted({layer.node.inputs[0].name for layer in planned}), ctx.samples)
+            inputs = layer_inputs(
+                model, sorted({layer.node.inputs[0].name for layer in planned}), ctx.samples
+            )
         except Exception as exc:  # boundary: onnxruntime on the user's model and data
             for layer in planned:
-                layer.report.update(fit="weights", fit_note=f"the reference data did not run: {first_line(exc)}")
+                layer.report.update(
+                    fit="weights", fit_note=f"the reference data did not run: {first_line(exc)}"
+                )
             return
         for layer in planned:
             try:
@@ -402,10 +445,19 @@ class Svd(Pass):
             except Exception as exc:  # boundary: onnxruntime on a probe of this layer (Conv)
                 layer.report.update(fit="weights", fit_note=f"the layer probe did not run: {first_line(exc)}")
                 continue
-            refit = refit_second_factor(pairs, layer.right, layer.bias, layer.intercept,
-                                        ctx.rng(f"{self.name}:{layer.report['node']}"))
+            refit = refit_second_factor(
+                pairs,
+                layer.right,
+                layer.bias,
+                layer.intercept,
+                ctx.rng(f"{self.name}:{layer.report['node']}"),
+            )
             layer.right, layer.delta = refit.p, refit.delta
             layer.report.update(fit_figures(refit))
+            if refit.delta is not None and not (
+                len(layer.node.inputs) > 2 and not layer.node.inputs[2].is_empty()
+            ):
+                layer.report["params_after"] += refit.delta.size  # the fitted correction becomes a new bias
             if refit.used:
                 error = np.linalg.norm(layer.left @ layer.right - layer.matrix) / np.linalg.norm(layer.matrix)
                 layer.report["weight_error_refit"] = round(float(error), 6)
