@@ -1,12 +1,13 @@
-"""kmeans: share each weight tensor's values among 2^bits k-means centroids, stored as a codebook plus indices."""
+"""kmeans: share each weight tensor's values among 2^bits k-means centroids, stored as codebook plus indices."""
 
 from __future__ import annotations
 
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -16,7 +17,13 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from nnopt.analysis.selection import is_selected
 from nnopt.errors import OptionError
 from nnopt.ir.model import Model, replace_tensor
-from nnopt.passes.constants_to_initializers import constant_array, constant_node_payload, is_onnx_op, taken_names, unique_name
+from nnopt.passes.constants_to_initializers import (
+    constant_array,
+    constant_node_payload,
+    is_onnx_op,
+    taken_names,
+    unique_name,
+)
 from nnopt.pipeline.base import Pass, PassContext, PassOptions, PassResult
 
 _PREFIX = "kmeans"
@@ -35,27 +42,30 @@ MIN_BINS = 1 << 12
 #: Elements per block when mapping a large tensor to its clusters, to bound the temporary memory.
 _BLOCK = 1 << 22
 
-_ONNX_DTYPE: dict[Any, int] = {
-    np.dtype(np.float16): onnx.TensorProto.FLOAT16,
-    np.dtype(np.float32): onnx.TensorProto.FLOAT,
-    np.dtype(np.float64): onnx.TensorProto.DOUBLE,
-}
+#: Weight dtypes the pass shares (bfloat16 and float8 have no numpy dtype to cluster in).
+_FLOAT_DTYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
 
 
 @dataclass(frozen=True)
 class KMeansOptions(PassOptions):
     bits: int = field(
         default=8,
-        metadata={"help": "index width: k = 2^bits shared values per codebook (1-8). 8 keeps the outputs of "
-                          "every model measured within 1e-2 relative error; 4 and below trade accuracy for size"},
+        metadata={"help": "index width: k = 2^bits shared values per codebook (1-8). 8 kept the outputs of the "
+                          "real models measured at cosine >= 0.9997 for a quarter of the size; 4 and below "
+                          "trade accuracy for size (see docs/kmeans.md)"},
     )
     per_channel: bool = field(
         default=False,
         metadata={"help": "one codebook per output channel (Conv axis 0, ConvTranspose axis 1, Gemm axis 0 "
-                          "with transB else 1, MatMul last axis; other initializers axis 0) instead of one per tensor"},
+                          "with transB else 1, MatMul last axis; other initializers axis 0) instead of one per "
+                          "tensor"},
     )
-    nodes: tuple[str, ...] = field(default=(), metadata={"help": "only weights read by these nodes (shell patterns; default all)"})
-    exclude: tuple[str, ...] = field(default=(), metadata={"help": "never weights read by these nodes (shell patterns)"})
+    nodes: tuple[str, ...] = field(
+        default=(), metadata={"help": "only weights whose readers all match these (shell patterns; default all)"}
+    )
+    exclude: tuple[str, ...] = field(
+        default=(), metadata={"help": "never weights read by a node matching these (shell patterns)"}
+    )
     min_size: int = field(default=1024, metadata={"help": "leave tensors with fewer elements than this alone"})
     all_initializers: bool = field(
         default=False,
@@ -83,7 +93,14 @@ class KMeansOptions(PassOptions):
 
 
 class _Decline(Exception):
-    """Raised inside the pass (never escapes it) with the reason a weight stays as it is."""
+    """Raised inside the pass (never escapes it) with the reason a weight stays as it is.
+
+    ``quiet`` declines are not reported: small constants that only ``all_initializers`` looked at.
+    """
+
+    def __init__(self, reason: str, quiet: bool = False) -> None:
+        super().__init__(reason)
+        self.quiet = quiet
 
 
 # ---------------------------------------------------------------------------------------------- clustering
@@ -109,8 +126,8 @@ def cluster_values(values: np.ndarray, k: int, *, keep_zeros: bool, seed: int) -
 
     Zeros get their own exact 0 centroid when ``keep_zeros`` (and are left out of the clustering). A tensor
     with at most k distinct values keeps them exactly. Otherwise scikit-learn's KMeans (k-means++,
-    ``random_state=seed``) runs on the sorted distinct values weighted by their counts, or, for tensors with
-    more distinct values than ``HISTOGRAM_BUDGET // k``, on a uniform histogram of the values (bin means
+    ``random_state=seed``) runs on the distinct values weighted by their counts, or, when there are more
+    of them than the bin count (see ``HISTOGRAM_BUDGET``), on uniform bins of the value range (bin means
     weighted by bin counts). Each centroid is then replaced by the exact mean of the values assigned to it.
     """
     zero = values == 0 if keep_zeros else None
@@ -130,16 +147,17 @@ def cluster_values(values: np.ndarray, k: int, *, keep_zeros: bool, seed: int) -
     else:
         centroids, rest_codes = _kmeans_1d(rest, ordered, starts, free, seed)
         exact = False
-    offset = int(has_zero)
     if has_zero:
-        codes[~zero] = rest_codes + offset
+        codes[~zero] = rest_codes + 1  # index 0 is the reserved exact zero
         centroids = np.concatenate(([0.0], centroids))
     else:
         codes[:] = rest_codes
     return Clustering(centroids, codes, exact, distinct)
 
 
-def _kmeans_1d(rest: np.ndarray, ordered: np.ndarray, starts: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _kmeans_1d(
+    rest: np.ndarray, ordered: np.ndarray, starts: np.ndarray, k: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Centroids (exact cluster means, ascending) and per-value cluster indices of ``rest``."""
     bins = min(MAX_BINS, max(MIN_BINS, HISTOGRAM_BUDGET // k))
     if starts.size <= bins:
@@ -224,8 +242,8 @@ class _Builder:
         self.constants.append(const)
         return const
 
-    def op(self, op: str, inputs: list[gs.Tensor], dtype: Any, shape: tuple[int, ...] | None, **attrs: Any) -> gs.Variable:
-        out = gs.Variable(self.name(op.lower()), dtype=dtype, shape=list(shape) if shape is not None else None)
+    def op(self, op: str, inputs: list[gs.Tensor], dtype: Any, shape: tuple[int, ...], **attrs: Any) -> gs.Variable:
+        out = gs.Variable(self.name(op.lower()), dtype=dtype, shape=list(shape))
         self.nodes.append(gs.Node(op, self.name(op), attrs=attrs, inputs=inputs, outputs=[out]))
         return out
 
@@ -328,9 +346,11 @@ def _bitpack_build(b: _Builder, codes: np.ndarray, bits: int, model: Model) -> g
     indices = b.op("Cast", [fields], np.int32, (words, per), to=onnx.TensorProto.INT32)
     if words * per != flat.size:
         # The last word has unused fields: flatten and cut them off before taking the weight's shape.
-        indices = b.op("Reshape", [indices, b.const("flat_shape", np.array([-1], dtype=np.int64))], np.int32, (words * per,))
-        indices = b.op("Slice", [indices, b.const("starts", np.array([0], dtype=np.int64)),
-                                 b.const("ends", np.array([flat.size], dtype=np.int64))], np.int32, (flat.size,))
+        flat_shape = b.const("flat_shape", np.array([-1], dtype=np.int64))
+        indices = b.op("Reshape", [indices, flat_shape], np.int32, (words * per,))
+        starts = b.const("starts", np.array([0], dtype=np.int64))
+        ends = b.const("ends", np.array([flat.size], dtype=np.int64))
+        indices = b.op("Slice", [indices, starts, ends], np.int32, (flat.size,))
     shape = b.const("shape", np.array(codes.shape, dtype=np.int64))
     return b.op("Reshape", [indices, shape], np.int32, codes.shape)
 
@@ -406,8 +426,8 @@ class _Weight:
 
     graph: gs.Graph
     tensor: gs.Tensor
-    #: The nodes that made it a candidate, each with the rule giving its output-channel axis.
-    slots: list[tuple[gs.Node, Callable[[gs.Node, int], int | None]]]
+    #: The nodes that made it a candidate, each with the input index and the rule giving its channel axis.
+    slots: list[tuple[gs.Node, int, Callable[[gs.Node, int], int | None]]]
     entry: dict[str, Any]
 
     @property
@@ -428,7 +448,7 @@ def _is_float_constant(tensor: gs.Tensor) -> bool:
     values = constant_node_payload(tensor.inputs[0]) if len(tensor.inputs) == 1 else tensor
     if not isinstance(values, (gs.Constant, np.ndarray)) or values.dtype is None:
         return False
-    return np.dtype(values.dtype) in _ONNX_DTYPE
+    return np.dtype(values.dtype) in _FLOAT_DTYPES
 
 
 def _distinct(values: np.ndarray) -> int:
@@ -492,7 +512,8 @@ class KMeansWeightSharing(Pass):
                 try:
                     nodes = self._rewrite(model, weight, opts, ctx, taken)
                 except _Decline as why:
-                    layers.append({**weight.entry, "action": "declined", "reason": str(why)})
+                    if not why.quiet:
+                        layers.append({**weight.entry, "action": "declined", "reason": str(why)})
                     continue
                 layers.append(weight.entry)
                 first = min(readers, key=lambda n: positions[id(n)])
@@ -546,7 +567,7 @@ class KMeansWeightSharing(Pass):
                     if weight is None:
                         entry = {"node": _node_label(node), "op_type": node.op, "tensor": tensor.name}
                         weight = found[id(tensor)] = _Weight(graph, tensor, [], entry)
-                    weight.slots.append((node, axis_of))
+                    weight.slots.append((node, index, axis_of))
         return list(found.values())
 
     def _check(self, model: Model, weight: _Weight, opts: KMeansOptions) -> np.ndarray:
@@ -554,14 +575,16 @@ class KMeansWeightSharing(Pass):
         if values is None:
             raise _Decline("weight is not a constant")
         values = np.asarray(values)
-        if values.dtype not in _ONNX_DTYPE:
+        if values.dtype not in _FLOAT_DTYPES:
             raise _Decline(f"weight is {values.dtype}, not float16/32/64")
         if values.size < opts.min_size:
-            raise _Decline(f"{values.size} elements, below min_size={opts.min_size}")
+            # Biases, scales and scalars are many and never worth a line each.
+            quiet = not any(WEIGHT_INPUTS.get(node.op, (None,))[0] == index for node, index, _ in weight.slots)
+            raise _Decline(f"{values.size} elements, below min_size={opts.min_size}", quiet=quiet)
         readers = weight.readers
-        unselected = [_node_label(n) for n in readers if not is_selected(n.name or "", opts.nodes, opts.exclude)]
+        unselected = [n for n in readers if not is_selected(n.name or "", opts.nodes, opts.exclude)]
         if unselected:
-            raise _Decline(f"also read by unselected node {unselected[0]}")
+            raise _Decline(f"also read by unselected node {_node_label(unselected[0])}")
         in_graph = {id(n) for n in weight.graph.nodes}
         if any(id(r) not in in_graph for r in readers):
             raise _Decline("read from more than one graph")
@@ -572,17 +595,20 @@ class KMeansWeightSharing(Pass):
         return values
 
     # ------------------------------------------------------------------------------------------ rewriting
-    def _rewrite(self, model: Model, weight: _Weight, opts: KMeansOptions, ctx: PassContext, taken: set[str]) -> list[gs.Node]:
+    def _rewrite(
+        self, model: Model, weight: _Weight, opts: KMeansOptions, ctx: PassContext, taken: set[str]
+    ) -> list[gs.Node]:
         """Cluster one weight, build its decoder and point its readers at it; return the decoder's nodes."""
         values = self._check(model, weight, opts)
         entry = weight.entry
         n = values.size
         fmt_name = choose_format(opts.storage, opts.bits, n, model)
-        axes = {axis_of(node, values.ndim) for node, axis_of in weight.slots}
+        axes = {axis_of(node, values.ndim) for node, _, axis_of in weight.slots}
         axis = next(iter(axes)) if len(axes) == 1 else None
         per_channel = opts.per_channel and axis is not None
         if opts.per_channel and not per_channel:
-            entry["note"] = "per tensor: its readers disagree on the channel axis" if len(axes) > 1 else "per tensor: no channel axis"
+            why = "its readers disagree on the channel axis" if len(axes) > 1 else "it has no channel axis"
+            entry["note"] = f"per tensor: {why}"
         k = 1 << opts.bits
         dtype = values.dtype
         work = values.astype(np.float32) if dtype == np.float16 else values  # sort and bin in 32 bits at least
@@ -618,13 +644,14 @@ class KMeansWeightSharing(Pass):
             offsets_shape[axis] = codebook.shape[0]
             offsets = (np.arange(codebook.shape[0], dtype=np.int32) * codebook.shape[1]).reshape(offsets_shape)
             indices = b.op("Add", [indices, b.const("channel_offsets", offsets)], np.int32, values.shape)
-        decoded = b.op("Gather", [b.const("codebook", stored_codebook.reshape(-1)), indices], dtype, values.shape)
+        table = b.const("codebook", stored_codebook.reshape(-1))
+        decoded = b.op("Gather", [table, indices], dtype, values.shape)
         bytes_before = n * dtype.itemsize
         bytes_after = sum(_stored_bytes(c) for c in b.constants)
         entry.update({
             "bits": opts.bits,
             "k": int(codebook.shape[1]),
-            "granularity": f"per channel (axis {axis}, {codebook.shape[0]} codebooks)" if per_channel else "per tensor",
+            "granularity": f"per channel (axis {axis}, {len(codebook)} codebooks)" if per_channel else "per tensor",
             "storage": FORMATS[fmt_name].describe(opts.bits, model),
             "elements": int(n),
             "distinct_before": distinct,
@@ -638,7 +665,8 @@ class KMeansWeightSharing(Pass):
             "seconds": round(seconds, 4),
         })
         if bytes_after >= bytes_before:
-            raise _Decline(f"codebook and indices ({bytes_after} bytes) would not be smaller than the weight ({bytes_before})")
+            raise _Decline(f"codebook and indices ({bytes_after} bytes) would not be smaller than the weight "
+                           f"({bytes_before})")
         replace_tensor(weight.graph, weight.tensor, decoded)
         entry["action"] = "rewritten"
         return b.nodes

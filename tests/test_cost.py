@@ -175,6 +175,44 @@ def test_int4_weight_bytes_are_packed_and_int64_is_not_a_param():
     assert report.totals["weight_bytes"] == 4 + 4 + 16
 
 
+def _decoder(prefix: str, indices_shape: list[int]) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """codebook [4] float, indices uint8 ─ Cast(int32) ─ Gather(codebook, ·) ─ ``prefix``w: a k-means weight."""
+    nodes = [
+        helper.make_node("Cast", [f"{prefix}idx"], [f"{prefix}i32"], to=TensorProto.INT32),
+        helper.make_node("Gather", [f"{prefix}cb", f"{prefix}i32"], [f"{prefix}w"]),
+    ]
+    inits = [weight(f"{prefix}cb", [4]), weight(f"{prefix}idx", indices_shape, np.uint8)]
+    return nodes, inits
+
+
+def test_decoded_weight_counts_its_elements_as_params_and_stored_bytes():
+    # Main graph: x [2,6] ─ MatMul(Gather(codebook [4], Cast(indices [6,5] uint8))) ─ y [2,5].
+    nodes, inits = _decoder("", [6, 5])
+    nodes.append(helper.make_node("MatMul", ["x", "w"], ["y"]))
+    report = analyze(make_model(nodes, [vi("x", [2, 6])], [vi("y", None)], inits))
+    assert report.totals["params"] == 30  # the 6×5 weight, not 30 indices + 4 codebook values
+    assert report.totals["weight_bytes"] == 30 + 16  # uint8 indices + float codebook, as stored
+    assert node_by_op(report, "Gather")["params"] == 30
+    assert node_by_op(report, "Cast")["params"] == 0 and node_by_op(report, "Cast")["weight_bytes"] == 30
+    assert node_by_op(report, "MatMul")["params"] == 0
+
+    # The same decoder inside an If body: the If node's params are the decoded elements too.
+    body_nodes, body_inits = _decoder("b", [3, 3])
+    body_nodes.append(helper.make_node("MatMul", ["x3", "bw"], ["t"]))
+    then_graph = helper.make_graph(body_nodes, "then", [], [vi("t", [1, 3])], body_inits)
+    else_graph = helper.make_graph([helper.make_node("Identity", ["x3"], ["e"])], "else", [], [vi("e", [1, 3])])
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)
+    report = analyze(make_model([node], [vi("cond", [], TensorProto.BOOL), vi("x3", [1, 3])], [vi("y", [1, 3])]))
+    assert node_by_op(report, "If")["params"] == 9
+    assert report.totals["params"] == 9 and report.totals["weight_bytes"] == 9 + 16
+
+    # A codebook that is also read elsewhere keeps its params there.
+    nodes, inits = _decoder("", [6, 5])
+    nodes += [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["cb", "cb"], ["y2"])]
+    report = analyze(make_model(nodes, [vi("x", [2, 6])], [vi("h", None), vi("y2", None)], inits))
+    assert report.totals["params"] == 30 + 4
+
+
 def test_shared_initializer_counted_once_in_totals():
     nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["y"])]
     report = analyze(make_model(nodes, [vi("x", [1, 4])], [vi("y", None)], [weight("W", [4, 4])]))

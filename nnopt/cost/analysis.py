@@ -85,7 +85,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -366,7 +366,7 @@ def _cost_nodes(
 
         read = {n: consts[n] for n in node.input if n in consts}
         if _has_subgraph(node):
-            read.update(_subgraph_constants(node, consts, findings))
+            read.update(_subgraph_constants(node, consts, findings, infos))
         # A decoder's stored constants count their bytes; the weight it makes counts as its params.
         logical = decoded.get(node.output[0], 0) if node.output else 0
         params = sum(c.params for n, c in read.items() if n not in storage) + logical
@@ -590,7 +590,21 @@ def _infer_shapes(
         info = _info_from_value_info(vi)
         if info is not None and (info.shape is not None or vi.name not in infos):
             infos[vi.name] = info
+    # Subgraph bodies get value_info too; their names are distinct from the main graph's (ONNX is SSA
+    # across scopes). Only the decoded-weight rule reads them.
+    for body in list(_iter_bodies(light.graph)):
+        for vi in body.value_info:
+            info = _info_from_value_info(vi)
+            if info is not None and vi.name not in infos:
+                infos[vi.name] = info
     return infos
+
+
+def _iter_bodies(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    for node in graph.node:
+        for body in _subgraphs(node):
+            yield body
+            yield from _iter_bodies(body)
 
 
 def _stripped(tensor: onnx.TensorProto) -> onnx.TensorProto:
@@ -790,12 +804,16 @@ def _const_from_constant_of_shape(
 
 
 def _subgraph_constants(
-    node: onnx.NodeProto, outer: dict[str, _Const], findings: _Findings
+    node: onnx.NodeProto, outer: dict[str, _Const], findings: _Findings, infos: dict[str, TensorInfo]
 ) -> dict[str, _Const]:
-    """The constants an If/Loop/Scan node's bodies read: outer-scope ones and the bodies' own."""
+    """The constants an If/Loop/Scan node's bodies read: outer-scope ones and the bodies' own.
+
+    Weights decoded inside a body appear as constants named after the decoder's output, with the decoded
+    elements as params and 0 bytes; the constants only those decoders read count 0 params.
+    """
     found: dict[str, _Const] = {}
     for graph in _subgraphs(node):
-        _walk_subgraph(graph, node.op_type, outer, found, findings)
+        _walk_subgraph(graph, node.op_type, outer, found, findings, infos)
     return found
 
 
@@ -805,6 +823,7 @@ def _walk_subgraph(
     outer: dict[str, _Const],
     found: dict[str, _Const],
     findings: _Findings,
+    infos: dict[str, TensorInfo],
 ) -> None:
     local = {t.name: _const_from_tensor(t) for t in graph.initializer}
     for sub in graph.node:
@@ -815,12 +834,16 @@ def _walk_subgraph(
     findings.subgraph_nodes += len(graph.node)
     findings.subgraph_ops[owner] += 1
     scope = {**outer, **local} if local else outer
+    decoded, storage = _decoded_weights(list(graph.node), scope, infos)
     for sub in graph.node:
         for name in sub.input:
             if name in scope:
-                found[name] = scope[name]
+                found[name] = replace(scope[name], params=0) if name in storage else scope[name]
         for body in _subgraphs(sub):
-            _walk_subgraph(body, owner, scope, found, findings)
+            _walk_subgraph(body, owner, scope, found, findings, infos)
+    for name, elements in decoded.items():
+        info = infos[name]
+        found[name] = _Const(info.dtype, info.shape, 0, elements, lambda: None)
 
 
 def _decoded_weights(
