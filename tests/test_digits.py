@@ -9,9 +9,12 @@ The model was trained by examples/digits/train_digits_cnn.py (torch, training on
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -96,16 +99,18 @@ def test_test_split_is_a_valid_data_file():
     assert samples[0]["x"].shape == (1, 1, 8, 8)
 
 
-def test_compression_benchmark_measures_the_digits_cnn(tmp_path, monkeypatch):
-    """benchmarks/compression.py on the digits CNN: real figures for what runs, a row for what is missing."""
-    import importlib.util
-    import json
-
+def _load_benchmark(monkeypatch: pytest.MonkeyPatch) -> Any:
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "compression.py"
     spec = importlib.util.spec_from_file_location("compression_benchmark", script)
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_compression_benchmark_measures_the_digits_cnn(tmp_path, monkeypatch):
+    """benchmarks/compression.py on the digits CNN: real figures for what runs, a row for what is missing."""
+    bench = _load_benchmark(monkeypatch)
     out = tmp_path / "compression"
     argv = ["--models", "digits", "--settings", "default", "default+no-such-pass:bits=4",
             "--runs", "2", "--rounds", "1", "--out", str(out)]
@@ -127,3 +132,27 @@ def test_compression_benchmark_measures_the_digits_cnn(tmp_path, monkeypatch):
     table = out.with_suffix(".md").read_text()
     assert "| `default` | applied | 443.8 (0.991) |" in table
     assert "| `default+no-such-pass:bits=4` | not available |" in table
+    # --render rewrites the table from the JSON alone, the same as the run wrote it.
+    out.with_suffix(".md").unlink()
+    assert bench.main(["--render", str(out.with_suffix(".json"))]) == 0
+    assert out.with_suffix(".md").read_text() == table
+
+
+@pytest.mark.slow
+def test_compression_benchmark_on_a_real_model(tmp_path, monkeypatch):
+    """The benchmark on a real model (PP-OCR's direction classifier: weights in Constant nodes)."""
+    from realmodels import REAL_MODELS
+
+    if next(m for m in REAL_MODELS if m.key == "ppocr_cls").path() is None:
+        pytest.skip("rapidocr-onnxruntime is not installed (pip install --no-deps -r tests/real-models.txt)")
+    bench = _load_benchmark(monkeypatch)
+    out = tmp_path / "compression"
+    assert bench.main(["--models", "ppocr_cls", "--settings", "default", "--runs", "2", "--rounds", "1",
+                       "--out", str(out)]) == 0
+    (cls,) = json.loads(out.with_suffix(".json").read_text())["models"]
+    original, (default,) = cls["original"], cls["settings"]
+    assert cls["samples"] == 8 and original["params"] == 133_700
+    # The default pipeline turns the Constant-node weights into initializers and folds the BatchNorms.
+    assert default["status"] == "applied" and default["params"] < original["params"]
+    assert default["flops"] < original["flops"] and default["bytes"] < original["bytes"]
+    assert default["top1_agreement"] == 1.0 and default["cosine_similarity"] > 0.99999
