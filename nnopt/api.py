@@ -30,6 +30,10 @@ def build_passes(specs: Sequence[PassSpec] | None, plugins: Plugins) -> tuple[li
                 passes.append(spec)
                 continue
             name, values = parse_pass_spec(spec) if isinstance(spec, str) else spec
+            if name == "default" and not values:
+                # `-p default -p kmeans:bits=4`: the lossless clean-ups, then what the user adds.
+                passes += [get_pass_class(plugins, n)() for n in DEFAULT_PIPELINE if n in plugins.passes]
+                continue
             passes.append(instantiate(get_pass_class(plugins, name), values))
     return passes, not any(p.lossy for p in passes)
 

@@ -186,3 +186,11 @@ def test_analyze_measure_with_data(tmp_path, capsys):
     assert code == 0, err
     out = json.loads(stdout)
     assert out["measured"]["runs"] == 3 and out["totals"]["measured_latency_s"] > 0
+
+
+def test_default_can_start_an_explicit_pipeline(tmp_path, capsys):
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    code, _, err = _run(capsys, "optimize", str(EXAMPLE), "-o", str(out), "-p", "default", "-p", "dce", "--report", str(rep))
+    assert code == 0, err
+    names = [p["name"] for p in json.loads(rep.read_text())["passes"]]
+    assert names == ["constants-to-initializers", "dce", "fold-constants", "remove-noops", "fold-batchnorm", "dce", "dce"]
