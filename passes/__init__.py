@@ -14,6 +14,8 @@ def nnopt_register_passes() -> list[type[Pass]]:
     from nnopt.passes.fold_batchnorm import FoldBatchNorm
     from nnopt.passes.fold_constants import FoldConstants
     from nnopt.passes.kmeans import KMeansWeightSharing
+    from nnopt.passes.prune import Prune
+    from nnopt.passes.quantize import Quantize
     from nnopt.passes.remove_noops import RemoveNoops
     from nnopt.passes.svd import Svd
 
@@ -26,4 +28,6 @@ def nnopt_register_passes() -> list[type[Pass]]:
         ConvToSeparable,
         Svd,
         KMeansWeightSharing,
+        Prune,
+        Quantize,
     ]
