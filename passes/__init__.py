@@ -15,6 +15,7 @@ def nnopt_register_passes() -> list[type[Pass]]:
     from nnopt.passes.fold_constants import FoldConstants
     from nnopt.passes.kmeans import KMeansWeightSharing
     from nnopt.passes.prune import Prune
+    from nnopt.passes.quantize import Quantize
     from nnopt.passes.remove_noops import RemoveNoops
     from nnopt.passes.svd import Svd
 
@@ -28,4 +29,5 @@ def nnopt_register_passes() -> list[type[Pass]]:
         Svd,
         KMeansWeightSharing,
         Prune,
+        Quantize,
     ]

@@ -1,0 +1,212 @@
+"""Helpers of the quantize pass: onnxruntime calibration and QDQ placement, weight-only QDQ, per-layer SQNR."""
+
+from __future__ import annotations
+
+import heapq
+import math
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+#: Ops whose presence means the model is already quantized (any domain: ONNX and com.microsoft).
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+    "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
+    "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSoftmax", "QGemm",
+    "QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "QOrderedMatMul",
+})
+
+#: Per op type: (index of the weight input, function (node attributes) → output-channel axis of it).
+#: The axis is the one that per-channel scales run along: the output channels.
+WEIGHT_AXIS: dict[str, tuple[int, Any]] = {
+    "Conv": (1, lambda attrs: 0),
+    "ConvTranspose": (1, lambda attrs: 1),
+    "Gemm": (1, lambda attrs: 0 if attrs.get("transB", 0) else 1),
+    "MatMul": (1, lambda attrs: -1),
+}
+
+
+def quantized_ops_present(proto: onnx.ModelProto) -> list[str]:
+    """The distinct already-quantized op types in the main graph, sorted."""
+    return sorted({n.op_type for n in proto.graph.node if n.op_type in QUANTIZED_OPS})
+
+
+class _SampleReader:
+    """An onnxruntime ``CalibrationDataReader`` over in-memory feed dicts (restartable with ``rewind``)."""
+
+    def __init__(self, samples: Sequence[dict[str, np.ndarray]]) -> None:
+        self._samples = list(samples)
+        self._it: Iterator[dict[str, np.ndarray]] = iter(self._samples)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self._samples)
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+
+def calibrate(proto: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], method: str,
+              op_types: Sequence[str]) -> Any:
+    """Activation ranges (onnxruntime ``TensorsData``) from onnxruntime's own calibrators on ``samples``.
+
+    ``method`` is minmax, percentile (99.999th) or entropy.
+    """
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    # NOTE: onnxruntime's calibrators only take a model path and write an augmented copy beside it, so
+    # this one step goes through a private temporary folder (removed on return).
+    with tempfile.TemporaryDirectory(prefix="nnopt-quantize-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save_model(proto, path.as_posix(), save_as_external_data=proto.ByteSize() > 1_800_000_000)
+        calibrator = create_calibrator(path, list(op_types), augmented_model_path=(Path(tmp) / "aug.onnx").as_posix(),
+                                       calibrate_method=methods[method])
+        calibrator.collect_data(_SampleReader(samples))
+        ranges = calibrator.compute_data()
+        del calibrator
+    return ranges
+
+
+def place_qdq(proto: onnx.ModelProto, ranges: Any, *, per_channel: bool, activation_type: str,
+              nodes_to_quantize: Sequence[str], nodes_to_exclude: Sequence[str],
+              op_types: Sequence[str]) -> onnx.ModelProto:
+    """QDQ placement by onnxruntime's ``QDQQuantizer`` (the engine behind ``quantize_static``), in memory.
+
+    Weights int8 symmetric (per channel when asked), activations ``activation_type`` asymmetric with the
+    given ranges; Relu/Clip after a quantized op are absorbed into the saturation of its QuantizeLinear.
+    """
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+    from onnxruntime.quantization.quant_utils import QuantType
+
+    act = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activation_type]
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    quantizer = QDQQuantizer(inferred, per_channel, False, QuantType.QInt8, act, ranges,
+                             list(nodes_to_quantize), list(nodes_to_exclude), list(op_types),
+                             {"WeightSymmetric": True})
+    quantizer.quantize_model()
+    out = quantizer.model.model
+    _float_inputs_for(out.graph, set(nodes_to_exclude), {t.name for t in proto.graph.initializer})
+    toposort(out.graph)
+    # Shapes inferred for placement are not part of the result (the input had only its own value_info).
+    keep = {v.name for v in proto.graph.value_info}
+    kept = [v for v in out.graph.value_info if v.name in keep]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(kept)
+    return out
+
+
+def _float_inputs_for(graph: onnx.GraphProto, excluded: set[str], original_inits: set[str]) -> None:
+    """Let excluded nodes read float activations, and drop the QDQ pairs and scales nobody reads then.
+
+    onnxruntime's quantizer quantizes the output of a quantized op even when its reader is excluded (so
+    the producer can fuse), and the excluded reader then sees the rounded DequantizeLinear output; an
+    excluded layer is meant to run exactly as in float, so it is rewired to the tensor before the pair.
+    """
+    producer = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.name not in excluded or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producer.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[i] = q.input[0]
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {x for n in graph.node for x in n.input}
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in read or o in outputs for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    read = {x for n in graph.node for x in n.input}
+    unused = [t for t in graph.initializer if t.name not in read and t.name not in original_inits]
+    for t in unused:
+        graph.initializer.remove(t)
+
+
+def toposort(graph: onnx.GraphProto) -> None:
+    """Order ``graph``'s nodes topologically, in place (stable: ties keep their order).
+
+    onnxruntime's quantizer appends the QuantizeLinear/DequantizeLinear nodes it adds at the end of the
+    node list, which onnxruntime accepts but the onnx checker does not.
+    """
+    nodes = list(graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    deps = [{producer[x] for x in n.input if x in producer} for n in nodes]
+    users: dict[int, list[int]] = {}
+    for i, ds in enumerate(deps):
+        for d in ds:
+            users.setdefault(d, []).append(i)
+    pending = [len(ds) for ds in deps]
+    ready = [i for i, count in enumerate(pending) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users.get(i, []):
+            pending[u] -= 1
+            if pending[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):  # a cycle: leave the graph as it is, the checker will say so
+        return
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
+
+
+def symmetric_int8(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 quantization of a float weight: (int8 values, float32 scales), zero point 0.
+
+    ``axis`` None gives one scale; otherwise one scale per index of that axis. Range [-127, 127], so
+    negation is exact and the zero point is 0 (what onnxruntime's int8 kernels expect of weights).
+    """
+    w = np.asarray(weight, dtype=np.float32)
+    if axis is None:
+        amax = np.array(np.abs(w).max() if w.size else 0.0, dtype=np.float32)
+    else:
+        reduce = tuple(i for i in range(w.ndim) if i != axis)
+        amax = np.abs(w).max(axis=reduce) if w.size else np.zeros(w.shape[axis], np.float32)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    if axis is not None:
+        shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def sqnr_db(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:
+    """Signal-to-quantization-noise ratio in dB over all samples (inf when identical)."""
+    signal = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in reference)
+    noise = sum(float(np.sum((np.asarray(r, np.float64) - np.asarray(c, np.float64)) ** 2))
+                for r, c in zip(reference, candidate))
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def own_sqnr_db(out_db: float, in_db: float) -> float:
+    """The SQNR a layer adds by itself, from the cumulative SQNR of its output and of its input.
+
+    Noise-to-signal ratios add along a chain (to first order, for a layer that keeps the signal's scale),
+    so the layer's own NSR is NSR(out) - NSR(in); a layer that lowers the error gets +inf.
+    """
+    nsr_out = 10.0 ** (-out_db / 10.0) if math.isfinite(out_db) else (0.0 if out_db > 0 else math.inf)
+    nsr_in = 10.0 ** (-in_db / 10.0) if math.isfinite(in_db) else (0.0 if in_db > 0 else math.inf)
+    own = nsr_out - nsr_in
+    if not math.isfinite(own):
+        return -math.inf
+    return math.inf if own <= 0 else -10.0 * math.log10(own)
