@@ -8,6 +8,9 @@ from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from nnopt.analysis.selection import is_selected
+from nnopt.ir.model import Model
 from nnopt.passes._lowrank import (
     RankRule,
     channel_rows,
@@ -26,9 +29,6 @@ from nnopt.passes._lowrank import (
     scaled_flops,
 )
 from nnopt.passes.constants_to_initializers import constant_array, is_onnx_op, taken_names, unique_name
-
-from nnopt.analysis.selection import is_selected
-from nnopt.ir.model import Model
 from nnopt.pipeline.base import Pass, PassContext, PassOptions, PassResult
 
 _PREFIX = "conv_to_separable"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np

@@ -21,9 +21,9 @@ from nnopt.cost import (
 )
 from nnopt.cost.hardware import parse_hardware
 from nnopt.cost.timing import measure_latency
-from nnopt.runtime import DEFAULT_DYNAMIC_DIM, make_feeds, make_session
 from nnopt.errors import InputError, PluginError
 from nnopt.ir.model import load_model
+from nnopt.runtime import DEFAULT_DYNAMIC_DIM, make_feeds, make_session
 
 F = TensorProto.FLOAT
 

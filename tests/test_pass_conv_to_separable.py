@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from nnopt.passes.conv_to_separable import ConvToSeparable, ConvToSeparableOptions
 
 from nnopt.api import optimize
 from nnopt.cost import analyze
 from nnopt.errors import OptionError
 from nnopt.ir.model import load_model
+from nnopt.passes.conv_to_separable import ConvToSeparable, ConvToSeparableOptions
 from nnopt.pipeline.base import PassContext
 from nnopt.pipeline.manager import Budget
 from nnopt.testing import apply_pass, model_from_text, op_types, random_feeds, run
@@ -410,9 +410,9 @@ def test_ddddocr_detector(tmp_path):
 
 @pytest.mark.slow
 def test_never_crashes_on_the_real_models():
-    from nnopt.passes.constants_to_initializers import ConstantsToInitializers
     from realmodels import REAL_MODELS
 
+    from nnopt.passes.constants_to_initializers import ConstantsToInitializers
     from nnopt.runtime import generate_samples, make_session
 
     for spec in REAL_MODELS:

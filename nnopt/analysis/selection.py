@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from fnmatch import fnmatchcase
-from typing import Sequence
 
 
 def is_selected(node_name: str, nodes: Sequence[str] = (), exclude: Sequence[str] = ()) -> bool:

@@ -13,6 +13,7 @@ from nnopt.errors import InputError
 from nnopt.ir.model import Model
 from nnopt.runtime import RuntimeUnavailable, make_feeds, make_session
 
+
 def measure_latency(
     model_or_proto: Model | onnx.ModelProto | str | os.PathLike[str],
     feeds: dict[str, np.ndarray] | None = None,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import nnopt_example_plugin
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-import nnopt_example_plugin
 from nnopt.api import optimize
 from nnopt.cost import analyze
 from nnopt.plugin_manager import build_plugins
