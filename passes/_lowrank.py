@@ -64,6 +64,15 @@ def check_min_saving(name: str, value: float) -> None:
         raise OptionError(f"{name} must be a finite fraction below 1 (got {value})")
 
 
+
+class Decline(Exception):
+    """Raised inside a low-rank pass (never escapes it) with why a layer stays as it is, and figures."""
+
+    def __init__(self, reason: str, figures: dict[str, Any] | None = None) -> None:
+        super().__init__(reason)
+        self.figures = figures or {}
+
+
 @dataclass(frozen=True)
 class RankRule:
     """How many singular values a layer keeps. Exactly one field is set.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import heapq
 import math
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -11,6 +10,8 @@ from typing import Any
 
 import numpy as np
 import onnx
+
+from nnopt.ir.graphview import stable_topological_order
 
 #: Ops whose presence means the model is already quantized (any domain: ONNX and com.microsoft).
 QUANTIZED_OPS = frozenset({
@@ -145,22 +146,8 @@ def toposort(graph: onnx.GraphProto) -> None:
     nodes = list(graph.node)
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     deps = [{producer[x] for x in n.input if x in producer} for n in nodes]
-    users: dict[int, list[int]] = {}
-    for i, ds in enumerate(deps):
-        for d in ds:
-            users.setdefault(d, []).append(i)
-    pending = [len(ds) for ds in deps]
-    ready = [i for i, count in enumerate(pending) if count == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for u in users.get(i, []):
-            pending[u] -= 1
-            if pending[u] == 0:
-                heapq.heappush(ready, u)
-    if len(order) != len(nodes):  # a cycle: leave the graph as it is, the checker will say so
+    order = stable_topological_order(deps)
+    if order is None:  # a cycle: leave the graph as it is, the checker will say so
         return
     del graph.node[:]
     graph.node.extend(nodes[i] for i in order)

@@ -12,6 +12,7 @@ import onnx_graphsurgeon as gs
 from nnopt.analysis.selection import is_selected
 from nnopt.ir.model import Model
 from nnopt.passes._lowrank import (
+    Decline,
     RankRule,
     channel_rows,
     check_min_saving,
@@ -82,13 +83,6 @@ class ConvToSeparableOptions(PassOptions):
         check_rank_options(self.rank, self.energy, self.max_error)
         check_min_saving("min_flops_saving", self.min_flops_saving)
 
-
-class _Decline(Exception):
-    """Raised inside the pass (never escapes it) with why a conv stays as it is, and figures if known."""
-
-    def __init__(self, reason: str, figures: dict[str, Any] | None = None) -> None:
-        super().__init__(reason)
-        self.figures = figures or {}
 
 
 @dataclass
@@ -179,7 +173,7 @@ class ConvToSeparable(Pass):
                 try:
                     # Only main-graph nodes are costed (If/Loop bodies run a data-dependent number of times).
                     plan = self._plan(graph, node, rule, opts, costs if graph is model.graph else {})
-                except _Decline as why:
+                except Decline as why:
                     layers.append(
                         {
                             "node": label,
@@ -226,33 +220,33 @@ class ConvToSeparable(Pass):
         costs: dict[str, dict[str, Any]],
     ) -> _Plan:
         if node.op == "ConvTranspose":
-            raise _Decline("ConvTranspose is not handled")
+            raise Decline("ConvTranspose is not handled")
         if len(node.inputs) < 2 or len(node.outputs) != 1:
-            raise _Decline("expected X, W inputs and one output")
+            raise Decline("expected X, W inputs and one output")
         weight = constant_array(node.inputs[1])
         if weight is None:
-            raise _Decline("weight is not a constant")
+            raise Decline("weight is not a constant")
         weight = np.asarray(weight)
         if weight.dtype.kind != "f" or weight.ndim < 3:
-            raise _Decline(
+            raise Decline(
                 f"weight is {weight.dtype} of rank {weight.ndim}, not a floating-point conv kernel"
             )
         if len({id(n) for n in node.inputs[1].outputs}) > 1:
             # The other readers keep the dense weight, so factorising this one would grow the model.
-            raise _Decline("weight is shared with other nodes")
+            raise Decline("weight is shared with other nodes")
         c_out, c_per_group = weight.shape[:2]
         group = int(node.attrs.get("group", 1))
         area = math.prod(weight.shape[2:])
         if group != 1:
             kind = "depthwise" if c_per_group == 1 else "grouped"
-            raise _Decline(f"{kind} conv (group={group}): only dense convs are separated")
+            raise Decline(f"{kind} conv (group={group}): only dense convs are separated")
         if area == 1:
-            raise _Decline("1×1 conv: there is no spatial kernel to separate")
+            raise Decline("1×1 conv: there is no spatial kernel to separate")
         bias = np.zeros(c_out)
         if len(node.inputs) > 2 and not node.inputs[2].is_empty():
             values = constant_array(node.inputs[2])
             if values is None:
-                raise _Decline("bias is not a constant")
+                raise Decline("bias is not a constant")
             bias = np.asarray(values, dtype=np.float64).reshape(-1)
 
         depthwise, pointwise, m, error = separable_factors(weight, rule)
@@ -276,7 +270,7 @@ class ConvToSeparable(Pass):
             "params_after": depthwise.size + pointwise.size,
         }
         if saving(macs_before, macs_after) < opts.min_flops_saving:
-            raise _Decline(
+            raise Decline(
                 f"m={m} ({rule.describe()}) saves {saving(macs_before, macs_after):.1%} of the FLOPs, "
                 f"below min_flops_saving={opts.min_flops_saving:g}",
                 figures,

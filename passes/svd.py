@@ -12,6 +12,7 @@ import onnx_graphsurgeon as gs
 from nnopt.analysis.selection import is_selected
 from nnopt.ir.model import Model
 from nnopt.passes._lowrank import (
+    Decline,
     RankRule,
     channel_rows,
     check_min_saving,
@@ -78,13 +79,6 @@ class SvdOptions(PassOptions):
         check_min_saving("min_param_saving", self.min_param_saving)
 
 
-class _Decline(Exception):
-    """Raised inside the pass (never escapes it) with why a layer stays as it is, and figures if known."""
-
-    def __init__(self, reason: str, figures: dict[str, Any] | None = None) -> None:
-        super().__init__(reason)
-        self.figures = figures or {}
-
 
 @dataclass
 class _Layer:
@@ -106,16 +100,16 @@ class _Layer:
 
 def _float_weight(node: gs.Node, index: int, what: str) -> np.ndarray:
     if index >= len(node.inputs) or node.inputs[index].is_empty():
-        raise _Decline(f"{what} is missing")
+        raise Decline(f"{what} is missing")
     values = constant_array(node.inputs[index])
     if values is None:
-        raise _Decline(f"{what} is not a constant")
+        raise Decline(f"{what} is not a constant")
     values = np.asarray(values)
     if values.dtype.kind != "f":
-        raise _Decline(f"{what} is {values.dtype}, not floating point")
+        raise Decline(f"{what} is {values.dtype}, not floating point")
     if len({id(n) for n in node.inputs[index].outputs}) > 1:
         # The other readers keep the full weight, so factorising it here would grow the model.
-        raise _Decline(f"{what} is shared with other nodes")
+        raise Decline(f"{what} is shared with other nodes")
     return values
 
 
@@ -132,10 +126,10 @@ class _Rule:
 def _read_gemm(graph: gs.Graph, node: gs.Node, opset: int) -> _Layer:
     # NOTE: before Gemm-7, C broadcasting needed the broadcast attribute; not worth supporting.
     if opset < 7:
-        raise _Decline(f"Gemm at opset {opset} (< 7) is not handled")
+        raise Decline(f"Gemm at opset {opset} (< 7) is not handled")
     b = _float_weight(node, 1, "B")
     if b.ndim != 2:
-        raise _Decline("B is not 2-D")
+        raise Decline("B is not 2-D")
     matrix = (b.T if int(node.attrs.get("transB", 0)) else b).astype(np.float64)
     n_out = matrix.shape[1]
     beta = float(node.attrs.get("beta", 1.0))
@@ -202,7 +196,7 @@ def _emit_gemm(layer: _Layer, fresh: Callable[[str], str], opset: int) -> list[g
 def _read_matmul(graph: gs.Graph, node: gs.Node, opset: int) -> _Layer:
     w = _float_weight(node, 1, "second input")
     if w.ndim != 2:
-        raise _Decline(f"second input is {w.ndim}-D, not a 2-D weight")
+        raise Decline(f"second input is {w.ndim}-D, not a 2-D weight")
     # No bias to carry a correction: MatMul + Add would cost a node for a small gain.
     return _Layer(graph, node, RULES["MatMul"], w.astype(np.float64), w.dtype, np.zeros(w.shape[1]), False)
 
@@ -230,17 +224,17 @@ def _emit_matmul(layer: _Layer, fresh: Callable[[str], str], opset: int) -> list
 def _read_conv(graph: gs.Graph, node: gs.Node, opset: int) -> _Layer:
     w = _float_weight(node, 1, "weight")
     if w.ndim < 3:
-        raise _Decline(f"weight is {w.ndim}-D, not a conv kernel")
+        raise Decline(f"weight is {w.ndim}-D, not a conv kernel")
     group = int(node.attrs.get("group", 1))
     if group != 1:
         kind = "depthwise" if w.shape[1] == 1 else "grouped"
-        raise _Decline(f"{kind} conv (group={group}): only dense convs are factorised")
+        raise Decline(f"{kind} conv (group={group}): only dense convs are factorised")
     c_out = w.shape[0]
     bias = np.zeros(c_out)
     if len(node.inputs) > 2 and not node.inputs[2].is_empty():
         values = constant_array(node.inputs[2])
         if values is None:
-            raise _Decline("bias is not a constant")
+            raise Decline("bias is not a constant")
         bias = np.asarray(values, dtype=np.float64).reshape(-1)
     # Each output position computes W_mat · patch with W_mat = W reshaped to C_out × (C_in·K²): M = W_matᵀ.
     matrix = w.astype(np.float64).reshape(c_out, -1).T
@@ -338,13 +332,13 @@ class Svd(Pass):
                     continue
                 try:
                     if node.op == "ConvTranspose":
-                        raise _Decline("ConvTranspose is not handled")
+                        raise Decline("ConvTranspose is not handled")
                     if len(node.inputs) < 2 or len(node.outputs) != 1:
-                        raise _Decline("expected two inputs and one output")
+                        raise Decline("expected two inputs and one output")
                     layer = RULES[node.op].read(graph, node, model.opset)
                     # Only main-graph nodes are costed (If/Loop bodies run a data-dependent number of times).
                     self._factor(layer, rule, opts, costs if graph is model.graph else {})
-                except _Decline as why:
+                except Decline as why:
                     layers.append(
                         {
                             "node": node_label(node),
@@ -391,7 +385,7 @@ class Svd(Pass):
     def _factor(
         self, layer: _Layer, rule: RankRule, opts: SvdOptions, costs: dict[str, dict[str, Any]]
     ) -> None:
-        """Choose the rank, compute L and R, and fill the layer's report; raise _Decline if not worth it."""
+        """Choose the rank, compute L and R, and fill the layer's report; raise Decline if not worth it."""
         n, m = layer.matrix.shape
         u, s, vt = thin_svd(layer.matrix)
         spectra = s[None, :]
@@ -410,7 +404,7 @@ class Svd(Pass):
             "flops_after": flops_after,
         }
         if saving(before, after) < opts.min_param_saving:
-            raise _Decline(
+            raise Decline(
                 f"rank {r} ({rule.describe()}) saves {saving(before, after):.1%} of the weight params, "
                 f"below min_param_saving={opts.min_param_saving:g}",
                 figures,

@@ -33,3 +33,12 @@ def test_layer_selection_patterns():
     assert not is_selected("head/conv1", nodes=["backbone/*"])
     assert not is_selected("backbone/conv1", exclude=["*conv1"])
     assert not is_selected("conv10", nodes=["conv1"])
+
+
+def test_stable_topological_order_keeps_ties_in_index_order_and_reports_cycles():
+    from nnopt.ir.graphview import stable_topological_order
+
+    # 0 needs 2; 1 and 2 are free: 1 stays before 2, and 0 comes right after 2.
+    assert stable_topological_order([{2}, set(), set()]) == [1, 2, 0]
+    assert stable_topological_order([set(), {0}, {1}]) == [0, 1, 2]
+    assert stable_topological_order([{1}, {0}]) is None

@@ -80,7 +80,6 @@ Conventions (the figures ``analyze`` reports follow these exactly):
 
 from __future__ import annotations
 
-import heapq
 import math
 import os
 from collections import Counter
@@ -103,6 +102,7 @@ from nnopt.cost.rules import (
     tensor_nbytes,
 )
 from nnopt.errors import InputError
+from nnopt.ir.graphview import stable_topological_order
 from nnopt.ir.model import Model, load_model
 
 #: Data types that are shape/index metadata rather than weights: not counted as params.
@@ -923,23 +923,8 @@ def _topological_order(nodes: Any) -> tuple[list[int], bool]:
         deps.append(d)
     if in_order:
         return list(range(len(nodes))), False
-    users: list[list[int]] = [[] for _ in deps]
-    pending = [len(d) for d in deps]
-    for i, d in enumerate(deps):
-        for j in d:
-            users[j].append(i)
-    # A heap keeps the file order among ready nodes, so the result is deterministic and close to the file.
-    ready = [i for i, p in enumerate(pending) if p == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for u in users[i]:
-            pending[u] -= 1
-            if pending[u] == 0:
-                heapq.heappush(ready, u)
-    if len(order) != len(deps):
+    order = stable_topological_order(deps)
+    if order is None:
         return list(range(len(nodes))), True
     return order, False
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import networkx as nx
 import onnx_graphsurgeon as gs
@@ -92,6 +92,20 @@ def topological_nodes(graph: gs.Graph) -> list[gs.Node]:
     view.remove_node(OUTPUTS)
     order = nx.lexicographical_topological_sort(view)
     return [graph.nodes[i] for i in order]
+
+
+def stable_topological_order(deps: Sequence[Iterable[int]]) -> list[int] | None:
+    """Indices 0..n-1 ordered so each comes after its ``deps[i]``, ties kept in index order; None on a cycle.
+
+    For graphs held as protos (node lists with computed dependencies) rather than graphsurgeon graphs.
+    """
+    view = nx.DiGraph()
+    view.add_nodes_from(range(len(deps)))
+    view.add_edges_from((j, i) for i, d in enumerate(deps) for j in d)
+    try:
+        return list(nx.lexicographical_topological_sort(view))
+    except nx.NetworkXUnfeasible:
+        return None
 
 
 def consumers(tensor: gs.Tensor) -> list[gs.Node]:
