@@ -5,6 +5,8 @@ The public surface for pipeline scripts and plugin authors is what this module e
 
 from __future__ import annotations
 
+from nnopt.cost.hardware import HardwareProfile
+from nnopt.cost.rules import Cost, CostContext, CostRule
 from nnopt.errors import (
     DataError,
     InputError,
@@ -17,9 +19,11 @@ from nnopt.errors import (
     UnsafeExternalDataError,
 )
 from nnopt.hookspecs import hookimpl
-from nnopt.ir.model import Model, load_model, save_model
+from nnopt.ir.graphview import consumers, dataflow, producer, topological_nodes
+from nnopt.ir.model import Model, constant_values, load_model, replace_tensor, save_model
 from nnopt.pipeline.base import NoOptions, Pass, PassContext, PassOptions, PassResult
 from nnopt.pipeline.manager import Budget, PassManager, PassRecord, PipelineReport
+from nnopt.pipeline.progress import Progress, StreamProgress
 
 __version__ = "0.1.0"
 
@@ -31,6 +35,20 @@ def optimize(*args, **kwargs):  # type: ignore[no-untyped-def]
     return _optimize(*args, **kwargs)
 
 
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    # Imported on first use: these pull in the plugin manager, which imports the built-in passes, which
+    # import from ``nnopt``: importing them here eagerly would be circular.
+    if name == "Pipeline":
+        from nnopt.api import Pipeline
+
+        return Pipeline
+    if name == "build_plugins":
+        from nnopt.plugin_manager import build_plugins
+
+        return build_plugins
+    raise AttributeError(f"module 'nnopt' has no attribute {name!r}")
+
+
 def analyze(*args, **kwargs):  # type: ignore[no-untyped-def]
     """See ``nnopt.cost.analyze``."""
     from nnopt.cost import analyze as _analyze
@@ -40,6 +58,16 @@ def analyze(*args, **kwargs):  # type: ignore[no-untyped-def]
 
 __all__ = [
     "Budget",
+    "Cost",
+    "CostContext",
+    "CostRule",
+    "HardwareProfile",
+    "constant_values",
+    "consumers",
+    "dataflow",
+    "producer",
+    "replace_tensor",
+    "topological_nodes",
     "DataError",
     "InputError",
     "Model",
@@ -55,10 +83,14 @@ __all__ = [
     "PassOptions",
     "PassRecord",
     "PassResult",
+    "Pipeline",
     "PipelineReport",
+    "Progress",
+    "StreamProgress",
     "PluginError",
     "UnsafeExternalDataError",
     "analyze",
+    "build_plugins",
     "hookimpl",
     "load_model",
     "optimize",

@@ -1,45 +1,165 @@
-"""The Python API behind the CLI: optimize and analyze a model in one call."""
+"""The Python API behind the CLI: build a pipeline, run it on a model, get the model and its report.
+
+    import nnopt
+
+    pipeline = nnopt.Pipeline(["default", ("prune", {"ratio": 0.3}), "quantize"],
+                              data="calib.npz", budget=nnopt.Budget(min_top1=0.98))
+    model, report = pipeline.run("model.onnx")
+    nnopt.save_model(model, "model.opt.onnx")
+
+or, from a pipeline file (TOML or JSON, see ``nnopt.pipeline.config``)::
+
+    model, report = nnopt.Pipeline.from_file("pipeline.toml").run("model.onnx")
+
+``nnopt.optimize(model, passes, **settings)`` is the one-call form of the same thing.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import onnx
 
+from nnopt.cost.hardware import HardwareProfile
 from nnopt.ir.model import Model, load_model
 from nnopt.pipeline.base import Pass, PassContext
 from nnopt.pipeline.manager import Budget, PassManager, PipelineReport
+from nnopt.pipeline.progress import Progress
 from nnopt.pipeline.spec import DEFAULT_PIPELINE, instantiate, parse_pass_spec
 from nnopt.pipeline.verify import Verifier
 from nnopt.plugin_manager import Plugins, build_plugins, get_pass_class
 
+#: A pass in a pipeline: ``"name"`` or ``"name:key=value,..."`` (as on the command line), a
+#: ``(name, {option: value})`` pair with typed values, or a configured ``Pass`` instance.
+#: ``"default"`` stands for the lossless default pipeline.
 PassSpec = str | Pass | tuple[str, dict[str, Any]]
+ModelSource = Model | onnx.ModelProto | str | os.PathLike[str]
 
 
-def build_passes(specs: Sequence[PassSpec] | None, plugins: Plugins) -> tuple[list[Pass], bool]:
-    """Resolve specs into pass instances; None means the default pipeline. Also says if it is lossless."""
-    if specs is None:
-        names = [n for n in DEFAULT_PIPELINE if n in plugins.passes]
-        passes = [get_pass_class(plugins, n)() for n in names]
-    else:
-        passes = []
-        for spec in specs:
-            if isinstance(spec, Pass):
-                passes.append(spec)
-                continue
-            name, values = parse_pass_spec(spec) if isinstance(spec, str) else spec
-            if name == "default" and not values:
-                # `-p default -p kmeans:bits=4`: the lossless clean-ups, then what the user adds.
-                passes += [get_pass_class(plugins, n)() for n in DEFAULT_PIPELINE if n in plugins.passes]
-                continue
-            passes.append(instantiate(get_pass_class(plugins, name), values))
-    return passes, not any(p.lossy for p in passes)
+@dataclass
+class Pipeline:
+    """An ordered list of passes plus the settings they run under.
+
+    Attributes:
+        passes: the passes in order; None is the default (lossless) pipeline.
+        data: ``.npz`` of reference inputs: verification, calibration and data-aware fitting.
+        budget: how far lossy passes may move the outputs from the original model's.
+        strict: a pass that is rolled back raises ``PassFailedError`` instead of being skipped.
+        seed: seeds generated inputs and every randomised pass (same seed → byte-identical output).
+        input_shapes: concrete shapes for dynamic inputs, e.g. ``{"x": [1, 3, 224, 224]}``.
+        hardware: profile for the cost estimates: a ``HardwareProfile``, a profile name, or
+            ``"flops=...,bandwidth=..."``; None is the default profile.
+        verify: check every pass's outputs in onnxruntime (False: the checker and shape inference only).
+        fixed_point: repeat the pipeline until nothing changes; None repeats the default pipeline only.
+    """
+
+    passes: Sequence[PassSpec] | None = None
+    data: str | os.PathLike[str] | None = None
+    budget: Budget = field(default_factory=Budget)
+    strict: bool = False
+    seed: int = 0
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    hardware: HardwareProfile | str | None = None
+    verify: bool = True
+    fixed_point: bool | None = None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], plugins: Plugins | None = None, **overrides: Any) -> Pipeline:
+        """Read and validate a pipeline file; keyword arguments override what the file sets."""
+        from nnopt.pipeline.config import load_pipeline_file
+
+        plugins = plugins or build_plugins()
+        config = load_pipeline_file(Path(path), _pass_classes(plugins), plugins.hardware_registry())
+        settings = {
+            "passes": list(config.passes) if config.passes is not None else None,
+            "data": config.data,
+            "budget": config.budget,
+            "strict": config.strict,
+            "seed": config.seed,
+            "input_shapes": dict(config.input_shapes),
+            "hardware": config.hardware,
+            "verify": config.verify,
+            "fixed_point": config.fixed_point,
+        }
+        settings = {k: v for k, v in settings.items() if v is not None or k in ("passes", "fixed_point")}
+        settings.update(overrides)
+        return cls(**settings)
+
+    def replace(self, **changes: Any) -> Pipeline:
+        """A copy with some settings changed."""
+        return dataclasses.replace(self, **changes)
+
+    def build(self, plugins: Plugins | None = None) -> list[Pass]:
+        """The configured pass instances (validates every name and option without touching a model)."""
+        return build_passes(self.passes, plugins or build_plugins())[0]
+
+    def run(
+        self,
+        model: ModelSource,
+        *,
+        plugins: Plugins | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[Model, PipelineReport]:
+        """Run the pipeline and return the optimized model and its report.
+
+        A ``Model`` argument is edited in place; a path or ModelProto is loaded first and never modified.
+        ``progress`` (e.g. ``nnopt.StreamProgress()``) is told about each pass and each slow layer.
+        """
+        from nnopt.cost import analyze
+
+        plugins = plugins or build_plugins()
+        hardware = self._hardware(plugins)
+        if not isinstance(model, Model):
+            model = load_model(model)
+        pass_list, lossless = build_passes(self.passes, plugins)
+        proto = model.to_proto()
+        data = str(self.data) if self.data else None
+        verifier = (
+            Verifier(proto, data_path=data, seed=self.seed, input_shapes=self.input_shapes) if self.verify else None
+        )
+        rules = plugins.cost_rules
+
+        def totals(p: onnx.ModelProto) -> dict[str, Any]:
+            return analyze(p, hardware=hardware, input_shapes=self.input_shapes, rules=rules).totals
+
+        fixed_point = self.fixed_point
+        if fixed_point is None:
+            fixed_point = self.passes is None and lossless
+        manager = PassManager(
+            pass_list,
+            analyze=totals,
+            verifier=verifier,
+            budget=self.budget,
+            strict=self.strict,
+            fixed_point=fixed_point,
+            hook=plugins.pm.hook,
+            progress=progress,
+        )
+        ctx = PassContext(
+            seed=self.seed,
+            samples=_pass_samples(proto, data, verifier),
+            input_shapes=dict(self.input_shapes),
+        )
+        report = manager.run(model, ctx)
+        return model, report
+
+    def _hardware(self, plugins: Plugins) -> HardwareProfile:
+        from nnopt.cost.hardware import DEFAULT_PROFILE, parse_hardware
+
+        if isinstance(self.hardware, HardwareProfile):
+            return self.hardware
+        if self.hardware is None:
+            return DEFAULT_PROFILE
+        return parse_hardware(self.hardware, plugins.hardware_registry())
 
 
 def optimize(
-    model: Model | onnx.ModelProto | str | os.PathLike[str],
+    model: ModelSource,
     passes: Sequence[PassSpec] | None = None,
     *,
     data: str | os.PathLike[str] | None = None,
@@ -48,48 +168,49 @@ def optimize(
     fixed_point: bool | None = None,
     seed: int = 0,
     input_shapes: dict[str, list[int]] | None = None,
-    hardware: Any = None,
+    hardware: HardwareProfile | str | None = None,
     verify: bool = True,
     plugins: Plugins | None = None,
+    progress: Progress | None = None,
 ) -> tuple[Model, PipelineReport]:
     """Run a pipeline (default: the lossless clean-ups) and return the optimized model and its report.
 
-    A Model argument is edited in place; a path or ModelProto is loaded first (and never modified).
-    ``fixed_point`` defaults to True for the default pipeline; an explicit pipeline runs once.
+    The one-call form of ``Pipeline(passes, ...).run(model)``; see ``Pipeline`` for the settings.
     """
-    from nnopt.cost import analyze
-
-    plugins = plugins or build_plugins()
-    if not isinstance(model, Model):
-        model = load_model(model)
-    pass_list, lossless = build_passes(passes, plugins)
-    proto = model.to_proto()
-    verifier = (
-        Verifier(proto, data_path=str(data) if data else None, seed=seed, input_shapes=input_shapes)
-        if verify
-        else None
-    )
-    rules = plugins.cost_rules
-
-    def totals(p: onnx.ModelProto) -> dict[str, Any]:
-        return analyze(p, hardware=hardware, input_shapes=input_shapes, rules=rules).totals
-
-    manager = PassManager(
-        pass_list,
-        analyze=totals,
-        verifier=verifier,
-        budget=budget,
+    pipeline = Pipeline(
+        passes,
+        data=data,
+        budget=budget or Budget(),
         strict=strict,
-        fixed_point=(passes is None and lossless) if fixed_point is None else fixed_point,
-        hook=plugins.pm.hook,
-    )
-    ctx = PassContext(
         seed=seed,
-        samples=_pass_samples(proto, data, verifier),
         input_shapes=dict(input_shapes or {}),
+        hardware=hardware,
+        verify=verify,
+        fixed_point=fixed_point,
     )
-    report = manager.run(model, ctx)
-    return model, report
+    return pipeline.run(model, plugins=plugins, progress=progress)
+
+
+def build_passes(specs: Sequence[PassSpec] | None, plugins: Plugins) -> tuple[list[Pass], bool]:
+    """Resolve specs into pass instances; None means the default pipeline. Also says if it is lossless."""
+    if specs is None:
+        specs = ["default"]
+    passes: list[Pass] = []
+    for spec in specs:
+        if isinstance(spec, Pass):
+            passes.append(spec)
+            continue
+        name, values = parse_pass_spec(spec) if isinstance(spec, str) else spec
+        if name == "default" and not values:
+            # `-p default -p kmeans:bits=4`: the lossless clean-ups, then what the user adds.
+            passes += [get_pass_class(plugins, n)() for n in DEFAULT_PIPELINE if n in plugins.passes]
+            continue
+        passes.append(instantiate(get_pass_class(plugins, name), values))
+    return passes, not any(p.lossy for p in passes)
+
+
+def _pass_classes(plugins: Plugins) -> dict[str, type[Pass]]:
+    return {name: entry.cls for name, entry in plugins.passes.items()}
 
 
 def _pass_samples(proto: onnx.ModelProto, data: Any, verifier: Verifier | None) -> list[dict[str, Any]]:

@@ -55,21 +55,29 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("-o", "--output", required=True, help="where to write the optimized model")
     opt.add_argument("-p", "--pass", dest="passes", action="append", default=None, metavar="PASS[:k=v,...]",
                      help="a pass to run, with options (repeatable, in order); default: the lossless pipeline")
+    opt.add_argument("--pipeline", default=None, metavar="FILE",
+                     help="a pipeline file (.toml or .json): passes, options, verification settings; "
+                          "flags given on the command line override it")
     opt.add_argument("--data", default=None, help=".npz of reference inputs (arrays keyed by input name)")
     opt.add_argument("--report", default=None, help="write the pipeline report as JSON")
-    opt.add_argument("--strict", action="store_true", help="a pass that is rolled back is an error (exit 3)")
+    opt.add_argument("--strict", action="store_true", default=None,
+                     help="a pass that is rolled back is an error (exit 3)")
     opt.add_argument("--hardware", default=None, help="profile for the cost estimates")
     opt.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS")
-    opt.add_argument("--seed", type=int, default=0, help="seed for generated inputs and randomised passes")
+    opt.add_argument("--seed", type=int, default=None, help="seed for generated inputs and randomised passes (default 0)")
     opt.add_argument("--max-rel-error", type=float, default=None, help="lossy budget: max relative output error")
     opt.add_argument("--min-cosine", type=float, default=None, help="lossy budget: min cosine similarity")
     opt.add_argument("--min-top1", type=float, default=None, help="lossy budget: min top-1 agreement")
-    opt.add_argument("--no-verify", action="store_true", help="skip numerical verification in onnxruntime")
-    opt.add_argument("--fixed-point", choices=["auto", "on", "off"], default="auto",
-                     help="repeat the pipeline until nothing changes (auto: for the default pipeline)")
+    opt.add_argument("--no-verify", action="store_true", default=None,
+                     help="skip numerical verification in onnxruntime")
+    opt.add_argument("--fixed-point", choices=["auto", "on", "off"], default=None,
+                     help="repeat the pipeline until nothing changes (auto, the default: for the default pipeline)")
     opt.add_argument("--external-data", choices=["auto", "on", "off"], default="auto",
                      help="write weights to OUTPUT.data (auto: if the input had external data or is > 1.8 GB)")
-    opt.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    output = opt.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    output.add_argument("-q", "--quiet", action="store_true",
+                        help="print nothing on success: no table, no progress (warnings and errors still go to stderr)")
 
     passes = sub.add_parser("passes", help="list the registered passes and their options")
     passes.add_argument("--json", action="store_true")
@@ -149,10 +157,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from nnopt.api import optimize
+    from nnopt.api import Pipeline
     from nnopt.cost import parse_input_shapes
     from nnopt.ir.model import load_model, save_model
-    from nnopt.pipeline.manager import Budget
+    from nnopt.pipeline.progress import StreamProgress
 
     src = Path(args.model)
     dst = Path(args.output)
@@ -160,25 +168,17 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         raise InputError(f"{dst}: the output would overwrite the input model; choose another -o path")
     if dst.exists() and dst.is_dir():
         raise InputError(f"{dst}: is a directory; -o takes a file path")
+    if args.pipeline and args.passes:
+        raise InputError("nnopt optimize: give the passes either with -p or in --pipeline FILE, not both")
     plugins = _plugins(args)
-    hardware = _hardware(args.hardware, plugins)
-    shapes = parse_input_shapes(args.input_shape)
+    # Validate everything before loading the model: a typo in a pipeline file costs no time.
+    pipeline = Pipeline.from_file(args.pipeline, plugins) if args.pipeline else Pipeline(args.passes)
+    pipeline = pipeline.replace(**_command_line_settings(args, pipeline, parse_input_shapes(args.input_shape)))
+    pipeline.build(plugins)
+    _hardware(pipeline.hardware, plugins)
     model = load_model(src)
-    budget = Budget(args.max_rel_error, args.min_cosine, args.min_top1)
-    fixed_point = {"auto": None, "on": True, "off": False}[args.fixed_point]
-    model, report = optimize(
-        model,
-        args.passes,
-        data=args.data,
-        budget=budget,
-        strict=args.strict,
-        fixed_point=fixed_point,
-        seed=args.seed,
-        input_shapes=shapes,
-        hardware=hardware,
-        verify=not args.no_verify,
-        plugins=plugins,
-    )
+    progress = None if args.quiet or args.json else StreamProgress(sys.stderr)
+    model, report = pipeline.run(model, plugins=plugins, progress=progress)
     external = {"auto": None, "on": True, "off": False}[args.external_data]
     save_model(model, dst, external_data=external)
     if args.report:
@@ -186,10 +186,43 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.json:
         json.dump(_finite(report.to_dict()), sys.stdout, indent=2)
         sys.stdout.write("\n")
-    else:
+    elif not args.quiet:
         print(report.format_table())
         print(f"wrote {dst}")
     return EXIT_OK
+
+
+def _command_line_settings(args: argparse.Namespace, pipeline: Any, shapes: dict[str, list[int]]) -> dict[str, Any]:
+    """The settings given as flags: they override a pipeline file's (flags not given change nothing)."""
+    from dataclasses import replace
+
+    settings: dict[str, Any] = {}
+    if args.data is not None:
+        settings["data"] = args.data
+    if args.strict is not None:
+        settings["strict"] = args.strict
+    if args.seed is not None:
+        settings["seed"] = args.seed
+    if args.no_verify is not None:
+        settings["verify"] = not args.no_verify
+    if args.hardware is not None:
+        settings["hardware"] = args.hardware
+    if args.fixed_point is not None:
+        settings["fixed_point"] = {"auto": None, "on": True, "off": False}[args.fixed_point]
+    if shapes:
+        settings["input_shapes"] = {**pipeline.input_shapes, **shapes}
+    budget = {
+        key: value
+        for key, value in (
+            ("max_rel_error", args.max_rel_error),
+            ("min_cosine", args.min_cosine),
+            ("min_top1", args.min_top1),
+        )
+        if value is not None
+    }
+    if budget:
+        settings["budget"] = replace(pipeline.budget, **budget)
+    return settings
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
@@ -266,10 +299,9 @@ def _print_plugin_errors(plugins: Any) -> None:
 
 
 def _hardware(spec: str | None, plugins: Any) -> Any:
-    from nnopt.cost.hardware import BUILTIN_PROFILES, DEFAULT_PROFILE, parse_hardware
+    from nnopt.cost.hardware import DEFAULT_PROFILE, parse_hardware
 
-    registry = {**BUILTIN_PROFILES, **plugins.hardware}
-    return parse_hardware(spec, registry) if spec else DEFAULT_PROFILE
+    return parse_hardware(spec, plugins.hardware_registry()) if spec else DEFAULT_PROFILE
 
 
 def _write_text_atomically(path: Path, text: str) -> None:

@@ -45,11 +45,18 @@ class Plugins:
     plugins: list[PluginInfo] = field(default_factory=list)
     #: The built-in cost rules plus every plugin's (a ``CostRuleRegistry``).
     cost_rules: Any = None
+    #: Hardware profiles the plugins registered (``hardware_registry`` adds the built-in ones).
     hardware: dict[str, Any] = field(default_factory=dict)
 
     @property
     def errors(self) -> list[PluginInfo]:
         return [p for p in self.plugins if p.status == "failed"]
+
+    def hardware_registry(self) -> dict[str, Any]:
+        """Every profile usable by name: the built-in ones, then the plugins' (which never replace them)."""
+        from nnopt.cost.hardware import BUILTIN_PROFILES
+
+        return {**self.hardware, **BUILTIN_PROFILES}
 
 
 class _DefaultRunner:

@@ -72,6 +72,10 @@ class Decline(Exception):
         super().__init__(reason)
         self.figures = figures or {}
 
+    def entry(self, node_name: str, op_type: str) -> dict[str, Any]:
+        """The layer's line in the pass report."""
+        return {"node": node_name, "op_type": op_type, "action": "declined", "reason": str(self), **self.figures}
+
 
 @dataclass(frozen=True)
 class RankRule:

@@ -163,29 +163,25 @@ class ConvToSeparable(Pass):
         costs = main_graph_costs(model, ctx) if any(n.op == "Conv" for n in model.graph.nodes) else {}
         plans: list[_Plan] = []
         layers: list[dict[str, Any]] = []
-        for graph in model.all_graphs():
-            for node in graph.nodes:
-                if node.op not in ("Conv", "ConvTranspose") or not is_onnx_op(node):
-                    continue
-                label = node_label(node)
-                if not is_selected(label, opts.nodes, opts.exclude):
-                    continue
-                try:
-                    # Only main-graph nodes are costed (If/Loop bodies run a data-dependent number of times).
-                    plan = self._plan(graph, node, rule, opts, costs if graph is model.graph else {})
-                except Decline as why:
-                    layers.append(
-                        {
-                            "node": label,
-                            "op_type": node.op,
-                            "action": "declined",
-                            "reason": str(why),
-                            **why.figures,
-                        }
-                    )
-                    continue
-                plans.append(plan)
-                layers.append(plan.report)
+        candidates = [
+            (graph, node)
+            for graph in model.all_graphs()
+            for node in graph.nodes
+            if node.op in ("Conv", "ConvTranspose") and is_onnx_op(node)
+        ]
+        for done, (graph, node) in enumerate(candidates):
+            ctx.progress(done, len(candidates), node_label(node))
+            label = node_label(node)
+            if not is_selected(label, opts.nodes, opts.exclude):
+                continue
+            try:
+                # Only main-graph nodes are costed (If/Loop bodies run a data-dependent number of times).
+                plan = self._plan(graph, node, rule, opts, costs if graph is model.graph else {})
+            except Decline as why:
+                layers.append(why.entry(label, node.op))
+                continue
+            plans.append(plan)
+            layers.append(plan.report)
         if opts.data_aware and ctx.samples:
             self._refit(model, ctx, [p for p in plans if p.graph is model.graph])
             for plan in plans:

@@ -507,7 +507,8 @@ class KMeansWeightSharing(Pass):
         # must be byte-identical); and on small 1-D problems the threads only wait for each other (a KMeans
         # fit on 512 values took 160 ms with two threads on a busy 2-core machine, 5 ms with one).
         with threadpool_limits(limits=1):
-            for weight in weights:
+            for done, weight in enumerate(weights, start=1):
+                ctx.progress(done - 1, len(weights), weight.entry["node"])
                 readers = weight.readers  # before the rewrite moves them to the decoded tensor
                 try:
                     nodes = self._rewrite(model, weight, opts, ctx, taken)

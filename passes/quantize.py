@@ -179,6 +179,8 @@ def _static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candid
     budget_excluded: list[dict[str, Any]] = []
     attempts: list[tuple[onnx.ModelProto, list[dict[str, Any]], Any, int]] = []
     while True:
+        # Each round of the budget loop re-places QDQ and re-measures every layer: the slow part.
+        ctx.progress(len(budget_excluded), opts.max_excluded, f"{len(budget_excluded)} layer(s) excluded")
         qproto = _qdq.place_qdq(float_proto, ranges, per_channel=per_channel, activation_type=opts.activation_type,
                                 nodes_to_quantize=[], nodes_to_exclude=base_exclude + [e["node"] for e in budget_excluded],
                                 op_types=opts.op_types)

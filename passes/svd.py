@@ -324,33 +324,29 @@ class Svd(Pass):
         costs = main_graph_costs(model, ctx) if any(n.op in RULES for n in model.graph.nodes) else {}
         planned: list[_Layer] = []
         layers: list[dict[str, Any]] = []
-        for graph in model.all_graphs():
-            for node in graph.nodes:
-                if node.op not in (*RULES, "ConvTranspose") or not is_onnx_op(node):
-                    continue
-                if not is_selected(node_label(node), opts.nodes, opts.exclude):
-                    continue
-                try:
-                    if node.op == "ConvTranspose":
-                        raise Decline("ConvTranspose is not handled")
-                    if len(node.inputs) < 2 or len(node.outputs) != 1:
-                        raise Decline("expected two inputs and one output")
-                    layer = RULES[node.op].read(graph, node, model.opset)
-                    # Only main-graph nodes are costed (If/Loop bodies run a data-dependent number of times).
-                    self._factor(layer, rule, opts, costs if graph is model.graph else {})
-                except Decline as why:
-                    layers.append(
-                        {
-                            "node": node_label(node),
-                            "op_type": node.op,
-                            "action": "declined",
-                            "reason": str(why),
-                            **why.figures,
-                        }
-                    )
-                    continue
-                planned.append(layer)
-                layers.append(layer.report)
+        candidates = [
+            (graph, node)
+            for graph in model.all_graphs()
+            for node in graph.nodes
+            if node.op in (*RULES, "ConvTranspose") and is_onnx_op(node)
+        ]
+        for done, (graph, node) in enumerate(candidates):
+            ctx.progress(done, len(candidates), node_label(node))
+            if not is_selected(node_label(node), opts.nodes, opts.exclude):
+                continue
+            try:
+                if node.op == "ConvTranspose":
+                    raise Decline("ConvTranspose is not handled")
+                if len(node.inputs) < 2 or len(node.outputs) != 1:
+                    raise Decline("expected two inputs and one output")
+                layer = RULES[node.op].read(graph, node, model.opset)
+                # Only main-graph nodes are costed (If/Loop bodies run a data-dependent number of times).
+                self._factor(layer, rule, opts, costs if graph is model.graph else {})
+            except Decline as why:
+                layers.append(why.entry(node_label(node), node.op))
+                continue
+            planned.append(layer)
+            layers.append(layer.report)
         if opts.data_aware and ctx.samples:
             self._refit(model, ctx, [layer for layer in planned if layer.graph is model.graph])
             for layer in planned:

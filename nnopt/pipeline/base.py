@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Union
 
@@ -102,12 +103,23 @@ class PassContext:
         samples: reference inputs (one feed dict per sample), for data-aware passes; may be empty.
         input_shapes: concrete shapes the user gave for dynamic graph inputs.
         hook: the pluggy hook relay, for passes that call other plugins.
+        on_progress: where ``progress`` reports go (set by the pass manager; None: nowhere).
     """
 
     seed: int = 0
     samples: list[dict[str, np.ndarray]] = field(default_factory=list)
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     hook: Any = None
+    on_progress: Callable[[int, int, str], None] | None = None
+
+    def progress(self, done: int, total: int, item: str = "") -> None:
+        """Say how far a slow pass has got: ``done`` of ``total`` layers, ``item`` the one just finished.
+
+        Cheap enough to call per layer: the display throttles itself. Passes that take seconds on real
+        models (kmeans, svd, conv-to-separable, the budget loop of quantize) call it, so long runs show progress.
+        """
+        if self.on_progress is not None:
+            self.on_progress(done, total, item)
 
     def rng(self, stream: str) -> np.random.Generator:
         """A generator that depends only on the seed and ``stream`` (e.g. the pass name)."""

@@ -14,6 +14,7 @@ import onnx
 from nnopt.errors import PassFailedError
 from nnopt.ir.model import Model
 from nnopt.pipeline.base import Pass, PassContext, PassResult
+from nnopt.pipeline.progress import Progress
 from nnopt.pipeline.verify import (
     Fidelity,
     Verifier,
@@ -166,6 +167,8 @@ class PassManager:
         strict: raise ``PassFailedError`` at the first rollback.
         fixed_point: repeat the whole list until an iteration applies nothing (at most ``max_iterations``).
         hook: the pluggy hook relay (``nnopt_run_pass``, ``nnopt_after_pass``); None calls ``run`` directly.
+        progress: told when each pass starts and ends, and (through ``ctx.progress``) how far a slow pass
+            has got; None shows nothing.
     """
 
     def __init__(
@@ -179,6 +182,7 @@ class PassManager:
         fixed_point: bool = False,
         max_iterations: int = 4,
         hook: Any = None,
+        progress: Progress | None = None,
     ) -> None:
         self.passes = passes
         self.analyze = analyze
@@ -188,12 +192,15 @@ class PassManager:
         self.fixed_point = fixed_point
         self.max_iterations = max_iterations
         self.hook = hook
+        self.progress = progress or Progress()
 
     def run(self, model: Model, ctx: PassContext | None = None) -> PipelineReport:
         """Run the pipeline on ``model`` in place and return the report."""
         ctx = ctx or PassContext()
         if ctx.hook is None:
             ctx.hook = self.hook
+        if ctx.on_progress is None:
+            ctx.on_progress = self.progress.layer
         report = PipelineReport()
         snapshot = model.to_proto()
         strict_shapes = passes_strict_shape_inference(snapshot)
@@ -212,9 +219,10 @@ class PassManager:
         iterations = self.max_iterations if self.fixed_point else 1
         for iteration in range(iterations):
             applied_any = False
-            for pass_ in self.passes:
+            for position, pass_ in enumerate(self.passes, start=1):
                 record = PassRecord(pass_.name, pass_.options.to_dict(), pass_.lossy, iteration, before=current_cost)
                 report.passes.append(record)
+                self.progress.pass_started(pass_.name, position, len(self.passes), iteration)
                 started = time.perf_counter()
                 try:
                     result = self._run_one(pass_, model, ctx)
@@ -233,6 +241,7 @@ class PassManager:
                     self._after(record, model)
                     continue
                 check_started = time.perf_counter()
+                self.progress.verifying()
                 try:
                     proto = model.to_proto()
                 except Exception as exc:  # boundary: graphsurgeon export of whatever the pass built
@@ -304,9 +313,11 @@ class PassManager:
         record.after = record.before
         log.info("pass %s rolled back: %s", record.name, reason)
         if self.strict:
+            self.progress.pass_finished(record)
             raise PassFailedError(f"pass '{record.name}' failed and --strict is set: {reason}")
 
     def _after(self, record: PassRecord, model: Model) -> None:
+        self.progress.pass_finished(record)
         if self.hook is not None:
             try:
                 self.hook.nnopt_after_pass(record=record, model=model)
