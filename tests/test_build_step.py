@@ -116,3 +116,49 @@ def test_same_input_pipeline_and_seed_give_the_same_bytes(tmp_path, capsys, pass
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]
     assert len(outputs[0]) != DIGITS.stat().st_size  # the lossy passes did change the model
+
+
+# ---------------------------------------------------------------------------------------------- pipeline files
+PIPELINES = ROOT / "examples" / "pipelines"
+
+
+def test_every_example_pipeline_file_runs_through_the_cli(tmp_path, capsys):
+    # Each example file, on the model it is written for; a file added without a model here fails.
+    models = {"digits_prune_quantize.toml": DIGITS, "lossless.json": EXAMPLE}
+    assert sorted(p.name for p in PIPELINES.iterdir()) == sorted(models)
+    for name, model in models.items():
+        out, report = tmp_path / f"{name}.onnx", tmp_path / f"{name}.json"
+        code, _, err = _run(capsys, "optimize", str(model), "-o", str(out), "--pipeline", str(PIPELINES / name),
+                            "--report", str(report), "-q")
+        assert code == 0, err
+        passes = json.loads(report.read_text())["passes"]
+        assert [p["status"] for p in passes if p["status"] == "rolled_back"] == []
+        if name == "digits_prune_quantize.toml":
+            assert [p["name"] for p in passes if p["lossy"]] == ["prune", "quantize"]
+
+
+def test_command_line_flags_override_the_pipeline_file(tmp_path, capsys):
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    # The file asks for min_top1 0.98; --min-top1 1.0 makes the pruning fail the budget instead.
+    code, _, err = _run(capsys, "optimize", str(DIGITS), "-o", str(out), "--pipeline",
+                        str(PIPELINES / "digits_prune_quantize.toml"), "--min-top1", "1.0", "--report", str(report), "-q")
+    assert code == 0, err
+    statuses = {p["name"]: p["status"] for p in json.loads(report.read_text())["passes"]}
+    assert statuses["prune"] == "rolled_back"
+    # --no-verify turns off what the file's [verify] section turned on.
+    code, stdout, err = _run(capsys, "optimize", str(EXAMPLE), "-o", str(out), "--pipeline",
+                             str(PIPELINES / "lossless.json"), "--no-verify", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["verification"] == "disabled"
+
+
+def test_a_bad_pipeline_file_is_one_line_exit_2_and_nothing_written(tmp_path, capsys):
+    bad = tmp_path / "p.toml"
+    bad.write_text('[[passes]]\nname = "prune"\nratio = 1.5\n')
+    out = tmp_path / "o.onnx"
+    code, stdout, err = _run(capsys, "optimize", str(EXAMPLE), "-o", str(out), "--pipeline", str(bad))
+    assert code == 2 and stdout == "" and not out.exists()
+    assert err.startswith("nnopt: error: ") and err.count("\n") == 1
+    assert "p.toml: passes[1].ratio:" in err and "1.5" in err
+    code, _, err = _run(capsys, "optimize", str(EXAMPLE), "-o", str(out), "--pipeline", str(bad), "-p", "dce")
+    assert code == 2 and "either with -p or in --pipeline" in err and not out.exists()

@@ -20,13 +20,16 @@ def test_example_model_is_what_its_builder_builds():
     assert build_example_model.build().SerializeToString() == (EXAMPLES / "small_cnn.onnx").read_bytes()
 
 
-@pytest.mark.parametrize("script", ["optimize_small_cnn.py"])
-def test_example_script_runs(script, tmp_path):
+@pytest.mark.parametrize(
+    ("script", "says"),
+    [("optimize_small_cnn.py", "outputs agree"), ("digits_pipeline.py", "test accuracy 99.11% -> ")],
+)
+def test_example_script_runs(script, says, tmp_path):
     done = subprocess.run([sys.executable, str(EXAMPLES / script), str(tmp_path / "out.onnx")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out.onnx").exists()
-    assert "outputs agree" in done.stdout
+    assert says in done.stdout
 
 
 def _import_example(name: str):

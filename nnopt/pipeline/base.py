@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import types
 import typing
@@ -39,6 +40,57 @@ class PassOptions:
                 raise OptionError(f"pass '{pass_name}' has no option '{key}' (options: {known})")
             kwargs[attr] = _convert(raw, hints[attr], f"{pass_name}:{key}")
         return cls.create(pass_name, **kwargs)
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any], pass_name: str = "", where: str | None = None) -> PassOptions:
+        """Build options from typed values (a pipeline file, the Python API), checking each against its type.
+
+        Values are taken as they are when they fit the field's type: an int is accepted for a float, a
+        list for a ``tuple[...]``, None only where the type allows it, but a bool is never a number. A
+        string goes through the command-line conversion, so ``"0.3"`` works as it does in ``-p``. Keys may
+        use ``-`` or ``_``.
+
+        Args:
+            values: option name → value.
+            pass_name: for messages.
+            where: how messages name the options' container (e.g. ``"pipeline.toml: passes[2]"``, giving
+                ``pipeline.toml: passes[2].ratio: ...``); by default ``pass:option`` as on the command line.
+
+        Raises:
+            OptionError: naming the option: unknown, of the wrong type, or rejected by the pass's own
+                validation (then the option that fails on its own is named, else the whole set is).
+        """
+        fields = {f.name for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+
+        def path(key: str) -> str:
+            return f"{where}.{key}" if where else f"{pass_name}:{key}"
+
+        kwargs: dict[str, Any] = {}
+        given: dict[str, str] = {}  # attribute → the key as the user wrote it
+        for key, value in values.items():
+            attr = key.replace("-", "_")
+            if attr not in fields:
+                known = ", ".join(sorted(fields)) or "none"
+                close = difflib.get_close_matches(attr, sorted(fields), n=1)
+                hint = f"did you mean '{close[0]}'?; " if close else ""
+                raise OptionError(f"{path(key)}: pass '{pass_name}' has no option '{key}' ({hint}options: {known})")
+            if attr in kwargs:
+                raise OptionError(f"{path(key)}: option '{attr}' is given twice (as '{given[attr]}' and '{key}')")
+            kwargs[attr] = _typed_value(value, hints[attr], path(key))
+            given[attr] = key
+        try:
+            return cls.create(pass_name, **kwargs)
+        except OptionError as exc:
+            # __post_init__ says what is wrong but not which option: the culprit is the one that fails alone.
+            for attr, value in kwargs.items():
+                try:
+                    cls(**{attr: value})
+                except OptionError as alone:
+                    raise OptionError(f"{path(given[attr])}: {_show(value)} is out of range: {alone}") from None
+            if where:
+                raise OptionError(f"{where}: {exc}") from None
+            raise
 
     @classmethod
     def create(cls, pass_name: str = "", **kwargs: Any) -> PassOptions:
@@ -209,6 +261,86 @@ def _convert(raw: str, hint: Any, where: str) -> Any:
     if hint is str:
         return raw
     raise OptionError(f"{where}: options of type {hint} cannot be given on the command line")
+
+
+def _typed_value(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as an option of type ``hint`` (see ``PassOptions.from_values``), or an OptionError."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None and origin in (Union, types.UnionType) and type(None) in args:
+        return None
+    if isinstance(value, str) and hint is not str:
+        try:
+            return _convert(value, hint, where)  # as on the command line: "0.3", "true", "a,b", "none"
+        except OptionError:
+            pass
+    elif origin in (Union, types.UnionType):
+        for candidate in (a for a in args if a is not type(None)):
+            try:
+                return _typed_value(value, candidate, where)
+            except OptionError:
+                continue
+    elif origin is Literal:
+        # `type(...) is` so that True does not pass for 1 (bool is an int subclass).
+        if any(value == choice and type(value) is type(choice) for choice in args):
+            return value
+    elif origin is tuple:
+        if isinstance(value, list | tuple):
+            item = args[0] if args else str
+            return tuple(_typed_value(v, item, f"{where}[{i}]") for i, v in enumerate(value, 1))
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif hint in (int, bool, str):
+        if type(value) is hint:  # exact: a bool is not an int here
+            return value
+    elif isinstance(hint, type) and isinstance(value, hint):
+        return value
+    raise OptionError(f"{where}: expected {_expected(hint)}, got {_described(value)}")
+
+
+_EXPECTED = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "none"}
+_EXPECTED_PLURAL = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+
+
+def _expected(hint: Any) -> str:
+    """What a value of type ``hint`` looks like, for 'expected ...' messages."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_expected(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(_show(a) for a in args)
+    if origin is tuple:
+        item = args[0] if args else str
+        return f"a list of {_EXPECTED_PLURAL.get(item, _type_name(item))}"
+    return _EXPECTED.get(hint, _type_name(hint))
+
+
+def _described(value: Any) -> str:
+    """A value, introduced by its type: ``the string 'abc'``, ``the number 1.5``, ``a list``."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return f"the boolean {_show(value)}"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__
+
+
+def _show(value: Any) -> str:
+    """A value as a pipeline file would spell it (true/false lowercase, strings quoted)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return repr(value)
 
 
 def _type_name(hint: Any) -> str:

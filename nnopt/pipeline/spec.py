@@ -45,9 +45,5 @@ def parse_pass_spec(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def instantiate(cls: type[Pass], values: dict[str, Any]) -> Pass:
-    """A configured instance of ``cls`` from string or typed option values."""
-    if all(isinstance(v, str) for v in values.values()):
-        options = cls.Options.from_strings(values, cls.name)
-    else:
-        options = cls.Options.create(cls.name, **values)
-    return cls(options)
+    """A configured instance of ``cls`` from typed option values or command-line strings (both checked)."""
+    return cls(cls.Options.from_values(values, cls.name))

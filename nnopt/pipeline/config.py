@@ -1,0 +1,362 @@
+"""Pipeline files: a whole ``nnopt optimize`` run (passes, options, verification) in one TOML or JSON file.
+
+The format is chosen by the extension, ``.toml`` (read with the standard library's ``tomllib``) or ``.json``;
+both hold the same structure. YAML is not supported (it would need a dependency). In TOML::
+
+    seed = 0                            # all top-level settings are optional
+    hardware = "x86-avx2-2core"         # a profile name, or "flops=...,bandwidth=..."
+    fixed_point = "auto"                # "auto" | true | false
+    input_shapes = { x = [1, 3, 224, 224] }
+
+    [verify]
+    enabled = true                      # false: like --no-verify
+    data = "calib.npz"                  # relative to the pipeline file's folder; must exist
+    strict = false
+    max_rel_error = 0.05                # the lossy budget; each key optional
+    min_cosine = 0.99
+    min_top1 = 0.98
+
+    [[passes]]                          # no [[passes]] at all: the default pipeline
+    name = "default"                    # the lossless default pipeline (takes no options)
+
+    [[passes]]
+    name = "prune"
+    ratio = 0.3                         # every other key is an option of that pass
+    round_to = 8
+
+Everything is validated before anything runs: names, option types and ranges (the pass's own checks),
+the hardware profile, that the data file exists. Each problem is one ``PipelineFileError`` line naming the
+file, the key path and what to do, e.g. ``pipeline.toml: passes[2].ratio: expected a number, got the
+string 'abc'``.
+
+Key paths count from 1: ``passes[2]`` is the second ``[[passes]]`` table in the file (the second object of
+the ``"passes"`` array in JSON), and ``passes[2].nodes[1]`` the first item of its ``nodes`` list.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from nnopt.cost.hardware import HardwareProfile, parse_hardware
+from nnopt.errors import InputError, OptionError
+from nnopt.pipeline.base import Pass, _described
+from nnopt.pipeline.manager import Budget
+
+#: The name that stands for the lossless default pipeline in ``[[passes]]``.
+DEFAULT_PASS_NAME = "default"
+
+TOP_LEVEL_KEYS = ("seed", "hardware", "fixed_point", "input_shapes", "verify", "passes")
+VERIFY_KEYS = ("enabled", "data", "strict", "max_rel_error", "min_cosine", "min_top1")
+
+
+class PipelineFileError(InputError):
+    """A pipeline file is missing, unreadable, malformed, or names an unknown pass, option or value."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A validated pipeline file. None means "not set in the file": command-line flags or defaults decide.
+
+    Attributes:
+        passes: ``(name, {option: typed value})`` in order, ``("default", {})`` for the default pipeline;
+            None when the file has no ``[[passes]]`` (the default pipeline).
+        data: the ``.npz`` of reference inputs, resolved against the file's folder.
+        strict: a rolled-back pass is an error.
+        verify: check each pass in onnxruntime (``verify.enabled``).
+        seed: seed for generated inputs and randomised passes.
+        hardware: the hardware profile as written (a name or ``flops=...``), already validated.
+        fixed_point: repeat the pipeline until nothing changes; None for ``"auto"`` or not set.
+        input_shapes: concrete shapes for dynamic inputs.
+        budget: the lossy budget from ``[verify]``.
+        source: the file this came from (None for a mapping given directly).
+    """
+
+    passes: tuple[tuple[str, dict[str, Any]], ...] | None = None
+    data: Path | None = None
+    strict: bool | None = None
+    verify: bool | None = None
+    seed: int | None = None
+    hardware: str | None = None
+    fixed_point: bool | None = None
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    budget: Budget = field(default_factory=Budget)
+    source: Path | None = None
+
+
+def load_pipeline_file(
+    path: str | Path,
+    passes: Mapping[str, type[Pass]],
+    hardware: Mapping[str, HardwareProfile],
+) -> PipelineConfig:
+    """Read and validate a ``.toml`` or ``.json`` pipeline file.
+
+    Args:
+        path: the file.
+        passes: the pass registry, name → Pass class (e.g. from ``build_plugins()``).
+        hardware: the hardware profiles usable by name (``Plugins.hardware_registry()``).
+
+    Raises:
+        PipelineFileError: the file is missing or unreadable, has an unsupported extension, a syntax
+            error, or anything ``parse_pipeline`` rejects.
+    """
+    path = Path(path)
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        if path.suffix.lower() in (".yml", ".yaml"):
+            raise PipelineFileError(f"{path}: YAML pipeline files are not supported; write it as .toml or .json")
+        raise PipelineFileError(
+            f"{path}: unsupported pipeline file extension '{path.suffix}'; use {' or '.join(_READERS)}"
+        )
+    if not path.exists():
+        raise PipelineFileError(f"{path}: file not found")
+    if not path.is_file():
+        raise PipelineFileError(f"{path}: not a file; --pipeline takes a .toml or .json file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PipelineFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise PipelineFileError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    return parse_pipeline(reader(text, str(path)), passes, hardware, source=path)
+
+
+def parse_pipeline(
+    mapping: dict[str, Any],
+    passes: Mapping[str, type[Pass]],
+    hardware: Mapping[str, HardwareProfile],
+    source: Path | None = None,
+) -> PipelineConfig:
+    """Validate a pipeline given as a mapping (a parsed file); ``source`` names it in messages and is the
+    folder relative data paths are resolved against (the working directory when None)."""
+    label = str(source) if source is not None else "pipeline"
+    if not isinstance(mapping, dict):
+        raise PipelineFileError(f"{label}: expected a table of settings at the top level, got {_described(mapping)}")
+    _check_keys(mapping, TOP_LEVEL_KEYS, label, "")
+    verify = _table(mapping.get("verify", {}), label, "verify")
+    _check_keys(verify, VERIFY_KEYS, label, "verify.")
+
+    def get(table: dict[str, Any], key: str, check: Callable[[Any], Any], prefix: str = "") -> Any:
+        return _setting(table, key, check, label, prefix)
+
+    fixed_point_text = get(mapping, "fixed_point", _fixed_point)
+    hardware_spec = get(mapping, "hardware", _string)
+    if hardware_spec is not None:
+        try:
+            parse_hardware(hardware_spec, dict(hardware))
+        except InputError as exc:
+            raise PipelineFileError(f"{label}: hardware: {exc}") from None
+    budget = Budget(
+        max_rel_error=get(verify, "max_rel_error", _number_in(0.0, None), "verify."),
+        min_cosine=get(verify, "min_cosine", _number_in(-1.0, 1.0), "verify."),
+        min_top1=get(verify, "min_top1", _number_in(0.0, 1.0), "verify."),
+    )
+    enabled = get(verify, "enabled", _boolean, "verify.")
+    if enabled is False and budget != Budget():
+        # Without verification nothing measures the outputs, so the budget would be silently ignored.
+        first = next(key for key, value in budget.to_dict().items() if value is not None)
+        raise PipelineFileError(
+            f"{label}: verify.{first}: a budget needs verification; remove it or set verify.enabled = true"
+        )
+    data_text = get(verify, "data", _string, "verify.")
+    return PipelineConfig(
+        passes=_passes(mapping.get("passes"), passes, label),
+        data=_data_path(data_text, source, label) if data_text is not None else None,
+        strict=get(verify, "strict", _boolean, "verify."),
+        verify=enabled,
+        seed=get(mapping, "seed", _seed),
+        hardware=hardware_spec,
+        fixed_point=None if fixed_point_text in (None, "auto") else fixed_point_text,
+        input_shapes=_input_shapes(mapping.get("input_shapes", {}), label),
+        budget=budget,
+        source=source,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- readers
+def _read_toml(text: str, label: str) -> Any:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib (3.11) puts the position at the end of its message: "Invalid value (at line 4, column 9)".
+        message = str(exc)
+        found = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", message, flags=re.DOTALL)
+        if found:
+            message = f"line {found[2]}, column {found[3]}: {found[1]}"
+        raise PipelineFileError(f"{label}: {message} (TOML syntax)") from None
+
+
+def _read_json(text: str, label: str) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=lambda pairs: _json_object(pairs, label))
+    except json.JSONDecodeError as exc:
+        raise PipelineFileError(f"{label}: line {exc.lineno}, column {exc.colno}: {exc.msg} (JSON syntax)") from None
+
+
+def _json_object(pairs: list[tuple[str, Any]], label: str) -> dict[str, Any]:
+    """A JSON object; a repeated key is an error (TOML rejects it too; json would keep the last silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise PipelineFileError(f"{label}: key '{key}' appears twice in one object; keep one")
+        out[key] = value
+    return out
+
+
+#: Extension → reader(text, label) returning the parsed mapping.
+_READERS: dict[str, Callable[[str, str], Any]] = {".toml": _read_toml, ".json": _read_json}
+
+
+# ---------------------------------------------------------------------------------------------- sections
+def _passes(
+    entries: Any, registry: Mapping[str, type[Pass]], label: str
+) -> tuple[tuple[str, dict[str, Any]], ...] | None:
+    if entries is None:
+        return None
+    if not isinstance(entries, list) or not entries:
+        got = "an empty list" if entries == [] else _described(entries)
+        raise PipelineFileError(
+            f"{label}: passes: expected a list of pass tables ([[passes]] with a name), got {got}; "
+            "leave 'passes' out for the default pipeline"
+        )
+    out = []
+    for index, entry in enumerate(entries, 1):
+        where = f"passes[{index}]"
+        if not isinstance(entry, dict):
+            raise PipelineFileError(
+                f'{label}: {where}: expected a table with a name (name = "prune"), got {_described(entry)}'
+            )
+        options = {key: value for key, value in entry.items() if key != "name"}
+        name = entry.get("name")
+        if name is None:
+            raise PipelineFileError(f'{label}: {where}: missing name; add name = "<pass>" (see nnopt passes)')
+        if not isinstance(name, str):
+            raise PipelineFileError(f"{label}: {where}.name: expected a pass name string, got {_described(name)}")
+        if name == DEFAULT_PASS_NAME:
+            if options:
+                raise PipelineFileError(
+                    f"{label}: {where}: the default pipeline takes no options (got '{next(iter(options))}'); "
+                    "list its passes one by one to configure them"
+                )
+            out.append((name, {}))
+            continue
+        cls = registry.get(name)
+        if cls is None:
+            raise PipelineFileError(f"{label}: {where}.name: unknown pass '{name}' ({_suggest(name, registry)})")
+        try:
+            built = cls.Options.from_values(options, name, where=f"{label}: {where}")
+        except OptionError as exc:
+            raise PipelineFileError(str(exc)) from None
+        # The options the file set, typed (lists as tuples, ints as floats where the option is a float).
+        out.append((name, {key.replace("-", "_"): getattr(built, key.replace("-", "_")) for key in options}))
+    return tuple(out)
+
+
+def _input_shapes(value: Any, label: str) -> dict[str, list[int]]:
+    shapes = _table(value, label, "input_shapes")
+    for name, dims in shapes.items():
+        if (
+            not isinstance(dims, list)
+            or not dims
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims)
+        ):
+            raise PipelineFileError(
+                f"{label}: input_shapes.{name}: expected a list of positive integers such as [1, 3, 224, 224], "
+                f"got {_described(dims)}"
+            )
+    return {name: list(dims) for name, dims in shapes.items()}
+
+
+def _data_path(text: str, source: Path | None, label: str) -> Path:
+    path = Path(text)
+    if source is not None and not path.is_absolute():
+        path = source.parent / path
+    if not path.is_file():
+        raise PipelineFileError(
+            f"{label}: verify.data: file not found: {path} (relative paths are read from the pipeline file's folder)"
+        )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- values
+def _setting(table: dict[str, Any], key: str, check: Callable[[Any], Any], label: str, prefix: str = "") -> Any:
+    """One optional key through its checker (None when absent); the checker's ValueError becomes a
+    PipelineFileError naming the file and the key path."""
+    if key not in table:
+        return None
+    try:
+        return check(table[key])
+    except ValueError as exc:
+        raise PipelineFileError(f"{label}: {prefix}{key}: {exc}") from None
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_described(value)}")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a non-empty string, got {_described(value)}")
+    return value
+
+
+def _seed(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"expected a non-negative integer, got {_described(value)}")
+    return value
+
+
+def _fixed_point(value: Any) -> bool | str:
+    if value == "auto" or isinstance(value, bool):
+        return value
+    raise ValueError(f'expected "auto", true or false, got {_described(value)}')
+
+
+def _number_in(low: float | None, high: float | None) -> Callable[[Any], float]:
+    """A checker for a finite number within [low, high] (None: unbounded on that side)."""
+    wanted = f"a number from {low:g} to {high:g}" if high is not None else f"a number of at least {low:g}"
+
+    def check(value: Any) -> float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ValueError(f"expected {wanted}, got {_described(value)}")
+        if not ((low is None or value >= low) and (high is None or value <= high)):  # also rejects nan
+            raise ValueError(f"{value!r} is out of range: expected {wanted}")
+        return float(value)
+
+    return check
+
+
+def _table(value: Any, label: str, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise PipelineFileError(
+            f"{label}: {key}: expected a table ([{key}] or {key} = {{...}}), got {_described(value)}"
+        )
+    return value
+
+
+def _check_keys(table: dict[str, Any], valid: tuple[str, ...], label: str, prefix: str) -> None:
+    for key in table:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"did you mean '{close[0]}'?; " if close else ""
+            raise PipelineFileError(f"{label}: {prefix}{key}: unknown key ({hint}valid keys: {', '.join(valid)})")
+
+
+def _suggest(name: str, registry: Mapping[str, type[Pass]]) -> str:
+    # Same matching as plugin_manager.get_pass_class, so the CLI's -p and pipeline files suggest alike.
+    close = difflib.get_close_matches(name, [DEFAULT_PASS_NAME, *registry], n=1)
+    if close:
+        return f"did you mean '{close[0]}'?; see nnopt passes"
+    return f"known: {', '.join(sorted([DEFAULT_PASS_NAME, *registry]))}; see nnopt passes"
+
+
+__all__ = ["PipelineConfig", "PipelineFileError", "load_pipeline_file", "parse_pipeline"]
