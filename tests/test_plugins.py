@@ -126,7 +126,49 @@ def test_example_plugin_distribution_through_an_entry_point(monkeypatch, capsys)
     assert main(["plugins", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["plugins"]}
     assert rows["example"]["distribution"] == "nnopt-example-plugin"
-    assert rows["example"]["passes"] == ["example.strip-doc-strings"]
+    assert rows["example"]["passes"] == ["example.cancel-transposes", "example.strip-doc-strings"]
     assert main(["--no-plugins", "plugins", "--json"]) == 0
     assert "example" not in {r["name"] for r in json.loads(capsys.readouterr().out)["plugins"]}
     sys.modules.pop("nnopt_example_plugin", None)
+
+
+def test_the_installed_example_plugin_is_found_listed_and_used_in_a_pipeline(tmp_path, capsys):
+    """No fakes: the distribution pip installed (the README's test command does) and its real entry point."""
+    import importlib.metadata
+    import json
+
+    import onnx
+
+    from nnopt.cli import main
+    from nnopt.testing import model_from_text
+
+    try:
+        dist = importlib.metadata.distribution("nnopt-example-plugin")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail("the example plugin is not installed: pip install ./plugins/nnopt-example-plugin (see README)")
+    assert [ep.value for ep in dist.entry_points if ep.group == "nnopt.plugins"] == ["nnopt_example_plugin"]
+
+    assert main(["passes", "--json"]) == 0
+    listed = {p["name"]: p for p in json.loads(capsys.readouterr().out)["passes"]}
+    assert listed["example.cancel-transposes"]["plugin"] == "nnopt-example-plugin"
+
+    # NCHW → NHWC, Relu, back: the pair cancels and the Relu stays, inside a pipeline file.
+    src, out, report = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    onnx.save_model(model_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 3, 4, 5] x) => (float[1, 3, 4, 5] y) {
+          a = Transpose<perm = [0, 2, 3, 1]>(x)
+          b = Relu(a)
+          c = Transpose<perm = [0, 3, 1, 2]>(b)
+          y = Sigmoid(c)
+        }
+    """), str(src))
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text('[[passes]]\nname = "default"\n\n[[passes]]\nname = "example.cancel-transposes"\n')
+    assert main(["optimize", str(src), "-o", str(out), "--pipeline", str(pipeline), "--report", str(report), "-q"]) == 0
+    record = [r for r in json.loads(report.read_text())["passes"] if r["name"] == "example.cancel-transposes"][0]
+    assert record["status"] == "applied" and record["stats"]["transposes_removed"] == 2
+    assert [n.op_type for n in onnx.load(str(out)).graph.node] == ["Relu", "Sigmoid"]
+    # --no-plugins: the pass is gone, and asking for it is a one-line error, exit 2.
+    assert main(["--no-plugins", "optimize", str(src), "-o", str(tmp_path / "x.onnx"), "-p", "example.cancel-transposes"]) == 2
+    assert "unknown pass 'example.cancel-transposes'" in capsys.readouterr().err

@@ -1,5 +1,10 @@
 """An example nnopt plugin: what a third-party package puts in its own distribution.
 
+It provides two passes, ``example.cancel-transposes`` (merges and cancels the Transpose pairs that
+NHWC-converted models such as tf2onnx output are full of; in ``cancel_transposes.py``) and
+``example.strip-doc-strings``, a cost rule for the custom op ``com.example.FancyOp`` and an
+``example-npu`` hardware profile.
+
 Install it next to nnopt (``pip install plugins/nnopt-example-plugin``) and ``nnopt plugins`` lists it;
 the entry point ``nnopt.plugins: example = nnopt_example_plugin`` in its pyproject.toml is how nnopt finds
 it. Everything it uses comes from the ``nnopt`` import surface.
@@ -7,9 +12,9 @@ it. Everything it uses comes from the ``nnopt`` import surface.
 
 from __future__ import annotations
 
-from nnopt import Model, Pass, PassContext, PassResult, hookimpl
-from nnopt.cost import HardwareProfile
-from nnopt.cost.rules import Cost, CostContext, CostRule
+from nnopt import Cost, CostContext, CostRule, HardwareProfile, Model, Pass, PassContext, PassResult, hookimpl
+
+from .cancel_transposes import CancelTransposes
 
 
 class StripDocStrings(Pass):
@@ -39,7 +44,7 @@ def _fancy_op_cost(ctx: CostContext) -> Cost:
 
 @hookimpl
 def nnopt_register_passes() -> list[type[Pass]]:
-    return [StripDocStrings]
+    return [CancelTransposes, StripDocStrings]
 
 
 @hookimpl
