@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="per-node cost: params, MACs, FLOPs, bytes, estimated latency")
     analyze.add_argument("model")
     analyze.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    analyze.add_argument("--hardware", default=None, help="profile name or flops=...,bandwidth=...")
+    analyze.add_argument("--hardware", default=None,
+                         help="profile name, flops=...,bandwidth=..., or a PROFILE.json from nnopt calibrate")
     analyze.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS",
                          help="concrete shape for a dynamic input, e.g. x=1,3,224,224 (repeatable)")
     analyze.add_argument("--measure", action="store_true", help="also time the model in onnxruntime")
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--report", default=None, help="write the pipeline report as JSON")
     opt.add_argument("--strict", action="store_true", default=None,
                      help="a pass that is rolled back is an error (exit 3)")
-    opt.add_argument("--hardware", default=None, help="profile for the cost estimates")
+    opt.add_argument("--hardware", default=None,
+                     help="profile for the cost estimates: a name, flops=...,bandwidth=..., or PROFILE.json")
     opt.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS")
     opt.add_argument("--seed", type=int, default=None, help="seed for generated inputs and randomised passes (default 0)")
     opt.add_argument("--max-rel-error", type=float, default=None, help="lossy budget: max relative output error")
@@ -84,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     plugins = sub.add_parser("plugins", help="list loaded plugins and where they come from")
     plugins.add_argument("--json", action="store_true")
+
+    calibrate = sub.add_parser("calibrate", help="measure this machine in onnxruntime and write a hardware profile")
+    calibrate.add_argument("-o", "--output", default=None, metavar="PROFILE.json",
+                           help="write the profile here (default: print it on stdout); use it with --hardware")
+    calibrate.add_argument("--runs", type=int, default=20, help="timed runs per probe and round (median is kept)")
+    calibrate.add_argument("--rounds", type=int, default=5,
+                           help="interleaved rounds over the probes (the least disturbed one is kept)")
+    calibrate.add_argument("--name", default="calibrated", help="the profile's name")
+    calibrate.add_argument("--quick", action="store_true",
+                           help="tiny probes: checks the machinery in a second; the figures are not representative")
     return parser
 
 
@@ -279,7 +291,61 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"analyze": cmd_analyze, "optimize": cmd_optimize, "passes": cmd_passes, "plugins": cmd_plugins}
+#: Median ÷ fastest run of a calibration probe above which the CLI warns that the machine looks busy.
+_BUSY_SPREAD = 1.5
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import time
+
+    from nnopt.cost.calibrate import FULL_SIZES, QUICK_SIZES, calibrate
+    from nnopt.cost.hardware import PROFILE_SUFFIX, write_profile
+
+    out = Path(args.output) if args.output else None
+    if out is not None and not out.name.lower().endswith(PROFILE_SUFFIX):
+        raise InputError(f"{out}: a profile file must end in {PROFILE_SUFFIX}, so that --hardware recognises it")
+    if out is not None and out.is_dir():
+        raise InputError(f"{out}: is a directory; -o takes a file path")
+    if not args.name.strip():
+        raise InputError("nnopt calibrate: --name must not be empty")
+    started = time.perf_counter()
+    profile, measurements = calibrate(runs=args.runs, rounds=args.rounds, name=args.name.strip(),
+                                      sizes=QUICK_SIZES if args.quick else FULL_SIZES)
+    k = profile.kernels
+    summary = (
+        f"{profile.name}: dense conv {k['conv'].flops / 1e9:.1f} GFLOP/s (+{k['conv'].overhead_s * 1e6:.1f} us), "
+        f"depthwise {k['depthwise'].flops / 1e9:.1f} GFLOP/s (+{k['depthwise'].overhead_s * 1e6:.1f} us), "
+        f"unblocked {k['unblocked_conv'].flops / 1e9:.1f} GFLOP/s (+{k['unblocked_conv'].overhead_s * 1e6:.1f} us), "
+        f"run-time weights {k['dynamic_weight'].flops / 1e9:.1f} GFLOP/s "
+        f"(+{k['dynamic_weight'].overhead_s * 1e6:.1f} us), "
+        f"int8 {k['int8'].flops / 1e9:.1f} GFLOP/s (+{k['int8'].overhead_s * 1e6:.1f} us), "
+        f"bandwidth {profile.bandwidth / 1e9:.1f} GB/s, {profile.node_overhead_s * 1e6:.2f} us per node, "
+        f"{profile.run_overhead_s * 1e6:.1f} us per run ({time.perf_counter() - started:.1f} s"
+        f"{', --quick: not representative' if args.quick else ''})"
+    )
+    if measurements["max_median_to_min"] > _BUSY_SPREAD:
+        print(
+            f"nnopt: warning: the machine looks busy (a probe's median run took {measurements['max_median_to_min']:.1f} "
+            "x its fastest): other load inflates the figures; calibrate on an idle machine",
+            file=sys.stderr,
+        )
+    if out is None:
+        json.dump({**profile.to_dict(), "measurements": measurements}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        print(summary, file=sys.stderr)
+    else:
+        write_profile(profile, out, measurements)
+        print(f"{summary}; wrote {out}")
+    return EXIT_OK
+
+
+_COMMANDS = {
+    "analyze": cmd_analyze,
+    "optimize": cmd_optimize,
+    "passes": cmd_passes,
+    "plugins": cmd_plugins,
+    "calibrate": cmd_calibrate,
+}
 
 
 # ---------------------------------------------------------------------------------------------- helpers

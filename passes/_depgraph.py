@@ -52,6 +52,7 @@ class Analysis:
 
     tracks: dict[int, Track] = field(default_factory=dict)
     roots: list[Root] = field(default_factory=list)
+    root_of_node: dict[int, int] = field(default_factory=dict)  # id of a root's node → its index in roots
     label_root: list[int] = field(default_factory=list)  # label → root index, -1 for pinned labels
     unions: nx.Graph = field(default_factory=nx.Graph)
     declined: dict[int, str] = field(default_factory=dict)  # root index → reason
@@ -258,6 +259,7 @@ class Tracer:
         dead = ~np.any(flat != 0, axis=1) & (np.asarray(bias) == 0)
         labels = a.new_labels(rows.shape[0], r)
         a.roots.append(Root(node, int(labels[0]), norms, dead))
+        a.root_of_node[id(node)] = r
         rank = int(_const(node, 1).ndim) if node.op == "Conv" else axis + 1  # type: ignore[union-attr]
         a.tracks[id(node.outputs[0])] = Track(axis, labels, dead.copy(), rank)
         self.defer(node.outputs[0], self._edit_root, node)
@@ -377,11 +379,11 @@ class Tracer:
 
     def _scale_norms(self, x: gs.Tensor, t: Track, factor: np.ndarray) -> None:
         """Rank an unfused Conv → BN by the norms of the folded filters: times |gamma| / sqrt(var + eps)."""
-        producer = x.inputs[0] if len(x.inputs) == 1 else None
-        for root in self.a.roots:
-            if root.node is producer and len(root.norms) == len(t.labels) == len(factor):
-                root.norms = root.norms * factor
-                return
+        # A lookup, not a search of all roots: one BN per conv would make the trace quadratic.
+        index = self.a.root_of_node.get(id(x.inputs[0])) if len(x.inputs) == 1 else None
+        root = self.a.roots[index] if index is not None else None
+        if root is not None and len(root.norms) == len(t.labels) == len(factor):
+            root.norms = root.norms * factor
 
     def conv(self, node: gs.Node) -> None:
         t = self.track(node.inputs[0])

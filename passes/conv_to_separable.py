@@ -10,7 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from nnopt.analysis.selection import is_selected
-from nnopt.ir.model import Model
+from nnopt.ir.model import Model, splice_nodes
 from nnopt.passes._lowrank import (
     Decline,
     RankRule,
@@ -190,8 +190,12 @@ class ConvToSeparable(Pass):
                         fit="weights", fit_note="data-aware fitting covers main-graph layers only"
                     )
         taken = taken_names(model)
+        replacements: dict[int, dict[int, list[gs.Node]]] = {}  # graph id → node id → its two new convs
+        graphs = {id(plan.graph): plan.graph for plan in plans}
         for plan in plans:
-            self._apply(plan, taken)
+            replacements.setdefault(id(plan.graph), {})[id(plan.node)] = self._apply(plan, taken)
+        for graph_id, nodes in replacements.items():
+            splice_nodes(graphs[graph_id], nodes)
         rewritten = [p.report for p in plans]
         return PassResult(
             modified=bool(plans),
@@ -322,8 +326,9 @@ class ConvToSeparable(Pass):
                 )
 
     # ------------------------------------------------------------------------------------------ rewriting
-    def _apply(self, plan: _Plan, taken: set[str]) -> None:
-        node, graph = plan.node, plan.graph
+    def _apply(self, plan: _Plan, taken: set[str]) -> list[gs.Node]:
+        """Build the depthwise and pointwise convs that replace ``plan.node`` (the caller splices them in)."""
+        node = plan.node
         label = plan.report["node"]
         dtype = plan.weight.dtype
         x, y = node.inputs[0], node.outputs[0]
@@ -362,5 +367,4 @@ class ConvToSeparable(Pass):
             inputs=[mid, pw_weight] + ([bias] if bias is not None else []),
             outputs=[y],
         )
-        index = next(i for i, n in enumerate(graph.nodes) if n is node)
-        graph.nodes[index : index + 1] = [depthwise, pointwise]
+        return [depthwise, pointwise]

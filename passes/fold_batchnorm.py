@@ -233,13 +233,16 @@ def _foldable_producer(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
     return producer
 
 
-def _producer(graph: gs.Graph, x: gs.Tensor, pinned: set[int]) -> gs.Node:
-    """The Conv/ConvTranspose/Gemm of this graph whose only use is ``x``, or raise why there is none."""
+def _producer(graph: gs.Graph, x: gs.Tensor, pinned: set[int], local: set[int]) -> gs.Node:
+    """The Conv/ConvTranspose/Gemm of this graph whose only use is ``x``, or raise why there is none.
+
+    ``local``: ids of ``graph``'s nodes (a set, so that the check is not a walk over the graph per node).
+    """
     producer = _foldable_producer(graph, x)
     if producer is None:
         source = x.inputs[0].op if len(x.inputs) == 1 else "no node"
         raise _Decline(f"input comes from {source}, not Conv, ConvTranspose or Gemm")
-    if not any(n is producer for n in graph.nodes):
+    if id(producer) not in local:
         raise _Decline("producer is in an enclosing graph")
     if len(producer.outputs) != 1 or id(x) in pinned or len({id(n) for n in x.outputs}) != 1:
         raise _Decline(f"{producer.op} output is also used elsewhere")
@@ -286,6 +289,8 @@ class FoldBatchNorm(Pass):
         folded: dict[str, int] = {}
         for graph in model.all_graphs():
             gone: set[int] = set()
+            # Folding removes followers only, never a producer: the set stays right for the whole walk.
+            local = {id(n) for n in graph.nodes}
             for node in list(graph.nodes):
                 follower = FOLLOWERS.get(node.op)
                 if follower is None or not is_onnx_op(node):
@@ -297,7 +302,7 @@ class FoldBatchNorm(Pass):
                 try:
                     if not node.outputs or not all(_unused(t, pinned) for t in node.outputs[1:]):
                         raise _Decline("training outputs are used")
-                    producer = _producer(graph, node.inputs[index], pinned)
+                    producer = _producer(graph, node.inputs[index], pinned, local)
                     entry["into"] = producer.name
                     affine = follower.affine(node, index, _output_rank(producer), model.opset)
                     plan = FOLDERS[producer.op](producer, affine)

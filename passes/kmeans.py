@@ -421,6 +421,19 @@ WEIGHT_INPUTS: dict[str, tuple[int, Callable[[gs.Node, int], int | None]]] = {
 
 
 @dataclass
+class _GraphFacts:
+    """What the checks and the rewrite of every weight of one graph need, found once per graph: a walk over
+    the whole model per weight would make the pass quadratic in the node count."""
+
+    #: ids of the graph's own nodes (the pass adds decoders only after the last weight is done).
+    node_ids: set[int]
+    #: The graph and all its subgraphs: where a tensor of the graph can be a graph output.
+    scope: list[gs.Graph]
+    #: ids of the tensors that are an output of any graph of the model.
+    model_outputs: set[int]
+
+
+@dataclass
 class _Weight:
     """One constant tensor to share, the nodes that read it and what the report says about it."""
 
@@ -429,6 +442,7 @@ class _Weight:
     #: The nodes that made it a candidate, each with the input index and the rule giving its channel axis.
     slots: list[tuple[gs.Node, int, Callable[[gs.Node, int], int | None]]]
     entry: dict[str, Any]
+    facts: _GraphFacts
 
     @property
     def readers(self) -> list[gs.Node]:
@@ -552,7 +566,10 @@ class KMeansWeightSharing(Pass):
     def _collect(self, model: Model, opts: KMeansOptions) -> list[_Weight]:
         """The candidate weights in graph order, each once, with the nodes that made them candidates."""
         found: dict[int, _Weight] = {}
-        for graph in model.all_graphs():
+        graphs = model.all_graphs()
+        outputs = {id(t) for g in graphs for t in g.outputs}
+        for graph in graphs:
+            facts = _GraphFacts({id(n) for n in graph.nodes}, [graph, *graph.subgraphs(recursive=True)], outputs)
             for node in graph.nodes:
                 if not is_onnx_op(node):
                     continue
@@ -567,7 +584,7 @@ class KMeansWeightSharing(Pass):
                     weight = found.get(id(tensor))
                     if weight is None:
                         entry = {"node": _node_label(node), "op_type": node.op, "tensor": tensor.name}
-                        weight = found[id(tensor)] = _Weight(graph, tensor, [], entry)
+                        weight = found[id(tensor)] = _Weight(graph, tensor, [], entry, facts)
                     weight.slots.append((node, index, axis_of))
         return list(found.values())
 
@@ -586,10 +603,9 @@ class KMeansWeightSharing(Pass):
         unselected = [n for n in readers if not is_selected(n.name or "", opts.nodes, opts.exclude)]
         if unselected:
             raise _Decline(f"also read by unselected node {_node_label(unselected[0])}")
-        in_graph = {id(n) for n in weight.graph.nodes}
-        if any(id(r) not in in_graph for r in readers):
+        if any(id(r) not in weight.facts.node_ids for r in readers):
             raise _Decline("read from more than one graph")
-        if any(weight.tensor is t for g in model.all_graphs() for t in g.outputs):
+        if id(weight.tensor) in weight.facts.model_outputs:
             raise _Decline("weight is a graph output")
         if not np.all(np.isfinite(values)):
             raise _Decline("weight has NaN or infinite values")
@@ -668,7 +684,7 @@ class KMeansWeightSharing(Pass):
         if bytes_after >= bytes_before:
             raise _Decline(f"codebook and indices ({bytes_after} bytes) would not be smaller than the weight "
                            f"({bytes_before})")
-        replace_tensor(weight.graph, weight.tensor, decoded)
+        replace_tensor(weight.graph, weight.tensor, decoded, graphs=weight.facts.scope)
         entry["action"] = "rewritten"
         return b.nodes
 

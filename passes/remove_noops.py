@@ -277,30 +277,46 @@ def _extra_outputs_unused(node: gs.Node, pinned: set[int]) -> bool:
     return all(t.is_empty() or (not t.outputs and id(t) not in pinned) for t in node.outputs[1:])
 
 
-def _bypass(graph: gs.Graph, node: gs.Node, source: gs.Tensor, pinned: set[int]) -> str | None:
+@dataclass
+class _Scope:
+    """The graph being cleaned, with what would cost a walk over all its nodes to find per no-op."""
+
+    graph: gs.Graph
+    #: ``graph`` and all its subgraphs: the graphs whose outputs may name a tensor of ``graph``.
+    graphs: list[gs.Graph]
+    #: ids of ``graph``'s own nodes (removed no-ops stay listed: they no longer produce anything).
+    node_ids: set[int]
+
+    @classmethod
+    def of(cls, graph: gs.Graph) -> _Scope:
+        return cls(graph, [graph, *graph.subgraphs(recursive=True)], {id(n) for n in graph.nodes})
+
+
+def _bypass(scope: _Scope, node: gs.Node, source: gs.Tensor, pinned: set[int]) -> str | None:
     """Remove ``node`` by making its readers read ``source``; return why not, or None when done.
 
     Graph outputs (of any graph) keep their names. When the no-op's output is one, the producer of
     ``source`` is made to write the output tensor instead, which is possible only if ``source`` is an
     intermediate of the same graph and no graph output itself.
     """
+    graph = scope.graph
     out = node.outputs[0]
     if source is out:
         return "reads its own output"
     if id(out) not in pinned:
         node.inputs.clear()
         node.outputs.clear()
-        replace_tensor(graph, out, source)
+        replace_tensor(graph, out, source, graphs=scope.graphs)
         return None
     producer = source.inputs[0] if len(source.inputs) == 1 else None
-    local = producer is not None and any(n is producer for n in graph.nodes)
+    local = producer is not None and id(producer) in scope.node_ids
     if not local or id(source) in pinned or any(t is source for t in graph.inputs):
         return "its output is a graph output and its input is not an intermediate of the same graph"
     assert producer is not None
     index = next(i for i, t in enumerate(producer.outputs) if t is source)
     node.inputs.clear()
     node.outputs.clear()
-    replace_tensor(graph, source, out)
+    replace_tensor(graph, source, out, graphs=scope.graphs)
     producer.outputs[index] = out
     return None
 
@@ -332,6 +348,7 @@ class RemoveNoops(Pass):
         pinned = {id(t) for g in model.all_graphs() for t in g.outputs}
         for graph in model.all_graphs():
             gone: set[int] = set()
+            scope = _Scope.of(graph)
             for node in list(graph.nodes):
                 rule = NOOP_RULES.get(node.op)
                 if rule is None or not is_onnx_op(node) or not node.inputs or not node.outputs:
@@ -342,7 +359,7 @@ class RemoveNoops(Pass):
                 if source is None:
                     continue
                 op, name = node.op, node.name
-                reason = _bypass(graph, node, source, pinned)
+                reason = _bypass(scope, node, source, pinned)
                 if reason is not None:
                     layers.append({"node": name, "op": op, "action": "declined", "reason": reason})
                     continue

@@ -10,7 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from nnopt.analysis.selection import is_selected
-from nnopt.ir.model import Model
+from nnopt.ir.model import Model, splice_nodes
 from nnopt.passes._lowrank import (
     Decline,
     RankRule,
@@ -355,6 +355,8 @@ class Svd(Pass):
                         fit="weights", fit_note="data-aware fitting covers main-graph layers only"
                     )
         taken = taken_names(model)
+        replacements: dict[int, dict[int, list[gs.Node]]] = {}  # graph id → node id → its factor nodes
+        graphs = {id(layer.graph): layer.graph for layer in planned}
         for layer in planned:
             label = layer.report["node"]
 
@@ -362,8 +364,9 @@ class Svd(Pass):
                 return unique_name(f"{_PREFIX}/{label}/{what}", taken)
 
             new_nodes = layer.rule.emit(layer, fresh, model.opset)
-            index = next(i for i, n in enumerate(layer.graph.nodes) if n is layer.node)
-            layer.graph.nodes[index : index + 1] = new_nodes
+            replacements.setdefault(id(layer.graph), {})[id(layer.node)] = new_nodes
+        for graph_id, nodes in replacements.items():
+            splice_nodes(graphs[graph_id], nodes)
         reports = [layer.report for layer in planned]
         return PassResult(
             modified=bool(planned),

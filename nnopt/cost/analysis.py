@@ -63,6 +63,12 @@ Conventions (the figures ``analyze`` reports follow these exactly):
 
 * **Latency estimate** (roofline, no overlap between nodes): per node max(FLOPs ÷ peak FLOP/s,
   bytes_moved ÷ bandwidth), summed over nodes. A profile without bandwidth gives FLOPs ÷ peak FLOP/s.
+  A profile may add (``nnopt calibrate`` measures them; see ``nnopt.cost.hardware.HardwareProfile``): a
+  fixed cost per node and per inference, and per kernel class (dense conv, depthwise conv, conv outside
+  onnxruntime's blocked layout, conv with a weight computed at run time, int8) its own FLOP/s and fixed
+  cost per node; with ``runtime="onnxruntime"`` nodes that onnxruntime folds into
+  constants or fuses into another kernel cost 0 and QDQ-wrapped Conv/MatMul/Gemm run as int8 kernels
+  (``nnopt.cost.rules.kernel_classes``). Each node's ``kernel`` says which class it was estimated as.
 
 * **Shapes.** ONNX shape inference (with data propagation) runs on a copy of the model whose dynamic
   graph-input dims are made concrete: from ``input_shapes`` when given, otherwise every unknown dim is
@@ -99,6 +105,7 @@ from nnopt.cost.rules import (
     TensorInfo,
     UnknownShapeError,
     default_registry,
+    kernel_classes,
     tensor_nbytes,
 )
 from nnopt.errors import InputError
@@ -127,7 +134,8 @@ class CostReport:
             latency_s, arithmetic_intensity, nodes, uncosted_nodes``.
         nodes: One dict per main-graph node in topological order, with ``name, op_type, domain, params,
             macs, flops, weight_bytes, input_bytes, output_bytes, bytes_moved, arithmetic_intensity,
-            latency_s, bound ("compute"/"memory"/""), output_shapes, costed, extra``.
+            latency_s, bound ("compute"/"memory"/""), kernel (see ``nnopt.cost.rules.kernel_classes``),
+            output_shapes, costed, extra``.
         notes: Assumptions made and things not counted, one sentence each.
         hardware: The profile the latency estimate used.
         input_shapes: The concrete graph-input shapes the analysis used.
@@ -325,7 +333,8 @@ def analyze(
 
     findings = _Findings()
     decoded, storage = _decoded_weights(nodes, consts, infos)
-    records, totals = _cost_nodes(nodes, order, infos, consts, opsets, rules, hardware, findings, decoded, storage)
+    records, totals = _cost_nodes(nodes, order, infos, consts, opsets, rules, hardware, findings, decoded, storage,
+                                  graph_outputs=[o.name for o in graph.output])
     unused = [t.name for t in graph.initializer if t.name not in needed]
     notes.extend(_finding_notes(findings, unused))
     return CostReport(totals=totals, nodes=records, notes=notes, hardware=hardware, input_shapes=fixed)
@@ -342,8 +351,15 @@ def _cost_nodes(
     findings: _Findings,
     decoded: dict[str, int],
     storage: set[str],
+    graph_outputs: list[str] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float | int]]:
     counted: set[str] = set()
+    # Kernel class per node (in ``nodes`` order), for profiles that model a runtime or give per-class figures.
+    kernels = (
+        kernel_classes(nodes, infos, consts, hardware.runtime, graph_outputs or ())
+        if hardware.models_runtime
+        else None
+    )
     records = []
     totals: dict[str, float | int] = dict.fromkeys(
         ("params", "macs", "flops", "weight_bytes", "activation_bytes", "bytes_moved", "uncosted_nodes"), 0
@@ -381,9 +397,8 @@ def _cost_nodes(
         produces_constant = all(n in consts for n in node.output if n)
         output_bytes = 0 if produces_constant else sum(o.nbytes or 0 for o in outputs if o is not None)
         moved = input_bytes + weight_bytes + output_bytes
-        compute_s = cost.flops / hardware.peak_flops
-        memory_s = moved / hardware.bandwidth if hardware.bandwidth else 0.0
-        latency = max(compute_s, memory_s)
+        kernel = kernels[len(records)] if kernels is not None else "other"  # len(records): this node's position
+        latency, compute_s, memory_s = hardware.node_latency(kernel, cost.flops, moved)
         bound = "" if latency == 0 else ("compute" if compute_s >= memory_s else "memory")
         records.append(
             {
@@ -400,6 +415,7 @@ def _cost_nodes(
                 "arithmetic_intensity": cost.flops / moved if moved else 0.0,
                 "latency_s": latency,
                 "bound": bound,
+                "kernel": kernel,
                 "output_shapes": [
                     list(o.shape) if o is not None and o.shape is not None else None for o in outputs
                 ],
@@ -413,6 +429,7 @@ def _cost_nodes(
         totals["bytes_moved"] += int(moved)
         totals["latency_s"] += latency
         totals["uncosted_nodes"] += 0 if costed else 1
+    totals["latency_s"] += hardware.run_overhead_s
     totals["nodes"] = len(records)
     totals["arithmetic_intensity"] = totals["flops"] / totals["bytes_moved"] if totals["bytes_moved"] else 0.0
     return records, totals

@@ -1,17 +1,66 @@
-"""Hardware profiles for the roofline latency estimate: named built-ins and a KEY=VALUE parser."""
+"""Hardware profiles for the latency estimate: named built-ins, a KEY=VALUE parser, and profile files."""
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from nnopt.errors import InputError
 
+#: Kernel classes a profile may give their own figures for (see ``nnopt.cost.rules.kernel_class``), and what
+#: each covers. Nodes of other classes run at the profile's ``peak_flops``.
+KERNEL_CLASSES: dict[str, str] = {
+    "conv": "dense float Conv, ConvTranspose, Gemm and MatMul with a constant weight",
+    "depthwise": "float Conv with one input channel per group (group = input channels > 1), constant weight",
+    "unblocked_conv": "dense float Conv with a constant weight and at least 16 input channels, not a multiple of "
+    "4: onnxruntime cannot run it in its blocked (NCHWc) layout and falls back to im2col + GEMM",
+    "dynamic_weight": "float Conv, ConvTranspose, Gemm and MatMul whose weight is computed at run time (e.g. "
+    "dequantized from int8 at every inference, or a MatMul of two activations): no pre-packed weight",
+    "int8": "int8 Conv, MatMul and Gemm: QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger, and the "
+    "DequantizeLinear → Conv/MatMul/Gemm groups a runtime fuses into them",
+}
+#: Kernel classes of nodes that cost nothing per inference (only produced for profiles with a ``runtime``):
+#: computed once when the session is created, or absorbed into another node's kernel.
+FREE_KERNELS: frozenset[str] = frozenset({"folded", "fused"})
+#: Runtimes whose graph rewrites the estimate can model (``HardwareProfile.runtime``).
+RUNTIMES: dict[str, str] = {
+    "onnxruntime": "constant folding (except DequantizeLinear), BatchNormalization and activations fused into "
+    "the Conv/Gemm before them, QDQ groups fused into int8 kernels",
+}
+
+
+@dataclass(frozen=True)
+class KernelFigures:
+    """How one kernel class runs on a profile's target.
+
+    Attributes:
+        flops: Effective arithmetic rate of the class in FLOP/s; None uses the profile's ``peak_flops``.
+        overhead_s: Fixed seconds per node of the class, on top of the profile's ``node_overhead_s``
+            (e.g. a GEMM kernel's packing and thread-pool dispatch).
+    """
+
+    flops: float | None = None
+    overhead_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"flops_per_s": self.flops, "overhead_s": self.overhead_s}
+
 
 @dataclass(frozen=True)
 class HardwareProfile:
-    """A target's nominal peak arithmetic rate and memory bandwidth.
+    """A target's arithmetic rate and memory bandwidth, and optionally what a runtime adds per node.
+
+    The estimate of one node is ``node_overhead_s + kernel overhead + max(FLOPs ÷ rate, bytes ÷
+    bandwidth)``, where the rate and kernel overhead are those of the node's kernel class in ``kernels``
+    (``peak_flops`` and 0 for classes it does not list); the model's estimate adds ``run_overhead_s``
+    once. With the defaults (no overheads, no kernels, no runtime) this is the plain roofline
+    ``max(FLOPs ÷ peak_flops, bytes ÷ bandwidth)`` the built-in profiles give.
 
     Attributes:
         name: Short identifier, as accepted by :func:`parse_hardware`.
@@ -19,24 +68,63 @@ class HardwareProfile:
         bandwidth: Peak memory bandwidth in bytes/s, or None when unknown; the latency estimate is then
             compute-only (FLOPs ÷ peak).
         description: Where the figures come from.
+        node_overhead_s: Fixed seconds per executed node (a runtime's dispatch cost).
+        run_overhead_s: Fixed seconds per inference (entering and leaving the runtime).
+        kernels: Figures per kernel class (keys of :data:`KERNEL_CLASSES`).
+        runtime: A key of :data:`RUNTIMES`: estimate the graph that runtime executes (constants folded,
+            nodes fused) rather than the graph as written. None for the graph as written.
     """
 
     name: str
     peak_flops: float
     bandwidth: float | None = None
     description: str = ""
+    node_overhead_s: float = 0.0
+    run_overhead_s: float = 0.0
+    kernels: Mapping[str, KernelFigures] = field(default_factory=dict, hash=False)
+    runtime: str | None = None
 
     def __post_init__(self) -> None:
         if not self.peak_flops > 0 or (self.bandwidth is not None and not self.bandwidth > 0):
             raise ValueError(f"hardware profile '{self.name}': peak_flops and bandwidth must be positive")
+        if not (self.node_overhead_s >= 0 and self.run_overhead_s >= 0):
+            raise ValueError(f"hardware profile '{self.name}': overheads must be at least 0")
+        unknown = sorted(set(self.kernels) - set(KERNEL_CLASSES))
+        if unknown:
+            raise ValueError(f"hardware profile '{self.name}': unknown kernel class '{unknown[0]}'")
+        for kernel, figures in self.kernels.items():
+            if (figures.flops is not None and not figures.flops > 0) or not figures.overhead_s >= 0:
+                raise ValueError(f"hardware profile '{self.name}': kernels.{kernel} figures must be positive")
+        if self.runtime is not None and self.runtime not in RUNTIMES:
+            raise ValueError(f"hardware profile '{self.name}': unknown runtime '{self.runtime}'")
+
+    def node_latency(self, kernel: str, flops: float, bytes_moved: float) -> tuple[float, float, float]:
+        """``(latency_s, compute_s, memory_s)`` of one node of kernel class ``kernel``."""
+        if kernel in FREE_KERNELS:
+            return 0.0, 0.0, 0.0
+        figures = self.kernels.get(kernel)
+        rate = figures.flops if figures is not None and figures.flops is not None else self.peak_flops
+        compute_s = flops / rate
+        memory_s = bytes_moved / self.bandwidth if self.bandwidth else 0.0
+        overhead_s = self.node_overhead_s + (figures.overhead_s if figures is not None else 0.0)
+        return overhead_s + max(compute_s, memory_s), compute_s, memory_s
+
+    @property
+    def models_runtime(self) -> bool:
+        """Whether estimates need each node's kernel class (a runtime or per-class figures are given)."""
+        return self.runtime is not None or bool(self.kernels)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable form with units in the keys."""
+        """A JSON-serialisable form with units in the keys (what a profile file holds)."""
         return {
             "name": self.name,
             "peak_flops_per_s": self.peak_flops,
             "bandwidth_bytes_per_s": self.bandwidth,
             "description": self.description,
+            "node_overhead_s": self.node_overhead_s,
+            "run_overhead_s": self.run_overhead_s,
+            "kernels": {kernel: figures.to_dict() for kernel, figures in sorted(self.kernels.items())},
+            "runtime": self.runtime,
         }
 
 
@@ -89,10 +177,13 @@ DEFAULT_PROFILE: HardwareProfile = BUILTIN_PROFILES["x86-avx2-2core"]
 
 _SUFFIXES = {"k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
 _KEYS = ("name", "flops", "bandwidth")
+#: A ``--hardware`` value ending in this is a profile file.
+PROFILE_SUFFIX = ".json"
 
 
 def parse_hardware(spec: str, registry: dict[str, HardwareProfile] | None = None) -> HardwareProfile:
-    """Parse a hardware profile: a known name, or ``flops=4e12[,bandwidth=25.6G][,name=my-board]``.
+    """Parse a hardware profile: a known name, ``flops=4e12[,bandwidth=25.6G][,name=my-board]``, or a
+    profile file ``PROFILE.json`` (what ``nnopt calibrate`` writes; see :func:`load_profile`).
 
     Numbers accept a k/K, M, G, T or P suffix (``4T`` is 4e12). Names are matched case-insensitively.
     ``flops`` is required in the KEY=VALUE form; without ``bandwidth`` the estimate is compute-only.
@@ -102,12 +193,14 @@ def parse_hardware(spec: str, registry: dict[str, HardwareProfile] | None = None
         registry: Named profiles to look names up in; :data:`BUILTIN_PROFILES` when None.
 
     Raises:
-        InputError: an unknown name, an unknown or repeated key, a missing ``flops``, or a value that is
-            not a positive number.
+        InputError: an unknown name, an unknown or repeated key, a missing ``flops``, a value that is
+            not a positive number, or a profile file that is missing or malformed.
     """
     profiles = BUILTIN_PROFILES if registry is None else registry
     known = ", ".join(sorted(profiles)) or "none"
     text = spec.strip()
+    if text.lower().endswith(PROFILE_SUFFIX):
+        return load_profile(text)
     if "=" not in text:
         by_lower = {name.lower(): profile for name, profile in profiles.items()}
         profile = by_lower.get(text.lower())
@@ -156,3 +249,132 @@ def _parse_number(text: str, key: str, spec: str) -> float:
             f"hardware profile '{spec}': {key} must be a positive number such as 4e12 or 4T, got '{text}'"
         )
     return value
+
+
+
+# ---------------------------------------------------------------------------------------------- profile files
+#: Keys of a profile file: required, optional, and free-form (``measurements``: what calibration measured).
+_FILE_REQUIRED = ("name", "peak_flops_per_s")
+_FILE_OPTIONAL = ("bandwidth_bytes_per_s", "description", "node_overhead_s", "run_overhead_s", "kernels", "runtime")
+_FILE_FREE = ("measurements",)
+_KERNEL_KEYS = ("flops_per_s", "overhead_s")
+
+
+def load_profile(path: str | os.PathLike[str]) -> HardwareProfile:
+    """Read a profile file: a JSON object with the keys of :meth:`HardwareProfile.to_dict`.
+
+    ``name`` and ``peak_flops_per_s`` are required; every other key is optional and defaults to what
+    keeps the plain roofline (no overheads, no kernel classes, no runtime). A ``measurements`` object is
+    kept by ``nnopt calibrate`` for the record and ignored here.
+
+    Raises:
+        InputError: the file is missing or not JSON, or a key is unknown, missing or has a bad value; the
+            one-line message names the file and the key.
+    """
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"hardware profile file {source}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"hardware profile file {source}: cannot be read ({exc})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"hardware profile file {source}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    return profile_from_dict(data, str(source))
+
+
+def profile_from_dict(data: Any, source: str = "profile") -> HardwareProfile:
+    """A profile from the dict form of :meth:`HardwareProfile.to_dict` (see :func:`load_profile`).
+
+    Raises:
+        InputError: a key is unknown, missing or has a bad value, named with ``source``.
+    """
+    where = f"hardware profile file {source}"
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    valid = (*_FILE_REQUIRED, *_FILE_OPTIONAL, *_FILE_FREE)
+    for key in data:
+        if key not in valid:
+            raise InputError(f"{where}: unknown key '{key}' (valid keys: {', '.join(valid)})")
+    for key in _FILE_REQUIRED:
+        if key not in data:
+            raise InputError(f"{where}: missing key '{key}'")
+    name = data["name"]
+    if not isinstance(name, str) or not name.strip():
+        raise InputError(f"{where}: name: expected a non-empty string, got {name!r}")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise InputError(f"{where}: description: expected a string, got {description!r}")
+    runtime = data.get("runtime")
+    if runtime is not None and runtime not in RUNTIMES:
+        raise InputError(f"{where}: runtime: expected null or one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    kernels_data = data.get("kernels", {})
+    if not isinstance(kernels_data, dict):
+        raise InputError(f"{where}: kernels: expected an object keyed by kernel class, got {kernels_data!r}")
+    kernels: dict[str, KernelFigures] = {}
+    for kernel, figures in kernels_data.items():
+        label = f"kernels.{kernel}"
+        if kernel not in KERNEL_CLASSES:
+            raise InputError(f"{where}: unknown kernel class '{kernel}' (valid: {', '.join(KERNEL_CLASSES)})")
+        if not isinstance(figures, dict):
+            raise InputError(f"{where}: {label}: expected an object with {', '.join(_KERNEL_KEYS)}")
+        for key in figures:
+            if key not in _KERNEL_KEYS:
+                raise InputError(f"{where}: unknown key '{label}.{key}' (valid keys: {', '.join(_KERNEL_KEYS)})")
+        kernels[kernel] = KernelFigures(
+            flops=_file_number(figures, "flops_per_s", where, label, positive=True, optional=True),
+            overhead_s=_file_number(figures, "overhead_s", where, label) or 0.0,
+        )
+    return HardwareProfile(
+        name=name.strip(),
+        peak_flops=_file_number(data, "peak_flops_per_s", where, positive=True),  # type: ignore[arg-type]
+        bandwidth=_file_number(data, "bandwidth_bytes_per_s", where, positive=True, optional=True),
+        description=description,
+        node_overhead_s=_file_number(data, "node_overhead_s", where) or 0.0,
+        run_overhead_s=_file_number(data, "run_overhead_s", where) or 0.0,
+        kernels=kernels,
+        runtime=runtime,
+    )
+
+
+def _file_number(
+    data: dict[str, Any], key: str, where: str, label: str = "", *, positive: bool = False, optional: bool = False
+) -> float | None:
+    """``data[key]`` as a finite number: positive (or null if ``optional``), else at least 0; absent: None."""
+    path = f"{label}.{key}" if label else key
+    value = data.get(key)
+    if value is None:
+        if positive and not optional and key in data:
+            raise InputError(f"{where}: {path}: expected a positive number, got null")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{where}: {path}: expected a number, got {value!r}")
+    if positive and value <= 0:
+        raise InputError(f"{where}: {path}: expected a positive number, got {value!r}")
+    if value < 0:
+        raise InputError(f"{where}: {path}: expected a number of at least 0, got {value!r}")
+    return float(value)
+
+
+def write_profile(
+    profile: HardwareProfile, path: str | os.PathLike[str], measurements: dict[str, Any] | None = None
+) -> None:
+    """Write ``profile`` as a profile file atomically (a temporary file beside it, then renamed).
+
+    ``measurements`` (what calibration measured, for the record) is stored under that key.
+    """
+    data = profile.to_dict()
+    if measurements is not None:
+        data["measurements"] = measurements
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".nnopt-", suffix=".json", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

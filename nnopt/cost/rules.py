@@ -492,3 +492,239 @@ def builtin_cost_rules() -> list[CostRule]:
 def default_registry() -> CostRuleRegistry:
     """A new registry holding :func:`builtin_cost_rules` (callers may add plugin rules to it)."""
     return CostRuleRegistry(builtin_cost_rules())
+
+
+# ---------------------------------------------------------------------------------------------- kernel classes
+#: Per op type (default domain, plus com.microsoft fused ops), the kernel class it runs as, and which input
+#: is its weight (a weight that is not constant makes it ``dynamic_weight``; a Conv weight of shape
+#: [C, 1, k...] with group > 1 makes it ``depthwise``; a dense Conv weight [C_out, C_in, k...] with
+#: C_in >= ``_BLOCKED_MIN_CHANNELS`` not a multiple of ``_BLOCKED_ALIGNMENT`` makes it ``unblocked_conv``).
+#: Ops not listed are class "other". See ``nnopt.cost.hardware.KERNEL_CLASSES``.
+_KERNEL_OF_OP: dict[tuple[str, str], tuple[str, int | None]] = {
+    ("", "Conv"): ("conv", 1),
+    ("com.microsoft", "FusedConv"): ("conv", 1),
+    ("", "ConvTranspose"): ("conv", 1),
+    ("", "Gemm"): ("conv", 1),
+    ("", "MatMul"): ("conv", 1),
+    ("", "Einsum"): ("conv", None),
+    ("com.microsoft", "FusedGemm"): ("conv", 1),
+    ("com.microsoft", "FusedMatMul"): ("conv", 1),
+    ("", "QLinearConv"): ("int8", None),
+    ("", "ConvInteger"): ("int8", None),
+    ("", "QLinearMatMul"): ("int8", None),
+    ("", "MatMulInteger"): ("int8", None),
+}
+
+#: onnxruntime's blocked-layout (NCHWc) convs take any input channel count below its block size (16 with
+#: AVX-512, 8 with AVX2: the larger is used here) and multiples of 4 above it; other dense convs run as
+#: im2col + GEMM (checked on the graphs onnxruntime 1.31 writes with ``optimized_model_filepath``).
+_BLOCKED_MIN_CHANNELS = 16
+_BLOCKED_ALIGNMENT = 4
+_BLOCKABLE_OPS = frozenset({("", "Conv"), ("com.microsoft", "FusedConv")})
+
+#: Ops onnxruntime never constant-folds: DequantizeLinear (kept so that QDQ groups can fuse into int8
+#: kernels; a weight-only DequantizeLinear therefore runs at every inference) and random generators.
+_NOT_FOLDED = frozenset({"DequantizeLinear", "RandomNormal", "RandomUniform", "RandomNormalLike",
+                         "RandomUniformLike", "Multinomial", "Bernoulli"})  # fmt: skip
+#: Ops that run on int8 data when every activation input comes from a DequantizeLinear and their output
+#: goes only to a QuantizeLinear: onnxruntime drops the pair (QDQ selector/action transformers). Conv,
+#: MatMul and Gemm become int8 kernels (QLinearConv, QLinearMatMul...) even without the trailing Q.
+_QDQ_COMPUTE = frozenset({"Conv", "MatMul", "Gemm"})
+_QDQ_OTHER = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Flatten", "Transpose",
+                        "Squeeze", "Unsqueeze", "Gather", "Slice", "Resize", "Concat", "Add", "Mul", "Sigmoid",
+                        "LeakyRelu", "Softmax", "Split"})  # fmt: skip
+#: Epilogues onnxruntime fuses into the float Conv/Gemm/MatMul before them, when that node's output goes
+#: nowhere else: per host op, the affine ops with constant operands folded into it first (ConvBNFusion,
+#: ConvAddFusion, ConvMulFusion on a Conv whose weight is constant; MatMulAddFusion into a Gemm), then at
+#: most one activation (ConvActivationFusion, GemmActivationFusion).
+_EPILOGUE_AFFINE: dict[str, frozenset[str]] = {
+    "Conv": frozenset({"BatchNormalization", "Add", "Mul"}),
+    "Gemm": frozenset(),
+    "MatMul": frozenset({"Add"}),
+}
+_FUSED_ACTIVATIONS = frozenset({"Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "HardSwish"})
+#: Ops onnxruntime removes, rewiring their readers to their input.
+_ELIMINATED = frozenset({"Identity", "Dropout"})
+
+
+def kernel_classes(
+    nodes: list[onnx.NodeProto],
+    infos: dict[str, TensorInfo],
+    constants: Iterable[str],
+    runtime: str | None = None,
+    graph_outputs: Iterable[str] = (),
+) -> list[str]:
+    """The kernel class of each node (in the order given, which must be topological).
+
+    Without a runtime, each node gets the class of its op and weight: ``conv``, ``depthwise``,
+    ``unblocked_conv``, ``dynamic_weight`` (when its weight input is not a constant), ``int8`` or
+    ``other``. With ``runtime="onnxruntime"`` the graph is first rewritten the way onnxruntime's default
+    graph optimisations rewrite it, and nodes that then cost nothing per inference are ``folded``
+    (computed once from constants when the session is created) or ``fused`` (absorbed into another
+    node's kernel):
+
+    * constant folding: a main-graph node whose inputs are all constants (or folded) is ``folded``,
+      except DequantizeLinear and random generators;
+    * QDQ fusion: a Conv, MatMul or Gemm whose activation and weight come from DequantizeLinear nodes is
+      ``int8``; other ops of ``_QDQ_OTHER`` between DequantizeLinear inputs and a single QuantizeLinear
+      keep their class; in both cases those DequantizeLinear nodes (when they feed nothing else) and the
+      QuantizeLinear are ``fused``;
+    * elimination: Identity and Dropout are ``fused`` (their readers read their input);
+    * epilogue fusion: after a float Conv whose weight is constant, BatchNormalization and Add/Mul with
+      constant operands are ``fused`` (after a MatMul, an Add with a constant operand); then one
+      activation (Relu, Clip, Sigmoid, Tanh, LeakyRelu, HardSigmoid, HardSwish) after a Conv, Gemm or
+      MatMul. Each only when the tensor it reads goes nowhere else;
+    * SiLU: a Sigmoid read only by a Mul of its own input (``x * sigmoid(x)``) is ``fused`` into that
+      Mul (onnxruntime's QuickGelu).
+
+    Layout transformations (onnxruntime's NCHWc reorders) and fusions of longer patterns are not modelled.
+
+    Args:
+        nodes: The main-graph nodes in topological order.
+        infos: Tensor shapes (for the weight shape of a Conv: depthwise or not).
+        constants: Names of constant tensors (initializers, Constant outputs).
+        runtime: None, or ``"onnxruntime"`` to model its graph rewrites.
+        graph_outputs: Names of the graph outputs (a fused epilogue would hide them).
+    """
+    const = set(constants)
+    if runtime is None:
+        return [_op_kernel(node, infos, const) for node in nodes]
+    classes: list[str] = []
+    producer: dict[str, int] = {}
+    readers: dict[str, list[int]] = {name: [-1] for name in graph_outputs}  # -1: read by the caller
+    for i, node in enumerate(nodes):
+        for name in dict.fromkeys(node.input):
+            if name:
+                readers.setdefault(name, []).append(i)
+        for name in node.output:
+            if name:
+                producer[name] = i
+    ops = [node.op_type if _norm_domain(node.domain) == "" else f"{node.domain}:{node.op_type}" for node in nodes]
+
+    # Constant folding; each node's own class is decided once its weight is known to be constant or not.
+    for i, node in enumerate(nodes):
+        foldable = ops[i] not in _NOT_FOLDED and ":" not in ops[i] and not _has_graph(node)
+        if foldable and all(name in const for name in node.input if name):
+            classes.append("folded")
+            const.update(name for name in node.output if name)
+        else:
+            classes.append(_op_kernel(node, infos, const))
+
+    def from_dq(name: str) -> bool:
+        j = producer.get(name)
+        return j is not None and ops[j] == "DequantizeLinear"
+
+    def only_reader(name: str) -> int | None:
+        found = readers.get(name, [])
+        return found[0] if len(found) == 1 and found[0] >= 0 else None
+
+    # QDQ groups.
+    grouped: set[int] = set()
+    for i, node in enumerate(nodes):
+        if classes[i] == "folded" or ops[i] not in _QDQ_COMPUTE | _QDQ_OTHER:
+            continue
+        activations = [name for name in node.input if name and name not in const]
+        if not activations or not all(from_dq(name) for name in activations):
+            continue
+        after = [only_reader(name) for name in node.output if name]
+        quantize = [j for j in after if j is not None and ops[j] == "QuantizeLinear"]
+        quantized = bool(after) and len(quantize) == len(after)
+        if ops[i] in _QDQ_COMPUTE:
+            if len(node.input) < 2 or not from_dq(node.input[1]):
+                continue
+            classes[i] = "int8"
+        elif not quantized:
+            continue
+        grouped.add(i)
+        for j in quantize if quantized else []:
+            classes[j] = "fused"
+    for i in grouped:
+        for name in nodes[i].input:
+            if name and from_dq(name) and all(k in grouped for k in readers.get(name, [])):
+                classes[producer[name]] = "fused"
+
+    # Eliminated nodes pass their input through: their readers read it (``alias``) as if directly.
+    alias: dict[str, str] = {}
+    for i, node in enumerate(nodes):
+        if ops[i] in _ELIMINATED and classes[i] != "folded" and node.input and node.input[0] and node.output:
+            classes[i] = "fused"
+            source = alias.get(node.input[0], node.input[0])
+            alias[node.output[0]] = source
+            readers[source] = [k for k in readers.get(source, []) if k != i] + readers.get(node.output[0], [])
+
+    # Epilogues fused into a float Conv/Gemm/MatMul: follow its output while exactly one node reads it.
+    for i, node in enumerate(nodes):
+        float_kernel = classes[i] in ("conv", "depthwise", "unblocked_conv", "dynamic_weight")
+        if not float_kernel or ops[i] not in _EPILOGUE_AFFINE or not node.output:
+            continue
+        affine = _EPILOGUE_AFFINE[ops[i]]
+        weight = infos.get(node.input[1]) if len(node.input) > 1 else None
+        if ops[i] == "Conv" and not (weight is not None and weight.name in const and weight.shape):
+            affine = frozenset()  # folding BatchNormalization/Add/Mul rewrites the weight: it must be constant
+        tail = node.output[0]
+        while (j := only_reader(tail)) is not None:
+            follower = nodes[j]
+            data = alias.get(follower.input[0], follower.input[0]) if follower.input else ""
+            rest = [name for name in follower.input if name and alias.get(name, name) != tail]
+            if not all(name in const for name in rest) or not follower.output:
+                break
+            folds = data == tail if ops[j] == "BatchNormalization" else _per_channel(ops[i], rest, infos, weight)
+            if ops[j] in affine and folds:
+                classes[j] = "fused"
+                tail = follower.output[0]
+            elif ops[j] in _FUSED_ACTIVATIONS and data == tail:
+                classes[j] = "fused"
+                break
+            else:
+                break
+
+    # SiLU, x * sigmoid(x): the Sigmoid is computed inside the Mul.
+    for i, node in enumerate(nodes):
+        if ops[i] != "Sigmoid" or classes[i] != "other" or not node.input or not node.output:
+            continue
+        j = only_reader(node.output[0])
+        if j is not None and ops[j] == "Mul" and classes[j] == "other":
+            operands = {alias.get(name, name) for name in nodes[j].input}
+            if operands == {alias.get(node.input[0], node.input[0]), node.output[0]}:
+                classes[i] = "fused"
+    return classes
+
+
+def _per_channel(host: str, operands: list[str], infos: dict[str, TensorInfo], weight: TensorInfo | None) -> bool:
+    """Whether an Add/Mul's constant operand can fold into the ``host`` before it: after a Conv, one value per
+    output channel ([C, 1, 1] or [1, C, 1, 1], what ConvAddFusion/ConvMulFusion require); after a MatMul,
+    any constant (a bias, MatMulAddFusion)."""
+    if host == "MatMul":
+        return True
+    info = infos.get(operands[0]) if len(operands) == 1 else None
+    if weight is None or weight.shape is None or info is None or info.shape is None:
+        return False
+    channels, channel_axis_from_end = weight.shape[0], len(weight.shape) - 1
+    return (
+        math.prod(info.shape) == channels
+        and len(info.shape) >= channel_axis_from_end
+        and info.shape[-channel_axis_from_end] == channels
+    )
+
+
+def _op_kernel(node: onnx.NodeProto, infos: dict[str, TensorInfo], constants: set[str]) -> str:
+    """The kernel class of ``node`` from its op and its weight (see ``_KERNEL_OF_OP``)."""
+    kernel, weight_index = _KERNEL_OF_OP.get((_norm_domain(node.domain), node.op_type), ("other", None))
+    if weight_index is not None and len(node.input) > weight_index:
+        if node.input[weight_index] not in constants:
+            return "dynamic_weight"
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        weight = infos.get(node.input[weight_index])
+        if weight is None or weight.shape is None or len(weight.shape) < 2:
+            return kernel
+        if group > 1 and weight.shape[1] == 1:
+            return "depthwise"
+        channels = weight.shape[1]
+        blockable = (_norm_domain(node.domain), node.op_type) in _BLOCKABLE_OPS
+        if blockable and group == 1 and channels >= _BLOCKED_MIN_CHANNELS and channels % _BLOCKED_ALIGNMENT:
+            return "unblocked_conv"
+    return kernel
+
+
+def _has_graph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)

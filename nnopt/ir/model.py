@@ -6,7 +6,7 @@ import copy
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -411,16 +411,35 @@ def _initializer_inputs_to_variables(
     graph.inputs[:] = inputs
 
 
-def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
-    """Make every consumer of ``old`` (nodes and graph outputs, subgraphs included) read ``new``."""
+def replace_tensor(
+    graph: gs.Graph, old: gs.Tensor, new: gs.Tensor, *, graphs: Sequence[gs.Graph] | None = None
+) -> None:
+    """Make every consumer of ``old`` (nodes and graph outputs, subgraphs included) read ``new``.
+
+    ``graphs`` are the graphs whose outputs may name ``old``: ``graph`` and all its subgraphs, which is
+    what None computes. Finding the subgraphs walks every node, so a pass that replaces tensors node by
+    node lists them once and passes them in (otherwise the pass is quadratic in the node count).
+    """
     for node in list(old.outputs):
         for i, t in enumerate(node.inputs):
             if t is old:
                 node.inputs[i] = new
-    for g in [graph, *graph.subgraphs(recursive=True)]:
+    if graphs is None:
+        graphs = [graph, *graph.subgraphs(recursive=True)]
+    for g in graphs:
         for i, t in enumerate(g.outputs):
             if t is old:
                 g.outputs[i] = new
+
+
+def splice_nodes(graph: gs.Graph, replacements: Mapping[int, Sequence[gs.Node]]) -> None:
+    """Put each node of ``graph`` whose id is a key of ``replacements`` where its replacement nodes go.
+
+    One walk over the graph for any number of rewrites: finding each rewritten node's index and splicing
+    the list there would walk (and shift) the whole node list once per rewrite.
+    """
+    if replacements:
+        graph.nodes = [new for node in graph.nodes for new in replacements.get(id(node), (node,))]
 
 
 def constant_values(tensor: gs.Tensor) -> np.ndarray | None:

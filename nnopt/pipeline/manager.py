@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,6 +198,10 @@ class PassManager:
 
     def run(self, model: Model, ctx: PassContext | None = None) -> PipelineReport:
         """Run the pipeline on ``model`` in place and return the report."""
+        with _outside_cycle_collection():
+            return self._run(model, ctx)
+
+    def _run(self, model: Model, ctx: PassContext | None) -> PipelineReport:
         ctx = ctx or PassContext()
         if ctx.hook is None:
             ctx.hook = self.hook
@@ -323,6 +329,27 @@ class PassManager:
                 self.hook.nnopt_after_pass(record=record, model=model)
             except Exception as exc:  # boundary: third-party observers must not break the pipeline
                 log.warning("an nnopt_after_pass hook raised %s: %s", type(exc).__name__, exc)
+
+
+@contextlib.contextmanager
+def _outside_cycle_collection() -> Iterator[None]:
+    """Keep the objects that exist when the pipeline starts out of the cycle collector until it ends.
+
+    They include the model's graphsurgeon graph, about 25 Python objects per node. Every pass allocates
+    in proportion to the model, which triggers CPython's full collections, and each of those walks every
+    tracked object: at 40,000 nodes collection took 30 % of the default pipeline's time and grew faster
+    than the model. Frozen objects are still freed by reference counting; only cycles among them (nodes
+    and tensors a pass dropped) wait for the end of the run. A caller that froze objects itself keeps
+    its own arrangement: ``gc.unfreeze`` would release its objects too.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _delta(before: Any, after: Any) -> Any:

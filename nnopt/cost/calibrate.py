@@ -1,0 +1,413 @@
+"""Calibrate a hardware profile with onnxruntime micro-benchmarks; rank-correlate estimates with measurements.
+
+``calibrate()`` measures what the latency estimate needs (see ``HardwareProfile``) on this machine, in
+onnxruntime with exactly the session settings ``nnopt.cost.timing.measure_latency`` uses (default graph
+optimisations and threads). Every figure comes from a small model built in memory, never from the
+models it will be used to estimate:
+
+* a probe is a chain of N identical nodes; the time of one node is the slope between two chain lengths,
+  so the cost of entering the runtime and of the chain's ends cancels out;
+* ``node_overhead_s``: per node of a chain of tiny Adds (64 bytes each: nothing but dispatch);
+  ``run_overhead_s``: what the short chain takes beyond its nodes;
+* ``bandwidth``: bytes moved by one large Add (two inputs read, one output written) ÷ its time;
+* per kernel class (``conv``: a dense 3×3 Conv, ``depthwise``: a 3×3 Conv with one channel per group,
+  ``unblocked_conv``: a dense 3×3 Conv with 62 (18 for the tiny one) input channels,
+  ``dynamic_weight``: a dense 3×3 Conv whose weight is dequantized from int8 at every inference,
+  ``int8``: a DequantizeLinear → Conv → QuantizeLinear group onnxruntime fuses into QLinearConv), a large
+  and a tiny node: the difference of their times over the difference of their FLOPs is the class's
+  FLOP/s, and what the tiny node takes beyond node overhead and its roofline time is the class's fixed
+  overhead (a helper node beside each conv, the weight's DequantizeLinear, is costed as the estimate
+  costs it and taken off first). ``peak_flops`` is the dense conv rate.
+
+FLOPs and bytes of each probe come from ``nnopt.cost.analyze``, so they follow the estimate's own
+conventions. Each probe is timed in ``rounds`` interleaved rounds of ``runs`` runs; the minimum of the
+per-round medians is kept, since other load on the machine only ever adds time.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from nnopt.cost.hardware import HardwareProfile, KernelFigures
+from nnopt.errors import InputError
+
+#: IR version and opset of the probe models: ones every supported onnxruntime release loads.
+_IR_VERSION = 8
+_OPSET = 17
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def rank_average(values: Sequence[float]) -> np.ndarray:
+    """1-based ranks of ``values``, tied values sharing the mean of the ranks they span."""
+    array = np.asarray(values, dtype=np.float64)
+    order = np.argsort(array, kind="stable")
+    ranks = np.empty(len(array), dtype=np.float64)
+    ranks[order] = np.arange(1, len(array) + 1, dtype=np.float64)
+    _, group, counts = np.unique(array, return_inverse=True, return_counts=True)
+    return np.bincount(group, weights=ranks)[group] / counts[group]
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation: the Pearson correlation of the average ranks (ties handled).
+
+    Returns NaN when fewer than two points are given or either side is constant.
+    """
+    if len(x) != len(y):
+        raise ValueError(f"spearman: {len(x)} x values but {len(y)} y values")
+    if len(x) < 2:
+        return math.nan
+    rx, ry = rank_average(x), rank_average(y)
+    rx -= rx.mean()
+    ry -= ry.mean()
+    denominator = math.sqrt(float(rx @ rx) * float(ry @ ry))
+    return float(rx @ ry) / denominator if denominator else math.nan
+
+
+# ---------------------------------------------------------------------------------------------- probes
+@dataclass(frozen=True)
+class ProbeSizes:
+    """Sizes of the probe models. :data:`FULL_SIZES` is what ``nnopt calibrate`` uses; the tests use
+    :data:`QUICK_SIZES` (figures from them are positive and finite, but not representative).
+
+    Attributes:
+        tiny_elements: Elements of each tiny Add (the node-overhead chain).
+        short_chain, long_chain: Lengths of the two chains of tiny Adds.
+        large_elements: Elements of each input of the bandwidth Add.
+        conv_channels, conv_size: Channels and spatial size of the large dense and int8 convs.
+        depthwise_channels, depthwise_size: Likewise for the large depthwise conv.
+        unblocked_channels, unblocked_tiny_channels: Channels of the large and tiny ``unblocked_conv``
+            probes (at least 16, not multiples of 4; at ``conv_size`` and ``tiny_size``).
+        tiny_channels, tiny_size: Channels and spatial size of every other tiny conv.
+        tiny_convs: How many nodes longer the long chain of tiny convs is than the short one (1 node).
+    """
+
+    tiny_elements: int = 16
+    short_chain: int = 8
+    long_chain: int = 208
+    large_elements: int = 1 << 20
+    conv_channels: int = 64
+    conv_size: int = 28
+    depthwise_channels: int = 128
+    depthwise_size: int = 56
+    unblocked_channels: int = 62
+    unblocked_tiny_channels: int = 18
+    tiny_channels: int = 8
+    tiny_size: int = 8
+    tiny_convs: int = 32
+
+
+FULL_SIZES = ProbeSizes()
+QUICK_SIZES = ProbeSizes(
+    long_chain=24,
+    large_elements=1 << 14,
+    conv_channels=8,
+    conv_size=16,
+    depthwise_channels=16,
+    depthwise_size=16,
+    unblocked_channels=18,
+    tiny_channels=4,
+    tiny_size=4,
+    tiny_convs=4,
+)
+
+
+#: The kernel classes calibration measures, each by a chain of 3×3 convs (see ``_conv_chain``).
+CALIBRATED_KERNELS = ("conv", "depthwise", "unblocked_conv", "dynamic_weight", "int8")
+
+
+@dataclass
+class _Probe:
+    """A chain of ``length`` identical elements; ``unit`` is a one-element version analysed for FLOPs and
+    bytes: of its ``op_type`` node, and of its ``helper`` nodes (run beside each element, e.g. the
+    DequantizeLinear of a weight computed at run time)."""
+
+    name: str
+    op_type: str
+    model: onnx.ModelProto
+    unit: onnx.ModelProto
+    length: int
+    helper: str | None = None
+    seconds: float = math.inf
+
+
+def calibrate(
+    *,
+    runs: int = 20,
+    rounds: int = 5,
+    sizes: ProbeSizes = FULL_SIZES,
+    name: str = "calibrated",
+    seed: int = 0,
+) -> tuple[HardwareProfile, dict[str, Any]]:
+    """Measure this machine in onnxruntime and return the profile and what was measured.
+
+    Args:
+        runs: Timed runs per probe and round (their median is taken).
+        rounds: Interleaved rounds over all probes; the minimum of the per-round medians is kept.
+        sizes: Probe sizes.
+        name: The profile's name.
+        seed: Seed of the probes' weights.
+
+    Returns:
+        The profile (``runtime="onnxruntime"``), and ``measurements``: per probe its chain length, FLOPs
+        and bytes per node (from ``nnopt.cost.analyze``) and seconds, plus the onnxruntime version.
+
+    Raises:
+        InputError: ``runs`` or ``rounds`` below 1, or onnxruntime cannot run a probe.
+    """
+    # Imported here: onnxruntime and the analysis are slow to import and only calibration needs them.
+    import onnxruntime
+
+    from nnopt.cost.analysis import analyze
+    from nnopt.cost.timing import measure_latency
+
+    if runs < 1 or rounds < 1:
+        raise InputError(f"calibration needs runs >= 1 and rounds >= 1, got runs={runs}, rounds={rounds}")
+    rng = np.random.default_rng(seed)
+    probes = _probes(sizes, rng)
+    spread: dict[str, float] = {}
+    for _ in range(rounds):
+        for probe in probes.values():
+            timing = measure_latency(probe.model, runs=runs, warmup=3)
+            median = float(timing["median_s"])
+            if median < probe.seconds:
+                probe.seconds = median
+                spread[probe.name] = median / max(float(timing["min_s"]), 1e-12)
+    figures = {}
+    for key, probe in probes.items():
+        # The chained node itself (an int8 chain's unit also holds its boundary Quantize/DequantizeLinear).
+        nodes = analyze(probe.unit, run_onnxruntime=False).nodes
+        unit = next(n for n in nodes if n["op_type"] == probe.op_type)
+        figures[key] = {
+            "nodes": probe.length,
+            "flops_per_node": unit["flops"],
+            "bytes_per_node": unit["bytes_moved"],
+            "seconds": probe.seconds,
+        }
+        if probe.helper is not None:
+            helper = next(n for n in nodes if n["op_type"] == probe.helper)
+            figures[key].update(helper_flops_per_node=helper["flops"], helper_bytes_per_node=helper["bytes_moved"])
+
+    derived = derive_figures(figures)
+    kernels = derived["kernels"]
+    bandwidth, node_overhead = derived["bandwidth"], derived["node_overhead_s"]
+    cpu = _cpu_name()
+    description = (
+        f"measured by nnopt calibrate on {cpu}, onnxruntime {onnxruntime.__version__} CPU "
+        f"({datetime.date.today().isoformat()}): dense 3x3 conv {kernels['conv'].flops / 1e9:.1f} GFLOP/s, "
+        f"Add {bandwidth / 1e9:.1f} GB/s, {node_overhead * 1e6:.2f} us per node"
+    )
+    profile = HardwareProfile(
+        name=name,
+        peak_flops=kernels["conv"].flops,  # type: ignore[arg-type]
+        bandwidth=bandwidth,
+        description=description,
+        node_overhead_s=node_overhead,
+        run_overhead_s=derived["run_overhead_s"],
+        kernels=kernels,
+        runtime="onnxruntime",
+    )
+    measurements = {
+        # Median ÷ fastest run of the kept round, worst probe: well above 1 means other load disturbed it.
+        "max_median_to_min": max(spread.values()),
+        "onnxruntime": onnxruntime.__version__,
+        "cpu": cpu,
+        "runs": runs,
+        "rounds": rounds,
+        "probes": figures,
+    }
+    return profile, measurements
+
+
+#: How often :func:`derive_figures` re-solves: the tiny probes' own roofline time depends on the figures
+#: being derived; it is a small correction, so a few rounds settle it to machine precision.
+_DERIVE_ROUNDS = 5
+
+
+def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The profile's figures from the probes' timings (see the module docstring).
+
+    Exact for a machine that behaves as the estimate models it: each chain takes ``run_overhead_s`` plus,
+    per node, ``node_overhead_s`` + the kernel's overhead + max(FLOPs ÷ rate, bytes ÷ bandwidth) (and
+    the same for a helper node beside it, which runs at ``peak_flops``), the large Add being memory-bound
+    and the large convs compute-bound.
+
+    Args:
+        figures: Per probe name (see ``_probes``): ``nodes`` (chain length), ``flops_per_node``,
+            ``bytes_per_node``, measured ``seconds``, and ``helper_flops_per_node``/``helper_bytes_per_node``
+            when each element has a helper node. ``seconds_per_node`` is added to the conv probes: the
+            time of one chained node, its helper's time taken off.
+
+    Returns:
+        ``node_overhead_s``, ``run_overhead_s``, ``bandwidth``, and ``kernels`` (KernelFigures per class).
+    """
+
+    def per_node(short: str, long: str) -> float:
+        """Seconds per node: the slope between two chains (the long chain's time per node if noise made
+        the slope useless)."""
+        a, b = figures[short], figures[long]
+        slope = (b["seconds"] - a["seconds"]) / (b["nodes"] - a["nodes"])
+        return slope if slope > 0 else b["seconds"] / b["nodes"]
+
+    def roofline(probe: dict[str, Any], rate: float, bandwidth: float) -> float:
+        return max(probe["flops_per_node"] / rate, probe["bytes_per_node"] / bandwidth)
+
+    add_short, add_large = figures["add_short"], figures["add_large"]
+    add_slope = per_node("add_short", "add_long")
+    slopes = {
+        kernel: (per_node(f"{kernel}_large_1", f"{kernel}_large"), per_node(f"{kernel}_tiny_1", f"{kernel}_tiny"))
+        for kernel in CALIBRATED_KERNELS
+    }
+
+    def helper_time(probe: dict[str, Any], peak: float, bandwidth: float, node_overhead: float) -> float:
+        if "helper_flops_per_node" not in probe:
+            return 0.0
+        work = max(probe["helper_flops_per_node"] / peak, probe["helper_bytes_per_node"] / bandwidth)
+        return node_overhead + work
+
+    peak = bandwidth = math.inf
+    kernels: dict[str, KernelFigures] = {}
+    for _ in range(_DERIVE_ROUNDS):
+        tiny_add = roofline(add_short, peak, bandwidth)
+        node_overhead = max(0.0, add_slope - tiny_add)
+        run_overhead = max(0.0, add_short["seconds"] - add_short["nodes"] * (node_overhead + tiny_add))
+        add_time = add_large["seconds"] - run_overhead - node_overhead
+        bandwidth = add_large["bytes_per_node"] / (add_time if add_time > 0 else add_large["seconds"])
+        for kernel, (large_element, tiny_element) in slopes.items():
+            large, tiny = figures[f"{kernel}_large"], figures[f"{kernel}_tiny"]
+            large_s = large_element - helper_time(large, peak, bandwidth, node_overhead)
+            tiny_s = tiny_element - helper_time(tiny, peak, bandwidth, node_overhead)
+            # large_s - tiny_s = F_large / rate - max(F_tiny / rate, bytes_tiny / bandwidth): solve with the
+            # tiny node compute-bound, else memory-bound.
+            gap = large_s - tiny_s
+            rate = (large["flops_per_node"] - tiny["flops_per_node"]) / gap if gap > 0 else math.nan
+            if not rate > 0 or tiny["flops_per_node"] / rate < tiny["bytes_per_node"] / bandwidth:
+                memory = tiny["bytes_per_node"] / bandwidth
+                rate = large["flops_per_node"] / (gap + memory if gap + memory > 0 else large_s)
+            overhead = max(0.0, tiny_s - node_overhead - roofline(tiny, rate, bandwidth))
+            kernels[kernel] = KernelFigures(flops=rate, overhead_s=overhead)
+            large["seconds_per_node"], tiny["seconds_per_node"] = large_s, tiny_s
+        peak = kernels["conv"].flops  # type: ignore[assignment]
+    return {
+        "node_overhead_s": node_overhead,
+        "run_overhead_s": run_overhead,
+        "bandwidth": bandwidth,
+        "kernels": kernels,
+    }
+
+
+def _probes(sizes: ProbeSizes, rng: np.random.Generator) -> dict[str, _Probe]:
+    """Every probe of :func:`calibrate`, by name."""
+    probes: dict[str, _Probe] = {}
+    tiny = [1, sizes.tiny_elements]
+    for name, length in (("add_short", sizes.short_chain), ("add_long", sizes.long_chain)):
+        probes[name] = _Probe(name, "Add", _add_chain(length, tiny), _add_chain(1, tiny), length)
+    large = [sizes.large_elements]
+    probes["add_large"] = _Probe("add_large", "Add", _add_chain(1, large), _add_chain(1, large), 1)
+    for kind in CALIBRATED_KERNELS:
+        channels, size, tiny_channels = {
+            "depthwise": (sizes.depthwise_channels, sizes.depthwise_size, sizes.tiny_channels),
+            "unblocked_conv": (sizes.unblocked_channels, sizes.conv_size, sizes.unblocked_tiny_channels),
+        }.get(kind, (sizes.conv_channels, sizes.conv_size, sizes.tiny_channels))
+        helper = "DequantizeLinear" if kind == "dynamic_weight" else None
+        for name, c, hw, length in (
+            (f"{kind}_large_1", channels, size, 1),
+            (f"{kind}_large", channels, size, 3),
+            (f"{kind}_tiny_1", tiny_channels, sizes.tiny_size, 1),
+            (f"{kind}_tiny", tiny_channels, sizes.tiny_size, 1 + sizes.tiny_convs),
+        ):
+            model = _conv_chain(length, c, hw, kind, rng)
+            probes[name] = _Probe(name, "Conv", model, _conv_chain(1, c, hw, kind, rng), length, helper)
+    return probes
+
+
+def _model(
+    nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], output: str, initializers: list[onnx.TensorProto]
+) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "nnopt-calibration",
+        inputs,
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)], ir_version=_IR_VERSION)
+
+
+def _add_chain(length: int, shape: list[int]) -> onnx.ModelProto:
+    """``y = (((a + b) + b) + b)...``: ``length`` Adds; ``b`` is an input, so nothing is constant-folded."""
+    nodes = [helper.make_node("Add", ["a" if i == 0 else f"t{i - 1}", "b"], [f"t{i}"]) for i in range(length)]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("a", "b")]
+    return _model(nodes, inputs, f"t{length - 1}", [])
+
+
+def _conv_chain(length: int, channels: int, size: int, kind: str, rng: np.random.Generator) -> onnx.ModelProto:
+    """``length`` 3×3 convs, channels → channels on size × size (padded), one after the other.
+
+    ``kind``: ``conv`` and ``unblocked_conv`` (dense, constant weights; which one is the channel count's
+    doing), ``depthwise`` (group = channels), ``dynamic_weight``
+    (each weight a DequantizeLinear of an int8 constant, as the quantize pass's weight-only mode writes
+    it: onnxruntime runs it at every inference) or ``int8`` (uint8 activations and per-channel int8
+    weights in QDQ form, as the quantize pass's static mode writes it: onnxruntime fuses each conv into a
+    QLinearConv). Weights are N(0, 1 / fan-in), so activations keep their scale along the chain: a
+    shrinking chain would reach denormal floats, which are many times slower and would spoil the timing.
+    """
+    group = channels if kind == "depthwise" else 1
+    fan_in = 9 * (channels // group)
+    quantized_weight = kind in ("int8", "dynamic_weight")
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    current = "x"
+    if kind == "int8":
+        inits += [
+            numpy_helper.from_array(np.array(0.05, np.float32), "act_scale"),
+            numpy_helper.from_array(np.array(128, np.uint8), "act_zero"),
+        ]
+        nodes.append(helper.make_node("QuantizeLinear", ["x", "act_scale", "act_zero"], ["q_in"]))
+        current = "q_in"
+    for i in range(length):
+        weight = (rng.standard_normal((channels, channels // group, 3, 3)) / math.sqrt(fan_in)).astype(np.float32)
+        if quantized_weight:
+            scale = np.maximum(np.abs(weight).reshape(channels, -1).max(axis=1), 1e-6) / 127
+            inits += [
+                numpy_helper.from_array(np.round(weight / scale[:, None, None, None]).astype(np.int8), f"wq{i}"),
+                numpy_helper.from_array(scale.astype(np.float32), f"ws{i}"),
+                numpy_helper.from_array(np.zeros(channels, np.int8), f"wz{i}"),
+            ]
+            nodes.append(helper.make_node("DequantizeLinear", [f"wq{i}", f"ws{i}", f"wz{i}"], [f"w{i}"], axis=0))
+        else:
+            inits.append(numpy_helper.from_array(weight, f"w{i}"))
+        if kind == "int8":
+            nodes += [
+                helper.make_node("DequantizeLinear", [current, "act_scale", "act_zero"], [f"a{i}"]),
+                helper.make_node("Conv", [f"a{i}", f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1], group=group),
+                helper.make_node("QuantizeLinear", [f"c{i}", "act_scale", "act_zero"], [f"q{i}"]),
+            ]
+            current = f"q{i}"
+        else:
+            nodes.append(helper.make_node("Conv", [current, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1], group=group))
+            current = f"c{i}"
+    if kind == "int8":
+        nodes.append(helper.make_node("DequantizeLinear", [current, "act_scale", "act_zero"], ["y"]))
+        current = "y"
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])
+    return _model(nodes, [x], current, inits)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"

@@ -1,0 +1,402 @@
+"""Tests of calibrated hardware profiles: profile files, `nnopt calibrate`, the estimate's runtime terms, Spearman."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import nnopt
+import nnopt.cost.timing
+from nnopt.cli import main
+from nnopt.cost import BUILTIN_PROFILES, DEFAULT_PROFILE, HardwareProfile, analyze
+from nnopt.cost.calibrate import QUICK_SIZES, calibrate, rank_average, spearman
+from nnopt.cost.hardware import KernelFigures, load_profile, parse_hardware, profile_from_dict, write_profile
+from nnopt.cost.rules import kernel_classes
+from nnopt.errors import InputError
+from nnopt.testing import model_from_text
+
+DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits" / "digits_cnn.onnx"
+HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
+
+#: A profile with every optional figure set, each a round number so that expected latencies are exact.
+FULL = HardwareProfile(
+    name="board",
+    peak_flops=1e12,
+    bandwidth=48e9,
+    description="test board",
+    node_overhead_s=1e-6,
+    run_overhead_s=5e-6,
+    kernels={
+        "conv": KernelFigures(flops=1e10, overhead_s=3e-6),
+        "depthwise": KernelFigures(flops=1e9, overhead_s=2e-6),
+        "unblocked_conv": KernelFigures(flops=2e9, overhead_s=2.5e-6),
+        "dynamic_weight": KernelFigures(flops=5e9, overhead_s=1.5e-6),
+        "int8": KernelFigures(flops=4e10, overhead_s=0.5e-6),
+    },
+    runtime="onnxruntime",
+)
+
+
+def kernels_of(proto: onnx.ModelProto, profile: HardwareProfile = FULL) -> list[str]:
+    return [node["kernel"] for node in analyze(proto, hardware=profile).nodes]
+
+
+# ---------------------------------------------------------------------------------------------- models
+def add_chain() -> onnx.ModelProto:
+    """a ─Add(b)─ t0 ─Add(b)─ t1 ─Add(b)─ y, on [1, 4] floats (b is an input: nothing folds)."""
+    return model_from_text(
+        f"""{HEADER}
+        g (float[1,4] a, float[1,4] b) => (float[1,4] y) {{
+            t0 = Add(a, b)
+            t1 = Add(t0, b)
+            y = Add(t1, b)
+        }}"""
+    )
+
+
+def separable() -> onnx.ModelProto:
+    """x[1,8,10,10] ─depthwise 3×3 Conv (group 8)─ d ─pointwise 1×1 Conv─ y."""
+    return model_from_text(
+        f"""{HEADER}
+        g (float[1,8,10,10] x) => (float[1,8,10,10] y) {{
+            d = Conv<group: int = 8, pads: ints = [1, 1, 1, 1]>(x, wd)
+            y = Conv(d, wp)
+        }}""",
+        {"wd": np.ones((8, 1, 3, 3), np.float32), "wp": np.ones((8, 8, 1, 1), np.float32)},
+    )
+
+
+def conv_bn_relu(weight_only: bool = False, shared: bool = False) -> onnx.ModelProto:
+    """x ─Conv(w)─ c ─BatchNormalization─ n ─Relu─ y  (``weight_only``: w = DequantizeLinear(int8);
+    ``shared``: c is also a graph output)."""
+    weight = "w = DequantizeLinear(wq, ws)\n" if weight_only else ""
+    extra_output = ", float[1,4,6,6] c" if shared else ""
+    inits = {"s": np.ones(4, np.float32), "b": np.zeros(4, np.float32), "m": np.zeros(4, np.float32),
+             "v": np.ones(4, np.float32)}
+    if weight_only:
+        inits.update(wq=np.ones((4, 4, 3, 3), np.int8), ws=np.array(0.1, np.float32))
+    else:
+        inits.update(w=np.ones((4, 4, 3, 3), np.float32))
+    return model_from_text(
+        f"""{HEADER}
+        g (float[1,4,8,8] x) => (float[1,4,6,6] y{extra_output}) {{
+            {weight}c = Conv(x, w)
+            n = BatchNormalization(c, s, b, m, v)
+            y = Relu(n)
+        }}""",
+        inits,
+    )
+
+
+def qdq_conv() -> onnx.ModelProto:
+    """x ─Q─ DQ ─┐
+    wq ─DQ ──────Conv─ Q ─ DQ─ y     (what the quantize pass writes; onnxruntime runs it as QLinearConv)."""
+    return model_from_text(
+        f"""{HEADER}
+        g (float[1,4,8,8] x) => (float[1,4,6,6] y) {{
+            xq = QuantizeLinear(x, s, z)
+            xd = DequantizeLinear(xq, s, z)
+            w = DequantizeLinear(wq, ws)
+            c = Conv(xd, w)
+            cq = QuantizeLinear(c, s, z)
+            y = DequantizeLinear(cq, s, z)
+        }}""",
+        {"s": np.array(0.1, np.float32), "z": np.array(128, np.uint8), "wq": np.ones((4, 4, 3, 3), np.int8),
+         "ws": np.array(0.01, np.float32)},
+    )
+
+
+def decoded_weight() -> onnx.ModelProto:
+    """idx ─Cast─ i ─Gather(codebook)─ flat ─Reshape─ w ─┐
+                                                   x ─Conv─ y      (a kmeans-style decoded weight)."""
+    return model_from_text(
+        f"""{HEADER}
+        g (float[1,2,4,4] x) => (float[1,2,4,4] y) {{
+            i = Cast<to: int = 7>(idx)
+            flat = Gather(codebook, i)
+            w = Reshape(flat, shape)
+            y = Conv(x, w)
+        }}""",
+        {"idx": np.zeros(4, np.uint8), "codebook": np.ones(2, np.float32), "shape": np.array([2, 2, 1, 1])},
+    )
+
+
+def identity_and_silu() -> onnx.ModelProto:
+    """x ─Conv─ c ─Identity─ i ─Relu─ r ─Sigmoid─ s ─┐
+                                         r ─────────Mul─ y      (Identity removed; Relu fused; SiLU)."""
+    return model_from_text(
+        f"""{HEADER}
+        g (float[1,2,4,4] x) => (float[1,2,4,4] y) {{
+            c = Conv(x, w)
+            i = Identity(c)
+            r = Relu(i)
+            s = Sigmoid(r)
+            y = Mul(r, s)
+        }}""",
+        {"w": np.ones((2, 2, 1, 1), np.float32)},
+    )
+
+
+# ---------------------------------------------------------------------------------------------- estimate terms
+def test_builtin_profiles_keep_the_plain_roofline():
+    for profile in BUILTIN_PROFILES.values():
+        assert profile.node_overhead_s == profile.run_overhead_s == 0 and not profile.kernels
+        assert profile.runtime is None
+        report = analyze(DIGITS, hardware=profile)
+        for node in report.nodes:
+            roofline = max(node["flops"] / profile.peak_flops, node["bytes_moved"] / profile.bandwidth)
+            assert node["latency_s"] == roofline and node["kernel"] == "other"
+        assert report.totals["latency_s"] == pytest.approx(sum(n["latency_s"] for n in report.nodes), rel=1e-12)
+
+
+def test_node_and_run_overhead_add_n_times_overhead():
+    # Each Add: 4 FLOPs; reads a and b (16 B each), writes 16 B: 48 B, 1 ns at 48 GB/s.
+    plain = HardwareProfile("plain", 1e12, 48e9)
+    with_overheads = HardwareProfile("o", 1e12, 48e9, node_overhead_s=1e-6, run_overhead_s=5e-6)
+    assert analyze(add_chain(), hardware=plain).totals["latency_s"] == pytest.approx(3e-9, rel=1e-12)
+    report = analyze(add_chain(), hardware=with_overheads)
+    assert [n["latency_s"] for n in report.nodes] == pytest.approx([1e-6 + 1e-9] * 3, rel=1e-12)
+    assert report.totals["latency_s"] == pytest.approx(5e-6 + 3 * (1e-6 + 1e-9), rel=1e-12)
+
+
+def test_depthwise_and_dense_convs_run_at_their_class_rates():
+    # Depthwise: 8 × 10 × 10 outputs × 9 taps = 7,200 MACs; pointwise: 800 outputs × 8 inputs = 6,400 MACs.
+    compute_only = HardwareProfile("c", 1e12, None, kernels=FULL.kernels)
+    depthwise, pointwise = analyze(separable(), hardware=compute_only).nodes
+    assert (depthwise["kernel"], depthwise["flops"]) == ("depthwise", 14_400)
+    assert depthwise["latency_s"] == pytest.approx(2e-6 + 14_400 / 1e9, rel=1e-12)
+    assert (pointwise["kernel"], pointwise["flops"]) == ("conv", 12_800)
+    assert pointwise["latency_s"] == pytest.approx(3e-6 + 12_800 / 1e10, rel=1e-12)
+    # Without kernel figures both run at the peak rate: the depthwise conv is then estimated 10 × faster.
+    plain = analyze(separable(), hardware=HardwareProfile("p", 1e10)).nodes
+    assert [n["latency_s"] for n in plain] == pytest.approx([14_400 / 1e10, 12_800 / 1e10], rel=1e-12)
+
+
+@pytest.mark.parametrize(("channels", "kernel"), [(8, "conv"), (16, "conv"), (18, "unblocked_conv"), (20, "conv")])
+def test_convs_with_unaligned_input_channels_are_unblocked(channels: int, kernel: str):
+    """x[1, C, 6, 6] ─1×1 Conv (C → 4)─ y: onnxruntime blocks inputs below 16 channels or a multiple of 4."""
+    proto = model_from_text(
+        f"""{HEADER}
+        g (float[1,{channels},6,6] x) => (float[1,4,6,6] y) {{
+            y = Conv(x, w)
+        }}""",
+        {"w": np.ones((4, channels, 1, 1), np.float32)},
+    )
+    (node,) = analyze(proto, hardware=FULL).nodes
+    assert node["kernel"] == kernel
+    if kernel == "unblocked_conv":
+        # 4 × 36 outputs × 18 inputs = 2,592 MACs; 2,592 + 288 + 576 bytes: compute-bound at 2 GFLOP/s.
+        assert (node["flops"], node["bytes_moved"]) == (5_184, 3_456)
+        assert node["latency_s"] == pytest.approx(1e-6 + 2.5e-6 + 5_184 / 2e9, rel=1e-12)
+
+
+def test_onnxruntime_folds_batchnorm_and_activation_into_the_conv():
+    assert kernels_of(conv_bn_relu()) == ["conv", "fused", "fused"]
+    # Another reader of the conv output: nothing can be fused into it.
+    assert kernels_of(conv_bn_relu(shared=True)) == ["conv", "other", "other"]
+    # A weight-only DequantizeLinear is never constant-folded: it runs at every inference, and the conv
+    # reads a weight computed at run time. BatchNorm cannot be folded into a weight that is not constant, so
+    # it stays a node, and the Relu after it with it.
+    assert kernels_of(conv_bn_relu(weight_only=True)) == ["other", "dynamic_weight", "other", "other"]
+    # The graph as written, without a runtime: every node runs.
+    no_runtime = HardwareProfile("n", 1e12, 48e9, kernels=FULL.kernels)
+    assert kernels_of(conv_bn_relu(), no_runtime) == ["conv", "other", "other"]
+
+
+def test_fused_and_folded_nodes_cost_nothing_and_the_conv_keeps_its_cost():
+    report = analyze(conv_bn_relu(), hardware=FULL)
+    conv, bn, relu = report.nodes
+    # 4 × 6 × 6 outputs × 36 taps = 5,184 MACs; compute 10,368 / 1e10 s beats memory (1,600 B: 1.024 + 0.576 kB).
+    assert conv["flops"] == 10_368 and conv["bytes_moved"] == 1024 + 576 + 576
+    assert conv["latency_s"] == pytest.approx(1e-6 + 3e-6 + 10_368 / 1e10, rel=1e-12)
+    assert bn["latency_s"] == relu["latency_s"] == 0.0 and bn["bound"] == relu["bound"] == ""
+    assert report.totals["latency_s"] == pytest.approx(5e-6 + conv["latency_s"], rel=1e-12)
+    # FLOPs and bytes stay those of the graph as written; only the latency estimate changes.
+    assert report.totals["flops"] == analyze(conv_bn_relu()).totals["flops"]
+
+
+def test_qdq_group_runs_as_one_int8_kernel():
+    report = analyze(qdq_conv(), hardware=FULL)
+    assert [n["kernel"] for n in report.nodes] == ["other", "fused", "fused", "int8", "fused", "other"]
+    conv = report.nodes[3]
+    assert conv["latency_s"] == pytest.approx(1e-6 + 0.5e-6 + conv["flops"] / 4e10, rel=1e-12)
+    # The built-in profile costs every Quantize/DequantizeLinear of the graph as written instead.
+    assert all(n["latency_s"] > 0 for n in analyze(qdq_conv()).nodes)
+
+
+def test_weights_decoded_from_constants_are_folded():
+    assert kernels_of(decoded_weight()) == ["folded", "folded", "folded", "conv"]
+
+
+def test_identity_is_removed_and_silu_is_one_node():
+    assert kernels_of(identity_and_silu()) == ["conv", "fused", "fused", "fused", "other"]
+
+
+def test_kernel_classes_without_a_runtime_follow_the_op_alone():
+    proto = qdq_conv()
+    names = {t.name for t in proto.graph.initializer}
+    assert kernel_classes(list(proto.graph.node), {}, names) == ["other"] * 3 + ["dynamic_weight"] + ["other"] * 2
+
+
+# ---------------------------------------------------------------------------------------------- profile files
+def test_profile_file_round_trips(tmp_path):
+    path = tmp_path / "board.json"
+    write_profile(FULL, path, measurements={"probes": {"add_large": {"seconds": 1.0}}})
+    assert load_profile(path) == FULL
+    assert parse_hardware(str(path)) == FULL
+    assert json.loads(path.read_text())["measurements"]["probes"]["add_large"]["seconds"] == 1.0
+    assert [p.name for p in tmp_path.iterdir()] == ["board.json"]  # the temporary file was renamed
+    for profile in BUILTIN_PROFILES.values():
+        assert profile_from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
+    # Only the two figures of the plain roofline are required.
+    minimal = tmp_path / "minimal.json"
+    minimal.write_text('{"name": "m", "peak_flops_per_s": 2e9}')
+    assert load_profile(minimal) == HardwareProfile("m", 2e9)
+
+
+def test_pipeline_and_analyze_accept_a_profile_file(tmp_path, capsys):
+    path = tmp_path / "board.json"
+    write_profile(FULL, path)
+    _, report = nnopt.Pipeline(["dce"], hardware=str(path), verify=False).run(DIGITS)
+    expected = analyze(DIGITS, hardware=FULL).totals["latency_s"]
+    assert report.passes[0].before["latency_s"] == pytest.approx(expected, rel=1e-12)
+    assert main(["analyze", str(DIGITS), "--hardware", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["hardware"]["name"] == "board" and out["totals"]["latency_s"] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"name": "x"}', "missing key 'peak_flops_per_s'"),
+        ('{"name": "x", "peak_flops_per_s": 1e9, "speed": 3}', "unknown key 'speed'"),
+        ('{"name": "x", "peak_flops_per_s": "fast"}', "peak_flops_per_s: expected a number, got 'fast'"),
+        ('{"name": "x", "peak_flops_per_s": -1}', "peak_flops_per_s: expected a positive number"),
+        ('{"name": "x", "peak_flops_per_s": 1e9, "node_overhead_s": -1e-6}', "node_overhead_s: expected a number of at least 0"),
+        ('{"name": "x", "peak_flops_per_s": 1e9, "kernels": {"gpu": {}}}', "unknown kernel class 'gpu'"),
+        ('{"name": "x", "peak_flops_per_s": 1e9, "kernels": {"conv": {"flops": 1}}}', "unknown key 'kernels.conv.flops'"),
+        ('{"name": "x", "peak_flops_per_s": 1e9, "kernels": {"conv": {"flops_per_s": 0}}}', "kernels.conv.flops_per_s: expected a positive number"),
+        ('{"name": "x", "peak_flops_per_s": 1e9, "runtime": "tvm"}', "runtime: expected null or one of onnxruntime"),
+        ('{"name": "", "peak_flops_per_s": 1e9}', "name: expected a non-empty string"),
+    ],
+)
+def test_bad_profile_file_is_a_one_line_error_naming_file_and_key(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(InputError, match=message):
+        load_profile(path)
+    assert main(["analyze", str(DIGITS), "--hardware", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"hardware profile file {path}" in err and message.split("'")[0] in err
+
+
+# ---------------------------------------------------------------------------------------------- calibrate
+def test_calibrate_recovers_the_profile_of_a_machine_that_follows_the_model(monkeypatch):
+    """With every probe 'measured' as the estimate of a known profile, calibration gives that profile back."""
+    truth = HardwareProfile(
+        "truth", 300e9, 50e9, node_overhead_s=0.4e-6, run_overhead_s=6e-6, runtime="onnxruntime",
+        kernels={"conv": KernelFigures(300e9, 4e-6), "depthwise": KernelFigures(40e9, 1e-6),
+                 "unblocked_conv": KernelFigures(150e9, 5e-6), "dynamic_weight": KernelFigures(100e9, 2e-6),
+                 "int8": KernelFigures(500e9, 3e-6)},
+    )
+
+    def estimated(model, feeds=None, **_):
+        seconds = analyze(model, hardware=truth, run_onnxruntime=False).totals["latency_s"]
+        return {"median_s": seconds, "min_s": seconds}
+
+    monkeypatch.setattr(nnopt.cost.timing, "measure_latency", estimated)
+    profile, measurements = calibrate(sizes=QUICK_SIZES, runs=1, rounds=1, name="mine")
+    assert (profile.name, profile.runtime) == ("mine", "onnxruntime")
+    for key in ("peak_flops", "bandwidth", "node_overhead_s", "run_overhead_s"):
+        assert getattr(profile, key) == pytest.approx(getattr(truth, key), rel=1e-9)
+    for kernel, figures in truth.kernels.items():
+        assert profile.kernels[kernel].flops == pytest.approx(figures.flops, rel=1e-9)
+        assert profile.kernels[kernel].overhead_s == pytest.approx(figures.overhead_s, rel=1e-9)
+    # Per-node FLOPs of the probes come from the analysis: a 3×3 conv of 8 → 8 channels on 16 × 16.
+    assert measurements["probes"]["conv_large"]["flops_per_node"] == 2 * 8 * 8 * 9 * 16 * 16
+    assert measurements["max_median_to_min"] == 1.0
+
+
+def test_calibrate_warns_when_other_load_disturbs_the_probes(tmp_path, monkeypatch, capsys):
+    def disturbed(model, feeds=None, **_):
+        seconds = analyze(model, hardware=FULL, run_onnxruntime=False).totals["latency_s"]
+        return {"median_s": 2 * seconds, "min_s": seconds}
+
+    monkeypatch.setattr(nnopt.cost.timing, "measure_latency", disturbed)
+    assert main(["calibrate", "--quick", "-o", str(tmp_path / "p.json")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the machine looks busy (a probe's median run took 2.0 x its fastest)" in err
+    assert json.loads((tmp_path / "p.json").read_text())["measurements"]["max_median_to_min"] == 2.0
+
+
+def test_calibrate_command_writes_a_profile_analyze_accepts(tmp_path, capsys):
+    path = tmp_path / "me.json"
+    assert main(["calibrate", "--quick", "--runs", "2", "--rounds", "1", "--name", "me", "-o", str(path)]) == 0
+    summary = capsys.readouterr().out.strip()
+    assert summary.count("\n") == 0 and summary.startswith("me: dense conv") and str(path) in summary
+    profile = load_profile(path)
+    figures = [profile.peak_flops, profile.bandwidth, *(k.flops for k in profile.kernels.values())]
+    assert all(math.isfinite(f) and f > 0 for f in figures)
+    overheads = [profile.node_overhead_s, profile.run_overhead_s, *(k.overhead_s for k in profile.kernels.values())]
+    assert all(math.isfinite(o) and o >= 0 for o in overheads)
+    assert sorted(profile.kernels) == ["conv", "depthwise", "dynamic_weight", "int8", "unblocked_conv"]
+    assert profile.runtime == "onnxruntime"
+    assert set(json.loads(path.read_text())["measurements"]["probes"]) >= {"add_short", "add_long", "add_large"}
+    assert main(["analyze", str(DIGITS), "--hardware", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["hardware"]["name"] == "me"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-o", "profile.txt"], "must end in .json"),
+        (["--runs", "0", "-o", "p.json"], "runs >= 1"),
+        (["--name", " ", "-o", "p.json"], "--name must not be empty"),
+    ],
+)
+def test_calibrate_bad_arguments_write_nothing(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["calibrate", "--quick", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibrate_without_output_prints_the_profile(capsys):
+    assert main(["calibrate", "--quick", "--runs", "1", "--rounds", "1"]) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    assert profile_from_dict(printed).runtime == "onnxruntime" and "measurements" in printed
+    assert captured.err.strip().startswith("calibrated: dense conv")
+
+
+# ---------------------------------------------------------------------------------------------- spearman
+def test_rank_average_shares_tied_ranks():
+    assert rank_average([10, 20, 20, 5]).tolist() == [2.0, 3.5, 3.5, 1.0]
+    assert rank_average([3, 3, 3]).tolist() == [2.0, 2.0, 2.0]
+
+
+def test_spearman_exact_values():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0, abs=1e-15)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0, abs=1e-15)
+    # Ties: ranks [1, 2.5, 2.5, 4] against [1, 2, 3, 4]: 4.5 / sqrt(4.5 × 5) = 3 / sqrt(10).
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(3 / math.sqrt(10), rel=1e-14)
+    # Monotone transforms change nothing: ranks only.
+    x = [0.3, 1e-5, 7.0, 2.5, 0.01]
+    assert spearman(x, [v**3 for v in x]) == pytest.approx(1.0, abs=1e-15)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3])) and math.isnan(spearman([1], [2]))
+    with pytest.raises(ValueError, match="3 x values but 2 y values"):
+        spearman([1, 2, 3], [1, 2])
+
+
+def test_default_profile_is_unchanged():
+    assert DEFAULT_PROFILE == HardwareProfile("x86-avx2-2core", 192e9, 2 * 8 * 2.666e9, DEFAULT_PROFILE.description)
