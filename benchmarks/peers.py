@@ -32,7 +32,6 @@ import importlib
 import importlib.metadata
 import json
 import re
-import resource
 import shlex
 import subprocess
 import sys
@@ -49,6 +48,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
+
+from procmem import peak_rss_mb  # noqa: E402
 
 #: Lossless outputs must stay within this of the original's, relative to each output's largest magnitude.
 LOSSLESS_TOLERANCE = 1e-5
@@ -347,22 +348,6 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in [
 
 
 # ------------------------------------------------------------------------------------------------ the worker
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory since it started its program.
-
-    ``VmHWM`` belongs to the address space that ``exec`` created. ``getrusage(RUSAGE_SELF).ru_maxrss``
-    does not do here: Linux carries the high-water mark of the forked copy of the parent across ``exec``,
-    so every child would report at least the (large) benchmark process.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: kilobytes on most systems
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")[:400]
@@ -374,14 +359,14 @@ def worker(job_path: str) -> int:
     variant = VARIANTS[job.variant]
     for module in variant.modules:
         importlib.import_module(module)
-    result: dict[str, Any] = {"rss_after_import_mb": _peak_rss_mb()}
+    result: dict[str, Any] = {"rss_after_import_mb": peak_rss_mb()}
     start = time.perf_counter()
     try:
         result.update(status="ok", notes=variant.run(job))
     except Exception as exc:  # a peer failing or refusing is a result: record it
         result.update(status="failed", error=_first_line(exc))
     result["tool_s"] = time.perf_counter() - start
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
     Path(job.result).write_text(json.dumps(result))
     return 0
 

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from procmem import peak_rss_mb  # noqa: E402
 
 #: Growth exponents above this are findings: the work should be about linear in the node count.
 SUPERLINEAR = 1.2
@@ -129,21 +130,6 @@ TASK_NOTES = {
 
 
 # ---------------------------------------------------------------------------------------------- child
-def _peak_rss_mb() -> float:
-    """This process's peak resident set size.
-
-    Linux's VmHWM belongs to the address space, which starts afresh at exec; ``ru_maxrss`` would start
-    from the parent's peak at fork (here: the parent holding the 40k-node model), hiding the child's own.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
-
-
 def _timed(fn: Callable[[], Any]) -> tuple[float, float, Any]:
     wall, cpu = time.perf_counter(), time.process_time()
     result = fn()
@@ -220,14 +206,14 @@ def child_main(task_key: str, model_path: str, data_path: str | None, shapes_jso
     gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
     task = next(t for t in TASKS if t.key == task_key)
     run = _child_runner(task, model_path, data_path, json.loads(shapes_json))
-    baseline = _peak_rss_mb()
+    baseline = peak_rss_mb()
     runs = [run() for _ in range(repeats)]
     out = dict(runs[-1])
     for key in ("seconds", "cpu_seconds", "pass_seconds", "check_seconds"):
         if key in out:
             out[key] = statistics.median(r[key] for r in runs)
     out["seconds_all"] = [round(r["seconds"], 4) for r in runs]
-    out["peak_mb"] = _peak_rss_mb()
+    out["peak_mb"] = peak_rss_mb()
     out["baseline_mb"] = baseline
     print(json.dumps(out))
 
