@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nnopt.cost.hardware import HardwareProfile
+from nnopt.cost.hardware import HardwareProfile, parse_hardware, write_profile
 from nnopt.errors import InputError, OptionError
 from nnopt.pipeline.config import PipelineConfig, PipelineFileError, load_pipeline_file, parse_pipeline
 from nnopt.pipeline.manager import Budget
@@ -136,6 +136,23 @@ def test_relative_data_path_is_read_from_the_pipeline_files_folder(tmp_path, reg
     monkeypatch.chdir(tmp_path / "data")  # the working directory plays no part
     config = load_pipeline_file(pipeline, registry, hardware)
     assert config.data.resolve() == (tmp_path / "data" / "calib.npz").resolve()
+
+
+def test_relative_hardware_profile_file_is_read_from_the_pipeline_files_folder(
+    tmp_path, registry, hardware, monkeypatch
+):
+    write_profile(HardwareProfile(name="my-board", peak_flops=3e9, bandwidth=2e9), tmp_path / "boards/b.json")
+    pipeline = _write(tmp_path, "pipelines/p.toml", 'hardware = "../boards/b.json"\n')
+    monkeypatch.chdir(tmp_path / "boards")  # from here "../boards/b.json" would not exist
+    config = load_pipeline_file(pipeline, registry, hardware)
+    profile = parse_hardware(config.hardware)
+    assert (profile.name, profile.peak_flops, profile.bandwidth) == ("my-board", 3e9, 2e9)
+
+
+def test_a_missing_hardware_profile_file_names_the_resolved_path(tmp_path, registry, hardware):
+    pipeline = _write(tmp_path, "p.toml", 'hardware = "nowhere.json"\n')
+    with pytest.raises(PipelineFileError, match=r"p.toml: hardware: .*nowhere.json"):
+        load_pipeline_file(pipeline, registry, hardware)
 
 
 def test_absolute_data_path_is_kept(tmp_path, registry, hardware):

@@ -4,7 +4,8 @@ The format is chosen by the extension, ``.toml`` (read with the standard library
 both hold the same structure. YAML is not supported (it would need a dependency). In TOML::
 
     seed = 0                            # all top-level settings are optional
-    hardware = "x86-avx2-2core"         # a profile name, or "flops=...,bandwidth=..."
+    hardware = "x86-avx2-2core"         # a profile name, "flops=...,bandwidth=...", or a profile .json
+                                        # (relative to the pipeline file's folder)
     fixed_point = "auto"                # "auto" | true | false
     input_shapes = { x = [1, 3, 224, 224] }
 
@@ -45,7 +46,7 @@ from typing import Any
 
 import tomllib
 
-from nnopt.cost.hardware import HardwareProfile, parse_hardware
+from nnopt.cost.hardware import PROFILE_SUFFIX, HardwareProfile, parse_hardware
 from nnopt.errors import InputError, OptionError
 from nnopt.pipeline.base import Pass, _described
 from nnopt.pipeline.manager import Budget
@@ -149,6 +150,7 @@ def parse_pipeline(
     fixed_point_text = get(mapping, "fixed_point", _fixed_point)
     hardware_spec = get(mapping, "hardware", _string)
     if hardware_spec is not None:
+        hardware_spec = _profile_file_path(hardware_spec, source)
         try:
             parse_hardware(hardware_spec, dict(hardware))
         except InputError as exc:
@@ -272,6 +274,16 @@ def _input_shapes(value: Any, label: str) -> dict[str, list[int]]:
                 f"got {_described(dims)}"
             )
     return {name: list(dims) for name, dims in shapes.items()}
+
+
+def _profile_file_path(spec: str, source: Path | None) -> str:
+    """A relative profile file (``hardware = "board.json"``) is read from the pipeline file's folder, like
+    ``verify.data``, so a pipeline and its calibrated profile can be kept together and run from anywhere.
+    Profile names and ``flops=...`` specs are returned unchanged."""
+    text = spec.strip()
+    if source is None or not text.lower().endswith(PROFILE_SUFFIX) or Path(text).is_absolute():
+        return spec
+    return str(source.parent / text)
 
 
 def _data_path(text: str, source: Path | None, label: str) -> Path:
