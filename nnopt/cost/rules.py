@@ -589,105 +589,145 @@ def kernel_classes(
     const = set(constants)
     if runtime is None:
         return [_op_kernel(node, infos, const) for node in nodes]
-    classes: list[str] = []
-    producer: dict[str, int] = {}
-    readers: dict[str, list[int]] = {name: [-1] for name in graph_outputs}  # -1: read by the caller
-    for i, node in enumerate(nodes):
-        for name in dict.fromkeys(node.input):
-            if name:
-                readers.setdefault(name, []).append(i)
-        for name in node.output:
-            if name:
-                producer[name] = i
-    ops = [node.op_type if _norm_domain(node.domain) == "" else f"{node.domain}:{node.op_type}" for node in nodes]
+    graph = _RuntimeGraph(nodes, infos, const, graph_outputs)
+    for rewrite in _ONNXRUNTIME_REWRITES:
+        rewrite(graph)
+    return graph.classes
 
-    # Constant folding; each node's own class is decided once its weight is known to be constant or not.
-    for i, node in enumerate(nodes):
-        foldable = ops[i] not in _NOT_FOLDED and ":" not in ops[i] and not _has_graph(node)
-        if foldable and all(name in const for name in node.input if name):
-            classes.append("folded")
-            const.update(name for name in node.output if name)
-        else:
-            classes.append(_op_kernel(node, infos, const))
 
-    def from_dq(name: str) -> bool:
-        j = producer.get(name)
-        return j is not None and ops[j] == "DequantizeLinear"
+class _RuntimeGraph:
+    """The main graph as a runtime's optimiser sees it: each node's kernel class so far, who produces and who
+    reads each tensor, and the tensors eliminated nodes pass through (``alias``). The rewrites of
+    ``_ONNXRUNTIME_REWRITES`` run on it in order, each turning some nodes' classes into ``folded``,
+    ``fused`` or ``int8``."""
 
-    def only_reader(name: str) -> int | None:
-        found = readers.get(name, [])
+    def __init__(
+        self, nodes: list[onnx.NodeProto], infos: dict[str, TensorInfo], const: set[str], graph_outputs: Iterable[str]
+    ) -> None:
+        self.nodes, self.infos, self.const = nodes, infos, const
+        self.classes: list[str] = []
+        self.producer: dict[str, int] = {}
+        self.readers: dict[str, list[int]] = {name: [-1] for name in graph_outputs}  # -1: read by the caller
+        self.alias: dict[str, str] = {}
+        for i, node in enumerate(nodes):
+            for name in dict.fromkeys(node.input):
+                if name:
+                    self.readers.setdefault(name, []).append(i)
+            for name in node.output:
+                if name:
+                    self.producer[name] = i
+        self.ops = [node.op_type if _norm_domain(node.domain) == "" else f"{node.domain}:{node.op_type}"
+                    for node in nodes]  # fmt: skip
+
+    def from_dq(self, name: str) -> bool:
+        j = self.producer.get(name)
+        return j is not None and self.ops[j] == "DequantizeLinear"
+
+    def only_reader(self, name: str) -> int | None:
+        found = self.readers.get(name, [])
         return found[0] if len(found) == 1 and found[0] >= 0 else None
 
-    # QDQ groups.
+    def source(self, name: str) -> str:
+        return self.alias.get(name, name)
+
+
+def _fold_constants(g: _RuntimeGraph) -> None:
+    """A node whose inputs are all constants (or folded) is ``folded``; each other node gets its own class,
+    decided once its weight is known to be constant or not."""
+    for i, node in enumerate(g.nodes):
+        foldable = g.ops[i] not in _NOT_FOLDED and ":" not in g.ops[i] and not _has_graph(node)
+        if foldable and all(name in g.const for name in node.input if name):
+            g.classes.append("folded")
+            g.const.update(name for name in node.output if name)
+        else:
+            g.classes.append(_op_kernel(node, g.infos, g.const))
+
+
+def _fuse_qdq_groups(g: _RuntimeGraph) -> None:
+    """DequantizeLinear → op → QuantizeLinear groups run as one int8 kernel (see ``kernel_classes``)."""
     grouped: set[int] = set()
-    for i, node in enumerate(nodes):
-        if classes[i] == "folded" or ops[i] not in _QDQ_COMPUTE | _QDQ_OTHER:
+    for i, node in enumerate(g.nodes):
+        if g.classes[i] == "folded" or g.ops[i] not in _QDQ_COMPUTE | _QDQ_OTHER:
             continue
-        activations = [name for name in node.input if name and name not in const]
-        if not activations or not all(from_dq(name) for name in activations):
+        activations = [name for name in node.input if name and name not in g.const]
+        if not activations or not all(g.from_dq(name) for name in activations):
             continue
-        after = [only_reader(name) for name in node.output if name]
-        quantize = [j for j in after if j is not None and ops[j] == "QuantizeLinear"]
+        after = [g.only_reader(name) for name in node.output if name]
+        quantize = [j for j in after if j is not None and g.ops[j] == "QuantizeLinear"]
         quantized = bool(after) and len(quantize) == len(after)
-        if ops[i] in _QDQ_COMPUTE:
-            if len(node.input) < 2 or not from_dq(node.input[1]):
+        if g.ops[i] in _QDQ_COMPUTE:
+            if len(node.input) < 2 or not g.from_dq(node.input[1]):
                 continue
-            classes[i] = "int8"
+            g.classes[i] = "int8"
         elif not quantized:
             continue
         grouped.add(i)
         for j in quantize if quantized else []:
-            classes[j] = "fused"
+            g.classes[j] = "fused"
     for i in grouped:
-        for name in nodes[i].input:
-            if name and from_dq(name) and all(k in grouped for k in readers.get(name, [])):
-                classes[producer[name]] = "fused"
+        for name in g.nodes[i].input:
+            if name and g.from_dq(name) and all(k in grouped for k in g.readers.get(name, [])):
+                g.classes[g.producer[name]] = "fused"
 
-    # Eliminated nodes pass their input through: their readers read it (``alias``) as if directly.
-    alias: dict[str, str] = {}
-    for i, node in enumerate(nodes):
-        if ops[i] in _ELIMINATED and classes[i] != "folded" and node.input and node.input[0] and node.output:
-            classes[i] = "fused"
-            source = alias.get(node.input[0], node.input[0])
-            alias[node.output[0]] = source
-            readers[source] = [k for k in readers.get(source, []) if k != i] + readers.get(node.output[0], [])
 
-    # Epilogues fused into a float Conv/Gemm/MatMul: follow its output while exactly one node reads it.
-    for i, node in enumerate(nodes):
-        float_kernel = classes[i] in ("conv", "depthwise", "unblocked_conv", "dynamic_weight")
-        if not float_kernel or ops[i] not in _EPILOGUE_AFFINE or not node.output:
+def _eliminate_pass_throughs(g: _RuntimeGraph) -> None:
+    """Identity and Dropout are ``fused``: their readers read their input (recorded in ``alias``)."""
+    for i, node in enumerate(g.nodes):
+        if g.ops[i] in _ELIMINATED and g.classes[i] != "folded" and node.input and node.input[0] and node.output:
+            g.classes[i] = "fused"
+            source = g.source(node.input[0])
+            g.alias[node.output[0]] = source
+            g.readers[source] = [k for k in g.readers.get(source, []) if k != i] + g.readers.get(node.output[0], [])
+
+
+def _fuse_epilogues(g: _RuntimeGraph) -> None:
+    """Affine ops and one activation after a float Conv/Gemm/MatMul, followed while exactly one node reads
+    each tensor, are ``fused`` into it."""
+    for i, node in enumerate(g.nodes):
+        float_kernel = g.classes[i] in ("conv", "depthwise", "unblocked_conv", "dynamic_weight")
+        if not float_kernel or g.ops[i] not in _EPILOGUE_AFFINE or not node.output:
             continue
-        affine = _EPILOGUE_AFFINE[ops[i]]
-        weight = infos.get(node.input[1]) if len(node.input) > 1 else None
-        if ops[i] == "Conv" and not (weight is not None and weight.name in const and weight.shape):
+        affine = _EPILOGUE_AFFINE[g.ops[i]]
+        weight = g.infos.get(node.input[1]) if len(node.input) > 1 else None
+        if g.ops[i] == "Conv" and not (weight is not None and weight.name in g.const and weight.shape):
             affine = frozenset()  # folding BatchNormalization/Add/Mul rewrites the weight: it must be constant
         tail = node.output[0]
-        while (j := only_reader(tail)) is not None:
-            follower = nodes[j]
-            data = alias.get(follower.input[0], follower.input[0]) if follower.input else ""
-            rest = [name for name in follower.input if name and alias.get(name, name) != tail]
-            if not all(name in const for name in rest) or not follower.output:
+        while (j := g.only_reader(tail)) is not None:
+            follower = g.nodes[j]
+            data = g.source(follower.input[0]) if follower.input else ""
+            rest = [name for name in follower.input if name and g.source(name) != tail]
+            if not all(name in g.const for name in rest) or not follower.output:
                 break
-            folds = data == tail if ops[j] == "BatchNormalization" else _per_channel(ops[i], rest, infos, weight)
-            if ops[j] in affine and folds:
-                classes[j] = "fused"
+            folds = data == tail if g.ops[j] == "BatchNormalization" else _per_channel(g.ops[i], rest, g.infos, weight)
+            if g.ops[j] in affine and folds:
+                g.classes[j] = "fused"
                 tail = follower.output[0]
-            elif ops[j] in _FUSED_ACTIVATIONS and data == tail:
-                classes[j] = "fused"
-                break
-            else:
-                break
+                continue
+            if g.ops[j] in _FUSED_ACTIVATIONS and data == tail:
+                g.classes[j] = "fused"
+            break
 
-    # SiLU, x * sigmoid(x): the Sigmoid is computed inside the Mul.
-    for i, node in enumerate(nodes):
-        if ops[i] != "Sigmoid" or classes[i] != "other" or not node.input or not node.output:
+
+def _fuse_silu(g: _RuntimeGraph) -> None:
+    """SiLU, ``x * sigmoid(x)``: the Sigmoid is computed inside the Mul."""
+    for i, node in enumerate(g.nodes):
+        if g.ops[i] != "Sigmoid" or g.classes[i] != "other" or not node.input or not node.output:
             continue
-        j = only_reader(node.output[0])
-        if j is not None and ops[j] == "Mul" and classes[j] == "other":
-            operands = {alias.get(name, name) for name in nodes[j].input}
-            if operands == {alias.get(node.input[0], node.input[0]), node.output[0]}:
-                classes[i] = "fused"
-    return classes
+        j = g.only_reader(node.output[0])
+        if j is not None and g.ops[j] == "Mul" and g.classes[j] == "other":
+            operands = {g.source(name) for name in g.nodes[j].input}
+            if operands == {g.source(node.input[0]), node.output[0]}:
+                g.classes[i] = "fused"
+
+
+#: onnxruntime's default graph optimisations as the estimate models them, in the order they apply.
+_ONNXRUNTIME_REWRITES: tuple[Callable[[_RuntimeGraph], None], ...] = (
+    _fold_constants,
+    _fuse_qdq_groups,
+    _eliminate_pass_throughs,
+    _fuse_epilogues,
+    _fuse_silu,
+)
 
 
 def _per_channel(host: str, operands: list[str], infos: dict[str, TensorInfo], weight: TensorInfo | None) -> bool:
