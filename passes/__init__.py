@@ -17,6 +17,7 @@ def nnopt_register_passes() -> list[type[Pass]]:
     from nnopt.passes.prune import Prune
     from nnopt.passes.quantize import Quantize
     from nnopt.passes.remove_noops import RemoveNoops
+    from nnopt.passes.strip_debug_info import StripDebugInfo
     from nnopt.passes.svd import Svd
 
     return [
@@ -25,6 +26,7 @@ def nnopt_register_passes() -> list[type[Pass]]:
         FoldConstants,
         RemoveNoops,
         FoldBatchNorm,
+        StripDebugInfo,
         ConvToSeparable,
         Svd,
         KMeansWeightSharing,

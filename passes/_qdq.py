@@ -30,6 +30,20 @@ WEIGHT_AXIS: dict[str, tuple[int, Any]] = {
     "MatMul": (1, lambda attrs: -1),
 }
 
+#: Recurrent ops: onnxruntime has no QDQ int8 kernel for them, so both modes store their weights as int8 +
+#: DequantizeLinear and run them in float.
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+
+#: Per op type: the weight inputs stored as int8 + DequantizeLinear, each (input index, function (node
+#: attributes) → output-channel axis). LSTM/GRU/RNN: W [num_directions, gates*hidden, input] (input 1) and
+#: R [num_directions, gates*hidden, hidden] (input 2); axis 1 are the output rows (gate × hidden unit).
+#: One scale per row is shared by the two directions of a bidirectional layer: a scale per direction and
+#: row would need blocked quantization (DequantizeLinear block_size, opset 21).
+WEIGHT_ONLY_INPUTS: dict[str, tuple[tuple[int, Any], ...]] = {
+    **{op: (rule,) for op, rule in WEIGHT_AXIS.items()},
+    **{op: ((1, lambda attrs: 1), (2, lambda attrs: 1)) for op in RECURRENT_OPS},
+}
+
 
 def quantized_ops_present(proto: onnx.ModelProto) -> list[str]:
     """The distinct already-quantized op types in the main graph, sorted."""
@@ -124,14 +138,14 @@ def _float_inputs_for(graph: onnx.GraphProto, excluded: set[str], original_inits
                 node.input[i] = q.input[0]
     outputs = {o.name for o in graph.output}
     while True:
-        read = {x for n in graph.node for x in n.input}
+        read = {x for n in graph.node for x in (*n.input, *subgraph_reads(n))}
         dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
                 and not any(o in read or o in outputs for o in n.output)]
         if not dead:
             break
         for n in dead:
             graph.node.remove(n)
-    read = {x for n in graph.node for x in n.input}
+    read = {x for n in graph.node for x in (*n.input, *subgraph_reads(n))}
     unused = [t for t in graph.initializer if t.name not in read and t.name not in original_inits]
     for t in unused:
         graph.initializer.remove(t)
@@ -145,12 +159,34 @@ def toposort(graph: onnx.GraphProto) -> None:
     """
     nodes = list(graph.node)
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    deps = [{producer[x] for x in n.input if x in producer} for n in nodes]
+    # An If/Loop/Scan body may read tensors of this graph by name (outer scope) without listing them as
+    # node inputs; the node must still come after their producers (silero VAD: decoder/If_1's branches
+    # read decoder/If's output).
+    deps = [{producer[x] for x in (*n.input, *subgraph_reads(n)) if x in producer} for n in nodes]
     order = stable_topological_order(deps)
     if order is None:  # a cycle: leave the graph as it is, the checker will say so
         return
     del graph.node[:]
     graph.node.extend(nodes[i] for i in order)
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names that ``node``'s subgraphs (If branches, Loop/Scan bodies, nested) read from outside themselves."""
+    reads: set[str] = set()
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            reads |= _outer_scope_reads(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for graph in attr.graphs:
+                reads |= _outer_scope_reads(graph)
+    return reads
+
+
+def _outer_scope_reads(graph: onnx.GraphProto) -> set[str]:
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer} | {o for n in graph.node for o in n.output}
+    read = {x for n in graph.node for x in (*n.input, *subgraph_reads(n))}
+    return read - defined - {""}
 
 
 def symmetric_int8(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -173,16 +209,45 @@ def symmetric_int8(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray, np
     return q, scale
 
 
-def sqnr_db(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:
-    """Signal-to-quantization-noise ratio in dB over all samples (inf when identical)."""
-    signal = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in reference)
-    noise = sum(float(np.sum((np.asarray(r, np.float64) - np.asarray(c, np.float64)) ** 2))
-                for r, c in zip(reference, candidate))
+def probe_session(proto: onnx.ModelProto, names: Sequence[str]) -> Any:
+    """An onnxruntime session of a copy of ``proto`` with the named main-graph tensors as extra outputs."""
+    from nnopt.runtime import make_session
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    present = {o.name for o in probe.graph.output}
+    # NOTE: an output needs only a name for onnxruntime; type and shape come from the producing node.
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    return make_session(probe)
+
+
+def run_probe(session: Any, names: Sequence[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The named tensors of one run of a ``probe_session`` on ``feeds``."""
+    return dict(zip(names, session.run(list(names), feeds)))
+
+
+def signal_noise_power(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
+    """(sum of squares of ``reference``, sum of squared differences), in float64, for one sample."""
+    r = np.asarray(reference, np.float64)
+    signal = float(np.sum(r ** 2))
+    noise = float(np.sum((r - np.asarray(candidate, np.float64)) ** 2))
+    return signal, noise
+
+
+def sqnr_db_from_powers(powers: Sequence[tuple[float, float]]) -> float:
+    """SQNR in dB from per-sample ``signal_noise_power`` terms (inf when identical)."""
+    signal = sum(s for s, _ in powers)
+    noise = sum(n for _, n in powers)
     if noise == 0.0:
         return math.inf
     if signal == 0.0:
         return -math.inf
     return 10.0 * math.log10(signal / noise)
+
+
+def sqnr_db(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> float:
+    """Signal-to-quantization-noise ratio in dB over all samples (inf when identical)."""
+    return sqnr_db_from_powers([signal_noise_power(r, c) for r, c in zip(reference, candidate)])
 
 
 def own_sqnr_db(out_db: float, in_db: float) -> float:

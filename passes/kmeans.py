@@ -77,6 +77,13 @@ class KMeansOptions(PassOptions):
         metadata={"help": "reserve an exact 0 in the codebook of a tensor (channel) that has zeros, so pruned "
                           "weights stay exactly zero; that leaves 2^bits - 1 shared values for the rest"},
     )
+    init: Literal["kmeans++", "quantiles"] = field(
+        default="kmeans++",
+        metadata={"help": "where k-means starts: kmeans++ (seeded k-means++, the lowest weight error) or "
+                          "quantiles (k evenly spaced quantiles, min and max included, as onnxsim does): keeps a "
+                          "centroid on a few extreme weights that k-means++ averages away (ppocr_rec's classifier "
+                          "at 4 bits: output cosine 0.59 -> 0.97, see docs/kmeans.md)"},
+    )
     storage: Literal["auto", "uint8", "subbyte", "bitpack"] = field(
         default="auto",
         metadata={"help": "how indices are stored: uint8 (1 byte each, any opset); subbyte (ONNX UINT4, or "
@@ -121,7 +128,9 @@ class Clustering:
     distinct: int
 
 
-def cluster_values(values: np.ndarray, k: int, *, keep_zeros: bool, seed: int) -> Clustering:
+def cluster_values(
+    values: np.ndarray, k: int, *, keep_zeros: bool, seed: int, init: str = "kmeans++"
+) -> Clustering:
     """Cluster a flat float array into at most ``k`` shared values with k-means (1-D).
 
     Zeros get their own exact 0 centroid when ``keep_zeros`` (and are left out of the clustering). A tensor
@@ -129,6 +138,7 @@ def cluster_values(values: np.ndarray, k: int, *, keep_zeros: bool, seed: int) -
     ``random_state=seed``) runs on the distinct values weighted by their counts, or, when there are more
     of them than the bin count (see ``HISTOGRAM_BUDGET``), on uniform bins of the value range (bin means
     weighted by bin counts). Each centroid is then replaced by the exact mean of the values assigned to it.
+    ``init`` names the starting centroids (a key of ``INITS``).
     """
     zero = values == 0 if keep_zeros else None
     has_zero = bool(zero is not None and zero.any())
@@ -145,7 +155,7 @@ def cluster_values(values: np.ndarray, k: int, *, keep_zeros: bool, seed: int) -
         rest_codes = np.searchsorted(ordered[starts], rest)
         exact = True
     else:
-        centroids, rest_codes = _kmeans_1d(rest, ordered, starts, free, seed)
+        centroids, rest_codes = _kmeans_1d(rest, ordered, starts, free, seed, init)
         exact = False
     if has_zero:
         codes[~zero] = rest_codes + 1  # index 0 is the reserved exact zero
@@ -156,7 +166,7 @@ def cluster_values(values: np.ndarray, k: int, *, keep_zeros: bool, seed: int) -
 
 
 def _kmeans_1d(
-    rest: np.ndarray, ordered: np.ndarray, starts: np.ndarray, k: int, seed: int
+    rest: np.ndarray, ordered: np.ndarray, starts: np.ndarray, k: int, seed: int, init: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Centroids (exact cluster means, ascending) and per-value cluster indices of ``rest``."""
     bins = min(MAX_BINS, max(MIN_BINS, HISTOGRAM_BUDGET // k))
@@ -190,7 +200,7 @@ def _kmeans_1d(
     if group_starts.size <= k:
         labels = np.arange(group_starts.size)
     else:
-        labels = _sklearn_kmeans(sums / counts, counts, k, seed)
+        labels = _sklearn_kmeans(sums / counts, counts, k, seed, init)
     # Exact means of what each cluster holds, ascending; clusters k-means left empty are dropped.
     size = np.bincount(labels, weights=counts)
     total = np.bincount(labels, weights=sums)
@@ -206,11 +216,44 @@ def _kmeans_1d(
     return means[order], out
 
 
-def _sklearn_kmeans(points: np.ndarray, weights: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Cluster labels of 1-D ``points`` weighted by ``weights`` (scikit-learn KMeans, k-means++)."""
+def _kmeans_pp_start(points: np.ndarray, weights: np.ndarray, k: int) -> str:
+    return "k-means++"  # scikit-learn seeds it from random_state
+
+
+def _quantile_start(points: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
+    """The points holding k evenly spaced weighted quantiles, the first and last point included.
+
+    ``points`` are ascending and more than k. Quantiles that fall on the same point are replaced by unused
+    points spread evenly over the rest, so there are always k distinct starting centroids.
+    """
+    position = np.cumsum(weights)  # the last value each point holds, counting from 1
+    targets = np.linspace(0.0, position[-1] - 1.0, k)
+    chosen = np.unique(np.searchsorted(position, targets, side="right"))
+    if chosen.size < k:
+        unused = np.setdiff1d(np.arange(points.size), chosen)
+        # Spacing >= 1 between the picks, so rounding keeps them distinct.
+        extra = unused[np.round(np.linspace(0, unused.size - 1, k - chosen.size)).astype(np.int64)]
+        chosen = np.sort(np.concatenate([chosen, extra]))
+    return points[chosen].reshape(-1, 1)
+
+
+#: Starting centroids by ``init`` option value: scikit-learn's init string or a [k, 1] array.
+#: k-means++ reaches the lowest weight error, but a handful of extreme weights are worth less than one
+#: centroid to a squared error, so they join the outermost cluster (ppocr_rec's classifier: its two largest
+#: weights, 2.45 and 1.37, both of the CTC blank class, decode to 0.36). Quantile starts put a centroid on
+#: the minimum and the maximum, and Lloyd's iterations keep it there when the extremes are isolated.
+INITS: dict[str, Callable[[np.ndarray, np.ndarray, int], str | np.ndarray]] = {
+    "kmeans++": _kmeans_pp_start,
+    "quantiles": _quantile_start,
+}
+
+
+def _sklearn_kmeans(points: np.ndarray, weights: np.ndarray, k: int, seed: int, init: str) -> np.ndarray:
+    """Cluster labels of 1-D ``points`` (ascending) weighted by ``weights`` (scikit-learn KMeans, Lloyd)."""
     from sklearn.cluster import KMeans  # heavy: imported when a tensor actually needs clustering
 
-    model = KMeans(n_clusters=k, init="k-means++", n_init=N_INIT, random_state=seed, algorithm="lloyd")
+    start = INITS[init](points, weights, k)
+    model = KMeans(n_clusters=k, init=start, n_init=N_INIT, random_state=seed, algorithm="lloyd")
     with warnings.catch_warnings():
         # Duplicate bin means can leave fewer distinct points than k; the empty clusters are dropped.
         warnings.simplefilter("ignore")
@@ -491,8 +534,8 @@ class KMeansWeightSharing(Pass):
     >= 21/25, else bits-wide fields packed into uint8/uint32/uint64 words and unpacked with BitShift (opset
     >= 11), else uint8. The opset is never raised.
 
-    Lossy: every value becomes the mean of its cluster (scikit-learn KMeans, k-means++ initialisation,
-    seeded from the pipeline seed and the tensor's name); exact for tensors with at most k distinct values.
+    Lossy: every value becomes the mean of its cluster (scikit-learn KMeans started by k-means++, seeded
+    from the pipeline seed and the tensor's name, or by quantiles with ``init=quantiles``); exact for tensors with at most k distinct values.
     Exact zeros stay exact zeros (``keep_zeros``), so pruned weights stay pruned.
     Preconditions: none. onnxruntime folds the decoding into plain weights when it creates a session with
     graph optimisations on: the file and the bytes to load shrink, the memory of a running session does not.
@@ -634,7 +677,7 @@ class KMeansWeightSharing(Pass):
         started = time.perf_counter()
         if per_channel:
             rows = np.moveaxis(work, axis, 0).reshape(values.shape[axis], -1)
-            results = [cluster_values(row, k, keep_zeros=opts.keep_zeros, seed=seed) for row in rows]
+            results = [cluster_values(row, k, keep_zeros=opts.keep_zeros, seed=seed, init=opts.init) for row in rows]
             codebook = np.zeros((rows.shape[0], max(r.codebook.size for r in results)), dtype=np.float64)
             for c, r in enumerate(results):
                 codebook[c, :r.codebook.size] = r.codebook
@@ -645,7 +688,7 @@ class KMeansWeightSharing(Pass):
             distinct = _distinct(work)
         else:
             rows = work.reshape(1, -1)
-            result = cluster_values(rows[0], k, keep_zeros=opts.keep_zeros, seed=seed)
+            result = cluster_values(rows[0], k, keep_zeros=opts.keep_zeros, seed=seed, init=opts.init)
             codebook = result.codebook[None, :]
             row_codes = result.codes[None, :]
             codes = result.codes.reshape(values.shape)

@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from nnopt.analysis.activations import collect_activations
 from nnopt.analysis.selection import is_selected
 from nnopt.errors import OptionError
 from nnopt.ir.model import Model
@@ -21,7 +20,7 @@ from nnopt.pipeline.verify import compare_outputs
 from nnopt.runtime import make_session
 
 _PREFIX = "quantize"
-#: At most this many samples feed the per-layer SQNR (every intermediate tensor is held in memory).
+#: At most this many samples feed the per-layer SQNR (each costs a run of the float and the quantized model).
 SENSITIVITY_SAMPLES = 16
 #: Op types quantized by default: the ones onnxruntime has int8 kernels for (QLinearConv, QLinearMatMul,
 #: QGemm, QLinearAdd, QLinearMul, QLinearSigmoid...), the activations it absorbs into a QuantizeLinear
@@ -30,9 +29,12 @@ SENSITIVITY_SAMPLES = 16
 #: normalisation ops (Gather, Where, TopK, ArgMax, CumSum, *Normalization); those are left out here.
 #: Mul and Sigmoid matter for speed: without them SiLU (x * sigmoid(x)) breaks every int8 chain of
 #: ddddocr's detector (0.80x instead of 0.52x float latency).
+#: LSTM, GRU and RNN have no int8 kernel: their weights W and R can only be stored as int8 + DequantizeLinear
+#: and computed in float (see ``recurrent_weights``).
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Mul",
                     "Add", "MaxPool", "GlobalAveragePool", "AveragePool", "Concat", "Reshape", "Transpose",
-                    "Flatten", "Squeeze", "Unsqueeze", "Resize", "Pad", "Slice", "Split", "Softmax")
+                    "Flatten", "Squeeze", "Unsqueeze", "Resize", "Pad", "Slice", "Split", "Softmax",
+                    "LSTM", "GRU", "RNN")
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,14 @@ class QuantizeOptions(PassOptions):
     )
     op_types: tuple[str, ...] = field(
         default=DEFAULT_OP_TYPES,
-        metadata={"help": "op types to quantize (weight_only: those of Conv, ConvTranspose, Gemm, MatMul present)"},
+        metadata={"help": "op types to quantize (weight_only: those of Conv, ConvTranspose, Gemm, MatMul, LSTM, GRU, "
+                          "RNN present)"},
+    )
+    recurrent_weights: bool | None = field(
+        default=None,
+        metadata={"help": "store LSTM/GRU/RNN weights (W, R) as int8 + DequantizeLinear, computed in float "
+                          "(default: on in weight_only; off in static, where dequantizing them at every run costs "
+                          "latency: ddddocr's CRNN ~0.8x -> ~1.4x float)"},
     )
     nodes: tuple[str, ...] = field(default=(), metadata={"help": "only nodes matching these (shell patterns)"})
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "never nodes matching these (shell patterns)"})
@@ -91,7 +100,9 @@ class Quantize(Pass):
     calibrator on ``--data``; placement is onnxruntime's QDQ quantizer's, so onnxruntime fuses each group
     into QLinearConv / QLinearMatMul / QGemm. A Relu or Clip right after a quantized op is dropped: the
     saturation of the following QuantizeLinear does its work. Weight-only mode stores Conv/ConvTranspose/
-    Gemm/MatMul weights as int8 + DequantizeLinear and leaves compute in float.
+    Gemm/MatMul weights as int8 + DequantizeLinear and leaves compute in float; LSTM/GRU/RNN weights (W, R)
+    are stored that way in weight-only mode, and in static mode with ``recurrent_weights=true`` (onnxruntime
+    has no int8 kernel for them).
 
         x → Conv(W, b) → Relu → y
       ⇒ x → Q → DQ ┐
@@ -145,6 +156,13 @@ class Quantize(Pass):
             {"node": n.name, "op_type": n.op_type, "action": "declined", "reason": "not selected by nodes/exclude"}
             for n in candidates if not is_selected(n.name, opts.nodes, opts.exclude)
         ]
+        recurrent_weights = opts.mode == "weight_only" if opts.recurrent_weights is None else opts.recurrent_weights
+        if not recurrent_weights:
+            layers.extend({"node": n.name, "op_type": n.op_type, "action": "declined",
+                           "reason": f"recurrent weights stay float in {opts.mode} mode (recurrent_weights=true "
+                                     "stores them int8; dequantized at every run, which costs latency)"}
+                          for n in selected if n.op_type in _qdq.RECURRENT_OPS)
+            selected = [n for n in selected if n.op_type not in _qdq.RECURRENT_OPS]
         if not selected:
             return PassResult(modified=False, stats={"layers_quantized": 0}, layers=layers)
 
@@ -171,9 +189,15 @@ def _static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candid
             opts: QuantizeOptions, per_channel: bool, ctx: PassContext,
             ) -> tuple[onnx.ModelProto, list[dict[str, Any]], dict[str, Any]]:
     """Calibrate once, place QDQ, and exclude the most sensitive layer until the budget holds."""
-    ranges = _qdq.calibrate(float_proto, ctx.samples, opts.calibration, opts.op_types)
+    # onnxruntime's QDQ quantizer has no rule for recurrent ops (it would quantize every input, the
+    # sequence lengths included); their weights are stored int8 by the weight-only rewrite below.
+    ort_op_types = tuple(t for t in opts.op_types if t not in _qdq.RECURRENT_OPS)
+    ranges = _qdq.calibrate(float_proto, ctx.samples, opts.calibration, ort_op_types) if ort_op_types else None
     chosen = {n.name for n in selected}
-    base_exclude = [n.name for n in candidates if n.name not in chosen]
+    # NOTE: recurrent nodes are never onnxruntime's to quantize, so they are not on its exclusion list either
+    # (an excluded node is rewired to read float activations): they read what they would without them.
+    recurrent_names = {n.name for n in candidates if n.op_type in _qdq.RECURRENT_OPS}
+    base_exclude = [n.name for n in candidates if n.name not in chosen and n.name not in recurrent_names]
     float_sess = make_session(float_proto)
     reference = [float_sess.run(None, feeds) for feeds in ctx.samples]
     budget_excluded: list[dict[str, Any]] = []
@@ -181,9 +205,16 @@ def _static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candid
     while True:
         # Each round of the budget loop re-places QDQ and re-measures every layer: the slow part.
         ctx.progress(len(budget_excluded), opts.max_excluded, f"{len(budget_excluded)} layer(s) excluded")
-        qproto = _qdq.place_qdq(float_proto, ranges, per_channel=per_channel, activation_type=opts.activation_type,
-                                nodes_to_quantize=[], nodes_to_exclude=base_exclude + [e["node"] for e in budget_excluded],
-                                op_types=opts.op_types)
+        by_budget = [e["node"] for e in budget_excluded]
+        qproto = float_proto
+        if ort_op_types:  # an empty list means "every op type" to onnxruntime's quantizer
+            qproto = _qdq.place_qdq(float_proto, ranges, per_channel=per_channel,
+                                    activation_type=opts.activation_type, nodes_to_quantize=[],
+                                    nodes_to_exclude=base_exclude + [n for n in by_budget if n not in recurrent_names],
+                                    op_types=ort_op_types)
+        recurrent = [n for n in selected if n.name in recurrent_names and n.name not in by_budget]
+        if recurrent:
+            qproto, _ = _weight_only(qproto, recurrent, per_channel)
         qsess = make_session(qproto)
         fidelity = compare_outputs(reference, [qsess.run(None, feeds) for feeds in ctx.samples])
         eligible = chosen - {e["node"] for e in budget_excluded}
@@ -252,7 +283,7 @@ def _sensitivity(float_proto: onnx.ModelProto, qproto: onnx.ModelProto,
     float_names = {o for n in float_proto.graph.node for o in n.output}
     layers = []
     for node in qproto.graph.node:
-        if node.name not in eligible or not node.output:
+        if node.name not in eligible or not node.output or not node.output[0]:
             continue
         sources = []
         for name in node.input:
@@ -275,13 +306,24 @@ def _sensitivity(float_proto: onnx.ModelProto, qproto: onnx.ModelProto,
             float_name = node.output[0] if node.output[0] in float_names else seen
             if float_name in float_names:
                 layers.append((node, float_name, seen, [s for s in sources if s in float_names]))
-    names = sorted({f for _, f, _, _ in layers} | {s for _, _, _, srcs in layers for s in srcs})
-    ref = collect_activations(float_proto, names, samples)
-    got = collect_activations(qproto, sorted(set(names) | {seen for _, _, seen, _ in layers}), samples)
+    # NOTE: every intermediate tensor of both models for one sample is held at once (the float model's
+    # and the quantized one's), never for all samples: per pair of tensors only each sample's signal and
+    # noise power is kept, and ``sqnr_db`` sums them as it always has, so the figures are the same.
+    ref_names = sorted({f for _, f, _, _ in layers} | {s for _, _, _, srcs in layers for s in srcs})
+    got_names = sorted(set(ref_names) | {seen for _, _, seen, _ in layers})
+    pairs = sorted({(f, seen) for _, f, seen, _ in layers} | {(s, s) for _, _, _, srcs in layers for s in srcs})
+    powers: dict[tuple[str, str], list[tuple[float, float]]] = {pair: [] for pair in pairs}
+    float_probe, quant_probe = _qdq.probe_session(float_proto, ref_names), _qdq.probe_session(qproto, got_names)
+    for feeds in samples:
+        ref = _qdq.run_probe(float_probe, ref_names, feeds)
+        got = _qdq.run_probe(quant_probe, got_names, feeds)
+        for ref_name, got_name in pairs:
+            powers[ref_name, got_name].append(_qdq.signal_noise_power(ref[ref_name], got[got_name]))
+        del ref, got  # before the next sample's run: one sample's activations at a time
     out = []
     for node, float_name, seen, srcs in layers:
-        sqnr = _qdq.sqnr_db(ref[float_name], got[seen])
-        in_sqnr = min((_qdq.sqnr_db(ref[s], got[s]) for s in srcs), default=math.inf)
+        sqnr = _qdq.sqnr_db_from_powers(powers[float_name, seen])
+        in_sqnr = min((_qdq.sqnr_db_from_powers(powers[s, s]) for s in srcs), default=math.inf)
         out.append({"node": node.name, "op_type": node.op_type, "sqnr": sqnr,
                     "own_sqnr": _qdq.own_sqnr_db(sqnr, in_sqnr)})
     return out
@@ -304,52 +346,38 @@ def _weight_only(proto: onnx.ModelProto, selected: list[onnx.NodeProto], per_cha
     wanted = {n.name for n in selected}
     readers: dict[str, int] = {}
     for node in out.graph.node:
-        for name in node.input:
+        for name in (*node.input, *_qdq.subgraph_reads(node)):  # a subgraph may read a weight by name too
             readers[name] = readers.get(name, 0) + 1
     layers: list[dict[str, Any]] = []
     new_nodes: list[onnx.NodeProto] = []
     done: dict[tuple[str, int | None], str] = {}
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
     for node in out.graph.node:
         if node.name not in wanted:
             continue
-        rule = _qdq.WEIGHT_AXIS.get(node.op_type)
-        index = rule[0] if rule else -1
-        weight = inits.get(node.input[index]) if rule and len(node.input) > index else None
-        if weight is None or weight.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+        rules = _qdq.WEIGHT_ONLY_INPUTS.get(node.op_type, ())
+        weights = [(index, axis_of, inits.get(node.input[index])) for index, axis_of in rules
+                   if len(node.input) > index and node.input[index]]
+        weights = [(index, axis_of, w) for index, axis_of, w in weights if w is not None and w.data_type in floats]
+        if not weights:
             layers.append({"node": node.name, "op_type": node.op_type, "action": "declined",
-                           "reason": "no float weight initializer" if rule else "weight_only quantizes Conv, "
-                                     "ConvTranspose, Gemm and MatMul weights only"})
+                           "reason": "no float weight initializer" if rules else "weight_only quantizes Conv, "
+                                     "ConvTranspose, Gemm, MatMul, LSTM, GRU and RNN weights only"})
             continue
-        array = numpy_helper.to_array(weight)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        axis = rule[1](attrs) % array.ndim if per_channel and array.ndim >= 2 else None  # type: ignore[index]
-        key = (weight.name, axis)
-        if key not in done:
-            q, scale = _qdq.symmetric_int8(array, axis)
-            base = f"{_PREFIX}/{weight.name}"
-            names = [_unique(f"{base}_{s}", taken) for s in ("int8", "scale", "zero_point", "dq")]
-            out.graph.initializer.extend([
-                numpy_helper.from_array(q, names[0]),
-                numpy_helper.from_array(scale.astype(np.float32), names[1]),
-                numpy_helper.from_array(np.zeros(scale.shape, np.int8), names[2]),
-            ])
-            kwargs = {"axis": axis} if axis is not None else {}
-            dq_out = names[3]
-            if weight.data_type == onnx.TensorProto.FLOAT16:
-                # NOTE: DequantizeLinear outputs the scale's type; float32 scales give float32, so cast back.
-                dq_out = _unique(f"{base}_dq_f32", taken)
-                new_nodes.append(helper.make_node("Cast", [dq_out], [names[3]], name=_unique(f"{base}_cast", taken),
-                                                  to=onnx.TensorProto.FLOAT16))
-            new_nodes.append(helper.make_node("DequantizeLinear", names[:3], [dq_out],
-                                              name=_unique(f"{base}_DequantizeLinear", taken), **kwargs))
-            done[key] = names[3]
-            err = float(np.abs(q.astype(np.float32) * scale.reshape([-1 if i == axis else 1 for i in range(array.ndim)]
-                                                                     if axis is not None else ()) - array).max())
-            layers.append({"node": node.name, "op_type": node.op_type, "action": "rewritten",
-                           "weight": weight.name, "axis": axis, "weight_max_abs_error": round(err, 8),
-                           "weight_bytes_before": int(array.nbytes), "weight_bytes_after": int(q.nbytes + scale.nbytes)})
-        node.input[index] = done[key]
-        readers[weight.name] -= 1
+        entry: dict[str, Any] = {"node": node.name, "op_type": node.op_type, "action": "rewritten", "weights": [],
+                                 "axis": None, "weight_max_abs_error": 0.0, "weight_bytes_before": 0,
+                                 "weight_bytes_after": 0}
+        for index, axis_of, weight in weights:
+            array = numpy_helper.to_array(weight)
+            axis = axis_of(attrs) % array.ndim if per_channel and array.ndim >= 2 else None
+            key = (weight.name, axis)
+            if key not in done:
+                done[key] = _dequantized_weight(out, new_nodes, weight, array, axis, taken, entry)
+            node.input[index] = done[key]
+            readers[weight.name] -= 1
+        if entry["weights"]:  # a weight shared with an earlier node is reported there
+            layers.append(entry)
     # Float weights nobody reads any more go; DequantizeLinear nodes go first (topological order).
     kept = [t for t in out.graph.initializer if readers.get(t.name, 1) > 0 or t.name not in readers]
     del out.graph.initializer[:]
@@ -358,6 +386,39 @@ def _weight_only(proto: onnx.ModelProto, selected: list[onnx.NodeProto], per_cha
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     return out, layers
+
+
+def _dequantized_weight(out: onnx.ModelProto, new_nodes: list[onnx.NodeProto], weight: onnx.TensorProto,
+                        array: np.ndarray, axis: int | None, taken: set[str], entry: dict[str, Any]) -> str:
+    """Add ``weight`` as int8 + scale + zero point and the DequantizeLinear reading them; its output's name.
+
+    The figures of the rewrite are added to the layer's report ``entry``.
+    """
+    q, scale = _qdq.symmetric_int8(array, axis)
+    base = f"{_PREFIX}/{weight.name}"
+    names = [_unique(f"{base}_{s}", taken) for s in ("int8", "scale", "zero_point", "dq")]
+    out.graph.initializer.extend([
+        numpy_helper.from_array(q, names[0]),
+        numpy_helper.from_array(scale.astype(np.float32), names[1]),
+        numpy_helper.from_array(np.zeros(scale.shape, np.int8), names[2]),
+    ])
+    kwargs = {"axis": axis} if axis is not None else {}
+    dq_out = names[3]
+    if weight.data_type == onnx.TensorProto.FLOAT16:
+        # NOTE: DequantizeLinear outputs the scale's type; float32 scales give float32, so cast back.
+        dq_out = _unique(f"{base}_dq_f32", taken)
+        new_nodes.append(helper.make_node("Cast", [dq_out], [names[3]], name=_unique(f"{base}_cast", taken),
+                                          to=onnx.TensorProto.FLOAT16))
+    new_nodes.append(helper.make_node("DequantizeLinear", names[:3], [dq_out],
+                                      name=_unique(f"{base}_DequantizeLinear", taken), **kwargs))
+    shape = [-1 if i == axis else 1 for i in range(array.ndim)] if axis is not None else ()
+    err = float(np.abs(q.astype(np.float32) * scale.reshape(shape) - array).max())
+    entry["weights"].append(weight.name)
+    entry["axis"] = axis
+    entry["weight_max_abs_error"] = max(entry["weight_max_abs_error"], round(err, 8))
+    entry["weight_bytes_before"] += int(array.nbytes)
+    entry["weight_bytes_after"] += int(q.nbytes + scale.nbytes)
+    return names[3]
 
 
 # ---------------------------------------------------------------------------------------------- plumbing

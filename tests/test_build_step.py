@@ -58,7 +58,7 @@ def test_progress_goes_to_stderr_and_json_stays_clean(tmp_path, capsys):
     code, stdout, err = _run(capsys, "optimize", str(EXAMPLE), "-o", str(tmp_path / "p.onnx"), "--json")
     assert code == 0
     report = json.loads(stdout)
-    assert report["passes"][0]["name"] == "constants-to-initializers"
+    assert report["passes"][0]["name"] == "strip-debug-info"
 
 
 def test_stream_progress_throttles_layer_lines_off_a_terminal():

@@ -193,4 +193,5 @@ def test_default_can_start_an_explicit_pipeline(tmp_path, capsys):
     code, _, err = _run(capsys, "optimize", str(EXAMPLE), "-o", str(out), "-p", "default", "-p", "dce", "--report", str(rep))
     assert code == 0, err
     names = [p["name"] for p in json.loads(rep.read_text())["passes"]]
-    assert names == ["constants-to-initializers", "dce", "fold-constants", "remove-noops", "fold-batchnorm", "dce", "dce"]
+    assert names == ["strip-debug-info", "constants-to-initializers", "dce", "fold-constants", "remove-noops",
+                     "fold-batchnorm", "dce", "dce"]

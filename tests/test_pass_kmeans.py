@@ -182,6 +182,46 @@ def test_cluster_values_is_kmeans_on_the_values():
     assert np.array_equal(result.codebook[result.codes][:150], values[:150])
 
 
+def _classifier_with_two_extremes() -> tuple[onnx.ModelProto, np.ndarray]:
+    """X [1,120] ─ MatMul(W [120,6625]) ─ Y: ppocr_rec's classifier shape, W ~ N(0, 0.1²) but for two large
+    weights of class 0 (as its CTC blank column has 2.45 and 1.37 among 795,000 weights)."""
+    w = (np.random.default_rng(11).standard_normal((120, 6625)) * 0.1).astype(np.float32)
+    w[3, 0], w[40, 0] = 2.5, 1.9
+    proto = model_from_text(f"""{_header(17)}
+        g (float[1,120] X) => (float[1,6625] Y) {{ Y = MatMul(X, W) }}""", {"W": w})
+    return proto, w
+
+
+def test_quantile_init_keeps_a_centroid_on_isolated_extreme_weights():
+    proto, w = _classifier_with_two_extremes()
+    feeds = {"X": np.zeros((1, 120), np.float32)}
+    feeds["X"][0, [3, 40]] = 1.0  # class 0's logit is w[3, 0] + w[40, 0] = 4.4
+    decoded = {}
+    for init in ("kmeans++", "quantiles"):
+        out, result = apply_pass(_kmeans(bits=4, init=init), proto)
+        decoded[init] = _decoded(out, feeds=feeds)
+        assert 0.10 < result.layers[0]["rel_error"] < 0.11
+        logit = run(out, feeds)[0][0, 0]
+        assert logit == pytest.approx(decoded[init][3, 0] + decoded[init][40, 0], abs=1e-5)
+    # k-means++ (lower weight error) averages the two into the outermost cluster of the bulk ...
+    assert decoded["kmeans++"][3, 0] < 0.3 and decoded["kmeans++"][40, 0] < 0.3
+    # ... quantile starts put a centroid at the maximum, which ends at the mean of the two.
+    assert decoded["quantiles"][3, 0] == decoded["quantiles"][40, 0] == pytest.approx(2.2, abs=1e-6)
+    assert decoded["quantiles"].max() == pytest.approx(2.2, abs=1e-6)
+
+
+def test_quantile_start_has_k_distinct_points_min_and_max_included():
+    from nnopt.passes.kmeans import INITS
+
+    points = np.arange(10, dtype=np.float64)
+    # Most of the weight on point 4: four quantiles land there; three unused points (1, 5, 8) replace them.
+    weights = np.array([1, 1, 1, 1, 1000, 1, 1, 1, 1, 1], dtype=np.float64)
+    start = INITS["quantiles"](points, weights, 6).ravel()
+    assert start.tolist() == [0.0, 1.0, 4.0, 5.0, 8.0, 9.0]
+    even = INITS["quantiles"](points, np.ones(10), 4).ravel()
+    assert even.tolist() == [0.0, 3.0, 6.0, 9.0]
+
+
 # ---------------------------------------------------------------------------------------------- per channel
 @pytest.mark.parametrize(
     ("graph", "shape", "axis"),
@@ -342,10 +382,13 @@ def test_options_are_validated_and_parsed():
     for bad in ({"bits": 0}, {"bits": 9}, {"min_size": 0}):
         with pytest.raises(OptionError):
             _kmeans(**bad)
-    opts = KMeansOptions.from_strings({"bits": "3", "per-channel": "true", "storage": "bitpack", "exclude": "a,b"}, "kmeans")
-    assert (opts.bits, opts.per_channel, opts.storage, opts.exclude) == (3, True, "bitpack", ("a", "b"))
-    with pytest.raises(OptionError):
-        KMeansOptions.from_strings({"storage": "int4"}, "kmeans")
+    opts = KMeansOptions.from_strings({"bits": "3", "per-channel": "true", "storage": "bitpack", "exclude": "a,b",
+                                       "init": "quantiles"}, "kmeans")
+    assert (opts.bits, opts.per_channel, opts.storage, opts.exclude, opts.init) == (3, True, "bitpack", ("a", "b"),
+                                                                                    "quantiles")
+    for bad in ({"storage": "int4"}, {"init": "random"}):
+        with pytest.raises(OptionError):
+            KMeansOptions.from_strings(bad, "kmeans")
 
 
 def test_same_input_and_seed_give_identical_bytes():

@@ -138,7 +138,8 @@ class Model:
             for node in _iter_node_protos(proto.graph):
                 extra = self.node_extras.get(node.name)
                 if extra is not None:
-                    node.doc_string = extra[0]
+                    if extra[0]:  # onnx.proto is proto2: assigning "" would serialise an empty field
+                        node.doc_string = extra[0]
                     for key, value in extra[1]:
                         node.metadata_props.add(key=key, value=value)
         return proto

@@ -8,8 +8,11 @@ from nnopt.errors import OptionError
 from nnopt.pipeline.base import Pass
 
 #: The default pipeline: lossless clean-ups only, iterated to a fixed point. Names missing from the
-#: registry (e.g. with a trimmed plugin set) are skipped.
+#: registry (e.g. with a trimmed plugin set) are skipped. strip-debug-info goes first, so every later
+#: snapshot and verification handles the smaller model; no pass adds debug info, so on the fixed-point
+#: repeats it finds nothing and never keeps the iteration going.
 DEFAULT_PIPELINE = (
+    "strip-debug-info",
     "constants-to-initializers",
     "dce",
     "fold-constants",

@@ -143,8 +143,15 @@ def _plan(head: gs.Node, reader: gs.Node, local: set[int], pinned: set[int]) -> 
 
 
 # ---------------------------------------------------------------------------------------------- rewriting
-def _bypass(graph: gs.Graph, node: gs.Node, source: gs.Tensor, local: set[int], pinned: set[int]) -> str:
-    """Remove the node whose output equals ``source``; a graph output keeps its name (and a producer)."""
+def _bypass(
+    scope: list[gs.Graph], node: gs.Node, source: gs.Tensor, local: set[int], pinned: set[int]
+) -> str:
+    """Remove the node whose output equals ``source``; a graph output keeps its name (and a producer).
+
+    ``scope`` is the node's graph followed by all its subgraphs (``_scope``): the graphs whose outputs may
+    name the replaced tensor.
+    """
+    graph = scope[0]
     out = node.outputs[0]
     maker = producer(source)
     if id(out) in pinned and (maker is None or id(maker) not in local or id(source) in pinned):
@@ -156,9 +163,9 @@ def _bypass(graph: gs.Graph, node: gs.Node, source: gs.Tensor, local: set[int], 
     node.inputs.clear()
     node.outputs.clear()
     if id(out) not in pinned:
-        replace_tensor(graph, out, source)
+        replace_tensor(graph, out, source, graphs=scope)
     else:  # the source's producer writes the graph output instead (its readers follow the rename)
-        replace_tensor(graph, source, out)
+        replace_tensor(graph, source, out, graphs=scope)
         maker.outputs[[i for i, t in enumerate(maker.outputs) if t is source][0]] = out  # type: ignore[union-attr]
     return ""
 
@@ -183,7 +190,7 @@ class _NewConstants:
         return self.made[key]
 
 
-def _apply(plan: _Plan, graph: gs.Graph, new: _NewConstants, local: set[int], pinned: set[int]) -> list[dict]:
+def _apply(plan: _Plan, scope: list[gs.Graph], new: _NewConstants, local: set[int], pinned: set[int]) -> list[dict]:
     """Carry out ``plan``; return its per-layer report."""
     head, tail = plan.head, plan.tail
     inverse = _inverse(_perm(head))  # type: ignore[arg-type]
@@ -204,7 +211,7 @@ def _apply(plan: _Plan, graph: gs.Graph, new: _NewConstants, local: set[int], pi
         crossed = ", ".join(f"{n.op} '{n.name}'" for n, _, _ in plan.chain)
         layers.append({"node": head.name, "action": "pushed", "reason": f"through {crossed} to meet '{tail.name}'"})
     if plan.perm == list(range(len(plan.perm))):
-        why = _bypass(graph, tail, current, local, pinned)
+        why = _bypass(scope, tail, current, local, pinned)
         layers.append({"node": tail.name, "action": "removed", "reason": why or f"cancels '{head.name}'"})
     else:
         tail.attrs["perm"] = plan.perm
@@ -243,8 +250,11 @@ class CancelTransposes(Pass):
         crossed = 0
         for graph in model.all_graphs():
             new = _NewConstants(graph)
+            # Listed once per graph, not per rewrite: finding the subgraphs walks every node. The rewrites
+            # only remove Transposes and move per-element ops, so the list stays valid across sweeps.
+            scope = _scope(graph)
             while True:  # each rewrite removes a Transpose, so this ends; a later sweep sees merged perms
-                done, declined = _sweep(graph, new, pinned)
+                done, declined = _sweep(scope, new, pinned)
                 layers += done
                 crossed += sum(entry["action"] == "pushed" for entry in done)
                 if not done:
@@ -255,8 +265,14 @@ class CancelTransposes(Pass):
         return PassResult(modified=removed > 0, stats=stats, layers=layers)
 
 
-def _sweep(graph: gs.Graph, new: _NewConstants, pinned: set[int]) -> tuple[list[dict], list[dict]]:
-    """One pass over the Transposes in topological order: (what was rewritten, what was declined)."""
+def _scope(graph: gs.Graph) -> list[gs.Graph]:
+    """``graph`` followed by all its subgraphs: what ``replace_tensor(..., graphs=)`` needs."""
+    return [graph, *graph.subgraphs(recursive=True)]
+
+
+def _sweep(scope: list[gs.Graph], new: _NewConstants, pinned: set[int]) -> tuple[list[dict], list[dict]]:
+    """One pass over the Transposes of ``scope[0]`` in topological order: (rewritten, declined)."""
+    graph = scope[0]
     local = {id(n) for n in graph.nodes}
     done: list[dict[str, Any]] = []
     declined: dict[int, dict[str, Any]] = {}
@@ -277,7 +293,7 @@ def _sweep(graph: gs.Graph, new: _NewConstants, pinned: set[int]) -> tuple[list[
             if isinstance(plan, str):
                 declined.setdefault(id(head), {"node": head.name, "action": "declined", "reason": plan})
                 continue
-            done += _apply(plan, graph, new, local, pinned)
+            done += _apply(plan, scope, new, local, pinned)
             gone.update(id(n) for n in (plan.head, plan.tail) if not n.outputs)
             if id(head) in gone:
                 break

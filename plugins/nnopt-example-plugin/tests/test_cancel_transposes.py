@@ -5,6 +5,7 @@ from __future__ import annotations
 import nnopt_example_plugin
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from nnopt_example_plugin.cancel_transposes import CancelTransposes
@@ -406,3 +407,35 @@ def test_deterministic():
     first, _ = _run_pass(_tf2onnx_style_model())
     second, _ = _run_pass(_tf2onnx_style_model())
     assert first.SerializeToString() == second.SerializeToString()
+
+
+def test_subgraphs_are_listed_once_per_graph_not_once_per_rewrite(monkeypatch):
+    """Finding subgraphs walks every node, so doing it per rewritten node would make the pass quadratic."""
+
+    def chain(pairs: int) -> onnx.ModelProto:
+        nodes, src = [], "x"
+        for i in range(pairs):
+            nodes += [_transpose(src, f"t{i}", TO_NHWC, f"to_nhwc{i}"),
+                      helper.make_node("Relu", [f"t{i}"], [f"r{i}"], name=f"relu{i}"),
+                      _transpose(f"r{i}", f"n{i}", TO_NCHW, f"to_nchw{i}")]
+            src = f"n{i}"
+        nodes.append(helper.make_node("Neg", [src], ["y"], name="neg"))
+        return _model(nodes, [_info("x", NCHW)], [_info("y", NCHW)])
+
+    calls = []
+    original = gs.Graph.subgraphs
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.name)
+        return original(self, *args, **kwargs)
+
+    walks = {}
+    for pairs in (2, 40):
+        model = Model.from_proto(chain(pairs))
+        calls.clear()
+        monkeypatch.setattr(gs.Graph, "subgraphs", counted)
+        result = CancelTransposes().run(model, PassContext())
+        monkeypatch.setattr(gs.Graph, "subgraphs", original)
+        assert result.stats["transposes_removed"] == 2 * pairs
+        walks[pairs] = len(calls)
+    assert walks[40] == walks[2], walks
