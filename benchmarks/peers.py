@@ -123,8 +123,9 @@ def _nnopt(setting: str) -> Callable[[Job], list[str]]:
     return run
 
 
-def _nnopt_kmeans_matmul_gemm(bits: int) -> Callable[[Job], list[str]]:
-    """``kmeans`` on the layers onnxsim's k-means touches (MatMul/Gemm weights; it leaves Conv alone)."""
+def _nnopt_kmeans_matmul_gemm(bits: int, **options: str) -> Callable[[Job], list[str]]:
+    """``kmeans`` on the layers onnxsim's k-means touches (MatMul/Gemm weights; it leaves Conv alone),
+    with any further ``kmeans`` options (``init="quantiles"``)."""
     def run(job: Job) -> list[str]:
         import onnx
         from compression import PREPARE
@@ -133,7 +134,7 @@ def _nnopt_kmeans_matmul_gemm(bits: int) -> Callable[[Job], list[str]]:
         names = tuple(n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.name)
         if not names:  # an empty ``nodes`` would select every layer
             return ["no named MatMul/Gemm node: nothing to share", *_run_nnopt([[PREPARE]], job)]
-        return _run_nnopt([[PREPARE, ("kmeans", {"bits": bits, "nodes": names})]], job)
+        return _run_nnopt([[PREPARE, ("kmeans", {"bits": bits, "nodes": names, **options})]], job)
     return run
 
 
@@ -309,6 +310,9 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in [
             _nnopt("kmeans:bits=4,per_channel=true"), _NNOPT),
     Variant("nnopt:kmeans-4-matmul-gemm", "nnopt", "kmeans-4", "kmeans:bits=4,nodes=<MatMul/Gemm nodes>",
             _nnopt_kmeans_matmul_gemm(4), _NNOPT),
+    Variant("nnopt:kmeans-4-matmul-gemm-quantiles", "nnopt", "kmeans-4",
+            "kmeans:bits=4,init=quantiles,nodes=<MatMul/Gemm nodes>",
+            _nnopt_kmeans_matmul_gemm(4, init="quantiles"), _NNOPT),
     Variant("nnopt:kmeans-8", "nnopt", "kmeans-8", "kmeans:bits=8", _nnopt("kmeans:bits=8"), _NNOPT),
     Variant("onnxsim:kmeans-8", "onnxsim", "kmeans-8", "quantize_weight_only_kmeans(bits=8)",
             _onnxsim("quantize_weight_only_kmeans", bits=8), _SIM),
