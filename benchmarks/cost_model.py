@@ -385,9 +385,10 @@ def to_markdown(payload: dict[str, Any]) -> str:
         )
         + ". What the estimate does not model:",
         "",
-        "- Subgraph bodies are not costed (the analyzer's convention: which branch runs is data-dependent), "
-        "so the Silero VAD models, whose network sits inside `If` nodes, are estimated from their main graph "
-        "alone.",
+        "- An `If` is costed as its costlier branch, but inside the Silero VAD models' branches ONNX shape "
+        "inference leaves most tensors unknown (their shapes follow from the sample-rate input), and the "
+        "onnxruntime fallback reads main-graph tensors only: those nodes count their per-node overhead and "
+        "no FLOPs. Loop and Scan bodies are not costed at all.",
         "- onnxruntime's NCHWc layout transformation (ReorderInput/ReorderOutput nodes around blocked convs, "
         "and Conv + Add fused as a residual sum) is not modelled; neither are cache effects (the bandwidth is "
         "one figure, that of a 12.6 MB Add) nor the per-step cost of LSTM loops.",

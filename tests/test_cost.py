@@ -296,19 +296,42 @@ def test_unsorted_graph_is_costed_in_topological_order():
     assert report.nodes[1]["flops"] == 4
 
 
-def test_if_bodies_are_not_costed_but_their_constants_are_params():
-    then_graph = helper.make_graph([helper.make_node("Add", ["x", "c"], ["t"])], "then", [], [vi("t", [3])])
-    else_graph = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [vi("e", [3])])
-    node = helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)
-    model = make_model(
-        [node], [vi("cond", [], TensorProto.BOOL), vi("x", [3])], [vi("y", [3])], [weight("c", [3])]
+def test_if_is_costed_as_its_costlier_branch_and_its_constants_are_params():
+    # then: x [1,4] @ W [4,4] (16 MACs); else: Identity. Which runs is data-dependent: the worst case counts.
+    matmul = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["t"])], "then", [], [vi("t", [1, 4])])
+    identity = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [vi("e", [1, 4])])
+    inputs, outputs = [vi("cond", [], TensorProto.BOOL), vi("x", [1, 4])], [vi("y", [1, 4])]
+    reports = []
+    for then_graph, else_graph in ((matmul, identity), (identity, matmul)):
+        node = helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)
+        reports.append(analyze(make_model([node], inputs, outputs, [weight("W", [4, 4])])))
+    for report in reports:
+        if_node = node_by_op(report, "If")
+        assert (if_node["macs"], if_node["flops"]) == (16, 32)
+        assert if_node["extra"]["branch_nodes"] == 1
+        assert if_node["params"] == 16 and report.totals["params"] == 16
+        assert report.totals["weight_bytes"] == 64
+        assert not any("not costed" in note for note in report.notes)
+    assert reports[0].totals["latency_s"] == reports[1].totals["latency_s"]
+    # The branch's latency is the MatMul's own: the same MatMul in the main graph, plus the If's overhead.
+    plain = analyze(make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [vi("x", [1, 4])], outputs,
+                               [weight("W", [4, 4])]))
+    assert reports[0].totals["latency_s"] > plain.totals["latency_s"]
+
+
+def test_loop_bodies_are_not_costed_but_their_constants_are_params():
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "c"], ["v_out"])],
+        "body", [vi("i", [], TensorProto.INT64), vi("cond_in", [], TensorProto.BOOL), vi("v_in", [3])],
+        [vi("cond_out", [], TensorProto.BOOL), vi("v_out", [3])],
     )
+    node = helper.make_node("Loop", ["n", "", "v"], ["y"], body=body)
+    model = make_model([node], [vi("n", [], TensorProto.INT64), vi("v", [3])], [vi("y", [3])], [weight("c", [3])])
     report = analyze(model)
-    if_node = node_by_op(report, "If")
-    assert if_node["flops"] == 0
-    assert if_node["params"] == 3
+    loop = node_by_op(report, "Loop")
+    assert loop["flops"] == 0 and loop["params"] == 3
     assert report.totals["params"] == 3
-    assert any("subgraph bodies are not costed" in note for note in report.notes)
+    assert any("Loop/Scan bodies are not costed: 2 nodes inside Loop" in note for note in report.notes)
 
 
 def test_analyze_accepts_a_model_and_reports_unused_initializers():

@@ -78,10 +78,14 @@ Conventions (the figures ``analyze`` reports follow these exactly):
   outputs that nothing reads (an inference Dropout's mask) do not trigger that run and count 0 bytes
   when their shape is unknown.
 
-* **Subgraphs.** Only main-graph nodes are costed. An If/Loop/Scan node reports 0 FLOPs (the bodies are
-  not costed, since which branch runs and how many iterations are data-dependent; a note says how many
-  nodes were skipped), but its ``params``/``weight_bytes`` include the constants its bodies read, so the
-  totals still cover every weight.
+* **Subgraphs.** An If node is costed as its costlier branch (by estimated latency): which branch runs
+  is data-dependent, and the worst case is the honest bound. Models such as silero_vad keep their whole
+  network inside an If, and counting 0 FLOPs there ranked them below far smaller models. The If's
+  ``flops``/``macs``/``bytes_moved``/``latency_s`` include that branch's, and ``extra["branch_nodes"]``
+  says how many nodes it has. Loop and Scan bodies are not costed (their trip counts are data-dependent;
+  a note says how many nodes were skipped). Every subgraph node's ``params``/``weight_bytes`` are on its
+  owner in the main graph, which includes the constants its bodies read, so the totals cover every weight
+  once.
 """
 
 from __future__ import annotations
@@ -381,8 +385,11 @@ def _cost_nodes(
         )
 
         read = {n: consts[n] for n in node.input if n in consts}
+        branch = None
         if _has_subgraph(node):
             read.update(_subgraph_constants(node, consts, findings, infos))
+            if node.op_type == "If" and domain == "":
+                branch = _costliest_branch(node, infos, consts, opsets, rules, hardware, findings)
         # A decoder's stored constants count their bytes; the weight it makes counts as its params.
         logical = decoded.get(node.output[0], 0) if node.output else 0
         params = sum(c.params for n, c in read.items() if n not in storage) + logical
@@ -398,7 +405,17 @@ def _cost_nodes(
         output_bytes = 0 if produces_constant else sum(o.nbytes or 0 for o in outputs if o is not None)
         moved = input_bytes + weight_bytes + output_bytes
         kernel = kernels[len(records)] if kernels is not None else "other"  # len(records): this node's position
-        latency, compute_s, memory_s = hardware.node_latency(kernel, cost.flops, moved)
+        if branch is None:
+            latency, compute_s, memory_s = hardware.node_latency(kernel, cost.flops, moved)
+        else:
+            # The branch's nodes count the weights they read; the If itself only moves its inputs and outputs.
+            latency, compute_s, memory_s = hardware.node_latency(kernel, cost.flops, input_bytes + output_bytes)
+            cost = Cost(cost.macs + int(branch["macs"]), cost.flops + int(branch["flops"]),
+                        {**cost.extra, "branch_nodes": float(branch["nodes"])})
+            moved = input_bytes + output_bytes + int(branch["bytes_moved"])
+            latency += branch["latency_s"]
+            # Whether the branch as a whole is compute- or memory-bound, by the plain roofline.
+            compute_s, memory_s = cost.flops / hardware.peak_flops, moved / hardware.bandwidth if hardware.bandwidth else 0.0
         bound = "" if latency == 0 else ("compute" if compute_s >= memory_s else "memory")
         records.append(
             {
@@ -433,6 +450,35 @@ def _cost_nodes(
     totals["nodes"] = len(records)
     totals["arithmetic_intensity"] = totals["flops"] / totals["bytes_moved"] if totals["bytes_moved"] else 0.0
     return records, totals
+
+
+def _costliest_branch(
+    node: onnx.NodeProto,
+    infos: dict[str, TensorInfo],
+    outer: dict[str, _Const],
+    opsets: dict[str, int],
+    rules: CostRuleRegistry,
+    hardware: HardwareProfile,
+    findings: _Findings,
+) -> dict[str, float | int]:
+    """Totals of the If ``node``'s branch with the highest estimated latency (no per-run overhead).
+
+    Each branch is costed like a graph of its own: its initializers and Constant nodes join the outer
+    scope's constants, shapes come from the inference over the whole model, nested Ifs recurse.
+    """
+    best: dict[str, float | int] | None = None
+    for body in _subgraphs(node):
+        scope = {**outer, **_body_constants(body)}
+        order, _ = _topological_order(body.node)
+        nodes = [body.node[i] for i in order]
+        decoded, storage = _decoded_weights(nodes, scope, infos)
+        _, totals = _cost_nodes(nodes, order, infos, scope, opsets, rules, hardware, findings, decoded, storage,
+                                graph_outputs=[o.name for o in body.output])
+        totals["latency_s"] -= hardware.run_overhead_s
+        if best is None or totals["latency_s"] > best["latency_s"]:
+            best = totals
+    assert best is not None  # an If has two branches
+    return best
 
 
 def _run_rule(
@@ -479,7 +525,7 @@ def _finding_notes(findings: _Findings, unused: list[str]) -> Iterator[str]:
     if findings.subgraph_nodes:
         ops = ", ".join(sorted(findings.subgraph_ops))
         yield (
-            f"subgraph bodies are not costed: {findings.subgraph_nodes} nodes inside {ops} count 0 FLOPs "
+            f"Loop/Scan bodies are not costed: {findings.subgraph_nodes} nodes inside {ops} count 0 FLOPs "
             "(their constants are counted as params)"
         )
     if unused:
@@ -608,9 +654,9 @@ def _infer_shapes(
         if info is not None and (info.shape is not None or vi.name not in infos):
             infos[vi.name] = info
     # Subgraph bodies get value_info too; their names are distinct from the main graph's (ONNX is SSA
-    # across scopes). Only the decoded-weight rule reads them.
+    # across scopes). The decoded-weight rule and the costing of If branches read them.
     for body in list(_iter_bodies(light.graph)):
-        for vi in body.value_info:
+        for vi in [*body.input, *body.value_info, *body.output]:
             info = _info_from_value_info(vi)
             if info is not None and vi.name not in infos:
                 infos[vi.name] = info
@@ -842,14 +888,10 @@ def _walk_subgraph(
     findings: _Findings,
     infos: dict[str, TensorInfo],
 ) -> None:
-    local = {t.name: _const_from_tensor(t) for t in graph.initializer}
-    for sub in graph.node:
-        if sub.op_type == "Constant" and sub.output:
-            const = _const_from_constant_node(sub)
-            if const is not None:
-                local[sub.output[0]] = const
-    findings.subgraph_nodes += len(graph.node)
-    findings.subgraph_ops[owner] += 1
+    local = _body_constants(graph)
+    if owner != "If":  # If branches are costed (``_costliest_branch``); Loop/Scan bodies are not
+        findings.subgraph_nodes += len(graph.node)
+        findings.subgraph_ops[owner] += 1
     scope = {**outer, **local} if local else outer
     decoded, storage = _decoded_weights(list(graph.node), scope, infos)
     for sub in graph.node:
@@ -861,6 +903,17 @@ def _walk_subgraph(
     for name, elements in decoded.items():
         info = infos[name]
         found[name] = _Const(info.dtype, info.shape, 0, elements, lambda: None)
+
+
+def _body_constants(graph: onnx.GraphProto) -> dict[str, _Const]:
+    """A subgraph body's own constants: its initializers and Constant node outputs."""
+    local = {t.name: _const_from_tensor(t) for t in graph.initializer}
+    for sub in graph.node:
+        if sub.op_type == "Constant" and sub.output:
+            const = _const_from_constant_node(sub)
+            if const is not None:
+                local[sub.output[0]] = const
+    return local
 
 
 def _decoded_weights(
