@@ -161,25 +161,106 @@ _SHAPE_OPS: dict[str, Callable[[gs.Node, tuple[int, ...]], np.ndarray]] = {
 
 
 def fold_shape_ops(graph: gs.Graph, types: dict[str, TensorType], pinned: set[str]) -> int:
-    """Replace the outputs of Shape/Size nodes whose input has a static inferred shape by constants.
+    """Replace the outputs of Shape/Size nodes whose input has a static inferred shape by constants, and
+    of Gather/Slice nodes that pick only static dims out of a partly dynamic Shape.
 
     The shapes come from fresh inference (``infer_tensor_types``), never from the model's own value_info.
     Outputs in ``pinned`` (graph outputs) stay. Returns the number of nodes folded.
     """
     folded = 0
-    for node in graph.nodes:
+    for node in list(graph.nodes):
         fold = _SHAPE_OPS.get(node.op)
         if fold is None or not is_onnx_op(node) or len(node.outputs) != 1 or not node.inputs:
             continue
         source, out = node.inputs[0], node.outputs[0]
         known = types.get(source.name)
-        shape = known.static_shape if known is not None and known.is_tensor else None
-        if shape is None or isinstance(source, gs.Constant) or out.name in pinned:
+        if isinstance(source, gs.Constant) or out.name in pinned or known is None or not known.is_tensor:
             continue
-        out.to_constant(fold(node, shape))
-        out.inputs.clear()
-        folded += 1
+        shape = known.static_shape
+        if shape is not None:
+            out.to_constant(fold(node, shape))
+            out.inputs.clear()
+            folded += 1
+        elif node.op == "Shape" and known.shape is not None:
+            # NOTE: a dynamic batch or length dim is common, and exporters guard on the static ones
+            # (``Shape(x)[1] == 64``); silero_vad's If branches are full of such checks.
+            dims = _shape_value_dims(node, known.shape)
+            for reader in list(out.outputs):
+                value = _static_pick(reader, out, dims)
+                picked = reader.outputs[0] if value is not None else None
+                if picked is None or picked.name in pinned:
+                    continue
+                picked.to_constant(value)
+                picked.inputs.clear()
+                folded += 1
     return folded
+
+
+def _shape_value_dims(node: gs.Node, shape: tuple[int | str | None, ...]) -> list[int | str | None]:
+    start = int(node.attrs.get("start", 0))
+    end = node.attrs.get("end")
+    return list(shape[start : (None if end is None else int(end))])
+
+
+def _constant_ints(tensor: gs.Tensor) -> list[int] | None:
+    if not isinstance(tensor, gs.Constant):
+        return None
+    return [int(v) for v in np.asarray(tensor.values).reshape(-1)]
+
+
+def _static_pick(reader: gs.Node, shape_out: gs.Tensor, dims: list[int | str | None]) -> np.ndarray | None:
+    """The value of a Gather or Slice (opset >= 10) that reads ``shape_out`` as its data and picks only
+    dims that are static ints; None otherwise."""
+    if not is_onnx_op(reader) or len(reader.outputs) != 1 or not reader.inputs or reader.inputs[0] is not shape_out:
+        return None
+    rank = len(dims)
+    if reader.op == "Gather" and len(reader.inputs) == 2 and int(reader.attrs.get("axis", 0)) in (0, -1):
+        indices = _constant_ints(reader.inputs[1])
+        if indices is None or not all(-rank <= i < rank for i in indices):
+            return None
+        picked = [dims[i] for i in indices]
+        shape = np.asarray(reader.inputs[1].values).shape
+    elif reader.op == "Slice" and 3 <= len(reader.inputs) <= 5:
+        starts, ends = _constant_ints(reader.inputs[1]), _constant_ints(reader.inputs[2])
+        axes = _constant_ints(reader.inputs[3]) if len(reader.inputs) > 3 and reader.inputs[3].name else [0]
+        steps = _constant_ints(reader.inputs[4]) if len(reader.inputs) > 4 and reader.inputs[4].name else [1]
+        if None in (starts, ends, axes, steps) or len(starts) != 1 or axes not in ([0], [-1]) or steps[0] == 0:
+            return None
+        # Python slicing clamps out-of-range starts and ends the way ONNX Slice does.
+        picked = dims[starts[0] : ends[0] : steps[0]]
+        shape = (len(picked),)
+    else:
+        return None
+    if not all(isinstance(d, int) for d in picked):
+        return None
+    return np.array(picked, dtype=np.int64).reshape(shape)
+
+
+def inline_constant_ifs(graph: gs.Graph) -> int:
+    """Replace each If whose condition is a constant by the nodes of the branch it always takes.
+
+    The branch's outputs reach the If's outputs through Identity nodes, so names and graph outputs stay;
+    remove-noops drops those Identities where it can. Tensors a branch reads from outer scopes are the
+    same objects in graphsurgeon, so the moved nodes stay wired. Returns the number of Ifs inlined.
+    """
+    inlined = 0
+    for node in list(graph.nodes):
+        if node.op != "If" or not is_onnx_op(node) or not node.inputs or not isinstance(node.inputs[0], gs.Constant):
+            continue
+        condition = np.asarray(node.inputs[0].values)
+        if condition.size != 1:
+            continue
+        branch = node.attrs["then_branch" if bool(condition.reshape(-1)[0]) else "else_branch"]
+        if len(branch.outputs) != len(node.outputs):
+            continue
+        outputs = list(node.outputs)
+        node.outputs.clear()
+        node.inputs.clear()
+        graph.nodes.extend(branch.nodes)
+        for source, target in zip(branch.outputs, outputs):
+            graph.nodes.append(gs.Node("Identity", name=f"{target.name}_inlined_if", inputs=[source], outputs=[target]))
+        inlined += 1
+    return inlined
 
 
 # ---------------------------------------------------------------------------------------------- size rule
@@ -238,8 +319,10 @@ def _consumer_counts(model: Model) -> dict[str, int]:
 class FoldConstants(Pass):
     """Fold nodes whose inputs are all constant into constants, with onnx-graphsurgeon and onnxruntime.
 
-    Matches: nodes (main graph and subgraphs) whose inputs are constants or folded values, and Shape/Size
-    nodes whose input has a static shape by fresh ONNX shape inference (never by the model's value_info).
+    Matches: nodes (main graph and subgraphs) whose inputs are constants or folded values, Shape/Size
+    nodes whose input has a static shape by fresh ONNX shape inference (never by the model's value_info),
+    Gather/Slice nodes that pick only static dims out of a partly dynamic Shape, and If nodes whose
+    condition is (or folds to) a constant, which are replaced by the branch they take.
     Rewrites: their outputs become initializers (evaluated by graphsurgeon's ``fold_constants``, which
     runs onnxruntime); nodes left dead are removed. A node is not folded when its outputs are larger than
     the constant inputs it frees plus ``SLACK_BYTES`` (so the model does not grow: ConstantOfShape, Expand,
@@ -263,7 +346,7 @@ class FoldConstants(Pass):
         # graphsurgeon would lower Constant nodes too, but turns value_float(s) into float64 tensors.
         lowered = lower_model_constants(model)
         consumers = _consumer_counts(model)
-        shape_folds = 0
+        shape_folds = inlined_ifs = 0
         ir_versions: list[tuple[gs.Graph, int | None]] = []
         try:
             # graphsurgeon logs a warning for every node onnxruntime cannot evaluate; those simply stay.
@@ -281,6 +364,10 @@ class FoldConstants(Pass):
                     graph.ir_version = max(model.ir_version, 4)
                     with _typed_constant_nodes(graph):
                         _fold_graph(graph, _size_rule(types, consumers, pinned))
+                    inlined = inline_constant_ifs(graph)
+                    if inlined:
+                        inlined_ifs += inlined
+                        graph.nodes = topological_nodes(graph)
                     graphs.extend(sub for node in graph.nodes if node.outputs for sub in subgraphs_of(node))
         except Exception as exc:  # boundary: graphsurgeon and onnxruntime on arbitrary models
             model.restore(snapshot)
@@ -295,7 +382,8 @@ class FoldConstants(Pass):
         folded = remove_dead_nodes(model.graph)
         return PassResult(
             modified=folded > 0 or lowered > 0 or emptied,
-            stats={"nodes_folded": folded, "shape_ops_folded": shape_folds, "constants_lowered": lowered},
+            stats={"nodes_folded": folded, "shape_ops_folded": shape_folds, "constants_lowered": lowered,
+                   "ifs_inlined": inlined_ifs},
         )
 
 

@@ -90,6 +90,43 @@ g (float[3] X, bool c) => (float[3] Y) {
 """
 
 
+# Dim 0 is dynamic; the Slice picks dims 1..2, which are static; the Gather of dim 0 must stay.
+PARTIAL_SHAPE = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3,4] X) => (float[N,12] Y) {
+  s = Shape(X)
+  zero = Constant <value = int64[1] {0}> ()
+  n = Gather(s, zero)
+  st = Constant <value = int64[1] {1}> ()
+  en = Constant <value = int64[1] {3}> ()
+  hw = Slice(s, st, en)
+  k = ReduceProd <keepdims = 1> (hw)
+  target = Concat <axis = 0> (n, k)
+  Y = Reshape(X, target)
+}
+"""
+
+# An exporter's guard on a static dim: the condition folds, so the If always takes its then branch.
+GUARDED_IF = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N,3] X) => (float[N,3] Y) {
+  s = Shape(X)
+  one = Constant <value_int = 1> ()
+  c = Gather(s, one)
+  three = Constant <value_int = 3> ()
+  ok = Equal(c, three)
+  Y = If (ok) <
+    then_branch = t () => (float[N,3] a) {
+      a = Add(X, X)
+    },
+    else_branch = e () => (float[N,3] b) {
+      b = Neg(X)
+    }
+  >
+}
+"""
+
+
 def _roundtrip_size(proto: onnx.ModelProto) -> int:
     """Serialized size after nnopt's load/save alone, the baseline a pass must not exceed."""
     return Model.from_proto(proto).to_proto().ByteSize()
@@ -115,7 +152,7 @@ def test_constant_expression_folds():
 def test_static_shape_arithmetic_folds():
     proto = model_from_text(STATIC_SHAPE)
     out, result = assert_lossless(FoldConstants(), proto)
-    assert result.stats == {"nodes_folded": 3, "shape_ops_folded": 1, "constants_lowered": 2}
+    assert result.stats == {"nodes_folded": 3, "shape_ops_folded": 1, "constants_lowered": 2, "ifs_inlined": 0}
     assert op_types(out) == ["Reshape"]
     target = next(t for t in out.graph.initializer if t.name == out.graph.node[0].input[1])
     assert onnx.numpy_helper.to_array(target).tolist() == [2, -1]
@@ -230,3 +267,24 @@ def test_nothing_to_fold_is_untouched():
     out, result = apply_pass(FoldConstants(), proto)
     assert not result.modified
     assert out.SerializeToString() == apply_pass(FoldConstants(), proto)[0].SerializeToString()
+
+
+def test_static_dims_of_a_partly_dynamic_shape_fold():
+    proto = model_from_text(PARTIAL_SHAPE)
+    out, result = assert_lossless(FoldConstants(), proto)
+    assert result.stats["shape_ops_folded"] == 1  # the Slice of dims 1..2; the Gather of dim 0 stays
+    assert op_types(out) == ["Shape", "Gather", "Concat", "Reshape"]
+    values = [onnx.numpy_helper.to_array(t).tolist() for t in out.graph.initializer]
+    assert [12] in values  # ReduceProd([3, 4]) folded after the Slice
+    x = np.ones([5, 3, 4], dtype=np.float32)
+    assert run(out, {"X": x})[0].shape == (5, 12)
+
+
+def test_if_with_a_constant_condition_is_inlined():
+    proto = model_from_text(GUARDED_IF)
+    out, result = assert_lossless(FoldConstants(), proto)
+    assert result.stats["ifs_inlined"] == 1 and result.stats["shape_ops_folded"] == 1
+    assert op_types(out) == ["Add", "Identity"]  # the branch, then the If's output name kept
+    assert [o.name for o in out.graph.output] == ["Y"]
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(run(out, {"X": x})[0], x + x)
