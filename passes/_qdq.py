@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from nnopt.ir.graphview import stable_topological_order
+from nnopt.ir.graphview import stable_topological_order, subgraph_reads
 
 #: Ops whose presence means the model is already quantized (any domain: ONNX and com.microsoft).
 QUANTIZED_OPS = frozenset({
@@ -168,25 +168,6 @@ def toposort(graph: onnx.GraphProto) -> None:
         return
     del graph.node[:]
     graph.node.extend(nodes[i] for i in order)
-
-
-def subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """Names that ``node``'s subgraphs (If branches, Loop/Scan bodies, nested) read from outside themselves."""
-    reads: set[str] = set()
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            reads |= _outer_scope_reads(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            for graph in attr.graphs:
-                reads |= _outer_scope_reads(graph)
-    return reads
-
-
-def _outer_scope_reads(graph: onnx.GraphProto) -> set[str]:
-    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    defined |= {t.values.name for t in graph.sparse_initializer} | {o for n in graph.node for o in n.output}
-    read = {x for n in graph.node for x in (*n.input, *subgraph_reads(n))}
-    return read - defined - {""}
 
 
 def symmetric_int8(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from nnopt.ir.graphview import subgraphs_of, topological_nodes
-from nnopt.ir.model import Model, _iter_graph_protos
+from nnopt.ir.model import Model, _iter_graph_protos, constant_values
 from nnopt.passes.constants_to_initializers import (
     constant_node_payload,
     detached_values,
@@ -143,10 +143,7 @@ def infer_tensor_types(proto: onnx.ModelProto) -> dict[str, TensorType]:
 
 # ---------------------------------------------------------------------------------------------- shape ops
 def _shape_value(node: gs.Node, shape: tuple[int, ...]) -> np.ndarray:
-    # NOTE: since opset 15 Shape takes optional start/end attributes, clamped like Python slicing.
-    start = int(node.attrs.get("start", 0))
-    end = node.attrs.get("end")
-    return np.array(shape[start : (None if end is None else int(end))], dtype=np.int64)
+    return np.array(_shape_value_dims(node, shape), dtype=np.int64)
 
 
 def _size_value(node: gs.Node, shape: tuple[int, ...]) -> np.ndarray:
@@ -197,15 +194,16 @@ def fold_shape_ops(graph: gs.Graph, types: dict[str, TensorType], pinned: set[st
 
 
 def _shape_value_dims(node: gs.Node, shape: tuple[int | str | None, ...]) -> list[int | str | None]:
+    """The dims a Shape node outputs: since opset 15 it takes optional start/end attributes, clamped like
+    Python slicing."""
     start = int(node.attrs.get("start", 0))
     end = node.attrs.get("end")
     return list(shape[start : (None if end is None else int(end))])
 
 
 def _constant_ints(tensor: gs.Tensor) -> list[int] | None:
-    if not isinstance(tensor, gs.Constant):
-        return None
-    return [int(v) for v in np.asarray(tensor.values).reshape(-1)]
+    values = constant_values(tensor)
+    return None if values is None else [int(v) for v in np.asarray(values).reshape(-1)]
 
 
 def _static_pick(reader: gs.Node, shape_out: gs.Tensor, dims: list[int | str | None]) -> np.ndarray | None:

@@ -113,7 +113,7 @@ from nnopt.cost.rules import (
     tensor_nbytes,
 )
 from nnopt.errors import InputError
-from nnopt.ir.graphview import stable_topological_order
+from nnopt.ir.graphview import stable_topological_order, subgraph_reads
 from nnopt.ir.model import Model, load_model
 
 #: Data types that are shape/index metadata rather than weights: not counted as params.
@@ -969,12 +969,9 @@ def _has_subgraph(node: onnx.NodeProto) -> bool:
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
-def _read_names(node: onnx.NodeProto) -> Iterator[str]:
+def _read_names(node: onnx.NodeProto) -> list[str]:
     """Tensor names ``node`` reads, including those its subgraph bodies read from the outer scope."""
-    yield from node.input
-    for graph in _subgraphs(node):
-        for sub in graph.node:
-            yield from _read_names(sub)
+    return [*node.input, *sorted(subgraph_reads(node))]
 
 
 def _topological_order(nodes: Any) -> tuple[list[int], bool]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import networkx as nx
+import onnx
 import onnx_graphsurgeon as gs
 
 #: The sink node of a dataflow view: every graph output feeds it.
@@ -33,6 +34,26 @@ def implicit_inputs(node: gs.Node) -> list[gs.Tensor]:
         for tensor in _free_tensors(sub):
             seen.setdefault(id(tensor), tensor)
     return list(seen.values())
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names that ``node``'s subgraphs (If branches, Loop/Scan bodies, nested) read from outside themselves:
+    ``implicit_inputs`` for a NodeProto."""
+    reads: set[str] = set()
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            reads |= _outer_scope_reads(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for graph in attr.graphs:
+                reads |= _outer_scope_reads(graph)
+    return reads
+
+
+def _outer_scope_reads(graph: onnx.GraphProto) -> set[str]:
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer} | {o for n in graph.node for o in n.output}
+    read = {x for n in graph.node for x in (*n.input, *subgraph_reads(n))}
+    return read - defined - {""}
 
 
 def _free_tensors(graph: gs.Graph) -> Iterable[gs.Tensor]:
