@@ -183,11 +183,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.pipeline and args.passes:
         raise InputError("nnopt optimize: give the passes either with -p or in --pipeline FILE, not both")
     plugins = _plugins(args)
-    # Validate everything before loading the model: a typo in a pipeline file costs no time.
+    # Validate and build everything once, before loading the model: a typo in a pipeline file costs no time.
     pipeline = Pipeline.from_file(args.pipeline, plugins) if args.pipeline else Pipeline(args.passes)
-    pipeline = pipeline.replace(**_command_line_settings(args, pipeline, parse_input_shapes(args.input_shape)))
-    pipeline.build(plugins)
-    _hardware(pipeline.hardware, plugins)
+    flags = _command_line_settings(args, pipeline, parse_input_shapes(args.input_shape), plugins)
+    pipeline = pipeline.replace(**flags).resolved(plugins)
     model = load_model(src)
     progress = None if args.quiet or args.json else StreamProgress(sys.stderr)
     model, report = pipeline.run(model, plugins=plugins, progress=progress)
@@ -204,7 +203,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _command_line_settings(args: argparse.Namespace, pipeline: Any, shapes: dict[str, list[int]]) -> dict[str, Any]:
+def _command_line_settings(
+    args: argparse.Namespace, pipeline: Any, shapes: dict[str, list[int]], plugins: Any
+) -> dict[str, Any]:
     """The settings given as flags: they override a pipeline file's (flags not given change nothing)."""
     from dataclasses import replace
 
@@ -218,7 +219,7 @@ def _command_line_settings(args: argparse.Namespace, pipeline: Any, shapes: dict
     if args.no_verify is not None:
         settings["verify"] = not args.no_verify
     if args.hardware is not None:
-        settings["hardware"] = args.hardware
+        settings["hardware"] = _hardware(args.hardware, plugins)
     if args.fixed_point is not None:
         settings["fixed_point"] = {"auto": None, "on": True, "off": False}[args.fixed_point]
     if shapes:

@@ -43,3 +43,10 @@ class PassFailedError(NnoptError):
 
 class PluginError(NnoptError):
     """A plugin could not be loaded or registered."""
+
+
+def first_line(exc: BaseException, width: int = 300) -> str:
+    """An exception's first line, at most ``width`` characters (its type name when it has no message):
+    what a one-line error, a rollback reason or a per-layer report shows."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:width] if text else type(exc).__name__

@@ -334,7 +334,7 @@ class FoldConstants(Pass):
     lossy = False
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        snapshot = model.to_proto()
+        snapshot = ctx.analyses_for(model).proto()  # cached: shared with the verification; read-only
         probe = onnx.ModelProto()
         probe.CopyFrom(snapshot)
         types = infer_tensor_types(probe)

@@ -9,12 +9,15 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
 import numpy as np
 
 from nnopt.errors import OptionError
 from nnopt.ir.model import Model
+
+if TYPE_CHECKING:
+    from nnopt.analysis.manager import AnalysisManager
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,8 @@ class PassContext:
         input_shapes: concrete shapes the user gave for dynamic graph inputs.
         hook: the pluggy hook relay, for passes that call other plugins.
         on_progress: where ``progress`` reports go (set by the pass manager; None: nowhere).
+        analyses: the analysis cache of the model being optimized (set by the pass manager); passes reach
+            it through ``analyses_for(model)``.
     """
 
     seed: int = 0
@@ -163,6 +168,19 @@ class PassContext:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     hook: Any = None
     on_progress: Callable[[int, int, str], None] | None = None
+    analyses: AnalysisManager | None = None
+
+    def analyses_for(self, model: Model) -> AnalysisManager:
+        """The analysis cache of ``model``: the pass manager's, shared by every pass and the verification.
+
+        A pass run on its own (no manager set ``analyses``) gets a new cache on every call, with this
+        context's input shapes and default costing: nobody would invalidate a kept one between runs.
+        """
+        if self.analyses is not None and self.analyses.model is model:
+            return self.analyses
+        from nnopt.analysis.manager import AnalysisManager, AnalysisSettings
+
+        return AnalysisManager(model, AnalysisSettings(input_shapes=dict(self.input_shapes)))
 
     def progress(self, done: int, total: int, item: str = "") -> None:
         """Say how far a slow pass has got: ``done`` of ``total`` layers, ``item`` the one just finished.
@@ -191,6 +209,9 @@ class Pass:
     what the pass matches, what it rewrites, whether it is lossless, and its preconditions: it is shown by
     ``nnopt passes``.
 
+    ``preserves`` names the analyses (``nnopt.analysis.manager``) a change by this pass leaves valid; the
+    pass manager drops the others after the pass changes the model.
+
     ``run`` edits the model it is given in place and returns a ``PassResult``. It must be deterministic
     (randomness only from ``ctx.rng``), must not print, read files or the environment, and must never
     write into a weight array in place (graphsurgeon copies share arrays): assign new arrays instead.
@@ -199,6 +220,7 @@ class Pass:
     name: ClassVar[str] = ""
     lossy: ClassVar[bool] = False
     Options: ClassVar[type[PassOptions]] = NoOptions
+    preserves: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, options: PassOptions | None = None) -> None:
         self.options = options if options is not None else self.Options()
