@@ -37,7 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not load third-party plugins (same as NNOPT_NO_PLUGINS=1)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_analyze(sub)
+    _add_optimize(sub)
+    for name, help_text in (("passes", "list the registered passes and their options"),
+                            ("plugins", "list loaded plugins and where they come from")):
+        sub.add_parser(name, help=help_text).add_argument("--json", action="store_true")
+    _add_calibrate(sub)
+    return parser
 
+
+def _add_analyze(sub: Any) -> None:
     analyze = sub.add_parser("analyze", help="per-node cost: params, MACs, FLOPs, bytes, estimated latency")
     analyze.add_argument("model")
     analyze.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -51,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help=".npz of inputs for --measure (its first sample); default: generated inputs")
     analyze.add_argument("--top", type=int, default=None, help="show only the N most expensive nodes")
 
+
+def _add_optimize(sub: Any) -> None:
     opt = sub.add_parser("optimize", help="run a pass pipeline and write the optimized model")
     opt.add_argument("model")
     opt.add_argument("-o", "--output", required=True, help="where to write the optimized model")
@@ -81,12 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("-q", "--quiet", action="store_true",
                         help="print nothing on success: no table, no progress (warnings and errors still go to stderr)")
 
-    passes = sub.add_parser("passes", help="list the registered passes and their options")
-    passes.add_argument("--json", action="store_true")
 
-    plugins = sub.add_parser("plugins", help="list loaded plugins and where they come from")
-    plugins.add_argument("--json", action="store_true")
-
+def _add_calibrate(sub: Any) -> None:
     calibrate = sub.add_parser("calibrate", help="measure this machine in onnxruntime and write a hardware profile")
     calibrate.add_argument("-o", "--output", default=None, metavar="PROFILE.json",
                            help="write the profile here (default: print it on stdout); use it with --hardware")
@@ -96,7 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--name", default="calibrated", help="the profile's name")
     calibrate.add_argument("--quick", action="store_true",
                            help="tiny probes: checks the machinery in a second; the figures are not representative")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
