@@ -163,7 +163,7 @@ class WorkCounters:
             return
         self._installed = True
         self._wrap_method(Model, "to_proto", "exports")
-        self._wrap_classmethod(Model, "from_proto", "imports")
+        self._wrap_method(Model, "from_proto", "imports")
         self._wrap_function(onnx_graphsurgeon, "export_onnx", "gs_exports")
         self._wrap_function(onnx_graphsurgeon, "import_onnx", "gs_imports")
         self._wrap_function(onnx.shape_inference, "infer_shapes", "shape_inference")
@@ -179,10 +179,15 @@ class WorkCounters:
         return counted
 
     def _wrap_method(self, cls: type, name: str, counter: str) -> None:
-        setattr(cls, name, self._counting(cls.__dict__[name], counter))
-
-    def _wrap_classmethod(self, cls: type, name: str, counter: str) -> None:
-        setattr(cls, name, classmethod(self._counting(cls.__dict__[name].__func__, counter)))
+        """Wrap a plain, class or static method in place, keeping its kind."""
+        attr = cls.__dict__.get(name)
+        if attr is None:
+            print(f"WARNING: {cls.__qualname__}.{name} not found: '{counter}' is not counted", file=sys.stderr)
+            return
+        kind = type(attr) if isinstance(attr, (classmethod, staticmethod)) else None
+        func = attr.__func__ if kind else attr
+        wrapped = self._counting(func, counter)
+        setattr(cls, name, kind(wrapped) if kind else wrapped)
 
     def _wrap_function(self, module: Any, name: str, counter: str) -> None:
         original = getattr(module, name)
@@ -269,10 +274,10 @@ def report_digest(report: Any) -> dict[str, Any]:
         "core_sha": sha256(canonical(core).encode()),
         "layers_sha": sha256(canonical(layers).encode()),
         "stats_sha": sha256(canonical(stats).encode()),
-        "statuses": [f"{p['name']}#{p['iteration']}:{p['status']}" + (f" ({p['reason']})" if p["reason"] else "")
-                     for p in passes],
-        "final": data["final"],
-        "fidelity": data["fidelity"],
+        "statuses": [f"{p.get('name')}#{p.get('iteration')}:{p.get('status')}"
+                     + (f" ({p['reason']})" if p.get("reason") else "") for p in passes],
+        "final": data.get("final"),
+        "fidelity": data.get("fidelity"),
     }
 
 
@@ -313,7 +318,7 @@ def run_all(models: list[GoldenModel], settings: list[str], counters: WorkCounte
 
 # ------------------------------------------------------------------------------------------------ summaries
 def work_by_pass(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per status group ('applied', 'unchanged', 'rolled_back', and the 'setup'/'tail' pseudo-passes):
+    """Per status group ('applied', 'unchanged', 'rolled_back', and 'pipeline' for setup, between, tail):
     per pass name, the number of occurrences and per counter the median and total over them."""
     groups: dict[str, dict[str, list[dict[str, int]]]] = {}
     for row in rows:
@@ -321,6 +326,7 @@ def work_by_pass(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, An
         if not work:
             continue
         groups.setdefault("pipeline", {}).setdefault("setup", []).append(work["setup"])
+        groups["pipeline"].setdefault("between passes", []).append(work["between"])
         groups["pipeline"].setdefault("tail", []).append(work["tail"])
         for p in work["passes"]:
             groups.setdefault(p["status"], {}).setdefault(p["name"], []).append(p["counts"])
