@@ -21,9 +21,10 @@ records:
     python benchmarks/golden.py --quick --compare benchmarks/golden_baseline.json   # digits, small_cnn, ppocr_cls
     python benchmarks/golden.py --models silero_vad --settings default kmeans:bits=4 --compare ...   # = default+kmeans:bits=4
 
-A compare fails (exit 1) when an output model's bytes, a pass's status, the final totals or the final
-fidelity differ. A report that differs only in its per-layer rows or pass stats (e.g. a new layer
-record type) is listed but passes, unless ``--strict-report`` is given.
+A compare fails (exit 1) when an output model's bytes, a pass's status, any pass record's figures (cost
+before/after, fidelity), the final totals or the final fidelity differ. A report that differs only in a
+pass's options dict, its per-layer rows or its stats (e.g. a new layer record type) is listed, naming the
+passes, but passes unless ``--strict-report`` is given.
 """
 
 from __future__ import annotations
@@ -268,7 +269,8 @@ def report_digest(report: Any) -> dict[str, Any]:
     passes = data["passes"]
     layers = [p.get("layers") for p in passes]
     stats = [p.get("stats") for p in passes]
-    core = dict(data, passes=[{k: v for k, v in p.items() if k not in ("layers", "stats")} for p in passes])
+    cores = [{k: v for k, v in p.items() if k not in ("layers", "stats")} for p in passes]
+    core = dict(data, passes=cores)
     return {
         "report_sha": sha256(canonical(data).encode()),
         "core_sha": sha256(canonical(core).encode()),
@@ -278,7 +280,14 @@ def report_digest(report: Any) -> dict[str, Any]:
                      + (f" ({p['reason']})" if p.get("reason") else "") for p in passes],
         "final": data.get("final"),
         "fidelity": data.get("fidelity"),
+        # Per pass record: its figures (status, cost before/after, fidelity), its options, its layers + stats.
+        "pass_shas": [[_short({k: v for k, v in c.items() if k != "options"}), _short(c.get("options")),
+                       _short([p.get("layers"), p.get("stats")])] for c, p in zip(cores, passes)],
     }
+
+
+def _short(value: Any) -> str:
+    return sha256(canonical(value).encode())[:16]
 
 
 def run_one(model: GoldenModel, setting: str, plugins: Any, counter: PassCounter, out_dir: Path) -> dict[str, Any]:
@@ -385,8 +394,10 @@ def work_table(before: dict[str, Any], after: dict[str, Any] | None) -> list[str
 
 
 # ------------------------------------------------------------------------------------------------ compare
-#: What makes a run DIFFERENT (exit 1); the other fields only explain where a difference is.
+#: What makes a run DIFFERENT (exit 1), with any pass record's figures; the rest only locates a difference.
 DECISIVE = ("error", "model_sha", "statuses", "final", "fidelity")
+#: The parts of a pass record hashed apart (``pass_shas``); only "figures" is decisive.
+PASS_PARTS = ("figures", "options", "layers/stats")
 
 
 def compare_row(old: dict[str, Any], new: dict[str, Any], strict_report: bool) -> tuple[bool, list[str]]:
@@ -411,11 +422,34 @@ def compare_row(old: dict[str, Any], new: dict[str, Any], strict_report: bool) -
             notes.append(f"model bytes differ ({old.get('model_bytes')} → {new.get('model_bytes')} B)")
         else:
             notes.append(f"error: {old.get(key)!r} → {new.get(key)!r}")
+    changed = pass_changes(old, new)
+    if changed:
+        notes.append("pass records differ: " + ", ".join(changed))
+        different = different or figures_differ(old, new)
     parts = [p for p in ("core_sha", "layers_sha", "stats_sha") if old.get(p) != new.get(p)]
     if parts:
         notes.append("report JSON differs in: " + ", ".join(p.removesuffix("_sha") for p in parts))
         different = different or strict_report
     return different, notes
+
+
+def pass_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The pass records (``name#iteration``) whose figures, options or layers/stats differ."""
+    old_shas, new_shas = old.get("pass_shas") or [], new.get("pass_shas") or []
+    names = [s.split(" ", 1)[0].rsplit(":", 1)[0] for s in new.get("statuses") or []]
+    out = []
+    for i, (o, n) in enumerate(zip(old_shas, new_shas)):
+        what = [w for w, a, b in zip(PASS_PARTS, o, n) if a != b]
+        if what:
+            out.append(f"{names[i] if i < len(names) else i} ({', '.join(what)})")
+    return out
+
+
+def figures_differ(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether any pass record's figures (status, cost before/after, fidelity) differ."""
+    if "pass_shas" not in old or "pass_shas" not in new:
+        return False
+    return [s[0] for s in old["pass_shas"]] != [s[0] for s in new["pass_shas"]]
 
 
 def compare(baseline: dict[str, Any], rows: list[dict[str, Any]], strict_report: bool) -> tuple[bool, list[str]]:
