@@ -23,7 +23,7 @@ from nnopt.passes.constants_to_initializers import (
     lower_model_constants,
 )
 from nnopt.passes.dce import remove_dead_nodes
-from nnopt.pipeline.base import Pass, PassContext, PassResult
+from nnopt.pipeline.base import LayerDecision, Pass, PassContext, PassResult
 
 #: A folded node may add this many bytes beyond the constant inputs it frees: about what removing the node
 #: saves in the protobuf, so shape arithmetic and scalars fold while e.g. a ConstantOfShape that makes a
@@ -370,7 +370,7 @@ class FoldConstants(Pass):
         except Exception as exc:  # boundary: graphsurgeon and onnxruntime on arbitrary models
             model.restore(snapshot)
             reason = f"graphsurgeon fold_constants failed: {type(exc).__name__}: {str(exc).strip()[:200]}"
-            return PassResult(modified=False, layers=[{"node": "*", "action": "declined", "reason": reason}])
+            return PassResult(modified=False, layers=[LayerDecision("*", "", "declined", reason)])
         finally:
             for graph, version in ir_versions:
                 graph.ir_version = version

@@ -240,7 +240,7 @@ class PassManager:
                     continue
                 record.seconds = time.perf_counter() - started
                 record.stats = dict(result.stats)
-                record.layers = list(result.layers)
+                record.layers = [layer.to_dict() for layer in result.layers]
                 if not result.modified:
                     record.status = "unchanged"
                     record.after = current_cost
