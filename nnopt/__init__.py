@@ -5,6 +5,7 @@ The public surface for pipeline scripts and plugin authors is what this module e
 
 from __future__ import annotations
 
+from nnopt.analysis.selection import NodeSelection
 from nnopt.cost.hardware import HardwareProfile
 from nnopt.cost.rules import Cost, CostContext, CostRule
 from nnopt.errors import (
@@ -21,7 +22,18 @@ from nnopt.errors import (
 from nnopt.hookspecs import hookimpl
 from nnopt.ir.graphview import consumers, dataflow, producer, topological_nodes
 from nnopt.ir.model import Model, constant_values, load_model, replace_tensor, save_model
-from nnopt.pipeline.base import NoOptions, Pass, PassContext, PassOptions, PassResult
+from nnopt.pipeline.base import (
+    LAYER_ACTIONS,
+    Figure,
+    LayerAction,
+    LayerDecision,
+    NoOptions,
+    Pass,
+    PassContext,
+    PassOptions,
+    PassResult,
+    PassStatus,
+)
 from nnopt.pipeline.manager import Budget, PassManager, PassRecord, PipelineReport
 from nnopt.pipeline.progress import Progress, StreamProgress
 
@@ -70,9 +82,14 @@ __all__ = [
     "topological_nodes",
     "DataError",
     "InputError",
+    "LAYER_ACTIONS",
+    "Figure",
+    "LayerAction",
+    "LayerDecision",
     "Model",
     "ModelLoadError",
     "NnoptError",
+    "NodeSelection",
     "NoOptions",
     "OptionError",
     "Pass",
@@ -83,6 +100,7 @@ __all__ = [
     "PassOptions",
     "PassRecord",
     "PassResult",
+    "PassStatus",
     "Pipeline",
     "PipelineReport",
     "Progress",
