@@ -285,7 +285,7 @@ class FoldBatchNorm(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         pinned = {id(t) for g in model.all_graphs() for t in g.outputs}
         taken = taken_names(model)
-        layers: list[dict[str, Any]] = []
+        layers: list[LayerDecision] = []
         folded: dict[str, int] = {}
         for graph in model.all_graphs():
             gone: set[int] = set()

@@ -141,7 +141,7 @@ def cluster_values(
     """
     zero = values == 0 if keep_zeros else None
     has_zero = bool(zero is not None and zero.any())
-    rest = values[~zero] if has_zero else values
+    rest = values[~zero] if zero is not None and has_zero else values
     free = k - int(has_zero)
     codes = np.zeros(values.size, dtype=np.uint8)
     if rest.size == 0:
@@ -156,7 +156,7 @@ def cluster_values(
     else:
         centroids, rest_codes = _kmeans_1d(rest, ordered, starts, free, seed, init)
         exact = False
-    if has_zero:
+    if zero is not None and has_zero:
         codes[~zero] = rest_codes + 1  # index 0 is the reserved exact zero
         centroids = np.concatenate(([0.0], centroids))
     else:
@@ -347,7 +347,7 @@ def _subbyte_build(b: _Builder, codes: np.ndarray, bits: int, model: Model) -> g
 
 # bitpack: floor(W / bits) fields per W-bit word, unpacked with two BitShifts (opset 11).
 #: Word types onnxruntime's BitShift implements (uint16 it does not).
-_WORDS = (np.dtype(np.uint8), np.dtype(np.uint32), np.dtype(np.uint64))
+_WORDS: tuple[np.dtype, ...] = (np.dtype(np.uint8), np.dtype(np.uint32), np.dtype(np.uint64))
 
 
 def _bitpack_word(bits: int) -> tuple[np.dtype, int]:
@@ -588,15 +588,15 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
                     rebuilt.extend(inserts.get(id(node), []))  # decoders only read constants: any place works
                     rebuilt.append(node)
                 graph.nodes = rebuilt
-        done = [entry for entry in layers if entry.action == "rewritten"]
-        before = sum(entry.int_figure("bytes_before") for entry in done)
-        after = sum(entry.int_figure("bytes_after") for entry in done)
+        rewritten = [entry for entry in layers if entry.action == "rewritten"]
+        before = sum(entry.int_figure("bytes_before") for entry in rewritten)
+        after = sum(entry.int_figure("bytes_after") for entry in rewritten)
         return PassResult(
-            modified=bool(done),
+            modified=bool(rewritten),
             stats={
-                "weights_rewritten": len(done),
-                "weights_declined": len(layers) - len(done),
-                "weight_elements_shared": sum(entry.int_figure("elements") for entry in done),
+                "weights_rewritten": len(rewritten),
+                "weights_declined": len(layers) - len(rewritten),
+                "weight_elements_shared": sum(entry.int_figure("elements") for entry in rewritten),
                 "weight_bytes_before": before,
                 "weight_bytes_after": after,
                 "weight_bytes_saved": before - after,
@@ -676,7 +676,7 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
         seed = ctx.seed_for(f"{self.name}:{weight.tensor.name}")
 
         started = time.perf_counter()
-        if per_channel:
+        if per_channel and axis is not None:  # per_channel implies an axis; the test names it for mypy
             rows = np.moveaxis(work, axis, 0).reshape(values.shape[axis], -1)
             results = [cluster_values(row, k, keep_zeros=opts.keep_zeros, seed=seed, init=opts.init) for row in rows]
             codebook = np.zeros((rows.shape[0], max(r.codebook.size for r in results)), dtype=np.float64)
@@ -700,7 +700,7 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
         error, max_abs, used = _errors(rows, row_codes, stored_codebook)
         b = _Builder(weight.tensor.name or "weight", taken)
         indices = FORMATS[fmt_name].build(b, codes, opts.bits, model)
-        if per_channel:
+        if per_channel and axis is not None:
             offsets_shape = [1] * values.ndim
             offsets_shape[axis] = codebook.shape[0]
             offsets = (np.arange(codebook.shape[0], dtype=np.int32) * codebook.shape[1]).reshape(offsets_shape)

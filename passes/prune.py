@@ -180,7 +180,7 @@ class Prune(Pass[PruneOptions]):
             if after > before:
                 index = WEIGHT_INPUT[node.op]
                 node.inputs[index] = gs.Constant(namer(node.inputs[index].name), new)
-            figures = {"weights": int(values.size), "sparsity": round(after / values.size, 4)}
+            figures: dict[str, Figure] = {"weights": int(values.size), "sparsity": round(after / values.size, 4)}
             if after > before:
                 layers.append(LayerDecision(node.name, node.op, "rewritten", figures=figures))
             else:

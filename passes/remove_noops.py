@@ -175,9 +175,8 @@ def _slice(node: gs.Node, facts: _Facts) -> gs.Tensor | None:
         if not -len(shape) <= axis < len(shape) or step != 1:
             return None
         dim = shape[axis]
-        known = isinstance(dim, int)
-        whole_start = start == 0 or (known and start <= -dim)
-        whole_end = end >= _SLICE_TO_END or (known and end >= dim)
+        whole_start = start == 0 or (isinstance(dim, int) and start <= -dim)
+        whole_end = end >= _SLICE_TO_END or (isinstance(dim, int) and end >= dim)
         if not (whole_start and whole_end):
             return None
     return node.inputs[0]
