@@ -188,6 +188,9 @@ class LayerDecision:
             raise ValueError(f"layer action {self.action!r} is not one of {', '.join(LAYER_ACTIONS)}")
         if self.action == "declined" and not self.reason:
             raise ValueError(f"layer {self.node!r} is declined without a reason")
+        self._check_figure_names()
+
+    def _check_figure_names(self) -> None:
         clash = sorted(_DECISION_KEYS & self.figures.keys())
         if clash:
             raise ValueError(f"layer {self.node!r}: figure names {clash} are reserved")
@@ -201,6 +204,7 @@ class LayerDecision:
 
     def to_dict(self) -> dict[str, Any]:
         """The report's JSON for this layer: node, op_type, action, reason (when given), then the figures."""
+        self._check_figure_names()  # again: figures may have been added since the decision was made
         out: dict[str, Any] = {"node": self.node, "op_type": self.op_type, "action": self.action}
         if self.reason:
             out["reason"] = self.reason
