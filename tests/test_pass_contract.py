@@ -110,3 +110,18 @@ def test_first_line() -> None:
     assert first_line(ValueError("x" * 10), 6) == "xxxxxx"
     assert first_line(ValueError("x" * 10), 6, "...") == "xxx..."
     assert first_line(ValueError("short"), 6, "...") == "short"
+
+
+def test_a_subclass_of_a_pass_keeps_or_narrows_its_options() -> None:
+    @dataclass(frozen=True)
+    class _More(_Opts):
+        extra: bool = False
+
+    class Inherits(_Typed):
+        name = "test.inherits"
+
+    class Narrows(_Typed):
+        name = "test.narrows"
+        Options = _More
+
+    assert Inherits.Options is _Opts and Narrows.Options is _More and Narrows().options == _More()

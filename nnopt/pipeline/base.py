@@ -317,8 +317,8 @@ class Pass(Generic[OptionsT]):
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _options_argument(cls: type) -> type[PassOptions] | None:
-    """The options class in ``cls``'s ``Pass[X]`` base, if it names one."""
-    for base in getattr(cls, "__orig_bases__", ()):
+    """The options class in ``cls``'s own ``Pass[X]`` base, if it names one (not one a parent names)."""
+    for base in cls.__dict__.get("__orig_bases__", ()):
         origin = typing.get_origin(base)
         if isinstance(origin, type) and issubclass(origin, Pass):
             (arg,) = typing.get_args(base)
