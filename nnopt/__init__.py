@@ -5,6 +5,8 @@ The public surface for pipeline scripts and plugin authors is what this module e
 
 from __future__ import annotations
 
+from typing import Any
+
 from nnopt.analysis.selection import NodeSelection
 from nnopt.cost.hardware import HardwareProfile
 from nnopt.cost.rules import Cost, CostContext, CostRule
@@ -40,14 +42,14 @@ from nnopt.pipeline.progress import Progress, StreamProgress
 __version__ = "0.1.0"
 
 
-def optimize(*args, **kwargs):  # type: ignore[no-untyped-def]
+def optimize(*args: Any, **kwargs: Any) -> Any:
     """See ``nnopt.api.optimize``."""
     from nnopt.api import optimize as _optimize
 
     return _optimize(*args, **kwargs)
 
 
-def __getattr__(name: str):  # type: ignore[no-untyped-def]
+def __getattr__(name: str) -> Any:
     # Imported on first use: these pull in the plugin manager, which imports the built-in passes, which
     # import from ``nnopt``: importing them here eagerly would be circular.
     if name == "Pipeline":
@@ -61,7 +63,7 @@ def __getattr__(name: str):  # type: ignore[no-untyped-def]
     raise AttributeError(f"module 'nnopt' has no attribute {name!r}")
 
 
-def analyze(*args, **kwargs):  # type: ignore[no-untyped-def]
+def analyze(*args: Any, **kwargs: Any) -> Any:
     """See ``nnopt.cost.analyze``."""
     from nnopt.cost import analyze as _analyze
 

@@ -260,6 +260,7 @@ class Tracer:
         labels = a.new_labels(rows.shape[0], r)
         a.roots.append(Root(node, int(labels[0]), norms, dead))
         a.root_of_node[id(node)] = r
+        # The ignore: a root's weight is a constant (it was read above), so _const is not None here.
         rank = int(_const(node, 1).ndim) if node.op == "Conv" else axis + 1  # type: ignore[union-attr]
         a.tracks[id(node.outputs[0])] = Track(axis, labels, dead.copy(), rank)
         self.defer(node.outputs[0], self._edit_root, node)

@@ -331,7 +331,7 @@ def _subbyte_unavailable(bits: int, model: Model) -> str | None:
 
 
 def _subbyte_build(b: _Builder, codes: np.ndarray, bits: int, model: Model) -> gs.Variable:
-    data_type, width = _subbyte_type(bits, model)  # type: ignore[misc]
+    data_type, width = _subbyte_type(bits, model)  # type: ignore[misc]  # not None: the format's check passed
     per = 8 // width
     flat = codes.reshape(-1)
     padded = np.zeros(-(-flat.size // per) * per, dtype=np.uint8)
@@ -407,7 +407,7 @@ FORMATS: dict[str, _Format] = {
     "subbyte": _Format(
         lambda bits, m: "uint2" if _subbyte_type(bits, m) == (onnx.TensorProto.UINT2, 2) else "uint4",
         _subbyte_unavailable,
-        lambda n, bits, m: -(-n * _subbyte_type(bits, m)[1] // 8),  # type: ignore[index]
+        lambda n, bits, m: -(-n * _subbyte_type(bits, m)[1] // 8),  # type: ignore[index]  # as _subbyte_build
         _subbyte_build,
     ),
     "bitpack": _Format(
