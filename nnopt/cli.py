@@ -318,17 +318,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     profile, measurements = calibrate(runs=args.runs, rounds=args.rounds, name=args.name.strip(),
                                       sizes=QUICK_SIZES if args.quick else FULL_SIZES)
-    k = profile.kernels
-    summary = (
-        f"{profile.name}: dense conv {k['conv'].flops / 1e9:.1f} GFLOP/s (+{k['conv'].overhead_s * 1e6:.1f} us), "
-        f"depthwise {k['depthwise'].flops / 1e9:.1f} GFLOP/s (+{k['depthwise'].overhead_s * 1e6:.1f} us), "
-        f"unblocked {k['unblocked_conv'].flops / 1e9:.1f} GFLOP/s (+{k['unblocked_conv'].overhead_s * 1e6:.1f} us), "
-        f"run-time weights {k['dynamic_weight'].flops / 1e9:.1f} GFLOP/s "
-        f"(+{k['dynamic_weight'].overhead_s * 1e6:.1f} us), "
-        f"int8 {k['int8'].flops / 1e9:.1f} GFLOP/s (+{k['int8'].overhead_s * 1e6:.1f} us), "
-        f"bandwidth {profile.bandwidth / 1e9:.1f} GB/s, {profile.node_overhead_s * 1e6:.2f} us per node, "
-        f"{profile.run_overhead_s * 1e6:.1f} us per run ({time.perf_counter() - started:.1f} s"
-        f"{', --quick: not representative' if args.quick else ''})"
+    summary = f"{_profile_summary(profile)} ({time.perf_counter() - started:.1f} s" + (
+        ", --quick: not representative)" if args.quick else ")"
     )
     if measurements["max_median_to_min"] > _BUSY_SPREAD:
         print(
@@ -344,6 +335,28 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         write_profile(profile, out, measurements)
         print(f"{summary}; wrote {out}")
     return EXIT_OK
+
+
+#: Kernel class → how ``nnopt calibrate`` names it in its one-line summary.
+_KERNEL_LABELS = {
+    "conv": "dense conv",
+    "depthwise": "depthwise",
+    "unblocked_conv": "unblocked",
+    "dynamic_weight": "run-time weights",
+    "int8": "int8",
+}
+
+
+def _profile_summary(profile: Any) -> str:
+    """One line: each kernel class's FLOP/s and fixed cost, bandwidth, per-node and per-run overhead."""
+    parts = []
+    for key, label in _KERNEL_LABELS.items():
+        kernel = profile.kernels[key]
+        flops = kernel.flops if kernel.flops is not None else profile.peak_flops
+        parts.append(f"{label} {flops / 1e9:.1f} GFLOP/s (+{kernel.overhead_s * 1e6:.1f} us)")
+    bandwidth = f"{profile.bandwidth / 1e9:.1f} GB/s" if profile.bandwidth is not None else "no bandwidth"
+    return (f"{profile.name}: {', '.join(parts)}, bandwidth {bandwidth}, "
+            f"{profile.node_overhead_s * 1e6:.2f} us per node, {profile.run_overhead_s * 1e6:.1f} us per run")
 
 
 _COMMANDS = {

@@ -16,7 +16,7 @@ import onnx
 from nnopt.analysis.manager import AnalysisManager, AnalysisSettings, Checkpoint
 from nnopt.errors import PassFailedError, first_line
 from nnopt.ir.model import Model
-from nnopt.pipeline.base import Pass, PassContext, PassResult
+from nnopt.pipeline.base import Pass, PassContext, PassResult, PassStatus
 from nnopt.pipeline.progress import Progress
 from nnopt.pipeline.verify import (
     Fidelity,
@@ -67,7 +67,7 @@ class PassRecord:
     options: dict[str, Any]
     lossy: bool
     iteration: int
-    status: str = "applied"  # applied | unchanged | rolled_back
+    status: PassStatus = "applied"
     reason: str = ""
     seconds: float = 0.0
     verify_seconds: float = 0.0
