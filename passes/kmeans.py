@@ -16,14 +16,10 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from nnopt.analysis.selection import NodeSelection
 from nnopt.errors import OptionError
+from nnopt.ir.constants import constant_node_payload, constant_values
 from nnopt.ir.model import Model, replace_tensor
-from nnopt.passes.constants_to_initializers import (
-    constant_array,
-    constant_node_payload,
-    is_onnx_op,
-    taken_names,
-    unique_name,
-)
+from nnopt.ir.naming import taken_names, unique_name
+from nnopt.ir.walk import is_onnx_op
 from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
 _PREFIX = "kmeans"
@@ -633,7 +629,7 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
         return list(found.values())
 
     def _check(self, model: Model, weight: _Weight, opts: KMeansOptions) -> np.ndarray:
-        values = constant_array(weight.tensor)
+        values = constant_values(weight.tensor)
         if values is None:
             raise _Decline("weight is not a constant")
         values = np.asarray(values)
