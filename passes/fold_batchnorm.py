@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 from nnopt.ir.constants import constant_values
 from nnopt.ir.model import Model
 from nnopt.ir.naming import taken_names, unique_name
-from nnopt.ir.walk import is_onnx_op
+from nnopt.ir.walk import graph_outputs, is_onnx_op
 from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
 
@@ -285,7 +285,7 @@ class FoldBatchNorm(Pass):
     lossy = False
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        pinned = {id(t) for g in model.all_graphs() for t in g.outputs}
+        pinned = graph_outputs(model)
         taken = taken_names(model)
         layers: list[LayerDecision] = []
         folded: dict[str, int] = {}

@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 
 from nnopt.ir.constants import constant_values
 from nnopt.ir.model import Model, replace_tensor
-from nnopt.ir.walk import is_onnx_op
+from nnopt.ir.walk import all_graphs, is_onnx_op
 from nnopt.passes.fold_constants import TensorType, infer_tensor_types
 from nnopt.pipeline.base import LayerDecision, Pass, PassContext, PassResult
 
@@ -289,7 +289,7 @@ class _Scope:
 
     @classmethod
     def of(cls, graph: gs.Graph) -> _Scope:
-        return cls(graph, [graph, *graph.subgraphs(recursive=True)], {id(n) for n in graph.nodes})
+        return cls(graph, all_graphs(graph), {id(n) for n in graph.nodes})
 
 
 def _bypass(scope: _Scope, node: gs.Node, source: gs.Tensor, pinned: set[int]) -> str | None:
