@@ -22,8 +22,11 @@ from nnopt.errors import (
     UnsafeExternalDataError,
 )
 from nnopt.hookspecs import hookimpl
+from nnopt.ir.constants import constant_values
 from nnopt.ir.graphview import consumers, dataflow, producer, topological_nodes
-from nnopt.ir.model import Model, constant_values, load_model, replace_tensor, save_model
+from nnopt.ir.model import Model, load_model, replace_tensor, save_model
+from nnopt.ir.naming import taken_names, unique_name
+from nnopt.ir.walk import all_graphs, graph_outputs, is_onnx_op, remove_dead_nodes
 from nnopt.pipeline.base import (
     LAYER_ACTIONS,
     Figure,
@@ -76,12 +79,18 @@ __all__ = [
     "CostContext",
     "CostRule",
     "HardwareProfile",
+    "all_graphs",
     "constant_values",
     "consumers",
     "dataflow",
+    "graph_outputs",
+    "is_onnx_op",
     "producer",
+    "remove_dead_nodes",
     "replace_tensor",
+    "taken_names",
     "topological_nodes",
+    "unique_name",
     "DataError",
     "InputError",
     "LAYER_ACTIONS",

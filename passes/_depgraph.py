@@ -11,8 +11,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from nnopt.ir.constants import constant_values
 from nnopt.ir.graphview import implicit_inputs, subgraphs_of
-from nnopt.passes.constants_to_initializers import constant_array, is_onnx_op
+from nnopt.ir.walk import is_onnx_op
 
 #: A rewrite to apply once the kept channels are known: called with ``keep(tensor) -> bool mask``.
 Edit = Callable[[Callable[[gs.Tensor], np.ndarray]], None]
@@ -106,7 +107,7 @@ def infer_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> 
 def _replace_input(node: gs.Node, index: int, values: np.ndarray, namer: Callable[[str], str]) -> int:
     """Give ``node`` a new constant at ``index`` (never writing into the old array); returns elements saved."""
     old = node.inputs[index]
-    old_values = constant_array(old)
+    old_values = constant_values(old)
     node.inputs[index] = gs.Constant(namer(old.name), np.ascontiguousarray(values))
     return 0 if old_values is None else int(np.size(old_values) - np.size(values))
 
@@ -114,7 +115,7 @@ def _replace_input(node: gs.Node, index: int, values: np.ndarray, namer: Callabl
 def _const(node: gs.Node, index: int) -> np.ndarray | None:
     if index >= len(node.inputs) or node.inputs[index].is_empty():
         return None
-    values = constant_array(node.inputs[index])
+    values = constant_values(node.inputs[index])
     return None if values is None else np.asarray(values)
 
 
@@ -182,7 +183,7 @@ class Tracer:
         return self.a.tracks.get(id(t))
 
     def shape(self, t: gs.Tensor) -> list[int | None] | None:
-        values = constant_array(t) if not t.is_empty() else None
+        values = constant_values(t) if not t.is_empty() else None
         if values is not None:
             return list(np.shape(values))
         return self.shapes.get(t.name)

@@ -14,8 +14,10 @@ import onnx_graphsurgeon as gs
 from nnopt.analysis.activations import collect_activations
 from nnopt.analysis.selection import NodeSelection
 from nnopt.errors import NnoptError, OptionError, first_line
+from nnopt.ir.constants import constant_values
 from nnopt.ir.model import Model, splice_nodes
-from nnopt.passes.constants_to_initializers import constant_array, is_onnx_op, taken_names, unique_name
+from nnopt.ir.naming import taken_names, unique_name
+from nnopt.ir.walk import is_onnx_op
 from nnopt.pipeline.base import Figure, LayerDecision, PassContext
 
 #: The rank rule when none of ``rank``, ``energy`` and ``max_error`` is given: keep 99% of the squared
@@ -245,7 +247,7 @@ def conv_bias(node: gs.Node, c_out: int) -> np.ndarray:
     tensor = optional_input(node, 2)
     if tensor is None:
         return np.zeros(c_out)
-    values = constant_array(tensor)
+    values = constant_values(tensor)
     if values is None:
         raise Decline("bias is not a constant")
     return np.asarray(values, dtype=np.float64).reshape(-1)

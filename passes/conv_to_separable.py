@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from nnopt.ir.constants import constant_values
 from nnopt.ir.model import Model
 from nnopt.passes._lowrank import (
     Decline,
@@ -32,7 +33,6 @@ from nnopt.passes._lowrank import (
     splice_plans,
     window_attrs,
 )
-from nnopt.passes.constants_to_initializers import constant_array
 from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
 _PREFIX = "conv_to_separable"
@@ -200,7 +200,7 @@ class ConvToSeparable(Pass[ConvToSeparableOptions]):
             raise Decline("ConvTranspose is not handled")
         if len(node.inputs) < 2 or len(node.outputs) != 1:
             raise Decline("expected X, W inputs and one output")
-        weight = constant_array(node.inputs[1])
+        weight = constant_values(node.inputs[1])
         if weight is None:
             raise Decline("weight is not a constant")
         weight = np.asarray(weight)

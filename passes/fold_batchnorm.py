@@ -9,8 +9,10 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from nnopt.ir.constants import constant_values
 from nnopt.ir.model import Model
-from nnopt.passes.constants_to_initializers import constant_array, is_onnx_op, taken_names, unique_name
+from nnopt.ir.naming import taken_names, unique_name
+from nnopt.ir.walk import graph_outputs, is_onnx_op
 from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
 
@@ -42,7 +44,7 @@ class _Decline(Exception):
 
 
 def _float_constant(tensor: gs.Tensor, what: str) -> np.ndarray:
-    values = constant_array(tensor)
+    values = constant_values(tensor)
     if values is None:
         raise _Decline(f"{what} is not a constant")
     values = np.asarray(values)
@@ -207,7 +209,7 @@ def _plan_gemm(node: gs.Node, affine: _Affine) -> _Plan:
 def _output_rank(node: gs.Node) -> int:
     if node.op == "Gemm":
         return 2
-    weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    weight = constant_values(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None:
         raise _Decline("weight is not a constant")
     return int(np.ndim(weight))
@@ -257,7 +259,7 @@ def _candidate_input(graph: gs.Graph, node: gs.Node, follower: _Follower) -> int
         return None
     for index in follower.data_inputs:
         produced = _foldable_producer(graph, node.inputs[index]) is not None
-        if produced and constant_array(node.inputs[1 - index]) is not None:
+        if produced and constant_values(node.inputs[1 - index]) is not None:
             return index
     return None
 
@@ -283,7 +285,7 @@ class FoldBatchNorm(Pass):
     lossy = False
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        pinned = {id(t) for g in model.all_graphs() for t in g.outputs}
+        pinned = graph_outputs(model)
         taken = taken_names(model)
         layers: list[LayerDecision] = []
         folded: dict[str, int] = {}

@@ -14,15 +14,10 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from nnopt.ir.constants import constant_node_payload, detached_values, lower_model_constants
 from nnopt.ir.graphview import subgraphs_of, topological_nodes
-from nnopt.ir.model import Model, _iter_graph_protos, constant_values
-from nnopt.passes.constants_to_initializers import (
-    constant_node_payload,
-    detached_values,
-    is_onnx_op,
-    lower_model_constants,
-)
-from nnopt.passes.dce import remove_dead_nodes
+from nnopt.ir.model import Model, _iter_graph_protos
+from nnopt.ir.walk import is_onnx_op, remove_dead_nodes
 from nnopt.pipeline.base import LayerDecision, Pass, PassContext, PassResult
 
 #: A folded node may add this many bytes beyond the constant inputs it frees: about what removing the node
@@ -202,7 +197,9 @@ def _shape_value_dims(node: gs.Node, shape: tuple[int | str | None, ...]) -> lis
 
 
 def _constant_ints(tensor: gs.Tensor) -> list[int] | None:
-    values = constant_values(tensor)
+    # Initializers only: Constant nodes are lowered before shape folding, and those left (graph outputs)
+    # must not be read through ``.values`` by ``_static_pick``.
+    values = tensor.values if isinstance(tensor, gs.Constant) else None
     return None if values is None else [int(v) for v in np.asarray(values).reshape(-1)]
 
 

@@ -16,14 +16,10 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from nnopt.analysis.selection import NodeSelection
 from nnopt.errors import OptionError
+from nnopt.ir.constants import constant_node_payload, constant_values
 from nnopt.ir.model import Model, replace_tensor
-from nnopt.passes.constants_to_initializers import (
-    constant_array,
-    constant_node_payload,
-    is_onnx_op,
-    taken_names,
-    unique_name,
-)
+from nnopt.ir.naming import taken_names, unique_name
+from nnopt.ir.walk import all_graphs, graph_outputs, is_onnx_op
 from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
 _PREFIX = "kmeans"
@@ -610,9 +606,9 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
         """The candidate weights in graph order, each once, with the nodes that made them candidates."""
         found: dict[int, _Weight] = {}
         graphs = model.all_graphs()
-        outputs = {id(t) for g in graphs for t in g.outputs}
+        outputs = graph_outputs(model)
         for graph in graphs:
-            facts = _GraphFacts({id(n) for n in graph.nodes}, [graph, *graph.subgraphs(recursive=True)], outputs)
+            facts = _GraphFacts({id(n) for n in graph.nodes}, all_graphs(graph), outputs)
             for node in graph.nodes:
                 if not is_onnx_op(node):
                     continue
@@ -633,7 +629,7 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
         return list(found.values())
 
     def _check(self, model: Model, weight: _Weight, opts: KMeansOptions) -> np.ndarray:
-        values = constant_array(weight.tensor)
+        values = constant_values(weight.tensor)
         if values is None:
             raise _Decline("weight is not a constant")
         values = np.asarray(values)

@@ -12,10 +12,11 @@ import onnx_graphsurgeon as gs
 
 from nnopt.analysis.selection import NodeSelection
 from nnopt.errors import OptionError
+from nnopt.ir.constants import constant_values
 from nnopt.ir.model import Model
+from nnopt.ir.naming import taken_names, unique_name
+from nnopt.ir.walk import is_onnx_op, remove_dead_nodes
 from nnopt.passes._depgraph import Analysis, Tracer, infer_shapes
-from nnopt.passes.constants_to_initializers import constant_array, is_onnx_op, taken_names, unique_name
-from nnopt.passes.dce import remove_dead_nodes
 from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
 
@@ -150,7 +151,7 @@ class Prune(Pass[PruneOptions]):
                 index = WEIGHT_INPUT[node.op]
                 if index >= len(node.inputs) or id(node.inputs[index]) in seen:
                     continue
-                values = constant_array(node.inputs[index])
+                values = constant_values(node.inputs[index])
                 if values is None or np.asarray(values).dtype.kind != "f" or np.ndim(values) < 2:
                     continue
                 seen.add(id(node.inputs[index]))

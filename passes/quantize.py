@@ -12,11 +12,12 @@ from onnx import helper, numpy_helper
 
 from nnopt.analysis.selection import NodeSelection
 from nnopt.errors import OptionError
+from nnopt.ir.constants import lower_model_constants
 from nnopt.ir.model import Model
+from nnopt.ir.naming import taken_names, unique_name
 from nnopt.passes import _qdq
-from nnopt.passes.constants_to_initializers import lower_model_constants
 from nnopt.pipeline.base import LayerDecision, Pass, PassContext, PassResult
-from nnopt.pipeline.verify import compare_outputs
+from nnopt.pipeline.verify import LOSSLESS_ATOL, LOSSLESS_TOLERANCE, compare_outputs
 from nnopt.runtime import make_session
 
 _PREFIX = "quantize"
@@ -338,8 +339,7 @@ def _weight_only(proto: onnx.ModelProto, selected: list[onnx.NodeProto], per_cha
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     inits = {t.name: t for t in out.graph.initializer}
-    taken = {t.name for t in out.graph.initializer} | {o for n in out.graph.node for o in (*n.output, n.name)}
-    taken |= {i.name for i in out.graph.input}
+    taken = taken_names(out)
     wanted = {n.name for n in selected}
     readers: dict[str, int] = {}
     for node in out.graph.node:
@@ -392,7 +392,7 @@ def _dequantized_weight(out: onnx.ModelProto, new_nodes: list[onnx.NodeProto], w
     """
     q, scale = _qdq.symmetric_int8(array, axis)
     base = f"{_PREFIX}/{weight.name}"
-    names = [_unique(f"{base}_{s}", taken) for s in ("int8", "scale", "zero_point", "dq")]
+    names = [unique_name(f"{base}_{s}", taken) for s in ("int8", "scale", "zero_point", "dq")]
     out.graph.initializer.extend([
         numpy_helper.from_array(q, names[0]),
         numpy_helper.from_array(scale.astype(np.float32), names[1]),
@@ -402,11 +402,11 @@ def _dequantized_weight(out: onnx.ModelProto, new_nodes: list[onnx.NodeProto], w
     dq_out = names[3]
     if weight.data_type == onnx.TensorProto.FLOAT16:
         # NOTE: DequantizeLinear outputs the scale's type; float32 scales give float32, so cast back.
-        dq_out = _unique(f"{base}_dq_f32", taken)
-        new_nodes.append(helper.make_node("Cast", [dq_out], [names[3]], name=_unique(f"{base}_cast", taken),
+        dq_out = unique_name(f"{base}_dq_f32", taken)
+        new_nodes.append(helper.make_node("Cast", [dq_out], [names[3]], name=unique_name(f"{base}_cast", taken),
                                           to=onnx.TensorProto.FLOAT16))
     new_nodes.append(helper.make_node("DequantizeLinear", names[:3], [dq_out],
-                                      name=_unique(f"{base}_DequantizeLinear", taken), **kwargs))
+                                      name=unique_name(f"{base}_DequantizeLinear", taken), **kwargs))
     shape = [-1 if i == axis else 1 for i in range(array.ndim)] if axis is not None else ()
     err = float(np.abs(q.astype(np.float32) * scale.reshape(shape) - array).max())
     entry["weights"].append(weight.name)
@@ -422,7 +422,6 @@ def _raise_opset(proto: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto | 
     """``proto`` converted to opset 13 if the conversion is valid and keeps the outputs; else None."""
     from onnx import version_converter
 
-    from nnopt.pipeline.manager import LOSSLESS_ATOL, LOSSLESS_TOLERANCE
     from nnopt.runtime import generate_samples
 
     graph_attrs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
@@ -451,43 +450,25 @@ def _refuse(reason: str) -> PassResult:
                       layers=[LayerDecision("(model)", "", "declined", reason)])
 
 
-def _unique(base: str, taken: set[str], next_suffix: dict[str, int] | None = None) -> str:
-    """``base``, or ``base_1``, ``base_2``… whichever is first free; the result is added to ``taken``.
-
-    ``next_suffix`` remembers, per base, where the last search stopped, so that naming k nodes after one
-    base probes k names, not k²/2. The names are the same as without it: ``taken`` only grows, so no
-    suffix below the last one handed out can be free again.
-    """
-    i = next_suffix.get(base, 0) if next_suffix is not None else 0
-    name = f"{base}_{i}" if i else base
-    while name in taken:
-        i += 1
-        name = f"{base}_{i}"
-    taken.add(name)
-    if next_suffix is not None:
-        next_suffix[base] = i + 1
-    return name
-
-
 def _name_unnamed_nodes(model: Model) -> int:
     """Give main-graph nodes without a name one (``quantize/<op>``): layers are selected and reported by name."""
-    taken = {n.name for n in model.graph.nodes if n.name} | set(model.graph.tensors().keys())
+    taken = taken_names(model)
     next_suffix: dict[str, int] = {}
     count = 0
     for node in model.graph.nodes:
         if not node.name:
-            node.name = _unique(f"{_PREFIX}/{node.op}", taken, next_suffix)
+            node.name = unique_name(f"{_PREFIX}/{node.op}", taken, next_suffix)
             count += 1
     return count
 
 
 def _prefix_new_node_names(proto: onnx.ModelProto, original: set[str]) -> None:
     """Prefix the names of nodes onnxruntime's quantizer added with ``quantize/`` (unique)."""
-    taken = {n.name for n in proto.graph.node} | {o for n in proto.graph.node for o in n.output}
+    taken = taken_names(proto)
     next_suffix: dict[str, int] = {}
     for node in proto.graph.node:
         if node.name not in original and not node.name.startswith(f"{_PREFIX}/"):
-            node.name = _unique(f"{_PREFIX}/{node.name or node.op_type}", taken, next_suffix)
+            node.name = unique_name(f"{_PREFIX}/{node.name or node.op_type}", taken, next_suffix)
 
 
 def _install(model: Model, proto: onnx.ModelProto) -> None:

@@ -10,8 +10,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from nnopt.ir.constants import constant_values
 from nnopt.ir.model import Model, replace_tensor
-from nnopt.passes.constants_to_initializers import constant_array, is_onnx_op
+from nnopt.ir.walk import all_graphs, is_onnx_op
 from nnopt.passes.fold_constants import TensorType, infer_tensor_types
 from nnopt.pipeline.base import LayerDecision, Pass, PassContext, PassResult
 
@@ -48,7 +49,7 @@ class _Facts:
     def ints(self, node: gs.Node, input_index: int | None, attr: str | None) -> list[int] | None:
         """An int list given as a constant input (newer opsets) or an attribute (older), else None."""
         if input_index is not None and _present(node, input_index):
-            values = constant_array(node.inputs[input_index])
+            values = constant_values(node.inputs[input_index])
             return None if values is None else [int(v) for v in np.asarray(values).reshape(-1)]
         if attr is not None and attr in node.attrs:
             return [int(v) for v in node.attrs[attr]]
@@ -75,7 +76,7 @@ def _dropout(node: gs.Node, facts: _Facts) -> gs.Tensor | None:
     if facts.opset >= 12 and _present(node, 2):
         # NOTE: Dropout-12+ takes optional inputs ratio (1) and training_mode (2); it is the identity
         # unless training_mode is true. Dropout-7..11 is always the identity at inference.
-        mode = constant_array(node.inputs[2])
+        mode = constant_values(node.inputs[2])
         if mode is None or bool(np.asarray(mode).reshape(-1)[0]):
             return None
     return node.inputs[0]
@@ -227,7 +228,7 @@ def _neutral_operand(identity: float, commutative: bool) -> NoopRule:
         if commutative:
             candidates.append((node.inputs[1], node.inputs[0]))
         for data, other in candidates:
-            values = constant_array(other)
+            values = constant_values(other)
             data_type, other_type = facts.type_of(data), facts.type_of(other)
             if values is None or data_type is None or other_type is None or data_type.shape is None:
                 continue
@@ -288,7 +289,7 @@ class _Scope:
 
     @classmethod
     def of(cls, graph: gs.Graph) -> _Scope:
-        return cls(graph, [graph, *graph.subgraphs(recursive=True)], {id(n) for n in graph.nodes})
+        return cls(graph, all_graphs(graph), {id(n) for n in graph.nodes})
 
 
 def _bypass(scope: _Scope, node: gs.Node, source: gs.Tensor, pinned: set[int]) -> str | None:

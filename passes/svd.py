@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from nnopt.ir.constants import constant_values
 from nnopt.ir.model import Model
 from nnopt.passes._lowrank import (
     Decline,
@@ -32,7 +33,6 @@ from nnopt.passes._lowrank import (
     thin_svd,
     window_attrs,
 )
-from nnopt.passes.constants_to_initializers import constant_array
 from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
 _PREFIX = "svd"
@@ -89,7 +89,7 @@ class _Layer:
 def _float_weight(node: gs.Node, index: int, what: str) -> np.ndarray:
     if index >= len(node.inputs) or node.inputs[index].is_empty():
         raise Decline(f"{what} is missing")
-    values = constant_array(node.inputs[index])
+    values = constant_values(node.inputs[index])
     if values is None:
         raise Decline(f"{what} is not a constant")
     values = np.asarray(values)
@@ -125,7 +125,7 @@ def _read_gemm(graph: gs.Graph, node: gs.Node, opset: int) -> _Layer:
     intercept = True
     c_input = optional_input(node, 2)
     if c_input is not None:
-        c = constant_array(c_input)
+        c = constant_values(c_input)
         if c is None:
             intercept = False  # a runtime C cannot absorb a fitted correction
         else:
@@ -160,7 +160,7 @@ def _emit_gemm(layer: _Layer, fresh: Callable[[str], str], opset: int) -> list[g
         base = (
             np.zeros(layer.delta.shape)
             if c is None
-            else beta * np.asarray(constant_array(c), dtype=np.float64)
+            else beta * np.asarray(constant_values(c), dtype=np.float64)
         )
         c = gs.Constant(fresh("second_bias"), (base + layer.delta).astype(layer.dtype))
         second_attrs = {"beta": 1.0}

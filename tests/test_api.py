@@ -88,5 +88,7 @@ def test_hardware_by_name():
 def test_the_plugin_author_surface_is_importable_from_nnopt():
     for name in ("hookimpl", "Pass", "PassOptions", "PassContext", "PassResult", "Model", "CostRule", "Cost",
                  "CostContext", "HardwareProfile", "consumers", "producer", "replace_tensor", "constant_values",
-                 "topological_nodes", "dataflow", "Pipeline", "Progress", "StreamProgress"):
+                 "topological_nodes", "dataflow", "Pipeline", "Progress", "StreamProgress",
+                 # nnopt.ir's shared helpers (issue #12): what the built-in passes use, for plugins too
+                 "all_graphs", "graph_outputs", "is_onnx_op", "remove_dead_nodes", "taken_names", "unique_name"):
         assert hasattr(nnopt, name) and name in nnopt.__all__, name

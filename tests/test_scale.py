@@ -33,7 +33,7 @@ import pytest
 from nnopt.api import optimize
 from nnopt.cost import analyze
 from nnopt.ir.model import Model, replace_tensor, splice_nodes
-from nnopt.passes.quantize import _unique
+from nnopt.ir.naming import unique_name as _unique
 from nnopt.pipeline.base import LayerDecision, PassContext
 from nnopt.pipeline.spec import instantiate, parse_pass_spec
 from nnopt.plugin_manager import build_plugins, get_pass_class

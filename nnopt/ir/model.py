@@ -10,7 +10,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
@@ -441,9 +440,3 @@ def splice_nodes(graph: gs.Graph, replacements: Mapping[int, Sequence[gs.Node]])
     if replacements:
         graph.nodes = [new for node in graph.nodes for new in replacements.get(id(node), (node,))]
 
-
-def constant_values(tensor: gs.Tensor) -> np.ndarray | None:
-    """The values of a gs.Constant, or None for a Variable."""
-    if isinstance(tensor, gs.Constant):
-        return tensor.values
-    return None

@@ -19,6 +19,8 @@ from nnopt.ir.model import Model
 from nnopt.pipeline.base import Pass, PassContext, PassResult, PassStatus
 from nnopt.pipeline.progress import Progress
 from nnopt.pipeline.verify import (
+    LOSSLESS_ATOL,
+    LOSSLESS_TOLERANCE,
     Fidelity,
     Verifier,
     compare_outputs,
@@ -28,11 +30,6 @@ from nnopt.pipeline.verify import (
 )
 
 log = logging.getLogger(__name__)
-
-#: Lossless passes must keep every output within this error, relative to the output's largest magnitude,
-LOSSLESS_TOLERANCE = 1e-5
-#: ...or within this absolute error, for outputs whose largest magnitude is tiny.
-LOSSLESS_ATOL = 1e-6
 
 #: The cost totals compared before/after each pass and shown in the table.
 DELTA_KEYS = ("params", "macs", "flops", "weight_bytes", "activation_bytes", "latency_s", "nodes")

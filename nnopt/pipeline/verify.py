@@ -16,6 +16,11 @@ from nnopt.errors import first_line
 from nnopt.ir.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes, write_proto_atomically
 from nnopt.runtime import RuntimeUnavailable, generate_samples, load_samples, make_session
 
+#: Lossless passes must keep every output within this error, relative to the output's largest magnitude,
+LOSSLESS_TOLERANCE = 1e-5
+#: ...or within this absolute error, for outputs whose largest magnitude is tiny.
+LOSSLESS_ATOL = 1e-6
+
 
 # ---------------------------------------------------------------------------------------------- validity
 def validity_problems(proto: onnx.ModelProto, *, strict_shapes: bool) -> str | None:

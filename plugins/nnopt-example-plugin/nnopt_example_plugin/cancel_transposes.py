@@ -21,16 +21,21 @@ from nnopt import (
     Pass,
     PassContext,
     PassResult,
+    all_graphs,
     constant_values,
     consumers,
+    graph_outputs,
+    is_onnx_op,
     producer,
     replace_tensor,
+    taken_names,
     topological_nodes,
+    unique_name,
 )
 
 
-def _is_onnx(node: gs.Node, op: str) -> bool:
-    return node.op == op and node.domain in (None, "", "ai.onnx")
+def _is_transpose(node: gs.Node) -> bool:
+    return node.op == "Transpose" and is_onnx_op(node)
 
 
 def _perm(node: gs.Node) -> list[int] | str:
@@ -77,7 +82,7 @@ def _broadcast_constant(node: gs.Node, data_index: int, inverse: list[int]) -> l
     other = node.inputs[1 - data_index]
     values = constant_values(other)
     if values is None:
-        return f"its other operand '{other.name}' is not a constant initializer"
+        return f"its other operand '{other.name}' is not a constant"
     values = np.asarray(values)
     if values.ndim > len(inverse):
         return f"its constant '{other.name}' has more dims than the transposed tensor"
@@ -120,8 +125,8 @@ def _plan(head: gs.Node, reader: gs.Node, local: set[int], pinned: set[int]) -> 
     perm = _perm(head)
     assert isinstance(perm, list)
     tensor, node, chain = head.outputs[0], reader, []
-    while not _is_onnx(node, "Transpose"):
-        rule = PUSH_RULES.get(node.op) if _is_onnx(node, node.op) else None
+    while not _is_transpose(node):
+        rule = PUSH_RULES.get(node.op) if is_onnx_op(node) else None
         if rule is None:
             return f"{node.op} '{node.name}' is not a per-element op this pass moves Transposes through"
         reads = [i for i, t in enumerate(node.inputs) if t is tensor]
@@ -148,7 +153,7 @@ def _bypass(
 ) -> str:
     """Remove the node whose output equals ``source``; a graph output keeps its name (and a producer).
 
-    ``scope`` is the node's graph followed by all its subgraphs (``_scope``): the graphs whose outputs may
+    ``scope`` is the node's graph followed by all its subgraphs (``all_graphs``): the graphs whose outputs may
     name the replaced tensor.
     """
     graph = scope[0]
@@ -171,21 +176,20 @@ def _bypass(
 
 
 class _NewConstants:
-    """The re-laid-out constants of one graph: one copy per distinct array, under a name no tensor has."""
+    """The re-laid-out constants of one graph: one copy per distinct array, under a name no tensor has.
 
-    def __init__(self, graph: gs.Graph) -> None:
-        self.graph = graph
+    ``taken`` is ``taken_names(model)``, shared by every graph's instance: a new name must be free in the
+    whole model, subgraphs included, not only in its own graph.
+    """
+
+    def __init__(self, taken: set[str]) -> None:
         self.made: dict[tuple[str, str, tuple[int, ...], bytes], gs.Constant] = {}
-        self.taken: set[str] = set()
+        self.taken = taken
 
     def adopt(self, const: gs.Constant) -> gs.Constant:
         key = (const.name, const.values.dtype.str, const.values.shape, const.values.tobytes())
         if key not in self.made:  # a bias used by two Adds gets one copy, not two
-            self.taken = self.taken or set(self.graph.tensors())
-            base, n = const.name, 1
-            while const.name in self.taken:
-                const.name, n = f"{base}_{n}", n + 1
-            self.taken.add(const.name)
+            const.name = unique_name(const.name, self.taken)
             self.made[key] = const
         return self.made[key]
 
@@ -231,30 +235,31 @@ class CancelTransposes(Pass):
 
     Matches: a Transpose (with a perm attribute) whose output reaches another Transpose directly or
     through a chain of per-element ops (registry ``PUSH_RULES``: Relu, Sigmoid, Tanh, Clip with constant
-    min/max, Cast, ...; Add/Sub/Mul/Div whose other operand is a constant initializer), each op's output
+    min/max, Cast, ...; Add/Sub/Mul/Div whose other operand is a constant), each op's output
     read only by the next. Rewrites: the ops read the untransposed tensor (constants get a re-laid-out
     copy), and the second Transpose takes the composed perm, or goes when that is the identity; a graph
     output keeps its name. A first Transpose read elsewhere too (or a graph output) stays for those
     readers and is moved onto the path only when the pair cancels there, so every rewrite removes at least
     one Transpose and none adds work. Lossless (the same per-element arithmetic on the same values).
     Declines: no perm attribute (the default reverse), a non-per-element op, non-constant operands,
-    intermediates read elsewhere, reads from inside subgraphs. Run ``constants-to-initializers`` first
-    so that Constant-node operands count as constants.
+    intermediates read elsewhere, reads from inside subgraphs. Constants are initializers and the outputs
+    of Constant nodes alike (``nnopt.constant_values``).
     """
 
     name = "example.cancel-transposes"
     lossy = False
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        pinned = {id(t) for g in model.all_graphs() for t in g.outputs}
+        pinned = graph_outputs(model)
+        taken = taken_names(model)
         before = _count_transposes(model)
         layers: list[LayerDecision] = []
         crossed = 0
         for graph in model.all_graphs():
-            new = _NewConstants(graph)
+            new = _NewConstants(taken)
             # Listed once per graph, not per rewrite: finding the subgraphs walks every node. The rewrites
             # only remove Transposes and move per-element ops, so the list stays valid across sweeps.
-            scope = _scope(graph)
+            scope = all_graphs(graph)
             while True:  # each rewrite removes a Transpose, so this ends; a later sweep sees merged perms
                 done, declined = _sweep(scope, new, pinned)
                 layers += done
@@ -267,11 +272,6 @@ class CancelTransposes(Pass):
         return PassResult(modified=removed > 0, stats=stats, layers=layers)
 
 
-def _scope(graph: gs.Graph) -> list[gs.Graph]:
-    """``graph`` followed by all its subgraphs: what ``replace_tensor(..., graphs=)`` needs."""
-    return [graph, *graph.subgraphs(recursive=True)]
-
-
 def _sweep(
     scope: list[gs.Graph], new: _NewConstants, pinned: set[int]
 ) -> tuple[list[LayerDecision], list[LayerDecision]]:
@@ -282,7 +282,7 @@ def _sweep(
     declined: dict[int, LayerDecision] = {}
     gone: set[int] = set()
     for head in topological_nodes(graph):
-        if not _is_onnx(head, "Transpose") or id(head) in gone:
+        if not _is_transpose(head) or id(head) in gone:
             continue
         perm = _perm(head)
         if isinstance(perm, str):
@@ -307,4 +307,4 @@ def _sweep(
 
 
 def _count_transposes(model: Model) -> int:
-    return sum(_is_onnx(n, "Transpose") for g in model.all_graphs() for n in g.nodes)
+    return sum(_is_transpose(n) for g in model.all_graphs() for n in g.nodes)

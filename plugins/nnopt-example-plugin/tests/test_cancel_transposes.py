@@ -364,6 +364,48 @@ def test_a_transpose_read_inside_a_subgraph_stays_for_it():
     assert np.array_equal(y, np.maximum(x, 0)) and np.array_equal(z, -x.transpose(TO_NHWC))
 
 
+def _bias_between_transposes(bias: np.ndarray, *, as_constant_node: bool, extra=(), inputs=(), outputs=()):
+    """x ─ Transpose(NHWC) ─ Add(bias) ─ Transpose(NCHW) ─ y, bias an initializer or a Constant node."""
+    nodes = [
+        _transpose("x", "t", TO_NHWC, "to_nhwc"),
+        helper.make_node("Add", ["t", "bias"], ["a"], name="add"),
+        _transpose("a", "y", TO_NCHW, "to_nchw"),
+        *extra,
+    ]
+    inits = [numpy_helper.from_array(bias, "bias")]
+    if as_constant_node:  # what Paddle exports: every weight in a Constant node
+        nodes.insert(0, helper.make_node("Constant", [], ["bias"], value=inits.pop(), name="bias_const"))
+    return _model(nodes, [_info("x", NCHW), *inputs], [_info("y", NCHW), *outputs], inits)
+
+
+def test_a_constant_node_operand_counts_as_a_constant():
+    bias = np.arange(3, dtype=np.float32) - 1.5
+    proto = _bias_between_transposes(bias, as_constant_node=True)
+    out, result = _run_pass(proto)
+    assert _ops(out) == ["Constant", "Add"] and result.stats["transposes_removed"] == 2
+    relaid = next(t for t in out.graph.initializer if t.name == "bias_relaid")
+    np.testing.assert_array_equal(numpy_helper.to_array(relaid), bias.reshape(1, 3, 1, 1))
+    _assert_bit_exact(proto, out)
+
+
+def test_a_relaid_constant_takes_no_name_a_subgraph_already_defines():
+    # The then-branch defines "bias_relaid": a main-graph initializer of that name would break SSA.
+    then_g = helper.make_graph([helper.make_node("Neg", ["x"], ["bias_relaid"], name="neg")], "then", [],
+                               [_info("bias_relaid", NCHW)])
+    else_g = helper.make_graph([helper.make_node("Abs", ["x"], ["e"], name="abs")], "else", [], [_info("e", NCHW)])
+    branch = helper.make_node("If", ["flag"], ["z"], then_branch=then_g, else_branch=else_g, name="if")
+    bias = np.arange(3, dtype=np.float32) - 1.5
+    proto = _bias_between_transposes(bias, as_constant_node=False, extra=[branch],
+                                     inputs=[_info("flag", [], TensorProto.BOOL)], outputs=[_info("z", NCHW)])
+    out, result = _run_pass(proto)
+    assert result.stats["transposes_removed"] == 2
+    assert sorted(t.name for t in out.graph.initializer) == ["bias_relaid_1"]  # bias itself has no reader left
+    session = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(5).standard_normal(NCHW).astype(np.float32)
+    y, z = session.run(None, {"x": x, "flag": np.array(True)})
+    assert np.array_equal(y, x + bias.reshape(1, 3, 1, 1)) and np.array_equal(z, -x)
+
+
 def _tf2onnx_style_model() -> onnx.ModelProto:
     """What tf2onnx writes for an NHWC Keras model Conv → ReLU → BiasAdd → Conv: a Transpose around each Conv."""
     rng = np.random.default_rng(7)
