@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +46,9 @@ WEIGHT_ONLY_INPUTS: dict[str, tuple[tuple[int, Any], ...]] = {
 }
 
 
-def quantized_ops_present(proto: onnx.ModelProto) -> list[str]:
-    """The distinct already-quantized op types in the main graph, sorted."""
-    return sorted({n.op_type for n in proto.graph.node if n.op_type in QUANTIZED_OPS})
+def quantized_ops_present(op_types: Iterable[str]) -> list[str]:
+    """The distinct already-quantized op types among ``op_types`` (a graph's nodes'), sorted."""
+    return sorted({op for op in op_types if op in QUANTIZED_OPS})
 
 
 class _SampleReader:

@@ -122,7 +122,7 @@ class Quantize(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         opts: QuantizeOptions = self.options  # type: ignore[assignment]
-        present = _qdq.quantized_ops_present(model.to_proto())
+        present = _qdq.quantized_ops_present(n.op for n in model.graph.nodes)
         if present:
             return _refuse(f"already quantized: the model holds {', '.join(present)}; quantize leaves it alone")
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
@@ -131,10 +131,7 @@ class Quantize(Pass):
         if opts.mode == "static" and not ctx.samples:
             return _refuse("static quantization needs --data (calibration samples); use mode=weight_only without")
 
-        work = Model.from_proto(model.to_proto())
-        lowered = lower_model_constants(work)
-        renamed = _name_unnamed_nodes(work)
-        float_proto = work.to_proto()
+        float_proto, lowered, renamed = _float_model(model, ctx)
         stats: dict[str, Any] = {"constants_lowered": lowered}
         # NOTE: DequantizeLinear has an ``axis`` (per-channel scales) only from opset 13. Per-tensor int8
         # weights after BatchNorm folding can lose whole channels, so an older model is converted to
@@ -178,6 +175,9 @@ class Quantize(Pass):
             out_proto, slayers, sstats = _static(float_proto, selected, candidates, opts, per_channel, ctx)
             layers.extend(slayers)
             stats.update(sstats)
+        if out_proto is float_proto:  # nothing was placed (all excluded): never edit the shared export
+            out_proto = onnx.ModelProto()
+            out_proto.CopyFrom(float_proto)
         _prefix_new_node_names(out_proto, {n.name for n in float_proto.graph.node})
         _install(model, out_proto)
         stats["nodes_named"] = renamed
@@ -471,6 +471,24 @@ def _unique(base: str, taken: set[str], next_suffix: dict[str, int] | None = Non
     if next_suffix is not None:
         next_suffix[base] = i + 1
     return name
+
+
+def _float_model(model: Model, ctx: PassContext) -> tuple[onnx.ModelProto, int, int]:
+    """``model`` as a proto with Constant nodes lowered and main-graph nodes named; (proto, lowered, named).
+
+    The proto is read-only (it may be the pass manager's cached export, shared); ``model`` is not changed.
+    Only when there is something to lower or name does the pass import a copy and export it again (a
+    graphsurgeon model exported, imported and exported again gives the same bytes, so the round trip is
+    skipped when it would change nothing).
+    """
+    proto = ctx.analyses_for(model).proto()
+    constants = any(n.op == "Constant" for g in model.all_graphs() for n in g.nodes)
+    if not constants and all(n.name for n in model.graph.nodes):
+        return proto, 0, 0
+    work = Model.from_proto(proto)
+    lowered = lower_model_constants(work)
+    renamed = _name_unnamed_nodes(work)
+    return work.to_proto(), lowered, renamed
 
 
 def _name_unnamed_nodes(model: Model) -> int:
