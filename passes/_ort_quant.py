@@ -310,9 +310,27 @@ def _indexed_model_class() -> type:
 
         def clean_initializers(self) -> Any:
             self._flush_removals()
+            self._unread_initializers_first()
             result = super().clean_initializers()
             self._build()
             return result
+
+        def _unread_initializers_first(self) -> None:
+            """Move the initializers that no node of any graph reads, and no graph output names, to the front.
+
+            onnxruntime's ``clean_initializers`` removes the unused ones one by one with ``list.remove``,
+            which compares every element before the one removed: with them at the front, each is found
+            first. They are all removed, so the initializers kept stay in their order, as before.
+            """
+            graph = self.model.graph
+            read = {o.name for o in graph.output} | _names_read(graph)
+            items = list(graph.initializer)
+            front = [t for t in items if t.name not in read]
+            if not front or len(front) == len(items):
+                return
+            rest = [t for t in items if t.name in read]
+            del graph.initializer[:]
+            graph.initializer.extend(front + rest)
 
         def remove_unused_constant(self) -> None:
             self._flush_removals()
@@ -324,6 +342,20 @@ def _indexed_model_class() -> type:
             super().save_model_to_file(output_path, use_external_data_format)
 
     return IndexedONNXModel
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node of ``graph`` or of any graph nested in it reads (scopes not told apart)."""
+    read: set[str] = set()
+    for node in graph.node:
+        read.update(node.input)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                read |= _names_read(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    read |= _names_read(sub)
+    return read
 
 
 # ---------------------------------------------------------------------------------------------- quantizer

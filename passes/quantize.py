@@ -198,8 +198,7 @@ def _static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candid
     # (an excluded node is rewired to read float activations): they read what they would without them.
     recurrent_names = {n.name for n in candidates if n.op_type in _qdq.RECURRENT_OPS}
     base_exclude = [n.name for n in candidates if n.name not in chosen and n.name not in recurrent_names]
-    float_sess = make_session(float_proto)
-    reference = [float_sess.run(None, feeds) for feeds in ctx.samples]
+    reference: list[list[np.ndarray]] | None = None  # the float model's outputs, from the first round
     budget_excluded: list[dict[str, Any]] = []
     attempts: list[tuple[onnx.ModelProto, list[dict[str, Any]], Any, int]] = []
     while True:
@@ -215,10 +214,11 @@ def _static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candid
         recurrent = [n for n in selected if n.name in recurrent_names and n.name not in by_budget]
         if recurrent:
             qproto, _ = _weight_only(qproto, recurrent, per_channel)
-        qsess = make_session(qproto)
-        fidelity = compare_outputs(reference, [qsess.run(None, feeds) for feeds in ctx.samples])
         eligible = chosen - {e["node"] for e in budget_excluded}
-        sens = _sensitivity(float_proto, qproto, ctx.samples[:SENSITIVITY_SAMPLES], eligible)
+        sens, float_outputs, quant_outputs = _measure(float_proto, qproto, ctx.samples, eligible,
+                                                      float_outputs=reference is None)
+        reference = float_outputs if reference is None else reference
+        fidelity = compare_outputs(reference, quant_outputs)
         violation = _violation(fidelity, opts)
         attempts.append((qproto, sens, fidelity, len(budget_excluded)))
         if violation is None or len(budget_excluded) >= opts.max_excluded or not sens:
@@ -275,6 +275,62 @@ def _sensitivity(float_proto: onnx.ModelProto, qproto: onnx.ModelProto,
     ``sqnr`` is cumulative (all quantization upstream included); ``own_sqnr`` is the part this layer
     adds, from the SQNR of its output and of its worst activation input (see ``_qdq.own_sqnr_db``).
     """
+    return _measure(float_proto, qproto, samples, eligible, float_outputs=False, probed=len(samples))[0]
+
+
+def _measure(float_proto: onnx.ModelProto, qproto: onnx.ModelProto, samples: list[dict[str, np.ndarray]],
+             eligible: set[str], *, float_outputs: bool, probed: int = SENSITIVITY_SAMPLES,
+             ) -> tuple[list[dict[str, Any]], list[list[np.ndarray]], list[list[np.ndarray]]]:
+    """One run of each model per sample: (``_sensitivity`` on the first ``probed`` samples, float outputs
+    per sample (empty unless ``float_outputs``), quantized outputs per sample).
+
+    One onnxruntime session per model gives the graph outputs and the probed activations (sessions of
+    large QDQ models cost more than their runs, and grow faster than the model).
+    """
+    layers = _probed_layers(float_proto, qproto, eligible)
+    # NOTE: every intermediate tensor of both models for one sample is held at once (the float model's
+    # and the quantized one's), never for all samples: per pair of tensors only each sample's signal and
+    # noise power is kept, and ``sqnr_db`` sums them as it always has, so the figures are the same.
+    ref_names = sorted({f for _, f, _, _ in layers} | {s for _, _, _, srcs in layers for s in srcs})
+    got_names = sorted(set(ref_names) | {seen for _, _, seen, _ in layers})
+    pairs = sorted({(f, seen) for _, f, seen, _ in layers} | {(s, s) for _, _, _, srcs in layers for s in srcs})
+    powers: dict[tuple[str, str], list[tuple[float, float]]] = {pair: [] for pair in pairs}
+    float_out = [o.name for o in float_proto.graph.output] if float_outputs else []
+    quant_out = [o.name for o in qproto.graph.output]
+    float_probe, quant_probe = _qdq.probe_session(float_proto, ref_names), _qdq.probe_session(qproto, got_names)
+    ref_outputs, quant_outputs = [], []
+    for i, feeds in enumerate(samples):
+        probing = i < probed
+        ref: dict[str, np.ndarray] = {}
+        if probing or float_out:
+            ref = _qdq.run_probe(float_probe, _union(float_out, ref_names if probing else []), feeds)
+        got = _qdq.run_probe(quant_probe, _union(quant_out, got_names if probing else []), feeds)
+        if float_out:
+            ref_outputs.append([ref[name] for name in float_out])
+        quant_outputs.append([got[name] for name in quant_out])
+        if probing:
+            for ref_name, got_name in pairs:
+                powers[ref_name, got_name].append(_qdq.signal_noise_power(ref[ref_name], got[got_name]))
+        del ref, got  # before the next sample's run: one sample's activations at a time
+    out = []
+    for node, float_name, seen, srcs in layers:
+        sqnr = _qdq.sqnr_db_from_powers(powers[float_name, seen])
+        in_sqnr = min((_qdq.sqnr_db_from_powers(powers[s, s]) for s in srcs), default=math.inf)
+        out.append({"node": node.name, "op_type": node.op_type, "sqnr": sqnr,
+                    "own_sqnr": _qdq.own_sqnr_db(sqnr, in_sqnr)})
+    return out, ref_outputs, quant_outputs
+
+
+def _union(first: list[str], second: list[str]) -> list[str]:
+    """``first`` then the names of ``second`` not in it (a session is asked for each output once)."""
+    seen = set(first)
+    return first + [name for name in second if name not in seen]
+
+
+def _probed_layers(float_proto: onnx.ModelProto, qproto: onnx.ModelProto, eligible: set[str],
+                   ) -> list[tuple[onnx.NodeProto, str, str, list[str]]]:
+    """The layers ``_sensitivity`` measures: (node, its float output, the tensor its readers see, the float
+    tensors quantized for its inputs)."""
     producer = {o: n for n in qproto.graph.node for o in n.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in qproto.graph.node:
@@ -306,27 +362,7 @@ def _sensitivity(float_proto: onnx.ModelProto, qproto: onnx.ModelProto,
             float_name = node.output[0] if node.output[0] in float_names else seen
             if float_name in float_names:
                 layers.append((node, float_name, seen, [s for s in sources if s in float_names]))
-    # NOTE: every intermediate tensor of both models for one sample is held at once (the float model's
-    # and the quantized one's), never for all samples: per pair of tensors only each sample's signal and
-    # noise power is kept, and ``sqnr_db`` sums them as it always has, so the figures are the same.
-    ref_names = sorted({f for _, f, _, _ in layers} | {s for _, _, _, srcs in layers for s in srcs})
-    got_names = sorted(set(ref_names) | {seen for _, _, seen, _ in layers})
-    pairs = sorted({(f, seen) for _, f, seen, _ in layers} | {(s, s) for _, _, _, srcs in layers for s in srcs})
-    powers: dict[tuple[str, str], list[tuple[float, float]]] = {pair: [] for pair in pairs}
-    float_probe, quant_probe = _qdq.probe_session(float_proto, ref_names), _qdq.probe_session(qproto, got_names)
-    for feeds in samples:
-        ref = _qdq.run_probe(float_probe, ref_names, feeds)
-        got = _qdq.run_probe(quant_probe, got_names, feeds)
-        for ref_name, got_name in pairs:
-            powers[ref_name, got_name].append(_qdq.signal_noise_power(ref[ref_name], got[got_name]))
-        del ref, got  # before the next sample's run: one sample's activations at a time
-    out = []
-    for node, float_name, seen, srcs in layers:
-        sqnr = _qdq.sqnr_db_from_powers(powers[float_name, seen])
-        in_sqnr = min((_qdq.sqnr_db_from_powers(powers[s, s]) for s in srcs), default=math.inf)
-        out.append({"node": node.name, "op_type": node.op_type, "sqnr": sqnr,
-                    "own_sqnr": _qdq.own_sqnr_db(sqnr, in_sqnr)})
-    return out
+    return layers
 
 
 def _db(value: float) -> float | None:
