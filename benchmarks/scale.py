@@ -18,6 +18,7 @@ other jobs sharing the machine disturb less than wall time. Writes docs/scale.{m
     python benchmarks/scale.py                        # everything, about 22 min on 2 cores
     python benchmarks/scale.py --quick                # 2k and 10k nets only; prints, writes nothing
     python benchmarks/scale.py --tasks analyze dce --graphs res2k res10k --no-write
+    python benchmarks/scale.py --tasks quantize:mode=static --graphs res1k res2k res5k res10k --no-write
     python benchmarks/scale.py --before OLD.json      # also show an earlier run's exponents (before a fix)
     python benchmarks/scale.py --render docs/scale.json   # rewrite .md/.png from an earlier run
 """
@@ -115,7 +116,7 @@ TASKS = [
     Task("conv-to-separable:energy=0.9", "pipeline", ("conv-to-separable:energy=0.9",)),
     Task("quantize:mode=weight_only", "pipeline", ("quantize:mode=weight_only",)),
     Task("quantize:mode=static", "pipeline", ("quantize:mode=static",), needs_data=True,
-         graphs=_STATIC_QUANTIZE_GRAPHS, repeats=1),
+         graphs=_STATIC_QUANTIZE_GRAPHS, repeats=1, timeout_s=900),
     # Quadratic: about 110 s at 10k nodes; at 40k the time limit gives a lower bound, not worth 30 min.
     Task("onnxslim", "slim", repeats=1, timeout_s=120),
 ]

@@ -275,14 +275,16 @@ def _sensitivity(float_proto: onnx.ModelProto, qproto: onnx.ModelProto,
     ``sqnr`` is cumulative (all quantization upstream included); ``own_sqnr`` is the part this layer
     adds, from the SQNR of its output and of its worst activation input (see ``_qdq.own_sqnr_db``).
     """
-    return _measure(float_proto, qproto, samples, eligible, float_outputs=False, probed=len(samples))[0]
+    return _measure(float_proto, qproto, samples, eligible, float_outputs=False, quant_outputs=False,
+                    probed=len(samples))[0]
 
 
 def _measure(float_proto: onnx.ModelProto, qproto: onnx.ModelProto, samples: list[dict[str, np.ndarray]],
-             eligible: set[str], *, float_outputs: bool, probed: int = SENSITIVITY_SAMPLES,
+             eligible: set[str], *, float_outputs: bool, quant_outputs: bool = True,
+             probed: int = SENSITIVITY_SAMPLES,
              ) -> tuple[list[dict[str, Any]], list[list[np.ndarray]], list[list[np.ndarray]]]:
-    """One run of each model per sample: (``_sensitivity`` on the first ``probed`` samples, float outputs
-    per sample (empty unless ``float_outputs``), quantized outputs per sample).
+    """One run of each model per sample: (``_sensitivity`` on the first ``probed`` samples, the float and
+    the quantized model's outputs per sample (each empty unless asked for)).
 
     One onnxruntime session per model gives the graph outputs and the probed activations (sessions of
     large QDQ models cost more than their runs, and grow faster than the model).
@@ -296,18 +298,20 @@ def _measure(float_proto: onnx.ModelProto, qproto: onnx.ModelProto, samples: lis
     pairs = sorted({(f, seen) for _, f, seen, _ in layers} | {(s, s) for _, _, _, srcs in layers for s in srcs})
     powers: dict[tuple[str, str], list[tuple[float, float]]] = {pair: [] for pair in pairs}
     float_out = [o.name for o in float_proto.graph.output] if float_outputs else []
-    quant_out = [o.name for o in qproto.graph.output]
+    quant_out = [o.name for o in qproto.graph.output] if quant_outputs else []
     float_probe, quant_probe = _qdq.probe_session(float_proto, ref_names), _qdq.probe_session(qproto, got_names)
-    ref_outputs, quant_outputs = [], []
+    ref_outputs: list[list[np.ndarray]] = []
+    got_outputs: list[list[np.ndarray]] = []
     for i, feeds in enumerate(samples):
         probing = i < probed
-        ref: dict[str, np.ndarray] = {}
-        if probing or float_out:
-            ref = _qdq.run_probe(float_probe, _union(float_out, ref_names if probing else []), feeds)
-        got = _qdq.run_probe(quant_probe, _union(quant_out, got_names if probing else []), feeds)
+        ref_wanted = _union(float_out, ref_names if probing else [])
+        got_wanted = _union(quant_out, got_names if probing else [])
+        ref = _qdq.run_probe(float_probe, ref_wanted, feeds) if ref_wanted else {}
+        got = _qdq.run_probe(quant_probe, got_wanted, feeds) if got_wanted else {}
         if float_out:
             ref_outputs.append([ref[name] for name in float_out])
-        quant_outputs.append([got[name] for name in quant_out])
+        if quant_out:
+            got_outputs.append([got[name] for name in quant_out])
         if probing:
             for ref_name, got_name in pairs:
                 powers[ref_name, got_name].append(_qdq.signal_noise_power(ref[ref_name], got[got_name]))
@@ -318,7 +322,7 @@ def _measure(float_proto: onnx.ModelProto, qproto: onnx.ModelProto, samples: lis
         in_sqnr = min((_qdq.sqnr_db_from_powers(powers[s, s]) for s in srcs), default=math.inf)
         out.append({"node": node.name, "op_type": node.op_type, "sqnr": sqnr,
                     "own_sqnr": _qdq.own_sqnr_db(sqnr, in_sqnr)})
-    return out, ref_outputs, quant_outputs
+    return out, ref_outputs, got_outputs
 
 
 def _union(first: list[str], second: list[str]) -> list[str]:
