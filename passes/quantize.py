@@ -398,8 +398,9 @@ def _weight_only(proto: onnx.ModelProto, selected: list[onnx.NodeProto], per_cha
         rules = _qdq.WEIGHT_ONLY_INPUTS.get(node.op_type, ())
         weights = [(index, axis_of, inits.get(node.input[index])) for index, axis_of in rules
                    if len(node.input) > index and node.input[index]]
-        weights = [(index, axis_of, w) for index, axis_of, w in weights if w is not None and w.data_type in floats]
-        if not weights:
+        floating: list[tuple[int, Any, onnx.TensorProto]] = [
+            (index, axis_of, w) for index, axis_of, w in weights if w is not None and w.data_type in floats]
+        if not floating:
             layers.append({"node": node.name, "op_type": node.op_type, "action": "declined",
                            "reason": "no float weight initializer" if rules else "weight_only quantizes Conv, "
                                      "ConvTranspose, Gemm, MatMul, LSTM, GRU and RNN weights only"})
@@ -408,7 +409,7 @@ def _weight_only(proto: onnx.ModelProto, selected: list[onnx.NodeProto], per_cha
         entry: dict[str, Any] = {"node": node.name, "op_type": node.op_type, "action": "rewritten", "weights": [],
                                  "axis": None, "weight_max_abs_error": 0.0, "weight_bytes_before": 0,
                                  "weight_bytes_after": 0}
-        for index, axis_of, weight in weights:
+        for index, axis_of, weight in floating:
             array = numpy_helper.to_array(weight)
             axis = axis_of(attrs) % array.ndim if per_channel and array.ndim >= 2 else None
             key = (weight.name, axis)
@@ -442,7 +443,7 @@ def _dequantized_weight(out: onnx.ModelProto, new_nodes: list[onnx.NodeProto], w
         numpy_helper.from_array(scale.astype(np.float32), names[1]),
         numpy_helper.from_array(np.zeros(scale.shape, np.int8), names[2]),
     ])
-    kwargs = {"axis": axis} if axis is not None else {}
+    kwargs: dict[str, Any] = {"axis": axis} if axis is not None else {}
     dq_out = names[3]
     if weight.data_type == onnx.TensorProto.FLOAT16:
         # NOTE: DequantizeLinear outputs the scale's type; float32 scales give float32, so cast back.
