@@ -88,7 +88,7 @@ class Pipeline:
 
     def build(self, plugins: Plugins | None = None) -> list[Pass]:
         """The configured pass instances (validates every name and option without touching a model)."""
-        return list(self.resolved(plugins).passes or [])
+        return [p for p in self.resolved(plugins).passes or [] if isinstance(p, Pass)]
 
     def resolved(self, plugins: Plugins | None = None) -> Pipeline:
         """This pipeline with everything validated and built once: each pass spec an instance with its

@@ -301,7 +301,7 @@ def _indexed_model_class() -> type:
             self._replace(self._writers, old_output_name, new_output_name, set(node_names_set), outputs=True)
             return None
 
-        def replace_node_input(self, node: onnx.NodeProto, old_input_name: str,  # type: ignore[override]
+        def replace_node_input(self, node: onnx.NodeProto, old_input_name: str,
                                new_input_name: str) -> None:
             # onnxruntime's is a staticmethod; called on the model it must also move the node in the index.
             ONNXModel.replace_node_input(node, old_input_name, new_input_name)

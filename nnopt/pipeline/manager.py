@@ -16,7 +16,7 @@ import onnx
 from nnopt.analysis.manager import AnalysisManager, AnalysisSettings, Checkpoint
 from nnopt.errors import PassFailedError, first_line
 from nnopt.ir.model import Model
-from nnopt.pipeline.base import Pass, PassContext, PassResult
+from nnopt.pipeline.base import Pass, PassContext, PassResult, PassStatus
 from nnopt.pipeline.progress import Progress
 from nnopt.pipeline.verify import (
     Fidelity,
@@ -67,7 +67,7 @@ class PassRecord:
     options: dict[str, Any]
     lossy: bool
     iteration: int
-    status: str = "applied"  # applied | unchanged | rolled_back
+    status: PassStatus = "applied"
     reason: str = ""
     seconds: float = 0.0
     verify_seconds: float = 0.0
@@ -276,11 +276,11 @@ class PassManager:
         except Exception as exc:  # boundary: pass code, built-in or third-party
             record.seconds = time.perf_counter() - started
             log.debug("pass %s raised", pass_.name, exc_info=True)
-            self._roll_back(model, ctx, current, record, f"raised {type(exc).__name__}: {first_line(exc)}")
+            self._roll_back(model, ctx, current, record, f"raised {type(exc).__name__}: {first_line(exc, 300)}")
             return False
         record.seconds = time.perf_counter() - started
         record.stats = dict(result.stats)
-        record.layers = list(result.layers)
+        record.layers = [layer.to_dict() for layer in result.layers]
         if not result.modified:
             record.status = "unchanged"
             record.after = current.cost
@@ -313,7 +313,7 @@ class PassManager:
         try:
             proto = analyses.proto()
         except Exception as exc:  # boundary: graphsurgeon export of whatever the pass built
-            return _Verdict(f"export failed: {first_line(exc)}")
+            return _Verdict(f"export failed: {first_line(exc, 300)}")
         problem = validity_problems(proto, strict_shapes=self._strict_shapes)
         if problem is not None:
             return _Verdict(problem)
@@ -323,14 +323,14 @@ class PassManager:
             try:
                 outputs = verifier.run(proto)
             except Exception as exc:  # boundary: onnxruntime on the rewritten model
-                return _Verdict(f"onnxruntime cannot run the result: {first_line(exc)}")
+                return _Verdict(f"onnxruntime cannot run the result: {first_line(exc, 300)}")
             problem = self._fidelity_problem(pass_, current, outputs)
             if problem is not None:
                 return _Verdict(problem, outputs)
         try:
             cost = self._totals(analyses)
         except Exception as exc:  # boundary: shape inference inside the cost model
-            return _Verdict(f"cost analysis failed: {first_line(exc)}", outputs)
+            return _Verdict(f"cost analysis failed: {first_line(exc, 300)}", outputs)
         return _Verdict(None, outputs, cost)
 
     def _fidelity_problem(self, pass_: Pass, current: _Current, outputs: list[list[Any]]) -> str | None:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from nnopt.errors import first_line
 from nnopt.ir.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes, write_proto_atomically
 from nnopt.runtime import RuntimeUnavailable, generate_samples, load_samples, make_session
 
@@ -198,7 +199,7 @@ class Verifier:
         except Exception as exc:  # boundary: onnxruntime
             self.unavailable = (
                 "the original model does not run on the "
-                f"{'given' if data_path else 'generated'} inputs: {str(exc).strip().splitlines()[0][:200]}"
+                f"{'given' if data_path else 'generated'} inputs: {first_line(exc, 200)}"
             )
 
     def run(self, proto: onnx.ModelProto) -> list[list[Any]]:
