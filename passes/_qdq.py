@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from nnopt.ir.graphview import stable_topological_order, subgraph_reads
+from nnopt.passes import _ort_quant
 
 #: Ops whose presence means the model is already quantized (any domain: ONNX and com.microsoft).
 QUANTIZED_OPS = frozenset({
@@ -45,9 +46,9 @@ WEIGHT_ONLY_INPUTS: dict[str, tuple[tuple[int, Any], ...]] = {
 }
 
 
-def quantized_ops_present(proto: onnx.ModelProto) -> list[str]:
-    """The distinct already-quantized op types in the main graph, sorted."""
-    return sorted({n.op_type for n in proto.graph.node if n.op_type in QUANTIZED_OPS})
+def quantized_ops_present(op_types: Iterable[str]) -> list[str]:
+    """The distinct already-quantized op types among ``op_types`` (a graph's nodes'), sorted."""
+    return sorted({op for op in op_types if op in QUANTIZED_OPS})
 
 
 class _SampleReader:
@@ -73,7 +74,7 @@ def calibrate(proto: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], 
 
     ``method`` is minmax, percentile (99.999th) or entropy.
     """
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+    from onnxruntime.quantization.calibrate import CalibrationMethod
 
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
@@ -82,8 +83,8 @@ def calibrate(proto: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], 
     with tempfile.TemporaryDirectory(prefix="nnopt-quantize-") as tmp:
         path = Path(tmp) / "model.onnx"
         onnx.save_model(proto, path.as_posix(), save_as_external_data=proto.ByteSize() > 1_800_000_000)
-        calibrator = create_calibrator(path, list(op_types), augmented_model_path=(Path(tmp) / "aug.onnx").as_posix(),
-                                       calibrate_method=methods[method])
+        calibrator = _ort_quant.create_calibrator(path, list(op_types), (Path(tmp) / "aug.onnx").as_posix(),
+                                                  methods[method])
         calibrator.collect_data(_SampleReader(samples))
         ranges = calibrator.compute_data()
         del calibrator
@@ -98,14 +99,13 @@ def place_qdq(proto: onnx.ModelProto, ranges: Any, *, per_channel: bool, activat
     Weights int8 symmetric (per channel when asked), activations ``activation_type`` asymmetric with the
     given ranges; Relu/Clip after a quantized op are absorbed into the saturation of its QuantizeLinear.
     """
-    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
     from onnxruntime.quantization.quant_utils import QuantType
 
     act = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activation_type]
     inferred = onnx.shape_inference.infer_shapes(proto)
-    quantizer = QDQQuantizer(inferred, per_channel, False, QuantType.QInt8, act, ranges,
-                             list(nodes_to_quantize), list(nodes_to_exclude), list(op_types),
-                             {"WeightSymmetric": True})
+    quantizer = _ort_quant.qdq_quantizer(inferred, per_channel, False, QuantType.QInt8, act, ranges,
+                                         list(nodes_to_quantize), list(nodes_to_exclude), list(op_types),
+                                         {"WeightSymmetric": True})
     quantizer.quantize_model()
     out = quantizer.model.model
     _float_inputs_for(out.graph, set(nodes_to_exclude), {t.name for t in proto.graph.initializer})
@@ -137,18 +137,23 @@ def _float_inputs_for(graph: onnx.GraphProto, excluded: set[str], original_inits
             if q is not None and q.op_type == "QuantizeLinear":
                 node.input[i] = q.input[0]
     outputs = {o.name for o in graph.output}
+    nodes = list(graph.node)
     while True:
-        read = {x for n in graph.node for x in (*n.input, *subgraph_reads(n))}
-        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-                and not any(o in read or o in outputs for o in n.output)]
-        if not dead:
+        read = {x for n in nodes for x in (*n.input, *subgraph_reads(n))}
+        kept = [n for n in nodes if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                or any(o in read or o in outputs for o in n.output)]
+        if len(kept) == len(nodes):
             break
-        for n in dead:
-            graph.node.remove(n)
-    read = {x for n in graph.node for x in (*n.input, *subgraph_reads(n))}
-    unused = [t for t in graph.initializer if t.name not in read and t.name not in original_inits]
-    for t in unused:
-        graph.initializer.remove(t)
+        nodes = kept
+    # One rewrite of each list (removing element by element compares every element each time).
+    if len(nodes) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(nodes)
+    read = {x for n in nodes for x in (*n.input, *subgraph_reads(n))}
+    inits = [t for t in graph.initializer if t.name in read or t.name in original_inits]
+    if len(inits) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(inits)
 
 
 def toposort(graph: onnx.GraphProto) -> None:

@@ -120,7 +120,7 @@ class Quantize(Pass[QuantizeOptions]):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         opts = self.options
-        present = _qdq.quantized_ops_present(model.to_proto())
+        present = _qdq.quantized_ops_present(n.op for n in model.graph.nodes)
         if present:
             return _refuse(f"already quantized: the model holds {', '.join(present)}; quantize leaves it alone")
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
@@ -129,10 +129,7 @@ class Quantize(Pass[QuantizeOptions]):
         if opts.mode == "static" and not ctx.samples:
             return _refuse("static quantization needs --data (calibration samples); use mode=weight_only without")
 
-        work = Model.from_proto(model.to_proto())
-        lowered = lower_model_constants(work)
-        renamed = _name_unnamed_nodes(work)
-        float_proto = work.to_proto()
+        float_proto, lowered, renamed = _float_model(model, ctx)
         stats: dict[str, Any] = {"constants_lowered": lowered}
         # NOTE: DequantizeLinear has an ``axis`` (per-channel scales) only from opset 13. Per-tensor int8
         # weights after BatchNorm folding can lose whole channels, so an older model is converted to
@@ -176,6 +173,9 @@ class Quantize(Pass[QuantizeOptions]):
             out_proto, slayers, sstats = _static(float_proto, selected, candidates, opts, per_channel, ctx)
             layers.extend(slayers)
             stats.update(sstats)
+        if out_proto is float_proto:  # nothing was placed (all excluded): never edit the shared export
+            out_proto = onnx.ModelProto()
+            out_proto.CopyFrom(float_proto)
         _prefix_new_node_names(out_proto, {n.name for n in float_proto.graph.node})
         _install(model, out_proto)
         stats["nodes_named"] = renamed
@@ -196,8 +196,7 @@ def _static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candid
     # (an excluded node is rewired to read float activations): they read what they would without them.
     recurrent_names = {n.name for n in candidates if n.op_type in _qdq.RECURRENT_OPS}
     base_exclude = [n.name for n in candidates if n.name not in chosen and n.name not in recurrent_names]
-    float_sess = make_session(float_proto)
-    reference = [float_sess.run(None, feeds) for feeds in ctx.samples]
+    reference: list[list[np.ndarray]] | None = None  # the float model's outputs, from the first round
     budget_excluded: list[LayerDecision] = []
     attempts: list[tuple[onnx.ModelProto, list[dict[str, Any]], Any, int]] = []
     while True:
@@ -213,10 +212,11 @@ def _static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candid
         recurrent = [n for n in selected if n.name in recurrent_names and n.name not in by_budget]
         if recurrent:
             qproto, _ = _weight_only(qproto, recurrent, per_channel)
-        qsess = make_session(qproto)
-        fidelity = compare_outputs(reference, [qsess.run(None, feeds) for feeds in ctx.samples])
         eligible = chosen - {e.node for e in budget_excluded}
-        sens = _sensitivity(float_proto, qproto, ctx.samples[:SENSITIVITY_SAMPLES], eligible)
+        sens, float_outputs, quant_outputs = _measure(float_proto, qproto, ctx.samples, eligible,
+                                                      float_outputs=reference is None)
+        reference = float_outputs if reference is None else reference
+        fidelity = compare_outputs(reference, quant_outputs)
         violation = _violation(fidelity, opts)
         attempts.append((qproto, sens, fidelity, len(budget_excluded)))
         if violation is None or len(budget_excluded) >= opts.max_excluded or not sens:
@@ -273,6 +273,66 @@ def _sensitivity(float_proto: onnx.ModelProto, qproto: onnx.ModelProto,
     ``sqnr`` is cumulative (all quantization upstream included); ``own_sqnr`` is the part this layer
     adds, from the SQNR of its output and of its worst activation input (see ``_qdq.own_sqnr_db``).
     """
+    return _measure(float_proto, qproto, samples, eligible, float_outputs=False, quant_outputs=False,
+                    probed=len(samples))[0]
+
+
+def _measure(float_proto: onnx.ModelProto, qproto: onnx.ModelProto, samples: list[dict[str, np.ndarray]],
+             eligible: set[str], *, float_outputs: bool, quant_outputs: bool = True,
+             probed: int = SENSITIVITY_SAMPLES,
+             ) -> tuple[list[dict[str, Any]], list[list[np.ndarray]], list[list[np.ndarray]]]:
+    """One run of each model per sample: (``_sensitivity`` on the first ``probed`` samples, the float and
+    the quantized model's outputs per sample (each empty unless asked for)).
+
+    One onnxruntime session per model gives the graph outputs and the probed activations (sessions of
+    large QDQ models cost more than their runs, and grow faster than the model).
+    """
+    layers = _probed_layers(float_proto, qproto, eligible)
+    # NOTE: every intermediate tensor of both models for one sample is held at once (the float model's
+    # and the quantized one's), never for all samples: per pair of tensors only each sample's signal and
+    # noise power is kept, and ``sqnr_db`` sums them as it always has, so the figures are the same.
+    ref_names = sorted({f for _, f, _, _ in layers} | {s for _, _, _, srcs in layers for s in srcs})
+    got_names = sorted(set(ref_names) | {seen for _, _, seen, _ in layers})
+    pairs = sorted({(f, seen) for _, f, seen, _ in layers} | {(s, s) for _, _, _, srcs in layers for s in srcs})
+    powers: dict[tuple[str, str], list[tuple[float, float]]] = {pair: [] for pair in pairs}
+    float_out = [o.name for o in float_proto.graph.output] if float_outputs else []
+    quant_out = [o.name for o in qproto.graph.output] if quant_outputs else []
+    float_probe, quant_probe = _qdq.probe_session(float_proto, ref_names), _qdq.probe_session(qproto, got_names)
+    ref_outputs: list[list[np.ndarray]] = []
+    got_outputs: list[list[np.ndarray]] = []
+    for i, feeds in enumerate(samples):
+        probing = i < probed
+        ref_wanted = _union(float_out, ref_names if probing else [])
+        got_wanted = _union(quant_out, got_names if probing else [])
+        ref = _qdq.run_probe(float_probe, ref_wanted, feeds) if ref_wanted else {}
+        got = _qdq.run_probe(quant_probe, got_wanted, feeds) if got_wanted else {}
+        if float_out:
+            ref_outputs.append([ref[name] for name in float_out])
+        if quant_out:
+            got_outputs.append([got[name] for name in quant_out])
+        if probing:
+            for ref_name, got_name in pairs:
+                powers[ref_name, got_name].append(_qdq.signal_noise_power(ref[ref_name], got[got_name]))
+        del ref, got  # before the next sample's run: one sample's activations at a time
+    out = []
+    for node, float_name, seen, srcs in layers:
+        sqnr = _qdq.sqnr_db_from_powers(powers[float_name, seen])
+        in_sqnr = min((_qdq.sqnr_db_from_powers(powers[s, s]) for s in srcs), default=math.inf)
+        out.append({"node": node.name, "op_type": node.op_type, "sqnr": sqnr,
+                    "own_sqnr": _qdq.own_sqnr_db(sqnr, in_sqnr)})
+    return out, ref_outputs, got_outputs
+
+
+def _union(first: list[str], second: list[str]) -> list[str]:
+    """``first`` then the names of ``second`` not in it (a session is asked for each output once)."""
+    seen = set(first)
+    return first + [name for name in second if name not in seen]
+
+
+def _probed_layers(float_proto: onnx.ModelProto, qproto: onnx.ModelProto, eligible: set[str],
+                   ) -> list[tuple[onnx.NodeProto, str, str, list[str]]]:
+    """The layers ``_sensitivity`` measures: (node, its float output, the tensor its readers see, the float
+    tensors quantized for its inputs)."""
     producer = {o: n for n in qproto.graph.node for o in n.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in qproto.graph.node:
@@ -304,27 +364,7 @@ def _sensitivity(float_proto: onnx.ModelProto, qproto: onnx.ModelProto,
             float_name = node.output[0] if node.output[0] in float_names else seen
             if float_name in float_names:
                 layers.append((node, float_name, seen, [s for s in sources if s in float_names]))
-    # NOTE: every intermediate tensor of both models for one sample is held at once (the float model's
-    # and the quantized one's), never for all samples: per pair of tensors only each sample's signal and
-    # noise power is kept, and ``sqnr_db`` sums them as it always has, so the figures are the same.
-    ref_names = sorted({f for _, f, _, _ in layers} | {s for _, _, _, srcs in layers for s in srcs})
-    got_names = sorted(set(ref_names) | {seen for _, _, seen, _ in layers})
-    pairs = sorted({(f, seen) for _, f, seen, _ in layers} | {(s, s) for _, _, _, srcs in layers for s in srcs})
-    powers: dict[tuple[str, str], list[tuple[float, float]]] = {pair: [] for pair in pairs}
-    float_probe, quant_probe = _qdq.probe_session(float_proto, ref_names), _qdq.probe_session(qproto, got_names)
-    for feeds in samples:
-        ref = _qdq.run_probe(float_probe, ref_names, feeds)
-        got = _qdq.run_probe(quant_probe, got_names, feeds)
-        for ref_name, got_name in pairs:
-            powers[ref_name, got_name].append(_qdq.signal_noise_power(ref[ref_name], got[got_name]))
-        del ref, got  # before the next sample's run: one sample's activations at a time
-    out = []
-    for node, float_name, seen, srcs in layers:
-        sqnr = _qdq.sqnr_db_from_powers(powers[float_name, seen])
-        in_sqnr = min((_qdq.sqnr_db_from_powers(powers[s, s]) for s in srcs), default=math.inf)
-        out.append({"node": node.name, "op_type": node.op_type, "sqnr": sqnr,
-                    "own_sqnr": _qdq.own_sqnr_db(sqnr, in_sqnr)})
-    return out
+    return layers
 
 
 def _db(value: float) -> float | None:
@@ -398,7 +438,7 @@ def _dequantized_weight(out: onnx.ModelProto, new_nodes: list[onnx.NodeProto], w
         numpy_helper.from_array(scale.astype(np.float32), names[1]),
         numpy_helper.from_array(np.zeros(scale.shape, np.int8), names[2]),
     ])
-    kwargs = {"axis": axis} if axis is not None else {}
+    kwargs: dict[str, Any] = {"axis": axis} if axis is not None else {}
     dq_out = names[3]
     if weight.data_type == onnx.TensorProto.FLOAT16:
         # NOTE: DequantizeLinear outputs the scale's type; float32 scales give float32, so cast back.
@@ -448,6 +488,24 @@ def _raise_opset(proto: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto | 
 def _refuse(reason: str) -> PassResult:
     return PassResult(modified=False, stats={"layers_quantized": 0},
                       layers=[LayerDecision("(model)", "", "declined", reason)])
+
+
+def _float_model(model: Model, ctx: PassContext) -> tuple[onnx.ModelProto, int, int]:
+    """``model`` as a proto with Constant nodes lowered and main-graph nodes named; (proto, lowered, named).
+
+    The proto is read-only (it may be the pass manager's cached export, shared); ``model`` is not changed.
+    Only when there is something to lower or name does the pass import a copy and export it again (a
+    graphsurgeon model exported, imported and exported again gives the same bytes, so the round trip is
+    skipped when it would change nothing).
+    """
+    proto = ctx.analyses_for(model).proto()
+    constants = any(n.op == "Constant" for g in model.all_graphs() for n in g.nodes)
+    if not constants and all(n.name for n in model.graph.nodes):
+        return proto, 0, 0
+    work = Model.from_proto(proto)
+    lowered = lower_model_constants(work)
+    renamed = _name_unnamed_nodes(work)
+    return work.to_proto(), lowered, renamed
 
 
 def _name_unnamed_nodes(model: Model) -> int:

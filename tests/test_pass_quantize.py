@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -14,6 +15,7 @@ from onnx import helper, numpy_helper
 from nnopt.analysis.activations import collect_activations
 from nnopt.cost.analysis import analyze
 from nnopt.errors import OptionError
+from nnopt.ir.model import Model
 from nnopt.passes import _qdq
 from nnopt.passes.quantize import Quantize, QuantizeOptions, _sensitivity
 from nnopt.pipeline.base import LayerDecision, PassContext
@@ -468,3 +470,118 @@ def test_real_model_weight_only_stores_the_crnn_lstm_in_int8(tmp_path: Path) -> 
     assert len(lstm) == 1 and lstm[0]["action"] == "rewritten" and lstm[0]["axis"] == 1
     assert lstm[0]["weight_bytes_before"] == 16_777_216
     assert record.after["weight_bytes"] < 0.26 * record.before["weight_bytes"]
+
+
+# ---------------------------------------------------------------------------------------------- scale
+# onnxruntime's quantization tools scan the graph per tensor (~n² on n nodes: 41 s at 2k nodes); the pass
+# gives them indexed lookups (nnopt.passes._ort_quant). These tests count work instead of timing it.
+def _residual_net(nodes: int) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+    """The scale benchmark's seeded residual net of about ``nodes`` nodes and 2 calibration samples."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import synthetic_models
+
+    proto = synthetic_models.residual_net(nodes)
+    x = np.random.default_rng(0).standard_normal([2, 1, 12, 8, 8]).astype(np.float32)
+    return proto, [{"X": x[i]} for i in range(2)]
+
+
+def _plain_onnxruntime(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the pass use onnxruntime's quantizer and calibrator as they are (the fallback path)."""
+    from nnopt.passes import _ort_quant
+
+    monkeypatch.setattr(_ort_quant, "supported", lambda: False)
+    monkeypatch.setattr(_ort_quant, "indexed_qdq_quantizer_class", lambda: None)
+
+
+@pytest.mark.parametrize("case", ["residual_net", "digits_budget"])
+def test_indexed_onnxruntime_tools_give_the_plain_tools_bytes(case: str, digits: dict, monkeypatch) -> None:
+    from nnopt.passes import _ort_quant
+
+    if not _ort_quant.supported():
+        pytest.skip("the indexed adapters are not used with this onnxruntime version")
+    if case == "residual_net":  # Relu absorption, Split/Concat, shared scales, a quantized graph output
+        (proto, samples), opts = _residual_net(300), QuantizeOptions.create("quantize")
+    else:  # the budget loop: several placements with growing exclusion lists
+        proto, samples = digits["proto"], digits["calib"]
+        opts = QuantizeOptions.create("quantize", min_cosine=0.99999, max_excluded=2)
+    before = dict(_ort_quant.COUNTERS)
+    indexed, indexed_result = apply_pass(Quantize(opts), proto, PassContext(samples=samples))
+    rounds = 1 + indexed_result.stats["layers_excluded_by_budget"]
+    # One index built when the quantizer starts and one after its final clean-up, per placement; never
+    # rebuilt because the graph changed behind the index's back.
+    assert _ort_quant.COUNTERS["index_builds"] - before["index_builds"] == 2 * rounds
+    assert _ort_quant.COUNTERS["index_rebuilds"] == before["index_rebuilds"]
+    _plain_onnxruntime(monkeypatch)
+    plain, plain_result = apply_pass(Quantize(opts), proto, PassContext(samples=samples))
+    assert indexed.SerializeToString() == plain.SerializeToString()
+    assert (indexed_result.stats, indexed_result.layers) == (plain_result.stats, plain_result.layers)
+    assert indexed_result.stats["layers_quantized"] > 3
+
+
+def test_static_work_grows_linearly_with_nodes() -> None:
+    # Python lines executed by the pass (onnxruntime's quantization code included) on the benchmark's net
+    # at about 300 and 1,200 nodes: ~4x for a linear pass. onnxruntime's plain tools measured 1.89 on
+    # 400 → 1,600 nodes (111.7 M lines at 1,600 nodes; 5.6 M indexed).
+    import math
+    import sys
+
+    def lines(fn: Any) -> int:
+        count = 0
+
+        def tracer(frame: Any, event: str, arg: Any) -> Any:
+            nonlocal count
+            count += event == "line"
+            return tracer
+
+        sys.settrace(tracer)
+        try:
+            fn()
+        finally:
+            sys.settrace(None)
+        return count
+
+    work = {}
+    for size in (300, 1200):
+        proto, samples = _residual_net(size)
+        model = Model.from_proto(proto)
+        work[len(proto.graph.node)] = lines(lambda: Quantize().run(model, PassContext(samples=samples)))  # noqa: B023
+    (small, w_small), (large, w_large) = sorted(work.items())
+    assert math.log(w_large / w_small) / math.log(large / small) <= 1.02, work
+
+
+def test_static_run_reads_the_managers_export_and_opens_three_sessions(digits: dict, monkeypatch) -> None:
+    # Before: 3 exports and 2 imports (a working copy, exported again; the result imported), 5 onnxruntime
+    # sessions (calibration, float, quantized, and a float and a quantized probe for the per-layer SQNR).
+    import onnx_graphsurgeon as gs
+
+    from nnopt.analysis.manager import AnalysisManager
+
+    calls: Counter[str] = Counter()
+
+    def counted(owner: Any, attr: str, label: str) -> None:
+        original = getattr(owner, attr)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls[label] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, attr, wrapper)
+
+    for proto, samples, expected in [
+        (digits["proto"], digits["calib"][:2], {"export": 0, "import": 1, "session": 3}),
+        # Constant nodes to lower and unnamed nodes to name: a working copy (imported, exported).
+        (*_residual_net(60), {"export": 1, "import": 2, "session": 3}),
+    ]:
+        model = Model.from_proto(proto)
+        ctx = PassContext(samples=samples)
+        ctx.analyses = AnalysisManager(model)
+        ctx.analyses.proto()  # what the pass manager has exported before the pass runs
+        calls.clear()
+        counted(Model, "to_proto", "export")
+        counted(gs, "import_onnx", "import")
+        counted(ort.InferenceSession, "__init__", "session")
+        assert Quantize().run(model, ctx).modified
+        monkeypatch.undo()
+        assert {label: calls[label] for label in expected} == expected
