@@ -50,10 +50,11 @@ def __getattr__(name: str):  # type: ignore[no-untyped-def]
 
 
 def analyze(*args, **kwargs):  # type: ignore[no-untyped-def]
-    """See ``nnopt.cost.analyze``."""
-    from nnopt.cost import analyze as _analyze
+    """``nnopt.cost.analyze`` with the installed plugins' cost rules and hardware profiles, as ``nnopt
+    analyze`` uses them; see ``nnopt.cost.analyze_with_plugins``."""
+    from nnopt.cost import analyze_with_plugins
 
-    return _analyze(*args, **kwargs)
+    return analyze_with_plugins(*args, **kwargs)
 
 
 __all__ = [

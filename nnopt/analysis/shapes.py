@@ -224,6 +224,7 @@ def infer_shapes(
     options: ShapeOptions = FRESH,
     *,
     counter: Counter[str] | None = None,
+    consume: bool = False,
 ) -> ShapeResult:
     """Run ONNX shape inference once (twice with ``retry_without_data_prop`` after a failure).
 
@@ -236,11 +237,13 @@ def infer_shapes(
             runs on the file, and ``input_dims``, ``declared`` and ``strip_data_above`` must be unset).
         options: The flavour (see :class:`ShapeOptions`, :data:`FRESH`, :data:`STRICT`, :data:`CONCRETE`).
         counter: Also count this call's work here.
+        consume: The caller hands ``model`` over (a fresh export nobody else reads): it may be modified
+            instead of copied, which saves a copy of the whole model.
     """
     _count(counter, "calls")
     if isinstance(model, (str, os.PathLike)):
         return _infer_path(Path(model), options, counter)
-    prepared = _prepare(model, options)
+    prepared = _prepare(model, options, consume)
     error = None
     for data_prop in (options.data_prop, False) if options.retry_without_data_prop else (options.data_prop,):
         _count(counter, "infer")
@@ -253,7 +256,7 @@ def infer_shapes(
             continue
         _drop_tensor_data(inferred)
         return ShapeResult(None, options, inferred)
-    return ShapeResult(error, options, prepared if prepared is not model else _without_data(model))
+    return ShapeResult(error, options, prepared if prepared is not model or consume else _without_data(model))
 
 
 def _infer_path(path: Path, options: ShapeOptions, counter: Counter[str] | None) -> ShapeResult:
@@ -275,10 +278,13 @@ def _infer_path(path: Path, options: ShapeOptions, counter: Counter[str] | None)
         return ShapeResult(error, options, onnx.load(str(path), load_external_data=False))
 
 
-def _prepare(model: onnx.ModelProto, options: ShapeOptions) -> onnx.ModelProto:
-    """What inference runs on: ``model`` itself when the options change nothing, else a copy."""
+def _prepare(model: onnx.ModelProto, options: ShapeOptions, consume: bool) -> onnx.ModelProto:
+    """What inference runs on: ``model`` itself when the options change nothing (or it is handed over),
+    else a copy."""
     if options.strip_data_above is not None:
         prepared = _stripped_copy(model, options.strip_data_above)
+    elif consume:
+        prepared = model
     elif options.input_dims or options.declared != "keep":
         prepared = onnx.ModelProto()
         prepared.CopyFrom(model)
