@@ -12,14 +12,16 @@ from onnx import numpy_helper
 
 from nnopt.cost.decoded import DecodePatternRegistry, decoded_weights
 from nnopt.cost.notes import Findings
-from nnopt.cost.tensors import TensorInfo, norm_domain, tensor_nbytes
-from nnopt.cost.walk import subgraphs
+from nnopt.cost.tensors import ELEMENT_BITS, TensorInfo, tensor_nbytes
+from nnopt.cost.walk import NodeView, node_views, subgraphs
 
+#: Ops whose outputs can be constants.
+_CONSTANT_OPS = frozenset({"Constant", "ConstantOfShape"})
 #: Data types that are shape/index metadata rather than weights: not counted as params.
 _METADATA_DTYPES = frozenset({onnx.TensorProto.INT32, onnx.TensorProto.INT64})
 
 
-@dataclass
+@dataclass(slots=True)
 class Const:
     """A constant tensor: its size, and how to get its values if a rule asks."""
 
@@ -32,23 +34,25 @@ class Const:
 
 
 def collect_constants(
-    graph: onnx.GraphProto, nodes: list[onnx.NodeProto], infos: dict[str, TensorInfo]
+    graph: onnx.GraphProto, nodes: list[NodeView], infos: dict[str, TensorInfo]
 ) -> dict[str, Const]:
-    """Initializers, Constant outputs and constant-shape ConstantOfShape outputs of the main graph."""
+    """Initializers, Constant outputs and constant-shape ConstantOfShape outputs of the main graph
+    (``nodes`` in topological order: a ConstantOfShape may read a Constant's output)."""
     consts: dict[str, Const] = {t.name: _const_from_tensor(t) for t in graph.initializer}
     for sparse in graph.sparse_initializer:
         consts[sparse.values.name] = _const_from_sparse(sparse)
     for node in nodes:
-        if norm_domain(node.domain) != "" or not node.output or not node.output[0]:
+        if node.op_type not in _CONSTANT_OPS or node.domain != "" or not node.outputs or not node.outputs[0]:
             continue
+        output = node.outputs[0]
         if node.op_type == "Constant":
-            const = _const_from_constant_node(node)
+            const = _const_from_constant_node(node.proto)
             if const is not None:
-                consts[node.output[0]] = const
-        elif node.op_type == "ConstantOfShape" and node.input and node.input[0] in consts:
-            const = _const_from_constant_of_shape(node, consts[node.input[0]], infos.get(node.output[0]))
+                consts[output] = const
+        elif node.op_type == "ConstantOfShape" and node.inputs and node.inputs[0] in consts:
+            const = _const_from_constant_of_shape(node.proto, consts[node.inputs[0]], infos.get(output))
             if const is not None:
-                consts[node.output[0]] = const
+                consts[output] = const
     return consts
 
 
@@ -72,7 +76,12 @@ def _tensor_loader(tensor: onnx.TensorProto) -> Callable[[], np.ndarray | None]:
 
 
 def _const_from_tensor(tensor: onnx.TensorProto) -> Const:
-    return _make_const(tensor.data_type, tuple(tensor.dims), _tensor_loader(tensor))
+    # ``_make_const`` inlined: a large model has tens of thousands of initializers.
+    dtype, shape = tensor.data_type, tuple(tensor.dims)
+    numel = math.prod(shape)
+    bits = ELEMENT_BITS.get(dtype)
+    nbytes = (numel * bits + 7) // 8 if bits is not None else 0
+    return Const(dtype, shape, nbytes, 0 if dtype in _METADATA_DTYPES else numel, _tensor_loader(tensor))
 
 
 def _const_from_sparse(sparse: onnx.SparseTensorProto) -> Const:
@@ -173,7 +182,7 @@ def _walk_subgraph(
         findings.subgraph_nodes += len(graph.node)
         findings.subgraph_ops[owner] += 1
     scope = {**outer, **local} if local else outer
-    decoded, storage = decoded_weights(list(graph.node), scope, infos, patterns)
+    decoded, storage = decoded_weights(node_views(graph.node), scope, infos, patterns)
     for sub in graph.node:
         for name in sub.input:
             if name in scope:

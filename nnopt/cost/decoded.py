@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from nnopt.cost.tensors import TensorInfo, norm_domain
-from nnopt.cost.walk import has_subgraph, read_names
+from nnopt.cost.tensors import TensorInfo
+from nnopt.cost.walk import NodeView
 from nnopt.errors import PluginError
 
 if TYPE_CHECKING:  # constants imports this module
@@ -111,7 +111,7 @@ def default_decode_patterns() -> DecodePatternRegistry:
 
 
 def decoded_weights(
-    nodes: list[onnx.NodeProto],
+    nodes: list[NodeView],
     consts: Mapping[str, Const],
     infos: Mapping[str, TensorInfo],
     patterns: DecodePatternRegistry,
@@ -121,14 +121,15 @@ def decoded_weights(
     # Tensors computed from constants only, each with the constants and nodes (indices) it comes from.
     derived: dict[str, tuple[frozenset[str], frozenset[int]]] = {}
     for i, node in enumerate(nodes):
-        ins = [n for n in node.input if n]
-        if not ins or norm_domain(node.domain) != "" or has_subgraph(node):
-            continue
+        ins = [n for n in node.inputs if n]
+        # Checked first: most nodes read an activation, and this rules them out soonest.
         if not all(n in consts or n in derived for n in ins):
+            continue
+        if not ins or node.domain != "" or node.has_subgraph:
             continue
         sources = frozenset(n for n in ins if n in consts).union(*(derived[n][0] for n in ins if n in derived))
         chain = frozenset({i}).union(*(derived[n][1] for n in ins if n in derived))
-        for out in node.output:
+        for out in node.outputs:
             if out and out not in consts:
                 derived[out] = (sources, chain)
     decoded: dict[str, int] = {}
@@ -137,7 +138,7 @@ def decoded_weights(
     for name, (sources, chain) in derived.items():
         node = nodes[max(chain)]  # the node that produced ``name``: the last of its chain
         info = infos.get(name)
-        if info is None or info.shape is None or not patterns.matches(DecodeSite(node, name, consts, derived)):
+        if info is None or info.shape is None or not patterns.matches(DecodeSite(node.proto, name, consts, derived)):
             continue
         decoded[name] = math.prod(info.shape)
         candidates |= sources
@@ -146,7 +147,7 @@ def decoded_weights(
         return decoded, set()
     readers: dict[str, set[int]] = {}
     for i, node in enumerate(nodes):
-        for name in read_names(node):
+        for name in node.reads:
             readers.setdefault(name, set()).add(i)
     storage = {n for n in candidates if readers.get(n, set()) <= decoder_nodes}
     return decoded, storage

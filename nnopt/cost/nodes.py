@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,8 +16,8 @@ from nnopt.cost.notes import Findings
 from nnopt.cost.report import first_line
 from nnopt.cost.rules import Cost, CostContext, CostRuleRegistry, UnknownShapeError
 from nnopt.cost.runtime_kernels import kernel_classes
-from nnopt.cost.tensors import TensorInfo, norm_domain
-from nnopt.cost.walk import has_subgraph, subgraphs, topological_order
+from nnopt.cost.tensors import TensorInfo
+from nnopt.cost.walk import NodeView, node_views, order_of, subgraphs
 
 #: The totals every graph's costing sums, besides ``latency_s`` (a float) and the derived ``nodes`` and
 #: ``arithmetic_intensity``.
@@ -43,10 +43,12 @@ class Scope:
     hardware: HardwareProfile
     patterns: DecodePatternRegistry
     findings: Findings
+    _nbytes: dict[str, int] = field(default_factory=dict, repr=False)
 
     def with_consts(self, consts: Mapping[str, Const]) -> Scope:
         """The same analysis over a graph whose constants are ``consts``."""
-        return Scope(self.infos, consts, self.opsets, self.rules, self.hardware, self.patterns, self.findings)
+        return Scope(self.infos, consts, self.opsets, self.rules, self.hardware, self.patterns, self.findings,
+                     self._nbytes)  # fmt: skip
 
     def info(self, name: str) -> TensorInfo:
         """The tensor's info, recorded as unknown the first time an unknown name is asked for."""
@@ -54,6 +56,13 @@ class Scope:
         if info is None:
             info = self.infos[name] = TensorInfo(name, None, None)
         return info
+
+    def nbytes(self, info: TensorInfo) -> int:
+        """The tensor's bytes (0 when unknown), computed once per tensor: most are read twice or more."""
+        size = self._nbytes.get(info.name)
+        if size is None:
+            size = self._nbytes[info.name] = info.nbytes or 0
+        return size
 
     def load(self, name: str) -> np.ndarray | None:
         """A constant's values (None if ``name`` is not a constant or its data is not loaded)."""
@@ -71,7 +80,7 @@ class _Weights:
 
 
 def cost_nodes(
-    nodes: list[onnx.NodeProto], order: list[int], scope: Scope, graph_outputs: list[str]
+    nodes: list[NodeView], order: list[int], scope: Scope, graph_outputs: list[str]
 ) -> tuple[list[dict[str, Any]], dict[str, float | int]]:
     """One record per node (``nodes`` topologically ordered; ``order``: their indices in the file, for
     default names), and the graph's totals including the profile's per-run overhead."""
@@ -80,7 +89,7 @@ def cost_nodes(
     hardware = scope.hardware
     # Kernel class per node (in ``nodes`` order), for profiles that model a runtime or give per-class figures.
     kernels = (
-        kernel_classes(nodes, scope.infos, scope.consts, hardware.runtime, graph_outputs)
+        kernel_classes([n.proto for n in nodes], scope.infos, scope.consts, hardware.runtime, graph_outputs)
         if hardware.models_runtime
         else ["other"] * len(nodes)
     )
@@ -96,27 +105,28 @@ def cost_nodes(
 
 
 def _cost_node(
-    index: int, node: onnx.NodeProto, kernel: str, scope: Scope, weights: _Weights, totals: dict[str, float | int]
+    index: int, node: NodeView, kernel: str, scope: Scope, weights: _Weights, totals: dict[str, float | int]
 ) -> dict[str, Any]:
     """The record of one node; adds its figures to ``totals``."""
-    domain = norm_domain(node.domain)
-    label = f"{domain}:{node.op_type}" if domain else node.op_type
-    name = node.name or f"{node.op_type}_{index}"
-    consts = scope.consts
-    inputs = [scope.info(n) if n else None for n in node.input]
-    outputs = [scope.info(n) if n else None for n in node.output]
-    cost, costed = _run_rule(node, label, name, inputs, outputs, scope.opsets.get(domain), scope)
+    domain, op_type = node.domain, node.op_type
+    label = f"{domain}:{op_type}" if domain else op_type
+    name = node.name or f"{op_type}_{index}"
+    consts, info = scope.consts, scope.info
+    inputs = [info(n) if n else None for n in node.inputs]
+    outputs = [info(n) if n else None for n in node.outputs]
+    cost, costed = _run_rule(node.proto, label, name, inputs, outputs, scope.opsets.get(domain), scope)
 
-    read = {n: consts[n] for n in node.input if n in consts}
+    read = {n: consts[n] for n in node.inputs if n in consts}
     branch = None
-    if has_subgraph(node):
-        read.update(subgraph_constants(node, consts, scope.findings, scope.infos, scope.patterns))
-        if node.op_type == "If" and domain == "":
-            branch = costliest_branch(node, scope)
+    if node.has_subgraph:
+        read.update(subgraph_constants(node.proto, consts, scope.findings, scope.infos, scope.patterns))
+        if op_type == "If" and domain == "":
+            branch = costliest_branch(node.proto, scope)
     params, weight_bytes = _count_weights(node, read, weights, totals)
-    input_bytes = sum(scope.infos[n].nbytes or 0 for n in dict.fromkeys(node.input) if n and n not in consts)
-    produces_constant = all(n in consts for n in node.output if n)
-    output_bytes = 0 if produces_constant else sum(o.nbytes or 0 for o in outputs if o is not None)
+    nbytes = scope.nbytes
+    input_bytes = sum(nbytes(scope.infos[n]) for n in dict.fromkeys(node.inputs) if n and n not in consts)
+    produces_constant = all(n in consts for n in node.outputs if n)
+    output_bytes = 0 if produces_constant else sum(nbytes(o) for o in outputs if o is not None)
     if branch is None:
         moved = input_bytes + weight_bytes + output_bytes
         latency, compute_s, memory_s = scope.hardware.node_latency(kernel, cost.flops, moved)
@@ -132,7 +142,7 @@ def _cost_node(
     totals["uncosted_nodes"] += 0 if costed else 1
     return {
         "name": name,
-        "op_type": node.op_type,
+        "op_type": op_type,
         "domain": domain,
         "params": int(params),
         "macs": cost.macs,
@@ -148,19 +158,19 @@ def _cost_node(
         "output_shapes": [list(o.shape) if o is not None and o.shape is not None else None for o in outputs],
         "costed": costed,
         "extra": cost.extra,
-        "outputs": list(node.output),
+        "outputs": list(node.outputs),
     }
 
 
 def _count_weights(
-    node: onnx.NodeProto, read: dict[str, Const], weights: _Weights, totals: dict[str, float | int]
+    node: NodeView, read: dict[str, Const], weights: _Weights, totals: dict[str, float | int]
 ) -> tuple[int, int]:
     """The node's params and weight bytes; adds each constant to ``totals`` the first time it is read.
 
     A decoder's stored constants count their bytes; the weight it makes counts as its params.
     """
     storage = weights.storage
-    logical = weights.decoded.get(node.output[0], 0) if node.output and weights.decoded else 0
+    logical = weights.decoded.get(node.outputs[0], 0) if node.outputs and weights.decoded else 0
     params = sum(c.params for n, c in read.items() if n not in storage) + logical
     weight_bytes = sum(c.nbytes for c in read.values())
     totals["params"] += logical
@@ -196,9 +206,10 @@ def costliest_branch(node: onnx.NodeProto, scope: Scope) -> dict[str, float | in
     """
     best: dict[str, float | int] | None = None
     for body in subgraphs(node):
-        order, _ = topological_order(body.node)
-        order = list(range(len(body.node))) if order is None else order
-        nodes = [body.node[i] for i in order]
+        views = node_views(body.node)
+        order, _ = order_of([v.reads for v in views], [v.outputs for v in views])
+        order = list(range(len(views))) if order is None else order
+        nodes = [views[i] for i in order]
         branch = scope.with_consts({**scope.consts, **body_constants(body)})
         _, totals = cost_nodes(nodes, order, branch, [o.name for o in body.output])
         totals["latency_s"] -= scope.hardware.run_overhead_s

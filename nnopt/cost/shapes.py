@@ -21,6 +21,7 @@ _OPTIONS = {False: CONCRETE, True: ShapeOptions(declared="typed", strip_data_abo
 
 def infer_tensor_infos(
     proto: onnx.ModelProto,
+    order: list[int] | None,
     fixed: dict[str, list[int]],
     overridden: bool,
     notes: list[str],
@@ -28,7 +29,10 @@ def infer_tensor_infos(
 ) -> dict[str, TensorInfo]:
     """What ONNX shape inference finds with the graph inputs set to ``fixed``: main-graph tensors (a known
     shape winning over an unknown one) and subgraph bodies' (names are unique across scopes; the
-    decoded-weight patterns and the costing of If branches read them)."""
+    decoded-weight patterns and the costing of If branches read them). ``order``: the main graph's
+    topological order when its nodes are not in one (inference needs producers first)."""
+    if order is not None:
+        proto = _reordered(proto, order)
     result = infer_shapes(proto, _OPTIONS[overridden].with_inputs(fixed), counter=counter)
     if result.error is not None:
         notes.append(f"onnx shape inference failed ({cut(result.error)}); only declared shapes were used")
@@ -36,14 +40,25 @@ def infer_tensor_infos(
     infos: dict[str, TensorInfo] = {}
     for vi in (*graph.input, *graph.value_info, *graph.output):
         info = _info_from_value_info(vi)
-        if info is not None and (info.shape is not None or vi.name not in infos):
-            infos[vi.name] = info
+        if info is not None and (info.shape is not None or info.name not in infos):
+            infos[info.name] = info
     for body in iter_bodies(graph):
         for vi in (*body.input, *body.value_info, *body.output):
             info = _info_from_value_info(vi)
             if info is not None and vi.name not in infos:
                 infos[vi.name] = info
     return infos
+
+
+def _reordered(proto: onnx.ModelProto, order: list[int]) -> onnx.ModelProto:
+    """A copy of ``proto`` with its main-graph nodes in ``order``."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    nodes = onnx.GraphProto()
+    nodes.node.extend(copy.graph.node[i] for i in order)
+    del copy.graph.node[:]
+    copy.graph.node.extend(nodes.node)
+    return copy
 
 
 def _info_from_value_info(vi: onnx.ValueInfoProto) -> TensorInfo | None:
@@ -56,10 +71,10 @@ def _info_from_value_info(vi: onnx.ValueInfoProto) -> TensorInfo | None:
     shape = None
     if tensor_type.HasField("shape"):
         dims = tensor_type.shape.dim
-        values = tuple(d.dim_value for d in dims)
+        values = [d.dim_value for d in dims]
         # A positive dim_value is set (dim_value and dim_param are a oneof); 0 needs a look.
-        if all(v > 0 for v in values) or all(d.HasField("dim_value") for d in dims):
-            shape = values
+        if not values or min(values) > 0 or all(d.HasField("dim_value") for d in dims):
+            shape = tuple(values)
     return TensorInfo(vi.name, tensor_type.elem_type or None, shape)
 
 

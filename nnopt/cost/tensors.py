@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import onnx
@@ -71,13 +70,12 @@ class TensorInfo:
     shape: tuple[int, ...] | None
     is_constant: bool = False
 
-    # Cached: the analysis asks for every tensor's size several times (frozen, so they cannot go stale).
-    @cached_property
+    @property
     def numel(self) -> int | None:
         """Number of elements, or None when the shape is unknown."""
         return None if self.shape is None else math.prod(self.shape)
 
-    @cached_property
+    @property
     def nbytes(self) -> int | None:
         """Bytes as stored, or None when the shape or the element size is unknown."""
         return tensor_nbytes(self.dtype, self.numel)
