@@ -31,7 +31,8 @@ COUNTERS: Counter[str] = Counter()
 #:   prove rewrites correct from what inference finds).
 Declared = Literal["keep", "static", "typed", "drop"]
 
-_GRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+#: Attribute types that hold subgraphs.
+GRAPH_ATTRS = frozenset({onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS})
 
 
 # ---------------------------------------------------------------------------------------------- types
@@ -374,14 +375,14 @@ def _in_order(reads: Sequence[Sequence[str]], writes: Sequence[Sequence[str]]) -
 
 
 #: Default-domain ops with graph attributes; other default-domain ops need no look at their attributes.
-_GRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+GRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 
 
 def has_subgraph(node: onnx.NodeProto) -> bool:
     """Whether ``node`` has a graph-valued attribute (an If/Loop/Scan body, or a custom op's)."""
-    if node.domain in ("", "ai.onnx") and node.op_type not in _GRAPH_OPS:
+    if node.domain in ("", "ai.onnx") and node.op_type not in GRAPH_OPS:
         return False
-    return any(a.type in _GRAPH_ATTRS for a in node.attribute)
+    return any(a.type in GRAPH_ATTRS for a in node.attribute)
 
 
 def read_names(node: onnx.NodeProto) -> tuple[str, ...]:

@@ -111,9 +111,9 @@ def _cost_node(
     domain, op_type = node.domain, node.op_type
     label = f"{domain}:{op_type}" if domain else op_type
     name = node.name or f"{op_type}_{index}"
-    consts, info = scope.consts, scope.info
-    inputs = [info(n) if n else None for n in node.inputs]
-    outputs = [info(n) if n else None for n in node.outputs]
+    consts, known, info = scope.consts, scope.infos.get, scope.info
+    inputs = [(known(n) or info(n)) if n else None for n in node.inputs]
+    outputs = [(known(n) or info(n)) if n else None for n in node.outputs]
     cost, costed = _run_rule(node.proto, label, name, inputs, outputs, scope.opsets.get(domain), scope)
 
     read = {n: consts[n] for n in node.inputs if n in consts}

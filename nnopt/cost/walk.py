@@ -8,7 +8,7 @@ from typing import NamedTuple
 import onnx
 
 # One implementation for the cost model and the shape-inference helper.
-from nnopt.analysis.shapes import has_subgraph, order_of, read_names, topological_order
+from nnopt.analysis.shapes import GRAPH_ATTRS, GRAPH_OPS, has_subgraph, order_of, read_names, topological_order
 from nnopt.ir.graphview import subgraph_reads
 
 __all__ = [
@@ -50,12 +50,13 @@ def node_views(nodes: Iterable[onnx.NodeProto]) -> list[NodeView]:
     """A :class:`NodeView` per node, in the order given."""
     views = []
     for node in nodes:
-        domain = node.domain
+        op_type, domain = node.op_type, node.domain
         domain = "" if domain == "ai.onnx" else domain
         inputs = tuple(node.input)
-        nested = has_subgraph(node)
+        # has_subgraph, on the fields already read: this runs once per node of the largest models.
+        nested = (domain != "" or op_type in GRAPH_OPS) and any(a.type in GRAPH_ATTRS for a in node.attribute)
         reads = (*inputs, *sorted(subgraph_reads(node))) if nested else inputs
-        views.append(NodeView(node, node.op_type, domain, node.name, inputs, tuple(node.output), reads, nested))
+        views.append(NodeView(node, op_type, domain, node.name, inputs, tuple(node.output), reads, nested))
     return views
 
 
