@@ -210,7 +210,7 @@ class ShapeResult:
             if t.shape is not None:
                 out[name] = [d if isinstance(d, int) else None for d in t.shape]
         for name, t in main.initializers:
-            out[name] = list(t.shape or ())
+            out[name] = list(t.static_shape or ())
         return out
 
 

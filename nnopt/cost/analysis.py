@@ -70,7 +70,7 @@ Conventions (the figures ``analyze`` reports follow these exactly):
   onnxruntime's blocked layout, conv with a weight computed at run time, int8) its own FLOP/s and fixed
   cost per node; with ``runtime="onnxruntime"`` nodes that onnxruntime folds into
   constants or fuses into another kernel cost 0 and QDQ-wrapped Conv/MatMul/Gemm run as int8 kernels
-  (``nnopt.cost.rules.kernel_classes``). Each node's ``kernel`` says which class it was estimated as.
+  (``nnopt.cost.runtime_kernels.kernel_classes``). Each node's ``kernel`` says which class it was estimated as.
 
 * **Shapes.** ONNX shape inference (with data propagation) runs on a copy of the model whose dynamic
   graph-input dims are made concrete: from ``input_shapes`` when given, otherwise every unknown dim is

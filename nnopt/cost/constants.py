@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -119,16 +120,21 @@ def _const_from_constant_node(node: onnx.NodeProto) -> Const | None:
         if attr.name in ("value_float", "value_int"):
             dtype = onnx.TensorProto.FLOAT if attr.name == "value_float" else onnx.TensorProto.INT64
             array = np.array(value, dtype=np.float32 if dtype == onnx.TensorProto.FLOAT else np.int64)
-            return _make_const(dtype, (), lambda a=array: a)
+            return _make_const(dtype, (), functools.partial(_identity, array))
         if attr.name in ("value_floats", "value_ints"):
             dtype = onnx.TensorProto.FLOAT if attr.name == "value_floats" else onnx.TensorProto.INT64
             array = np.array(list(value), dtype=np.float32 if dtype == onnx.TensorProto.FLOAT else np.int64)
-            return _make_const(dtype, (len(array),), lambda a=array: a)
+            return _make_const(dtype, (len(array),), functools.partial(_identity, array))
         if attr.name in ("value_string", "value_strings"):
             array = np.array(value if attr.name == "value_strings" else [value], dtype=object)
             shape = (len(array),) if attr.name == "value_strings" else ()
-            return _make_const(onnx.TensorProto.STRING, shape, lambda a=array: a)
+            return _make_const(onnx.TensorProto.STRING, shape, functools.partial(_identity, array))
     return None
+
+
+
+def _identity(array: np.ndarray) -> np.ndarray:
+    return array
 
 
 def _const_from_constant_of_shape(
@@ -152,7 +158,7 @@ def _const_from_constant_of_shape(
 
 def subgraph_constants(
     node: onnx.NodeProto,
-    outer: dict[str, Const],
+    outer: Mapping[str, Const],
     findings: Findings,
     infos: dict[str, TensorInfo],
     patterns: DecodePatternRegistry,
@@ -171,7 +177,7 @@ def subgraph_constants(
 def _walk_subgraph(
     graph: onnx.GraphProto,
     owner: str,
-    outer: dict[str, Const],
+    outer: Mapping[str, Const],
     found: dict[str, Const],
     findings: Findings,
     infos: dict[str, TensorInfo],

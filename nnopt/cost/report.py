@@ -17,7 +17,7 @@ class CostReport:
             latency_s, arithmetic_intensity, nodes, uncosted_nodes``.
         nodes: One dict per main-graph node in topological order, with ``name, op_type, domain, params,
             macs, flops, weight_bytes, input_bytes, output_bytes, bytes_moved, arithmetic_intensity,
-            latency_s, bound ("compute"/"memory"/""), kernel (see ``nnopt.cost.rules.kernel_classes``),
+            latency_s, bound ("compute"/"memory"/""), kernel (see ``nnopt.cost.runtime_kernels.kernel_classes``),
             output_shapes, costed, extra, outputs`` (``outputs``: the node's output tensor names, which
             identify it where node names are empty or repeated).
         notes: Assumptions made and things not counted, one sentence each.
