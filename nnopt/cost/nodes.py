@@ -169,11 +169,13 @@ def _count_weights(
 
     A decoder's stored constants count their bytes; the weight it makes counts as its params.
     """
-    storage = weights.storage
     logical = weights.decoded.get(node.outputs[0], 0) if node.outputs and weights.decoded else 0
+    totals["params"] += logical
+    if not read:  # most nodes read activations only
+        return logical, 0
+    storage = weights.storage
     params = sum(c.params for n, c in read.items() if n not in storage) + logical
     weight_bytes = sum(c.nbytes for c in read.values())
-    totals["params"] += logical
     for n, const in read.items():
         if n not in weights.counted:
             weights.counted.add(n)
