@@ -75,19 +75,20 @@ def run_one(model_path: str, config: str) -> dict:
     _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     proto = model.to_proto()
-    params = sum(layer["elements"] for layer in result.layers if layer["action"] == "rewritten")
+    rewritten = [layer.to_dict() for layer in result.layers if layer.action == "rewritten"]
+    params = sum(layer["elements"] for layer in rewritten)
     return {
         "config": config,
         "params": params,
         "rewritten": result.stats["weights_rewritten"],
         "seconds": seconds,
-        "clustering_s": sum(layer["seconds"] for layer in result.layers if layer["action"] == "rewritten"),
+        "clustering_s": sum(layer["seconds"] for layer in rewritten),
         "traced_peak_mb": traced_peak / 2**20,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "bytes_before": result.stats["weight_bytes_before"],
         "bytes_after": result.stats["weight_bytes_after"],
         "file_after": proto.ByteSize(),
-        "rel_error_max": max(layer["rel_error"] for layer in result.layers if layer["action"] == "rewritten"),
+        "rel_error_max": max(layer["rel_error"] for layer in rewritten),
     }
 
 

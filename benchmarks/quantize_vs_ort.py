@@ -226,7 +226,7 @@ def _nnopt(reference: onnx.ModelProto, options: dict[str, Any], calib: list[dict
 
     model = Model.from_proto(reference)
     result = Quantize(QuantizeOptions.create("quantize", **options)).run(model, PassContext(samples=calib))
-    return model.to_proto(), {"stats": result.stats, "layers": result.layers}
+    return model.to_proto(), {"stats": result.stats, "layers": [layer.to_dict() for layer in result.layers]}
 
 
 def render(results: list[dict[str, Any]]) -> str:

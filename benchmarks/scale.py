@@ -5,7 +5,7 @@ Graphs: seeded synthetic residual nets of about 2,000 / 10,000 / 40,000 nodes
 largest installed real models of ``tests/realmodels.py``: by parameters (ddddocr_ocr) and by nodes
 (ppocr_rec). Tasks: loading, ``nnopt analyze``, the default pipeline with and without onnxruntime
 verification, each built-in pass alone (``optimize -p PASS --no-verify``: the pass plus the pass manager's
-checker, shape inference and cost analysis), ``onnxslim.slim`` on the same file, and a reference: the onnx
+checker, shape inference and cost analysis), ``onnxslim.slim`` and ``onnxsim.simplify`` on the same file, and a reference: the onnx
 checker plus ONNX shape inference, C++ code that is linear in the nodes, which shows what the machine
 alone does to the growth exponent (the 2k graph fits in the CPU caches, the larger ones do not).
 
@@ -81,7 +81,7 @@ GRAPH_LABELS = {g.key: g.label for g in GRAPHS}
 @dataclass(frozen=True)
 class Task:
     key: str
-    #: What the child runs: "load", "analyze", "slim", "reference", or "pipeline" (``passes``; () = default).
+    #: What the child runs: "load", "analyze", "slim", "onnxsim", "reference", or "pipeline" (``passes``; () = default).
     kind: str
     passes: tuple[str, ...] = ()
     verify: bool = False
@@ -117,6 +117,8 @@ TASKS = [
          repeats=1),
     # Quadratic: about 110 s at 10k nodes; at 40k the time limit gives a lower bound, not worth 30 min.
     Task("onnxslim", "slim", repeats=1, timeout_s=120),
+    # onnxsim's simplify (ORT constant folding and its optimizer passes): issue #12's yardstick for `default`.
+    Task("onnxsim", "onnxsim", repeats=1, timeout_s=300),
 ]
 TASK_NOTES = {
     "reference": "onnx.checker.check_model + onnx.shape_inference.infer_shapes (C++, linear): the machine's own curve",
@@ -126,6 +128,7 @@ TASK_NOTES = {
     "default+verify": "the same with onnxruntime verification of every pass (one session per applied pass)",
     "quantize:mode=static": "calibrated on 2 generated samples; run on graphs up to 2k nodes only (see findings)",
     "onnxslim": "onnxslim.slim(model) on the same file, once",
+    "onnxsim": "onnxsim.simplify(model) on the same file, once",
 }
 
 
@@ -151,6 +154,15 @@ def _child_runner(task: Task, model_path: str, data_path: str | None, input_shap
             return {"seconds": wall, "cpu_seconds": cpu, "nodes_after": len(slimmed.graph.node)}
 
         return run_slim
+    if task.kind == "onnxsim":
+        import onnxsim
+
+        def run_onnxsim() -> dict:
+            proto = onnx.load(model_path)
+            wall, cpu, (simplified, _) = _timed(lambda: onnxsim.simplify(proto))
+            return {"seconds": wall, "cpu_seconds": cpu, "nodes_after": len(simplified.graph.node)}
+
+        return run_onnxsim
     if task.kind == "reference":
         def run_reference() -> dict:
             proto = onnx.load(model_path)
@@ -464,15 +476,21 @@ def render_before_after(before: dict, doc: dict) -> list[str]:
 
 def render_slim_comparison(doc: dict, keys: list[str]) -> list[str]:
     results = doc["results"]
-    if "onnxslim" not in results or "default" not in results:
+    peers = [k for k in ("onnxslim", "onnxsim") if k in results]
+    if not peers or "default" not in results:
         return []
-    lines = ["", "## nnopt's default pipeline and onnxslim", "",
-             "Nodes left and wall time on the same files (nnopt without verification: onnxslim does not verify).",
-             "", "| model | nodes | nnopt default: nodes | s | onnxslim: nodes | s |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["", "## nnopt's default pipeline, onnxslim and onnxsim", "",
+             "Nodes left and wall time on the same files (nnopt without verification: the peers do not verify).",
+             "", "| model | nodes | nnopt default: nodes | s | " + " | ".join(f"{p}: nodes | s" for p in peers) + " |",
+             "|---|---:|---:|---:|" + "---:|---:|" * len(peers)]
     for k in keys:
-        mine, slim = results["default"].get(k, {}), results["onnxslim"].get(k, {})
-        lines.append(f"| {GRAPH_LABELS.get(k, k)} | {doc['graphs'][k]['nodes']:,} | {mine.get('nodes_after', '–')} | "
-                     f"{_fmt_s(mine or None)} | {slim.get('nodes_after', '–')} | {_fmt_s(slim or None)} |")
+        mine = results["default"].get(k, {})
+        cells = [f"{GRAPH_LABELS.get(k, k)}", f"{doc['graphs'][k]['nodes']:,}", f"{mine.get('nodes_after', '–')}",
+                 _fmt_s(mine or None)]
+        for peer in peers:
+            theirs = results[peer].get(k, {})
+            cells += [f"{theirs.get('nodes_after', '–')}", _fmt_s(theirs or None)]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -499,7 +517,7 @@ def render_plot(doc: dict, path: Path) -> None:
             if len(pts) + len(capped) < 2:
                 continue
             slope = doc["summary"].get(task.key, {}).get("cpu_slope")
-            style = "--" if task.kind == "slim" or task.needs_data else (":" if task.kind == "reference" else "-")
+            style = "--" if task.kind in ("slim", "onnxsim") or task.needs_data else (":" if task.kind == "reference" else "-")
             color = cmap(i % 10)
             panel.plot(*zip(*pts), style, marker="o", color=color,
                        label=f"{task.key} ({slope:.2f})" if slope is not None else task.key)
@@ -528,11 +546,12 @@ def machine_line() -> str:
     import onnx
     import onnx_graphsurgeon
     import onnxruntime
+    import onnxsim
     import onnxslim
 
     return (f"Machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, numpy "
             f"{numpy.__version__}, onnx {onnx.__version__}, onnx-graphsurgeon {onnx_graphsurgeon.__version__}, "
-            f"onnxruntime {onnxruntime.__version__}, onnxslim {onnxslim.__version__}; shared with other jobs, so "
+            f"onnxruntime {onnxruntime.__version__}, onnxslim {onnxslim.__version__}, onnxsim {onnxsim.__version__}; shared with other jobs, so "
             "expect ±20 % on any one wall time.")
 
 

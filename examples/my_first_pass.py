@@ -27,7 +27,7 @@ class Options(nnopt.PassOptions):
     )
 
 
-class CollapseRepeatedOps(nnopt.Pass):
+class CollapseRepeatedOps(nnopt.Pass[Options]):
     """Collapse f(f(x)) to f(x) for idempotent ops (Relu, Abs, Floor, Ceil, Round, Sign).
 
     Matches: a node whose input is produced by a node of the same op type and attributes. Rewrites: its
@@ -37,10 +37,9 @@ class CollapseRepeatedOps(nnopt.Pass):
 
     name = "guide.collapse-repeated-ops"
     lossy = False
-    Options = Options
 
     def run(self, model: nnopt.Model, ctx: nnopt.PassContext) -> nnopt.PassResult:
-        layers = []
+        layers: list[nnopt.LayerDecision] = []
         for node in model.graph.nodes:
             if node.op not in self.options.ops or node.domain not in ("", "ai.onnx"):
                 continue
@@ -49,16 +48,14 @@ class CollapseRepeatedOps(nnopt.Pass):
                 continue
             if node.outputs[0] in model.graph.outputs:
                 # Bypassing it would rename a graph output: the model's interface never changes.
-                layers.append({"node": node.name, "op_type": node.op, "action": "declined",
-                               "reason": "its output is a graph output"})
+                layers.append(nnopt.LayerDecision(node.name, node.op, "declined", "its output is a graph output"))
                 continue
             # Everything that read f(f(x)) now reads f(x); graph outputs included.
             nnopt.replace_tensor(model.graph, node.outputs[0], first.outputs[0])
-            layers.append({"node": node.name, "op_type": node.op, "action": "removed",
-                           "reason": f"repeats {first.name}"})
+            layers.append(nnopt.LayerDecision(node.name, node.op, "removed", f"repeats {first.name}"))
         # The bypassed nodes have no readers left; cleanup() removes them (the pipeline's dce would too).
         model.graph.cleanup()
-        removed = sum(layer["action"] == "removed" for layer in layers)
+        removed = sum(layer.action == "removed" for layer in layers)
         return nnopt.PassResult(modified=removed > 0, stats={"nodes_removed": removed}, layers=layers)
 
 

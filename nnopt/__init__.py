@@ -5,6 +5,9 @@ The public surface for pipeline scripts and plugin authors is what this module e
 
 from __future__ import annotations
 
+from typing import Any
+
+from nnopt.analysis.selection import NodeSelection
 from nnopt.cost.hardware import HardwareProfile
 from nnopt.cost.rules import Cost, CostContext, CostRule
 from nnopt.errors import (
@@ -21,21 +24,32 @@ from nnopt.errors import (
 from nnopt.hookspecs import hookimpl
 from nnopt.ir.graphview import consumers, dataflow, producer, topological_nodes
 from nnopt.ir.model import Model, constant_values, load_model, replace_tensor, save_model
-from nnopt.pipeline.base import NoOptions, Pass, PassContext, PassOptions, PassResult
+from nnopt.pipeline.base import (
+    LAYER_ACTIONS,
+    Figure,
+    LayerAction,
+    LayerDecision,
+    NoOptions,
+    Pass,
+    PassContext,
+    PassOptions,
+    PassResult,
+    PassStatus,
+)
 from nnopt.pipeline.manager import Budget, PassManager, PassRecord, PipelineReport
 from nnopt.pipeline.progress import Progress, StreamProgress
 
 __version__ = "0.1.0"
 
 
-def optimize(*args, **kwargs):  # type: ignore[no-untyped-def]
+def optimize(*args: Any, **kwargs: Any) -> Any:
     """See ``nnopt.api.optimize``."""
     from nnopt.api import optimize as _optimize
 
     return _optimize(*args, **kwargs)
 
 
-def __getattr__(name: str):  # type: ignore[no-untyped-def]
+def __getattr__(name: str) -> Any:
     # Imported on first use: these pull in the plugin manager, which imports the built-in passes, which
     # import from ``nnopt``: importing them here eagerly would be circular.
     if name == "Pipeline":
@@ -49,7 +63,7 @@ def __getattr__(name: str):  # type: ignore[no-untyped-def]
     raise AttributeError(f"module 'nnopt' has no attribute {name!r}")
 
 
-def analyze(*args, **kwargs):  # type: ignore[no-untyped-def]
+def analyze(*args: Any, **kwargs: Any) -> Any:
     """``nnopt.cost.analyze`` with the installed plugins' cost rules and hardware profiles, as ``nnopt
     analyze`` uses them; see ``nnopt.cost.analyze_with_plugins``."""
     from nnopt.cost import analyze_with_plugins
@@ -71,9 +85,14 @@ __all__ = [
     "topological_nodes",
     "DataError",
     "InputError",
+    "LAYER_ACTIONS",
+    "Figure",
+    "LayerAction",
+    "LayerDecision",
     "Model",
     "ModelLoadError",
     "NnoptError",
+    "NodeSelection",
     "NoOptions",
     "OptionError",
     "Pass",
@@ -84,6 +103,7 @@ __all__ = [
     "PassOptions",
     "PassRecord",
     "PassResult",
+    "PassStatus",
     "Pipeline",
     "PipelineReport",
     "Progress",

@@ -21,10 +21,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import onnx
 
+from nnopt.analysis.manager import AnalysisManager, AnalysisSettings
 from nnopt.cost.hardware import HardwareProfile
 from nnopt.ir.model import Model, load_model
 from nnopt.pipeline.base import Pass, PassContext
@@ -70,25 +71,16 @@ class Pipeline:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], plugins: Plugins | None = None, **overrides: Any) -> Pipeline:
-        """Read and validate a pipeline file; keyword arguments override what the file sets."""
+        """Read and validate a pipeline file; keyword arguments override what the file sets.
+
+        The file's pass options are built and its hardware profile read here, once: running the result
+        parses neither again.
+        """
         from nnopt.pipeline.config import load_pipeline_file
 
         plugins = plugins or build_plugins()
-        config = load_pipeline_file(Path(path), _pass_classes(plugins), plugins.hardware_registry())
-        settings = {
-            "passes": list(config.passes) if config.passes is not None else None,
-            "data": config.data,
-            "budget": config.budget,
-            "strict": config.strict,
-            "seed": config.seed,
-            "input_shapes": dict(config.input_shapes),
-            "hardware": config.hardware,
-            "verify": config.verify,
-            "fixed_point": config.fixed_point,
-        }
-        settings = {k: v for k, v in settings.items() if v is not None or k in ("passes", "fixed_point")}
-        settings.update(overrides)
-        return cls(**settings)
+        pipeline = load_pipeline_file(Path(path), _pass_classes(plugins), plugins.hardware_registry())
+        return pipeline.replace(**overrides) if overrides else pipeline
 
     def replace(self, **changes: Any) -> Pipeline:
         """A copy with some settings changed."""
@@ -96,7 +88,26 @@ class Pipeline:
 
     def build(self, plugins: Plugins | None = None) -> list[Pass]:
         """The configured pass instances (validates every name and option without touching a model)."""
-        return build_passes(self.passes, plugins or build_plugins())[0]
+        return [p for p in self.resolved(plugins).passes or [] if isinstance(p, Pass)]
+
+    def resolved(self, plugins: Plugins | None = None) -> Pipeline:
+        """This pipeline with everything validated and built once: each pass spec an instance with its
+        options, ``hardware`` a ``HardwareProfile``, ``fixed_point`` decided. Running a resolved pipeline
+        parses nothing again; resolving one twice returns it unchanged."""
+        if self._is_resolved():
+            return self
+        plugins = plugins or build_plugins()
+        pass_list, lossless = build_passes(self.passes, plugins)
+        fixed_point = self.passes is None and lossless if self.fixed_point is None else self.fixed_point
+        return self.replace(passes=pass_list, hardware=self._hardware(plugins), fixed_point=fixed_point)
+
+    def _is_resolved(self) -> bool:
+        return (
+            self.passes is not None
+            and all(isinstance(p, Pass) for p in self.passes)
+            and isinstance(self.hardware, HardwareProfile)
+            and self.fixed_point is not None
+        )
 
     def run(
         self,
@@ -110,40 +121,37 @@ class Pipeline:
         A ``Model`` argument is edited in place; a path or ModelProto is loaded first and never modified.
         ``progress`` (e.g. ``nnopt.StreamProgress()``) is told about each pass and each slow layer.
         """
-        from nnopt.cost import analyze
-
         plugins = plugins or build_plugins()
-        hardware = self._hardware(plugins)
+        pipeline = self.resolved(plugins)
         if not isinstance(model, Model):
             model = load_model(model)
-        pass_list, lossless = build_passes(self.passes, plugins)
-        proto = model.to_proto()
-        data = str(self.data) if self.data else None
-        verifier = (
-            Verifier(proto, data_path=data, seed=self.seed, input_shapes=self.input_shapes) if self.verify else None
+        settings = AnalysisSettings(
+            input_shapes=dict(pipeline.input_shapes), hardware=cast(HardwareProfile, pipeline.hardware),
+            rules=plugins.cost_rules,
         )
-        rules = plugins.cost_rules
-
-        def totals(p: onnx.ModelProto) -> dict[str, Any]:
-            return analyze(p, hardware=hardware, input_shapes=self.input_shapes, rules=rules).totals
-
-        fixed_point = self.fixed_point
-        if fixed_point is None:
-            fixed_point = self.passes is None and lossless
+        analyses = AnalysisManager(model, settings)
+        proto = analyses.proto()  # the one export of the input: verifier, samples and the first pass share it
+        data = str(pipeline.data) if pipeline.data else None
+        verifier = (
+            Verifier(proto, data_path=data, seed=pipeline.seed, input_shapes=pipeline.input_shapes)
+            if pipeline.verify
+            else None
+        )
         manager = PassManager(
-            pass_list,
-            analyze=totals,
+            [p for p in pipeline.passes or [] if isinstance(p, Pass)],
+            settings=settings,
             verifier=verifier,
-            budget=self.budget,
-            strict=self.strict,
-            fixed_point=fixed_point,
+            budget=pipeline.budget,
+            strict=pipeline.strict,
+            fixed_point=bool(pipeline.fixed_point),
             hook=plugins.pm.hook,
             progress=progress,
         )
         ctx = PassContext(
-            seed=self.seed,
+            seed=pipeline.seed,
             samples=_pass_samples(proto, data, verifier),
-            input_shapes=dict(self.input_shapes),
+            input_shapes=dict(pipeline.input_shapes),
+            analyses=analyses,
         )
         report = manager.run(model, ctx)
         return model, report

@@ -37,7 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not load third-party plugins (same as NNOPT_NO_PLUGINS=1)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_analyze(sub)
+    _add_optimize(sub)
+    for name, help_text in (("passes", "list the registered passes and their options"),
+                            ("plugins", "list loaded plugins and where they come from")):
+        sub.add_parser(name, help=help_text).add_argument("--json", action="store_true")
+    _add_calibrate(sub)
+    return parser
 
+
+def _add_analyze(sub: Any) -> None:
     analyze = sub.add_parser("analyze", help="per-node cost: params, MACs, FLOPs, bytes, estimated latency")
     analyze.add_argument("model")
     analyze.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -51,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help=".npz of inputs for --measure (its first sample); default: generated inputs")
     analyze.add_argument("--top", type=int, default=None, help="show only the N most expensive nodes")
 
+
+def _add_optimize(sub: Any) -> None:
     opt = sub.add_parser("optimize", help="run a pass pipeline and write the optimized model")
     opt.add_argument("model")
     opt.add_argument("-o", "--output", required=True, help="where to write the optimized model")
@@ -81,12 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("-q", "--quiet", action="store_true",
                         help="print nothing on success: no table, no progress (warnings and errors still go to stderr)")
 
-    passes = sub.add_parser("passes", help="list the registered passes and their options")
-    passes.add_argument("--json", action="store_true")
 
-    plugins = sub.add_parser("plugins", help="list loaded plugins and where they come from")
-    plugins.add_argument("--json", action="store_true")
-
+def _add_calibrate(sub: Any) -> None:
     calibrate = sub.add_parser("calibrate", help="measure this machine in onnxruntime and write a hardware profile")
     calibrate.add_argument("-o", "--output", default=None, metavar="PROFILE.json",
                            help="write the profile here (default: print it on stdout); use it with --hardware")
@@ -96,7 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--name", default="calibrated", help="the profile's name")
     calibrate.add_argument("--quick", action="store_true",
                            help="tiny probes: checks the machinery in a second; the figures are not representative")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -183,11 +189,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.pipeline and args.passes:
         raise InputError("nnopt optimize: give the passes either with -p or in --pipeline FILE, not both")
     plugins = _plugins(args)
-    # Validate everything before loading the model: a typo in a pipeline file costs no time.
+    # Validate and build everything once, before loading the model: a typo in a pipeline file costs no time.
     pipeline = Pipeline.from_file(args.pipeline, plugins) if args.pipeline else Pipeline(args.passes)
-    pipeline = pipeline.replace(**_command_line_settings(args, pipeline, parse_input_shapes(args.input_shape)))
-    pipeline.build(plugins)
-    _hardware(pipeline.hardware, plugins)
+    flags = _command_line_settings(args, pipeline, parse_input_shapes(args.input_shape), plugins)
+    pipeline = pipeline.replace(**flags).resolved(plugins)
     model = load_model(src)
     progress = None if args.quiet or args.json else StreamProgress(sys.stderr)
     model, report = pipeline.run(model, plugins=plugins, progress=progress)
@@ -204,7 +209,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _command_line_settings(args: argparse.Namespace, pipeline: Any, shapes: dict[str, list[int]]) -> dict[str, Any]:
+def _command_line_settings(
+    args: argparse.Namespace, pipeline: Any, shapes: dict[str, list[int]], plugins: Any
+) -> dict[str, Any]:
     """The settings given as flags: they override a pipeline file's (flags not given change nothing)."""
     from dataclasses import replace
 
@@ -218,7 +225,7 @@ def _command_line_settings(args: argparse.Namespace, pipeline: Any, shapes: dict
     if args.no_verify is not None:
         settings["verify"] = not args.no_verify
     if args.hardware is not None:
-        settings["hardware"] = args.hardware
+        settings["hardware"] = _hardware(args.hardware, plugins)
     if args.fixed_point is not None:
         settings["fixed_point"] = {"auto": None, "on": True, "off": False}[args.fixed_point]
     if shapes:
@@ -311,17 +318,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     profile, measurements = calibrate(runs=args.runs, rounds=args.rounds, name=args.name.strip(),
                                       sizes=QUICK_SIZES if args.quick else FULL_SIZES)
-    k = profile.kernels
-    summary = (
-        f"{profile.name}: dense conv {k['conv'].flops / 1e9:.1f} GFLOP/s (+{k['conv'].overhead_s * 1e6:.1f} us), "
-        f"depthwise {k['depthwise'].flops / 1e9:.1f} GFLOP/s (+{k['depthwise'].overhead_s * 1e6:.1f} us), "
-        f"unblocked {k['unblocked_conv'].flops / 1e9:.1f} GFLOP/s (+{k['unblocked_conv'].overhead_s * 1e6:.1f} us), "
-        f"run-time weights {k['dynamic_weight'].flops / 1e9:.1f} GFLOP/s "
-        f"(+{k['dynamic_weight'].overhead_s * 1e6:.1f} us), "
-        f"int8 {k['int8'].flops / 1e9:.1f} GFLOP/s (+{k['int8'].overhead_s * 1e6:.1f} us), "
-        f"bandwidth {profile.bandwidth / 1e9:.1f} GB/s, {profile.node_overhead_s * 1e6:.2f} us per node, "
-        f"{profile.run_overhead_s * 1e6:.1f} us per run ({time.perf_counter() - started:.1f} s"
-        f"{', --quick: not representative' if args.quick else ''})"
+    summary = f"{_profile_summary(profile)} ({time.perf_counter() - started:.1f} s" + (
+        ", --quick: not representative)" if args.quick else ")"
     )
     if measurements["max_median_to_min"] > _BUSY_SPREAD:
         print(
@@ -337,6 +335,28 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         write_profile(profile, out, measurements)
         print(f"{summary}; wrote {out}")
     return EXIT_OK
+
+
+#: Kernel class → how ``nnopt calibrate`` names it in its one-line summary.
+_KERNEL_LABELS = {
+    "conv": "dense conv",
+    "depthwise": "depthwise",
+    "unblocked_conv": "unblocked",
+    "dynamic_weight": "run-time weights",
+    "int8": "int8",
+}
+
+
+def _profile_summary(profile: Any) -> str:
+    """One line: each kernel class's FLOP/s and fixed cost, bandwidth, per-node and per-run overhead."""
+    parts = []
+    for key, label in _KERNEL_LABELS.items():
+        kernel = profile.kernels[key]
+        flops = kernel.flops if kernel.flops is not None else profile.peak_flops
+        parts.append(f"{label} {flops / 1e9:.1f} GFLOP/s (+{kernel.overhead_s * 1e6:.1f} us)")
+    bandwidth = f"{profile.bandwidth / 1e9:.1f} GB/s" if profile.bandwidth is not None else "no bandwidth"
+    return (f"{profile.name}: {', '.join(parts)}, bandwidth {bandwidth}, "
+            f"{profile.node_overhead_s * 1e6:.2f} us per node, {profile.run_overhead_s * 1e6:.1f} us per run")
 
 
 _COMMANDS = {

@@ -1,4 +1,4 @@
-"""The NnoptError hierarchy: every error nnopt raises on purpose, each with a CLI exit code."""
+"""The NnoptError hierarchy (every error nnopt raises on purpose, each with a CLI exit code), and first_line."""
 
 from __future__ import annotations
 
@@ -43,3 +43,18 @@ class PassFailedError(NnoptError):
 
 class PluginError(NnoptError):
     """A plugin could not be loaded or registered."""
+
+
+def first_line(exc: BaseException, width: int | None = None, mark: str = "") -> str:
+    """An exception's message cut to its first line, for one-line reports; the type's name if it has none.
+
+    Args:
+        exc: the exception.
+        width: at most this many characters (None: the whole line).
+        mark: what ends a line that was cut (e.g. ``"..."``), counted within ``width``.
+    """
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if width is None or len(line) <= width:
+        return line
+    return line[: width - len(mark)] + mark

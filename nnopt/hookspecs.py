@@ -6,16 +6,21 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the specs only name these types: importing them at run time would be circular
+    from nnopt.cost.hardware import HardwareProfile
+    from nnopt.cost.rules import CostRule
     from nnopt.ir.model import Model
     from nnopt.pipeline.base import Pass, PassContext, PassResult
+    from nnopt.pipeline.manager import PassRecord
 
 hookspec = pluggy.HookspecMarker("nnopt")
 hookimpl = pluggy.HookimplMarker("nnopt")
 
 
+# The bodies are empty: pluggy calls the plugins' implementations, never these (pyproject.toml turns off
+# mypy's empty-body check for this module).
 @hookspec
-def nnopt_register_passes() -> list[type[Pass]]:
+def nnopt_register_passes() -> list[type[Pass[Any]]]:
     """Return the Pass classes this plugin provides.
 
     Built-in passes register through this same hook. Pass names must be unique across all plugins; a
@@ -24,17 +29,17 @@ def nnopt_register_passes() -> list[type[Pass]]:
 
 
 @hookspec
-def nnopt_register_cost_rules() -> list[Any]:
-    """Return ``nnopt.cost.rules.CostRule`` objects: FLOPs/MACs for ops, e.g. ops of a custom domain."""
+def nnopt_register_cost_rules() -> list[CostRule]:
+    """Return cost rules: FLOPs/MACs for ops, e.g. ops of a custom domain."""
 
 
 @hookspec
-def nnopt_register_hardware() -> list[Any]:
-    """Return ``nnopt.cost.HardwareProfile`` objects usable by name with ``--hardware``."""
+def nnopt_register_hardware() -> list[HardwareProfile]:
+    """Return hardware profiles usable by name with ``--hardware``."""
 
 
 @hookspec(firstresult=True)
-def nnopt_run_pass(pass_: Pass, model: Model, ctx: PassContext) -> PassResult | None:
+def nnopt_run_pass(pass_: Pass[Any], model: Model, ctx: PassContext) -> PassResult | None:
     """Run one pass on the model. The default implementation calls ``pass_.run(model, ctx)``.
 
     Wrap it (``@hookimpl(wrapper=True)``) to time, profile or trace passes.
@@ -42,5 +47,5 @@ def nnopt_run_pass(pass_: Pass, model: Model, ctx: PassContext) -> PassResult | 
 
 
 @hookspec
-def nnopt_after_pass(record: Any, model: Model) -> None:
-    """Observe each pass once the manager has verified it (``record`` is a ``PassRecord``)."""
+def nnopt_after_pass(record: PassRecord, model: Model) -> None:
+    """Observe each pass once the manager has verified it."""

@@ -11,7 +11,7 @@ from typing import Any
 import pluggy
 
 from nnopt import hookspecs
-from nnopt.errors import PluginError
+from nnopt.errors import PluginError, first_line
 from nnopt.pipeline.base import Pass
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def build_plugins(*, load_entry_points: bool = True, extra: list[Any] | None = N
             try:
                 obj = ep.load()
             except Exception as exc:  # boundary: third-party import
-                plugins.plugins.append(PluginInfo(ep.name, dist, "failed", f"import failed: {_one_line(exc)}"))
+                plugins.plugins.append(PluginInfo(ep.name, dist, "failed", f"import failed: {first_line(exc)}"))
                 log.warning("plugin %s (%s): import failed: %s", ep.name, dist, exc)
                 continue
             _register(plugins, obj, ep.name, dist)
@@ -111,7 +111,7 @@ def _register(plugins: Plugins, obj: Any, name: str, dist: str) -> None:
     except Exception as exc:  # boundary: pluggy validation of third-party code
         if pm.is_registered(obj):
             pm.unregister(obj)
-        plugins.plugins.append(PluginInfo(name, dist, "failed", _one_line(exc)))
+        plugins.plugins.append(PluginInfo(name, dist, "failed", first_line(exc)))
         log.warning("plugin %s (%s): %s", name, dist, exc)
         return
     problems: list[str] = []
@@ -133,7 +133,7 @@ def _register(plugins: Plugins, obj: Any, name: str, dist: str) -> None:
             plugins.cost_rules.register(rule)
             accepted += 1
         except Exception as exc:  # boundary: a malformed or conflicting third-party rule
-            problems.append(f"cost rule {getattr(rule, 'op_type', rule)!r}: {_one_line(exc)}")
+            problems.append(f"cost rule {getattr(rule, 'op_type', rule)!r}: {first_line(exc)}")
     for profile in hardware:
         plugins.hardware.setdefault(profile.name, profile)
     status = "failed" if problems and not (accepted or hardware) else "loaded"
@@ -152,7 +152,7 @@ def _call(obj: Any, hook_name: str, problems: list[str]) -> list[Any]:
     try:
         result = impl()
     except Exception as exc:  # boundary: third-party hook
-        problems.append(f"{hook_name} raised {type(exc).__name__}: {_one_line(exc)}")
+        problems.append(f"{hook_name} raised {type(exc).__name__}: {first_line(exc)}")
         return []
     return list(result or [])
 
@@ -163,11 +163,6 @@ def _check_pass_class(cls: Any) -> str | None:
     if not cls.name or cls.name != cls.name.strip() or " " in cls.name or cls.name.lower() != cls.name:
         return f"pass class {cls.__name__} has no valid kebab-case name ('{cls.name}')"
     return None
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def get_pass_class(plugins: Plugins, name: str) -> type[Pass]:

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from nnopt.errors import DataError, InputError, NnoptError
+from nnopt.errors import DataError, InputError, NnoptError, first_line
 from nnopt.ir.model import EXTERNAL_DATA_THRESHOLD, Model, tensor_bytes, write_proto_atomically
 
 #: Axis-0 dims that are unknown become 1 (a batch of one); other unknown dims become this.
@@ -71,7 +71,7 @@ def make_session(
             write_proto_atomically(proto, path, external_data=True)
             return ort.InferenceSession(str(path), options, providers=_PROVIDERS)
     except Exception as exc:  # boundary: onnxruntime raises its own exception types
-        raise RuntimeUnavailable(f"onnxruntime cannot load the model: {_first_line(exc)}") from exc
+        raise RuntimeUnavailable(f"onnxruntime cannot load the model: {first_line(exc, 300)}") from exc
 
 
 def input_specs(sess: ort.InferenceSession) -> list[tuple[str, Any, list[Any]]]:
@@ -167,7 +167,7 @@ def load_samples(path: str | Path, sess: ort.InferenceSession) -> list[dict[str,
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except Exception as exc:  # boundary: numpy's reader
-        raise DataError(f"data file {path}: not a readable .npz archive ({_first_line(exc)})") from exc
+        raise DataError(f"data file {path}: not a readable .npz archive ({first_line(exc, 300)})") from exc
     specs = input_specs(sess)
     names = [s[0] for s in specs]
     missing = [n for n in names if n not in arrays]
@@ -210,8 +210,3 @@ def load_samples(path: str | Path, sess: ort.InferenceSession) -> list[dict[str,
         raise DataError(f"data file {path}: arrays hold different numbers of samples ({sorted(counts)})")
     n = counts.pop() if counts else 0
     return [{name: per_input[name][i] for name in names} for i in range(n)]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -248,6 +248,7 @@ class Tracer:
         labels = a.new_labels(rows.shape[0], r)
         a.roots.append(Root(node, int(labels[0]), norms, dead))
         a.root_of_node[id(node)] = r
+        # The ignore: a root's weight is a constant (it was read above), so _const is not None here.
         rank = int(_const(node, 1).ndim) if node.op == "Conv" else axis + 1  # type: ignore[union-attr]
         a.tracks[id(node.outputs[0])] = Track(axis, labels, dead.copy(), rank)
         self.defer(node.outputs[0], self._edit_root, node)
@@ -259,8 +260,9 @@ class Tracer:
         assert w is not None
         if node.op == "Conv":
             self.saved[0] += _replace_input(node, 1, w[mask], self.namer)
-            if _const(node, 2) is not None:
-                self.saved[0] += _replace_input(node, 2, _const(node, 2)[mask], self.namer)
+            bias = _const(node, 2)
+            if bias is not None:
+                self.saved[0] += _replace_input(node, 2, bias[mask], self.namer)
         elif node.op == "Gemm":
             trans = int(node.attrs.get("transB", 0))
             self.saved[0] += _replace_input(node, 1, w[mask] if trans else w[:, mask], self.namer)
@@ -355,7 +357,7 @@ class Tracer:
         if node.op == "BatchNormalization":
             if int(node.attrs.get("training_mode", 0)):
                 raise Decline("BatchNormalization in training mode")
-            gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+            gamma, beta, mean, var = (p.astype(np.float64) for p in params if p is not None)  # none is None
             shift_if_zero = beta - mean * gamma / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
             zeros = (t.zeros & (shift_if_zero == 0)) | ((gamma == 0) & (beta == 0))
             self._scale_norms(node.inputs[0], t, np.abs(gamma) / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5))))
@@ -439,10 +441,11 @@ class Tracer:
                 zeros.append(t.zeros)
                 continue
             dims = self.shape(x)
-            if dims is None or dims[axis] is None:
+            size = None if dims is None else dims[axis]
+            if size is None:
                 raise Decline(f"Concat {node.name}: size of untracked input {x.name} is unknown")
-            labels.append(self.a.new_labels(int(dims[axis]), -1))
-            zeros.append(np.zeros(int(dims[axis]), dtype=bool))
+            labels.append(self.a.new_labels(int(size), -1))
+            zeros.append(np.zeros(int(size), dtype=bool))
         self.set_out(node, Track(axis, np.concatenate(labels), np.concatenate(zeros)))
 
     def split(self, node: gs.Node) -> None:
@@ -463,7 +466,7 @@ class Tracer:
         for i, out in enumerate(node.outputs):
             part = slice(bounds[i], bounds[i + 1])
             self.a.tracks[id(out)] = Track(t.axis, t.labels[part], t.zeros[part], t.rank)
-        self.a.edits.append(lambda keep, node=node: self._edit_split(node, [keep(o) for o in node.outputs]))
+        self.a.edits.append(lambda keep: self._edit_split(node, [keep(o) for o in node.outputs]))
 
     def _edit_split(self, node: gs.Node, masks: list[np.ndarray]) -> None:
         if all(m.all() for m in masks):
@@ -536,7 +539,7 @@ class Tracer:
                 raise Decline(f"Reshape {node.name} mixes the channels with other axes")
         if t is None or dims is None or t.axis != start or any(d is None for d in dims[start:]):
             raise Decline(f"{node.op} {node.name} does not flatten from the channel axis with static sizes")
-        block = int(np.prod(dims[start + 1 :], dtype=np.int64))
+        block = int(np.prod([d for d in dims[start + 1 :] if d is not None], dtype=np.int64))  # none is None
         # Channel c becomes features [c*block, (c+1)*block): a block of repeated labels.
         self.set_out(node, Track(start, np.repeat(t.labels, block), np.repeat(t.zeros, block), start + 1))
         if target is not None and int(target[start]) not in (-1, 0):

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from nnopt.analysis.activations import collect_activations
-from nnopt.errors import NnoptError, OptionError
-from nnopt.ir.model import Model
-from nnopt.pipeline.base import PassContext
+from nnopt.analysis.selection import NodeSelection
+from nnopt.errors import NnoptError, OptionError, first_line
+from nnopt.ir.model import Model, splice_nodes
+from nnopt.passes.constants_to_initializers import constant_array, is_onnx_op, taken_names, unique_name
+from nnopt.pipeline.base import Figure, LayerDecision, PassContext
 
 #: The rank rule when none of ``rank``, ``energy`` and ``max_error`` is given: keep 99% of the squared
 #: singular values (a relative weight error of at most 10%). Conservative: on trained weights it often
@@ -34,6 +36,9 @@ GRAM_SVD_WORK = 1e7
 #: At most this many activation rows (output positions × samples) per layer enter a refit; more are
 #: subsampled (seeded). Forming ZᵀZ costs rows × k², which dominates the refit.
 MAX_FIT_ROWS = 50_000
+
+#: Conv attributes that describe the sliding window: the first of the two new convs keeps them.
+WINDOW_ATTRS = ("auto_pad", "dilations", "kernel_shape", "pads", "strides")
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -64,17 +69,57 @@ def check_min_saving(name: str, value: float) -> None:
         raise OptionError(f"{name} must be a finite fraction below 1 (got {value})")
 
 
+@dataclass(frozen=True)
+class LowRankOptions(NodeSelection):
+    """Options shared by svd and conv-to-separable: the rank rule, the data-aware refit, node selection.
+
+    Each pass adds its minimum saving (validated by ``check_min_saving``) and may reword the help of these
+    fields in ``HELP`` where they mean something more specific for it.
+    """
+
+    TRAILING: ClassVar[tuple[str, ...]] = ("data_aware", "nodes", "exclude")
+    HELP: ClassVar[Mapping[str, str]] = {
+        "nodes": "only these layers: shell patterns over node names (an unnamed node goes by its output's "
+        "name); default all",
+        "exclude": "never these layers (shell patterns)",
+    }
+
+    rank: int | None = field(default=None, metadata={"help": "rank r kept (capped at the full rank)"})
+    energy: float | None = field(
+        default=None,
+        metadata={
+            "help": "smallest r keeping this fraction of the squared singular values (the default, 0.99, "
+            "when rank, energy and max_error are unset)"
+        },
+    )
+    max_error: float | None = field(
+        default=None, metadata={"help": "smallest r whose relative weight error ‖W − Ŵ‖/‖W‖ is at most this"}
+    )
+    data_aware: bool = field(
+        default=True,
+        metadata={
+            "help": "with reference data (--data), refit the second factor (and bias) by least squares on "
+            "the layer's real inputs, minimising its output error"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        check_rank_options(self.rank, self.energy, self.max_error)
+
+    def rank_rule(self) -> RankRule:
+        return RankRule.from_options(self.rank, self.energy, self.max_error)
+
 
 class Decline(Exception):
     """Raised inside a low-rank pass (never escapes it) with why a layer stays as it is, and figures."""
 
-    def __init__(self, reason: str, figures: dict[str, Any] | None = None) -> None:
+    def __init__(self, reason: str, figures: dict[str, Figure] | None = None) -> None:
         super().__init__(reason)
         self.figures = figures or {}
 
-    def entry(self, node_name: str, op_type: str) -> dict[str, Any]:
+    def decision(self, node_name: str, op_type: str) -> LayerDecision:
         """The layer's line in the pass report."""
-        return {"node": node_name, "op_type": op_type, "action": "declined", "reason": str(self), **self.figures}
+        return LayerDecision(node_name, op_type, "declined", str(self), self.figures)
 
 
 @dataclass(frozen=True)
@@ -185,10 +230,25 @@ def node_label(node: gs.Node) -> str:
     return node.name or (node.outputs[0].name if node.outputs else node.op)
 
 
-def first_line(exc: BaseException) -> str:
-    """An exception's first line, shortened for a per-layer report."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else type(exc).__name__
+def optional_input(node: gs.Node, index: int) -> gs.Tensor | None:
+    """The node's input at ``index``, or None where it is absent or empty (an optional input left out)."""
+    return node.inputs[index] if len(node.inputs) > index and not node.inputs[index].is_empty() else None
+
+
+def window_attrs(node: gs.Node) -> dict[str, Any]:
+    """The Conv attributes of the sliding window (``WINDOW_ATTRS``) that ``node`` sets."""
+    return {k: v for k, v in node.attrs.items() if k in WINDOW_ATTRS}
+
+
+def conv_bias(node: gs.Node, c_out: int) -> np.ndarray:
+    """A Conv's bias as float64 (C_out,), zeros if it has none; Decline if it is not a constant."""
+    tensor = optional_input(node, 2)
+    if tensor is None:
+        return np.zeros(c_out)
+    values = constant_array(tensor)
+    if values is None:
+        raise Decline("bias is not a constant")
+    return np.asarray(values, dtype=np.float64).reshape(-1)
 
 
 def saving(before: int, after: int) -> float:
@@ -432,3 +492,137 @@ def fit_figures(refit: Refit) -> dict[str, Any]:
     for key, value in refit.figures.items():
         out[key] = round(value, 6) if isinstance(value, float) else value
     return out
+
+
+# ---------------------------------------------------------------------------------------------- pass skeleton
+class Plan(Protocol):
+    """A layer a low-rank pass will rewrite as two thinner ones: ``first`` then ``second`` factor.
+
+    The data-aware refit keeps the first factor and refits the second (and a bias correction) on the
+    layer's real inputs; ``report`` collects the figures as the plan goes.
+    """
+
+    graph: gs.Graph
+    node: gs.Node
+    report: LayerDecision
+
+    @property
+    def bias(self) -> np.ndarray:
+        """The layer's bias (C_out,) in float64, zeros if none."""
+
+    @property
+    def intercept(self) -> bool:
+        """Whether a fitted bias correction can be carried by the rewritten layer."""
+
+    def probe(self, xs: list[np.ndarray], opset: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per sample of the layer's input, (first factor's output, original output before its bias)."""
+
+    def second_factor(self) -> np.ndarray:
+        """The second factor as the k × n matrix P of ``Z·P``: the refit's start and fallback."""
+
+    def set_second_factor(self, p: np.ndarray, delta: np.ndarray | None) -> None:
+        """Take a refit P (k × n) and bias correction δ (None: none)."""
+
+    def weight_error(self) -> float:
+        """‖W − Ŵ‖_F / ‖W‖_F of the current factors."""
+
+
+PlanT = TypeVar("PlanT", bound=Plan)
+
+
+def plan_layers(
+    model: Model,
+    ctx: PassContext,
+    ops: Collection[str],
+    selection: NodeSelection,
+    plan: Callable[[gs.Graph, gs.Node], PlanT],
+) -> tuple[list[PlanT], list[LayerDecision]]:
+    """Plan every selected node of type ``ops`` in all graphs: (the plans, every layer's decision).
+
+    ``plan`` raises ``Decline`` for a layer that stays as it is; unselected nodes get no line.
+    """
+    plans: list[PlanT] = []
+    layers: list[LayerDecision] = []
+    candidates = [
+        (graph, node) for graph in model.all_graphs() for node in graph.nodes if node.op in ops and is_onnx_op(node)
+    ]
+    for done, (graph, node) in enumerate(candidates):
+        label = node_label(node)
+        ctx.progress(done, len(candidates), label)
+        if not selection.selects(label):
+            continue
+        try:
+            planned = plan(graph, node)
+        except Decline as why:
+            layers.append(why.decision(label, node.op))
+            continue
+        plans.append(planned)
+        layers.append(planned.report)
+    return plans, layers
+
+
+def refit_plans(model: Model, ctx: PassContext, plans: Sequence[Plan], pass_name: str) -> None:
+    """Refit the second factor of main-graph plans on the layers' real inputs (``ctx.samples``).
+
+    Subgraph layers keep their weight fit (a note says so): their inputs cannot be collected by one run.
+    Where the data or a layer's probe does not run, the layers keep the weight fit with the reason.
+    """
+    main = [plan for plan in plans if plan.graph is model.graph]
+    if main:
+        _refit_main(model, ctx, main, pass_name)
+    for plan in plans:
+        if plan.graph is not model.graph:
+            plan.report.figures.update(fit="weights", fit_note="data-aware fitting covers main-graph layers only")
+
+
+def _refit_main(model: Model, ctx: PassContext, plans: list[Plan], pass_name: str) -> None:
+    try:
+        inputs = layer_inputs(model, sorted({plan.node.inputs[0].name for plan in plans}), ctx.samples)
+    except Exception as exc:  # boundary: onnxruntime on the user's model and data
+        for plan in plans:
+            plan.report.figures.update(fit="weights", fit_note=f"the reference data did not run: {first_line(exc, 160)}")
+        return
+    for plan in plans:
+        figures = plan.report.figures
+        try:
+            pairs = plan.probe(inputs[plan.node.inputs[0].name], model.opset)
+        except Exception as exc:  # boundary: onnxruntime on a probe of this layer
+            figures.update(fit="weights", fit_note=f"the layer probe did not run: {first_line(exc, 160)}")
+            continue
+        refit = refit_second_factor(
+            pairs, plan.second_factor(), plan.bias, plan.intercept, ctx.rng(f"{pass_name}:{plan.report.node}")
+        )
+        plan.set_second_factor(refit.p, refit.delta)
+        figures.update(fit_figures(refit))
+        if refit.delta is not None and optional_input(plan.node, 2) is None:
+            figures["params_after"] = plan.report.int_figure("params_after") + refit.delta.size  # a new bias
+        if refit.used:
+            figures["weight_error_refit"] = round(plan.weight_error(), 6)
+
+
+def splice_plans(
+    model: Model, plans: Sequence[PlanT], prefix: str, emit: Callable[[PlanT, Callable[[str], str]], list[gs.Node]]
+) -> None:
+    """Replace each plan's node by the nodes ``emit`` builds, named ``prefix/<layer>/<what>`` (unique)."""
+    taken = taken_names(model)
+    replacements: dict[int, dict[int, list[gs.Node]]] = {}  # graph id → node id → its new nodes
+    graphs = {id(plan.graph): plan.graph for plan in plans}
+    for plan in plans:
+        label = plan.report.node
+
+        def fresh(what: str, label: str = label) -> str:
+            return unique_name(f"{prefix}/{label}/{what}", taken)
+
+        replacements.setdefault(id(plan.graph), {})[id(plan.node)] = emit(plan, fresh)
+    for graph_id, nodes in replacements.items():
+        splice_nodes(graphs[graph_id], nodes)
+
+
+def savings(plans: Sequence[Plan]) -> tuple[int, int]:
+    """(params saved, FLOPs saved) over the rewritten layers; FLOPs only where the cost analysis had them."""
+    reports = [plan.report for plan in plans]
+    params = sum(r.int_figure("params_before") - r.int_figure("params_after") for r in reports)
+    flops = sum(
+        r.int_figure("flops_before") - r.int_figure("flops_after") for r in reports if r.figures["flops_before"] is not None
+    )
+    return params, flops

@@ -3,59 +3,55 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from nnopt.analysis.selection import is_selected
-from nnopt.ir.model import Model, splice_nodes
+from nnopt.ir.model import Model
 from nnopt.passes._lowrank import (
     Decline,
+    LowRankOptions,
     RankRule,
     channel_rows,
     check_min_saving,
-    check_rank_options,
-    first_line,
-    fit_figures,
-    layer_inputs,
+    conv_bias,
     main_graph_costs,
     node_label,
     numerical_tolerance,
-    refit_second_factor,
+    optional_input,
+    plan_layers,
+    refit_plans,
     relative_error,
     run_convs,
     saving,
+    savings,
     scaled_flops,
+    splice_plans,
+    window_attrs,
 )
-from nnopt.passes.constants_to_initializers import constant_array, is_onnx_op, taken_names, unique_name
-from nnopt.pipeline.base import Pass, PassContext, PassOptions, PassResult
+from nnopt.passes.constants_to_initializers import constant_array
+from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
 _PREFIX = "conv_to_separable"
-#: Conv attributes that describe the sliding window: they go to the depthwise conv unchanged.
-_WINDOW_ATTRS = ("auto_pad", "dilations", "kernel_shape", "pads", "strides")
 
 
 @dataclass(frozen=True)
-class ConvToSeparableOptions(PassOptions):
-    rank: int | None = field(
-        default=None,
-        metadata={"help": "depth multiplier m: rank kept per input channel (capped at min(C_out, K²))"},
-    )
-    energy: float | None = field(
-        default=None,
-        metadata={
-            "help": "smallest m at which every input channel's C_out×K² slice keeps this fraction of its "
-            "squared singular values (the default, 0.99, when rank, energy and max_error are unset)"
-        },
-    )
-    max_error: float | None = field(
-        default=None,
-        metadata={
-            "help": "smallest m at which the layer's relative weight error ‖W − Ŵ‖/‖W‖ is at most this"
-        },
-    )
+class ConvToSeparableOptions(LowRankOptions):
+    HELP: ClassVar[Mapping[str, str]] = {
+        "rank": "depth multiplier m: rank kept per input channel (capped at min(C_out, K²))",
+        "energy": "smallest m at which every input channel's C_out×K² slice keeps this fraction of its squared "
+        "singular values (the default, 0.99, when rank, energy and max_error are unset)",
+        "max_error": "smallest m at which the layer's relative weight error ‖W − Ŵ‖/‖W‖ is at most this",
+        "data_aware": "with reference data (--data), refit the pointwise weights and bias by least squares on "
+        "the layer's real inputs, minimising its output error",
+        "nodes": "only these convs: shell patterns over node names (an unnamed node goes by its output's name); "
+        "default all",
+        "exclude": "never these convs (shell patterns)",
+    }
+
     min_flops_saving: float = field(
         default=0.1,
         metadata={
@@ -63,26 +59,10 @@ class ConvToSeparableOptions(PassOptions):
             "allow growth: -1 accepts up to twice the FLOPs, e.g. for exact full-rank rewrites)"
         },
     )
-    data_aware: bool = field(
-        default=True,
-        metadata={
-            "help": "with reference data (--data), refit the pointwise weights and bias by least squares "
-            "on the layer's real inputs, minimising its output error"
-        },
-    )
-    nodes: tuple[str, ...] = field(
-        default=(),
-        metadata={
-            "help": "only these convs: shell patterns over node names (an unnamed node goes by its "
-            "output's name); default all"
-        },
-    )
-    exclude: tuple[str, ...] = field(default=(), metadata={"help": "never these convs (shell patterns)"})
 
     def __post_init__(self) -> None:
-        check_rank_options(self.rank, self.energy, self.max_error)
+        super().__post_init__()
         check_min_saving("min_flops_saving", self.min_flops_saving)
-
 
 
 @dataclass
@@ -96,11 +76,37 @@ class _Plan:
     depthwise: np.ndarray  # (C_in·m, 1, *kernel): output channel c·m + j reads input channel c
     pointwise: np.ndarray  # (C_out, C_in·m)
     delta: np.ndarray | None
-    report: dict[str, Any]
+    report: LayerDecision
 
     @property
     def c_in(self) -> int:
         return int(self.weight.shape[1])
+
+    @property
+    def intercept(self) -> bool:
+        return True  # the pointwise conv can always carry a bias, so a fitted correction has a place
+
+    def probe(self, xs: list[np.ndarray], opset: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        attrs = window_attrs(self.node)
+        outs = run_convs(
+            xs, [(self.weight, {**attrs, "group": 1}), (self.depthwise, {**attrs, "group": self.c_in})], opset
+        )
+        return [(channel_rows(z), channel_rows(y)) for y, z in outs]
+
+    def second_factor(self) -> np.ndarray:
+        return self.pointwise.T
+
+    def set_second_factor(self, p: np.ndarray, delta: np.ndarray | None) -> None:
+        self.pointwise, self.delta = p.T, delta
+
+    def weight_error(self) -> float:
+        recon = np.einsum(
+            "ocm,cmk->ock",
+            self.pointwise.reshape(self.weight.shape[0], self.c_in, -1),
+            self.depthwise.reshape(self.c_in, -1, math.prod(self.weight.shape[2:])),
+        )
+        dense = self.weight.astype(np.float64).reshape(recon.shape)
+        return float(np.linalg.norm(recon - dense) / np.linalg.norm(dense))
 
 
 def separable_factors(weight: np.ndarray, rule: RankRule) -> tuple[np.ndarray, np.ndarray, int, float]:
@@ -128,7 +134,7 @@ def separable_factors(weight: np.ndarray, rule: RankRule) -> tuple[np.ndarray, n
     return depthwise, pointwise, m, relative_error(s, m)
 
 
-class ConvToSeparable(Pass):
+class ConvToSeparable(Pass[ConvToSeparableOptions]):
     """Approximate dense K×K convolutions by a depthwise K×K conv and a pointwise 1×1 conv (per-channel SVD).
 
     Matches: ``Conv`` with group 1, a kernel larger than 1×1 and a constant floating-point weight read by
@@ -155,57 +161,28 @@ class ConvToSeparable(Pass):
 
     name = "conv-to-separable"
     lossy = True
-    Options = ConvToSeparableOptions
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        opts: ConvToSeparableOptions = self.options  # type: ignore[assignment]
-        rule = RankRule.from_options(opts.rank, opts.energy, opts.max_error)
+        opts = self.options
+        rule = opts.rank_rule()
         costs = main_graph_costs(model, ctx) if any(n.op == "Conv" for n in model.graph.nodes) else {}
-        plans: list[_Plan] = []
-        layers: list[dict[str, Any]] = []
-        candidates = [
-            (graph, node)
-            for graph in model.all_graphs()
-            for node in graph.nodes
-            if node.op in ("Conv", "ConvTranspose") and is_onnx_op(node)
-        ]
-        for done, (graph, node) in enumerate(candidates):
-            ctx.progress(done, len(candidates), node_label(node))
-            label = node_label(node)
-            if not is_selected(label, opts.nodes, opts.exclude):
-                continue
-            try:
-                # Only main-graph nodes are costed (If/Loop bodies run a data-dependent number of times).
-                plan = self._plan(graph, node, rule, opts, costs if graph is model.graph else {})
-            except Decline as why:
-                layers.append(why.entry(label, node.op))
-                continue
-            plans.append(plan)
-            layers.append(plan.report)
+
+        def plan(graph: gs.Graph, node: gs.Node) -> _Plan:
+            # Only main-graph nodes are costed (If/Loop bodies run a data-dependent number of times).
+            return self._plan(graph, node, rule, opts, costs if graph is model.graph else {})
+
+        plans, layers = plan_layers(model, ctx, ("Conv", "ConvTranspose"), opts, plan)
         if opts.data_aware and ctx.samples:
-            self._refit(model, ctx, [p for p in plans if p.graph is model.graph])
-            for plan in plans:
-                if plan.graph is not model.graph:
-                    plan.report.update(
-                        fit="weights", fit_note="data-aware fitting covers main-graph layers only"
-                    )
-        taken = taken_names(model)
-        replacements: dict[int, dict[int, list[gs.Node]]] = {}  # graph id → node id → its two new convs
-        graphs = {id(plan.graph): plan.graph for plan in plans}
-        for plan in plans:
-            replacements.setdefault(id(plan.graph), {})[id(plan.node)] = self._apply(plan, taken)
-        for graph_id, nodes in replacements.items():
-            splice_nodes(graphs[graph_id], nodes)
-        rewritten = [p.report for p in plans]
+            refit_plans(model, ctx, plans, self.name)
+        splice_plans(model, plans, _PREFIX, self._apply)
+        params_saved, flops_saved = savings(plans)
         return PassResult(
             modified=bool(plans),
             stats={
                 "convs_rewritten": len(plans),
                 "convs_declined": len(layers) - len(plans),
-                "flops_saved": sum(
-                    r["flops_before"] - r["flops_after"] for r in rewritten if r["flops_before"] is not None
-                ),
-                "params_saved": sum(r["params_before"] - r["params_after"] for r in rewritten),
+                "flops_saved": flops_saved,
+                "params_saved": params_saved,
             },
             layers=layers,
         )
@@ -242,19 +219,14 @@ class ConvToSeparable(Pass):
             raise Decline(f"{kind} conv (group={group}): only dense convs are separated")
         if area == 1:
             raise Decline("1×1 conv: there is no spatial kernel to separate")
-        bias = np.zeros(c_out)
-        if len(node.inputs) > 2 and not node.inputs[2].is_empty():
-            values = constant_array(node.inputs[2])
-            if values is None:
-                raise Decline("bias is not a constant")
-            bias = np.asarray(values, dtype=np.float64).reshape(-1)
+        bias = conv_bias(node, c_out)
 
         depthwise, pointwise, m, error = separable_factors(weight, rule)
         c_in = c_per_group
         macs_before = c_out * c_in * area
         macs_after = c_in * m * area + c_out * c_in * m
         flops_before, flops_after = scaled_flops(costs.get(node.outputs[0].name), macs_before, macs_after)
-        figures: dict[str, Any] = {
+        figures: dict[str, Figure] = {
             "m": m,
             "rule": rule.describe(),
             "c_in": c_in,
@@ -275,69 +247,19 @@ class ConvToSeparable(Pass):
                 f"below min_flops_saving={opts.min_flops_saving:g}",
                 figures,
             )
-        report = {"node": node_label(node), "op_type": "Conv", "action": "rewritten", **figures}
+        report = LayerDecision(node_label(node), "Conv", "rewritten", figures=figures)
         return _Plan(graph, node, weight, bias, depthwise, pointwise, None, report)
 
-    # -------------------------------------------------------------------------------------- data-aware refit
-    def _refit(self, model: Model, ctx: PassContext, plans: list[_Plan]) -> None:
-        """Refit the pointwise weights and bias of main-graph plans on the layers' real inputs."""
-        if not plans:
-            return
-        try:
-            inputs = layer_inputs(model, sorted({p.node.inputs[0].name for p in plans}), ctx.samples)
-        except Exception as exc:  # boundary: onnxruntime on the user's model and data
-            for plan in plans:
-                plan.report.update(
-                    fit="weights", fit_note=f"the reference data did not run: {first_line(exc)}"
-                )
-            return
-        for plan in plans:
-            xs = inputs[plan.node.inputs[0].name]
-            attrs = {k: v for k, v in plan.node.attrs.items() if k in _WINDOW_ATTRS}
-            try:
-                outs = run_convs(
-                    xs,
-                    [(plan.weight, {**attrs, "group": 1}), (plan.depthwise, {**attrs, "group": plan.c_in})],
-                    model.opset,
-                )
-            except Exception as exc:  # boundary: onnxruntime on a probe of this layer
-                plan.report.update(fit="weights", fit_note=f"the layer probe did not run: {first_line(exc)}")
-                continue
-            pairs = [(channel_rows(z), channel_rows(y)) for y, z in outs]
-            refit = refit_second_factor(
-                pairs, plan.pointwise.T, plan.bias, True, ctx.rng(f"{self.name}:{plan.report['node']}")
-            )
-            plan.pointwise = refit.p.T
-            plan.delta = refit.delta
-            plan.report.update(fit_figures(refit))
-            if refit.delta is not None and not (
-                len(plan.node.inputs) > 2 and not plan.node.inputs[2].is_empty()
-            ):
-                plan.report["params_after"] += refit.delta.size  # the fitted correction becomes a new bias
-            if refit.used:
-                recon = np.einsum(
-                    "ocm,cmk->ock",
-                    plan.pointwise.reshape(plan.weight.shape[0], plan.c_in, -1),
-                    plan.depthwise.reshape(plan.c_in, -1, math.prod(plan.weight.shape[2:])),
-                )
-                dense = plan.weight.astype(np.float64).reshape(recon.shape)
-                plan.report["weight_error_refit"] = round(
-                    float(np.linalg.norm(recon - dense) / np.linalg.norm(dense)), 6
-                )
-
     # ------------------------------------------------------------------------------------------ rewriting
-    def _apply(self, plan: _Plan, taken: set[str]) -> list[gs.Node]:
+    @staticmethod
+    def _apply(plan: _Plan, fresh: Callable[[str], str]) -> list[gs.Node]:
         """Build the depthwise and pointwise convs that replace ``plan.node`` (the caller splices them in)."""
         node = plan.node
-        label = plan.report["node"]
         dtype = plan.weight.dtype
         x, y = node.inputs[0], node.outputs[0]
-        old_bias = node.inputs[2] if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
-        window = {k: v for k, v in node.attrs.items() if k in _WINDOW_ATTRS}
+        old_bias = optional_input(node, 2)
+        window = window_attrs(node)
         spatial = plan.weight.ndim - 2
-
-        def fresh(what: str) -> str:
-            return unique_name(f"{_PREFIX}/{label}/{what}", taken)
 
         dw_weight = gs.Constant(fresh("depthwise_weight"), plan.depthwise.astype(dtype))
         pw_weight = gs.Constant(

@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 
 from nnopt.ir.model import Model
 from nnopt.passes.constants_to_initializers import constant_array, is_onnx_op, taken_names, unique_name
-from nnopt.pipeline.base import Pass, PassContext, PassResult
+from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
 
 @dataclass(frozen=True)
@@ -285,7 +285,7 @@ class FoldBatchNorm(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         pinned = {id(t) for g in model.all_graphs() for t in g.outputs}
         taken = taken_names(model)
-        layers: list[dict[str, Any]] = []
+        layers: list[LayerDecision] = []
         folded: dict[str, int] = {}
         for graph in model.all_graphs():
             gone: set[int] = set()
@@ -298,28 +298,28 @@ class FoldBatchNorm(Pass):
                 index = _candidate_input(graph, node, follower)
                 if index is None:
                     continue
-                entry: dict[str, Any] = {"node": node.name, "op": node.op}
+                figures: dict[str, Figure] = {}
                 try:
                     if not node.outputs or not all(_unused(t, pinned) for t in node.outputs[1:]):
                         raise _Decline("training outputs are used")
                     producer = _producer(graph, node.inputs[index], pinned, local)
-                    entry["into"] = producer.name
+                    figures["into"] = producer.name
                     affine = follower.affine(node, index, _output_rank(producer), model.opset)
                     plan = FOLDERS[producer.op](producer, affine)
                 except _Decline as why:
-                    layers.append({**entry, "action": "declined", "reason": str(why)})
+                    layers.append(LayerDecision(node.name, node.op, "declined", str(why), figures))
                     continue
                 self._apply(producer, node, plan, taken)
                 gone.add(id(node))
                 folded[node.op] = folded.get(node.op, 0) + 1
-                layers.append({**entry, "action": "folded"})
+                layers.append(LayerDecision(node.name, node.op, "folded", figures=figures))
             if gone:
                 graph.nodes = [n for n in graph.nodes if id(n) not in gone]
         batchnorms = folded.pop("BatchNormalization", 0)
         stats: dict[str, Any] = {
             "batchnorms_folded": batchnorms,
             "affine_ops_folded": sum(folded.values()),
-            "declined": sum(1 for layer in layers if layer["action"] == "declined"),
+            "declined": sum(1 for layer in layers if layer.action == "declined"),
         }
         return PassResult(modified=batchnorms > 0 or bool(folded), stats=stats, layers=layers)
 

@@ -23,7 +23,7 @@ from nnopt.passes.constants_to_initializers import (
     lower_model_constants,
 )
 from nnopt.passes.dce import remove_dead_nodes
-from nnopt.pipeline.base import Pass, PassContext, PassResult
+from nnopt.pipeline.base import LayerDecision, Pass, PassContext, PassResult
 
 #: A folded node may add this many bytes beyond the constant inputs it frees: about what removing the node
 #: saves in the protobuf, so shape arithmetic and scalars fold while e.g. a ConstantOfShape that makes a
@@ -65,7 +65,7 @@ def fold_shape_ops(graph: gs.Graph, types: dict[str, TensorType], pinned: set[st
     """Replace the outputs of Shape/Size nodes whose input has a static inferred shape by constants, and
     of Gather/Slice nodes that pick only static dims out of a partly dynamic Shape.
 
-    The shapes come from fresh inference (``infer_tensor_types``), never from the model's own value_info.
+    The shapes come from fresh inference (``nnopt.analysis.shapes.FRESH``), never from the model's own value_info.
     Outputs in ``pinned`` (graph outputs) stay. Returns the number of nodes folded.
     """
     folded = 0
@@ -126,7 +126,9 @@ def _static_pick(reader: gs.Node, shape_out: gs.Tensor, dims: list[int | str | N
         starts, ends = _constant_ints(reader.inputs[1]), _constant_ints(reader.inputs[2])
         axes = _constant_ints(reader.inputs[3]) if len(reader.inputs) > 3 and reader.inputs[3].name else [0]
         steps = _constant_ints(reader.inputs[4]) if len(reader.inputs) > 4 and reader.inputs[4].name else [1]
-        if None in (starts, ends, axes, steps) or len(starts) != 1 or axes not in ([0], [-1]) or steps[0] == 0:
+        if starts is None or ends is None or axes is None or steps is None:
+            return None
+        if len(starts) != 1 or axes not in ([0], [-1]) or steps[0] == 0:
             return None
         # Python slicing clamps out-of-range starts and ends the way ONNX Slice does.
         picked = dims[starts[0] : ends[0] : steps[0]]
@@ -238,8 +240,8 @@ class FoldConstants(Pass):
     lossy = False
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        snapshot = model.to_proto()
-        inferred = infer_shapes(snapshot, FRESH)
+        snapshot = ctx.analyses_for(model).proto()  # cached: shared with the verification; read-only
+        inferred = infer_shapes(snapshot, FRESH)  # runs on a copy: the snapshot stays as it is
         types = {} if inferred.error is not None else dict(inferred.types)
         pinned = {t.name for g in model.all_graphs() for t in g.outputs}
         outputs_before = _graph_output_producers(model)
@@ -273,7 +275,7 @@ class FoldConstants(Pass):
         except Exception as exc:  # boundary: graphsurgeon and onnxruntime on arbitrary models
             model.restore(snapshot)
             reason = f"graphsurgeon fold_constants failed: {type(exc).__name__}: {str(exc).strip()[:200]}"
-            return PassResult(modified=False, layers=[{"node": "*", "action": "declined", "reason": reason}])
+            return PassResult(modified=False, layers=[LayerDecision("*", "", "declined", reason)])
         finally:
             for graph, version in ir_versions:
                 graph.ir_version = version

@@ -5,16 +5,16 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from nnopt.analysis.selection import is_selected
+from nnopt.analysis.selection import NodeSelection
 from nnopt.errors import OptionError
 from nnopt.ir.model import Model, replace_tensor
 from nnopt.passes.constants_to_initializers import (
@@ -24,7 +24,7 @@ from nnopt.passes.constants_to_initializers import (
     taken_names,
     unique_name,
 )
-from nnopt.pipeline.base import Pass, PassContext, PassOptions, PassResult
+from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
 _PREFIX = "kmeans"
 
@@ -47,7 +47,12 @@ _FLOAT_DTYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(
 
 
 @dataclass(frozen=True)
-class KMeansOptions(PassOptions):
+class KMeansOptions(NodeSelection):
+    HELP: ClassVar[Mapping[str, str]] = {
+        "nodes": "only weights whose readers all match these (shell patterns; default all)",
+        "exclude": "never weights read by a node matching these (shell patterns)",
+    }
+
     bits: int = field(
         default=8,
         metadata={"help": "index width: k = 2^bits shared values per codebook (1-8). 8 kept the outputs of the "
@@ -59,12 +64,6 @@ class KMeansOptions(PassOptions):
         metadata={"help": "one codebook per output channel (Conv axis 0, ConvTranspose axis 1, Gemm axis 0 "
                           "with transB else 1, MatMul last axis; other initializers axis 0) instead of one per "
                           "tensor"},
-    )
-    nodes: tuple[str, ...] = field(
-        default=(), metadata={"help": "only weights whose readers all match these (shell patterns; default all)"}
-    )
-    exclude: tuple[str, ...] = field(
-        default=(), metadata={"help": "never weights read by a node matching these (shell patterns)"}
     )
     min_size: int = field(default=1024, metadata={"help": "leave tensors with fewer elements than this alone"})
     all_initializers: bool = field(
@@ -142,7 +141,7 @@ def cluster_values(
     """
     zero = values == 0 if keep_zeros else None
     has_zero = bool(zero is not None and zero.any())
-    rest = values[~zero] if has_zero else values
+    rest = values[~zero] if zero is not None and has_zero else values
     free = k - int(has_zero)
     codes = np.zeros(values.size, dtype=np.uint8)
     if rest.size == 0:
@@ -157,7 +156,7 @@ def cluster_values(
     else:
         centroids, rest_codes = _kmeans_1d(rest, ordered, starts, free, seed, init)
         exact = False
-    if has_zero:
+    if zero is not None and has_zero:
         codes[~zero] = rest_codes + 1  # index 0 is the reserved exact zero
         centroids = np.concatenate(([0.0], centroids))
     else:
@@ -332,7 +331,7 @@ def _subbyte_unavailable(bits: int, model: Model) -> str | None:
 
 
 def _subbyte_build(b: _Builder, codes: np.ndarray, bits: int, model: Model) -> gs.Variable:
-    data_type, width = _subbyte_type(bits, model)  # type: ignore[misc]
+    data_type, width = _subbyte_type(bits, model)  # type: ignore[misc]  # not None: the format's check passed
     per = 8 // width
     flat = codes.reshape(-1)
     padded = np.zeros(-(-flat.size // per) * per, dtype=np.uint8)
@@ -348,7 +347,7 @@ def _subbyte_build(b: _Builder, codes: np.ndarray, bits: int, model: Model) -> g
 
 # bitpack: floor(W / bits) fields per W-bit word, unpacked with two BitShifts (opset 11).
 #: Word types onnxruntime's BitShift implements (uint16 it does not).
-_WORDS = (np.dtype(np.uint8), np.dtype(np.uint32), np.dtype(np.uint64))
+_WORDS: tuple[np.dtype, ...] = (np.dtype(np.uint8), np.dtype(np.uint32), np.dtype(np.uint64))
 
 
 def _bitpack_word(bits: int) -> tuple[np.dtype, int]:
@@ -408,7 +407,7 @@ FORMATS: dict[str, _Format] = {
     "subbyte": _Format(
         lambda bits, m: "uint2" if _subbyte_type(bits, m) == (onnx.TensorProto.UINT2, 2) else "uint4",
         _subbyte_unavailable,
-        lambda n, bits, m: -(-n * _subbyte_type(bits, m)[1] // 8),  # type: ignore[index]
+        lambda n, bits, m: -(-n * _subbyte_type(bits, m)[1] // 8),  # type: ignore[index]  # as _subbyte_build
         _subbyte_build,
     ),
     "bitpack": _Format(
@@ -484,7 +483,9 @@ class _Weight:
     tensor: gs.Tensor
     #: The nodes that made it a candidate, each with the input index and the rule giving its channel axis.
     slots: list[tuple[gs.Node, int, Callable[[gs.Node, int], int | None]]]
-    entry: dict[str, Any]
+    label: str  # the first candidate reader's name, for the report
+    op_type: str  # its op type
+    figures: dict[str, Figure]  # the report's figures, filled in while the weight is rewritten
     facts: _GraphFacts
 
     @property
@@ -513,7 +514,7 @@ def _distinct(values: np.ndarray) -> int:
     return int(np.count_nonzero(ordered[1:] != ordered[:-1])) + 1 if ordered.size else 0
 
 
-class KMeansWeightSharing(Pass):
+class KMeansWeightSharing(Pass[KMeansOptions]):
     """Share each weight tensor's values among k = 2^bits k-means centroids: a codebook plus indices.
 
     Matches: constant floating-point weights of Conv, ConvTranspose, Gemm (B) and MatMul (B), initializers
@@ -543,13 +544,12 @@ class KMeansWeightSharing(Pass):
 
     name = "kmeans"
     lossy = True
-    Options = KMeansOptions
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        opts: KMeansOptions = self.options  # type: ignore[assignment]
+        opts = self.options
         weights = self._collect(model, opts)
         taken = taken_names(model)
-        layers: list[dict[str, Any]] = []
+        layers: list[LayerDecision] = []
         inserts: dict[int, list[gs.Node]] = {}
         dropped: set[int] = set()
         positions = {id(n): i for g in model.all_graphs() for i, n in enumerate(g.nodes)}
@@ -565,15 +565,15 @@ class KMeansWeightSharing(Pass):
         # fit on 512 values took 160 ms with two threads on a busy 2-core machine, 5 ms with one).
         with threadpool_limits(limits=1):
             for done, weight in enumerate(weights, start=1):
-                ctx.progress(done - 1, len(weights), weight.entry["node"])
+                ctx.progress(done - 1, len(weights), weight.label)
                 readers = weight.readers  # before the rewrite moves them to the decoded tensor
                 try:
                     nodes = self._rewrite(model, weight, opts, ctx, taken)
                 except _Decline as why:
                     if not why.quiet:
-                        layers.append({**weight.entry, "action": "declined", "reason": str(why)})
+                        layers.append(LayerDecision(weight.label, weight.op_type, "declined", str(why), weight.figures))
                     continue
-                layers.append(weight.entry)
+                layers.append(LayerDecision(weight.label, weight.op_type, "rewritten", figures=weight.figures))
                 first = min(readers, key=lambda n: positions[id(n)])
                 inserts.setdefault(id(first), []).extend(nodes)
                 if not isinstance(weight.tensor, gs.Constant):
@@ -588,15 +588,15 @@ class KMeansWeightSharing(Pass):
                     rebuilt.extend(inserts.get(id(node), []))  # decoders only read constants: any place works
                     rebuilt.append(node)
                 graph.nodes = rebuilt
-        done = [entry for entry in layers if entry["action"] == "rewritten"]
-        before = sum(entry["bytes_before"] for entry in done)
-        after = sum(entry["bytes_after"] for entry in done)
+        rewritten = [entry for entry in layers if entry.action == "rewritten"]
+        before = sum(entry.int_figure("bytes_before") for entry in rewritten)
+        after = sum(entry.int_figure("bytes_after") for entry in rewritten)
         return PassResult(
-            modified=bool(done),
+            modified=bool(rewritten),
             stats={
-                "weights_rewritten": len(done),
-                "weights_declined": len(layers) - len(done),
-                "weight_elements_shared": sum(entry["elements"] for entry in done),
+                "weights_rewritten": len(rewritten),
+                "weights_declined": len(layers) - len(rewritten),
+                "weight_elements_shared": sum(entry.int_figure("elements") for entry in rewritten),
                 "weight_bytes_before": before,
                 "weight_bytes_after": after,
                 "weight_bytes_saved": before - after,
@@ -626,8 +626,9 @@ class KMeansWeightSharing(Pass):
                         continue
                     weight = found.get(id(tensor))
                     if weight is None:
-                        entry = {"node": _node_label(node), "op_type": node.op, "tensor": tensor.name}
-                        weight = found[id(tensor)] = _Weight(graph, tensor, [], entry, facts)
+                        figures: dict[str, Figure] = {"tensor": tensor.name}
+                        weight = _Weight(graph, tensor, [], _node_label(node), node.op, figures, facts)
+                        found[id(tensor)] = weight
                     weight.slots.append((node, index, axis_of))
         return list(found.values())
 
@@ -643,7 +644,7 @@ class KMeansWeightSharing(Pass):
             quiet = not any(WEIGHT_INPUTS.get(node.op, (None,))[0] == index for node, index, _ in weight.slots)
             raise _Decline(f"{values.size} elements, below min_size={opts.min_size}", quiet=quiet)
         readers = weight.readers
-        unselected = [n for n in readers if not is_selected(n.name or "", opts.nodes, opts.exclude)]
+        unselected = [n for n in readers if not opts.selects(n.name or "")]
         if unselected:
             raise _Decline(f"also read by unselected node {_node_label(unselected[0])}")
         if any(id(r) not in weight.facts.node_ids for r in readers):
@@ -660,7 +661,7 @@ class KMeansWeightSharing(Pass):
     ) -> list[gs.Node]:
         """Cluster one weight, build its decoder and point its readers at it; return the decoder's nodes."""
         values = self._check(model, weight, opts)
-        entry = weight.entry
+        entry = weight.figures
         n = values.size
         fmt_name = choose_format(opts.storage, opts.bits, n, model)
         axes = {axis_of(node, values.ndim) for node, _, axis_of in weight.slots}
@@ -675,7 +676,7 @@ class KMeansWeightSharing(Pass):
         seed = ctx.seed_for(f"{self.name}:{weight.tensor.name}")
 
         started = time.perf_counter()
-        if per_channel:
+        if per_channel and axis is not None:  # per_channel implies an axis; the test names it for mypy
             rows = np.moveaxis(work, axis, 0).reshape(values.shape[axis], -1)
             results = [cluster_values(row, k, keep_zeros=opts.keep_zeros, seed=seed, init=opts.init) for row in rows]
             codebook = np.zeros((rows.shape[0], max(r.codebook.size for r in results)), dtype=np.float64)
@@ -699,7 +700,7 @@ class KMeansWeightSharing(Pass):
         error, max_abs, used = _errors(rows, row_codes, stored_codebook)
         b = _Builder(weight.tensor.name or "weight", taken)
         indices = FORMATS[fmt_name].build(b, codes, opts.bits, model)
-        if per_channel:
+        if per_channel and axis is not None:
             offsets_shape = [1] * values.ndim
             offsets_shape[axis] = codebook.shape[0]
             offsets = (np.arange(codebook.shape[0], dtype=np.int32) * codebook.shape[1]).reshape(offsets_shape)
@@ -728,7 +729,6 @@ class KMeansWeightSharing(Pass):
             raise _Decline(f"codebook and indices ({bytes_after} bytes) would not be smaller than the weight "
                            f"({bytes_before})")
         replace_tensor(weight.graph, weight.tensor, decoded, graphs=weight.facts.scope)
-        entry["action"] = "rewritten"
         return b.nodes
 
 

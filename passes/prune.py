@@ -10,17 +10,17 @@ import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from nnopt.analysis.selection import is_selected
+from nnopt.analysis.selection import NodeSelection
 from nnopt.errors import OptionError
 from nnopt.ir.model import Model
 from nnopt.passes._depgraph import Analysis, Tracer, infer_shapes
 from nnopt.passes.constants_to_initializers import constant_array, is_onnx_op, taken_names, unique_name
 from nnopt.passes.dce import remove_dead_nodes
-from nnopt.pipeline.base import Pass, PassContext, PassOptions, PassResult
+from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
 
 @dataclass(frozen=True)
-class PruneOptions(PassOptions):
+class PruneOptions(NodeSelection):
     mode: Literal["structured", "unstructured"] = field(
         default="structured",
         metadata={"help": "structured: remove whole output channels; unstructured: set single weights to 0"},
@@ -35,8 +35,6 @@ class PruneOptions(PassOptions):
     max_ratio: float = field(default=0.9, metadata={"help": "at most this fraction removed from any one layer"})
     round_to: int = field(default=1, metadata={"help": "keep channel counts a multiple of this (structured)"})
     norm: Literal["l1", "l2"] = field(default="l1", metadata={"help": "filter norm used to rank channels"})
-    nodes: tuple[str, ...] = field(default=(), metadata={"help": "only these layers (shell patterns); all if empty"})
-    exclude: tuple[str, ...] = field(default=(), metadata={"help": "never prune these layers (shell patterns)"})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -59,7 +57,7 @@ class _Group:
     remove: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
 
-class Prune(Pass):
+class Prune(Pass[PruneOptions]):
     """Remove whole output channels of Conv/Gemm/MatMul layers by weight norm, everywhere they flow.
 
     Matches (structured): Conv with group=1, Gemm (transA=0) and MatMul by a 2-D constant, with constant
@@ -87,10 +85,9 @@ class Prune(Pass):
 
     name = "prune"
     lossy = True
-    Options = PruneOptions
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        opts: PruneOptions = self.options  # type: ignore[assignment]
+        opts = self.options
         taken = taken_names(model)
 
         def namer(base: str) -> str:
@@ -107,7 +104,7 @@ class Prune(Pass):
             model.graph,
             shapes,
             opts.norm,
-            lambda n: is_selected(n.name, opts.nodes, opts.exclude),
+            lambda n: opts.selects(n.name),
             namer,
             model.opset,
         )
@@ -148,7 +145,7 @@ class Prune(Pass):
             for node in graph.nodes:
                 if not is_onnx_op(node) or node.op not in WEIGHT_INPUT:
                     continue
-                if not is_selected(node.name, opts.nodes, opts.exclude):
+                if not opts.selects(node.name):
                     continue
                 index = WEIGHT_INPUT[node.op]
                 if index >= len(node.inputs) or id(node.inputs[index]) in seen:
@@ -163,7 +160,7 @@ class Prune(Pass):
             mags = np.sort(np.concatenate([np.abs(v).reshape(-1) for _, v in sites]))
             k = int(math.floor(opts.ratio * mags.size))
             threshold = mags[k - 1] if k > 0 else -1.0
-        layers: list[dict[str, Any]] = []
+        layers: list[LayerDecision] = []
         total = zeros_before = zeros_after = 0
         for node, values in sites:
             flat = np.abs(values).reshape(-1)
@@ -183,13 +180,13 @@ class Prune(Pass):
             if after > before:
                 index = WEIGHT_INPUT[node.op]
                 node.inputs[index] = gs.Constant(namer(node.inputs[index].name), new)
-            layers.append(
-                {"node": node.name, "op_type": node.op, "action": "rewritten" if after > before else "declined",
-                 **({} if after > before else {"reason": "no weight below the threshold"}),
-                 "weights": int(values.size), "sparsity": round(after / values.size, 4)}
-            )
+            figures: dict[str, Figure] = {"weights": int(values.size), "sparsity": round(after / values.size, 4)}
+            if after > before:
+                layers.append(LayerDecision(node.name, node.op, "rewritten", figures=figures))
+            else:
+                layers.append(LayerDecision(node.name, node.op, "declined", "no weight below the threshold", figures))
         stats = {
-            "layers_sparsified": sum(1 for layer in layers if layer["action"] == "rewritten"),
+            "layers_sparsified": sum(1 for layer in layers if layer.action == "rewritten"),
             "weights_zeroed": zeros_after - zeros_before,
             "sparsity_fraction": round(zeros_after / total, 4) if total else 0.0,
         }
@@ -293,8 +290,8 @@ def _ensure_nonempty(a: Analysis, groups: list[_Group], class_of: np.ndarray) ->
     return sum(int(g.remove.sum()) for g in groups)
 
 
-def _report(a: Analysis, groups: list[_Group], kept_label: np.ndarray) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    layers: list[dict[str, Any]] = []
+def _report(a: Analysis, groups: list[_Group], kept_label: np.ndarray) -> tuple[list[LayerDecision], dict[str, Any]]:
+    layers: list[LayerDecision] = []
     for g in groups:
         leader = a.roots[g.roots[0]].node.name
         reason = next((a.declined[r] for r in g.roots if r in a.declined), None)
@@ -302,17 +299,16 @@ def _report(a: Analysis, groups: list[_Group], kept_label: np.ndarray) -> tuple[
             root = a.roots[r]
             labels = np.arange(root.first_label, root.first_label + len(root.norms))
             after = int(kept_label[labels].sum())
-            entry: dict[str, Any] = {"node": root.node.name, "op_type": root.node.op, "group": leader,
-                                     "channels_before": len(labels), "channels_after": after}
+            figures: dict[str, Figure] = {"group": leader, "channels_before": len(labels), "channels_after": after}
             if reason is not None:
-                entry.update(action="declined", reason=reason)
+                layers.append(LayerDecision(root.node.name, root.node.op, "declined", reason, figures))
             elif after == len(labels):
                 pinned = bool(g.pinned.all())
-                entry.update(action="declined", reason="every channel is pinned by an unpruned layer or input"
-                             if pinned else "nothing to remove at this ratio")
+                why = "every channel is pinned by an unpruned layer or input" if pinned else "nothing to remove at this ratio"
+                layers.append(LayerDecision(root.node.name, root.node.op, "declined", why, figures))
             else:
-                entry.update(action="rewritten", dead_channels_removed=int((g.dead & g.remove).sum()))
-            layers.append(entry)
+                figures["dead_channels_removed"] = int((g.dead & g.remove).sum())
+                layers.append(LayerDecision(root.node.name, root.node.op, "rewritten", figures=figures))
     stats = {
         "groups": len(groups),
         "groups_pruned": sum(1 for g in groups if g.remove.any()),

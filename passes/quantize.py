@@ -10,12 +10,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from nnopt.analysis.selection import is_selected
+from nnopt.analysis.selection import NodeSelection
 from nnopt.errors import OptionError
 from nnopt.ir.model import Model
 from nnopt.passes import _qdq
 from nnopt.passes.constants_to_initializers import lower_model_constants
-from nnopt.pipeline.base import Pass, PassContext, PassOptions, PassResult
+from nnopt.pipeline.base import LayerDecision, Pass, PassContext, PassResult
 from nnopt.pipeline.verify import compare_outputs
 from nnopt.runtime import make_session
 
@@ -38,7 +38,7 @@ DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Relu", "Clip", "
 
 
 @dataclass(frozen=True)
-class QuantizeOptions(PassOptions):
+class QuantizeOptions(NodeSelection):
     mode: Literal["static", "weight_only"] = field(
         default="static",
         metadata={"help": "static: int8 weights and activations (calibrated on --data), run by onnxruntime's int8 "
@@ -66,8 +66,6 @@ class QuantizeOptions(PassOptions):
                           "(default: on in weight_only; off in static, where dequantizing them at every run costs "
                           "latency: ddddocr's CRNN ~0.8x -> ~1.4x float)"},
     )
-    nodes: tuple[str, ...] = field(default=(), metadata={"help": "only nodes matching these (shell patterns)"})
-    exclude: tuple[str, ...] = field(default=(), metadata={"help": "never nodes matching these (shell patterns)"})
     min_cosine: float | None = field(
         default=None,
         metadata={"help": "fidelity budget (static): exclude the most sensitive layer, one at a time, until the "
@@ -91,7 +89,7 @@ class QuantizeOptions(PassOptions):
             raise OptionError("quantize: op_types must name at least one op type")
 
 
-class Quantize(Pass):
+class Quantize(Pass[QuantizeOptions]):
     """Insert QuantizeLinear/DequantizeLinear pairs (QDQ format) for int8 weights and activations.
 
     Matches: main-graph nodes of ``op_types`` selected by ``nodes``/``exclude``. Rewrites (static mode):
@@ -118,10 +116,9 @@ class Quantize(Pass):
 
     name = "quantize"
     lossy = True
-    Options = QuantizeOptions
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        opts: QuantizeOptions = self.options  # type: ignore[assignment]
+        opts = self.options
         present = _qdq.quantized_ops_present(model.to_proto())
         if present:
             return _refuse(f"already quantized: the model holds {', '.join(present)}; quantize leaves it alone")
@@ -151,16 +148,16 @@ class Quantize(Pass):
         stats["per_channel"] = per_channel
 
         candidates = [n for n in float_proto.graph.node if n.op_type in opts.op_types]
-        selected = [n for n in candidates if is_selected(n.name, opts.nodes, opts.exclude)]
-        layers: list[dict[str, Any]] = [
-            {"node": n.name, "op_type": n.op_type, "action": "declined", "reason": "not selected by nodes/exclude"}
-            for n in candidates if not is_selected(n.name, opts.nodes, opts.exclude)
+        selected = [n for n in candidates if opts.selects(n.name)]
+        layers: list[LayerDecision] = [
+            LayerDecision(n.name, n.op_type, "declined", "not selected by nodes/exclude")
+            for n in candidates if not opts.selects(n.name)
         ]
         recurrent_weights = opts.mode == "weight_only" if opts.recurrent_weights is None else opts.recurrent_weights
         if not recurrent_weights:
-            layers.extend({"node": n.name, "op_type": n.op_type, "action": "declined",
-                           "reason": f"recurrent weights stay float in {opts.mode} mode (recurrent_weights=true "
-                                     "stores them int8; dequantized at every run, which costs latency)"}
+            layers.extend(LayerDecision(n.name, n.op_type, "declined",
+                                        f"recurrent weights stay float in {opts.mode} mode (recurrent_weights=true "
+                                        "stores them int8; dequantized at every run, which costs latency)")
                           for n in selected if n.op_type in _qdq.RECURRENT_OPS)
             selected = [n for n in selected if n.op_type not in _qdq.RECURRENT_OPS]
         if not selected:
@@ -169,7 +166,7 @@ class Quantize(Pass):
         if opts.mode == "weight_only":
             out_proto, wlayers = _weight_only(float_proto, selected, per_channel)
             layers.extend(wlayers)
-            done = sum(1 for entry in wlayers if entry["action"] == "rewritten")
+            done = sum(1 for entry in wlayers if entry.action == "rewritten")
             stats.update({"layers_quantized": done,
                           "dequantize_nodes": sum(n.op_type == "DequantizeLinear" for n in out_proto.graph.node)})
             if not done:
@@ -187,7 +184,7 @@ class Quantize(Pass):
 # ---------------------------------------------------------------------------------------------- static
 def _static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candidates: list[onnx.NodeProto],
             opts: QuantizeOptions, per_channel: bool, ctx: PassContext,
-            ) -> tuple[onnx.ModelProto, list[dict[str, Any]], dict[str, Any]]:
+            ) -> tuple[onnx.ModelProto, list[LayerDecision], dict[str, Any]]:
     """Calibrate once, place QDQ, and exclude the most sensitive layer until the budget holds."""
     # onnxruntime's QDQ quantizer has no rule for recurrent ops (it would quantize every input, the
     # sequence lengths included); their weights are stored int8 by the weight-only rewrite below.
@@ -200,12 +197,12 @@ def _static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candid
     base_exclude = [n.name for n in candidates if n.name not in chosen and n.name not in recurrent_names]
     float_sess = make_session(float_proto)
     reference = [float_sess.run(None, feeds) for feeds in ctx.samples]
-    budget_excluded: list[dict[str, Any]] = []
+    budget_excluded: list[LayerDecision] = []
     attempts: list[tuple[onnx.ModelProto, list[dict[str, Any]], Any, int]] = []
     while True:
         # Each round of the budget loop re-places QDQ and re-measures every layer: the slow part.
         ctx.progress(len(budget_excluded), opts.max_excluded, f"{len(budget_excluded)} layer(s) excluded")
-        by_budget = [e["node"] for e in budget_excluded]
+        by_budget = [e.node for e in budget_excluded]
         qproto = float_proto
         if ort_op_types:  # an empty list means "every op type" to onnxruntime's quantizer
             qproto = _qdq.place_qdq(float_proto, ranges, per_channel=per_channel,
@@ -217,27 +214,27 @@ def _static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candid
             qproto, _ = _weight_only(qproto, recurrent, per_channel)
         qsess = make_session(qproto)
         fidelity = compare_outputs(reference, [qsess.run(None, feeds) for feeds in ctx.samples])
-        eligible = chosen - {e["node"] for e in budget_excluded}
+        eligible = chosen - {e.node for e in budget_excluded}
         sens = _sensitivity(float_proto, qproto, ctx.samples[:SENSITIVITY_SAMPLES], eligible)
         violation = _violation(fidelity, opts)
         attempts.append((qproto, sens, fidelity, len(budget_excluded)))
         if violation is None or len(budget_excluded) >= opts.max_excluded or not sens:
             break
         worst = min(sens, key=lambda s: (s["own_sqnr"], s["node"]))
-        budget_excluded.append({
-            "node": worst["node"], "op_type": worst["op_type"], "action": "declined",
-            "reason": f"excluded by the fidelity budget ({violation}): the most sensitive layer left, "
-                      f"adding noise at {_db(worst['own_sqnr'])} dB SQNR",
-            "own_sqnr_db": _db(worst["own_sqnr"]), "sqnr_db": _db(worst["sqnr"]),
-        })
+        budget_excluded.append(LayerDecision(
+            worst["node"], worst["op_type"], "declined",
+            f"excluded by the fidelity budget ({violation}): the most sensitive layer left, "
+            f"adding noise at {_db(worst['own_sqnr'])} dB SQNR",
+            {"own_sqnr_db": _db(worst["own_sqnr"]), "sqnr_db": _db(worst["sqnr"])},
+        ))
     if _violation(fidelity, opts) is not None and len(attempts) > 1:
         # The budget was not reached: keep the attempt closest to float (excluding a layer does not
         # always help: the noise it stops adding can have been masking, or masked by, another's).
         qproto, sens, fidelity, kept = max(attempts, key=lambda a: (a[2].cosine_similarity, -a[2].max_rel_error, -a[3]))
         budget_excluded = budget_excluded[:kept]
-    layers: list[dict[str, Any]] = [
-        {"node": s["node"], "op_type": s["op_type"], "action": "rewritten", "sqnr_db": _db(s["sqnr"]),
-         "own_sqnr_db": _db(s["own_sqnr"]), "int8_kernel": s["op_type"] in _qdq.WEIGHT_AXIS}
+    layers: list[LayerDecision] = [
+        LayerDecision(s["node"], s["op_type"], "rewritten", figures={
+            "sqnr_db": _db(s["sqnr"]), "own_sqnr_db": _db(s["own_sqnr"]), "int8_kernel": s["op_type"] in _qdq.WEIGHT_AXIS})
         for s in sens
     ]
     layers.extend(budget_excluded)
@@ -336,7 +333,7 @@ def _db(value: float) -> float | None:
 
 # ---------------------------------------------------------------------------------------------- weight-only
 def _weight_only(proto: onnx.ModelProto, selected: list[onnx.NodeProto], per_channel: bool,
-                 ) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+                 ) -> tuple[onnx.ModelProto, list[LayerDecision]]:
     """Replace each selected node's float weight initializer with int8 + scale → DequantizeLinear."""
     out = onnx.ModelProto()
     out.CopyFrom(proto)
@@ -348,7 +345,7 @@ def _weight_only(proto: onnx.ModelProto, selected: list[onnx.NodeProto], per_cha
     for node in out.graph.node:
         for name in (*node.input, *_qdq.subgraph_reads(node)):  # a subgraph may read a weight by name too
             readers[name] = readers.get(name, 0) + 1
-    layers: list[dict[str, Any]] = []
+    layers: list[LayerDecision] = []
     new_nodes: list[onnx.NodeProto] = []
     done: dict[tuple[str, int | None], str] = {}
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
@@ -360,13 +357,12 @@ def _weight_only(proto: onnx.ModelProto, selected: list[onnx.NodeProto], per_cha
                    if len(node.input) > index and node.input[index]]
         weights = [(index, axis_of, w) for index, axis_of, w in weights if w is not None and w.data_type in floats]
         if not weights:
-            layers.append({"node": node.name, "op_type": node.op_type, "action": "declined",
-                           "reason": "no float weight initializer" if rules else "weight_only quantizes Conv, "
-                                     "ConvTranspose, Gemm, MatMul, LSTM, GRU and RNN weights only"})
+            layers.append(LayerDecision(node.name, node.op_type, "declined",
+                                        "no float weight initializer" if rules else "weight_only quantizes Conv, "
+                                        "ConvTranspose, Gemm, MatMul, LSTM, GRU and RNN weights only"))
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        entry: dict[str, Any] = {"node": node.name, "op_type": node.op_type, "action": "rewritten", "weights": [],
-                                 "axis": None, "weight_max_abs_error": 0.0, "weight_bytes_before": 0,
+        entry: dict[str, Any] = {"weights": [], "axis": None, "weight_max_abs_error": 0.0, "weight_bytes_before": 0,
                                  "weight_bytes_after": 0}
         for index, axis_of, weight in weights:
             array = numpy_helper.to_array(weight)
@@ -377,7 +373,7 @@ def _weight_only(proto: onnx.ModelProto, selected: list[onnx.NodeProto], per_cha
             node.input[index] = done[key]
             readers[weight.name] -= 1
         if entry["weights"]:  # a weight shared with an earlier node is reported there
-            layers.append(entry)
+            layers.append(LayerDecision(node.name, node.op_type, "rewritten", figures=entry))
     # Float weights nobody reads any more go; DequantizeLinear nodes go first (topological order).
     kept = [t for t in out.graph.initializer if readers.get(t.name, 1) > 0 or t.name not in readers]
     del out.graph.initializer[:]
@@ -452,7 +448,7 @@ def _raise_opset(proto: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto | 
 
 def _refuse(reason: str) -> PassResult:
     return PassResult(modified=False, stats={"layers_quantized": 0},
-                      layers=[{"node": "(model)", "op_type": "", "action": "declined", "reason": reason}])
+                      layers=[LayerDecision("(model)", "", "declined", reason)])
 
 
 def _unique(base: str, taken: set[str], next_suffix: dict[str, int] | None = None) -> str:

@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 from nnopt.analysis.shapes import FRESH, TensorType, infer_shapes
 from nnopt.ir.model import Model, replace_tensor
 from nnopt.passes.constants_to_initializers import constant_array, is_onnx_op
-from nnopt.pipeline.base import Pass, PassContext, PassResult
+from nnopt.pipeline.base import LayerDecision, Pass, PassContext, PassResult
 
 #: A Slice end at least this large reaches the end of any axis a real model has: exporters write
 #: INT32_MAX or INT64_MAX for "to the end".
@@ -175,9 +175,8 @@ def _slice(node: gs.Node, facts: _Facts) -> gs.Tensor | None:
         if not -len(shape) <= axis < len(shape) or step != 1:
             return None
         dim = shape[axis]
-        known = isinstance(dim, int)
-        whole_start = start == 0 or (known and start <= -dim)
-        whole_end = end >= _SLICE_TO_END or (known and end >= dim)
+        whole_start = start == 0 or (isinstance(dim, int) and start <= -dim)
+        whole_end = end >= _SLICE_TO_END or (isinstance(dim, int) and end >= dim)
         if not (whole_start and whole_end):
             return None
     return node.inputs[0]
@@ -345,7 +344,7 @@ class RemoveNoops(Pass):
         inferred = infer_shapes(model.to_proto(), FRESH, consume=True)
         facts = _Facts({} if inferred.error is not None else dict(inferred.types), model.opset)
         removed: dict[str, int] = {}
-        layers: list[dict[str, Any]] = []
+        layers: list[LayerDecision] = []
         pinned = {id(t) for g in model.all_graphs() for t in g.outputs}
         for graph in model.all_graphs():
             gone: set[int] = set()
@@ -362,11 +361,11 @@ class RemoveNoops(Pass):
                 op, name = node.op, node.name
                 reason = _bypass(scope, node, source, pinned)
                 if reason is not None:
-                    layers.append({"node": name, "op": op, "action": "declined", "reason": reason})
+                    layers.append(LayerDecision(name, op, "declined", reason))
                     continue
                 gone.add(id(node))
                 removed[op] = removed.get(op, 0) + 1
-                layers.append({"node": name, "op": op, "action": "removed"})
+                layers.append(LayerDecision(name, op, "removed"))
             if gone:
                 graph.nodes = [n for n in graph.nodes if id(n) not in gone]
         total = sum(removed.values())

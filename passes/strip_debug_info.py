@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any
 
 import onnx
 
 from nnopt.errors import OptionError
 from nnopt.ir.model import Model
-from nnopt.pipeline.base import Pass, PassContext, PassOptions, PassResult
+from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassOptions, PassResult
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ def _serialized_size(doc_string: str, props: list[tuple[str, str]]) -> int:
     return node.ByteSize()
 
 
-class StripDebugInfo(Pass):
+class StripDebugInfo(Pass[StripDebugInfoOptions]):
     """Drop per-node doc strings and metadata_props: debugging information, not part of the computation.
 
     Matches: every node, in the main graph and in every subgraph, that carries a doc string or
@@ -56,12 +55,11 @@ class StripDebugInfo(Pass):
 
     name = "strip-debug-info"
     lossy = False
-    Options = StripDebugInfoOptions
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        opts: StripDebugInfoOptions = self.options  # type: ignore[assignment]
+        opts = self.options
         kept_extras: dict[str, tuple[str, list[tuple[str, str]]]] = {}
-        layers: list[dict[str, Any]] = []
+        layers: list[LayerDecision] = []
         doc_strings = entries_removed = entries_kept = bytes_removed = 0
         seen: set[str] = set()
         # Only nodes that still exist count: extras of nodes an earlier pass removed are never written out.
@@ -83,12 +81,11 @@ class StripDebugInfo(Pass):
                 doc_strings += int(bool(doc_string))
                 entries_removed += len(removed_keys)
                 bytes_removed += saved
-                entry: dict[str, Any] = {"node": node.name, "op": node.op, "action": "stripped",
-                                         "doc_string": bool(doc_string), "metadata_removed": removed_keys,
-                                         "bytes_removed": saved}
+                figures: dict[str, Figure] = {"doc_string": bool(doc_string), "metadata_removed": removed_keys,
+                                              "bytes_removed": saved}
                 if keep:
-                    entry["metadata_kept"] = [k for k, _ in keep]
-                layers.append(entry)
+                    figures["metadata_kept"] = [k for k, _ in keep]
+                layers.append(LayerDecision(node.name, node.op, "stripped", figures=figures))
         model.node_extras = kept_extras
         stats = {
             "nodes_stripped": len(layers),

@@ -9,48 +9,37 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from nnopt.analysis.selection import is_selected
-from nnopt.ir.model import Model, splice_nodes
+from nnopt.ir.model import Model
 from nnopt.passes._lowrank import (
     Decline,
+    LowRankOptions,
     RankRule,
     channel_rows,
     check_min_saving,
-    check_rank_options,
-    first_line,
-    fit_figures,
-    layer_inputs,
+    conv_bias,
     main_graph_costs,
     node_label,
     numerical_tolerance,
-    refit_second_factor,
+    optional_input,
+    plan_layers,
+    refit_plans,
     relative_error,
     run_convs,
     saving,
+    savings,
     scaled_flops,
+    splice_plans,
     thin_svd,
+    window_attrs,
 )
-from nnopt.passes.constants_to_initializers import constant_array, is_onnx_op, taken_names, unique_name
-from nnopt.pipeline.base import Pass, PassContext, PassOptions, PassResult
+from nnopt.passes.constants_to_initializers import constant_array
+from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
 _PREFIX = "svd"
-#: Conv attributes that describe the sliding window: they go to the first (K×K, r filters) conv unchanged.
-_WINDOW_ATTRS = ("auto_pad", "dilations", "kernel_shape", "pads", "strides")
 
 
 @dataclass(frozen=True)
-class SvdOptions(PassOptions):
-    rank: int | None = field(default=None, metadata={"help": "rank r kept (capped at the full rank)"})
-    energy: float | None = field(
-        default=None,
-        metadata={
-            "help": "smallest r keeping this fraction of the squared singular values (the default, 0.99, "
-            "when rank, energy and max_error are unset)"
-        },
-    )
-    max_error: float | None = field(
-        default=None, metadata={"help": "smallest r whose relative weight error ‖W − Ŵ‖/‖W‖ is at most this"}
-    )
+class SvdOptions(LowRankOptions):
     min_param_saving: float = field(
         default=0.1,
         metadata={
@@ -58,26 +47,10 @@ class SvdOptions(PassOptions):
             "(negative values allow growth)"
         },
     )
-    data_aware: bool = field(
-        default=True,
-        metadata={
-            "help": "with reference data (--data), refit the second factor (and bias) by least squares on "
-            "the layer's real inputs, minimising its output error"
-        },
-    )
-    nodes: tuple[str, ...] = field(
-        default=(),
-        metadata={
-            "help": "only these layers: shell patterns over node names (an unnamed node goes by its "
-            "output's name); default all"
-        },
-    )
-    exclude: tuple[str, ...] = field(default=(), metadata={"help": "never these layers (shell patterns)"})
 
     def __post_init__(self) -> None:
-        check_rank_options(self.rank, self.energy, self.max_error)
+        super().__post_init__()
         check_min_saving("min_param_saving", self.min_param_saving)
-
 
 
 @dataclass
@@ -95,7 +68,22 @@ class _Layer:
     left: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # n × r
     right: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # r × m
     delta: np.ndarray | None = None
-    report: dict[str, Any] = field(default_factory=dict)
+    report: LayerDecision = field(init=False)  # "rewritten" once planned; the figures fill in as it goes
+
+    def __post_init__(self) -> None:
+        self.report = LayerDecision(node_label(self.node), self.node.op, "rewritten")
+
+    def probe(self, xs: list[np.ndarray], opset: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        return self.rule.rows(self, xs, opset)
+
+    def second_factor(self) -> np.ndarray:
+        return self.right
+
+    def set_second_factor(self, p: np.ndarray, delta: np.ndarray | None) -> None:
+        self.right, self.delta = p, delta
+
+    def weight_error(self) -> float:
+        return float(np.linalg.norm(self.left @ self.right - self.matrix) / np.linalg.norm(self.matrix))
 
 
 def _float_weight(node: gs.Node, index: int, what: str) -> np.ndarray:
@@ -135,8 +123,9 @@ def _read_gemm(graph: gs.Graph, node: gs.Node, opset: int) -> _Layer:
     beta = float(node.attrs.get("beta", 1.0))
     bias = np.zeros(n_out)
     intercept = True
-    if len(node.inputs) > 2 and not node.inputs[2].is_empty():
-        c = constant_array(node.inputs[2])
+    c_input = optional_input(node, 2)
+    if c_input is not None:
+        c = constant_array(c_input)
         if c is None:
             intercept = False  # a runtime C cannot absorb a fitted correction
         else:
@@ -162,7 +151,7 @@ def _rows_gemm(layer: _Layer, xs: list[np.ndarray], opset: int) -> list[tuple[np
 def _emit_gemm(layer: _Layer, fresh: Callable[[str], str], opset: int) -> list[gs.Node]:
     node = layer.node
     a, y = node.inputs[0], node.outputs[0]
-    c = node.inputs[2] if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
+    c = optional_input(node, 2)
     beta = float(node.attrs.get("beta", 1.0))
     first_attrs = {k: node.attrs[k] for k in ("alpha", "transA") if k in node.attrs}
     second_attrs = {"beta": beta} if c is not None else {}
@@ -230,12 +219,7 @@ def _read_conv(graph: gs.Graph, node: gs.Node, opset: int) -> _Layer:
         kind = "depthwise" if w.shape[1] == 1 else "grouped"
         raise Decline(f"{kind} conv (group={group}): only dense convs are factorised")
     c_out = w.shape[0]
-    bias = np.zeros(c_out)
-    if len(node.inputs) > 2 and not node.inputs[2].is_empty():
-        values = constant_array(node.inputs[2])
-        if values is None:
-            raise Decline("bias is not a constant")
-        bias = np.asarray(values, dtype=np.float64).reshape(-1)
+    bias = conv_bias(node, c_out)
     # Each output position computes W_mat · patch with W_mat = W reshaped to C_out × (C_in·K²): M = W_matᵀ.
     matrix = w.astype(np.float64).reshape(c_out, -1).T
     return _Layer(graph, node, RULES["Conv"], matrix, w.dtype, bias, True, kernel=tuple(w.shape[2:]))
@@ -247,7 +231,7 @@ def _conv_first_weight(layer: _Layer) -> np.ndarray:
 
 
 def _rows_conv(layer: _Layer, xs: list[np.ndarray], opset: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    attrs = {k: v for k, v in layer.node.attrs.items() if k in _WINDOW_ATTRS}
+    attrs = window_attrs(layer.node)
     dense = layer.matrix.T.reshape(layer.matrix.shape[1], -1, *layer.kernel)
     outs = run_convs(xs, [(dense, attrs), (_conv_first_weight(layer), attrs)], opset)
     return [(channel_rows(z), channel_rows(y)) for y, z in outs]
@@ -256,8 +240,8 @@ def _rows_conv(layer: _Layer, xs: list[np.ndarray], opset: int) -> list[tuple[np
 def _emit_conv(layer: _Layer, fresh: Callable[[str], str], opset: int) -> list[gs.Node]:
     node = layer.node
     x, y = node.inputs[0], node.outputs[0]
-    old_bias = node.inputs[2] if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
-    window = {k: v for k, v in node.attrs.items() if k in _WINDOW_ATTRS}
+    old_bias = optional_input(node, 2)
+    window = window_attrs(node)
     kernel = layer.kernel
     first = gs.Constant(fresh("first_weight"), _conv_first_weight(layer).astype(layer.dtype))
     second_w = layer.right.T.reshape(layer.right.shape[1], layer.right.shape[0], *([1] * len(kernel)))
@@ -289,7 +273,7 @@ RULES: dict[str, _Rule] = {
 
 
 # ---------------------------------------------------------------------------------------------- the pass
-class Svd(Pass):
+class Svd(Pass[SvdOptions]):
     """Factor the constant weight of Gemm, MatMul and Conv layers through a truncated SVD.
 
     Matches: ``Gemm`` with a constant 2-D B (any transA/transB, alpha, beta, C); ``MatMul`` whose second
@@ -316,67 +300,34 @@ class Svd(Pass):
 
     name = "svd"
     lossy = True
-    Options = SvdOptions
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        opts: SvdOptions = self.options  # type: ignore[assignment]
-        rule = RankRule.from_options(opts.rank, opts.energy, opts.max_error)
+        opts = self.options
+        rule = opts.rank_rule()
         costs = main_graph_costs(model, ctx) if any(n.op in RULES for n in model.graph.nodes) else {}
-        planned: list[_Layer] = []
-        layers: list[dict[str, Any]] = []
-        candidates = [
-            (graph, node)
-            for graph in model.all_graphs()
-            for node in graph.nodes
-            if node.op in (*RULES, "ConvTranspose") and is_onnx_op(node)
-        ]
-        for done, (graph, node) in enumerate(candidates):
-            ctx.progress(done, len(candidates), node_label(node))
-            if not is_selected(node_label(node), opts.nodes, opts.exclude):
-                continue
-            try:
-                if node.op == "ConvTranspose":
-                    raise Decline("ConvTranspose is not handled")
-                if len(node.inputs) < 2 or len(node.outputs) != 1:
-                    raise Decline("expected two inputs and one output")
-                layer = RULES[node.op].read(graph, node, model.opset)
-                # Only main-graph nodes are costed (If/Loop bodies run a data-dependent number of times).
-                self._factor(layer, rule, opts, costs if graph is model.graph else {})
-            except Decline as why:
-                layers.append(why.entry(node_label(node), node.op))
-                continue
-            planned.append(layer)
-            layers.append(layer.report)
+
+        def plan(graph: gs.Graph, node: gs.Node) -> _Layer:
+            if node.op == "ConvTranspose":
+                raise Decline("ConvTranspose is not handled")
+            if len(node.inputs) < 2 or len(node.outputs) != 1:
+                raise Decline("expected two inputs and one output")
+            layer = RULES[node.op].read(graph, node, model.opset)
+            # Only main-graph nodes are costed (If/Loop bodies run a data-dependent number of times).
+            self._factor(layer, rule, opts, costs if graph is model.graph else {})
+            return layer
+
+        planned, layers = plan_layers(model, ctx, (*RULES, "ConvTranspose"), opts, plan)
         if opts.data_aware and ctx.samples:
-            self._refit(model, ctx, [layer for layer in planned if layer.graph is model.graph])
-            for layer in planned:
-                if layer.graph is not model.graph:
-                    layer.report.update(
-                        fit="weights", fit_note="data-aware fitting covers main-graph layers only"
-                    )
-        taken = taken_names(model)
-        replacements: dict[int, dict[int, list[gs.Node]]] = {}  # graph id → node id → its factor nodes
-        graphs = {id(layer.graph): layer.graph for layer in planned}
-        for layer in planned:
-            label = layer.report["node"]
-
-            def fresh(what: str, label: str = label) -> str:
-                return unique_name(f"{_PREFIX}/{label}/{what}", taken)
-
-            new_nodes = layer.rule.emit(layer, fresh, model.opset)
-            replacements.setdefault(id(layer.graph), {})[id(layer.node)] = new_nodes
-        for graph_id, nodes in replacements.items():
-            splice_nodes(graphs[graph_id], nodes)
-        reports = [layer.report for layer in planned]
+            refit_plans(model, ctx, planned, self.name)
+        splice_plans(model, planned, _PREFIX, lambda layer, fresh: layer.rule.emit(layer, fresh, model.opset))
+        params_saved, flops_saved = savings(planned)
         return PassResult(
             modified=bool(planned),
             stats={
                 "layers_rewritten": len(planned),
                 "layers_declined": len(layers) - len(planned),
-                "params_saved": sum(r["params_before"] - r["params_after"] for r in reports),
-                "flops_saved": sum(
-                    r["flops_before"] - r["flops_after"] for r in reports if r["flops_before"] is not None
-                ),
+                "params_saved": params_saved,
+                "flops_saved": flops_saved,
             },
             layers=layers,
         )
@@ -391,7 +342,7 @@ class Svd(Pass):
         r = rule.choose(spectra, min(n, m), numerical_tolerance(spectra, (n, m), layer.dtype))
         before, after = n * m, r * (n + m)
         flops_before, flops_after = scaled_flops(costs.get(layer.node.outputs[0].name), before, after)
-        figures: dict[str, Any] = {
+        figures: dict[str, Figure] = {
             "rank": r,
             "rule": rule.describe(),
             "shape": [n, m],
@@ -411,46 +362,4 @@ class Svd(Pass):
         root = np.sqrt(s[:r])
         layer.left = u[:, :r] * root[None, :]
         layer.right = root[:, None] * vt[:r]
-        layer.report = {
-            "node": node_label(layer.node),
-            "op_type": layer.node.op,
-            "action": "rewritten",
-            **figures,
-        }
-
-    def _refit(self, model: Model, ctx: PassContext, planned: list[_Layer]) -> None:
-        """Refit R (and a bias correction) of main-graph layers on their real inputs."""
-        if not planned:
-            return
-        try:
-            inputs = layer_inputs(
-                model, sorted({layer.node.inputs[0].name for layer in planned}), ctx.samples
-            )
-        except Exception as exc:  # boundary: onnxruntime on the user's model and data
-            for layer in planned:
-                layer.report.update(
-                    fit="weights", fit_note=f"the reference data did not run: {first_line(exc)}"
-                )
-            return
-        for layer in planned:
-            try:
-                pairs = layer.rule.rows(layer, inputs[layer.node.inputs[0].name], model.opset)
-            except Exception as exc:  # boundary: onnxruntime on a probe of this layer (Conv)
-                layer.report.update(fit="weights", fit_note=f"the layer probe did not run: {first_line(exc)}")
-                continue
-            refit = refit_second_factor(
-                pairs,
-                layer.right,
-                layer.bias,
-                layer.intercept,
-                ctx.rng(f"{self.name}:{layer.report['node']}"),
-            )
-            layer.right, layer.delta = refit.p, refit.delta
-            layer.report.update(fit_figures(refit))
-            if refit.delta is not None and not (
-                len(layer.node.inputs) > 2 and not layer.node.inputs[2].is_empty()
-            ):
-                layer.report["params_after"] += refit.delta.size  # the fitted correction becomes a new bias
-            if refit.used:
-                error = np.linalg.norm(layer.left @ layer.right - layer.matrix) / np.linalg.norm(layer.matrix)
-                layer.report["weight_error_refit"] = round(float(error), 6)
+        layer.report.figures.update(figures)

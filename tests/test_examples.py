@@ -65,5 +65,5 @@ def test_writing_a_pass_guide_test_snippet():
     """)
     out, result = apply_pass(guide.CollapseRepeatedOps(), proto)
     assert op_types(out) == ["Relu", "Relu"] and not result.modified
-    assert result.layers == [{"node": out.graph.node[1].name, "op_type": "Relu", "action": "declined",
+    assert [layer.to_dict() for layer in result.layers] == [{"node": out.graph.node[1].name, "op_type": "Relu", "action": "declined",
                               "reason": "its output is a graph output"}]

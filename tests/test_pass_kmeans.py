@@ -105,14 +105,14 @@ def test_bits2_conv_has_4_values_and_packs_2_bits_per_weight(opset, storage, ind
     assert np.unique(effective).size <= 4
     assert set(np.unique(effective)) <= set(numpy_helper.to_array(codebook).tolist())
     layer = result.layers[0]
-    assert layer["action"] == "rewritten" and layer["distinct_after"] == 4
-    assert layer["distinct_before"] == np.unique(w).size
-    assert layer["bytes_before"] == 4 * BIG_N
+    assert layer.action == "rewritten" and layer.figures["distinct_after"] == 4
+    assert layer.figures["distinct_before"] == np.unique(w).size
+    assert layer.figures["bytes_before"] == 4 * BIG_N
     # The model runs in stock onnxruntime; 2 bits is coarse, but the outputs still follow the original.
     y0, y1 = run(proto, FEEDS)[0], run(out, FEEDS)[0]
     assert _rel(y0, y1) < 0.6
     assert np.corrcoef(y0.ravel(), y1.ravel())[0, 1] > 0.85
-    assert layer["rel_error"] == pytest.approx(np.linalg.norm(effective - w) / np.linalg.norm(w), rel=1e-5)
+    assert layer.figures["rel_error"] == pytest.approx(np.linalg.norm(effective - w) / np.linalg.norm(w), rel=1e-5)
 
 
 def test_file_size_ratios_and_output_error_at_8_4_2_bits():
@@ -141,7 +141,7 @@ def test_cost_model_counts_stored_bytes_and_logical_params():
         out, result = apply_pass(_kmeans(bits=bits, storage=storage), proto)
         totals = analyze(out).totals
         stored = sum(_stored(t) for t in out.graph.initializer)
-        assert totals["weight_bytes"] == stored == result.layers[0]["bytes_after"]
+        assert totals["weight_bytes"] == stored == result.layers[0].figures["bytes_after"]
         assert totals["params"] == before["params"] == BIG_N  # the weight, not codebook + indices
         assert totals["flops"] >= before["flops"]
     assert before["weight_bytes"] == 4 * BIG_N
@@ -154,7 +154,7 @@ def test_exact_zeros_stay_exact_zeros():
     effective = _decoded(out)
     assert np.array_equal(effective == 0, w == 0)  # pruned stay pruned, and nothing else becomes zero
     assert numpy_helper.to_array(_initializer(out, "/codebook"))[0] == 0.0
-    assert result.layers[0]["zeros"] == int(np.count_nonzero(w == 0))
+    assert result.layers[0].figures["zeros"] == int(np.count_nonzero(w == 0))
     assert np.unique(effective).size <= 8
 
     out, _ = apply_pass(_kmeans(bits=3, keep_zeros=False), proto)
@@ -169,7 +169,7 @@ def test_tensor_with_at_most_k_values_is_kept_exactly():
         g (float[2,64] X) => (float[2,32] Y) {{ Y = MatMul(X, W) }}""", {"W": w})
     feeds = {"X": rng.standard_normal((2, 64)).astype(np.float32)}
     out, result = apply_pass(_kmeans(bits=2), proto)
-    assert result.layers[0]["exact"] is True and result.layers[0]["rel_error"] == 0.0
+    assert result.layers[0].figures["exact"] is True and result.layers[0].figures["rel_error"] == 0.0
     np.testing.assert_array_equal(_decoded(out, feeds=feeds), w)
     np.testing.assert_array_equal(run(out, feeds)[0], run(proto, feeds)[0])
 
@@ -200,7 +200,7 @@ def test_quantile_init_keeps_a_centroid_on_isolated_extreme_weights():
     for init in ("kmeans++", "quantiles"):
         out, result = apply_pass(_kmeans(bits=4, init=init), proto)
         decoded[init] = _decoded(out, feeds=feeds)
-        assert 0.10 < result.layers[0]["rel_error"] < 0.11
+        assert 0.10 < result.layers[0].figures["rel_error"] < 0.11
         logit = run(out, feeds)[0][0, 0]
         assert logit == pytest.approx(decoded[init][3, 0] + decoded[init][40, 0], abs=1e-5)
     # k-means++ (lower weight error) averages the two into the outermost cluster of the bulk ...
@@ -250,7 +250,7 @@ def test_per_channel_gives_each_output_channel_its_codebook(graph, shape, axis):
     feeds = {"X": rng.standard_normal(tuple(int(d) for d in x_shape[1:-1].split(","))).astype(np.float32)}
     out, result = apply_pass(_kmeans(bits=2, per_channel=True, min_size=64), proto)
     layer = result.layers[0]
-    assert layer["granularity"] == f"per channel (axis {axis}, {shape[axis]} codebooks)"
+    assert layer.figures["granularity"] == f"per channel (axis {axis}, {shape[axis]} codebooks)"
     assert "Add" in op_types(out)
     effective = _decoded(out, feeds=feeds)
     channels = np.moveaxis(effective, axis, 0).reshape(shape[axis], -1)
@@ -258,7 +258,7 @@ def test_per_channel_gives_each_output_channel_its_codebook(graph, shape, axis):
     assert np.unique(effective).size > 4
     assert _initializer(out, "/codebook").dims == [4 * shape[axis]]
     per_tensor, baseline = apply_pass(_kmeans(bits=2, min_size=64), proto)
-    assert layer["rel_error"] < 0.5 < baseline.layers[0]["rel_error"] or layer["rel_error"] < baseline.layers[0]["rel_error"]
+    assert layer.figures["rel_error"] < 0.5 < baseline.layers[0].figures["rel_error"] or layer.figures["rel_error"] < baseline.layers[0].figures["rel_error"]
     # The smallest channel keeps its shape only with its own codebook.
     small_w = np.moveaxis(w, axis, 0)[0]
     small_out = np.moveaxis(effective, axis, 0)[0]
@@ -283,7 +283,7 @@ def test_bitpack_round_trips_every_width(bits):
     words = _initializer(packed, "/indices")
     per_word = {1: 8, 3: 21, 5: 6, 6: 5, 7: 9}[bits]
     assert _stored(words) == -(-1000 // per_word) * {1: 1, 3: 8, 5: 4, 6: 4, 7: 8}[bits]
-    assert result.layers[0]["k"] == 2**bits
+    assert result.layers[0].figures["k"] == 2**bits
 
 
 def test_uint4_storage_at_opset_21_and_float16_weights():
@@ -298,7 +298,7 @@ def test_uint4_storage_at_opset_21_and_float16_weights():
     assert indices.data_type == onnx.TensorProto.UINT4 and _stored(indices) == 64 * 48 // 2
     assert _initializer(out, "/codebook").data_type == onnx.TensorProto.FLOAT16
     assert op_types(out) == ["Cast", "Gather", "MatMul"]
-    assert result.layers[0]["storage"] == "uint4"
+    assert result.layers[0].figures["storage"] == "uint4"
     effective = _decoded(out, feeds=feeds)
     assert effective.dtype == np.float16 and np.unique(effective).size <= 16
 
@@ -307,9 +307,9 @@ def test_forced_storage_the_model_cannot_use_is_declined():
     proto, _ = _big_conv(opset=17)
     _, result = apply_pass(_kmeans(bits=4, storage="subbyte"), proto)
     assert result.modified is False
-    assert "opset >= 21" in result.layers[0]["reason"]
+    assert "opset >= 21" in result.layers[0].reason
     _, result = apply_pass(_kmeans(bits=6, storage="subbyte"), _big_conv(opset=21)[0])
-    assert result.layers[0]["reason"] == "subbyte storage holds at most 4-bit indices, not 6"
+    assert result.layers[0].reason == "subbyte storage holds at most 4-bit indices, not 6"
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -347,9 +347,9 @@ def test_selection_declines_and_constant_node_weights():
     proto = _selection_model()
     feeds = {"X": np.random.default_rng(10).standard_normal((2, 64)).astype(np.float32)}
     out, result = apply_pass(_kmeans(bits=8, exclude=("mm_keep",)), proto)
-    actions = {layer["tensor"]: (layer["node"], layer["action"], layer.get("reason")) for layer in result.layers}
+    actions = {layer.figures["tensor"]: (layer.node, layer.action, layer.reason) for layer in result.layers}
     assert actions == {
-        "Wc": ("mm_a", "rewritten", None),  # a Constant-node weight
+        "Wc": ("mm_a", "rewritten", ""),  # a Constant-node weight
         "W2": ("mm_b", "declined", "also read by unselected node mm_keep"),
         "S": ("mm_small", "declined", "512 elements, below min_size=1024"),
     }  # T is not a weight input: only all_initializers looks at it
@@ -358,11 +358,11 @@ def test_selection_declines_and_constant_node_weights():
     assert _rel(run(proto, feeds)[0], run(out, feeds)[0]) < 0.02
 
     _, result = apply_pass(_kmeans(bits=8, nodes=("mm_a",)), proto)
-    assert [layer["action"] for layer in result.layers] == ["rewritten", "declined", "declined"]
-    assert result.layers[1]["reason"] == "also read by unselected node mm_b"
+    assert [layer.action for layer in result.layers] == ["rewritten", "declined", "declined"]
+    assert result.layers[1].reason == "also read by unselected node mm_b"
 
     out, result = apply_pass(_kmeans(bits=2, all_initializers=True, min_size=16), proto)
-    rewritten = {layer["tensor"] for layer in result.layers if layer["action"] == "rewritten"}
+    rewritten = {layer.figures["tensor"] for layer in result.layers if layer.action == "rewritten"}
     assert rewritten == {"Wc", "W2", "S", "T"}
     assert result.stats["weights_rewritten"] == 4 and op_types(out).count("Gather") == 4
     assert np.unique(_decoded(out, node=-1, index=1, feeds=feeds)).size <= 4  # T, decoded
@@ -374,7 +374,7 @@ def test_activation_matmul_is_declined_not_touched():
         g (float[2,8] X, float[8,3] Z) => (float[2,3] Y) {{ Y = MatMul(X, Z) }}""")
     _, result = apply_pass(_kmeans(), proto)
     assert result.modified is False
-    assert result.layers[0]["reason"] == "weight is not a constant"
+    assert result.layers[0].reason == "weight is not a constant"
 
 
 # ---------------------------------------------------------------------------------------------- contract
@@ -433,15 +433,15 @@ def test_report_per_layer_figures():
     _, result = apply_pass(_kmeans(bits=4), proto)
     elapsed = time.perf_counter() - started
     layer = result.layers[0]
-    assert {k: layer[k] for k in ("node", "op_type", "tensor", "action", "bits", "k", "storage", "elements")} == {
+    assert {k: layer.to_dict()[k] for k in ("node", "op_type", "tensor", "action", "bits", "k", "storage", "elements")} == {
         "node": "conv", "op_type": "Conv", "tensor": "W", "action": "rewritten", "bits": 4, "k": 16,
         "storage": "bitpack(2x4-bit in uint8)", "elements": BIG_N,
     }  # fmt: skip
-    assert layer["bytes_after"] == BIG_N // 2 + 16 * 4 + 2 + 1 + 4 * 8  # indices, codebook, shifts, shape
-    assert 0.05 < layer["rel_error"] < 0.15
-    assert layer["max_abs_error"] < np.abs(w).max() / 2
-    assert 0 <= layer["seconds"] <= elapsed
-    assert result.stats["weight_bytes_saved"] == 4 * BIG_N - layer["bytes_after"]
+    assert layer.figures["bytes_after"] == BIG_N // 2 + 16 * 4 + 2 + 1 + 4 * 8  # indices, codebook, shifts, shape
+    assert 0.05 < layer.figures["rel_error"] < 0.15
+    assert layer.figures["max_abs_error"] < np.abs(w).max() / 2
+    assert 0 <= layer.figures["seconds"] <= elapsed
+    assert result.stats["weight_bytes_saved"] == 4 * BIG_N - layer.figures["bytes_after"]
     assert result.stats["weights_rewritten"] == 1 and result.stats["weights_declined"] == 0
 
 

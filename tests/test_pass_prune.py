@@ -78,8 +78,8 @@ def test_zero_filters_disappear_with_identical_outputs() -> None:
     assert _node_weight(out, "a").shape == (6, 3, 3, 3)
     assert _node_weight(out, "b").shape == (4, 6, 3, 3)
     assert result.stats["dead_channels_removed"] == 2 and result.stats["channels_removed"] == 2
-    a_entry = next(layer for layer in result.layers if layer["node"] == "a")
-    assert a_entry == {"node": "a", "op_type": "Conv", "group": "a", "channels_before": 8, "channels_after": 6,
+    a_entry = next(layer for layer in result.layers if layer.node == "a")
+    assert a_entry.to_dict() == {"node": "a", "op_type": "Conv", "group": "a", "channels_before": 8, "channels_after": 6,
                        "action": "rewritten", "dead_channels_removed": 2}
     # The 2 × 27 weights + 2 biases of a, and 2 × 4 × 9 input weights of b.
     assert result.stats["weight_params_removed"] == 2 * 27 + 2 + 2 * 36
@@ -166,7 +166,7 @@ def test_residual_block_prunes_both_members_consistently() -> None:
     assert _node_weight(out, "a").shape == (4, 3, 1, 1)
     assert _node_weight(out, "b").shape == (4, 4, 3, 3)
     assert _node_weight(out, "c").shape == (2, 4, 1, 1)
-    groups = {layer["node"]: layer["group"] for layer in result.layers}
+    groups = {layer.node: layer.figures["group"] for layer in result.layers}
     assert groups == {"a": "a", "b": "a", "c": "c"}  # c feeds the graph output: its own group, declined
     # Kept channels are the 4 with the highest summed L1 norm of a's and b's filters.
     score = np.abs(_w(8, 3, 1, 1)).reshape(8, -1).sum(1) + np.abs(_w(8, 8, 3, 3)).reshape(8, -1).sum(1)
@@ -261,8 +261,8 @@ def test_depthwise_chain_and_global_scope() -> None:
         assert _node_weight(out, name).shape == shape
     assert _node_weight(out, "dw1", 2).shape == (6,)
     # The depthwise convs are not layers of their own: the group is a's (b's output is the graph output).
-    assert {layer["node"]: layer["action"] for layer in result.layers} == {"a": "rewritten", "b": "declined"}
-    assert "graph output Y" in next(layer["reason"] for layer in result.layers if layer["node"] == "b")
+    assert {layer.node: layer.action for layer in result.layers} == {"a": "rewritten", "b": "declined"}
+    assert "graph output Y" in next(layer.reason for layer in result.layers if layer.node == "b")
 
 
 def test_round_to_and_max_ratio() -> None:
@@ -287,7 +287,7 @@ def test_round_to_and_max_ratio() -> None:
     out, _ = apply_pass(_prune(ratio=0.6, max_ratio=0.25), proto)
     assert _node_weight(out, "a").shape[0] == 12
     out, result = apply_pass(_prune(ratio=0.3, round_to=8), proto)
-    assert result.modified is False and result.layers[0]["reason"] == "nothing to remove at this ratio"
+    assert result.modified is False and result.layers[0].reason == "nothing to remove at this ratio"
 
 
 def test_unsupported_consumer_declines_the_group() -> None:
@@ -307,8 +307,8 @@ def test_unsupported_consumer_declines_the_group() -> None:
     )
     out, result = apply_pass(_prune(ratio=0.5), proto)
     assert result.modified is False
-    entry = next(layer for layer in result.layers if layer["node"] == "a")
-    assert entry["action"] == "declined" and "Transpose transpose" in entry["reason"]
+    entry = next(layer for layer in result.layers if layer.node == "a")
+    assert entry.action == "declined" and "Transpose transpose" in entry.reason
     assert result.stats["groups_declined"] == 2
     assert out.SerializeToString() == apply_pass(_prune(ratio=0.0), proto)[0].SerializeToString()
 
@@ -333,7 +333,7 @@ def test_unstructured_zeros_the_smallest_weights() -> None:
     original = _w(8, 8, 3, 3)
     assert np.abs(original[wb == 0]).max() <= np.abs(original[wb != 0]).min()
     assert result.stats["sparsity_fraction"] == pytest.approx(0.5, abs=0.01)
-    assert {layer["node"]: layer["sparsity"] for layer in result.layers}["b"] == 0.5
+    assert {layer.node: layer.figures["sparsity"] for layer in result.layers}["b"] == 0.5
     run(out, random_feeds(proto))
 
 
@@ -469,7 +469,7 @@ def test_digits_cnn_at_10_percent_keeps_its_accuracy() -> None:
     accuracy = float(np.mean(run(out, {"x": x})[0].argmax(1) == labels))
     assert accuracy >= 0.97  # 98.2 % (the original: 99.1 %)
     # 32/64/128/128 channels lose 3/6/12/12; the logits Gemm feeds the graph output and keeps its 10.
-    assert [layer["channels_after"] for layer in result.layers] == [29, 58, 116, 116, 10]
+    assert [layer.figures["channels_after"] for layer in result.layers] == [29, 58, 116, 116, 10]
     before, after = analyze(proto).totals["flops"], analyze(out).totals["flops"]
     assert after < 0.83 * before
     # Unfused, each Conv is ranked by its filters times |BN scale| / sqrt(var + eps): the same channels go.

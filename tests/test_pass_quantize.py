@@ -16,7 +16,7 @@ from nnopt.cost.analysis import analyze
 from nnopt.errors import OptionError
 from nnopt.passes import _qdq
 from nnopt.passes.quantize import Quantize, QuantizeOptions, _sensitivity
-from nnopt.pipeline.base import PassContext
+from nnopt.pipeline.base import LayerDecision, PassContext
 from nnopt.runtime import make_session
 from nnopt.testing import apply_pass, model_from_text
 
@@ -69,9 +69,9 @@ def test_static_digits_inserts_qdq_and_keeps_accuracy(digits: dict, digits_stati
     acc_q = _accuracy(out, digits["x"], digits["y"])
     assert acc_float == pytest.approx(446 / 450)
     assert acc_q >= acc_float - 0.01
-    rewritten = [entry for entry in result.layers if entry["action"] == "rewritten"]
-    assert {e["node"] for e in rewritten} >= {"/0/Conv", "/3/Conv", "/7/Conv", "/12/Gemm"}
-    assert all(e["sqnr_db"] is None or e["sqnr_db"] > 25 for e in rewritten)
+    rewritten = [entry for entry in result.layers if entry.action == "rewritten"]
+    assert {e.node for e in rewritten} >= {"/0/Conv", "/3/Conv", "/7/Conv", "/12/Gemm"}
+    assert all(e.figures["sqnr_db"] is None or e.figures["sqnr_db"] > 25 for e in rewritten)
 
 
 def test_static_weights_are_per_channel_symmetric_int8(digits_static) -> None:
@@ -108,25 +108,24 @@ def test_static_is_deterministic(digits: dict, digits_static) -> None:
 def test_static_without_data_is_declined(digits: dict) -> None:
     out, result = apply_pass(Quantize(), digits["proto"])
     assert not result.modified
-    assert "static quantization needs --data" in result.layers[0]["reason"]
+    assert "static quantization needs --data" in result.layers[0].reason
     assert _ops(out)["QuantizeLinear"] == 0
 
 
 def test_already_quantized_model_is_refused(digits: dict, digits_static) -> None:
     out, result = apply_pass(Quantize(), digits_static[0], PassContext(samples=digits["calib"]))
     assert not result.modified
-    assert "already quantized" in result.layers[0]["reason"]
-    assert "QuantizeLinear" in result.layers[0]["reason"]
+    assert "already quantized" in result.layers[0].reason
+    assert "QuantizeLinear" in result.layers[0].reason
     assert _ops(out)["QuantizeLinear"] == 11
 
 
 def test_exclude_and_op_types_limit_the_layers(digits: dict) -> None:
     opts = QuantizeOptions.create("quantize", op_types=("Conv",), exclude=("/7/*",))
     out, result = apply_pass(Quantize(opts), digits["proto"], PassContext(samples=digits["calib"]))
-    quantized = {e["node"] for e in result.layers if e["action"] == "rewritten"}
+    quantized = {e.node for e in result.layers if e.action == "rewritten"}
     assert quantized == {"/0/Conv", "/3/Conv"}
-    assert {"node": "/7/Conv", "op_type": "Conv", "action": "declined",
-            "reason": "not selected by nodes/exclude"} in result.layers
+    assert LayerDecision("/7/Conv", "Conv", "declined", "not selected by nodes/exclude") in result.layers
     int8 = [t for t in out.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
     assert len(int8) == 2
 
@@ -161,15 +160,15 @@ def test_budget_loop_excludes_the_most_sensitive_layer() -> None:
     rng = np.random.default_rng(1)
     samples = [{"x": rng.standard_normal((8, 16)).astype(np.float32)} for _ in range(4)]
     _, plain = apply_pass(Quantize(), proto, PassContext(samples=samples))
-    by_node = {e["node"]: e for e in plain.layers}
-    assert by_node["mm2"]["own_sqnr_db"] < by_node["mm1"]["sqnr_db"] - 20  # mm2 is the one that hurts
+    by_node = {e.node: e for e in plain.layers}
+    assert by_node["mm2"].figures["own_sqnr_db"] < by_node["mm1"].figures["sqnr_db"] - 20  # mm2 is the one that hurts
     assert plain.stats["cosine_on_data"] < 0.99
 
     opts = QuantizeOptions.create("quantize", min_cosine=0.999)
     out, result = apply_pass(Quantize(opts), proto, PassContext(samples=samples))
-    declined = [e for e in result.layers if e["action"] == "declined"]
-    assert [e["node"] for e in declined] == ["mm2"]
-    assert "fidelity budget" in declined[0]["reason"]
+    declined = [e for e in result.layers if e.action == "declined"]
+    assert [e.node for e in declined] == ["mm2"]
+    assert "fidelity budget" in declined[0].reason
     assert result.stats["budget_met"] and result.stats["cosine_on_data"] >= 0.999
     assert result.stats["layers_excluded_by_budget"] == 1
 
@@ -345,10 +344,10 @@ def test_weight_only_stores_lstm_w_and_r_as_int8_per_row() -> None:
     assert inits["quantize/W_scale"].shape == (64,) and inits["quantize/R_scale"].shape == (64,)
     dqs = [n for n in out.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dqs) == 2 and all(helper.get_attribute_value(d.attribute[0]) == 1 for d in dqs)
-    entry = next(e for e in result.layers if e["node"] == "lstm")
-    assert entry["weights"] == ["W", "R"] and entry["axis"] == 1
-    assert entry["weight_bytes_before"] == 4 * (2 * 64 * 8 + 2 * 64 * 16)
-    assert entry["weight_bytes_after"] == 2 * 64 * 8 + 2 * 64 * 16 + 2 * 4 * 64
+    entry = next(e for e in result.layers if e.node == "lstm")
+    assert entry.figures["weights"] == ["W", "R"] and entry.figures["axis"] == 1
+    assert entry.figures["weight_bytes_before"] == 4 * (2 * 64 * 8 + 2 * 64 * 16)
+    assert entry.figures["weight_bytes_after"] == 2 * 64 * 8 + 2 * 64 * 16 + 2 * 4 * 64
     # W, R int8 (3,072 B) + float B (1,024 B) + scales (512 B) + zero points (128 B), from 13,312 B.
     assert (analyze(proto).totals["weight_bytes"], analyze(out).totals["weight_bytes"]) == (13_312, 4_736)
     x = np.random.default_rng(5).standard_normal((5, 2, 8)).astype(np.float32)
@@ -366,8 +365,8 @@ def test_static_stores_lstm_weights_as_int8_only_when_asked() -> None:
     # Default: float (a DequantizeLinear at every run costs latency), said in the report.
     out, result = apply_pass(Quantize(), proto, PassContext(samples=samples))
     assert not result.modified and _ops(out)["DequantizeLinear"] == 0
-    entry = next(e for e in result.layers if e["node"] == "lstm")
-    assert entry["action"] == "declined" and "recurrent_weights=true" in entry["reason"]
+    entry = next(e for e in result.layers if e.node == "lstm")
+    assert entry.action == "declined" and "recurrent_weights=true" in entry.reason
     assert {t.name for t in out.graph.initializer} == {"W", "R", "B"}
 
     opts = QuantizeOptions.create("quantize", recurrent_weights=True)
@@ -376,9 +375,9 @@ def test_static_stores_lstm_weights_as_int8_only_when_asked() -> None:
     inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     assert "W" not in inits and "R" not in inits
     assert inits["quantize/W_int8"].dtype == np.int8 and inits["quantize/R_int8"].dtype == np.int8
-    entry = next(e for e in result.layers if e["node"] == "lstm")
-    assert entry["action"] == "rewritten" and entry["int8_kernel"] is False
-    assert 25 < entry["sqnr_db"] < 80  # int8 weights only: a small but measured error
+    entry = next(e for e in result.layers if e.node == "lstm")
+    assert entry.action == "rewritten" and entry.figures["int8_kernel"] is False
+    assert 25 < entry.figures["sqnr_db"] < 80  # int8 weights only: a small but measured error
     assert result.stats["cosine_on_data"] > 0.9999
 
 

@@ -115,7 +115,7 @@ def test_dynamic_dims_are_not_assumed():
     # Reshape with 0 copies the dynamic dim: provably the same shape, but X is a graph input and Z an
     # output, so the node must stay to keep both names.
     assert "Reshape" in op_types(out)
-    assert any(layer["action"] == "declined" for layer in result.layers)
+    assert any(layer.action == "declined" for layer in result.layers)
 
 
 def test_chain_of_noops_in_the_middle():

@@ -93,7 +93,7 @@ def test_strips_every_node_and_keeps_model_metadata():
         "metadata_entries_kept": 0,
         "bytes_removed": result.stats["bytes_removed"],
     }
-    assert [(e["node"], e["doc_string"], e["metadata_removed"]) for e in result.layers] == [
+    assert [(e.node, e.figures["doc_string"], e.figures["metadata_removed"]) for e in result.layers] == [
         ("relu", True, ["namespace", "pkg.torch.onnx.stack_trace"]),
         ("neg", True, ["namespace", "pkg.torch.onnx.fx_node"]),
         ("sigmoid", False, ["pkg.torch.onnx.stack_trace"]),
@@ -104,7 +104,7 @@ def test_strips_every_node_and_keeps_model_metadata():
         if original.HasField("doc_string"):
             node.doc_string = original.doc_string
     assert result.stats["bytes_removed"] == sum(n.ByteSize() for n in debug_only) == 286
-    assert result.stats["bytes_removed"] == sum(e["bytes_removed"] for e in result.layers)
+    assert result.stats["bytes_removed"] == sum(e.figures["bytes_removed"] for e in result.layers)
     # The file loses that and a few bytes more: the length prefixes of the enclosing If node and branch
     # graphs shrink, and Model.to_proto writes an empty doc_string field (2 bytes) for sigmoid while it has
     # metadata.
@@ -137,8 +137,8 @@ def test_keep_patterns_keep_those_keys_only():
     }
     assert (result.stats["metadata_entries_removed"], result.stats["metadata_entries_kept"]) == (2, 3)
     assert result.stats["nodes_stripped"] == 3  # neg keeps all its metadata but loses its doc string
-    assert result.layers[1] == {
-        "node": "neg", "op": "Neg", "action": "stripped", "doc_string": True, "metadata_removed": [],
+    assert result.layers[1].to_dict() == {
+        "node": "neg", "op_type": "Neg", "action": "stripped", "doc_string": True, "metadata_removed": [],
         "bytes_removed": len(onnx.NodeProto(doc_string="negates").SerializeToString()), "metadata_kept":
         ["namespace", "pkg.torch.onnx.fx_node"],
     }
@@ -164,7 +164,7 @@ def test_extras_of_removed_nodes_are_not_counted():
     relu.outputs.clear()
     model.graph.nodes.remove(relu)
     result = StripDebugInfo().run(model, PassContext())
-    assert [e["node"] for e in result.layers] == ["neg", "sigmoid"]
+    assert [e.node for e in result.layers] == ["neg", "sigmoid"]
     assert result.stats["metadata_entries_removed"] == 3 and model.node_extras == {}
 
 

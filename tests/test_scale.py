@@ -34,7 +34,7 @@ from nnopt.api import optimize
 from nnopt.cost import analyze
 from nnopt.ir.model import Model, replace_tensor, splice_nodes
 from nnopt.passes.quantize import _unique
-from nnopt.pipeline.base import PassContext
+from nnopt.pipeline.base import LayerDecision, PassContext
 from nnopt.pipeline.spec import instantiate, parse_pass_spec
 from nnopt.plugin_manager import build_plugins, get_pass_class
 
@@ -267,24 +267,24 @@ def _matmul_with_output_weight() -> onnx.ModelProto:
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 
-def _layers(plugins: Any, spec: str, proto: onnx.ModelProto) -> list[dict[str, Any]]:
+def _layers(plugins: Any, spec: str, proto: onnx.ModelProto) -> list[LayerDecision]:
     model = Model.from_proto(proto)
     return _pass(plugins, spec).run(model, PassContext()).layers
 
 
 def test_batchnorm_in_a_branch_is_not_folded_into_an_outer_conv(plugins):
     layers = _layers(plugins, "fold-batchnorm", _branch_model("BatchNormalization"))
-    assert [(x["node"], x["action"], x["reason"]) for x in layers] == [
+    assert [(x.node, x.action, x.reason) for x in layers] == [
         ("then_node", "declined", "producer is in an enclosing graph")
     ]
 
 
 def test_kmeans_declines_a_weight_read_from_two_graphs_and_a_weight_that_is_an_output(plugins):
     layers = _layers(plugins, "kmeans:bits=2,min_size=1", _branch_model("Conv"))
-    assert [(x["tensor"], x["action"], x["reason"]) for x in layers] == [
+    assert [(x.figures["tensor"], x.action, x.reason) for x in layers] == [
         ("W", "declined", "read from more than one graph")
     ]
     layers = _layers(plugins, "kmeans:bits=2,min_size=1", _matmul_with_output_weight())
-    assert [(x["tensor"], x["action"], x["reason"]) for x in layers] == [
+    assert [(x.figures["tensor"], x.action, x.reason) for x in layers] == [
         ("W", "declined", "weight is a graph output")
     ]

@@ -6,7 +6,7 @@ import copy
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from nnopt.errors import ModelLoadError, UnsafeExternalDataError
+from nnopt.errors import ModelLoadError, UnsafeExternalDataError, first_line
 
 #: Protobuf cannot serialise a message of 2 GiB or more; above this many tensor bytes nnopt writes
 #: weights to an external-data file (and validates through files rather than in-memory bytes).
@@ -248,8 +248,7 @@ def _run_checker(proto_or_path: onnx.ModelProto | str, where: str) -> None:
     try:
         onnx.checker.check_model(proto_or_path)
     except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{where}: rejected by the onnx checker: {first}") from exc
+        raise ModelLoadError(f"{where}: rejected by the onnx checker: {first_line(exc)}") from exc
 
 
 def _check_external_location(tensor: onnx.TensorProto, base_dir: Path, model_path: Path) -> None:
@@ -342,7 +341,7 @@ def _iter_node_protos(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
         yield from g.node
 
 
-def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+def _all_tensors(proto: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
     return external_data_helper._get_all_tensors(proto)
 
 

@@ -1,4 +1,4 @@
-"""Pass, PassOptions, PassResult and PassContext: the contract between the pass manager and every pass."""
+"""Pass, PassOptions, LayerDecision, PassResult and PassContext: the contract between the manager and every pass."""
 
 from __future__ import annotations
 
@@ -7,14 +7,17 @@ import difflib
 import hashlib
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeAlias, TypeVar, Union, cast
 
 import numpy as np
 
 from nnopt.errors import OptionError
 from nnopt.ir.model import Model
+
+if TYPE_CHECKING:
+    from nnopt.analysis.manager import AnalysisManager
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,14 @@ class PassOptions:
     ``X | None``), a default, and ``metadata={"help": "..."}``. Subclasses validate in ``__post_init__``
     by raising ``OptionError``. The same class drives CLI parsing (``from_strings``), ``nnopt passes`` and
     the report (``to_dict``).
+
+    Shared bases (``NodeSelection``, the low-rank passes' options) declare common fields once. A base
+    names in ``TRAILING`` the fields it wants listed after the pass's own (dataclasses put inherited fields
+    first), and a pass may reword an inherited field's help in ``HELP`` (field name → help).
     """
+
+    TRAILING: ClassVar[tuple[str, ...]] = ()
+    HELP: ClassVar[Mapping[str, str]] = {}
 
     @classmethod
     def from_strings(cls, values: dict[str, str], pass_name: str = "") -> PassOptions:
@@ -103,23 +113,30 @@ class PassOptions:
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: _jsonable(getattr(self, f.name)) for f in self.option_fields()}
+
+    @classmethod
+    def option_fields(cls) -> list[dataclasses.Field[Any]]:
+        """The fields in the order users see them: the pass's own, then the ``TRAILING`` ones."""
+        fields = dataclasses.fields(cls)
+        by_name = {f.name: f for f in fields}
+        return [f for f in fields if f.name not in cls.TRAILING] + [by_name[n] for n in cls.TRAILING if n in by_name]
 
     @classmethod
     def describe(cls) -> list[dict[str, Any]]:
         """One entry per option: name, type, default and help, for ``nnopt passes``."""
         hints = typing.get_type_hints(cls)
         out = []
-        for f in dataclasses.fields(cls):
+        for f in cls.option_fields():
             default = f.default if f.default is not dataclasses.MISSING else None
-            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                default = f.default_factory()  # type: ignore[misc]
+            if f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
             out.append(
                 {
                     "name": f.name,
                     "type": _type_name(hints[f.name]),
                     "default": _jsonable(default),
-                    "help": f.metadata.get("help", ""),
+                    "help": cls.HELP.get(f.name, f.metadata.get("help", "")),
                 }
             )
         return out
@@ -130,6 +147,74 @@ class NoOptions(PassOptions):
     """For passes without options."""
 
 
+#: What became of a pass in the pipeline: it changed the model and passed verification, changed nothing,
+#: or was undone (it raised, broke the model, or exceeded the fidelity budget).
+PassStatus: TypeAlias = Literal["applied", "unchanged", "rolled_back"]
+
+#: What a pass did to one layer (a node, or a weight read by nodes). ``rewritten``: changed in place or
+#: replaced by new nodes; ``declined``: left alone, ``reason`` says why; ``removed``: taken out of the graph
+#: (its readers now read something else); ``folded``: merged into a neighbour, which absorbed its work;
+#: ``moved``: the same op now sits elsewhere in the graph; ``stripped``: only metadata was dropped.
+LayerAction: TypeAlias = Literal["rewritten", "declined", "removed", "folded", "moved", "stripped"]
+LAYER_ACTIONS: tuple[LayerAction, ...] = typing.get_args(LayerAction)
+
+#: A value in a layer's figures: what JSON can hold (tuples come out as lists).
+Figure: TypeAlias = int | float | str | bool | None | Sequence["Figure"] | Mapping[str, "Figure"]
+
+#: The keys ``LayerDecision.to_dict`` writes itself; figures may not reuse them.
+_DECISION_KEYS = frozenset({"node", "op_type", "action", "reason"})
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """One line of a pass's per-layer report: which layer, what the pass did to it, why, and its numbers.
+
+    Attributes:
+        node: the node's name (a pass that names unnamed nodes by their first output says so in its doc);
+            ``"(model)"`` or ``"*"`` for a decision about the whole model.
+        op_type: the node's op type; ``""`` where there is no single node.
+        action: one of ``LAYER_ACTIONS``.
+        reason: why; required for ``declined``, optional otherwise.
+        figures: the pass's own numbers (``rank``, ``weight_error``, ``bytes_before``, ...). The dict may be
+            filled in while the pass runs (a refit adds its errors); its keys may not be the four above.
+    """
+
+    node: str
+    op_type: str
+    action: LayerAction
+    reason: str = ""
+    figures: dict[str, Figure] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Checked at run time too: plugins are not type-checked, and the report must stay one vocabulary.
+        if self.action not in LAYER_ACTIONS:
+            raise ValueError(f"layer action {self.action!r} is not one of {', '.join(LAYER_ACTIONS)}")
+        if self.action == "declined" and not self.reason:
+            raise ValueError(f"layer {self.node!r} is declined without a reason")
+        self._check_figure_names()
+
+    def _check_figure_names(self) -> None:
+        clash = sorted(_DECISION_KEYS & self.figures.keys())
+        if clash:
+            raise ValueError(f"layer {self.node!r}: figure names {clash} are reserved")
+
+    def int_figure(self, key: str) -> int:
+        """A figure the pass stored as an integer (to sum into its stats); TypeError if it is something else."""
+        value = self.figures[key]
+        if isinstance(value, int | np.integer) and not isinstance(value, bool):
+            return int(value)
+        raise TypeError(f"layer {self.node!r}: figure {key!r} is {value!r}, not an integer")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's JSON for this layer: node, op_type, action, reason (when given), then the figures."""
+        self._check_figure_names()  # again: figures may have been added since the decision was made
+        out: dict[str, Any] = {"node": self.node, "op_type": self.op_type, "action": self.action}
+        if self.reason:
+            out["reason"] = self.reason
+        out.update(self.figures)
+        return out
+
+
 @dataclass
 class PassResult:
     """What a pass reports back.
@@ -137,13 +222,12 @@ class PassResult:
     Attributes:
         modified: whether the pass changed the model. The manager skips verification when it did not.
         stats: counts with units in their names (``nodes_removed``, ``weight_bytes_saved``).
-        layers: per-layer decisions, each a dict with at least ``node`` and ``action`` (e.g. "rewritten",
-            "declined") and ``reason`` where a layer was left alone.
+        layers: per-layer decisions; the report shows each as ``LayerDecision.to_dict()``.
     """
 
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
-    layers: list[dict[str, Any]] = field(default_factory=list)
+    layers: list[LayerDecision] = field(default_factory=list)
 
 
 @dataclass
@@ -156,6 +240,8 @@ class PassContext:
         input_shapes: concrete shapes the user gave for dynamic graph inputs.
         hook: the pluggy hook relay, for passes that call other plugins.
         on_progress: where ``progress`` reports go (set by the pass manager; None: nowhere).
+        analyses: the analysis cache of the model being optimized (set by the pass manager); passes reach
+            it through ``analyses_for(model)``.
     """
 
     seed: int = 0
@@ -163,6 +249,19 @@ class PassContext:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     hook: Any = None
     on_progress: Callable[[int, int, str], None] | None = None
+    analyses: AnalysisManager | None = None
+
+    def analyses_for(self, model: Model) -> AnalysisManager:
+        """The analysis cache of ``model``: the pass manager's, shared by every pass and the verification.
+
+        A pass run on its own (no manager set ``analyses``) gets a new cache on every call, with this
+        context's input shapes and default costing: nobody would invalidate a kept one between runs.
+        """
+        if self.analyses is not None and self.analyses.model is model:
+            return self.analyses
+        from nnopt.analysis.manager import AnalysisManager, AnalysisSettings
+
+        return AnalysisManager(model, AnalysisSettings(input_shapes=dict(self.input_shapes)))
 
     def progress(self, done: int, total: int, item: str = "") -> None:
         """Say how far a slow pass has got: ``done`` of ``total`` layers, ``item`` the one just finished.
@@ -183,13 +282,20 @@ class PassContext:
         return int(self.rng(stream).integers(0, 2**31 - 1))
 
 
-class Pass:
-    """Base class of every pass, built-in or from a plugin.
+OptionsT = TypeVar("OptionsT", bound=PassOptions)
 
-    Subclasses set ``name`` (stable, kebab-case: it is CLI surface; plugin passes use ``plugin.name``),
-    ``lossy``, ``Options`` (a ``PassOptions`` dataclass) and implement ``run``. The class docstring says
-    what the pass matches, what it rewrites, whether it is lossless, and its preconditions: it is shown by
-    ``nnopt passes``.
+
+class Pass(Generic[OptionsT]):
+    """Base class of every pass, built-in or from a plugin, generic over its options class.
+
+    Subclasses name their options in the base (``class Prune(Pass[PruneOptions])``; ``Options`` is then
+    set from it, and ``self.options`` is typed), set ``name`` (stable, kebab-case: it is CLI surface; plugin
+    passes use ``plugin.name``) and ``lossy``, and implement ``run``. A pass without options derives from
+    ``Pass[NoOptions]`` (or plain ``Pass``). The class docstring says what the pass matches, what it
+    rewrites, whether it is lossless, and its preconditions: it is shown by ``nnopt passes``.
+
+    ``preserves`` names the analyses (``nnopt.analysis.manager``) a change by this pass leaves valid; the
+    pass manager drops the others after the pass changes the model.
 
     ``run`` edits the model it is given in place and returns a ``PassResult``. It must be deterministic
     (randomness only from ``ctx.rng``), must not print, read files or the environment, and must never
@@ -198,10 +304,25 @@ class Pass:
 
     name: ClassVar[str] = ""
     lossy: ClassVar[bool] = False
+    # Not ClassVar[type[OptionsT]]: a class variable cannot be generic. __init_subclass__ ties the two.
     Options: ClassVar[type[PassOptions]] = NoOptions
+    preserves: ClassVar[frozenset[str]] = frozenset()
+    options: OptionsT
 
-    def __init__(self, options: PassOptions | None = None) -> None:
-        self.options = options if options is not None else self.Options()
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = _options_argument(cls)
+        if declared is None:
+            return
+        if "Options" not in cls.__dict__:
+            cls.Options = declared
+        elif not issubclass(cls.Options, declared):
+            raise TypeError(f"{cls.__name__}.Options is {cls.Options.__name__}, not the {declared.__name__} "
+                            f"its base Pass[{declared.__name__}] says")
+
+    def __init__(self, options: OptionsT | None = None) -> None:
+        # The cast is what __init_subclass__ checked: Options is (a subclass of) OptionsT.
+        self.options = options if options is not None else cast(OptionsT, self.Options())
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -217,6 +338,17 @@ class Pass:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _options_argument(cls: type) -> type[PassOptions] | None:
+    """The options class in ``cls``'s own ``Pass[X]`` base, if it names one (not one a parent names)."""
+    for base in cls.__dict__.get("__orig_bases__", ()):
+        origin = typing.get_origin(base)
+        if isinstance(origin, type) and issubclass(origin, Pass):
+            (arg,) = typing.get_args(base)
+            if isinstance(arg, type) and issubclass(arg, PassOptions):
+                return arg
+    return None
+
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 

@@ -40,9 +40,8 @@ import difflib
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomllib
 
@@ -50,6 +49,9 @@ from nnopt.cost.hardware import PROFILE_SUFFIX, HardwareProfile, parse_hardware
 from nnopt.errors import InputError, OptionError
 from nnopt.pipeline.base import Pass, _described
 from nnopt.pipeline.manager import Budget
+
+if TYPE_CHECKING:
+    from nnopt.api import Pipeline
 
 #: The name that stands for the lossless default pipeline in ``[[passes]]``.
 DEFAULT_PASS_NAME = "default"
@@ -62,42 +64,15 @@ class PipelineFileError(InputError):
     """A pipeline file is missing, unreadable, malformed, or names an unknown pass, option or value."""
 
 
-@dataclass(frozen=True)
-class PipelineConfig:
-    """A validated pipeline file. None means "not set in the file": command-line flags or defaults decide.
-
-    Attributes:
-        passes: ``(name, {option: typed value})`` in order, ``("default", {})`` for the default pipeline;
-            None when the file has no ``[[passes]]`` (the default pipeline).
-        data: the ``.npz`` of reference inputs, resolved against the file's folder.
-        strict: a rolled-back pass is an error.
-        verify: check each pass in onnxruntime (``verify.enabled``).
-        seed: seed for generated inputs and randomised passes.
-        hardware: the hardware profile as written (a name or ``flops=...``), already validated.
-        fixed_point: repeat the pipeline until nothing changes; None for ``"auto"`` or not set.
-        input_shapes: concrete shapes for dynamic inputs.
-        budget: the lossy budget from ``[verify]``.
-        source: the file this came from (None for a mapping given directly).
-    """
-
-    passes: tuple[tuple[str, dict[str, Any]], ...] | None = None
-    data: Path | None = None
-    strict: bool | None = None
-    verify: bool | None = None
-    seed: int | None = None
-    hardware: str | None = None
-    fixed_point: bool | None = None
-    input_shapes: dict[str, list[int]] = field(default_factory=dict)
-    budget: Budget = field(default_factory=Budget)
-    source: Path | None = None
-
-
 def load_pipeline_file(
     path: str | Path,
     passes: Mapping[str, type[Pass]],
     hardware: Mapping[str, HardwareProfile],
-) -> PipelineConfig:
-    """Read and validate a ``.toml`` or ``.json`` pipeline file.
+) -> Pipeline:
+    """Read and validate a ``.toml`` or ``.json`` pipeline file into a ``Pipeline``.
+
+    Settings the file leaves out keep ``Pipeline``'s defaults; the caller applies its own overrides
+    (command-line flags) with ``Pipeline.replace``.
 
     Args:
         path: the file.
@@ -134,9 +109,14 @@ def parse_pipeline(
     passes: Mapping[str, type[Pass]],
     hardware: Mapping[str, HardwareProfile],
     source: Path | None = None,
-) -> PipelineConfig:
+) -> Pipeline:
     """Validate a pipeline given as a mapping (a parsed file); ``source`` names it in messages and is the
-    folder relative data paths are resolved against (the working directory when None)."""
+    folder relative data paths are resolved against (the working directory when None).
+
+    Each pass is built once here, from its typed options (``[[passes]]`` entries become ``Pass``
+    instances; ``default`` stays the name of the default pipeline), and the hardware profile is read once.
+    """
+    from nnopt.api import Pipeline
     label = str(source) if source is not None else "pipeline"
     if not isinstance(mapping, dict):
         raise PipelineFileError(f"{label}: expected a table of settings at the top level, got {_described(mapping)}")
@@ -149,10 +129,10 @@ def parse_pipeline(
 
     fixed_point_text = get(mapping, "fixed_point", _fixed_point)
     hardware_spec = get(mapping, "hardware", _string)
+    profile = None
     if hardware_spec is not None:
-        hardware_spec = _profile_file_path(hardware_spec, source)
         try:
-            parse_hardware(hardware_spec, dict(hardware))
+            profile = parse_hardware(_profile_file_path(hardware_spec, source), dict(hardware))
         except InputError as exc:
             raise PipelineFileError(f"{label}: hardware: {exc}") from None
     budget = Budget(
@@ -168,18 +148,20 @@ def parse_pipeline(
             f"{label}: verify.{first}: a budget needs verification; remove it or set verify.enabled = true"
         )
     data_text = get(verify, "data", _string, "verify.")
-    return PipelineConfig(
-        passes=_passes(mapping.get("passes"), passes, label),
-        data=_data_path(data_text, source, label) if data_text is not None else None,
-        strict=get(verify, "strict", _boolean, "verify."),
-        verify=enabled,
-        seed=get(mapping, "seed", _seed),
-        hardware=hardware_spec,
-        fixed_point=None if fixed_point_text in (None, "auto") else fixed_point_text,
-        input_shapes=_input_shapes(mapping.get("input_shapes", {}), label),
-        budget=budget,
-        source=source,
-    )
+    settings: dict[str, Any] = {
+        "passes": _passes(mapping.get("passes"), passes, label),
+        "data": _data_path(data_text, source, label) if data_text is not None else None,
+        "strict": get(verify, "strict", _boolean, "verify."),
+        "verify": enabled,
+        "seed": get(mapping, "seed", _seed),
+        "hardware": profile,
+        "fixed_point": None if fixed_point_text in (None, "auto") else fixed_point_text,
+        "input_shapes": _input_shapes(mapping.get("input_shapes", {}), label),
+        "budget": budget,
+    }
+    # What the file leaves out keeps the Pipeline's default (None is "not set" for these three only).
+    unset_means_default = ("strict", "verify", "seed")
+    return Pipeline(**{k: v for k, v in settings.items() if v is not None or k not in unset_means_default})
 
 
 # ---------------------------------------------------------------------------------------------- readers
@@ -217,9 +199,7 @@ _READERS: dict[str, Callable[[str, str], Any]] = {".toml": _read_toml, ".json": 
 
 
 # ---------------------------------------------------------------------------------------------- sections
-def _passes(
-    entries: Any, registry: Mapping[str, type[Pass]], label: str
-) -> tuple[tuple[str, dict[str, Any]], ...] | None:
+def _passes(entries: Any, registry: Mapping[str, type[Pass]], label: str) -> list[Pass | str] | None:
     if entries is None:
         return None
     if not isinstance(entries, list) or not entries:
@@ -228,7 +208,7 @@ def _passes(
             f"{label}: passes: expected a list of pass tables ([[passes]] with a name), got {got}; "
             "leave 'passes' out for the default pipeline"
         )
-    out = []
+    out: list[Pass | str] = []
     for index, entry in enumerate(entries, 1):
         where = f"passes[{index}]"
         if not isinstance(entry, dict):
@@ -247,7 +227,7 @@ def _passes(
                     f"{label}: {where}: the default pipeline takes no options (got '{next(iter(options))}'); "
                     "list its passes one by one to configure them"
                 )
-            out.append((name, {}))
+            out.append(DEFAULT_PASS_NAME)
             continue
         cls = registry.get(name)
         if cls is None:
@@ -256,9 +236,8 @@ def _passes(
             built = cls.Options.from_values(options, name, where=f"{label}: {where}")
         except OptionError as exc:
             raise PipelineFileError(str(exc)) from None
-        # The options the file set, typed (lists as tuples, ints as floats where the option is a float).
-        out.append((name, {key.replace("-", "_"): getattr(built, key.replace("-", "_")) for key in options}))
-    return tuple(out)
+        out.append(cls(built))
+    return out
 
 
 def _input_shapes(value: Any, label: str) -> dict[str, list[int]]:
@@ -371,4 +350,4 @@ def _suggest(name: str, registry: Mapping[str, type[Pass]]) -> str:
     return f"known: {', '.join(sorted([DEFAULT_PASS_NAME, *registry]))}; see nnopt passes"
 
 
-__all__ = ["PipelineConfig", "PipelineFileError", "load_pipeline_file", "parse_pipeline"]
+__all__ = ["PipelineFileError", "load_pipeline_file", "parse_pipeline"]

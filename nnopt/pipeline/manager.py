@@ -13,9 +13,10 @@ from typing import Any
 
 import onnx
 
-from nnopt.errors import PassFailedError
+from nnopt.analysis.manager import AnalysisManager, AnalysisSettings, Checkpoint
+from nnopt.errors import PassFailedError, first_line
 from nnopt.ir.model import Model
-from nnopt.pipeline.base import Pass, PassContext, PassResult
+from nnopt.pipeline.base import Pass, PassContext, PassResult, PassStatus
 from nnopt.pipeline.progress import Progress
 from nnopt.pipeline.verify import (
     Fidelity,
@@ -66,7 +67,7 @@ class PassRecord:
     options: dict[str, Any]
     lossy: bool
     iteration: int
-    status: str = "applied"  # applied | unchanged | rolled_back
+    status: PassStatus = "applied"
     reason: str = ""
     seconds: float = 0.0
     verify_seconds: float = 0.0
@@ -150,20 +151,46 @@ class PipelineReport:
         return "\n".join(lines)
 
 
+#: Maps an exported model to its cost totals (for callers that cost models their own way, e.g. tests).
 Analyzer = Callable[[onnx.ModelProto], dict[str, Any]]
+
+
+@dataclass
+class _Current:
+    """The last verified state of the model: what a rollback restores and the next pass is compared with."""
+
+    snapshot: onnx.ModelProto
+    cost: dict[str, Any]
+    checkpoint: Checkpoint
+    outputs: list[list[Any]] | None
+    fidelity: Fidelity | None = None
+
+
+@dataclass
+class _Verdict:
+    """The checks of one changed model: ``problem`` None means keep it."""
+
+    problem: str | None
+    outputs: list[list[Any]] | None = None
+    cost: dict[str, Any] = field(default_factory=dict)
 
 
 class PassManager:
     """Runs a list of passes with verification and rollback.
 
-    For each pass: snapshot → run (through the ``nnopt_run_pass`` hook) → validate (onnx checker; strict
-    shape inference when the input model passed it) → cost analysis → numerical check in onnxruntime
-    against the model before the pass (lossless passes, ``LOSSLESS_TOLERANCE``) and against the original
-    model (the lossy ``budget``) → keep, or restore the snapshot and record why.
+    For each pass: run (through the ``nnopt_run_pass`` hook) → export once → validate (onnx checker; strict
+    shape inference when the input model passed it) → numerical check in onnxruntime against the model
+    before the pass (lossless passes, ``LOSSLESS_TOLERANCE``) and against the original model (the lossy
+    ``budget``) → cost analysis → keep, or restore the last verified snapshot and record why.
+
+    The model's analyses (``nnopt.analysis.manager``) live in ``ctx.analyses`` for the whole run: the
+    export and cost report of each kept version are what the next pass reads, so a pass that changes the
+    model costs one export and an unchanged pass none.
 
     Args:
         passes: pass instances, in order.
-        analyze: maps a ModelProto to the cost totals dict.
+        settings: input shapes, hardware profile and cost rules the analyses (the cost report) use.
+        analyze: maps a ModelProto to the cost totals dict, instead of the cost report's totals.
         verifier: reference inputs and outputs; None skips numerical checks.
         budget: the lossy budget, measured against the original model.
         strict: raise ``PassFailedError`` at the first rollback.
@@ -177,7 +204,8 @@ class PassManager:
         self,
         passes: list[Pass],
         *,
-        analyze: Analyzer,
+        settings: AnalysisSettings | None = None,
+        analyze: Analyzer | None = None,
         verifier: Verifier | None = None,
         budget: Budget | None = None,
         strict: bool = False,
@@ -187,6 +215,7 @@ class PassManager:
         progress: Progress | None = None,
     ) -> None:
         self.passes = passes
+        self.settings = settings or AnalysisSettings()
         self.analyze = analyze
         self.verifier = verifier
         self.budget = budget or Budget()
@@ -199,109 +228,137 @@ class PassManager:
     def run(self, model: Model, ctx: PassContext | None = None) -> PipelineReport:
         """Run the pipeline on ``model`` in place and return the report."""
         with _outside_cycle_collection():
-            return self._run(model, ctx)
+            return self._run(model, ctx or PassContext())
 
-    def _run(self, model: Model, ctx: PassContext | None) -> PipelineReport:
-        ctx = ctx or PassContext()
+    def _run(self, model: Model, ctx: PassContext) -> PipelineReport:
         if ctx.hook is None:
             ctx.hook = self.hook
         if ctx.on_progress is None:
             ctx.on_progress = self.progress.layer
+        if ctx.analyses is None or ctx.analyses.model is not model:
+            ctx.analyses = AnalysisManager(model, self.settings)
+        analyses = ctx.analyses
         report = PipelineReport()
-        snapshot = model.to_proto()
-        strict_shapes = passes_strict_shape_inference(snapshot)
-        if not strict_shapes:
+        snapshot = analyses.proto()
+        self._strict_shapes = passes_strict_shape_inference(snapshot)
+        if not self._strict_shapes:
             report.notes.append("the input model fails strict ONNX shape inference; validity is checked with the checker only")
-        current_cost = self.analyze(snapshot)
-        report.original = current_cost
-        verifier = self.verifier if self.verifier is not None and self.verifier.unavailable is None else None
+        self._active_verifier = self.verifier if self.verifier is not None and self.verifier.unavailable is None else None
         if self.verifier is None:
             report.verification = "disabled"
         elif self.verifier.unavailable is not None:
             report.verification = self.verifier.unavailable
-        current_outputs = verifier.reference if verifier else None
-        current_fidelity: Fidelity | None = None
+        reference = self._active_verifier.reference if self._active_verifier else None
+        current = _Current(snapshot, self._totals(analyses), analyses.checkpoint(), reference)
+        report.original = current.cost
 
-        iterations = self.max_iterations if self.fixed_point else 1
-        for iteration in range(iterations):
+        for iteration in range(self.max_iterations if self.fixed_point else 1):
             applied_any = False
             for position, pass_ in enumerate(self.passes, start=1):
-                record = PassRecord(pass_.name, pass_.options.to_dict(), pass_.lossy, iteration, before=current_cost)
+                record = PassRecord(pass_.name, pass_.options.to_dict(), pass_.lossy, iteration, before=current.cost)
                 report.passes.append(record)
                 self.progress.pass_started(pass_.name, position, len(self.passes), iteration)
-                started = time.perf_counter()
-                try:
-                    result = self._run_one(pass_, model, ctx)
-                except Exception as exc:  # boundary: pass code, built-in or third-party
-                    record.seconds = time.perf_counter() - started
-                    self._roll_back(model, snapshot, record, f"raised {type(exc).__name__}: {_first_line(exc)}")
-                    log.debug("pass %s raised", pass_.name, exc_info=True)
-                    self._after(record, model)
-                    continue
-                record.seconds = time.perf_counter() - started
-                record.stats = dict(result.stats)
-                record.layers = list(result.layers)
-                if not result.modified:
-                    record.status = "unchanged"
-                    record.after = current_cost
-                    self._after(record, model)
-                    continue
-                check_started = time.perf_counter()
-                self.progress.verifying()
-                try:
-                    proto = model.to_proto()
-                except Exception as exc:  # boundary: graphsurgeon export of whatever the pass built
-                    self._roll_back(model, snapshot, record, f"export failed: {_first_line(exc)}")
-                    self._after(record, model)
-                    continue
-                problem = validity_problems(proto, strict_shapes=strict_shapes)
-                outputs = None
-                if problem is None and verifier is not None:
-                    try:
-                        outputs = verifier.run(proto)
-                    except Exception as exc:  # boundary: onnxruntime on the rewritten model
-                        problem = f"onnxruntime cannot run the result: {_first_line(exc)}"
-                    if outputs is not None:
-                        step = compare_outputs(current_outputs, outputs)
-                        total = compare_outputs(verifier.reference, outputs)
-                        record.fidelity = total.to_dict()
-                        record.fidelity["step_max_rel_error"] = step.max_rel_error
-                        excess = lossless_excess(
-                            current_outputs, outputs, rtol=LOSSLESS_TOLERANCE, atol=LOSSLESS_ATOL
-                        )
-                        if not pass_.lossy and not excess <= 1.0:
-                            problem = (
-                                f"lossless pass changed outputs: relative error {step.max_rel_error:.3g} "
-                                f"(max abs {step.max_abs_error:.3g}) > {LOSSLESS_TOLERANCE:g} of the output's "
-                                f"scale and > {LOSSLESS_ATOL:g} absolute"
-                            )
-                        elif pass_.lossy:
-                            problem = self.budget.violation(total)
-                if problem is None:
-                    try:
-                        cost = self.analyze(proto)
-                    except Exception as exc:  # boundary: shape inference inside the cost model
-                        problem = f"cost analysis failed: {_first_line(exc)}"
-                record.verify_seconds = time.perf_counter() - check_started
-                if problem is not None:
-                    self._roll_back(model, snapshot, record, problem)
-                    self._after(record, model)
-                    continue
-                record.after = cost
-                current_cost = cost
-                snapshot = proto
-                if outputs is not None:
-                    current_outputs = outputs
-                    current_fidelity = compare_outputs(verifier.reference, outputs)
-                applied_any = True
-                log.info("pass %s applied in %.2fs", pass_.name, record.seconds)
+                applied_any |= self._step(pass_, model, ctx, record, current)
                 self._after(record, model)
             if not applied_any:
                 break
-        report.final = current_cost
-        if verifier is not None:
-            report.fidelity = (current_fidelity or compare_outputs(verifier.reference, verifier.reference)).to_dict()
+        report.final = current.cost
+        if self._active_verifier is not None:
+            reference = self._active_verifier.reference
+            report.fidelity = (current.fidelity or compare_outputs(reference, reference)).to_dict()
         return report
+
+    def _step(self, pass_: Pass, model: Model, ctx: PassContext, record: PassRecord, current: _Current) -> bool:
+        """Run one pass and keep or roll back its change; True if the model changed and was kept."""
+        started = time.perf_counter()
+        try:
+            result = self._run_one(pass_, model, ctx)
+        except Exception as exc:  # boundary: pass code, built-in or third-party
+            record.seconds = time.perf_counter() - started
+            log.debug("pass %s raised", pass_.name, exc_info=True)
+            self._roll_back(model, ctx, current, record, f"raised {type(exc).__name__}: {first_line(exc, 300)}")
+            return False
+        record.seconds = time.perf_counter() - started
+        record.stats = dict(result.stats)
+        record.layers = [layer.to_dict() for layer in result.layers]
+        if not result.modified:
+            record.status = "unchanged"
+            record.after = current.cost
+            return False
+        check_started = time.perf_counter()
+        self.progress.verifying()
+        verdict = self._check(pass_, model, ctx, current)
+        record.verify_seconds = time.perf_counter() - check_started
+        if verdict.problem is not None:
+            if verdict.outputs is not None and self._active_verifier is not None:
+                record.fidelity = self._fidelity(current, verdict.outputs)
+            self._roll_back(model, ctx, current, record, verdict.problem)
+            return False
+        if verdict.outputs is not None and self._active_verifier is not None:
+            record.fidelity = self._fidelity(current, verdict.outputs)
+            current.outputs = verdict.outputs
+            current.fidelity = compare_outputs(self._active_verifier.reference, verdict.outputs)
+        assert ctx.analyses is not None
+        record.after = current.cost = verdict.cost
+        current.snapshot = ctx.analyses.proto()
+        current.checkpoint = ctx.analyses.checkpoint()
+        log.info("pass %s applied in %.2fs", pass_.name, record.seconds)
+        return True
+
+    def _check(self, pass_: Pass, model: Model, ctx: PassContext, current: _Current) -> _Verdict:
+        """Export the changed model once and check it: validity, outputs, budget, cost."""
+        analyses = ctx.analyses
+        assert analyses is not None
+        analyses.invalidate(pass_.preserves)
+        try:
+            proto = analyses.proto()
+        except Exception as exc:  # boundary: graphsurgeon export of whatever the pass built
+            return _Verdict(f"export failed: {first_line(exc, 300)}")
+        problem = validity_problems(proto, strict_shapes=self._strict_shapes)
+        if problem is not None:
+            return _Verdict(problem)
+        outputs = None
+        verifier = self._active_verifier
+        if verifier is not None:
+            try:
+                outputs = verifier.run(proto)
+            except Exception as exc:  # boundary: onnxruntime on the rewritten model
+                return _Verdict(f"onnxruntime cannot run the result: {first_line(exc, 300)}")
+            problem = self._fidelity_problem(pass_, current, outputs)
+            if problem is not None:
+                return _Verdict(problem, outputs)
+        try:
+            cost = self._totals(analyses)
+        except Exception as exc:  # boundary: shape inference inside the cost model
+            return _Verdict(f"cost analysis failed: {first_line(exc, 300)}", outputs)
+        return _Verdict(None, outputs, cost)
+
+    def _fidelity_problem(self, pass_: Pass, current: _Current, outputs: list[list[Any]]) -> str | None:
+        """Why the outputs are not acceptable: a lossless pass moved them, or a lossy one broke the budget."""
+        assert self._active_verifier is not None and current.outputs is not None
+        if pass_.lossy:
+            return self.budget.violation(compare_outputs(self._active_verifier.reference, outputs))
+        excess = lossless_excess(current.outputs, outputs, rtol=LOSSLESS_TOLERANCE, atol=LOSSLESS_ATOL)
+        if excess <= 1.0:
+            return None
+        step = compare_outputs(current.outputs, outputs)
+        return (
+            f"lossless pass changed outputs: relative error {step.max_rel_error:.3g} "
+            f"(max abs {step.max_abs_error:.3g}) > {LOSSLESS_TOLERANCE:g} of the output's "
+            f"scale and > {LOSSLESS_ATOL:g} absolute"
+        )
+
+    def _fidelity(self, current: _Current, outputs: list[list[Any]]) -> dict[str, Any]:
+        """The report's fidelity of a pass: against the original model, plus the step from the last state."""
+        assert self._active_verifier is not None and current.outputs is not None
+        fidelity = compare_outputs(self._active_verifier.reference, outputs).to_dict()
+        fidelity["step_max_rel_error"] = compare_outputs(current.outputs, outputs).max_rel_error
+        return fidelity
+
+    def _totals(self, analyses: AnalysisManager) -> dict[str, Any]:
+        if self.analyze is not None:
+            return self.analyze(analyses.proto())
+        return analyses.cost().totals
 
     def _run_one(self, pass_: Pass, model: Model, ctx: PassContext) -> PassResult:
         if self.hook is not None:
@@ -312,8 +369,10 @@ class PassManager:
             raise TypeError(f"pass {pass_.name} returned {type(result).__name__}, not a PassResult")
         return result
 
-    def _roll_back(self, model: Model, snapshot: onnx.ModelProto, record: PassRecord, reason: str) -> None:
-        model.restore(snapshot)
+    def _roll_back(self, model: Model, ctx: PassContext, current: _Current, record: PassRecord, reason: str) -> None:
+        model.restore(current.snapshot)
+        assert ctx.analyses is not None
+        ctx.analyses.restore(current.checkpoint)
         record.status = "rolled_back"
         record.reason = reason
         record.after = record.before
@@ -374,8 +433,3 @@ def _fmt_num(value: Any, digits: int = 3) -> str:
     if isinstance(value, float) and math.isinf(value):
         return "inf"
     return f"{value:.{digits}g}" if digits == 3 else f"{value:.{digits}f}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from nnopt.analysis.shapes import STRICT, infer_shapes
+from nnopt.errors import first_line
 from nnopt.ir.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes, write_proto_atomically
 from nnopt.runtime import RuntimeUnavailable, generate_samples, load_samples, make_session
 
@@ -197,7 +198,7 @@ class Verifier:
         except Exception as exc:  # boundary: onnxruntime
             self.unavailable = (
                 "the original model does not run on the "
-                f"{'given' if data_path else 'generated'} inputs: {str(exc).strip().splitlines()[0][:200]}"
+                f"{'given' if data_path else 'generated'} inputs: {first_line(exc, 200)}"
             )
 
     def run(self, proto: onnx.ModelProto) -> list[list[Any]]:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from nnopt import (
+    LayerDecision,
     Model,
     Pass,
     PassContext,
@@ -190,11 +190,13 @@ class _NewConstants:
         return self.made[key]
 
 
-def _apply(plan: _Plan, scope: list[gs.Graph], new: _NewConstants, local: set[int], pinned: set[int]) -> list[dict]:
+def _apply(
+    plan: _Plan, scope: list[gs.Graph], new: _NewConstants, local: set[int], pinned: set[int]
+) -> list[LayerDecision]:
     """Carry out ``plan``; return its per-layer report."""
     head, tail = plan.head, plan.tail
     inverse = _inverse(_perm(head))  # type: ignore[arg-type]
-    layers: list[dict[str, Any]] = []
+    layers: list[LayerDecision] = []
     current = head.inputs[0]
     for node, data_index, planned in plan.chain:
         inputs = [
@@ -209,18 +211,18 @@ def _apply(plan: _Plan, scope: list[gs.Graph], new: _NewConstants, local: set[in
             current.shape = [current.shape[i] for i in inverse]
     if plan.chain:
         crossed = ", ".join(f"{n.op} '{n.name}'" for n, _, _ in plan.chain)
-        layers.append({"node": head.name, "action": "pushed", "reason": f"through {crossed} to meet '{tail.name}'"})
+        layers.append(LayerDecision(head.name, "Transpose", "moved", f"through {crossed} to meet '{tail.name}'"))
     if plan.perm == list(range(len(plan.perm))):
         why = _bypass(scope, tail, current, local, pinned)
-        layers.append({"node": tail.name, "action": "removed", "reason": why or f"cancels '{head.name}'"})
+        layers.append(LayerDecision(tail.name, "Transpose", "removed", why or f"cancels '{head.name}'"))
     else:
         tail.attrs["perm"] = plan.perm
         tail.inputs[0] = current
-        layers.append({"node": tail.name, "action": "merged", "reason": f"absorbs '{head.name}': perm {plan.perm}"})
+        layers.append(LayerDecision(tail.name, "Transpose", "rewritten", f"absorbs '{head.name}': perm {plan.perm}"))
     if not consumers(head.outputs[0]) and id(head.outputs[0]) not in pinned:
         head.inputs.clear()
         head.outputs.clear()
-        layers.append({"node": head.name, "action": "removed", "reason": f"moved into '{tail.name}'"})
+        layers.append(LayerDecision(head.name, "Transpose", "removed", f"moved into '{tail.name}'"))
     return layers
 
 
@@ -246,7 +248,7 @@ class CancelTransposes(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         pinned = {id(t) for g in model.all_graphs() for t in g.outputs}
         before = _count_transposes(model)
-        layers: list[dict[str, Any]] = []
+        layers: list[LayerDecision] = []
         crossed = 0
         for graph in model.all_graphs():
             new = _NewConstants(graph)
@@ -256,7 +258,7 @@ class CancelTransposes(Pass):
             while True:  # each rewrite removes a Transpose, so this ends; a later sweep sees merged perms
                 done, declined = _sweep(scope, new, pinned)
                 layers += done
-                crossed += sum(entry["action"] == "pushed" for entry in done)
+                crossed += sum(entry.action == "moved" for entry in done)
                 if not done:
                     break
             layers += declined  # from the sweep that changed nothing: they describe what remains
@@ -270,19 +272,21 @@ def _scope(graph: gs.Graph) -> list[gs.Graph]:
     return [graph, *graph.subgraphs(recursive=True)]
 
 
-def _sweep(scope: list[gs.Graph], new: _NewConstants, pinned: set[int]) -> tuple[list[dict], list[dict]]:
+def _sweep(
+    scope: list[gs.Graph], new: _NewConstants, pinned: set[int]
+) -> tuple[list[LayerDecision], list[LayerDecision]]:
     """One pass over the Transposes of ``scope[0]`` in topological order: (rewritten, declined)."""
     graph = scope[0]
     local = {id(n) for n in graph.nodes}
-    done: list[dict[str, Any]] = []
-    declined: dict[int, dict[str, Any]] = {}
+    done: list[LayerDecision] = []
+    declined: dict[int, LayerDecision] = {}
     gone: set[int] = set()
     for head in topological_nodes(graph):
         if not _is_onnx(head, "Transpose") or id(head) in gone:
             continue
         perm = _perm(head)
         if isinstance(perm, str):
-            declined[id(head)] = {"node": head.name, "action": "declined", "reason": perm}
+            declined[id(head)] = LayerDecision(head.name, "Transpose", "declined", perm)
             continue
         # Each reader of the head's output starts its own walk; the head goes once no reader is left.
         for reader in consumers(head.outputs[0]):
@@ -291,7 +295,7 @@ def _sweep(scope: list[gs.Graph], new: _NewConstants, pinned: set[int]) -> tuple
             if not isinstance(plan, str) and shared and plan.perm != list(range(len(plan.perm))):
                 plan = "its output has other readers and the pair does not cancel: moving it would add a Transpose"
             if isinstance(plan, str):
-                declined.setdefault(id(head), {"node": head.name, "action": "declined", "reason": plan})
+                declined.setdefault(id(head), LayerDecision(head.name, "Transpose", "declined", plan))
                 continue
             done += _apply(plan, scope, new, local, pinned)
             gone.update(id(n) for n in (plan.head, plan.tail) if not n.outputs)

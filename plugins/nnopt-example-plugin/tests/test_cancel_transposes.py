@@ -87,8 +87,8 @@ def test_nchw_to_nhwc_relu_and_back_becomes_the_relu_alone():
     assert _ops(out) == ["Relu"]
     assert [o.name for o in out.graph.output] == ["y"] and list(out.graph.node[0].output) == ["y"]
     assert result.modified and result.stats["transposes_removed"] == 2
-    actions = {(e["node"], e["action"]) for e in result.layers}
-    assert actions == {("to_nhwc", "pushed"), ("to_nhwc", "removed"), ("to_nchw", "removed")}
+    actions = {(e.node, e.action) for e in result.layers}
+    assert actions == {("to_nhwc", "moved"), ("to_nhwc", "removed"), ("to_nchw", "removed")}
     _assert_bit_exact(proto, out)
 
 
@@ -256,10 +256,11 @@ def test_a_transpose_with_two_readers_stays_for_the_other_one():
     relu = next(n for n in out.graph.node if n.op_type == "Relu")
     assert list(relu.input) == ["x"] and list(relu.output) == ["y"]
     assert result.stats["transposes_removed"] == 1
-    declined = [e for e in result.layers if e["action"] == "declined"]
+    declined = [e.to_dict() for e in result.layers if e.action == "declined"]
     assert declined == [
         {
             "node": "to_nhwc",
+            "op_type": "Transpose",
             "action": "declined",
             "reason": "Softmax 'softmax' is not a per-element op this pass moves Transposes through",
         }
@@ -298,7 +299,7 @@ def test_a_shared_transpose_is_not_duplicated_when_the_pair_does_not_cancel():
     )
     out, result = _run_pass(proto)
     assert not result.modified and _ops(out) == _ops(proto)
-    assert "would add a Transpose" in result.layers[0]["reason"]
+    assert "would add a Transpose" in result.layers[0].reason
 
 
 @pytest.mark.parametrize(
@@ -317,7 +318,7 @@ def test_declines_what_it_cannot_move_through(middle, extra_inputs, why):
     )
     out, result = _run_pass(proto)
     assert not result.modified and out.graph.node == proto.graph.node
-    assert result.layers[0]["node"] == "to_nhwc" and why in result.layers[0]["reason"]
+    assert result.layers[0].node == "to_nhwc" and why in result.layers[0].reason
 
 
 def test_declines_a_transpose_without_perm_and_an_intermediate_that_is_a_graph_output():
@@ -333,7 +334,7 @@ def test_declines_a_transpose_without_perm_and_an_intermediate_that_is_a_graph_o
         [_info("r", NHWC), _info("y", NCHW)],
     )
     out, result = _run_pass(proto)
-    reasons = {e["node"]: e["reason"] for e in result.layers if e["action"] == "declined"}
+    reasons = {e.node: e.reason for e in result.layers if e.action == "declined"}
     assert reasons["reverse"] == "no perm attribute"
     assert "'relu' has other readers or is a graph output" in reasons["to_nhwc"]
     # "back" then "to_nhwc" merge (that needs nothing from "reverse"), the rest stays.
@@ -356,7 +357,7 @@ def test_a_transpose_read_inside_a_subgraph_stays_for_it():
     out, result = _run_pass(proto)
     assert _ops(out) == ["Transpose", "Relu", "If"] and list(out.graph.node[1].input) == ["x"]
     assert result.stats["transposes_removed"] == 1
-    assert [e["reason"] for e in result.layers if e["action"] == "declined"] == ["read inside a subgraph"]
+    assert [e.reason for e in result.layers if e.action == "declined"] == ["read inside a subgraph"]
     session = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(3).standard_normal(NCHW).astype(np.float32)
     y, z = session.run(None, {"x": x, "flag": np.array(True)})
