@@ -182,7 +182,7 @@ def calibrate(
     )
     profile = HardwareProfile(
         name=name,
-        peak_flops=kernels["conv"].flops,  # type: ignore[arg-type]
+        peak_flops=kernels["conv"].flops,
         bandwidth=bandwidth,
         description=description,
         node_overhead_s=node_overhead,
