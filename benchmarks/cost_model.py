@@ -302,7 +302,7 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "## What the calibrated estimate models",
         "",
         "Per node: `node_overhead_s` + the kernel class's `overhead_s` + max(FLOPs ÷ the class's FLOP/s, bytes "
-        "moved ÷ bandwidth); per inference `run_overhead_s` once. Kernel classes (`nnopt.cost.rules.kernel_classes`): "
+        "moved ÷ bandwidth); per inference `run_overhead_s` once. Kernel classes (`nnopt.cost.runtime_kernels.kernel_classes`): "
         "`conv` (dense float Conv, ConvTranspose, Gemm, MatMul with a constant weight), `depthwise` (one input "
         "channel per group), `unblocked_conv` (a dense Conv with ≥ 16 input channels not a multiple of 4, which "
         "onnxruntime cannot run in its blocked NCHWc layout: SVD factors and unrounded pruning make these), "
@@ -393,7 +393,7 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "and Conv + Add fused as a residual sum) is not modelled; neither are cache effects (the bandwidth is "
         "one figure, that of a 12.6 MB Add) nor the per-step cost of LSTM loops.",
         "- A quantized model whose QDQ groups onnxruntime cannot fuse (ops outside `_QDQ_COMPUTE`/`_QDQ_OTHER` "
-        "in `nnopt/cost/rules.py`) runs its Quantize/DequantizeLinear nodes, and so does the estimate; a group "
+        "in `nnopt/cost/runtime_kernels.py`) runs its Quantize/DequantizeLinear nodes, and so does the estimate; a group "
         "it does fuse runs at the int8 rate of a 3×3 conv, whatever its shape.",
     ]
     if payload["notes"]:

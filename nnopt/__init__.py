@@ -67,10 +67,11 @@ def __getattr__(name: str) -> Any:
 
 
 def analyze(*args: Any, **kwargs: Any) -> Any:
-    """See ``nnopt.cost.analyze``."""
-    from nnopt.cost import analyze as _analyze
+    """``nnopt.cost.analyze`` with the installed plugins' cost rules and hardware profiles, as ``nnopt
+    analyze`` uses them; see ``nnopt.cost.analyze_with_plugins``."""
+    from nnopt.cost import analyze_with_plugins
 
-    return _analyze(*args, **kwargs)
+    return analyze_with_plugins(*args, **kwargs)
 
 
 __all__ = [

@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from nnopt.analysis import shapes as shape_inference
+from nnopt.analysis.shapes import ShapeOptions
 from nnopt.ir.constants import constant_values
 from nnopt.ir.graphview import implicit_inputs, subgraphs_of
 from nnopt.ir.walk import is_onnx_op
@@ -80,27 +82,13 @@ class Analysis:
 
 
 def infer_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, list[int | None]]:
-    """Tensor name → dims (None where unknown) from ONNX shape inference, with ``input_shapes`` applied."""
-    for inp in proto.graph.input:
-        shape = input_shapes.get(inp.name)
-        if shape is not None and inp.type.HasField("tensor_type"):
-            dims = inp.type.tensor_type.shape.dim
-            if len(dims) == len(shape):
-                for d, v in zip(dims, shape):
-                    d.ClearField("dim_param")
-                    d.dim_value = int(v)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception:  # noqa: BLE001 - inference is best effort; unknown shapes make the pass decline
-        inferred = proto
-    out: dict[str, list[int | None]] = {}
-    g = inferred.graph
-    for vi in list(g.value_info) + list(g.input) + list(g.output):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            out[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-    for init in g.initializer:
-        out[init.name] = list(init.dims)
-    return out
+    """Tensor name → dims (None where unknown) from ONNX shape inference, with ``input_shapes`` applied.
+
+    ``proto`` is handed over (it may be modified). Inference is best effort: when it fails, the declared
+    shapes are what is known, and unknown shapes make the pass decline.
+    """
+    options = ShapeOptions(data_prop=True).with_inputs(input_shapes)
+    return shape_inference.infer_shapes(proto, options, consume=True).dims()
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from nnopt.analysis.shapes import FRESH, TensorType, infer_shapes
 from nnopt.ir.constants import constant_node_payload, detached_values, lower_model_constants
 from nnopt.ir.graphview import subgraphs_of, topological_nodes
-from nnopt.ir.model import Model, _iter_graph_protos
+from nnopt.ir.model import Model
 from nnopt.ir.walk import is_onnx_op, remove_dead_nodes
 from nnopt.pipeline.base import LayerDecision, Pass, PassContext, PassResult
 
@@ -40,102 +40,6 @@ _NONDETERMINISTIC_OPS = frozenset(
 )
 
 
-# ---------------------------------------------------------------------------------------------- types
-@dataclass(frozen=True)
-class TensorType:
-    """What shape inference knows about one value.
-
-    Attributes:
-        elem_type: the onnx ``TensorProto`` data type, 0 when unknown.
-        shape: dims (int, a symbolic name, or None when unknown); None when even the rank is unknown.
-        is_tensor: False for sequences, optionals and maps.
-    """
-
-    elem_type: int
-    shape: tuple[int | str | None, ...] | None
-    is_tensor: bool = True
-
-    @property
-    def static_shape(self) -> tuple[int, ...] | None:
-        """The shape if every dim is a known int, else None."""
-        if self.shape is None or not all(isinstance(d, int) for d in self.shape):
-            return None
-        return tuple(int(d) for d in self.shape)  # type: ignore[arg-type]
-
-    @property
-    def nbytes(self) -> int | None:
-        """Bytes of the tensor if its shape and element size are known."""
-        shape = self.static_shape
-        size = element_size(self.elem_type)
-        if not self.is_tensor or shape is None or size is None:
-            return None
-        return math.prod(shape) * size
-
-
-def element_size(elem_type: int) -> int | None:
-    """Bytes per element of an onnx data type; None for strings, sub-byte and unknown types."""
-    if elem_type in (0, onnx.TensorProto.STRING):
-        return None
-    try:
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
-    except (KeyError, ValueError, TypeError):
-        return None
-    # NOTE: onnx maps 4-bit types to 1-byte numpy types; their packed size is smaller, never larger.
-    return int(np.dtype(dtype).itemsize)
-
-
-def _value_type(value_info: onnx.ValueInfoProto) -> TensorType:
-    kind = value_info.type.WhichOneof("value")
-    if kind != "tensor_type":
-        return TensorType(0, None, is_tensor=False)
-    tensor_type = value_info.type.tensor_type
-    if not tensor_type.HasField("shape"):
-        return TensorType(tensor_type.elem_type, None)
-    dims: list[int | str | None] = []
-    for d in tensor_type.shape.dim:
-        if d.HasField("dim_value") and d.dim_value >= 0:
-            # NOTE: some exporters write dim_value -1 for a dynamic dim; it is not a size.
-            dims.append(int(d.dim_value))
-        elif d.HasField("dim_param") and d.dim_param:
-            dims.append(d.dim_param)
-        else:
-            dims.append(None)
-    return TensorType(tensor_type.elem_type, tuple(dims))
-
-
-def infer_tensor_types(proto: onnx.ModelProto) -> dict[str, TensorType]:
-    """Types of every value in the model, from fresh ONNX shape inference (subgraphs included).
-
-    The model's own ``value_info`` and output shapes are dropped first: they may be stale, and passes use
-    these shapes to prove rewrites correct. ``proto`` is modified (pass a copy). Returns what inference
-    could establish; an empty dict if inference fails altogether.
-    """
-    for graph in _iter_graph_protos(proto.graph):
-        del graph.value_info[:]
-        for out in graph.output:
-            if out.type.HasField("tensor_type"):
-                out.type.tensor_type.ClearField("shape")
-    inferred = None
-    for data_prop in (True, False):
-        try:
-            inferred = onnx.shape_inference.infer_shapes(
-                proto, check_type=False, strict_mode=False, data_prop=data_prop
-            )
-            break
-        except Exception:  # boundary: onnx shape inference rejects some real models; retry, then give up
-            continue
-    if inferred is None:
-        return {}
-    types: dict[str, TensorType] = {}
-    for graph in _iter_graph_protos(inferred.graph):
-        for t in graph.initializer:
-            types[t.name] = TensorType(t.data_type, tuple(int(d) for d in t.dims))
-        for vi in [*graph.input, *graph.value_info, *graph.output]:
-            if vi.name:
-                types[vi.name] = _value_type(vi)
-    return types
-
-
 # ---------------------------------------------------------------------------------------------- shape ops
 def _shape_value(node: gs.Node, shape: tuple[int, ...]) -> np.ndarray:
     return np.array(_shape_value_dims(node, shape), dtype=np.int64)
@@ -156,7 +60,7 @@ def fold_shape_ops(graph: gs.Graph, types: dict[str, TensorType], pinned: set[st
     """Replace the outputs of Shape/Size nodes whose input has a static inferred shape by constants, and
     of Gather/Slice nodes that pick only static dims out of a partly dynamic Shape.
 
-    The shapes come from fresh inference (``infer_tensor_types``), never from the model's own value_info.
+    The shapes come from fresh inference (``nnopt.analysis.shapes.FRESH``), never from the model's own value_info.
     Outputs in ``pinned`` (graph outputs) stay. Returns the number of nodes folded.
     """
     folded = 0
@@ -334,9 +238,8 @@ class FoldConstants(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         snapshot = ctx.analyses_for(model).proto()  # cached: shared with the verification; read-only
-        probe = onnx.ModelProto()
-        probe.CopyFrom(snapshot)
-        types = infer_tensor_types(probe)
+        inferred = infer_shapes(snapshot, FRESH)  # runs on a copy: the snapshot stays as it is
+        types = {} if inferred.error is not None else dict(inferred.types)
         pinned = {t.name for g in model.all_graphs() for t in g.outputs}
         outputs_before = _graph_output_producers(model)
         had_outputs = {id(n) for g in model.all_graphs() for n in g.nodes if n.outputs}

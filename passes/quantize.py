@@ -393,9 +393,9 @@ def _weight_only(proto: onnx.ModelProto, selected: list[onnx.NodeProto], per_cha
         if node.name not in wanted:
             continue
         rules = _qdq.WEIGHT_ONLY_INPUTS.get(node.op_type, ())
-        weights = [(index, axis_of, inits.get(node.input[index])) for index, axis_of in rules
-                   if len(node.input) > index and node.input[index]]
-        weights = [(index, axis_of, w) for index, axis_of, w in weights if w is not None and w.data_type in floats]
+        found = [(index, axis_of, inits.get(node.input[index])) for index, axis_of in rules
+                 if len(node.input) > index and node.input[index]]
+        weights = [(index, axis_of, w) for index, axis_of, w in found if w is not None and w.data_type in floats]
         if not weights:
             layers.append(LayerDecision(node.name, node.op_type, "declined",
                                         "no float weight initializer" if rules else "weight_only quantizes Conv, "

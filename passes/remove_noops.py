@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from nnopt.analysis.shapes import FRESH, TensorType, infer_shapes
 from nnopt.ir.constants import constant_values
 from nnopt.ir.model import Model, replace_tensor
 from nnopt.ir.walk import all_graphs, is_onnx_op
-from nnopt.passes.fold_constants import TensorType, infer_tensor_types
 from nnopt.pipeline.base import LayerDecision, Pass, PassContext, PassResult
 
 #: A Slice end at least this large reaches the end of any axis a real model has: exporters write
@@ -342,7 +342,8 @@ class RemoveNoops(Pass):
     lossy = False
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        facts = _Facts(infer_tensor_types(model.to_proto()), model.opset)
+        inferred = infer_shapes(model.to_proto(), FRESH, consume=True)
+        facts = _Facts({} if inferred.error is not None else dict(inferred.types), model.opset)
         removed: dict[str, int] = {}
         layers: list[LayerDecision] = []
         pinned = {id(t) for g in model.all_graphs() for t in g.outputs}

@@ -175,9 +175,6 @@ def test_remove_dead_nodes_reaches_into_subgraphs_and_keeps_outer_reads():
 # ---------------------------------------------------------------------------------------------- layering
 def test_passes_import_only_nnopt_and_their_own_private_modules():
     """``passes/X.py`` may import the core and ``nnopt.passes._private`` modules, not another public pass."""
-    # remove-noops still takes its shape inference from fold-constants, until that moves to nnopt.analysis
-    # (then this exception goes).
-    known = {("remove_noops", "nnopt.passes.fold_constants")}
     found = set()
     for path in sorted(PASSES.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -189,4 +186,4 @@ def test_passes_import_only_nnopt_and_their_own_private_modules():
                 modules = [node.module]
             found.update((path.stem, m) for m in modules if not m.split(".")[2].startswith("_"))
     found = {(stem, module) for stem, module in found if stem != "__init__"}  # the registry lists every pass
-    assert found <= known, sorted(found - known)
+    assert not found, sorted(found)

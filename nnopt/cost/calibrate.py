@@ -163,39 +163,14 @@ def calibrate(
     Raises:
         InputError: ``runs`` or ``rounds`` below 1, or onnxruntime cannot run a probe.
     """
-    # Imported here: onnxruntime and the analysis are slow to import and only calibration needs them.
+    # Imported here: onnxruntime is slow to import and only calibration needs it.
     import onnxruntime
-
-    from nnopt.cost.analysis import analyze
-    from nnopt.cost.timing import measure_latency
 
     if runs < 1 or rounds < 1:
         raise InputError(f"calibration needs runs >= 1 and rounds >= 1, got runs={runs}, rounds={rounds}")
-    rng = np.random.default_rng(seed)
-    probes = _probes(sizes, rng)
-    spread: dict[str, float] = {}
-    for _ in range(rounds):
-        for probe in probes.values():
-            timing = measure_latency(probe.model, runs=runs, warmup=3)
-            median = float(timing["median_s"])
-            if median < probe.seconds:
-                probe.seconds = median
-                spread[probe.name] = median / max(float(timing["min_s"]), 1e-12)
-    figures = {}
-    for key, probe in probes.items():
-        # The chained node itself (an int8 chain's unit also holds its boundary Quantize/DequantizeLinear).
-        nodes = analyze(probe.unit, run_onnxruntime=False).nodes
-        unit = next(n for n in nodes if n["op_type"] == probe.op_type)
-        figures[key] = {
-            "nodes": probe.length,
-            "flops_per_node": unit["flops"],
-            "bytes_per_node": unit["bytes_moved"],
-            "seconds": probe.seconds,
-        }
-        if probe.helper is not None:
-            helper = next(n for n in nodes if n["op_type"] == probe.helper)
-            figures[key].update(helper_flops_per_node=helper["flops"], helper_bytes_per_node=helper["bytes_moved"])
-
+    probes = _probes(sizes, np.random.default_rng(seed))
+    spread = _time_probes(probes, runs, rounds)
+    figures = _probe_figures(probes)
     derived = derive_figures(figures)
     kernels = derived["kernels"]
     bandwidth, node_overhead = derived["bandwidth"], derived["node_overhead_s"]
@@ -207,7 +182,7 @@ def calibrate(
     )
     profile = HardwareProfile(
         name=name,
-        peak_flops=kernels["conv"].flops,  # type: ignore[arg-type]
+        peak_flops=kernels["conv"].flops,
         bandwidth=bandwidth,
         description=description,
         node_overhead_s=node_overhead,
@@ -225,6 +200,71 @@ def calibrate(
         "probes": figures,
     }
     return profile, measurements
+
+
+def _time_probes(probes: dict[str, _Probe], runs: int, rounds: int) -> dict[str, float]:
+    """Time every probe ``rounds`` times, interleaved, keeping each probe's fastest median in its
+    ``seconds``; returns per probe the median ÷ fastest run of the round kept."""
+    from nnopt.cost.timing import measure_latency
+
+    spread: dict[str, float] = {}
+    for _ in range(rounds):
+        for probe in probes.values():
+            timing = measure_latency(probe.model, runs=runs, warmup=3)
+            median = float(timing["median_s"])
+            if median < probe.seconds:
+                probe.seconds = median
+                spread[probe.name] = median / max(float(timing["min_s"]), 1e-12)
+    return spread
+
+
+def _probe_figures(probes: dict[str, _Probe]) -> dict[str, dict[str, Any]]:
+    """Per probe its chain length, FLOPs and bytes per node (from the cost analysis) and seconds."""
+    from nnopt.cost.analysis import analyze
+
+    figures: dict[str, dict[str, Any]] = {}
+    for key, probe in probes.items():
+        # The chained node itself (an int8 chain's unit also holds its boundary Quantize/DequantizeLinear).
+        nodes = analyze(probe.unit, run_onnxruntime=False).nodes
+        unit = next(n for n in nodes if n["op_type"] == probe.op_type)
+        figures[key] = {
+            "nodes": probe.length,
+            "flops_per_node": unit["flops"],
+            "bytes_per_node": unit["bytes_moved"],
+            "seconds": probe.seconds,
+        }
+        if probe.helper is not None:
+            helper = next(n for n in nodes if n["op_type"] == probe.helper)
+            figures[key].update(helper_flops_per_node=helper["flops"], helper_bytes_per_node=helper["bytes_moved"])
+    return figures
+
+
+def _roofline(probe: dict[str, Any], rate: float, bandwidth: float) -> float:
+    return max(probe["flops_per_node"] / rate, probe["bytes_per_node"] / bandwidth)
+
+
+def _helper_time(probe: dict[str, Any], peak: float, bandwidth: float, node_overhead: float) -> float:
+    """Seconds of the helper node beside each chained node (0 without one): it runs at ``peak``."""
+    if "helper_flops_per_node" not in probe:
+        return 0.0
+    work = max(probe["helper_flops_per_node"] / peak, probe["helper_bytes_per_node"] / bandwidth)
+    return node_overhead + work
+
+
+def _kernel_figures(
+    large: dict[str, Any], tiny: dict[str, Any], bandwidth: float, node_overhead: float
+) -> KernelFigures:
+    """A kernel class's rate and overhead from its large and tiny probes' ``seconds_per_node``."""
+    large_s, tiny_s = large["seconds_per_node"], tiny["seconds_per_node"]
+    # large_s - tiny_s = F_large / rate - max(F_tiny / rate, bytes_tiny / bandwidth): solve with the tiny
+    # node compute-bound, else memory-bound.
+    gap = large_s - tiny_s
+    rate = (large["flops_per_node"] - tiny["flops_per_node"]) / gap if gap > 0 else math.nan
+    if not rate > 0 or tiny["flops_per_node"] / rate < tiny["bytes_per_node"] / bandwidth:
+        memory = tiny["bytes_per_node"] / bandwidth
+        rate = large["flops_per_node"] / (gap + memory if gap + memory > 0 else large_s)
+    overhead = max(0.0, tiny_s - node_overhead - _roofline(tiny, rate, bandwidth))
+    return KernelFigures(flops=rate, overhead_s=overhead)
 
 
 #: How often :func:`derive_figures` re-solves: the tiny probes' own roofline time depends on the figures
@@ -257,9 +297,6 @@ def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
         slope = (b["seconds"] - a["seconds"]) / (b["nodes"] - a["nodes"])
         return slope if slope > 0 else b["seconds"] / b["nodes"]
 
-    def roofline(probe: dict[str, Any], rate: float, bandwidth: float) -> float:
-        return max(probe["flops_per_node"] / rate, probe["bytes_per_node"] / bandwidth)
-
     add_short, add_large = figures["add_short"], figures["add_large"]
     add_slope = per_node("add_short", "add_long")
     slopes = {
@@ -267,34 +304,19 @@ def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
         for kernel in CALIBRATED_KERNELS
     }
 
-    def helper_time(probe: dict[str, Any], peak: float, bandwidth: float, node_overhead: float) -> float:
-        if "helper_flops_per_node" not in probe:
-            return 0.0
-        work = max(probe["helper_flops_per_node"] / peak, probe["helper_bytes_per_node"] / bandwidth)
-        return node_overhead + work
-
     peak = bandwidth = math.inf
     kernels: dict[str, KernelFigures] = {}
     for _ in range(_DERIVE_ROUNDS):
-        tiny_add = roofline(add_short, peak, bandwidth)
+        tiny_add = _roofline(add_short, peak, bandwidth)
         node_overhead = max(0.0, add_slope - tiny_add)
         run_overhead = max(0.0, add_short["seconds"] - add_short["nodes"] * (node_overhead + tiny_add))
         add_time = add_large["seconds"] - run_overhead - node_overhead
         bandwidth = add_large["bytes_per_node"] / (add_time if add_time > 0 else add_large["seconds"])
         for kernel, (large_element, tiny_element) in slopes.items():
             large, tiny = figures[f"{kernel}_large"], figures[f"{kernel}_tiny"]
-            large_s = large_element - helper_time(large, peak, bandwidth, node_overhead)
-            tiny_s = tiny_element - helper_time(tiny, peak, bandwidth, node_overhead)
-            # large_s - tiny_s = F_large / rate - max(F_tiny / rate, bytes_tiny / bandwidth): solve with the
-            # tiny node compute-bound, else memory-bound.
-            gap = large_s - tiny_s
-            rate = (large["flops_per_node"] - tiny["flops_per_node"]) / gap if gap > 0 else math.nan
-            if not rate > 0 or tiny["flops_per_node"] / rate < tiny["bytes_per_node"] / bandwidth:
-                memory = tiny["bytes_per_node"] / bandwidth
-                rate = large["flops_per_node"] / (gap + memory if gap + memory > 0 else large_s)
-            overhead = max(0.0, tiny_s - node_overhead - roofline(tiny, rate, bandwidth))
-            kernels[kernel] = KernelFigures(flops=rate, overhead_s=overhead)
-            large["seconds_per_node"], tiny["seconds_per_node"] = large_s, tiny_s
+            large["seconds_per_node"] = large_element - _helper_time(large, peak, bandwidth, node_overhead)
+            tiny["seconds_per_node"] = tiny_element - _helper_time(tiny, peak, bandwidth, node_overhead)
+            kernels[kernel] = _kernel_figures(large, tiny, bandwidth, node_overhead)
         peak = kernels["conv"].flops  # type: ignore[assignment]
     return {
         "node_overhead_s": node_overhead,

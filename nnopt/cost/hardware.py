@@ -13,7 +13,7 @@ from typing import Any
 
 from nnopt.errors import InputError
 
-#: Kernel classes a profile may give their own figures for (see ``nnopt.cost.rules.kernel_classes``), and what
+#: Kernel classes a profile may give their own figures for (see ``nnopt.cost.runtime_kernels.kernel_classes``), and what
 #: each covers. Nodes of other classes run at the profile's ``peak_flops``.
 KERNEL_CLASSES: dict[str, str] = {
     "conv": "dense float Conv, ConvTranspose, Gemm and MatMul with a constant weight",

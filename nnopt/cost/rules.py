@@ -11,79 +11,10 @@ from typing import Any
 import numpy as np
 import onnx
 
+# kernel_classes, ELEMENT_BITS and tensor_nbytes lived here before the package was split; kept importable.
+from nnopt.cost.runtime_kernels import kernel_classes  # noqa: F401
+from nnopt.cost.tensors import ELEMENT_BITS, TensorInfo, norm_domain, tensor_nbytes  # noqa: F401
 from nnopt.errors import PluginError
-
-# ---------------------------------------------------------------------------------------------- dtypes
-_SUB_BYTE_BITS = {
-    name: bits
-    for name, bits in (
-        ("INT4", 4),
-        ("UINT4", 4),
-        ("FLOAT4E2M1", 4),
-        ("INT2", 2),
-        ("UINT2", 2),
-        ("FLOAT6E2M3", 6),
-        ("FLOAT6E3M2", 6),
-    )
-    if hasattr(onnx.TensorProto, name)
-}
-
-
-def _build_element_bits() -> dict[int, int]:
-    bits: dict[int, int] = {}
-    for name, code in onnx.TensorProto.DataType.items():
-        if name in ("UNDEFINED", "STRING"):
-            continue  # NOTE: strings have no fixed size; their bytes are not counted.
-        if name in _SUB_BYTE_BITS:
-            bits[code] = _SUB_BYTE_BITS[name]
-            continue
-        try:
-            bits[code] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(code)).itemsize * 8
-        except (KeyError, TypeError, ValueError):
-            continue
-    return bits
-
-
-#: Bits per element of each ONNX tensor data type; sub-byte types are packed as stored on disk.
-ELEMENT_BITS: dict[int, int] = _build_element_bits()
-
-
-def tensor_nbytes(data_type: int | None, numel: int | None) -> int | None:
-    """Bytes of ``numel`` elements of ``data_type`` as stored (sub-byte types packed, rounded up)."""
-    if data_type is None or numel is None:
-        return None
-    bits = ELEMENT_BITS.get(data_type)
-    if bits is None:
-        return None
-    return (numel * bits + 7) // 8
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """What the analysis knows about one tensor.
-
-    Attributes:
-        name: Tensor name.
-        dtype: ONNX ``TensorProto.DataType`` code, or None when unknown.
-        shape: The concrete shape, or None unless every dim is known.
-        is_constant: True for initializers and outputs of Constant (and constant-shape ConstantOfShape)
-            nodes.
-    """
-
-    name: str
-    dtype: int | None
-    shape: tuple[int, ...] | None
-    is_constant: bool = False
-
-    @property
-    def numel(self) -> int | None:
-        """Number of elements, or None when the shape is unknown."""
-        return None if self.shape is None else math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int | None:
-        """Bytes as stored, or None when the shape or the element size is unknown."""
-        return tensor_nbytes(self.dtype, self.numel)
 
 
 # ---------------------------------------------------------------------------------------------- context
@@ -221,10 +152,6 @@ class CostRule:
         return self.since_version <= hi_other and other.since_version <= hi_self
 
 
-def _norm_domain(domain: str) -> str:
-    return "" if domain in ("", "ai.onnx") else domain
-
-
 class CostRuleRegistry:
     """Cost rules by (domain, op type), each over a version range.
 
@@ -251,7 +178,7 @@ class CostRuleRegistry:
                 f"cost rule for {_label(rule.domain, rule.op_type)}: until_version {rule.until_version} "
                 f"is below since_version {rule.since_version}"
             )
-        key = (_norm_domain(rule.domain), rule.op_type)
+        key = (norm_domain(rule.domain), rule.op_type)
         existing = self._rules.setdefault(key, [])
         clashing = [r for r in existing if r.overlaps(rule)]
         if clashing and not replace:
@@ -264,7 +191,7 @@ class CostRuleRegistry:
 
     def lookup(self, domain: str, op_type: str, opset: int | None) -> CostRule | None:
         """The rule for ``op_type`` of ``domain`` at opset version ``opset``, or None."""
-        for rule in self._rules.get((_norm_domain(domain), op_type), ()):
+        for rule in self._rules.get((norm_domain(domain), op_type), ()):
             if rule.applies_to(opset):
                 return rule
         return None
@@ -282,7 +209,7 @@ class CostRuleRegistry:
 
 
 def _label(domain: str, op_type: str) -> str:
-    return f"{domain}:{op_type}" if _norm_domain(domain) else op_type
+    return f"{domain}:{op_type}" if norm_domain(domain) else op_type
 
 
 def _range(rule: CostRule) -> str:
@@ -494,277 +421,3 @@ def default_registry() -> CostRuleRegistry:
     return CostRuleRegistry(builtin_cost_rules())
 
 
-# ---------------------------------------------------------------------------------------------- kernel classes
-#: Per op type (default domain, plus com.microsoft fused ops), the kernel class it runs as, and which input
-#: is its weight (a weight that is not constant makes it ``dynamic_weight``; a Conv weight of shape
-#: [C, 1, k...] with group > 1 makes it ``depthwise``; a dense Conv weight [C_out, C_in, k...] with
-#: C_in >= ``_BLOCKED_MIN_CHANNELS`` not a multiple of ``_BLOCKED_ALIGNMENT`` makes it ``unblocked_conv``).
-#: Ops not listed are class "other". See ``nnopt.cost.hardware.KERNEL_CLASSES``.
-_KERNEL_OF_OP: dict[tuple[str, str], tuple[str, int | None]] = {
-    ("", "Conv"): ("conv", 1),
-    ("com.microsoft", "FusedConv"): ("conv", 1),
-    ("", "ConvTranspose"): ("conv", 1),
-    ("", "Gemm"): ("conv", 1),
-    ("", "MatMul"): ("conv", 1),
-    ("", "Einsum"): ("conv", None),
-    ("com.microsoft", "FusedGemm"): ("conv", 1),
-    ("com.microsoft", "FusedMatMul"): ("conv", 1),
-    ("", "QLinearConv"): ("int8", None),
-    ("", "ConvInteger"): ("int8", None),
-    ("", "QLinearMatMul"): ("int8", None),
-    ("", "MatMulInteger"): ("int8", None),
-}
-
-#: onnxruntime's blocked-layout (NCHWc) convs take any input channel count below its block size (16 with
-#: AVX-512, 8 with AVX2: the larger is used here) and multiples of 4 above it; other dense convs run as
-#: im2col + GEMM (checked on the graphs onnxruntime 1.31 writes with ``optimized_model_filepath``).
-_BLOCKED_MIN_CHANNELS = 16
-_BLOCKED_ALIGNMENT = 4
-_BLOCKABLE_OPS = frozenset({("", "Conv"), ("com.microsoft", "FusedConv")})
-
-#: Ops onnxruntime never constant-folds: DequantizeLinear (kept so that QDQ groups can fuse into int8
-#: kernels; a weight-only DequantizeLinear therefore runs at every inference) and random generators.
-_NOT_FOLDED = frozenset({"DequantizeLinear", "RandomNormal", "RandomUniform", "RandomNormalLike",
-                         "RandomUniformLike", "Multinomial", "Bernoulli"})  # fmt: skip
-#: Ops that run on int8 data when every activation input comes from a DequantizeLinear and their output
-#: goes only to a QuantizeLinear: onnxruntime drops the pair (QDQ selector/action transformers). Conv,
-#: MatMul and Gemm become int8 kernels (QLinearConv, QLinearMatMul...) even without the trailing Q.
-_QDQ_COMPUTE = frozenset({"Conv", "MatMul", "Gemm"})
-_QDQ_OTHER = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "Reshape", "Flatten", "Transpose",
-                        "Squeeze", "Unsqueeze", "Gather", "Slice", "Resize", "Concat", "Add", "Mul", "Sigmoid",
-                        "LeakyRelu", "Softmax", "Split"})  # fmt: skip
-#: Epilogues onnxruntime fuses into the float Conv/Gemm/MatMul before them, when that node's output goes
-#: nowhere else: per host op, the affine ops with constant operands folded into it first (ConvBNFusion,
-#: ConvAddFusion, ConvMulFusion on a Conv whose weight is constant; MatMulAddFusion into a Gemm), then at
-#: most one activation (ConvActivationFusion, GemmActivationFusion).
-_EPILOGUE_AFFINE: dict[str, frozenset[str]] = {
-    "Conv": frozenset({"BatchNormalization", "Add", "Mul"}),
-    "Gemm": frozenset(),
-    "MatMul": frozenset({"Add"}),
-}
-_FUSED_ACTIVATIONS = frozenset({"Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "HardSwish"})
-#: Ops onnxruntime removes, rewiring their readers to their input.
-_ELIMINATED = frozenset({"Identity", "Dropout"})
-
-
-def kernel_classes(
-    nodes: list[onnx.NodeProto],
-    infos: dict[str, TensorInfo],
-    constants: Iterable[str],
-    runtime: str | None = None,
-    graph_outputs: Iterable[str] = (),
-) -> list[str]:
-    """The kernel class of each node (in the order given, which must be topological).
-
-    Without a runtime, each node gets the class of its op and weight: ``conv``, ``depthwise``,
-    ``unblocked_conv``, ``dynamic_weight`` (when its weight input is not a constant), ``int8`` or
-    ``other``. With ``runtime="onnxruntime"`` the graph is first rewritten the way onnxruntime's default
-    graph optimisations rewrite it, and nodes that then cost nothing per inference are ``folded``
-    (computed once from constants when the session is created) or ``fused`` (absorbed into another
-    node's kernel):
-
-    * constant folding: a main-graph node whose inputs are all constants (or folded) is ``folded``,
-      except DequantizeLinear and random generators;
-    * QDQ fusion: a Conv, MatMul or Gemm whose activation and weight come from DequantizeLinear nodes is
-      ``int8``; other ops of ``_QDQ_OTHER`` between DequantizeLinear inputs and a single QuantizeLinear
-      keep their class; in both cases those DequantizeLinear nodes (when they feed nothing else) and the
-      QuantizeLinear are ``fused``;
-    * elimination: Identity and Dropout are ``fused`` (their readers read their input);
-    * epilogue fusion: after a float Conv whose weight is constant, BatchNormalization and Add/Mul with
-      constant operands are ``fused`` (after a MatMul, an Add with a constant operand); then one
-      activation (Relu, Clip, Sigmoid, Tanh, LeakyRelu, HardSigmoid, HardSwish) after a Conv, Gemm or
-      MatMul. Each only when the tensor it reads goes nowhere else;
-    * SiLU: a Sigmoid read only by a Mul of its own input (``x * sigmoid(x)``) is ``fused`` into that
-      Mul (onnxruntime's QuickGelu).
-
-    Layout transformations (onnxruntime's NCHWc reorders) and fusions of longer patterns are not modelled.
-
-    Args:
-        nodes: The main-graph nodes in topological order.
-        infos: Tensor shapes (for the weight shape of a Conv: depthwise or not).
-        constants: Names of constant tensors (initializers, Constant outputs).
-        runtime: None, or ``"onnxruntime"`` to model its graph rewrites.
-        graph_outputs: Names of the graph outputs (a fused epilogue would hide them).
-    """
-    const = set(constants)
-    if runtime is None:
-        return [_op_kernel(node, infos, const) for node in nodes]
-    graph = _RuntimeGraph(nodes, infos, const, graph_outputs)
-    for rewrite in _ONNXRUNTIME_REWRITES:
-        rewrite(graph)
-    return graph.classes
-
-
-class _RuntimeGraph:
-    """The main graph as a runtime's optimiser sees it: each node's kernel class so far, who produces and who
-    reads each tensor, and the tensors eliminated nodes pass through (``alias``). The rewrites of
-    ``_ONNXRUNTIME_REWRITES`` run on it in order, each turning some nodes' classes into ``folded``,
-    ``fused`` or ``int8``."""
-
-    def __init__(
-        self, nodes: list[onnx.NodeProto], infos: dict[str, TensorInfo], const: set[str], graph_outputs: Iterable[str]
-    ) -> None:
-        self.nodes, self.infos, self.const = nodes, infos, const
-        self.classes: list[str] = []
-        self.producer: dict[str, int] = {}
-        self.readers: dict[str, list[int]] = {name: [-1] for name in graph_outputs}  # -1: read by the caller
-        self.alias: dict[str, str] = {}
-        for i, node in enumerate(nodes):
-            for name in dict.fromkeys(node.input):
-                if name:
-                    self.readers.setdefault(name, []).append(i)
-            for name in node.output:
-                if name:
-                    self.producer[name] = i
-        self.ops = [node.op_type if _norm_domain(node.domain) == "" else f"{node.domain}:{node.op_type}"
-                    for node in nodes]  # fmt: skip
-
-    def from_dq(self, name: str) -> bool:
-        j = self.producer.get(name)
-        return j is not None and self.ops[j] == "DequantizeLinear"
-
-    def only_reader(self, name: str) -> int | None:
-        found = self.readers.get(name, [])
-        return found[0] if len(found) == 1 and found[0] >= 0 else None
-
-    def source(self, name: str) -> str:
-        return self.alias.get(name, name)
-
-
-def _fold_constants(g: _RuntimeGraph) -> None:
-    """A node whose inputs are all constants (or folded) is ``folded``; each other node gets its own class,
-    decided once its weight is known to be constant or not."""
-    for i, node in enumerate(g.nodes):
-        foldable = g.ops[i] not in _NOT_FOLDED and ":" not in g.ops[i] and not _has_graph(node)
-        if foldable and all(name in g.const for name in node.input if name):
-            g.classes.append("folded")
-            g.const.update(name for name in node.output if name)
-        else:
-            g.classes.append(_op_kernel(node, g.infos, g.const))
-
-
-def _fuse_qdq_groups(g: _RuntimeGraph) -> None:
-    """DequantizeLinear → op → QuantizeLinear groups run as one int8 kernel (see ``kernel_classes``)."""
-    grouped: set[int] = set()
-    for i, node in enumerate(g.nodes):
-        if g.classes[i] == "folded" or g.ops[i] not in _QDQ_COMPUTE | _QDQ_OTHER:
-            continue
-        activations = [name for name in node.input if name and name not in g.const]
-        if not activations or not all(g.from_dq(name) for name in activations):
-            continue
-        after = [g.only_reader(name) for name in node.output if name]
-        quantize = [j for j in after if j is not None and g.ops[j] == "QuantizeLinear"]
-        quantized = bool(after) and len(quantize) == len(after)
-        if g.ops[i] in _QDQ_COMPUTE:
-            if len(node.input) < 2 or not g.from_dq(node.input[1]):
-                continue
-            g.classes[i] = "int8"
-        elif not quantized:
-            continue
-        grouped.add(i)
-        for j in quantize if quantized else []:
-            g.classes[j] = "fused"
-    for i in grouped:
-        for name in g.nodes[i].input:
-            if name and g.from_dq(name) and all(k in grouped for k in g.readers.get(name, [])):
-                g.classes[g.producer[name]] = "fused"
-
-
-def _eliminate_pass_throughs(g: _RuntimeGraph) -> None:
-    """Identity and Dropout are ``fused``: their readers read their input (recorded in ``alias``)."""
-    for i, node in enumerate(g.nodes):
-        if g.ops[i] in _ELIMINATED and g.classes[i] != "folded" and node.input and node.input[0] and node.output:
-            g.classes[i] = "fused"
-            source = g.source(node.input[0])
-            g.alias[node.output[0]] = source
-            g.readers[source] = [k for k in g.readers.get(source, []) if k != i] + g.readers.get(node.output[0], [])
-
-
-def _fuse_epilogues(g: _RuntimeGraph) -> None:
-    """Affine ops and one activation after a float Conv/Gemm/MatMul, followed while exactly one node reads
-    each tensor, are ``fused`` into it."""
-    for i, node in enumerate(g.nodes):
-        float_kernel = g.classes[i] in ("conv", "depthwise", "unblocked_conv", "dynamic_weight")
-        if not float_kernel or g.ops[i] not in _EPILOGUE_AFFINE or not node.output:
-            continue
-        affine = _EPILOGUE_AFFINE[g.ops[i]]
-        weight = g.infos.get(node.input[1]) if len(node.input) > 1 else None
-        if g.ops[i] == "Conv" and not (weight is not None and weight.name in g.const and weight.shape):
-            affine = frozenset()  # folding BatchNormalization/Add/Mul rewrites the weight: it must be constant
-        tail = node.output[0]
-        while (j := g.only_reader(tail)) is not None:
-            follower = g.nodes[j]
-            data = g.source(follower.input[0]) if follower.input else ""
-            rest = [name for name in follower.input if name and g.source(name) != tail]
-            if not all(name in g.const for name in rest) or not follower.output:
-                break
-            folds = data == tail if g.ops[j] == "BatchNormalization" else _per_channel(g.ops[i], rest, g.infos, weight)
-            if g.ops[j] in affine and folds:
-                g.classes[j] = "fused"
-                tail = follower.output[0]
-                continue
-            if g.ops[j] in _FUSED_ACTIVATIONS and data == tail:
-                g.classes[j] = "fused"
-            break
-
-
-def _fuse_silu(g: _RuntimeGraph) -> None:
-    """SiLU, ``x * sigmoid(x)``: the Sigmoid is computed inside the Mul."""
-    for i, node in enumerate(g.nodes):
-        if g.ops[i] != "Sigmoid" or g.classes[i] != "other" or not node.input or not node.output:
-            continue
-        j = g.only_reader(node.output[0])
-        if j is not None and g.ops[j] == "Mul" and g.classes[j] == "other":
-            operands = {g.source(name) for name in g.nodes[j].input}
-            if operands == {g.source(node.input[0]), node.output[0]}:
-                g.classes[i] = "fused"
-
-
-#: onnxruntime's default graph optimisations as the estimate models them, in the order they apply.
-_ONNXRUNTIME_REWRITES: tuple[Callable[[_RuntimeGraph], None], ...] = (
-    _fold_constants,
-    _fuse_qdq_groups,
-    _eliminate_pass_throughs,
-    _fuse_epilogues,
-    _fuse_silu,
-)
-
-
-def _per_channel(host: str, operands: list[str], infos: dict[str, TensorInfo], weight: TensorInfo | None) -> bool:
-    """Whether an Add/Mul's constant operand can fold into the ``host`` before it: after a Conv, one value per
-    output channel ([C, 1, 1] or [1, C, 1, 1], what ConvAddFusion/ConvMulFusion require); after a MatMul,
-    any constant (a bias, MatMulAddFusion)."""
-    if host == "MatMul":
-        return True
-    info = infos.get(operands[0]) if len(operands) == 1 else None
-    if weight is None or weight.shape is None or info is None or info.shape is None:
-        return False
-    channels, channel_axis_from_end = weight.shape[0], len(weight.shape) - 1
-    return (
-        math.prod(info.shape) == channels
-        and len(info.shape) >= channel_axis_from_end
-        and info.shape[-channel_axis_from_end] == channels
-    )
-
-
-def _op_kernel(node: onnx.NodeProto, infos: dict[str, TensorInfo], constants: set[str]) -> str:
-    """The kernel class of ``node`` from its op and its weight (see ``_KERNEL_OF_OP``)."""
-    kernel, weight_index = _KERNEL_OF_OP.get((_norm_domain(node.domain), node.op_type), ("other", None))
-    if weight_index is not None and len(node.input) > weight_index:
-        if node.input[weight_index] not in constants:
-            return "dynamic_weight"
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        weight = infos.get(node.input[weight_index])
-        if weight is None or weight.shape is None or len(weight.shape) < 2:
-            return kernel
-        if group > 1 and weight.shape[1] == 1:
-            return "depthwise"
-        channels = weight.shape[1]
-        blockable = (_norm_domain(node.domain), node.op_type) in _BLOCKABLE_OPS
-        if blockable and group == 1 and channels >= _BLOCKED_MIN_CHANNELS and channels % _BLOCKED_ALIGNMENT:
-            return "unblocked_conv"
-    return kernel
-
-
-def _has_graph(node: onnx.NodeProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)

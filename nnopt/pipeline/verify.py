@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from nnopt.analysis.shapes import STRICT, infer_shapes
 from nnopt.errors import first_line
 from nnopt.ir.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes, write_proto_atomically
 from nnopt.runtime import RuntimeUnavailable, generate_samples, load_samples, make_session
@@ -32,16 +33,14 @@ def validity_problems(proto: onnx.ModelProto, *, strict_shapes: bool) -> str | N
                 path = os.path.join(tmp, "model.onnx")
                 write_proto_atomically(proto, Path(path), external_data=True)
                 onnx.checker.check_model(path)
-                if strict_shapes:
-                    onnx.shape_inference.infer_shapes_path(path, path + ".inferred", strict_mode=True)
+                error = infer_shapes(path, STRICT).error if strict_shapes else None
         else:
             onnx.checker.check_model(proto)
-            if strict_shapes:
-                onnx.shape_inference.infer_shapes(proto, strict_mode=True)
-    except Exception as exc:  # boundary: checker and shape inference
+            error = infer_shapes(proto, STRICT).error if strict_shapes else None
+    except Exception as exc:  # boundary: the checker
         text = str(exc).strip().splitlines()
         return f"invalid model: {text[0] if text else type(exc).__name__}"
-    return None
+    return None if error is None else f"invalid model: {error}"
 
 
 def passes_strict_shape_inference(proto: onnx.ModelProto) -> bool:

@@ -1,0 +1,110 @@
+"""Graph-input shapes: parsed from the command line, and made concrete for the analysis."""
+
+from __future__ import annotations
+
+import onnx
+
+from nnopt.errors import InputError
+
+
+def parse_input_shapes(items: list[str]) -> dict[str, list[int]]:
+    """Parse ``NAME=1,3,224,224`` strings (``x`` also separates dims: ``NAME=1x3x224x224``).
+
+    The name is everything before the last ``=``, so names containing ``:`` or ``/`` work.
+
+    Raises:
+        InputError: an item without ``=``, an empty name, a dim that is not a positive integer, or a name
+            given twice.
+    """
+    shapes: dict[str, list[int]] = {}
+    for item in items:
+        name, sep, dims_text = item.rpartition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise InputError(f"input shape '{item}': expected NAME=D1,D2,... such as x=1,3,224,224")
+        parts = [p.strip() for p in dims_text.replace("x", ",").replace("X", ",").split(",")]
+        if parts == [""]:
+            raise InputError(f"input shape '{item}': no dims after '='; expected NAME=D1,D2,...")
+        dims = []
+        for part in parts:
+            if not part.isdigit() or int(part) < 1:
+                raise InputError(
+                    f"input shape '{item}': dim '{part}' is not a positive integer; expected NAME=D1,D2,..."
+                )
+            dims.append(int(part))
+        if name in shapes:
+            raise InputError(f"input shape for '{name}' given twice")
+        shapes[name] = dims
+    return shapes
+
+
+
+def resolve_input_shapes(
+    graph: onnx.GraphProto, init_names: set[str], given: dict[str, list[int]], notes: list[str]
+) -> tuple[dict[str, list[int]], bool]:
+    """Concrete dims for every graph input, and whether ``given`` changed a dim the model fixed.
+
+    Dims the model leaves unknown count as 1; each assumption and override is added to ``notes``.
+
+    Raises:
+        InputError: ``given`` names an input the model does not have, gives the wrong rank, or a dim below 1.
+    """
+    inputs = [vi for vi in graph.input if vi.name not in init_names]
+    names = [vi.name for vi in inputs]
+    unknown = [name for name in given if name not in names]
+    if unknown:
+        raise InputError(
+            f"input shape given for '{unknown[0]}', which is not a graph input; inputs are: "
+            f"{', '.join(names) or 'none'}"
+        )
+    fixed: dict[str, list[int]] = {}
+    overridden = False
+    for vi in inputs:
+        declared = _declared_dims(vi)
+        if vi.name in given:
+            dims = [int(d) for d in given[vi.name]]
+            if any(d < 1 for d in dims):
+                raise InputError(f"input shape for '{vi.name}': dims must be at least 1, got {dims}")
+            if declared is not None and len(declared) != len(dims):
+                raise InputError(
+                    f"input shape for '{vi.name}' has {len(dims)} dims but the input has rank {len(declared)}"
+                )
+            changed = [i for i, d in enumerate(declared or []) if isinstance(d, int) and d != dims[i]]
+            if changed:
+                overridden = True
+                notes.append(
+                    f"input '{vi.name}': fixed dim(s) {', '.join(map(str, changed))} overridden by the "
+                    f"given shape {dims}"
+                )
+            fixed[vi.name] = dims
+            continue
+        if declared is None:
+            if vi.type.HasField("tensor_type"):
+                notes.append(f"input '{vi.name}' has no declared shape; give its shape to cost what reads it")
+            continue
+        dims = []
+        for axis, dim in enumerate(declared):
+            if isinstance(dim, int):
+                dims.append(dim)
+                continue
+            dims.append(1)
+            symbol = f" '{dim}'" if dim else ""
+            if axis == 0:
+                notes.append(f"input '{vi.name}': unknown batch dim{symbol} counted as 1")
+            else:
+                notes.append(
+                    f"input '{vi.name}': unknown dim {axis}{symbol} counted as 1; pass input shapes to set it"
+                )
+        fixed[vi.name] = dims
+    return fixed, overridden
+
+
+def _declared_dims(vi: onnx.ValueInfoProto) -> list[int | str] | None:
+    """Per dim its value, or its symbol ("" when anonymous); None when the rank is unknown."""
+    if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+        return None
+    return [
+        d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else d.dim_param
+        for d in vi.type.tensor_type.shape.dim
+    ]
+

@@ -1,0 +1,165 @@
+"""The cost report: per-node records, totals and notes, as a dict or a plain-text table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from nnopt.cost.hardware import HardwareProfile
+
+
+@dataclass
+class CostReport:
+    """The result of :func:`analyze`.
+
+    Attributes:
+        totals: Model-wide figures: ``params, macs, flops, weight_bytes, activation_bytes, bytes_moved,
+            latency_s, arithmetic_intensity, nodes, uncosted_nodes``.
+        nodes: One dict per main-graph node in topological order, with ``name, op_type, domain, params,
+            macs, flops, weight_bytes, input_bytes, output_bytes, bytes_moved, arithmetic_intensity,
+            latency_s, bound ("compute"/"memory"/""), kernel (see ``nnopt.cost.runtime_kernels.kernel_classes``),
+            output_shapes, costed, extra, outputs`` (``outputs``: the node's output tensor names, which
+            identify it where node names are empty or repeated).
+        notes: Assumptions made and things not counted, one sentence each.
+        hardware: The profile the latency estimate used.
+        input_shapes: The concrete graph-input shapes the analysis used.
+    """
+
+    totals: dict[str, float | int]
+    nodes: list[dict[str, Any]]
+    notes: list[str]
+    hardware: HardwareProfile
+    input_shapes: dict[str, list[int]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict: ``totals, nodes, notes, hardware, input_shapes``."""
+        return {
+            "totals": dict(self.totals),
+            "nodes": [dict(node) for node in self.nodes],
+            "notes": list(self.notes),
+            "hardware": self.hardware.to_dict(),
+            "input_shapes": {name: list(dims) for name, dims in self.input_shapes.items()},
+        }
+
+    def format_table(self, max_rows: int | None = None) -> str:
+        """A per-node table, a totals line and the notes, as plain text.
+
+        Args:
+            max_rows: Show at most this many nodes: the most expensive by estimated latency (then FLOPs),
+                still in graph order. None shows every node.
+        """
+        rows = list(enumerate(self.nodes))
+        if max_rows is not None and len(rows) > max_rows:
+            ranked = sorted(rows, key=lambda r: (-r[1]["latency_s"], -r[1]["flops"], r[0]))
+            rows = sorted(ranked[: max(0, max_rows)], key=lambda r: r[0])
+        total_latency = float(self.totals["latency_s"]) or 1.0
+        table = [_HEADER] + [_row(index, node, total_latency) for index, node in rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(_HEADER))]
+        lines = [
+            "  ".join(
+                cell.ljust(widths[i]) if i in _LEFT else cell.rjust(widths[i]) for i, cell in enumerate(row)
+            )
+            for row in table
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        hidden = len(self.nodes) - len(rows)
+        if hidden > 0:
+            shown = {i for i, _ in rows}
+            rest = sum(n["latency_s"] for i, n in enumerate(self.nodes) if i not in shown)
+            lines.append(
+                f"... {hidden} more nodes not shown ({100 * rest / total_latency:.1f}% of estimated latency)"
+            )
+        lines.extend(self._footer())
+        return "\n".join(lines)
+
+    def _footer(self) -> list[str]:
+        """The totals, hardware, input-shape and notes lines under the table."""
+        t = self.totals
+        hw = self.hardware
+        bandwidth = f", {_si(hw.bandwidth, 'B/s')}" if hw.bandwidth is not None else ", bandwidth not given"
+        lines = [
+            "",
+            f"total: {t['nodes']} nodes, {_si(t['params'])} params ({_si(t['weight_bytes'], 'B')} weights), "
+            f"{_si(t['macs'])} MACs, {_si(t['flops'])} FLOPs, {_si(t['activation_bytes'], 'B')} activations, "
+            f"{t['arithmetic_intensity']:.1f} FLOP/B, estimated latency {_format_seconds(t['latency_s'])}",
+            f"hardware: {hw.name} ({_si(hw.peak_flops, 'FLOP/s')}{bandwidth})",
+        ]
+        if self.input_shapes:
+            shapes = ", ".join(
+                f"{n}={'x'.join(map(str, d)) or 'scalar'}" for n, d in self.input_shapes.items()
+            )
+            lines.append(f"input shapes: {shapes}")
+        if self.notes:
+            lines.append("notes:")
+            lines.extend(f"  - {note}" for note in self.notes)
+        return lines
+
+
+_HEADER = ["#", "name", "op", "output shape", "params", "MACs", "FLOPs", "out bytes", "FLOP/B", "latency", "%"]
+#: Text columns (name, op, output shape) are left-aligned; figures are right-aligned.
+_LEFT = {1, 2, 3}
+
+
+def _row(index: int, node: dict[str, Any], total_latency: float) -> list[str]:
+    op = f"{node['domain']}:{node['op_type']}" if node["domain"] else node["op_type"]
+    return [
+        str(index),
+        _truncate(node["name"], 36),
+        _truncate(op, 24),
+        _truncate(_format_shapes(node["output_shapes"]), 24),
+        _si(node["params"]),
+        _si(node["macs"]),
+        _si(node["flops"]) + ("" if node["costed"] else "?"),
+        _si(node["output_bytes"], "B"),
+        f"{node['arithmetic_intensity']:.1f}",
+        _format_seconds(node["latency_s"]),
+        f"{100 * node['latency_s'] / total_latency:.1f}",
+    ]
+
+
+def _si(value: float | None, unit: str = "") -> str:
+    """A number with an SI prefix: 10188864 -> '10.19M', (6750000, "B") -> '6.75 MB'."""
+    if value is None:
+        return "-"
+    space = " " if unit else ""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{space}{prefix}{unit}"
+    return f"{value:g}{space}{unit}" if isinstance(value, float) else f"{value}{space}{unit}"
+
+
+def _format_seconds(seconds: float) -> str:
+    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
+        if seconds >= scale:
+            return f"{seconds / scale:.3f} {unit}"
+    return f"{seconds / 1e-9:.3f} ns" if seconds else "0"
+
+
+def _format_shapes(shapes: list[list[int] | None]) -> str:
+    return " ".join("?" if s is None else "x".join(map(str, s)) or "scalar" for s in shapes)
+
+
+def _truncate(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 2] + ".."
+
+
+
+#: How many example names a note lists before "...".
+_NOTE_EXAMPLES = 3
+
+
+def examples(names: list[str]) -> str:
+    """A few of ``names``, quoted, for a note: ``'a', 'b', 'c', ...``."""
+    shown = ", ".join(f"'{n}'" for n in names[:_NOTE_EXAMPLES])
+    return shown + (", ..." if len(names) > _NOTE_EXAMPLES else "")
+
+
+def first_line(exc: BaseException, width: int = 200) -> str:
+    """The first line of an exception's message, cut to ``width``, for a note."""
+    text = str(exc).strip()
+    return cut(text.splitlines()[0] if text else type(exc).__name__, width)
+
+
+def cut(line: str, width: int = 200) -> str:
+    """``line``, ending in "..." when longer than ``width``."""
+    return line if len(line) <= width else line[: width - 3] + "..."
