@@ -84,11 +84,11 @@ class Analysis:
 def infer_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, list[int | None]]:
     """Tensor name → dims (None where unknown) from ONNX shape inference, with ``input_shapes`` applied.
 
-    ``proto`` is handed over (it may be modified). Inference is best effort: when it fails, the declared
-    shapes are what is known, and unknown shapes make the pass decline.
+    ``proto`` is not modified (it is the run's cached export). Inference is best effort: when it fails, the
+    declared shapes are what is known, and unknown shapes make the pass decline.
     """
     options = ShapeOptions(data_prop=True).with_inputs(input_shapes)
-    return shape_inference.infer_shapes(proto, options, consume=True).dims()
+    return shape_inference.infer_shapes(proto, options).dims()
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -259,25 +259,17 @@ def saving(before: int, after: int) -> float:
 
 
 def main_graph_costs(model: Model, ctx: PassContext) -> dict[str, dict[str, Any]]:
-    """nnopt's cost analysis of the main-graph nodes, keyed by each node's first output tensor name.
+    """The run's cost analysis of the main-graph nodes, keyed by each node's first output tensor name.
 
-    Uses ``ctx.input_shapes`` for dynamic inputs (other unknown dims count as 1, as in ``nnopt analyze``).
-    Returns {} when the analysis cannot run (a report without absolute FLOPs, never a failed pass).
+    It is the pass manager's cached cost report (``ctx.analyses_for``): the run's hardware profile, the
+    installed plugins' cost rules and ``ctx.input_shapes`` (other unknown dims count as 1, as in ``nnopt
+    analyze``). Returns {} when the analysis cannot run (a report without absolute FLOPs, never a failed pass).
     """
-    from nnopt.cost import analyze
-
-    proto = model.to_proto()
-    outputs: dict[str, str] = {}
-    for i, node in enumerate(proto.graph.node):
-        # Unique names of our own, so records map back even where the model's node names are empty or repeat.
-        node.name = f"n{i}"
-        if node.output:
-            outputs[node.name] = node.output[0]
     try:
-        report = analyze(proto, input_shapes=ctx.input_shapes or None)
+        report = ctx.analyses_for(model).cost()
     except NnoptError:
         return {}
-    return {outputs[r["name"]]: r for r in report.nodes if r["name"] in outputs}
+    return {r["outputs"][0]: r for r in report.nodes if r.get("outputs")}
 
 
 def scaled_flops(
@@ -298,9 +290,12 @@ def scaled_flops(
 
 # ---------------------------------------------------------------------------------------------- activations
 def layer_inputs(
-    model: Model, names: Sequence[str], samples: Sequence[dict[str, np.ndarray]]
+    model: Model | onnx.ModelProto, names: Sequence[str], samples: Sequence[dict[str, np.ndarray]]
 ) -> dict[str, list[np.ndarray]]:
-    """Values of main-graph tensors on the reference samples: graph inputs from the feeds, others by a run."""
+    """Values of main-graph tensors on the reference samples: graph inputs from the feeds, others by a run.
+
+    ``model`` may be the run's cached export (it is copied, never changed).
+    """
     feeds = samples[0].keys() if samples else ()
     direct = [n for n in names if n in feeds]
     values = collect_activations(model, [n for n in names if n not in feeds], samples)
@@ -579,7 +574,9 @@ def refit_plans(model: Model, ctx: PassContext, plans: Sequence[Plan], pass_name
 
 def _refit_main(model: Model, ctx: PassContext, plans: list[Plan], pass_name: str) -> None:
     try:
-        inputs = layer_inputs(model, sorted({plan.node.inputs[0].name for plan in plans}), ctx.samples)
+        # Before any rewrite: the cached export is this model, so no export of our own.
+        proto = ctx.analyses_for(model).proto()
+        inputs = layer_inputs(proto, sorted({plan.node.inputs[0].name for plan in plans}), ctx.samples)
     except Exception as exc:  # boundary: onnxruntime on the user's model and data
         for plan in plans:
             plan.report.figures.update(fit="weights", fit_note=f"the reference data did not run: {first_line(exc, 160)}")

@@ -13,7 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from nnopt.analysis.shapes import FRESH, TensorType, infer_shapes
+from nnopt.analysis.shapes import TensorType
 from nnopt.ir.constants import constant_node_payload, detached_values, lower_model_constants
 from nnopt.ir.graphview import subgraphs_of, topological_nodes
 from nnopt.ir.model import Model
@@ -237,8 +237,9 @@ class FoldConstants(Pass):
     lossy = False
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        snapshot = ctx.analyses_for(model).proto()  # cached: shared with the verification; read-only
-        inferred = infer_shapes(snapshot, FRESH)  # runs on a copy: the snapshot stays as it is
+        analyses = ctx.analyses_for(model)
+        snapshot = analyses.proto()  # cached: shared with the verification; read-only
+        inferred = analyses.shapes()
         types = {} if inferred.error is not None else dict(inferred.types)
         pinned = {t.name for g in model.all_graphs() for t in g.outputs}
         outputs_before = _graph_output_producers(model)

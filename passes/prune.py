@@ -100,7 +100,7 @@ class Prune(Pass[PruneOptions]):
 
     # ------------------------------------------------------------------ structured
     def _structured(self, model: Model, ctx: PassContext, opts: PruneOptions, namer: Any) -> PassResult:
-        shapes = infer_shapes(model.to_proto(), ctx.input_shapes)
+        shapes = infer_shapes(ctx.analyses_for(model).proto(), ctx.input_shapes)
         tracer = Tracer(
             model.graph,
             shapes,

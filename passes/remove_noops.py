@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from nnopt.analysis.shapes import FRESH, TensorType, infer_shapes
+from nnopt.analysis.shapes import TensorType
 from nnopt.ir.constants import constant_values
 from nnopt.ir.model import Model, replace_tensor
 from nnopt.ir.walk import all_graphs, is_onnx_op
@@ -342,7 +342,7 @@ class RemoveNoops(Pass):
     lossy = False
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
-        inferred = infer_shapes(model.to_proto(), FRESH, consume=True)
+        inferred = ctx.analyses_for(model).shapes()
         facts = _Facts({} if inferred.error is not None else dict(inferred.types), model.opset)
         removed: dict[str, int] = {}
         layers: list[LayerDecision] = []

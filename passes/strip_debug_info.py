@@ -55,6 +55,9 @@ class StripDebugInfo(Pass[StripDebugInfoOptions]):
 
     name = "strip-debug-info"
     lossy = False
+    # Doc strings and metadata change no op, shape, weight or edge: the cost report, the shapes and the
+    # dataflow view of the stripped model are those of the model before.
+    preserves = frozenset({"cost", "shapes", "dataflow"})
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         opts = self.options

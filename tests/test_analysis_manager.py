@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 import nnopt
-from nnopt.analysis.manager import COST, DATAFLOW, EXPORTED, Analysis, AnalysisManager, AnalysisSettings
+from nnopt.analysis.manager import COST, DATAFLOW, EXPORTED, SHAPES, Analysis, AnalysisManager, AnalysisSettings
 from nnopt.cost.hardware import HardwareProfile
 from nnopt.ir.model import Model, load_model
 from nnopt.pipeline.base import Pass, PassContext, PassResult
@@ -170,10 +170,29 @@ def test_pipeline_exports_the_input_once_and_each_changing_pass_once(exports):
     _, report = nnopt.Pipeline().run(model, plugins=plugins)
     applied = sum(r.status == "applied" for r in report.passes)
     assert applied >= 3  # small_cnn: constants, dead branch, identities, batch norms
-    # The lossless passes export nothing themselves except remove-noops, whose shape inference needs a
-    # proto of its own (one export each time it runs).
-    noop_runs = sum(r.name == "remove-noops" for r in report.passes)
-    assert exports["export"] == 1 + applied + noop_runs
+    # The passes read the cached export: the only exports are the input's and one per applied pass.
+    assert exports["export"] == 1 + applied
+
+
+def test_fold_constants_and_remove_noops_share_one_shape_inference_per_model_version(monkeypatch):
+    from nnopt.analysis import shapes
+
+    plugins = nnopt.build_plugins(load_entry_points=False)
+    model, _ = nnopt.Pipeline(verify=False).run(load_model(EXAMPLE), plugins=plugins)  # cleaned up already
+    analyses = AnalysisManager(model)
+    ctx = PassContext(analyses=analyses)
+    passes = nnopt.Pipeline(["fold-constants", "remove-noops", "fold-constants"], verify=False).build(plugins)
+    calls = shapes.COUNTERS["calls"]
+    report = PassManager(passes).run(model, ctx)
+    assert [r.status for r in report.passes] == ["unchanged"] * 3
+    # Nothing changed the model, so all three read the same inference.
+    assert analyses.computed[SHAPES.name] == 1
+    analyses.invalidate()  # what the manager does after a changing pass
+    PassManager(passes[:1]).run(model, ctx)
+    assert analyses.computed[SHAPES.name] == 2
+    # Besides those two: the cost report's concrete-dims inference (one per version) and each run's strict
+    # check of its input model.
+    assert shapes.COUNTERS["calls"] == calls + 2 + analyses.computed[COST.name] + 2
 
 
 def test_passes_and_nnopt_analyze_cost_custom_ops_with_the_plugins_rules():
@@ -185,3 +204,25 @@ def test_passes_and_nnopt_analyze_cost_custom_ops_with_the_plugins_rules():
     assert report.original["latency_s"] == pytest.approx(
         nnopt.analyze(onnx.load(str(EXAMPLE)), hardware=hw).totals["latency_s"]
     )
+
+
+def test_a_pipeline_costs_a_plugins_custom_op_with_the_plugins_rule():
+    """The example plugin (installed by the README's test command) costs com.example:FancyOp at 2 FLOPs per
+    element; the pipeline's report and every pass's cost analysis use the run's rules, as the CLI does."""
+    from onnx import helper
+
+    plugins = nnopt.build_plugins()
+    if "com.example" not in {r.domain for r in plugins.cost_rules.rules()}:
+        pytest.fail("the example plugin is not installed: pip install ./plugins/nnopt-example-plugin (see README)")
+    graph = helper.make_graph(
+        [helper.make_node("FancyOp", ["x"], ["y"], domain="com.example", name="fancy")], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 96])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 96])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    _, report = nnopt.Pipeline(["dce"], hardware="example-npu").run(proto, plugins=plugins)
+    assert report.original["flops"] == 2 * 4 * 96 == 768
+    # The plugin's board (4 TFLOP/s, 25.6 GB/s): memory-bound, 2 × 384 float32 moved.
+    assert report.original["latency_s"] == pytest.approx(max(768 / 4e12, 2 * 384 * 4 / 25.6e9))
+    bare = nnopt.build_plugins(load_entry_points=False)
+    assert nnopt.Pipeline(["dce"]).run(proto, plugins=bare)[1].original["flops"] == 0

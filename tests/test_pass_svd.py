@@ -415,3 +415,25 @@ def test_never_crashes_on_the_real_models():
                 layer.reason.split(" (")[0] for layer in result.layers if layer.action == "declined"
             }
             assert "depthwise conv" in declined and result.stats["layers_rewritten"] > 0
+
+
+def test_flops_figures_come_from_the_runs_cost_rules():
+    """svd reads the run's cached cost report, so a plugin's (here: a replacing) MatMul rule reaches its figures."""
+    from nnopt.analysis.manager import AnalysisManager, AnalysisSettings
+    from nnopt.cost import Cost, CostRule, default_registry
+    from nnopt.ir.model import Model
+    from nnopt.pipeline.base import PassContext
+
+    proto = _matmul_model(_low_rank(100, 200, 2), "8,100", "8,200")
+    rules = default_registry()
+    # An accelerator that counts a MatMul at 3 FLOPs per MAC (say, a separate accumulate pass).
+    rules.register(CostRule("MatMul", fn=lambda c: Cost(macs=c.output_numel(0) * c.input_shape(0)[-1],
+                                                        flops=3 * c.output_numel(0) * c.input_shape(0)[-1])),
+                   replace=True)
+    model = Model.from_proto(proto)
+    ctx = PassContext(analyses=AnalysisManager(model, AnalysisSettings(rules=rules)))
+    (layer,) = Svd(SvdOptions(energy=0.999)).run(model, ctx).layers
+    assert (layer.figures["flops_before"], layer.figures["flops_after"]) == (3 * 8 * 100 * 200, 3 * 8 * 2 * 300)
+    # On its own (no run), the built-in rules.
+    (plain,) = apply_pass(Svd(SvdOptions(energy=0.999)), proto)[1].layers
+    assert plain.figures["flops_before"] == 2 * 8 * 100 * 200

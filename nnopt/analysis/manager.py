@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 import networkx as nx
 import onnx
 
+from nnopt.analysis.shapes import FRESH, ShapeResult, infer_shapes
 from nnopt.ir.graphview import dataflow
 from nnopt.ir.model import Model
 
@@ -129,6 +130,10 @@ class AnalysisManager:
         """The cost report with the run's input shapes, hardware profile and cost rules."""
         return self.get(COST)
 
+    def shapes(self) -> ShapeResult:
+        """Fresh shape inference of the model (``SHAPES``)."""
+        return self.get(SHAPES)
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -149,6 +154,10 @@ def _cost(am: AnalysisManager) -> CostReport:
                    rules=settings.rules)
 
 
+def _shapes(am: AnalysisManager) -> ShapeResult:
+    return infer_shapes(am.proto(), FRESH)
+
+
 def _dataflow(am: AnalysisManager) -> nx.DiGraph:
     return dataflow(am.model.graph)
 
@@ -157,5 +166,8 @@ def _dataflow(am: AnalysisManager) -> nx.DiGraph:
 EXPORTED: Analysis[onnx.ModelProto] = Analysis("exported", _export, "the model exported to a ModelProto")
 #: nnopt's cost report (``nnopt.cost.analyze``) under the run's settings.
 COST: Analysis[CostReport] = Analysis("cost", _cost, "per-node and total cost under the run's hardware and rules")
+#: Fresh ONNX shape inference of the model as it is (``nnopt.analysis.shapes.FRESH``: the model's own
+#: value_info ignored, dynamic dims kept symbolic): types and dims that rewrites can rely on.
+SHAPES: Analysis[ShapeResult] = Analysis("shapes", _shapes, "fresh shape inference, dynamic dims kept")
 #: The main graph's networkx dataflow view (``nnopt.ir.graphview.dataflow``): node indices, tensor edges.
 DATAFLOW: Analysis[nx.DiGraph] = Analysis("dataflow", _dataflow, "the main graph's dataflow view", on_graph=True)
