@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from nnopt.analysis.manager import Analysis, AnalysisManager, AnalysisSettings
 from nnopt.analysis.selection import NodeSelection
 from nnopt.cost.hardware import HardwareProfile
 from nnopt.cost.rules import Cost, CostContext, CostRule
@@ -75,6 +76,9 @@ def analyze(*args: Any, **kwargs: Any) -> Any:
 
 
 __all__ = [
+    "Analysis",
+    "AnalysisManager",
+    "AnalysisSettings",
     "Budget",
     "Cost",
     "CostContext",

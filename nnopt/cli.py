@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nnopt.errors import InputError, NnoptError
+from nnopt.errors import InputError, NnoptError, first_line
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NnoptError as exc:
         if debug:
             raise
-        print(f"nnopt: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"nnopt: error: {first_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("nnopt: interrupted", file=sys.stderr)
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # boundary: the whole program
         if debug:
             raise
-        print(f"nnopt: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for a traceback)",
+        print(f"nnopt: internal error: {type(exc).__name__}: {first_line(exc)} (rerun with --debug for a traceback)",
               file=sys.stderr)
         return EXIT_INTERNAL
 
@@ -425,10 +425,6 @@ def _quiet_third_party() -> None:
 
     gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -90,5 +90,7 @@ def test_the_plugin_author_surface_is_importable_from_nnopt():
                  "CostContext", "HardwareProfile", "consumers", "producer", "replace_tensor", "constant_values",
                  "topological_nodes", "dataflow", "Pipeline", "Progress", "StreamProgress",
                  # nnopt.ir's shared helpers (issue #12): what the built-in passes use, for plugins too
-                 "all_graphs", "graph_outputs", "is_onnx_op", "remove_dead_nodes", "taken_names", "unique_name"):
+                 "all_graphs", "graph_outputs", "is_onnx_op", "remove_dead_nodes", "taken_names", "unique_name",
+                 # the analysis cache (issue #12): ctx.analyses_for(model) returns an AnalysisManager
+                 "Analysis", "AnalysisManager", "AnalysisSettings"):
         assert hasattr(nnopt, name) and name in nnopt.__all__, name

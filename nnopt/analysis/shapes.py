@@ -15,6 +15,7 @@ from typing import Literal
 import numpy as np
 import onnx
 
+from nnopt.errors import first_line
 from nnopt.ir.graphview import stable_topological_order, subgraph_reads
 
 #: What ``infer_shapes`` did, over the process: ``calls`` (helper calls) and ``infer`` (runs of ONNX shape
@@ -256,7 +257,7 @@ def infer_shapes(
                 prepared, check_type=False, strict_mode=options.strict, data_prop=data_prop
             )
         except Exception as exc:  # noqa: BLE001 - boundary: onnx raises several types
-            error = _first_line(exc)
+            error = first_line(exc)
             continue
         _drop_tensor_data(inferred)
         return ShapeResult(None, options, inferred)
@@ -276,7 +277,7 @@ def _infer_path(path: Path, options: ShapeOptions, counter: Counter[str] | None)
                     str(path), out, check_type=False, strict_mode=options.strict, data_prop=data_prop
                 )
             except Exception as exc:  # noqa: BLE001 - boundary: onnx raises several types
-                error = _first_line(exc)
+                error = first_line(exc)
                 continue
             return ShapeResult(None, options, onnx.load(out, load_external_data=False))
         return ShapeResult(error, options, onnx.load(str(path), load_external_data=False))
@@ -465,7 +466,3 @@ def _count(counter: Counter[str] | None, key: str) -> None:
     if counter is not None:
         counter[key] += 1
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

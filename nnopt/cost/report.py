@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from nnopt import errors
 from nnopt.cost.hardware import HardwareProfile
 
 
@@ -155,9 +156,8 @@ def examples(names: list[str]) -> str:
 
 
 def first_line(exc: BaseException, width: int = 200) -> str:
-    """The first line of an exception's message, cut to ``width``, for a note."""
-    text = str(exc).strip()
-    return cut(text.splitlines()[0] if text else type(exc).__name__, width)
+    """The first line of an exception's message, cut to ``width`` (ending in "..."), for a note."""
+    return errors.first_line(exc, width, "...")
 
 
 def cut(line: str, width: int = 200) -> str:

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import onnx
 
-from nnopt.errors import InputError
+from nnopt.errors import InputError, first_line
 from nnopt.ir.model import Model
 from nnopt.runtime import RuntimeUnavailable, make_feeds, make_session
 
@@ -57,7 +57,7 @@ def measure_latency(
             session.run(None, feeds)
             times.append(time.perf_counter() - start)
     except Exception as exc:  # boundary: onnxruntime raises its own exception types
-        raise InputError(f"onnxruntime cannot run the model: {_first_line(exc)}") from exc
+        raise InputError(f"onnxruntime cannot run the model: {first_line(exc)}") from exc
     return {
         "median_s": statistics.median(times),
         "min_s": min(times),
@@ -65,7 +65,3 @@ def measure_latency(
         "runs": runs,
     }
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
