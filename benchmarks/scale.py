@@ -15,7 +15,7 @@ minus the RSS after its imports, before the model was read. The growth exponent 
 of log(time) on log(nodes) over the synthetic nets: 1 is linear. It is computed on CPU time too, which
 other jobs sharing the machine disturb less than wall time. Writes docs/scale.{md,json,png}.
 
-    python benchmarks/scale.py                        # everything, about 22 min on 2 cores
+    python benchmarks/scale.py                        # everything, about 20 min on 2 cores
     python benchmarks/scale.py --quick                # 2k and 10k nets only; prints, writes nothing
     python benchmarks/scale.py --tasks analyze dce --graphs res2k res10k --no-write
     python benchmarks/scale.py --tasks quantize:mode=static --graphs res1k res2k res5k res10k --no-write
@@ -117,7 +117,7 @@ TASKS = [
     Task("quantize:mode=weight_only", "pipeline", ("quantize:mode=weight_only",)),
     Task("quantize:mode=static", "pipeline", ("quantize:mode=static",), needs_data=True,
          graphs=_STATIC_QUANTIZE_GRAPHS, repeats=1, timeout_s=900),
-    # Quadratic: about 110 s at 10k nodes; at 40k the time limit gives a lower bound, not worth 30 min.
+    # Quadratic: about 50 s at 10k nodes; at 40k the time limit gives a lower bound, not worth 30 min.
     Task("onnxslim", "slim", repeats=1, timeout_s=120),
     # onnxsim's simplify (ORT constant folding and its optimizer passes): issue #12's yardstick for `default`.
     Task("onnxsim", "onnxsim", repeats=1, timeout_s=300),
@@ -383,7 +383,8 @@ def render_markdown(doc: dict) -> str:
         "are `nnopt optimize -p PASS --no-verify`: the pass plus the pass manager's onnx checker, strict shape",
         "inference and cost analysis. The exponent is the log-log slope of time against nodes over the synthetic",
         "nets (1 = linear), on wall time and on CPU time (all threads; less disturbed by other jobs on the",
-        f"machine); above {SUPERLINEAR} is in bold. \"CPU steps\" are the slopes 2k→10k and 10k→40k; \"ms/node\"",
+        f"machine); above {SUPERLINEAR} is in bold. \"CPU steps\" are the slopes between successive sizes (2k→10k,",
+        "10k→40k; more steps where a task also ran on other sizes, listed below the table); \"ms/node\"",
         "is wall time per node at the largest net. `reference` is C++ code that is linear (the onnx checker",
         "plus shape inference): its exponent is what the machine alone adds, mostly the 2k net fitting in the",
         "CPU caches and the larger ones not.",

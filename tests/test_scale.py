@@ -10,7 +10,8 @@ Each of these failed before the fix it guards: remove-noops walked every subgrap
 (``replace_tensor``), fold-batchnorm searched the graph for each producer, kmeans listed every graph's
 nodes and outputs per weight, svd and conv-to-separable searched the node list per rewritten layer,
 prune searched all roots per BatchNormalization. ``quantize:mode=static`` is not here: its calibration
-and QDQ placement are onnxruntime's quantization tools, which are quadratic themselves (see
+and QDQ placement are onnxruntime's quantization tools (quadratic on their own, linear behind the indexes
+of passes/_ort_quant.py), and tests/test_pass_quantize.py counts its lines and sessions instead (see
 docs/scale.md).
 """
 
