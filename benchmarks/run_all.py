@@ -148,7 +148,7 @@ def _nnopt_failures(payload: dict[str, Any], peers: Any) -> str:
 
 #: The scale tasks the summary quotes (all are in the report).
 SCALE_TASKS = ("analyze", "default", "default+verify", "kmeans:bits=4", "prune:ratio=0.3",
-               "quantize:mode=static", "onnxslim")
+               "quantize:mode=static", "onnxslim", "onnxsim")
 
 
 def scale_section(doc: dict[str, Any] | None) -> list[str]:
