@@ -215,6 +215,8 @@ def _command_line_settings(
     """The settings given as flags: they override a pipeline file's (flags not given change nothing)."""
     from dataclasses import replace
 
+    from nnopt.pipeline.manager import Budget
+
     settings: dict[str, Any] = {}
     if args.data is not None:
         settings["data"] = args.data
@@ -230,15 +232,14 @@ def _command_line_settings(
         settings["fixed_point"] = {"auto": None, "on": True, "off": False}[args.fixed_point]
     if shapes:
         settings["input_shapes"] = {**pipeline.input_shapes, **shapes}
-    budget = {
-        key: value
-        for key, value in (
-            ("max_rel_error", args.max_rel_error),
-            ("min_cosine", args.min_cosine),
-            ("min_top1", args.min_top1),
-        )
-        if value is not None
-    }
+    budget = {}
+    for key in ("max_rel_error", "min_cosine", "min_top1"):
+        value = getattr(args, key)
+        if value is not None:
+            try:
+                budget[key] = Budget.checked(key, value)
+            except ValueError as exc:  # the same ranges as a pipeline file's [verify] and the Python API
+                raise InputError(f"--{key.replace('_', '-')}: {exc}") from None
     if budget:
         settings["budget"] = replace(pipeline.budget, **budget)
     return settings

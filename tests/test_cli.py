@@ -195,3 +195,30 @@ def test_default_can_start_an_explicit_pipeline(tmp_path, capsys):
     names = [p["name"] for p in json.loads(rep.read_text())["passes"]]
     assert names == ["strip-debug-info", "constants-to-initializers", "dce", "fold-constants", "remove-noops",
                      "fold-batchnorm", "dce", "dce"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-rel-error", "nan", "--max-rel-error: nan is out of range: expected a number of at least 0"),
+        ("--max-rel-error", "-0.1", "--max-rel-error: -0.1 is out of range"),
+        ("--min-cosine", "2", "--min-cosine: 2.0 is out of range: expected a number from -1 to 1"),
+        ("--min-top1", "7", "--min-top1: 7.0 is out of range: expected a number from 0 to 1"),
+        ("--min-top1", "inf", "--min-top1: inf is out of range"),
+    ],
+)
+def test_budget_flags_are_held_to_the_ranges_pipeline_files_use(tmp_path, capsys, flag, value, message):
+    out = tmp_path / "out.onnx"
+    code, _, err = _run(capsys, "optimize", str(EXAMPLE), "-o", str(out), flag, value)
+    _assert_one_line_error(code, err, message)
+    assert not out.exists()
+
+
+def test_the_python_api_refuses_the_same_budgets():
+    import nnopt
+
+    with pytest.raises(nnopt.OptionError, match=r"^budget min_cosine: 2 is out of range"):
+        nnopt.Budget(min_cosine=2)
+    with pytest.raises(nnopt.OptionError, match=r"^budget max_rel_error: nan is out of range"):
+        nnopt.Budget(max_rel_error=float("nan"))
+    assert nnopt.Budget(min_top1=1).min_top1 == 1.0 and isinstance(nnopt.Budget(min_top1=1).min_top1, float)

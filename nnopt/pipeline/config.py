@@ -135,11 +135,7 @@ def parse_pipeline(
             profile = parse_hardware(_profile_file_path(hardware_spec, source), dict(hardware))
         except InputError as exc:
             raise PipelineFileError(f"{label}: hardware: {exc}") from None
-    budget = Budget(
-        max_rel_error=get(verify, "max_rel_error", _number_in(0.0, None), "verify."),
-        min_cosine=get(verify, "min_cosine", _number_in(-1.0, 1.0), "verify."),
-        min_top1=get(verify, "min_top1", _number_in(0.0, 1.0), "verify."),
-    )
+    budget = Budget(**{key: get(verify, key, _budget_limit(key), "verify.") for key in Budget.RANGES})
     enabled = get(verify, "enabled", _boolean, "verify.")
     if enabled is False and budget != Budget():
         # Without verification nothing measures the outputs, so the budget would be silently ignored.
@@ -312,16 +308,13 @@ def _fixed_point(value: Any) -> bool | str:
     raise ValueError(f'expected "auto", true or false, got {_described(value)}')
 
 
-def _number_in(low: float | None, high: float | None) -> Callable[[Any], float]:
-    """A checker for a finite number within [low, high] (None: unbounded on that side)."""
-    wanted = f"a number from {low:g} to {high:g}" if high is not None else f"a number of at least {low:g}"
+def _budget_limit(key: str) -> Callable[[Any], float]:
+    """A checker for one budget limit: ``Budget``'s own range check, with this file's wording of types."""
 
     def check(value: Any) -> float:
         if not isinstance(value, int | float) or isinstance(value, bool):
-            raise ValueError(f"expected {wanted}, got {_described(value)}")
-        if not ((low is None or value >= low) and (high is None or value <= high)):  # also rejects nan
-            raise ValueError(f"{value!r} is out of range: expected {wanted}")
-        return float(value)
+            raise ValueError(f"expected {Budget.wanted(key)}, got {_described(value)}")
+        return Budget.checked(key, value)
 
     return check
 

@@ -9,12 +9,12 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import onnx
 
 from nnopt.analysis.manager import AnalysisManager, AnalysisSettings, Checkpoint
-from nnopt.errors import PassFailedError, first_line
+from nnopt.errors import OptionError, PassFailedError, first_line
 from nnopt.ir.model import Model
 from nnopt.pipeline.base import Pass, PassContext, PassResult, PassStatus
 from nnopt.pipeline.progress import Progress
@@ -37,11 +37,47 @@ DELTA_KEYS = ("params", "macs", "flops", "weight_bytes", "activation_bytes", "la
 
 @dataclass(frozen=True)
 class Budget:
-    """How far a lossy pipeline may drift from the original model's outputs (None: unbounded)."""
+    """How far a lossy pipeline may drift from the original model's outputs (None: unbounded).
+
+    Each limit is a finite number within ``RANGES`` (checked here, so the command line, pipeline files and
+    the Python API refuse the same values: ``nan``, a cosine of 2, a top-1 of 7).
+    """
+
+    #: The allowed range of each limit (None: unbounded on that side).
+    RANGES: ClassVar[dict[str, tuple[float, float | None]]] = {
+        "max_rel_error": (0.0, None),
+        "min_cosine": (-1.0, 1.0),
+        "min_top1": (0.0, 1.0),
+    }
 
     max_rel_error: float | None = None
     min_cosine: float | None = None
     min_top1: float | None = None
+
+    def __post_init__(self) -> None:
+        for key in self.RANGES:
+            value = getattr(self, key)
+            if value is not None:
+                try:
+                    object.__setattr__(self, key, self.checked(key, value))
+                except ValueError as exc:
+                    raise OptionError(f"budget {key}: {exc}") from None
+
+    @classmethod
+    def wanted(cls, key: str) -> str:
+        """What a value of the limit ``key`` must be, for messages: ``a number from 0 to 1``."""
+        low, high = cls.RANGES[key]
+        return f"a number from {low:g} to {high:g}" if high is not None else f"a number of at least {low:g}"
+
+    @classmethod
+    def checked(cls, key: str, value: Any) -> float:
+        """``value`` as a float if it is a finite number within ``RANGES[key]``, else a ValueError saying why."""
+        low, high = cls.RANGES[key]
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ValueError(f"expected {cls.wanted(key)}, got {value!r}")
+        if not (value >= low and (high is None or value <= high)):  # also rejects nan
+            raise ValueError(f"{value!r} is out of range: expected {cls.wanted(key)}")
+        return float(value)
 
     def violation(self, fidelity: Fidelity) -> str | None:
         if self.max_rel_error is not None and not fidelity.max_rel_error <= self.max_rel_error:
