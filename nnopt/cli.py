@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
                             ("plugins", "list loaded plugins and where they come from")):
         sub.add_parser(name, help=help_text).add_argument("--json", action="store_true")
     _add_calibrate(sub)
+    for command in sub.choices.values():
+        # Global flags are accepted after the command too (`nnopt optimize ... --no-plugins`, as a build step
+        # appends them); SUPPRESS keeps a command that does not repeat a flag from resetting it.
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        command.add_argument("--no-plugins", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 

@@ -93,9 +93,12 @@ def build_plugins(*, load_entry_points: bool = True, extra: list[Any] | None = N
             dist = ep.dist.name if ep.dist is not None else "?"
             try:
                 obj = ep.load()
-            except Exception as exc:  # boundary: third-party import
-                plugins.plugins.append(PluginInfo(ep.name, dist, "failed", f"import failed: {first_line(exc)}"))
-                log.warning("plugin %s (%s): import failed: %s", ep.name, dist, exc)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # boundary: third-party import; even its sys.exit() must not end nnopt
+                reason = f"import failed: {_described(exc)}"
+                plugins.plugins.append(PluginInfo(ep.name, dist, "failed", reason))
+                log.warning("plugin %s (%s): %s", ep.name, dist, reason)
                 continue
             _register(plugins, obj, ep.name, dist)
     for i, obj in enumerate(extra or []):
@@ -144,6 +147,11 @@ def _register(plugins: Plugins, obj: Any, name: str, dist: str) -> None:
         log.warning("plugin %s (%s): %s", name, dist, "; ".join(problems))
 
 
+def _described(exc: BaseException) -> str:
+    """An exception for a one-line plugin problem; SystemExit and other non-errors say what they are."""
+    return first_line(exc) if isinstance(exc, Exception) else f"{type(exc).__name__}: {first_line(exc)}"
+
+
 def _call(obj: Any, hook_name: str, problems: list[str]) -> list[Any]:
     """Call one plugin's own implementation of a registration hook, isolating its failures."""
     impl = getattr(obj, hook_name, None)
@@ -151,7 +159,9 @@ def _call(obj: Any, hook_name: str, problems: list[str]) -> list[Any]:
         return []
     try:
         result = impl()
-    except Exception as exc:  # boundary: third-party hook
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # boundary: third-party hook (a sys.exit() in it included)
         problems.append(f"{hook_name} raised {type(exc).__name__}: {first_line(exc)}")
         return []
     return list(result or [])

@@ -222,3 +222,14 @@ def test_the_python_api_refuses_the_same_budgets():
     with pytest.raises(nnopt.OptionError, match=r"^budget max_rel_error: nan is out of range"):
         nnopt.Budget(max_rel_error=float("nan"))
     assert nnopt.Budget(min_top1=1).min_top1 == 1.0 and isinstance(nnopt.Budget(min_top1=1).min_top1, float)
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_global_flags_work_before_or_after_the_command(capsys, position):
+    argv = ["plugins", "--json"]
+    argv = ["--no-plugins", *argv] if position == "before" else [*argv, "--no-plugins"]
+    assert main(argv) == 0
+    names = [p["name"] for p in json.loads(capsys.readouterr().out)["plugins"]]
+    assert names == ["nnopt.passes"]  # the installed example plugin is not loaded either way
+    assert main(["plugins", "--json"]) == 0  # and without the flag it is
+    assert len(json.loads(capsys.readouterr().out)["plugins"]) >= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +21,7 @@ class _Dist:
 class _EntryPoint:
     """Stands in for importlib.metadata.EntryPoint: plugin loading is tested without installing."""
 
-    def __init__(self, name: str, obj=None, error: Exception | None = None) -> None:
+    def __init__(self, name: str, obj=None, error: BaseException | None = None) -> None:
         self.name = name
         self.dist = _Dist(f"{name}-dist")
         self._obj = obj
@@ -172,3 +173,25 @@ def test_the_installed_example_plugin_is_found_listed_and_used_in_a_pipeline(tmp
     # --no-plugins: the pass is gone, and asking for it is a one-line error, exit 2.
     assert main(["--no-plugins", "optimize", str(src), "-o", str(tmp_path / "x.onnx"), "-p", "example.cancel-transposes"]) == 2
     assert "unknown pass 'example.cancel-transposes'" in capsys.readouterr().err
+
+
+def test_a_plugin_that_exits_at_import_or_in_a_hook_is_reported_not_obeyed(monkeypatch, tmp_path, capsys):
+    from nnopt.cli import main
+
+    @hookimpl
+    def _register_exits():
+        raise SystemExit(0)
+
+    _fake_entry_points(monkeypatch, [
+        _EntryPoint("exits-at-import", error=SystemExit(0)),
+        _EntryPoint("exits-in-hook", _plugin_module("exits", nnopt_register_passes=_register_exits)),
+    ])
+    by_name = {p.name: p for p in build_plugins().plugins}
+    assert by_name["exits-at-import"].status == "failed"
+    assert by_name["exits-at-import"].error == "import failed: SystemExit: 0"
+    assert by_name["exits-in-hook"].status == "failed" and "raised SystemExit" in by_name["exits-in-hook"].error
+    out = tmp_path / "out.onnx"
+    example = Path(__file__).resolve().parents[1] / "examples" / "small_cnn.onnx"
+    assert main(["optimize", str(example), "-o", str(out), "-q"]) == 0
+    assert out.exists()  # nnopt went on without the plugins, and said why
+    assert "plugin exits-at-import (exits-at-import-dist) not loaded: import failed: SystemExit: 0" in capsys.readouterr().err
