@@ -173,6 +173,8 @@ class Quantize(Pass[QuantizeOptions]):
             out_proto, slayers, sstats = _static(float_proto, selected, candidates, opts, per_channel, ctx)
             layers.extend(slayers)
             stats.update(sstats)
+            if not stats["layers_quantized"]:  # the budget excluded every layer: the layers say why
+                return PassResult(modified=False, stats=stats, layers=layers)
         if out_proto is float_proto:  # nothing was placed (all excluded): never edit the shared export
             out_proto = onnx.ModelProto()
             out_proto.CopyFrom(float_proto)

@@ -175,6 +175,19 @@ def test_budget_loop_excludes_the_most_sensitive_layer() -> None:
     assert result.stats["layers_excluded_by_budget"] == 1
 
 
+def test_a_budget_that_excludes_every_layer_leaves_the_model_unchanged() -> None:
+    proto = _budget_model()
+    rng = np.random.default_rng(1)
+    samples = [{"x": rng.standard_normal((8, 16)).astype(np.float32)} for _ in range(4)]
+    opts = QuantizeOptions.create("quantize", min_cosine=1.0, max_excluded=8)  # no int8 layer can meet it
+    out, result = apply_pass(Quantize(opts), proto, PassContext(samples=samples))
+    assert not result.modified  # reported "unchanged", not "applied" with 0 layers quantized
+    assert (result.stats["layers_quantized"], result.stats["layers_excluded_by_budget"]) == (0, 2)
+    assert {e.action for e in result.layers} == {"declined"}
+    assert all("fidelity budget" in e.reason for e in result.layers)
+    assert out.SerializeToString() == Model.from_proto(proto).to_proto().SerializeToString()
+
+
 def test_sensitivity_matches_all_samples_reference_one_sample_held_at_a_time(monkeypatch) -> None:
     #   The budget model (x → mm1 → h → mm2 → y) quantized; its per-layer SQNR, computed sample by
     #   sample, must equal the figures from all samples' activations held at once (the former method).
