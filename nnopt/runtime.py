@@ -209,4 +209,18 @@ def load_samples(path: str | Path, sess: ort.InferenceSession) -> list[dict[str,
     if len(counts) > 1:
         raise DataError(f"data file {path}: arrays hold different numbers of samples ({sorted(counts)})")
     n = counts.pop() if counts else 0
+    if names and n == 0:
+        # Nothing to compare outputs on: a fidelity figure computed from no samples would read as perfect.
+        raise DataError(f"data file {path}: holds no samples (every array is empty on its first axis)")
+    for name, samples in per_input.items():
+        _check_finite(path, name, samples)
     return [{name: per_input[name][i] for name in names} for i in range(n)]
+
+
+def _check_finite(path: Path, name: str, samples: list[np.ndarray]) -> None:
+    """Refuse NaN or infinite input values: outputs computed from them compare as equal or as nothing, so
+    verification on such data would say a lossy pass changed nothing."""
+    for i, sample in enumerate(samples):
+        if sample.dtype.kind in "fc" and not np.isfinite(sample).all():
+            bad = "NaN" if np.isnan(sample).any() else "infinite"
+            raise DataError(f"data file {path}: array '{name}' holds {bad} values (sample {i}); give finite data")

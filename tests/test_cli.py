@@ -233,3 +233,58 @@ def test_global_flags_work_before_or_after_the_command(capsys, position):
     assert names == ["nnopt.passes"]  # the installed example plugin is not loaded either way
     assert main(["plugins", "--json"]) == 0  # and without the flag it is
     assert len(json.loads(capsys.readouterr().out)["plugins"]) >= 1
+
+
+def _prune_budget_run(capsys, tmp_path: Path, data: dict[str, np.ndarray]) -> tuple[int, str, Path]:
+    path = tmp_path / "data.npz"
+    np.savez(path, **data)
+    out = tmp_path / "out.onnx"
+    code, _, err = _run(capsys, "optimize", str(EXAMPLE), "-o", str(out), "-p", "prune:ratio=0.5",
+                        "--data", str(path), "--min-cosine", "0.9999", "--strict")
+    return code, err, out
+
+
+@pytest.mark.parametrize(
+    ("fill", "message"),
+    [
+        (np.nan, "holds NaN values (sample 0); give finite data"),
+        (np.inf, "holds infinite values (sample 0); give finite data"),
+        (None, "holds no samples"),
+    ],
+)
+def test_data_that_cannot_measure_fidelity_is_refused(capsys, tmp_path, fill, message):
+    """NaN, infinite or no samples would score a lossy pass 'perfect' (issue #13): exit 2, nothing written."""
+    name, shape = _input_signature(EXAMPLE)
+    x = np.zeros((0, *shape), np.float32) if fill is None else np.full((2, *shape), fill, np.float32)
+    code, err, out = _prune_budget_run(capsys, tmp_path, {name: x})
+    _assert_one_line_error(code, err, message)
+    assert not out.exists()
+
+
+def test_real_data_still_holds_the_budget(capsys, tmp_path):
+    name, shape = _input_signature(EXAMPLE)
+    x = np.random.default_rng(0).standard_normal((2, *shape)).astype(np.float32)
+    code, err, out = _prune_budget_run(capsys, tmp_path, {name: x})
+    assert code == 3 and "below the budget" in err and not out.exists()
+
+
+def _input_signature(path: Path) -> tuple[str, list[int]]:
+    graph = onnx.load(str(path)).graph
+    inits = {t.name for t in graph.initializer}
+    first = next(i for i in graph.input if i.name not in inits)
+    return first.name, [d.dim_value or 1 for d in first.type.tensor_type.shape.dim]
+
+
+def test_a_model_whose_outputs_are_nan_on_the_data_is_refused(capsys, tmp_path):
+    proto = model_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 4] x) => (float[1, 4] y) { y = Log(x) }
+    """)
+    model = tmp_path / "log.onnx"
+    onnx.save(proto, model)
+    data = tmp_path / "negative.npz"
+    np.savez(data, x=-np.ones((2, 1, 4), np.float32))  # log of a negative number is NaN
+    out = tmp_path / "out.onnx"
+    code, _, err = _run(capsys, "optimize", str(model), "-o", str(out), "--data", str(data))
+    _assert_one_line_error(code, err, "the original model's output 'y' is NaN on sample 0")
+    assert not out.exists()

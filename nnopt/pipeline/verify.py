@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from nnopt.analysis.shapes import STRICT, infer_shapes
-from nnopt.errors import first_line
+from nnopt.errors import DataError, first_line
 from nnopt.ir.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes, write_proto_atomically
 from nnopt.runtime import RuntimeUnavailable, generate_samples, load_samples, make_session
 
@@ -205,7 +205,26 @@ class Verifier:
                 "the original model does not run on the "
                 f"{'given' if data_path else 'generated'} inputs: {first_line(exc, 200)}"
             )
+            return
+        nan = _first_nan_output(self.reference, [o.name for o in sess.get_outputs()])
+        if nan is not None:
+            # NaN compares as unchanged whatever a pass does: no fidelity can be measured from these outputs.
+            if data_path:
+                raise DataError(f"data file {data_path}: the original model's output {nan}; outputs cannot be "
+                                "compared on this data")
+            self.unavailable = f"the original model's output {nan} on the generated inputs: give --data"
+            self.reference = []
 
     def run(self, proto: onnx.ModelProto) -> list[list[Any]]:
         sess = make_session(proto)
         return [sess.run(None, feeds) for feeds in self.samples]
+
+
+def _first_nan_output(reference: list[list[Any]], names: list[str]) -> str | None:
+    """``'y' is NaN on sample 3`` for the first float output holding a NaN, or None."""
+    for i, outputs in enumerate(reference):
+        for name, value in zip(names, outputs):
+            array = np.asarray(value)
+            if array.dtype.kind in "fc" and np.isnan(array).any():
+                return f"'{name}' is NaN on sample {i}"
+    return None
