@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -414,7 +415,10 @@ def _check_outputs(src: Path, outputs: list[Path]) -> set[Path]:
     input_files = {src.resolve()} if src.is_file() else set()
     if src.is_file() and any(out.exists() for out in outputs):
         input_files |= external_data_files(src)
+    if len({out.resolve() for out in outputs}) < len(outputs):
+        raise InputError(f"{outputs[0]}: -o and --report name the same file; choose two paths")
     for out in outputs:
+        _check_folder_writable(out)
         if out.exists() and out.is_dir():
             raise InputError(f"{out}: is a directory; -o and --report take a file path")
         if out.exists() and not out.is_file():
@@ -423,6 +427,17 @@ def _check_outputs(src: Path, outputs: list[Path]) -> set[Path]:
             what = "model" if out.resolve() == src.resolve() else "model's external data"
             raise OutputError(f"{out}: the output would overwrite the input {what}; choose another path")
     return input_files
+
+
+def _check_folder_writable(out: Path) -> None:
+    """Refuse ``out`` early (before the pipeline runs) when the nearest existing folder above it cannot take it."""
+    folder = out.resolve().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"{out}: cannot write: {os.strerror(errno.ENOTDIR)}: {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: cannot write: {os.strerror(errno.EACCES)}: {folder}")
 
 
 def _stage_text(path: Path, text: str) -> Path:

@@ -96,10 +96,17 @@ def test_read_only_folder_is_exit_2(tmp_path, capsys):
             probe.unlink()
             pytest.skip("running as root: chmod does not stop writes (the failure is simulated above)")
         assert optimize("-o", str(folder / "o.onnx")) == 2
-        assert error_line(capsys) == f"nnopt: error: {folder / 'o.onnx'}: cannot write: Permission denied"
+        assert error_line(capsys) == f"nnopt: error: {folder / 'o.onnx'}: cannot write: Permission denied: {folder}"
         assert os.listdir(folder) == []
     finally:
         folder.chmod(0o755)
+
+
+def test_same_path_for_model_and_report_is_refused(tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    assert optimize("-o", str(out), "--report", str(out)) == 2
+    assert error_line(capsys) == f"nnopt: error: {out}: -o and --report name the same file; choose two paths"
+    assert os.listdir(tmp_path) == []
 
 
 def test_output_under_a_regular_file_is_exit_2(tmp_path, capsys):
