@@ -442,12 +442,12 @@ def _check_folder_writable(out: Path) -> None:
 
 def _stage_text(path: Path, text: str) -> Path:
     """Write ``text`` to a temporary file beside ``path`` (see ``_commit``); OS failures are OutputErrors."""
-    from nnopt.ir.model import make_output_folder
+    from nnopt.ir.model import make_output_folder, remove_stale_temporaries, temporary_prefix
 
     tmp: str | None = None
     try:
-        make_output_folder(path.resolve().parent)
-        fd, tmp = tempfile.mkstemp(prefix=".nnopt-", dir=path.parent)
+        remove_stale_temporaries(make_output_folder(path.resolve().parent))
+        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(), dir=path.parent)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         return Path(tmp)

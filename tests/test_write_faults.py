@@ -6,6 +6,8 @@ import errno
 import os
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +202,15 @@ def test_sigterm_during_a_save_leaves_no_temporary_folder(tmp_path, monkeypatch)
     assert os.listdir(tmp_path) == []  # no .nnopt-* folder, no staged report, no model
     assert signal.getsignal(signal.SIGTERM) == previous
 
+
+
+def test_next_run_removes_temporaries_of_killed_runs(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its process id now names no running process
+    (tmp_path / f".nnopt-{dead.pid}-abc").mkdir()
+    (tmp_path / f".nnopt-{dead.pid}-abc" / "o.onnx").write_bytes(b"partial")
+    (tmp_path / f".nnopt-{dead.pid}-def").write_text("partial report")
+    live = f".nnopt-{os.getppid()}-ghi"  # a running writer's folder is left alone
+    (tmp_path / live).mkdir()
+    assert optimize("-o", str(tmp_path / "o.onnx"), "--report", str(tmp_path / "r.json")) == 0
+    assert sorted(os.listdir(tmp_path)) == [live, "o.onnx", "r.json"]

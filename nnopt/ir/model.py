@@ -334,7 +334,8 @@ def write_proto_atomically(
 
 def _write_proto(proto: onnx.ModelProto, path: Path, external_data: bool, keep: set[Path]) -> None:
     out_dir = make_output_folder(path.resolve().parent)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".nnopt-", dir=out_dir))
+    remove_stale_temporaries(out_dir)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=temporary_prefix(), dir=out_dir))
     created: Path | None = None  # a data file this call put in place, removed if the model does not follow
     try:
         tmp_model = tmp_dir / path.name
@@ -378,6 +379,41 @@ def external_data_files(path: Path) -> set[Path]:
         for t in _all_tensors(proto)
         if external_data_helper.uses_external_data(t) and external_data_helper.ExternalDataInfo(t).location
     }
+
+
+_TEMPORARY = re.compile(r"\.nnopt-(\d+)-.+")
+
+
+def temporary_prefix() -> str:
+    """The name prefix of nnopt's temporary files and folders beside an output: it holds the writer's process id."""
+    return f".nnopt-{os.getpid()}-"
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files and folders left in ``folder`` by nnopt runs that were killed (SIGKILL, a crash).
+
+    A temporary is stale when the process id in its name no longer runs on this machine.
+    """
+    for entry in folder.iterdir():
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None or _running(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # NOTE: on Windows os.kill(pid, 0) would terminate the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it runs, as another user
+        return True
+    return True
 
 
 def _stale_data_files(path: Path, out_dir: Path) -> set[Path]:
