@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import math
 import os
+import signal
 import sys
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from nnopt.errors import InputError, NnoptError, first_line
+from nnopt.errors import InputError, NnoptError, OutputError, first_line
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -187,10 +191,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     src = Path(args.model)
     dst = Path(args.output)
-    if src.exists() and dst.exists() and src.resolve() == dst.resolve():
-        raise InputError(f"{dst}: the output would overwrite the input model; choose another -o path")
-    if dst.exists() and dst.is_dir():
-        raise InputError(f"{dst}: is a directory; -o takes a file path")
+    report_path = Path(args.report) if args.report else None
+    input_files = _check_outputs(src, [dst] + ([report_path] if report_path else []))
     if args.pipeline and args.passes:
         raise InputError("nnopt optimize: give the passes either with -p or in --pipeline FILE, not both")
     plugins = _plugins(args)
@@ -202,9 +204,16 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     progress = None if args.quiet or args.json else StreamProgress(sys.stderr)
     model, report = pipeline.run(model, plugins=plugins, progress=progress)
     external = {"auto": None, "on": True, "off": False}[args.external_data]
-    save_model(model, dst, external_data=external)
-    if args.report:
-        _write_text_atomically(Path(args.report), json.dumps(_finite(report.to_dict()), indent=2) + "\n")
+    # Both outputs or neither: the report is staged first, renamed into place only once the model is written.
+    with _sigterm_as_exit():
+        staged = _stage_text(report_path, json.dumps(_finite(report.to_dict()), indent=2) + "\n") if report_path else None
+        try:
+            save_model(model, dst, external_data=external, keep=input_files)
+            if staged is not None and report_path is not None:
+                _commit(staged, report_path)
+        finally:
+            if staged is not None:
+                staged.unlink(missing_ok=True)
     if args.json:
         json.dump(_finite(report.to_dict()), sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -396,16 +405,84 @@ def _hardware(spec: str | None, plugins: Any) -> Any:
     return parse_hardware(spec, plugins.hardware_registry()) if spec else DEFAULT_PROFILE
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".nnopt-", dir=path.parent)
+def _check_outputs(src: Path, outputs: list[Path]) -> set[Path]:
+    """Refuse outputs that are folders, special files, or one of the input's files; return the input's files.
+
+    Checked before any work, so that a bad destination costs no time and leaves nothing behind.
+    """
+    from nnopt.ir.model import external_data_files
+
+    input_files = {src.resolve()} if src.is_file() else set()
+    if src.is_file() and any(out.exists() for out in outputs):
+        input_files |= external_data_files(src)
+    if len({out.resolve() for out in outputs}) < len(outputs):
+        raise InputError(f"{outputs[0]}: -o and --report name the same file; choose two paths")
+    for out in outputs:
+        _check_folder_writable(out)
+        if out.exists() and out.is_dir():
+            raise InputError(f"{out}: is a directory; -o and --report take a file path")
+        if out.exists() and not out.is_file():
+            raise OutputError(f"{out}: is a special file (a device, pipe or socket); refusing to replace it")
+        if out.exists() and out.resolve() in input_files:
+            what = "model" if out.resolve() == src.resolve() else "model's external data"
+            raise OutputError(f"{out}: the output would overwrite the input {what}; choose another path")
+    return input_files
+
+
+def _check_folder_writable(out: Path) -> None:
+    """Refuse ``out`` early (before the pipeline runs) when the nearest existing folder above it cannot take it."""
+    folder = out.resolve().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"{out}: cannot write: {os.strerror(errno.ENOTDIR)}: {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: cannot write: {os.strerror(errno.EACCES)}: {folder}")
+
+
+def _stage_text(path: Path, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path`` (see ``_commit``); OS failures are OutputErrors."""
+    from nnopt.ir.model import make_output_folder, remove_stale_temporaries, temporary_prefix
+
+    tmp: str | None = None
     try:
+        remove_stale_temporaries(make_output_folder(path.resolve().parent))
+        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(), dir=path.parent)
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.replace(tmp, path)
+        return Path(tmp)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write: {exc.strerror or first_line(exc)}") from exc
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _commit(staged: Path, path: Path) -> None:
+    try:
+        os.replace(staged, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write: {exc.strerror or first_line(exc)}") from exc
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit(143) while writing, so that temporary files are removed on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _finite(value: Any) -> Any:

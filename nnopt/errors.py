@@ -35,6 +35,13 @@ class DataError(InputError):
     """A reference-data file does not match the model's inputs."""
 
 
+class OutputError(InputError):
+    """An output cannot be written where asked: an unwritable or full disk, a special file, one of the input's files.
+
+    The environment's fault, not nnopt's: the CLI exits 2 with the operating system's message.
+    """
+
+
 class PassFailedError(NnoptError):
     """A pass was rolled back and ``--strict`` asked for that to be an error."""
 

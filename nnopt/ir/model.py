@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import copy
+import errno
+import glob
+import hashlib
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +19,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from nnopt.errors import ModelLoadError, UnsafeExternalDataError, first_line
+from nnopt.errors import ModelLoadError, OutputError, UnsafeExternalDataError, first_line
 
 #: Protobuf cannot serialise a message of 2 GiB or more; above this many tensor bytes nnopt writes
 #: weights to an external-data file (and validates through files rather than in-memory bytes).
@@ -282,45 +286,170 @@ def tensor_bytes(proto: onnx.ModelProto) -> int:
     return total
 
 
-def save_model(model: Model | onnx.ModelProto, path: str | os.PathLike[str], external_data: bool | None = None) -> None:
+def save_model(
+    model: Model | onnx.ModelProto,
+    path: str | os.PathLike[str],
+    external_data: bool | None = None,
+    *,
+    keep: Collection[Path] = (),
+) -> None:
     """Write the model atomically: into a temporary folder beside ``path``, then renamed into place.
 
-    Weights go to ``<name>.data`` beside the model when ``external_data`` is True, when it is None and the
-    model was loaded with external data, or when the tensors would not fit a 2 GiB protobuf.
+    Weights go to an external-data file beside the model (see ``write_proto_atomically`` for its name) when
+    ``external_data`` is True, when it is None and the model was loaded with external data, or when the tensors
+    would not fit a 2 GiB protobuf. ``keep``: files never deleted as stale data of the model replaced at ``path``.
+
+    Raises:
+        OutputError: the model cannot be written there (see ``write_proto_atomically``).
     """
     proto = model.to_proto() if isinstance(model, Model) else model
     if external_data is None:
         external_data = (isinstance(model, Model) and model.external_data) or (
             tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD
         )
-    write_proto_atomically(proto, Path(path), external_data)
+    write_proto_atomically(proto, Path(path), external_data, keep=keep)
 
 
-def write_proto_atomically(proto: onnx.ModelProto, path: Path, external_data: bool) -> None:
-    """Save ``proto`` to ``path`` through a temporary folder and rename; nothing is left on failure."""
-    out_dir = path.resolve().parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".nnopt-", dir=out_dir))
+def write_proto_atomically(
+    proto: onnx.ModelProto, path: Path, external_data: bool, *, keep: Collection[Path] = ()
+) -> None:
+    """Save ``proto`` to ``path`` through a temporary folder and rename; nothing is left on failure.
+
+    External data is named after its content, ``<model name>.<16 hex digits of its sha256>.data``, and is renamed
+    into place before the model: a model on disk only ever names a data file that holds its own weights, whenever
+    the writer is stopped. Once the new model is in place, the data files of the model it replaced that follow
+    this naming scheme (and are not in ``keep``) are deleted.
+
+    Raises:
+        OutputError: ``path`` is a special file (a device, a pipe), or the operating system refused a write
+            (read-only or full disk, file too large, a parent that is a regular file...); the message is the OS's.
+    """
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise OutputError(f"{path}: is a special file (a device, pipe or socket); refusing to replace it")
+    try:
+        _write_proto(proto, path, external_data, {k.resolve() for k in keep})
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write: {exc.strerror or first_line(exc)}") from exc
+
+
+def _write_proto(proto: onnx.ModelProto, path: Path, external_data: bool, keep: set[Path]) -> None:
+    out_dir = make_output_folder(path.resolve().parent)
+    remove_stale_temporaries(out_dir)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=temporary_prefix(), dir=out_dir))
+    created: Path | None = None  # a data file this call put in place, removed if the model does not follow
     try:
         tmp_model = tmp_dir / path.name
-        data_name = path.name + ".data"
-        if external_data:
-            proto = copy.deepcopy(proto)
-            onnx.save_model(
-                proto,
-                str(tmp_model),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
-            if (tmp_dir / data_name).exists():
-                os.replace(tmp_dir / data_name, out_dir / data_name)
-        else:
+        stale = _stale_data_files(path, out_dir)
+        data_file = None
+        if not external_data:
             onnx.save_model(proto, str(tmp_model))
+        else:
+            # NOTE: a staging name unique to this run: onnx refuses a location that exists in the current directory.
+            staging = tmp_dir.name + ".data"
+            proto = copy.deepcopy(proto)
+            onnx.save_model(proto, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=staging, size_threshold=1024)
+            if (tmp_dir / staging).exists():
+                data_file = out_dir / f"{path.name}.{_sha256(tmp_dir / staging)[:16]}.data"
+                _relocate(proto, data_file.name)
+                tmp_model.write_bytes(proto.SerializeToString())
+                created = None if data_file.exists() else data_file
+                os.replace(tmp_dir / staging, data_file)
         os.replace(tmp_model, path)
+        created = None
+        for old in stale - keep - {data_file}:
+            old.unlink(missing_ok=True)
+    except BaseException:
+        if created is not None:
+            created.unlink(missing_ok=True)
+        raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def external_data_files(path: Path) -> set[Path]:
+    """The resolved external-data files the model file at ``path`` names; none if it cannot be read as ONNX."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # boundary: any unreadable file simply names no data files
+        return set()
+    base = path.resolve().parent
+    return {
+        (base / external_data_helper.ExternalDataInfo(t).location).resolve()
+        for t in _all_tensors(proto)
+        if external_data_helper.uses_external_data(t) and external_data_helper.ExternalDataInfo(t).location
+    }
+
+
+_TEMPORARY = re.compile(r"\.nnopt-(\d+)-.+")
+
+
+def temporary_prefix() -> str:
+    """The name prefix of nnopt's temporary files and folders beside an output: it holds the writer's process id."""
+    return f".nnopt-{os.getpid()}-"
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files and folders left in ``folder`` by nnopt runs that were killed (SIGKILL, a crash).
+
+    A temporary is stale when the process id in its name no longer runs on this machine.
+    """
+    for entry in folder.iterdir():
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None or _running(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # NOTE: on Windows os.kill(pid, 0) would terminate the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it runs, as another user
+        return True
+    return True
+
+
+def _stale_data_files(path: Path, out_dir: Path) -> set[Path]:
+    """The data files named by the model now at ``path`` that follow ``write_proto_atomically``'s scheme."""
+    pattern = re.compile(re.escape(path.name) + r"\.[0-9a-f]{16}\.data")
+    # Parsing the old model costs time: only when a data file of ours might exist at all.
+    if not path.is_file() or not any(pattern.fullmatch(f.name) for f in out_dir.glob(glob.escape(path.name) + ".*")):
+        return set()
+    return {f for f in external_data_files(path) if f.parent == out_dir and pattern.fullmatch(f.name)}
+
+
+def _relocate(proto: onnx.ModelProto, location: str) -> None:
+    """Point every external tensor at ``location`` (onnx's set_external_data wants the raw data present)."""
+    for tensor in _all_tensors(proto):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+
+
+def make_output_folder(folder: Path) -> Path:
+    """Create ``folder`` and its parents; a regular file in the way is ENOTDIR, not mkdir's 'File exists'."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, f"{os.strerror(errno.ENOTDIR)}: {parent}", str(parent))
+            break
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- helpers
