@@ -6,13 +6,13 @@ import copy
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from onnx import external_data_helper
 
 from nnopt.errors import ModelLoadError, UnsafeExternalDataError, first_line
@@ -200,6 +200,7 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> Model:
     if isinstance(source, onnx.ModelProto):
         proto = copy.deepcopy(source)
         _check_not_empty(proto, "the ModelProto")
+        check_structure(proto, "the ModelProto")
         _run_checker(proto, "the ModelProto")
         uses_external = any(external_data_helper.uses_external_data(t) for t in _all_tensors(proto))
         if uses_external:
@@ -226,6 +227,7 @@ def read_model_proto(path: Path) -> tuple[onnx.ModelProto, bool]:
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     _check_not_empty(proto, str(path))
+    check_structure(proto, str(path))
     external = [t for t in _all_tensors(proto) if external_data_helper.uses_external_data(t)]
     base_dir = path.resolve().parent
     for tensor in external:
@@ -243,6 +245,89 @@ def _check_not_empty(proto: onnx.ModelProto, where: str) -> None:
         raise ModelLoadError(f"{where}: not an ONNX model (no ir_version or graph; empty or not a ModelProto)")
 
 
+def check_structure(proto: onnx.ModelProto, where: str) -> None:
+    """Refuse what the onnx checker lets through but nnopt's IR cannot represent or write back.
+
+    One walk over every message of the proto (tensor data is not read): string fields must be valid
+    UTF-8, data type codes known, list attributes non-empty, and the graph must have an output.
+
+    Raises:
+        ModelLoadError: one line naming ``where``, the offending field, tensor, node or attribute.
+    """
+    if not proto.graph.output:
+        raise ModelLoadError(f"{where}: the graph has no outputs; a model must compute at least one")
+    _scan_message(proto, "model", where)
+
+
+def _scan_message(message: Message, path: str, where: str) -> None:
+    children: list[tuple[Message, str]] = []
+    for fd, value in message.ListFields():
+        items = list(value) if fd.is_repeated else [value]
+        if fd.type == fd.TYPE_STRING:
+            # NOTE: protobuf (upb) hands back a proto2 string that is not UTF-8 as bytes, not str.
+            bad = next((v for v in items if isinstance(v, bytes)), None)
+            if bad is not None:
+                raise ModelLoadError(f"{where}: {path}.{fd.name} is not valid UTF-8 ({bad[:40]!r})")
+        elif fd.type == fd.TYPE_MESSAGE:
+            name = fd.name
+            if fd.is_repeated:
+                children.extend((item, f"{path}.{name}[{i}]") for i, item in enumerate(items))
+            else:
+                children.append((value, f"{path}.{name}"))
+    check = _MESSAGE_CHECKS.get(message.DESCRIPTOR.full_name)
+    if check is not None:
+        check(message, path, where)
+    for child, child_path in children:
+        _scan_message(child, child_path, where)
+
+
+_KNOWN_DATA_TYPES = frozenset(onnx.TensorProto.DataType.values())
+
+#: AttributeProto list types and the field that holds their values.
+_LIST_ATTRIBUTES = {
+    onnx.AttributeProto.FLOATS: "floats",
+    onnx.AttributeProto.INTS: "ints",
+    onnx.AttributeProto.STRINGS: "strings",
+    onnx.AttributeProto.TENSORS: "tensors",
+    onnx.AttributeProto.GRAPHS: "graphs",
+    onnx.AttributeProto.SPARSE_TENSORS: "sparse_tensors",
+    onnx.AttributeProto.TYPE_PROTOS: "type_protos",
+}
+
+
+def _check_tensor_type(message: Message, path: str, where: str) -> None:
+    assert isinstance(message, onnx.TensorProto)
+    if message.data_type not in _KNOWN_DATA_TYPES:
+        raise ModelLoadError(f"{where}: tensor '{message.name}' ({path}) has unknown data type code {message.data_type}")
+
+
+def _check_elem_type(message: Message, path: str, where: str) -> None:
+    assert isinstance(message, (onnx.TypeProto.Tensor, onnx.TypeProto.SparseTensor))
+    code = message.elem_type
+    if code not in _KNOWN_DATA_TYPES:
+        raise ModelLoadError(f"{where}: {path} has unknown element type code {code}")
+
+
+def _check_node_attributes(message: Message, path: str, where: str) -> None:
+    assert isinstance(message, onnx.NodeProto)
+    for attr in message.attribute:
+        field_name = _LIST_ATTRIBUTES.get(attr.type)
+        if field_name is not None and not attr.ref_attr_name and not getattr(attr, field_name):
+            raise ModelLoadError(
+                f"{where}: attribute '{attr.name}' of node '{message.name}' ({message.op_type}, {path}) "
+                "is a list with no values, which nnopt cannot write back"
+            )
+
+
+#: Per message type (full name): what _scan_message checks besides UTF-8.
+_MESSAGE_CHECKS: dict[str, Callable[[Message, str, str], None]] = {
+    "onnx.TensorProto": _check_tensor_type,
+    "onnx.TypeProto.Tensor": _check_elem_type,
+    "onnx.TypeProto.SparseTensor": _check_elem_type,
+    "onnx.NodeProto": _check_node_attributes,
+}
+
+
 def _run_checker(proto_or_path: onnx.ModelProto | str, where: str) -> None:
     try:
         onnx.checker.check_model(proto_or_path)
@@ -251,8 +336,14 @@ def _run_checker(proto_or_path: onnx.ModelProto | str, where: str) -> None:
 
 
 def _check_external_location(tensor: onnx.TensorProto, base_dir: Path, model_path: Path) -> None:
-    info = external_data_helper.ExternalDataInfo(tensor)
-    location = info.location
+    # NOTE: read the entries directly: onnx's ExternalDataInfo raises a bare ValueError on a bad offset.
+    entries = {entry.key: entry.value for entry in tensor.external_data}  # the last entry wins, as in onnx
+    location = entries.get("location", "")
+    if "\0" in location:
+        raise ModelLoadError(
+            f"{model_path}: tensor '{tensor.name}' has external-data location {location!r}, "
+            "which contains a NUL byte"
+        )
     if not location or os.path.isabs(location) or Path(location).drive:
         raise UnsafeExternalDataError(
             f"{model_path}: tensor '{tensor.name}' has external-data location '{location}', "
@@ -267,6 +358,32 @@ def _check_external_location(tensor: onnx.TensorProto, base_dir: Path, model_pat
     if not target.is_file():
         raise ModelLoadError(
             f"{model_path}: external-data file '{location}' of tensor '{tensor.name}' does not exist"
+        )
+    _check_external_range(tensor, entries, target.stat().st_size, model_path)
+
+
+def _check_external_range(
+    tensor: onnx.TensorProto, entries: dict[str, str], file_size: int, model_path: Path
+) -> None:
+    """Refuse an offset or length that is not a count of bytes, or that reaches past the data file's end."""
+    where = f"{model_path}: tensor '{tensor.name}'"
+    bounds: dict[str, int] = {}
+    for key in ("offset", "length"):
+        if key in entries:
+            value = entries[key]
+            if not (value.isascii() and value.isdigit()):
+                raise ModelLoadError(f"{where} has external-data {key} {value!r}, which is not a byte count")
+            bounds[key] = int(value)
+    location = entries["location"]
+    offset = bounds.get("offset", 0)
+    if offset > file_size:
+        raise ModelLoadError(
+            f"{where} has external-data offset {offset}, past the end of '{location}' ({file_size} bytes)"
+        )
+    length = bounds.get("length")
+    if length is not None and offset + length > file_size:
+        raise ModelLoadError(
+            f"{where} needs bytes {offset}..{offset + length} of '{location}', which has {file_size} bytes"
         )
 
 
