@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import shutil
 import tempfile
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from onnx import external_data_helper
 
@@ -261,24 +263,37 @@ def check_structure(proto: onnx.ModelProto, where: str) -> None:
 
 def _scan_message(message: Message, path: str, where: str) -> None:
     children: list[tuple[Message, str]] = []
-    for fd, value in message.ListFields():
-        items = list(value) if fd.is_repeated else [value]
+    for fd in _text_and_message_fields(message.DESCRIPTOR):
+        name = fd.name
+        if fd.is_repeated:
+            values = getattr(message, name)
+            if not values:
+                continue
+        elif message.HasField(name):
+            values = (getattr(message, name),)
+        else:
+            continue
         if fd.type == fd.TYPE_STRING:
             # NOTE: protobuf (upb) hands back a proto2 string that is not UTF-8 as bytes, not str.
-            bad = next((v for v in items if isinstance(v, bytes)), None)
+            bad = next((v for v in values if isinstance(v, bytes)), None)
             if bad is not None:
-                raise ModelLoadError(f"{where}: {path}.{fd.name} is not valid UTF-8 ({bad[:40]!r})")
-        elif fd.type == fd.TYPE_MESSAGE:
-            name = fd.name
-            if fd.is_repeated:
-                children.extend((item, f"{path}.{name}[{i}]") for i, item in enumerate(items))
-            else:
-                children.append((value, f"{path}.{name}"))
+                raise ModelLoadError(f"{where}: {path}.{name} is not valid UTF-8 ({bad[:40]!r})")
+        elif fd.is_repeated:
+            children.extend((item, f"{path}.{name}[{i}]") for i, item in enumerate(values))
+        else:
+            children.append((values[0], f"{path}.{name}"))
     check = _MESSAGE_CHECKS.get(message.DESCRIPTOR.full_name)
     if check is not None:
         check(message, path, where)
     for child, child_path in children:
         _scan_message(child, child_path, where)
+
+
+@functools.cache
+def _text_and_message_fields(descriptor: Descriptor) -> tuple[FieldDescriptor, ...]:
+    # Only these are read: bytes and numbers (raw_data, float_data, ...) would be copied for nothing.
+    kinds = (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE)
+    return tuple(fd for fd in descriptor.fields if fd.type in kinds)
 
 
 _KNOWN_DATA_TYPES = frozenset(onnx.TensorProto.DataType.values())
