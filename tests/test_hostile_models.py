@@ -154,3 +154,22 @@ def test_a_graph_with_no_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[s
     _assert_refused(_save(proto, tmp_path), capsys, "the graph has no outputs")
     with pytest.raises(ModelLoadError, match="the ModelProto: the graph has no outputs"):
         load_model(proto)
+
+
+@pytest.mark.parametrize("length", ["10", None])
+def test_external_data_shorter_than_the_tensor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], length: str | None
+) -> None:
+    # Within the file's bounds, but fewer bytes than the shape needs (a length too small, or no length and
+    # a truncated file): the checker lets it through and onnxruntime would reject what nnopt writes.
+    def edit(tensor: onnx.TensorProto) -> None:
+        kept = [e for e in tensor.external_data if e.key != "length"]
+        del tensor.external_data[:]
+        tensor.external_data.extend(kept)
+        if length is not None:
+            tensor.external_data.add(key="length", value=length)
+
+    path = _save_external(tmp_path, edit)
+    data = path.parent / "m.onnx.data"
+    data.write_bytes(data.read_bytes()[:10])
+    _assert_refused(path, capsys, "tensor 'w' has 10 bytes of external data", "shape [2, 3] and type need 24")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
 import shutil
 import tempfile
@@ -11,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -400,6 +402,25 @@ def _check_external_range(
         raise ModelLoadError(
             f"{where} needs bytes {offset}..{offset + length} of '{location}', which has {file_size} bytes"
         )
+    # NOTE: the checker, given a path, does not compare external bytes with the shape: a short file would
+    # load, and nnopt would write a model that onnxruntime rejects.
+    itemsize = _ITEMSIZES.get(tensor.data_type)
+    available = file_size - offset if length is None else length
+    if itemsize is not None and available != math.prod(tensor.dims) * itemsize:
+        raise ModelLoadError(
+            f"{where} has {available} bytes of external data in '{location}', but its shape {list(tensor.dims)} "
+            f"and type need {math.prod(tensor.dims) * itemsize}"
+        )
+
+
+#: Bytes per element of the data types stored one element per whole number of bytes; the others
+#: (strings, and the 2-, 4- and 6-bit types, which are packed) have no fixed size to check.
+_ITEMSIZES = {
+    code: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(code)).itemsize
+    for code in onnx.TensorProto.DataType.values()
+    if onnx.TensorProto.DataType.Name(code)
+    not in {"UNDEFINED", "STRING", "UINT4", "INT4", "FLOAT4E2M1", "UINT2", "INT2", "FLOAT6E2M3", "FLOAT6E3M2"}
+}
 
 
 # ---------------------------------------------------------------------------------------------- saving
