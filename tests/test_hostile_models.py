@@ -173,3 +173,10 @@ def test_external_data_shorter_than_the_tensor(
     data = path.parent / "m.onnx.data"
     data.write_bytes(data.read_bytes()[:10])
     _assert_refused(path, capsys, "tensor 'w' has 10 bytes of external data", "shape [2, 3] and type need 24")
+
+
+def test_external_data_location_too_long_for_the_file_system(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _save_external(tmp_path, _set_entry("location", "a" * 5000))
+    _assert_refused(path, capsys, "tensor 'w'", "cannot be read (File name too long)")

@@ -366,17 +366,25 @@ def _check_external_location(tensor: onnx.TensorProto, base_dir: Path, model_pat
             f"{model_path}: tensor '{tensor.name}' has external-data location '{location}', "
             "which is not a relative path inside the model's folder"
         )
-    target = (base_dir / location).resolve()
-    if base_dir != target and base_dir not in target.parents:
-        raise UnsafeExternalDataError(
-            f"{model_path}: tensor '{tensor.name}' has external-data location '{location}', "
-            "which points outside the model's folder; refusing to read it"
-        )
-    if not target.is_file():
+    try:
+        target = (base_dir / location).resolve()
+        if base_dir != target and base_dir not in target.parents:
+            raise UnsafeExternalDataError(
+                f"{model_path}: tensor '{tensor.name}' has external-data location '{location}', "
+                "which points outside the model's folder; refusing to read it"
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"{model_path}: external-data file '{location}' of tensor '{tensor.name}' does not exist"
+            )
+        file_size = target.stat().st_size
+    except OSError as exc:  # e.g. a name too long for the file system
+        shown = location if len(location) <= 60 else location[:57] + "..."
         raise ModelLoadError(
-            f"{model_path}: external-data file '{location}' of tensor '{tensor.name}' does not exist"
-        )
-    _check_external_range(tensor, entries, target.stat().st_size, model_path)
+            f"{model_path}: tensor '{tensor.name}' has external-data location {shown!r}, "
+            f"which cannot be read ({exc.strerror or exc})"
+        ) from exc
+    _check_external_range(tensor, entries, file_size, model_path)
 
 
 def _check_external_range(
