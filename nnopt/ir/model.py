@@ -197,14 +197,16 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> Model:
     """Load a model from a path or a ModelProto into nnopt's IR.
 
     Raises:
-        ModelLoadError: the path does not exist, is not an ONNX protobuf, is truncated or corrupt, or the
-            onnx checker rejects the model.
+        ModelLoadError: the path does not exist, is not an ONNX protobuf, is truncated or corrupt, the
+            onnx checker rejects the model, or it holds what nnopt cannot carry through (a string that is
+            not UTF-8, an unknown data type, an empty list attribute, no graph output, external data
+            that is out of bounds or does not match its tensor's shape).
         UnsafeExternalDataError: an external-data location points outside the model's folder.
     """
     if isinstance(source, onnx.ModelProto):
         proto = copy.deepcopy(source)
         _check_not_empty(proto, "the ModelProto")
-        check_structure(proto, "the ModelProto")
+        _check_structure(proto, "the ModelProto")
         _run_checker(proto, "the ModelProto")
         uses_external = any(external_data_helper.uses_external_data(t) for t in _all_tensors(proto))
         if uses_external:
@@ -231,7 +233,7 @@ def read_model_proto(path: Path) -> tuple[onnx.ModelProto, bool]:
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     _check_not_empty(proto, str(path))
-    check_structure(proto, str(path))
+    _check_structure(proto, str(path))
     external = [t for t in _all_tensors(proto) if external_data_helper.uses_external_data(t)]
     base_dir = path.resolve().parent
     for tensor in external:
@@ -249,7 +251,7 @@ def _check_not_empty(proto: onnx.ModelProto, where: str) -> None:
         raise ModelLoadError(f"{where}: not an ONNX model (no ir_version or graph; empty or not a ModelProto)")
 
 
-def check_structure(proto: onnx.ModelProto, where: str) -> None:
+def _check_structure(proto: onnx.ModelProto, where: str) -> None:
     """Refuse what the onnx checker lets through but nnopt's IR cannot represent or write back.
 
     One walk over every message of the proto (tensor data is not read): string fields must be valid
