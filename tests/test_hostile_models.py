@@ -180,17 +180,3 @@ def test_external_data_location_too_long_for_the_file_system(
 ) -> None:
     path = _save_external(tmp_path, _set_entry("location", "a" * 5000))
     _assert_refused(path, capsys, "tensor 'w'", "cannot be read (File name too long)")
-
-
-def test_an_empty_type_on_a_subgraph_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # Found by mutating bytes: the checker accepts it, graphsurgeon's export crashed (UnboundLocalError).
-    proto = model_from_text(
-        """<ir_version: 8, opset_import: ["" : 13]>
-        g (bool c) => (float[2,3] z) {
-            z = If(c) <then_branch = g1 () => (float[2,3] a) { a = Identity(w) },
-                       else_branch = g2 () => (float[2,3] b) { b = Neg(w) }>
-        }""",
-        {"w": np.arange(6, dtype=np.float32).reshape(2, 3)},
-    )
-    proto.graph.node[0].attribute[1].g.output[0].type.CopyFrom(onnx.TypeProto())
-    _assert_refused(_save(proto, tmp_path), capsys, "value 'b'", "g.output[0]", "has an empty type")

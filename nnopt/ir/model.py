@@ -338,21 +338,12 @@ def _check_node_attributes(message: Message, path: str, where: str) -> None:
             )
 
 
-def _check_value_type(message: Message, path: str, where: str) -> None:
-    assert isinstance(message, onnx.ValueInfoProto)
-    # NOTE: a type that is present but empty (no tensor, sequence, map, ... kind) crashes graphsurgeon's
-    # export (UnboundLocalError); an absent type is fine.
-    if message.HasField("type") and message.type.WhichOneof("value") is None:
-        raise ModelLoadError(f"{where}: value '{message.name}' ({path}) has an empty type (no kind of value)")
-
-
 #: Per message type (full name): what _scan_message checks besides UTF-8.
 _MESSAGE_CHECKS: dict[str, Callable[[Message, str, str], None]] = {
     "onnx.TensorProto": _check_tensor_type,
     "onnx.TypeProto.Tensor": _check_elem_type,
     "onnx.TypeProto.SparseTensor": _check_elem_type,
     "onnx.NodeProto": _check_node_attributes,
-    "onnx.ValueInfoProto": _check_value_type,
 }
 
 
