@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import copy
 import errno
+import functools
 import glob
 import hashlib
+import math
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 from onnx import external_data_helper
 
 from nnopt.errors import ModelLoadError, OutputError, UnsafeExternalDataError, first_line
@@ -197,13 +201,16 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> Model:
     """Load a model from a path or a ModelProto into nnopt's IR.
 
     Raises:
-        ModelLoadError: the path does not exist, is not an ONNX protobuf, is truncated or corrupt, or the
-            onnx checker rejects the model.
+        ModelLoadError: the path does not exist, is not an ONNX protobuf, is truncated or corrupt, the
+            onnx checker rejects the model, or it holds what nnopt cannot carry through (a string that is
+            not UTF-8, an unknown data type, an empty list attribute, no graph output, external data
+            that is out of bounds or does not match its tensor's shape).
         UnsafeExternalDataError: an external-data location points outside the model's folder.
     """
     if isinstance(source, onnx.ModelProto):
         proto = copy.deepcopy(source)
         _check_not_empty(proto, "the ModelProto")
+        _check_structure(proto, "the ModelProto")
         _run_checker(proto, "the ModelProto")
         uses_external = any(external_data_helper.uses_external_data(t) for t in _all_tensors(proto))
         if uses_external:
@@ -230,6 +237,7 @@ def read_model_proto(path: Path) -> tuple[onnx.ModelProto, bool]:
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     _check_not_empty(proto, str(path))
+    _check_structure(proto, str(path))
     external = [t for t in _all_tensors(proto) if external_data_helper.uses_external_data(t)]
     base_dir = path.resolve().parent
     for tensor in external:
@@ -247,6 +255,102 @@ def _check_not_empty(proto: onnx.ModelProto, where: str) -> None:
         raise ModelLoadError(f"{where}: not an ONNX model (no ir_version or graph; empty or not a ModelProto)")
 
 
+def _check_structure(proto: onnx.ModelProto, where: str) -> None:
+    """Refuse what the onnx checker lets through but nnopt's IR cannot represent or write back.
+
+    One walk over every message of the proto (tensor data is not read): string fields must be valid
+    UTF-8, data type codes known, list attributes non-empty, and the graph must have an output.
+
+    Raises:
+        ModelLoadError: one line naming ``where``, the offending field, tensor, node or attribute.
+    """
+    if not proto.graph.output:
+        raise ModelLoadError(f"{where}: the graph has no outputs; a model must compute at least one")
+    _scan_message(proto, "model", where)
+
+
+def _scan_message(message: Message, path: str, where: str) -> None:
+    children: list[tuple[Message, str]] = []
+    for fd in _text_and_message_fields(message.DESCRIPTOR):
+        name = fd.name
+        if fd.is_repeated:
+            values = getattr(message, name)
+            if not values:
+                continue
+        elif message.HasField(name):
+            values = (getattr(message, name),)
+        else:
+            continue
+        if fd.type == fd.TYPE_STRING:
+            # NOTE: protobuf (upb) hands back a proto2 string that is not UTF-8 as bytes, not str.
+            bad = next((v for v in values if isinstance(v, bytes)), None)
+            if bad is not None:
+                raise ModelLoadError(f"{where}: {path}.{name} is not valid UTF-8 ({bad[:40]!r})")
+        elif fd.is_repeated:
+            children.extend((item, f"{path}.{name}[{i}]") for i, item in enumerate(values))
+        else:
+            children.append((values[0], f"{path}.{name}"))
+    check = _MESSAGE_CHECKS.get(message.DESCRIPTOR.full_name)
+    if check is not None:
+        check(message, path, where)
+    for child, child_path in children:
+        _scan_message(child, child_path, where)
+
+
+@functools.cache
+def _text_and_message_fields(descriptor: Descriptor) -> tuple[FieldDescriptor, ...]:
+    # Only these are read: bytes and numbers (raw_data, float_data, ...) would be copied for nothing.
+    kinds = (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE)
+    return tuple(fd for fd in descriptor.fields if fd.type in kinds)
+
+
+_KNOWN_DATA_TYPES = frozenset(onnx.TensorProto.DataType.values())
+
+#: AttributeProto list types and the field that holds their values.
+_LIST_ATTRIBUTES = {
+    onnx.AttributeProto.FLOATS: "floats",
+    onnx.AttributeProto.INTS: "ints",
+    onnx.AttributeProto.STRINGS: "strings",
+    onnx.AttributeProto.TENSORS: "tensors",
+    onnx.AttributeProto.GRAPHS: "graphs",
+    onnx.AttributeProto.SPARSE_TENSORS: "sparse_tensors",
+    onnx.AttributeProto.TYPE_PROTOS: "type_protos",
+}
+
+
+def _check_tensor_type(message: Message, path: str, where: str) -> None:
+    assert isinstance(message, onnx.TensorProto)
+    if message.data_type not in _KNOWN_DATA_TYPES:
+        raise ModelLoadError(f"{where}: tensor '{message.name}' ({path}) has unknown data type code {message.data_type}")
+
+
+def _check_elem_type(message: Message, path: str, where: str) -> None:
+    assert isinstance(message, (onnx.TypeProto.Tensor, onnx.TypeProto.SparseTensor))
+    code = message.elem_type
+    if code not in _KNOWN_DATA_TYPES:
+        raise ModelLoadError(f"{where}: {path} has unknown element type code {code}")
+
+
+def _check_node_attributes(message: Message, path: str, where: str) -> None:
+    assert isinstance(message, onnx.NodeProto)
+    for attr in message.attribute:
+        field_name = _LIST_ATTRIBUTES.get(attr.type)
+        if field_name is not None and not attr.ref_attr_name and not getattr(attr, field_name):
+            raise ModelLoadError(
+                f"{where}: attribute '{attr.name}' of node '{message.name}' ({message.op_type}, {path}) "
+                "is a list with no values, which nnopt cannot write back"
+            )
+
+
+#: Per message type (full name): what _scan_message checks besides UTF-8.
+_MESSAGE_CHECKS: dict[str, Callable[[Message, str, str], None]] = {
+    "onnx.TensorProto": _check_tensor_type,
+    "onnx.TypeProto.Tensor": _check_elem_type,
+    "onnx.TypeProto.SparseTensor": _check_elem_type,
+    "onnx.NodeProto": _check_node_attributes,
+}
+
+
 def _run_checker(proto_or_path: onnx.ModelProto | str, where: str) -> None:
     try:
         onnx.checker.check_model(proto_or_path)
@@ -255,23 +359,82 @@ def _run_checker(proto_or_path: onnx.ModelProto | str, where: str) -> None:
 
 
 def _check_external_location(tensor: onnx.TensorProto, base_dir: Path, model_path: Path) -> None:
-    info = external_data_helper.ExternalDataInfo(tensor)
-    location = info.location
+    # NOTE: read the entries directly: onnx's ExternalDataInfo raises a bare ValueError on a bad offset.
+    entries = {entry.key: entry.value for entry in tensor.external_data}  # the last entry wins, as in onnx
+    location = entries.get("location", "")
+    if "\0" in location:
+        raise ModelLoadError(
+            f"{model_path}: tensor '{tensor.name}' has external-data location {location!r}, "
+            "which contains a NUL byte"
+        )
     if not location or os.path.isabs(location) or Path(location).drive:
         raise UnsafeExternalDataError(
             f"{model_path}: tensor '{tensor.name}' has external-data location '{location}', "
             "which is not a relative path inside the model's folder"
         )
-    target = (base_dir / location).resolve()
-    if base_dir != target and base_dir not in target.parents:
-        raise UnsafeExternalDataError(
-            f"{model_path}: tensor '{tensor.name}' has external-data location '{location}', "
-            "which points outside the model's folder; refusing to read it"
-        )
-    if not target.is_file():
+    try:
+        target = (base_dir / location).resolve()
+        if base_dir != target and base_dir not in target.parents:
+            raise UnsafeExternalDataError(
+                f"{model_path}: tensor '{tensor.name}' has external-data location '{location}', "
+                "which points outside the model's folder; refusing to read it"
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"{model_path}: external-data file '{location}' of tensor '{tensor.name}' does not exist"
+            )
+        file_size = target.stat().st_size
+    except OSError as exc:  # e.g. a name too long for the file system
+        shown = location if len(location) <= 60 else location[:57] + "..."
         raise ModelLoadError(
-            f"{model_path}: external-data file '{location}' of tensor '{tensor.name}' does not exist"
+            f"{model_path}: tensor '{tensor.name}' has external-data location {shown!r}, "
+            f"which cannot be read ({exc.strerror or exc})"
+        ) from exc
+    _check_external_range(tensor, entries, file_size, model_path)
+
+
+def _check_external_range(
+    tensor: onnx.TensorProto, entries: dict[str, str], file_size: int, model_path: Path
+) -> None:
+    """Refuse an offset or length that is not a count of bytes, or that reaches past the data file's end."""
+    where = f"{model_path}: tensor '{tensor.name}'"
+    bounds: dict[str, int] = {}
+    for key in ("offset", "length"):
+        if key in entries:
+            value = entries[key]
+            if not (value.isascii() and value.isdigit()):
+                raise ModelLoadError(f"{where} has external-data {key} {value!r}, which is not a byte count")
+            bounds[key] = int(value)
+    location = entries["location"]
+    offset = bounds.get("offset", 0)
+    if offset > file_size:
+        raise ModelLoadError(
+            f"{where} has external-data offset {offset}, past the end of '{location}' ({file_size} bytes)"
         )
+    length = bounds.get("length")
+    if length is not None and offset + length > file_size:
+        raise ModelLoadError(
+            f"{where} needs bytes {offset}..{offset + length} of '{location}', which has {file_size} bytes"
+        )
+    # NOTE: the checker, given a path, does not compare external bytes with the shape: a short file would
+    # load, and nnopt would write a model that onnxruntime rejects.
+    itemsize = _ITEMSIZES.get(tensor.data_type)
+    available = file_size - offset if length is None else length
+    if itemsize is not None and available != math.prod(tensor.dims) * itemsize:
+        raise ModelLoadError(
+            f"{where} has {available} bytes of external data in '{location}', but its shape {list(tensor.dims)} "
+            f"and type need {math.prod(tensor.dims) * itemsize}"
+        )
+
+
+#: Bytes per element of the data types stored one element per whole number of bytes; the others
+#: (strings, and the 2-, 4- and 6-bit types, which are packed) have no fixed size to check.
+_ITEMSIZES = {
+    code: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(code)).itemsize
+    for code in onnx.TensorProto.DataType.values()
+    if onnx.TensorProto.DataType.Name(code)
+    not in {"UNDEFINED", "STRING", "UINT4", "INT4", "FLOAT4E2M1", "UINT2", "INT2", "FLOAT6E2M3", "FLOAT6E3M2"}
+}
 
 
 # ---------------------------------------------------------------------------------------------- saving

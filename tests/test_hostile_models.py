@@ -1,0 +1,182 @@
+"""Hostile model files (issue 13): each load-side fault is a one-line input error (exit 2), nothing written."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from nnopt.cli import main
+from nnopt.errors import ModelLoadError
+from nnopt.ir.model import load_model
+from nnopt.testing import model_from_text
+
+TEXT = """<ir_version: 8, opset_import: ["" : 13]>
+g (float[2,3] x) => (float[3,2] y) { t = Add(x, w) y = Transpose<perm=[1,0]>(t) }"""
+
+
+def _valid() -> onnx.ModelProto:
+    return model_from_text(TEXT, {"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _assert_refused(model: Path, capsys: pytest.CaptureFixture[str], *words: str) -> None:
+    """optimize and analyze both exit 2 with one line naming the file and ``words``; nothing written or changed."""
+    folder = model.parent
+    before = _files(folder)
+    out = folder.parent / "out" / "result.onnx"
+    for argv in (["optimize", str(model), "-o", str(out)], ["analyze", str(model)]):
+        code = main(argv)
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert code == 2, captured.err
+        assert len(lines) == 1, captured.err
+        assert lines[0].startswith(f"nnopt: error: {model}: ")
+        for word in words:
+            assert word in lines[0]
+        assert "internal error" not in captured.err
+        assert not out.parent.exists()
+        assert _files(folder) == before
+
+
+def _save(proto: onnx.ModelProto, tmp_path: Path) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir(exist_ok=True)
+    path = folder / "m.onnx"
+    onnx.save_model(proto, str(path))
+    return path
+
+
+def _save_external(tmp_path: Path, edit: Callable[[onnx.TensorProto], None]) -> Path:
+    """The valid model with its weight in ``m.onnx.data``, then ``edit`` applied to the weight's entries."""
+    path = _save(_valid(), tmp_path)
+    onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True, location="m.onnx.data",
+                    size_threshold=0)
+    proto = onnx.load(str(path), load_external_data=False)
+    (tensor,) = proto.graph.initializer
+    edit(tensor)
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def _set_entry(key: str, value: str) -> Callable[[onnx.TensorProto], None]:
+    def edit(tensor: onnx.TensorProto) -> None:
+        entries = {e.key: e for e in tensor.external_data}
+        if key in entries:
+            entries[key].value = value
+        else:
+            tensor.external_data.add(key=key, value=value)
+
+    return edit
+
+
+def test_the_valid_model_loads_both_ways(tmp_path: Path) -> None:
+    # The baseline the hostile variants below are cut from: it loads with and without external data.
+    assert load_model(_save(_valid(), tmp_path)).graph.outputs[0].name == "y"
+    model = load_model(_save_external(tmp_path, lambda tensor: None))
+    assert model.external_data
+    np.testing.assert_array_equal(model.graph.tensors()["w"].values, np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+def test_unknown_data_type_of_an_initializer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    proto = _valid()
+    proto.graph.initializer[0].data_type = 999
+    _assert_refused(_save(proto, tmp_path), capsys, "tensor 'w'", "unknown data type code 999")
+
+
+def test_unknown_element_type_of_a_graph_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    proto = _valid()
+    proto.graph.input[0].type.tensor_type.elem_type = 999
+    _assert_refused(_save(proto, tmp_path), capsys, "graph.input[0]", "unknown element type code 999")
+
+
+@pytest.mark.parametrize(("key", "value"), [("offset", "abc"), ("offset", "-4"), ("length", "x"), ("length", "-1")])
+def test_external_offset_or_length_not_a_byte_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, value: str
+) -> None:
+    path = _save_external(tmp_path, _set_entry(key, value))
+    _assert_refused(path, capsys, "tensor 'w'", f"external-data {key} '{value}'", "not a byte count")
+
+
+def test_external_offset_past_the_end_of_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _save_external(tmp_path, _set_entry("offset", "4096"))
+    _assert_refused(path, capsys, "tensor 'w'", "offset 4096, past the end of 'm.onnx.data' (24 bytes)")
+
+
+def test_external_data_file_too_short(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _save_external(tmp_path, _set_entry("length", "24"))
+    data = path.parent / "m.onnx.data"
+    data.write_bytes(data.read_bytes()[:10])
+    _assert_refused(path, capsys, "tensor 'w'", "needs bytes 0..24 of 'm.onnx.data', which has 10 bytes")
+
+
+def test_nul_byte_in_an_external_data_location(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _save_external(tmp_path, _set_entry("location", "m.onnx\0.data"))
+    _assert_refused(path, capsys, "tensor 'w'", "contains a NUL byte")
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda p: setattr(p.graph.node[0], "name", "nodeAA"), "graph.node[0].name"),
+        (lambda p: setattr(p, "doc_string", "nodeAA"), "model.doc_string"),
+        (lambda p: p.metadata_props.add(key="k", value="nodeAA"), "model.metadata_props[0].value"),
+    ],
+)
+def test_invalid_utf8_in_a_string_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: Callable[[onnx.ModelProto], None], field: str
+) -> None:
+    proto = _valid()
+    edit(proto)
+    # The same length, so the protobuf framing stays valid: only the string's bytes are not UTF-8.
+    data = proto.SerializeToString().replace(b"nodeAA", b"node\xff\xfe")
+    path = _save(proto, tmp_path)
+    path.write_bytes(data)
+    _assert_refused(path, capsys, field, "is not valid UTF-8")
+
+
+def test_an_attribute_list_with_no_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    proto = _valid()
+    proto.graph.node[1].name = "transpose"
+    del proto.graph.node[1].attribute[0].ints[:]
+    _assert_refused(_save(proto, tmp_path), capsys, "attribute 'perm' of node 'transpose'", "a list with no values")
+
+
+def test_a_graph_with_no_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    proto = _valid()
+    del proto.graph.output[:]
+    _assert_refused(_save(proto, tmp_path), capsys, "the graph has no outputs")
+    with pytest.raises(ModelLoadError, match="the ModelProto: the graph has no outputs"):
+        load_model(proto)
+
+
+@pytest.mark.parametrize("length", ["10", None])
+def test_external_data_shorter_than_the_tensor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], length: str | None
+) -> None:
+    # Within the file's bounds, but fewer bytes than the shape needs (a length too small, or no length and
+    # a truncated file): the checker lets it through and onnxruntime would reject what nnopt writes.
+    def edit(tensor: onnx.TensorProto) -> None:
+        kept = [e for e in tensor.external_data if e.key != "length"]
+        del tensor.external_data[:]
+        tensor.external_data.extend(kept)
+        if length is not None:
+            tensor.external_data.add(key="length", value=length)
+
+    path = _save_external(tmp_path, edit)
+    data = path.parent / "m.onnx.data"
+    data.write_bytes(data.read_bytes()[:10])
+    _assert_refused(path, capsys, "tensor 'w' has 10 bytes of external data", "shape [2, 3] and type need 24")
+
+
+def test_external_data_location_too_long_for_the_file_system(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _save_external(tmp_path, _set_entry("location", "a" * 5000))
+    _assert_refused(path, capsys, "tensor 'w'", "cannot be read (File name too long)")
