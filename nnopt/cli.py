@@ -95,7 +95,7 @@ def _add_optimize(sub: Any) -> None:
     opt.add_argument("--fixed-point", choices=["auto", "on", "off"], default=None,
                      help="repeat the pipeline until nothing changes (auto, the default: for the default pipeline)")
     opt.add_argument("--external-data", choices=["auto", "on", "off"], default="auto",
-                     help="write weights to OUTPUT.data (auto: if the input had external data or is > 1.8 GB)")
+                     help="write weights to OUTPUT.<hash>.data, named after its content (auto: if the input had external data or is > 1.8 GB)")
     output = opt.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     output.add_argument("-q", "--quiet", action="store_true",
