@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -130,6 +131,7 @@ def make_feeds(
             shape = [int(d) for d in shapes[inp.name]]
         else:
             shape = [_dim_size(d, axis, sizes) for axis, d in enumerate(inp.shape or [])]
+        _check_generated_size(inp.name, shape, dtype, given_by_user=inp.name in shapes)
         if np.issubdtype(dtype, np.floating):
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype is np.object_:
@@ -137,6 +139,26 @@ def make_feeds(
         else:
             feeds[inp.name] = np.zeros(shape, dtype=dtype)
     return feeds
+
+
+#: Generated values for one input of one sample may take at most this many bytes. A mistyped --input-shape
+#: or a model with an absurd static dim (2^31 elements) would otherwise end in a MemoryError.
+MAX_GENERATED_BYTES = 1 << 30
+
+
+def _check_generated_size(name: str, shape: list[int], dtype: Any, *, given_by_user: bool) -> None:
+    """Refuse to generate an input larger than ``MAX_GENERATED_BYTES``: an input error when the user gave
+    the shape (``--input-shape``), otherwise the model cannot be run on generated inputs (``RuntimeUnavailable``:
+    verification says so and goes on without numbers)."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if nbytes <= MAX_GENERATED_BYTES:
+        return
+    size = f"{nbytes / 2**30:,.1f} GiB"
+    if given_by_user:
+        raise InputError(f"input shape for '{name}' {shape} would need {size} of generated values per sample "
+                         f"(at most {MAX_GENERATED_BYTES >> 30} GiB); give a smaller shape")
+    raise RuntimeUnavailable(f"input '{name}' of shape {shape} would need {size} of generated values per sample "
+                             f"(at most {MAX_GENERATED_BYTES >> 30} GiB); give --data or --input-shape")
 
 
 def _dim_size(dim: int | str | None, axis: int, sizes: dict[str, int]) -> int:

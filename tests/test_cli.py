@@ -288,3 +288,19 @@ def test_a_model_whose_outputs_are_nan_on_the_data_is_refused(capsys, tmp_path):
     code, _, err = _run(capsys, "optimize", str(model), "-o", str(out), "--data", str(data))
     _assert_one_line_error(code, err, "the original model's output 'y' is NaN on sample 0")
     assert not out.exists()
+
+
+def test_a_huge_input_shape_is_an_input_error_and_a_huge_model_input_skips_verification(capsys, tmp_path):
+    out = tmp_path / "out.onnx"
+    code, _, err = _run(capsys, "optimize", str(EXAMPLE), "-o", str(out), "--input-shape", "x=100000000,3,32,32")
+    _assert_one_line_error(code, err, "input shape for 'x' [100000000, 3, 32, 32] would need 1,144.4 GiB")
+    assert not out.exists()
+    huge = tmp_path / "huge.onnx"
+    onnx.save(model_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[100000, 100000] x) => (float[100000, 100000] y) { y = Relu(x) }
+    """), huge)
+    code, stdout, _ = _run(capsys, "optimize", str(huge), "-o", str(out))
+    assert code == 0 and "numerical verification skipped: input 'x' of shape [100000, 100000] would need 37.3 GiB" in stdout
+    code, _, err = _run(capsys, "analyze", str(huge), "--measure")
+    _assert_one_line_error(code, err, "would need 37.3 GiB of generated values")

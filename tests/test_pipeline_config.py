@@ -430,3 +430,12 @@ def test_lossless_example_pipeline_is_the_default_pipeline_verified_strictly(reg
     config = load_pipeline_file(EXAMPLES / "pipelines" / "lossless.json", registry, hardware)
     assert config.passes == ["default"]
     assert (config.verify, config.strict, config.data, config.budget) == (True, True, None, Budget())
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("deep.json", '{"passes": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+    ("deep.toml", "x = " + "[" * 100_000 + "]" * 100_000 + "\n"),
+])
+def test_a_file_nested_too_deeply_is_a_one_line_error(tmp_path, registry, hardware, name, text):
+    with pytest.raises(PipelineFileError, match=r"nested too deeply to read"):
+        load_pipeline_file(_write(tmp_path, name, text), registry, hardware)

@@ -45,9 +45,9 @@ def measure_latency(
         )
     try:
         session = make_session(model_or_proto, optimize=True)
-    except RuntimeUnavailable as exc:
+        feeds = make_feeds(session, input_shapes, given=feeds)
+    except RuntimeUnavailable as exc:  # the model cannot run here, or its inputs cannot be generated
         raise InputError(str(exc)) from exc
-    feeds = make_feeds(session, input_shapes, given=feeds)
     try:
         for _ in range(warmup):
             session.run(None, feeds)

@@ -164,6 +164,8 @@ def parse_pipeline(
 def _read_toml(text: str, label: str) -> Any:
     try:
         return tomllib.loads(text)
+    except RecursionError:
+        raise PipelineFileError(f"{label}: nested too deeply to read (TOML syntax)") from None
     except tomllib.TOMLDecodeError as exc:
         # tomllib (3.11) puts the position at the end of its message: "Invalid value (at line 4, column 9)".
         message = str(exc)
@@ -176,6 +178,8 @@ def _read_toml(text: str, label: str) -> Any:
 def _read_json(text: str, label: str) -> Any:
     try:
         return json.loads(text, object_pairs_hook=lambda pairs: _json_object(pairs, label))
+    except RecursionError:
+        raise PipelineFileError(f"{label}: nested too deeply to read (JSON syntax)") from None
     except json.JSONDecodeError as exc:
         raise PipelineFileError(f"{label}: line {exc.lineno}, column {exc.colno}: {exc.msg} (JSON syntax)") from None
 
