@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from nnopt.ir.graphview import graph_protos
+
 # NOTE: why this module exists. onnxruntime's quantization tools find things by scanning: ``find_by_name``
 # walks the initializer list, ``ONNXModel.replace_input_of_all_nodes`` / ``input_name_to_nodes`` /
 # ``get_initializer`` walk the graph, ``initializer_extend`` re-checks every initializer, and the MinMax
@@ -352,16 +354,7 @@ def _indexed_model_class() -> type:
 
 def _names_read(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name a node of ``graph`` or of any graph nested in it reads (scopes not told apart)."""
-    read: set[str] = set()
-    for node in graph.node:
-        read.update(node.input)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                read |= _names_read(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    read |= _names_read(sub)
-    return read
+    return {name for g in graph_protos(graph) for node in g.node for name in node.input}
 
 
 # ---------------------------------------------------------------------------------------------- quantizer

@@ -6,7 +6,7 @@ import math
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from nnopt.errors import first_line
-from nnopt.ir.graphview import stable_topological_order, subgraph_reads
+from nnopt.ir.graphview import graph_protos, stable_topological_order, subgraph_reads
 
 #: What ``infer_shapes`` did, over the process: ``calls`` (helper calls) and ``infer`` (runs of ONNX shape
 #: inference, a retry without data propagation included). Tests read it to pin how often inference runs;
@@ -189,7 +189,7 @@ class ShapeResult:
     @cached_property
     def graphs(self) -> tuple[GraphShapes, ...]:
         """Per graph scope, the main graph first, then subgraph bodies depth-first in node order."""
-        return tuple(_graph_shapes(g) for g in _iter_graphs(self._inferred.graph))
+        return tuple(_graph_shapes(g) for g in graph_protos(self._inferred.graph))
 
     @cached_property
     def types(self) -> Mapping[str, TensorType]:
@@ -422,7 +422,7 @@ def _keep_types(graph: onnx.GraphProto) -> None:
 
 
 def _drop_declared(graph: onnx.GraphProto) -> None:
-    for g in _iter_graphs(graph):
+    for g in graph_protos(graph):
         del g.value_info[:]
         for out in g.output:
             if out.type.HasField("tensor_type"):
@@ -434,7 +434,7 @@ _DECLARED = {"keep": _keep_declared, "static": _keep_static, "typed": _keep_type
 
 def _drop_tensor_data(model: onnx.ModelProto) -> None:
     """Free the weights of an inferred copy: a result keeps only types, and may be cached."""
-    for g in _iter_graphs(model.graph):
+    for g in graph_protos(model.graph):
         for t in g.initializer:
             if t.HasField("raw_data"):
                 t.ClearField("raw_data")
@@ -447,18 +447,6 @@ def _without_data(model: onnx.ModelProto) -> onnx.ModelProto:
     _drop_tensor_data(copy)
     return copy
 
-
-def _iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        if not has_subgraph(node):
-            continue
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _iter_graphs(g)
 
 
 def _count(counter: Counter[str] | None, key: str) -> None:

@@ -9,7 +9,7 @@ import onnx
 
 # One implementation for the cost model and the shape-inference helper.
 from nnopt.analysis.shapes import GRAPH_ATTRS, GRAPH_OPS, has_subgraph, order_of, read_names, topological_order
-from nnopt.ir.graphview import subgraph_reads
+from nnopt.ir.graphview import subgraph_protos, subgraph_reads
 
 __all__ = [
     "NodeView",
@@ -60,13 +60,8 @@ def node_views(nodes: Iterable[onnx.NodeProto]) -> list[NodeView]:
     return views
 
 
-def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    """The graphs held in ``node``'s attributes (If branches, Loop/Scan bodies), in attribute order."""
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
+#: The graphs held in a node's attributes, in attribute order.
+subgraphs = subgraph_protos
 
 
 def iter_bodies(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import networkx as nx
 import onnx
@@ -36,16 +36,30 @@ def implicit_inputs(node: gs.Node) -> list[gs.Tensor]:
     return list(seen.values())
 
 
+def subgraph_protos(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs held in a NodeProto's attributes (If branches, Loop/Scan bodies), in attribute order:
+    ``subgraphs_of`` for a NodeProto."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every graph nested in it, depth-first in node and attribute order."""
+    yield graph
+    for node in graph.node:
+        for sub in subgraph_protos(node):
+            yield from graph_protos(sub)
+
+
 def subgraph_reads(node: onnx.NodeProto) -> set[str]:
     """Names that ``node``'s subgraphs (If branches, Loop/Scan bodies, nested) read from outside themselves:
     ``implicit_inputs`` for a NodeProto."""
     reads: set[str] = set()
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            reads |= _outer_scope_reads(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            for graph in attr.graphs:
-                reads |= _outer_scope_reads(graph)
+    for graph in subgraph_protos(node):
+        reads |= _outer_scope_reads(graph)
     return reads
 
 

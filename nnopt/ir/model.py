@@ -24,6 +24,7 @@ from google.protobuf.message import DecodeError, Message
 from onnx import external_data_helper
 
 from nnopt.errors import ModelLoadError, OutputError, UnsafeExternalDataError, first_line
+from nnopt.ir.graphview import graph_protos
 
 #: Protobuf cannot serialise a message of 2 GiB or more; above this many tensor bytes nnopt writes
 #: weights to an external-data file (and validates through files rather than in-memory bytes).
@@ -106,7 +107,7 @@ class Model:
             training_info=[copy.deepcopy(t) for t in proto.training_info],
             input_defaults={name: copy.deepcopy(t) for name, t in defaults.items()},
             input_order=input_names,
-            value_info_names={v.name for g in _iter_graph_protos(proto.graph) for v in g.value_info},
+            value_info_names={v.name for g in graph_protos(proto.graph) for v in g.value_info},
         )
 
     def to_proto(self) -> onnx.ModelProto:
@@ -135,7 +136,7 @@ class Model:
             proto.metadata_props.add(key=key, value=value)
         proto.training_info.extend(self.training_info)
         _hoist_outer_initializers(proto.graph, self.top_level_initializers)
-        for g in _iter_graph_protos(proto.graph):
+        for g in graph_protos(proto.graph):
             if any(v.name not in self.value_info_names for v in g.value_info):
                 kept = [v for v in g.value_info if v.name in self.value_info_names]
                 del g.value_info[:]
@@ -616,19 +617,10 @@ def _sha256(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _iter_graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_graph_protos(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _iter_graph_protos(g)
 
 
 def _iter_node_protos(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for g in _iter_graph_protos(graph):
+    for g in graph_protos(graph):
         yield from g.node
 
 
@@ -645,7 +637,7 @@ def _hoist_outer_initializers(graph: onnx.GraphProto, top_level: set[str]) -> No
     """
     top_names = {t.name for t in graph.initializer}
     seen_in: dict[str, int] = {}
-    subgraphs = list(_iter_graph_protos(graph))[1:]
+    subgraphs = list(graph_protos(graph))[1:]
     for sub in subgraphs:
         for t in sub.initializer:
             seen_in[t.name] = seen_in.get(t.name, 0) + 1
@@ -672,7 +664,7 @@ def _drop_interface_value_info(graph: onnx.GraphProto) -> None:
     graphsurgeon lets such an entry override the interface's declared type: a shapeless entry for an
     output would erase its shape, and a static one for an input would pin its dynamic dims.
     """
-    for g in _iter_graph_protos(graph):
+    for g in graph_protos(graph):
         interface = {v.name for v in g.input} | {v.name for v in g.output}
         if any(v.name in interface for v in g.value_info):
             kept = [v for v in g.value_info if v.name not in interface]

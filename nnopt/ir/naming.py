@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import onnx
 
-from nnopt.ir.model import Model, _iter_graph_protos
+from nnopt.ir.graphview import graph_protos
+from nnopt.ir.model import Model
 
 
 def taken_names(model: Model | onnx.ModelProto) -> set[str]:
@@ -28,7 +29,7 @@ def taken_names(model: Model | onnx.ModelProto) -> set[str]:
 
 def _proto_names(graph: onnx.GraphProto) -> set[str]:
     names: set[str] = set()
-    for g in _iter_graph_protos(graph):
+    for g in graph_protos(graph):
         names.update(v.name for v in (*g.input, *g.output))
         names.update(t.name for t in g.initializer)
         names.update(t.values.name for t in g.sparse_initializer)
