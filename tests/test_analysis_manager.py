@@ -226,3 +226,11 @@ def test_a_pipeline_costs_a_plugins_custom_op_with_the_plugins_rule():
     assert report.original["latency_s"] == pytest.approx(max(768 / 4e12, 2 * 384 * 4 / 25.6e9))
     bare = nnopt.build_plugins(load_entry_points=False)
     assert nnopt.Pipeline(["dce"]).run(proto, plugins=bare)[1].original["flops"] == 0
+
+
+def test_a_pass_cannot_preserve_the_export_of_a_model_it_changed():
+    am = AnalysisManager(_model())
+    before = am.proto()
+    am.model.graph.nodes.pop(1)
+    am.invalidate(preserved={EXPORTED.name, "cost"})
+    assert len(am.proto().graph.node) == len(before.graph.node) - 1

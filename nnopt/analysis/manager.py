@@ -4,9 +4,9 @@ In the spirit of LLVM's new pass manager and onnx-ir: an *analysis* is a named, 
 (and of the run's settings: input shapes, hardware profile, cost rules). The manager computes one the first
 time someone asks for it and hands out the cached result until the model changes. The pass manager tells
 it when that happens: after a pass that changed the model it drops every result the pass did not declare
-preserved (``Pass.preserves``), and it seeds the new version with what it computed anyway while verifying
-the pass (the exported ModelProto and the cost report), so the next pass and the next verification get
-them for free. On a rollback the restored snapshot and its cost report become current again.
+preserved (``Pass.preserves``). It verifies the changed model through the cache too (its one export, its
+cost report), so the next pass reads what the verification computed for free. On a rollback the restored
+snapshot and its cost report become current again.
 
 A pass that changes the model and then wants a fresh analysis of its own changes calls ``invalidate()``
 first: results describe the model as it was when they were computed, and the manager cannot see a pass's
@@ -101,13 +101,12 @@ class AnalysisManager:
         entry = self._cache.get(analysis.name)
         return cast("T | None", entry[1] if entry is not None else None)
 
-    def seed(self, analysis: Analysis[T], value: T) -> None:
-        """Record ``value`` as the analysis of the current version (computed elsewhere, e.g. while verifying)."""
-        self._cache[analysis.name] = (analysis, value)
-
     def invalidate(self, preserved: Iterable[str] = ()) -> None:
-        """The model changed: drop every result not named in ``preserved`` and start a new version."""
-        keep = set(preserved)
+        """The model changed: drop every result not named in ``preserved`` and start a new version.
+
+        The export is never preserved: whatever a pass claims, the changed model needs a new one.
+        """
+        keep = set(preserved) - {EXPORTED.name}
         self._cache = {name: entry for name, entry in self._cache.items() if name in keep}
         self.version += 1
 

@@ -205,7 +205,16 @@ class _Verdict:
 
     problem: str | None
     outputs: list[list[Any]] | None = None
+    #: The outputs against the original model's, and against the model's before the pass.
+    total: Fidelity | None = None
+    step: Fidelity | None = None
     cost: dict[str, Any] = field(default_factory=dict)
+
+    def fidelity_record(self) -> dict[str, Any] | None:
+        """The report's fidelity of the pass: against the original model, plus the step's relative error."""
+        if self.total is None or self.step is None:
+            return None
+        return {**self.total.to_dict(), "step_max_rel_error": self.step.max_rel_error}
 
 
 class PassManager:
@@ -322,15 +331,12 @@ class PassManager:
         self.progress.verifying()
         verdict = self._check(pass_, model, ctx, current)
         record.verify_seconds = time.perf_counter() - check_started
+        record.fidelity = verdict.fidelity_record()
         if verdict.problem is not None:
-            if verdict.outputs is not None and self._active_verifier is not None:
-                record.fidelity = self._fidelity(current, verdict.outputs)
             self._roll_back(model, ctx, current, record, verdict.problem)
             return False
-        if verdict.outputs is not None and self._active_verifier is not None:
-            record.fidelity = self._fidelity(current, verdict.outputs)
-            current.outputs = verdict.outputs
-            current.fidelity = compare_outputs(self._active_verifier.reference, verdict.outputs)
+        if verdict.outputs is not None:
+            current.outputs, current.fidelity = verdict.outputs, verdict.total
         assert ctx.analyses is not None
         record.after = current.cost = verdict.cost
         current.snapshot = ctx.analyses.proto()
@@ -351,42 +357,39 @@ class PassManager:
         if problem is not None:
             return _Verdict(problem)
         outputs = None
+        total: Fidelity | None = None
+        step: Fidelity | None = None
         verifier = self._active_verifier
         if verifier is not None:
             try:
                 outputs = verifier.run(proto)
             except Exception as exc:  # boundary: onnxruntime on the rewritten model
                 return _Verdict(f"onnxruntime cannot run the result: {first_line(exc, 300)}")
-            problem = self._fidelity_problem(pass_, current, outputs)
+            assert current.outputs is not None
+            total = compare_outputs(verifier.reference, outputs)
+            step = compare_outputs(current.outputs, outputs)
+            problem = self._fidelity_problem(pass_, current.outputs, outputs, total, step)
             if problem is not None:
-                return _Verdict(problem, outputs)
+                return _Verdict(problem, outputs, total, step)
         try:
             cost = self._totals(analyses)
         except Exception as exc:  # boundary: shape inference inside the cost model
-            return _Verdict(f"cost analysis failed: {first_line(exc, 300)}", outputs)
-        return _Verdict(None, outputs, cost)
+            return _Verdict(f"cost analysis failed: {first_line(exc, 300)}", outputs, total, step)
+        return _Verdict(None, outputs, total, step, cost)
 
-    def _fidelity_problem(self, pass_: Pass, current: _Current, outputs: list[list[Any]]) -> str | None:
+    def _fidelity_problem(
+        self, pass_: Pass, before: list[list[Any]], outputs: list[list[Any]], total: Fidelity, step: Fidelity
+    ) -> str | None:
         """Why the outputs are not acceptable: a lossless pass moved them, or a lossy one broke the budget."""
-        assert self._active_verifier is not None and current.outputs is not None
         if pass_.lossy:
-            return self.budget.violation(compare_outputs(self._active_verifier.reference, outputs))
-        excess = lossless_excess(current.outputs, outputs, rtol=LOSSLESS_TOLERANCE, atol=LOSSLESS_ATOL)
-        if excess <= 1.0:
+            return self.budget.violation(total)
+        if lossless_excess(before, outputs, rtol=LOSSLESS_TOLERANCE, atol=LOSSLESS_ATOL) <= 1.0:
             return None
-        step = compare_outputs(current.outputs, outputs)
         return (
             f"lossless pass changed outputs: relative error {step.max_rel_error:.3g} "
             f"(max abs {step.max_abs_error:.3g}) > {LOSSLESS_TOLERANCE:g} of the output's "
             f"scale and > {LOSSLESS_ATOL:g} absolute"
         )
-
-    def _fidelity(self, current: _Current, outputs: list[list[Any]]) -> dict[str, Any]:
-        """The report's fidelity of a pass: against the original model, plus the step from the last state."""
-        assert self._active_verifier is not None and current.outputs is not None
-        fidelity = compare_outputs(self._active_verifier.reference, outputs).to_dict()
-        fidelity["step_max_rel_error"] = compare_outputs(current.outputs, outputs).max_rel_error
-        return fidelity
 
     def _totals(self, analyses: AnalysisManager) -> dict[str, Any]:
         if self.analyze is not None:
