@@ -138,7 +138,7 @@ class Pipeline:
             else None
         )
         manager = PassManager(
-            [p for p in pipeline.passes or [] if isinstance(p, Pass)],
+            pipeline.build(plugins),  # already built by resolved(): this only reads the list
             settings=settings,
             verifier=verifier,
             budget=pipeline.budget,
