@@ -27,6 +27,7 @@ import onnx
 
 from nnopt.analysis.manager import AnalysisManager, AnalysisSettings
 from nnopt.cost.hardware import HardwareProfile
+from nnopt.errors import DataError, OptionError
 from nnopt.ir.model import Model, load_model
 from nnopt.pipeline.base import Pass, PassContext
 from nnopt.pipeline.manager import Budget, PassManager, PipelineReport
@@ -34,10 +35,16 @@ from nnopt.pipeline.progress import Progress
 from nnopt.pipeline.spec import DEFAULT_PIPELINE, instantiate, parse_pass_spec
 from nnopt.pipeline.verify import Verifier
 from nnopt.plugin_manager import Plugins, build_plugins, get_pass_class
+from nnopt.runtime import DEFAULT_RUN_TIME_LIMIT_S
 
 #: A pass in a pipeline: ``"name"`` or ``"name:key=value,..."`` (as on the command line), a
 #: ``(name, {option: value})`` pair with typed values, or a configured ``Pass`` instance.
 #: ``"default"`` stands for the lossless default pipeline.
+#: Generated inputs verify a lossless pipeline: two samples show whether outputs moved at all.
+GENERATED_SAMPLES = 2
+#: A budget judged on generated inputs gets more of them, so one lucky sample cannot pass it.
+GENERATED_BUDGET_SAMPLES = 16
+
 PassSpec = str | Pass | tuple[str, dict[str, Any]]
 ModelSource = Model | onnx.ModelProto | str | os.PathLike[str]
 
@@ -57,6 +64,8 @@ class Pipeline:
             ``"flops=...,bandwidth=..."``; None is the default profile.
         verify: check every pass's outputs in onnxruntime (False: the checker and shape inference only).
         fixed_point: repeat the pipeline until nothing changes; None repeats the default pipeline only.
+        run_time_limit: seconds one onnxruntime run of verification may take before it is stopped and
+            verification is reported impossible (a valid Loop may never end); None: no limit.
     """
 
     passes: Sequence[PassSpec] | None = None
@@ -68,6 +77,7 @@ class Pipeline:
     hardware: HardwareProfile | str | None = None
     verify: bool = True
     fixed_point: bool | None = None
+    run_time_limit: float | None = DEFAULT_RUN_TIME_LIMIT_S
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], plugins: Plugins | None = None, **overrides: Any) -> Pipeline:
@@ -123,6 +133,13 @@ class Pipeline:
         """
         plugins = plugins or build_plugins()
         pipeline = self.resolved(plugins)
+        if pipeline.budget.is_set and not pipeline.verify:
+            raise OptionError("a budget needs numerical verification: drop --no-verify (verify = false) or the budget")
+        if pipeline.budget.min_top1 is not None and not pipeline.data:
+            raise DataError(
+                "a top-1 budget (--min-top1) needs reference data (--data): agreement on generated noise "
+                "says nothing about accuracy"
+            )
         if not isinstance(model, Model):
             model = load_model(model)
         settings = AnalysisSettings(
@@ -133,7 +150,9 @@ class Pipeline:
         proto = analyses.proto()  # the one export of the input: verifier, samples and the first pass share it
         data = str(pipeline.data) if pipeline.data else None
         verifier = (
-            Verifier(proto, data_path=data, seed=pipeline.seed, input_shapes=pipeline.input_shapes)
+            Verifier(proto, data_path=data, seed=pipeline.seed, input_shapes=pipeline.input_shapes,
+                     samples=GENERATED_BUDGET_SAMPLES if pipeline.budget.is_set else GENERATED_SAMPLES,
+                     time_limit=pipeline.run_time_limit, shapes=analyses.shapes())
             if pipeline.verify
             else None
         )

@@ -65,6 +65,8 @@ def _add_analyze(sub: Any) -> None:
                          help="concrete shape for a dynamic input, e.g. x=1,3,224,224 (repeatable)")
     analyze.add_argument("--measure", action="store_true", help="also time the model in onnxruntime")
     analyze.add_argument("--runs", type=int, default=20, help="timed runs for --measure (median is reported)")
+    analyze.add_argument("--run-time-limit", type=_seconds, default=None, metavar="SECONDS",
+                         help="--measure gives up (exit 2) if the first run takes longer (default 60)")
     analyze.add_argument("--data", default=None,
                          help=".npz of inputs for --measure (its first sample); default: generated inputs")
     analyze.add_argument("--top", type=int, default=None, help="show only the N most expensive nodes")
@@ -92,6 +94,9 @@ def _add_optimize(sub: Any) -> None:
     opt.add_argument("--min-top1", type=float, default=None, help="lossy budget: min top-1 agreement")
     opt.add_argument("--no-verify", action="store_true", default=None,
                      help="skip numerical verification in onnxruntime")
+    opt.add_argument("--run-time-limit", type=_seconds, default=None, metavar="SECONDS",
+                     help="stop one onnxruntime run of verification after this long and report verification "
+                          "impossible (default 60; a valid Loop may never end)")
     opt.add_argument("--fixed-point", choices=["auto", "on", "off"], default=None,
                      help="repeat the pipeline until nothing changes (auto, the default: for the default pipeline)")
     opt.add_argument("--external-data", choices=["auto", "on", "off"], default="auto",
@@ -112,6 +117,17 @@ def _add_calibrate(sub: Any) -> None:
     calibrate.add_argument("--name", default="calibrated", help="the profile's name")
     calibrate.add_argument("--quick", action="store_true",
                            help="tiny probes: checks the machinery in a second; the figures are not representative")
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,6 +170,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     report = analyze(model, hardware=hardware, input_shapes=shapes, rules=plugins.cost_rules)
     measured = None
     if args.measure:
+        from nnopt.analysis.shapes import FRESH, infer_shapes
         from nnopt.cost.timing import measure_latency
 
         feeds = None
@@ -164,7 +181,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             if not samples:
                 raise InputError(f"data file {args.data}: holds no samples")
             feeds = samples[0]
-        measured = measure_latency(model, feeds, runs=args.runs, input_shapes=shapes)
+        limit = {} if args.run_time_limit is None else {"time_limit": args.run_time_limit}
+        measured = measure_latency(model, feeds, runs=args.runs, input_shapes=shapes,
+                                   shapes=infer_shapes(model.to_proto(), FRESH), **limit)
     if args.json:
         out = report.to_dict()
         if measured is not None:
@@ -240,6 +259,8 @@ def _command_line_settings(
         settings["seed"] = args.seed
     if args.no_verify is not None:
         settings["verify"] = not args.no_verify
+    if args.run_time_limit is not None:
+        settings["run_time_limit"] = args.run_time_limit
     if args.hardware is not None:
         settings["hardware"] = _hardware(args.hardware, plugins)
     if args.fixed_point is not None:

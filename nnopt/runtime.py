@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
+import threading
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +15,17 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from nnopt.analysis.shapes import ShapeResult
 from nnopt.errors import DataError, InputError, NnoptError, first_line
 from nnopt.ir.model import EXTERNAL_DATA_THRESHOLD, Model, tensor_bytes, write_proto_atomically
+
+log = logging.getLogger(__name__)
+
+#: Reference data files give at most this many samples: more cost verification time on every pass without
+#: making a fidelity figure mean more.
+MAX_DATA_SAMPLES = 4096
+#: ...and at most this many bytes per array, whatever the archive's compressed size.
+MAX_DATA_BYTES = 4 * 2**30
 
 #: Axis-0 dims that are unknown become 1 (a batch of one); other unknown dims become this.
 DEFAULT_DYNAMIC_DIM = 64
@@ -38,8 +50,79 @@ _ORT_DTYPES: dict[str, Any] = {
 }
 
 
+#: The longest one onnxruntime run may take before nnopt stops it. Valid models can run forever (a Loop with
+#: neither a trip count nor a condition); a real model runs one sample in well under this.
+DEFAULT_RUN_TIME_LIMIT_S = 60.0
+
+
+#: nnopt does not run (to verify or time) a model that would build a tensor larger than this (a 195-byte model can ask
+#: onnxruntime for a ConstantOfShape of 2^31 floats: 8 GiB, and twice that at peak).
+MAX_RUN_TENSOR_BYTES = 4 * 2**30
+
+
 class RuntimeUnavailable(NnoptError):
     """onnxruntime cannot create a session for, or run, this model."""
+
+
+class RunTimeLimitExceeded(RuntimeUnavailable):
+    """One onnxruntime run did not finish within its time limit and was stopped."""
+
+
+def oversized_tensor(shapes: ShapeResult) -> str | None:
+    """Why running the model would flood memory (its largest computed tensor, by shape inference, is over
+    ``MAX_RUN_TENSOR_BYTES``), or None."""
+    largest: tuple[int, str] | None = None
+    for graph in shapes.graphs:
+        for name, type_ in (*graph.value_info, *graph.outputs):
+            size = type_.nbytes
+            if size is not None and size > MAX_RUN_TENSOR_BYTES and (largest is None or size > largest[0]):
+                largest = (size, name)
+    if largest is None:
+        return None
+    return (
+        f"running the model would build tensor '{largest[1]}' of "
+        f"{largest[0] / 2**30:,.1f} GiB (limit {MAX_RUN_TENSOR_BYTES / 2**30:g} GiB)"
+    )
+
+
+def run_model(
+    session: ort.InferenceSession,
+    feeds: dict[str, Any],
+    outputs: list[str] | None = None,
+    *,
+    time_limit: float | None = DEFAULT_RUN_TIME_LIMIT_S,
+) -> list[Any]:
+    """``session.run(outputs, feeds)``, stopped after ``time_limit`` seconds (None: no limit).
+
+    onnxruntime checks ``RunOptions.terminate`` between kernels, Loop iterations included, so a timer
+    thread setting it ends a run that would never finish. onnxruntime's own exceptions propagate.
+
+    Raises:
+        RunTimeLimitExceeded: the run was stopped at its time limit.
+    """
+    if time_limit is None:
+        return session.run(outputs, feeds)
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # the stopped run's error reaches the caller as RunTimeLimitExceeded
+    fired = threading.Event()
+
+    def stop() -> None:
+        fired.set()
+        options.terminate = True
+
+    timer = threading.Timer(time_limit, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        return session.run(outputs, feeds, options)
+    except Exception as exc:  # boundary: onnxruntime reports the stop as its own failure
+        if fired.is_set():
+            raise RunTimeLimitExceeded(
+                f"onnxruntime did not finish one run within {time_limit:g} s and was stopped"
+            ) from exc
+        raise
+    finally:
+        timer.cancel()
 
 
 def make_session(
@@ -176,20 +259,29 @@ def generate_samples(
     return [make_feeds(sess, input_shapes, seed=seed + i) for i in range(count)]
 
 
-def load_samples(path: str | Path, sess: ort.InferenceSession) -> list[dict[str, np.ndarray]]:
+def load_samples(
+    path: str | Path,
+    sess: ort.InferenceSession,
+    *,
+    limit: int | None = MAX_DATA_SAMPLES,
+    notes: list[str] | None = None,
+) -> list[dict[str, np.ndarray]]:
     """Read an ``.npz`` of reference inputs: one array per input name, samples on the first axis.
 
     An array of the input's rank + 1 is a stack of samples; one of the input's own rank is split along
-    axis 0 into samples of batch 1.
+    axis 0 into samples of batch 1. At most the first ``limit`` samples are read (a warning says when
+    more were given, and ``notes`` gets the same line): an archive of two million tiny samples, or a small
+    file that would decompress to gigabytes, costs no more than ``limit`` samples do.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except Exception as exc:  # boundary: numpy's reader
-        raise DataError(f"data file {path}: not a readable .npz archive ({first_line(exc, 300)})") from exc
+    arrays, total = _read_npz(path, limit)
+    if limit is not None and total > limit:
+        note = f"data file {path.name} holds {total} samples; only the first {limit} are used"
+        log.warning(note)
+        if notes is not None:
+            notes.append(note)
     specs = input_specs(sess)
     names = [s[0] for s in specs]
     missing = [n for n in names if n not in arrays]
@@ -237,6 +329,48 @@ def load_samples(path: str | Path, sess: ort.InferenceSession) -> list[dict[str,
     for name, samples in per_input.items():
         _check_finite(path, name, samples)
     return [{name: per_input[name][i] for name in names} for i in range(n)]
+
+
+def _read_npz(path: Path, limit: int | None) -> tuple[dict[str, np.ndarray], int]:
+    """Each array of the archive cut to its first ``limit`` rows (read no further), and the most rows any had."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            arrays: dict[str, np.ndarray] = {}
+            total = 0
+            for member in archive.namelist():
+                name = member[: -len(".npy")] if member.endswith(".npy") else member
+                with archive.open(member) as stream:
+                    arrays[name], rows = _read_leading_rows(path, name, stream, limit)
+                total = max(total, rows)
+    except DataError:
+        raise
+    except Exception as exc:  # boundary: the zip and .npy readers
+        raise DataError(f"data file {path}: not a readable .npz archive ({first_line(exc, 300)})") from exc
+    return arrays, total
+
+
+def _read_leading_rows(path: Path, name: str, stream: Any, limit: int | None) -> tuple[np.ndarray, int]:
+    """The first ``limit`` entries along axis 0 of one ``.npy`` stream, and how many it holds."""
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise DataError(f"data file {path}: array '{name}' holds Python objects (pickled data is refused)")
+    rows = shape[0] if shape else 1
+    kept = shape if not shape or limit is None or fortran_order else (min(rows, limit), *shape[1:])
+    count = math.prod(kept)
+    if count * dtype.itemsize > MAX_DATA_BYTES:
+        raise DataError(
+            f"data file {path}: array '{name}' would take {count * dtype.itemsize / 2**30:.1f} GiB in memory "
+            f"(limit {MAX_DATA_BYTES / 2**30:g} GiB); give fewer or smaller samples"
+        )
+    data = stream.read(count * dtype.itemsize)
+    if len(data) != count * dtype.itemsize:
+        raise DataError(f"data file {path}: array '{name}' is truncated")
+    array = np.frombuffer(data, dtype=dtype, count=count).reshape(kept, order="F" if fortran_order else "C")
+    if fortran_order and limit is not None and shape:
+        array = array[:limit]
+    return array.copy(), rows
 
 
 def _check_finite(path: Path, name: str, samples: list[np.ndarray]) -> None:

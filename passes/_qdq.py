@@ -13,6 +13,7 @@ import onnx
 
 from nnopt.ir.graphview import stable_topological_order, subgraph_reads
 from nnopt.passes import _ort_quant
+from nnopt.runtime import run_model
 
 #: Ops whose presence means the model is already quantized (any domain: ONNX and com.microsoft).
 QUANTIZED_OPS = frozenset({
@@ -209,7 +210,7 @@ def probe_session(proto: onnx.ModelProto, names: Sequence[str]) -> Any:
 
 def run_probe(session: Any, names: Sequence[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The named tensors of one run of a ``probe_session`` on ``feeds``."""
-    return dict(zip(names, session.run(list(names), feeds)))
+    return dict(zip(names, run_model(session, feeds, list(names))))
 
 
 def signal_noise_power(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:

@@ -18,7 +18,7 @@ from nnopt.ir.naming import taken_names, unique_name
 from nnopt.passes import _qdq
 from nnopt.pipeline.base import LayerDecision, Pass, PassContext, PassResult
 from nnopt.pipeline.verify import LOSSLESS_ATOL, LOSSLESS_TOLERANCE, compare_outputs
-from nnopt.runtime import make_session
+from nnopt.runtime import make_session, run_model
 
 _PREFIX = "quantize"
 #: At most this many samples feed the per-layer SQNR (each costs a run of the float and the quantized model).
@@ -476,9 +476,9 @@ def _raise_opset(proto: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto | 
         onnx.checker.check_model(raised)
         sess = make_session(proto)
         feeds = ctx.samples[:4] or generate_samples(sess, count=2, input_shapes=ctx.input_shapes)
-        before = [sess.run(None, f) for f in feeds]
+        before = [run_model(sess, f) for f in feeds]
         after_sess = make_session(raised)
-        after = [after_sess.run(None, f) for f in feeds]
+        after = [run_model(after_sess, f) for f in feeds]
     except Exception:  # noqa: BLE001 - any failure of the converter or of the converted model: keep opset
         return None
     fidelity = compare_outputs(before, after)

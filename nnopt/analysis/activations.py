@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from nnopt.ir.model import Model
-from nnopt.runtime import make_session
+from nnopt.runtime import make_session, run_model
 
 
 def collect_activations(
@@ -33,7 +33,7 @@ def collect_activations(
     sess = make_session(probe)
     values: dict[str, list[np.ndarray]] = {name: [] for name in wanted}
     for feeds in samples:
-        outs = sess.run(wanted, feeds)
+        outs = run_model(sess, feeds, wanted)
         for name, value in zip(wanted, outs):
             values[name].append(np.asarray(value))
     return values

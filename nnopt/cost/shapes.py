@@ -100,7 +100,7 @@ def fill_unknown_shapes(
         )
         return
     # Imported here: onnxruntime is slow to import and most analyses never need it.
-    from nnopt.runtime import make_feeds, make_session
+    from nnopt.runtime import make_feeds, make_session, run_model
 
     run = onnx.ModelProto()
     run.CopyFrom(proto)
@@ -111,7 +111,7 @@ def fill_unknown_shapes(
     run.graph.output.extend(onnx.ValueInfoProto(name=n) for n in unknown if n not in present)
     try:
         session = make_session(run, optimize=False)
-        values = session.run(unknown, make_feeds(session, fixed))
+        values = run_model(session, make_feeds(session, fixed), unknown)
     except Exception as exc:  # noqa: BLE001 - boundary: a failure only costs those shapes
         notes.append(
             f"{len(unknown)} tensor(s) have unknown shapes after shape inference and running the model in "

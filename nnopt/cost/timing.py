@@ -9,9 +9,17 @@ import time
 import numpy as np
 import onnx
 
+from nnopt.analysis.shapes import ShapeResult
 from nnopt.errors import InputError, first_line
 from nnopt.ir.model import Model
-from nnopt.runtime import RuntimeUnavailable, make_feeds, make_session
+from nnopt.runtime import (
+    DEFAULT_RUN_TIME_LIMIT_S,
+    RuntimeUnavailable,
+    make_feeds,
+    make_session,
+    oversized_tensor,
+    run_model,
+)
 
 
 def measure_latency(
@@ -21,6 +29,8 @@ def measure_latency(
     warmup: int = 3,
     runs: int = 20,
     input_shapes: dict[str, list[int]] | None = None,
+    time_limit: float | None = DEFAULT_RUN_TIME_LIMIT_S,
+    shapes: ShapeResult | None = None,
 ) -> dict[str, float | int]:
     """Time the model in onnxruntime on CPU, with onnxruntime's default graph optimizations.
 
@@ -31,6 +41,10 @@ def measure_latency(
         warmup: Untimed runs first (allocations, caches, thread-pool start-up).
         runs: Timed runs.
         input_shapes: Shapes for generated inputs.
+        time_limit: The first run is stopped after this many seconds (a valid Loop may never end); the
+            others, on the same inputs, take as long and go unguarded so the timer costs them nothing.
+        shapes: Shape inference of the model: if it shows a tensor too large to build (see
+            ``oversized_tensor``), nothing is run.
 
     Returns:
         ``{"median_s", "min_s", "mean_s", "runs"}``, wall-clock seconds per run.
@@ -48,14 +62,19 @@ def measure_latency(
         feeds = make_feeds(session, input_shapes, given=feeds)
     except RuntimeUnavailable as exc:  # the model cannot run here, or its inputs cannot be generated
         raise InputError(str(exc)) from exc
+    flood = oversized_tensor(shapes) if shapes is not None else None
+    if flood is not None:
+        raise InputError(f"cannot measure latency: {flood}")
     try:
-        for _ in range(warmup):
-            session.run(None, feeds)
         times = []
-        for _ in range(runs):
+        for i in range(warmup + runs):
             start = time.perf_counter()
-            session.run(None, feeds)
-            times.append(time.perf_counter() - start)
+            if i == 0:
+                run_model(session, feeds, time_limit=time_limit)
+            else:
+                session.run(None, feeds)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
     except Exception as exc:  # boundary: onnxruntime raises its own exception types
         raise InputError(f"onnxruntime cannot run the model: {first_line(exc)}") from exc
     return {

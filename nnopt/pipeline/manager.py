@@ -28,6 +28,7 @@ from nnopt.pipeline.verify import (
     passes_strict_shape_inference,
     validity_problems,
 )
+from nnopt.runtime import RunTimeLimitExceeded
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,11 @@ class Budget:
 
     def to_dict(self) -> dict[str, Any]:
         return {"max_rel_error": self.max_rel_error, "min_cosine": self.min_cosine, "min_top1": self.min_top1}
+
+    @property
+    def is_set(self) -> bool:
+        """Whether any limit is given."""
+        return any(getattr(self, key) is not None for key in self.RANGES)
 
 
 @dataclass
@@ -290,6 +296,8 @@ class PassManager:
             report.verification = "disabled"
         elif self.verifier.unavailable is not None:
             report.verification = self.verifier.unavailable
+        if self._active_verifier is not None:
+            report.notes.extend(self._verification_notes(self._active_verifier))
         reference = self._active_verifier.reference if self._active_verifier else None
         current = _Current(snapshot, self._totals(analyses), analyses.checkpoint(), reference)
         report.original = current.cost
@@ -309,6 +317,22 @@ class PassManager:
             reference = self._active_verifier.reference
             report.fidelity = (current.fidelity or compare_outputs(reference, reference)).to_dict()
         return report
+
+    def _verification_notes(self, verifier: Verifier) -> list[str]:
+        """How the budget is judged, for the report; refuses a top-1 budget no output can be scored on."""
+        notes = list(verifier.notes)
+        scored = compare_outputs(verifier.reference, verifier.reference).top1_agreement is not None
+        if self.budget.min_top1 is not None and not scored:
+            raise OptionError(
+                "budget min_top1: no output of the model looks like class scores (a float [batch, classes] "
+                "tensor); use min_cosine or max_rel_error"
+            )
+        if self.budget.is_set and verifier.generated:
+            notes.append(
+                f"the budget is judged on {len(verifier.samples)} generated inputs (seeded noise), not on task "
+                "data: give --data for figures that say something about accuracy"
+            )
+        return notes
 
     def _step(self, pass_: Pass, model: Model, ctx: PassContext, record: PassRecord, current: _Current) -> bool:
         """Run one pass and keep or roll back its change; True if the model changed and was kept."""
@@ -360,9 +384,15 @@ class PassManager:
         total: Fidelity | None = None
         step: Fidelity | None = None
         verifier = self._active_verifier
+        if verifier is None and pass_.lossy and self.budget.is_set:
+            # A budget nothing can check is no budget: keeping the pass would report it as met.
+            why = self.verifier.unavailable if self.verifier is not None else "verification is disabled"
+            return _Verdict(f"the budget cannot be checked: {why}")
         if verifier is not None:
             try:
                 outputs = verifier.run(proto)
+            except RunTimeLimitExceeded as exc:
+                return _Verdict(f"verification impossible: the rewritten model: {exc}")
             except Exception as exc:  # boundary: onnxruntime on the rewritten model
                 return _Verdict(f"onnxruntime cannot run the result: {first_line(exc, 300)}")
             assert current.outputs is not None

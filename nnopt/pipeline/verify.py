@@ -12,10 +12,19 @@ from typing import Any
 import numpy as np
 import onnx
 
-from nnopt.analysis.shapes import STRICT, infer_shapes
+from nnopt.analysis.shapes import STRICT, ShapeResult, infer_shapes
 from nnopt.errors import DataError, first_line
 from nnopt.ir.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes, write_proto_atomically
-from nnopt.runtime import RuntimeUnavailable, generate_samples, load_samples, make_session
+from nnopt.runtime import (
+    DEFAULT_RUN_TIME_LIMIT_S,
+    RunTimeLimitExceeded,
+    RuntimeUnavailable,
+    generate_samples,
+    load_samples,
+    make_session,
+    oversized_tensor,
+    run_model,
+)
 
 #: Lossless passes must keep every output within this error, relative to the output's largest magnitude,
 LOSSLESS_TOLERANCE = 1e-5
@@ -167,8 +176,10 @@ class Verifier:
     """Runs models on fixed reference inputs and compares their outputs.
 
     The reference inputs come from a data file or are generated (seeded) from the model's input
-    signature. If onnxruntime cannot run the original model on them, ``unavailable`` says why and
-    numerical verification is skipped (validity checks still run).
+    signature. If onnxruntime cannot run the original model on them, or a run does not finish within
+    ``time_limit`` seconds, or ``shapes`` (shape inference of ``proto``) shows a tensor too large to build
+    (see ``oversized_tensor``), ``unavailable`` says why and numerical verification is skipped (validity
+    checks still run).
     """
 
     def __init__(
@@ -179,8 +190,14 @@ class Verifier:
         samples: int = 2,
         seed: int = 0,
         input_shapes: dict[str, list[int]] | None = None,
+        time_limit: float | None = DEFAULT_RUN_TIME_LIMIT_S,
+        shapes: ShapeResult | None = None,
     ) -> None:
         self.unavailable: str | None = None
+        #: Lines for the report: how the reference samples were chosen.
+        self.notes: list[str] = []
+        self.time_limit = time_limit
+        self.generated = not data_path
         self.samples: list[dict[str, np.ndarray]] = []
         self.reference: list[list[Any]] = []
         try:
@@ -191,15 +208,27 @@ class Verifier:
             self.unavailable = str(exc)
             return
         if data_path:
-            self.samples = load_samples(data_path, sess)  # DataError propagates: it is the user's input
+            # DataError propagates: the data is the user's input.
+            self.samples = load_samples(data_path, sess, notes=self.notes)
         else:
             try:
                 self.samples = generate_samples(sess, count=samples, seed=seed, input_shapes=input_shapes)
             except RuntimeUnavailable as exc:
                 self.unavailable = str(exc)
                 return
+        # Checked after the inputs: a bad data file or an oversized input is the more specific message.
+        flood = oversized_tensor(shapes) if shapes is not None else None
+        if flood is not None:
+            self.unavailable = f"verification impossible: {flood}"
+            return
         try:
-            self.reference = [sess.run(None, feeds) for feeds in self.samples]
+            self.reference = [run_model(sess, feeds, time_limit=time_limit) for feeds in self.samples]
+        except RunTimeLimitExceeded as exc:
+            self.unavailable = (
+                f"verification impossible: the original model on the {'given' if data_path else 'generated'} "
+                f"inputs: {exc} (see --run-time-limit)"
+            )
+            return
         except Exception as exc:  # boundary: onnxruntime
             self.unavailable = (
                 "the original model does not run on the "
@@ -216,8 +245,13 @@ class Verifier:
             self.reference = []
 
     def run(self, proto: onnx.ModelProto) -> list[list[Any]]:
+        """The model's outputs on every reference sample.
+
+        Raises:
+            RunTimeLimitExceeded: one run took longer than the time limit.
+        """
         sess = make_session(proto)
-        return [sess.run(None, feeds) for feeds in self.samples]
+        return [run_model(sess, feeds, time_limit=self.time_limit) for feeds in self.samples]
 
 
 def _first_nan_output(reference: list[list[Any]], names: list[str]) -> str | None:
