@@ -17,6 +17,7 @@ or, from a pipeline file (TOML or JSON, see ``nnopt.pipeline.config``)::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,14 @@ class Pipeline:
     verify: bool = True
     fixed_point: bool | None = None
     run_time_limit: float | None = DEFAULT_RUN_TIME_LIMIT_S
+
+    def __post_init__(self) -> None:
+        # The command line and pipeline files check these too; this is the Python API's check.
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise OptionError(f"seed: expected a non-negative integer, got {self.seed!r}")
+        limit = self.run_time_limit
+        if limit is not None and not (isinstance(limit, int | float) and 0 < limit < math.inf):
+            raise OptionError(f"run_time_limit: expected a positive number of seconds or None, got {limit!r}")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], plugins: Plugins | None = None, **overrides: Any) -> Pipeline:

@@ -88,7 +88,7 @@ def _add_optimize(sub: Any) -> None:
     opt.add_argument("--hardware", default=None,
                      help="profile for the cost estimates: a name, flops=...,bandwidth=..., or PROFILE.json")
     opt.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS")
-    opt.add_argument("--seed", type=int, default=None, help="seed for generated inputs and randomised passes (default 0)")
+    opt.add_argument("--seed", type=_non_negative_int, default=None, help="seed for generated inputs and randomised passes (default 0)")
     opt.add_argument("--max-rel-error", type=float, default=None, help="lossy budget: max relative output error")
     opt.add_argument("--min-cosine", type=float, default=None, help="lossy budget: min cosine similarity")
     opt.add_argument("--min-top1", type=float, default=None, help="lossy budget: min top-1 agreement")
@@ -117,6 +117,17 @@ def _add_calibrate(sub: Any) -> None:
     calibrate.add_argument("--name", default="calibrated", help="the profile's name")
     calibrate.add_argument("--quick", action="store_true",
                            help="tiny probes: checks the machinery in a second; the figures are not representative")
+
+
+def _non_negative_int(text: str) -> int:
+    """An integer of at least 0 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
 
 
 def _seconds(text: str) -> float:

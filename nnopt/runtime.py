@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from nnopt.analysis.shapes import ShapeResult
-from nnopt.errors import DataError, InputError, NnoptError, first_line
+from nnopt.errors import DataError, InputError, first_line
 from nnopt.ir.model import EXTERNAL_DATA_THRESHOLD, Model, tensor_bytes, write_proto_atomically
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,8 @@ DEFAULT_RUN_TIME_LIMIT_S = 60.0
 MAX_RUN_TENSOR_BYTES = 4 * 2**30
 
 
-class RuntimeUnavailable(NnoptError):
-    """onnxruntime cannot create a session for, or run, this model."""
+class RuntimeUnavailable(InputError):
+    """onnxruntime cannot create a session for, or run, this model (a property of the input: exit 2)."""
 
 
 class RunTimeLimitExceeded(RuntimeUnavailable):
@@ -178,8 +178,8 @@ def make_feeds(
     on axis 0 and :data:`DEFAULT_DYNAMIC_DIM` elsewhere.
 
     Raises:
-        InputError: ``input_shapes`` or ``given`` names an unknown input, or an input has a type that
-            cannot be generated (give its value then).
+        InputError: ``input_shapes`` or ``given`` names an unknown input.
+        RuntimeUnavailable: an input has a type that cannot be generated (a map, a sequence).
     """
     shapes = input_shapes or {}
     given = given or {}
@@ -209,7 +209,7 @@ def make_feeds(
             continue
         dtype = _ORT_DTYPES.get(inp.type)
         if dtype is None:
-            raise InputError(f"cannot generate a value for input '{inp.name}' of type {inp.type}; give one")
+            raise RuntimeUnavailable(f"cannot generate a value for input '{inp.name}' of type {inp.type}")
         if inp.name in shapes:
             shape = [int(d) for d in shapes[inp.name]]
         else:

@@ -304,3 +304,33 @@ def test_a_huge_input_shape_is_an_input_error_and_a_huge_model_input_skips_verif
     assert code == 0 and "numerical verification skipped: input 'x' of shape [100000, 100000] would need 37.3 GiB" in stdout
     code, _, err = _run(capsys, "analyze", str(huge), "--measure")
     _assert_one_line_error(code, err, "would need 37.3 GiB of generated values")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seed", "-1"], "argument --seed: expected a non-negative integer, got '-1'"),
+        (["-p", "prune:ratio=0.5,ratio=0.6"], "pass 'prune': option 'ratio' given twice in 'prune:ratio=0.5,ratio=0.6'"),
+    ],
+)
+def test_flags_found_by_fuzzing_are_input_errors(tmp_path, capsys, argv, message):
+    out = tmp_path / "out.onnx"
+    code, _, err = _run(capsys, "optimize", str(EXAMPLE), "-o", str(out), *argv)
+    _assert_one_line_error(code, err, message)
+    assert not out.exists()
+
+
+def test_data_for_a_model_onnxruntime_cannot_load_is_an_input_error(tmp_path, capsys):
+    """Without --data verification is skipped; with it, the data cannot be used: exit 2, not an internal error."""
+    proto = model_from_text("""
+        <ir_version: 8, opset_import: ["" : 17, "fz.unknown" : 1]>
+        g (float[1, 4] x) => (float[1, 4] y) { y = fz.unknown.Thing(x) }
+    """)
+    model, data, out = tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "out.onnx"
+    onnx.save(proto, model)
+    np.savez(data, x=np.ones((2, 1, 4), np.float32))
+    code, _, err = _run(capsys, "optimize", str(model), "-o", str(out), "--data", str(data))
+    _assert_one_line_error(code, err, "onnxruntime cannot load the model")
+    assert not out.exists()
+    code, stdout, _ = _run(capsys, "optimize", str(model), "-o", str(out))
+    assert code == 0 and "numerical verification skipped: onnxruntime cannot load the model" in stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import functools
@@ -65,6 +66,9 @@ class Model:
     #: Names that had value_info in the input. Only those get value_info on export: shapes a pass infers
     #: along the way are not written out, so the file does not grow with annotations it never had.
     value_info_names: set[str] = field(default_factory=set)
+    #: Types graphsurgeon cannot represent (maps, optionals, sequences of them: a ZipMap's
+    #: ``seq(map(int64, float))``) by value name; written back as they were.
+    rich_types: dict[str, onnx.TypeProto] = field(default_factory=dict)
     #: Training info is not edited by nnopt, but kept.
     training_info: list[onnx.TrainingInfoProto] = field(default_factory=list)
 
@@ -108,6 +112,7 @@ class Model:
             input_defaults={name: copy.deepcopy(t) for name, t in defaults.items()},
             input_order=input_names,
             value_info_names={v.name for g in graph_protos(proto.graph) for v in g.value_info},
+            rich_types=_rich_types(proto.graph),
         )
 
     def to_proto(self) -> onnx.ModelProto:
@@ -117,11 +122,14 @@ class Model:
             for node in g.nodes:
                 # NOTE: a domain first used by a pass needs an opset import; "" always has one.
                 opsets.setdefault(node.domain or "", 1)
-        proto = gs.export_onnx(
-            self.graph,
-            do_type_check=False,
-            opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
-        )
+        with _rich_types_hidden(self):
+            proto = gs.export_onnx(
+                self.graph,
+                do_type_check=False,
+                opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in sorted(opsets.items())],
+            )
+        if self.rich_types:
+            _write_rich_types(proto.graph, self.rich_types)
         proto.ir_version = self.ir_version
         # NOTE: ONNX is proto2: a field assigned even an empty value is serialised, so set only what the
         # input had (an untouched model must not grow by a few bytes).
@@ -256,6 +264,53 @@ def _check_not_empty(proto: onnx.ModelProto, where: str) -> None:
         raise ModelLoadError(f"{where}: not an ONNX model (no ir_version or graph; empty or not a ModelProto)")
 
 
+# ---------------------------------------------------------------------------------------------- rich types
+def _is_rich(type_: onnx.TypeProto) -> bool:
+    """Whether graphsurgeon loses this type: a map or optional, also inside a sequence."""
+    kind = type_.WhichOneof("value")
+    if kind == "sequence_type":
+        return type_.sequence_type.HasField("elem_type") and _is_rich(type_.sequence_type.elem_type)
+    return kind in ("map_type", "optional_type")
+
+
+def _rich_types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
+    return {
+        v.name: copy.deepcopy(v.type)
+        for g in graph_protos(graph)
+        for v in (*g.input, *g.output, *g.value_info)
+        if _is_rich(v.type)
+    }
+
+
+@contextlib.contextmanager
+def _rich_types_hidden(model: Model) -> Iterator[None]:
+    """Export values of rich types untyped: graphsurgeon has no exporter for them (it fails on a map)."""
+    if not model.rich_types:
+        yield
+        return
+    hidden = [
+        (tensor, tensor.dtype)
+        for g in model.all_graphs()
+        for name, tensor in g.tensors().items()
+        if name in model.rich_types and not isinstance(tensor, gs.Constant)
+    ]
+    for tensor, _ in hidden:
+        tensor.dtype = None
+    try:
+        yield
+    finally:
+        for tensor, dtype in hidden:
+            tensor.dtype = dtype
+
+
+def _write_rich_types(graph: onnx.GraphProto, types: dict[str, onnx.TypeProto]) -> None:
+    for g in graph_protos(graph):
+        for value in (*g.input, *g.output, *g.value_info):
+            rich = types.get(value.name)
+            if rich is not None:
+                value.type.CopyFrom(rich)
+
+
 def _check_structure(proto: onnx.ModelProto, where: str) -> None:
     """Refuse what the onnx checker lets through but nnopt's IR cannot represent or write back.
 
@@ -323,6 +378,43 @@ def _check_tensor_type(message: Message, path: str, where: str) -> None:
     assert isinstance(message, onnx.TensorProto)
     if message.data_type not in _KNOWN_DATA_TYPES:
         raise ModelLoadError(f"{where}: tensor '{message.name}' ({path}) has unknown data type code {message.data_type}")
+    if any(d < 0 for d in message.dims):
+        raise ModelLoadError(f"{where}: tensor '{message.name}' ({path}) has negative dims {list(message.dims)}")
+    if math.prod(message.dims) > _MAX_ELEMENTS:
+        raise ModelLoadError(f"{where}: tensor '{message.name}' ({path}) has dims {list(message.dims)}, more "
+                             "elements than 64-bit sizes can count in bytes")
+
+
+def _check_dimension(message: Message, path: str, where: str) -> None:
+    assert isinstance(message, onnx.TensorShapeProto.Dimension)
+    # -1 is how some exporters (PaddlePaddle: PP-OCR) write an unknown dim, and onnxruntime reads it so;
+    # below that, onnxruntime aborts the whole process (a failed C++ assertion) on some models.
+    if message.HasField("dim_value") and message.dim_value < -1:
+        raise ModelLoadError(f"{where}: {path} has negative dimension {message.dim_value}")
+
+
+#: Map keys the ONNX spec allows: integers and strings.
+_MAP_KEY_TYPES = frozenset(
+    getattr(onnx.TensorProto, name)
+    for name in ("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "STRING")
+)
+
+
+def _check_map_key(message: Message, path: str, where: str) -> None:
+    assert isinstance(message, onnx.TypeProto.Map)
+    if message.key_type not in _MAP_KEY_TYPES:
+        raise ModelLoadError(f"{where}: {path} has map key type code {message.key_type}; keys must be integers or strings")
+
+
+#: More elements than this in one static shape overflow the 64-bit byte counts of onnxruntime and nnopt.
+_MAX_ELEMENTS = 2**60
+
+
+def _check_shape(message: Message, path: str, where: str) -> None:
+    assert isinstance(message, onnx.TensorShapeProto)
+    count = math.prod(d.dim_value for d in message.dim if d.HasField("dim_value") and d.dim_value > 0)
+    if count > _MAX_ELEMENTS:
+        raise ModelLoadError(f"{where}: {path} has {count:.3g} elements, more than 64-bit sizes can count in bytes")
 
 
 def _check_elem_type(message: Message, path: str, where: str) -> None:
@@ -335,6 +427,16 @@ def _check_elem_type(message: Message, path: str, where: str) -> None:
 def _check_node_attributes(message: Message, path: str, where: str) -> None:
     assert isinstance(message, onnx.NodeProto)
     for attr in message.attribute:
+        texts = [attr.s] if attr.type == onnx.AttributeProto.STRING else list(attr.strings)
+        for text in texts:
+            try:
+                text.decode("utf-8")
+            except UnicodeDecodeError:
+                # onnx-graphsurgeon reads attribute strings as text; ONNX stores them as bytes.
+                raise ModelLoadError(
+                    f"{where}: attribute '{attr.name}' of node '{message.name}' ({message.op_type}, {path}) "
+                    f"is not valid UTF-8 ({text[:40]!r})"
+                ) from None
         field_name = _LIST_ATTRIBUTES.get(attr.type)
         if field_name is not None and not attr.ref_attr_name and not getattr(attr, field_name):
             raise ModelLoadError(
@@ -349,6 +451,9 @@ _MESSAGE_CHECKS: dict[str, Callable[[Message, str, str], None]] = {
     "onnx.TypeProto.Tensor": _check_elem_type,
     "onnx.TypeProto.SparseTensor": _check_elem_type,
     "onnx.NodeProto": _check_node_attributes,
+    "onnx.TensorShapeProto.Dimension": _check_dimension,
+    "onnx.TypeProto.Map": _check_map_key,
+    "onnx.TensorShapeProto": _check_shape,
 }
 
 

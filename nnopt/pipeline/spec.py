@@ -39,6 +39,8 @@ def parse_pass_spec(spec: str) -> tuple[str, dict[str, str]]:
             last = key.strip()
             if not last:
                 raise OptionError(f"pass '{name}': option without a name in '{spec}'")
+            if last in values:
+                raise OptionError(f"pass '{name}': option '{last}' given twice in '{spec}'")
             values[last] = value.strip()
         elif last is not None:
             values[last] += "," + token.strip()
