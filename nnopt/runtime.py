@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from nnopt.analysis.shapes import ShapeResult
+from nnopt.analysis.shapes import ShapeResult, negative_dims_unknown
 from nnopt.errors import DataError, InputError, first_line
 from nnopt.ir.model import EXTERNAL_DATA_THRESHOLD, Model, tensor_bytes, write_proto_atomically
 
@@ -147,13 +147,14 @@ def make_session(
         if isinstance(model, (str, os.PathLike)):
             return ort.InferenceSession(str(model), options, providers=_PROVIDERS)
         proto = model.to_proto() if isinstance(model, Model) else model
-        if tensor_bytes(proto) <= EXTERNAL_DATA_THRESHOLD:
-            return ort.InferenceSession(proto.SerializeToString(), options, providers=_PROVIDERS)
-        # onnxruntime has read (or mapped) the weights once the session exists, so the folder can go.
-        with tempfile.TemporaryDirectory(prefix="nnopt-ort-", ignore_cleanup_errors=True) as tmp:
-            path = Path(tmp) / "model.onnx"
-            write_proto_atomically(proto, path, external_data=True)
-            return ort.InferenceSession(str(path), options, providers=_PROVIDERS)
+        with negative_dims_unknown(proto):
+            if tensor_bytes(proto) <= EXTERNAL_DATA_THRESHOLD:
+                return ort.InferenceSession(proto.SerializeToString(), options, providers=_PROVIDERS)
+            # onnxruntime has read (or mapped) the weights once the session exists, so the folder can go.
+            with tempfile.TemporaryDirectory(prefix="nnopt-ort-", ignore_cleanup_errors=True) as tmp:
+                path = Path(tmp) / "model.onnx"
+                write_proto_atomically(proto, path, external_data=True)
+                return ort.InferenceSession(str(path), options, providers=_PROVIDERS)
     except Exception as exc:  # boundary: onnxruntime raises its own exception types
         raise RuntimeUnavailable(f"onnxruntime cannot load the model: {first_line(exc, 300)}") from exc
 

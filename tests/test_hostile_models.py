@@ -250,3 +250,42 @@ def test_map_and_sequence_of_map_types_are_written_back_unchanged(
         assert out.read_bytes() == src.read_bytes()
         if name == "vectorizer":  # a map cannot be generated: verification says so instead of failing
             assert "numerical verification skipped: cannot generate a value for input 'm' of type map(" in stdout
+
+
+def _slice_of_a_shape_declared_minus_one() -> onnx.ModelProto:
+    """Shape → Slice → Reshape, the Shape's output declared int64[-1]: PaddlePaddle's "unknown" in a place
+    where onnx's own shape inference (data propagation) aborts the process on a failed C++ assertion."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Shape", ["x"], ["s"]),
+         onnx.helper.make_node("Slice", ["s", "start", "end"], ["head"]),
+         onnx.helper.make_node("Concat", ["head", "rest"], ["target"], axis=0),
+         onnx.helper.make_node("Reshape", ["x", "target"], ["y"])],
+        "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])],
+        [onnx.numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("start", 0), ("end", 1), ("rest", -1))],
+        value_info=[onnx.helper.make_tensor_value_info("s", onnx.TensorProto.INT64, [-1])],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def test_a_minus_one_dim_where_onnx_would_abort(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _save(_slice_of_a_shape_declared_minus_one(), tmp_path)
+    out = tmp_path / "out.onnx"
+    optimize = ["optimize", str(src), "-o", str(out)]
+    for argv in (["analyze", str(src)], optimize, [*optimize, "-p", "dce"]):
+        assert main(argv) == 0, capsys.readouterr().err
+    assert "numerical verification skipped" not in capsys.readouterr().out
+    # The declared -1 is read as unknown only while onnx and onnxruntime look; a pass leaving it keeps it.
+    s = next(v for v in onnx.load(str(out)).graph.value_info if v.name == "s")
+    assert s.type.tensor_type.shape.dim[0].dim_value == -1
+
+
+def test_a_shape_operand_longer_than_any_rank(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # ONNX shape inference built a 2^40-dim output shape for the Expand, past 9 GB, before this check.
+    proto = model_from_text("""<ir_version: 8, opset_import: ["" : 13]>
+        g (float[1,3,1] x, int64[1099511627776] shape) => (float[1,3,1] y) { y = Expand(x, shape) }""")
+    proto.graph.node[0].name = "expand"
+    _assert_refused(_save(proto, tmp_path), capsys, "node 'expand' (Expand) takes its output rank from 'shape'",
+                    "declared with 1,099,511,627,776 values (at most 1,024)")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -224,6 +225,32 @@ def _graph_shapes(graph: onnx.GraphProto) -> GraphShapes:
 
 
 # ---------------------------------------------------------------------------------------------- inference
+@contextlib.contextmanager
+def negative_dims_unknown(proto: onnx.ModelProto) -> Iterator[None]:
+    """Declared dims of -1 (PaddlePaddle's "unknown") read as unknown while onnx or onnxruntime reads the model.
+
+    Both take a graph input's -1 as dynamic, but a -1 elsewhere (the length of a Shape output in
+    value_info) makes onnx's shape inference abort the whole process on a failed C++ assertion. The
+    proto, possibly shared, is changed in place and restored: copying it would copy the weights.
+    """
+    cleared = [
+        (dim, dim.dim_value)
+        for graph in graph_protos(proto.graph)
+        for value in (*graph.input, *graph.output, *graph.value_info)
+        if value.type.HasField("tensor_type")
+        for dim in value.type.tensor_type.shape.dim
+        if dim.dim_value < 0
+    ]
+    for dim, _ in cleared:
+        dim.ClearField("dim_value")
+    try:
+        yield
+    finally:
+        for dim, value in cleared:
+            dim.dim_value = value
+
+
+
 def infer_shapes(
     model: onnx.ModelProto | str | os.PathLike[str],
     options: ShapeOptions = FRESH,
@@ -253,9 +280,10 @@ def infer_shapes(
     for data_prop in (options.data_prop, False) if options.retry_without_data_prop else (options.data_prop,):
         _count(counter, "infer")
         try:
-            inferred = onnx.shape_inference.infer_shapes(
-                prepared, check_type=False, strict_mode=options.strict, data_prop=data_prop
-            )
+            with negative_dims_unknown(prepared):
+                inferred = onnx.shape_inference.infer_shapes(
+                    prepared, check_type=False, strict_mode=options.strict, data_prop=data_prop
+                )
         except Exception as exc:  # noqa: BLE001 - boundary: onnx raises several types
             error = first_line(exc)
             continue

@@ -62,9 +62,9 @@ def _reordered(proto: onnx.ModelProto, order: list[int]) -> onnx.ModelProto:
 
 
 def _info_from_value_info(vi: onnx.ValueInfoProto) -> TensorInfo | None:
-    # Read from the proto rather than as ``TensorType``: a dim_value of -1 (written by some exporters)
-    # has always been taken as a dim here, and the figures must not change in a refactor.
-    # TODO(cost): count such tensors as unknown (ppocr_cls reports -8 output bytes for one Identity).
+    # Read from the proto rather than as ``TensorType``. A declared dim_value of -1 (PaddlePaddle's
+    # "unknown") reaches here as unknown: inference runs under ``negative_dims_unknown`` (it once made
+    # ppocr_cls report -8 output bytes for one Identity).
     if not vi.type.HasField("tensor_type"):
         return None
     tensor_type = vi.type.tensor_type

@@ -323,6 +323,34 @@ def _check_structure(proto: onnx.ModelProto, where: str) -> None:
     if not proto.graph.output:
         raise ModelLoadError(f"{where}: the graph has no outputs; a model must compute at least one")
     _scan_message(proto, "model", where)
+    _check_rank_operands(proto.graph, where)
+
+
+#: Operands whose length is the rank of the node's output: (op_type, input index).
+_RANK_OPERANDS = {("Expand", 1), ("Reshape", 1), ("ConstantOfShape", 0)}
+#: The longest such operand nnopt accepts. ONNX shape inference builds the output shape dim by dim: an
+#: int64[2^40] input feeding an Expand took it past 9 GB before anything else ran.
+MAX_RANK = 1024
+
+
+def _check_rank_operands(graph: onnx.GraphProto, where: str) -> None:
+    declared: dict[str, list[int]] = {}
+    for g in graph_protos(graph):
+        for t in g.initializer:
+            declared[t.name] = list(t.dims)
+        for v in (*g.input, *g.value_info):
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+                declared[v.name] = [d.dim_value for d in v.type.tensor_type.shape.dim]
+    for g in graph_protos(graph):
+        for node in g.node:
+            for op_type, index in _RANK_OPERANDS:
+                if node.op_type == op_type and node.domain in ("", "ai.onnx") and len(node.input) > index:
+                    dims = declared.get(node.input[index], [])
+                    if len(dims) == 1 and dims[0] > MAX_RANK:
+                        raise ModelLoadError(
+                            f"{where}: node '{node.name}' ({op_type}) takes its output rank from "
+                            f"'{node.input[index]}', declared with {dims[0]:,} values (at most {MAX_RANK:,})"
+                        )
 
 
 def _scan_message(message: Message, path: str, where: str) -> None:
