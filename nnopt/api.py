@@ -36,7 +36,7 @@ from nnopt.pipeline.progress import Progress
 from nnopt.pipeline.spec import DEFAULT_PIPELINE, instantiate, parse_pass_spec
 from nnopt.pipeline.verify import Verifier
 from nnopt.plugin_manager import Plugins, build_plugins, get_pass_class
-from nnopt.runtime import DEFAULT_RUN_TIME_LIMIT_S
+from nnopt.runtime import DEFAULT_RUN_TIME_LIMIT_S, run_time_limit
 
 #: A pass in a pipeline: ``"name"`` or ``"name:key=value,..."`` (as on the command line), a
 #: ``(name, {option: value})`` pair with typed values, or a configured ``Pass`` instance.
@@ -142,9 +142,16 @@ class Pipeline:
         """
         plugins = plugins or build_plugins()
         pipeline = self.resolved(plugins)
-        if pipeline.budget.is_set and not pipeline.verify:
+        with run_time_limit(pipeline.run_time_limit):
+            return pipeline._run(model, plugins, progress)
+
+    def _run(
+        self, model: ModelSource, plugins: Plugins, progress: Progress | None
+    ) -> tuple[Model, PipelineReport]:
+        """``run`` on a resolved pipeline, under its run time limit."""
+        if self.budget.is_set and not self.verify:
             raise OptionError("a budget needs numerical verification: drop --no-verify (verify = false) or the budget")
-        if pipeline.budget.min_top1 is not None and not pipeline.data:
+        if self.budget.min_top1 is not None and not self.data:
             raise DataError(
                 "a top-1 budget (--min-top1) needs reference data (--data): agreement on generated noise "
                 "says nothing about accuracy"
@@ -152,33 +159,33 @@ class Pipeline:
         if not isinstance(model, Model):
             model = load_model(model)
         settings = AnalysisSettings(
-            input_shapes=dict(pipeline.input_shapes), hardware=cast(HardwareProfile, pipeline.hardware),
+            input_shapes=dict(self.input_shapes), hardware=cast(HardwareProfile, self.hardware),
             rules=plugins.cost_rules,
         )
         analyses = AnalysisManager(model, settings)
         proto = analyses.proto()  # the one export of the input: verifier, samples and the first pass share it
-        data = str(pipeline.data) if pipeline.data else None
+        data = str(self.data) if self.data else None
         verifier = (
-            Verifier(proto, data_path=data, seed=pipeline.seed, input_shapes=pipeline.input_shapes,
-                     samples=GENERATED_BUDGET_SAMPLES if pipeline.budget.is_set else GENERATED_SAMPLES,
-                     time_limit=pipeline.run_time_limit, shapes=analyses.shapes())
-            if pipeline.verify
+            Verifier(proto, data_path=data, seed=self.seed, input_shapes=self.input_shapes,
+                     samples=GENERATED_BUDGET_SAMPLES if self.budget.is_set else GENERATED_SAMPLES,
+                     time_limit=self.run_time_limit, shapes=analyses.shapes())
+            if self.verify
             else None
         )
         manager = PassManager(
-            pipeline.build(plugins),  # already built by resolved(): this only reads the list
+            self.build(plugins),  # already built by resolved(): this only reads the list
             settings=settings,
             verifier=verifier,
-            budget=pipeline.budget,
-            strict=pipeline.strict,
-            fixed_point=bool(pipeline.fixed_point),
+            budget=self.budget,
+            strict=self.strict,
+            fixed_point=bool(self.fixed_point),
             hook=plugins.pm.hook,
             progress=progress,
         )
         ctx = PassContext(
-            seed=pipeline.seed,
+            seed=self.seed,
             samples=_pass_samples(proto, data, verifier),
-            input_shapes=dict(pipeline.input_shapes),
+            input_shapes=dict(self.input_shapes),
             analyses=analyses,
         )
         report = manager.run(model, ctx)

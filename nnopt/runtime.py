@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import tempfile
 import threading
 import zipfile
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -85,14 +88,30 @@ def oversized_tensor(shapes: ShapeResult) -> str | None:
     )
 
 
+#: The time limit ``run_model`` applies when its caller gives none: ``run_time_limit`` sets it for a block
+#: (a pipeline run sets its own, so passes that run the model inherit it).
+_CURRENT_TIME_LIMIT: ContextVar[float | None] = ContextVar("nnopt_run_time_limit", default=DEFAULT_RUN_TIME_LIMIT_S)
+
+
+@contextlib.contextmanager
+def run_time_limit(seconds: float | None) -> Iterator[None]:
+    """Within the block, ``run_model`` calls without an explicit ``time_limit`` use ``seconds``."""
+    token = _CURRENT_TIME_LIMIT.set(seconds)
+    try:
+        yield
+    finally:
+        _CURRENT_TIME_LIMIT.reset(token)
+
+
 def run_model(
     session: ort.InferenceSession,
     feeds: dict[str, Any],
     outputs: list[str] | None = None,
     *,
-    time_limit: float | None = DEFAULT_RUN_TIME_LIMIT_S,
+    time_limit: float | None | Literal["current"] = "current",
 ) -> list[Any]:
-    """``session.run(outputs, feeds)``, stopped after ``time_limit`` seconds (None: no limit).
+    """``session.run(outputs, feeds)``, stopped after ``time_limit`` seconds (None: no limit; "current":
+    the limit ``run_time_limit`` set, by default ``DEFAULT_RUN_TIME_LIMIT_S``).
 
     onnxruntime checks ``RunOptions.terminate`` between kernels, Loop iterations included, so a timer
     thread setting it ends a run that would never finish. onnxruntime's own exceptions propagate.
@@ -100,6 +119,8 @@ def run_model(
     Raises:
         RunTimeLimitExceeded: the run was stopped at its time limit.
     """
+    if time_limit == "current":
+        time_limit = _CURRENT_TIME_LIMIT.get()
     if time_limit is None:
         return session.run(outputs, feeds)
     options = ort.RunOptions()

@@ -69,6 +69,20 @@ class _SampleReader:
         return len(self._samples)
 
 
+class _TimeLimitedSession:
+    """An onnxruntime session whose ``run`` stops at the run time limit in force (see ``run_model``): the
+    calibrators run the model themselves, and a model can run forever (a Loop without an end)."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    def run(self, outputs: Sequence[str] | None, feeds: dict[str, np.ndarray], run_options: Any = None) -> Any:
+        return run_model(self._session, feeds, None if outputs is None else list(outputs))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
 def calibrate(proto: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], method: str,
               op_types: Sequence[str]) -> Any:
     """Activation ranges (onnxruntime ``TensorsData``) from onnxruntime's own calibrators on ``samples``.
@@ -86,6 +100,7 @@ def calibrate(proto: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]], 
         onnx.save_model(proto, path.as_posix(), save_as_external_data=proto.ByteSize() > 1_800_000_000)
         calibrator = _ort_quant.create_calibrator(path, list(op_types), (Path(tmp) / "aug.onnx").as_posix(),
                                                   methods[method])
+        calibrator.infer_session = _TimeLimitedSession(calibrator.infer_session)
         calibrator.collect_data(_SampleReader(samples))
         ranges = calibrator.compute_data()
         del calibrator

@@ -273,3 +273,15 @@ def test_a_model_that_would_build_a_huge_tensor_is_not_run(tmp_path, capsys) -> 
     assert out.stat().st_size < 1000
     code, _, err = _run(capsys, "analyze", str(model), "--measure")
     _one_line_error(code, err, "cannot measure latency: running the model would build tensor 'big' of 8.0 GiB")
+
+
+def test_passes_that_run_the_model_inherit_the_pipelines_time_limit(tmp_path) -> None:
+    """quantize's calibration runs the model in onnxruntime's own calibrator: stopped at the same limit."""
+    model = _cnn_with_endless_output(tmp_path)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((2, *EXAMPLE_SAMPLE)).astype(np.float32))
+    _, report = Pipeline(["quantize"], data=data, run_time_limit=0.5).run(str(model))
+    (record,) = report.passes
+    assert record.status == "rolled_back"
+    assert record.reason == "raised RunTimeLimitExceeded: onnxruntime did not finish one run within 0.5 s and was stopped"
+    assert report.verification.startswith("verification impossible: the original model on the given inputs")
