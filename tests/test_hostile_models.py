@@ -289,3 +289,24 @@ def test_a_shape_operand_longer_than_any_rank(tmp_path: Path, capsys: pytest.Cap
     proto.graph.node[0].name = "expand"
     _assert_refused(_save(proto, tmp_path), capsys, "node 'expand' (Expand) takes its output rank from 'shape'",
                     "declared with 1,099,511,627,776 values (at most 1,024)")
+
+
+@pytest.mark.parametrize("passes", [["-p", "prune:ratio=0.5"], ["-p", "svd"], ["-p", "conv-to-separable"]])
+def test_a_4_bit_float_weight_is_saved_packed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               passes: list[str]) -> None:
+    """A pass that reads a float4 weight (without changing it) once made the save fail: graphsurgeon wrote
+    one byte per element where the type packs two."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "small_cnn.onnx"
+    proto = onnx.load(str(example))
+    weight = next(t for t in proto.graph.initializer if t.name == "conv1.w")
+    values = np.clip(onnx.numpy_helper.to_array(weight), -6, 6)
+    weight.CopyFrom(onnx.helper.make_tensor("conv1.w", onnx.TensorProto.FLOAT4E2M1, values.shape, values.ravel()))
+    proto.opset_import[0].version, proto.ir_version = 23, 11
+    src, out = _save(proto, tmp_path), tmp_path / "out.onnx"
+    assert main(["optimize", str(src), "-o", str(out), "-q", *passes]) == 0, capsys.readouterr().err
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written)
+    (kept,) = [t for t in written.graph.initializer if t.name == "conv1.w"]
+    assert kept.data_type == onnx.TensorProto.FLOAT4E2M1 and len(kept.raw_data) == values.size // 2
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(kept).astype(np.float32),
+                                  onnx.numpy_helper.to_array(weight).astype(np.float32))

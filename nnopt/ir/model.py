@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from onnx import external_data_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from nnopt.errors import ModelLoadError, OutputError, UnsafeExternalDataError, first_line
 from nnopt.ir.graphview import graph_protos
@@ -69,6 +70,9 @@ class Model:
     #: Types graphsurgeon cannot represent (maps, optionals, sequences of them: a ZipMap's
     #: ``seq(map(int64, float))``) by value name; written back as they were.
     rich_types: dict[str, onnx.TypeProto] = field(default_factory=dict)
+    #: Whether the input held tensors of sub-byte types (int4, float4, int2...): see
+    #: ``_repack_loaded_sub_byte_constants``.
+    has_packed_tensors: bool = False
     #: Training info is not edited by nnopt, but kept.
     training_info: list[onnx.TrainingInfoProto] = field(default_factory=list)
 
@@ -113,6 +117,7 @@ class Model:
             input_order=input_names,
             value_info_names={v.name for g in graph_protos(proto.graph) for v in g.value_info},
             rich_types=_rich_types(proto.graph),
+            has_packed_tensors=_has_packed_tensors(proto.graph),
         )
 
     def to_proto(self) -> onnx.ModelProto:
@@ -122,6 +127,8 @@ class Model:
             for node in g.nodes:
                 # NOTE: a domain first used by a pass needs an opset import; "" always has one.
                 opsets.setdefault(node.domain or "", 1)
+        if self.has_packed_tensors:
+            _repack_loaded_sub_byte_constants(self)
         with _rich_types_hidden(self):
             proto = gs.export_onnx(
                 self.graph,
@@ -262,6 +269,39 @@ def _check_not_empty(proto: onnx.ModelProto, where: str) -> None:
     # NOTE: protobuf parses an empty file (or many short byte strings) into an empty, "valid" message.
     if proto.ir_version == 0 or not proto.HasField("graph"):
         raise ModelLoadError(f"{where}: not an ONNX model (no ir_version or graph; empty or not a ModelProto)")
+
+
+# ---------------------------------------------------------------------------------------------- sub-byte types
+#: Element types onnx packs several to a byte.
+_PACKED_TYPES = frozenset(
+    getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+    if hasattr(onnx.TensorProto, name)
+)
+
+
+def _has_packed_tensors(graph: onnx.GraphProto) -> bool:
+    return any(
+        t.data_type in _PACKED_TYPES
+        for g in graph_protos(graph)
+        for t in (*g.initializer, *(a.t for n in g.node for a in n.attribute if a.HasField("t")))
+    )
+
+
+def _repack_loaded_sub_byte_constants(model: Model) -> None:
+    """Give constants of packed types whose values a pass has read back as TensorProtos, packed.
+
+    graphsurgeon exports a loaded numpy array with ``tobytes()``: one byte per float4 or int4 element,
+    twice what the type's raw data holds, so the model could not be saved. onnx packs them correctly.
+    """
+    for graph in model.all_graphs():
+        for tensor in graph.tensors().values():
+            if isinstance(tensor, gs.Constant) and isinstance(tensor._values, np.ndarray):
+                try:
+                    code = onnx.helper.np_dtype_to_tensor_dtype(tensor._values.dtype)
+                except (KeyError, ValueError, TypeError):
+                    continue
+                if code in _PACKED_TYPES:
+                    tensor._values = LazyValues(onnx.numpy_helper.from_array(tensor._values, tensor.name))
 
 
 # ---------------------------------------------------------------------------------------------- rich types
