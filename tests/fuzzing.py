@@ -1072,13 +1072,32 @@ COMMANDS: dict[str, list[str]] = {
 ROTATION = ["optimize", "prune", "quantize", "kmeans", "data-strict", "analyze", "measure", "report", "external"]
 
 
-def argv_for(command: str, mutant: Mutant, case: Path) -> list[str]:
+def cli_options(command: str) -> set[str]:
+    """The option strings the installed nnopt accepts after ``command`` (to pass optional flags only where known)."""
+    import argparse
+
+    from nnopt.cli import build_parser
+
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {s for a in action.choices[command]._actions for s in a.option_strings}
+
+
+def time_limit_args(run_time_limit: float | None) -> dict[str, list[str]]:
+    """``--run-time-limit S`` per command name when this nnopt has the flag (it stops a hanging onnxruntime run)."""
+    if not run_time_limit:
+        return {}
+    return {cmd: ["--run-time-limit", f"{run_time_limit:g}"] for cmd in ("optimize", "analyze")
+            if "--run-time-limit" in cli_options(cmd)}
+
+
+def argv_for(command: str, mutant: Mutant, case: Path, common: dict[str, list[str]] | None = None) -> list[str]:
     paths = {"m": str(case / "in" / MODEL), "o": str(case / "out" / "x.onnx"), "r": str(case / "out" / "r.json"),
              "d": str(case / "in" / DATA)}
     argv = [a.format(**paths) for a in COMMANDS[command]]
     extra = [a.format(out=paths["r"]) for a in mutant.args]
     if argv[0] == "analyze" and extra and extra[0] not in ("--input-shape", "--hardware"):
         extra = []  # analyze has no budget, pass or output flags
+    extra = (common or {}).get(argv[0], []) + extra
     return argv + extra
 
 
@@ -1115,6 +1134,14 @@ def make_case(campaign: int, k: int, seeds: Sequence[Seed], kinds: Sequence[str]
         choices = [c for c in choices if "data" not in c] or ["optimize"]
     command = choices[(k // len(kinds)) % len(choices)]
     return Case(campaign, k, mutant, command)
+
+
+def mutant_digest(m: Mutant) -> str:
+    h = hashlib.sha256(m.model)
+    for name, blob in sorted({**m.files, **m.outside}.items()):
+        h.update(name.encode() + b"\0" + hashlib.sha256(blob).digest())
+    h.update(hashlib.sha256(m.data or b"").digest() + json.dumps(m.args).encode())
+    return h.hexdigest()
 
 
 def write_case(case: Case, folder: Path) -> Path:
@@ -1330,6 +1357,8 @@ class Verdict:
     max_rss_mb: float
     stderr_first: str
     failures: list[str]
+    #: sha256 of the mutant's files (model, side files, data, arguments): same campaign seed, same mutant.
+    mutant_sha: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -1376,14 +1405,14 @@ def check(case: Case, folder: Path, result: RunResult, before: dict[str, str], r
 
 
 def run_case(case: Case, runner: Runner, workdir: Path, rss_limit_mb: float = 3072.0,
-             keep: Path | None = None) -> Verdict:
+             keep: Path | None = None, common: dict[str, list[str]] | None = None) -> Verdict:
     """Write the mutant, run its command, check, and (on a failure) copy the input folder to ``keep/<id>``."""
     folder = workdir / case.id
     if folder.exists():
         shutil.rmtree(folder)
     write_case(case, folder)
     before = snapshot(folder)
-    argv = argv_for(case.command, case.mutant, folder)
+    argv = argv_for(case.command, case.mutant, folder, common)
     result = runner.run(argv, folder)
     failures = check(case, folder, result, before, runner, rss_limit_mb)
     lines = _stderr_lines(result.stderr)
@@ -1391,7 +1420,7 @@ def run_case(case: Case, runner: Runner, workdir: Path, rss_limit_mb: float = 30
     verdict = Verdict(case.id, m.seed, m.kind, MUTATIONS[m.kind].family, m.detail, case.command,
                       [a.replace(str(folder), "{case}") for a in argv], result.exit, result.timed_out,
                       round(result.seconds, 3), round(result.max_rss_mb, 1),
-                      (lines[0] if lines else "")[:300].replace(str(folder), "{case}"), failures)
+                      (lines[0] if lines else "")[:300].replace(str(folder), "{case}"), failures, mutant_digest(m))
     if failures and keep is not None:
         target = keep / case.id
         if target.exists():
@@ -1419,28 +1448,37 @@ def default_seeds(groups: Sequence[str] = ("builtin", "corpus", "real")) -> tupl
 
 def campaign(seeds: Sequence[Seed], campaign_seed: int, ks: Sequence[int], *, jobs: int = 2, timeout: float = 60.0,
              workdir: Path, keep: Path | None = None, rss_limit_mb: float = 3072.0, mem_limit_gb: float = 8.0,
-             kinds: Sequence[str] | None = None, progress: Callable[[Verdict], None] | None = None) -> list[Verdict]:
-    """Run mutants ``ks`` of campaign ``campaign_seed`` on ``jobs`` runners; verdicts in the order of ``ks``."""
+             kinds: Sequence[str] | None = None, progress: Callable[[Verdict], None] | None = None,
+             run_time_limit: float | None = None) -> list[Verdict]:
+    """Run mutants ``ks`` of campaign ``campaign_seed`` on ``jobs`` runners; verdicts in the order of ``ks``.
+
+    ``run_time_limit``: passed as ``--run-time-limit`` where this nnopt has the flag (0 or None: never).
+    """
     import threading
+
+    common = time_limit_args(run_time_limit)
 
     verdicts: dict[int, Verdict] = {}
     todo = list(ks)
     lock = threading.Lock()
+    errors: list[BaseException] = []
 
     def worker() -> None:
         runner = Runner(timeout=timeout, mem_limit_gb=mem_limit_gb)
         try:
-            while True:
+            while not errors:
                 with lock:
                     if not todo:
                         return
                     k = todo.pop(0)
                 case = make_case(campaign_seed, k, seeds, kinds)
-                verdict = run_case(case, runner, workdir, rss_limit_mb, keep)
+                verdict = run_case(case, runner, workdir, rss_limit_mb, keep, common)
                 with lock:
                     verdicts[k] = verdict
                     if progress is not None:
                         progress(verdict)
+        except BaseException as exc:  # a bug of the fuzzer itself: stop every worker and re-raise below
+            errors.append(exc)
         finally:
             runner.close()
 
@@ -1449,4 +1487,6 @@ def campaign(seeds: Sequence[Seed], campaign_seed: int, ks: Sequence[int], *, jo
         t.start()
     for t in threads:
         t.join()
-    return [verdicts[k] for k in ks if k in verdicts]
+    if errors:
+        raise errors[0]
+    return [verdicts[k] for k in ks]
