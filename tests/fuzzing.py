@@ -11,6 +11,7 @@ limit. The checks (``FAILURE_CLASSES``) are the promises of the README's "Exit c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -1198,10 +1199,12 @@ class Runner:
 
     def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("fuzz server died")
-        return json.loads(line)
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("fuzz server died")
+            if line.startswith("{"):  # anything else is something an import printed
+                return json.loads(line)
 
     def _call(self, job: dict[str, Any]) -> dict[str, Any]:
         assert self.proc.stdin is not None
@@ -1266,7 +1269,7 @@ def _fork_job(job: dict[str, Any]) -> dict[str, Any]:
             break
         if time.perf_counter() > deadline:
             timed_out = True
-            with _ignore(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
             _, status, usage = os.wait4(pid, 0)
             break
@@ -1277,17 +1280,6 @@ def _fork_job(job: dict[str, Any]) -> dict[str, Any]:
     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     return {"exit": None if timed_out else exit_code, "signal": None if timed_out else sig, "timed_out": timed_out,
             "seconds": seconds, "max_rss_kb": usage.ru_maxrss}
-
-
-class _ignore:
-    def __init__(self, *exc: type[BaseException]) -> None:
-        self.exc = exc
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, t: Any, v: Any, tb: Any) -> bool:
-        return t is not None and issubclass(t, self.exc)
 
 
 def _child(job: dict[str, Any]) -> None:  # pragma: no cover - runs in the forked child
@@ -1336,7 +1328,7 @@ def _child(job: dict[str, Any]) -> None:  # pragma: no cover - runs in the forke
         code = 1
     finally:
         for stream in (sys.stdout, sys.stderr):
-            with _ignore(Exception):
+            with contextlib.suppress(Exception):
                 stream.flush()
         os._exit(code & 0xFF if isinstance(code, int) else 1)
 
