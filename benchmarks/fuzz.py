@@ -48,7 +48,8 @@ def signature(v: dict[str, Any]) -> str:
     line = re.sub(r"\{case\}/\S*", "<path>", line)
     line = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", line)
     line = re.sub(r"\d+", "N", line)
-    return line[:160]
+    # The head of the message names the failure; its tail names the op, byte or file that differs between mutants.
+    return line[:72] + ("…" if len(line) > 72 else "")
 
 
 def cause(v: dict[str, Any], cls: str) -> str:
@@ -138,8 +139,15 @@ def render(report: dict[str, Any]) -> str:
     lines += ["", "## Most memory", "", "| id | kind | seed model | command | peak RSS MB | exit |", "|---|---|---|---|---|---|"]
     lines += [f"| {s['id']} | {s['kind']} | {s['seed']} | {s['command']} | {s['max_rss_mb']:.0f} | {s['exit']} |"
               for s in report["most_memory"]]
-    lines += ["", f"Every failing run (mutant, command, exit code, first stderr line) is in `fuzz.json` "
-              f"({len(report['findings'])} runs); the mutants themselves were saved outside the repository.", ""]
+    lines += ["", "## Re-running", "", "```sh",
+              f"python benchmarks/fuzz.py --mutants {report['mutants']} --seed {report['seed']} --jobs {report['jobs']} "
+              f"--timeout {report['timeout']:g} --findings /tmp/nnopt-fuzz      # the same mutants, fresh verdicts",
+              "python benchmarks/fuzz.py --replay s0-k64 --findings /tmp/nnopt-fuzz   # one finding: its command line and verdict",
+              "```", "",
+              f"Every failing run (mutant, command, exit code, first stderr line) is in `fuzz.json` "
+              f"({len(report['findings'])} runs); the mutants themselves were saved outside the repository "
+              "(`FINDINGS/<id>/in/`, with `finding.json`). The same seed models must be installed for an id to name "
+              "the same mutant.", ""]
     return "\n".join(lines)
 
 
