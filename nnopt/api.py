@@ -172,6 +172,10 @@ class Pipeline:
             if self.verify
             else None
         )
+        if verifier is not None and verifier.timed_out:
+            # The model does not end on these inputs: the cost model must not wait for it on every version.
+            settings = dataclasses.replace(settings, probe_shapes=False)
+            analyses.settings = settings
         manager = PassManager(
             self.build(plugins),  # already built by resolved(): this only reads the list
             settings=settings,

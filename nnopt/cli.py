@@ -66,7 +66,8 @@ def _add_analyze(sub: Any) -> None:
     analyze.add_argument("--measure", action="store_true", help="also time the model in onnxruntime")
     analyze.add_argument("--runs", type=int, default=20, help="timed runs for --measure (median is reported)")
     analyze.add_argument("--run-time-limit", type=_seconds, default=None, metavar="SECONDS",
-                         help="--measure gives up (exit 2) if the first run takes longer (default 60)")
+                         help="stop one onnxruntime run (shape probing, --measure's first run) after this long "
+                              "(default 60); --measure then exits 2")
     analyze.add_argument("--data", default=None,
                          help=".npz of inputs for --measure (its first sample); default: generated inputs")
     analyze.add_argument("--top", type=int, default=None, help="show only the N most expensive nodes")
@@ -119,6 +120,12 @@ def _add_calibrate(sub: Any) -> None:
                            help="tiny probes: checks the machinery in a second; the figures are not representative")
 
 
+class _LowerCaseLevel(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        record = logging.makeLogRecord({**record.__dict__, "levelname": record.levelname.lower()})
+        return super().format(record)
+
+
 def _non_negative_int(text: str) -> int:
     """An integer of at least 0 (argparse type)."""
     try:
@@ -144,7 +151,11 @@ def _seconds(text: str) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="nnopt: %(levelname)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="nnopt: %(message)s")
+    # Log lines read like nnopt's own: "nnopt: warning: ..." (the level in lower case, as errors are).
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:  # basicConfig's own, not a test harness's
+            handler.setFormatter(_LowerCaseLevel("nnopt: %(levelname)s: %(message)s"))
     if not debug:
         _quiet_third_party()
     try:
@@ -170,31 +181,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- commands
+def _measure(args: argparse.Namespace, model: Any, shapes: dict[str, list[int]]) -> dict[str, Any]:
+    """``analyze --measure``: latency on the first sample of ``--data``, or on generated inputs."""
+    from nnopt.analysis.shapes import FRESH, infer_shapes
+    from nnopt.cost.timing import measure_latency
+
+    feeds = None
+    if args.data:
+        from nnopt.runtime import load_samples, make_session
+
+        samples = load_samples(args.data, make_session(model))
+        if not samples:
+            raise InputError(f"data file {args.data}: holds no samples")
+        feeds = samples[0]
+    return measure_latency(model, feeds, runs=args.runs, input_shapes=shapes,
+                           shapes=infer_shapes(model.to_proto(), FRESH))
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from nnopt.cost import analyze, parse_input_shapes
     from nnopt.ir.model import load_model
+    from nnopt.runtime import run_time_limit
 
     plugins = _plugins(args)
     hardware = _hardware(args.hardware, plugins)
     shapes = parse_input_shapes(args.input_shape)
     model = load_model(args.model)
-    report = analyze(model, hardware=hardware, input_shapes=shapes, rules=plugins.cost_rules)
-    measured = None
-    if args.measure:
-        from nnopt.analysis.shapes import FRESH, infer_shapes
-        from nnopt.cost.timing import measure_latency
-
-        feeds = None
-        if args.data:
-            from nnopt.runtime import load_samples, make_session
-
-            samples = load_samples(args.data, make_session(model))
-            if not samples:
-                raise InputError(f"data file {args.data}: holds no samples")
-            feeds = samples[0]
-        limit = {} if args.run_time_limit is None else {"time_limit": args.run_time_limit}
-        measured = measure_latency(model, feeds, runs=args.runs, input_shapes=shapes,
-                                   shapes=infer_shapes(model.to_proto(), FRESH), **limit)
+    limit = contextlib.nullcontext() if args.run_time_limit is None else run_time_limit(args.run_time_limit)
+    with limit:  # shape probing runs the model too
+        report = analyze(model, hardware=hardware, input_shapes=shapes, rules=plugins.cost_rules)
+        measured = _measure(args, model, shapes) if args.measure else None
     if args.json:
         out = report.to_dict()
         if measured is not None:

@@ -68,6 +68,9 @@ class AnalysisSettings:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     hardware: HardwareProfile | None = None
     rules: CostRuleRegistry | None = None
+    #: Whether the cost model may run the model in onnxruntime to read shapes inference leaves unknown
+    #: (off once a run is known not to end: it would wait out the time limit on every model version).
+    probe_shapes: bool = True
 
 
 class AnalysisManager:
@@ -150,7 +153,7 @@ def _cost(am: AnalysisManager) -> CostReport:
 
     settings = am.settings
     return analyze(am.proto(), hardware=settings.hardware, input_shapes=settings.input_shapes or None,
-                   rules=settings.rules)
+                   rules=settings.rules, run_onnxruntime=settings.probe_shapes)
 
 
 def _shapes(am: AnalysisManager) -> ShapeResult:

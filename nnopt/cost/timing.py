@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -13,7 +14,6 @@ from nnopt.analysis.shapes import ShapeResult
 from nnopt.errors import InputError, first_line
 from nnopt.ir.model import Model
 from nnopt.runtime import (
-    DEFAULT_RUN_TIME_LIMIT_S,
     RuntimeUnavailable,
     make_feeds,
     make_session,
@@ -29,7 +29,7 @@ def measure_latency(
     warmup: int = 3,
     runs: int = 20,
     input_shapes: dict[str, list[int]] | None = None,
-    time_limit: float | None = DEFAULT_RUN_TIME_LIMIT_S,
+    time_limit: float | None | Literal["current"] = "current",
     shapes: ShapeResult | None = None,
 ) -> dict[str, float | int]:
     """Time the model in onnxruntime on CPU, with onnxruntime's default graph optimizations.
@@ -41,7 +41,8 @@ def measure_latency(
         warmup: Untimed runs first (allocations, caches, thread-pool start-up).
         runs: Timed runs.
         input_shapes: Shapes for generated inputs.
-        time_limit: The first run is stopped after this many seconds (a valid Loop may never end); the
+        time_limit: The first run is stopped after this many seconds (a valid Loop may never end;
+            "current": the limit ``run_time_limit`` set, by default 60 s); the
             others, on the same inputs, take as long and go unguarded so the timer costs them nothing.
         shapes: Shape inference of the model: if it shows a tensor too large to build (see
             ``oversized_tensor``), nothing is run.

@@ -197,6 +197,8 @@ class Verifier:
         #: Lines for the report: how the reference samples were chosen.
         self.notes: list[str] = []
         self.time_limit = time_limit
+        #: Whether a run of the original model was stopped at the time limit.
+        self.timed_out = False
         self.generated = not data_path
         self.samples: list[dict[str, np.ndarray]] = []
         self.reference: list[list[Any]] = []
@@ -224,6 +226,7 @@ class Verifier:
         try:
             self.reference = [run_model(sess, feeds, time_limit=time_limit) for feeds in self.samples]
         except RunTimeLimitExceeded as exc:
+            self.timed_out = True
             self.unavailable = (
                 f"verification impossible: the original model on the {'given' if data_path else 'generated'} "
                 f"inputs: {exc} (see --run-time-limit)"
