@@ -311,6 +311,7 @@ def test_a_huge_input_shape_is_an_input_error_and_a_huge_model_input_skips_verif
     [
         (["--seed", "-1"], "argument --seed: expected a non-negative integer, got '-1'"),
         (["-p", "prune:ratio=0.5,ratio=0.6"], "pass 'prune': option 'ratio' given twice in 'prune:ratio=0.5,ratio=0.6'"),
+        (["-p", "prune:"], "pass 'prune': nothing after ':' in 'prune:' (give key=value options or drop the ':')"),
     ],
 )
 def test_flags_found_by_fuzzing_are_input_errors(tmp_path, capsys, argv, message):

@@ -27,10 +27,13 @@ def parse_pass_spec(spec: str) -> tuple[str, dict[str, str]]:
 
     ``prune:nodes=conv1,conv2,ratio=0.3`` gives ``{"nodes": "conv1,conv2", "ratio": "0.3"}``.
     """
-    name, _, rest = spec.strip().partition(":")
+    name, colon, rest = spec.strip().partition(":")
     name = name.strip()
     if not name:
         raise OptionError(f"empty pass name in '{spec}'")
+    if colon and not rest.strip():
+        # Likely an option list that expanded to nothing (`-p prune:$OPTS`): say so rather than run defaults.
+        raise OptionError(f"pass '{name}': nothing after ':' in '{spec}' (give key=value options or drop the ':')")
     values: dict[str, str] = {}
     last: str | None = None
     for token in rest.split(",") if rest.strip() else []:
