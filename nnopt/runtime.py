@@ -388,7 +388,7 @@ def load_samples(
                     )
         if dtype is not None and arr.dtype != dtype:
             if np.can_cast(arr.dtype, dtype, casting="same_kind"):
-                samples = [np.asarray(s).astype(dtype) for s in samples]
+                samples = [_cast_exactly(path, name, np.asarray(s), np.dtype(dtype)) for s in samples]
             else:
                 raise DataError(f"data file {path}: array '{name}' is {arr.dtype}, model input is {np.dtype(dtype)}")
         per_input[name] = samples
@@ -402,6 +402,16 @@ def load_samples(
     for name, samples in per_input.items():
         _check_finite(path, name, samples)
     return [{name: per_input[name][i] for name in names} for i in range(n)]
+
+
+def _cast_exactly(path: Path, name: str, sample: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    """``sample`` as ``dtype``; an integer that does not fit is refused (a cast would wrap it around)."""
+    if sample.dtype.kind in "iub" and dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if sample.size and (sample.min() < info.min or sample.max() > info.max):
+            raise DataError(f"data file {path}: array '{name}' holds values outside the range of {dtype}")
+    with np.errstate(over="ignore"):  # float64 to float32 may overflow to inf: _check_finite refuses that
+        return sample.astype(dtype)
 
 
 def _read_npz(path: Path, limit: int | None) -> tuple[dict[str, np.ndarray], int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -285,3 +286,19 @@ def test_passes_that_run_the_model_inherit_the_pipelines_time_limit(tmp_path) ->
     assert record.status == "rolled_back"
     assert record.reason == "raised RunTimeLimitExceeded: onnxruntime did not finish one run within 0.5 s and was stopped"
     assert report.verification.startswith("verification impossible: the original model on the given inputs")
+
+
+def test_data_values_a_cast_would_change_are_refused_without_a_warning(tmp_path, capsys) -> None:
+    proto = model_from_text("""<ir_version: 8, opset_import: ["" : 17]>
+        g (int32[1, 2] x, float16[1, 2] h) => (int32[1, 2] y, float16[1, 2] z) { y = Identity(x) z = Identity(h) }""")
+    model = tmp_path / "m.onnx"
+    onnx.save(proto, str(model))
+    big_int, big_float = tmp_path / "int.npz", tmp_path / "float.npz"
+    np.savez(big_int, x=np.array([[[1, 2**40]]], np.int64), h=np.ones((1, 1, 2), np.float16))
+    np.savez(big_float, x=np.ones((1, 1, 2), np.int32), h=np.full((1, 1, 2), 1e6, np.float64))
+    for data, message in ((big_int, "array 'x' holds values outside the range of int32"),
+                          (big_float, "array 'h' holds infinite values (sample 0)")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # numpy's RuntimeWarning on an overflowing cast would print a line
+            code, _, err = _run(capsys, "optimize", str(model), "-o", str(tmp_path / "o.onnx"), "--data", str(data))
+        _one_line_error(code, err, message)
