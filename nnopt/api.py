@@ -168,7 +168,7 @@ class Pipeline:
         verifier = (
             Verifier(proto, data_path=data, seed=self.seed, input_shapes=self.input_shapes,
                      samples=GENERATED_BUDGET_SAMPLES if self.budget.is_set else GENERATED_SAMPLES,
-                     time_limit=self.run_time_limit, shapes=analyses.shapes())
+                     shapes=analyses.shapes())  # its runs take the limit run() set
             if self.verify
             else None
         )

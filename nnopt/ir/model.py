@@ -453,14 +453,6 @@ def _check_tensor_type(message: Message, path: str, where: str) -> None:
                              "elements than 64-bit sizes can count in bytes")
 
 
-def _check_dimension(message: Message, path: str, where: str) -> None:
-    assert isinstance(message, onnx.TensorShapeProto.Dimension)
-    # -1 is how some exporters (PaddlePaddle: PP-OCR) write an unknown dim, and onnxruntime reads it so;
-    # below that, onnxruntime aborts the whole process (a failed C++ assertion) on some models.
-    if message.HasField("dim_value") and message.dim_value < -1:
-        raise ModelLoadError(f"{where}: {path} has negative dimension {message.dim_value}")
-
-
 #: Map keys the ONNX spec allows: integers and strings.
 _MAP_KEY_TYPES = frozenset(
     getattr(onnx.TensorProto, name)
@@ -480,7 +472,13 @@ _MAX_ELEMENTS = 2**60
 
 def _check_shape(message: Message, path: str, where: str) -> None:
     assert isinstance(message, onnx.TensorShapeProto)
-    count = math.prod(d.dim_value for d in message.dim if d.HasField("dim_value") and d.dim_value > 0)
+    values = [d.dim_value for d in message.dim]  # 0 where unset (a dim_param or an unknown dim)
+    for i, value in enumerate(values):
+        # -1 is how some exporters (PaddlePaddle: PP-OCR) write an unknown dim, and onnxruntime reads it so;
+        # below that, onnxruntime aborts the whole process (a failed C++ assertion) on some models.
+        if value < -1:
+            raise ModelLoadError(f"{where}: {path}.dim[{i}] has negative dimension {value}")
+    count = math.prod(v for v in values if v > 0)
     if count > _MAX_ELEMENTS:
         raise ModelLoadError(f"{where}: {path} has {count:.3g} elements, more than 64-bit sizes can count in bytes")
 
@@ -519,7 +517,6 @@ _MESSAGE_CHECKS: dict[str, Callable[[Message, str, str], None]] = {
     "onnx.TypeProto.Tensor": _check_elem_type,
     "onnx.TypeProto.SparseTensor": _check_elem_type,
     "onnx.NodeProto": _check_node_attributes,
-    "onnx.TensorShapeProto.Dimension": _check_dimension,
     "onnx.TypeProto.Map": _check_map_key,
     "onnx.TensorShapeProto": _check_shape,
 }

@@ -7,7 +7,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -16,7 +16,6 @@ from nnopt.analysis.shapes import STRICT, ShapeResult, infer_shapes
 from nnopt.errors import DataError, first_line
 from nnopt.ir.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes, write_proto_atomically
 from nnopt.runtime import (
-    DEFAULT_RUN_TIME_LIMIT_S,
     RunTimeLimitExceeded,
     RuntimeUnavailable,
     generate_samples,
@@ -177,9 +176,9 @@ class Verifier:
 
     The reference inputs come from a data file or are generated (seeded) from the model's input
     signature. If onnxruntime cannot run the original model on them, or a run does not finish within
-    ``time_limit`` seconds, or ``shapes`` (shape inference of ``proto``) shows a tensor too large to build
-    (see ``oversized_tensor``), ``unavailable`` says why and numerical verification is skipped (validity
-    checks still run).
+    ``time_limit`` seconds ("current": the limit ``nnopt.runtime.run_time_limit`` set), or ``shapes``
+    (shape inference of ``proto``) shows a tensor too large to build (see ``oversized_tensor``),
+    ``unavailable`` says why and numerical verification is skipped (validity checks still run).
     """
 
     def __init__(
@@ -190,7 +189,7 @@ class Verifier:
         samples: int = 2,
         seed: int = 0,
         input_shapes: dict[str, list[int]] | None = None,
-        time_limit: float | None = DEFAULT_RUN_TIME_LIMIT_S,
+        time_limit: float | None | Literal["current"] = "current",
         shapes: ShapeResult | None = None,
     ) -> None:
         self.unavailable: str | None = None
