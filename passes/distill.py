@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -44,6 +44,11 @@ class DistillOptions(PassOptions):
         default=0.5,
         metadata={"help": "weight of the cross-entropy on the data file's labels (when it has them) against "
                           "the teacher's soft targets"},
+    )
+    loss: Literal["auto", "mse"] = field(
+        default="auto",
+        metadata={"help": "auto: KL divergence on class scores (a Softmax output, or a float [batch, classes] "
+                          "one), MSE on the rest; mse: MSE on every output (regression heads)"},
     )
     threads: int = field(
         default=1, metadata={"help": "torch threads (the output is deterministic per seed and thread count)"}
@@ -126,7 +131,7 @@ class Distill(Pass[DistillOptions]):
             data, error = _prepare(model, ctx, net, rng, opts.heldout)
             if data is None:
                 return _declined(error)
-            targets = _targets(model.graph, model.opset, [t[0] for t in data.teacher])
+            targets = _targets(model.graph, model.opset, [t[0] for t in data.teacher], opts.loss)
             history = train(net, data, targets, settings, rng)
         stats = _stats(history, net, data, opts.threads)
         if history.best_epoch == 0:
@@ -204,17 +209,19 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b).max(initial=0.0) / max(1.0, float(np.abs(b).max(initial=0.0))))
 
 
-def _targets(graph: gs.Graph, opset: int, outputs: list[Any]) -> list[Target]:
+def _targets(graph: gs.Graph, opset: int, outputs: list[Any], loss: str) -> list[Target]:
     """How each output is compared: class scores (and of which kind) or plain values."""
     from nnopt.passes._distill_train import Target
 
     targets = []
     for tensor, example in zip(graph.outputs, outputs):
         producer = _producer(tensor)
-        if producer is not None and producer.op in ("Softmax", "LogSoftmax"):
+        if loss == "mse":
+            targets.append(Target("values"))
+        elif producer is not None and producer.op in ("Softmax", "LogSoftmax"):
             default = -1 if opset >= 13 else 1
-            kind = "probs" if producer.op == "Softmax" else "logprobs"
-            targets.append(Target(kind, int(producer.attrs.get("axis", default))))
+            axis = int(producer.attrs.get("axis", default))
+            targets.append(Target("probs", axis) if producer.op == "Softmax" else Target("logprobs", axis))
         elif example.is_floating_point() and example.dim() == 2 and example.shape[1] > 1:
             targets.append(Target("logits", 1))
         else:
