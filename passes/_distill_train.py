@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -158,7 +158,10 @@ def _heldout_loss(net: TorchGraph, data: Data, targets: list[Target], settings: 
         return float(loss(forward(net, data, index), teacher(data, index), targets, labels, settings))
 
 
-def train(net: TorchGraph, data: Data, targets: list[Target], settings: Settings, rng: np.random.Generator) -> History:
+def train(
+    net: TorchGraph, data: Data, targets: list[Target], settings: Settings, rng: np.random.Generator,
+    on_epoch: Callable[[int], None] | None = None,
+) -> History:
     """Adam on the net's parameters; keeps (restores) the parameters of the best held-out loss.
 
     Batches follow ``rng`` (a fresh permutation of the training split per epoch), so the run is
@@ -186,6 +189,8 @@ def train(net: TorchGraph, data: Data, targets: list[Target], settings: Settings
         history.train_loss.append(round(total / max(seen, 1), 6))
         held = _heldout_loss(net, data, targets, settings)
         history.heldout_loss.append(round(held, 6))
+        if on_epoch is not None:
+            on_epoch(epoch)
         if held < best:
             best, best_state, stale, history.best_epoch = held, net.snapshot(), 0, epoch
         else:

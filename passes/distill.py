@@ -69,7 +69,7 @@ class DistillOptions(PassOptions):
 
 
 class Distill(Pass[DistillOptions]):
-    """Fine-tune the float weights of the current model towards the original model's outputs (distillation).
+    """Fine-tune float weights towards the original model's outputs (after prune/svd, before kmeans/quantize).
 
     Matches: a main graph whose every node the built-in ONNX→PyTorch interpreter runs (Conv, Gemm, MatMul,
     BatchNormalization, pools, common activations, Softmax, shape ops...), given reference data
@@ -132,7 +132,10 @@ class Distill(Pass[DistillOptions]):
             if data is None:
                 return _declined(error)
             targets = _targets(model.graph, model.opset, [t[0] for t in data.teacher], opts.loss)
-            history = train(net, data, targets, settings, rng)
+            if not _labels_fit(targets, data):
+                data.labels = None  # e.g. per-step scores [batch, steps, classes]: one label per sample says nothing
+            history = train(net, data, targets, settings, rng,
+                            lambda epoch: ctx.progress(epoch, opts.epochs, f"epoch {epoch}"))
         stats = _stats(history, net, data, opts.threads)
         if history.best_epoch == 0:
             return PassResult(False, stats, [LayerDecision(
@@ -163,7 +166,9 @@ def _prepare(
         return None, "an output has no batch axis"
     order = rng.permutation(len(feeds))
     n_held = min(max(1, round(heldout * len(feeds))), len(feeds) - 1)
-    labels = None if ctx.labels is None else torch.from_numpy(np.asarray(ctx.labels, dtype=np.int64))
+    labels = None
+    if ctx.labels is not None and len(ctx.labels) == len(feeds):
+        labels = torch.from_numpy(np.asarray(ctx.labels, dtype=np.int64))
     data = Data(feeds, teacher, labels, np.sort(order[n_held:]), np.sort(order[:n_held]))
     error = _check_interpreter(model, ctx, net, data)
     if error:
@@ -194,7 +199,7 @@ def _check_interpreter(model: Model, ctx: PassContext, net: TorchGraph, data: Da
         try:
             batched = forward(net, data, index)
             data.batched = all(_relative(b.numpy(), s.numpy()) <= INTERPRETER_TOLERANCE for b, s in zip(batched, single))
-        except Exception:  # noqa: BLE001 - a graph with a fixed batch of 1 (a Reshape to [1, -1]) runs sample by sample
+        except Exception:  # boundary: any op may refuse a batch (a Reshape to [1, -1]): then sample by sample
             data.batched = False
     error = max(_relative(s.numpy(), o) for s, o in zip(single, ort_outs))
     data.interpreter_error = error
@@ -227,6 +232,15 @@ def _targets(graph: gs.Graph, opset: int, outputs: list[Any], loss: str) -> list
         else:
             targets.append(Target("values"))
     return targets
+
+
+def _labels_fit(targets: list[Target], data: Data) -> bool:
+    """Whether the labels can score the first class-score output: one [batch, classes] row per sample."""
+    scored = next((i for i, t in enumerate(targets) if t.kind != "values"), None)
+    if data.labels is None or scored is None:
+        return False
+    example = data.teacher[0][scored]
+    return example.dim() == 2 and example.shape[0] == 1 and targets[scored].axis in (1, -1)
 
 
 def _producer(tensor: gs.Tensor) -> gs.Node | None:
