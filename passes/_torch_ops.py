@@ -193,7 +193,7 @@ def _clip(inputs: Inputs, attrs: dict[str, Any], opset: int) -> torch.Tensor:
         lo_t, hi_t = _opt(inputs, 1), _opt(inputs, 2)
         low = None if lo_t is None else float(lo_t)
         high = None if hi_t is None else float(hi_t)
-    return torch.clamp(x, low, high)
+    return x if low is None and high is None else torch.clamp(x, low, high)
 
 
 def _softmax_like(fn: Callable[..., torch.Tensor]) -> OpFunction:

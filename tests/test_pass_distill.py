@@ -249,3 +249,44 @@ def test_interpreter_matches_onnxruntime_on_real_models(key: str) -> None:
     assert _interpreter_error(model, feeds) < 1e-5
     pruned, _ = optimize(str(path), ["prune:ratio=0.3"], verify=False, input_shapes=real.input_shapes)
     assert _interpreter_error(pruned, feeds) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("opset", "body"),
+    [
+        (17, """
+          a = Conv <pads = [1, 0, 0, 1], strides = [1, 2]> (x, w)
+          b = AveragePool <kernel_shape = [2, 2], pads = [1, 1, 1, 1]> (a)
+          c = MaxPool <kernel_shape = [3, 3], auto_pad = "SAME_UPPER"> (b)
+          d = LeakyRelu <alpha = 0.1> (c)
+          e = Clip (d, lo, hi)
+          f = ReduceMean <axes = [3], keepdims = 1> (e)
+          g = Transpose <perm = [0, 2, 1, 3]> (f)
+          h = Sigmoid (g)
+          s = Shape <start = 0, end = 1> (h)
+          i = Flatten (h)
+          j = Slice (i, st, en, ax)
+          k = Concat <axis = 1> (j, j)
+          l = Unsqueeze (k, ax)
+          m = Squeeze (l, ax)
+          y = Softmax (m)
+        }"""),
+        (11, """
+          a = Conv <pads = [0, 0, 0, 0]> (x, w)
+          b = GlobalMaxPool (a)
+          c = Squeeze <axes = [2, 3]> (b)
+          d = Clip (c, lo, hi)
+          y = Softmax <axis = 1> (d)
+        }"""),
+    ],
+)
+def test_interpreter_matches_onnxruntime_on_assorted_ops(opset: int, body: str) -> None:
+    pytest.importorskip("torch")
+    header = f"""<ir_version: 7, opset_import: ["" : {opset}]>
+        g (float[2, 3, 9, 8] x) => (float[2, N] y)
+        <float[4, 3, 3, 3] w, float lo = {{-0.5}}, float hi = {{0.7}}, int64[1] st = {{1}}, int64[1] en = {{100}},
+         int64[1] ax = {{1}}> {{"""
+    rng = np.random.default_rng(0)
+    proto = model_from_text(header + body, {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32)})
+    feeds = [{"x": rng.standard_normal((2, 3, 9, 8)).astype(np.float32)}]
+    assert _interpreter_error(Model.from_proto(proto), feeds) < 1e-6
