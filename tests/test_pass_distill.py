@@ -44,7 +44,7 @@ def _structure(proto: onnx.ModelProto) -> list[tuple[str, str, list[str], list[s
     return [(n.op_type, n.name, list(n.input), list(n.output)) for n in proto.graph.node]
 
 
-def _record(report, name: str = "distill"):  # type: ignore[no-untyped-def]
+def _record(report, name: str = "distill"):
     return next(p for p in report.passes if p.name == name)
 
 
@@ -60,7 +60,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 
 
 # ---------------------------------------------------------------------------------------------- digits
-def test_distill_recovers_pruned_digits_accuracy_on_unseen_samples(digits) -> None:  # type: ignore[no-untyped-def]
+def test_distill_recovers_pruned_digits_accuracy_on_unseen_samples(digits) -> None:
     x, y = digits["x"], digits["y"]
     original = _accuracy(load_model(MODEL), x, y)
     pruned = _accuracy(digits["pruned"], x, y)
@@ -82,7 +82,7 @@ def test_distill_recovers_pruned_digits_accuracy_on_unseen_samples(digits) -> No
     assert all(layer["action"] == "rewritten" and layer["relative_change"] > 0 for layer in record.layers)
 
 
-def test_distill_changes_only_initializer_values(digits) -> None:  # type: ignore[no-untyped-def]
+def test_distill_changes_only_initializer_values(digits) -> None:
     before, (after, _) = digits["pruned"], digits["runs"][0]
     assert _structure(after) == _structure(before)
     old = {t.name: onnx.numpy_helper.to_array(t) for t in before.graph.initializer}
@@ -93,7 +93,7 @@ def test_distill_changes_only_initializer_values(digits) -> None:  # type: ignor
     assert [i.name for i in after.graph.input] == [i.name for i in before.graph.input]
 
 
-def test_distill_output_is_byte_identical_for_the_same_seed(digits) -> None:  # type: ignore[no-untyped-def]
+def test_distill_output_is_byte_identical_for_the_same_seed(digits) -> None:
     (first, report_1), (second, report_2) = digits["runs"]
     assert first.SerializeToString() == second.SerializeToString()
     assert _record(report_1).stats["heldout_loss"] == _record(report_2).stats["heldout_loss"]
@@ -180,7 +180,7 @@ def test_options_are_checked() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- no torch
-def test_missing_torch_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_missing_torch_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # what `import torch` meets when the extra is absent
     out = tmp_path / "out.onnx"
     code = main(["optimize", str(MODEL), "-o", str(out), "-p", "distill", "--data", str(DIGITS / "digits_test.npz")])
