@@ -302,6 +302,27 @@ def _gather(inputs: Inputs, attrs: dict[str, Any], opset: int) -> torch.Tensor:
     return flat.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :])
 
 
+def _bit_shift(inputs: Inputs, attrs: dict[str, Any], opset: int) -> torch.Tensor:
+    x, amount = _x(inputs, 0), _x(inputs, 1)
+    direction = attrs["direction"]
+    direction = direction.decode() if isinstance(direction, bytes) else direction
+    # On unsigned tensors of the same dtype, as ONNX requires: bits shifted out are dropped.
+    if direction == "LEFT":
+        return torch.bitwise_left_shift(x, amount.to(x.dtype))
+    return torch.bitwise_right_shift(x, amount.to(x.dtype))
+
+
+def _dequantize_linear(inputs: Inputs, attrs: dict[str, Any], opset: int) -> torch.Tensor:
+    x, scale, zero = _x(inputs, 0), _x(inputs, 1), _opt(inputs, 2)
+    if int(attrs.get("block_size", 0)):
+        raise UnsupportedOp("blocked DequantizeLinear")
+    shape = [1] * x.dim()
+    if scale.dim() == 1 and x.dim() > 0 and scale.numel() > 1:
+        shape[int(attrs.get("axis", 1)) % x.dim()] = -1
+    values = x.to(torch.float32) - (0 if zero is None else zero.to(torch.float32).reshape(shape))
+    return values * scale.reshape(shape)
+
+
 #: ONNX TensorProto data type → the torch dtype the interpreter computes in. Every float type computes
 #: in float32: the pass trains float32 copies and casts back to each initializer's own dtype.
 _DTYPES = {1: torch.float32, 10: torch.float32, 11: torch.float32, 16: torch.float32, 2: torch.uint8,
@@ -375,7 +396,11 @@ OPS: dict[str, OpSpec] = {
     "Concat": OpSpec(_one(_concat)),
     "Shape": OpSpec(_one(_shape)),
     "Slice": OpSpec(_one(_slice)),
-    "Gather": OpSpec(_one(_gather)),
+    # A float table read by Gather is a weight: an embedding, or a kmeans codebook (its centroids then
+    # train the way Deep Compression fine-tunes shared weights, indices kept).
+    "Gather": OpSpec(_one(_gather), (0,)),
+    "BitShift": OpSpec(_one(_bit_shift)),
+    "DequantizeLinear": OpSpec(_one(_dequantize_linear)),
     "Cast": OpSpec(_one(_cast)),
     "ReduceMean": OpSpec(_one(_reduce_mean)),
     "Dropout": OpSpec(_dropout),

@@ -74,8 +74,9 @@ class Distill(Pass[DistillOptions]):
     Matches: a main graph whose every node the built-in ONNX→PyTorch interpreter runs (Conv, Gemm, MatMul,
     BatchNormalization, pools, common activations, Softmax, shape ops...), given reference data
     (``--data``). Trains: the float constants read as weights (Conv/ConvTranspose/Gemm weights and
-    biases, MatMul constants, BatchNormalization scale and bias, a constant added after MatMul/Gemm/Conv),
-    initializers or Constant nodes alike, one parameter per tensor however many nodes read it.
+    biases, MatMul constants, BatchNormalization scale and bias, a constant added after MatMul/Gemm/Conv,
+    a float table read by Gather such as a kmeans codebook), initializers or Constant nodes alike, one
+    parameter per tensor however many nodes read it. Integer tensors (kmeans indices, int8 weights) stay.
     Rewrites: only those tensors' values (dtype kept); the node list is unchanged.
 
     The teacher is the pipeline's input model, run in onnxruntime. Loss: KL divergence at ``temperature``
@@ -86,9 +87,10 @@ class Distill(Pass[DistillOptions]):
     ``train`` extra (``pip install 'nnopt[train]'``). Deterministic for a seed and ``threads`` on CPU.
 
     Place it after the passes that change structure (prune, svd, conv-to-separable), before those that
-    share or quantize values (kmeans, quantize): their decoded weights are not float initializers and
-    their decoding ops are not interpreted. Declined, with the reason: no data, an op the interpreter
-    does not run, outputs it does not reproduce, nothing trainable, no held-out improvement.
+    share or quantize values (kmeans, quantize), which then only need their own reconstruction. After
+    kmeans it trains the codebooks (indices fixed), after weight-only quantize only the float biases;
+    static quantize's QuantizeLinear is not interpreted. Declined, with the reason: no data, an op the
+    interpreter does not run, outputs it does not reproduce, nothing trainable, no held-out improvement.
     """
 
     name = "distill"
