@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ from nnopt.ir.model import Model
 from nnopt.ir.naming import taken_names, unique_name
 from nnopt.ir.walk import is_onnx_op, remove_dead_nodes
 from nnopt.passes._depgraph import Analysis, Tracer, infer_shapes
+from nnopt.passes._reconstruct import changed_layers, reconstruct
 from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
 
@@ -36,6 +38,11 @@ class PruneOptions(NodeSelection):
     max_ratio: float = field(default=0.9, metadata={"help": "at most this fraction removed from any one layer"})
     round_to: int = field(default=1, metadata={"help": "keep channel counts a multiple of this (structured)"})
     norm: Literal["l1", "l2"] = field(default="l1", metadata={"help": "filter norm used to rank channels"})
+    reconstruct: Literal["auto", "off"] = field(
+        default="auto",
+        metadata={"help": "auto: with --data, refit the layers downstream of removed channels by least squares "
+                  "so their outputs match the unpruned model's (structured); off: keep the sliced weights"},
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -126,6 +133,8 @@ class Prune(Pass[PruneOptions]):
             track = a.tracks.get(id(t))
             return np.ones(1, dtype=bool) if track is None else kept_label[track.labels]
 
+        refit = removed > 0 and opts.reconstruct == "auto" and bool(ctx.samples)
+        teacher = ctx.analyses_for(model).proto() if refit else None  # the cached export: before the edits
         if removed:
             for edit in a.edits:
                 edit(keep)
@@ -136,6 +145,11 @@ class Prune(Pass[PruneOptions]):
             remove_dead_nodes(model.graph)
         layers, stats = _report(a, groups, kept_label)
         stats["weight_params_removed"] = tracer.saved[0]
+        if teacher is not None:
+            started = time.perf_counter()
+            fits = reconstruct(model, ctx, teacher, changed_layers(model, keep), self.name, namer)
+            _report_fits(layers, stats, fits, model)
+            stats["reconstruction_seconds"] = round(time.perf_counter() - started, 3)
         return PassResult(modified=removed > 0, stats=stats, layers=layers)
 
     # ------------------------------------------------------------------ unstructured
@@ -318,3 +332,23 @@ def _report(a: Analysis, groups: list[_Group], kept_label: np.ndarray) -> tuple[
         "dead_channels_removed": sum(int((g.dead & g.remove).sum()) for g in groups),
     }
     return layers, stats
+
+
+def _report_fits(layers: list[LayerDecision], stats: dict[str, Any], fits: dict[str, dict[str, Any]], model: Model) -> None:
+    """Add each refit layer's figures to its report line (a line of its own for layers pruning only fed)."""
+    by_name = {layer.node: layer for layer in layers}
+    ops = {node.name: node.op for node in model.graph.nodes}
+    for name, figures in fits.items():
+        if name in by_name:
+            line = by_name[name]
+            line.figures.update(figures)
+            if line.action == "declined" and figures.get("fit") == "data":
+                # Its output channels stayed, but its weights changed: the report must not say "declined".
+                why = f"weights refit on the data; output channels kept ({line.reason})"
+                layers[layers.index(line)] = LayerDecision(name, line.op_type, "rewritten", why, line.figures)
+        elif figures.get("fit") == "data":
+            layers.append(LayerDecision(name, ops.get(name, ""), "rewritten", figures=dict(figures)))
+        else:
+            why = figures.get("fit_note") or "refit on the data did not lower the held-out output error"
+            layers.append(LayerDecision(name, ops.get(name, ""), "declined", str(why), dict(figures)))
+    stats["layers_reconstructed"] = sum(1 for f in fits.values() if f.get("fit") == "data")
