@@ -197,3 +197,54 @@ def _write(layer: Layer, p: np.ndarray, delta: np.ndarray | None, namer: Callabl
         node.inputs[2] = gs.Constant(namer(node.inputs[2].name), bias)
     else:
         node.inputs.append(gs.Constant(namer(f"{node.name or node.outputs[0].name}_bias"), bias))
+
+
+def output_error_scores(
+    model: Model, tracks: dict[int, Any], label_count: int, ctx: PassContext
+) -> np.ndarray | None:
+    """Per channel label, the error its removal alone causes in the layers that read it, on ``ctx.samples``.
+
+    For a layer y = Σ_j W[:, j]·x_j, dropping input j changes the output by W[:, j]·x_j; its expected
+    squared size is taken as E[x_j²]·‖W[:, j]‖² (cross terms between positions ignored), summed over
+    every Conv (group 1) / Gemm / MatMul that reads the channel. ThiNet and He et al. pick channels by this
+    reconstruction error rather than by the producing filter's norm: a large filter whose output is
+    nearly always zero after its activation, or that the next layer barely weighs, goes first.
+    Returns None when the data does not run.
+    """
+    readers = []
+    for node in model.graph.nodes:
+        if node.op not in ("Conv", "Gemm", "MatMul") or not is_onnx_op(node) or len(node.inputs) < 2:
+            continue
+        track = tracks.get(id(node.inputs[0]))
+        weight = constant_values(node.inputs[1])
+        if track is None or weight is None or (node.op == "Conv" and node.attrs.get("group", 1) != 1):
+            continue
+        readers.append((node, track, _column_energy(node, np.asarray(weight, dtype=np.float64))))
+    if not readers:
+        return None
+    axes = {str(node.inputs[0].name): track.axis for node, track, _ in readers}
+
+    def mean_square(name: str, index: int, value: np.ndarray) -> np.ndarray:
+        moved = np.moveaxis(np.asarray(value, dtype=np.float64), axes[name], 0)
+        return np.mean(moved.reshape(moved.shape[0], -1) ** 2, axis=1)
+
+    try:
+        energy = collect_activations(model.to_proto(), list(axes), ctx.samples, reduce=mean_square)
+    except Exception:  # boundary: onnxruntime on the user's model and data
+        return None
+    scores = np.zeros(label_count)
+    for node, track, columns in readers:
+        x_sq = np.mean(energy[str(node.inputs[0].name)], axis=0)
+        if x_sq.shape != columns.shape or columns.shape != track.labels.shape:
+            continue
+        np.add.at(scores, track.labels, x_sq * columns)
+    return scores
+
+
+def _column_energy(node: gs.Node, w: np.ndarray) -> np.ndarray:
+    """‖W[:, j]‖² per input position j of a Conv (channel), Gemm or MatMul (feature)."""
+    if node.op == "Conv":
+        return np.sum(np.moveaxis(w, 1, 0).reshape(w.shape[1], -1) ** 2, axis=1)
+    if node.op == "Gemm" and node.attrs.get("transB", 0):
+        return np.sum(w**2, axis=0)
+    return np.sum(w.reshape(w.shape[0], -1) ** 2, axis=1)

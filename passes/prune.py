@@ -18,7 +18,7 @@ from nnopt.ir.model import Model
 from nnopt.ir.naming import taken_names, unique_name
 from nnopt.ir.walk import is_onnx_op, remove_dead_nodes
 from nnopt.passes._depgraph import Analysis, Tracer, infer_shapes
-from nnopt.passes._reconstruct import changed_layers, reconstruct
+from nnopt.passes._reconstruct import changed_layers, output_error_scores, reconstruct
 from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
 
@@ -38,6 +38,11 @@ class PruneOptions(NodeSelection):
     max_ratio: float = field(default=0.9, metadata={"help": "at most this fraction removed from any one layer"})
     round_to: int = field(default=1, metadata={"help": "keep channel counts a multiple of this (structured)"})
     norm: Literal["l1", "l2"] = field(default="l1", metadata={"help": "filter norm used to rank channels"})
+    criterion: Literal["norm", "output"] = field(
+        default="norm",
+        metadata={"help": "rank channels by their filters' norm, or (output, needs --data) by the error removing "
+                  "each causes in the layers that read it: E[x²]·‖W[:, c]‖² on the data"},
+    )
     reconstruct: Literal["auto", "off"] = field(
         default="auto",
         metadata={"help": "auto: with --data, refit the layers downstream of removed channels by least squares "
@@ -120,7 +125,10 @@ class Prune(Pass[PruneOptions]):
         if not a.roots:
             return PassResult(modified=False, stats={"groups": 0})
         class_of = _classes(a)
-        groups = _groups(a, class_of, opts.scope == "global")
+        scores = None
+        if opts.criterion == "output" and ctx.samples:
+            scores = output_error_scores(model, a.tracks, len(a.label_root), ctx)
+        groups = _groups(a, class_of, opts.scope == "global", scores)
         _choose(groups, a, opts)
         removed = _ensure_nonempty(a, groups, class_of)
         kept_label = np.ones(len(a.label_root), dtype=bool)
@@ -145,6 +153,8 @@ class Prune(Pass[PruneOptions]):
             remove_dead_nodes(model.graph)
         layers, stats = _report(a, groups, kept_label)
         stats["weight_params_removed"] = tracer.saved[0]
+        if opts.criterion == "output":
+            stats["criterion"] = "output" if scores is not None else "norm: ranking by output error needs --data that runs"
         if teacher is not None:
             started = time.perf_counter()
             fits = reconstruct(model, ctx, teacher, changed_layers(model, keep), self.name, namer)
@@ -222,8 +232,11 @@ def _classes(a: Analysis) -> np.ndarray:
     return class_of
 
 
-def _groups(a: Analysis, class_of: np.ndarray, normalise: bool) -> list[_Group]:
-    """Roots joined by shared classes, on networkx; each group with its classes' scores and flags."""
+def _groups(a: Analysis, class_of: np.ndarray, normalise: bool, label_scores: np.ndarray | None = None) -> list[_Group]:
+    """Roots joined by shared classes, on networkx; each group with its classes' scores and flags.
+
+    A class scores the sum of its labels' filter norms, or of ``label_scores`` when given (per label).
+    """
     joined = nx.Graph()
     joined.add_nodes_from(range(len(a.roots)))
     label_root = np.asarray(a.label_root)
@@ -239,8 +252,10 @@ def _groups(a: Analysis, class_of: np.ndarray, normalise: bool) -> list[_Group]:
         live[class_of[sink.labels[~sink.zeros]]] = True
     norm_of = np.zeros(len(a.label_root))
     for root in a.roots:
-        scale = root.norms.mean() if normalise and root.norms.mean() > 0 else 1.0
-        norm_of[root.first_label : root.first_label + len(root.norms)] = root.norms / scale
+        span = slice(root.first_label, root.first_label + len(root.norms))
+        values = root.norms if label_scores is None else label_scores[span]
+        scale = values.mean() if normalise and values.mean() > 0 else 1.0
+        norm_of[span] = values / scale
     groups = []
     for comp in sorted(nx.connected_components(joined), key=min):
         roots = sorted(comp)

@@ -152,3 +152,19 @@ def test_gemm_without_bias_gets_one_and_matmul_refits_without(tmp_path):
 
 def _logits_mlp(model: onnx.ModelProto | Path, x: np.ndarray) -> np.ndarray:
     return np.asarray(make_session(model).run(None, {"x": x})[0])
+
+
+def test_channels_ranked_by_output_error_differ_from_norm_ranking_and_still_recover(digits):
+    by_norm, _ = _prune(digits, "prune:ratio=0.5,round_to=8,reconstruct=off")
+    by_output, report = _prune(digits, "prune:ratio=0.5,round_to=8,reconstruct=off,criterion=output")
+    assert report["stats"]["criterion"] == "output"
+    # Same channel counts (the same parameters removed), other channels kept: other weights.
+    assert report["stats"]["weight_params_removed"] == 82368
+    norm_weights = {t.name: numpy_helper.to_array(t) for t in by_norm.graph.initializer}
+    output_weights = [numpy_helper.to_array(t) for t in by_output.graph.initializer]
+    assert sorted(w.shape for w in norm_weights.values()) == sorted(w.shape for w in output_weights)
+    assert not all(any(np.array_equal(w, v) for v in norm_weights.values()) for w in output_weights)
+    recovered, _ = _prune(digits, "prune:ratio=0.5,round_to=8,criterion=output")
+    assert _accuracy(recovered, digits) >= _accuracy(digits["model"], digits) - 0.01
+    _, no_data = _prune(digits, "prune:ratio=0.5,round_to=8,criterion=output", data=False)
+    assert no_data["stats"]["criterion"].startswith("norm: ")
