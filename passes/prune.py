@@ -85,6 +85,9 @@ class Prune(Pass[PruneOptions]):
     members); producers lose filter rows, consumers lose input columns, and per-channel constants, split
     sizes, slice bounds and depthwise groups follow. Channels that are exactly zero wherever they are read
     (all-zero filter and bias, or BN scale and shift 0) are dead and go first, losslessly, even at ratio=0.
+    With ``--data``, the layers downstream of removed channels are then refit by least squares to the
+    unpruned model's outputs (reconstruct=auto; each refit kept only if held-out samples say it helps),
+    which recovers most of the accuracy one-shot pruning loses (docs/prune.md).
     Unstructured mode sets the smallest-magnitude weights of each layer (or globally) to exact zeros; the
     shape of every tensor stays, so dense runtimes gain nothing unless ``kmeans`` later stores the zeros
     compactly (it keeps exact zeros).
