@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from nnopt.analysis.activations import channel_rows, collect_activations, conv_patch_rows, layer_inputs
+from nnopt.analysis.activations import channel_rows, collect_activations, conv_patch_rows
 from nnopt.analysis.refit import MAX_FIT_ROWS, fit_figures, refit_linear
 from nnopt.errors import first_line
 from nnopt.ir.constants import constant_values
@@ -44,6 +44,7 @@ class Layer:
     bias: np.ndarray
     kept_out: np.ndarray  # mask over the original output channels
     dtype: np.dtype  # the weight's own float type, kept by the refit
+    weight_shape: tuple[int, ...]
     rows: list[np.ndarray] = field(default_factory=list)  # per sample, the output rows fitted on
     targets: list[np.ndarray] = field(default_factory=list)  # per sample, original output rows (kept, − bias)
 
@@ -127,7 +128,7 @@ def _layer(node: gs.Node, keep: KeepMask) -> Layer | None:
     kept = np.ones(n, dtype=bool) if kept.size == 1 and n != 1 else kept
     if int(kept.sum()) != n:
         return None
-    return Layer(node, node.op, p, b, kept, np.asarray(values).dtype)
+    return Layer(node, node.op, p, b, kept, np.asarray(values).dtype, tuple(np.shape(values)))
 
 
 def reconstruct(
@@ -168,11 +169,11 @@ def reconstruct(
     for done, layer in enumerate(layers):
         ctx.progress(done, len(layers), layer.node.name)
         try:
-            xs = layer_inputs(model.to_proto(), [layer.input_name], ctx.samples)[layer.input_name]
+            zs = _input_rows(model, layer, ctx.samples)
         except Exception as exc:  # boundary: onnxruntime on the pruned model
             figures[layer.node.name] = {"fit": "weights", "fit_note": f"the pruned model did not run: {first_line(exc, 160)}"}
             continue
-        pairs = [(layer.input_rows(x, rows), y) for x, rows, y in zip(xs, layer.rows, layer.targets)]
+        pairs = list(zip(zs, layer.targets))
         refit = refit_linear(pairs, layer.p, layer.bias, layer.kind != "MatMul", ctx.rng(f"{pass_name}:refit:{layer.node.name}"))
         if refit.used:
             _write(layer, refit.p, refit.delta, namer)
@@ -180,11 +181,23 @@ def reconstruct(
     return figures
 
 
+def _input_rows(model: Model, layer: Layer, samples: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """Per sample, Z: the layer's input on the pruned model as it is now, reduced to the fitted rows."""
+
+    def rows(name: str, index: int, value: np.ndarray) -> np.ndarray:
+        return layer.input_rows(value, layer.rows[index])
+
+    name = layer.input_name
+    if name in samples[0]:
+        return [rows(name, i, np.asarray(s[name])) for i, s in enumerate(samples)]
+    return collect_activations(model.to_proto(), [name], samples, reduce=rows)[name]
+
+
 def _write(layer: Layer, p: np.ndarray, delta: np.ndarray | None, namer: Callable[[str], str]) -> None:
     """Give the layer new weight (and bias) constants holding the refit; the old arrays are never written."""
     node = layer.node
     if layer.kind == "Conv":
-        values = p.T.reshape(p.shape[1], *np.shape(constant_values(node.inputs[1]))[1:])
+        values = p.T.reshape(layer.weight_shape)
     elif layer.kind == "Gemm" and node.attrs.get("transB", 0):
         values = p.T
     else:
