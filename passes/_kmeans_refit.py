@@ -1,0 +1,187 @@
+"""kmeans centroid refit: with the assignments fixed, fit the centroids to the layer's outputs by least squares."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from nnopt.analysis.activations import channel_rows, collect_activations, conv_patch_rows
+from nnopt.analysis.refit import refit_linear
+from nnopt.ir.constants import constant_values
+
+#: At most this many samples feed the refit (each is one run of the model, before the rewrite).
+MAX_SAMPLES = 32
+#: Output positions kept per sample (seeded subset): Z has rows × channels × k entries per sample.
+ROWS_PER_SAMPLE = 512
+#: Layers with more unknowns than this (output channels × centroids) are not refit: at 8 bits the weight
+#: error is already small, and the per-channel problems would cost more than the clustering.
+MAX_UNKNOWNS = 1 << 14
+
+
+@dataclass
+class Layer:
+    """A layer whose weight kmeans shares and whose outputs the refit can see."""
+
+    node: gs.Node
+    x: str  # the input it multiplies the weight with
+    y: str  # its output
+    weight: np.ndarray  # the original weight
+    bias: np.ndarray  # its bias per output channel (zeros without one)
+    bias_tensor: gs.Constant | None  # where a correction goes (None: no bias that only this node reads)
+    channels: int
+    groups: int
+    alpha: float
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+def plan(node: gs.Node, weight: np.ndarray, readers: int) -> Layer | str:
+    """The refit layer ``node`` is (reading ``weight`` as its input 1), or why it cannot be refit."""
+    if readers != 1:
+        return "the weight has several readers"
+    attrs = node.attrs
+    x, y = node.inputs[0].name, node.outputs[0].name
+    if node.op == "Conv":
+        channels, groups, alpha = weight.shape[0], int(attrs.get("group", 1)), 1.0
+    elif node.op == "Gemm" and not int(attrs.get("transA", 0)) and weight.ndim == 2:
+        channels, groups, alpha = weight.shape[0 if int(attrs.get("transB", 0)) else 1], 1, float(attrs.get("alpha", 1.0))
+    elif node.op == "MatMul" and weight.ndim == 2:
+        channels, groups, alpha = weight.shape[1], 1, 1.0
+    else:
+        return f"refit covers Conv, Gemm (transA=0) and MatMul with a 2-D weight, not this {node.op}"
+    bias, tensor = np.zeros(channels), None
+    if len(node.inputs) > 2 and not node.inputs[2].is_empty():
+        values = constant_values(node.inputs[2])
+        beta = float(attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+        if values is None or np.size(values) != channels or beta != 1.0:
+            return "its bias is not a constant of one value per output channel"
+        bias = np.asarray(values, np.float64).reshape(-1)
+        own = isinstance(node.inputs[2], gs.Constant) and len(node.inputs[2].outputs) == 1
+        tensor = node.inputs[2] if own else None
+    return Layer(node, x, y, weight, bias, tensor, channels, groups, alpha)
+
+
+def collect(model: Any, layers: Sequence[Layer], samples: Sequence[dict[str, np.ndarray]], seed: int,
+            ) -> dict[str, list[np.ndarray]]:
+    """Per layer input and output, a seeded subset of rows of each (patches for a Conv), per sample.
+
+    One run of the (unchanged) model per sample; only the chosen rows of each activation are kept.
+    """
+    by_x = {layer.x: layer for layer in layers}
+    by_y = {layer.y: layer for layer in layers}
+    feeds = samples[0].keys() if samples else ()
+
+    def rows_for(layer: Layer, index: int, count: int) -> np.ndarray:
+        rng = np.random.default_rng([seed, index, count])
+        return np.sort(rng.choice(count, size=min(count, ROWS_PER_SAMPLE), replace=False))
+
+    def reduce(name: str, index: int, value: np.ndarray) -> np.ndarray:
+        if name in by_y:
+            layer = by_y[name]
+            rows = _output_rows(layer, value)
+            return rows[rows_for(layer, index, rows.shape[0])]
+        layer = by_x[name]
+        return _input_rows(layer, value, rows_for)(index)
+
+    names = [n for n in (*by_x, *by_y) if n not in feeds]
+    values = collect_activations(model, names, samples[:MAX_SAMPLES], reduce=reduce)
+    for name in by_x:
+        if name in feeds:
+            values[name] = [reduce(name, i, np.asarray(s[name])) for i, s in enumerate(samples[:MAX_SAMPLES])]
+    return values
+
+
+def _output_rows(layer: Layer, y: np.ndarray) -> np.ndarray:
+    if layer.node.op == "Conv":
+        return channel_rows(y)
+    return np.asarray(y, np.float64).reshape(-1, layer.channels)
+
+
+def _input_rows(layer: Layer, x: np.ndarray, rows_for: Any) -> Any:
+    """A function of the sample index giving the layer's input rows: [rows, groups, values per group]."""
+    def pick(index: int) -> np.ndarray:
+        if layer.node.op != "Conv":
+            rows = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+            return rows[rows_for(layer, index, rows.shape[0])][:, None, :]
+        attrs = {k: v for k, v in layer.node.attrs.items() if k != "group"}
+        attrs.setdefault("kernel_shape", list(layer.weight.shape[2:]))
+        per_group = x.shape[1] // layer.groups
+        probe = conv_patch_rows(x[:, :1], attrs)  # one channel's patches: only for the row count
+        chosen = rows_for(layer, index, probe.shape[0])
+        return np.stack([conv_patch_rows(x[:, g * per_group:(g + 1) * per_group], attrs, chosen)
+                         for g in range(layer.groups)], axis=1)
+    return pick
+
+
+def channel_weights(layer: Layer, array: np.ndarray) -> np.ndarray:
+    """A weight-shaped array as [output channel, values it multiplies with its group's input rows]."""
+    if layer.node.op == "Conv":
+        return array.reshape(array.shape[0], -1)
+    if layer.node.op == "Gemm" and int(layer.node.attrs.get("transB", 0)):
+        return array
+    return array.T
+
+
+def refit(layer: Layer, codes: np.ndarray, codebook: np.ndarray, per_channel: bool, xs: list[np.ndarray],
+          ys: list[np.ndarray], seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """New codebook [codebooks, k] and bias correction (or None) fitted to the layer's outputs.
+
+    ``codes`` is weight-shaped. Centroids that are exactly 0 stay 0 (pruned weights stay pruned). Each
+    output channel (per_channel) or the whole tensor is one ridge least-squares problem in its centroids,
+    fitted on half the samples and kept only where the other half's output error drops (``refit_linear``).
+    Adds held-out figures (relative output error before → after, all channels) to ``layer.figures``.
+    """
+    ch_codes = channel_weights(layer, codes)
+    rng = np.random.default_rng(seed)
+    per_group = layer.channels // layer.groups
+    targets = [y - layer.bias[None, :] for y in ys]
+    new = codebook.copy()
+    delta = np.zeros(layer.channels)
+    corrected = False
+    if per_channel:
+        for o in range(layer.channels):
+            free = np.flatnonzero(codebook[o] != 0.0)
+            onehot = (ch_codes[o][:, None] == free[None, :]).astype(np.float64)
+            pairs = [(layer.alpha * (x[:, o // per_group, :] @ onehot), t[:, o:o + 1]) for x, t in zip(xs, targets)]
+            result = refit_linear(pairs, codebook[o, free][:, None], layer.bias[o:o + 1], layer.bias_tensor is not None,
+                                  rng)
+            if result.used:
+                new[o, free] = result.p[:, 0]
+                if result.delta is not None:
+                    delta[o], corrected = float(result.delta[0]), True
+    else:
+        free = np.flatnonzero(codebook[0] != 0.0)
+        pairs = []
+        for x, t in zip(xs, targets):
+            z = np.concatenate([layer.alpha * (x[:, o // per_group, :] @ (ch_codes[o][:, None] == free[None, :]))
+                                for o in range(layer.channels)])
+            pairs.append((z, t.T.reshape(-1, 1)))
+        result = refit_linear(pairs, codebook[0, free][:, None], np.zeros(1), False, rng)
+        if result.used:
+            new[0, free] = result.p[:, 0]
+    layer.figures.update(_heldout(layer, ch_codes, codebook, new, delta, per_channel, xs, targets))
+    return new, (delta if corrected else None)
+
+
+def _heldout(layer: Layer, ch_codes: np.ndarray, before: np.ndarray, after: np.ndarray, delta: np.ndarray,
+             per_channel: bool, xs: list[np.ndarray], targets: list[np.ndarray]) -> dict[str, Any]:
+    """Relative output error of the layer on the held-out samples (odd ones, as ``refit_linear`` holds out)
+    with the k-means codebook and with the refit one."""
+    per_group = layer.channels // layer.groups
+    held = range(1, len(xs), 2) if len(xs) >= 2 else range(len(xs))
+    sq = {"before": 0.0, "after": 0.0}
+    norm = 0.0
+    for i in held:
+        for name, table, shift in (("before", before, np.zeros_like(delta)), ("after", after, delta)):
+            rows = table[np.arange(layer.channels)[:, None] if per_channel else 0, ch_codes]
+            out = np.stack([xs[i][:, o // per_group, :] @ rows[o] for o in range(layer.channels)], axis=1)
+            sq[name] += float(np.sum((targets[i] - layer.alpha * out - shift[None, :]) ** 2))
+        norm += float(np.sum((targets[i] + layer.bias[None, :]) ** 2))
+    scale = math.sqrt(max(norm, 1e-300))
+    return {"heldout_output_error_before": round(math.sqrt(sq["before"]) / scale, 6),
+            "heldout_output_error_after": round(math.sqrt(sq["after"]) / scale, 6)}
+
