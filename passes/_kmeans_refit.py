@@ -66,33 +66,45 @@ def plan(node: gs.Node, weight: np.ndarray, readers: int) -> Layer | str:
 
 
 def collect(model: Any, layers: Sequence[Layer], samples: Sequence[dict[str, np.ndarray]], seed: int,
-            ) -> dict[str, list[np.ndarray]]:
-    """Per layer input and output, a seeded subset of rows of each (patches for a Conv), per sample.
+            ) -> dict[str, tuple[list[np.ndarray], list[np.ndarray]]]:
+    """Per layer (by output name) its input rows (patches for a Conv) and output rows, per sample: a seeded
+    subset of the rows of each activation.
 
-    One run of the (unchanged) model per sample; only the chosen rows of each activation are kept.
+    One run of the (unchanged) model per sample; only the chosen rows of each activation are kept, except
+    for a tensor that is one layer's output and another's input, kept whole until both are taken from it.
     """
     by_x = {layer.x: layer for layer in layers}
     by_y = {layer.y: layer for layer in layers}
-    feeds = samples[0].keys() if samples else ()
+    both = set(by_x) & set(by_y)
+    used = samples[:MAX_SAMPLES]
+    feeds = used[0].keys() if used else ()
 
     def rows_for(layer: Layer, index: int, count: int) -> np.ndarray:
         rng = np.random.default_rng([seed, index, count])
         return np.sort(rng.choice(count, size=min(count, ROWS_PER_SAMPLE), replace=False))
 
-    def reduce(name: str, index: int, value: np.ndarray) -> np.ndarray:
-        if name in by_y:
-            layer = by_y[name]
-            rows = _output_rows(layer, value)
-            return rows[rows_for(layer, index, rows.shape[0])]
-        layer = by_x[name]
-        return _input_rows(layer, value, rows_for)(index)
+    def as_y(layer: Layer, index: int, value: np.ndarray) -> np.ndarray:
+        rows = _output_rows(layer, value)
+        return rows[rows_for(layer, index, rows.shape[0])]
 
-    names = [n for n in (*by_x, *by_y) if n not in feeds]
-    values = collect_activations(model, names, samples[:MAX_SAMPLES], reduce=reduce)
+    def reduce(name: str, index: int, value: np.ndarray) -> np.ndarray:
+        if name in both:
+            return value
+        if name in by_y:
+            return as_y(by_y[name], index, value)
+        return _input_rows(by_x[name], value, rows_for)(index)
+
+    values = collect_activations(model, [n for n in (*by_x, *by_y) if n not in feeds], used, reduce=reduce)
     for name in by_x:
         if name in feeds:
-            values[name] = [reduce(name, i, np.asarray(s[name])) for i, s in enumerate(samples[:MAX_SAMPLES])]
-    return values
+            values[name] = [np.asarray(s[name]) for s in used]
+    out = {}
+    for layer in layers:
+        xs = [v if layer.x not in both and layer.x not in feeds else _input_rows(layer, v, rows_for)(i)
+              for i, v in enumerate(values[layer.x])]
+        ys = [v if layer.y not in both else as_y(layer, i, v) for i, v in enumerate(values[layer.y])]
+        out[layer.y] = (xs, ys)
+    return out
 
 
 def _output_rows(layer: Layer, y: np.ndarray) -> np.ndarray:

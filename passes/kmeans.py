@@ -665,7 +665,7 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
         if not layers:
             return {}
         acts = _kmeans_refit.collect(model, list(layers.values()), ctx.samples, ctx.seed_for("kmeans:refit"))
-        return {key: (layer, acts[layer.x], acts[layer.y]) for key, layer in layers.items()}
+        return {key: (layer, *acts[layer.y]) for key, layer in layers.items()}
 
     def _refit(self, weight: _Weight, codes: np.ndarray, codebook: np.ndarray, per_channel: bool, exact: bool,
                opts: KMeansOptions, ctx: PassContext) -> tuple[np.ndarray, np.ndarray | None]:
