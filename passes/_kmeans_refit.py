@@ -139,30 +139,36 @@ def channel_weights(layer: Layer, array: np.ndarray) -> np.ndarray:
 
 
 def refit(layer: Layer, codes: np.ndarray, codebook: np.ndarray, per_channel: bool, xs: list[np.ndarray],
-          ys: list[np.ndarray], seed: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """New codebook [codebooks, k] and bias correction (or None) fitted to the layer's outputs.
+          ys: list[np.ndarray], seed: int) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """New codebook [codebooks, k], bias correction (or None) and whether any centroid moved.
 
     ``codes`` is weight-shaped. Centroids that are exactly 0 stay 0 (pruned weights stay pruned). Each
-    output channel (per_channel) or the whole tensor is one ridge least-squares problem in its centroids,
-    fitted on half the samples and kept only where the other half's output error drops (``refit_linear``).
-    Adds held-out figures (relative output error before → after, all channels) to ``layer.figures``.
+    output channel (per_channel) or the whole tensor is one ridge least-squares problem in its centroids
+    (``refit_linear``: fitted on the even samples, kept only where the odd ones' output error drops, then
+    fitted on all). ``layer.figures`` get the odd samples' relative output error over all channels with
+    the k-means codebook and with the even samples' fit (the refit kept where it lowered it).
     """
     ch_codes = channel_weights(layer, codes)
     rng = np.random.default_rng(seed)
     per_group = layer.channels // layer.groups
     targets = [y - layer.bias[None, :] for y in ys]
+    held = [i for i in range(len(ys)) if i % 2 == 1] if len(ys) >= 2 else []
     new = codebook.copy()
     delta = np.zeros(layer.channels)
-    corrected = False
+    corrected = moved = False
+    sq_before = sq_after = 0.0
     if per_channel:
         for o in range(layer.channels):
             free = np.flatnonzero(codebook[o] != 0.0)
             onehot = (ch_codes[o][:, None] == free[None, :]).astype(np.float64)
             pairs = [(layer.alpha * (x[:, o // per_group, :] @ onehot), t[:, o:o + 1]) for x, t in zip(xs, targets)]
-            result = refit_linear(pairs, codebook[o, free][:, None], layer.bias[o:o + 1], layer.bias_tensor is not None,
-                                  rng)
+            result = refit_linear(pairs, codebook[o, free][:, None], layer.bias[o:o + 1],
+                                  layer.bias_tensor is not None, rng)
+            norm2 = sum(float(np.sum(ys[i][:, o] ** 2)) for i in held)
+            sq_before += result.figures["heldout_error_weight_fit"] ** 2 * norm2
+            sq_after += min(result.figures["heldout_error_refit"], result.figures["heldout_error_weight_fit"]) ** 2 * norm2
             if result.used:
-                new[o, free] = result.p[:, 0]
+                new[o, free], moved = result.p[:, 0], True
                 if result.delta is not None:
                     delta[o], corrected = float(result.delta[0]), True
     else:
@@ -172,28 +178,14 @@ def refit(layer: Layer, codes: np.ndarray, codebook: np.ndarray, per_channel: bo
             z = np.concatenate([layer.alpha * (x[:, o // per_group, :] @ (ch_codes[o][:, None] == free[None, :]))
                                 for o in range(layer.channels)])
             pairs.append((z, t.T.reshape(-1, 1)))
+        # NOTE: the per-channel means of the layer's output (zero here) make its norm the same as ‖y‖.
         result = refit_linear(pairs, codebook[0, free][:, None], np.zeros(1), False, rng)
+        norm2 = sum(float(np.sum(ys[i] ** 2)) for i in held)
+        sq_before = result.figures["heldout_error_weight_fit"] ** 2 * norm2
+        sq_after = min(result.figures["heldout_error_refit"], result.figures["heldout_error_weight_fit"]) ** 2 * norm2
         if result.used:
-            new[0, free] = result.p[:, 0]
-    layer.figures.update(_heldout(layer, ch_codes, codebook, new, delta, per_channel, xs, targets))
-    return new, (delta if corrected else None)
-
-
-def _heldout(layer: Layer, ch_codes: np.ndarray, before: np.ndarray, after: np.ndarray, delta: np.ndarray,
-             per_channel: bool, xs: list[np.ndarray], targets: list[np.ndarray]) -> dict[str, Any]:
-    """Relative output error of the layer on the held-out samples (odd ones, as ``refit_linear`` holds out)
-    with the k-means codebook and with the refit one."""
-    per_group = layer.channels // layer.groups
-    held = range(1, len(xs), 2) if len(xs) >= 2 else range(len(xs))
-    sq = {"before": 0.0, "after": 0.0}
-    norm = 0.0
-    for i in held:
-        for name, table, shift in (("before", before, np.zeros_like(delta)), ("after", after, delta)):
-            rows = table[np.arange(layer.channels)[:, None] if per_channel else 0, ch_codes]
-            out = np.stack([xs[i][:, o // per_group, :] @ rows[o] for o in range(layer.channels)], axis=1)
-            sq[name] += float(np.sum((targets[i] - layer.alpha * out - shift[None, :]) ** 2))
-        norm += float(np.sum((targets[i] + layer.bias[None, :]) ** 2))
-    scale = math.sqrt(max(norm, 1e-300))
-    return {"heldout_output_error_before": round(math.sqrt(sq["before"]) / scale, 6),
-            "heldout_output_error_after": round(math.sqrt(sq["after"]) / scale, 6)}
-
+            new[0, free], moved = result.p[:, 0], True
+    total = math.sqrt(max(sum(float(np.sum(ys[i] ** 2)) for i in held), 1e-300))
+    layer.figures.update({"heldout_output_error_before": round(math.sqrt(sq_before) / total, 6),
+                          "heldout_output_error_after": round(math.sqrt(sq_after) / total, 6)})
+    return new, (delta if corrected else None), moved

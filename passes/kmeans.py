@@ -681,10 +681,9 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
             weight.figures["refit"] = f"not refit: {codebook.size} centroids > {_kmeans_refit.MAX_UNKNOWNS}"
             return codebook, None
         started = time.perf_counter()
-        new, delta = _kmeans_refit.refit(layer, codes, codebook, per_channel, xs, ys,
-                                         ctx.seed_for(f"kmeans:refit:{weight.tensor.name}"))
+        new, delta, used = _kmeans_refit.refit(layer, codes, codebook, per_channel, xs, ys,
+                                               ctx.seed_for(f"kmeans:refit:{weight.tensor.name}"))
         figures = layer.figures
-        used = figures["heldout_output_error_after"] < figures["heldout_output_error_before"]
         weight.figures["refit"] = {"fit": "data" if used else "weights", **figures,
                                    "bias_corrected": bool(used and delta is not None),
                                    "seconds": round(time.perf_counter() - started, 4)}
