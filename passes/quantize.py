@@ -122,6 +122,12 @@ class Quantize(Pass[QuantizeOptions]):
         W_int8 → DQ ┼→ Conv → Q → DQ → y        (Relu absorbed; onnxruntime: QLinearConv)
         b_int32 → DQ┘
 
+    Recovery (static mode, defaults ``auto``): ``equalize`` rescales Conv → [Relu|LeakyRelu|PRelu] → Conv
+    pairs so their per-channel weight ranges match before calibration (lossless in float; auto keeps it only
+    if the quantized outputs on ``--data`` get closer to float), and ``bias_correction`` folds each quantized
+    Conv/Gemm's mean output shift against float into its int32 bias, upstream layers first (auto: per layer
+    only where held-out samples confirm it). Each layer's entry reports the decision and its figures.
+
     Lossy. With ``min_cosine``/``max_rel_error`` the pass excludes the layer with the lowest own SQNR (the
     noise it adds beyond its inputs', measured on the calibration data) and re-quantizes, until the
     budget holds; each layer's SQNR is in the report. Preconditions: static mode needs ``--data``; a model
