@@ -557,6 +557,7 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
         opts = self.options
         weights = self._collect(model, opts)
         started = time.perf_counter()
+        self._refit_note = ""
         self._refits = self._plan_refits(model, weights, opts, ctx)
         refit_seconds = time.perf_counter() - started
         taken = taken_names(model)
@@ -612,7 +613,7 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
                 "weight_bytes_after": after,
                 "weight_bytes_saved": before - after,
                 "clustering_seconds": round(time.perf_counter() - started, 3),
-                **self._refit_stats(rewritten, refit_seconds),
+                **self._refit_stats(rewritten, refit_seconds, self._refit_note),
             },
             layers=layers,
         )
@@ -650,6 +651,9 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
         """Per weight (by tensor id) the centroid refit can serve: its layer and the layer's input rows and
         outputs on the data, from one run of the unchanged model per sample. Empty with refit=off or no data."""
         if opts.refit == "off" or not ctx.samples:
+            return {}
+        if len(ctx.samples) < _kmeans_refit.MIN_SAMPLES:
+            self._refit_note = f"not refit: {len(ctx.samples)} samples, fewer than {_kmeans_refit.MIN_SAMPLES}"
             return {}
         layers: dict[int, _kmeans_refit.Layer] = {}
         for weight in weights:
@@ -704,11 +708,11 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
         tensor.values = (bias.astype(np.float64) + delta.reshape(bias.shape)).astype(bias.dtype)
 
     @staticmethod
-    def _refit_stats(rewritten: list[LayerDecision], seconds: float) -> dict[str, Figure]:
+    def _refit_stats(rewritten: list[LayerDecision], seconds: float, note: str) -> dict[str, Figure]:
         """Stats of the centroid refit (none when no layer was planned for it)."""
         refits = [e.figures.get("refit") for e in rewritten]
         if not any(isinstance(r, dict) for r in refits):
-            return {}
+            return {"refit": note} if note else {}
         done = [r for r in refits if isinstance(r, dict) and r.get("fit") == "data"]
         return {"layers_refit": len(done),
                 "refit_seconds": round(seconds + sum(float(r["seconds"]) for r in refits if isinstance(r, dict)), 3)}

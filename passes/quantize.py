@@ -380,12 +380,16 @@ def _bias_corrected(float_proto: onnx.ModelProto, result: _Static, opts: Quantiz
     """``result`` with the int32 biases corrected for the mean output shift (see ``_biascorrect``), and its
     report re-measured; unchanged when no layer keeps a correction, or (auto) when the corrected model's
     output error on the held-out calibration samples is not lower."""
+    validate = opts.bias_correction == "auto"
+    if validate and len(ctx.samples) < _biascorrect.MIN_SAMPLES:
+        result.stats["bias_correction"] = (f"not applied: {len(ctx.samples)} samples, fewer than "
+                                           f"{_biascorrect.MIN_SAMPLES} to fit and validate on")
+        return result
     eligible = {e.node for e in result.layers if e.action == "rewritten"}
     layers, declined = _biascorrect.find_layers(float_proto, result.qproto, eligible)
     result.stats["bias_correction"] = "no layer with an int32 bias"
     if not layers:
         return result
-    validate = opts.bias_correction == "auto"
     outcome = _biascorrect.correct(float_proto, result.qproto, layers, ctx.samples, validate,
                                    ctx.seed_for("quantize:bias_correction"))
     corrected, count, held = outcome.qproto, outcome.corrected, outcome.held
