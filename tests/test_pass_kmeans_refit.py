@@ -78,9 +78,10 @@ def test_digits_2bit_per_channel_keeps_accuracy_within_one_point(digits: dict[st
 def test_digits_2bit_per_tensor_refit_recovers_most_of_the_loss(digits: dict[str, object]) -> None:
     refit, _ = _kmeans(digits, "kmeans:bits=2")
     plain, _ = _kmeans(digits, "kmeans:bits=2,refit=off")
-    # Measured: 79.1 % without refit, 94.2 % with it (original 98.67 %).
+    # Measured: 79.1 % without refit, 97.8 % with it (original 98.67 %): the per-channel bias correction does
+    # most of it (94.2 % with the centroid refit alone), a per-tensor codebook shifts each channel's mean.
     assert _accuracy(plain, digits) < 0.80
-    assert _accuracy(refit, digits) > 0.93
+    assert _accuracy(refit, digits) > 0.97
 
 
 def test_refit_lowers_each_layers_output_error_on_unseen_samples(digits: dict[str, object]) -> None:
