@@ -157,16 +157,16 @@ def correct(float_proto: onnx.ModelProto, qproto: onnx.ModelProto, layers: list[
     held = sorted(int(i) for i in order[len(used) // 2:]) if validate and len(used) >= 2 else []
     in_held = set(held)
     session, biases = _probe(qproto, layers)
-    floats = _FloatOutputs(float_proto, layers, used)
+    floats = _FloatOutputs(float_proto, layers, used, [i for i in range(len(used)) if i not in in_held], held)
     done = 0
     for wave in sorted({x.wave for x in layers}):
         members = [x for x in layers if x.wave == wave]
         halves = {x.node: (_Stats(np.zeros(0), np.zeros(0)), _Stats(np.zeros(0), np.zeros(0))) for x in members}
-        for i, feeds in enumerate(used):
-            ref = floats.get(i, members)
+        for c, (indices, feeds) in enumerate(floats.chunks):
+            ref = floats.get(c, members)
             got = _qdq.run_probe(session, [x.quant_out for x in members], {**feeds, **biases})
             for x in members:
-                halves[x.node][int(i in in_held)].add(ref[x.float_out], got[x.quant_out], x.axis)
+                halves[x.node][int(indices[0] in in_held)].add(ref[x.float_out], got[x.quant_out], x.axis)
         for x in members:
             done += _correct_layer(x, *halves[x.node], biases, bool(held))
     out = onnx.ModelProto()
@@ -199,26 +199,61 @@ def _correct_layer(x: Layer, fit: _Stats, held: _Stats, biases: dict[str, np.nda
 
 
 class _FloatOutputs:
-    """The float model's layer outputs per sample: all computed in one run per sample and kept when they fit
-    in ``FLOAT_CACHE_BYTES``, otherwise computed again for each wave."""
+    """The runs of the correction: ``chunks`` of samples, each (sample indices, feeds), and the float
+    model's layer outputs per chunk (kept when they fit in ``FLOAT_CACHE_BYTES``, else run again per wave).
 
-    def __init__(self, float_proto: onnx.ModelProto, layers: list[Layer],
-                 samples: Sequence[dict[str, np.ndarray]]) -> None:
+    A chunk is a whole half of the samples stacked on the batch axis when the model takes it (every feed of
+    batch 1, and a batched run of the float model gives the same outputs as one sample's run, checked on the
+    first sample): one run per half and wave instead of one per sample. Otherwise one sample per chunk.
+    """
+
+    def __init__(self, float_proto: onnx.ModelProto, layers: list[Layer], samples: Sequence[dict[str, np.ndarray]],
+                 fit: list[int], held: list[int]) -> None:
         self._names = sorted({x.float_out for x in layers})
         self._session = _qdq.probe_session(float_proto, self._names)
-        self._samples = samples
+        halves = [half for half in (fit, held) if half]
+        self.chunks = [(half, _stack([samples[i] for i in half])) for half in halves]
         self._cache: list[dict[str, np.ndarray]] | None = []
-        for feeds in samples:
-            values = _qdq.run_probe(self._session, self._names, feeds)
-            self._cache.append(values)
+        try:
+            batched = self.chunks and all(f is not None for _, f in self.chunks) and self._same(samples)
+        except Exception:  # noqa: BLE001 - a model that does not take a batch: one sample per run
+            batched = False
+        if not batched:
+            self.chunks = [([i], dict(s)) for i, s in enumerate(samples)]
+            self._cache = []
+        for _, feeds in self.chunks[len(self._cache or []):]:
+            if self._cache is None:
+                break
+            self._cache.append(_qdq.run_probe(self._session, self._names, feeds))  # type: ignore[arg-type]
             if sum(v.nbytes for c in self._cache for v in c.values()) > FLOAT_CACHE_BYTES:
                 self._cache = None
-                break
 
-    def get(self, index: int, members: list[Layer]) -> dict[str, np.ndarray]:
+    def _same(self, samples: Sequence[dict[str, np.ndarray]]) -> bool:
+        """Whether the first chunk's batched run matches its first sample's own run (shape and values)."""
+        indices, feeds = self.chunks[0]
+        batch = _qdq.run_probe(self._session, self._names, feeds)  # type: ignore[arg-type]
+        single = _qdq.run_probe(self._session, self._names, samples[indices[0]])
+        for name in self._names:
+            b, s = batch[name], single[name]
+            if b.shape[0] != len(indices) or b.shape[1:] != s.shape[1:] or s.shape[0] != 1:
+                return False
+            if not np.allclose(b[:1], s, rtol=1e-4, atol=1e-5 * max(float(np.abs(s).max()), 1.0)):
+                return False
+        assert self._cache is not None
+        self._cache.append(batch)
+        return True
+
+    def get(self, chunk: int, members: list[Layer]) -> dict[str, np.ndarray]:
         if self._cache is not None:
-            return self._cache[index]
-        return _qdq.run_probe(self._session, [x.float_out for x in members], self._samples[index])
+            return self._cache[chunk]
+        return _qdq.run_probe(self._session, [x.float_out for x in members], self.chunks[chunk][1])
+
+
+def _stack(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
+    """The samples' feeds stacked on the batch axis, or None when a feed is not of batch 1."""
+    if any(np.ndim(v) == 0 or np.shape(v)[0] != 1 for s in samples for v in s.values()):
+        return None
+    return {name: np.concatenate([np.asarray(s[name]) for s in samples]) for name in samples[0]}
 
 
 def _held_figures(held: _Stats, delta: np.ndarray, when: str) -> dict[str, float]:
