@@ -212,36 +212,36 @@ class _FloatOutputs:
         self._names = sorted({x.float_out for x in layers})
         self._session = _qdq.probe_session(float_proto, self._names)
         halves = [half for half in (fit, held) if half]
-        self.chunks = [(half, _stack([samples[i] for i in half])) for half in halves]
+        stacked = [_stack([samples[i] for i in half]) for half in halves]
+        self.chunks: list[tuple[list[int], dict[str, np.ndarray]]] = [([i], dict(x)) for i, x in enumerate(samples)]
         self._cache: list[dict[str, np.ndarray]] | None = []
-        try:
-            batched = self.chunks and all(f is not None for _, f in self.chunks) and self._same(samples)
-        except Exception:  # noqa: BLE001 - a model that does not take a batch: one sample per run
-            batched = False
-        if not batched:
-            self.chunks = [([i], dict(s)) for i, s in enumerate(samples)]
-            self._cache = []
-        for _, feeds in self.chunks[len(self._cache or []):]:
-            if self._cache is None:
-                break
-            self._cache.append(_qdq.run_probe(self._session, self._names, feeds))  # type: ignore[arg-type]
+        batched = [(half, feeds) for half, feeds in zip(halves, stacked) if feeds is not None]
+        if batched and len(batched) == len(halves):
+            try:
+                first = self._batch_matches(samples, batched[0])
+            except Exception:  # noqa: BLE001 - a model that does not take a batch: one sample per run
+                first = None
+            if first is not None:
+                self.chunks, self._cache = batched, [first]
+        for _, feeds in self.chunks[len(self._cache):]:
+            self._cache.append(_qdq.run_probe(self._session, self._names, feeds))
             if sum(v.nbytes for c in self._cache for v in c.values()) > FLOAT_CACHE_BYTES:
                 self._cache = None
+                break
 
-    def _same(self, samples: Sequence[dict[str, np.ndarray]]) -> bool:
-        """Whether the first chunk's batched run matches its first sample's own run (shape and values)."""
-        indices, feeds = self.chunks[0]
-        batch = _qdq.run_probe(self._session, self._names, feeds)  # type: ignore[arg-type]
+    def _batch_matches(self, samples: Sequence[dict[str, np.ndarray]],
+                       chunk: tuple[list[int], dict[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
+        """The batched run of ``chunk`` if it matches its first sample's own run (shape and values), else None."""
+        indices, feeds = chunk
+        batch = _qdq.run_probe(self._session, self._names, feeds)
         single = _qdq.run_probe(self._session, self._names, samples[indices[0]])
         for name in self._names:
             b, s = batch[name], single[name]
             if b.shape[0] != len(indices) or b.shape[1:] != s.shape[1:] or s.shape[0] != 1:
-                return False
+                return None
             if not np.allclose(b[:1], s, rtol=1e-4, atol=1e-5 * max(float(np.abs(s).max()), 1.0)):
-                return False
-        assert self._cache is not None
-        self._cache.append(batch)
-        return True
+                return None
+        return batch
 
     def get(self, chunk: int, members: list[Layer]) -> dict[str, np.ndarray]:
         if self._cache is not None:
