@@ -20,6 +20,7 @@ from nnopt.ir.constants import constant_node_payload, constant_values
 from nnopt.ir.model import Model, replace_tensor
 from nnopt.ir.naming import taken_names, unique_name
 from nnopt.ir.walk import all_graphs, graph_outputs, is_onnx_op
+from nnopt.passes import _kmeans_refit
 from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
 _PREFIX = "kmeans"
@@ -85,6 +86,14 @@ class KMeansOptions(NodeSelection):
                           "UINT2 for bits <= 2 at opset 25; needs the model at opset >= 21); bitpack (bits-wide "
                           "fields in uint8/32/64 words unpacked with BitShift, opset >= 11); auto: the smallest "
                           "that the model's opset allows"},
+    )
+
+    refit: Literal["auto", "off"] = field(
+        default="auto",
+        metadata={"help": "auto: with --data, refit each Conv/Gemm/MatMul weight's centroids (assignments fixed) "
+                          "and a bias correction by least squares to the layer's outputs on the data, kept per "
+                          "layer only where the output error on held-out samples drops; off (or no --data): "
+                          "centroids are the cluster means of the weights"},
     )
 
     def __post_init__(self) -> None:
@@ -533,7 +542,10 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
 
     Lossy: every value becomes the mean of its cluster (scikit-learn KMeans started by k-means++, seeded
     from the pipeline seed and the tensor's name, or by quantiles with ``init=quantiles``); exact for tensors with at most k distinct values.
-    Exact zeros stay exact zeros (``keep_zeros``), so pruned weights stay pruned.
+    Exact zeros stay exact zeros (``keep_zeros``), so pruned weights stay pruned. With ``--data`` (``refit=auto``)
+    the centroids of each Conv/Gemm/MatMul weight are then refit, assignments fixed, by least squares to the
+    layer's outputs on the data, with a per-channel bias correction; kept per channel where held-out samples
+    say the output error drops (the layer's ``refit`` figures: held-out output error before → after).
     Preconditions: none. onnxruntime folds the decoding into plain weights when it creates a session with
     graph optimisations on: the file and the bytes to load shrink, the memory of a running session does not.
     """
@@ -544,6 +556,10 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         opts = self.options
         weights = self._collect(model, opts)
+        started = time.perf_counter()
+        self._refit_note = ""
+        self._refits = self._plan_refits(model, weights, opts, ctx)
+        refit_seconds = time.perf_counter() - started
         taken = taken_names(model)
         layers: list[LayerDecision] = []
         inserts: dict[int, list[gs.Node]] = {}
@@ -597,6 +613,7 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
                 "weight_bytes_after": after,
                 "weight_bytes_saved": before - after,
                 "clustering_seconds": round(time.perf_counter() - started, 3),
+                **self._refit_stats(rewritten, refit_seconds, self._refit_note),
             },
             layers=layers,
         )
@@ -627,6 +644,78 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
                         found[id(tensor)] = weight
                     weight.slots.append((node, index, axis_of))
         return list(found.values())
+
+    # ------------------------------------------------------------------------------------------ refit
+    def _plan_refits(self, model: Model, weights: list[_Weight], opts: KMeansOptions, ctx: PassContext,
+                     ) -> dict[int, tuple[_kmeans_refit.Layer, list[np.ndarray], list[np.ndarray]]]:
+        """Per weight (by tensor id) the centroid refit can serve: its layer and the layer's input rows and
+        outputs on the data, from one run of the unchanged model per sample. Empty with refit=off or no data."""
+        if opts.refit == "off" or not ctx.samples:
+            return {}
+        if len(ctx.samples) < _kmeans_refit.MIN_SAMPLES:
+            self._refit_note = f"not refit: {len(ctx.samples)} samples, fewer than {_kmeans_refit.MIN_SAMPLES}"
+            return {}
+        layers: dict[int, _kmeans_refit.Layer] = {}
+        for weight in weights:
+            node, index, _ = weight.slots[0]
+            values = constant_values(weight.tensor)
+            if weight.graph is not model.graph or index != 1 or values is None or np.size(values) < opts.min_size:
+                continue
+            found = _kmeans_refit.plan(node, np.asarray(values), len(weight.readers))
+            if isinstance(found, str):
+                weight.figures["refit"] = f"not refit: {found}"
+            else:
+                layers[id(weight.tensor)] = found
+        # A tensor two planned layers read as input would need two sets of rows: those layers are left out.
+        inputs = [layer.x for layer in layers.values()]
+        layers = {key: layer for key, layer in layers.items() if inputs.count(layer.x) == 1}
+        if not layers:
+            return {}
+        acts = _kmeans_refit.collect(model, list(layers.values()), ctx.samples, ctx.seed_for("kmeans:refit"))
+        return {key: (layer, *acts[layer.y]) for key, layer in layers.items()}
+
+    def _refit(self, weight: _Weight, codes: np.ndarray, codebook: np.ndarray, per_channel: bool, exact: bool,
+               opts: KMeansOptions, ctx: PassContext) -> tuple[np.ndarray, np.ndarray | None]:
+        """The codebook refit to the layer's outputs (and a bias correction), or the k-means one as it is."""
+        planned = getattr(self, "_refits", {}).get(id(weight.tensor))
+        if planned is None:
+            return codebook, None
+        layer, xs, ys = planned
+        if exact:
+            weight.figures["refit"] = "not refit: the codebook holds the weight's values exactly"
+            return codebook, None
+        if per_channel and codebook.size > _kmeans_refit.MAX_UNKNOWNS:
+            weight.figures["refit"] = f"not refit: {codebook.size} centroids > {_kmeans_refit.MAX_UNKNOWNS}"
+            return codebook, None
+        started = time.perf_counter()
+        new, delta, used = _kmeans_refit.refit(layer, codes, codebook, per_channel, xs, ys,
+                                               ctx.seed_for(f"kmeans:refit:{weight.tensor.name}"))
+        figures = layer.figures
+        weight.figures["refit"] = {"fit": "data" if used else "weights", **figures,
+                                   "bias_corrected": bool(used and delta is not None),
+                                   "seconds": round(time.perf_counter() - started, 4)}
+        if not used:
+            return codebook, None
+        return new, delta
+
+    def _correct_bias(self, weight: _Weight, delta: np.ndarray | None) -> None:
+        """Add the refit's bias correction to the layer's bias (after the rewrite is certain)."""
+        planned = getattr(self, "_refits", {}).get(id(weight.tensor))
+        if delta is None or planned is None or planned[0].bias_tensor is None:
+            return
+        tensor = planned[0].bias_tensor
+        bias = np.asarray(tensor.values)
+        tensor.values = (bias.astype(np.float64) + delta.reshape(bias.shape)).astype(bias.dtype)
+
+    @staticmethod
+    def _refit_stats(rewritten: list[LayerDecision], seconds: float, note: str) -> dict[str, Figure]:
+        """Stats of the centroid refit (none when no layer was planned for it)."""
+        refits = [e.figures.get("refit") for e in rewritten]
+        if not any(isinstance(r, dict) for r in refits):
+            return {"refit": note} if note else {}
+        done = [r for r in refits if isinstance(r, dict) and r.get("fit") == "data"]
+        return {"layers_refit": len(done),
+                "refit_seconds": round(seconds + sum(float(r["seconds"]) for r in refits if isinstance(r, dict)), 3)}
 
     def _check(self, model: Model, weight: _Weight, opts: KMeansOptions) -> np.ndarray:
         values = constant_values(weight.tensor)
@@ -691,6 +780,8 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
             codes = result.codes.reshape(values.shape)
             exact, distinct = result.exact, result.distinct
         seconds = time.perf_counter() - started
+        # The refit changes centroid values only, never the assignments.
+        codebook, delta = self._refit(weight, codes, codebook, per_channel, exact, opts, ctx)
 
         stored_codebook = codebook.astype(dtype)
         error, max_abs, used = _errors(rows, row_codes, stored_codebook)
@@ -725,6 +816,7 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
             raise _Decline(f"codebook and indices ({bytes_after} bytes) would not be smaller than the weight "
                            f"({bytes_before})")
         replace_tensor(weight.graph, weight.tensor, decoded, graphs=weight.facts.scope)
+        self._correct_bias(weight, delta)
         return b.nodes
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -15,7 +16,7 @@ from nnopt.errors import OptionError
 from nnopt.ir.constants import lower_model_constants
 from nnopt.ir.model import Model
 from nnopt.ir.naming import taken_names, unique_name
-from nnopt.passes import _qdq
+from nnopt.passes import _biascorrect, _equalize, _qdq
 from nnopt.pipeline.base import LayerDecision, Pass, PassContext, PassResult
 from nnopt.pipeline.verify import LOSSLESS_ATOL, LOSSLESS_TOLERANCE, compare_outputs
 from nnopt.runtime import make_session, run_model
@@ -78,6 +79,19 @@ class QuantizeOptions(NodeSelection):
                           "largest magnitude is at most this"},
     )
     max_excluded: int = field(default=8, metadata={"help": "the budget loop excludes at most this many layers"})
+    equalize: Literal["auto", "on", "off"] = field(
+        default="auto",
+        metadata={"help": "cross-layer equalization of Conv -> (Relu|LeakyRelu|PRelu|none) -> Conv pairs before "
+                          "quantizing (lossless in float): on, off, or auto (static mode: quantize with and "
+                          "without it and keep the one with the lower output error on --data; weight_only: off)"},
+    )
+    bias_correction: Literal["auto", "on", "off"] = field(
+        default="auto",
+        metadata={"help": "static: fold each quantized Conv/Gemm's mean output shift against float on --data "
+                          "into its int32 bias, upstream layers first: on (every layer), off, or auto (fitted "
+                          "on half the samples, kept per layer where it lowers that layer's output error on the "
+                          "other half, and only if it lowers the model's output error there)"},
+    )
 
     def __post_init__(self) -> None:
         if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
@@ -107,6 +121,12 @@ class Quantize(Pass[QuantizeOptions]):
       ⇒ x → Q → DQ ┐
         W_int8 → DQ ┼→ Conv → Q → DQ → y        (Relu absorbed; onnxruntime: QLinearConv)
         b_int32 → DQ┘
+
+    Recovery (static mode, defaults ``auto``): ``equalize`` rescales Conv → [Relu|LeakyRelu|PRelu] → Conv
+    pairs so their per-channel weight ranges match before calibration (lossless in float; auto keeps it only
+    if the quantized outputs on ``--data`` get closer to float), and ``bias_correction`` folds each quantized
+    Conv/Gemm's mean output shift against float into its int32 bias, upstream layers first (auto: per layer
+    only where held-out samples confirm it). Each layer's entry reports the decision and its figures.
 
     Lossy. With ``min_cosine``/``max_rel_error`` the pass excludes the layer with the lowest own SQNR (the
     noise it adds beyond its inputs', measured on the calibration data) and re-quantizes, until the
@@ -162,6 +182,8 @@ class Quantize(Pass[QuantizeOptions]):
             return PassResult(modified=False, stats={"layers_quantized": 0}, layers=layers)
 
         if opts.mode == "weight_only":
+            if opts.equalize == "on":
+                float_proto, stats["equalize"] = _equalized(float_proto)
             out_proto, wlayers = _weight_only(float_proto, selected, per_channel)
             layers.extend(wlayers)
             done = sum(1 for entry in wlayers if entry.action == "rewritten")
@@ -170,7 +192,7 @@ class Quantize(Pass[QuantizeOptions]):
             if not done:
                 return PassResult(modified=False, stats=stats, layers=layers)
         else:
-            out_proto, slayers, sstats = _static(float_proto, selected, candidates, opts, per_channel, ctx)
+            out_proto, slayers, sstats = _static_recovered(float_proto, selected, candidates, opts, per_channel, ctx)
             layers.extend(slayers)
             stats.update(sstats)
             if not stats["layers_quantized"]:  # the budget excluded every layer: the layers say why
@@ -185,9 +207,21 @@ class Quantize(Pass[QuantizeOptions]):
 
 
 # ---------------------------------------------------------------------------------------------- static
+@dataclass
+class _Static:
+    """What one static quantization of a float model gave: the model, its report, and the outputs of both
+    models on the calibration samples (for the recovery steps that compare them)."""
+
+    qproto: onnx.ModelProto
+    layers: list[LayerDecision]
+    stats: dict[str, Any]
+    reference: list[list[np.ndarray]]
+    outputs: list[list[np.ndarray]]
+    budget_excluded: list[LayerDecision]
+
+
 def _static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candidates: list[onnx.NodeProto],
-            opts: QuantizeOptions, per_channel: bool, ctx: PassContext,
-            ) -> tuple[onnx.ModelProto, list[LayerDecision], dict[str, Any]]:
+            opts: QuantizeOptions, per_channel: bool, ctx: PassContext) -> _Static:
     """Calibrate once, place QDQ, and exclude the most sensitive layer until the budget holds."""
     # onnxruntime's QDQ quantizer has no rule for recurrent ops (it would quantize every input, the
     # sequence lengths included); their weights are stored int8 by the weight-only rewrite below.
@@ -200,7 +234,7 @@ def _static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candid
     base_exclude = [n.name for n in candidates if n.name not in chosen and n.name not in recurrent_names]
     reference: list[list[np.ndarray]] | None = None  # the float model's outputs, from the first round
     budget_excluded: list[LayerDecision] = []
-    attempts: list[tuple[onnx.ModelProto, list[dict[str, Any]], Any, int]] = []
+    attempts: list[tuple[onnx.ModelProto, list[dict[str, Any]], Any, int, list[list[np.ndarray]]]] = []
     while True:
         # Each round of the budget loop re-places QDQ and re-measures every layer: the slow part.
         ctx.progress(len(budget_excluded), opts.max_excluded, f"{len(budget_excluded)} layer(s) excluded")
@@ -220,7 +254,7 @@ def _static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candid
         reference = float_outputs if reference is None else reference
         fidelity = compare_outputs(reference, quant_outputs)
         violation = _violation(fidelity, opts)
-        attempts.append((qproto, sens, fidelity, len(budget_excluded)))
+        attempts.append((qproto, sens, fidelity, len(budget_excluded), quant_outputs))
         if violation is None or len(budget_excluded) >= opts.max_excluded or not sens:
             break
         worst = min(sens, key=lambda s: (s["own_sqnr"], s["node"]))
@@ -233,8 +267,17 @@ def _static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candid
     if _violation(fidelity, opts) is not None and len(attempts) > 1:
         # The budget was not reached: keep the attempt closest to float (excluding a layer does not
         # always help: the noise it stops adding can have been masking, or masked by, another's).
-        qproto, sens, fidelity, kept = max(attempts, key=lambda a: (a[2].cosine_similarity, -a[2].max_rel_error, -a[3]))
+        qproto, sens, fidelity, kept, quant_outputs = max(
+            attempts, key=lambda a: (a[2].cosine_similarity, -a[2].max_rel_error, -a[3]))
         budget_excluded = budget_excluded[:kept]
+    assert reference is not None  # the loop ran at least once
+    layers, stats = _report(qproto, sens, fidelity, budget_excluded, opts, ctx)
+    return _Static(qproto, layers, stats, reference, quant_outputs, budget_excluded)
+
+
+def _report(qproto: onnx.ModelProto, sens: list[dict[str, Any]], fidelity: Any, budget_excluded: list[LayerDecision],
+            opts: QuantizeOptions, ctx: PassContext) -> tuple[list[LayerDecision], dict[str, Any]]:
+    """The per-layer report and the stats of a static quantization."""
     layers: list[LayerDecision] = [
         LayerDecision(s["node"], s["op_type"], "rewritten", figures={
             "sqnr_db": _db(s["sqnr"]), "own_sqnr_db": _db(s["own_sqnr"]), "int8_kernel": s["op_type"] in _qdq.WEIGHT_AXIS})
@@ -254,7 +297,137 @@ def _static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candid
     }
     if fidelity.top1_agreement is not None:
         stats["top1_agreement_on_data"] = round(fidelity.top1_agreement, 4)
-    return qproto, layers, stats
+    return layers, stats
+
+
+def _equalized(float_proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """``float_proto`` with its Conv pairs equalized (weight-only mode: no data to decide by), and a line
+    for the stats."""
+    pairs = _equalize.find_pairs(float_proto)
+    if not pairs:
+        return float_proto, "no equalizable Conv pairs"
+    return _equalize.equalize(float_proto, pairs), f"on ({len(pairs)} pairs)"
+
+
+# ---------------------------------------------------------------------------------------------- recovery
+def _static_recovered(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto],
+                      candidates: list[onnx.NodeProto], opts: QuantizeOptions, per_channel: bool,
+                      ctx: PassContext) -> tuple[onnx.ModelProto, list[LayerDecision], dict[str, Any]]:
+    """``_static``, with cross-layer equalization before it and bias correction after it as the options ask.
+
+    With ``equalize=auto`` the model is quantized with and without equalization, and the one with the
+    lower squared output error against float on the calibration samples is kept.
+    """
+    started = time.perf_counter()
+    pairs = _equalize.find_pairs(float_proto) if opts.equalize != "off" else []
+    variants: list[tuple[onnx.ModelProto, bool]] = [(float_proto, False)]
+    if pairs:
+        equalized = _equalize.equalize(float_proto, pairs)
+        variants = [(equalized, True)] if opts.equalize == "on" else [(float_proto, False), (equalized, True)]
+    equalize_seconds = time.perf_counter() - started
+    results = []
+    for proto, used in variants:
+        started = time.perf_counter()
+        results.append((_static(proto, selected, candidates, opts, per_channel, ctx), proto, used))
+        # The cost of equalization: the transform, and in auto mode the quantization of the second variant.
+        equalize_seconds += (time.perf_counter() - started) if used and len(variants) > 1 else 0.0
+    errors = [_sq_error(r.reference, r.outputs, range(len(r.outputs))) for r, _, _ in results]
+    best = min(range(len(results)), key=lambda i: (errors[i], i))
+    result, chosen_float, cle_used = results[best]
+    extra: dict[str, Any] = {}
+    if opts.equalize != "off":
+        extra = _equalize_report(result, pairs, cle_used, errors)
+        extra["equalize_seconds"] = round(equalize_seconds, 3)
+    if opts.bias_correction != "off" and result.stats["layers_quantized"]:
+        started = time.perf_counter()
+        result = _bias_corrected(chosen_float, result, opts, ctx)
+        result.stats["bias_correction_seconds"] = round(time.perf_counter() - started, 3)
+    result.stats.update(extra)
+    return result.qproto, result.layers, result.stats
+
+
+def _sq_error(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]], indices: Any) -> float:
+    """Σ over the given samples and all outputs of the squared error against the reference, in float64."""
+    total = 0.0
+    for i in indices:
+        for r, o in zip(reference[i], outputs[i]):
+            if np.issubdtype(np.asarray(r).dtype, np.floating):
+                total += float(np.sum((np.asarray(r, np.float64) - np.asarray(o, np.float64)) ** 2))
+    return total
+
+
+def _equalize_report(result: _Static, pairs: list[_equalize.Pair], used: bool, errors: list[float],
+                     ) -> dict[str, Any]:
+    """Stats of the equalization step; each pair's figures go to its first conv's layer entry."""
+    if not pairs:
+        return {"equalize": "no equalizable Conv pairs"}
+    decision = "kept" if used else "not kept"
+    by_node = {entry.node: entry for entry in result.layers if entry.action == "rewritten"}
+    for p in pairs:
+        entry = by_node.get(p.first.name)
+        if entry is not None:
+            entry.figures["equalized_with"] = {"next": p.second.name, "decision": decision, **p.figures}
+    stats: dict[str, Any] = {"equalize": f"{decision} ({len(pairs)} pairs)"}
+    if len(errors) > 1:
+        why = "lowers" if used else "does not lower"
+        stats["equalize"] += f": it {why} the output error on the calibration data"
+        stats["equalize_output_sq_error"] = {"without": float(f"{errors[0]:.6g}"), "with": float(f"{errors[1]:.6g}")}
+    return stats
+
+
+def _bias_corrected(float_proto: onnx.ModelProto, result: _Static, opts: QuantizeOptions,
+                    ctx: PassContext) -> _Static:
+    """``result`` with the int32 biases corrected for the mean output shift (see ``_biascorrect``), and its
+    report re-measured; unchanged when no layer keeps a correction, or (auto) when the corrected model's
+    output error on the held-out calibration samples is not lower."""
+    validate = opts.bias_correction == "auto"
+    if validate and len(ctx.samples) < _biascorrect.MIN_SAMPLES:
+        result.stats["bias_correction"] = (f"not applied: {len(ctx.samples)} samples, fewer than "
+                                           f"{_biascorrect.MIN_SAMPLES} to fit and validate on")
+        return result
+    eligible = {e.node for e in result.layers if e.action == "rewritten"}
+    layers, declined = _biascorrect.find_layers(float_proto, result.qproto, eligible)
+    result.stats["bias_correction"] = "no layer with an int32 bias"
+    if not layers:
+        return result
+    outcome = _biascorrect.correct(float_proto, result.qproto, layers, ctx.samples, validate,
+                                   ctx.seed_for("quantize:bias_correction"))
+    corrected, count, held = outcome.qproto, outcome.corrected, outcome.held
+    if count:
+        sens, _, outputs = _measure(float_proto, corrected, ctx.samples, eligible, float_outputs=False)
+        before, after = _sq_error(result.reference, result.outputs, held), _sq_error(result.reference, outputs, held)
+        if validate and not after < before:
+            count = 0
+            result.stats["bias_correction_model_check"] = (
+                f"not kept: held-out output squared error {before:.6g} -> {after:.6g}")
+        else:
+            fidelity = compare_outputs(result.reference, outputs)
+            new_layers, stats = _report(corrected, sens, fidelity, result.budget_excluded, opts, ctx)
+            _carry_figures(result.layers, new_layers)
+            result = _Static(corrected, new_layers, {**result.stats, **stats}, result.reference, outputs,
+                             result.budget_excluded)
+            if held:
+                result.stats["bias_correction_heldout_sq_error"] = {"before": float(f"{before:.6g}"),
+                                                                    "after": float(f"{after:.6g}")}
+    by_node = {entry.node: entry for entry in result.layers if entry.action == "rewritten"}
+    for layer in layers:
+        if layer.node in by_node:
+            applied = count > 0 and layer.figures.get("bias_correction") == "applied"
+            by_node[layer.node].figures["bias_correction"] = {**layer.figures,
+                                                              "bias_correction": "applied" if applied else "not kept"}
+    for node, _, why in declined:
+        if node in by_node:
+            by_node[node].figures["bias_correction"] = {"bias_correction": f"not applicable: {why}"}
+    result.stats["bias_correction"] = f"{count} of {len(layers)} layers corrected"
+    return result
+
+
+def _carry_figures(old: list[LayerDecision], new: list[LayerDecision]) -> None:
+    """Figures added to ``old`` entries by earlier recovery steps, copied to the re-measured ``new`` ones."""
+    previous = {e.node: e.figures for e in old}
+    for entry in new:
+        for key, value in previous.get(entry.node, {}).items():
+            entry.figures.setdefault(key, value)
 
 
 def _violation(fidelity: Any, opts: QuantizeOptions) -> str | None:
