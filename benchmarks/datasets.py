@@ -16,6 +16,8 @@ Every function returns a dict of arrays ready for ``np.savez`` (only model input
 deterministic for its ``split`` and ``seed``. Splits draw their words from disjoint pools (each pseudo-word
 belongs to one split by a hash of its letters) and their pictures from different random streams, so a
 calibration set never shares a word or a rendering with an evaluation set.
+
+    python benchmarks/datasets.py pages 64 --split calibration -o pages.npz [--labels degrees.npy]
 """
 
 from __future__ import annotations
@@ -237,3 +239,30 @@ def line_inputs(count: int, split: str, seed: int = 0, rotations: tuple[int, ...
         resized = np.asarray(Image.fromarray(line).resize((resized_w, 48), Image.BILINEAR)).astype(np.float32)
         x[i, :, :, :resized_w] = (resized / 255 - 0.5) / 0.5
     return {"x": x}, degrees
+
+
+#: The generators by the name the command line uses.
+GENERATORS = {"crops": orientation_crops, "pages": page_inputs, "lines": line_inputs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python benchmarks/datasets.py pages 64 --split calibration -o pages.npz``: an nnopt ``--data`` file."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("kind", choices=sorted(GENERATORS))
+    parser.add_argument("count", type=int)
+    parser.add_argument("--split", choices=sorted(SPLITS), default="calibration")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-o", "--out", type=Path, required=True, help="the .npz of model inputs")
+    parser.add_argument("--labels", type=Path, help="also write the labels (.npy): class or degrees")
+    args = parser.parse_args(argv)
+    arrays, labels = GENERATORS[args.kind](args.count, args.split, seed=args.seed)
+    np.savez(args.out, **arrays)
+    if args.labels:
+        np.save(args.labels, labels)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
