@@ -63,11 +63,11 @@ from nnopt.runtime import make_session  # noqa: E402
 #: edit here when the passes settle their names.
 RECOVERY = {
     "prune_off": "reconstruct=off",
-    "prune_on": "reconstruct=on",
+    "prune_on": "reconstruct=auto",
     "kmeans_off": "refit=off",
-    "kmeans_on": "refit=on",
-    "quantize_off": "cle=off,bias_correction=off",
-    "quantize_on": "cle=on,bias_correction=on",
+    "kmeans_on": "refit=auto",
+    "quantize_off": "equalize=off,bias_correction=off",
+    "quantize_on": "equalize=on,bias_correction=on",
 }
 PRUNE30 = "prune:ratio=0.3,round_to=8"
 PRUNE50 = "prune:ratio=0.5"
@@ -94,6 +94,10 @@ SETTINGS = (
     Setting("prune30", "prune 30 %, no recovery",
             (f"default+{PRUNE30},{RECOVERY['prune_off']}", f"default+{PRUNE30}")),
     Setting("prune30-rec", "prune 30 % + reconstruction", (f"default+{PRUNE30},{RECOVERY['prune_on']}",)),
+    Setting("prune30-rec-output", "prune 30 % + reconstruction, channels chosen by output error",
+            (f"default+{PRUNE30},{RECOVERY['prune_on']},criterion=output",)),
+    Setting("prune30-sens-rec", "prune 30 % allocated by sensitivity + reconstruction",
+            (f"default+{PRUNE30},{RECOVERY['prune_on']},allocate=sensitivity",)),
     Setting("prune30-rec-distill", "prune 30 % + reconstruction + distill",
             (f"default+{PRUNE30},{RECOVERY['prune_on']}+distill",)),
     Setting("prune50", "prune 50 %, no recovery",
@@ -107,6 +111,7 @@ SETTINGS = (
     Setting("quant", "int8 static, plain", (f"default+{QUANT},{RECOVERY['quantize_off']}", f"default+{QUANT}")),
     Setting("quant-cle-bc", "int8 static + CLE + bias correction",
             (f"default+{QUANT},{RECOVERY['quantize_on']}",)),
+    Setting("quant-auto", "int8 static, as the pass chooses with --data", (f"default+{QUANT}",)),
     Setting("onnxsim-0.3", "onnxsim structured 30 %", ("onnxsim:structured:0.3",)),
     Setting("onnxsim-simplify-0.3", "onnxsim simplify → structured 30 % → simplify",
             ("onnxsim:simplify+structured:0.3",)),
