@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -56,21 +57,31 @@ def test_recovery_bench_runs_on_digits(tmp_path: Path) -> None:
     import recovery
 
     out = tmp_path / "recovery"
-    assert recovery.main(["--models", "digits", "--settings", "original", "prune30", "prune30-rec",
-                          "--out", str(out)]) == 0
+    assert recovery.main(["--models", "digits", "--settings", "original", "prune30", "--out", str(out)]) == 0
     payload = json.loads(out.with_suffix(".json").read_text())
     rows = {r["key"]: r for r in payload["models"][0]["settings"]}
     assert rows["original"]["accuracy"] == pytest.approx(446 / 450)
-    # Today's prune (no recovery) on the digits CNN: docs/prune.md's 73.3 %.
-    if rows["prune30"]["ran"] == "default+prune:ratio=0.3,round_to=8":
-        assert rows["prune30"]["accuracy"] == pytest.approx(330 / 450)
-    assert rows["prune30-rec"]["status"] in ("not available", "applied")
+    # prune without recovery on the digits CNN (either spelling: before and after reconstruct=off existed):
+    # docs/prune.md's 73.3 %, measured on the 450 test images the pass never saw.
+    assert rows["prune30"]["ran"].startswith("default+prune:ratio=0.3,round_to=8")
+    assert rows["prune30"]["accuracy"] == pytest.approx(330 / 450)
+    assert rows["prune30"]["delta_pt"] == pytest.approx(100 * (330 - 446) / 450)
+    goals = {g["goal"]: g for g in payload["goals"]}
+    assert goals["`prune30-rec` loses ≤ 3 pt"]["met"] == "not measured"  # not among the settings run
     assert out.with_suffix(".md").read_text().startswith("# Accuracy recovery")
 
 
 @pytest.mark.slow
-def test_recovery_bench_quick() -> None:
+def test_recovery_bench_quick(tmp_path: Path) -> None:
     pytest.importorskip("PIL")
     import recovery
 
-    assert recovery.main(["--quick"]) == 0
+    out = tmp_path / "quick"
+    assert recovery.main(["--quick", "--out", str(out)]) == 0
+    payload = json.loads(out.with_suffix(".json").read_text())
+    assert [m["model"] for m in payload["models"]] == ["digits", "ppocr_cls"]
+    # The peer's rows need the bench extra (onnxsim); without it they are error rows by design.
+    peer_ok = importlib.util.find_spec("onnxsim") is not None
+    for model in payload["models"]:
+        rows = [r for r in model["settings"] if peer_ok or not r["key"].startswith("onnxsim")]
+        assert all(r["status"] != "error" for r in rows), rows
