@@ -107,8 +107,12 @@ def words(split: str, rng: np.random.Generator, count: int) -> list[str]:
 
 
 def _text_image(rng: np.random.Generator, split: str, width: int, height: int, size: int, font: int,
-                spacing: float, margin: int, ink: int = 0, paper: int = 255) -> np.ndarray:
-    """A grayscale uint8 picture [height, width] of left-aligned lines of words (a block of text)."""
+                spacing: float, margin: int, ink: int = 0, paper: int = 255, first_word: bool = False) -> np.ndarray:
+    """A grayscale uint8 picture [height, width] of left-aligned lines of words (a block of text).
+
+    ``first_word``: draw each line's first word even where it runs past the right edge (a text line that
+    stays blank because its first word is too long shows a classifier nothing).
+    """
     from PIL import Image, ImageDraw
 
     pil_font = _font(font, size)
@@ -120,9 +124,9 @@ def _text_image(rng: np.random.Generator, split: str, width: int, height: int, s
     while y < height:
         x = margin - (int(rng.integers(0, size * 3)) if margin <= 0 else 0)
         limit = width - (margin if margin > 0 else -size * 2)
-        for word in words(split, rng, 30):
+        for n, word in enumerate(words(split, rng, 30)):
             w = draw.textlength(word, font=pil_font)
-            if x + w > limit:
+            if x + w > limit and not (first_word and n == 0):
                 break
             draw.text((x, y), word, fill=ink, font=pil_font)
             x += int(w + draw.textlength(" ", font=pil_font))
@@ -232,7 +236,8 @@ def line_inputs(count: int, split: str, seed: int = 0, rotations: tuple[int, ...
         pad = int(rng.integers(2, 8))
         width = int(size * rng.uniform(4, 14))
         line = _text_image(rng, split, width, size + 2 * pad, size, int(rng.integers(len(fonts()))), 10.0,
-                           margin=pad, ink=int(rng.integers(0, 80)), paper=int(rng.integers(190, 256)))
+                           margin=pad, ink=int(rng.integers(0, 80)), paper=int(rng.integers(190, 256)),
+                           first_word=True)
         line = np.ascontiguousarray(np.rot90(line, int(degrees[i]) // 90))
         h, w = line.shape
         resized_w = min(192, int(np.ceil(48 * w / h)))

@@ -21,8 +21,8 @@ The network (BatchNorms left unfused in the export, as in ``examples/digits``)::
 Writes into ``--out-dir``: ``orientation_cnn.onnx`` (opset 17, input ``x`` with a dynamic batch dim,
 output ``logits``), ``orientation_test.npz`` (only ``x``, so it is also an nnopt ``--data`` file; stored
 compressed) and ``orientation_test_labels.npy`` (int64). Seeds are fixed and torch runs single-threaded
-with deterministic algorithms, so a re-run on the same machine writes the same bytes (font rasterising
-may differ with another FreeType).
+with deterministic algorithms, as in ``examples/digits``; the rendered crops are reproduced exactly (font
+rasterising may differ with another Pillow/FreeType build).
 """
 
 from __future__ import annotations
