@@ -49,6 +49,18 @@ class Root:
     dead: np.ndarray  # all-zero filter and zero bias
 
 
+@dataclass(frozen=True)
+class Sink:
+    """Where a sink's positions meet a weight: input ``index`` of ``node``, position p at ``axis`` index p.
+
+    Zeroing those weight slices is what removing the positions does to the layer's output (its bias stays).
+    """
+
+    node: gs.Node
+    index: int
+    axis: int
+
+
 @dataclass
 class Analysis:
     """The result of tracing one graph: tracked tensors, roots, label unions, declines and pending edits."""
@@ -61,6 +73,7 @@ class Analysis:
     declined: dict[int, str] = field(default_factory=dict)  # root index → reason
     edits: list[Edit] = field(default_factory=list)
     sinks: list[Track] = field(default_factory=list)  # channel views read by weights (Conv/Gemm/MatMul)
+    sink_weights: list[Sink] = field(default_factory=list)  # per sink: which weight axis reads its positions
 
     def new_labels(self, count: int, root: int) -> np.ndarray:
         start = len(self.label_root)
@@ -385,6 +398,7 @@ class Tracer:
         count = len(t.labels)
         if group == 1:
             self.a.sinks.append(t)
+            self.a.sink_weights.append(Sink(node, 1, 1))
             self.defer(node.inputs[0], self._slice_const, node, 1, 1)
             self._maybe_root(node)
             return
@@ -417,6 +431,7 @@ class Tracer:
             raise Decline(f"Gemm {node.name}: B or C carries the features")
         self.a.sinks.append(t)
         axis = 1 if int(node.attrs.get("transB", 0)) else 0
+        self.a.sink_weights.append(Sink(node, 1, axis))
         self.defer(node.inputs[0], self._slice_const, node, 1, axis)
         self._maybe_root(node)
 
@@ -426,6 +441,7 @@ class Tracer:
         if t is None or w is None or w.ndim != 2 or t.axis != self.rank(node.inputs[0]) - 1:
             raise Decline(f"MatMul {node.name}: features are not the last axis of A with a 2-D constant B")
         self.a.sinks.append(t)
+        self.a.sink_weights.append(Sink(node, 1, 0))
         self.defer(node.inputs[0], self._slice_const, node, 1, 0)
         self._maybe_root(node)
 

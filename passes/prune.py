@@ -17,6 +17,7 @@ from nnopt.ir.model import Model
 from nnopt.ir.naming import taken_names, unique_name
 from nnopt.ir.walk import is_onnx_op, remove_dead_nodes
 from nnopt.passes._depgraph import Analysis, Tracer, infer_shapes
+from nnopt.passes._sensitivity import GroupPlan, class_costs, measure, split_budget
 from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
 
@@ -36,6 +37,11 @@ class PruneOptions(NodeSelection):
     max_ratio: float = field(default=0.9, metadata={"help": "at most this fraction removed from any one layer"})
     round_to: int = field(default=1, metadata={"help": "keep channel counts a multiple of this (structured)"})
     norm: Literal["l1", "l2"] = field(default="l1", metadata={"help": "filter norm used to rank channels"})
+    allocate: Literal["uniform", "sensitivity"] = field(
+        default="uniform",
+        metadata={"help": "uniform: ratio per group (or global by norm); sensitivity: ratio is a budget of "
+                          "prunable weights split across groups by their measured output error (needs --data)"},
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -44,6 +50,8 @@ class PruneOptions(NodeSelection):
             raise OptionError(f"prune:max_ratio must be in [0, 1), got {self.max_ratio}")
         if self.round_to < 1:
             raise OptionError(f"prune:round_to must be at least 1, got {self.round_to}")
+        if self.allocate == "sensitivity" and (self.scope == "global" or self.mode == "unstructured"):
+            raise OptionError("prune:allocate=sensitivity splits its own budget: use it with scope=layer, structured")
 
 
 @dataclass
@@ -114,7 +122,10 @@ class Prune(Pass[PruneOptions]):
             return PassResult(modified=False, stats={"groups": 0})
         class_of = _classes(a)
         groups = _groups(a, class_of, opts.scope == "global")
-        _choose(groups, a, opts)
+        allocation = None
+        if opts.allocate == "sensitivity":
+            allocation = _allocate(groups, a, class_of, opts, ctx.analyses_for(model).proto(), ctx.samples)
+        _choose(groups, a, opts, None if allocation is None else allocation.wanted)
         removed = _ensure_nonempty(a, groups, class_of)
         kept_label = np.ones(len(a.label_root), dtype=bool)
         for g in groups:
@@ -136,6 +147,8 @@ class Prune(Pass[PruneOptions]):
             remove_dead_nodes(model.graph)
         layers, stats = _report(a, groups, kept_label)
         stats["weight_params_removed"] = tracer.saved[0]
+        if allocation is not None:
+            allocation.annotate(groups, layers, stats)
         return PassResult(modified=removed > 0, stats=stats, layers=layers)
 
     # ------------------------------------------------------------------ unstructured
@@ -245,9 +258,10 @@ def _removable(g: _Group, a: Analysis) -> bool:
     return not any(r in a.declined for r in g.roots)
 
 
-def _choose(groups: list[_Group], a: Analysis, opts: PruneOptions) -> None:
-    """Mark the classes to remove: dead ones, then the lowest scores per group or globally."""
-    wanted: dict[int, int] = {}
+def _choose(groups: list[_Group], a: Analysis, opts: PruneOptions, allocated: dict[int, int] | None = None) -> None:
+    """Mark the classes to remove: dead ones, then the lowest scores per group, globally, or as many per
+    group as ``allocated`` says (group index → classes)."""
+    wanted: dict[int, int] = dict(allocated or {})
     if opts.scope == "global":
         pool = [(s, gi, ci) for gi, g in enumerate(groups) if _removable(g, a)
                 for ci, s in enumerate(g.scores) if not g.pinned[ci]]
@@ -258,7 +272,8 @@ def _choose(groups: list[_Group], a: Analysis, opts: PruneOptions) -> None:
         if not _removable(g, a):
             continue
         size = len(g.classes)
-        count = wanted.get(gi, 0) if opts.scope == "global" else int(math.floor(opts.ratio * size))
+        per_group = opts.scope == "layer" and allocated is None
+        count = int(math.floor(opts.ratio * size)) if per_group else wanted.get(gi, 0)
         count = min(count, int(math.floor(opts.max_ratio * size)))
         candidates = [ci for ci in range(size) if not g.pinned[ci]]
         dead = [ci for ci in candidates if g.dead[ci]]
@@ -270,6 +285,56 @@ def _choose(groups: list[_Group], a: Analysis, opts: PruneOptions) -> None:
         order = sorted(candidates, key=lambda ci: (not g.dead[ci], g.scores[ci], ci))
         for ci in order[: size - keep]:
             g.remove[ci] = True
+
+
+def _removal_order(g: _Group) -> list[int]:
+    """Class indices in the order ``_choose`` removes them: dead first, then by score; pinned ones never."""
+    candidates = [ci for ci in range(len(g.classes)) if not g.pinned[ci]]
+    return sorted(candidates, key=lambda ci: (not g.dead[ci], g.scores[ci], ci))
+
+
+@dataclass
+class _Allocation:
+    """The outcome of ``allocate=sensitivity``: classes wanted per group, or why it fell back to uniform."""
+
+    wanted: dict[int, int] | None
+    note: str
+    figures: dict[int, dict[str, Figure]] = field(default_factory=dict)  # group index → figures of its roots
+
+    def annotate(self, groups: list[_Group], layers: list[LayerDecision], stats: dict[str, Any]) -> None:
+        stats["allocation"] = self.note
+        rows = iter(layers)  # _report writes one row per root, group by group
+        for gi, g in enumerate(groups):
+            for _ in g.roots:
+                next(rows).figures.update(self.figures.get(gi, {}))
+
+
+def _allocate(groups: list[_Group], a: Analysis, class_of: np.ndarray, opts: PruneOptions, proto: Any,
+              samples: list[dict[str, np.ndarray]]) -> _Allocation:
+    """Split ``ratio`` of the prunable weights across groups by measured sensitivity (passes/_sensitivity.py);
+    uniform (no ``wanted``, with a note) without calibration samples or when trials cannot be run."""
+    if not samples:
+        return _Allocation(None, "uniform: sensitivity needs calibration samples (--data)")
+    removable = [gi for gi, g in enumerate(groups) if _removable(g, a)]
+    plans = []
+    for gi in removable:
+        g = groups[gi]
+        order = _removal_order(g)
+        cap = min(int(math.floor(opts.max_ratio * len(g.classes))), len(order))
+        plans.append(GroupPlan(g.classes, order, min(int(g.dead[order].sum()) if order else 0, cap), cap))
+    curves = measure(proto, a, class_of, plans, samples)
+    if isinstance(curves, str):
+        return _Allocation(None, f"uniform: {curves}")
+    costs = class_costs(a, plans)
+    counts = split_budget(plans, curves, costs, opts.ratio * float(sum(c.sum() for c in costs)))
+    allocation = _Allocation({gi: k for gi, k in zip(removable, counts)}, "sensitivity")
+    for gi, plan, curve, k in zip(removable, plans, curves, counts):
+        size = len(plan.classes)
+        allocation.figures[gi] = {
+            "sensitivity": [[round(c / size, 4), round(e, 6)] for c, e in zip(curve.counts, curve.errors)],
+            "allocated_ratio": round(k / size, 4),
+        }
+    return allocation
 
 
 def _ensure_nonempty(a: Analysis, groups: list[_Group], class_of: np.ndarray) -> int:
