@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import heapq
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,7 +14,7 @@ from nnopt.ir.constants import constant_values
 from nnopt.passes._depgraph import Analysis
 
 #: Fractions of a group's removable channels tried alone (of its cap: at most ``max_ratio`` of the group).
-TRIAL_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+TRIAL_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 #: Calibration samples each trial runs on (the first ones): trials cost groups × fractions model runs each.
 SENSITIVITY_SAMPLES = 64
 
@@ -45,8 +44,9 @@ class Curve:
     errors: list[float]
 
     def at(self, count: int) -> float:
-        """The error at ``count`` removed, linear between measurements (non-decreasing by construction)."""
-        return float(np.interp(count, self.counts, self.errors))
+        """The error at ``count`` removed: linear between measurements, never below an earlier one (a
+        channel whose removal happens to help on these samples is not counted on to help elsewhere)."""
+        return float(np.interp(count, self.counts, np.maximum.accumulate(self.errors)))
 
 
 def class_costs(a: Analysis, plans: Sequence[GroupPlan]) -> list[np.ndarray]:
@@ -78,9 +78,12 @@ def measure(
     class_of: np.ndarray,
     plans: Sequence[GroupPlan],
     samples: Sequence[dict[str, np.ndarray]],
+    start: Sequence[int] | None = None,
 ) -> list[Curve] | str:
-    """Each group pruned alone at ``TRIAL_FRACTIONS`` of its cap: the model's output error (normalised MSE:
-    sum of squared differences over sum of squares, averaged over float outputs) on the samples.
+    """Each group pruned further alone, at ``TRIAL_FRACTIONS`` of what is left of its cap, on top of
+    ``start`` (classes already removed per group; default: the dead ones): the model's output error
+    (normalised MSE: sum of squared differences over sum of squares, averaged over float outputs) against
+    the unpruned model on the samples.
 
     Removal is emulated exactly: a removed channel is read as zero by every Conv/Gemm/MatMul (the tracer's
     sinks), so zeroing those weight slices gives the pruned model's outputs without rewriting the graph.
@@ -97,18 +100,25 @@ def measure(
     feeds = list(samples[:SENSITIVITY_SAMPLES])
     original = make_session(proto)
     reference = [run_model(original, f) for f in feeds]
+    start = list(start) if start is not None else [plan.dead for plan in plans]
+
+    def gone(g: int, count: int) -> set[int]:
+        counts = [count if h == g else start[h] for h in range(len(plans))]
+        return {int(class_of[p.classes[ci][0]]) for p, k in zip(plans, counts) for ci in p.order[:k]}
+
+    def error(removed: set[int]) -> float:
+        if not removed:
+            return 0.0
+        session = make_session(_zeroed(proto, init, names, sink_classes, a, removed))
+        return _nmse(reference, [run_model(session, f) for f in feeds])
+
+    at_start = error(gone(-1, 0))
     curves = []
-    for plan in plans:
-        counts = sorted({0, plan.dead, *(int(round(f * plan.cap)) for f in TRIAL_FRACTIONS)})
-        counts = [c for c in counts if c <= plan.cap]
-        errors = [0.0 if c <= plan.dead else math.nan for c in counts]
-        for i, count in enumerate(counts):
-            if math.isnan(errors[i]):
-                gone = {int(class_of[plan.classes[ci][0]]) for ci in plan.order[:count]}
-                trial = _zeroed(proto, init, names, sink_classes, a, gone)
-                session = make_session(trial)
-                errors[i] = _nmse(reference, [run_model(session, f) for f in feeds])
-        curves.append(Curve(counts, np.maximum.accumulate(errors).tolist()))
+    for g, plan in enumerate(plans):
+        first = max(start[g], plan.dead)
+        counts = sorted({first, *(first + int(round(f * (plan.cap - first))) for f in TRIAL_FRACTIONS)})
+        errors = [at_start if c == first else error(gone(g, c)) for c in counts]
+        curves.append(Curve(counts, errors))
     return curves
 
 
@@ -154,14 +164,13 @@ def _nmse(reference: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> flo
 
 
 def split_budget(plans: Sequence[GroupPlan], curves: Sequence[Curve], costs: Sequence[np.ndarray],
-                 budget: float) -> list[int]:
-    """Classes to remove per group: dead ones, then greedily the next class of the group whose measured
-    error grows least per weight element removed, until ``budget`` weight elements are spent.
-
-    Deterministic: ties go to the lower group index.
+                 budget: float, start: Sequence[int] | None = None) -> list[int]:
+    """Classes to remove per group: ``start`` (default: the dead ones), then greedily the next class of the
+    group whose measured error grows least per weight element removed, until ``budget`` weight elements
+    (counting those of ``start``) are spent. Deterministic: ties go to the lower group index.
     """
-    counts = [plan.dead for plan in plans]
-    spent = sum(float(costs[g][plan.order[:plan.dead]].sum()) for g, plan in enumerate(plans))
+    counts = list(start) if start is not None else [plan.dead for plan in plans]
+    spent = sum(float(costs[g][plan.order[: counts[g]]].sum()) for g, plan in enumerate(plans))
     heap: list[tuple[float, int]] = []
 
     def push(g: int) -> None:
@@ -182,3 +191,24 @@ def split_budget(plans: Sequence[GroupPlan], curves: Sequence[Curve], costs: Seq
         counts[g] += 1
         push(g)
     return counts
+
+
+def allocate(proto: onnx.ModelProto, a: Analysis, class_of: np.ndarray, plans: Sequence[GroupPlan],
+             samples: Sequence[dict[str, np.ndarray]], ratio: float, rounds: int) -> tuple[list[int], list[Curve]] | str:
+    """Classes to remove per group for a budget of ``ratio`` of the groups' weight elements (``class_costs``).
+
+    The budget is spent in ``rounds`` equal steps, each measured on top of the previous ones, so the
+    curves see how groups interact (one group pruned hard makes the next one's removals cost more). Returns
+    the counts and the first round's curves (each group alone: its sensitivity), or why it cannot measure.
+    """
+    costs = class_costs(a, plans)
+    total = float(sum(c.sum() for c in costs))
+    counts: list[int] | None = None
+    first: list[Curve] = []
+    for step in range(1, rounds + 1):
+        curves = measure(proto, a, class_of, plans, samples, counts)
+        if isinstance(curves, str):
+            return curves
+        first = first or curves
+        counts = split_budget(plans, curves, costs, ratio * total * step / rounds, counts)
+    return counts or [plan.dead for plan in plans], first

@@ -17,7 +17,7 @@ from nnopt.ir.model import Model
 from nnopt.ir.naming import taken_names, unique_name
 from nnopt.ir.walk import is_onnx_op, remove_dead_nodes
 from nnopt.passes._depgraph import Analysis, Tracer, infer_shapes
-from nnopt.passes._sensitivity import GroupPlan, class_costs, measure, split_budget
+from nnopt.passes._sensitivity import GroupPlan, allocate
 from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
 
@@ -207,6 +207,9 @@ class Prune(Pass[PruneOptions]):
         return PassResult(modified=zeros_after > zeros_before, stats=stats, layers=layers)
 
 
+#: allocate=sensitivity spends its budget in this many measured steps (passes/_sensitivity.allocate).
+ROUNDS = 1
+
 #: Op type → input index of the weight that unstructured pruning sparsifies.
 WEIGHT_INPUT: dict[str, int] = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
@@ -322,11 +325,10 @@ def _allocate(groups: list[_Group], a: Analysis, class_of: np.ndarray, opts: Pru
         order = _removal_order(g)
         cap = min(int(math.floor(opts.max_ratio * len(g.classes))), len(order))
         plans.append(GroupPlan(g.classes, order, min(int(g.dead[order].sum()) if order else 0, cap), cap))
-    curves = measure(proto, a, class_of, plans, samples)
-    if isinstance(curves, str):
-        return _Allocation(None, f"uniform: {curves}")
-    costs = class_costs(a, plans)
-    counts = split_budget(plans, curves, costs, opts.ratio * float(sum(c.sum() for c in costs)))
+    outcome = allocate(proto, a, class_of, plans, samples, opts.ratio, ROUNDS)
+    if isinstance(outcome, str):
+        return _Allocation(None, f"uniform: {outcome}")
+    counts, curves = outcome
     allocation = _Allocation({gi: k for gi, k in zip(removable, counts)}, "sensitivity")
     for gi, plan, curve, k in zip(removable, plans, curves, counts):
         size = len(plan.classes)
