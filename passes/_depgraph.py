@@ -571,11 +571,12 @@ class Tracer:
             # Output axis 0 merges input axes [0, start), axis 1 merges [start, rank).
             j, span = (0, (0, start)) if t.axis < start else (1, (start, len(dims)))
         else:
-            out = self.shape(node.outputs[0])
+            out = self.shape(node.outputs[0]) or []
             target = _const(node, 1)
-            if any(d is None for d in dims) or out is None or any(d is None for d in out) or target is None:
+            known_in, known_out = [d for d in dims if d is not None], [d for d in out if d is not None]
+            if len(known_in) != len(dims) or not out or len(known_out) != len(out) or target is None:
                 raise Decline(f"Reshape {node.name}: shapes or the target are not static")
-            j, span = _reshape_channel_axis([int(d) for d in dims], [int(d) for d in out], t.axis)
+            j, span = _reshape_channel_axis(known_in, known_out, t.axis)
             zero_at = {k for k, v in enumerate(target.tolist()) if int(v) == 0}
             if zero_at & {t.axis, j} - ({j} if t.axis == j else set()):
                 raise Decline(f"Reshape {node.name}: a 0 in the target copies a dim across the channel axis")

