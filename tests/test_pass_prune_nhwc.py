@@ -296,3 +296,43 @@ def test_resnet50_after_cancel_transposes_prunes_the_same() -> None:
     exact, rz = apply_pass(_prune(ratio=0.0), zeroed)
     assert rz.stats["channels_removed"] == 1156
     _close(zeroed, exact)
+
+
+@pytest.mark.slow
+def test_ppocr_rec_prunes_through_its_squeeze_exactly() -> None:
+    """PP-OCR rec (SVTR neck: Squeeze, Transpose, Reshape, MatMul): the group that a Squeeze declined before
+    now prunes; zeroing the 30 % lowest-norm output channels of every Conv/MatMul, prune at ratio 0 removes
+    the dead ones with unchanged outputs."""
+    from realmodels import REAL_MODELS
+
+    from nnopt.api import optimize
+    from nnopt.pipeline.base import PassContext
+
+    entry = next(m for m in REAL_MODELS if m.key == "ppocr_rec")
+    path = entry.path()
+    if path is None:
+        pytest.skip(f"{entry.requirement} is not installed")
+    cleaned, _ = optimize(str(path), input_shapes=entry.input_shapes, verify=False)
+    proto = cleaned.to_proto()
+    ctx = PassContext(input_shapes=entry.input_shapes)
+    _, result = apply_pass(_prune(ratio=0.3, round_to=8), proto, ctx)
+    assert result.stats["groups"] == 22 and result.stats["groups_declined"] == 1  # 2 before: a Shape, a Squeeze
+    init = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        grouped = any(a.name == "group" and a.i != 1 for a in node.attribute)
+        if node.op_type not in ("Conv", "MatMul") or grouped or node.input[1] not in init:
+            continue
+        w = numpy_helper.to_array(init[node.input[1]]).copy()
+        if w.ndim != (4 if node.op_type == "Conv" else 2):
+            continue
+        rows = w if node.op_type == "Conv" else w.T  # a view: writing it zeroes w
+        low = np.argsort(np.abs(rows).reshape(rows.shape[0], -1).sum(1), kind="stable")[: int(0.3 * rows.shape[0])]
+        rows[low] = 0
+        init[node.input[1]].CopyFrom(numpy_helper.from_array(w, node.input[1]))
+        if node.op_type == "Conv" and len(node.input) > 2 and node.input[2] in init:
+            b = numpy_helper.to_array(init[node.input[2]]).copy()
+            b[low] = 0
+            init[node.input[2]].CopyFrom(numpy_helper.from_array(b, node.input[2]))
+    out, zeroed = apply_pass(_prune(ratio=0.0), proto, ctx)
+    assert zeroed.stats["dead_channels_removed"] == zeroed.stats["channels_removed"] == 270  # 234 before
+    _close(proto, out)
