@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import onnx
 
 from nnopt.analysis.manager import AnalysisManager, AnalysisSettings
@@ -186,11 +187,14 @@ class Pipeline:
             hook=plugins.pm.hook,
             progress=progress,
         )
+        samples = _pass_samples(proto, data, verifier)
         ctx = PassContext(
             seed=self.seed,
-            samples=_pass_samples(proto, data, verifier),
+            samples=samples,
             input_shapes=dict(self.input_shapes),
             analyses=analyses,
+            reference_model=proto,
+            labels=_pass_labels(proto, data, len(samples)),
         )
         report = manager.run(model, ctx)
         return model, report
@@ -270,3 +274,12 @@ def _pass_samples(proto: onnx.ModelProto, data: Any, verifier: Verifier | None) 
     from nnopt.runtime import load_samples, make_session
 
     return load_samples(data, make_session(proto))
+
+
+def _pass_labels(proto: onnx.ModelProto, data: Any, count: int) -> np.ndarray | None:
+    """The data file's class labels, one per pass sample, or None (no data, or no ``labels`` array)."""
+    if not data or not count:
+        return None
+    from nnopt.runtime import load_labels, make_session
+
+    return load_labels(data, make_session(proto), count)

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 MAX_DATA_SAMPLES = 2048
 #: ...and at most this many bytes per array, whatever the archive's compressed size.
 MAX_DATA_BYTES = 4 * 2**30
+#: The data file's array of class labels (not a model input): ``load_labels`` reads it, for passes that train.
+LABELS_ARRAY = "labels"
 
 #: Axis-0 dims that are unknown become 1 (a batch of one); other unknown dims become this.
 DEFAULT_DYNAMIC_DIM = 64
@@ -341,6 +343,8 @@ def load_samples(
 ) -> list[dict[str, np.ndarray]]:
     """Read an ``.npz`` of reference inputs: one array per input name, samples on the first axis.
 
+    An array named ``labels`` that is no input's name holds class labels (``load_labels``) and is skipped here.
+
     An array of the input's rank + 1 is a stack of samples; one of the input's own rank is split along
     axis 0 into samples of batch 1. At most the first ``limit`` samples are read (a warning says when
     more were given, and ``notes`` gets the same line): an archive of two million tiny samples, or a small
@@ -358,7 +362,7 @@ def load_samples(
     specs = input_specs(sess)
     names = [s[0] for s in specs]
     missing = [n for n in names if n not in arrays]
-    extra = [k for k in arrays if k not in names]
+    extra = [k for k in arrays if k not in names and k != LABELS_ARRAY]
     if missing or extra:
         what = []
         if missing:
@@ -402,6 +406,39 @@ def load_samples(
     for name, samples in per_input.items():
         _check_finite(path, name, samples)
     return [{name: per_input[name][i] for name in names} for i in range(n)]
+
+
+def load_labels(
+    path: str | Path, sess: ort.InferenceSession, count: int, *, limit: int | None = MAX_DATA_SAMPLES
+) -> np.ndarray | None:
+    """The ``labels`` array of a data file: one integer class per sample (int64, shape ``(count,)``).
+
+    None when the file has no such array, or when ``labels`` is the name of a model input (then it is data).
+    Only the first ``limit`` labels are read, as ``load_samples`` reads only that many samples.
+
+    Raises:
+        DataError: the labels are not a 1-D integer array of one label per sample.
+    """
+    path = Path(path)
+    if any(s[0] == LABELS_ARRAY for s in input_specs(sess)):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member = f"{LABELS_ARRAY}.npy"
+            if member not in archive.namelist():
+                return None
+            with archive.open(member) as stream:
+                labels, _ = _read_leading_rows(path, LABELS_ARRAY, stream, limit)
+    except DataError:
+        raise
+    except Exception as exc:  # boundary: the zip and .npy readers
+        raise DataError(f"data file {path}: not a readable .npz archive ({first_line(exc, 300)})") from exc
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or labels.shape[0] != count:
+        raise DataError(
+            f"data file {path}: array '{LABELS_ARRAY}' must hold one integer class per sample ({count}), "
+            f"got {labels.dtype} of shape {list(labels.shape)}"
+        )
+    return labels.astype(np.int64)
 
 
 def _cast_exactly(path: Path, name: str, sample: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:

@@ -11,6 +11,7 @@ def nnopt_register_passes() -> list[type[Pass]]:
     from nnopt.passes.constants_to_initializers import ConstantsToInitializers
     from nnopt.passes.conv_to_separable import ConvToSeparable
     from nnopt.passes.dce import DeadNodeElimination
+    from nnopt.passes.distill import Distill
     from nnopt.passes.fold_batchnorm import FoldBatchNorm
     from nnopt.passes.fold_constants import FoldConstants
     from nnopt.passes.kmeans import KMeansWeightSharing
@@ -31,5 +32,6 @@ def nnopt_register_passes() -> list[type[Pass]]:
         Svd,
         KMeansWeightSharing,
         Prune,
+        Distill,
         Quantize,
     ]

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
-from nnopt.analysis.activations import collect_activations
+from nnopt.analysis.activations import layer_inputs
+from nnopt.analysis.refit import fit_figures, refit_linear
 from nnopt.analysis.selection import NodeSelection
 from nnopt.errors import NnoptError, OptionError, first_line
 from nnopt.ir.constants import constant_values
@@ -25,19 +25,10 @@ from nnopt.pipeline.base import Figure, LayerDecision, PassContext
 #: keeps too many ranks to save anything, so layers are declined rather than silently degraded.
 DEFAULT_ENERGY = 0.99
 
-#: Ridges tried by the data-aware refit, relative to each unknown's own energy (diag of ZᵀZ); the one with
-#: the lowest error on held-out samples wins. A ridge pulls the refit towards the weight-fit solution along
-#: directions the data barely excite, which is what keeps few or noisy rows from overfitting.
-REFIT_RIDGES = (1e-6, 1e-4, 1e-2, 1.0)
-
 #: Above this much work (n·m·min(n, m)), the SVD goes through the eigendecomposition of the smaller Gram
 #: matrix: LAPACK's SVD of the 1024 × 8210 Gemm weight of ddddocr's CRNN takes 17 s on two cores, this 2 s;
 #: svd over the 83 convs of ddddocr's detector takes 0.5 s instead of 2.9 s, with the same ranks.
 GRAM_SVD_WORK = 1e7
-
-#: At most this many activation rows (output positions × samples) per layer enter a refit; more are
-#: subsampled (seeded). Forming ZᵀZ costs rows × k², which dominates the refit.
-MAX_FIT_ROWS = 50_000
 
 #: Conv attributes that describe the sliding window: the first of the two new convs keeps them.
 WINDOW_ATTRS = ("auto_pad", "dilations", "kernel_shape", "pads", "strides")
@@ -288,209 +279,6 @@ def scaled_flops(
     return before, round(before * macs_after / macs_before)
 
 
-# ---------------------------------------------------------------------------------------------- activations
-def layer_inputs(
-    model: Model | onnx.ModelProto, names: Sequence[str], samples: Sequence[dict[str, np.ndarray]]
-) -> dict[str, list[np.ndarray]]:
-    """Values of main-graph tensors on the reference samples: graph inputs from the feeds, others by a run.
-
-    ``model`` may be the run's cached export (it is copied, never changed).
-    """
-    feeds = samples[0].keys() if samples else ()
-    direct = [n for n in names if n in feeds]
-    values = collect_activations(model, [n for n in names if n not in feeds], samples)
-    values.update({n: [np.asarray(s[n]) for s in samples] for n in direct})
-    return values
-
-
-def run_convs(
-    xs: Sequence[np.ndarray], convs: Sequence[tuple[np.ndarray, dict[str, Any]]], opset: int
-) -> list[list[np.ndarray]]:
-    """Run Conv(x, weight, **attrs) for each conv on each sample in onnxruntime; outputs per sample, per conv.
-
-    A one-input model built in memory: onnxruntime applies pads, auto_pad, strides, dilations and groups
-    exactly as the rewritten model will.
-    """
-    from nnopt.runtime import make_session
-
-    dtype = xs[0].dtype
-    elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
-    x_info = onnx.helper.make_tensor_value_info("x", elem, [f"d{i}" for i in range(xs[0].ndim)])
-    nodes, inits, outs = [], [], []
-    for i, (weight, attrs) in enumerate(convs):
-        inits.append(onnx.numpy_helper.from_array(np.ascontiguousarray(weight.astype(dtype)), f"w{i}"))
-        nodes.append(onnx.helper.make_node("Conv", ["x", f"w{i}"], [f"y{i}"], **attrs))
-        outs.append(onnx.helper.make_tensor_value_info(f"y{i}", elem, None))
-    opsets = [onnx.helper.make_opsetid("", opset)]
-    graph = onnx.helper.make_graph(nodes, "lowrank_probe", [x_info], outs, inits)
-    proto = onnx.helper.make_model(
-        graph, opset_imports=opsets, ir_version=onnx.helper.find_min_ir_version_for(opsets)
-    )
-    sess = make_session(proto)
-    return [sess.run(None, {"x": x}) for x in xs]
-
-
-def channel_rows(y: np.ndarray) -> np.ndarray:
-    """(N, C, *spatial) → (N·spatial, C) in float64: one row per output position."""
-    return np.moveaxis(np.asarray(y, dtype=np.float64), 1, -1).reshape(-1, y.shape[1])
-
-
-# ---------------------------------------------------------------------------------------------- refit
-@dataclass
-class NormalEquations:
-    """Sufficient statistics of the least-squares problem min ‖Y − Z·P − 1·δᵀ‖ over some rows.
-
-    ``gram`` = ZaᵀZa and ``cross`` = ZaᵀY with Za = [Z, 1] when ``intercept`` (the column of ones last).
-    Additive, so splits of the rows can be fitted and validated separately and then combined.
-    """
-
-    gram: np.ndarray
-    cross: np.ndarray
-    yy: float
-    y_sum: np.ndarray
-    rows: int
-    intercept: bool
-
-    @classmethod
-    def empty(cls, k: int, n: int, intercept: bool) -> NormalEquations:
-        ka = k + int(intercept)
-        return cls(np.zeros((ka, ka)), np.zeros((ka, n)), 0.0, np.zeros(n), 0, intercept)
-
-    def add(self, z: np.ndarray, y: np.ndarray) -> None:
-        if self.intercept:
-            z = np.concatenate([z, np.ones((z.shape[0], 1))], axis=1)
-        self.gram += z.T @ z
-        self.cross += z.T @ y
-        self.yy += float(np.einsum("ij,ij->", y, y))
-        self.y_sum += y.sum(axis=0)
-        self.rows += z.shape[0]
-
-    def __add__(self, other: NormalEquations) -> NormalEquations:
-        return NormalEquations(
-            self.gram + other.gram,
-            self.cross + other.cross,
-            self.yy + other.yy,
-            self.y_sum + other.y_sum,
-            self.rows + other.rows,
-            self.intercept,
-        )
-
-    def augmented(self, p: np.ndarray, delta: np.ndarray | None) -> np.ndarray:
-        if not self.intercept:
-            return p
-        return np.concatenate([p, (np.zeros(p.shape[1]) if delta is None else delta)[None, :]], axis=0)
-
-    def solve(self, p0: np.ndarray, ridges: Sequence[float]) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        """Ridge solutions pulled towards ``p0`` (and δ towards 0), one per ridge: a list of (P, δ or None).
-
-        The ridge is relative to each unknown's own energy (diag of ZaᵀZa). Directions the data never
-        excite keep ``p0`` whatever the ridge; weakly excited ones move towards the data as it shrinks.
-        One eigendecomposition serves every ridge.
-        """
-        start = self.augmented(p0, None)
-        diag = np.diag(self.gram).copy()
-        # Columns the data never excite get a floor, so the scaling stays finite and they keep p0.
-        diag = np.maximum(diag, 1e-12 * max(float(diag.mean()), 1e-300))
-        scale = 1.0 / np.sqrt(diag)
-        eigvals, vectors = np.linalg.eigh(self.gram * scale[:, None] * scale[None, :])
-        eigvals = np.clip(eigvals, 0.0, None)
-        base = vectors.T @ (self.cross * scale[:, None])
-        pull = vectors.T @ (start / scale[:, None])
-        solutions = []
-        for ridge in ridges:
-            sol = scale[:, None] * (vectors @ ((base + ridge * pull) / (eigvals + ridge)[:, None]))
-            solutions.append((sol[:-1], sol[-1]) if self.intercept else (sol, None))
-        return solutions
-
-    def sq_error(self, p: np.ndarray, delta: np.ndarray | None) -> float:
-        """‖Y − Z·P − 1·δᵀ‖² over these rows, from the statistics alone."""
-        pa = self.augmented(p, delta)
-        value = (
-            self.yy
-            - 2.0 * float(np.einsum("ij,ij->", pa, self.cross))
-            + float(np.einsum("ij,ij->", pa, self.gram @ pa))
-        )
-        return max(value, 0.0)
-
-    def sq_norm(self, bias: np.ndarray) -> float:
-        """‖Y + 1·biasᵀ‖²: the squared norm of the layer's real output (Y is the output before the bias)."""
-        return self.yy + 2.0 * float(bias @ self.y_sum) + self.rows * float(bias @ bias)
-
-
-@dataclass
-class Refit:
-    """The outcome of a data-aware refit of a layer's second factor."""
-
-    p: np.ndarray
-    delta: np.ndarray | None
-    used: bool
-    figures: dict[str, Any]
-
-
-def refit_second_factor(
-    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
-    p0: np.ndarray,
-    bias: np.ndarray,
-    intercept: bool,
-    rng: np.random.Generator,
-) -> Refit:
-    """Refit P (and a bias correction δ) so that Z·P + δ matches the layer's real output Y.
-
-    Args:
-        pairs: per sample, (Z, Y): the first factor's output and the original layer's output before its
-            bias, both (rows × channels) in float64.
-        p0: the weight-fit second factor (k × n), the starting point and the fallback.
-        bias: the layer's original bias (n,), zeros if it has none; errors are relative to ‖Y + bias‖.
-        intercept: whether a bias correction may be fitted (the rewritten layer can carry a bias).
-        rng: seeded stream for subsampling rows.
-
-    The refit is validated before it is used: fitted on half of the samples (alternate rows when there is
-    one sample) with each ridge of ``REFIT_RIDGES``, and kept only if the best of them lowers the output
-    error on the other half; the final refit then uses all rows with that ridge. Errors are relative
-    Frobenius norms of the layer output (bias included).
-    """
-    k, n = p0.shape
-    cap = max(1, MAX_FIT_ROWS // max(1, len(pairs)))
-    halves = (NormalEquations.empty(k, n, intercept), NormalEquations.empty(k, n, intercept))
-    for index, (z, y) in enumerate(pairs):
-        if z.shape[0] > cap:
-            keep = np.sort(rng.choice(z.shape[0], size=cap, replace=False))
-            z, y = z[keep], y[keep]
-        if len(pairs) >= 2:
-            halves[index % 2].add(z, y)
-        else:
-            halves[0].add(z[0::2], y[0::2])
-            halves[1].add(z[1::2], y[1::2])
-    fit, held = halves
-    total = fit + held
-    norm_all = math.sqrt(max(total.sq_norm(bias), 1e-300))
-    norm_held = math.sqrt(max(held.sq_norm(bias), 1e-300))
-
-    held_before = math.sqrt(held.sq_error(p0, None)) / norm_held
-    trials = [math.sqrt(held.sq_error(p, d)) / norm_held for p, d in fit.solve(p0, REFIT_RIDGES)]
-    best = int(np.argmin(trials))
-    held_after = trials[best]
-    used = held.rows > 0 and held_after < held_before
-    p, delta = total.solve(p0, [REFIT_RIDGES[best]])[0] if used else (p0, None)
-    figures = {
-        "fit_rows": total.rows,
-        "ridge": REFIT_RIDGES[best],
-        "output_error_weight_fit": math.sqrt(total.sq_error(p0, None)) / norm_all,
-        "output_error": math.sqrt(total.sq_error(p, delta)) / norm_all,
-        "heldout_error_weight_fit": held_before,
-        "heldout_error_refit": held_after,
-    }
-    return Refit(p, delta, used, figures)
-
-
-def fit_figures(refit: Refit) -> dict[str, Any]:
-    """The per-layer report entries of a refit, floats rounded for reading."""
-    out: dict[str, Any] = {"fit": "data" if refit.used else "weights"}
-    for key, value in refit.figures.items():
-        out[key] = round(value, 6) if isinstance(value, float) else value
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- pass skeleton
 class Plan(Protocol):
     """A layer a low-rank pass will rewrite as two thinner ones: ``first`` then ``second`` factor.
@@ -588,7 +376,7 @@ def _refit_main(model: Model, ctx: PassContext, plans: list[Plan], pass_name: st
         except Exception as exc:  # boundary: onnxruntime on a probe of this layer
             figures.update(fit="weights", fit_note=f"the layer probe did not run: {first_line(exc, 160)}")
             continue
-        refit = refit_second_factor(
+        refit = refit_linear(
             pairs, plan.second_factor(), plan.bias, plan.intercept, ctx.rng(f"{pass_name}:{plan.report.node}")
         )
         plan.set_second_factor(refit.p, refit.delta)

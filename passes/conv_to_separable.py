@@ -10,13 +10,13 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from nnopt.analysis.activations import channel_rows, run_convs
 from nnopt.ir.constants import constant_values
 from nnopt.ir.model import Model
 from nnopt.passes._lowrank import (
     Decline,
     LowRankOptions,
     RankRule,
-    channel_rows,
     check_min_saving,
     conv_bias,
     main_graph_costs,
@@ -26,7 +26,6 @@ from nnopt.passes._lowrank import (
     plan_layers,
     refit_plans,
     relative_error,
-    run_convs,
     saving,
     savings,
     scaled_flops,

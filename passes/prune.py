@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ from nnopt.ir.model import Model
 from nnopt.ir.naming import taken_names, unique_name
 from nnopt.ir.walk import is_onnx_op, remove_dead_nodes
 from nnopt.passes._depgraph import Analysis, Tracer, infer_shapes
+from nnopt.passes._reconstruct import changed_layers, output_error_scores, reconstruct
 from nnopt.passes._sensitivity import GroupPlan, allocate
 from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
@@ -37,6 +39,16 @@ class PruneOptions(NodeSelection):
     max_ratio: float = field(default=0.9, metadata={"help": "at most this fraction removed from any one layer"})
     round_to: int = field(default=1, metadata={"help": "keep channel counts a multiple of this (structured)"})
     norm: Literal["l1", "l2"] = field(default="l1", metadata={"help": "filter norm used to rank channels"})
+    criterion: Literal["norm", "output"] = field(
+        default="norm",
+        metadata={"help": "rank channels by their filters' norm, or (output, needs --data) by the error removing "
+                  "each causes in the layers that read it: E[x²]·‖W[:, c]‖² on the data"},
+    )
+    reconstruct: Literal["auto", "off"] = field(
+        default="auto",
+        metadata={"help": "auto: with --data, refit the layers downstream of removed channels by least squares "
+                  "so their outputs match the unpruned model's (structured); off: keep the sliced weights"},
+    )
     allocate: Literal["uniform", "sensitivity"] = field(
         default="uniform",
         metadata={"help": "uniform: ratio per group (or global by norm); sensitivity: ratio is a budget of "
@@ -81,10 +93,13 @@ class Prune(Pass[PruneOptions]):
     graph output, a subgraph) the whole group is declined and reported.
     Rewrites: each group keeps its highest-norm channels (the sum of the L1/L2 filter norms of its
     members); producers lose filter rows, consumers lose input columns, and per-channel constants, split
-    sizes, slice bounds and depthwise groups follow. With ``allocate=sensitivity`` and ``--data``, ``ratio``
-    is a budget of prunable weights split across groups by each group's measured output error. Channels
-    that are exactly zero wherever they are read (all-zero filter and bias, or BN scale and shift 0) are
-    dead and go first, losslessly, even at ratio=0.
+    sizes, slice bounds and depthwise groups follow. Channels that are exactly zero wherever they are read
+    (all-zero filter and bias, or BN scale and shift 0) are dead and go first, losslessly, even at ratio=0.
+    With ``--data``, the layers downstream of removed channels are then refit by least squares to the
+    unpruned model's outputs (reconstruct=auto; each refit kept only if held-out samples say it helps),
+    which recovers most of the accuracy one-shot pruning loses (docs/prune.md). With
+    ``allocate=sensitivity`` and ``--data``, ``ratio`` is a budget of prunable weights split across groups by
+    each group's measured output error.
     Unstructured mode sets the smallest-magnitude weights of each layer (or globally) to exact zeros; the
     shape of every tensor stays, so dense runtimes gain nothing unless ``kmeans`` later stores the zeros
     compactly (it keeps exact zeros).
@@ -125,7 +140,10 @@ class Prune(Pass[PruneOptions]):
         if not a.roots:
             return PassResult(modified=False, stats={"groups": 0})
         class_of = _classes(a)
-        groups = _groups(a, class_of, opts.scope == "global")
+        scores = None
+        if opts.criterion == "output" and ctx.samples:
+            scores = output_error_scores(model, a.tracks, len(a.label_root), ctx)
+        groups = _groups(a, class_of, opts.scope == "global", scores)
         allocation = None
         if opts.allocate == "sensitivity":
             allocation = _allocate(groups, a, class_of, opts, ctx.analyses_for(model).proto(), ctx.samples)
@@ -141,6 +159,8 @@ class Prune(Pass[PruneOptions]):
             track = a.tracks.get(id(t))
             return np.ones(1, dtype=bool) if track is None else kept_label[track.labels]
 
+        refit = removed > 0 and opts.reconstruct == "auto" and bool(ctx.samples)
+        teacher = ctx.analyses_for(model).proto() if refit else None  # the cached export: before the edits
         if removed:
             for edit in a.edits:
                 edit(keep)
@@ -151,6 +171,13 @@ class Prune(Pass[PruneOptions]):
             remove_dead_nodes(model.graph)
         layers, stats = _report(a, groups, kept_label)
         stats["weight_params_removed"] = tracer.saved[0]
+        if opts.criterion == "output":
+            stats["criterion"] = "output" if scores is not None else "norm: ranking by output error needs --data that runs"
+        if teacher is not None:
+            started = time.perf_counter()
+            fits = reconstruct(model, ctx, teacher, changed_layers(model, keep), self.name, namer)
+            _report_fits(layers, stats, fits, model)
+            stats["reconstruction_seconds"] = round(time.perf_counter() - started, 3)
         if allocation is not None:
             allocation.annotate(groups, layers, stats)
         return PassResult(modified=removed > 0, stats=stats, layers=layers)
@@ -230,8 +257,11 @@ def _classes(a: Analysis) -> np.ndarray:
     return class_of
 
 
-def _groups(a: Analysis, class_of: np.ndarray, normalise: bool) -> list[_Group]:
-    """Roots joined by shared classes, on networkx; each group with its classes' scores and flags."""
+def _groups(a: Analysis, class_of: np.ndarray, normalise: bool, label_scores: np.ndarray | None = None) -> list[_Group]:
+    """Roots joined by shared classes, on networkx; each group with its classes' scores and flags.
+
+    A class scores the sum of its labels' filter norms, or of ``label_scores`` when given (per label).
+    """
     joined = nx.Graph()
     joined.add_nodes_from(range(len(a.roots)))
     label_root = np.asarray(a.label_root)
@@ -247,8 +277,10 @@ def _groups(a: Analysis, class_of: np.ndarray, normalise: bool) -> list[_Group]:
         live[class_of[sink.labels[~sink.zeros]]] = True
     norm_of = np.zeros(len(a.label_root))
     for root in a.roots:
-        scale = root.norms.mean() if normalise and root.norms.mean() > 0 else 1.0
-        norm_of[root.first_label : root.first_label + len(root.norms)] = root.norms / scale
+        span = slice(root.first_label, root.first_label + len(root.norms))
+        values = root.norms if label_scores is None else label_scores[span]
+        scale = values.mean() if normalise and values.mean() > 0 else 1.0
+        norm_of[span] = values / scale
     groups = []
     for comp in sorted(nx.connected_components(joined), key=min):
         roots = sorted(comp)
@@ -391,3 +423,23 @@ def _report(a: Analysis, groups: list[_Group], kept_label: np.ndarray) -> tuple[
         "dead_channels_removed": sum(int((g.dead & g.remove).sum()) for g in groups),
     }
     return layers, stats
+
+
+def _report_fits(layers: list[LayerDecision], stats: dict[str, Any], fits: dict[str, dict[str, Any]], model: Model) -> None:
+    """Add each refit layer's figures to its report line (a line of its own for layers pruning only fed)."""
+    by_name = {layer.node: layer for layer in layers}
+    ops = {node.name: node.op for node in model.graph.nodes}
+    for name, figures in fits.items():
+        if name in by_name:
+            line = by_name[name]
+            line.figures.update(figures)
+            if line.action == "declined" and figures.get("fit") == "data":
+                # Its output channels stayed, but its weights changed: the report must not say "declined".
+                why = f"weights refit on the data; output channels kept ({line.reason})"
+                layers[layers.index(line)] = LayerDecision(name, line.op_type, "rewritten", why, line.figures)
+        elif figures.get("fit") == "data":
+            layers.append(LayerDecision(name, ops.get(name, ""), "rewritten", figures=dict(figures)))
+        else:
+            why = figures.get("fit_note") or "refit on the data did not lower the held-out output error"
+            layers.append(LayerDecision(name, ops.get(name, ""), "declined", str(why), dict(figures)))
+    stats["layers_reconstructed"] = sum(1 for f in fits.values() if f.get("fit") == "data")

@@ -41,8 +41,8 @@ def _accuracy(proto: onnx.ModelProto, x: np.ndarray, labels: np.ndarray) -> floa
 def test_digits_sensitivity_keeps_far_more_accuracy_than_uniform_for_no_more_weights() -> None:
     proto, calib, x, labels = _digits()
     ctx = PassContext(samples=calib)
-    uniform, _ = apply_pass(_prune(ratio=0.3), proto, ctx)
-    chosen, result = apply_pass(_prune(ratio=0.3, allocate="sensitivity"), proto, ctx)
+    uniform, _ = apply_pass(_prune(ratio=0.3, reconstruct="off"), proto, ctx)
+    chosen, result = apply_pass(_prune(ratio=0.3, allocate="sensitivity", reconstruct="off"), proto, ctx)
     # Held-out (odd) images: 98.7 % unpruned; 56.9 % uniform; 93.8 % by sensitivity.
     assert _accuracy(uniform, x, labels) < 0.6
     assert _accuracy(chosen, x, labels) > 0.92
@@ -57,15 +57,15 @@ def test_digits_sensitivity_keeps_far_more_accuracy_than_uniform_for_no_more_wei
     errors = [layer.figures["sensitivity"][2][1] for layer in (first, second, third, fourth)]
     assert errors[0] == max(errors) > 0.1
     assert "sensitivity" not in logits.figures and logits.action == "declined"
-    again, _ = apply_pass(_prune(ratio=0.3, allocate="sensitivity"), proto, ctx)
+    again, _ = apply_pass(_prune(ratio=0.3, allocate="sensitivity", reconstruct="off"), proto, ctx)
     assert again.SerializeToString() == chosen.SerializeToString()
 
 
 def test_digits_half_the_weights() -> None:
     proto, calib, x, labels = _digits()
     ctx = PassContext(samples=calib)
-    uniform, _ = apply_pass(_prune(ratio=0.5), proto, ctx)
-    chosen, _ = apply_pass(_prune(ratio=0.5, allocate="sensitivity"), proto, ctx)
+    uniform, _ = apply_pass(_prune(ratio=0.5, reconstruct="off"), proto, ctx)
+    chosen, _ = apply_pass(_prune(ratio=0.5, allocate="sensitivity", reconstruct="off"), proto, ctx)
     # 16.4 % (uniform) vs 64.4 % held-out, with fewer params left (24,461 vs 28,106).
     assert _accuracy(uniform, x, labels) < 0.2 and _accuracy(chosen, x, labels) > 0.55
     assert analyze(chosen).totals["params"] <= analyze(uniform).totals["params"]

@@ -17,6 +17,8 @@ from nnopt.errors import OptionError
 from nnopt.ir.model import Model
 
 if TYPE_CHECKING:
+    import onnx
+
     from nnopt.analysis.manager import AnalysisManager
 
 
@@ -242,6 +244,10 @@ class PassContext:
         on_progress: where ``progress`` reports go (set by the pass manager; None: nowhere).
         analyses: the analysis cache of the model being optimized (set by the pass manager); passes reach
             it through ``analyses_for(model)``.
+        reference_model: the pipeline's input model, before any pass ran (the teacher ``distill`` trains
+            towards); None when the pass runs outside a pipeline. Read it, never edit it.
+        labels: one integer class label per sample of ``samples``, when the data file has a ``labels``
+            array (see ``nnopt.runtime.load_labels``); None otherwise.
     """
 
     seed: int = 0
@@ -250,6 +256,8 @@ class PassContext:
     hook: Any = None
     on_progress: Callable[[int, int, str], None] | None = None
     analyses: AnalysisManager | None = None
+    reference_model: onnx.ModelProto | None = None
+    labels: np.ndarray | None = None
 
     def analyses_for(self, model: Model) -> AnalysisManager:
         """The analysis cache of ``model``: the pass manager's, shared by every pass and the verification.
