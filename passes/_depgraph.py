@@ -49,6 +49,18 @@ class Root:
     dead: np.ndarray  # all-zero filter and zero bias
 
 
+@dataclass(frozen=True)
+class Sink:
+    """Where a sink's positions meet a weight: input ``index`` of ``node``, position p at ``axis`` index p.
+
+    Zeroing those weight slices is what removing the positions does to the layer's output (its bias stays).
+    """
+
+    node: gs.Node
+    index: int
+    axis: int
+
+
 @dataclass
 class Analysis:
     """The result of tracing one graph: tracked tensors, roots, label unions, declines and pending edits."""
@@ -61,6 +73,7 @@ class Analysis:
     declined: dict[int, str] = field(default_factory=dict)  # root index → reason
     edits: list[Edit] = field(default_factory=list)
     sinks: list[Track] = field(default_factory=list)  # channel views read by weights (Conv/Gemm/MatMul)
+    sink_weights: list[Sink] = field(default_factory=list)  # per sink: which weight axis reads its positions
 
     def new_labels(self, count: int, root: int) -> np.ndarray:
         start = len(self.label_root)
@@ -191,7 +204,7 @@ class Tracer:
 
     def set_out(self, node: gs.Node, track: Track) -> None:
         _extra_outputs_unused(node, self.pinned)
-        if track.rank is None and node.op not in ("Flatten", "Reshape"):
+        if track.rank is None:
             # Every other handler keeps the rank of its (first tracked) data input.
             source = next((self.track(x) for x in node.inputs if self.track(x) is not None), None)
             track.rank = None if source is None else source.rank
@@ -385,6 +398,7 @@ class Tracer:
         count = len(t.labels)
         if group == 1:
             self.a.sinks.append(t)
+            self.a.sink_weights.append(Sink(node, 1, 1))
             self.defer(node.inputs[0], self._slice_const, node, 1, 1)
             self._maybe_root(node)
             return
@@ -417,6 +431,7 @@ class Tracer:
             raise Decline(f"Gemm {node.name}: B or C carries the features")
         self.a.sinks.append(t)
         axis = 1 if int(node.attrs.get("transB", 0)) else 0
+        self.a.sink_weights.append(Sink(node, 1, axis))
         self.defer(node.inputs[0], self._slice_const, node, 1, axis)
         self._maybe_root(node)
 
@@ -426,6 +441,7 @@ class Tracer:
         if t is None or w is None or w.ndim != 2 or t.axis != self.rank(node.inputs[0]) - 1:
             raise Decline(f"MatMul {node.name}: features are not the last axis of A with a 2-D constant B")
         self.a.sinks.append(t)
+        self.a.sink_weights.append(Sink(node, 1, 0))
         self.defer(node.inputs[0], self._slice_const, node, 1, 0)
         self._maybe_root(node)
 
@@ -515,36 +531,64 @@ class Tracer:
             values[j] = value
             node.inputs[index] = gs.Constant(self.namer(node.inputs[index].name), values)
 
+    def transpose(self, node: gs.Node) -> None:
+        t = self.track(node.inputs[0])
+        if t is None:
+            raise Decline(f"Transpose {node.name}: the channels are not its data input")
+        perm = node.attrs.get("perm")
+        rank = len(perm) if perm is not None else self.rank(node.inputs[0])
+        perm = list(range(rank))[::-1] if perm is None else [_norm_axis(int(p), rank) for p in perm]
+        # Output axis i is input axis perm[i]: the channels move to where perm names their axis.
+        self.set_out(node, Track(perm.index(t.axis), t.labels, t.zeros, rank))
+
+    def squeeze(self, node: gs.Node) -> None:
+        t = self.track(node.inputs[0])
+        rank = self.rank(node.inputs[0])
+        # NOTE: axes are an attribute before opset 13 and an input from 13.
+        axes = node.attrs.get("axes") if self.opset < 13 else _const(node, 1)
+        if t is None or axes is None or any(id(x) in self.a.tracks for x in node.inputs[1:]):
+            raise Decline(f"{node.op} {node.name}: axes are not constant or carry the channels")
+        if node.op == "Squeeze":
+            gone = {_norm_axis(int(ax), rank) for ax in np.asarray(axes).reshape(-1)}
+            if t.axis in gone:
+                raise Decline(f"Squeeze {node.name} removes the channel axis")
+            axis, out_rank = t.axis - sum(1 for g in gone if g < t.axis), rank - len(gone)
+        else:
+            out_rank = rank + int(np.size(axes))
+            new = sorted(_norm_axis(int(ax), out_rank) for ax in np.asarray(axes).reshape(-1))
+            kept = [i for i in range(out_rank) if i not in new]
+            axis = kept[t.axis]
+        self.set_out(node, Track(axis, t.labels, t.zeros, out_rank))
+
     def flatten(self, node: gs.Node) -> None:
         t = self.track(node.inputs[0])
         dims = self.shape(node.inputs[0])
-        if t is None:
-            raise Decline(f"{node.op} {node.name}: the channels are in its shape input")
+        if t is None or dims is None:
+            raise Decline(f"{node.op} {node.name}: the channels are in its shape input, or its rank is unknown")
+        target = None
         if node.op == "Flatten":
-            start = _norm_axis(int(node.attrs.get("axis", 1)), len(dims or []))
-            target = None
+            start = _norm_axis(int(node.attrs.get("axis", 1)), len(dims))
+            # Output axis 0 merges input axes [0, start), axis 1 merges [start, rank).
+            j, span = (0, (0, start)) if t.axis < start else (1, (start, len(dims)))
         else:
-            out = self.shape(node.outputs[0])
-            if dims is None or out is None or any(d is None for d in dims) or any(d is None for d in out):
-                raise Decline(f"Reshape {node.name}: shapes are not static")
+            out = self.shape(node.outputs[0]) or []
             target = _const(node, 1)
-            if list(out) == list(dims):
-                if target is None or t.axis >= target.size:
-                    raise Decline(f"Reshape {node.name}: target shape is not constant")
-                self.set_out(node, Track(t.axis, t.labels, t.zeros, t.rank))
-                if int(target[t.axis]) not in (-1, 0):
-                    self.defer(node.outputs[0], self._edit_reshape, node, t.axis)
-                return
-            start = len(out) - 1
-            if list(out[:start]) != list(dims[:start]) or target is None:
-                raise Decline(f"Reshape {node.name} mixes the channels with other axes")
-        if t is None or dims is None or t.axis != start or any(d is None for d in dims[start:]):
-            raise Decline(f"{node.op} {node.name} does not flatten from the channel axis with static sizes")
-        block = int(np.prod([d for d in dims[start + 1 :] if d is not None], dtype=np.int64))  # none is None
-        # Channel c becomes features [c*block, (c+1)*block): a block of repeated labels.
-        self.set_out(node, Track(start, np.repeat(t.labels, block), np.repeat(t.zeros, block), start + 1))
-        if target is not None and int(target[start]) not in (-1, 0):
-            self.defer(node.outputs[0], self._edit_reshape, node, start)
+            known_in, known_out = [d for d in dims if d is not None], [d for d in out if d is not None]
+            if len(known_in) != len(dims) or not out or len(known_out) != len(out) or target is None:
+                raise Decline(f"Reshape {node.name}: shapes or the target are not static")
+            j, span = _reshape_channel_axis(known_in, known_out, t.axis)
+            zero_at = {k for k, v in enumerate(target.tolist()) if int(v) == 0}
+            if zero_at & {t.axis, j} - ({j} if t.axis == j else set()):
+                raise Decline(f"Reshape {node.name}: a 0 in the target copies a dim across the channel axis")
+        sizes = dims[span[0] : span[1]]
+        if any(d is None for d in sizes) or not span[0] <= t.axis < span[1]:
+            raise Decline(f"{node.op} {node.name} does not keep the channels on one axis with static sizes")
+        grid = [int(d) for d in sizes if d is not None]  # none is None
+        where = t.axis - span[0]
+        rank = 2 if target is None else int(target.size)
+        self.set_out(node, Track(j, _spread(t.labels, grid, where), _spread(t.zeros, grid, where), rank))
+        if target is not None and int(target[j]) not in (-1, 0):
+            self.defer(node.outputs[0], self._edit_reshape, node, j)
 
     def _edit_reshape(self, node: gs.Node, start: int, mask: np.ndarray) -> None:
         if mask.all():
@@ -562,11 +606,39 @@ class Tracer:
             axes = _const(node, 1)
             if axes is None:
                 raise Decline(f"{node.op} {node.name}: axes are not constant")
-        if t is None or axes is None or not int(node.attrs.get("keepdims", 1)):
-            raise Decline(f"{node.op} {node.name} may reduce or drop the channel axis")
-        if t.axis in {_norm_axis(int(ax), rank) for ax in np.asarray(axes).reshape(-1)}:
+        if t is None or axes is None:
+            raise Decline(f"{node.op} {node.name} may reduce the channel axis")
+        reduced = {_norm_axis(int(ax), rank) for ax in np.asarray(axes).reshape(-1)}
+        if t.axis in reduced:
             raise Decline(f"{node.op} {node.name} reduces over the channel axis")
-        self.set_out(node, Track(t.axis, t.labels, t.zeros & (node.op in ZERO_PRESERVING)))
+        axis, out_rank = t.axis, rank
+        if not int(node.attrs.get("keepdims", 1)):  # the reduced axes go: the channel axis moves down
+            axis, out_rank = t.axis - sum(1 for r in reduced if r < t.axis), rank - len(reduced)
+        self.set_out(node, Track(axis, t.labels, t.zeros & (node.op in ZERO_PRESERVING), out_rank))
+
+
+def _reshape_channel_axis(dims: list[int], out: list[int], axis: int) -> tuple[int, tuple[int, int]]:
+    """(output axis j, input axes [s, e)) where output axis j is exactly input axes s..e-1 merged, s ≤ axis < e.
+
+    The channel axis stays intact (s = axis, e = axis + 1) or is merged with neighbours whole; a Reshape
+    that splits it or mixes it with part of another axis has no such j.
+    """
+    before = np.cumprod([1, *dims], dtype=np.int64).tolist()  # before[k] = product of dims[:k]
+    after = np.cumprod([1, *out], dtype=np.int64).tolist()
+    for j in range(len(out)):
+        if after[j] in before[: axis + 1] and after[j + 1] in before[axis + 1 :]:
+            s = max(k for k in range(axis + 1) if before[k] == after[j])
+            e = min(k for k in range(axis + 1, len(before)) if before[k] == after[j + 1])
+            return j, (s, e)
+    raise Decline(f"Reshape {dims} → {out} splits the channel axis or mixes it with part of another")
+
+
+def _spread(values: np.ndarray, grid: list[int], where: int) -> np.ndarray:
+    """``values`` (one per channel, channels being axis ``where`` of ``grid``) at every position of the
+    flattened grid: a block of repeats when the channels lead, a strided pattern when they trail (NHWC)."""
+    shape = [1] * len(grid)
+    shape[where] = len(values)
+    return np.broadcast_to(values.reshape(shape), grid).reshape(-1).copy()
 
 
 def _any(zs: list[np.ndarray]) -> np.ndarray:
@@ -581,6 +653,7 @@ def _all(zs: list[np.ndarray]) -> np.ndarray:
 ZERO_RULES: dict[str, Callable[[list[np.ndarray]], np.ndarray]] = {
     "Mul": _any,
     "Add": _all,
+    "Sum": _all,
     "Sub": _all,
     "Div": lambda zs: zs[0],
     "PRelu": lambda zs: zs[0],
@@ -608,7 +681,7 @@ HANDLERS: dict[str, Callable[[Tracer, gs.Node], Any]] = {
     **{op: Tracer.pool for op in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool")},
     "Resize": Tracer.resize,
     "Upsample": Tracer.resize,
-    **{op: Tracer.elementwise for op in ("Add", "Sub", "Mul", "Div", "PRelu")},
+    **{op: Tracer.elementwise for op in ("Add", "Sub", "Mul", "Div", "PRelu", "Sum")},
     "BatchNormalization": Tracer.per_channel_params,
     "InstanceNormalization": Tracer.per_channel_params,
     "Conv": Tracer.conv,
@@ -619,5 +692,8 @@ HANDLERS: dict[str, Callable[[Tracer, gs.Node], Any]] = {
     "Slice": Tracer.slice,
     "Flatten": Tracer.flatten,
     "Reshape": Tracer.flatten,
+    "Transpose": Tracer.transpose,
+    "Squeeze": Tracer.squeeze,
+    "Unsqueeze": Tracer.squeeze,
     **{op: Tracer.reduce for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")},
 }

@@ -291,24 +291,24 @@ def test_round_to_and_max_ratio() -> None:
 
 
 def test_unsupported_consumer_declines_the_group() -> None:
-    """X ─ a: Conv(4) ─ Transpose ─ b: Conv ─ Y: the channel axis moves, so a is declined and untouched."""
+    """X ─ a: Conv(4) ─ Softmax(axis 1) ─ b: Conv ─ Y: Softmax mixes the channels, so a is declined and untouched."""
     proto = _named(
         model_from_text(
             f"""{HEADER}
             g (float[1,3,4,4] X) => (float[1,2,4,4] Y) {{
               c = Conv (X, Wa)
-              t = Transpose <perm = [0, 1, 3, 2]> (c)
+              t = Softmax <axis = 1> (c)
               Y = Conv (t, Wb)
             }}
             """,
             {"Wa": _w(4, 3, 1, 1, zero=(0,)), "Wb": _w(2, 4, 1, 1)},
         ),
-        "a", "transpose", "b",
+        "a", "softmax", "b",
     )
     out, result = apply_pass(_prune(ratio=0.5), proto)
     assert result.modified is False
     entry = next(layer for layer in result.layers if layer.node == "a")
-    assert entry.action == "declined" and "Transpose transpose" in entry.reason
+    assert entry.action == "declined" and "Softmax softmax" in entry.reason
     assert result.stats["groups_declined"] == 2
     assert out.SerializeToString() == apply_pass(_prune(ratio=0.0), proto)[0].SerializeToString()
 

@@ -260,7 +260,7 @@ ERRORS = [
         "pipeline.toml",
         '[[passes]]\nname = "prune"\nratoi = 0.2\n',
         "passes[1].ratoi: pass 'prune' has no option 'ratoi' "
-        "(did you mean 'ratio'?; options: criterion, exclude, max_ratio, mode, nodes, norm, ratio, reconstruct, round_to, "
+        "(did you mean 'ratio'?; options: allocate, criterion, exclude, max_ratio, mode, nodes, norm, ratio, reconstruct, round_to, "
         "scope)",
     ),
     (
