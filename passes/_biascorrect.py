@@ -16,9 +16,6 @@ from nnopt.passes import _qdq
 #: At most this many calibration samples feed the correction (each costs one run of the float and of the
 #: quantized model per round); a seeded half fits the shift, the other half validates it.
 MAX_SAMPLES = 16
-#: ``auto`` validates on held-out samples; with fewer samples than this there is too little to fit and check
-#: on (one sample each way: on the golden run's two generated inputs it made small_cnn's outputs worse).
-MIN_SAMPLES = 4
 #: The float model's layer outputs on the samples are kept in memory up to this size (else run per wave).
 FLOAT_CACHE_BYTES = 256 << 20
 #: Op types whose int32 bias (input 2, a DequantizeLinear of an int32 initializer) carries the correction,

@@ -16,9 +16,6 @@ from nnopt.ir.constants import constant_values
 
 #: At most this many samples feed the refit (each is one run of the model, before the rewrite).
 MAX_SAMPLES = 32
-#: ``refit=auto`` validates on held-out samples: with fewer samples than this, nothing is refit (one sample
-#: each way made small_cnn's outputs worse on the golden run's two generated inputs).
-MIN_SAMPLES = 4
 #: Output positions kept per sample (seeded subset): Z has rows × channels × k entries per sample.
 ROWS_PER_SAMPLE = 512
 #: Layers with more unknowns than this (output channels × centroids) are not refit: at 8 bits the weight

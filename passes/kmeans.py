@@ -14,6 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from nnopt.analysis.refit import MIN_REFIT_SAMPLES
 from nnopt.analysis.selection import NodeSelection
 from nnopt.errors import OptionError
 from nnopt.ir.constants import constant_node_payload, constant_values
@@ -652,8 +653,8 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
         outputs on the data, from one run of the unchanged model per sample. Empty with refit=off or no data."""
         if opts.refit == "off" or not ctx.samples:
             return {}
-        if len(ctx.samples) < _kmeans_refit.MIN_SAMPLES:
-            self._refit_note = f"not refit: {len(ctx.samples)} samples, fewer than {_kmeans_refit.MIN_SAMPLES}"
+        if len(ctx.samples) < MIN_REFIT_SAMPLES:
+            self._refit_note = f"not refit: {len(ctx.samples)} samples, fewer than {MIN_REFIT_SAMPLES}"
             return {}
         layers: dict[int, _kmeans_refit.Layer] = {}
         for weight in weights:

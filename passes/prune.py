@@ -11,6 +11,7 @@ import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from nnopt.analysis.refit import MIN_REFIT_SAMPLES
 from nnopt.analysis.selection import NodeSelection
 from nnopt.errors import OptionError
 from nnopt.ir.constants import constant_values
@@ -159,7 +160,7 @@ class Prune(Pass[PruneOptions]):
             track = a.tracks.get(id(t))
             return np.ones(1, dtype=bool) if track is None else kept_label[track.labels]
 
-        refit = removed > 0 and opts.reconstruct == "auto" and bool(ctx.samples)
+        refit = removed > 0 and opts.reconstruct == "auto" and len(ctx.samples) >= MIN_REFIT_SAMPLES
         teacher = ctx.analyses_for(model).proto() if refit else None  # the cached export: before the edits
         if removed:
             for edit in a.edits:
@@ -173,6 +174,8 @@ class Prune(Pass[PruneOptions]):
         stats["weight_params_removed"] = tracer.saved[0]
         if opts.criterion == "output":
             stats["criterion"] = "output" if scores is not None else "norm: ranking by output error needs --data that runs"
+        if removed and opts.reconstruct == "auto" and 0 < len(ctx.samples) < MIN_REFIT_SAMPLES:
+            stats["reconstruction"] = f"skipped: {len(ctx.samples)} samples, fewer than {MIN_REFIT_SAMPLES} to fit and check on"
         if teacher is not None:
             started = time.perf_counter()
             fits = reconstruct(model, ctx, teacher, changed_layers(model, keep), self.name, namer)

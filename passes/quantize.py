@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from nnopt.analysis.refit import MIN_REFIT_SAMPLES
 from nnopt.analysis.selection import NodeSelection
 from nnopt.errors import OptionError
 from nnopt.ir.constants import lower_model_constants
@@ -381,9 +382,9 @@ def _bias_corrected(float_proto: onnx.ModelProto, result: _Static, opts: Quantiz
     report re-measured; unchanged when no layer keeps a correction, or (auto) when the corrected model's
     output error on the held-out calibration samples is not lower."""
     validate = opts.bias_correction == "auto"
-    if validate and len(ctx.samples) < _biascorrect.MIN_SAMPLES:
+    if validate and len(ctx.samples) < MIN_REFIT_SAMPLES:
         result.stats["bias_correction"] = (f"not applied: {len(ctx.samples)} samples, fewer than "
-                                           f"{_biascorrect.MIN_SAMPLES} to fit and validate on")
+                                           f"{MIN_REFIT_SAMPLES} to fit and validate on")
         return result
     eligible = {e.node for e in result.layers if e.action == "rewritten"}
     layers, declined = _biascorrect.find_layers(float_proto, result.qproto, eligible)

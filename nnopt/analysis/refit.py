@@ -20,6 +20,11 @@ import numpy as np
 #: directions the data barely excite, which is what keeps few or noisy rows from overfitting.
 REFIT_RIDGES = (1e-6, 1e-4, 1e-2, 1.0)
 
+#: A refit on reference data (prune's reconstruction, kmeans's centroid refit, quantize's bias correction)
+#: fits on half of the samples and is judged on the other half; below this many samples there is too little
+#: to fit and check on (one sample each way made small_cnn's outputs worse on two generated inputs).
+MIN_REFIT_SAMPLES = 4
+
 #: At most this many activation rows (output positions × samples) per layer enter a refit; more are
 #: subsampled (seeded). Forming ZᵀZ costs rows × k², which dominates the refit.
 MAX_FIT_ROWS = 50_000
