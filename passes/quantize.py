@@ -317,10 +317,12 @@ def _static_recovered(float_proto: onnx.ModelProto, selected: list[onnx.NodeProt
     """``_static``, with cross-layer equalization before it and bias correction after it as the options ask.
 
     With ``equalize=auto`` the model is quantized with and without equalization, and the one with the
-    lower squared output error against float on the calibration samples is kept.
+    lower squared output error against float on the calibration samples is kept; with fewer than
+    ``MIN_REFIT_SAMPLES`` samples that comparison is noise, and auto means off.
     """
     started = time.perf_counter()
-    pairs = _equalize.find_pairs(float_proto) if opts.equalize != "off" else []
+    too_few = opts.equalize == "auto" and len(ctx.samples) < MIN_REFIT_SAMPLES
+    pairs = _equalize.find_pairs(float_proto) if opts.equalize != "off" and not too_few else []
     variants: list[tuple[onnx.ModelProto, bool]] = [(float_proto, False)]
     if pairs:
         equalized = _equalize.equalize(float_proto, pairs)
@@ -336,7 +338,9 @@ def _static_recovered(float_proto: onnx.ModelProto, selected: list[onnx.NodeProt
     best = min(range(len(results)), key=lambda i: (errors[i], i))
     result, chosen_float, cle_used = results[best]
     extra: dict[str, Any] = {}
-    if opts.equalize != "off":
+    if too_few:
+        extra = {"equalize": f"off: {len(ctx.samples)} samples, fewer than {MIN_REFIT_SAMPLES} to choose by"}
+    elif opts.equalize != "off":
         extra = _equalize_report(result, pairs, cle_used, errors)
         extra["equalize_seconds"] = round(equalize_seconds, 3)
     if opts.bias_correction != "off" and result.stats["layers_quantized"]:
