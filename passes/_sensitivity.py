@@ -94,7 +94,8 @@ class Trials:
         self.sink_classes = [class_of[t.labels] for t in a.sinks]
         self.feeds = list(samples[:SENSITIVITY_SAMPLES])
         self.proto, self.targets, self.axes = _with_logits(proto)
-        self.reference = [run_model(make_session(self.proto), f, self.targets) for f in self.feeds]
+        session = make_session(self.proto)  # one session for every sample (it was one per sample)
+        self.reference = [run_model(session, f, self.targets) for f in self.feeds]
 
     @staticmethod
     def unusable(proto: onnx.ModelProto, a: Analysis) -> str | None:
