@@ -1,0 +1,75 @@
+"""A candidate of the search: its configuration (per-layer choices), its key, and what evaluating it measured."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: A candidate's configuration: parameter name -> chosen value, e.g. ``{"conv1/prune": 0.25,
+#: "conv1/weights": "k4", "fc1/rank": 0.5}``. Values are JSON scalars (str, int, float, bool, None);
+#: a parameter left out takes its space's "no change" value.
+Configuration = dict[str, Any]
+
+
+def config_key(config: Configuration) -> str:
+    """A stable 16-hex-digit key of a configuration: equal configurations (in any key order) share it."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    """What evaluating one configuration measured: plain data, so it crosses process and machine boundaries.
+
+    Attributes:
+        key: ``config_key(config)``.
+        config: the configuration evaluated.
+        metric: the metric on the evaluation data (higher is better); None when the candidate failed.
+        drop: how far ``metric`` fell below the original model's (absolute or relative, as the search was
+            told); None when the candidate failed.
+        size_bytes: the serialised model's size.
+        flops: floating-point and integer operations of one inference (nnopt's cost model).
+        latency_s: the cost model's estimated latency of one inference.
+        distortion: 1 - cosine similarity of the candidate's outputs to the original's on the evaluation
+            data: a smooth measure of damage where the metric (top-1) moves in whole samples.
+        error: one line saying why the candidate failed (it crashed, gave NaN, ...), else None.
+        seconds: wall time of the evaluation.
+        measured_latency_s: onnxruntime latency, measured later for the candidates that need it.
+    """
+
+    key: str
+    config: Configuration
+    metric: float | None
+    drop: float | None
+    size_bytes: int | None = None
+    flops: float | None = None
+    latency_s: float | None = None
+    distortion: float | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    measured_latency_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None or self.metric is None or not math.isfinite(self.metric)
+
+    def feasible(self, max_drop: float) -> bool:
+        """Evaluated without failing and within the accuracy drop allowed."""
+        return not self.failed and self.drop is not None and self.drop <= max_drop + 1e-12
+
+    def objective(self, name: str) -> float:
+        """The value minimised for ``--objective name`` (size, latency or flops); inf when unknown."""
+        value = {"size": self.size_bytes, "latency": self.measured_latency_s or self.latency_s,
+                 "flops": self.flops}[name]
+        return float(value) if value is not None else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CandidateResult:
+        return cls(**data)
