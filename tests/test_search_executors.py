@@ -233,6 +233,31 @@ def test_unreachable_ray_address_fails_within_seconds():
     assert "\n" not in str(caught.value)
 
 
+_OPEN_PORT_SCRIPT = """
+import socket, sys, time
+from nnopt.errors import InputError
+from nnopt.search.executors import RayExecutor
+server = socket.socket()
+server.bind(("0.0.0.0", 0))
+server.listen(8)  # accepts connections, answers nothing: no Ray cluster
+started = time.monotonic()
+try:
+    RayExecutor(f"127.0.0.1:{server.getsockname()[1]}")
+except InputError as exc:
+    print(f"{time.monotonic() - started:.1f}|{exc}")
+"""
+
+
+@pytest.mark.ray
+def test_a_port_that_is_no_ray_cluster_fails_in_seconds_not_minutes():
+    pytest.importorskip("ray")
+    # A fresh interpreter: Ray reads the settings that shorten its retries when it is first imported.
+    done = subprocess.run([sys.executable, "-c", _OPEN_PORT_SCRIPT], capture_output=True, text=True, timeout=120)
+    seconds, message = done.stdout.strip().split("|", 1)
+    assert message.startswith("cannot connect to the Ray cluster at 127.0.0.1:") and "\n" not in message
+    assert float(seconds) < 30  # Ray's own retries: about 12 minutes
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     """A Ray head of 2 CPUs on 127.0.0.1, started for these tests alone (its own temp dir) and stopped after."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import multiprocessing
 import os
 import pickle
 import signal
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
@@ -26,6 +27,16 @@ OnResult = Callable[[int, Any], None]
 #: How long ``RayExecutor`` waits for the cluster's port to accept a connection. ``ray.init`` on a dead
 #: address retries for many minutes (20 attempts of about 35 s each, in Ray 2.60).
 RAY_CONNECT_TIMEOUT_S = 5.0
+
+#: Ray's settings (environment variables it reads when it is imported and when ``ray.init`` connects) that
+#: make a port that accepts connections but is no Ray cluster (a dashboard's, a typo's) fail in about 12 s,
+#: not 12 minutes: one attempt, of a few seconds. A variable the user set is left as it is; none applies
+#: when Ray was imported before the executor.
+_RAY_CONNECT_ENV = {
+    "RAY_gcs_server_port_wait_time_s": "1",  # attempts to reach the cluster (default 20)
+    "RAY_gcs_rpc_server_connect_timeout_s": "3",
+    "RAY_py_gcs_connect_timeout_s": "5",  # waiting for the cluster's id (default 30 s)
+}
 
 #: A Ray task whose worker died (a node lost, the OS's OOM killer) is run once more: a lost node is
 #: worth a retry, a candidate that exhausts memory every time is not worth three (Ray's default).
@@ -284,6 +295,18 @@ def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> Non
         raise InputError(f"cannot reach a Ray cluster at {address}: {reason}") from exc
 
 
+@contextlib.contextmanager
+def _environment(defaults: dict[str, str]) -> Iterator[None]:
+    """Within the block, the environment variables of ``defaults`` that are not set have those values."""
+    added = [name for name in defaults if name not in os.environ]
+    os.environ.update({name: defaults[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
 def _call_on_ray(fn: Callable[[Any, T], R], shared: Any, index: int, item: T) -> R:
     """One evaluation as a Ray task of one CPU; ``shared`` arrives resolved from the object store."""
     from nnopt import runtime
@@ -312,16 +335,20 @@ class RayExecutor(_Closing):
         Raises:
             InputError: Ray is not installed, or nothing answers at ``address`` within ``connect_timeout``.
         """
-        ray = _import_ray()
-        check_reachable(address, connect_timeout)
+        # Around the import too: Ray's C++ core reads its settings when the module loads.
+        with _environment(_RAY_CONNECT_ENV):
+            ray = _import_ray()
+            check_reachable(address, connect_timeout)
+            self._connected_here = not ray.is_initialized()
+            if self._connected_here:
+                try:
+                    # Quiet: the workers' output and Ray's INFO lines would bury the search's progress on stderr.
+                    ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+                except Exception as exc:  # boundary: Ray raises its own (and builtin) types when it cannot connect
+                    raise InputError(
+                        f"cannot connect to the Ray cluster at {address}: {first_line(exc, 200)}"
+                    ) from exc
         self.address = address
-        self._connected_here = not ray.is_initialized()
-        if self._connected_here:
-            try:
-                # Quiet: the workers' output and Ray's INFO lines would bury the search's progress on stderr.
-                ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
-            except Exception as exc:  # boundary: Ray raises its own (and builtin) types for a failed connection
-                raise InputError(f"cannot connect to the Ray cluster at {address}: {first_line(exc, 200)}") from exc
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._ray = ray
         self._task = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(_call_on_ray)
