@@ -186,7 +186,7 @@ def test_a_foreign_exception_is_an_executor_error_and_nnopt_errors_pass_through(
         assert executor.map(_raise_on_two, None, [0, 1]) == [0, 1]
 
 
-def test_a_killed_worker_is_a_one_line_error_not_a_hang():
+def test_a_killed_worker_is_a_one_line_error_not_a_hang(tmp_path):
     with ProcessPoolExecutor(2) as executor:
         started = time.monotonic()
         with pytest.raises(ExecutorError, match="worker process died") as caught:
@@ -194,6 +194,23 @@ def test_a_killed_worker_is_a_one_line_error_not_a_hang():
         assert time.monotonic() - started < 60
         assert "\n" not in str(caught.value)
         # A new pool replaces the broken one.
+        folder = tempfile.mkdtemp(dir=tmp_path)
+        pids = executor.map(_meet, folder, [0, 1])
+        # A worker killed while idle: a map on that pool either completes on the worker left (before the pool
+        # has noticed) or says a worker died; once noticed, a new pool replaces it.
+        os.kill(pids[0], signal.SIGKILL)
+        outcomes = []
+        for _ in range(3):
+            try:
+                outcomes.append(executor.map(_die, folder, [0, 2]))
+            except ExecutorError as exc:
+                outcomes.append(str(exc))
+            time.sleep(0.5)
+        assert outcomes[-1] == [0, 2]
+        assert all(o == [0, 2] or o.startswith("a search worker process died") for o in outcomes)
+        # A pool stopped after a worker died while idle (another payload) is not waited for forever.
+        pids = executor.map(_meet, tempfile.mkdtemp(dir=tmp_path), [0, 1])
+        os.kill(pids[1], signal.SIGKILL)
         assert executor.map(_die, None, [0, 2]) == [0, 2]
 
 
@@ -313,6 +330,11 @@ def test_ray_matches_the_process_pool_byte_for_byte_in_item_order(ray_executor, 
 def test_ray_runs_two_tasks_at_once(ray_executor, tmp_path):
     pids = ray_executor.map(_meet, str(tmp_path), list(range(4)))
     assert len(set(pids)) == 2 and os.getpid() not in pids
+
+
+@pytest.mark.ray
+def test_ray_tasks_run_onnxruntime_and_openmp_on_one_thread(ray_executor):
+    assert ray_executor.map(_thread_settings, None, [0, 1]) == [(1, "1")] * 2
 
 
 @pytest.mark.ray
