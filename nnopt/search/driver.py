@@ -38,6 +38,8 @@ FINISH_RESERVE = 0.08
 #: Timed runs per model per round, and rounds, when the front's latencies are measured (interleaved).
 LATENCY_RUNS = 20
 LATENCY_ROUNDS = 3
+#: Candidates within the drop timed at the end when latency counts (the cost model's fastest few).
+LATENCY_FINALISTS = 4
 #: Candidates evaluated together in level 3's joint search (fixed, so that any executor gives the same ones).
 JOINT_BATCH = 4
 
@@ -157,14 +159,13 @@ def search(model: Model | onnx.ModelProto | str | os.PathLike[str], *, data: str
     finally:
         if hasattr(executor, "close"):
             executor.close()
+    chosen, model_out, finish_notes = _finish(shared, runs, outcome, settings)
     results = list(runs.results.values())
-    chosen = outcome.best if outcome.best is not None and outcome.best.feasible(settings.max_drop) else None
     final_config = chosen.config if chosen is not None else {}
-    model_out = _final_model(shared, final_config, data, settings)
     report = {
         "level": settings.level, "metric": _metric_name(settings, shared), "drop_type": settings.drop_type,
         "max_drop": settings.max_drop, "objective": settings.objective, "baseline_metric": shared.baseline,
-        "eval_data": notes[0], "notes": notes[1:] + outcome.notes,
+        "eval_data": notes[0], "notes": notes[1:] + outcome.notes + finish_notes,
         "candidates": [r.to_dict() for r in results], "chosen": chosen.key if chosen else None,
         "closest": (closest_of(results).key if chosen is None and closest_of(results) else None),
         "decisions": _decisions(shared.space, final_config, outcome),
@@ -249,9 +250,54 @@ def _joint(settings: SearchSettings, space: SearchSpace, runs: Evaluations, dead
     return dataclasses.replace(start, best=best or start.best)
 
 
-def _final_model(shared: SharedInputs, config: Configuration, data: Any, settings: SearchSettings) -> Model:
-    """The chosen candidate rebuilt from the base model (the same passes, seed and data as when evaluated)."""
-    return Model.from_proto(build_candidate(shared, config), copy_proto=False)
+def _finish(shared: SharedInputs, runs: Evaluations, outcome: Outcome,
+            settings: SearchSettings) -> tuple[CandidateResult | None, Model, list[str]]:
+    """Rebuild the finalists, measure their latency in onnxruntime against the base model, choose.
+
+    The cost model ranks candidates during the search; the end is measured. With ``--objective latency``
+    (and at level 1, which must never be slower than float) the fastest few candidates within the drop are
+    timed, interleaved with the losslessly cleaned model, and the fastest measured one is kept; otherwise
+    the best candidate is timed for the report. The base model is a finalist, so the result is never
+    measured slower than it when latency is what counts.
+    """
+    feasible = sorted((r for r in runs.results.values() if r.feasible(settings.max_drop)),
+                      key=lambda r: (r.objective(settings.objective), r.key))
+    best = outcome.best if outcome.best is not None and outcome.best.feasible(settings.max_drop) else None
+    timed = settings.objective == "latency" or settings.level == 1
+    finalists = feasible[:LATENCY_FINALISTS] if timed else [best] if best is not None else []
+    base = runs([{}])[0]
+    finalists = [r for r in finalists if r.key != base.key] + [base]
+    protos = {r.key: build_candidate(shared, r.config) for r in finalists}
+    measured = _measure_latencies(protos, shared.eval_samples[0], settings.input_shapes)
+    for key, seconds in measured.items():
+        runs.results[key] = dataclasses.replace(runs.results[key], measured_latency_s=seconds)
+    notes: list[str] = []
+    if timed and best is not None:
+        fastest = min(finalists, key=lambda r: (measured[r.key], r.key))
+        if fastest.key != best.key:
+            notes.append(f"measured in onnxruntime, {fastest.key} ({measured[fastest.key] * 1e6:.0f} us) beat the "
+                         f"cost model's pick {best.key} ({measured.get(best.key, math.nan) * 1e6:.0f} us)"
+                         if best.key in measured else f"measured fastest: {fastest.key}")
+        if fastest.key == base.key and base.config != best.config:
+            notes.append("no compressed candidate ran faster than the losslessly cleaned model: it is kept")
+        best = fastest
+    chosen = runs.results[best.key] if best is not None else None
+    key = chosen.key if chosen is not None else base.key
+    return chosen, Model.from_proto(protos[key], copy_proto=False), notes
+
+
+def _measure_latencies(protos: dict[str, onnx.ModelProto], feeds: dict[str, Any],
+                       input_shapes: dict[str, list[int]]) -> dict[str, float]:
+    """Median latency of each model on one sample, over ``LATENCY_ROUNDS`` rounds that alternate the models
+    (so that a burst of load on this machine hits them all alike)."""
+    from nnopt.cost.timing import measure_latency
+
+    rounds: dict[str, list[float]] = {key: [] for key in protos}
+    for _ in range(LATENCY_ROUNDS):
+        for key, proto in protos.items():
+            timing = measure_latency(proto, feeds, runs=LATENCY_RUNS, input_shapes=input_shapes)
+            rounds[key].append(float(timing["median_s"]))
+    return {key: sorted(values)[len(values) // 2] for key, values in rounds.items()}
 
 
 def _decisions(space: SearchSpace, config: Configuration, outcome: Outcome) -> list[dict[str, Any]]:
