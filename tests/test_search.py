@@ -172,8 +172,11 @@ def _fake_results(model: dict[str, tuple[float, float]]) -> Any:
         for config in configs:
             drop = sum(model[f"{k}={v}"][0] for k, v in config.items())
             size = 1000 - sum(model[f"{k}={v}"][1] for k, v in config.items())
+            # The quantize pass's SQNR per int8 layer: lower where the layer costs more.
+            layers = {k.rsplit("/", 1)[0]: {"own_sqnr_db": 40.0 - 1000 * model[f"{k}={v}"][0]}
+                      for k, v in config.items() if v == "int8"}
             out.append(CandidateResult(config_key(config), config, 1.0 - drop, drop, size_bytes=int(size),
-                                       distortion=drop))
+                                       distortion=drop, extra={"layers": layers}))
         return out
 
     run.calls = calls  # type: ignore[attr-defined]
@@ -214,6 +217,8 @@ def test_level1_reverts_the_most_harmful_layers_first() -> None:
     outcome = level1(space, run, max_drop=0.01, objective="size")
     assert outcome.best is not None
     assert outcome.best.config == {"l0/weights": "int8", "l2/weights": "int8"}  # l1 then l3 reverted
+    # All int8 and the float model, then one round of probes (1, 2 and 3 layers reverted): 5 candidates.
+    assert [len(c) for c in run.calls] == [2, 3]
     assert best_of([outcome.best], 0.01, "size") == outcome.best
 
 

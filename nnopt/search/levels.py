@@ -61,25 +61,40 @@ def level1(space: SearchSpace, run: Run, *, max_drop: float, objective: str,
     params = [name for name in space.params if name.endswith("/weights")]
     everything = {name: "int8" for name in params}
     base, whole = run([{}, everything])
-    if whole.feasible(max_drop) or not params:
-        return Outcome(whole if whole.feasible(max_drop) else base)
-    singles = dict(zip(params, run([{name: "int8"} for name in params])))
-    harm = {name: (r.distortion if not r.failed and r.distortion is not None else float("inf"))
-            for name, r in singles.items()}
-    order = sorted(params, key=lambda name: (-harm[name], name))
-    current = dict(everything)
+    if whole.feasible(max_drop) or not params or whole.failed:
+        return Outcome(whole if whole.feasible(max_drop) else base, {n: {"int8": whole} for n in params})
+    order = harm_order(whole, params)
+    # Reverting the k most harmful layers: the smallest k that holds the drop, found with batches of probes.
+    low, high = 0, len(order)  # reverting `high` layers (all) is the float model: known to hold
     tried: list[CandidateResult] = [whole]
-    for name in order[:-1]:
-        if _expired(deadline):
-            break
-        del current[name]
-        (result,) = run([dict(current)])
-        tried.append(result)
-        if result.feasible(max_drop):
-            break
+    while high - low > 1 and not _expired(deadline):
+        probes = [k for k in _probe_points(low, high - 1) if k > low]
+        results = run([{name: "int8" for name in order[k:]} for k in probes])
+        tried += results
+        for k, result in zip(probes, results):
+            if result.feasible(max_drop):
+                high = min(high, k)
+                break
+            low = max(low, k)
     best = best_of(tried, max_drop, objective)
-    notes = [] if best is not None else ["no int8 configuration stayed within the drop: the float model is kept"]
-    return Outcome(best or base, {name: {"int8": r} for name, r in singles.items()}, notes)
+    notes = [f"int8 layers reverted to float, most harmful first: {', '.join(n.rsplit('/', 1)[0] for n in order[:high])}"
+             ] if best is not None and high < len(order) else []
+    if best is None:
+        notes.append("no int8 configuration stayed within the drop: the float model is kept")
+    return Outcome(best or base, {n: {"int8": whole} for n in params}, notes)
+
+
+def harm_order(quantized: CandidateResult, params: list[str]) -> list[str]:
+    """``LAYER/weights`` parameters, the most harmful int8 layer first: lowest own SQNR (the noise the layer
+    adds itself), else the lowest SQNR of its output, as the quantize pass measured them on the data."""
+    layers = quantized.extra.get("layers", {})
+
+    def sqnr(name: str) -> float:
+        figures = layers.get(name.rsplit("/", 1)[0], {})
+        value = figures.get("own_sqnr_db", figures.get("sqnr_db"))
+        return float(value) if value is not None else float("inf")
+
+    return sorted(params, key=lambda name: (sqnr(name), name))
 
 
 def level2(space: SearchSpace, run: Run, *, max_drop: float, objective: str,
