@@ -293,3 +293,38 @@ def test_level_needs_data(digits_files: dict[str, Path], tmp_path: Path, capsys:
     code = main(["optimize", str(digits_files["model"]), "-o", str(tmp_path / "o.onnx"), "--level", "1"])
     assert code == 2 and "--level needs --data" in capsys.readouterr().err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_strict_search_with_nothing_within_the_drop_exits_3(digits_files: dict[str, Path], tmp_path: Path,
+                                                            capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A metric that only the original's exact outputs pass: the first outputs it sees are the original's
+    # (the baseline); folding BatchNorm already moves the last bits, so no candidate, not even the cleaned
+    # float model, stays within the drop.
+    seen: list[np.ndarray] = []
+
+    def exact(outputs: dict[str, np.ndarray], data: dict[str, np.ndarray]) -> float:
+        if not seen:
+            seen.append(outputs["logits"])
+        return float(np.array_equal(outputs["logits"], seen[0]))
+
+    module = types.ModuleType("exact_metric_module")
+    module.exact = exact  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "exact_metric_module", module)
+    out = tmp_path / "o.onnx"
+    code = main(["optimize", str(digits_files["model"]), "-o", str(out), "--level", "1", "--data",
+                 str(digits_files["calib"]), "--eval", str(digits_files["eval"]), "--metric", "exact_metric_module:exact",
+                 "--max-drop", "0.5", "--strict", "--workers", "1", "--no-plugins"])
+    err = capsys.readouterr().err
+    assert code == 3 and "no candidate stayed within --max-drop 0.5: the closest" in err
+    assert "dropped 1.0000" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_python_api_compress(digits_files: dict[str, Path]) -> None:
+    import nnopt
+
+    model, report = nnopt.compress(digits_files["model"], data=digits_files["calib"], eval_data=digits_files["eval"],
+                                   level=1, max_drop=0.01, metric="top1", workers=1, load_plugins=False)
+    chosen = {c["key"]: c for c in report["candidates"]}[report["chosen"]]
+    assert chosen["drop"] <= 0.01 and model.to_proto().ByteSize() == chosen["size_bytes"]
+    assert _accuracy(model.to_proto(), digits_files["test"]) >= 0.97

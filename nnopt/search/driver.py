@@ -173,8 +173,21 @@ def search(model: Model | onnx.ModelProto | str | os.PathLike[str], *, data: str
         "executor": getattr(executor, "name", type(executor).__name__), "seed": settings.seed,
     }
     if chosen is None and settings.strict:
-        raise SearchFailed("no candidate stayed within --max-drop", report)
+        closest = closest_of(results)
+        what = (f"the closest, {closest.key}, dropped {closest.drop:.4f} ({closest.size_bytes:,} bytes)"
+                if closest is not None and closest.drop is not None else "every candidate failed")
+        raise SearchFailed(f"no candidate stayed within --max-drop {settings.max_drop}: {what}", report)
     return model_out, report
+
+
+def compress(model: Model | onnx.ModelProto | str | os.PathLike[str], *, data: str | os.PathLike[str],
+             level: int = 2, max_drop: float = 0.01, eval_data: str | os.PathLike[str] | None = None,
+             log: Log | None = None, **settings: Any) -> tuple[Model, dict[str, Any]]:
+    """The search in one call: ``nnopt.compress("m.onnx", data="calib.npz", eval_data="eval.npz", level=2,
+    max_drop=0.01, metric="top1")`` returns the chosen model and the report (``SearchSettings`` names the
+    other keyword arguments: objective, time_budget, workers, ray_address, study, seed, strict, ...)."""
+    return search(model, data=data, eval_data=eval_data, log=log,
+                  settings=SearchSettings(level=level, max_drop=max_drop, **settings))
 
 
 class SearchFailed(InputError):
