@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from nnopt.search.candidate import CandidateResult, Configuration
 from nnopt.search.space import SearchSpace
 
@@ -26,6 +28,8 @@ Run = Callable[[list[Configuration]], list[CandidateResult]]
 #: Candidates evaluated together in the threshold search: fixed, not the worker count, so that the
 #: sequence of candidates is the same on one worker or many.
 PROBES_PER_ROUND = 4
+#: Single choices measured per round of level 2's sensitivity phase (the deadline is checked between rounds).
+SINGLES_PER_ROUND = 8
 
 
 @dataclass
@@ -99,21 +103,28 @@ def harm_order(quantized: CandidateResult, params: list[str]) -> list[str]:
 
 def level2(space: SearchSpace, run: Run, *, max_drop: float, objective: str,
            deadline: float | None = None) -> Outcome:
-    """Per-layer sensitivity of every choice, then the largest damage threshold whose combination holds."""
-    singles = [(name, value) for name, choices in space.params.items() if name != "distill"
-               for value in choices[1:]]
-    base, *measured = run([{}] + [{name: value} for name, value in singles])
+    """Uniform settings first, then per-layer sensitivity of every choice, then the largest damage threshold
+    whose combination holds the drop."""
+    base, *uniform = run([{}] + uniform_configs(space))
+    tried = [base] + uniform
     sensitivities: dict[str, dict[Any, CandidateResult]] = {}
-    for (name, value), result in zip(singles, measured):
-        sensitivities.setdefault(name, {})[value] = result
+    singles = single_choices(space)
+    notes: list[str] = []
+    for start in range(0, len(singles), SINGLES_PER_ROUND):
+        if _expired(deadline):
+            notes.append(f"time budget reached: {start} of {len(singles)} single choices measured (the largest "
+                         "layers first); the others were not tried")
+            break
+        chunk = singles[start:start + SINGLES_PER_ROUND]
+        for (name, value), result in zip(chunk, run([{name: value} for name, value in chunk])):
+            sensitivities.setdefault(name, {})[value] = result
+            tried.append(result)
     options = _useful_choices(base, sensitivities, max_drop, objective)
     thresholds = sorted({damage for choices in options.values() for _, damage, _ in choices})
-    tried = [base] + [r for r in measured if r.feasible(max_drop)]
     low, high = -1, len(thresholds) - 1  # thresholds[low] is known feasible (-1: nothing changed)
     while low < high and not _expired(deadline):
         probes = _probe_points(low, high)
-        configs = [_combine(options, thresholds[i]) for i in probes]
-        results = run(configs)
+        results = run([_combine(options, thresholds[i]) for i in probes])
         tried += results
         for index, result in zip(probes, results):
             if result.feasible(max_drop):
@@ -122,7 +133,29 @@ def level2(space: SearchSpace, run: Run, *, max_drop: float, objective: str,
                 high = min(high, index - 1)
                 break
     best = best_of(tried, max_drop, objective)
-    return Outcome(best or base, sensitivities)
+    return Outcome(best or base, sensitivities, notes)
+
+
+def uniform_configs(space: SearchSpace) -> list[Configuration]:
+    """One candidate per (technique, choice) applied to every layer that has the parameter: cheap, and a
+    good answer on models with many similar layers."""
+    by_technique: dict[str, list[str]] = {}
+    for name in space.params:
+        if "/" in name:
+            by_technique.setdefault(name.rsplit("/", 1)[1], []).append(name)
+    configs = []
+    for names in by_technique.values():
+        values = list(dict.fromkeys(v for name in names for v in space.params[name][1:]))
+        configs += [{name: value for name in names if value in space.params[name]} for value in values]
+    return configs
+
+
+def single_choices(space: SearchSpace) -> list[tuple[str, Any]]:
+    """Every (parameter, choice) other than "no change", the largest layers first (they save the most)."""
+    size = {layer.name: int(np.prod(layer.weight_shape)) for layer in space.layers}
+    names = [n for n in space.params if n != "distill"]
+    names.sort(key=lambda n: (-size.get(n.rsplit("/", 1)[0], 0), n))
+    return [(name, value) for name in names for value in space.params[name][1:]]
 
 
 def _useful_choices(base: CandidateResult, sensitivities: dict[str, dict[Any, CandidateResult]],
