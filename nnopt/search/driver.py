@@ -148,7 +148,8 @@ def search(model: Model | onnx.ModelProto | str | os.PathLike[str], *, data: str
     started = time.monotonic()
     budget = settings.time_budget or (DEFAULT_TIME_BUDGET_S if settings.level == 3 else None)
     deadline = started + budget * (1 - FINISH_RESERVE) if budget is not None else None
-    original = load_model(model).to_proto() if not isinstance(model, onnx.ModelProto) else model
+    original = (model.to_proto() if isinstance(model, Model) else
+                model if isinstance(model, onnx.ModelProto) else load_model(model).to_proto())
     shared, notes = _prepare(original, data, eval_data, settings, log)
     if executor is None:
         executor = _make_executor(settings)
@@ -167,7 +168,7 @@ def search(model: Model | onnx.ModelProto | str | os.PathLike[str], *, data: str
         "max_drop": settings.max_drop, "objective": settings.objective, "baseline_metric": shared.baseline,
         "eval_data": notes[0], "notes": notes[1:] + outcome.notes + finish_notes,
         "candidates": [r.to_dict() for r in results], "chosen": chosen.key if chosen else None,
-        "closest": (closest_of(results).key if chosen is None and closest_of(results) else None),
+        "closest": _key(closest_of(results)) if chosen is None else None,
         "decisions": _decisions(shared.space, final_config, outcome),
         "evaluations": runs.evaluated, "seconds": time.monotonic() - started,
         "executor": getattr(executor, "name", type(executor).__name__), "seed": settings.seed,
@@ -188,6 +189,10 @@ def compress(model: Model | onnx.ModelProto | str | os.PathLike[str], *, data: s
     other keyword arguments: objective, time_budget, workers, ray_address, study, seed, strict, ...)."""
     return search(model, data=data, eval_data=eval_data, log=log,
                   settings=SearchSettings(level=level, max_drop=max_drop, **settings))
+
+
+def _key(result: CandidateResult | None) -> str | None:
+    return result.key if result is not None else None
 
 
 class SearchFailed(InputError):

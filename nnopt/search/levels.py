@@ -81,11 +81,16 @@ def level1(space: SearchSpace, run: Run, *, max_drop: float, objective: str,
                 break
             low = max(low, k)
     best = best_of(tried, max_drop, objective)
-    notes = [f"int8 layers reverted to float, most harmful first: {', '.join(n.rsplit('/', 1)[0] for n in order[:high])}"
-             ] if best is not None and high < len(order) else []
+    notes = [f"{high} of {len(order)} int8 layers reverted to float, most harmful first: {_names(order[:high])}"
+             ] if best is not None and 0 < high < len(order) else []
     if best is None:
         notes.append("no int8 configuration stayed within the drop: the float model is kept")
     return Outcome(best or base, {n: {"int8": whole} for n in params}, notes)
+
+
+def _names(params: list[str], shown: int = 8) -> str:
+    names = [name.rsplit("/", 1)[0] for name in params]
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def harm_order(quantized: CandidateResult, params: list[str]) -> list[str]:
