@@ -73,8 +73,15 @@ def decisions(config: Configuration, sensitivity: Mapping[str, float | None] | N
 
 
 #: The objective's unit on the plot and in the summary: (label, divisor of the raw value, unit).
-_UNITS = {"size": ("file size", 1e3, "kB"), "latency": ("estimated latency", 1e-3, "ms"),
-          "flops": ("FLOPs", 1e6, "MFLOP")}
+_UNITS = {"size": ("file size", 1e3, "kB"), "latency": ("latency", 1e-3, "ms"), "flops": ("FLOPs", 1e6, "MFLOP")}
+
+
+def _quantity(name: str, value: float) -> str:
+    """A size, latency or FLOP count in the unit that reads best: ``30 B``, ``12.3 kB``, ``1.52 ms``, ``4 MFLOP``."""
+    steps = {"size": [(1e6, "MB"), (1e3, "kB"), (1.0, "B")], "latency": [(1.0, "s"), (1e-3, "ms"), (1e-6, "us")],
+             "flops": [(1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "kFLOP"), (1.0, "FLOP")]}[name]
+    scale, unit = next(((scale, unit) for scale, unit in steps if abs(value) >= scale), steps[-1])
+    return f"{value / scale:.3g} {unit}"
 
 
 @dataclass
@@ -177,8 +184,8 @@ class SearchReport:
             lines.append("no candidate could be evaluated")
         else:
             verdict = "chosen" if self.meets_constraint else f"no candidate within the drop of {self.max_drop:g}; the closest"
-            lines.append(f"{verdict}: {chosen.key}: {self.metric} {chosen.metric:.4f} (drop {chosen.drop:.4f}), "
-                         + ", ".join(self._measures(chosen)))
+            measures = "".join(f", {part}" for part in self._measures(chosen))
+            lines.append(f"{verdict}: {chosen.key}: {self.metric} {chosen.metric:.4f} (drop {chosen.drop:.4f}){measures}")
         for row in self.decisions:
             sensitivity = f" (sensitivity {row['sensitivity']:.3g})" if row["sensitivity"] is not None else ""
             what = f"{row['technique']} {row['choice']}" if row["technique"] else f"{row['choice']}"
@@ -188,13 +195,13 @@ class SearchReport:
 
     def _measures(self, result: CandidateResult) -> list[str]:
         parts = []
-        for name, (label, scale, unit) in _UNITS.items():
+        for name, (label, _, _) in _UNITS.items():
             value = result.objective(name)
             if not math.isfinite(value):
                 continue
             base = self.original.get(name)
             ratio = f" ({value / base:.3f}x the original)" if base else ""
-            parts.append(f"{label} {value / scale:.4g} {unit}{ratio}")
+            parts.append(f"{label} {_quantity(name, value)}{ratio}")
         return parts
 
 
