@@ -210,6 +210,9 @@ def test_results_in_another_order_are_refused():
         _search(lambda configs: [_result(c) for c in reversed(configs)], max_trials=8)
     with pytest.raises(ValueError, match="objective"):
         _search(objective="accuracy", max_trials=1)
+    with pytest.raises(ValueError, match="a choice given twice"):
+        joint_search({"a/bits": (8, 4, 8)}, lambda configs: [], objective="size", max_drop=0.01, seed=0,
+                     deadline=time.monotonic() + 1)
 
 
 def test_progress_is_reported_and_optuna_stays_quiet(capfd, recwarn):

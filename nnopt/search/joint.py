@@ -152,6 +152,8 @@ def _check_arguments(params: dict[str, tuple[Any, ...]], objective: str, sampler
     for name, choices in params.items():
         if len(choices) == 0:
             raise ValueError(f"parameter {name!r}: no choices")
+        if any(_same(a, b) for i, a in enumerate(choices) for b in choices[i + 1:]):
+            raise ValueError(f"parameter {name!r}: a choice given twice in {choices}")
 
 
 def _check_results(configs: list[Configuration], results: list[CandidateResult]) -> None:
