@@ -94,7 +94,9 @@ def joint_search(
         seed: seeds the sampler.
         deadline: a ``time.monotonic()`` value; no round starts after it (a round started before it runs to
             its end, so the search overshoots by at most one round).
-        sampler: "tpe" or "nsga2".
+        sampler: "tpe" or "nsga2". TPE aims at the one smallest model within the drop; NSGA-II spreads over
+            the Pareto front (on the synthetic problem, 300 trials: NSGA-II covered 0.95 of the true front's
+            hypervolume, TPE 0.80; TPE found the optimum, NSGA-II came within 1.1x on 7 seeds of 10).
         batch_size: new configurations per round. Fixed by the caller, not the number of workers, so that the
             sequence is the same on any executor.
         start: configurations evaluated first (e.g. level 2's best), in order.
@@ -104,8 +106,9 @@ def joint_search(
         on_result: called with each new result as it is told (progress).
         ordinal: the choices of every parameter are in order, from "no change" to the most aggressive, and the
             sampler sees a parameter as the index of its choice (an integer), so that it learns "about the 3rd
-            choice" from the neighbours of the 3rd; with False, unordered categories. On a synthetic 6-layer
-            problem, TPE reached the exact optimum within 300 trials on 10/10 seeds ordinal, 5/10 categorical.
+            choice" from the neighbours of the 3rd; with False, unordered categories. On a synthetic problem
+            (6 layers x 6 bit widths), TPE reached the exact optimum within 200 trials on 10 seeds of 10
+            ordinal, on 4 of 10 categorical.
 
     Returns:
         The results of the configurations evaluated, each once, in the order they were told.
