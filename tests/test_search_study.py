@@ -59,26 +59,6 @@ def test_adding_a_key_again_replaces_its_result_in_place(tmp_path):
     assert again.results() == [measured, second]
 
 
-def _count_evaluations(study: Study, stop_after: int | None = None):
-    """An evaluate_batch that looks in the study first and counts what it really evaluates."""
-    calls: list[str] = []
-
-    def evaluate(configs):
-        out = []
-        for config in configs:
-            cached = study.get(config_key(config))
-            if cached is None:
-                if stop_after is not None and len(calls) == stop_after:
-                    raise KeyboardInterrupt  # the run is killed here
-                calls.append(config_key(config))
-                cached = _synthetic(config)
-                study.add(cached)
-            out.append(cached)
-        return out
-
-    return evaluate, calls
-
-
 def _synthetic(config: Configuration) -> CandidateResult:
     drop = sum(0.004 * (i + 1) * config.get(f"l{i}/prune", 0.0) for i in range(4))
     size = 1000 + sum(500 * (1 - config.get(f"l{i}/prune", 0.0)) for i in range(4))
@@ -90,26 +70,33 @@ def test_an_interrupted_search_resumes_without_evaluating_anything_twice(tmp_pat
     from nnopt.search.joint import joint_search
 
     params = {f"l{i}/prune": (0.0, 0.25, 0.5, 0.75) for i in range(4)}
+    evaluated: list[str] = []
 
-    def search(evaluate):
-        return joint_search(params, evaluate, objective="size", max_drop=0.01, seed=0,
-                            deadline=time.monotonic() + 60, max_trials=24)
+    def evaluate(configs, stop_after=None):
+        for config in configs:
+            if len(evaluated) == stop_after:
+                raise KeyboardInterrupt  # the run is killed here, in the middle of its 4th batch of 4
+            evaluated.append(config_key(config))
+        return [_synthetic(c) for c in configs]
+
+    def search(study, stop_after=None):
+        return joint_search(params, study.cached(lambda configs: evaluate(configs, stop_after)), objective="size",
+                            max_drop=0.01, seed=0, deadline=time.monotonic() + 60, max_trials=24)
 
     folder = tmp_path / "study"
-    evaluate, calls = _count_evaluations(Study.open(folder, FINGERPRINT), stop_after=13)
     with pytest.raises(KeyboardInterrupt):
-        search(evaluate)
-    assert len(calls) == 13
-    # Reopened: the 13 kept are not evaluated again; the run asks the same sequence and finishes it.
-    evaluate, calls = _count_evaluations(Study.open(folder, FINGERPRINT))
-    resumed = search(evaluate)
-    assert len(calls) == 24 - 13
+        search(Study.open(folder, FINGERPRINT), stop_after=13)
+    assert len(evaluated) == 13 and len(Study.open(folder, FINGERPRINT)) == 12  # the batch killed is lost
+    # Reopened: the 12 kept are not evaluated again; the run asks the same sequence and finishes it.
+    evaluated.clear()
+    resumed = search(study := Study.open(folder, FINGERPRINT))
+    assert len(evaluated) == study.evaluations == 24 - 12
+    assert not set(evaluated) & {r.key for r in resumed[:12]}
     # Repeated: nothing evaluated, the same answer as an uninterrupted run.
-    evaluate, calls = _count_evaluations(Study.open(folder, FINGERPRINT))
-    repeated = search(evaluate)
-    assert calls == []
-    fresh, _ = _count_evaluations(Study.open(None, FINGERPRINT))
-    assert [r.key for r in repeated] == [r.key for r in resumed] == [r.key for r in search(fresh)]
+    evaluated.clear()
+    repeated = search(Study.open(folder, FINGERPRINT))
+    assert evaluated == []
+    assert [r.key for r in repeated] == [r.key for r in resumed] == [r.key for r in search(Study(None, FINGERPRINT))]
     assert len(Study.open(folder, FINGERPRINT)) == 24
 
 
@@ -199,3 +186,23 @@ def test_a_study_in_memory_keeps_results_and_models_but_writes_nothing(tmp_path,
     study.remove_models(keep=[])
     assert study.model_bytes(key) is None
     assert os.listdir(tmp_path) == []
+
+
+def test_cached_evaluates_only_what_the_study_lacks_in_one_call_per_batch(tmp_path):
+    calls: list[list[str]] = []
+
+    def evaluate(configs):
+        calls.append([config_key(c) for c in configs])
+        return [_synthetic(c) for c in configs]
+
+    study = Study.open(tmp_path / "s", FINGERPRINT)
+    evaluate_cached = study.cached(evaluate)
+    a, b, c = {"l0/prune": 0.25}, {"l1/prune": 0.5}, {}
+    assert evaluate_cached([a, b]) == [_synthetic(a), _synthetic(b)]
+    assert evaluate_cached([b, c, a, c]) == [_synthetic(b), _synthetic(c), _synthetic(a), _synthetic(c)]
+    assert calls == [[config_key(a), config_key(b)], [config_key(c)]] and study.evaluations == 3
+    again = Study.open(tmp_path / "s", FINGERPRINT)
+    assert again.cached(evaluate)([c, b, a]) == [_synthetic(c), _synthetic(b), _synthetic(a)]
+    assert len(calls) == 2 and again.evaluations == 0
+    with pytest.raises(ValueError, match="another order"):
+        again.cached(lambda configs: [_synthetic(x) for x in reversed(configs)])([{"l2/prune": 0.25}, {"l3/prune": 0.25}])

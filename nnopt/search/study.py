@@ -7,12 +7,12 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from nnopt.errors import InputError, OutputError, first_line
-from nnopt.search.candidate import CandidateResult
+from nnopt.search.candidate import CandidateResult, Configuration, config_key
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ class Study:
         self.fingerprint: dict[str, Any] = json.loads(json.dumps(dict(fingerprint), sort_keys=True, allow_nan=False))
         self._results: dict[str, CandidateResult] = {}
         self._models: dict[str, bytes] = {}  # in memory only
+        #: Candidates evaluated through ``cached`` by this process (not answered from the study).
+        self.evaluations = 0
         if self.folder is not None:
             self._open_folder(self.folder)
 
@@ -92,6 +94,29 @@ class Study:
             except OSError as exc:
                 raise OutputError(f"{path}: cannot write: {exc.strerror or first_line(exc)}") from exc
         self._results[result.key] = result
+
+    def cached(self, evaluate_batch: Callable[[list[Configuration]], list[CandidateResult]]
+               ) -> Callable[[list[Configuration]], list[CandidateResult]]:
+        """``evaluate_batch`` behind the study: what it holds is answered from it, the rest evaluated and added.
+
+        The configurations not held are evaluated in one call (each key once), so a batch keeps its parallelism;
+        their results are added when the call returns (a run killed during a batch loses that batch only).
+        Results come back in the order of the configurations.
+        """
+
+        def evaluate(configs: list[Configuration]) -> list[CandidateResult]:
+            keys = [config_key(config) for config in configs]
+            missing = {key: config for key, config in zip(keys, configs) if key not in self._results}
+            if missing:
+                results = evaluate_batch(list(missing.values()))
+                if [r.key for r in results] != list(missing):
+                    raise ValueError("evaluate_batch returned results of other configurations, or in another order")
+                for result in results:
+                    self.add(result)
+                self.evaluations += len(results)
+            return [self._results[key] for key in keys]
+
+        return evaluate
 
     # ----------------------------------------------------------------------------------------------- models
 
