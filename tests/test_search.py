@@ -254,6 +254,10 @@ def test_level1_on_the_digits_cnn_stays_within_the_drop_on_unseen_images(digits_
     assert out.stat().st_size < 0.3 * digits_files["model"].stat().st_size
     assert _accuracy(result, digits_files["test"]) >= _accuracy(original, digits_files["test"]) - 0.01
     assert chosen["measured_latency_s"] > 0 and rep["evaluations"] == 2
+    assert rep["front"] and rep["meets_constraint"] and rep["original"]["size"] == digits_files["model"].stat().st_size
+    png = report.with_suffix(".png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l1.json", "l1.onnx", "l1.png"]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -325,6 +329,7 @@ def test_python_api_compress(digits_files: dict[str, Path]) -> None:
 
     model, report = nnopt.compress(digits_files["model"], data=digits_files["calib"], eval_data=digits_files["eval"],
                                    level=1, max_drop=0.01, metric="top1", workers=1, load_plugins=False)
-    chosen = {c["key"]: c for c in report["candidates"]}[report["chosen"]]
-    assert chosen["drop"] <= 0.01 and model.to_proto().ByteSize() == chosen["size_bytes"]
+    chosen = report.candidate(report.chosen)
+    assert report.meets_constraint and chosen is not None and chosen.drop is not None and chosen.drop <= 0.01
+    assert model.to_proto().ByteSize() == chosen.size_bytes
     assert _accuracy(model.to_proto(), digits_files["test"]) >= 0.97

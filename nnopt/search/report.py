@@ -187,6 +187,8 @@ class SearchReport:
             measures = "".join(f", {part}" for part in self._measures(chosen))
             lines.append(f"{verdict}: {chosen.key}: {self.metric} {chosen.metric:.4f} (drop {chosen.drop:.4f}){measures}")
         for row in self.decisions:
+            if not row.get("changed", True):  # the search's rows say which choices left the layer as it was
+                continue
             sensitivity = f" (sensitivity {row['sensitivity']:.3g})" if row["sensitivity"] is not None else ""
             what = f"{row['technique']} {row['choice']}" if row["technique"] else f"{row['choice']}"
             lines.append(f"  {row['layer']}: {what}{sensitivity}")
