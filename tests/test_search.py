@@ -333,3 +333,26 @@ def test_python_api_compress(digits_files: dict[str, Path]) -> None:
     assert report.meets_constraint and chosen is not None and chosen.drop is not None and chosen.drop <= 0.01
     assert model.to_proto().ByteSize() == chosen.size_bytes
     assert _accuracy(model.to_proto(), digits_files["test"]) >= 0.97
+
+
+def test_flips_that_cancel_out_are_not_taken_for_no_change() -> None:
+    from nnopt.search.evaluate import DROP_MARGIN_Z, drop_margin
+    from nnopt.search.space import SearchSpace
+
+    labels = np.arange(400) % 4
+    reference = {"y": np.eye(4)[labels]}  # the original is right on every sample
+    wrong = labels.copy()
+    wrong[:8] = (wrong[:8] + 1) % 4  # 8 samples flip to a wrong class ...
+    shared = SharedInputs(b"", b"", [], {"labels": labels}, reference, SearchSpace((), {}), "top1", "labels", 1.0,
+                          "absolute", 0)
+    metric = resolve_metric("top1")
+    flipped = {"y": np.eye(4)[wrong]}
+    margin = drop_margin(metric, flipped, shared)
+    # d_i = 1 on 8 of 400 samples: std 0.140, standard error 0.0070.
+    assert margin == pytest.approx(DROP_MARGIN_Z * np.std(np.r_[np.ones(8), np.zeros(392)], ddof=1) / 20)
+    assert drop_margin(metric, reference, shared) == 0.0  # no change, no margin
+    assert drop_margin(resolve_metric("agreement"), flipped, shared) == pytest.approx(margin)
+    # A candidate at drop 0.005 with that margin is outside a max drop of 0.01; without flips it is inside.
+    result = CandidateResult("k", {}, 0.995, 0.005, extra={"drop_bound": 0.005 + margin})
+    assert result.drop_bound == pytest.approx(0.0120, abs=1e-4) and not result.feasible(0.01)
+    assert CandidateResult("k", {}, 0.995, 0.005).feasible(0.01)

@@ -270,7 +270,8 @@ class _JointRun:
         if result.failed or result.drop is None or not math.isfinite(value):
             return [FAILED_VIOLATION, _FAILED_LOG_OBJECTIVE][-self.n_objectives:], FAILED_VIOLATION
         log_value = math.log(max(value, 1e-300))
-        return [result.drop, log_value][-self.n_objectives:], result.drop - self.max_drop
+        bound = result.drop_bound if result.drop_bound is not None else result.drop
+        return [result.drop, log_value][-self.n_objectives:], bound - self.max_drop
 
     def tell(self, trial: Any, result: CandidateResult) -> None:
         values, violation = self.told(result)

@@ -38,6 +38,9 @@ class Metric:
     name: str
     function: Callable[[Arrays, Arrays, Arrays], float]
     labels_key: str | None = None
+    #: ``(outputs, data, reference) -> one score per sample`` whose mean is the metric, when it is such a
+    #: mean (the built-ins): the search's sampling margin on the drop comes from it. None for custom metrics.
+    per_sample: Callable[[Arrays, Arrays, Arrays], np.ndarray] | None = None
 
     def score(self, outputs: Arrays, data: Arrays, reference: Arrays) -> float:
         """The metric's value; a non-finite value or a non-number is a ``ValueError``."""
@@ -70,23 +73,23 @@ def looks_like_class_scores(outputs: Arrays) -> bool:
     )
 
 
-def _top1(labels_key: str) -> Callable[[Arrays, Arrays, Arrays], float]:
-    def top1(outputs: Arrays, data: Arrays, reference: Arrays) -> float:
+def _top1_samples(labels_key: str) -> Callable[[Arrays, Arrays, Arrays], np.ndarray]:
+    def top1(outputs: Arrays, data: Arrays, reference: Arrays) -> np.ndarray:
         predicted = class_scores(first_output(outputs)).argmax(axis=1)
-        return float((predicted == np.asarray(data[labels_key]).reshape(-1)).mean())
+        return (predicted == np.asarray(data[labels_key]).reshape(-1)).astype(np.float64)
 
     return top1
 
 
-def _agreement(outputs: Arrays, data: Arrays, reference: Arrays) -> float:
-    """Fraction of samples whose top-1 class is the original model's."""
+def _agreement_samples(outputs: Arrays, data: Arrays, reference: Arrays) -> np.ndarray:
+    """Per sample: 1 where its top-1 class is the original model's."""
     got = class_scores(first_output(outputs)).argmax(axis=1)
     want = class_scores(first_output(reference)).argmax(axis=1)
-    return float((got == want).mean())
+    return (got == want).astype(np.float64)
 
 
-def _cosine(outputs: Arrays, data: Arrays, reference: Arrays) -> float:
-    """Mean over samples and outputs of the cosine similarity to the original's outputs (1 = same direction)."""
+def _cosine_samples(outputs: Arrays, data: Arrays, reference: Arrays) -> np.ndarray:
+    """Per sample and output: the cosine similarity to the original's outputs (1 = same direction)."""
     values = []
     for name, ref in reference.items():
         a = np.asarray(outputs[name], dtype=np.float64).reshape(len(ref), -1)
@@ -95,7 +98,20 @@ def _cosine(outputs: Arrays, data: Arrays, reference: Arrays) -> float:
         same = np.all(a == b, axis=1)  # zero vectors equal to the reference count as identical
         cos = np.where(norms > 0, (a * b).sum(axis=1) / np.where(norms > 0, norms, 1), 0.0)
         values.append(np.where(same, 1.0, cos))
-    return float(np.mean(np.concatenate(values))) if values else 1.0
+    return np.mean(values, axis=0) if values else np.ones(0)
+
+
+def _mean_of(per_sample: Callable[[Arrays, Arrays, Arrays], np.ndarray]) -> Callable[[Arrays, Arrays, Arrays], float]:
+    def mean(outputs: Arrays, data: Arrays, reference: Arrays) -> float:
+        values = per_sample(outputs, data, reference)
+        return float(values.mean()) if values.size else 1.0
+
+    return mean
+
+
+def _cosine(outputs: Arrays, data: Arrays, reference: Arrays) -> float:
+    """Mean over samples and outputs of the cosine similarity to the original's outputs."""
+    return _mean_of(_cosine_samples)(outputs, data, reference)
 
 
 def _user(name: str, function: MetricFunction) -> Callable[[Arrays, Arrays, Arrays], float]:
@@ -106,11 +122,11 @@ def _user(name: str, function: MetricFunction) -> Callable[[Arrays, Arrays, Arra
     return call
 
 
-#: The built-in metrics: name -> (function, needs labels).
-BUILTIN_METRICS: dict[str, tuple[Callable[[Arrays, Arrays, Arrays], float] | None, bool]] = {
+#: The built-in metrics: name -> (per-sample scores, needs labels).
+BUILTIN_METRICS: dict[str, tuple[Callable[[Arrays, Arrays, Arrays], np.ndarray] | None, bool]] = {
     "top1": (None, True),  # built per labels key
-    "agreement": (_agreement, False),
-    "cosine": (_cosine, False),
+    "agreement": (_agreement_samples, False),
+    "cosine": (_cosine_samples, False),
 }
 
 
@@ -126,11 +142,11 @@ def resolve_metric(spec: str | None, *, plugin_metrics: Mapping[str, MetricFunct
             raise InputError("no metric given and no outputs to choose one from")
         spec = "agreement" if looks_like_class_scores(reference) else "cosine"
     if spec in BUILTIN_METRICS:
-        function, needs_labels = BUILTIN_METRICS[spec]
+        per_sample, needs_labels = BUILTIN_METRICS[spec]
         if needs_labels:
-            return Metric(spec, _top1(labels_key), labels_key)
-        assert function is not None
-        return Metric(spec, function)
+            per_sample = _top1_samples(labels_key)
+        assert per_sample is not None
+        return Metric(spec, _mean_of(per_sample), labels_key if needs_labels else None, per_sample)
     plugin_metrics = plugin_metrics or {}
     if spec in plugin_metrics:
         return Metric(spec, _user(spec, plugin_metrics[spec]))
