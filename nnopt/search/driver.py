@@ -32,8 +32,10 @@ from nnopt.search.space import SearchSpace, build_space
 LEVELS = (1, 2, 3)
 OBJECTIVES = ("size", "latency", "flops")
 DROP_TYPES = ("absolute", "relative")
-#: Level 3 without --time-budget searches this long.
-DEFAULT_TIME_BUDGET_S = 600.0
+#: Without --time-budget, level 3 searches this long and level 2 stops measuring and combining after this long
+#: (the digits CNN needs 3 minutes; a 50-layer model would measure single choices for an hour). Level 1 has
+#: no default budget: it evaluates a handful of candidates.
+DEFAULT_TIME_BUDGET_S = {1: None, 2: 1800.0, 3: 600.0}
 #: Share of the time budget kept for rebuilding the chosen model and measuring latencies at the end.
 FINISH_RESERVE = 0.08
 #: Timed runs per model per round, and rounds, when the front's latencies are measured (interleaved).
@@ -147,7 +149,7 @@ def search(model: Model | onnx.ModelProto | str | os.PathLike[str], *, data: str
     within the drop, raises ``SearchFailed`` carrying the report with the closest candidate.
     """
     started = time.monotonic()
-    budget = settings.time_budget or (DEFAULT_TIME_BUDGET_S if settings.level == 3 else None)
+    budget = settings.time_budget or DEFAULT_TIME_BUDGET_S[settings.level]
     deadline = started + budget * (1 - FINISH_RESERVE) if budget is not None else None
     original = (model.to_proto() if isinstance(model, Model) else
                 model if isinstance(model, onnx.ModelProto) else load_model(model).to_proto())

@@ -30,6 +30,8 @@ Run = Callable[[list[Configuration]], list[CandidateResult]]
 PROBES_PER_ROUND = 4
 #: Single choices measured per round of level 2's sensitivity phase (the deadline is checked between rounds).
 SINGLES_PER_ROUND = 8
+#: Share of level 2's time left after the uniform candidates that measuring single choices may take.
+SENSITIVITY_SHARE = 0.7
 
 
 @dataclass
@@ -115,8 +117,11 @@ def level2(space: SearchSpace, run: Run, *, max_drop: float, objective: str,
     sensitivities: dict[str, dict[Any, CandidateResult]] = {}
     singles = single_choices(space)
     notes: list[str] = []
+    # The sensitivity phase may take most of the time, not all: the combinations are what is returned.
+    measuring_until = None if deadline is None else time.monotonic() + SENSITIVITY_SHARE * max(
+        0.0, deadline - time.monotonic())
     for start in range(0, len(singles), SINGLES_PER_ROUND):
-        if _expired(deadline):
+        if _expired(measuring_until):
             notes.append(f"time budget reached: {start} of {len(singles)} single choices measured (the largest "
                          "layers first); the others were not tried")
             break
