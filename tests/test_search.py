@@ -271,6 +271,8 @@ def test_level1_on_the_digits_cnn_stays_within_the_drop_on_unseen_images(digits_
     (["--eval", "{eval}"], "belongs to the automatic search"),
     (["--max-drop", "0.01"], "belongs to the automatic search"),
     (["--level", "4"], "invalid choice"),
+    (["--level", "1", "--ray", "127.0.0.1:9"], "cannot reach a Ray cluster at 127.0.0.1:9"),
+    (["--level", "1", "--workers", "0"], "expected a positive integer"),
 ])
 def test_bad_search_input_is_one_line_exit_2_and_nothing_written(
         digits_files: dict[str, Path], tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch,

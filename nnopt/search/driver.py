@@ -153,9 +153,13 @@ def search(model: Model | onnx.ModelProto | str | os.PathLike[str], *, data: str
     deadline = started + budget * (1 - FINISH_RESERVE) if budget is not None else None
     original = (model.to_proto() if isinstance(model, Model) else
                 model if isinstance(model, onnx.ModelProto) else load_model(model).to_proto())
-    shared, notes = _prepare(original, data, eval_data, settings, log)
-    if executor is None:
+    if executor is None:  # first: an unreachable cluster fails before any work
         executor = _make_executor(settings)
+    try:
+        shared, notes = _prepare(original, data, eval_data, settings, log)
+    except BaseException:
+        executor.close()
+        raise
     study = _open_study(settings, shared, original)
     runs = Evaluations(shared, executor, study, log, deadline, settings.max_drop, settings.objective)
     try:
