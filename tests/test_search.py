@@ -358,3 +358,19 @@ def test_flips_that_cancel_out_are_not_taken_for_no_change() -> None:
     result = CandidateResult("k", {}, 0.995, 0.005, extra={"drop_bound": 0.005 + margin})
     assert result.drop_bound == pytest.approx(0.0120, abs=1e-4) and not result.feasible(0.01)
     assert CandidateResult("k", {}, 0.995, 0.005).feasible(0.01)
+
+
+def test_a_repeated_search_resumes_from_its_study(digits_files: dict[str, Path], tmp_path: Path, capsys: Any) -> None:
+    study = tmp_path / "study"
+    common = [str(digits_files["model"]), "--level", "1", "--data", str(digits_files["calib"]), "--eval",
+              str(digits_files["eval"]), "--metric", "top1", "--workers", "1", "--no-plugins", "--study", str(study)]
+    assert main(["optimize", "-o", str(tmp_path / "a.onnx"), "--report", str(tmp_path / "a.json"), *common]) == 0
+    assert main(["optimize", "-o", str(tmp_path / "b.onnx"), "--report", str(tmp_path / "b.json"), *common]) == 0
+    first, second = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert first["evaluations"] == 2 and second["evaluations"] == 0  # every candidate came from the study
+    assert first["chosen"] == second["chosen"]
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert (study / "models" / f"{first['chosen']}.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
+    # Another seed is another study: refused in one line, nothing written.
+    code = main(["optimize", "-o", str(tmp_path / "c.onnx"), *common, "--seed", "1"])
+    assert code == 2 and "seed" in capsys.readouterr().err and not (tmp_path / "c.onnx").exists()
