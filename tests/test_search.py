@@ -374,3 +374,23 @@ def test_a_repeated_search_resumes_from_its_study(digits_files: dict[str, Path],
     # Another seed is another study: refused in one line, nothing written.
     code = main(["optimize", "-o", str(tmp_path / "c.onnx"), *common, "--seed", "1"])
     assert code == 2 and "seed" in capsys.readouterr().err and not (tmp_path / "c.onnx").exists()
+
+
+@pytest.mark.slow
+def test_level3_on_the_digits_cnn_stays_within_the_drop(digits_files: dict[str, Path], tmp_path: Path) -> None:
+    # Whether it honours its time budget is measured in benchmarks/search.py, not timed here.
+    out, report = tmp_path / "l3.onnx", tmp_path / "l3.json"
+    code = main(["optimize", str(digits_files["model"]), "-o", str(out), "--level", "3", "--data",
+                 str(digits_files["calib"]), "--eval", str(digits_files["eval"]), "--metric", "top1",
+                 "--max-drop", "0.01", "--time-budget", "90", "--workers", "2", "--report", str(report), "-q"])
+    assert code == 0
+    rep = json.loads(report.read_text())
+    assert rep["level"] == 3 and rep["evaluations"] > 20
+    chosen = {c["key"]: c for c in rep["candidates"]}[rep["chosen"]]
+    assert rep["meets_constraint"] and chosen["extra"].get("drop_bound", chosen["drop"]) <= 0.01
+    # Smaller than int8 (0.28x) by far: k-means and pruning chosen per layer.
+    assert out.stat().st_size < 0.15 * digits_files["model"].stat().st_size
+    assert any(d["technique"] != "weights" or d["choice"] not in ("float", "int8") for d in rep["decisions"]
+               if d["changed"])
+    original = onnx.load(digits_files["model"])
+    assert _accuracy(onnx.load(out), digits_files["test"]) >= _accuracy(original, digits_files["test"]) - 0.015
