@@ -23,7 +23,7 @@ from nnopt.errors import DataError, InputError, first_line
 from nnopt.ir.model import Model, load_model
 from nnopt.search.candidate import CandidateResult, Configuration, config_key
 from nnopt.search.evaldata import load_search_data
-from nnopt.search.evaluate import SharedInputs, build_candidate, evaluate, run_outputs
+from nnopt.search.evaluate import SharedInputs, build_bytes, evaluate, run_outputs
 from nnopt.search.levels import Outcome, best_of, closest_of, level1, level2
 from nnopt.search.metrics import DEFAULT_LABELS_KEY, resolve_metric
 from nnopt.search.report import SearchReport, pareto_front
@@ -164,10 +164,9 @@ def search(model: Model | onnx.ModelProto | str | os.PathLike[str], *, data: str
     runs = Evaluations(shared, executor, study, log, deadline, settings.max_drop, settings.objective)
     try:
         outcome = _strategy(settings, shared.space, runs, deadline)
+        chosen, model_out, finish_notes = _finish(shared, runs, outcome, settings, study)
     finally:
-        if hasattr(executor, "close"):
-            executor.close()
-    chosen, model_out, finish_notes = _finish(shared, runs, outcome, settings, study)
+        executor.close()
     results = list(runs.results.values())
     report = SearchReport(
         level=settings.level, metric=shared.metric, drop_type=settings.drop_type, max_drop=settings.max_drop,
@@ -264,11 +263,32 @@ def _joint(settings: SearchSettings, space: SearchSpace, runs: Evaluations, dead
     from nnopt.search.joint import joint_search
 
     seeds = [start.best.config] if start.best is not None else []
+    if deadline is not None:  # leave the time the last round and the finish will take, as measured so far
+        deadline -= _finish_estimate(settings, runs) + _round_estimate(runs, JOINT_BATCH)
     joint_search(space.params, runs, objective=settings.objective, max_drop=settings.max_drop, seed=settings.seed,
                  deadline=deadline if deadline is not None else math.inf, batch_size=JOINT_BATCH, start=seeds,
                  known=list(runs.results.values()))
     best = best_of(list(runs.results.values()), settings.max_drop, settings.objective)
     return dataclasses.replace(start, best=best or start.best)
+
+
+def _median_seconds(runs: Evaluations) -> float:
+    """The median wall time of one evaluation so far (0 before any)."""
+    seconds = sorted(r.seconds for r in runs.results.values() if r.seconds > 0)
+    return seconds[len(seconds) // 2] if seconds else 0.0
+
+
+def _round_estimate(runs: Evaluations, batch: int) -> float:
+    """How long a round of ``batch`` evaluations takes on this executor, from the evaluations so far."""
+    workers = max(1, int(getattr(runs.executor, "workers", 1)))
+    return math.ceil(batch / workers) * _median_seconds(runs)
+
+
+def _finish_estimate(settings: SearchSettings, runs: Evaluations) -> float:
+    """How long ``_finish`` will take: rebuilding its finalists (in parallel) and timing them."""
+    timed = settings.objective == "latency" or settings.level == 1
+    finalists = (LATENCY_FINALISTS if timed else 1) + 1  # + the base model
+    return _round_estimate(runs, finalists) + 2.0 * finalists  # timing: rounds of runs, sessions made
 
 
 def _finish(shared: SharedInputs, runs: Evaluations, outcome: Outcome, settings: SearchSettings,
@@ -288,7 +308,8 @@ def _finish(shared: SharedInputs, runs: Evaluations, outcome: Outcome, settings:
     finalists = feasible[:LATENCY_FINALISTS] if timed else [best] if best is not None else []
     base = runs([{}])[0]
     finalists = [r for r in finalists if r.key != base.key] + [base]
-    protos = {r.key: build_candidate(shared, r.config) for r in finalists}
+    built = runs.executor.map(build_bytes, shared, [r.config for r in finalists])  # in parallel, as evaluated
+    protos = {r.key: onnx.load_from_string(data) for r, data in zip(finalists, built)}
     measured = _measure_latencies(protos, shared.eval_samples[0], settings.input_shapes)
     for key, seconds in measured.items():
         runs.results[key] = dataclasses.replace(runs.results[key], measured_latency_s=seconds)

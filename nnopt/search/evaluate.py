@@ -137,6 +137,11 @@ def build_candidate(shared: SharedInputs, config: Configuration) -> onnx.ModelPr
     return _build(shared, config)[0]
 
 
+def build_bytes(shared: SharedInputs, config: Configuration) -> bytes:
+    """``build_candidate`` serialised: what an executor sends back when the driver needs the model itself."""
+    return build_candidate(shared, config).SerializeToString()
+
+
 def _build(shared: SharedInputs, config: Configuration) -> tuple[onnx.ModelProto, dict[str, dict[str, Any]]]:
     """``build_candidate``, plus the per-layer figures (``KEPT_FIGURES``) its passes reported."""
     from nnopt.api import Pipeline
