@@ -57,9 +57,18 @@ class CandidateResult:
     def failed(self) -> bool:
         return self.error is not None or self.metric is None or not math.isfinite(self.metric)
 
+    @property
+    def drop_bound(self) -> float | None:
+        """The drop plus its sampling margin (``extra["drop_bound"]``, see ``nnopt.search.evaluate``): what
+        feasibility is judged on, so that a candidate whose flips happened to cancel out on the evaluation
+        samples is not taken for one that changes nothing. Without a margin, the drop itself."""
+        bound = self.extra.get("drop_bound")
+        return float(bound) if bound is not None else self.drop
+
     def feasible(self, max_drop: float) -> bool:
-        """Evaluated without failing and within the accuracy drop allowed."""
-        return not self.failed and self.drop is not None and self.drop <= max_drop + 1e-12
+        """Evaluated without failing and within the accuracy drop allowed (its drop plus margin)."""
+        bound = self.drop_bound
+        return not self.failed and bound is not None and bound <= max_drop + 1e-12
 
     def objective(self, name: str) -> float:
         """The value minimised for ``--objective name`` (size, latency or flops); inf when unknown."""
