@@ -380,3 +380,29 @@ def test_closing_a_ray_executor_disconnects_but_leaves_the_cluster(ray_head):
         assert executor.map(_raise_on_two, None, [5]) == [5]
     assert not ray.is_initialized() and head.poll() is None
     socket.create_connection(("127.0.0.1", int(address.rsplit(":", 1)[1])), timeout=5).close()
+
+
+def _search_figures(report) -> list[tuple]:
+    """What a search's candidates measured (not their timings, which differ run to run)."""
+    return [(c.key, c.config, c.metric, c.drop, c.size_bytes, c.flops, c.distortion, c.error)
+            for c in report.candidates]
+
+
+@pytest.mark.ray
+def test_a_search_through_ray_chooses_what_the_process_pool_chooses(ray_head, tmp_path):
+    from nnopt.search.driver import SearchSettings, search
+
+    x, labels = np.load(DIGITS / "digits_test.npz")["x"], np.load(DIGITS / "digits_test_labels.npy")
+    np.savez(tmp_path / "calib.npz", x=x[225:])
+    np.savez(tmp_path / "eval.npz", x=x[:225], labels=labels[:225])
+    settings = SearchSettings(level=1, max_drop=0.01, metric="top1", load_plugins=False)
+    runs = {}
+    for name, executor in (("processes", ProcessPoolExecutor(2)), ("ray", RayExecutor(ray_head[1]))):
+        model, report = search(DIGITS / "digits_cnn.onnx", data=tmp_path / "calib.npz",
+                               eval_data=tmp_path / "eval.npz", settings=settings, executor=executor)
+        assert f"executor: {name}" in report.notes
+        runs[name] = model.to_proto().SerializeToString(), report
+    (local_bytes, local), (ray_bytes, remote) = runs["processes"], runs["ray"]
+    assert local.meets_constraint and local.chosen is not None and len(local.candidates) >= 2
+    assert remote.chosen == local.chosen and _search_figures(remote) == _search_figures(local)
+    assert ray_bytes == local_bytes

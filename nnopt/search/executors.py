@@ -182,7 +182,8 @@ class ProcessPoolExecutor(_Closing):
     name = "processes"
 
     def __init__(self, workers: int, *, threads_per_worker: int | None = None) -> None:
-        """
+        """A pool started at the first ``map``, not here.
+
         Args:
             workers: processes that evaluate at once (at least 1).
             threads_per_worker: onnxruntime and OpenMP threads in each; default the cores divided among
@@ -199,7 +200,7 @@ class ProcessPoolExecutor(_Closing):
     def _pool_for(self, shared: Any) -> cf.ProcessPoolExecutor:
         if self._pool is not None and any(p.exitcode is not None for p in _processes(self._pool)):
             self._stop(wait=True)
-            raise ExecutorError(_DIED + "while idle")
+            raise ExecutorError(f"{_DIED} while idle")
         if self._pool is not None and self._shared is shared:
             return self._pool
         self._stop(wait=True)
@@ -229,7 +230,7 @@ class ProcessPoolExecutor(_Closing):
             return _collect(futures, on_result)
         except BrokenProcessPool as exc:
             self._stop(wait=False)
-            raise ExecutorError(_DIED + first_line(exc, 200)) from exc
+            raise ExecutorError(f"{_DIED}: {first_line(exc, 200)}") from exc
         except BaseException:
             # Another item's error, or Ctrl-C: the queued evaluations are not wanted any more.
             for future in futures:
@@ -254,7 +255,7 @@ class ProcessPoolExecutor(_Closing):
 
 
 #: The start of the error when a pool's worker process died.
-_DIED = "a search worker process died (killed by the operating system, out of memory?): "
+_DIED = "a search worker process died (killed by the operating system, out of memory?)"
 
 
 def _processes(pool: cf.ProcessPoolExecutor) -> list[Any]:
@@ -344,7 +345,8 @@ class RayExecutor(_Closing):
     name = "ray"
 
     def __init__(self, address: str, *, connect_timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
-        """
+        """Connects to the cluster (unless this process is connected already).
+
         Raises:
             InputError: Ray is not installed, or nothing answers at ``address`` within ``connect_timeout``.
         """
