@@ -275,6 +275,15 @@ def test_a_port_that_is_no_ray_cluster_fails_in_seconds_not_minutes():
     assert float(seconds) < 30  # Ray's own retries: about 12 minutes
 
 
+def _stop_when_parent_dies() -> None:
+    """In the child, before exec: SIGTERM it when this test process dies, so that a crashed run leaves no
+    Ray head behind (Linux; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     """A Ray head of 2 CPUs on 127.0.0.1, started for these tests alone (its own temp dir) and stopped after."""
@@ -288,7 +297,8 @@ def ray_head():
     ]
     # --block keeps `ray start` in the foreground: stopping that one process stops this head's processes
     # and no other (`ray stop` would stop every Ray on the machine).
-    head = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=_stop_when_parent_dies)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and head.poll() is None:

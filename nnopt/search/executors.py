@@ -389,22 +389,20 @@ class RayExecutor(_Closing):
             return []
         ref = self._ref_for(shared)
         refs = [self._task.remote(fn, ref, index, item) for index, item in enumerate(items)]
+        # On a failure the other tasks are left to finish, not cancelled: in Ray 2.60 a task cancelled as it
+        # completed aborted the driver ("Tried to complete task that was not pending"), and a driver that
+        # exits (Ctrl-C) has its tasks stopped by Ray anyway.
         try:
             if on_result is not None:
                 self._report_as_completed(refs, on_result)
             return list(self._ray.get(refs))
         except self._ray.exceptions.RayTaskError as exc:
-            self._cancel(refs)
             cause = getattr(exc, "cause", None)
             if isinstance(cause, NnoptError):
                 raise cause from None
             raise ExecutorError(f"a Ray task failed: {first_line(cause or exc, 300)}") from exc
         except self._ray.exceptions.RayError as exc:
-            self._cancel(refs)
             raise ExecutorError(f"a Ray worker or node died: {first_line(exc, 300)}") from exc
-        except BaseException:
-            self._cancel(refs)
-            raise
 
     def _report_as_completed(self, refs: list[Any], on_result: OnResult) -> None:
         index_of = {ref: index for index, ref in enumerate(refs)}
@@ -413,13 +411,6 @@ class RayExecutor(_Closing):
             done, pending = self._ray.wait(pending, num_returns=1)
             for ref in done:
                 on_result(index_of[ref], self._ray.get(ref))
-
-    def _cancel(self, refs: list[Any]) -> None:
-        for ref in refs:
-            try:
-                self._ray.cancel(ref, force=False)
-            except Exception:  # boundary: a finished or failed task cannot be cancelled; nothing to do
-                pass
 
     def close(self) -> None:
         self._ref = self._shared = None
