@@ -186,7 +186,7 @@ def test_a_foreign_exception_is_an_executor_error_and_nnopt_errors_pass_through(
         assert executor.map(_raise_on_two, None, [0, 1]) == [0, 1]
 
 
-def test_a_killed_worker_is_a_one_line_error_not_a_hang():
+def test_a_killed_worker_is_a_one_line_error_not_a_hang(tmp_path):
     with ProcessPoolExecutor(2) as executor:
         started = time.monotonic()
         with pytest.raises(ExecutorError, match="worker process died") as caught:
@@ -194,6 +194,23 @@ def test_a_killed_worker_is_a_one_line_error_not_a_hang():
         assert time.monotonic() - started < 60
         assert "\n" not in str(caught.value)
         # A new pool replaces the broken one.
+        folder = tempfile.mkdtemp(dir=tmp_path)
+        pids = executor.map(_meet, folder, [0, 1])
+        # A worker killed while idle: a map on that pool either completes on the worker left (before the pool
+        # has noticed) or says a worker died; once noticed, a new pool replaces it.
+        os.kill(pids[0], signal.SIGKILL)
+        outcomes = []
+        for _ in range(3):
+            try:
+                outcomes.append(executor.map(_die, folder, [0, 2]))
+            except ExecutorError as exc:
+                outcomes.append(str(exc))
+            time.sleep(0.5)
+        assert outcomes[-1] == [0, 2]
+        assert all(o == [0, 2] or o.startswith("a search worker process died") for o in outcomes)
+        # A pool stopped after a worker died while idle (another payload) is not waited for forever.
+        pids = executor.map(_meet, tempfile.mkdtemp(dir=tmp_path), [0, 1])
+        os.kill(pids[1], signal.SIGKILL)
         assert executor.map(_die, None, [0, 2]) == [0, 2]
 
 
@@ -258,6 +275,15 @@ def test_a_port_that_is_no_ray_cluster_fails_in_seconds_not_minutes():
     assert float(seconds) < 30  # Ray's own retries: about 12 minutes
 
 
+def _stop_when_parent_dies() -> None:
+    """In the child, before exec: SIGTERM it when this test process dies, so that a crashed run leaves no
+    Ray head behind (Linux; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     """A Ray head of 2 CPUs on 127.0.0.1, started for these tests alone (its own temp dir) and stopped after."""
@@ -271,7 +297,8 @@ def ray_head():
     ]
     # --block keeps `ray start` in the foreground: stopping that one process stops this head's processes
     # and no other (`ray stop` would stop every Ray on the machine).
-    head = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=_stop_when_parent_dies)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and head.poll() is None:
@@ -313,6 +340,11 @@ def test_ray_matches_the_process_pool_byte_for_byte_in_item_order(ray_executor, 
 def test_ray_runs_two_tasks_at_once(ray_executor, tmp_path):
     pids = ray_executor.map(_meet, str(tmp_path), list(range(4)))
     assert len(set(pids)) == 2 and os.getpid() not in pids
+
+
+@pytest.mark.ray
+def test_ray_tasks_run_onnxruntime_and_openmp_on_one_thread(ray_executor):
+    assert ray_executor.map(_thread_settings, None, [0, 1]) == [(1, "1")] * 2
 
 
 @pytest.mark.ray
@@ -358,3 +390,29 @@ def test_closing_a_ray_executor_disconnects_but_leaves_the_cluster(ray_head):
         assert executor.map(_raise_on_two, None, [5]) == [5]
     assert not ray.is_initialized() and head.poll() is None
     socket.create_connection(("127.0.0.1", int(address.rsplit(":", 1)[1])), timeout=5).close()
+
+
+def _search_figures(report) -> list[tuple]:
+    """What a search's candidates measured (not their timings, which differ run to run)."""
+    return [(c.key, c.config, c.metric, c.drop, c.size_bytes, c.flops, c.distortion, c.error)
+            for c in report.candidates]
+
+
+@pytest.mark.ray
+def test_a_search_through_ray_chooses_what_the_process_pool_chooses(ray_head, tmp_path):
+    from nnopt.search.driver import SearchSettings, search
+
+    x, labels = np.load(DIGITS / "digits_test.npz")["x"], np.load(DIGITS / "digits_test_labels.npy")
+    np.savez(tmp_path / "calib.npz", x=x[225:])
+    np.savez(tmp_path / "eval.npz", x=x[:225], labels=labels[:225])
+    settings = SearchSettings(level=1, max_drop=0.01, metric="top1", load_plugins=False)
+    runs = {}
+    for name, executor in (("processes", ProcessPoolExecutor(2)), ("ray", RayExecutor(ray_head[1]))):
+        model, report = search(DIGITS / "digits_cnn.onnx", data=tmp_path / "calib.npz",
+                               eval_data=tmp_path / "eval.npz", settings=settings, executor=executor)
+        assert f"executor: {name}" in report.notes
+        runs[name] = model.to_proto().SerializeToString(), report
+    (local_bytes, local), (ray_bytes, remote) = runs["processes"], runs["ray"]
+    assert local.meets_constraint and local.chosen is not None and len(local.candidates) >= 2
+    assert remote.chosen == local.chosen and _search_figures(remote) == _search_figures(local)
+    assert ray_bytes == local_bytes

@@ -182,7 +182,8 @@ class ProcessPoolExecutor(_Closing):
     name = "processes"
 
     def __init__(self, workers: int, *, threads_per_worker: int | None = None) -> None:
-        """
+        """A pool started at the first ``map``, not here.
+
         Args:
             workers: processes that evaluate at once (at least 1).
             threads_per_worker: onnxruntime and OpenMP threads in each; default the cores divided among
@@ -197,6 +198,9 @@ class ProcessPoolExecutor(_Closing):
         self.pools_started = 0  # how many times a pool (and the shared payload's copy) was made
 
     def _pool_for(self, shared: Any) -> cf.ProcessPoolExecutor:
+        if self._pool is not None and any(p.exitcode is not None for p in _processes(self._pool)):
+            self._stop(wait=True)
+            raise ExecutorError(f"{_DIED} while idle")
         if self._pool is not None and self._shared is shared:
             return self._pool
         self._stop(wait=True)
@@ -219,35 +223,45 @@ class ProcessPoolExecutor(_Closing):
         if not items:
             return []
         pool = self._pool_for(shared)
-        futures = [pool.submit(_call_in_worker, fn, index, item) for index, item in enumerate(items)]
+        futures: list[cf.Future[R]] = []
         try:
+            # Inside: a pool whose worker died while idle is broken already when the work is submitted.
+            futures += [pool.submit(_call_in_worker, fn, index, item) for index, item in enumerate(items)]
             return _collect(futures, on_result)
         except BrokenProcessPool as exc:
             self._stop(wait=False)
-            raise ExecutorError(
-                "a search worker process died (killed by the operating system, out of memory?): "
-                f"{first_line(exc, 200)}"
-            ) from exc
+            raise ExecutorError(f"{_DIED}: {first_line(exc, 200)}") from exc
         except BaseException:
             # Another item's error, or Ctrl-C: the queued evaluations are not wanted any more.
             for future in futures:
                 future.cancel()
-            self._stop(wait=False, terminate=True)
+            self._stop(wait=False)
             raise
 
-    def _stop(self, *, wait: bool, terminate: bool = False) -> None:
+    def _stop(self, *, wait: bool) -> None:
         pool, self._pool, self._shared = self._pool, None, None
         if pool is None:
             return
-        if terminate:
-            # Running evaluations would otherwise hold the exit until they finish (Python 3.14 has
-            # terminate_workers(); before it the pool's processes are only reachable as _processes).
-            for process in list((getattr(pool, "_processes", None) or {}).values()):
-                process.terminate()
+        # Workers are terminated, not asked to stop: running evaluations would hold the exit until they
+        # finish, and after a worker's death the others may never see the request (a worker killed while it
+        # held one of the pool's queue locks leaves it held, and a clean shutdown then waits forever). An
+        # idle worker holds nothing that the pool's end does not discard anyway.
+        for process in _processes(pool):
+            process.terminate()
         pool.shutdown(wait=wait, cancel_futures=True)
 
     def close(self) -> None:
         self._stop(wait=True)
+
+
+#: The start of the error when a pool's worker process died.
+_DIED = "a search worker process died (killed by the operating system, out of memory?)"
+
+
+def _processes(pool: cf.ProcessPoolExecutor) -> list[Any]:
+    """The pool's worker processes (Python 3.14 has terminate_workers(); before it they are only reachable as
+    the private ``_processes``)."""
+    return list((getattr(pool, "_processes", None) or {}).values())
 
 
 def _collect(futures: list[cf.Future[R]], on_result: OnResult | None) -> list[R]:
@@ -331,7 +345,8 @@ class RayExecutor(_Closing):
     name = "ray"
 
     def __init__(self, address: str, *, connect_timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
-        """
+        """Connects to the cluster (unless this process is connected already).
+
         Raises:
             InputError: Ray is not installed, or nothing answers at ``address`` within ``connect_timeout``.
         """
@@ -349,7 +364,11 @@ class RayExecutor(_Closing):
                         f"cannot connect to the Ray cluster at {address}: {first_line(exc, 200)}"
                     ) from exc
         self.address = address
-        self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if cpus < 1:
+            self._disconnect(ray)
+            raise InputError(f"the Ray cluster at {address} has no CPUs to run tasks on")
+        self.workers = cpus
         self._ray = ray
         self._task = ray.remote(num_cpus=1, max_retries=RAY_TASK_RETRIES)(_call_on_ray)
         self._shared: Any = None
@@ -370,22 +389,20 @@ class RayExecutor(_Closing):
             return []
         ref = self._ref_for(shared)
         refs = [self._task.remote(fn, ref, index, item) for index, item in enumerate(items)]
+        # On a failure the other tasks are left to finish, not cancelled: in Ray 2.60 a task cancelled as it
+        # completed aborted the driver ("Tried to complete task that was not pending"), and a driver that
+        # exits (Ctrl-C) has its tasks stopped by Ray anyway.
         try:
             if on_result is not None:
                 self._report_as_completed(refs, on_result)
             return list(self._ray.get(refs))
         except self._ray.exceptions.RayTaskError as exc:
-            self._cancel(refs)
             cause = getattr(exc, "cause", None)
             if isinstance(cause, NnoptError):
                 raise cause from None
             raise ExecutorError(f"a Ray task failed: {first_line(cause or exc, 300)}") from exc
         except self._ray.exceptions.RayError as exc:
-            self._cancel(refs)
             raise ExecutorError(f"a Ray worker or node died: {first_line(exc, 300)}") from exc
-        except BaseException:
-            self._cancel(refs)
-            raise
 
     def _report_as_completed(self, refs: list[Any], on_result: OnResult) -> None:
         index_of = {ref: index for index, ref in enumerate(refs)}
@@ -395,17 +412,14 @@ class RayExecutor(_Closing):
             for ref in done:
                 on_result(index_of[ref], self._ray.get(ref))
 
-    def _cancel(self, refs: list[Any]) -> None:
-        for ref in refs:
-            try:
-                self._ray.cancel(ref, force=False)
-            except Exception:  # boundary: a finished or failed task cannot be cancelled; nothing to do
-                pass
-
     def close(self) -> None:
         self._ref = self._shared = None
-        if self._connected_here and self._ray.is_initialized():
-            self._ray.shutdown()  # this driver's connection; the cluster keeps running
+        self._disconnect(self._ray)
+
+    def _disconnect(self, ray: Any) -> None:
+        # Only the connection this executor made; the cluster keeps running.
+        if self._connected_here and ray.is_initialized():
+            ray.shutdown()
         self._connected_here = False
 
 
