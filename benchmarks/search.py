@@ -632,7 +632,9 @@ def _fmt(value: Any, fmt: str, suffix: str = "") -> str:
 
 def _latency_cell(row: dict[str, Any], size: int) -> str:
     seconds, ratio = row.get(f"latency_b{size}_s"), row.get(f"latency_b{size}_ratio")
-    return "–" if ratio is None else f"{seconds * 1e3:.3g} ({ratio:.2f})"
+    if ratio is None:
+        return "–"
+    return f"({ratio:.2f})" if seconds is None else f"{seconds * 1e3:.3g} ({ratio:.2f})"
 
 
 def _wall_cell(row: dict[str, Any]) -> str:
