@@ -102,10 +102,39 @@ def _add_optimize(sub: Any) -> None:
                      help="repeat the pipeline until nothing changes (auto, the default: for the default pipeline)")
     opt.add_argument("--external-data", choices=["auto", "on", "off"], default="auto",
                      help="write weights to OUTPUT.<hash>.data, named after its content (auto: if the input had external data or is > 1.8 GB)")
+    _add_search_flags(opt)
     output = opt.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     output.add_argument("-q", "--quiet", action="store_true",
                         help="print nothing on success: no table, no progress (warnings and errors still go to stderr)")
+
+
+def _add_search_flags(opt: Any) -> None:
+    """``optimize --level``: the automatic search under an accuracy constraint (nnopt.search)."""
+    group = opt.add_argument_group("automatic search (--level): the smallest or fastest model within --max-drop")
+    group.add_argument("--level", type=int, choices=[1, 2, 3], default=None,
+                       help="1: int8 with accuracy control; 2: + per-layer pruning, low-rank, k-means chosen by "
+                            "sensitivity; 3: + a joint Optuna search and distillation until --time-budget")
+    group.add_argument("--eval", dest="eval_data", default=None, metavar="EVAL.npz",
+                       help="held-out data the drop is measured on (default: a seeded quarter of --data)")
+    group.add_argument("--max-drop", type=float, default=None,
+                       help="largest metric drop accepted, in [0, 1] (default 0.01)")
+    group.add_argument("--metric", default=None,
+                       help="top1 (needs labels), agreement, cosine, a plugin's metric, or MODULE:FUNCTION "
+                            "(default: agreement for class scores, cosine otherwise)")
+    group.add_argument("--labels", dest="labels_key", default="labels", metavar="KEY",
+                       help="the array of class labels in the data files (default: labels)")
+    group.add_argument("--drop-type", choices=["absolute", "relative"], default="absolute")
+    group.add_argument("--objective", choices=["size", "latency", "flops"], default="size",
+                       help="what the search minimises within the drop (default: size)")
+    group.add_argument("--time-budget", type=_seconds, default=None, metavar="SECONDS",
+                       help="stop searching after this long (level 3 default: 600)")
+    group.add_argument("--workers", type=_positive_int, default=None,
+                       help="local processes evaluating candidates (default: the number of cores)")
+    group.add_argument("--ray", dest="ray_address", default=None, metavar="ADDRESS",
+                       help="evaluate candidates on this Ray cluster (host:port); needs nnopt[ray]")
+    group.add_argument("--study", default=None, metavar="DIR",
+                       help="keep every evaluated candidate here; a repeated or interrupted run resumes from it")
 
 
 def _add_calibrate(sub: Any) -> None:
@@ -134,6 +163,14 @@ def _non_negative_int(text: str) -> int:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """An integer of at least 1 (argparse type)."""
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
 
 
@@ -241,6 +278,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     input_files = _check_outputs(src, [dst] + ([report_path] if report_path else []))
     if args.pipeline and args.passes:
         raise InputError("nnopt optimize: give the passes either with -p or in --pipeline FILE, not both")
+    _check_search_flags(args)
+    if args.level is not None:
+        return _cmd_search(args, src, dst, report_path, input_files)
     plugins = _plugins(args)
     # Validate and build everything once, before loading the model: a typo in a pipeline file costs no time.
     pipeline = Pipeline.from_file(args.pipeline, plugins) if args.pipeline else Pipeline(args.passes)
@@ -267,6 +307,91 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         print(report.format_table())
         print(f"wrote {dst}")
     return EXIT_OK
+
+
+#: Flags that only the search (--level) reads, with their defaults: given without --level they are an error.
+_SEARCH_ONLY = {"eval_data": None, "max_drop": None, "metric": None, "labels_key": "labels", "drop_type": "absolute",
+                "objective": "size", "time_budget": None, "workers": None, "ray_address": None, "study": None}
+#: Pipeline flags the search does not take (it chooses the passes and judges them on --eval itself).
+_PIPELINE_ONLY = ("passes", "pipeline", "max_rel_error", "min_cosine", "min_top1", "no_verify", "fixed_point")
+
+
+def _check_search_flags(args: argparse.Namespace) -> None:
+    """--level's flags only with --level; the pipeline's own flags never with it; --level needs --data."""
+    if args.level is None:
+        given = [k for k, default in _SEARCH_ONLY.items() if getattr(args, k) != default]
+        if given:
+            flag = given[0].replace("_data", "").replace("_address", "").replace("_key", "s").replace("_", "-")
+            raise InputError(f"nnopt optimize: --{flag} belongs to the automatic search: add --level 1, 2 or 3")
+        return
+    clash = [k for k in _PIPELINE_ONLY if getattr(args, k) not in (None, False, [])]
+    if clash:
+        flag = {"passes": "-p", "pipeline": "--pipeline"}.get(clash[0], "--" + clash[0].replace("_", "-"))
+        raise InputError(f"nnopt optimize: {flag} cannot be combined with --level (the search picks the passes "
+                         "and judges them with --max-drop on --eval)")
+    if not args.data:
+        raise InputError("nnopt optimize --level needs --data: calibration samples (and, without --eval, the "
+                         "held-out samples the drop is measured on)")
+    if args.max_drop is not None and not (0.0 <= args.max_drop <= 1.0):
+        raise InputError(f"--max-drop: expected a number in [0, 1], got {args.max_drop}")
+
+
+def _cmd_search(args: argparse.Namespace, src: Path, dst: Path, report_path: Path | None,
+                input_files: set[Path]) -> int:
+    """``optimize --level N``: search, then write the model, the report and its plot together."""
+    from nnopt.cost import parse_input_shapes
+    from nnopt.ir.model import save_model
+    from nnopt.search.driver import SearchSettings, search
+
+    plugins = _plugins(args)
+    settings = SearchSettings(
+        level=args.level, max_drop=0.01 if args.max_drop is None else args.max_drop, metric=args.metric,
+        labels_key=args.labels_key, drop_type=args.drop_type, objective=args.objective,
+        time_budget=args.time_budget, workers=args.workers, ray_address=args.ray_address, study=args.study,
+        seed=args.seed or 0, strict=bool(args.strict), input_shapes=parse_input_shapes(args.input_shape),
+        hardware=_hardware(args.hardware, plugins), load_plugins=not args.no_plugins)
+    log = None if args.quiet or args.json else (lambda line: print(f"nnopt: {line}", file=sys.stderr))
+    if args.ray_address is not None:
+        for module in ("ray", "optuna"):  # ray logs through the root logger at INFO
+            logging.getLogger(module).setLevel(logging.WARNING)
+    model, report = search(src, data=args.data, eval_data=args.eval_data, settings=settings, log=log)
+    external = {"auto": None, "on": True, "off": False}[args.external_data]
+    text = json.dumps(_finite(report), indent=2) + "\n"
+    with _sigterm_as_exit():
+        staged = _stage_text(report_path, text) if report_path else None
+        try:
+            save_model(model, dst, external_data=external, keep=input_files)
+            if staged is not None and report_path is not None:
+                _commit(staged, report_path)
+        finally:
+            if staged is not None:
+                staged.unlink(missing_ok=True)
+    if args.json:
+        sys.stdout.write(text)
+    elif not args.quiet:
+        print("\n".join(_search_summary(report, src, dst)))
+    return EXIT_OK
+
+
+def _search_summary(report: dict[str, Any], src: Path, dst: Path) -> list[str]:
+    """The terminal's account of a search: what was chosen, what it measured, the per-layer decisions."""
+    by_key = {c["key"]: c for c in report["candidates"]}
+    chosen = by_key.get(report["chosen"] or "")
+    lines = [f"level {report['level']}: {report['evaluations']} candidates evaluated in {report['seconds']:.0f} s "
+             f"({report['executor']}); {report['eval_data']}"]
+    if chosen is None:
+        lines.append(f"no candidate stayed within --max-drop {report['max_drop']}: wrote the losslessly "
+                     "cleaned model")
+    else:
+        lines.append(f"chosen: {report['metric']} {chosen['metric']:.4f} (original {report['baseline_metric']:.4f}, "
+                     f"drop {chosen['drop']:+.4f} <= {report['max_drop']}), {chosen['size_bytes']:,} bytes, "
+                     f"{chosen['flops'] / 1e6:.2f} MFLOPs")
+        changed = [d for d in report["decisions"] if d["choice"] not in (None, 0.0, "float", False)]
+        for d in changed:
+            lines.append(f"    {d['layer']:<32} {d['technique']:<8} {d['choice']}")
+    lines.extend(f"note: {n}" for n in report["notes"])
+    lines.append(f"wrote {dst}")
+    return lines
 
 
 def _command_line_settings(

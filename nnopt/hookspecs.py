@@ -49,3 +49,14 @@ def nnopt_run_pass(pass_: Pass[Any], model: Model, ctx: PassContext) -> PassResu
 @hookspec
 def nnopt_after_pass(record: PassRecord, model: Model) -> None:
     """Observe each pass once the manager has verified it."""
+
+
+@hookspec
+def nnopt_register_metrics() -> dict[str, Any]:
+    """Return metrics the search can score candidates with (``--metric NAME``): name -> function.
+
+    A metric is ``function(outputs, data) -> float``, higher is better: ``outputs`` maps each model output
+    name to its values stacked over the evaluation samples, ``data`` each input name to the stacked inputs
+    (and the labels array, when the evaluation file has one). Built-in names (top1, agreement, cosine)
+    cannot be replaced; a name another plugin registered first is refused.
+    """

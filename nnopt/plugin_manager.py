@@ -47,6 +47,8 @@ class Plugins:
     cost_rules: Any = None
     #: Hardware profiles the plugins registered (``hardware_registry`` adds the built-in ones).
     hardware: dict[str, Any] = field(default_factory=dict)
+    #: Metrics the plugins registered for the search (``--metric NAME``): name -> function(outputs, data).
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def errors(self) -> list[PluginInfo]:
@@ -121,7 +123,7 @@ def _register(plugins: Plugins, obj: Any, name: str, dist: str) -> None:
     passes = _call(obj, "nnopt_register_passes", problems)
     rules = _call(obj, "nnopt_register_cost_rules", problems)
     hardware = _call(obj, "nnopt_register_hardware", problems)
-    accepted = 0
+    accepted = _register_metrics(plugins, _call(obj, "nnopt_register_metrics", problems), problems)
     for cls in passes:
         problem = _check_pass_class(cls)
         if problem is None and cls.name in plugins.passes:
@@ -147,6 +149,23 @@ def _register(plugins: Plugins, obj: Any, name: str, dist: str) -> None:
         log.warning("plugin %s (%s): %s", name, dist, "; ".join(problems))
 
 
+def _register_metrics(plugins: Plugins, metrics: list[Any], problems: list[str]) -> int:
+    """Add a plugin's metrics (the hook returns a dict, which ``_call`` turned into its items); count them."""
+    from nnopt.search.metrics import BUILTIN_METRICS
+
+    accepted = 0
+    for item in metrics:
+        name, function = item if isinstance(item, tuple) and len(item) == 2 else (item, None)
+        if not isinstance(name, str) or not callable(function):
+            problems.append(f"metric {name!r}: nnopt_register_metrics must return {{name: function}}")
+        elif name in BUILTIN_METRICS or name in plugins.metrics or ":" in name:
+            problems.append(f"metric {name!r}: the name is built in, taken, or has a ':'")
+        else:
+            plugins.metrics[name] = function
+            accepted += 1
+    return accepted
+
+
 def _described(exc: BaseException) -> str:
     """An exception for a one-line plugin problem; SystemExit and other non-errors say what they are."""
     return first_line(exc) if isinstance(exc, Exception) else f"{type(exc).__name__}: {first_line(exc)}"
@@ -164,7 +183,7 @@ def _call(obj: Any, hook_name: str, problems: list[str]) -> list[Any]:
     except BaseException as exc:  # boundary: third-party hook (a sys.exit() in it included)
         problems.append(f"{hook_name} raised {type(exc).__name__}: {first_line(exc)}")
         return []
-    return list(result or [])
+    return list(result.items()) if isinstance(result, dict) else list(result or [])
 
 
 def _check_pass_class(cls: Any) -> str | None:

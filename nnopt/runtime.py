@@ -10,7 +10,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,10 +340,12 @@ def load_samples(
     *,
     limit: int | None = MAX_DATA_SAMPLES,
     notes: list[str] | None = None,
+    ignore: Collection[str] = (),
 ) -> list[dict[str, np.ndarray]]:
     """Read an ``.npz`` of reference inputs: one array per input name, samples on the first axis.
 
-    An array named ``labels`` that is no input's name holds class labels (``load_labels``) and is skipped here.
+    An array named ``labels`` that is no input's name holds class labels (``load_labels``) and is skipped here,
+    as are the arrays named in ``ignore`` that are no input's name (the search's ``--labels KEY``).
 
     An array of the input's rank + 1 is a stack of samples; one of the input's own rank is split along
     axis 0 into samples of batch 1. At most the first ``limit`` samples are read (a warning says when
@@ -362,7 +364,7 @@ def load_samples(
     specs = input_specs(sess)
     names = [s[0] for s in specs]
     missing = [n for n in names if n not in arrays]
-    extra = [k for k in arrays if k not in names and k != LABELS_ARRAY]
+    extra = [k for k in arrays if k not in names and k != LABELS_ARRAY and k not in ignore]
     if missing or extra:
         what = []
         if missing:

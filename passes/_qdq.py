@@ -118,6 +118,7 @@ def place_qdq(proto: onnx.ModelProto, ranges: Any, *, per_channel: bool, activat
     from onnxruntime.quantization.quant_utils import QuantType
 
     act = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activation_type]
+    nodes_to_exclude = _with_feeding_activations(proto.graph, nodes_to_exclude)
     inferred = onnx.shape_inference.infer_shapes(proto)
     quantizer = _ort_quant.qdq_quantizer(inferred, per_channel, False, QuantType.QInt8, act, ranges,
                                          list(nodes_to_quantize), list(nodes_to_exclude), list(op_types),
@@ -132,6 +133,37 @@ def place_qdq(proto: onnx.ModelProto, ranges: Any, *, per_channel: bool, activat
     del out.graph.value_info[:]
     out.graph.value_info.extend(kept)
     return out
+
+
+#: Activations onnxruntime's quantizer absorbs into the QuantizeLinear after a quantized op (its saturation
+#: clamps as they would).
+ABSORBED_ACTIVATIONS = ("Relu", "Clip")
+
+
+def _with_feeding_activations(graph: onnx.GraphProto, excluded: Sequence[str]) -> list[str]:
+    """``excluded`` plus every Relu/Clip whose readers are all excluded.
+
+    onnxruntime's quantizer drops such an activation when its producer is quantized (the QuantizeLinear's
+    clamp does its work), and ``_float_inputs_for`` then rewires the excluded reader to the tensor before
+    that QuantizeLinear: the activation would be lost (a Conv -> Relu -> excluded Conv lost its Relu and
+    the digits CNN's output cosine fell to -0.02). Excluding the activation too keeps it, in float.
+    """
+    names = list(excluded)
+    chosen = set(names)
+    readers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.name)
+    outputs = {o.name for o in graph.output}
+    for node in reversed(graph.node):  # reversed: an activation feeding an activation kept in float is kept too
+        if node.op_type not in ABSORBED_ACTIVATIONS or node.name in chosen or not node.output:
+            continue
+        out = node.output[0]
+        reading = readers.get(out, [])
+        if out not in outputs and reading and all(r in chosen for r in reading):
+            names.append(node.name)
+            chosen.add(node.name)
+    return names
 
 
 def _float_inputs_for(graph: onnx.GraphProto, excluded: set[str], original_inits: set[str]) -> None:

@@ -600,3 +600,19 @@ def test_static_run_reads_the_managers_export_and_opens_three_sessions(digits: d
         assert Quantize().run(model, ctx).modified
         monkeypatch.undo()
         assert {label: calls[label] for label in expected} == expected
+
+
+@pytest.mark.parametrize("excluded", ["/3/Conv", "/7/Conv", "/12/Gemm"])
+def test_excluding_a_layer_keeps_the_activation_that_feeds_it(digits: dict, excluded: str) -> None:
+    # onnxruntime absorbs a Relu after a quantized op into the next QuantizeLinear; rewiring the excluded
+    # reader to float used to skip that QuantizeLinear and with it the Relu (digits: output cosine -0.02).
+    out, result = apply_pass(Quantize(QuantizeOptions(exclude=(excluded,))), digits["proto"],
+                             PassContext(samples=digits["calib"]))
+    reference = make_session(digits["proto"]).run(None, {"x": digits["x"]})[0]
+    got = make_session(out).run(None, {"x": digits["x"]})[0]
+    cosine = float((reference * got).sum() / np.linalg.norm(reference) / np.linalg.norm(got))
+    assert cosine > 0.999
+    assert _accuracy(out, digits["x"], digits["y"]) >= _accuracy(digits["proto"], digits["x"], digits["y"]) - 0.01
+    reader = next(n for n in out.graph.node if n.name == excluded)
+    producers = {o: n for n in out.graph.node for o in n.output}
+    assert producers[reader.input[0]].op_type in ("Relu", "MaxPool", "Flatten")  # float, as in the original
