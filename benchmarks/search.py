@@ -223,13 +223,22 @@ def nnopt_executable() -> str:
     return str(beside) if beside.exists() else (shutil.which("nnopt") or "nnopt")
 
 
+def study_available() -> bool:
+    """Whether this checkout has ``--study``'s store (``nnopt.search.study``; it landed after the search)."""
+    import importlib.util
+
+    return importlib.util.find_spec("nnopt.search.study") is not None
+
+
 def nnopt_command(model: SearchModel, setting: Setting, out: Path, work: Path, options: argparse.Namespace,
                   ) -> list[str]:
     """The ``nnopt optimize`` command line of a row (the interface of issue #15)."""
     cmd = [nnopt_executable(), "optimize", str(model.path), "-o", str(out), *setting.args,
            "--data", str(model.calib), "--eval", str(model.eval), "--max-drop", f"{MAX_DROP:g}",
            "--metric", model.metric, "--workers", str(options.workers), "--seed", "0",
-           "--study", str(work / "study"), "--report", str(work / "report.json")]
+           "--report", str(work / "report.json")]
+    if study_available():
+        cmd += ["--study", str(work / "study")]
     if model.metric == "top1":
         cmd += ["--labels", "labels"]
     if setting.budgeted:
@@ -255,9 +264,15 @@ def _report_summary(path: Path) -> dict[str, Any]:
     for key in ("front", "pareto_front", "pareto"):
         if isinstance(report.get(key), list):
             summary["front"] = len(report[key])
-    for key in ("chosen", "best", "selected"):
-        if isinstance(report.get(key), dict):
-            summary["chosen"] = {k: v for k, v in report[key].items() if k != "layers"}
+    chosen = report.get("chosen")
+    if isinstance(chosen, str) and isinstance(candidates, list):
+        # The chosen candidate's figures as the search measured them on --eval (its key names it).
+        found = next((c for c in candidates if isinstance(c, dict) and c.get("key") == chosen), None)
+        if found is not None:
+            summary["chosen_candidate"] = {k: found.get(k) for k in ("config", "metric", "drop", "size_bytes",
+                                                                     "flops", "measured_latency_s")}
+    if isinstance(report.get("decisions"), list):
+        summary["decisions"] = report["decisions"]
     return summary
 
 
