@@ -689,6 +689,9 @@ def _candidates_cell(row: dict[str, Any]) -> str:
 def model_table(result: dict[str, Any]) -> list[str]:
     o, lat = result["original"], result["latency"]
     aa = ", ".join(f"batch {b}: {r:.3f}" for b, r in lat["aa_ratio"].items())
+    if len(result.get("latency_runs", [])) > 1:
+        aa = "; ".join(", ".join(f"batch {b}: {r:.3f}" for b, r in run["aa_ratio"].items())
+                       + f" (run of {', '.join(run['settings'])})" for run in result["latency_runs"])
     base = ", ".join(f"batch {b}: {s * 1e3:.3g} ms" for b, s in lat["original_s"].items())
     lines = [
         f"## {result['model']} (`{result['file']}`, `--metric {result['metric']}`)",
@@ -781,11 +784,31 @@ def write(payload: dict[str, Any], out: Path | None) -> str:
     return text
 
 
+def _merge_model(into: dict[str, Any], other: dict[str, Any]) -> None:
+    """Add ``other``'s rows to ``into`` (same model, another run; a row of the same key is replaced).
+
+    Latency ratios stay as each run measured them, against its own timing of the original; the A/A of
+    every run is kept (``latency_runs``) and shown.
+    """
+    runs = into.setdefault("latency_runs", [{"settings": [r["key"] for r in into["settings"]], **into["latency"]}])
+    runs.append({"settings": [r["key"] for r in other["settings"]], **other["latency"]})
+    replaced = {r["key"] for r in other["settings"]}
+    into["settings"] = [r for r in into["settings"] if r["key"] not in replaced] + other["settings"]
+
+
 def combine(paths: list[str]) -> dict[str, Any]:
-    """Runs of different models merged into one payload (the first run's header; goals recomputed)."""
+    """Runs merged into one payload (the first run's header; a model measured by several runs gets all their
+    rows; goals recomputed)."""
     payloads = [json.loads(Path(p).read_text()) for p in paths]
     merged = dict(payloads[0])
-    merged["models"] = [m for p in payloads for m in p["models"]]
+    models: dict[str, dict[str, Any]] = {}
+    for model in (m for p in payloads for m in p["models"]):
+        if model["model"] in models:
+            _merge_model(models[model["model"]], model)
+        else:
+            models[model["model"]] = model
+    order = {key: i for i, key in enumerate(DEFAULT_MODELS)}
+    merged["models"] = sorted(models.values(), key=lambda m: order.get(m["model"], len(order)))
     merged["skipped"] = [s for p in payloads for s in p["skipped"]]
     merged["seconds"] = sum(p["seconds"] for p in payloads)
     merged["partial"] = any(p.get("partial") for p in payloads)

@@ -195,3 +195,27 @@ def test_nnopt_command_line(tmp_path: Path) -> None:
         assert flag in text
     level1 = " ".join(search.nnopt_command(model, known["level1"], tmp_path / "o.onnx", tmp_path / "w", options))
     assert "--time-budget" not in level1 and "--objective" not in level1
+
+
+def test_combine_merges_runs_of_one_model(tmp_path: Path) -> None:
+    import search
+
+    digits = _fake_results()[0]
+    first = {**digits, "settings": digits["settings"][:2]}
+    second = {**digits, "settings": [{**digits["settings"][1], "bytes_ratio": 0.09}, *digits["settings"][2:]],
+              "latency": {"original_s": {"1": 2e-4, "32": 2e-3}, "aa_ratio": {"1": 0.97, "32": 1.02}}}
+    paths = []
+    for i, model in enumerate((first, second)):
+        path = tmp_path / f"{i}.json"
+        path.write_text(json.dumps({"machine": {"command": f"run {i}"}, "models": [model], "skipped": [],
+                                    "seconds": 10.0, "partial": False}))
+        paths.append(str(path))
+    merged = search.combine(paths)
+    (model,) = merged["models"]
+    assert [r["key"] for r in model["settings"]] == ["level1", "level2-size", "level3-size", "level3-latency"]
+    assert model["settings"][1]["bytes_ratio"] == 0.09  # the later run's row replaces the earlier's
+    assert [run["aa_ratio"]["1"] for run in model["latency_runs"]] == [1.01, 0.97]
+    assert merged["machine"]["command"] == "run 0 ; run 1" and merged["seconds"] == 20.0
+    text = "\n".join(search.model_table(model))
+    assert "batch 1: 1.010, batch 32: 0.990 (run of level1, level2-size)" in text
+    assert "batch 1: 0.970, batch 32: 1.020 (run of level2-size, level3-size, level3-latency)" in text
