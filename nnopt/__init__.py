@@ -53,6 +53,13 @@ def optimize(*args: Any, **kwargs: Any) -> Any:
     return _optimize(*args, **kwargs)
 
 
+def compress(*args: Any, **kwargs: Any) -> Any:
+    """See ``nnopt.search.driver.compress``: the automatic search (``nnopt optimize --level``) in one call."""
+    from nnopt.search.driver import compress as _compress
+
+    return _compress(*args, **kwargs)
+
+
 def __getattr__(name: str) -> Any:
     # Imported on first use: these pull in the plugin manager, which imports the built-in passes, which
     # import from ``nnopt``: importing them here eagerly would be circular.
@@ -125,6 +132,7 @@ __all__ = [
     "UnsafeExternalDataError",
     "analyze",
     "build_plugins",
+    "compress",
     "hookimpl",
     "load_model",
     "optimize",

@@ -356,42 +356,33 @@ def _cmd_search(args: argparse.Namespace, src: Path, dst: Path, report_path: Pat
             logging.getLogger(module).setLevel(logging.WARNING)
     model, report = search(src, data=args.data, eval_data=args.eval_data, settings=settings, log=log)
     external = {"auto": None, "on": True, "off": False}[args.external_data]
-    text = json.dumps(_finite(report), indent=2) + "\n"
-    with _sigterm_as_exit():
-        staged = _stage_text(report_path, text) if report_path else None
+    text = report.to_json()
+    plot = _search_plot(report) if report_path is not None else None
+    with _sigterm_as_exit():  # the model, the report and its plot: all three or none
+        staged = [(_stage_bytes(path, data), path) for path, data in (
+            (report_path, text.encode()), (report_path.with_suffix(".png") if report_path else None, plot))
+            if path is not None and data is not None]
         try:
             save_model(model, dst, external_data=external, keep=input_files)
-            if staged is not None and report_path is not None:
-                _commit(staged, report_path)
+            for temporary, path in staged:
+                _commit(temporary, path)
         finally:
-            if staged is not None:
-                staged.unlink(missing_ok=True)
+            for temporary, _ in staged:
+                temporary.unlink(missing_ok=True)
     if args.json:
         sys.stdout.write(text)
     elif not args.quiet:
-        print("\n".join(_search_summary(report, src, dst)))
+        print("\n".join([*report.summary_lines(), f"wrote {dst}"]))
     return EXIT_OK
 
 
-def _search_summary(report: dict[str, Any], src: Path, dst: Path) -> list[str]:
-    """The terminal's account of a search: what was chosen, what it measured, the per-layer decisions."""
-    by_key = {c["key"]: c for c in report["candidates"]}
-    chosen = by_key.get(report["chosen"] or "")
-    lines = [f"level {report['level']}: {report['evaluations']} candidates evaluated in {report['seconds']:.0f} s "
-             f"({report['executor']}); {report['eval_data']}"]
-    if chosen is None:
-        lines.append(f"no candidate stayed within --max-drop {report['max_drop']}: wrote the losslessly "
-                     "cleaned model")
-    else:
-        lines.append(f"chosen: {report['metric']} {chosen['metric']:.4f} (original {report['baseline_metric']:.4f}, "
-                     f"drop {chosen['drop']:+.4f} <= {report['max_drop']}), {chosen['size_bytes']:,} bytes, "
-                     f"{chosen['flops'] / 1e6:.2f} MFLOPs")
-        changed = [d for d in report["decisions"] if d["choice"] not in (None, 0.0, "float", False)]
-        for d in changed:
-            lines.append(f"    {d['layer']:<32} {d['technique']:<8} {d['choice']}")
-    lines.extend(f"note: {n}" for n in report["notes"])
-    lines.append(f"wrote {dst}")
-    return lines
+def _search_plot(report: Any) -> bytes | None:
+    """The report's Pareto plot (PNG), or None with a warning when matplotlib (nnopt[search]) is missing."""
+    try:
+        return bytes(report.plot_png())
+    except InputError as exc:
+        print(f"nnopt: warning: no plot beside the report: {exc}", file=sys.stderr)
+        return None
 
 
 def _command_line_settings(
@@ -611,6 +602,27 @@ def _check_folder_writable(out: Path) -> None:
         raise OutputError(f"{out}: cannot write: {os.strerror(errno.ENOTDIR)}: {folder}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"{out}: cannot write: {os.strerror(errno.EACCES)}: {folder}")
+
+
+def _stage_bytes(path: Path, data: bytes) -> Path:
+    """``_stage_text`` for bytes (the search's plot)."""
+    from nnopt.ir.model import make_output_folder, remove_stale_temporaries, temporary_prefix
+
+    tmp: str | None = None
+    try:
+        remove_stale_temporaries(make_output_folder(path.resolve().parent))
+        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(), dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return Path(tmp)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write: {exc.strerror or first_line(exc)}") from exc
+    except BaseException:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _stage_text(path: Path, text: str) -> Path:

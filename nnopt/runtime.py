@@ -199,6 +199,22 @@ def run_model(
         _WATCHDOG.release(watch)
 
 
+#: Intra-op threads of the sessions ``make_session`` creates; None: onnxruntime's default (one per core).
+_SESSION_THREADS: int | None = None
+
+
+def set_session_threads(threads: int | None) -> None:
+    """Make later ``make_session`` sessions use ``threads`` intra-op threads (None: onnxruntime's default).
+
+    For processes that share the machine: a search's N worker processes on C cores each set about C // N,
+    where onnxruntime's default (C threads in each) would oversubscribe the cores N times over.
+    """
+    global _SESSION_THREADS
+    if threads is not None and threads < 1:
+        raise ValueError(f"session threads must be at least 1, got {threads}")
+    _SESSION_THREADS = threads
+
+
 def make_session(
     model: Model | onnx.ModelProto | str | os.PathLike[str], *, optimize: bool = False
 ) -> ort.InferenceSession:
@@ -207,7 +223,7 @@ def make_session(
     ``optimize=False`` disables onnxruntime's graph optimisations so that verification runs the graph as
     nnopt wrote it; timing uses ``optimize=True``, as a deployment would. Models whose tensors exceed
     ``EXTERNAL_DATA_THRESHOLD`` cannot be serialised in memory: they are written with external data to a
-    temporary folder and opened by path.
+    temporary folder and opened by path. Sessions use ``set_session_threads``'s intra-op thread count.
 
     Raises:
         RuntimeUnavailable: onnxruntime cannot load the model.
@@ -217,6 +233,8 @@ def make_session(
     options.log_severity_level = 4
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if _SESSION_THREADS is not None:
+        options.intra_op_num_threads = _SESSION_THREADS
     try:
         if isinstance(model, (str, os.PathLike)):
             return ort.InferenceSession(str(model), options, providers=_PROVIDERS)

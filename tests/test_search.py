@@ -172,8 +172,11 @@ def _fake_results(model: dict[str, tuple[float, float]]) -> Any:
         for config in configs:
             drop = sum(model[f"{k}={v}"][0] for k, v in config.items())
             size = 1000 - sum(model[f"{k}={v}"][1] for k, v in config.items())
+            # The quantize pass's SQNR per int8 layer: lower where the layer costs more.
+            layers = {k.rsplit("/", 1)[0]: {"own_sqnr_db": 40.0 - 1000 * model[f"{k}={v}"][0]}
+                      for k, v in config.items() if v == "int8"}
             out.append(CandidateResult(config_key(config), config, 1.0 - drop, drop, size_bytes=int(size),
-                                       distortion=drop))
+                                       distortion=drop, extra={"layers": layers}))
         return out
 
     run.calls = calls  # type: ignore[attr-defined]
@@ -214,6 +217,8 @@ def test_level1_reverts_the_most_harmful_layers_first() -> None:
     outcome = level1(space, run, max_drop=0.01, objective="size")
     assert outcome.best is not None
     assert outcome.best.config == {"l0/weights": "int8", "l2/weights": "int8"}  # l1 then l3 reverted
+    # All int8 and the float model, then one round of probes (1, 2 and 3 layers reverted): 5 candidates.
+    assert [len(c) for c in run.calls] == [2, 3]
     assert best_of([outcome.best], 0.01, "size") == outcome.best
 
 
@@ -249,6 +254,10 @@ def test_level1_on_the_digits_cnn_stays_within_the_drop_on_unseen_images(digits_
     assert out.stat().st_size < 0.3 * digits_files["model"].stat().st_size
     assert _accuracy(result, digits_files["test"]) >= _accuracy(original, digits_files["test"]) - 0.01
     assert chosen["measured_latency_s"] > 0 and rep["evaluations"] == 2
+    assert rep["front"] and rep["meets_constraint"] and rep["original"]["size"] == digits_files["model"].stat().st_size
+    png = report.with_suffix(".png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l1.json", "l1.onnx", "l1.png"]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -288,3 +297,39 @@ def test_level_needs_data(digits_files: dict[str, Path], tmp_path: Path, capsys:
     code = main(["optimize", str(digits_files["model"]), "-o", str(tmp_path / "o.onnx"), "--level", "1"])
     assert code == 2 and "--level needs --data" in capsys.readouterr().err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_strict_search_with_nothing_within_the_drop_exits_3(digits_files: dict[str, Path], tmp_path: Path,
+                                                            capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A metric that only the original's exact outputs pass: the first outputs it sees are the original's
+    # (the baseline); folding BatchNorm already moves the last bits, so no candidate, not even the cleaned
+    # float model, stays within the drop.
+    seen: list[np.ndarray] = []
+
+    def exact(outputs: dict[str, np.ndarray], data: dict[str, np.ndarray]) -> float:
+        if not seen:
+            seen.append(outputs["logits"])
+        return float(np.array_equal(outputs["logits"], seen[0]))
+
+    module = types.ModuleType("exact_metric_module")
+    module.exact = exact  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "exact_metric_module", module)
+    out = tmp_path / "o.onnx"
+    code = main(["optimize", str(digits_files["model"]), "-o", str(out), "--level", "1", "--data",
+                 str(digits_files["calib"]), "--eval", str(digits_files["eval"]), "--metric", "exact_metric_module:exact",
+                 "--max-drop", "0.5", "--strict", "--workers", "1", "--no-plugins"])
+    err = capsys.readouterr().err
+    assert code == 3 and "no candidate stayed within --max-drop 0.5: the closest" in err
+    assert "dropped 1.0000" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_python_api_compress(digits_files: dict[str, Path]) -> None:
+    import nnopt
+
+    model, report = nnopt.compress(digits_files["model"], data=digits_files["calib"], eval_data=digits_files["eval"],
+                                   level=1, max_drop=0.01, metric="top1", workers=1, load_plugins=False)
+    chosen = report.candidate(report.chosen)
+    assert report.meets_constraint and chosen is not None and chosen.drop is not None and chosen.drop <= 0.01
+    assert model.to_proto().ByteSize() == chosen.size_bytes
+    assert _accuracy(model.to_proto(), digits_files["test"]) >= 0.97

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from nnopt.search.evaldata import load_search_data
 from nnopt.search.evaluate import SharedInputs, build_candidate, evaluate, run_outputs
 from nnopt.search.levels import Outcome, best_of, closest_of, level1, level2
 from nnopt.search.metrics import DEFAULT_LABELS_KEY, resolve_metric
+from nnopt.search.report import SearchReport, pareto_front
 from nnopt.search.space import SearchSpace, build_space
 
 LEVELS = (1, 2, 3)
@@ -139,16 +140,17 @@ def _objective_text(result: CandidateResult, objective: str) -> str:
 
 def search(model: Model | onnx.ModelProto | str | os.PathLike[str], *, data: str | os.PathLike[str],
            settings: SearchSettings, eval_data: str | os.PathLike[str] | None = None,
-           log: Log | None = None, executor: Any = None) -> tuple[Model, dict[str, Any]]:
+           log: Log | None = None, executor: Any = None) -> tuple[Model, SearchReport]:
     """Search for the smallest (or fastest) model whose metric drops at most ``settings.max_drop``.
 
-    Returns the chosen model and the report (a JSON-ready dict). Under ``strict``, when no candidate stays
+    Returns the chosen model and the report. Under ``strict``, when no candidate stays
     within the drop, raises ``SearchFailed`` carrying the report with the closest candidate.
     """
     started = time.monotonic()
     budget = settings.time_budget or (DEFAULT_TIME_BUDGET_S if settings.level == 3 else None)
     deadline = started + budget * (1 - FINISH_RESERVE) if budget is not None else None
-    original = load_model(model).to_proto() if not isinstance(model, onnx.ModelProto) else model
+    original = (model.to_proto() if isinstance(model, Model) else
+                model if isinstance(model, onnx.ModelProto) else load_model(model).to_proto())
     shared, notes = _prepare(original, data, eval_data, settings, log)
     if executor is None:
         executor = _make_executor(settings)
@@ -159,22 +161,39 @@ def search(model: Model | onnx.ModelProto | str | os.PathLike[str], *, data: str
     finally:
         if hasattr(executor, "close"):
             executor.close()
-    chosen, model_out, finish_notes = _finish(shared, runs, outcome, settings)
+    chosen, model_out, finish_notes = _finish(shared, runs, outcome, settings, study)
     results = list(runs.results.values())
-    final_config = chosen.config if chosen is not None else {}
-    report = {
-        "level": settings.level, "metric": _metric_name(settings, shared), "drop_type": settings.drop_type,
-        "max_drop": settings.max_drop, "objective": settings.objective, "baseline_metric": shared.baseline,
-        "eval_data": notes[0], "notes": notes[1:] + outcome.notes + finish_notes,
-        "candidates": [r.to_dict() for r in results], "chosen": chosen.key if chosen else None,
-        "closest": (closest_of(results).key if chosen is None and closest_of(results) else None),
-        "decisions": _decisions(shared.space, final_config, outcome),
-        "evaluations": runs.evaluated, "seconds": time.monotonic() - started,
-        "executor": getattr(executor, "name", type(executor).__name__), "seed": settings.seed,
-    }
+    report = SearchReport(
+        level=settings.level, metric=shared.metric, drop_type=settings.drop_type, max_drop=settings.max_drop,
+        objective=settings.objective, baseline_metric=shared.baseline, eval_data=notes[0], candidates=results,
+        front=[r.key for r in pareto_front(results, settings.objective)],
+        chosen=chosen.key if chosen is not None else _key(closest_of(results)),
+        meets_constraint=chosen is not None,
+        decisions=_decisions(shared.space, chosen.config if chosen is not None else {}, outcome),
+        seconds=time.monotonic() - started, evaluations=runs.evaluated,
+        notes=[*notes[1:], *outcome.notes, *finish_notes, f"executor: {getattr(executor, 'name', 'serial')}"],
+        original=_original_figures(model, original, runs),
+    )
     if chosen is None and settings.strict:
-        raise SearchFailed("no candidate stayed within --max-drop", report)
+        closest = closest_of(results)
+        what = (f"the closest, {closest.key}, dropped {closest.drop:.4f} ({closest.size_bytes:,} bytes)"
+                if closest is not None and closest.drop is not None else "every candidate failed")
+        raise SearchFailed(f"no candidate stayed within --max-drop {settings.max_drop}: {what}", report)
     return model_out, report
+
+
+def compress(model: Model | onnx.ModelProto | str | os.PathLike[str], *, data: str | os.PathLike[str],
+             level: int = 2, max_drop: float = 0.01, eval_data: str | os.PathLike[str] | None = None,
+             log: Log | None = None, **settings: Any) -> tuple[Model, SearchReport]:
+    """The search in one call: ``nnopt.compress("m.onnx", data="calib.npz", eval_data="eval.npz", level=2,
+    max_drop=0.01, metric="top1")`` returns the chosen model and the report (``SearchSettings`` names the
+    other keyword arguments: objective, time_budget, workers, ray_address, study, seed, strict, ...)."""
+    return search(model, data=data, eval_data=eval_data, log=log,
+                  settings=SearchSettings(level=level, max_drop=max_drop, **settings))
+
+
+def _key(result: CandidateResult | None) -> str | None:
+    return result.key if result is not None else None
 
 
 class SearchFailed(InputError):
@@ -182,7 +201,7 @@ class SearchFailed(InputError):
 
     exit_code = 3
 
-    def __init__(self, message: str, report: dict[str, Any]) -> None:
+    def __init__(self, message: str, report: SearchReport) -> None:
         super().__init__(message)
         self.report = report
 
@@ -224,10 +243,6 @@ def _torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-def _metric_name(settings: SearchSettings, shared: SharedInputs) -> str:
-    return shared.metric
-
-
 def _strategy(settings: SearchSettings, space: SearchSpace, runs: Evaluations, deadline: float | None) -> Outcome:
     if settings.level == 1:
         return level1(space, runs, max_drop=settings.max_drop, objective=settings.objective, deadline=deadline)
@@ -243,15 +258,15 @@ def _joint(settings: SearchSettings, space: SearchSpace, runs: Evaluations, dead
     from nnopt.search.joint import joint_search
 
     seeds = [start.best.config] if start.best is not None else []
-    joint_search(space.params, runs, objective=settings.objective, max_drop=settings.max_drop,
-                           seed=settings.seed, deadline=deadline if deadline is not None else math.inf,
-                           batch_size=JOINT_BATCH, start=seeds)
+    joint_search(space.params, runs, objective=settings.objective, max_drop=settings.max_drop, seed=settings.seed,
+                 deadline=deadline if deadline is not None else math.inf, batch_size=JOINT_BATCH, start=seeds,
+                 known=list(runs.results.values()))
     best = best_of(list(runs.results.values()), settings.max_drop, settings.objective)
     return dataclasses.replace(start, best=best or start.best)
 
 
-def _finish(shared: SharedInputs, runs: Evaluations, outcome: Outcome,
-            settings: SearchSettings) -> tuple[CandidateResult | None, Model, list[str]]:
+def _finish(shared: SharedInputs, runs: Evaluations, outcome: Outcome, settings: SearchSettings,
+            study: Any) -> tuple[CandidateResult | None, Model, list[str]]:
     """Rebuild the finalists, measure their latency in onnxruntime against the base model, choose.
 
     The cost model ranks candidates during the search; the end is measured. With ``--objective latency``
@@ -271,6 +286,8 @@ def _finish(shared: SharedInputs, runs: Evaluations, outcome: Outcome,
     measured = _measure_latencies(protos, shared.eval_samples[0], settings.input_shapes)
     for key, seconds in measured.items():
         runs.results[key] = dataclasses.replace(runs.results[key], measured_latency_s=seconds)
+        if study is not None:
+            study.add(runs.results[key])  # replaces the stored result: a resumed run reports the timing too
     notes: list[str] = []
     if timed and best is not None:
         fastest = min(finalists, key=lambda r: (measured[r.key], r.key))
@@ -283,6 +300,9 @@ def _finish(shared: SharedInputs, runs: Evaluations, outcome: Outcome,
         best = fastest
     chosen = runs.results[best.key] if best is not None else None
     key = chosen.key if chosen is not None else base.key
+    if study is not None:  # the models built here: the chosen one and the finalists timed
+        for built, proto in protos.items():
+            study.save_model(built, proto.SerializeToString())
     return chosen, Model.from_proto(protos[key], copy_proto=False), notes
 
 
@@ -301,32 +321,32 @@ def _measure_latencies(protos: dict[str, onnx.ModelProto], feeds: dict[str, Any]
 
 
 def _decisions(space: SearchSpace, config: Configuration, outcome: Outcome) -> list[dict[str, Any]]:
-    """Per layer and technique: the choice made, and each choice's measured damage and drop alone."""
+    """Per layer and technique: the choice made; ``sensitivity``, the outputs' distortion (1 - cosine) that
+    choice caused alone; ``measured``, every choice's distortion, drop and size alone (why the others lost)."""
     rows = space.decisions(config)
     for row in rows:
-        measured = outcome.sensitivities.get(f"{row['layer']}/{row['technique']}", {})
-        row["sensitivity"] = {str(value): {"drop": r.drop, "distortion": r.distortion,
-                                           "size_bytes": r.size_bytes, "error": r.error}
-                              for value, r in measured.items()}
+        name = f"{row['layer']}/{row['technique']}"
+        measured = outcome.sensitivities.get(name, {})
+        row["changed"] = row["choice"] != space.params[name][0]
+        made = measured.get(row["choice"])
+        row["sensitivity"] = made.distortion if made is not None else None
+        row["measured"] = {str(value): {"drop": r.drop, "distortion": r.distortion, "size_bytes": r.size_bytes,
+                                        "error": r.error} for value, r in measured.items()}
     return rows
 
 
-class _Serial:
-    name = "serial"
-    workers = 1
-
-    def map(self, fn: Callable[[Any, Any], Any], shared: Any, items: Sequence[Any]) -> list[Any]:
-        return [fn(shared, item) for item in items]
-
-    def close(self) -> None:
-        pass
+def _original_figures(source: Any, original: onnx.ModelProto, runs: Evaluations) -> dict[str, float | None]:
+    """The original file's size, and the cleaned float model's FLOPs and latency (measured when it was timed)."""
+    base = next((r for r in runs.results.values() if not r.config), None)
+    on_disk = isinstance(source, str | os.PathLike) and Path(source).is_file()
+    return {"size": float(Path(source).stat().st_size if on_disk else original.ByteSize()),
+            "flops": base.flops if base is not None else None,
+            "latency": (base.measured_latency_s or base.latency_s) if base is not None else None}
 
 
 def _make_executor(settings: SearchSettings) -> Any:
-    try:
-        from nnopt.search.executors import make_executor
-    except ImportError:
-        return _Serial()
+    from nnopt.search.executors import make_executor
+
     return make_executor(settings.workers, settings.ray_address)
 
 

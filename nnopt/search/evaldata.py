@@ -98,7 +98,7 @@ def _npz(samples: list[dict[str, np.ndarray]], labels: np.ndarray | None) -> byt
     if labels is not None:
         arrays["labels"] = labels
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub takes the first keyword for allow_pickle
     return buffer.getvalue()
 
 

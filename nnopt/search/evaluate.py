@@ -81,7 +81,7 @@ def evaluate(shared: SharedInputs, config: Configuration) -> CandidateResult:
     started = time.perf_counter()
     key = config_key(config)
     try:
-        proto = build_candidate(shared, config)
+        proto, figures = _build(shared, config)
         outputs = run_outputs(proto, shared.eval_samples)
         bad = [name for name, value in outputs.items() if value.dtype.kind == "f" and not np.isfinite(value).all()]
         if bad:
@@ -95,22 +95,38 @@ def evaluate(shared: SharedInputs, config: Configuration) -> CandidateResult:
         key, config, metric, drop(shared.baseline, metric, shared.drop_type),
         size_bytes=proto.ByteSize(), flops=costs["flops"], latency_s=costs["latency_s"],
         distortion=1.0 - _cosine(outputs, shared.reference_outputs), seconds=time.perf_counter() - started,
+        extra={"layers": figures} if figures else {},
     )
+
+
+#: Per-layer figures of the passes' reports kept with a candidate (quantize's SQNR ranks layers by harm).
+KEPT_FIGURES = ("sqnr_db", "own_sqnr_db")
 
 
 def build_candidate(shared: SharedInputs, config: Configuration) -> onnx.ModelProto:
     """The candidate model: the base model through the passes ``config`` stands for (unverified: the
     evaluation data judges it)."""
+    return _build(shared, config)[0]
+
+
+def _build(shared: SharedInputs, config: Configuration) -> tuple[onnx.ModelProto, dict[str, dict[str, Any]]]:
+    """``build_candidate``, plus the per-layer figures (``KEPT_FIGURES``) its passes reported."""
     from nnopt.api import Pipeline
 
     passes = shared.space.pipeline(config)
     base = onnx.load_from_string(shared.base_model)
     if not passes:
-        return base
+        return base, {}
     pipeline = Pipeline(passes, data=_calibration_file(shared.calibration), seed=shared.seed, verify=False,
                         fixed_point=False, input_shapes=dict(shared.input_shapes), hardware=shared.hardware)
-    model, _ = pipeline.run(base, plugins=_plugins(shared.load_plugins))
-    return model.to_proto()
+    model, report = pipeline.run(base, plugins=_plugins(shared.load_plugins))
+    figures: dict[str, dict[str, Any]] = {}
+    for record in report.passes:
+        for layer in record.layers:
+            kept = {k: layer[k] for k in KEPT_FIGURES if layer.get(k) is not None}
+            if kept:
+                figures.setdefault(layer["node"], {}).update(kept)
+    return model.to_proto(), figures
 
 
 def run_outputs(proto: onnx.ModelProto, samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from nnopt.search.candidate import CandidateResult, Configuration
 from nnopt.search.space import SearchSpace
 
@@ -26,6 +28,8 @@ Run = Callable[[list[Configuration]], list[CandidateResult]]
 #: Candidates evaluated together in the threshold search: fixed, not the worker count, so that the
 #: sequence of candidates is the same on one worker or many.
 PROBES_PER_ROUND = 4
+#: Single choices measured per round of level 2's sensitivity phase (the deadline is checked between rounds).
+SINGLES_PER_ROUND = 8
 
 
 @dataclass
@@ -61,44 +65,71 @@ def level1(space: SearchSpace, run: Run, *, max_drop: float, objective: str,
     params = [name for name in space.params if name.endswith("/weights")]
     everything = {name: "int8" for name in params}
     base, whole = run([{}, everything])
-    if whole.feasible(max_drop) or not params:
-        return Outcome(whole if whole.feasible(max_drop) else base)
-    singles = dict(zip(params, run([{name: "int8"} for name in params])))
-    harm = {name: (r.distortion if not r.failed and r.distortion is not None else float("inf"))
-            for name, r in singles.items()}
-    order = sorted(params, key=lambda name: (-harm[name], name))
-    current = dict(everything)
+    if whole.feasible(max_drop) or not params or whole.failed:
+        return Outcome(whole if whole.feasible(max_drop) else base, {n: {"int8": whole} for n in params})
+    order = harm_order(whole, params)
+    # Reverting the k most harmful layers: the smallest k that holds the drop, found with batches of probes.
+    low, high = 0, len(order)  # reverting `high` layers (all) is the float model: known to hold
     tried: list[CandidateResult] = [whole]
-    for name in order[:-1]:
-        if _expired(deadline):
-            break
-        del current[name]
-        (result,) = run([dict(current)])
-        tried.append(result)
-        if result.feasible(max_drop):
-            break
+    while high - low > 1 and not _expired(deadline):
+        probes = [k for k in _probe_points(low, high - 1) if k > low]
+        results = run([{name: "int8" for name in order[k:]} for k in probes])
+        tried += results
+        for k, result in zip(probes, results):
+            if result.feasible(max_drop):
+                high = min(high, k)
+                break
+            low = max(low, k)
     best = best_of(tried, max_drop, objective)
-    notes = [] if best is not None else ["no int8 configuration stayed within the drop: the float model is kept"]
-    return Outcome(best or base, {name: {"int8": r} for name, r in singles.items()}, notes)
+    notes = [f"{high} of {len(order)} int8 layers reverted to float, most harmful first: {_names(order[:high])}"
+             ] if best is not None and 0 < high < len(order) else []
+    if best is None:
+        notes.append("no int8 configuration stayed within the drop: the float model is kept")
+    return Outcome(best or base, {n: {"int8": whole} for n in params}, notes)
+
+
+def _names(params: list[str], shown: int = 8) -> str:
+    names = [name.rsplit("/", 1)[0] for name in params]
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def harm_order(quantized: CandidateResult, params: list[str]) -> list[str]:
+    """``LAYER/weights`` parameters, the most harmful int8 layer first: lowest own SQNR (the noise the layer
+    adds itself), else the lowest SQNR of its output, as the quantize pass measured them on the data."""
+    layers = quantized.extra.get("layers", {})
+
+    def sqnr(name: str) -> float:
+        figures = layers.get(name.rsplit("/", 1)[0], {})
+        value = figures.get("own_sqnr_db", figures.get("sqnr_db"))
+        return float(value) if value is not None else float("inf")
+
+    return sorted(params, key=lambda name: (sqnr(name), name))
 
 
 def level2(space: SearchSpace, run: Run, *, max_drop: float, objective: str,
            deadline: float | None = None) -> Outcome:
-    """Per-layer sensitivity of every choice, then the largest damage threshold whose combination holds."""
-    singles = [(name, value) for name, choices in space.params.items() if name != "distill"
-               for value in choices[1:]]
-    base, *measured = run([{}] + [{name: value} for name, value in singles])
+    """Uniform settings first, then per-layer sensitivity of every choice, then the largest damage threshold
+    whose combination holds the drop."""
+    base, *uniform = run([{}] + uniform_configs(space))
+    tried = [base] + uniform
     sensitivities: dict[str, dict[Any, CandidateResult]] = {}
-    for (name, value), result in zip(singles, measured):
-        sensitivities.setdefault(name, {})[value] = result
+    singles = single_choices(space)
+    notes: list[str] = []
+    for start in range(0, len(singles), SINGLES_PER_ROUND):
+        if _expired(deadline):
+            notes.append(f"time budget reached: {start} of {len(singles)} single choices measured (the largest "
+                         "layers first); the others were not tried")
+            break
+        chunk = singles[start:start + SINGLES_PER_ROUND]
+        for (name, value), result in zip(chunk, run([{name: value} for name, value in chunk])):
+            sensitivities.setdefault(name, {})[value] = result
+            tried.append(result)
     options = _useful_choices(base, sensitivities, max_drop, objective)
     thresholds = sorted({damage for choices in options.values() for _, damage, _ in choices})
-    tried = [base] + [r for r in measured if r.feasible(max_drop)]
     low, high = -1, len(thresholds) - 1  # thresholds[low] is known feasible (-1: nothing changed)
     while low < high and not _expired(deadline):
         probes = _probe_points(low, high)
-        configs = [_combine(options, thresholds[i]) for i in probes]
-        results = run(configs)
+        results = run([_combine(options, thresholds[i]) for i in probes])
         tried += results
         for index, result in zip(probes, results):
             if result.feasible(max_drop):
@@ -107,7 +138,29 @@ def level2(space: SearchSpace, run: Run, *, max_drop: float, objective: str,
                 high = min(high, index - 1)
                 break
     best = best_of(tried, max_drop, objective)
-    return Outcome(best or base, sensitivities)
+    return Outcome(best or base, sensitivities, notes)
+
+
+def uniform_configs(space: SearchSpace) -> list[Configuration]:
+    """One candidate per (technique, choice) applied to every layer that has the parameter: cheap, and a
+    good answer on models with many similar layers."""
+    by_technique: dict[str, list[str]] = {}
+    for name in space.params:
+        if "/" in name:
+            by_technique.setdefault(name.rsplit("/", 1)[1], []).append(name)
+    configs = []
+    for names in by_technique.values():
+        values = list(dict.fromkeys(v for name in names for v in space.params[name][1:]))
+        configs += [{name: value for name in names if value in space.params[name]} for value in values]
+    return configs
+
+
+def single_choices(space: SearchSpace) -> list[tuple[str, Any]]:
+    """Every (parameter, choice) other than "no change", the largest layers first (they save the most)."""
+    size = {layer.name: int(np.prod(layer.weight_shape)) for layer in space.layers}
+    names = [n for n in space.params if n != "distill"]
+    names.sort(key=lambda n: (-size.get(n.rsplit("/", 1)[0], 0), n))
+    return [(name, value) for name in names for value in space.params[name][1:]]
 
 
 def _useful_choices(base: CandidateResult, sensitivities: dict[str, dict[Any, CandidateResult]],

@@ -151,4 +151,4 @@ def _import_function(spec: str) -> MetricFunction:
         function = getattr(function, part, None)
     if not callable(function):
         raise InputError(f"--metric {spec}: {module_name} has no function {attr}")
-    return function  # type: ignore[no-any-return]
+    return function

@@ -36,6 +36,9 @@ LAYER_OPS = ("Conv", "Gemm", "MatMul")
 MIN_LAYER_WEIGHTS = 64
 #: The smallest rank a factorisation is worth trying at (below it, the rank choices collapse).
 MIN_RANK = 4
+#: distill inside the search: bounded by epochs only, so that a candidate is the same on a slow machine or a
+#: busy worker (a time limit would cut training at a different step).
+DISTILL_OPTIONS = {"epochs": 10, "max_seconds": 86400.0}
 #: Techniques a level may search: level 1 int8 only; level 2 and 3 everything.
 TECHNIQUES = ("prune", "rank", "weights")
 
@@ -96,7 +99,7 @@ class SearchSpace:
                 passes.append(("svd", {"rank": rank, "nodes": [_pattern(layer.name)], "min_param_saving": 0.0}))
                 factored.add(layer.name)
         if choice.get("distill"):
-            passes.append(("distill", {}))
+            passes.append(("distill", dict(DISTILL_OPTIONS)))
         kmeans: dict[int, list[str]] = {}
         floats: list[str] = []
         any_int8 = False
