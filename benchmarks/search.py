@@ -519,7 +519,9 @@ def run_row(model: SearchModel, setting: Setting, out: Path, options: argparse.N
 
 
 def bench_model(model: SearchModel, settings: list[Setting], options: argparse.Namespace, tmp: Path,
-                ) -> dict[str, Any]:
+                on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every row of ``settings`` on ``model``, then their latency; ``on_row`` gets the model's result so far
+    (untimed) after each row, so a run stopped midway keeps what it measured."""
     reference = outputs(model.path, model.test_x)
     original = file_figures(model.path, model.input_shapes)
     rows: list[dict[str, Any]] = []
@@ -530,6 +532,10 @@ def bench_model(model: SearchModel, settings: list[Setting], options: argparse.N
         print(f"  {setting.key} ...", file=sys.stderr, flush=True)
         row = run_row(model, setting, out, options, reference, original)
         rows.append(row)
+        if on_row is not None:
+            on_row({"model": model.key, "file": model.path.name, "metric": model.metric, "note": model.note,
+                    "test_count": len(model.test_labels), "original": original,
+                    "latency": {"original_s": {}, "aa_ratio": {}}, "settings": rows})
         if "drop" not in row:
             print(f"  {setting.key}: {row['status']}: {row['notes']}", file=sys.stderr, flush=True)
             continue
@@ -878,6 +884,13 @@ def main(argv: list[str] | None = None) -> int:
     payload: dict[str, Any] = {"machine": info, "settings": wanted, "workers": args.workers, "runs": args.runs,
                                "rounds": args.rounds, "threads": args.threads, "time_budget": args.budget,
                                "skipped": [], "models": [], "partial": True}
+
+    def partial(result: dict[str, Any]) -> None:
+        """The run so far with the model being measured (``bench_model``'s ``on_row``)."""
+        models = [*payload["models"], result]
+        write(_jsonable({**payload, "models": models, "goals": goals(models),
+                         "seconds": time.perf_counter() - started}), out)
+
     with tempfile.TemporaryDirectory(prefix="nnopt-search-") as tmp:
         for key in keys:
             model = prepare(key, Path(tmp), args.quick)
@@ -886,11 +899,10 @@ def main(argv: list[str] | None = None) -> int:
                 payload["skipped"].append(model)
                 continue
             print(f"{model.key}:", file=sys.stderr, flush=True)
-            payload["models"].append(bench_model(model, [known[k] for k in wanted], args, Path(tmp)))
+            payload["models"].append(bench_model(model, [known[k] for k in wanted], args, Path(tmp), partial))
             # Written after every model, marked partial, so a stopped run leaves what it measured.
             payload.update(goals=goals(payload["models"]), seconds=time.perf_counter() - started)
-            payload = _jsonable(payload)
-            write(payload, out)
+            write(_jsonable(payload), out)
     payload.update(partial=False, goals=goals(payload["models"]), seconds=time.perf_counter() - started)
     text = write(_jsonable(payload), out)
     print(text)
