@@ -146,6 +146,8 @@ def test_goals_from_fake_results() -> None:
     assert met[("digits", "level 1 wall time ≤ 2 min")] == "yes"
     assert met[("digits", "level 3 --objective size ≤ 0.07× file")] == "yes"
     assert met[("digits", "level 3 (size) honours --time-budget within 10 %")] == "yes"  # 320 s ≤ 330 s
+    assert got[("digits", "level 3 (size) honours --time-budget within 10 %")]["value"] == \
+        "320 s wall for a 300 s budget"
     assert met[("digits", "level 3 (latency) within the drop on the test set")] == "**no** (failed)"
     assert "nnopt: error: boom" in got[("digits", "level 3 (latency) within the drop on the test set")]["value"]
     assert met[("digits", "level 2 (latency) within the drop on the test set")] == "not measured"
