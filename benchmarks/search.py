@@ -793,6 +793,9 @@ def to_markdown(payload: dict[str, Any]) -> str:
         *(f"| {g['model']} | {g['goal']} | {g['value']} | {g['met']} |" for g in payload["goals"]),
         "",
     ]
+    # Findings: prose written after a run, kept in the JSON (``findings``) so that --render keeps it.
+    if payload.get("findings"):
+        head += ["## Findings", "", *(f"- {f}" for f in payload["findings"]), ""]
     body = [line for result in payload["models"] for line in model_table(result)]
     tail = ["Skipped:", "", *(f"- {s}" for s in payload["skipped"]), ""] if payload["skipped"] else []
     return "\n".join(head + body + tail)
@@ -860,6 +863,7 @@ def combine(paths: list[str], out: Path | None = None) -> dict[str, Any]:
     commits = [str(p["machine"].get("commit", "unknown")) for p in payloads]
     merged["machine"]["commit"] = " ; ".join(commits) if len(set(commits)) > 1 else commits[0]
     merged["goals"] = goals(merged["models"])
+    merged["findings"] = [f for p in payloads for f in p.get("findings", [])]
     return merged
 
 
