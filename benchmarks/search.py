@@ -306,7 +306,9 @@ def run_nnopt(model: SearchModel, setting: Setting, out: Path, options: argparse
         row["report"] = _report_summary(work / "report.json")
     if proc.returncode != 0 or not out.exists():
         why = tail[-1] if tail else f"exit {proc.returncode}, no output"
-        row.update(status="error", notes=[why])
+        # A negative code is a signal: the run was stopped from outside (by hand, or the machine), not failed.
+        status = f"stopped (signal {-proc.returncode})" if proc.returncode < 0 else "error"
+        row.update(status=status, notes=[f"last line: {why}" if proc.returncode < 0 else why])
         return row
     row.update(status="applied", notes=[])
     return row
