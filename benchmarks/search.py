@@ -667,7 +667,10 @@ def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if row is None and ran is None:
                 line.update(value="–", met="not measured")
             elif row is None:
-                line.update(value=f"{ran['status']}: {'; '.join(ran.get('notes', []))[:160]}", met="**no** (failed)")
+                # Stopped from outside is no verdict on the search; an error is.
+                stopped = ran["status"].startswith("stopped")
+                line.update(value=f"{ran['status']}: {'; '.join(ran.get('notes', []))[:160]}",
+                            met="not measured (stopped)" if stopped else "**no** (failed)")
             else:
                 value, met = goal.check(row, result)
                 line.update(value=value, met="yes" if met else "**no**")
