@@ -41,8 +41,11 @@ FINISH_RESERVE = 0.08
 #: Timed runs per model per round, and rounds, when the front's latencies are measured (interleaved).
 LATENCY_RUNS = 20
 LATENCY_ROUNDS = 3
-#: Candidates within the drop timed at the end when latency counts (the cost model's fastest few).
+#: Candidates within the drop timed at the end when latency counts (the cost model's fastest few), and the
+#: cost model's fastest few with int8 layers besides: it estimates int8 kernels slower than float, while
+#: onnxruntime ran the orientation CNN's int8 model at 0.51x float at batch 32 (see issue #16).
 LATENCY_FINALISTS = 4
+INT8_FINALISTS = 2
 #: Candidates evaluated together in level 3's joint search (fixed, so that any executor gives the same ones).
 JOINT_BATCH = 4
 
@@ -287,7 +290,7 @@ def _round_estimate(runs: Evaluations, batch: int) -> float:
 def _finish_estimate(settings: SearchSettings, runs: Evaluations) -> float:
     """How long ``_finish`` will take: rebuilding its finalists (in parallel) and timing them."""
     timed = settings.objective == "latency" or settings.level == 1
-    finalists = (LATENCY_FINALISTS if timed else 1) + 1  # + the base model
+    finalists = (LATENCY_FINALISTS + INT8_FINALISTS if timed else 1) + 1  # + the base model
     return _round_estimate(runs, finalists) + 2.0 * finalists  # timing: rounds of runs, sessions made
 
 
@@ -306,6 +309,9 @@ def _finish(shared: SharedInputs, runs: Evaluations, outcome: Outcome, settings:
     best = outcome.best if outcome.best is not None and outcome.best.feasible(settings.max_drop) else None
     timed = settings.objective == "latency" or settings.level == 1
     finalists = feasible[:LATENCY_FINALISTS] if timed else [best] if best is not None else []
+    if timed:  # the cost model rates int8 slower than float on CPUs where it runs faster: time some anyway
+        with_int8 = [r for r in feasible if "int8" in r.config.values() and r not in finalists]
+        finalists += with_int8[:INT8_FINALISTS]
     base = runs([{}])[0]
     finalists = [r for r in finalists if r.key != base.key] + [base]
     built = runs.executor.map(build_bytes, shared, [r.config for r in finalists])  # in parallel, as evaluated
