@@ -156,6 +156,10 @@ def search(model: Model | onnx.ModelProto | str | os.PathLike[str], *, data: str
     deadline = started + budget * (1 - FINISH_RESERVE) if budget is not None else None
     original = (model.to_proto() if isinstance(model, Model) else
                 model if isinstance(model, onnx.ModelProto) else load_model(model).to_proto())
+    if settings.level == 3:  # a missing extra fails before any work, not after level 2
+        from nnopt.search.joint import import_optuna
+
+        import_optuna()
     if executor is None:  # first: an unreachable cluster fails before any work
         executor = _make_executor(settings)
     try:
