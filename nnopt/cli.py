@@ -269,13 +269,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_optimize(args: argparse.Namespace) -> int:
     from nnopt.api import Pipeline
     from nnopt.cost import parse_input_shapes
-    from nnopt.ir.model import load_model, save_model
+    from nnopt.ir.model import load_model
     from nnopt.pipeline.progress import StreamProgress
 
     src = Path(args.model)
     dst = Path(args.output)
     report_path = Path(args.report) if args.report else None
-    input_files = _check_outputs(src, [dst] + ([report_path] if report_path else []))
+    plot_path = report_path.with_suffix(".png") if report_path and args.level is not None else None
+    input_files = _check_outputs(src, [dst] + [p for p in (report_path, plot_path) if p is not None])
     if args.pipeline and args.passes:
         raise InputError("nnopt optimize: give the passes either with -p or in --pipeline FILE, not both")
     _check_search_flags(args)
@@ -290,16 +291,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     progress = None if args.quiet or args.json else StreamProgress(sys.stderr)
     model, report = pipeline.run(model, plugins=plugins, progress=progress)
     external = {"auto": None, "on": True, "off": False}[args.external_data]
-    # Both outputs or neither: the report is staged first, renamed into place only once the model is written.
-    with _sigterm_as_exit():
-        staged = _stage_text(report_path, json.dumps(_finite(report.to_dict()), indent=2) + "\n") if report_path else None
-        try:
-            save_model(model, dst, external_data=external, keep=input_files)
-            if staged is not None and report_path is not None:
-                _commit(staged, report_path)
-        finally:
-            if staged is not None:
-                staged.unlink(missing_ok=True)
+    report_text = json.dumps(_finite(report.to_dict()), indent=2) + "\n"
+    _write_outputs(model, dst, external, input_files, [(report_path, report_text.encode())] if report_path else [])
     if args.json:
         json.dump(_finite(report.to_dict()), sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -340,7 +333,6 @@ def _cmd_search(args: argparse.Namespace, src: Path, dst: Path, report_path: Pat
                 input_files: set[Path]) -> int:
     """``optimize --level N``: search, then write the model, the report and its plot together."""
     from nnopt.cost import parse_input_shapes
-    from nnopt.ir.model import save_model
     from nnopt.search.driver import SearchSettings, search
 
     plugins = _plugins(args)
@@ -358,17 +350,10 @@ def _cmd_search(args: argparse.Namespace, src: Path, dst: Path, report_path: Pat
     external = {"auto": None, "on": True, "off": False}[args.external_data]
     text = report.to_json()
     plot = _search_plot(report) if report_path is not None else None
-    with _sigterm_as_exit():  # the model, the report and its plot: all three or none
-        staged = [(_stage_bytes(path, data), path) for path, data in (
-            (report_path, text.encode()), (report_path.with_suffix(".png") if report_path else None, plot))
-            if path is not None and data is not None]
-        try:
-            save_model(model, dst, external_data=external, keep=input_files)
-            for temporary, path in staged:
-                _commit(temporary, path)
-        finally:
-            for temporary, _ in staged:
-                temporary.unlink(missing_ok=True)
+    png = report_path.with_suffix(".png") if report_path is not None else None
+    extras = [(path, data) for path, data in ((report_path, text.encode()), (png, plot))
+              if path is not None and data is not None]
+    _write_outputs(model, dst, external, input_files, extras)  # the model, the report and its plot: all or none
     if args.json:
         sys.stdout.write(text)
     elif not args.quiet:
@@ -604,8 +589,27 @@ def _check_folder_writable(out: Path) -> None:
         raise OutputError(f"{out}: cannot write: {os.strerror(errno.EACCES)}: {folder}")
 
 
-def _stage_bytes(path: Path, data: bytes) -> Path:
-    """``_stage_text`` for bytes (the search's plot)."""
+def _write_outputs(model: Any, dst: Path, external: bool | None, input_files: set[Path],
+                   side_files: list[tuple[Path, bytes]]) -> None:
+    """Write the model and its side files (report, plot) together: the side files are staged first and
+    renamed into place only once the model is written, so either all of them land or none."""
+    from nnopt.ir.model import save_model
+
+    with _sigterm_as_exit():
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for path, data in side_files:
+                staged.append((_stage(path, data), path))
+            save_model(model, dst, external_data=external, keep=input_files)
+            for temporary, path in staged:
+                _commit(temporary, path)
+        finally:
+            for temporary, _ in staged:
+                temporary.unlink(missing_ok=True)
+
+
+def _stage(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path`` (see ``_commit``); OS failures are OutputErrors."""
     from nnopt.ir.model import make_output_folder, remove_stale_temporaries, temporary_prefix
 
     tmp: str | None = None
@@ -614,27 +618,6 @@ def _stage_bytes(path: Path, data: bytes) -> Path:
         fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(), dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        return Path(tmp)
-    except OSError as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write: {exc.strerror or first_line(exc)}") from exc
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _stage_text(path: Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path`` (see ``_commit``); OS failures are OutputErrors."""
-    from nnopt.ir.model import make_output_folder, remove_stale_temporaries, temporary_prefix
-
-    tmp: str | None = None
-    try:
-        remove_stale_temporaries(make_output_folder(path.resolve().parent))
-        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(), dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
         return Path(tmp)
     except OSError as exc:
         if tmp is not None:
