@@ -24,9 +24,9 @@ from nnopt.ir.model import Model, load_model
 from nnopt.search.candidate import CandidateResult, Configuration, config_key
 from nnopt.search.evaldata import load_search_data
 from nnopt.search.evaluate import SharedInputs, build_bytes, evaluate, run_outputs
-from nnopt.search.levels import Outcome, best_of, closest_of, level1, level2
+from nnopt.search.levels import Outcome, best_of, level1, level2
 from nnopt.search.metrics import DEFAULT_LABELS_KEY, resolve_metric
-from nnopt.search.report import SearchReport, pareto_front
+from nnopt.search.report import SearchReport, choose, pareto_front
 from nnopt.search.space import SearchSpace, build_space
 
 LEVELS = (1, 2, 3)
@@ -179,7 +179,7 @@ def search(model: Model | onnx.ModelProto | str | os.PathLike[str], *, data: str
         level=settings.level, metric=shared.metric, drop_type=settings.drop_type, max_drop=settings.max_drop,
         objective=settings.objective, baseline_metric=shared.baseline, eval_data=notes[0], candidates=results,
         front=[r.key for r in pareto_front(results, settings.objective)],
-        chosen=chosen.key if chosen is not None else _key(closest_of(results)),
+        chosen=chosen.key if chosen is not None else _key(choose(results, settings.objective, settings.max_drop)[0]),
         meets_constraint=chosen is not None,
         decisions=_decisions(shared.space, chosen.config if chosen is not None else {}, outcome),
         seconds=time.monotonic() - started, evaluations=runs.evaluated,
@@ -187,7 +187,7 @@ def search(model: Model | onnx.ModelProto | str | os.PathLike[str], *, data: str
         original=_original_figures(model, original, runs),
     )
     if chosen is None and settings.strict:
-        closest = closest_of(results)
+        closest = choose(results, settings.objective, settings.max_drop)[0]
         what = (f"the closest, {closest.key}, dropped {closest.drop:.4f} ({closest.size_bytes:,} bytes)"
                 if closest is not None and closest.drop is not None else "every candidate failed")
         raise SearchFailed(f"no candidate stayed within --max-drop {settings.max_drop}: {what}", report)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from nnopt.search.candidate import CandidateResult, Configuration
+from nnopt.search.report import choose
 from nnopt.search.space import SearchSpace
 
 Run = Callable[[list[Configuration]], list[CandidateResult]]
@@ -44,17 +45,10 @@ class Outcome:
 
 
 def best_of(results: list[CandidateResult], max_drop: float, objective: str) -> CandidateResult | None:
-    """The feasible result with the lowest objective (ties: the higher metric, then the key)."""
-    feasible = [r for r in results if r.feasible(max_drop)]
-    if not feasible:
-        return None
-    return min(feasible, key=lambda r: (r.objective(objective), -(r.metric or 0.0), r.key))
-
-
-def closest_of(results: list[CandidateResult]) -> CandidateResult | None:
-    """The result with the smallest drop (when none is feasible: the one reported under --strict)."""
-    ok = [r for r in results if not r.failed and r.drop is not None]
-    return min(ok, key=lambda r: (r.drop, r.key)) if ok else None
+    """The feasible result with the lowest objective (ties: the higher metric, then the key), or None
+    (the report's ``choose``, which also names the closest when none is feasible)."""
+    chosen, meets = choose(results, objective, max_drop)
+    return chosen if meets else None
 
 
 def _expired(deadline: float | None) -> bool:
