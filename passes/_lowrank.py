@@ -18,6 +18,7 @@ from nnopt.ir.constants import constant_values
 from nnopt.ir.model import Model, splice_nodes
 from nnopt.ir.naming import taken_names, unique_name
 from nnopt.ir.walk import is_onnx_op
+from nnopt.passes._latency import Verdict, check_min_latency_saving
 from nnopt.pipeline.base import Figure, LayerDecision, PassContext
 
 #: The rank rule when none of ``rank``, ``energy`` and ``max_error`` is given: keep 99% of the squared
@@ -70,7 +71,7 @@ class LowRankOptions(NodeSelection):
     fields in ``HELP`` where they mean something more specific for it.
     """
 
-    TRAILING: ClassVar[tuple[str, ...]] = ("data_aware", "nodes", "exclude")
+    TRAILING: ClassVar[tuple[str, ...]] = ("min_latency_saving", "data_aware", "nodes", "exclude")
     HELP: ClassVar[Mapping[str, str]] = {
         "nodes": "only these layers: shell patterns over node names (an unnamed node goes by its output's "
         "name); default all",
@@ -88,6 +89,14 @@ class LowRankOptions(NodeSelection):
     max_error: float | None = field(
         default=None, metadata={"help": "smallest r whose relative weight error ‖W − Ŵ‖/‖W‖ is at most this"}
     )
+    min_latency_saving: float | None = field(
+        default=0.0,
+        metadata={
+            "help": "rewrite a layer only where the estimated latency of its factors is at most (1 − this) × "
+            "the layer's, under the run's hardware profile as onnxruntime runs it (0: never estimated slower; "
+            "none: no latency check, no rank rounding)"
+        },
+    )
     data_aware: bool = field(
         default=True,
         metadata={
@@ -98,6 +107,7 @@ class LowRankOptions(NodeSelection):
 
     def __post_init__(self) -> None:
         check_rank_options(self.rank, self.energy, self.max_error)
+        check_min_latency_saving(self.min_latency_saving)
 
     def rank_rule(self) -> RankRule:
         return RankRule.from_options(self.rank, self.energy, self.max_error)
@@ -277,6 +287,32 @@ def scaled_flops(
     if before % macs_before == 0:
         return before, before // macs_before * macs_after
     return before, round(before * macs_after / macs_before)
+
+
+def fastest_rank(candidates: Sequence[int], verdict_of: Callable[[int], Verdict | None]) -> tuple[int, Verdict | None]:
+    """The candidate rank whose rewrite is estimated fastest (the first, the rule's own, on ties or without
+    estimates), and its verdict."""
+    verdicts = [(rank, verdict_of(rank)) for rank in candidates]
+    best = verdicts[0]
+    for rank, verdict in verdicts[1:]:
+        if verdict is not None and best[1] is not None and verdict.after_s < best[1].after_s:
+            best = (rank, verdict)
+    return best
+
+
+def check_latency(verdict: Verdict | None, threshold: float | None, figures: dict[str, Figure]) -> None:
+    """Add the latency figures; Decline where the estimated saving is below ``threshold`` (None: no check).
+
+    A layer the cost analysis could not cost (subgraphs, unknown shapes) is not judged: a figure says so.
+    """
+    if threshold is None:
+        return
+    if verdict is None:
+        figures["latency"] = "not estimated: the cost analysis has no FLOPs for this layer"
+        return
+    figures.update(verdict.figures())
+    if verdict.saving < threshold:
+        raise Decline(verdict.reason(threshold), figures)
 
 
 # ---------------------------------------------------------------------------------------------- pass skeleton

@@ -1,0 +1,239 @@
+"""Estimated latency of a low-rank rewrite: one layer against the nodes that replace it, as onnxruntime runs them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import onnx
+from onnx import helper
+
+from nnopt.cost.hardware import DEFAULT_PROFILE, HardwareProfile, KernelFigures
+from nnopt.cost.runtime_kernels import kernel_classes
+from nnopt.cost.tensors import TensorInfo
+from nnopt.errors import OptionError
+from nnopt.ir.model import Model
+from nnopt.pipeline.base import Figure, PassContext
+
+#: How onnxruntime's CPU kernels run, for a profile that is a plain roofline (no ``runtime``, no kernel
+#: classes): per kernel class its FLOP rate as a fraction of the profile's ``peak_flops``, and fixed costs
+#: as FLOPs at that peak (so they scale with the target's speed). Ratios of ``nnopt calibrate`` on the
+#: machine of docs/lowrank.md (medians of 3 runs); a calibrated profile given with --hardware is used as is.
+ONNXRUNTIME_RATES: dict[str, float] = {"conv": 1.0, "depthwise": 0.35, "unblocked_conv": 0.5, "dynamic_weight": 0.6,
+                                       "int8": 1.5}  # fmt: skip
+ONNXRUNTIME_KERNEL_OVERHEAD_FLOPS: dict[str, float] = {"conv": 6.0e5, "depthwise": 2.5e5, "unblocked_conv": 9.0e5,
+                                                       "dynamic_weight": 8.0e5, "int8": 6.5e5}  # fmt: skip
+ONNXRUNTIME_NODE_OVERHEAD_FLOPS = 7.0e4
+ONNXRUNTIME_RUN_OVERHEAD_FLOPS = 1.5e6
+
+#: A grouped Conv with one input channel per group but several outputs per group (a depthwise conv with
+#: depth multiplier m > 1) is not run by onnxruntime's depthwise kernel: it falls back to one im2col + GEMM
+#: per group (checked on the graphs onnxruntime 1.32 writes: a plain Conv, outside the NCHWc layout). The
+#: estimate charges its FLOPs this many times at the profile's depthwise rate (measured in docs/lowrank.md).
+MULTIPLIER_SLOWDOWN = 6.0
+
+
+def check_min_latency_saving(value: float | None) -> None:
+    """None switches the check off; otherwise a fraction below 1 (negative values allow an estimated slowdown)."""
+    if value is not None and not (math.isfinite(value) and value < 1.0):
+        raise OptionError(f"min_latency_saving must be a finite fraction below 1 or none (got {value})")
+
+
+def onnxruntime_view(profile: HardwareProfile) -> HardwareProfile:
+    """``profile`` if it already models a runtime or kernel classes, else its peak and bandwidth with
+    onnxruntime's kernel classes, node overheads and graph rewrites added (``ONNXRUNTIME_RATES``)."""
+    if profile.models_runtime:
+        return profile
+    peak = profile.peak_flops
+    kernels = {
+        kernel: KernelFigures(flops=rate * peak, overhead_s=ONNXRUNTIME_KERNEL_OVERHEAD_FLOPS[kernel] / peak)
+        for kernel, rate in ONNXRUNTIME_RATES.items()
+    }
+    return replace(
+        profile,
+        name=f"{profile.name}+onnxruntime",
+        description=f"{profile.description}; onnxruntime kernel classes and overheads added (passes/_latency.py)",
+        node_overhead_s=ONNXRUNTIME_NODE_OVERHEAD_FLOPS / peak,
+        run_overhead_s=ONNXRUNTIME_RUN_OVERHEAD_FLOPS / peak,
+        kernels=kernels,
+        runtime="onnxruntime",
+    )
+
+
+def run_profile(model: Model, ctx: PassContext) -> HardwareProfile:
+    """The profile the estimate uses: the run's (``--hardware``), seen as onnxruntime runs it."""
+    hardware = ctx.analyses_for(model).settings.hardware
+    return onnxruntime_view(DEFAULT_PROFILE if hardware is None else hardware)
+
+
+# ---------------------------------------------------------------------------------------------- nodes
+@dataclass(frozen=True)
+class Step:
+    """One node of a layer or of its rewrite, as the estimate sees it.
+
+    Attributes:
+        op: ``Conv``, ``Gemm`` or ``MatMul``.
+        weight: The weight's shape as ONNX stores it (Conv: [C_out, C_in/group, *kernel]; Gemm/MatMul
+            read as [K, N]).
+        group: Conv groups.
+        macs: Multiply-accumulates per output position (Conv) or output row (Gemm/MatMul).
+        out_channels: Output channels (Conv) or columns (Gemm/MatMul): the size of the tensor it writes.
+    """
+
+    op: str
+    weight: tuple[int, ...]
+    group: int
+    macs: int
+    out_channels: int
+
+    def proto(self) -> onnx.NodeProto:
+        attrs = {"group": self.group} if self.op == "Conv" else {}
+        return helper.make_node(self.op, ["x", "w"], ["y"], **attrs)
+
+    def kernel(self) -> str:
+        """The cost model's kernel class of this node (``nnopt.cost.runtime_kernels``), or ``multiplier``."""
+        if self.op == "Conv" and self.group > 1 and self.weight[1] == 1 and self.weight[0] != self.group:
+            return "multiplier"
+        infos = {"w": TensorInfo("w", onnx.TensorProto.FLOAT, self.weight, is_constant=True)}
+        return kernel_classes([self.proto()], infos, {"w"})[0]
+
+
+@dataclass(frozen=True)
+class NodeEstimate:
+    """One node's estimate: its kernel class, latency and the share of it that is fixed overhead."""
+
+    step: Step
+    kernel: str
+    latency_s: float
+    overhead_s: float
+
+
+def estimate_steps(
+    profile: HardwareProfile, cost: dict[str, Any], original: Step, steps: Sequence[Step]
+) -> tuple[NodeEstimate, list[NodeEstimate]]:
+    """The original node's estimate and each replacement node's, from the original's cost record.
+
+    The cost record (``nnopt analyze``'s node record, shapes of this run) gives the positions (FLOPs ÷ 2 ÷
+    MACs per position), the bytes of the layer's input and output, and the weight itemsize; a rewrite's
+    intermediate tensor has the output's positions and element size. An epilogue onnxruntime fuses into
+    the original (BatchNormalization, Add, an activation) fuses into the last replacement node the same
+    way, so it costs the same on both sides and is left out.
+    """
+    positions = cost["flops"] / (2 * original.macs)
+    in_bytes, out_bytes = float(cost.get("input_bytes", 0)), float(cost.get("output_bytes", 0))
+    per_element = out_bytes / (positions * original.out_channels) if positions else 4.0
+    weight_elems = math.prod(original.weight)
+    itemsize = cost["weight_bytes"] / cost["params"] if cost.get("params") else per_element
+    bias_bytes = max(0.0, float(cost.get("weight_bytes", 0)) - weight_elems * itemsize)
+
+    def node(step: Step, reads: float, writes: float, bias: float) -> NodeEstimate:
+        kernel = step.kernel()
+        flops = 2.0 * positions * step.macs
+        moved = reads + writes + math.prod(step.weight) * itemsize + bias
+        return _node_latency(profile, step, kernel, flops, moved)
+
+    before = node(original, in_bytes, out_bytes, bias_bytes)
+    after = []
+    for i, step in enumerate(steps):
+        last = i == len(steps) - 1
+        reads = in_bytes if i == 0 else positions * steps[i - 1].out_channels * per_element
+        writes = out_bytes if last else positions * step.out_channels * per_element
+        after.append(node(step, reads, writes, bias_bytes if last else 0.0))
+    return before, after
+
+
+def _node_latency(profile: HardwareProfile, step: Step, kernel: str, flops: float, moved: float) -> NodeEstimate:
+    charged, as_kernel = (flops * MULTIPLIER_SLOWDOWN, "depthwise") if kernel == "multiplier" else (flops, kernel)
+    latency, _, _ = profile.node_latency(as_kernel, charged, moved)
+    figures = profile.kernels.get(as_kernel)
+    overhead = profile.node_overhead_s + (figures.overhead_s if figures is not None else 0.0)
+    return NodeEstimate(step, kernel, latency, overhead)
+
+
+# ---------------------------------------------------------------------------------------------- verdicts
+@dataclass(frozen=True)
+class Verdict:
+    """A rewrite's estimated latency against the layer's, and why it is slower where it is."""
+
+    before: NodeEstimate
+    after: list[NodeEstimate]
+    profile: str
+
+    @property
+    def before_s(self) -> float:
+        return self.before.latency_s
+
+    @property
+    def after_s(self) -> float:
+        return sum(n.latency_s for n in self.after)
+
+    @property
+    def ratio(self) -> float:
+        return self.after_s / self.before_s if self.before_s > 0 else 1.0
+
+    @property
+    def saving(self) -> float:
+        return 1.0 - self.ratio
+
+    def causes(self) -> list[str]:
+        """What makes the rewrite slow: factors outside onnxruntime's fast kernels, fixed per-node costs."""
+        causes = []
+        for n in self.after:
+            if n.kernel == "unblocked_conv":
+                causes.append(f"unblocked {n.step.weight[1]}-channel factor")
+            elif n.kernel == "multiplier":
+                causes.append(f"depthwise multiplier {n.step.weight[0] // n.step.group} runs as grouped GEMMs")
+        extra = sum(n.overhead_s for n in self.after) - self.before.overhead_s
+        if extra > 0 and self.after_s - extra <= self.before_s:
+            causes.append(f"per-node overhead: {extra * 1e6:.1f} µs more fixed cost")
+        return causes
+
+    def reason(self, threshold: float) -> str:
+        """The decline reason: e.g. ``estimated 1.31× slower (unblocked 62-channel factor)``."""
+        causes = self.causes()
+        why = f" ({'; '.join(causes)})" if causes else ""
+        if self.ratio > 1.0:
+            told = f"estimated {self.ratio:.2f}× slower{why}"
+        else:
+            told = f"estimated to save {self.saving:.1%} of the layer's latency{why}"
+        return f"{told}, below min_latency_saving={threshold:g} ({self.profile})"
+
+    def figures(self) -> dict[str, Figure]:
+        return {
+            "latency_before_s": _round(self.before_s),
+            "latency_after_s": _round(self.after_s),
+            "latency_ratio": round(self.ratio, 4),
+            "kernels_before": [self.before.kernel],
+            "kernels_after": [n.kernel for n in self.after],
+        }
+
+
+def _round(seconds: float) -> float:
+    return float(f"{seconds:.4g}")
+
+
+def judge(profile: HardwareProfile, cost: dict[str, Any] | None, original: Step, steps: Sequence[Step]) -> Verdict | None:
+    """The rewrite's verdict, or None where the cost analysis did not cost the layer (no FLOPs, no shapes)."""
+    if not cost or not cost.get("costed", True) or not cost.get("flops") or original.macs <= 0:
+        return None
+    before, after = estimate_steps(profile, cost, original, steps)
+    return Verdict(before, after, profile.name)
+
+
+#: Channel counts onnxruntime's blocked (NCHWc) convs take at full speed are multiples of 4 (above 16);
+#: its blocks are 8 (AVX2) or 16 (AVX-512) channels wide. A rank may be rounded up to any of them.
+ALIGNMENTS = (4, 8, 16)
+
+
+def aligned_candidates(count: int, per: int, limit: int) -> list[int]:
+    """``count`` and, for each of ``ALIGNMENTS``, the smallest count ≥ it (at most ``limit``) whose channels
+    ``count × per`` are a multiple of it: the ranks worth estimating when ``count`` is the rule's."""
+    found = [count]
+    for unit in ALIGNMENTS:
+        step = unit // math.gcd(unit, per)  # count × per is a multiple of unit iff count is one of step
+        rounded = -(-count // step) * step
+        if rounded <= limit and rounded not in found:
+            found.append(rounded)
+    return found
