@@ -31,8 +31,9 @@ ONNXRUNTIME_RUN_OVERHEAD_FLOPS = 1.5e6
 #: A grouped Conv with one input channel per group but several outputs per group (a depthwise conv with
 #: depth multiplier m > 1) is not run by onnxruntime's depthwise kernel: it falls back to one im2col + GEMM
 #: per group (checked on the graphs onnxruntime 1.32 writes: a plain Conv, outside the NCHWc layout). The
-#: estimate charges its FLOPs this many times at the profile's depthwise rate (measured in docs/lowrank.md).
-MULTIPLIER_SLOWDOWN = 6.0
+#: estimate charges its FLOPs this many times at the profile's dense conv rate: measured 1/10 to 1/16 of the
+#: dense rate (docs/lowrank.md). nnopt's cost model has no class for it; this module's own rule.
+MULTIPLIER_SLOWDOWN = 12.0
 
 
 def check_min_latency_saving(value: float | None) -> None:
@@ -145,7 +146,7 @@ def estimate_steps(
 
 
 def _node_latency(profile: HardwareProfile, step: Step, kernel: str, flops: float, moved: float) -> NodeEstimate:
-    charged, as_kernel = (flops * MULTIPLIER_SLOWDOWN, "depthwise") if kernel == "multiplier" else (flops, kernel)
+    charged, as_kernel = (flops * MULTIPLIER_SLOWDOWN, "conv") if kernel == "multiplier" else (flops, kernel)
     latency, _, _ = profile.node_latency(as_kernel, charged, moved)
     figures = profile.kernels.get(as_kernel)
     overhead = profile.node_overhead_s + (figures.overhead_s if figures is not None else 0.0)

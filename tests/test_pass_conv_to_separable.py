@@ -24,6 +24,7 @@ def _opts(**options: object) -> ConvToSeparableOptions:
     it to pay in onnxruntime (tests/test_lowrank_latency.py covers the check)."""
     return ConvToSeparableOptions(min_latency_saving=None, **options)  # type: ignore[arg-type]
 
+
 def _conv_model(
     weight: np.ndarray,
     attrs: str = "pads = [1, 1, 1, 1]",

@@ -21,6 +21,7 @@ def _opts(**options: object) -> SvdOptions:
     it to pay in onnxruntime (tests/test_lowrank_latency.py covers the check)."""
     return SvdOptions(min_latency_saving=None, **options)  # type: ignore[arg-type]
 
+
 def _header(opset: int = 17) -> str:
     return f'<ir_version: 7, opset_import: ["" : {opset}]>'
 

@@ -1,0 +1,193 @@
+"""svd and conv-to-separable decline rewrites the onnxruntime-aware estimate says are slower (min_latency_saving)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from nnopt.api import optimize
+from nnopt.cost.hardware import DEFAULT_PROFILE, HardwareProfile, KernelFigures
+from nnopt.errors import OptionError
+from nnopt.passes._latency import aligned_candidates, onnxruntime_view
+from nnopt.passes.conv_to_separable import ConvToSeparable, ConvToSeparableOptions
+from nnopt.passes.svd import Svd, SvdOptions
+from nnopt.testing import apply_pass, random_feeds, run
+
+
+def _conv_model(weight: np.ndarray, size: int, name: str = "conv") -> onnx.ModelProto:
+    """X [1, C_in, size, size] ─ Conv(W, B; pads 1 for 3×3) ─ Relu ─ Y."""
+    c_out, c_in, k = weight.shape[0], weight.shape[1], weight.shape[2]
+    bias = np.linspace(-0.1, 0.1, c_out, dtype=np.float32)
+    nodes = [
+        helper.make_node("Conv", ["X", "W", "B"], ["h"], name=name, kernel_shape=[k, k], pads=[k // 2] * 4),
+        helper.make_node("Relu", ["h"], ["Y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [1, c_in, size, size])],
+        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [1, c_out, size, size])],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _rank_weight(c_out: int, c_in: int, k: int, rank: int, seed: int = 0) -> np.ndarray:
+    """A conv weight whose C_out × C_in·K² matrix has exactly ``rank``."""
+    rng = np.random.default_rng(seed)
+    matrix = rng.standard_normal((c_out, rank)) @ rng.standard_normal((rank, c_in * k * k)) / np.sqrt(rank * c_in)
+    return matrix.reshape(c_out, c_in, k, k).astype(np.float32)
+
+
+def _separable_weight(c_out: int, c_in: int, m: int, seed: int = 0) -> np.ndarray:
+    """A 3×3 conv weight each of whose input channels' C_out × 9 slices has exactly rank ``m``."""
+    rng = np.random.default_rng(seed)
+    w = np.einsum("ocm,cmk->ock", rng.standard_normal((c_out, c_in, m)), rng.standard_normal((c_in, m, 9)))
+    return (w / np.sqrt(9 * c_in * m)).reshape(c_out, c_in, 3, 3).astype(np.float32)
+
+
+def _close(a: onnx.ModelProto, b: onnx.ModelProto) -> float:
+    feeds = random_feeds(a)
+    x, y = run(a, feeds)[0], run(b, feeds)[0]
+    return float(np.max(np.abs(x - y)) / np.max(np.abs(x)))
+
+
+# ---------------------------------------------------------------------------------------------- svd
+def test_unblocked_factor_is_declined_with_the_reason():
+    # 64 → 256 3×3 on 32×32 at rank 150: 15% fewer params and FLOPs, but the 1×1 factor reads 150 channels,
+    # which onnxruntime cannot run in its blocked layout: estimated slower, declined.
+    proto = _conv_model(_rank_weight(256, 64, 3, 150), 32)
+    out, result = apply_pass(Svd(SvdOptions(rank=150)), proto)
+    (layer,) = result.layers
+    assert layer.action == "declined" and not result.modified and out.SerializeToString() == proto.SerializeToString()
+    assert layer.figures["param_saving"] == pytest.approx(0.153646, abs=1e-6)
+    assert layer.figures["kernels_before"] == ["conv"] and layer.figures["kernels_after"] == ["conv", "unblocked_conv"]
+    assert layer.figures["latency_ratio"] == pytest.approx(1.1097, abs=1e-4)
+    assert layer.reason == (
+        "estimated 1.11× slower (unblocked 150-channel factor), below min_latency_saving=0 "
+        "(x86-avx2-2core+onnxruntime)"
+    )
+    # The same layer with the check off is rewritten, as before.
+    _, off = apply_pass(Svd(SvdOptions(rank=150, min_latency_saving=None)), proto)
+    assert off.layers[0].action == "rewritten" and "latency_ratio" not in off.layers[0].figures
+
+
+def test_rank_from_energy_rounds_up_to_a_blocked_channel_count():
+    # energy=1 finds rank 150; 152 (a multiple of 4) is estimated faster than 150 and faster than the
+    # dense conv, so the layer is rewritten at 152, exactly (the weight has rank 150).
+    proto = _conv_model(_rank_weight(256, 64, 3, 150), 32)
+    out, result = apply_pass(Svd(SvdOptions(energy=1.0)), proto)
+    (layer,) = result.layers
+    assert layer.action == "rewritten"
+    assert layer.figures["rank"] == 152 and layer.figures["rank_rounded_from"] == 150
+    assert layer.figures["kernels_after"] == ["conv", "conv"]
+    assert layer.figures["latency_ratio"] == pytest.approx(0.8602, abs=1e-4)
+    assert _close(proto, out) < 1e-4
+
+
+def test_large_layer_where_low_rank_clearly_pays_is_rewritten():
+    proto = _conv_model(_rank_weight(256, 256, 3, 32), 16)
+    out, result = apply_pass(Svd(SvdOptions(energy=1.0)), proto)
+    (layer,) = result.layers
+    assert layer.action == "rewritten" and layer.figures["rank"] == 32 and "rank_rounded_from" not in layer.figures
+    assert layer.figures["latency_ratio"] == pytest.approx(0.143, abs=1e-4)
+    assert layer.figures["flops_after"] / layer.figures["flops_before"] == pytest.approx(0.1389, abs=1e-4)
+    assert _close(proto, out) < 1e-4
+
+
+def test_overhead_dominated_layer_is_declined():
+    # A 64 × 48 MatMul on 4 rows: rank 2 cuts its FLOPs by 93%, but two nodes cost more fixed time than one.
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((64, 2)) @ rng.standard_normal((2, 48))).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "W"], ["Y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [4, 48])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    _, result = apply_pass(Svd(SvdOptions(energy=1.0)), proto)
+    (layer,) = result.layers
+    assert layer.action == "declined" and layer.figures["rank"] == 2
+    assert layer.figures["latency_ratio"] == pytest.approx(1.8441, abs=1e-4)
+    assert "per-node overhead" in layer.reason and "1.84× slower" in layer.reason
+
+
+# ---------------------------------------------------------------------------------------------- conv-to-separable
+def test_depthwise_multiplier_that_does_not_pay_is_declined():
+    # 32 → 32 on 16×16 at m = 3: 57% fewer FLOPs, but a depthwise conv with 3 outputs per channel runs as
+    # one small GEMM per group in onnxruntime.
+    proto = _conv_model(_separable_weight(32, 32, 3), 16)
+    _, result = apply_pass(ConvToSeparable(ConvToSeparableOptions(energy=1.0)), proto)
+    (layer,) = result.layers
+    assert layer.action == "declined" and layer.figures["m"] == 3
+    assert layer.figures["flops_saving"] == pytest.approx(0.572917, abs=1e-6)
+    assert layer.figures["kernels_after"] == ["multiplier", "conv"]
+    assert layer.figures["latency_ratio"] == pytest.approx(1.5257, abs=1e-4)
+    assert "depthwise multiplier 3 runs as grouped GEMMs" in layer.reason
+
+
+def test_separable_at_multiplier_1_is_rewritten_exactly():
+    proto = _conv_model(_separable_weight(128, 128, 1), 32)
+    out, result = apply_pass(ConvToSeparable(ConvToSeparableOptions(energy=1.0)), proto)
+    (layer,) = result.layers
+    assert layer.action == "rewritten" and layer.figures["m"] == 1
+    assert layer.figures["kernels_after"] == ["depthwise", "conv"]
+    assert layer.figures["latency_ratio"] == pytest.approx(0.1364, abs=1e-4)
+    assert _close(proto, out) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- the option
+@pytest.mark.parametrize(
+    ("spec", "weight"),
+    [("svd:energy=1", _rank_weight(256, 256, 3, 32)), ("conv-to-separable:energy=1", _separable_weight(128, 128, 1))],
+)
+def test_off_and_on_agree_where_every_rewrite_pays_and_runs_are_deterministic(spec, weight):
+    # Layers where the check passes and no rank is rounded: the option changes nothing but the report.
+    proto = _conv_model(weight, 16)
+    on, report_on = optimize(proto, [spec])
+    again, report_again = optimize(proto, [spec])
+    off, report_off = optimize(proto, [spec + ",min_latency_saving=none"])
+    assert on.to_proto().SerializeToString() == again.to_proto().SerializeToString()
+    assert on.to_proto().SerializeToString() == off.to_proto().SerializeToString()
+    layers_on = report_on.to_dict()["passes"][-1]["layers"]
+    assert layers_on == report_again.to_dict()["passes"][-1]["layers"]
+    assert [layer["action"] for layer in layers_on] == ["rewritten"]
+    assert "latency_ratio" in layers_on[0]
+    assert "latency_ratio" not in report_off.to_dict()["passes"][-1]["layers"][0]
+
+
+def test_the_runs_profile_is_used_as_given():
+    # A profile that models onnxruntime (what nnopt calibrate writes) is used as is: here one whose
+    # unblocked convs run as fast as blocked ones, so the rank-150 factorisation pays and is kept.
+    fast = HardwareProfile(
+        "flat",
+        peak_flops=2e11,
+        bandwidth=1e11,
+        kernels={"conv": KernelFigures(2e11), "unblocked_conv": KernelFigures(2e11)},
+        runtime="onnxruntime",
+    )
+    proto = _conv_model(_rank_weight(256, 64, 3, 150), 32)
+    _, report = optimize(proto, ["svd:rank=150"], hardware=fast)
+    (layer,) = report.to_dict()["passes"][-1]["layers"]
+    assert layer["action"] == "rewritten" and layer["latency_ratio"] == pytest.approx(0.8464, abs=1e-4)
+    _, default = optimize(proto, ["svd:rank=150"])
+    assert default.to_dict()["passes"][-1]["layers"][0]["action"] == "declined"
+
+
+def test_onnxruntime_view_and_validation():
+    view = onnxruntime_view(DEFAULT_PROFILE)
+    assert view.runtime == "onnxruntime" and view.peak_flops == DEFAULT_PROFILE.peak_flops
+    assert view.kernels["unblocked_conv"].flops == pytest.approx(0.5 * DEFAULT_PROFILE.peak_flops)
+    assert onnxruntime_view(view) is view
+    assert aligned_candidates(150, 1, 256) == [150, 152, 160]
+    assert aligned_candidates(3, 3, 9) == [3, 4, 8]  # 3 input channels: m·3 a multiple of 4 needs m = 4
+    assert aligned_candidates(16, 1, 256) == [16]
+    assert SvdOptions.from_strings({"min_latency_saving": "none"}).min_latency_saving is None
+    assert SvdOptions().min_latency_saving == 0.0 and ConvToSeparableOptions().min_latency_saving == 0.0
+    for bad in (1.0, float("nan")):
+        with pytest.raises(OptionError):
+            SvdOptions(min_latency_saving=bad)
