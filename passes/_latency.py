@@ -94,11 +94,18 @@ class Step:
         return helper.make_node(self.op, ["x", "w"], ["y"], **attrs)
 
     def kernel(self) -> str:
-        """The cost model's kernel class of this node (``nnopt.cost.runtime_kernels``), or ``multiplier``."""
+        """The cost model's kernel class of this node (``nnopt.cost.runtime_kernels``), or ``multiplier``.
+
+        A 1×1 conv is never ``unblocked_conv`` here: outside the blocked layout onnxruntime runs it as one
+        GEMM on the input as it is (MLAS's direct GEMM, no im2col), and factors of 30, 62, 90 and 126 channels
+        measured as fast per FLOP as 32, 64, 92 and 128 (docs/lowrank.md).
+        """
         if self.op == "Conv" and self.group > 1 and self.weight[1] == 1 and self.weight[0] != self.group:
             return "multiplier"
         infos = {"w": TensorInfo("w", onnx.TensorProto.FLOAT, self.weight, is_constant=True)}
-        return kernel_classes([self.proto()], infos, {"w"})[0]
+        kernel = kernel_classes([self.proto()], infos, {"w"})[0]
+        pointwise = self.op == "Conv" and all(k == 1 for k in self.weight[2:])
+        return "conv" if kernel == "unblocked_conv" and pointwise else kernel
 
 
 @dataclass(frozen=True)
@@ -222,19 +229,3 @@ def judge(profile: HardwareProfile, cost: dict[str, Any] | None, original: Step,
     before, after = estimate_steps(profile, cost, original, steps)
     return Verdict(before, after, profile.name)
 
-
-#: Channel counts onnxruntime's blocked (NCHWc) convs take at full speed are multiples of 4 (above 16);
-#: its blocks are 8 (AVX2) or 16 (AVX-512) channels wide. A rank may be rounded up to any of them.
-ALIGNMENTS = (4, 8, 16)
-
-
-def aligned_candidates(count: int, per: int, limit: int) -> list[int]:
-    """``count`` and, for each of ``ALIGNMENTS``, the smallest count ≥ it (at most ``limit``) whose channels
-    ``count × per`` are a multiple of it: the ranks worth estimating when ``count`` is the rule's."""
-    found = [count]
-    for unit in ALIGNMENTS:
-        step = unit // math.gcd(unit, per)  # count × per is a multiple of unit iff count is one of step
-        rounded = -(-count // step) * step
-        if rounded <= limit and rounded not in found:
-            found.append(rounded)
-    return found

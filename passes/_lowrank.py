@@ -289,17 +289,6 @@ def scaled_flops(
     return before, round(before * macs_after / macs_before)
 
 
-def fastest_rank(candidates: Sequence[int], verdict_of: Callable[[int], Verdict | None]) -> tuple[int, Verdict | None]:
-    """The candidate rank whose rewrite is estimated fastest (the first, the rule's own, on ties or without
-    estimates), and its verdict."""
-    verdicts = [(rank, verdict_of(rank)) for rank in candidates]
-    best = verdicts[0]
-    for rank, verdict in verdicts[1:]:
-        if verdict is not None and best[1] is not None and verdict.after_s < best[1].after_s:
-            best = (rank, verdict)
-    return best
-
-
 def check_latency(verdict: Verdict | None, threshold: float | None, figures: dict[str, Figure]) -> None:
     """Add the latency figures; Decline where the estimated saving is below ``threshold`` (None: no check).
 

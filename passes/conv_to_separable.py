@@ -14,7 +14,7 @@ from nnopt.analysis.activations import channel_rows, run_convs
 from nnopt.cost.hardware import HardwareProfile
 from nnopt.ir.constants import constant_values
 from nnopt.ir.model import Model
-from nnopt.passes._latency import Step, Verdict, aligned_candidates, judge, run_profile
+from nnopt.passes._latency import Step, Verdict, judge, run_profile
 from nnopt.passes._lowrank import (
     Decline,
     LowRankOptions,
@@ -22,7 +22,6 @@ from nnopt.passes._lowrank import (
     check_latency,
     check_min_saving,
     conv_bias,
-    fastest_rank,
     main_graph_costs,
     node_label,
     numerical_tolerance,
@@ -137,39 +136,6 @@ def separable_factors(weight: np.ndarray, rule: RankRule) -> tuple[np.ndarray, n
     return depthwise, pointwise, m, relative_error(s, m)
 
 
-def _figures(
-    weight: np.ndarray, rule: RankRule, m: int, error: float, cost: dict[str, Any] | None, params_after: int
-) -> dict[str, Figure]:
-    """A planned conv's report figures at depth multiplier ``m``."""
-    c_out, c_in = weight.shape[:2]
-    area = math.prod(weight.shape[2:])
-    macs_before = c_out * c_in * area
-    macs_after = c_in * m * area + c_out * c_in * m
-    flops_before, flops_after = scaled_flops(cost, macs_before, macs_after)
-    return {
-        "m": m,
-        "rule": rule.describe(),
-        "c_in": c_in,
-        "c_out": c_out,
-        "kernel": list(weight.shape[2:]),
-        "weight_error": round(error, 6),
-        "macs_per_position_before": macs_before,
-        "macs_per_position_after": macs_after,
-        "flops_saving": round(saving(macs_before, macs_after), 6),
-        "flops_before": flops_before,
-        "flops_after": flops_after,
-        "params_before": weight.size,
-        "params_after": params_after,
-    }
-
-
-def _flops_saving(shape: tuple[int, ...], m: int) -> float:
-    """The fraction of a dense conv's FLOPs its separable rewrite at depth multiplier ``m`` saves."""
-    c_out, c_in, *kernel = shape
-    area = math.prod(kernel)
-    return saving(c_out * c_in * area, c_in * m * area + c_out * c_in * m)
-
-
 def _verdict(shape: tuple[int, ...], m: int, profile: HardwareProfile, cost: dict[str, Any] | None) -> Verdict | None:
     """The estimate of a dense conv of weight ``shape`` against its depthwise (multiplier ``m``) and pointwise
     convs (see ``nnopt.passes._latency``)."""
@@ -271,31 +237,36 @@ class ConvToSeparable(Pass[ConvToSeparableOptions]):
         if area == 1:
             raise Decline("1×1 conv: there is no spatial kernel to separate")
         bias = conv_bias(node, c_out)
-        c_in = c_per_group
-        cost = costs.get(node.outputs[0].name)
+
         depthwise, pointwise, m, error = separable_factors(weight, rule)
-        rule_m, verdict = m, None
-        if profile is not None:
-            # An explicit rank is the user's; an m from energy/max_error may round up so that the pointwise
-            # conv reads a channel count onnxruntime runs fast, where the estimate says that pays.
-            candidates = [m] if rule.rank is not None else [
-                k for k in aligned_candidates(m, c_in, min(c_out, area))
-                if k == m or _flops_saving(weight.shape, k) >= opts.min_flops_saving
-            ]
-            m, verdict = fastest_rank(candidates, lambda k: _verdict(weight.shape, k, profile, cost))
-            if m != rule_m:
-                depthwise, pointwise, _, error = separable_factors(weight, RankRule(rank=m))
-        figures = _figures(weight, rule, m, error, cost, depthwise.size + pointwise.size)
-        if m != rule_m:
-            figures["m_rounded_from"] = rule_m
-        flops_saving = _flops_saving(weight.shape, m)
-        if flops_saving < opts.min_flops_saving:
+        c_in = c_per_group
+        macs_before = c_out * c_in * area
+        macs_after = c_in * m * area + c_out * c_in * m
+        flops_before, flops_after = scaled_flops(costs.get(node.outputs[0].name), macs_before, macs_after)
+        figures: dict[str, Figure] = {
+            "m": m,
+            "rule": rule.describe(),
+            "c_in": c_in,
+            "c_out": c_out,
+            "kernel": list(weight.shape[2:]),
+            "weight_error": round(error, 6),
+            "macs_per_position_before": macs_before,
+            "macs_per_position_after": macs_after,
+            "flops_saving": round(saving(macs_before, macs_after), 6),
+            "flops_before": flops_before,
+            "flops_after": flops_after,
+            "params_before": weight.size,
+            "params_after": depthwise.size + pointwise.size,
+        }
+        if saving(macs_before, macs_after) < opts.min_flops_saving:
             raise Decline(
-                f"m={m} ({rule.describe()}) saves {flops_saving:.1%} of the FLOPs, "
+                f"m={m} ({rule.describe()}) saves {saving(macs_before, macs_after):.1%} of the FLOPs, "
                 f"below min_flops_saving={opts.min_flops_saving:g}",
                 figures,
             )
-        check_latency(verdict, opts.min_latency_saving, figures)
+        if profile is not None:
+            check_latency(_verdict(weight.shape, m, profile, costs.get(node.outputs[0].name)), opts.min_latency_saving,
+                          figures)
         report = LayerDecision(node_label(node), "Conv", "rewritten", figures=figures)
         return _Plan(graph, node, weight, bias, depthwise, pointwise, None, report)
 

@@ -14,7 +14,7 @@ from nnopt.analysis.activations import channel_rows, run_convs
 from nnopt.cost.hardware import HardwareProfile
 from nnopt.ir.constants import constant_values
 from nnopt.ir.model import Model
-from nnopt.passes._latency import Step, Verdict, aligned_candidates, judge, run_profile
+from nnopt.passes._latency import Step, Verdict, judge, run_profile
 from nnopt.passes._lowrank import (
     Decline,
     LowRankOptions,
@@ -22,7 +22,6 @@ from nnopt.passes._lowrank import (
     check_latency,
     check_min_saving,
     conv_bias,
-    fastest_rank,
     main_graph_costs,
     node_label,
     numerical_tolerance,
@@ -350,15 +349,7 @@ class Svd(Pass[SvdOptions]):
         u, s, vt = thin_svd(layer.matrix)
         spectra = s[None, :]
         r = rule.choose(spectra, min(n, m), numerical_tolerance(spectra, (n, m), layer.dtype))
-        rule_rank, verdict = r, None
         cost = costs.get(layer.node.outputs[0].name)
-        if profile is not None:
-            # An explicit rank is the user's; a rank from energy/max_error may round up to a channel count
-            # onnxruntime runs fast, where the estimate says that pays (and the params still drop enough).
-            candidates = [r] if rule.rank is not None else [
-                c for c in aligned_candidates(r, 1, min(n, m)) if c == r or saving(n * m, c * (n + m)) >= opts.min_param_saving
-            ]
-            r, verdict = fastest_rank(candidates, lambda c: _verdict(layer, c, profile, cost))
         before, after = n * m, r * (n + m)
         flops_before, flops_after = scaled_flops(cost, before, after)
         figures: dict[str, Figure] = {
@@ -372,15 +363,14 @@ class Svd(Pass[SvdOptions]):
             "flops_before": flops_before,
             "flops_after": flops_after,
         }
-        if r != rule_rank:
-            figures["rank_rounded_from"] = rule_rank
         if saving(before, after) < opts.min_param_saving:
             raise Decline(
                 f"rank {r} ({rule.describe()}) saves {saving(before, after):.1%} of the weight params, "
                 f"below min_param_saving={opts.min_param_saving:g}",
                 figures,
             )
-        check_latency(verdict, opts.min_latency_saving, figures)
+        if profile is not None:
+            check_latency(_verdict(layer, r, profile, cost), opts.min_latency_saving, figures)
         root = np.sqrt(s[:r])
         layer.left = u[:, :r] * root[None, :]
         layer.right = root[:, None] * vt[:r]
