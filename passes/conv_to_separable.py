@@ -155,7 +155,9 @@ class ConvToSeparable(Pass[ConvToSeparableOptions]):
     Matches: ``Conv`` with group 1, a kernel larger than 1×1 and a constant floating-point weight read by
     no other node (1-D, 2-D and 3-D kernels), in the main graph and in subgraphs, selected by ``nodes`` /
     ``exclude``. Declined with a reason: grouped and depthwise convs, 1×1 convs, non-constant or shared
-    weights, ConvTranspose, and convs whose FLOPs would not drop by ``min_flops_saving``.
+    weights, ConvTranspose, convs whose FLOPs would not drop by ``min_flops_saving``, and (by default) convs
+    whose depthwise + pointwise pair onnxruntime is estimated to run slower (``min_latency_saving``; a
+    depth multiplier m > 1 has no fast depthwise kernel there).
 
     Rewrites: for each input channel c the C_out × K² slice W[:, c] is replaced by its best rank-m
     factorisation, which gives m depthwise K×K filters and m pointwise weight columns::

@@ -283,8 +283,9 @@ class Svd(Pass[SvdOptions]):
     input is a constant 2-D weight (the left input may be batched or 1-D); dense ``Conv`` (group 1) with a
     constant weight, including 1×1. Weights must be floating point and read by no other node. Main graph
     and subgraphs; ``nodes`` / ``exclude`` select layers. Declined with a reason: grouped and depthwise
-    convs, ConvTranspose, non-constant or shared weights, and layers whose weight params would not drop by
-    ``min_param_saving``.
+    convs, ConvTranspose, non-constant or shared weights, layers whose weight params would not drop by
+    ``min_param_saving``, and (by default) layers whose two factors onnxruntime is estimated to run slower
+    than the layer (``min_latency_saving``; the estimate is ``nnopt.passes._latency``'s).
 
     Rewrites the n × m weight W ≈ L·R with L = U_r·√S_r (n × r) and R = √S_r·V_rᵀ (r × m), worth it where
     r(n + m) < nm::
