@@ -90,8 +90,10 @@ class Step:
     out_channels: int
 
     def proto(self) -> onnx.NodeProto:
-        attrs = {"group": self.group} if self.op == "Conv" else {}
-        return helper.make_node(self.op, ["x", "w"], ["y"], **attrs)
+        node = helper.make_node(self.op, ["x", "w"], ["y"])
+        if self.op == "Conv":
+            node.attribute.append(helper.make_attribute("group", self.group))
+        return node
 
     def kernel(self) -> str:
         """The cost model's kernel class of this node (``nnopt.cost.runtime_kernels``), or ``multiplier``.
