@@ -92,6 +92,19 @@ def _matmul_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def test_a_small_estimated_saving_is_declined_at_the_default_margin():
+    # Rank 160 of 64 → 256 3×3: estimated 9.5% faster, below the default 10% the estimate's error calls for.
+    proto = _conv_model(_rank_weight(256, 64, 3, 160), 32)
+    _, result = apply_pass(Svd(SvdOptions(rank=160, min_param_saving=0.0)), proto)
+    (layer,) = result.layers
+    assert layer.action == "declined" and layer.figures["latency_ratio"] == pytest.approx(0.9052, abs=1e-4)
+    assert layer.reason == (
+        "estimated to save 9.5% of the layer's latency, below min_latency_saving=0.1 (x86-avx2-2core+onnxruntime)"
+    )
+    _, at_zero = apply_pass(Svd(SvdOptions(rank=160, min_param_saving=0.0, min_latency_saving=0.0)), proto)
+    assert at_zero.layers[0].action == "rewritten"
+
+
 def test_overhead_dominated_layer_is_declined():
     # A 64 × 48 MatMul on 4 rows: rank 2 cuts its FLOPs by 93%, but two nodes cost more fixed time than one.
     _, result = apply_pass(Svd(SvdOptions(energy=1.0)), _matmul_model())
@@ -99,8 +112,8 @@ def test_overhead_dominated_layer_is_declined():
     assert layer.action == "declined" and layer.figures["rank"] == 2
     assert layer.figures["latency_ratio"] == pytest.approx(1.8441, abs=1e-4)
     assert layer.reason == (
-        "estimated 1.84× slower (per-node overhead: 3.5 µs more fixed cost), below min_latency_saving=0 "
-        "(x86-avx2-2core+onnxruntime)"
+        "estimated 1.84× slower (overhead-dominated: 7.0 of 7.0 µs are fixed per-node costs), below "
+        "min_latency_saving=0.1 (x86-avx2-2core+onnxruntime)"
     )
 
 
@@ -172,7 +185,7 @@ def test_onnxruntime_view_and_validation():
     assert Step("Conv", (96, 1, 3, 3), 32, 27, 96).kernel() == "multiplier"
     assert Step("Conv", (32, 1, 3, 3), 32, 9, 32).kernel() == "depthwise"
     assert SvdOptions.from_strings({"min_latency_saving": "none"}).min_latency_saving is None
-    assert SvdOptions().min_latency_saving == 0.0 and ConvToSeparableOptions().min_latency_saving == 0.0
+    assert SvdOptions().min_latency_saving == 0.1 and ConvToSeparableOptions().min_latency_saving == 0.1
     for bad in (1.0, float("nan")):
         with pytest.raises(OptionError):
             SvdOptions(min_latency_saving=bad)
