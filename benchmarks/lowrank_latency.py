@@ -284,19 +284,22 @@ def bench(key: str, args: argparse.Namespace, profiles: dict[str, HardwareProfil
 
 
 def markdown(results: list[dict[str, Any]], profiles: list[str]) -> str:
-    est = " | ".join(f"est. {p}" for p in profiles)
-    lines = [f"| model | variant | status | layers rewritten | FLOPs | {est} | CPU time | wall | cosine (min) | top-1 |",
-             "|---|---|---|---|---|" + "---|" * len(profiles) + "---|---|---|---|"]
+    wall = any(row["wall_ratio"] == row["wall_ratio"] for result in results for row in result["rows"])  # not NaN
+    cols = ["model", "variant", "status", "layers rewritten", "FLOPs", *(f"est. {p}" for p in profiles), "CPU time",
+            *(["wall"] if wall else []), "cosine (min)", "top-1"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for result in results:
         for row in result["rows"]:
-            ests = " | ".join(f"{row[f'est_{p}_ratio']:.2f}" for p in profiles)
             top1 = row.get("accuracy", row.get("top1_agreement"))
-            lines.append(f"| {result['model']} | `{row['variant']}` | {row['status']} | {row['rewritten']} | "
-                         f"{row['flops_ratio']:.2f} | {ests} | {row['cpu_ratio']:.2f} | {row['wall_ratio']:.2f} | "
-                         f"{row['cosine_min']:.4f} | {'–' if top1 is None else f'{top1:.3f}'} |")
+            cells = [result["model"], f"`{row['variant']}`", row["status"], str(row["rewritten"]),
+                     f"{row['flops_ratio']:.2f}", *(f"{row[f'est_{p}_ratio']:.2f}" for p in profiles),
+                     f"{row['cpu_ratio']:.2f}", *([f"{row['wall_ratio']:.2f}"] if wall else []),
+                     f"{row['cosine_min']:.4f}", "–" if top1 is None else f"{top1:.3f}"]
+            lines.append("| " + " | ".join(cells) + " |")
         aa = result["aa_ratio"]
-        lines.append(f"| {result['model']} | A/A (original, second session) | | | | " + "| " * len(profiles)
-                     + f"{aa['cpu']:.2f} | {aa['wall']:.2f} | | |")
+        cells = [result["model"], "A/A (original, second session)", "", "", "", *([""] * len(profiles)),
+                 f"{aa['cpu']:.2f}", *([f"{aa['wall']:.2f}"] if wall else []), "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
