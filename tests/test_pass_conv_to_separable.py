@@ -406,8 +406,19 @@ def test_ddddocr_detector(tmp_path):
     assert sum(r.startswith("1×1 conv") for r in reasons) == 52
     assert sum("below min_flops_saving=0.1" in r for r in reasons) == 31
 
+    # At 90% energy, 13 convs would save FLOPs with m = 5-7; a depthwise conv with several outputs per channel
+    # runs as one GEMM per group in onnxruntime, and only Conv_132 (256 → 256 at m = 6) is estimated faster.
+    _, report = optimize(load_model(path), ["conv-to-separable:energy=0.9"], verify=False)
+    (record,) = report.passes
+    layers = {layer["node"]: layer for layer in record.layers}
+    assert [name for name, layer in layers.items() if layer["action"] == "rewritten"] == ["Conv_132"]
+    assert layers["Conv_132"]["latency_ratio"] == pytest.approx(0.8576, abs=1e-4)
+    slower = [layer for layer in record.layers if "min_latency_saving" in layer.get("reason", "")]
+    assert len(slower) == 12 and all("runs as grouped GEMMs" in layer["reason"] for layer in slower)
+    assert layers["Conv_41"]["reason"].startswith("estimated 3.05× slower (depthwise multiplier 5 runs as grouped")
+
     data = write_data(spec, path, tmp_path / "data.npz")
-    _, report = optimize(load_model(path), ["conv-to-separable:energy=0.9"], data=data)
+    _, report = optimize(load_model(path), ["conv-to-separable:energy=0.9,min_latency_saving=none"], data=data)
     (record,) = report.passes
     rewritten = [layer for layer in record.layers if layer["action"] == "rewritten"]
     assert record.status == "applied" and len(rewritten) == 13
