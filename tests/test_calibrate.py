@@ -145,12 +145,12 @@ def identity_and_silu() -> onnx.ModelProto:
 # ---------------------------------------------------------------------------------------------- estimate terms
 def test_builtin_profiles_keep_the_plain_roofline():
     for profile in BUILTIN_PROFILES.values():
-        assert profile.node_overhead_s == profile.run_overhead_s == 0 and not profile.kernels
-        assert profile.runtime is None
+        assert profile.node_overhead_s == profile.run_overhead_s == 0
+        assert set(profile.kernels) <= {"int8"} and profile.runtime in (None, "generic")
         report = analyze(DIGITS, hardware=profile)
         for node in report.nodes:
             roofline = max(node["flops"] / profile.peak_flops, node["bytes_moved"] / profile.bandwidth)
-            assert node["latency_s"] == roofline and node["kernel"] == "other"
+            assert node["latency_s"] == roofline and node["kernel"] in ("other", "conv", "depthwise")
         assert report.totals["latency_s"] == pytest.approx(sum(n["latency_s"] for n in report.nodes), rel=1e-12)
 
 
@@ -225,12 +225,40 @@ def test_qdq_group_runs_as_one_int8_kernel():
     assert [n["kernel"] for n in report.nodes] == ["other", "fused", "fused", "int8", "fused", "other"]
     conv = report.nodes[3]
     assert conv["latency_s"] == pytest.approx(1e-6 + 0.5e-6 + conv["flops"] / 4e10, rel=1e-12)
-    # The built-in profile costs every Quantize/DequantizeLinear of the graph as written instead.
-    assert all(n["latency_s"] > 0 for n in analyze(qdq_conv()).nodes)
+    # The built-in profile (runtime generic) fuses the same group and runs it at twice its FP32 peak.
+    default = analyze(qdq_conv()).nodes
+    assert [n["kernel"] for n in default] == ["other", "fused", "fused", "int8", "fused", "other"]
+    assert default[3]["latency_s"] == pytest.approx(max(default[3]["flops"] / 384e9,
+                                                        default[3]["bytes_moved"] / (2 * 8 * 2.666e9)), rel=1e-12)
+    # Without a runtime, every Quantize/DequantizeLinear of the graph as written is costed.
+    assert all(n["latency_s"] > 0 for n in analyze(qdq_conv(), hardware=HardwareProfile("p", 192e9, 42e9)).nodes)
 
 
 def test_weights_decoded_from_constants_are_folded():
     assert kernels_of(decoded_weight()) == ["folded", "folded", "folded", "conv"]
+    # The built-in profile folds the decoder too (any runtime computes it once at load): only the conv costs.
+    assert kernels_of(decoded_weight(), DEFAULT_PROFILE) == ["folded", "folded", "folded", "conv"]
+    plain = HardwareProfile("plain", 192e9, 2 * 8 * 2.666e9)
+    assert kernels_of(decoded_weight(), plain) == ["other"] * 4  # the plain roofline: no kernel classes at all
+    assert [n["latency_s"] > 0 for n in analyze(decoded_weight(), hardware=plain).nodes] == [True] * 4
+
+
+def test_generic_runtime_folds_decoders_but_not_other_constant_subgraphs():
+    proto = model_from_text(
+        f"""{HEADER}
+        g (float[1,2,4,4] x) => (float[1,2,4,4] y) {{
+            s = Mul(scale, two)
+            t = Mul(x, s)
+            i = Cast<to: int = 7>(idx)
+            flat = Gather(codebook, i)
+            w = Reshape(flat, shape)
+            y = Conv(t, w)
+        }}""",
+        {"scale": np.ones(1, np.float32), "two": np.full(1, 2, np.float32), "idx": np.zeros(4, np.uint8),
+         "codebook": np.ones(2, np.float32), "shape": np.array([2, 2, 1, 1])},
+    )
+    assert kernels_of(proto, DEFAULT_PROFILE) == ["other", "other", "folded", "folded", "folded", "conv"]
+    assert kernels_of(proto)[:1] == ["folded"]  # onnxruntime folds every constant subgraph
 
 
 def test_identity_is_removed_and_silu_is_one_node():
@@ -284,7 +312,7 @@ def test_pipeline_and_analyze_accept_a_profile_file(tmp_path, capsys):
         ('{"name": "x", "peak_flops_per_s": 1e9, "kernels": {"gpu": {}}}', "unknown kernel class 'gpu'"),
         ('{"name": "x", "peak_flops_per_s": 1e9, "kernels": {"conv": {"flops": 1}}}', "unknown key 'kernels.conv.flops'"),
         ('{"name": "x", "peak_flops_per_s": 1e9, "kernels": {"conv": {"flops_per_s": 0}}}', "kernels.conv.flops_per_s: expected a positive number"),
-        ('{"name": "x", "peak_flops_per_s": 1e9, "runtime": "tvm"}', "runtime: expected null or one of onnxruntime"),
+        ('{"name": "x", "peak_flops_per_s": 1e9, "runtime": "tvm"}', "runtime: expected null or one of generic, onnxruntime"),
         ('{"name": "", "peak_flops_per_s": 1e9}', "name: expected a non-empty string"),
     ],
 )
@@ -398,5 +426,6 @@ def test_spearman_exact_values():
         spearman([1, 2, 3], [1, 2])
 
 
-def test_default_profile_is_unchanged():
-    assert DEFAULT_PROFILE == HardwareProfile("x86-avx2-2core", 192e9, 2 * 8 * 2.666e9, DEFAULT_PROFILE.description)
+def test_default_profile_is_unchanged_but_for_int8_and_decoders():
+    assert DEFAULT_PROFILE == HardwareProfile("x86-avx2-2core", 192e9, 2 * 8 * 2.666e9, DEFAULT_PROFILE.description,
+                                              kernels={"int8": KernelFigures(flops=384e9)}, runtime="generic")

@@ -68,6 +68,7 @@ def kernel_classes(
     constants: Iterable[str],
     runtime: str | None = None,
     graph_outputs: Iterable[str] = (),
+    decoded: Iterable[str] = (),
 ) -> list[str]:
     """The kernel class of each node (in the order given, which must be topological).
 
@@ -98,14 +99,17 @@ def kernel_classes(
         nodes: The main-graph nodes in topological order.
         infos: Tensor shapes (for the weight shape of a Conv: depthwise or not).
         constants: Names of constant tensors (initializers, Constant outputs).
-        runtime: None, or ``"onnxruntime"`` to model its graph rewrites.
+        runtime: None, or a key of ``nnopt.cost.hardware.RUNTIMES`` (``"generic"``, ``"onnxruntime"``)
+            to model its graph rewrites (``generic``: only constant folding and QDQ fusion).
         graph_outputs: Names of the graph outputs (a fused epilogue would hide them).
+        decoded: Names of the weights decoded from constants at run time (``nnopt.cost.decoded``): what the
+            ``generic`` runtime folds.
     """
     const = set(constants)
     if runtime is None:
         return [_op_kernel(node, infos, const) for node in nodes]
-    graph = _RuntimeGraph(nodes, infos, const, graph_outputs)
-    for rewrite in _ONNXRUNTIME_REWRITES:
+    graph = _RuntimeGraph(nodes, infos, const, graph_outputs, decoded)
+    for rewrite in _REWRITES[runtime]:
         rewrite(graph)
     return graph.classes
 
@@ -113,13 +117,18 @@ def kernel_classes(
 class _RuntimeGraph:
     """The main graph as a runtime's optimiser sees it: each node's kernel class so far, who produces and who
     reads each tensor, and the tensors eliminated nodes pass through (``alias``). The rewrites of
-    ``_ONNXRUNTIME_REWRITES`` run on it in order, each turning some nodes' classes into ``folded``,
+    ``_REWRITES`` of the runtime run on it in order, each turning some nodes' classes into ``folded``,
     ``fused`` or ``int8``."""
 
     def __init__(
-        self, nodes: list[onnx.NodeProto], infos: dict[str, TensorInfo], const: set[str], graph_outputs: Iterable[str]
+        self,
+        nodes: list[onnx.NodeProto],
+        infos: dict[str, TensorInfo],
+        const: set[str],
+        graph_outputs: Iterable[str],
+        decoded: Iterable[str] = (),
     ) -> None:
-        self.nodes, self.infos, self.const = nodes, infos, const
+        self.nodes, self.infos, self.const, self.decoded = nodes, infos, const, set(decoded)
         self.classes: list[str] = []
         self.producer: dict[str, int] = {}
         self.readers: dict[str, list[int]] = {name: [-1] for name in graph_outputs}  # -1: read by the caller
@@ -154,6 +163,31 @@ def _fold_constants(g: _RuntimeGraph) -> None:
         if foldable and all(name in g.const for name in node.input if name):
             g.classes.append("folded")
             g.const.update(name for name in node.output if name)
+        else:
+            g.classes.append(_op_kernel(node, g.infos, g.const))
+
+
+def _fold_decoders(g: _RuntimeGraph) -> None:
+    """Only the nodes that decode a weight from constants (``decoded``: what ``nnopt.cost.decoded`` found, e.g.
+    a kmeans codebook Gather and the index arithmetic before it) are ``folded``; each other node gets its
+    own class. Any runtime computes these once at load; other constant subgraphs stay as written."""
+    decoding: set[int] = set()
+    todo = [g.producer[name] for name in g.decoded if name in g.producer]
+    while todo:
+        i = todo.pop()
+        if i not in decoding:
+            decoding.add(i)
+            todo.extend(g.producer[name] for name in g.nodes[i].input if name in g.producer)
+    folded: set[str] = set()  # outputs of folded nodes: what follows a decoder on constants only folds too
+    for i, node in enumerate(g.nodes):
+        inputs = [name for name in node.input if name]
+        foldable = g.ops[i] not in _NOT_FOLDED and ":" not in g.ops[i] and not has_subgraph(node)
+        decodes = i in decoding or any(name in folded for name in inputs)
+        if foldable and decodes and all(name in g.const for name in inputs):
+            g.classes.append("folded")
+            outputs = [name for name in node.output if name]
+            g.const.update(outputs)
+            folded.update(outputs)
         else:
             g.classes.append(_op_kernel(node, g.infos, g.const))
 
@@ -235,14 +269,14 @@ def _fuse_silu(g: _RuntimeGraph) -> None:
                 g.classes[i] = "fused"
 
 
-#: onnxruntime's default graph optimisations as the estimate models them, in the order they apply.
-_ONNXRUNTIME_REWRITES: tuple[Callable[[_RuntimeGraph], None], ...] = (
-    _fold_constants,
-    _fuse_qdq_groups,
-    _eliminate_pass_throughs,
-    _fuse_epilogues,
-    _fuse_silu,
-)
+#: Per runtime (``nnopt.cost.hardware.RUNTIMES``), its graph rewrites as the estimate models them, in the order
+#: they apply. ``generic``: what every deployment runtime does (constant subgraphs such as kmeans decoders
+#: computed once at load, QDQ groups run as int8 kernels; other constant subgraphs stay as written);
+#: ``onnxruntime``: every constant subgraph folded, and its default fusions.
+_REWRITES: dict[str, tuple[Callable[[_RuntimeGraph], None], ...]] = {
+    "generic": (_fold_decoders, _fuse_qdq_groups),
+    "onnxruntime": (_fold_constants, _fuse_qdq_groups, _eliminate_pass_throughs, _fuse_epilogues, _fuse_silu),
+}
 
 
 def _per_channel(host: str, operands: list[str], infos: dict[str, TensorInfo], weight: TensorInfo | None) -> bool:
