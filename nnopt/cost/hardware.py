@@ -22,8 +22,18 @@ KERNEL_CLASSES: dict[str, str] = {
     "4: onnxruntime cannot run it in its blocked (NCHWc) layout and falls back to im2col + GEMM",
     "dynamic_weight": "float Conv, ConvTranspose, Gemm and MatMul whose weight is computed at run time (e.g. "
     "dequantized from int8 at every inference, or a MatMul of two activations): no pre-packed weight",
-    "int8": "int8 Conv, MatMul and Gemm: QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger, and the "
-    "DequantizeLinear → Conv/MatMul/Gemm groups a runtime fuses into them",
+    "int8": "int8 dense Conv: QLinearConv, ConvInteger, and the DequantizeLinear → Conv groups a runtime fuses "
+    "into them",
+    "pointwise": "dense float 1×1 Conv (group 1) with a constant weight: a plain GEMM with a short reduction, "
+    "what SVD's second factor and a separable conv's second half are",
+    "int8_depthwise": "int8 depthwise Conv: a QDQ group around a depthwise Conv (onnxruntime: QLinearConv with "
+    "one channel per group)",
+    "int8_matmul": "int8 MatMul and Gemm: QLinearMatMul, MatMulInteger, and the QDQ groups around MatMul/Gemm "
+    "(onnxruntime: QLinearMatMul, QGemm)",
+    "int8_elementwise": "Add and Mul on int8 data: a QDQ group around Add/Mul (onnxruntime: QLinearAdd, "
+    "QLinearMul)",
+    "quantize": "QuantizeLinear and DequantizeLinear a runtime runs as nodes (not fused into an int8 kernel): "
+    "activation boundaries of float islands, weights dequantized at every inference",
 }
 #: Kernel classes of nodes that cost nothing per inference (only produced for profiles with a ``runtime``):
 #: computed once when the session is created, or absorbed into another node's kernel.
@@ -143,10 +153,10 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
                 "generic 2-core x86 CPU with AVX2+FMA at 3.0 GHz: 2 cores × 3.0 GHz × 32 FP32 FLOPs/cycle "
                 "(2 FMA units × 8 lanes × 2) = 192 GFLOP/s; dual-channel DDR4-2666 = 42.7 GB/s; int8 kernels "
                 "(u8 × s8 through VPMADDUBSW + VPMADDWD: 32 multiply-adds per 2 instructions where FP32 FMA does "
-                "8 per 1) twice the FP32 rate = 384 GOP/s; constants folded at load and QDQ groups fused "
-                "(runtime generic)"
+                "8 per 1) twice the FP32 rate = 384 GOP/s for dense convs and matmuls; constants folded at "
+                "load and QDQ groups fused (runtime generic)"
             ),
-            kernels={"int8": KernelFigures(flops=2 * 2 * 3.0e9 * 32)},
+            kernels={kind: KernelFigures(flops=2 * 2 * 3.0e9 * 32) for kind in ("int8", "int8_matmul")},
             runtime="generic",
         ),
         HardwareProfile(

@@ -26,9 +26,18 @@ _KERNEL_OF_OP: dict[tuple[str, str], tuple[str, int | None]] = {
     ("com.microsoft", "FusedMatMul"): ("conv", 1),
     ("", "QLinearConv"): ("int8", None),
     ("", "ConvInteger"): ("int8", None),
-    ("", "QLinearMatMul"): ("int8", None),
-    ("", "MatMulInteger"): ("int8", None),
+    ("", "QLinearMatMul"): ("int8_matmul", None),
+    ("", "MatMulInteger"): ("int8_matmul", None),
+    ("com.microsoft", "QGemm"): ("int8_matmul", None),
+    ("com.microsoft", "QLinearAdd"): ("int8_elementwise", None),
+    ("com.microsoft", "QLinearMul"): ("int8_elementwise", None),
+    ("", "QuantizeLinear"): ("quantize", None),
+    ("", "DequantizeLinear"): ("quantize", None),
 }
+#: The int8 kernel a QDQ group around each op runs as (see ``_fuse_qdq_groups``); Conv is ``int8`` or, with
+#: one input channel per group, ``int8_depthwise``.
+_QDQ_KERNEL = {"Conv": "int8", "MatMul": "int8_matmul", "Gemm": "int8_matmul", "Add": "int8_elementwise",
+               "Mul": "int8_elementwise"}  # fmt: skip
 
 #: onnxruntime's blocked-layout (NCHWc) convs take any input channel count below its block size (16 with
 #: AVX-512, 8 with AVX2: the larger is used here) and multiples of 4 above it; other dense convs run as
@@ -207,9 +216,13 @@ def _fuse_qdq_groups(g: _RuntimeGraph) -> None:
         if g.ops[i] in _QDQ_COMPUTE:
             if len(node.input) < 2 or not g.from_dq(node.input[1]):
                 continue
-            g.classes[i] = "int8"
+            g.classes[i] = _qdq_kernel(node, g)
         elif not quantized:
             continue
+        elif g.ops[i] in _QDQ_KERNEL:
+            if len(_dq_types(g, activations)) != 1:
+                continue  # QLinearAdd/QLinearMul take one type: uint8 + int8 stays float with its Q/DQ nodes
+            g.classes[i] = _QDQ_KERNEL[g.ops[i]]
         grouped.add(i)
         for j in quantize if quantized else []:
             g.classes[j] = "fused"
@@ -217,6 +230,26 @@ def _fuse_qdq_groups(g: _RuntimeGraph) -> None:
         for name in g.nodes[i].input:
             if name and g.from_dq(name) and all(k in grouped for k in g.readers.get(name, [])):
                 g.classes[g.producer[name]] = "fused"
+
+
+def _dq_types(g: _RuntimeGraph, names: list[str]) -> set[int | None]:
+    """The quantized types the DequantizeLinear nodes producing ``names`` read."""
+    types = set()
+    for name in names:
+        source = g.nodes[g.producer[name]].input[0]
+        info = g.infos.get(source)
+        types.add(info.dtype if info is not None else None)
+    return types
+
+
+def _qdq_kernel(node: onnx.NodeProto, g: _RuntimeGraph) -> str:
+    """The int8 kernel class of a QDQ-wrapped Conv/MatMul/Gemm (its weight is the DequantizeLinear's input)."""
+    if node.op_type != "Conv":
+        return _QDQ_KERNEL[node.op_type]
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    weight = g.infos.get(g.nodes[g.producer[node.input[1]]].input[0])
+    depthwise = group > 1 and weight is not None and weight.shape is not None and len(weight.shape) > 1
+    return "int8_depthwise" if depthwise and weight.shape[1] == 1 else "int8"  # type: ignore[index]
 
 
 def _eliminate_pass_throughs(g: _RuntimeGraph) -> None:
@@ -233,7 +266,7 @@ def _fuse_epilogues(g: _RuntimeGraph) -> None:
     """Affine ops and one activation after a float Conv/Gemm/MatMul, followed while exactly one node reads
     each tensor, are ``fused`` into it."""
     for i, node in enumerate(g.nodes):
-        float_kernel = g.classes[i] in ("conv", "depthwise", "unblocked_conv", "dynamic_weight")
+        float_kernel = g.classes[i] in ("conv", "pointwise", "depthwise", "unblocked_conv", "dynamic_weight")
         if not float_kernel or g.ops[i] not in _EPILOGUE_AFFINE or not node.output:
             continue
         affine = _EPILOGUE_AFFINE[g.ops[i]]
@@ -310,6 +343,8 @@ def _op_kernel(node: onnx.NodeProto, infos: dict[str, TensorInfo], constants: se
             return "depthwise"
         channels = weight.shape[1]
         blockable = (norm_domain(node.domain), node.op_type) in _BLOCKABLE_OPS
+        if blockable and group == 1 and len(weight.shape) > 2 and all(k == 1 for k in weight.shape[2:]):
+            return "pointwise"
         if blockable and group == 1 and channels >= _BLOCKED_MIN_CHANNELS and channels % _BLOCKED_ALIGNMENT:
             return "unblocked_conv"
     return kernel
