@@ -524,17 +524,27 @@ _KERNEL_LABELS = {
     "depthwise": "depthwise",
     "unblocked_conv": "unblocked",
     "dynamic_weight": "run-time weights",
-    "int8": "int8",
+    "pointwise": "1x1 conv",
+    "int8": "int8 conv",
+    "int8_depthwise": "int8 depthwise",
+    "int8_matmul": "int8 matmul",
+    "int8_elementwise": "int8 add/mul",
+    "quantize": "Q/DQ nodes",
 }
+#: Classes whose FLOPs are one per element: their rate reads as elements per second.
+_PER_ELEMENT = frozenset({"int8_elementwise", "quantize"})
 
 
 def _profile_summary(profile: Any) -> str:
     """One line: each kernel class's FLOP/s and fixed cost, bandwidth, per-node and per-run overhead."""
     parts = []
     for key, label in _KERNEL_LABELS.items():
-        kernel = profile.kernels[key]
+        kernel = profile.kernels.get(key)
+        if kernel is None:  # a profile calibrated before the class existed
+            continue
         flops = kernel.flops if kernel.flops is not None else profile.peak_flops
-        parts.append(f"{label} {flops / 1e9:.1f} GFLOP/s (+{kernel.overhead_s * 1e6:.1f} us)")
+        unit = " G elements/s" if key in _PER_ELEMENT else " GFLOP/s"
+        parts.append(f"{label} {flops / 1e9:.1f}{unit} (+{kernel.overhead_s * 1e6:.1f} us)")
     bandwidth = f"{profile.bandwidth / 1e9:.1f} GB/s" if profile.bandwidth is not None else "no bandwidth"
     return (f"{profile.name}: {', '.join(parts)}, bandwidth {bandwidth}, "
             f"{profile.node_overhead_s * 1e6:.2f} us per node, {profile.run_overhead_s * 1e6:.1f} us per run")

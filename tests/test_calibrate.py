@@ -336,7 +336,9 @@ def test_calibrate_recovers_the_profile_of_a_machine_that_follows_the_model(monk
         "truth", 300e9, 50e9, node_overhead_s=0.4e-6, run_overhead_s=6e-6, runtime="onnxruntime",
         kernels={"conv": KernelFigures(300e9, 4e-6), "depthwise": KernelFigures(40e9, 1e-6),
                  "unblocked_conv": KernelFigures(150e9, 5e-6), "dynamic_weight": KernelFigures(100e9, 2e-6),
-                 "int8": KernelFigures(500e9, 3e-6)},
+                 "int8": KernelFigures(500e9, 3e-6), "pointwise": KernelFigures(200e9, 2e-6),
+                 "int8_depthwise": KernelFigures(20e9, 1.5e-6), "int8_matmul": KernelFigures(100e9, 1e-6),
+                 "int8_elementwise": KernelFigures(3e9, 0.5e-6), "quantize": KernelFigures(3e9, 0.2e-6)},
     )
 
     def estimated(model, feeds=None, **_):
