@@ -383,7 +383,8 @@ def summarize(all_points: list[dict[str, Any]]) -> dict[str, Any]:
 PROBES = {
     "add_short": "chain of tiny Adds ([1, 16] floats), short",
     "add_long": "chain of tiny Adds, long: the slope is the per-node overhead",
-    "add_large": "one Add of two 2^20-float tensors: bandwidth",
+    "add_large_1": "one Add of two 2^18-float tensors",
+    "add_large": "the same, three in a chain: the bandwidth of activations flowing through a network",
     "conv_large_1": "dense 3×3 Conv, 64 → 64 channels on 28 × 28, one",
     "conv_large": "the same, three in a chain: the slope is one large conv",
     "conv_tiny_1": "dense 3×3 Conv, 8 → 8 channels on 8 × 8, one",
@@ -404,6 +405,10 @@ PROBES = {
     "int8_large": "the same, three in a chain",
     "int8_tiny_1": "QDQ 3×3 Conv, 8 → 8 on 8 × 8, one",
     "int8_tiny": "the same, 33 in a chain",
+    "grouped_conv_large_1": "grouped 3×3 Conv, 128 → 128 channels in groups of 4, on 56 × 56, one",
+    "grouped_conv_large": "the same, three in a chain",
+    "grouped_conv_tiny_1": "grouped 3×3 Conv, 8 → 8 channels in groups of 4, on 8 × 8, one",
+    "grouped_conv_tiny": "the same, 33 in a chain",
     "pointwise_large_1": "dense 1×1 Conv, 64 → 64 channels on 56 × 56, one",
     "pointwise_large": "the same, three in a chain",
     "pointwise_tiny_1": "dense 1×1 Conv, 8 → 8 on 8 × 8, one",
@@ -478,7 +483,9 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "Per node: `node_overhead_s` + the kernel class's `overhead_s` + max(FLOPs ÷ the class's FLOP/s, bytes "
         "moved ÷ bandwidth); per inference `run_overhead_s` once. Kernel classes "
         "(`nnopt.cost.runtime_kernels.kernel_classes`): `conv` (dense float Conv, ConvTranspose, Gemm, MatMul with "
-        "a constant weight), `pointwise` (a dense 1×1 Conv: a GEMM with a short reduction, what SVD's second "
+        "a constant weight), `grouped_conv` (group > 1 but not a plain depthwise conv: a channel multiplier, as "
+        "conv-to-separable writes, takes onnxruntime's generic path, an im2col and a small GEMM per group), "
+        "`pointwise` (a dense 1×1 Conv: a GEMM with a short reduction, what SVD's second "
         "factor and a separable conv's second half are), `depthwise` (one input channel per group), "
         "`unblocked_conv` (a dense Conv with ≥ 16 input channels not a multiple of 4, which onnxruntime cannot "
         "run in its blocked NCHWc layout: SVD factors and unrounded pruning make these), `dynamic_weight` (the "

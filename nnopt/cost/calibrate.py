@@ -9,7 +9,7 @@ models it will be used to estimate:
   so the cost of entering the runtime and of the chain's ends cancels out;
 * ``node_overhead_s``: per node of a chain of tiny Adds (64 bytes each: nothing but dispatch);
   ``run_overhead_s``: what the short chain takes beyond its nodes;
-* ``bandwidth``: bytes moved by one large Add (two inputs read, one output written) ÷ its time;
+* ``bandwidth``: bytes moved by one of a chain of large Adds (two inputs read, one output written) ÷ its time;
 * per kernel class (``conv``: a dense 3×3 Conv, ``depthwise``: a 3×3 Conv with one channel per group,
   ``unblocked_conv``: a dense 3×3 Conv with 62 (18 for the tiny one) input channels,
   ``dynamic_weight``: a dense 3×3 Conv whose weight is dequantized from int8 at every inference,
@@ -81,7 +81,8 @@ class ProbeSizes:
     Attributes:
         tiny_elements: Elements of each tiny Add (the node-overhead chain).
         short_chain, long_chain: Lengths of the two chains of tiny Adds.
-        large_elements: Elements of each input of the bandwidth Add.
+        large_elements: Elements of each input of the bandwidth Adds (a chain of them, like the activations
+            of a network: a single Add of large tensors runs nearly twice as fast per byte as one in a chain).
         conv_channels, conv_size: Channels and spatial size of the large dense and int8 convs.
         depthwise_channels, depthwise_size: Likewise for the large depthwise conv.
         unblocked_channels, unblocked_tiny_channels: Channels of the large and tiny ``unblocked_conv``
@@ -98,7 +99,7 @@ class ProbeSizes:
     tiny_elements: int = 16
     short_chain: int = 8
     long_chain: int = 208
-    large_elements: int = 1 << 20
+    large_elements: int = 1 << 18
     conv_channels: int = 64
     conv_size: int = 28
     depthwise_channels: int = 128
@@ -141,11 +142,8 @@ QUICK_SIZES = ProbeSizes(
 
 #: The kernel classes calibration measures: convs by chains of convs (``_conv_chain``), ``int8_matmul`` by a
 #: chain of QDQ MatMuls, ``int8_elementwise`` by QDQ Adds, ``quantize`` by Quantize → Dequantize → Neg.
-CALIBRATED_KERNELS = ("conv", "pointwise", "depthwise", "unblocked_conv", "dynamic_weight", "int8", "int8_depthwise",
-                      "int8_matmul", "int8_elementwise", "quantize")  # fmt: skip
-#: Kernel classes whose probes are chains of convs.
-_CONV_KERNELS = frozenset({"conv", "pointwise", "depthwise", "unblocked_conv", "dynamic_weight", "int8",
-                           "int8_depthwise"})  # fmt: skip
+CALIBRATED_KERNELS = ("conv", "pointwise", "depthwise", "grouped_conv", "unblocked_conv", "dynamic_weight", "int8",
+                      "int8_depthwise", "int8_matmul", "int8_elementwise", "quantize")  # fmt: skip
 
 
 @dataclass
@@ -365,6 +363,7 @@ def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return max(min(slope, bound) if slope >= _PLAUSIBLE_SLOPE * bound else bound, tiny * (1 + 1e-6))
 
     add_short, add_large = figures["add_short"], figures["add_large"]
+    add_large_element = per_node("add_large_1", "add_large")
     add_slope = per_node("add_short", "add_long")
     tiny_slopes = {kernel: per_node(f"{kernel}_tiny_1", f"{kernel}_tiny") for kernel in CALIBRATED_KERNELS}
 
@@ -374,8 +373,8 @@ def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
         tiny_add = _roofline(add_short, peak, bandwidth)
         node_overhead = max(0.0, add_slope - tiny_add)
         run_overhead = max(0.0, add_short["seconds"] - add_short["nodes"] * (node_overhead + tiny_add))
-        add_time = add_large["seconds"] - run_overhead - node_overhead
-        bandwidth = add_large["bytes_per_node"] / (add_time if add_time > 0 else add_large["seconds"])
+        add_time = bounded("add_large_1", "add_large", run_overhead, add_slope) - node_overhead
+        bandwidth = add_large["bytes_per_node"] / (add_time if add_time > 0 else add_large_element)
         for kernel, tiny_element in tiny_slopes.items():
             large_element = bounded(f"{kernel}_large_1", f"{kernel}_large", run_overhead, tiny_element)
             large, tiny = figures[f"{kernel}_large"], figures[f"{kernel}_tiny"]
@@ -399,7 +398,8 @@ def _probes(sizes: ProbeSizes, rng: np.random.Generator) -> dict[str, _Probe]:
     for name, length in (("add_short", sizes.short_chain), ("add_long", sizes.long_chain)):
         probes[name] = _Probe(name, "Add", _add_chain(length, tiny), _add_chain(1, tiny), length)
     large = [sizes.large_elements]
-    probes["add_large"] = _Probe("add_large", "Add", _add_chain(1, large), _add_chain(1, large), 1)
+    probes["add_large_1"] = _Probe("add_large_1", "Add", _add_chain(1, large), _add_chain(1, large), 1)
+    probes["add_large"] = _Probe("add_large", "Add", _add_chain(3, large), _add_chain(1, large), 3)
     for kind in CALIBRATED_KERNELS:
         build, op_type, helper_op, per_element = _PROBE_BUILDERS.get(kind, (_conv_chain, "Conv", None, 1))
         if kind == "dynamic_weight":
@@ -443,6 +443,7 @@ def _conv_chain(length: int, kind: str, sizes: ProbeSizes, large: bool, rng: np.
         "int8_depthwise": (sizes.depthwise_channels, sizes.depthwise_size, sizes.tiny_channels),
         "unblocked_conv": (sizes.unblocked_channels, sizes.conv_size, sizes.unblocked_tiny_channels),
         "pointwise": (sizes.pointwise_channels, sizes.pointwise_size, sizes.tiny_channels),
+        "grouped_conv": (sizes.depthwise_channels, sizes.depthwise_size, sizes.tiny_channels),
     }.get(kind, (sizes.conv_channels, sizes.conv_size, sizes.tiny_channels))
     return _convs(length, channels if large else tiny_channels, size if large else sizes.tiny_size, kind, rng)
 
@@ -459,7 +460,7 @@ def _convs(length: int, channels: int, size: int, kind: str, rng: np.random.Gene
     QLinearConv). Weights are N(0, 1 / fan-in), so activations keep their scale along the chain: a
     shrinking chain would reach denormal floats, which are many times slower and would spoil the timing.
     """
-    group = channels if kind in ("depthwise", "int8_depthwise") else 1
+    group = {"depthwise": channels, "int8_depthwise": channels, "grouped_conv": max(2, channels // _GROUP_WIDTH)}.get(kind, 1)
     k = 1 if kind == "pointwise" else 3
     fan_in = k * k * (channels // group)
     int8 = kind in ("int8", "int8_depthwise")
@@ -499,6 +500,10 @@ def _convs(length: int, channels: int, size: int, kind: str, rng: np.random.Gene
         current = "y"
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])
     return _model(nodes, [x], current, inits)
+
+
+#: Channels per group of the ``grouped_conv`` probes.
+_GROUP_WIDTH = 4
 
 
 def _activation_qparams() -> list[onnx.TensorProto]:

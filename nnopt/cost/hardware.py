@@ -17,7 +17,11 @@ from nnopt.errors import InputError
 #: each covers. Nodes of other classes run at the profile's ``peak_flops``.
 KERNEL_CLASSES: dict[str, str] = {
     "conv": "dense float Conv, ConvTranspose, Gemm and MatMul with a constant weight",
-    "depthwise": "float Conv with one input channel per group (group = input channels > 1), constant weight",
+    "depthwise": "float Conv with one input and one output channel per group (group = channels > 1), constant "
+    "weight",
+    "grouped_conv": "float Conv with group > 1 that is not a plain depthwise conv (a channel multiplier, as "
+    "conv-to-separable writes, or several channels per group): onnxruntime's generic path, an im2col and a "
+    "small GEMM per group",
     "unblocked_conv": "dense float Conv with a constant weight and at least 16 input channels, not a multiple of "
     "4: onnxruntime cannot run it in its blocked (NCHWc) layout and falls back to im2col + GEMM",
     "dynamic_weight": "float Conv, ConvTranspose, Gemm and MatMul whose weight is computed at run time (e.g. "

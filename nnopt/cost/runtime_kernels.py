@@ -266,7 +266,8 @@ def _fuse_epilogues(g: _RuntimeGraph) -> None:
     """Affine ops and one activation after a float Conv/Gemm/MatMul, followed while exactly one node reads
     each tensor, are ``fused`` into it."""
     for i, node in enumerate(g.nodes):
-        float_kernel = g.classes[i] in ("conv", "pointwise", "depthwise", "unblocked_conv", "dynamic_weight")
+        float_kernel = g.classes[i] in ("conv", "pointwise", "depthwise", "grouped_conv", "unblocked_conv",
+                                        "dynamic_weight")
         if not float_kernel or g.ops[i] not in _EPILOGUE_AFFINE or not node.output:
             continue
         affine = _EPILOGUE_AFFINE[g.ops[i]]
@@ -339,8 +340,11 @@ def _op_kernel(node: onnx.NodeProto, infos: dict[str, TensorInfo], constants: se
         weight = infos.get(node.input[weight_index])
         if weight is None or weight.shape is None or len(weight.shape) < 2:
             return kernel
-        if group > 1 and weight.shape[1] == 1:
-            return "depthwise"
+        if group > 1:
+            # Only a plain depthwise conv (one input and one output channel per group) has onnxruntime's
+            # depthwise kernel; a channel multiplier or several channels per group take the generic path.
+            plain = weight.shape[1] == 1 and (weight.shape[0] == group or node.op_type == "ConvTranspose")
+            return "depthwise" if plain else "grouped_conv"
         channels = weight.shape[1]
         blockable = (norm_domain(node.domain), node.op_type) in _BLOCKABLE_OPS
         if blockable and group == 1 and len(weight.shape) > 2 and all(k == 1 for k in weight.shape[2:]):
