@@ -141,7 +141,7 @@ def resolve_subjects(keys: list[str] | None, tmp: Path) -> tuple[list[Subject], 
     dynamic = [s for s in subjects if sample_input_shapes(onnx.load(str(s.path), load_external_data=False).graph,
                                                           s.feeds) and s.key in real]  # fmt: skip
     subjects += [Subject(s.key + FROM_DATA, s.path, s.data, s.feeds, from_data=True) for s in dynamic
-                 if s.key.startswith(("ppocr", "ddddocr_ocr"))]  # fmt: skip
+                 if s.key in ("ppocr_det", "ppocr_cls", "ddddocr_ocr")]  # fmt: skip
     return subjects, skipped
 
 

@@ -522,6 +522,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 _KERNEL_LABELS = {
     "conv": "dense conv",
     "depthwise": "depthwise",
+    "grouped_conv": "grouped",
     "unblocked_conv": "unblocked",
     "dynamic_weight": "run-time weights",
     "pointwise": "1x1 conv",
