@@ -206,7 +206,7 @@ def calibrate(
         f"measured by nnopt calibrate on {cpu}, onnxruntime {onnxruntime.__version__} CPU "
         f"({datetime.date.today().isoformat()}): dense 3x3 conv {kernels['conv'].flops / 1e9:.1f} GFLOP/s, "
         f"Add {bandwidth / 1e9:.1f} GB/s, {node_overhead * 1e6:.2f} us per node"
-    )
+    )  # fmt: skip
     profile = HardwareProfile(
         name=name,
         peak_flops=kernels["conv"].flops,
@@ -325,6 +325,29 @@ _PLAUSIBLE_SLOPE = 0.6
 _DERIVE_ROUNDS = 5
 
 
+def _slope(figures: dict[str, dict[str, Any]], short: str, long: str) -> float:
+    """Seconds per node: the slope between two chains (the long chain's time per node if noise made the
+    slope useless)."""
+    a, b = figures[short], figures[long]
+    slope = (b["seconds"] - a["seconds"]) / (b["nodes"] - a["nodes"])
+    return slope if slope > 0 else b["seconds"] / b["nodes"]
+
+
+def _large_per_node(
+    figures: dict[str, dict[str, Any]], short: str, long: str, run_overhead: float, tiny: float
+) -> float:
+    """Seconds per node of a large probe: the slope between its chains, unless noise made it implausible.
+
+    Each chain's time per node (the run overhead taken off) is an upper bound, since the chain's ends
+    and other load only add time. A slope below 60 % of the least bound would give the chain's ends
+    more than 40 % of a long chain: the short chain was disturbed (on a busy machine that once put a
+    dense conv at 2.4 × the FP32 peak), and the bound is kept instead. Never below the tiny node.
+    """
+    slope = _slope(figures, short, long)
+    bound = min((figures[k]["seconds"] - run_overhead) / figures[k]["nodes"] for k in (short, long))
+    return max(min(slope, bound) if slope >= _PLAUSIBLE_SLOPE * bound else bound, tiny * (1 + 1e-6))
+
+
 def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The profile's figures from the probes' timings (see the module docstring).
 
@@ -342,30 +365,10 @@ def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
     Returns:
         ``node_overhead_s``, ``run_overhead_s``, ``bandwidth``, and ``kernels`` (KernelFigures per class).
     """
-
-    def per_node(short: str, long: str) -> float:
-        """Seconds per node: the slope between two chains (the long chain's time per node if noise made
-        the slope useless)."""
-        a, b = figures[short], figures[long]
-        slope = (b["seconds"] - a["seconds"]) / (b["nodes"] - a["nodes"])
-        return slope if slope > 0 else b["seconds"] / b["nodes"]
-
-    def bounded(short: str, long: str, run_overhead: float, tiny: float) -> float:
-        """Seconds per node of a large probe: the slope between its chains, unless noise made it implausible.
-
-        Each chain's time per node (the run overhead taken off) is an upper bound, since the chain's ends
-        and other load only add time. A slope below 60 % of the least bound would give the chain's ends
-        more than 40 % of a long chain: the short chain was disturbed (on a busy machine that once put a
-        dense conv at 2.4 × the FP32 peak), and the bound is kept instead. Never below the tiny node.
-        """
-        slope = per_node(short, long)
-        bound = min((figures[k]["seconds"] - run_overhead) / figures[k]["nodes"] for k in (short, long))
-        return max(min(slope, bound) if slope >= _PLAUSIBLE_SLOPE * bound else bound, tiny * (1 + 1e-6))
-
     add_short, add_large = figures["add_short"], figures["add_large"]
-    add_large_element = per_node("add_large_1", "add_large")
-    add_slope = per_node("add_short", "add_long")
-    tiny_slopes = {kernel: per_node(f"{kernel}_tiny_1", f"{kernel}_tiny") for kernel in CALIBRATED_KERNELS}
+    add_large_element = _slope(figures, "add_large_1", "add_large")
+    add_slope = _slope(figures, "add_short", "add_long")
+    tiny_slopes = {kernel: _slope(figures, f"{kernel}_tiny_1", f"{kernel}_tiny") for kernel in CALIBRATED_KERNELS}
 
     peak = bandwidth = math.inf
     kernels: dict[str, KernelFigures] = {}
@@ -373,10 +376,10 @@ def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
         tiny_add = _roofline(add_short, peak, bandwidth)
         node_overhead = max(0.0, add_slope - tiny_add)
         run_overhead = max(0.0, add_short["seconds"] - add_short["nodes"] * (node_overhead + tiny_add))
-        add_time = bounded("add_large_1", "add_large", run_overhead, add_slope) - node_overhead
+        add_time = _large_per_node(figures, "add_large_1", "add_large", run_overhead, add_slope) - node_overhead
         bandwidth = add_large["bytes_per_node"] / (add_time if add_time > 0 else add_large_element)
         for kernel, tiny_element in tiny_slopes.items():
-            large_element = bounded(f"{kernel}_large_1", f"{kernel}_large", run_overhead, tiny_element)
+            large_element = _large_per_node(figures, f"{kernel}_large_1", f"{kernel}_large", run_overhead, tiny_element)
             large, tiny = figures[f"{kernel}_large"], figures[f"{kernel}_tiny"]
             for probe, element in ((large, large_element), (tiny, tiny_element)):
                 helper = _helper_time(probe, peak, bandwidth, node_overhead, kernels)
