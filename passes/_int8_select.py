@@ -108,12 +108,11 @@ def select(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], feeds: di
         if not any(x in floats for x in (*layer.node.input, *layer.node.output) if x not in inits):
             layer.gate = "integer tensors only (shapes, indices): nothing to quantize"
     start = {name for name, layer in layers.items() if not layer.gate}
-    chosen = _search(cost, start)
-    effective = cost.effective(chosen)
-    float_total, total = cost.total(set()), cost.total(chosen)
+    effective = cost.effective(_search(cost, start))
+    float_total, total = cost.total(set()), cost.total(effective)
     if not total < float_total - _EPS_US:
-        effective = set()
-    return _result(cost, effective, float_total, cost.total(effective))
+        effective, total = set(), float_total
+    return _result(cost, effective, float_total, total)
 
 
 def _shapes(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple[dict[str, tuple[int, ...]], set[str]]:
@@ -203,12 +202,18 @@ def boundary_us(elements: float) -> float:
 
 
 class _CostModel:
-    """Predicted time of the model's candidate layers and region edges for a set of int8 layers."""
+    """Predicted time of the model's candidate layers and region edges for a set of int8 layers.
+
+    A set is judged by its effect: ``effective`` is what onnxruntime's quantizer makes int8 of it, and
+    ``delta`` the change in predicted time when layers are switched, computed locally (the switched
+    layers, the followers that switch with them, and their tensors) so a search stays linear in the graph.
+    """
 
     def __init__(self, proto: onnx.ModelProto, layers: dict[str, _Layer], shapes: dict[str, tuple[int, ...]],
                  floats: set[str]):
         self.layers = layers
         self.order = [n.name for n in proto.graph.node if n.name in layers]
+        self.position = {name: i for i, name in enumerate(self.order)}
         inits = {t.name for t in proto.graph.initializer}
         self.outputs = {o.name for o in proto.graph.output}
         self.producer: dict[str, str] = {}
@@ -216,46 +221,64 @@ class _CostModel:
         for n in proto.graph.node:
             for o in n.output:
                 self.producer[o] = n.name
-            for x in n.input:
+            for x in dict.fromkeys(n.input):
                 if x and x not in inits:
                     self.readers.setdefault(x, []).append(n.name)
-        touched = {x for name in self.order for x in (*layers[name].node.input, *layers[name].node.output)}
         # Only float activations are quantized (shape and index tensors stay as they are, and cost nothing).
-        self.tensors = sorted(t for t in touched if t and t not in inits and t in floats)
+        self.tensors_of = {name: sorted({x for x in (*layers[name].node.input, *layers[name].node.output)
+                                         if x and x not in inits and x in floats}) for name in self.order}
+        self.tensors = sorted({t for ts in self.tensors_of.values() for t in ts})
         self.elements = {t: float(np.prod(shapes[t])) if t in shapes else 0.0 for t in self.tensors}
+
+    def _int8_given(self, name: str, chosen: set[str], e: set[str]) -> bool:
+        node = self.layers[name].node
+        return name in chosen and (node.op_type not in FOLLOWERS or self.producer.get(node.input[0]) in e)
 
     def effective(self, chosen: set[str]) -> set[str]:
         """The layers onnxruntime's quantizer makes int8 when ``chosen`` are asked for: a follower only
         when its input is int8."""
         done: set[str] = set()
         for name in self.order:
-            if name not in chosen:
-                continue
-            node = self.layers[name].node
-            if node.op_type not in FOLLOWERS or self.producer.get(node.input[0]) in done:
+            if self._int8_given(name, chosen, done):
                 done.add(name)
         return done
 
-    def total(self, chosen: set[str], effective: set[str] | None = None) -> float:
-        """Predicted µs of the candidate layers and of the region edges with ``chosen`` asked to be int8."""
-        e = self.effective(chosen) if effective is None else effective
+    def total(self, e: set[str]) -> float:
+        """Predicted µs of the candidate layers and of the region edges with the layers ``e`` int8."""
         t = sum(layer.int8_us if name in e else layer.float_us for name, layer in self.layers.items())
-        return t + sum(self.edges(e).values())
+        return t + sum(self.edge_us(x, e) for x in self.tensors)
 
-    def edges(self, e: set[str]) -> dict[str, float]:
-        """Tensor -> predicted µs of its QuantizeLinear (into a region) or DequantizeLinear (out of one)."""
-        costs = {}
-        for t in self.tensors:
-            p_in = self.producer.get(t) in e
-            readers = self.readers.get(t, [])
-            if not p_in and any(r in e for r in readers):
-                costs[t] = boundary_us(self.elements[t])
-            elif p_in and (t in self.outputs or any(r not in e for r in readers)):
-                costs[t] = boundary_us(self.elements[t])
-        return costs
+    def edge_us(self, t: str, e: set[str]) -> float:
+        """Predicted µs of ``t``'s QuantizeLinear (into a region) or DequantizeLinear (out of one), or 0."""
+        p_in = self.producer.get(t) in e
+        readers = self.readers.get(t, [])
+        if p_in != any(r in e for r in readers) or (p_in and (t in self.outputs or any(r not in e for r in readers))):
+            return boundary_us(self.elements[t])
+        return 0.0
+
+    def switch(self, chosen: set[str], e: set[str], names: set[str]) -> tuple[set[str], set[str], float]:
+        """(chosen with ``names`` toggled, its effective set, the change in predicted µs)."""
+        new_chosen = chosen ^ names
+        new_e = set(e)
+        flipped: list[str] = []
+        queue = sorted(names, key=self.position.__getitem__)
+        while queue:
+            name = queue.pop(0)
+            now = self._int8_given(name, new_chosen, new_e)
+            if now == (name in new_e):
+                continue
+            (new_e.add if now else new_e.discard)(name)
+            flipped.append(name)
+            # Followers reading this layer's output switch with it.
+            queue += [r for o in self.layers[name].node.output for r in self.readers.get(o, ())
+                      if r in self.layers and self.layers[r].node.op_type in FOLLOWERS]
+        delta = sum((self.layers[n].int8_us - self.layers[n].float_us) * (1 if n in new_e else -1) for n in flipped)
+        touched = sorted({t for n in flipped for t in self.tensors_of[n]})
+        delta += sum(self.edge_us(t, new_e) - self.edge_us(t, e) for t in touched)
+        return new_chosen, new_e, delta
 
     def regions(self, e: set[str]) -> list[list[str]]:
-        """Connected groups of int8 layers (joined by tensors between two of them), in graph order."""
+        """Connected groups of int8 layers (joined by float tensors between two of them), in graph order."""
         parent = {name: name for name in e}
 
         def find(x: str) -> str:
@@ -279,21 +302,20 @@ class _CostModel:
 
 def _search(cost: _CostModel, start: set[str]) -> set[str]:
     """Greedy descent on the predicted time: drop whole regions, then toggle single layers (graph order)."""
-    chosen, best = set(start), cost.total(start)
+    chosen = set(start)
+    e = cost.effective(chosen)
     for _ in range(_MAX_SWEEPS):
         changed = False
-        for region in cost.regions(cost.effective(chosen)):
-            trial = chosen - set(region)
-            t = cost.total(trial)
-            if t < best - _EPS_US:
-                chosen, best, changed = trial, t, True
+        for region in cost.regions(e):
+            trial, trial_e, delta = cost.switch(chosen, e, set(region) & chosen)
+            if delta < -_EPS_US:
+                chosen, e, changed = trial, trial_e, True
         for name in cost.order:
             if cost.layers[name].gate:
                 continue
-            trial = chosen ^ {name}
-            t = cost.total(trial)
-            if t < best - _EPS_US:
-                chosen, best, changed = trial, t, True
+            trial, trial_e, delta = cost.switch(chosen, e, {name})
+            if delta < -_EPS_US:
+                chosen, e, changed = trial, trial_e, True
         if not changed:
             break
     return chosen
@@ -313,7 +335,7 @@ def _result(cost: _CostModel, e: set[str], float_total: float, total: float) -> 
             sel.figures[name] = {**figures, "select": "int8", "region": region_of[name],
                                  "predicted_gain_us": round(layer.float_us - layer.int8_us, 2)}
             continue
-        reason = layer.gate or _why_float(cost, e, name, total)
+        reason = layer.gate or _why_float(cost, e, name)
         sel.declined.append(LayerDecision(name, layer.node.op_type, "declined", f"float (select=latency): {reason}",
                                           {**figures, "select": "float"}))
     if not e:
@@ -326,21 +348,17 @@ def _result(cost: _CostModel, e: set[str], float_total: float, total: float) -> 
     return sel
 
 
-def _why_float(cost: _CostModel, e: set[str], name: str, total: float) -> str:
+def _why_float(cost: _CostModel, e: set[str], name: str) -> str:
     """The reason a layer the search left float is float: what int8 would cost there."""
     layer = cost.layers[name]
     node = layer.node
     if node.op_type in FOLLOWERS and cost.producer.get(node.input[0]) not in e:
         return f"{node.op_type} runs int8 only on an int8 input, and its input is float here"
-    with_it = cost.effective(e | {name})
-    delta = cost.total(e | {name}, with_it) - total
-    edges = sum(cost.edges(with_it).values()) - sum(cost.edges(e).values())
-    kernel = layer.int8_us - layer.float_us
-    if layer.kind == "mul" and kernel > 0:
-        what = f"int8 Mul is slower than float ({layer.int8_us:.1f} vs {layer.float_us:.1f} µs)"
-    else:
-        what = f"kernel {kernel:+.1f} µs, Q/DQ at region edges {edges:+.1f} µs"
-    return f"int8 here would add {delta:+.1f} µs ({what})"
+    _, with_it, delta = cost.switch(e, e, {name})
+    kernel = sum(cost.layers[n].int8_us - cost.layers[n].float_us for n in with_it - e)
+    slower = " (int8 Mul is slower than float Mul)" if layer.kind == "mul" and layer.int8_us > layer.float_us else ""
+    return (f"int8 here would add {delta:+.1f} µs: kernel{slower} {kernel:+.1f} µs, QuantizeLinear/"
+            f"DequantizeLinear at region edges {delta - kernel:+.1f} µs")
 
 
 def float_islands(proto: onnx.ModelProto, candidates: Iterable[str], op_types: Iterable[str]) -> list[LayerDecision]:

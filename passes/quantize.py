@@ -589,7 +589,11 @@ def _db(value: float) -> float | None:
 def _select(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candidates: list[onnx.NodeProto],
             ctx: PassContext) -> _int8_select.Selection:
     """select=latency's choice among ``selected`` (see ``_int8_select``), with the float islands reported."""
-    selection = _int8_select.select(float_proto, selected, ctx.samples[0])
+    # Recurrent layers are not int8 kernels (their weights are stored int8 or not, by recurrent_weights).
+    recurrent = [n.name for n in selected if n.op_type in _qdq.RECURRENT_OPS]
+    selection = _int8_select.select(float_proto, [n for n in selected if n.op_type not in _qdq.RECURRENT_OPS],
+                                    ctx.samples[0])
+    selection.chosen.extend(recurrent)
     selection.declined.extend(_int8_select.float_islands(float_proto, [n.name for n in candidates],
                                                          {n.op_type for n in candidates}))
     return selection
