@@ -47,6 +47,10 @@ CONV_CASES = [
 GEMM_CASES = [(1, 64), (1, 256), (1, 512), (1, 1024), (16, 256), (64, 512)]
 #: (C, spatial) per elementwise case (activations of [1, C, s, s]).
 ELTWISE_CASES = [(16, 14), (32, 28), (64, 28), (16, 56), (64, 56)]
+#: (channels, spatial, activation) per sandwich case: depthwise -> [act] -> pointwise -> [act] -> depthwise,
+#: float vs the pointwise layer alone int8 (the MobileNet block select=latency meets).
+SANDWICH_CASES = [(c, s, act) for c, s in ((16, 56), (32, 28), (64, 28), (64, 14), (128, 14), (256, 7))
+                  for act in ("", "HardSwish")]
 #: Layers per chain: the in-chain cost of a layer is (t(3 layers) - t(1 layer)) / 2, its region's boundary
 #: cost is what remains of the 1-layer model once the layer and the float model's fixed session cost are off.
 CHAIN = 3
@@ -77,6 +81,21 @@ def _gemm_model(m: int, k: int, layers: int, rng: np.random.Generator) -> onnx.M
     return _model(nodes, {"x": [m, k]}, {"y": [m, k]}, arrays, names)
 
 
+def _sandwich_model(c: int, s: int, act: str, rng: np.random.Generator) -> onnx.ModelProto:
+    shapes = {"dw0": (c, 1, 3, 3), "pw": (c, c, 1, 1), "dw1": (c, 1, 3, 3)}
+    arrays = [rng.normal(0, 0.5, shape).astype(np.float32) for shape in shapes.values()]
+    nodes, src = [], "x"
+    for i, name in enumerate(shapes):
+        dst = "y" if i == 2 else f"{name}_out"
+        kw = {"group": c, "pads": [1] * 4} if name.startswith("dw") else {}
+        nodes.append(helper.make_node("Conv", [src, f"w_{name}"], [dst], name=name, **kw))
+        src = dst
+        if act and i < 2:
+            nodes.append(helper.make_node(act, [src], [f"{name}_act"], name=f"{name}_{act}"))
+            src = f"{name}_act"
+    return _model(nodes, {"x": [1, c, s, s]}, {"y": [1, c, s, s]}, arrays, [f"w_{k}" for k in shapes], opset=14)
+
+
 def _eltwise_model(op: str, c: int, s: int, layers: int) -> onnx.ModelProto:
     nodes = []
     for i in range(layers):
@@ -86,12 +105,12 @@ def _eltwise_model(op: str, c: int, s: int, layers: int) -> onnx.ModelProto:
 
 
 def _model(nodes: list[onnx.NodeProto], inputs: dict[str, list[int]], outputs: dict[str, list[int]],
-           arrays: list[np.ndarray], names: list[str]) -> onnx.ModelProto:
+           arrays: list[np.ndarray], names: list[str], opset: int = 13) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes, "case", [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in inputs.items()],
         [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in outputs.items()],
         [numpy_helper.from_array(a, n) for a, n in zip(arrays, names)])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
 
 
 def _quantized(proto: onnx.ModelProto, rng: np.random.Generator) -> onnx.ModelProto:
@@ -102,15 +121,20 @@ def _quantized(proto: onnx.ModelProto, rng: np.random.Generator) -> onnx.ModelPr
 
     samples = [_feeds(proto, rng) for _ in range(4)]
     model = Model.from_proto(proto)
-    opts = QuantizeOptions.create("quantize", bias_correction="off", **_select_all())
+    opts = QuantizeOptions.create("quantize", bias_correction="off", select="all")
     Quantize(opts).run(model, PassContext(samples=samples))
     return model.to_proto()
 
 
-def _select_all() -> dict[str, Any]:
-    from nnopt.passes.quantize import QuantizeOptions
+def _only_int8(proto: onnx.ModelProto, nodes: list[str], rng: np.random.Generator) -> onnx.ModelProto:
+    """``proto`` with only ``nodes`` int8 (QDQ placed as select=latency places it: the others read the
+    DequantizeLinear of an int8 neighbour, as ops without an int8 kernel do)."""
+    from nnopt.passes import _qdq
 
-    return {"select": "all"} if "select" in QuantizeOptions.__dataclass_fields__ else {}
+    samples = [_feeds(proto, rng) for _ in range(4)]
+    ranges = _qdq.calibrate(proto, samples, "minmax", ("Conv",))
+    return _qdq.place_qdq(proto, ranges, per_channel=True, activation_type="uint8", nodes_to_quantize=nodes,
+                          nodes_to_exclude=[], op_types=("Conv",))
 
 
 def _feeds(proto: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -124,17 +148,24 @@ def _feeds(proto: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.nda
     return feeds
 
 
+#: onnxruntime intra-op threads (0: its default, one per core); set by --threads.
+THREADS = [0]
+
+
 def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 4
+    options.intra_op_num_threads = THREADS[0]
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def time_interleaved(protos: dict[str, onnx.ModelProto], runs: int, rounds: int, seed: int = 0) -> dict[str, float]:
-    """Median µs per variant, the variants' runs interleaved in ``rounds`` rounds of ``runs`` runs each."""
+def time_interleaved(protos: dict[str, onnx.ModelProto], runs: int, rounds: int, seed: int = 0,
+                     inputs: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Median µs per variant, the variants' runs interleaved in ``rounds`` rounds of ``runs`` runs each
+    (on ``inputs`` when given, else on seeded random inputs of each model's static shapes)."""
     rng = np.random.default_rng(seed)
     sessions = {k: _session(p) for k, p in protos.items()}
-    feeds = {k: _feeds(p, rng) for k, p in protos.items()}
+    feeds = {k: inputs if inputs is not None else _feeds(p, rng) for k, p in protos.items()}
     times: dict[str, list[float]] = {k: [] for k in protos}
     for k, sess in sessions.items():
         for _ in range(5):
@@ -190,6 +221,7 @@ def run(runs: int, rounds: int) -> dict[str, Any]:
         cases.append(case)
         print(f"{kind} {shape}: layer float {f_layer:.1f} µs, int8 {i_layer:.1f} µs (x{case['ratio']:.2f}); "
               f"1-layer models float {t['float1']:.1f} int8 {t['int8_1']:.1f}; boundary {boundary:.1f} µs", flush=True)
+    sandwiches = _sandwiches(runs, rounds, rng)
     fits: dict[str, Any] = {}
     for kind in dict.fromkeys(c["kind"] for c in cases):
         rows = [c for c in cases if c["kind"] == kind]
@@ -200,12 +232,46 @@ def run(runs: int, rounds: int) -> dict[str, Any]:
                       "int8_fixed_us": i_fit[0], "int8_ns_per_mac": i_fit[1] * 1e3,
                       "boundary_fixed_us": b_fit[0], "boundary_ns_per_element": b_fit[1] * 1e3,
                       "median_ratio": float(np.median([c["ratio"] for c in rows]))}
-    return {"onnxruntime": ort.__version__, "runs": runs, "rounds": rounds, "chain": CHAIN, "cases": cases,
-            "fits": fits}
+    fits.update(_edge_fits(sandwiches, fits["pointwise"]))
+    return {"onnxruntime": ort.__version__, "threads": THREADS[0], "runs": runs, "rounds": rounds, "chain": CHAIN,
+            "cases": cases, "sandwiches": sandwiches, "fits": fits}
+
+
+def _sandwiches(runs: int, rounds: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Float vs pointwise-only-int8 times of each sandwich case."""
+    rows = []
+    for c, s, act in SANDWICH_CASES:
+        proto = _sandwich_model(c, s, act, rng)
+        t = time_interleaved({"float": proto, "mixed": _only_int8(proto, ["pw"], rng)}, runs, rounds)
+        rows.append({"channels": c, "spatial": s, "activation": act, "elements": c * s * s, "macs": c * c * s * s,
+                     "float_us": t["float"], "mixed_us": t["mixed"]})
+        print(f"sandwich {c}x{s}x{s} {act or '-'}: float {t['float']:.1f} µs, pointwise int8 {t['mixed']:.1f} µs",
+              flush=True)
+    return rows
+
+
+def _edge_fits(rows: list[dict[str, Any]], pointwise: dict[str, float]) -> dict[str, Any]:
+    """Region edge cost per crossing tensor, and the cost of an activation left unfused, from the sandwiches.
+
+    mixed - float = (int8 pointwise - float pointwise) + 2 edges (+ 1 activation that can no longer fuse
+    into the float Conv producing it, when the block has them).
+    """
+    def kernel_gain(r: dict[str, Any]) -> float:
+        f = pointwise["float_fixed_us"] + pointwise["float_ns_per_mac"] * r["macs"] * 1e-3
+        i = pointwise["int8_fixed_us"] + pointwise["int8_ns_per_mac"] * r["macs"] * 1e-3
+        return f - i
+
+    plain = [r for r in rows if not r["activation"]]
+    edge = _fit([r["elements"] for r in plain], [(r["mixed_us"] - r["float_us"] + kernel_gain(r)) / 2 for r in plain])
+    acts = [r for r in rows if r["activation"]]
+    extra = [r["mixed_us"] - r["float_us"] + kernel_gain(r) - 2 * (edge[0] + edge[1] * r["elements"]) for r in acts]
+    act = _fit([r["elements"] for r in acts], extra)
+    return {"edge": {"fixed_us": edge[0], "ns_per_element": edge[1] * 1e3},
+            "unfused_activation": {"fixed_us": act[0], "ns_per_element": act[1] * 1e3}}
 
 
 def render(result: dict[str, Any]) -> str:
-    lines = [f"onnxruntime {result['onnxruntime']}, {result['runs']} runs x {result['rounds']} interleaved rounds, "
+    lines = [f"onnxruntime {result['onnxruntime']}, {result['threads'] or 'default'} intra-op thread(s), {result['runs']} runs x {result['rounds']} interleaved rounds, "
              f"medians. Layer = (t({result['chain']} chained layers) - t(1 layer)) / {result['chain'] - 1}; boundary = "
              "the int8 1-layer model's time beyond its layer and beyond the float model's fixed cost (the region's "
              "QuantizeLinear in, DequantizeLinear out, and onnxruntime's NCHW<->NHWC reorders for int8 convs).", "",
@@ -215,9 +281,19 @@ def render(result: dict[str, Any]) -> str:
         shape = " ".join(f"{k}={v}" for k, v in c.items() if k in ("channels", "spatial", "m", "k"))
         lines.append(f"| {c['kind']} | {shape} | {c['macs']:,} | {c['float_us']:.1f} | {c['int8_us']:.1f} | "
                      f"{c['ratio']:.2f} | {c['boundary_us']:.1f} | {c['boundary_elements']:,} |")
+    lines += ["", "Sandwiches (depthwise -> [act] -> pointwise -> [act] -> depthwise; only the pointwise int8):", "",
+              "| channels | spatial | activation | float µs | pointwise int8 µs | ratio |", "|---" * 6 + "|"]
+    for r in result["sandwiches"]:
+        lines.append(f"| {r['channels']} | {r['spatial']} | {r['activation'] or '-'} | {r['float_us']:.1f} | "
+                     f"{r['mixed_us']:.1f} | {r['mixed_us'] / r['float_us']:.2f} |")
+    for k in ("edge", "unfused_activation"):
+        f = result["fits"][k]
+        lines.append(f"\n{k}: {f['fixed_us']:.2f} µs + {f['ns_per_element']:.3f} ns per element")
     lines += ["", "| kind | float fixed µs | float ns/MAC | int8 fixed µs | int8 ns/MAC | median int8/float | "
               "boundary fixed µs | boundary ns/element |", "|---" * 8 + "|"]
     for k, f in result["fits"].items():
+        if "float_fixed_us" not in f:
+            continue
         lines.append(f"| {k} | {f['float_fixed_us']:.2f} | {f['float_ns_per_mac']:.4f} | {f['int8_fixed_us']:.2f} | "
                      f"{f['int8_ns_per_mac']:.4f} | {f['median_ratio']:.2f} | {f['boundary_fixed_us']:.2f} | "
                      f"{f['boundary_ns_per_element']:.3f} |")
@@ -228,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="onnxruntime intra-op threads (0: its default; 1 keeps a shared machine's load out)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "int8_kernels"))
     args = parser.parse_args(argv)
+    THREADS[0] = args.threads
     result = run(args.runs, args.rounds)
     Path(args.out + ".json").write_text(json.dumps(result, indent=1))
     header = "# int8 kernels vs float in onnxruntime (CPU)\n\nGenerated by `python benchmarks/int8_kernels.py`.\n\n"

@@ -32,30 +32,37 @@ class Rate:
         return self.int8_fixed_us + self.int8_ns * work * 1e-3
 
 
-# NOTE: measured by benchmarks/int8_kernels.py (onnxruntime 1.32, this project's 2-core x86 benchmark machine;
+# NOTE: measured by benchmarks/int8_kernels.py --threads 1 (onnxruntime 1.32, the project's 2-core x86
+# benchmark machine, shared; one intra-op thread keeps other processes' load out of the figures; output in
 # docs/int8_kernels.md, summarised in docs/quantize.md "Latency-aware selection"): per kind, least-squares
 # fits of the in-chain time of one layer ((t(3 chained layers) - t(1 layer)) / 2, interleaved medians).
-# Measured int8/float ratios: dense 3x3 conv 0.26-0.46 (x1.22 with 8 channels), pointwise 0.30-0.77
-# (x1.64 with 8 channels), depthwise 1.14-3.55 (never faster), Gemm 0.30-0.64 (x1.89 at 64x64),
-# Add 0.79-0.94, Mul 1.13-1.46 (QLinearMul is slower than float Mul).
+# Measured int8/float ratios: dense 3x3 conv 0.27-0.46 (x1.18 with 8 channels), pointwise 0.29-0.74 (0.85
+# with 8), depthwise 1.18-3.59 (never faster), Gemm 0.26-0.62 (x2.16 at 64x64), Add 0.83-0.94, Mul 1.17-1.52
+# (QLinearMul is slower than float Mul).
 KERNELS: dict[str, Rate] = {
-    "dense": Rate(5.14, 0.0177, 13.08, 0.0043),
-    "pointwise": Rate(4.34, 0.0179, 4.14, 0.0049),
-    "depthwise": Rate(1.58, 0.0270, 0.0, 0.0950),
-    "gemm": Rate(12.79, 0.0170, 5.92, 0.0050),
-    "add": Rate(1.17, 0.1471, 0.40, 0.1412),
-    "mul": Rate(1.16, 0.1447, 0.42, 0.2166),
-    # Relu/Clip after an int8 op are absorbed into its QuantizeLinear (free); in float they cost a pass over
-    # memory like Add's (not measured on their own: Add's float rate is used).
-    "activation": Rate(1.17, 0.1471, 0.0, 0.0),
+    "dense": Rate(2.17, 0.0171, 11.29, 0.0043),
+    "pointwise": Rate(3.70, 0.0178, 3.75, 0.0048),
+    "depthwise": Rate(1.30, 0.0273, 0.0, 0.0967),
+    "gemm": Rate(15.20, 0.0174, 5.63, 0.0050),
+    "add": Rate(1.08, 0.1460, 0.52, 0.1371),
+    "mul": Rate(1.19, 0.1390, 0.38, 0.2161),
 }
-#: One tensor crossing a region's edge: a QuantizeLinear in or a DequantizeLinear out (plus onnxruntime's
-#: NCHW <-> NHWC reorders around int8 convs). Fitted on the same runs: the 1-layer int8 models' time beyond
-#: their layer and beyond the float model's fixed cost, per crossing tensor.
+#: One tensor crossing a region's edge: a QuantizeLinear in or a DequantizeLinear out, with onnxruntime's
+#: NCHW <-> NHWC transposes around int8 convs; fitted on the 1-layer int8 models' time beyond their layer
+#: and beyond the float model's fixed cost (dense conv 0.135, Add/Mul 0.11-0.113 ns per element).
 BOUNDARY_FIXED_US = 1.5
 BOUNDARY_NS_PER_ELEMENT = 0.12
-#: Below this many input channels per group onnxruntime's int8 Conv is slower than float (measured: 8
-#: channels x1.22 dense and x1.64 pointwise; a 3-channel stem conv x2.4), whatever its size.
+#: The same edge with a float Conv on its other side: onnxruntime's float convs run in its blocked NCHWc
+#: layout, and each int8 island adds a reorder out of and back into it. Fitted on the sandwich cases
+#: (depthwise -> pointwise -> depthwise, float vs pointwise int8: x0.58-x1.38).
+CONV_EDGE_FIXED_US = 0.86
+CONV_EDGE_NS_PER_ELEMENT = 0.292
+#: An activation onnxruntime fuses into the float Conv before it (Relu, Clip, HardSwish, HardSigmoid...)
+#: runs on its own after an int8 layer: 0.174 ns per element (sandwiches with HardSwish vs without).
+UNFUSED_ACTIVATION_NS_PER_ELEMENT = 0.174
+FUSED_ACTIVATIONS = frozenset({"Relu", "Clip", "HardSwish", "HardSigmoid", "LeakyRelu", "Sigmoid", "Tanh"})
+#: Below this many input channels per group onnxruntime's int8 Conv is no faster than float (measured: 8
+#: channels x1.18 dense, x0.85-x1.64 pointwise with 1 or 2 threads), whatever its size.
 MIN_INT8_CHANNELS = 16
 #: Moves of the search must save more than this (µs): it ends, and ties never flip-flop.
 _EPS_US = 1e-3
@@ -67,8 +74,7 @@ _MAX_SWEEPS = 20
 FOLLOWERS = frozenset({"Relu", "Clip", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Resize",
                        "MaxPool", "AveragePool", "Slice", "Pad", "Split"})
 #: Op type -> kind of ``KERNELS`` (Conv is dense, pointwise or depthwise by its attributes).
-_KIND = {"Gemm": "gemm", "MatMul": "gemm", "ConvTranspose": "dense", "Add": "add", "Mul": "mul",
-         "Relu": "activation", "Clip": "activation"}
+_KIND = {"Gemm": "gemm", "MatMul": "gemm", "ConvTranspose": "dense", "Add": "add", "Mul": "mul"}
 
 
 @dataclass
@@ -196,8 +202,11 @@ def _gate(node: onnx.NodeProto, layer: _Layer, attrs: dict[str, Any], shapes: di
     return ""
 
 
-def boundary_us(elements: float) -> float:
-    """Predicted µs of one QuantizeLinear or DequantizeLinear at a region's edge over ``elements`` values."""
+def boundary_us(elements: float, conv_side: bool = False) -> float:
+    """Predicted µs of one QuantizeLinear or DequantizeLinear at a region's edge over ``elements`` values
+    (``conv_side``: a float Conv on the edge's other side)."""
+    if conv_side:
+        return CONV_EDGE_FIXED_US + CONV_EDGE_NS_PER_ELEMENT * elements * 1e-3
     return BOUNDARY_FIXED_US + BOUNDARY_NS_PER_ELEMENT * elements * 1e-3
 
 
@@ -218,6 +227,7 @@ class _CostModel:
         self.outputs = {o.name for o in proto.graph.output}
         self.producer: dict[str, str] = {}
         self.readers: dict[str, list[str]] = {}
+        self.nodes = {n.name: n for n in proto.graph.node}
         for n in proto.graph.node:
             for o in n.output:
                 self.producer[o] = n.name
@@ -249,12 +259,32 @@ class _CostModel:
         return t + sum(self.edge_us(x, e) for x in self.tensors)
 
     def edge_us(self, t: str, e: set[str]) -> float:
-        """Predicted µs of ``t``'s QuantizeLinear (into a region) or DequantizeLinear (out of one), or 0."""
-        p_in = self.producer.get(t) in e
+        """Predicted µs that ``t`` adds with the layers ``e`` int8: its QuantizeLinear (into a region) or
+        DequantizeLinear (out of one), and activations after an int8 producer that no longer fuse."""
+        producer = self.producer.get(t)
+        p_in = producer in e
         readers = self.readers.get(t, [])
-        if p_in != any(r in e for r in readers) or (p_in and (t in self.outputs or any(r not in e for r in readers))):
-            return boundary_us(self.elements[t])
-        return 0.0
+        cost = 0.0
+        if not p_in and any(r in e for r in readers):
+            cost = boundary_us(self.elements[t], self._conv_side([producer] if producer else []))
+        elif p_in and (t in self.outputs or any(r not in e for r in readers)):
+            cost = boundary_us(self.elements[t], self._conv_side([r for r in readers if r not in e], after=True))
+        if p_in:
+            unfused = sum(1 for r in readers if r not in e and self.nodes[r].op_type in FUSED_ACTIVATIONS)
+            cost += unfused * UNFUSED_ACTIVATION_NS_PER_ELEMENT * self.elements[t] * 1e-3
+        return cost
+
+    def _conv_side(self, names: list[str], after: bool = False) -> bool:
+        """Whether a float Conv is among ``names`` or directly beyond an activation among them."""
+        for name in names:
+            node = self.nodes[name]
+            if node.op_type == "Conv":
+                return True
+            if node.op_type in FUSED_ACTIVATIONS and node.output and node.input:
+                beyond = self.readers.get(node.output[0], []) if after else [self.producer.get(node.input[0], "")]
+                if any(b in self.nodes and self.nodes[b].op_type == "Conv" for b in beyond):
+                    return True
+        return False
 
     def switch(self, chosen: set[str], e: set[str], names: set[str]) -> tuple[set[str], set[str], float]:
         """(chosen with ``names`` toggled, its effective set, the change in predicted µs)."""
