@@ -61,6 +61,12 @@ CONV_EDGE_NS_PER_ELEMENT = 0.292
 #: runs on its own after an int8 layer: 0.174 ns per element (sandwiches with HardSwish vs without).
 UNFUSED_ACTIVATION_NS_PER_ELEMENT = 0.174
 FUSED_ACTIVATIONS = frozenset({"Relu", "Clip", "HardSwish", "HardSigmoid", "LeakyRelu", "Sigmoid", "Tanh"})
+#: onnxruntime (WeightBiasQuantization, 1.20+) quantizes the float weight of any Conv, ConvTranspose or Gemm
+#: whose input comes straight from a DequantizeLinear: per tensor, so a layer left float would become an int8
+#: layer with per-tensor weights (or a float one dequantizing its weight at every run). A set of int8 layers
+#: that would feed one of these ops, left float, through a DequantizeLinear is never chosen (this penalty).
+AUTO_QUANTIZED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
+_FORBIDDEN_US = 1e6
 #: Below this many input channels per group onnxruntime's int8 Conv is no faster than float (measured: 8
 #: channels x1.18 dense, x0.85-x1.64 pointwise with 1 or 2 threads), whatever its size.
 MIN_INT8_CHANNELS = 16
@@ -272,6 +278,9 @@ class _CostModel:
         if p_in:
             unfused = sum(1 for r in readers if r not in e and self.nodes[r].op_type in FUSED_ACTIVATIONS)
             cost += unfused * UNFUSED_ACTIVATION_NS_PER_ELEMENT * self.elements[t] * 1e-3
+            if any(r not in e and self.nodes[r].op_type in AUTO_QUANTIZED_OPS and self.nodes[r].input[0] == t
+                   for r in readers):
+                cost += _FORBIDDEN_US
         return cost
 
     def _conv_side(self, names: list[str], after: bool = False) -> bool:
@@ -385,6 +394,9 @@ def _why_float(cost: _CostModel, e: set[str], name: str) -> str:
     if node.op_type in FOLLOWERS and cost.producer.get(node.input[0]) not in e:
         return f"{node.op_type} runs int8 only on an int8 input, and its input is float here"
     _, with_it, delta = cost.switch(e, e, {name})
+    if delta >= _FORBIDDEN_US / 2:
+        return ("int8 here would feed a float Conv/Gemm through a DequantizeLinear, and onnxruntime would then "
+                "quantize that layer's weights per tensor")
     kernel = sum(cost.layers[n].int8_us - cost.layers[n].float_us for n in with_it - e)
     slower = " (int8 Mul is slower than float Mul)" if layer.kind == "mul" and layer.int8_us > layer.float_us else ""
     return (f"int8 here would add {delta:+.1f} µs: kernel{slower} {kernel:+.1f} µs, QuantizeLinear/"
