@@ -403,6 +403,11 @@ def _why_float(cost: _CostModel, e: set[str], name: str) -> str:
             f"DequantizeLinear at region edges {delta - kernel:+.1f} µs")
 
 
+#: Ops that compute nothing on an activation's values (onnxruntime removes Identity, Dropout at inference):
+#: not reported as islands.
+_NO_COMPUTE = frozenset({"Identity", "Dropout", "Shape", "Size", "Cast", "ConstantOfShape"})
+
+
 def float_islands(proto: onnx.ModelProto, candidates: Iterable[str], op_types: Iterable[str]) -> list[LayerDecision]:
     """Report lines for the ops outside ``op_types`` (no int8 kernel: HardSwish, HardSigmoid, Div...) that
     sit between candidate layers: beside an int8 layer each costs a DequantizeLinear before it and a
@@ -415,7 +420,7 @@ def float_islands(proto: onnx.ModelProto, candidates: Iterable[str], op_types: I
             readers.setdefault(x, set()).add(n.name)
     lines = []
     for n in proto.graph.node:
-        if n.op_type in kinds:
+        if n.op_type in kinds or n.op_type in _NO_COMPUTE:
             continue
         before = {producer.get(x) for x in n.input}
         after = {r for o in n.output for r in readers.get(o, ())}

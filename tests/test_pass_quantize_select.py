@@ -43,7 +43,8 @@ def _conv_net(layers: list[tuple[str, int, int]], channels: int, spatial: int, s
             src = f"act{i}"
     graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
                                                                            [1, channels, spatial, spatial])],
-                              [helper.make_tensor_value_info(src, onnx.TensorProto.FLOAT, None)], inits)
+                              [helper.make_tensor_value_info(src, onnx.TensorProto.FLOAT, [1, c, spatial, spatial])],
+                              inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8)
     samples = [{"x": rng.normal(0, 1, (1, channels, spatial, spatial)).astype(np.float32)} for _ in range(24)]
     return proto, samples[:16], samples[16:]
