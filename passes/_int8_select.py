@@ -35,21 +35,21 @@ class Rate:
 # NOTE: measured by benchmarks/int8_kernels.py --threads 1 (onnxruntime 1.32, the project's 2-core x86
 # benchmark machine, shared; one intra-op thread keeps other processes' load out of the figures; output in
 # docs/int8_kernels.md, summarised in docs/quantize.md "Latency-aware selection"): per kind, least-squares
-# fits of the in-chain time of one layer ((t(3 chained layers) - t(1 layer)) / 2, interleaved medians).
-# Measured int8/float ratios: dense 3x3 conv 0.27-0.46 (x1.18 with 8 channels), pointwise 0.29-0.74 (0.85
-# with 8), depthwise 1.18-3.59 (never faster), Gemm 0.26-0.62 (x2.16 at 64x64), Add 0.83-0.94, Mul 1.17-1.52
-# (QLinearMul is slower than float Mul).
+# fits of the in-chain time of one layer ((t(3 chained layers) - t(1 layer)) / 2, interleaved
+# medians) as fixed µs + ns per MAC. Measured int8/float ratios: dense 3x3 conv 0.27-0.46 (x1.18 with 8
+# channels), pointwise 0.29-0.74 (0.85 with 8), depthwise 1.18-3.59 (never faster), Gemm 0.26-0.62 (x2.16 at
+# 64x64), Add 0.83-0.94, Mul 1.17-1.52 (QLinearMul is slower than float Mul).
 KERNELS: dict[str, Rate] = {
     "dense": Rate(2.17, 0.0171, 11.29, 0.0043),
     "pointwise": Rate(3.70, 0.0178, 3.75, 0.0048),
     "depthwise": Rate(1.30, 0.0273, 0.0, 0.0967),
-    "gemm": Rate(15.20, 0.0174, 5.63, 0.0050),
+    "gemm": Rate(0.49, 0.0233, 1.43, 0.0065),  # fitted on relative errors (cases over 3.5 decades of MACs)
     "add": Rate(1.08, 0.1460, 0.52, 0.1371),
     "mul": Rate(1.19, 0.1390, 0.38, 0.2161),
 }
 #: One tensor crossing a region's edge: a QuantizeLinear in or a DequantizeLinear out, with onnxruntime's
 #: NCHW <-> NHWC transposes around int8 convs; fitted on the 1-layer int8 models' time beyond their layer
-#: and beyond the float model's fixed cost (dense conv 0.135, Add/Mul 0.11-0.113 ns per element).
+#: and beyond the float model's fixed cost (dense conv 0.135, Add/Mul 0.11 ns per element).
 BOUNDARY_FIXED_US = 1.5
 BOUNDARY_NS_PER_ELEMENT = 0.12
 #: The same edge with a float Conv on its other side: onnxruntime's float convs run in its blocked NCHWc
@@ -114,7 +114,7 @@ def select(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], feeds: di
     """
     shapes, floats = _shapes(proto, feeds)
     inits = {t.name: t for t in proto.graph.initializer}
-    layers = {n.name: _describe(n, shapes, inits) for n in selected}
+    layers = {n.name: _describe(n, shapes) for n in selected}
     cost = _CostModel(proto, layers, shapes, floats)
     for layer in layers.values():
         if not any(x in floats for x in (*layer.node.input, *layer.node.output) if x not in inits):
@@ -144,8 +144,7 @@ def _shapes(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple[dict[
     return shapes, floats
 
 
-def _describe(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]],
-              inits: dict[str, onnx.TensorProto]) -> _Layer:
+def _describe(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> _Layer:
     """``node``'s kind, work and predicted times, and the gate that keeps it float if one applies."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     out = shapes.get(node.output[0]) if node.output else None
@@ -170,7 +169,7 @@ def _describe(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]],
         return _Layer(node, kind, work, 0.0, 0.0, gate="shape unknown (not seen in the float run): kept float")
     rate = KERNELS[kind]
     layer = _Layer(node, kind, work, rate.float_us(work), rate.int8_us(work))
-    layer.gate = _gate(node, layer, attrs, shapes, inits)
+    layer.gate = _gate(node, layer, shapes)
     return layer
 
 
@@ -190,18 +189,17 @@ def _conv_kind(node: onnx.NodeProto, attrs: dict[str, Any], shapes: dict[str, tu
     return "dense", macs
 
 
-def _gate(node: onnx.NodeProto, layer: _Layer, attrs: dict[str, Any], shapes: dict[str, tuple[int, ...]],
-          inits: dict[str, onnx.TensorProto]) -> str:
+def _gate(node: onnx.NodeProto, layer: _Layer, shapes: dict[str, tuple[int, ...]]) -> str:
     """Why ``layer`` stays float whatever its neighbours do, or "" (its int8 kernel is faster)."""
     ratio = layer.int8_us / layer.float_us if layer.float_us > 0 else math.inf
     if layer.kind == "depthwise":
         return (f"depthwise: onnxruntime's int8 kernel is no faster (table: {layer.int8_us:.1f} µs int8 vs "
-                f"{layer.float_us:.1f} µs float, x{ratio:.2f}; measured x1.14-x3.55)")
+                f"{layer.float_us:.1f} µs float, x{ratio:.2f}; measured x1.18-x3.59)")
     if layer.kind in ("dense", "pointwise") and node.op_type == "Conv":
         cin = shapes[node.input[1]][1]
         if cin < MIN_INT8_CHANNELS:
-            return (f"{cin} input channel(s) per group < {MIN_INT8_CHANNELS}: onnxruntime's int8 conv is slower "
-                    "there (measured x1.22-x2.4)")
+            return (f"{cin} input channel(s) per group < {MIN_INT8_CHANNELS}: onnxruntime's int8 conv is no faster "
+                    "there (measured with 8: x1.18 dense)")
     if layer.kind in ("dense", "pointwise", "gemm") and not layer.int8_us < layer.float_us:
         return (f"too small: {layer.work / 1e3:.1f} kMAC, int8 kernel {layer.int8_us:.1f} µs >= float "
                 f"{layer.float_us:.1f} µs (table)")

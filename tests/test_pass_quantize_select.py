@@ -185,11 +185,13 @@ def test_digits_keeps_its_int8_layers_and_fidelity(digits_calib) -> None:
         figures[select] = (float((got.argmax(1) == y).mean()),
                            float((got * reference).sum() / np.linalg.norm(got) / np.linalg.norm(reference)))
     rewritten = {e.node for e in result.layers if e.action == "rewritten"}
-    # The 1-channel stem conv stays float (onnxruntime's int8 conv is slower below 16 channels); the two
-    # other convs and both Gemms are int8.
-    assert {"/3/Conv", "/7/Conv", "/12/Gemm", "/14/Gemm"} <= rewritten and "/0/Conv" not in rewritten
-    stem = next(e for e in result.layers if e.node == "/0/Conv")
-    assert "1 input channel(s) per group < 16" in stem.reason
+    # The 1-channel stem conv stays float (onnxruntime's int8 conv is no faster below 16 channels), and so
+    # does the 128 -> 10 classifier Gemm (41 kMAC at batch 32: its int8 kernel's fixed cost is more than
+    # the float one's); the two other convs and the first Gemm are int8.
+    assert {"/3/Conv", "/7/Conv", "/12/Gemm"} <= rewritten and not {"/0/Conv", "/14/Gemm"} & rewritten
+    reasons = {e.node: e.reason for e in result.layers}
+    assert "1 input channel(s) per group < 16" in reasons["/0/Conv"]
+    assert "too small: 41.0 kMAC" in reasons["/14/Gemm"]
     # Held-out test split (450 images): float 446 / 450; select=all 446 / 450, cosine 0.99997.
     assert figures["latency"][0] >= figures["all"][0] == 446 / 450
     assert figures["latency"][1] >= figures["all"][1] - 1e-6 and figures["latency"][1] > 0.9999
