@@ -17,23 +17,19 @@ from nnopt.errors import OptionError
 from nnopt.ir.model import Model
 from nnopt.pipeline.base import Figure, PassContext
 
-#: How onnxruntime's CPU kernels run, for a profile that is a plain roofline (no ``runtime``, no kernel
-#: classes): per kernel class its FLOP rate as a fraction of the profile's ``peak_flops``, and fixed costs
-#: as FLOPs at that peak (so they scale with the target's speed). Ratios of ``nnopt calibrate`` on the
-#: machine of docs/lowrank.md (medians of 3 runs); a calibrated profile given with --hardware is used as is.
-ONNXRUNTIME_RATES: dict[str, float] = {"conv": 1.0, "depthwise": 0.35, "unblocked_conv": 0.5, "dynamic_weight": 0.6,
-                                       "int8": 1.5}  # fmt: skip
-ONNXRUNTIME_KERNEL_OVERHEAD_FLOPS: dict[str, float] = {"conv": 6.0e5, "depthwise": 2.5e5, "unblocked_conv": 9.0e5,
-                                                       "dynamic_weight": 8.0e5, "int8": 6.5e5}  # fmt: skip
+#: How onnxruntime's CPU kernels run, for the kernel classes a profile gives no figures of (a plain roofline
+#: gives none; the built-in profiles only int8 ones): per class its FLOP rate as a fraction of the profile's
+#: dense conv rate (``conv``, else ``peak_flops``), and fixed costs as FLOPs at that rate (so they scale with
+#: the target's speed). From ``nnopt calibrate`` on the machine of docs/lowrank.md; ``grouped_conv`` (a
+#: depthwise conv with depth multiplier > 1, one im2col + GEMM per group) from the multiplier convs measured
+#: there at 1/7 to 1/16 of the dense rate, below the calibration probe's 1/4.5. A profile's own figures win.
+ONNXRUNTIME_RATES: dict[str, float] = {"conv": 1.0, "pointwise": 1.0, "depthwise": 0.35, "grouped_conv": 1 / 12,
+                                       "unblocked_conv": 0.5, "dynamic_weight": 0.6}  # fmt: skip
+ONNXRUNTIME_KERNEL_OVERHEAD_FLOPS: dict[str, float] = {"conv": 6.0e5, "pointwise": 4.0e5, "depthwise": 2.5e5,
+                                                       "grouped_conv": 5.0e5, "unblocked_conv": 9.0e5,
+                                                       "dynamic_weight": 8.0e5}  # fmt: skip
 ONNXRUNTIME_NODE_OVERHEAD_FLOPS = 7.0e4
 ONNXRUNTIME_RUN_OVERHEAD_FLOPS = 1.5e6
-
-#: A grouped Conv with one input channel per group but several outputs per group (a depthwise conv with
-#: depth multiplier m > 1) is not run by onnxruntime's depthwise kernel: it falls back to one im2col + GEMM
-#: per group (checked on the graphs onnxruntime 1.32 writes: a plain Conv, outside the NCHWc layout). The
-#: estimate charges its FLOPs this many times at the profile's dense conv rate: measured 1/10 to 1/16 of the
-#: dense rate (docs/lowrank.md). nnopt's cost model has no class for it; this module's own rule.
-MULTIPLIER_SLOWDOWN = 12.0
 
 
 def check_min_latency_saving(value: float | None) -> None:
@@ -43,21 +39,25 @@ def check_min_latency_saving(value: float | None) -> None:
 
 
 def onnxruntime_view(profile: HardwareProfile) -> HardwareProfile:
-    """``profile`` if it already models a runtime or kernel classes, else its peak and bandwidth with
-    onnxruntime's kernel classes, node overheads and graph rewrites added (``ONNXRUNTIME_RATES``)."""
-    if profile.models_runtime:
+    """``profile`` as onnxruntime runs it: its own figures, plus ``ONNXRUNTIME_RATES`` for the float conv
+    classes it gives none for, and onnxruntime's graph rewrites. A profile ``nnopt calibrate`` wrote (runtime
+    onnxruntime, every class measured) comes back as it is."""
+    missing = [kernel for kernel in ONNXRUNTIME_RATES if kernel not in profile.kernels]
+    calibrated = profile.runtime == "onnxruntime"
+    if calibrated and not missing:
         return profile
-    peak = profile.peak_flops
-    kernels = {
-        kernel: KernelFigures(flops=rate * peak, overhead_s=ONNXRUNTIME_KERNEL_OVERHEAD_FLOPS[kernel] / peak)
-        for kernel, rate in ONNXRUNTIME_RATES.items()
-    }
+    conv = profile.kernels.get("conv")
+    rate = conv.flops if conv is not None and conv.flops is not None else profile.peak_flops
+    kernels = dict(profile.kernels)
+    for kernel in missing:
+        kernels[kernel] = KernelFigures(ONNXRUNTIME_RATES[kernel] * rate, ONNXRUNTIME_KERNEL_OVERHEAD_FLOPS[kernel] / rate)
     return replace(
         profile,
         name=f"{profile.name}+onnxruntime",
-        description=f"{profile.description}; onnxruntime kernel classes and overheads added (passes/_latency.py)",
-        node_overhead_s=ONNXRUNTIME_NODE_OVERHEAD_FLOPS / peak,
-        run_overhead_s=ONNXRUNTIME_RUN_OVERHEAD_FLOPS / peak,
+        description=f"{profile.description}; onnxruntime's float conv classes and overheads added (passes/_latency.py)",
+        # A profile for onnxruntime says what its fixed costs are (0 included); others have none to say.
+        node_overhead_s=profile.node_overhead_s if calibrated else ONNXRUNTIME_NODE_OVERHEAD_FLOPS / rate,
+        run_overhead_s=profile.run_overhead_s if calibrated else ONNXRUNTIME_RUN_OVERHEAD_FLOPS / rate,
         kernels=kernels,
         runtime="onnxruntime",
     )
@@ -96,18 +96,10 @@ class Step:
         return node
 
     def kernel(self) -> str:
-        """The cost model's kernel class of this node (``nnopt.cost.runtime_kernels``), or ``multiplier``.
-
-        A 1×1 conv is never ``unblocked_conv`` here: outside the blocked layout onnxruntime runs it as one
-        GEMM on the input as it is (MLAS's direct GEMM, no im2col), and factors of 30, 62, 90 and 126 channels
-        measured as fast per FLOP as 32, 64, 92 and 128 (docs/lowrank.md).
-        """
-        if self.op == "Conv" and self.group > 1 and self.weight[1] == 1 and self.weight[0] != self.group:
-            return "multiplier"
+        """The cost model's kernel class of this node (``nnopt.cost.runtime_kernels``): e.g. ``pointwise`` for
+        a 1×1 conv, ``grouped_conv`` for a depthwise conv with depth multiplier > 1."""
         infos = {"w": TensorInfo("w", onnx.TensorProto.FLOAT, self.weight, is_constant=True)}
-        kernel = kernel_classes([self.proto()], infos, {"w"})[0]
-        pointwise = self.op == "Conv" and all(k == 1 for k in self.weight[2:])
-        return "conv" if kernel == "unblocked_conv" and pointwise else kernel
+        return kernel_classes([self.proto()], infos, {"w"})[0]
 
 
 @dataclass(frozen=True)
@@ -155,9 +147,8 @@ def estimate_steps(
 
 
 def _node_latency(profile: HardwareProfile, step: Step, kernel: str, flops: float, moved: float) -> NodeEstimate:
-    charged, as_kernel = (flops * MULTIPLIER_SLOWDOWN, "conv") if kernel == "multiplier" else (flops, kernel)
-    latency, _, _ = profile.node_latency(as_kernel, charged, moved)
-    figures = profile.kernels.get(as_kernel)
+    latency, _, _ = profile.node_latency(kernel, flops, moved)
+    figures = profile.kernels.get(kernel)
     overhead = profile.node_overhead_s + (figures.overhead_s if figures is not None else 0.0)
     return NodeEstimate(step, kernel, latency, overhead)
 
@@ -194,7 +185,7 @@ class Verdict:
         for n in self.after:
             if n.kernel == "unblocked_conv":
                 causes.append(f"unblocked {n.step.weight[1]}-channel factor")
-            elif n.kernel == "multiplier":
+            elif n.kernel == "grouped_conv":
                 causes.append(f"depthwise multiplier {n.step.weight[0] // n.step.group} runs as grouped GEMMs")
         fixed = sum(n.overhead_s for n in self.after)
         if fixed >= 0.5 * self.after_s:
