@@ -412,7 +412,7 @@ def test_ddddocr_detector(tmp_path):
     (record,) = report.passes
     layers = {layer["node"]: layer for layer in record.layers}
     assert [name for name, layer in layers.items() if layer["action"] == "rewritten"] == ["Conv_132"]
-    assert layers["Conv_132"]["latency_ratio"] == pytest.approx(0.8576, abs=1e-4)
+    assert layers["Conv_132"]["latency_ratio"] == pytest.approx(0.8562, abs=1e-4)
     slower = [layer for layer in record.layers if "min_latency_saving" in layer.get("reason", "")]
     assert len(slower) == 12 and all("runs as grouped GEMMs" in layer["reason"] for layer in slower)
     assert layers["Conv_41"]["reason"].startswith("estimated 3.05× slower (depthwise multiplier 5 runs as grouped")
