@@ -11,12 +11,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from nnopt.analysis.activations import channel_rows, run_convs
+from nnopt.cost.hardware import HardwareProfile
 from nnopt.ir.constants import constant_values
 from nnopt.ir.model import Model
+from nnopt.passes._latency import Step, Verdict, judge, run_profile
 from nnopt.passes._lowrank import (
     Decline,
     LowRankOptions,
     RankRule,
+    check_latency,
     check_min_saving,
     conv_bias,
     main_graph_costs,
@@ -133,13 +136,28 @@ def separable_factors(weight: np.ndarray, rule: RankRule) -> tuple[np.ndarray, n
     return depthwise, pointwise, m, relative_error(s, m)
 
 
+def _verdict(shape: tuple[int, ...], m: int, profile: HardwareProfile, cost: dict[str, Any] | None) -> Verdict | None:
+    """The estimate of a dense conv of weight ``shape`` against its depthwise (multiplier ``m``) and pointwise
+    convs (see ``nnopt.passes._latency``)."""
+    c_out, c_in, *kernel = shape
+    area = math.prod(kernel)
+    original = Step("Conv", tuple(shape), 1, c_out * c_in * area, c_out)
+    steps = [
+        Step("Conv", (c_in * m, 1, *kernel), c_in, c_in * m * area, c_in * m),
+        Step("Conv", (c_out, c_in * m, *[1] * len(kernel)), 1, c_out * c_in * m, c_out),
+    ]
+    return judge(profile, cost, original, steps)
+
+
 class ConvToSeparable(Pass[ConvToSeparableOptions]):
     """Approximate dense K×K convolutions by a depthwise K×K conv and a pointwise 1×1 conv (per-channel SVD).
 
     Matches: ``Conv`` with group 1, a kernel larger than 1×1 and a constant floating-point weight read by
     no other node (1-D, 2-D and 3-D kernels), in the main graph and in subgraphs, selected by ``nodes`` /
     ``exclude``. Declined with a reason: grouped and depthwise convs, 1×1 convs, non-constant or shared
-    weights, ConvTranspose, and convs whose FLOPs would not drop by ``min_flops_saving``.
+    weights, ConvTranspose, convs whose FLOPs would not drop by ``min_flops_saving``, and (by default) convs
+    whose depthwise + pointwise pair onnxruntime is estimated to run slower (``min_latency_saving``; a
+    depth multiplier m > 1 has no fast depthwise kernel there).
 
     Rewrites: for each input channel c the C_out × K² slice W[:, c] is replaced by its best rank-m
     factorisation, which gives m depthwise K×K filters and m pointwise weight columns::
@@ -165,10 +183,11 @@ class ConvToSeparable(Pass[ConvToSeparableOptions]):
         opts = self.options
         rule = opts.rank_rule()
         costs = main_graph_costs(model, ctx) if any(n.op == "Conv" for n in model.graph.nodes) else {}
+        profile = run_profile(model, ctx) if opts.min_latency_saving is not None else None
 
         def plan(graph: gs.Graph, node: gs.Node) -> _Plan:
             # Only main-graph nodes are costed (If/Loop bodies run a data-dependent number of times).
-            return self._plan(graph, node, rule, opts, costs if graph is model.graph else {})
+            return self._plan(graph, node, rule, opts, costs if graph is model.graph else {}, profile)
 
         plans, layers = plan_layers(model, ctx, ("Conv", "ConvTranspose"), opts, plan)
         if opts.data_aware and ctx.samples:
@@ -194,6 +213,7 @@ class ConvToSeparable(Pass[ConvToSeparableOptions]):
         rule: RankRule,
         opts: ConvToSeparableOptions,
         costs: dict[str, dict[str, Any]],
+        profile: HardwareProfile | None,
     ) -> _Plan:
         if node.op == "ConvTranspose":
             raise Decline("ConvTranspose is not handled")
@@ -246,6 +266,9 @@ class ConvToSeparable(Pass[ConvToSeparableOptions]):
                 f"below min_flops_saving={opts.min_flops_saving:g}",
                 figures,
             )
+        if profile is not None:
+            check_latency(_verdict(weight.shape, m, profile, costs.get(node.outputs[0].name)), opts.min_latency_saving,
+                          figures)
         report = LayerDecision(node_label(node), "Conv", "rewritten", figures=figures)
         return _Plan(graph, node, weight, bias, depthwise, pointwise, None, report)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,12 +11,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from nnopt.analysis.activations import channel_rows, run_convs
+from nnopt.cost.hardware import HardwareProfile
 from nnopt.ir.constants import constant_values
 from nnopt.ir.model import Model
+from nnopt.passes._latency import Step, Verdict, judge, run_profile
 from nnopt.passes._lowrank import (
     Decline,
     LowRankOptions,
     RankRule,
+    check_latency,
     check_min_saving,
     conv_bias,
     main_graph_costs,
@@ -279,8 +283,9 @@ class Svd(Pass[SvdOptions]):
     input is a constant 2-D weight (the left input may be batched or 1-D); dense ``Conv`` (group 1) with a
     constant weight, including 1×1. Weights must be floating point and read by no other node. Main graph
     and subgraphs; ``nodes`` / ``exclude`` select layers. Declined with a reason: grouped and depthwise
-    convs, ConvTranspose, non-constant or shared weights, and layers whose weight params would not drop by
-    ``min_param_saving``.
+    convs, ConvTranspose, non-constant or shared weights, layers whose weight params would not drop by
+    ``min_param_saving``, and (by default) layers whose two factors onnxruntime is estimated to run slower
+    than the layer (``min_latency_saving``; the estimate is ``nnopt.passes._latency``'s).
 
     Rewrites the n × m weight W ≈ L·R with L = U_r·√S_r (n × r) and R = √S_r·V_rᵀ (r × m), worth it where
     r(n + m) < nm::
@@ -304,6 +309,7 @@ class Svd(Pass[SvdOptions]):
         opts = self.options
         rule = opts.rank_rule()
         costs = main_graph_costs(model, ctx) if any(n.op in RULES for n in model.graph.nodes) else {}
+        profile = run_profile(model, ctx) if opts.min_latency_saving is not None else None
 
         def plan(graph: gs.Graph, node: gs.Node) -> _Layer:
             if node.op == "ConvTranspose":
@@ -312,7 +318,7 @@ class Svd(Pass[SvdOptions]):
                 raise Decline("expected two inputs and one output")
             layer = RULES[node.op].read(graph, node, model.opset)
             # Only main-graph nodes are costed (If/Loop bodies run a data-dependent number of times).
-            self._factor(layer, rule, opts, costs if graph is model.graph else {})
+            self._factor(layer, rule, opts, costs if graph is model.graph else {}, profile)
             return layer
 
         planned, layers = plan_layers(model, ctx, (*RULES, "ConvTranspose"), opts, plan)
@@ -332,15 +338,21 @@ class Svd(Pass[SvdOptions]):
         )
 
     def _factor(
-        self, layer: _Layer, rule: RankRule, opts: SvdOptions, costs: dict[str, dict[str, Any]]
+        self,
+        layer: _Layer,
+        rule: RankRule,
+        opts: SvdOptions,
+        costs: dict[str, dict[str, Any]],
+        profile: HardwareProfile | None,
     ) -> None:
         """Choose the rank, compute L and R, and fill the layer's report; raise Decline if not worth it."""
         n, m = layer.matrix.shape
         u, s, vt = thin_svd(layer.matrix)
         spectra = s[None, :]
         r = rule.choose(spectra, min(n, m), numerical_tolerance(spectra, (n, m), layer.dtype))
+        cost = costs.get(layer.node.outputs[0].name)
         before, after = n * m, r * (n + m)
-        flops_before, flops_after = scaled_flops(costs.get(layer.node.outputs[0].name), before, after)
+        flops_before, flops_after = scaled_flops(cost, before, after)
         figures: dict[str, Figure] = {
             "rank": r,
             "rule": rule.describe(),
@@ -358,7 +370,23 @@ class Svd(Pass[SvdOptions]):
                 f"below min_param_saving={opts.min_param_saving:g}",
                 figures,
             )
+        if profile is not None:
+            check_latency(_verdict(layer, r, profile, cost), opts.min_latency_saving, figures)
         root = np.sqrt(s[:r])
         layer.left = u[:, :r] * root[None, :]
         layer.right = root[:, None] * vt[:r]
         layer.report.figures.update(figures)
+
+
+def _verdict(layer: _Layer, r: int, profile: HardwareProfile, cost: dict[str, Any] | None) -> Verdict | None:
+    """The estimate of ``layer`` against its two rank-``r`` factors (see ``nnopt.passes._latency``)."""
+    n, m = layer.matrix.shape
+    op = layer.node.op
+    if op == "Conv":
+        c_in, ones = n // math.prod(layer.kernel), [1] * len(layer.kernel)
+        original = Step(op, (m, c_in, *layer.kernel), 1, n * m, m)
+        steps = [Step(op, (r, c_in, *layer.kernel), 1, n * r, r), Step(op, (m, r, *ones), 1, r * m, m)]
+    else:
+        original = Step(op, (n, m), 1, n * m, m)
+        steps = [Step(op, (n, r), 1, n * r, r), Step(op, (r, m), 1, r * m, m)]
+    return judge(profile, cost, original, steps)

@@ -89,10 +89,10 @@ def test_node_selection_options_come_after_the_pass_own() -> None:
 def test_low_rank_options_keep_their_order_and_their_pass_wording() -> None:
     # The order of before the shared base (the report's options and `nnopt passes` list them so).
     assert list(SvdOptions().to_dict()) == [
-        "rank", "energy", "max_error", "min_param_saving", "data_aware", "nodes", "exclude"
+        "rank", "energy", "max_error", "min_param_saving", "min_latency_saving", "data_aware", "nodes", "exclude"
     ]
     assert list(ConvToSeparableOptions().to_dict()) == [
-        "rank", "energy", "max_error", "min_flops_saving", "data_aware", "nodes", "exclude"
+        "rank", "energy", "max_error", "min_flops_saving", "min_latency_saving", "data_aware", "nodes", "exclude"
     ]
     svd_help = {d["name"]: d["help"] for d in SvdOptions.describe()}
     c2s_help = {d["name"]: d["help"] for d in ConvToSeparableOptions.describe()}

@@ -16,6 +16,12 @@ from nnopt.pipeline.manager import Budget
 from nnopt.testing import apply_pass, model_from_text, op_types, random_feeds, run
 
 
+def _opts(**options: object) -> SvdOptions:
+    """Options without the latency check: these tests are about the rewrite itself, on layers too small for
+    it to pay in onnxruntime (tests/test_lowrank_latency.py covers the check)."""
+    return SvdOptions(min_latency_saving=None, **options)  # type: ignore[arg-type]
+
+
 def _header(opset: int = 17) -> str:
     return f'<ir_version: 7, opset_import: ["" : {opset}]>'
 
@@ -49,7 +55,7 @@ def _matmul_model(weight: np.ndarray, a_dims: str, y_dims: str, opset: int = 17)
 def test_weight_of_exact_rank_is_found_by_energy_and_recovered_exactly(rank):
     # A [4, 64] ─ MatMul(W 64×48 of rank r) ─ Y   →   MatMul(64×r) ─ MatMul(r×48)
     proto = _matmul_model(_low_rank(64, 48, rank, seed=rank), "4,64", "4,48")
-    out, result = apply_pass(Svd(SvdOptions(energy=1.0)), proto)
+    out, result = apply_pass(Svd(_opts(energy=1.0)), proto)
     onnx.checker.check_model(out, full_check=True)
     (layer,) = result.layers
     assert layer.action == "rewritten" and layer.figures["rank"] == rank and layer.figures["weight_error"] < 1e-6
@@ -70,14 +76,14 @@ def test_large_weights_take_the_gram_route_and_stay_exact():
     assert u.shape == (400, 300) and vt.shape == (300, 300)
     assert np.allclose((u[:, :5] * s[:5]) @ vt[:5], weight.T, atol=1e-4 * np.abs(weight).max())
     proto = _matmul_model(weight, "6,300", "6,400")
-    out, result = apply_pass(Svd(SvdOptions(energy=1.0)), proto)
+    out, result = apply_pass(Svd(_opts(energy=1.0)), proto)
     assert result.layers[0].figures["rank"] == 5 and result.layers[0].figures["params_after"] == 5 * 700
     assert _max_rel_diff(proto, out) < 1e-5
 
 
 def test_100x200_weight_of_rank_2_keeps_600_weights_instead_of_20000():
     proto = _matmul_model(_low_rank(100, 200, 2), "8,100", "8,200")
-    out, result = apply_pass(Svd(SvdOptions(energy=0.999)), proto)
+    out, result = apply_pass(Svd(_opts(energy=0.999)), proto)
     assert analyze(proto).totals["params"] == 20_000
     assert analyze(out).totals["params"] == 600
     assert analyze(proto).totals["flops"] == 2 * 8 * 100 * 200 == 320_000
@@ -123,7 +129,7 @@ def test_gemm_with_trans_b_and_bias_is_carried_exactly(opset, trans_a, c_shape):
         """,
         inits,
     )
-    out, result = apply_pass(Svd(SvdOptions(energy=1.0)), proto)
+    out, result = apply_pass(Svd(_opts(energy=1.0)), proto)
     onnx.checker.check_model(out, full_check=True)
     assert result.layers[0].figures["rank"] == 3 and op_types(out) == ["Gemm", "Gemm"]
     first, second = (
@@ -140,12 +146,12 @@ def test_matmul_with_a_batched_or_1d_left_input():
     weight = _low_rank(12, 20, 2, seed=9)
     for a_dims, y_dims in (("2,3,5,12", "2,3,5,20"), ("12", "20")):
         proto = _matmul_model(weight, a_dims, y_dims)
-        out, result = apply_pass(Svd(SvdOptions(rank=2)), proto)
+        out, result = apply_pass(Svd(_opts(rank=2)), proto)
         onnx.checker.check_model(out, full_check=True)
         assert result.layers[0].figures["rank"] == 2 and op_types(out) == ["MatMul", "MatMul"]
         assert _max_rel_diff(proto, out) < 1e-5
     batched = _matmul_model(weight, "2,3,5,12", "2,3,5,20")
-    out, result = apply_pass(Svd(SvdOptions(rank=2)), batched)
+    out, result = apply_pass(Svd(_opts(rank=2)), batched)
     # 30 rows × (12·20 → 2·(12+20)) MACs.
     assert (
         analyze(out).totals["flops"] == 2 * 30 * 2 * 32 and result.layers[0].figures["flops_before"] == 2 * 30 * 240
@@ -164,7 +170,7 @@ def test_conv_becomes_a_thin_kxk_conv_and_a_1x1_conv():
         """,
         {"W": weight, "B": np.arange(32, dtype=np.float32)},
     )
-    out, result = apply_pass(Svd(SvdOptions(energy=1.0)), proto)
+    out, result = apply_pass(Svd(_opts(energy=1.0)), proto)
     onnx.checker.check_model(out, full_check=True)
     assert result.layers[0].figures["rank"] == 4
     weights = {t.name: onnx.numpy_helper.to_array(t).shape for t in out.graph.initializer}
@@ -218,11 +224,12 @@ def test_min_param_saving_and_shared_weights():
         {"W": weight, "U": _low_rank(64, 64, 20, seed=2)},
     )
     # rank 20: 20·128 = 2560 of 4096 params, a 37.5% saving.
-    _, result = apply_pass(Svd(SvdOptions(energy=1.0, min_param_saving=0.4)), proto)
+    _, result = apply_pass(Svd(_opts(energy=1.0, min_param_saving=0.4)), proto)
     assert [layer.action for layer in result.layers] == ["declined", "declined"]
     assert "saves 37.5% of the weight params, below min_param_saving=0.4" in result.layers[0].reason
     out, result = apply_pass(
-        Svd(SvdOptions.from_strings({"energy": "1", "nodes": "*", "exclude": "V"}, "svd")), proto
+        Svd(SvdOptions.from_strings({"energy": "1", "nodes": "*", "exclude": "V", "min_latency_saving": "none"}, "svd")),
+        proto,
     )
     assert [(layer.node, layer.figures["rank"]) for layer in result.layers] == [("Y", 20)]
     assert op_types(out) == ["MatMul", "MatMul", "MatMul"]
@@ -236,7 +243,7 @@ def test_min_param_saving_and_shared_weights():
         """,
         {"W": weight},
     )
-    _, result = apply_pass(Svd(SvdOptions(energy=1.0)), shared)
+    _, result = apply_pass(Svd(_opts(energy=1.0)), shared)
     assert [layer.reason for layer in result.layers] == ["second input is shared with other nodes"] * 2
 
 
@@ -244,9 +251,9 @@ def test_options_are_validated():
     with pytest.raises(OptionError, match="at most one of rank, energy and max_error"):
         SvdOptions.from_strings({"rank": "3", "max_error": "0.1"}, "svd")
     with pytest.raises(OptionError, match="energy must be in"):
-        SvdOptions(energy=1.5)
+        _opts(energy=1.5)
     with pytest.raises(OptionError, match="min_param_saving"):
-        SvdOptions(min_param_saving=float("nan"))
+        _opts(min_param_saving=float("nan"))
     assert SvdOptions.from_strings({"max_error": "0.3"}).max_error == 0.3
 
 
@@ -259,7 +266,7 @@ def test_max_error_picks_the_rank_from_the_spectrum():
     total = 64 + 16 + 4 + 1
 
     def chosen(**kwargs):
-        layer = apply_pass(Svd(SvdOptions(**kwargs)), proto)[1].layers[0]
+        layer = apply_pass(Svd(_opts(**kwargs)), proto)[1].layers[0]
         return layer.figures["rank"], layer.figures["weight_error"]
 
     assert chosen(max_error=0.25) == (2, pytest.approx(np.sqrt(5 / total), abs=1e-6))
@@ -293,8 +300,8 @@ def test_data_aware_refit_follows_the_data():
         {"W": weight, "C": bias},
     )
     fit, held_out = _subspace_feeds(40, 4, seed=0), _subspace_feeds(40, 4, seed=1)
-    plain, _ = apply_pass(Svd(SvdOptions(rank=3)), proto)
-    refit, result = apply_pass(Svd(SvdOptions(rank=3)), proto, PassContext(samples=fit))
+    plain, _ = apply_pass(Svd(_opts(rank=3)), proto)
+    refit, result = apply_pass(Svd(_opts(rank=3)), proto, PassContext(samples=fit))
     layer = result.layers[0]
     assert layer.figures["fit"] == "data" and layer.figures["fit_rows"] == 64
     assert layer.figures["output_error"] < 0.05 < 0.3 < layer.figures["output_error_weight_fit"]
@@ -311,10 +318,10 @@ def test_refit_is_skipped_where_it_does_not_generalise():
     weight = np.random.default_rng(5).standard_normal((40, 30)).astype(np.float32)
     proto = _matmul_model(weight, "4,40", "4,30")
     noise = [{"A": np.random.default_rng(s).standard_normal((4, 40)).astype(np.float32)} for s in range(2)]
-    out, result = apply_pass(Svd(SvdOptions(rank=10)), proto, PassContext(samples=noise))
+    out, result = apply_pass(Svd(_opts(rank=10)), proto, PassContext(samples=noise))
     layer = result.layers[0]
     assert layer.figures["fit"] == "weights" and layer.figures["heldout_error_refit"] >= layer.figures["heldout_error_weight_fit"]
-    assert out.SerializeToString() == apply_pass(Svd(SvdOptions(rank=10)), proto)[0].SerializeToString()
+    assert out.SerializeToString() == apply_pass(Svd(_opts(rank=10)), proto)[0].SerializeToString()
 
 
 def test_deterministic_with_and_without_data():
@@ -326,14 +333,14 @@ def test_deterministic_with_and_without_data():
         {"W": weight},
     )
     for ctx in (PassContext(), PassContext(samples=_subspace_feeds(40, 3, seed=0), seed=1)):
-        first, _ = apply_pass(Svd(SvdOptions(rank=4)), proto, ctx)
-        second, _ = apply_pass(Svd(SvdOptions(rank=4)), proto, ctx)
+        first, _ = apply_pass(Svd(_opts(rank=4)), proto, ctx)
+        second, _ = apply_pass(Svd(_opts(rank=4)), proto, ctx)
         assert first.SerializeToString() == second.SerializeToString()
 
 
 def test_through_the_pipeline_with_a_budget(tmp_path):
     proto = _matmul_model(_low_rank(100, 200, 2), "8,100", "8,200")
-    model, report = optimize(proto, ["svd"], budget=Budget(max_rel_error=1e-4, min_cosine=0.99999))
+    model, report = optimize(proto, ["svd:min_latency_saving=none"], budget=Budget(max_rel_error=1e-4, min_cosine=0.99999))
     (record,) = report.passes
     assert record.status == "applied" and report.verification == "onnxruntime"
     assert record.fidelity["max_rel_error"] < 1e-5
@@ -343,14 +350,14 @@ def test_through_the_pipeline_with_a_budget(tmp_path):
     full = _matmul_model(
         np.random.default_rng(1).standard_normal((100, 200)).astype(np.float32), "8,100", "8,200"
     )
-    _, report = optimize(full, ["svd:rank=10"], budget=Budget(max_rel_error=0.01))
+    _, report = optimize(full, ["svd:rank=10,min_latency_saving=none"], budget=Budget(max_rel_error=0.01))
     (record,) = report.passes
     assert record.status == "rolled_back" and "relative error" in record.reason
     assert report.final["params"] == 20_000
 
     data = tmp_path / "data.npz"
     np.savez(data, A=np.stack([f["A"] for f in _subspace_feeds(100, 4, seed=0, dims=5)])[:, :8])
-    model, report = optimize(full, ["svd:rank=8"], data=data, budget=Budget(min_cosine=0.999))
+    model, report = optimize(full, ["svd:rank=8,min_latency_saving=none"], data=data, budget=Budget(min_cosine=0.999))
     (record,) = report.passes
     assert record.status == "applied" and record.layers[0]["fit"] == "data"
     assert report.final["params"] == 8 * 300
@@ -405,7 +412,7 @@ def test_never_crashes_on_the_real_models():
         sample.update({k: v for k, v in spec.fixed_inputs.items() if k in sample})
         # Data-aware fitting only on the small models: the big ones have tests of their own.
         samples = [sample] if spec.key.startswith(("silero", "ppocr_cls")) else []
-        result = Svd(SvdOptions(energy=0.9)).run(model, PassContext(samples=samples))
+        result = Svd(_opts(energy=0.9)).run(model, PassContext(samples=samples))
         out = model.to_proto()
         onnx.checker.check_model(out)
         make_session(out).run(None, sample)
@@ -432,8 +439,8 @@ def test_flops_figures_come_from_the_runs_cost_rules():
                    replace=True)
     model = Model.from_proto(proto)
     ctx = PassContext(analyses=AnalysisManager(model, AnalysisSettings(rules=rules)))
-    (layer,) = Svd(SvdOptions(energy=0.999)).run(model, ctx).layers
+    (layer,) = Svd(_opts(energy=0.999)).run(model, ctx).layers
     assert (layer.figures["flops_before"], layer.figures["flops_after"]) == (3 * 8 * 100 * 200, 3 * 8 * 2 * 300)
     # On its own (no run), the built-in rules.
-    (plain,) = apply_pass(Svd(SvdOptions(energy=0.999)), proto)[1].layers
+    (plain,) = apply_pass(Svd(_opts(energy=0.999)), proto)[1].layers
     assert plain.figures["flops_before"] == 2 * 8 * 100 * 200
