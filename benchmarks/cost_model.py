@@ -729,6 +729,8 @@ def main(argv: list[str] | None = None) -> int:
         "calibrate keeps the fastest run too), or the least of the per-round medians",
     )
     parser.add_argument("--calibrate", action="store_true", help="re-measure the calibrated profile only")
+    parser.add_argument("--remeasure", nargs="+", metavar="MODEL",
+                        help="re-measure these models' points (all their variants, in the same rounds)")
     parser.add_argument("--calibrate-runs", type=int, default=None, help="--runs of nnopt calibrate")
     parser.add_argument("--calibrate-rounds", type=int, default=None, help="--rounds of nnopt calibrate")
     parser.add_argument(
@@ -763,7 +765,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out.with_suffix('.md')} and .png", file=sys.stderr)
         return 0
     cache = {} if args.measure else load_cache(out.with_suffix(".json"))
-    cached = {(p["model"], p["variant"], p["sha256"]): p for p in cache.get("points", [])}
+    cached = {(p["model"], p["variant"], p["sha256"]): p for p in cache.get("points", [])
+              if p["model"] not in (args.remeasure or [])}  # fmt: skip
     plugins = build_plugins(load_entry_points=False)
     info = machine()
     info["command"] = shlex.join(["python", "benchmarks/cost_model.py", *(sys.argv[1:] if argv is None else argv)])
