@@ -342,10 +342,19 @@ def pass_changes(points: list[dict[str, Any]], noise: dict[str, float]) -> list[
         rows.append({
             "model": p["model"], "variant": p["variant"], "base": base["variant"], "measured": measured,
             "noise": threshold, "predicted_default": predicted["default"], "predicted": predicted["calibrated"],
-            "correct": (measured > 0) == (predicted["calibrated"] > 0) if beyond else None,
-            "correct_default": (measured > 0) == (predicted["default"] > 0) if beyond else None,
+            "correct": _same_sign(measured, predicted["calibrated"]) if beyond else None,
+            "correct_default": _same_sign(measured, predicted["default"]) if beyond else None,
         })  # fmt: skip
     return rows
+
+
+#: A predicted |ln ratio| below this is a prediction of no change (kmeans: the decoders fold away), which is
+#: wrong for a measured change beyond the noise.
+NO_CHANGE = 1e-3
+
+
+def _same_sign(measured: float, predicted: float) -> bool:
+    return abs(predicted) >= NO_CHANGE and (measured > 0) == (predicted > 0)
 
 
 def summarize(all_points: list[dict[str, Any]]) -> dict[str, Any]:
@@ -760,6 +769,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.render:
         payload = json.loads(out.with_suffix(".json").read_text())
+        payload["summary"] = summarize(payload["points"])
+        out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
         out.with_suffix(".md").write_text(to_markdown(payload))
         plot(payload, out.with_suffix(".png"))
         print(f"wrote {out.with_suffix('.md')} and .png", file=sys.stderr)
