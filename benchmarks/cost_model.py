@@ -661,6 +661,17 @@ def busy_warning(payload: dict[str, Any]) -> list[str]:
     spread = payload["calibrated_profile"].get("measurements", {}).get("max_median_to_min", 1.0)
     if not waits["timed_out"] and spread <= 1.5:
         return []
+    if payload.get("idle_threshold") == 0:
+        return [
+            "**This run was measured on a saturated machine** (`--idle 0`: five CPU-bound jobs shared the two "
+            f"cores and no moment was idle; the calibration's most disturbed probe had a median run {spread:.1f} "
+            "× its fastest). Every timing keeps its fastest run, which kept the calibration's dense conv at "
+            "237 GFLOP/s (238 on the idle machine of 2026-12-02), but whole models were slowed 1.5–5 × (e.g. "
+            "ddddocr_det 33 ms idle, 136 ms here), and more so the longer they run: the measured column, the "
+            "error factors and the A/A noise are those of a busy machine. Re-run `python benchmarks/cost_model.py "
+            "--measure` on an idle machine.",
+            "",
+        ]
     return [
         f"**This run was disturbed by other load on the machine**: {waits['timed_out']} of {waits['count']} "
         f"timings started without an idle CPU, and the calibration's most disturbed probe had a median run "
