@@ -66,15 +66,19 @@ Conventions (the figures ``analyze`` reports follow these exactly):
 * **Latency estimate** (roofline, no overlap between nodes): per node max(FLOPs ÷ peak FLOP/s,
   bytes_moved ÷ bandwidth), summed over nodes. A profile without bandwidth gives FLOPs ÷ peak FLOP/s.
   A profile may add (``nnopt calibrate`` measures them; see ``nnopt.cost.hardware.HardwareProfile``): a
-  fixed cost per node and per inference, and per kernel class (dense conv, depthwise conv, conv outside
-  onnxruntime's blocked layout, conv with a weight computed at run time, int8) its own FLOP/s and fixed
-  cost per node; with ``runtime="onnxruntime"`` nodes that onnxruntime folds into
-  constants or fuses into another kernel cost 0 and QDQ-wrapped Conv/MatMul/Gemm run as int8 kernels
+  fixed cost per node and per inference, and per kernel class (``nnopt.cost.hardware.KERNEL_CLASSES``:
+  dense, 1×1, depthwise and grouped convs, convs outside onnxruntime's blocked layout, convs with a weight
+  computed at run time, int8 dense/depthwise/matmul/elementwise kernels, Quantize/DequantizeLinear nodes)
+  its own FLOP/s and fixed cost per node; with ``runtime="onnxruntime"`` nodes that onnxruntime folds into
+  constants or fuses into another kernel cost 0 and QDQ groups run as int8 kernels; ``runtime="generic"``
+  (the built-in x86 profile) folds only decoded weights and fuses only QDQ groups
   (``nnopt.cost.runtime_kernels.kernel_classes``). Each node's ``kernel`` says which class it was estimated as.
 
 * **Shapes.** ONNX shape inference (with data propagation) runs on a copy of the model whose dynamic
-  graph-input dims are made concrete: from ``input_shapes`` when given, otherwise every unknown dim is
-  counted as 1 (the batch dim and any other), each assumption recorded in ``notes``. Main-graph tensors
+  graph-input dims are made concrete: from ``input_shapes`` when given (``nnopt analyze --data`` and a
+  pipeline with data give the shapes of the data's first sample, ``nnopt.cost.inputs.sample_input_shapes``),
+  otherwise every unknown dim is counted as 1 (the batch dim and any other), each assumption recorded in
+  ``notes``. Nodes that still cannot be costed are listed by ``CostReport.uncosted``. Main-graph tensors
   whose shapes inference leaves unknown are read by running the model once in onnxruntime (random
   inputs of those shapes) with the tensors added as graph outputs; a failure there is a note. Node
   outputs that nothing reads (an inference Dropout's mask) do not trigger that run and count 0 bytes

@@ -248,8 +248,9 @@ def _qdq_kernel(node: onnx.NodeProto, g: _RuntimeGraph) -> str:
         return _QDQ_KERNEL[node.op_type]
     group = next((a.i for a in node.attribute if a.name == "group"), 1)
     weight = g.infos.get(g.nodes[g.producer[node.input[1]]].input[0])
-    depthwise = group > 1 and weight is not None and weight.shape is not None and len(weight.shape) > 1
-    return "int8_depthwise" if depthwise and weight.shape[1] == 1 else "int8"  # type: ignore[index]
+    shape = weight.shape if weight is not None else None
+    depthwise = group > 1 and shape is not None and len(shape) > 1 and shape[1] == 1
+    return "int8_depthwise" if depthwise else "int8"
 
 
 def _eliminate_pass_throughs(g: _RuntimeGraph) -> None:
