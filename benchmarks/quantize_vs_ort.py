@@ -18,7 +18,8 @@ recognisers), on the held-out inputs. Variants, all timed in interleaved rounds 
 
 * ``float`` and ``float-AA``: the reference twice (two sessions); their ratio is the run's A/A noise;
 * ``nnopt``: ``quantize`` with main's defaults; ``nnopt-all``: ``select=all`` (every layer int8, the
-  old behaviour) when the pass has the ``select`` option;
+  old behaviour) when the pass has the ``select`` option; ``nnopt+pre``: ``prepare=ort`` (onnxruntime's
+  graph optimisation of ``quant_pre_process`` before placement) while that is not the default;
 * ``ort-u8s8``, ``ort-s8s8``: ``quantize_static(QDQ, per_channel=True, MinMax)``, uint8 or int8
   activations, int8 weights; ``+pre`` after ``quant_pre_process``. Where the model's opset is below 13,
   onnxruntime's per-channel output is invalid (DequantizeLinear has no ``axis`` before 13): onnxruntime
@@ -262,10 +263,12 @@ def nnopt_variants() -> list[tuple[str, dict[str, Any]]]:
     """The nnopt variants this checkout's quantize pass offers."""
     from nnopt.passes.quantize import QuantizeOptions
 
-    fields = {f.name for f in dataclasses.fields(QuantizeOptions)}
+    fields = {f.name: f for f in dataclasses.fields(QuantizeOptions)}
     variants: list[tuple[str, dict[str, Any]]] = [("nnopt", {})]
     if "select" in fields:
         variants.append(("nnopt-all", {"select": "all"}))
+    if "prepare" in fields and fields["prepare"].default == "off":
+        variants.append(("nnopt+pre", {"prepare": "ort"}))
     variants.append(("wo", {"mode": "weight_only"}))
     if "kernel" in fields:
         variants.append(("wo-fast", {"mode": "weight_only", "kernel": "auto"}))
@@ -329,25 +332,32 @@ def quantize_all(reference: onnx.ModelProto, case: dict[str, Any], tmp: Path,
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def _options(optimized: Path | None = None) -> ort.SessionOptions:
+def _options(optimized: Path | None = None, threads: int = 0) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 4
+    options.intra_op_num_threads = threads
     if optimized is not None:
         options.optimized_model_filepath = str(optimized)
     return options
 
 
-def int8_kernels(proto: onnx.ModelProto, tmp: Path) -> dict[str, int]:
-    """The int8 kernels onnxruntime runs for ``proto`` (its optimized graph, as the timed sessions build it)."""
+def optimized_ops(proto: onnx.ModelProto, tmp: Path) -> dict[str, dict[str, int]]:
+    """What onnxruntime runs for ``proto`` (its optimized graph, as the timed sessions build it): the int8
+    kernels, the QuantizeLinear/DequantizeLinear left unfused, and the other ops (float)."""
     ort.InferenceSession(proto.SerializeToString(), _options(tmp / "optimized.onnx"), providers=["CPUExecutionProvider"])
     ops = Counter(n.op_type for n in onnx.load(tmp / "optimized.onnx").graph.node)
-    return {k: v for k, v in sorted(ops.items()) if k in INT8_KERNELS}
+    groups: dict[str, dict[str, int]] = {"int8": {}, "qdq": {}, "float": {}}
+    for op, count in sorted(ops.items()):
+        group = "int8" if op in INT8_KERNELS else "qdq" if op in ("QuantizeLinear", "DequantizeLinear") else "float"
+        groups[group][op] = count
+    return groups
 
 
 def latencies(variants: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray], runs: int,
-              rounds: int) -> dict[str, float]:
+              rounds: int, threads: int) -> dict[str, float]:
     """Per variant, the least over ``rounds`` interleaved rounds of the median of ``runs`` timed runs (s)."""
-    sessions = {name: ort.InferenceSession(p.SerializeToString(), _options(), providers=["CPUExecutionProvider"])
+    sessions = {name: ort.InferenceSession(p.SerializeToString(), _options(threads=threads),
+                                           providers=["CPUExecutionProvider"])
                 for name, p in variants.items()}
     for sess in sessions.values():
         for _ in range(3):
@@ -395,14 +405,14 @@ def bench(key: str, args: argparse.Namespace) -> dict[str, Any] | None:
         kernels, sizes = {}, {}
         for name in list(variants):
             try:
-                kernels[name] = int8_kernels(variants[name], tmp)
+                kernels[name] = optimized_ops(variants[name], tmp)
             except Exception as exc:  # onnxruntime rejects the model: report it, drop the variant
                 notes[name] = f"invalid model, not run: {type(exc).__name__}: {exc}"[:300]
                 del variants[name]
                 continue
             onnx.save(variants[name], tmp / "size.onnx")
             sizes[name] = (tmp / "size.onnx").stat().st_size
-    lat = latencies(variants, case["eval"][0], args.runs, args.rounds)
+    lat = latencies(variants, case["eval"][0], args.runs, args.rounds, args.threads)
     ref_out = [make_session(reference).run(None, f) for f in case["eval"]]
     rows = []
     for name, proto in variants.items():
@@ -410,7 +420,8 @@ def bench(key: str, args: argparse.Namespace) -> dict[str, Any] | None:
         outs = [sess.run(None, f) for f in case["eval"]]
         row = {"variant": name, "file_bytes": sizes[name], "latency_ms": lat[name] * 1e3,
                "latency_ratio": lat[name] / lat["float"], **fidelity(ref_out, outs, case["classes"]),
-               "int8_kernels": kernels[name], "seconds": round(seconds.get(name, 0.0), 1)}
+               "int8_kernels": kernels[name]["int8"], "qdq_left": sum(kernels[name]["qdq"].values()),
+               "float_ops": kernels[name]["float"], "seconds": round(seconds.get(name, 0.0), 1)}
         if case["labels"] is not None:
             row["accuracy"] = float((outs[0][0].argmax(1) == case["labels"]).mean())
         rows.append(row)
@@ -442,7 +453,7 @@ def _verdict(res: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- output
 def render(results: list[dict[str, Any]]) -> str:
     lines = ["| model | variant | file KB | latency ms | vs float | vs fastest ORT | cosine (worst) | top-1 | "
-             "accuracy | int8 kernels | s |", "|" + "---|" * 11]
+             "accuracy | int8 kernels | Q/DQ left | s |", "|" + "---|" * 12]
     for res in results:
         for r in res["rows"]:
             top1 = "" if r["top1"] is None else f"{100 * r['top1']:.2f} %"
@@ -453,7 +464,7 @@ def render(results: list[dict[str, Any]]) -> str:
             lines.append(
                 f"| {res['model']} | {r['variant']}{mark} | {r['file_bytes'] / 1e3:,.0f} | {r['latency_ms']:.3f} | "
                 f"{r['latency_ratio']:.2f} | {vs_ort} | {r['cosine']:.5f} ({r['cosine_min']:.5f}) | {top1} | {acc} | "
-                f"{kernels} | {r['seconds']:.1f} |")
+                f"{kernels} | {r['qdq_left']} | {r['seconds']:.1f} |")
     lines.append("")
     for res in results:
         checks = res.get("checks", {})
@@ -471,8 +482,12 @@ def render(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["digits", *REAL])
-    parser.add_argument("--runs", type=int, default=10, help="timed runs per variant and round")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the least median counts)")
+    parser.add_argument("--runs", type=int, default=7, help="timed runs per variant and round")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (the least median counts)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="onnxruntime intra-op threads of the timed sessions (0: its default, one per core). "
+                             "One by default: on a machine shared with other work, a pool of several threads "
+                             "waits on the slowest and the ratios swing by tens of percent")
     parser.add_argument("--calib", type=int, default=16, help="calibration samples of the real models")
     parser.add_argument("--eval-scale", type=float, default=1.0,
                         help="scale the held-out sample counts of the real models (0.25 for a quick look)")
@@ -492,7 +507,8 @@ def main() -> None:
     Path(args.out + ".json").write_text(json.dumps(results, indent=1, default=str))
     header = (f"# quantize vs onnxruntime quantize_static\n\nGenerated by `python benchmarks/quantize_vs_ort.py"
               f"{'' if args.models == ['digits', *REAL] else ' --models ' + ' '.join(args.models)}` (onnxruntime "
-              f"{ort.__version__}, {time.strftime('%Y-%m-%d')}, {minutes:.0f} min); variants and method: see the "
+              f"{ort.__version__}, {time.strftime('%Y-%m-%d')}, {minutes:.0f} min, {args.threads or 'default'} "
+              "intra-op thread(s)); variants and method: see the "
               "script's docstring. Latency ratio < 1 is faster; `*` marks the fastest onnxruntime variant.\n\n")
     Path(args.out + ".md").write_text(header + render(results))
 

@@ -56,6 +56,12 @@ class QuantizeOptions(NodeSelection):
                           "one exists (dynamic), dequantize elsewhere. The report says per layer which"},
     )
     nbits: Literal[4, 8] = field(default=8, metadata={"help": "weight bits of kernel=matmul_nbits"})
+    prepare: Literal["ort", "off"] = field(
+        default="off",
+        metadata={"help": "static: before calibration and placement, run the graph optimisation of onnxruntime's "
+                          "quant_pre_process (bias Add folded into Conv, MatMul+Add -> Gemm, HardSwish inlined, "
+                          "constant folding), kept only if the outputs are unchanged: ort, or off"},
+    )
     activation_type: Literal["uint8", "int8"] = field(
         default="uint8", metadata={"help": "activation type in static mode (uint8 is the fast path on x86 CPUs)"}
     )
@@ -177,6 +183,8 @@ class Quantize(Pass[QuantizeOptions]):
             else:
                 stats["per_channel_fallback"] = f"opset {opset} < 13 and not safely convertible: per-tensor scales"
         stats["per_channel"] = per_channel
+        if opts.mode == "static" and opts.prepare == "ort":
+            float_proto, stats["prepared"] = _qdq.ort_prepared(float_proto, ctx.samples)
 
         candidates = [n for n in float_proto.graph.node if n.op_type in opts.op_types]
         selected = [n for n in candidates if opts.selects(n.name)]
