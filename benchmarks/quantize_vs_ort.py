@@ -34,8 +34,9 @@ recognisers), on the held-out inputs. Variants, all timed in interleaved rounds 
 Columns: latency ratio vs float and vs the fastest onnxruntime variant, cosine (mean over held-out
 samples, and the worst), top-1 agreement, accuracy (digits), file size, the int8 kernels onnxruntime runs
 (its optimized graph), the seconds each quantizer took. A model ``passes`` when nnopt is within the A/A
-noise of ``<= 1.00x`` float and of ``<=`` the fastest onnxruntime variant, with a cosine at least that
-variant's (less 1e-4).
+noise (at least 2 %) of ``<= 1.00x`` float and of ``<=`` the fastest onnxruntime variant, with a cosine
+(and top-1) at least that variant's (cosine less 1e-4). Latency is timed with one intra-op thread in the
+calling thread's CPU time (``--threads``), which holds on a machine shared with other work.
 
     python benchmarks/quantize_vs_ort.py                     # every model -> docs/quantize_vs_ort.{json,md}
     python benchmarks/quantize_vs_ort.py --models digits ppocr_cls --rounds 5
@@ -77,6 +78,10 @@ INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearM
                 "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul",
                 "DynamicQuantizeLSTM", "MatMulNBits", "NhwcMaxPool")
 ORT_VARIANTS = ("ort-u8s8", "ort-u8s8+pre", "ort-s8s8", "ort-s8s8+pre")
+#: The verdict's latency tolerance: the run's A/A noise, at least this.
+MIN_NOISE = 0.02
+#: Everything of the existing docs/quantize_vs_ort.md after this line is kept when the script rewrites it.
+FINDINGS_MARK = "<!-- findings: written by hand, kept when the script rewrites the table above -->"
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -239,7 +244,23 @@ def ort_prepare(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], tmp: Path)
     raise RuntimeError("quant_pre_process failed: " + "; ".join(errors))
 
 
-def ort_quantize(source: Path, calib: list[dict[str, np.ndarray]], activation: str, out: Path) -> onnx.ModelProto:
+def ort_quantize(proto: onnx.ModelProto, calib: list[dict[str, np.ndarray]], pre: bool, tmp: Path) -> onnx.ModelProto:
+    """U8S8 ``quantize_static`` of ``proto``, after a plain ``quant_pre_process`` with ``pre`` (raises when it
+    fails); ``benchmarks/search.py``'s onnxruntime peer."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src = tmp / "float.onnx"
+    onnx.save(proto, src)
+    if pre:
+        with _in(tmp):
+            quant_pre_process(str(src), str(tmp / "pre.onnx"))
+        src = tmp / "pre.onnx"
+    return ort_quantize_file(src, calib, "u8", tmp / ("ort_pre.onnx" if pre else "ort.onnx"))
+
+
+def ort_quantize_file(source: Path, calib: list[dict[str, np.ndarray]], activation: str, out: Path,
+                      ) -> onnx.ModelProto:
+    """``quantize_static(QDQ, per_channel, MinMax)`` of the model file ``source``: ``activation`` u8 or s8."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     act = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}[activation]
@@ -324,7 +345,7 @@ def quantize_all(reference: onnx.ModelProto, case: dict[str, Any], tmp: Path,
         start = time.perf_counter()
         try:
             src = prepared[0] if pre and prepared else tmp / "ort_in.onnx"
-            variants[name] = ort_quantize(src, case["calib"], name[4:6], tmp / f"{name}.onnx")
+            variants[name] = ort_quantize_file(src, case["calib"], name[4:6], tmp / f"{name}.onnx")
         except Exception as exc:
             notes[name] = f"failed: {type(exc).__name__}: {exc}"[:300]
         seconds[name] = time.perf_counter() - start + (pre_seconds if pre else 0.0)
@@ -436,8 +457,9 @@ def bench(key: str, args: argparse.Namespace) -> dict[str, Any] | None:
 def _verdict(res: dict[str, Any]) -> dict[str, Any]:
     """Mark the fastest onnxruntime variant, add ratios to it, and say whether nnopt meets the issue's bar."""
     rows = {r["variant"]: r for r in res["rows"]}
-    noise = abs(rows["float-AA"]["latency_ratio"] - 1.0)
-    res["aa_noise"] = noise
+    res["aa_noise"] = abs(rows["float-AA"]["latency_ratio"] - 1.0)
+    # One A/A pair understates the noise now and then (structurally identical graphs differ by 2 %).
+    noise = max(res["aa_noise"], MIN_NOISE)
     ort_rows = [rows[n] for n in ORT_VARIANTS if n in rows]
     best = min(ort_rows, key=lambda r: r["latency_ms"]) if ort_rows else None
     for r in res["rows"]:
@@ -517,7 +539,9 @@ def main() -> None:
               f"{ort.__version__}, {time.strftime('%Y-%m-%d')}, {minutes:.0f} min, "
               f"{timing}); variants and method: see the "
               "script's docstring. Latency ratio < 1 is faster; `*` marks the fastest onnxruntime variant.\n\n")
-    Path(args.out + ".md").write_text(header + render(results))
+    md = Path(args.out + ".md")
+    kept = md.read_text().partition(FINDINGS_MARK)[2] if md.exists() else ""
+    md.write_text(header + render(results) + ("\n" + FINDINGS_MARK + kept if kept else ""))
 
 
 if __name__ == "__main__":
