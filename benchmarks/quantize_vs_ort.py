@@ -28,8 +28,9 @@ recognisers), on the held-out inputs. Variants, all timed in interleaved rounds 
   shapes fixed, then without its symbolic shape inference; the notes say which. The fastest onnxruntime
   variant per model is marked ``*``;
 * ``wo``: ``quantize:mode=weight_only`` (int8 + DequantizeLinear at every run); ``wo-fast``:
-  ``mode=weight_only:kernel=auto`` (onnxruntime's dynamic int8 kernels where they exist) when the pass
-  has the ``kernel`` option.
+  ``mode=weight_only:kernel=auto`` (onnxruntime's dynamic int8 kernels where they exist, DequantizeLinear
+  elsewhere) and ``wo-dyn``: ``kernel=dynamic`` (dynamic int8 kernels, the other layers float) when the
+  pass has the ``kernel`` option.
 
 Columns: latency ratio vs float and vs the fastest onnxruntime variant, cosine (mean over held-out
 samples, and the worst), top-1 agreement, accuracy (digits), file size, the int8 kernels onnxruntime runs
@@ -293,6 +294,7 @@ def nnopt_variants() -> list[tuple[str, dict[str, Any]]]:
     variants.append(("wo", {"mode": "weight_only"}))
     if "kernel" in fields:
         variants.append(("wo-fast", {"mode": "weight_only", "kernel": "auto"}))
+        variants.append(("wo-dyn", {"mode": "weight_only", "kernel": "dynamic"}))
     return variants
 
 
