@@ -18,8 +18,8 @@ recognisers), on the held-out inputs. Variants, all timed in interleaved rounds 
 
 * ``float`` and ``float-AA``: the reference twice (two sessions); their ratio is the run's A/A noise;
 * ``nnopt``: ``quantize`` with main's defaults; ``nnopt-all``: ``select=all`` (every layer int8, the
-  old behaviour) when the pass has the ``select`` option; ``nnopt+pre``: ``prepare=ort`` (onnxruntime's
-  graph optimisation of ``quant_pre_process`` before placement) while that is not the default;
+  old behaviour) when the pass has the ``select`` option; with ``--prepare``, ``nnopt+pre``:
+  ``prepare=ort`` (onnxruntime's graph optimisation of ``quant_pre_process`` before placement);
 * ``ort-u8s8``, ``ort-s8s8``: ``quantize_static(QDQ, per_channel=True, MinMax)``, uint8 or int8
   activations, int8 weights; ``+pre`` after ``quant_pre_process``. Where the model's opset is below 13,
   onnxruntime's per-channel output is invalid (DequantizeLinear has no ``axis`` before 13): onnxruntime
@@ -40,7 +40,7 @@ noise (at least 2 %) of ``<= 1.00x`` float and of ``<=`` the fastest onnxruntime
 calling thread's CPU time (``--threads``), which holds on a machine shared with other work.
 
     python benchmarks/quantize_vs_ort.py                     # every model -> docs/quantize_vs_ort.{json,md}
-    python benchmarks/quantize_vs_ort.py --models digits ppocr_cls --rounds 5
+    python benchmarks/quantize_vs_ort.py --models digits ppocr_cls --rounds 5 --prepare
 
 A full run takes about 15-20 minutes on two idle cores (most of it nnopt's and onnxruntime's
 quantization of the detectors and recognisers); ``--models`` takes a subset.
@@ -281,15 +281,15 @@ def _nnopt(reference: onnx.ModelProto, options: dict[str, Any], calib: list[dict
     return model.to_proto(), {"stats": result.stats, "layers": [layer.to_dict() for layer in result.layers]}
 
 
-def nnopt_variants() -> list[tuple[str, dict[str, Any]]]:
-    """The nnopt variants this checkout's quantize pass offers."""
+def nnopt_variants(with_prepare: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """The nnopt variants this checkout's quantize pass offers (``nnopt+pre`` only ``with_prepare``)."""
     from nnopt.passes.quantize import QuantizeOptions
 
     fields = {f.name: f for f in dataclasses.fields(QuantizeOptions)}
     variants: list[tuple[str, dict[str, Any]]] = [("nnopt", {})]
     if "select" in fields:
         variants.append(("nnopt-all", {"select": "all"}))
-    if "prepare" in fields and fields["prepare"].default == "off":
+    if with_prepare and "prepare" in fields and fields["prepare"].default == "off":
         variants.append(("nnopt+pre", {"prepare": "ort"}))
     variants.append(("wo", {"mode": "weight_only"}))
     if "kernel" in fields:
@@ -315,7 +315,7 @@ def quantize_all(reference: onnx.ModelProto, case: dict[str, Any], tmp: Path,
     variants = {"float": reference, "float-AA": reference}
     seconds: dict[str, float] = {}
     notes: dict[str, str] = {}
-    for name, options in nnopt_variants():
+    for name, options in nnopt_variants(case["with_prepare"]):
         start = time.perf_counter()
         try:
             variants[name], report = _nnopt(reference, options, case["calib"])
@@ -424,6 +424,7 @@ def bench(key: str, args: argparse.Namespace) -> dict[str, Any] | None:
     case = load_case(key, args.calib, args.eval_scale)
     if case is None:
         return None
+    case["with_prepare"] = args.prepare
     float_model, _ = optimize(case["proto"], ["constants-to-initializers", "fold-batchnorm"], verify=False)
     reference = float_model.to_proto()
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -512,6 +513,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["digits", *REAL])
     parser.add_argument("--runs", type=int, default=7, help="timed runs per variant and round")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (the least median counts)")
+    parser.add_argument("--prepare", action="store_true", help="also nnopt with prepare=ort (nnopt+pre)")
     parser.add_argument("--threads", type=int, default=1,
                         help="onnxruntime intra-op threads of the timed sessions (0: its default, one per core). "
                              "One by default, timed in CPU time of the calling thread (onnxruntime computes there): "
