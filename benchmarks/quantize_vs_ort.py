@@ -511,8 +511,8 @@ def render(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["digits", *REAL])
-    parser.add_argument("--runs", type=int, default=7, help="timed runs per variant and round")
-    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (the least median counts)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per variant and round")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds (the least median counts)")
     parser.add_argument("--prepare", action="store_true", help="also nnopt with prepare=ort (nnopt+pre)")
     parser.add_argument("--threads", type=int, default=1,
                         help="onnxruntime intra-op threads of the timed sessions (0: its default, one per core). "
