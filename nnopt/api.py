@@ -177,6 +177,8 @@ class Pipeline:
             # The model does not end on these inputs: the cost model must not wait for it on every version.
             settings = dataclasses.replace(settings, probe_shapes=False)
             analyses.settings = settings
+        samples = _pass_samples(proto, data, verifier)
+        settings = _with_data_shapes(analyses, settings, proto, samples)
         manager = PassManager(
             self.build(plugins),  # already built by resolved(): this only reads the list
             settings=settings,
@@ -187,7 +189,6 @@ class Pipeline:
             hook=plugins.pm.hook,
             progress=progress,
         )
-        samples = _pass_samples(proto, data, verifier)
         ctx = PassContext(
             seed=self.seed,
             samples=samples,
@@ -197,6 +198,11 @@ class Pipeline:
             labels=_pass_labels(proto, data, len(samples)),
         )
         report = manager.run(model, ctx)
+        if settings.input_shapes != self.input_shapes:
+            from nnopt.cost.inputs import data_shapes_note
+
+            note = data_shapes_note(proto.graph, settings.input_shapes, self.input_shapes)
+            report.notes.extend([note] if note else [])
         return model, report
 
     def _hardware(self, plugins: Plugins) -> HardwareProfile:
@@ -262,6 +268,23 @@ def build_passes(specs: Sequence[PassSpec] | None, plugins: Plugins) -> tuple[li
 
 def _pass_classes(plugins: Plugins) -> dict[str, type[Pass]]:
     return {name: entry.cls for name, entry in plugins.passes.items()}
+
+
+def _with_data_shapes(
+    analyses: AnalysisManager, settings: AnalysisSettings, proto: onnx.ModelProto, samples: list[dict[str, Any]]
+) -> AnalysisSettings:
+    """The settings with the dynamic input dims the data fixes (its first sample; given shapes win): the
+    cost report then costs the shapes the model runs at, not dims of 1. Unchanged without data."""
+    from nnopt.cost.inputs import sample_input_shapes
+
+    if not samples:
+        return settings
+    shapes = sample_input_shapes(proto.graph, samples[0], settings.input_shapes)
+    if shapes == settings.input_shapes:
+        return settings
+    settings = dataclasses.replace(settings, input_shapes=shapes)
+    analyses.settings = settings
+    return settings
 
 
 def _pass_samples(proto: onnx.ModelProto, data: Any, verifier: Verifier | None) -> list[dict[str, Any]]:

@@ -69,7 +69,8 @@ def _add_analyze(sub: Any) -> None:
                          help="stop one onnxruntime run (shape probing, --measure's first run) after this long "
                               "(default 60); --measure then exits 2")
     analyze.add_argument("--data", default=None,
-                         help=".npz of inputs for --measure (its first sample); default: generated inputs")
+                         help=".npz of inputs: its first sample's shapes are costed (dynamic dims; --input-shape "
+                              "wins) and timed by --measure; default: generated inputs")
     analyze.add_argument("--top", type=int, default=None, help="show only the N most expensive nodes")
 
 
@@ -218,36 +219,52 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- commands
-def _measure(args: argparse.Namespace, model: Any, shapes: dict[str, list[int]]) -> dict[str, Any]:
+def _first_sample(args: argparse.Namespace, model: Any) -> dict[str, Any] | None:
+    """The first sample of ``--data`` (None without it): its shapes are what is costed and timed."""
+    if not args.data:
+        return None
+    from nnopt.runtime import load_samples, make_session
+
+    samples = load_samples(args.data, make_session(model))
+    if not samples:
+        raise InputError(f"data file {args.data}: holds no samples")
+    return samples[0]
+
+
+def _measure(args: argparse.Namespace, model: Any, shapes: dict[str, list[int]],
+             feeds: dict[str, Any] | None) -> dict[str, Any]:
     """``analyze --measure``: latency on the first sample of ``--data``, or on generated inputs."""
     from nnopt.analysis.shapes import FRESH, infer_shapes
     from nnopt.cost.timing import measure_latency
 
-    feeds = None
-    if args.data:
-        from nnopt.runtime import load_samples, make_session
-
-        samples = load_samples(args.data, make_session(model))
-        if not samples:
-            raise InputError(f"data file {args.data}: holds no samples")
-        feeds = samples[0]
     return measure_latency(model, feeds, runs=args.runs, input_shapes=shapes,
                            shapes=infer_shapes(model.to_proto(), FRESH))
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from nnopt.cost import analyze, parse_input_shapes
+    from nnopt.cost.inputs import format_shapes, sample_input_shapes
     from nnopt.ir.model import load_model
     from nnopt.runtime import run_time_limit
 
     plugins = _plugins(args)
     hardware = _hardware(args.hardware, plugins)
-    shapes = parse_input_shapes(args.input_shape)
+    given = parse_input_shapes(args.input_shape)
     model = load_model(args.model)
+    sample = _first_sample(args, model)
+    # The dynamic dims the data fixes are costed at the data's shapes (--input-shape wins).
+    shapes = given if sample is None else sample_input_shapes(model.to_proto().graph, sample, given)
     limit = contextlib.nullcontext() if args.run_time_limit is None else run_time_limit(args.run_time_limit)
     with limit:  # shape probing runs the model too
         report = analyze(model, hardware=hardware, input_shapes=shapes, rules=plugins.cost_rules)
-        measured = _measure(args, model, shapes) if args.measure else None
+        measured = _measure(args, model, given, sample) if args.measure else None
+    from_data = {n: d for n, d in shapes.items() if n not in given}
+    if from_data:
+        report.notes.insert(0, f"input shapes from the first sample of {Path(args.data).name}: "
+                               f"{format_shapes(from_data)}")
+    warning = report.uncosted_warning()
+    if warning is not None:
+        print(f"nnopt: warning: {warning}", file=sys.stderr)
     if args.json:
         out = report.to_dict()
         if measured is not None:
@@ -505,19 +522,30 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 _KERNEL_LABELS = {
     "conv": "dense conv",
     "depthwise": "depthwise",
+    "grouped_conv": "grouped",
     "unblocked_conv": "unblocked",
     "dynamic_weight": "run-time weights",
-    "int8": "int8",
+    "pointwise": "1x1 conv",
+    "int8": "int8 conv",
+    "int8_depthwise": "int8 depthwise",
+    "int8_matmul": "int8 matmul",
+    "int8_elementwise": "int8 add/mul",
+    "quantize": "Q/DQ nodes",
 }
+#: Classes whose FLOPs are one per element: their rate reads as elements per second.
+_PER_ELEMENT = frozenset({"int8_elementwise", "quantize"})
 
 
 def _profile_summary(profile: Any) -> str:
     """One line: each kernel class's FLOP/s and fixed cost, bandwidth, per-node and per-run overhead."""
     parts = []
     for key, label in _KERNEL_LABELS.items():
-        kernel = profile.kernels[key]
+        kernel = profile.kernels.get(key)
+        if kernel is None:  # a profile calibrated before the class existed
+            continue
         flops = kernel.flops if kernel.flops is not None else profile.peak_flops
-        parts.append(f"{label} {flops / 1e9:.1f} GFLOP/s (+{kernel.overhead_s * 1e6:.1f} us)")
+        unit = " G elements/s" if key in _PER_ELEMENT else " GFLOP/s"
+        parts.append(f"{label} {flops / 1e9:.1f}{unit} (+{kernel.overhead_s * 1e6:.1f} us)")
     bandwidth = f"{profile.bandwidth / 1e9:.1f} GB/s" if profile.bandwidth is not None else "no bandwidth"
     return (f"{profile.name}: {', '.join(parts)}, bandwidth {bandwidth}, "
             f"{profile.node_overhead_s * 1e6:.2f} us per node, {profile.run_overhead_s * 1e6:.1f} us per run")

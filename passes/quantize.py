@@ -17,7 +17,7 @@ from nnopt.errors import OptionError
 from nnopt.ir.constants import lower_model_constants
 from nnopt.ir.model import Model
 from nnopt.ir.naming import taken_names, unique_name
-from nnopt.passes import _biascorrect, _equalize, _qdq, _weight_kernels
+from nnopt.passes import _biascorrect, _equalize, _int8_select, _qdq, _weight_kernels
 from nnopt.pipeline.base import LayerDecision, Pass, PassContext, PassResult
 from nnopt.pipeline.verify import LOSSLESS_ATOL, LOSSLESS_TOLERANCE, compare_outputs
 from nnopt.runtime import make_session, run_model
@@ -101,6 +101,14 @@ class QuantizeOptions(NodeSelection):
                           "quantizing (lossless in float): on, off, or auto (static mode: quantize with and "
                           "without it and keep the one with the lower output error on --data; weight_only: off). "
                           "Off by default: on held-out inputs it did not pay on the models measured (docs/quantize.md)"},
+    )
+    select: Literal["latency", "all"] = field(
+        default="latency",
+        metadata={"help": "static: which layers become int8. latency: only those predicted to make onnxruntime "
+                          "(CPU) faster, region edges' Q/DQ included (depthwise convs, layers too small or with "
+                          "few channels, islands between ops without int8 kernels stay float; the report says "
+                          "why per layer, docs/quantize.md); all: every selected layer (before 0.x's default). "
+                          "Ignored in weight_only"},
     )
     bias_correction: Literal["auto", "on", "off"] = field(
         default="auto",
@@ -217,7 +225,19 @@ class Quantize(Pass[QuantizeOptions]):
             if not done:
                 return PassResult(modified=False, stats=stats, layers=layers)
         else:
-            out_proto, slayers, sstats = _static_recovered(float_proto, selected, candidates, opts, per_channel, ctx)
+            left_float: frozenset[str] = frozenset()
+            if opts.select == "latency":
+                selection = _select(float_proto, selected, candidates, ctx)
+                layers.extend(selection.declined)
+                stats.update(selection.stats)
+                left_float = frozenset(n.name for n in selected) - set(selection.chosen)
+                selected = [n for n in selected if n.name not in left_float]
+                if not selected:
+                    return PassResult(modified=False, stats={**stats, "layers_quantized": 0}, layers=layers)
+            out_proto, slayers, sstats = _static_recovered(float_proto, selected, candidates, opts, per_channel, ctx,
+                                                           left_float)
+            if opts.select == "latency":
+                _annotate(slayers, selection)
             layers.extend(slayers)
             stats.update(sstats)
             if not stats["layers_quantized"]:  # the budget excluded every layer: the layers say why
@@ -246,8 +266,16 @@ class _Static:
 
 
 def _static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candidates: list[onnx.NodeProto],
-            opts: QuantizeOptions, per_channel: bool, ctx: PassContext) -> _Static:
-    """Calibrate once, place QDQ, and exclude the most sensitive layer until the budget holds."""
+            opts: QuantizeOptions, per_channel: bool, ctx: PassContext,
+            left_float: frozenset[str] = frozenset()) -> _Static:
+    """Calibrate once, place QDQ, and exclude the most sensitive layer until the budget holds.
+
+    ``left_float``: layers select=latency keeps float. They are not excluded (an excluded layer reads the
+    float tensor, and a quantized Conv whose readers are all excluded loses its output QuantizeLinear and
+    runs in float with its weights dequantized at every run); onnxruntime is asked to quantize only the
+    chosen layers instead, so a float layer after an int8 one reads its DequantizeLinear, as any op
+    without an int8 kernel does.
+    """
     # onnxruntime's QDQ quantizer has no rule for recurrent ops (it would quantize every input, the
     # sequence lengths included); their weights are stored int8 by the weight-only rewrite below.
     ort_op_types = tuple(t for t in opts.op_types if t not in _qdq.RECURRENT_OPS)
@@ -256,7 +284,8 @@ def _static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candid
     # NOTE: recurrent nodes are never onnxruntime's to quantize, so they are not on its exclusion list either
     # (an excluded node is rewired to read float activations): they read what they would without them.
     recurrent_names = {n.name for n in candidates if n.op_type in _qdq.RECURRENT_OPS}
-    base_exclude = [n.name for n in candidates if n.name not in chosen and n.name not in recurrent_names]
+    base_exclude = [n.name for n in candidates
+                    if n.name not in chosen and n.name not in recurrent_names and n.name not in left_float]
     reference: list[list[np.ndarray]] | None = None  # the float model's outputs, from the first round
     budget_excluded: list[LayerDecision] = []
     attempts: list[tuple[onnx.ModelProto, list[dict[str, Any]], Any, int, list[list[np.ndarray]]]] = []
@@ -266,8 +295,10 @@ def _static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candid
         by_budget = [e.node for e in budget_excluded]
         qproto = float_proto
         if ort_op_types:  # an empty list means "every op type" to onnxruntime's quantizer
+            only = [n.name for n in selected if n.name not in by_budget and n.name not in recurrent_names]
             qproto = _qdq.place_qdq(float_proto, ranges, per_channel=per_channel,
-                                    activation_type=opts.activation_type, nodes_to_quantize=[],
+                                    activation_type=opts.activation_type,
+                                    nodes_to_quantize=only if left_float else [],
                                     nodes_to_exclude=base_exclude + [n for n in by_budget if n not in recurrent_names],
                                     op_types=ort_op_types)
         recurrent = [n for n in selected if n.name in recurrent_names and n.name not in by_budget]
@@ -337,7 +368,8 @@ def _equalized(float_proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
 # ---------------------------------------------------------------------------------------------- recovery
 def _static_recovered(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto],
                       candidates: list[onnx.NodeProto], opts: QuantizeOptions, per_channel: bool,
-                      ctx: PassContext) -> tuple[onnx.ModelProto, list[LayerDecision], dict[str, Any]]:
+                      ctx: PassContext, left_float: frozenset[str] = frozenset(),
+                      ) -> tuple[onnx.ModelProto, list[LayerDecision], dict[str, Any]]:
     """``_static``, with cross-layer equalization before it and bias correction after it as the options ask.
 
     With ``equalize=auto`` the model is quantized with and without equalization, and the one with the
@@ -355,7 +387,7 @@ def _static_recovered(float_proto: onnx.ModelProto, selected: list[onnx.NodeProt
     results = []
     for proto, used in variants:
         started = time.perf_counter()
-        results.append((_static(proto, selected, candidates, opts, per_channel, ctx), proto, used))
+        results.append((_static(proto, selected, candidates, opts, per_channel, ctx, left_float), proto, used))
         # The cost of equalization: the transform, and in auto mode the quantization of the second variant.
         equalize_seconds += (time.perf_counter() - started) if used and len(variants) > 1 else 0.0
     errors = [_sq_error(r.reference, r.outputs, range(len(r.outputs))) for r, _, _ in results]
@@ -574,6 +606,27 @@ def _probed_layers(float_proto: onnx.ModelProto, qproto: onnx.ModelProto, eligib
 def _db(value: float) -> float | None:
     """A dB figure for the report: rounded; None for an exact (infinite-SQNR) result."""
     return round(value, 2) if math.isfinite(value) else None
+
+
+# ---------------------------------------------------------------------------------------------- select=latency
+def _select(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candidates: list[onnx.NodeProto],
+            ctx: PassContext) -> _int8_select.Selection:
+    """select=latency's choice among ``selected`` (see ``_int8_select``), with the float islands reported."""
+    # Recurrent layers are not int8 kernels (their weights are stored int8 or not, by recurrent_weights).
+    recurrent = [n.name for n in selected if n.op_type in _qdq.RECURRENT_OPS]
+    selection = _int8_select.select(float_proto, [n for n in selected if n.op_type not in _qdq.RECURRENT_OPS],
+                                    ctx.samples[0])
+    selection.chosen.extend(recurrent)
+    selection.declined.extend(_int8_select.float_islands(float_proto, [n.name for n in candidates],
+                                                         {n.op_type for n in candidates}))
+    return selection
+
+
+def _annotate(layers: list[LayerDecision], selection: _int8_select.Selection) -> None:
+    """The selection's predicted figures, added to the quantized layers' report entries."""
+    for entry in layers:
+        if entry.action == "rewritten" and entry.node in selection.figures:
+            entry.figures.update(selection.figures[entry.node])
 
 
 # ---------------------------------------------------------------------------------------------- weight-only

@@ -14,7 +14,7 @@ import nnopt
 import nnopt.cost.timing
 from nnopt.cli import main
 from nnopt.cost import BUILTIN_PROFILES, DEFAULT_PROFILE, HardwareProfile, analyze
-from nnopt.cost.calibrate import QUICK_SIZES, calibrate, rank_average, spearman
+from nnopt.cost.calibrate import CALIBRATED_KERNELS, QUICK_SIZES, calibrate, rank_average, spearman
 from nnopt.cost.hardware import KernelFigures, load_profile, parse_hardware, profile_from_dict, write_profile
 from nnopt.cost.rules import kernel_classes
 from nnopt.errors import InputError
@@ -37,6 +37,7 @@ FULL = HardwareProfile(
         "unblocked_conv": KernelFigures(flops=2e9, overhead_s=2.5e-6),
         "dynamic_weight": KernelFigures(flops=5e9, overhead_s=1.5e-6),
         "int8": KernelFigures(flops=4e10, overhead_s=0.5e-6),
+        "pointwise": KernelFigures(flops=8e9, overhead_s=1e-6),
     },
     runtime="onnxruntime",
 )
@@ -145,12 +146,12 @@ def identity_and_silu() -> onnx.ModelProto:
 # ---------------------------------------------------------------------------------------------- estimate terms
 def test_builtin_profiles_keep_the_plain_roofline():
     for profile in BUILTIN_PROFILES.values():
-        assert profile.node_overhead_s == profile.run_overhead_s == 0 and not profile.kernels
-        assert profile.runtime is None
+        assert profile.node_overhead_s == profile.run_overhead_s == 0
+        assert set(profile.kernels) <= {"int8", "int8_matmul"} and profile.runtime in (None, "generic")
         report = analyze(DIGITS, hardware=profile)
         for node in report.nodes:
             roofline = max(node["flops"] / profile.peak_flops, node["bytes_moved"] / profile.bandwidth)
-            assert node["latency_s"] == roofline and node["kernel"] == "other"
+            assert node["latency_s"] == roofline and node["kernel"] in ("other", "conv", "depthwise")
         assert report.totals["latency_s"] == pytest.approx(sum(n["latency_s"] for n in report.nodes), rel=1e-12)
 
 
@@ -165,13 +166,13 @@ def test_node_and_run_overhead_add_n_times_overhead():
 
 
 def test_depthwise_and_dense_convs_run_at_their_class_rates():
-    # Depthwise: 8 × 10 × 10 outputs × 9 taps = 7,200 MACs; pointwise: 800 outputs × 8 inputs = 6,400 MACs.
+    # Depthwise: 8 × 10 × 10 outputs × 9 taps = 7,200 MACs; pointwise (1×1): 800 outputs × 8 inputs = 6,400 MACs.
     compute_only = HardwareProfile("c", 1e12, None, kernels=FULL.kernels)
     depthwise, pointwise = analyze(separable(), hardware=compute_only).nodes
     assert (depthwise["kernel"], depthwise["flops"]) == ("depthwise", 14_400)
     assert depthwise["latency_s"] == pytest.approx(2e-6 + 14_400 / 1e9, rel=1e-12)
-    assert (pointwise["kernel"], pointwise["flops"]) == ("conv", 12_800)
-    assert pointwise["latency_s"] == pytest.approx(3e-6 + 12_800 / 1e10, rel=1e-12)
+    assert (pointwise["kernel"], pointwise["flops"]) == ("pointwise", 12_800)
+    assert pointwise["latency_s"] == pytest.approx(1e-6 + 12_800 / 8e9, rel=1e-12)
     # Without kernel figures both run at the peak rate: the depthwise conv is then estimated 10 × faster.
     plain = analyze(separable(), hardware=HardwareProfile("p", 1e10)).nodes
     assert [n["latency_s"] for n in plain] == pytest.approx([14_400 / 1e10, 12_800 / 1e10], rel=1e-12)
@@ -179,20 +180,20 @@ def test_depthwise_and_dense_convs_run_at_their_class_rates():
 
 @pytest.mark.parametrize(("channels", "kernel"), [(8, "conv"), (16, "conv"), (18, "unblocked_conv"), (20, "conv")])
 def test_convs_with_unaligned_input_channels_are_unblocked(channels: int, kernel: str):
-    """x[1, C, 6, 6] ─1×1 Conv (C → 4)─ y: onnxruntime blocks inputs below 16 channels or a multiple of 4."""
+    """x[1, C, 6, 6] ─3×3 Conv (C → 4, padded)─ y: onnxruntime blocks inputs below 16 channels or a multiple of 4."""
     proto = model_from_text(
         f"""{HEADER}
         g (float[1,{channels},6,6] x) => (float[1,4,6,6] y) {{
-            y = Conv(x, w)
+            y = Conv<pads: ints = [1, 1, 1, 1]>(x, w)
         }}""",
-        {"w": np.ones((4, channels, 1, 1), np.float32)},
+        {"w": np.ones((4, channels, 3, 3), np.float32)},
     )
     (node,) = analyze(proto, hardware=FULL).nodes
     assert node["kernel"] == kernel
     if kernel == "unblocked_conv":
-        # 4 × 36 outputs × 18 inputs = 2,592 MACs; 2,592 + 288 + 576 bytes: compute-bound at 2 GFLOP/s.
-        assert (node["flops"], node["bytes_moved"]) == (5_184, 3_456)
-        assert node["latency_s"] == pytest.approx(1e-6 + 2.5e-6 + 5_184 / 2e9, rel=1e-12)
+        # 4 × 36 outputs × 18 × 9 taps = 23,328 MACs; 2,592 + 2,592 + 576 bytes: compute-bound at 2 GFLOP/s.
+        assert (node["flops"], node["bytes_moved"]) == (46_656, 5_760)
+        assert node["latency_s"] == pytest.approx(1e-6 + 2.5e-6 + 46_656 / 2e9, rel=1e-12)
 
 
 def test_onnxruntime_folds_batchnorm_and_activation_into_the_conv():
@@ -202,7 +203,7 @@ def test_onnxruntime_folds_batchnorm_and_activation_into_the_conv():
     # A weight-only DequantizeLinear is never constant-folded: it runs at every inference, and the conv
     # reads a weight computed at run time. BatchNorm cannot be folded into a weight that is not constant, so
     # it stays a node, and the Relu after it with it.
-    assert kernels_of(conv_bn_relu(weight_only=True)) == ["other", "dynamic_weight", "other", "other"]
+    assert kernels_of(conv_bn_relu(weight_only=True)) == ["quantize", "dynamic_weight", "other", "other"]
     # The graph as written, without a runtime: every node runs.
     no_runtime = HardwareProfile("n", 1e12, 48e9, kernels=FULL.kernels)
     assert kernels_of(conv_bn_relu(), no_runtime) == ["conv", "other", "other"]
@@ -222,25 +223,54 @@ def test_fused_and_folded_nodes_cost_nothing_and_the_conv_keeps_its_cost():
 
 def test_qdq_group_runs_as_one_int8_kernel():
     report = analyze(qdq_conv(), hardware=FULL)
-    assert [n["kernel"] for n in report.nodes] == ["other", "fused", "fused", "int8", "fused", "other"]
+    assert [n["kernel"] for n in report.nodes] == ["quantize", "fused", "fused", "int8", "fused", "quantize"]
     conv = report.nodes[3]
     assert conv["latency_s"] == pytest.approx(1e-6 + 0.5e-6 + conv["flops"] / 4e10, rel=1e-12)
-    # The built-in profile costs every Quantize/DequantizeLinear of the graph as written instead.
-    assert all(n["latency_s"] > 0 for n in analyze(qdq_conv()).nodes)
+    # The built-in profile (runtime generic) fuses the same group and runs it at twice its FP32 peak.
+    default = analyze(qdq_conv()).nodes
+    assert [n["kernel"] for n in default] == ["quantize", "fused", "fused", "int8", "fused", "quantize"]
+    assert default[3]["latency_s"] == pytest.approx(max(default[3]["flops"] / 384e9,
+                                                        default[3]["bytes_moved"] / (2 * 8 * 2.666e9)), rel=1e-12)
+    # Without a runtime, every Quantize/DequantizeLinear of the graph as written is costed.
+    assert all(n["latency_s"] > 0 for n in analyze(qdq_conv(), hardware=HardwareProfile("p", 192e9, 42e9)).nodes)
 
 
 def test_weights_decoded_from_constants_are_folded():
-    assert kernels_of(decoded_weight()) == ["folded", "folded", "folded", "conv"]
+    assert kernels_of(decoded_weight()) == ["folded", "folded", "folded", "pointwise"]
+    # The built-in profile folds the decoder too (any runtime computes it once at load): only the conv costs.
+    assert kernels_of(decoded_weight(), DEFAULT_PROFILE) == ["folded", "folded", "folded", "pointwise"]
+    plain = HardwareProfile("plain", 192e9, 2 * 8 * 2.666e9)
+    assert kernels_of(decoded_weight(), plain) == ["other"] * 4  # the plain roofline: no kernel classes at all
+    assert [n["latency_s"] > 0 for n in analyze(decoded_weight(), hardware=plain).nodes] == [True] * 4
+
+
+def test_generic_runtime_folds_decoders_but_not_other_constant_subgraphs():
+    proto = model_from_text(
+        f"""{HEADER}
+        g (float[1,2,4,4] x) => (float[1,2,4,4] y) {{
+            s = Mul(scale, two)
+            t = Mul(x, s)
+            i = Cast<to: int = 7>(idx)
+            flat = Gather(codebook, i)
+            w = Reshape(flat, shape)
+            y = Conv(t, w)
+        }}""",
+        {"scale": np.ones(1, np.float32), "two": np.full(1, 2, np.float32), "idx": np.zeros(4, np.uint8),
+         "codebook": np.ones(2, np.float32), "shape": np.array([2, 2, 1, 1])},
+    )
+    assert kernels_of(proto, DEFAULT_PROFILE) == ["other", "other", "folded", "folded", "folded", "pointwise"]
+    assert kernels_of(proto)[:1] == ["folded"]  # onnxruntime folds every constant subgraph
 
 
 def test_identity_is_removed_and_silu_is_one_node():
-    assert kernels_of(identity_and_silu()) == ["conv", "fused", "fused", "fused", "other"]
+    assert kernels_of(identity_and_silu()) == ["pointwise", "fused", "fused", "fused", "other"]
 
 
 def test_kernel_classes_without_a_runtime_follow_the_op_alone():
     proto = qdq_conv()
     names = {t.name for t in proto.graph.initializer}
-    assert kernel_classes(list(proto.graph.node), {}, names) == ["other"] * 3 + ["dynamic_weight"] + ["other"] * 2
+    classes = kernel_classes(list(proto.graph.node), {}, names)
+    assert classes == ["quantize"] * 3 + ["dynamic_weight"] + ["quantize"] * 2
 
 
 # ---------------------------------------------------------------------------------------------- profile files
@@ -284,7 +314,7 @@ def test_pipeline_and_analyze_accept_a_profile_file(tmp_path, capsys):
         ('{"name": "x", "peak_flops_per_s": 1e9, "kernels": {"gpu": {}}}', "unknown kernel class 'gpu'"),
         ('{"name": "x", "peak_flops_per_s": 1e9, "kernels": {"conv": {"flops": 1}}}', "unknown key 'kernels.conv.flops'"),
         ('{"name": "x", "peak_flops_per_s": 1e9, "kernels": {"conv": {"flops_per_s": 0}}}', "kernels.conv.flops_per_s: expected a positive number"),
-        ('{"name": "x", "peak_flops_per_s": 1e9, "runtime": "tvm"}', "runtime: expected null or one of onnxruntime"),
+        ('{"name": "x", "peak_flops_per_s": 1e9, "runtime": "tvm"}', "runtime: expected null or one of generic, onnxruntime"),
         ('{"name": "", "peak_flops_per_s": 1e9}', "name: expected a non-empty string"),
     ],
 )
@@ -306,7 +336,9 @@ def test_calibrate_recovers_the_profile_of_a_machine_that_follows_the_model(monk
         "truth", 300e9, 50e9, node_overhead_s=0.4e-6, run_overhead_s=6e-6, runtime="onnxruntime",
         kernels={"conv": KernelFigures(300e9, 4e-6), "depthwise": KernelFigures(40e9, 1e-6),
                  "unblocked_conv": KernelFigures(150e9, 5e-6), "dynamic_weight": KernelFigures(100e9, 2e-6),
-                 "int8": KernelFigures(500e9, 3e-6)},
+                 "int8": KernelFigures(500e9, 3e-6), "pointwise": KernelFigures(200e9, 2e-6),
+                 "int8_depthwise": KernelFigures(20e9, 1.5e-6), "int8_matmul": KernelFigures(100e9, 1e-6),
+                 "int8_elementwise": KernelFigures(3e9, 0.5e-6), "quantize": KernelFigures(3e9, 0.2e-6)},
     )
 
     def estimated(model, feeds=None, **_):
@@ -348,7 +380,7 @@ def test_calibrate_command_writes_a_profile_analyze_accepts(tmp_path, capsys):
     assert all(math.isfinite(f) and f > 0 for f in figures)
     overheads = [profile.node_overhead_s, profile.run_overhead_s, *(k.overhead_s for k in profile.kernels.values())]
     assert all(math.isfinite(o) and o >= 0 for o in overheads)
-    assert sorted(profile.kernels) == ["conv", "depthwise", "dynamic_weight", "int8", "unblocked_conv"]
+    assert sorted(profile.kernels) == sorted(CALIBRATED_KERNELS)
     assert profile.runtime == "onnxruntime"
     assert set(json.loads(path.read_text())["measurements"]["probes"]) >= {"add_short", "add_long", "add_large"}
     assert main(["analyze", str(DIGITS), "--hardware", str(path), "--json"]) == 0
@@ -398,5 +430,7 @@ def test_spearman_exact_values():
         spearman([1, 2, 3], [1, 2])
 
 
-def test_default_profile_is_unchanged():
-    assert DEFAULT_PROFILE == HardwareProfile("x86-avx2-2core", 192e9, 2 * 8 * 2.666e9, DEFAULT_PROFILE.description)
+def test_default_profile_is_unchanged_but_for_int8_and_decoders():
+    assert DEFAULT_PROFILE == HardwareProfile("x86-avx2-2core", 192e9, 2 * 8 * 2.666e9, DEFAULT_PROFILE.description,
+                                              kernels={k: KernelFigures(flops=384e9) for k in ("int8", "int8_matmul")},
+                                              runtime="generic")

@@ -47,7 +47,8 @@ def digits() -> dict:
 
 @pytest.fixture(scope="module")
 def digits_static(digits: dict) -> tuple[onnx.ModelProto, object]:
-    return apply_pass(Quantize(), digits["proto"], PassContext(samples=digits["calib"]))
+    # select=all: these tests pin the placement of every layer (select=latency's choice: test_pass_quantize_select).
+    return apply_pass(Quantize(QuantizeOptions(select="all")), digits["proto"], PassContext(samples=digits["calib"]))
 
 
 def _accuracy(proto: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
@@ -103,7 +104,7 @@ def test_onnxruntime_fuses_into_int8_kernels(digits_static, tmp_path: Path) -> N
 
 
 def test_static_is_deterministic(digits: dict, digits_static) -> None:
-    again, _ = apply_pass(Quantize(), digits["proto"], PassContext(samples=digits["calib"]))
+    again, _ = apply_pass(Quantize(QuantizeOptions(select="all")), digits["proto"], PassContext(samples=digits["calib"]))
     assert again.SerializeToString() == digits_static[0].SerializeToString()
 
 
@@ -123,7 +124,7 @@ def test_already_quantized_model_is_refused(digits: dict, digits_static) -> None
 
 
 def test_exclude_and_op_types_limit_the_layers(digits: dict) -> None:
-    opts = QuantizeOptions.create("quantize", op_types=("Conv",), exclude=("/7/*",))
+    opts = QuantizeOptions.create("quantize", op_types=("Conv",), exclude=("/7/*",), select="all")
     out, result = apply_pass(Quantize(opts), digits["proto"], PassContext(samples=digits["calib"]))
     quantized = {e.node for e in result.layers if e.action == "rewritten"}
     assert quantized == {"/0/Conv", "/3/Conv"}
@@ -431,7 +432,7 @@ def test_real_model_static_with_if_subgraphs_is_kept(key: str, tmp_path: Path) -
     if spec is None or spec.path() is None:
         pytest.skip(f"{key} is not installed")
     data = write_data(spec, spec.path(), tmp_path / "data.npz", samples=4)
-    model, report = optimize(str(spec.path()), ["constants-to-initializers", "quantize"], data=str(data),
+    model, report = optimize(str(spec.path()), ["constants-to-initializers", "quantize:select=all"], data=str(data),
                              input_shapes=spec.input_shapes)
     record = report.passes[-1]
     assert record.status == "applied", record.reason
@@ -454,7 +455,7 @@ def test_real_model_static(key: str, tmp_path: Path) -> None:
     if spec is None or spec.path() is None:
         pytest.skip(f"{key} is not installed")
     data = write_data(spec, spec.path(), tmp_path / "data.npz", samples=8)
-    model, report = optimize(str(spec.path()), ["constants-to-initializers", "fold-batchnorm", "quantize"],
+    model, report = optimize(str(spec.path()), ["constants-to-initializers", "fold-batchnorm", "quantize:select=all"],
                              data=str(data), input_shapes=spec.input_shapes)
     record = report.passes[-1]
     assert record.status == "applied", record.reason
@@ -515,10 +516,10 @@ def test_indexed_onnxruntime_tools_give_the_plain_tools_bytes(case: str, digits:
     if not _ort_quant.supported():
         pytest.skip("the indexed adapters are not used with this onnxruntime version")
     if case == "residual_net":  # Relu absorption, Split/Concat, shared scales, a quantized graph output
-        (proto, samples), opts = _residual_net(300), QuantizeOptions.create("quantize")
+        (proto, samples), opts = _residual_net(300), QuantizeOptions.create("quantize", select="all")
     else:  # the budget loop: several placements with growing exclusion lists
         proto, samples = digits["proto"], digits["calib"]
-        opts = QuantizeOptions.create("quantize", min_cosine=0.99999, max_excluded=2)
+        opts = QuantizeOptions.create("quantize", min_cosine=0.99999, max_excluded=2, select="all")
     before = dict(_ort_quant.COUNTERS)
     indexed, indexed_result = apply_pass(Quantize(opts), proto, PassContext(samples=samples))
     rounds = 1 + indexed_result.stats["layers_excluded_by_budget"]
@@ -597,7 +598,8 @@ def test_static_run_reads_the_managers_export_and_opens_three_sessions(digits: d
         counted(Model, "to_proto", "export")
         counted(gs, "import_onnx", "import")
         counted(ort.InferenceSession, "__init__", "session")
-        assert Quantize().run(model, ctx).modified
+        # select=all: select=latency opens one more session (a float run for the tensor shapes it costs).
+        assert Quantize(QuantizeOptions(select="all")).run(model, ctx).modified
         monkeypatch.undo()
         assert {label: calls[label] for label in expected} == expected
 

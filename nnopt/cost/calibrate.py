@@ -9,7 +9,7 @@ models it will be used to estimate:
   so the cost of entering the runtime and of the chain's ends cancels out;
 * ``node_overhead_s``: per node of a chain of tiny Adds (64 bytes each: nothing but dispatch);
   ``run_overhead_s``: what the short chain takes beyond its nodes;
-* ``bandwidth``: bytes moved by one large Add (two inputs read, one output written) ÷ its time;
+* ``bandwidth``: bytes moved by one of a chain of large Adds (two inputs read, one output written) ÷ its time;
 * per kernel class (``conv``: a dense 3×3 Conv, ``depthwise``: a 3×3 Conv with one channel per group,
   ``unblocked_conv``: a dense 3×3 Conv with 62 (18 for the tiny one) input channels,
   ``dynamic_weight``: a dense 3×3 Conv whose weight is dequantized from int8 at every inference,
@@ -20,8 +20,8 @@ models it will be used to estimate:
   costs it and taken off first). ``peak_flops`` is the dense conv rate.
 
 FLOPs and bytes of each probe come from ``nnopt.cost.analyze``, so they follow the estimate's own
-conventions. Each probe is timed in ``rounds`` interleaved rounds of ``runs`` runs; the minimum of the
-per-round medians is kept, since other load on the machine only ever adds time.
+conventions. Each probe is timed in ``rounds`` interleaved rounds of ``runs`` runs; the fastest run is
+kept, since other load on the machine only ever adds time (``_STATISTIC``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from __future__ import annotations
 import datetime
 import math
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,19 +81,25 @@ class ProbeSizes:
     Attributes:
         tiny_elements: Elements of each tiny Add (the node-overhead chain).
         short_chain, long_chain: Lengths of the two chains of tiny Adds.
-        large_elements: Elements of each input of the bandwidth Add.
+        large_elements: Elements of each input of the bandwidth Adds (a chain of them, like the activations
+            of a network: a single Add of large tensors runs nearly twice as fast per byte as one in a chain).
         conv_channels, conv_size: Channels and spatial size of the large dense and int8 convs.
         depthwise_channels, depthwise_size: Likewise for the large depthwise conv.
         unblocked_channels, unblocked_tiny_channels: Channels of the large and tiny ``unblocked_conv``
             probes (at least 16, not multiples of 4; at ``conv_size`` and ``tiny_size``).
         tiny_channels, tiny_size: Channels and spatial size of every other tiny conv.
         tiny_convs: How many nodes longer the long chain of tiny convs is than the short one (1 node).
+        pointwise_channels, pointwise_size: Channels and spatial size of the large 1×1 conv.
+        matmul_features, matmul_tokens: The large int8 MatMul: [1, tokens, features] × [features, features].
+        tiny_features, tiny_tokens: Likewise for the tiny one.
+        elementwise_shape: The tensor of the large int8 Add and of the large Quantize/DequantizeLinear
+            (the tiny ones take [1, tiny_elements]).
     """
 
     tiny_elements: int = 16
     short_chain: int = 8
     long_chain: int = 208
-    large_elements: int = 1 << 20
+    large_elements: int = 1 << 18
     conv_channels: int = 64
     conv_size: int = 28
     depthwise_channels: int = 128
@@ -103,6 +109,13 @@ class ProbeSizes:
     tiny_channels: int = 8
     tiny_size: int = 8
     tiny_convs: int = 32
+    pointwise_channels: int = 64
+    pointwise_size: int = 56
+    matmul_features: int = 256
+    matmul_tokens: int = 196
+    tiny_features: int = 16
+    tiny_tokens: int = 4
+    elementwise_shape: tuple[int, ...] = (1, 64, 56, 56)
 
 
 FULL_SIZES = ProbeSizes()
@@ -117,18 +130,28 @@ QUICK_SIZES = ProbeSizes(
     tiny_channels=4,
     tiny_size=4,
     tiny_convs=4,
+    pointwise_channels=32,
+    pointwise_size=8,
+    matmul_features=32,
+    matmul_tokens=64,
+    tiny_features=4,
+    tiny_tokens=2,
+    elementwise_shape=(1, 8, 16, 16),
 )
 
 
-#: The kernel classes calibration measures, each by a chain of 3×3 convs (see ``_conv_chain``).
-CALIBRATED_KERNELS = ("conv", "depthwise", "unblocked_conv", "dynamic_weight", "int8")
+#: The kernel classes calibration measures: convs by chains of convs (``_conv_chain``), ``int8_matmul`` by a
+#: chain of QDQ MatMuls, ``int8_elementwise`` by QDQ Adds, ``quantize`` by Quantize → Dequantize → Neg.
+CALIBRATED_KERNELS = ("conv", "pointwise", "depthwise", "grouped_conv", "unblocked_conv", "dynamic_weight", "int8",
+                      "int8_depthwise", "int8_matmul", "int8_elementwise", "quantize")  # fmt: skip
 
 
 @dataclass
 class _Probe:
     """A chain of ``length`` identical elements; ``unit`` is a one-element version analysed for FLOPs and
     bytes: of its ``op_type`` node, and of its ``helper`` nodes (run beside each element, e.g. the
-    DequantizeLinear of a weight computed at run time)."""
+    DequantizeLinear of a weight computed at run time, or the Neg between a Dequantize and the next
+    Quantize)."""
 
     name: str
     op_type: str
@@ -137,6 +160,8 @@ class _Probe:
     length: int
     helper: str | None = None
     seconds: float = math.inf
+    #: Nodes of the probed class per element of the chain (a Quantize and a Dequantize: 2).
+    per_element: int = 1
 
 
 def calibrate(
@@ -146,15 +171,17 @@ def calibrate(
     sizes: ProbeSizes = FULL_SIZES,
     name: str = "calibrated",
     seed: int = 0,
+    before_each: Callable[[], None] | None = None,
 ) -> tuple[HardwareProfile, dict[str, Any]]:
     """Measure this machine in onnxruntime and return the profile and what was measured.
 
     Args:
         runs: Timed runs per probe and round (their median is taken).
-        rounds: Interleaved rounds over all probes; the minimum of the per-round medians is kept.
+        rounds: Interleaved rounds over all probes; the fastest run over all rounds is kept.
         sizes: Probe sizes.
         name: The profile's name.
         seed: Seed of the probes' weights.
+        before_each: Called before each probe is timed (e.g. to wait until the CPU is idle).
 
     Returns:
         The profile (``runtime="onnxruntime"``), and ``measurements``: per probe its chain length, FLOPs
@@ -169,7 +196,7 @@ def calibrate(
     if runs < 1 or rounds < 1:
         raise InputError(f"calibration needs runs >= 1 and rounds >= 1, got runs={runs}, rounds={rounds}")
     probes = _probes(sizes, np.random.default_rng(seed))
-    spread = _time_probes(probes, runs, rounds)
+    spread = _time_probes(probes, runs, rounds, before_each)
     figures = _probe_figures(probes)
     derived = derive_figures(figures)
     kernels = derived["kernels"]
@@ -179,7 +206,7 @@ def calibrate(
         f"measured by nnopt calibrate on {cpu}, onnxruntime {onnxruntime.__version__} CPU "
         f"({datetime.date.today().isoformat()}): dense 3x3 conv {kernels['conv'].flops / 1e9:.1f} GFLOP/s, "
         f"Add {bandwidth / 1e9:.1f} GB/s, {node_overhead * 1e6:.2f} us per node"
-    )
+    )  # fmt: skip
     profile = HardwareProfile(
         name=name,
         peak_flops=kernels["conv"].flops,
@@ -202,18 +229,28 @@ def calibrate(
     return profile, measurements
 
 
-def _time_probes(probes: dict[str, _Probe], runs: int, rounds: int) -> dict[str, float]:
-    """Time every probe ``rounds`` times, interleaved, keeping each probe's fastest median in its
-    ``seconds``; returns per probe the median ÷ fastest run of the round kept."""
+#: Which run of a round a probe keeps: the fastest. Other jobs on shared cores only ever add time, and on a
+#: busy machine the median of a round is half disturbed runs (it halved the dense conv rate here once, the
+#: fastest run kept it within 10 %); on an idle one the two differ by a few percent.
+_STATISTIC = "min_s"
+
+
+def _time_probes(
+    probes: dict[str, _Probe], runs: int, rounds: int, before_each: Callable[[], None] | None = None
+) -> dict[str, float]:
+    """Time every probe ``rounds`` times, interleaved, keeping each probe's fastest run over all rounds in
+    its ``seconds``; returns per probe the median ÷ fastest run of the round kept."""
     from nnopt.cost.timing import measure_latency
 
     spread: dict[str, float] = {}
     for _ in range(rounds):
         for probe in probes.values():
+            if before_each is not None:
+                before_each()
             timing = measure_latency(probe.model, runs=runs, warmup=3)
-            median = float(timing["median_s"])
-            if median < probe.seconds:
-                probe.seconds = median
+            fastest, median = float(timing[_STATISTIC]), float(timing["median_s"])
+            if fastest < probe.seconds:
+                probe.seconds = fastest
                 spread[probe.name] = median / max(float(timing["min_s"]), 1e-12)
     return spread
 
@@ -233,9 +270,12 @@ def _probe_figures(probes: dict[str, _Probe]) -> dict[str, dict[str, Any]]:
             "bytes_per_node": unit["bytes_moved"],
             "seconds": probe.seconds,
         }
+        if probe.per_element != 1:
+            figures[key]["per_element"] = probe.per_element
         if probe.helper is not None:
             helper = next(n for n in nodes if n["op_type"] == probe.helper)
-            figures[key].update(helper_flops_per_node=helper["flops"], helper_bytes_per_node=helper["bytes_moved"])
+            figures[key].update(helper_flops_per_node=helper["flops"], helper_bytes_per_node=helper["bytes_moved"],
+                                helper_kernel=_HELPER_KERNEL.get(probe.helper, "other"))  # fmt: skip
     return figures
 
 
@@ -243,12 +283,21 @@ def _roofline(probe: dict[str, Any], rate: float, bandwidth: float) -> float:
     return max(probe["flops_per_node"] / rate, probe["bytes_per_node"] / bandwidth)
 
 
-def _helper_time(probe: dict[str, Any], peak: float, bandwidth: float, node_overhead: float) -> float:
-    """Seconds of the helper node beside each chained node (0 without one): it runs at ``peak``."""
+#: The kernel class each probe's helper node is estimated as (others: ``other``, at the dense rate).
+_HELPER_KERNEL = {"DequantizeLinear": "quantize"}
+
+
+def _helper_time(
+    probe: dict[str, Any], peak: float, bandwidth: float, node_overhead: float, kernels: dict[str, KernelFigures]
+) -> float:
+    """Seconds of the helper node beside each chained node (0 without one), at its class's figures as far
+    as they are derived (``peak`` and no overhead before)."""
     if "helper_flops_per_node" not in probe:
         return 0.0
-    work = max(probe["helper_flops_per_node"] / peak, probe["helper_bytes_per_node"] / bandwidth)
-    return node_overhead + work
+    figures = kernels.get(probe.get("helper_kernel", "other"), KernelFigures())
+    rate = figures.flops or peak
+    work = max(probe["helper_flops_per_node"] / rate, probe["helper_bytes_per_node"] / bandwidth)
+    return node_overhead + figures.overhead_s + work
 
 
 def _kernel_figures(
@@ -263,13 +312,40 @@ def _kernel_figures(
     if not rate > 0 or tiny["flops_per_node"] / rate < tiny["bytes_per_node"] / bandwidth:
         memory = tiny["bytes_per_node"] / bandwidth
         rate = large["flops_per_node"] / (gap + memory if gap + memory > 0 else large_s)
+    if not (math.isfinite(rate) and rate > 0):  # noise left nothing to solve: the large node's own rate
+        rate = large["flops_per_node"] / max(large_s, 1e-9)
     overhead = max(0.0, tiny_s - node_overhead - _roofline(tiny, rate, bandwidth))
     return KernelFigures(flops=rate, overhead_s=overhead)
 
 
+#: The least share of a large probe's per-node time bound its slope may be (see ``derive_figures``).
+_PLAUSIBLE_SLOPE = 0.6
 #: How often :func:`derive_figures` re-solves: the tiny probes' own roofline time depends on the figures
 #: being derived; it is a small correction, so a few rounds settle it to machine precision.
 _DERIVE_ROUNDS = 5
+
+
+def _slope(figures: dict[str, dict[str, Any]], short: str, long: str) -> float:
+    """Seconds per node: the slope between two chains (the long chain's time per node if noise made the
+    slope useless)."""
+    a, b = figures[short], figures[long]
+    slope = (b["seconds"] - a["seconds"]) / (b["nodes"] - a["nodes"])
+    return slope if slope > 0 else b["seconds"] / b["nodes"]
+
+
+def _large_per_node(
+    figures: dict[str, dict[str, Any]], short: str, long: str, run_overhead: float, tiny: float
+) -> float:
+    """Seconds per node of a large probe: the slope between its chains, unless noise made it implausible.
+
+    Each chain's time per node (the run overhead taken off) is an upper bound, since the chain's ends
+    and other load only add time. A slope below 60 % of the least bound would give the chain's ends
+    more than 40 % of a long chain: the short chain was disturbed (on a busy machine that once put a
+    dense conv at 2.4 × the FP32 peak), and the bound is kept instead. Never below the tiny node.
+    """
+    slope = _slope(figures, short, long)
+    bound = min((figures[k]["seconds"] - run_overhead) / figures[k]["nodes"] for k in (short, long))
+    return max(min(slope, bound) if slope >= _PLAUSIBLE_SLOPE * bound else bound, tiny * (1 + 1e-6))
 
 
 def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -289,20 +365,10 @@ def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
     Returns:
         ``node_overhead_s``, ``run_overhead_s``, ``bandwidth``, and ``kernels`` (KernelFigures per class).
     """
-
-    def per_node(short: str, long: str) -> float:
-        """Seconds per node: the slope between two chains (the long chain's time per node if noise made
-        the slope useless)."""
-        a, b = figures[short], figures[long]
-        slope = (b["seconds"] - a["seconds"]) / (b["nodes"] - a["nodes"])
-        return slope if slope > 0 else b["seconds"] / b["nodes"]
-
     add_short, add_large = figures["add_short"], figures["add_large"]
-    add_slope = per_node("add_short", "add_long")
-    slopes = {
-        kernel: (per_node(f"{kernel}_large_1", f"{kernel}_large"), per_node(f"{kernel}_tiny_1", f"{kernel}_tiny"))
-        for kernel in CALIBRATED_KERNELS
-    }
+    add_large_element = _slope(figures, "add_large_1", "add_large")
+    add_slope = _slope(figures, "add_short", "add_long")
+    tiny_slopes = {kernel: _slope(figures, f"{kernel}_tiny_1", f"{kernel}_tiny") for kernel in CALIBRATED_KERNELS}
 
     peak = bandwidth = math.inf
     kernels: dict[str, KernelFigures] = {}
@@ -310,12 +376,14 @@ def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
         tiny_add = _roofline(add_short, peak, bandwidth)
         node_overhead = max(0.0, add_slope - tiny_add)
         run_overhead = max(0.0, add_short["seconds"] - add_short["nodes"] * (node_overhead + tiny_add))
-        add_time = add_large["seconds"] - run_overhead - node_overhead
-        bandwidth = add_large["bytes_per_node"] / (add_time if add_time > 0 else add_large["seconds"])
-        for kernel, (large_element, tiny_element) in slopes.items():
+        add_time = _large_per_node(figures, "add_large_1", "add_large", run_overhead, add_slope) - node_overhead
+        bandwidth = add_large["bytes_per_node"] / (add_time if add_time > 0 else add_large_element)
+        for kernel, tiny_element in tiny_slopes.items():
+            large_element = _large_per_node(figures, f"{kernel}_large_1", f"{kernel}_large", run_overhead, tiny_element)
             large, tiny = figures[f"{kernel}_large"], figures[f"{kernel}_tiny"]
-            large["seconds_per_node"] = large_element - _helper_time(large, peak, bandwidth, node_overhead)
-            tiny["seconds_per_node"] = tiny_element - _helper_time(tiny, peak, bandwidth, node_overhead)
+            for probe, element in ((large, large_element), (tiny, tiny_element)):
+                helper = _helper_time(probe, peak, bandwidth, node_overhead, kernels)
+                probe["seconds_per_node"] = (element - helper) / probe.get("per_element", 1)
             kernels[kernel] = _kernel_figures(large, tiny, bandwidth, node_overhead)
         peak = kernels["conv"].flops  # type: ignore[assignment]
     return {
@@ -333,21 +401,21 @@ def _probes(sizes: ProbeSizes, rng: np.random.Generator) -> dict[str, _Probe]:
     for name, length in (("add_short", sizes.short_chain), ("add_long", sizes.long_chain)):
         probes[name] = _Probe(name, "Add", _add_chain(length, tiny), _add_chain(1, tiny), length)
     large = [sizes.large_elements]
-    probes["add_large"] = _Probe("add_large", "Add", _add_chain(1, large), _add_chain(1, large), 1)
+    probes["add_large_1"] = _Probe("add_large_1", "Add", _add_chain(1, large), _add_chain(1, large), 1)
+    probes["add_large"] = _Probe("add_large", "Add", _add_chain(3, large), _add_chain(1, large), 3)
     for kind in CALIBRATED_KERNELS:
-        channels, size, tiny_channels = {
-            "depthwise": (sizes.depthwise_channels, sizes.depthwise_size, sizes.tiny_channels),
-            "unblocked_conv": (sizes.unblocked_channels, sizes.conv_size, sizes.unblocked_tiny_channels),
-        }.get(kind, (sizes.conv_channels, sizes.conv_size, sizes.tiny_channels))
-        helper = "DequantizeLinear" if kind == "dynamic_weight" else None
-        for name, c, hw, length in (
-            (f"{kind}_large_1", channels, size, 1),
-            (f"{kind}_large", channels, size, 3),
-            (f"{kind}_tiny_1", tiny_channels, sizes.tiny_size, 1),
-            (f"{kind}_tiny", tiny_channels, sizes.tiny_size, 1 + sizes.tiny_convs),
+        build, op_type, helper_op, per_element = _PROBE_BUILDERS.get(kind, (_conv_chain, "Conv", None, 1))
+        if kind == "dynamic_weight":
+            helper_op = "DequantizeLinear"
+        for name, large_probe, length in (
+            (f"{kind}_large_1", True, 1),
+            (f"{kind}_large", True, 3),
+            (f"{kind}_tiny_1", False, 1),
+            (f"{kind}_tiny", False, 1 + sizes.tiny_convs),
         ):
-            model = _conv_chain(length, c, hw, kind, rng)
-            probes[name] = _Probe(name, "Conv", model, _conv_chain(1, c, hw, kind, rng), length, helper)
+            model = build(length, kind, sizes, large_probe, rng)
+            unit = build(1, kind, sizes, large_probe, rng)
+            probes[name] = _Probe(name, op_type, model, unit, length, helper_op, per_element=per_element)
     return probes
 
 
@@ -371,8 +439,21 @@ def _add_chain(length: int, shape: list[int]) -> onnx.ModelProto:
     return _model(nodes, inputs, f"t{length - 1}", [])
 
 
-def _conv_chain(length: int, channels: int, size: int, kind: str, rng: np.random.Generator) -> onnx.ModelProto:
-    """``length`` 3×3 convs, channels → channels on size × size (padded), one after the other.
+def _conv_chain(length: int, kind: str, sizes: ProbeSizes, large: bool, rng: np.random.Generator) -> onnx.ModelProto:
+    """``length`` convs of the probe sizes of ``kind`` (large or tiny), one after the other (see ``_convs``)."""
+    channels, size, tiny_channels = {
+        "depthwise": (sizes.depthwise_channels, sizes.depthwise_size, sizes.tiny_channels),
+        "int8_depthwise": (sizes.depthwise_channels, sizes.depthwise_size, sizes.tiny_channels),
+        "unblocked_conv": (sizes.unblocked_channels, sizes.conv_size, sizes.unblocked_tiny_channels),
+        "pointwise": (sizes.pointwise_channels, sizes.pointwise_size, sizes.tiny_channels),
+        "grouped_conv": (sizes.depthwise_channels, sizes.depthwise_size, sizes.tiny_channels),
+    }.get(kind, (sizes.conv_channels, sizes.conv_size, sizes.tiny_channels))
+    return _convs(length, channels if large else tiny_channels, size if large else sizes.tiny_size, kind, rng)
+
+
+def _convs(length: int, channels: int, size: int, kind: str, rng: np.random.Generator) -> onnx.ModelProto:
+    """``length`` convs (1×1 for ``pointwise``, else 3×3), channels → channels on size × size (padded), one
+    after the other.
 
     ``kind``: ``conv`` and ``unblocked_conv`` (dense, constant weights; which one is the channel count's
     doing), ``depthwise`` (group = channels), ``dynamic_weight``
@@ -382,21 +463,20 @@ def _conv_chain(length: int, channels: int, size: int, kind: str, rng: np.random
     QLinearConv). Weights are N(0, 1 / fan-in), so activations keep their scale along the chain: a
     shrinking chain would reach denormal floats, which are many times slower and would spoil the timing.
     """
-    group = channels if kind == "depthwise" else 1
-    fan_in = 9 * (channels // group)
-    quantized_weight = kind in ("int8", "dynamic_weight")
+    group = {"depthwise": channels, "int8_depthwise": channels, "grouped_conv": max(2, channels // _GROUP_WIDTH)}.get(kind, 1)
+    k = 1 if kind == "pointwise" else 3
+    fan_in = k * k * (channels // group)
+    int8 = kind in ("int8", "int8_depthwise")
+    quantized_weight = int8 or kind == "dynamic_weight"
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     current = "x"
-    if kind == "int8":
-        inits += [
-            numpy_helper.from_array(np.array(0.05, np.float32), "act_scale"),
-            numpy_helper.from_array(np.array(128, np.uint8), "act_zero"),
-        ]
+    if int8:
+        inits += _activation_qparams()
         nodes.append(helper.make_node("QuantizeLinear", ["x", "act_scale", "act_zero"], ["q_in"]))
         current = "q_in"
     for i in range(length):
-        weight = (rng.standard_normal((channels, channels // group, 3, 3)) / math.sqrt(fan_in)).astype(np.float32)
+        weight = (rng.standard_normal((channels, channels // group, k, k)) / math.sqrt(fan_in)).astype(np.float32)
         if quantized_weight:
             scale = np.maximum(np.abs(weight).reshape(channels, -1).max(axis=1), 1e-6) / 127
             inits += [
@@ -407,21 +487,122 @@ def _conv_chain(length: int, channels: int, size: int, kind: str, rng: np.random
             nodes.append(helper.make_node("DequantizeLinear", [f"wq{i}", f"ws{i}", f"wz{i}"], [f"w{i}"], axis=0))
         else:
             inits.append(numpy_helper.from_array(weight, f"w{i}"))
-        if kind == "int8":
+        pads = [k // 2] * 4
+        if int8:
             nodes += [
                 helper.make_node("DequantizeLinear", [current, "act_scale", "act_zero"], [f"a{i}"]),
-                helper.make_node("Conv", [f"a{i}", f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1], group=group),
+                helper.make_node("Conv", [f"a{i}", f"w{i}"], [f"c{i}"], pads=pads, group=group),
                 helper.make_node("QuantizeLinear", [f"c{i}", "act_scale", "act_zero"], [f"q{i}"]),
             ]
             current = f"q{i}"
         else:
-            nodes.append(helper.make_node("Conv", [current, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1], group=group))
+            nodes.append(helper.make_node("Conv", [current, f"w{i}"], [f"c{i}"], pads=pads, group=group))
             current = f"c{i}"
-    if kind == "int8":
+    if int8:
         nodes.append(helper.make_node("DequantizeLinear", [current, "act_scale", "act_zero"], ["y"]))
         current = "y"
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])
     return _model(nodes, [x], current, inits)
+
+
+#: Channels per group of the ``grouped_conv`` probes.
+_GROUP_WIDTH = 4
+
+
+def _activation_qparams() -> list[onnx.TensorProto]:
+    """The uint8 activation scale and zero point every int8 probe uses (what the quantize pass writes)."""
+    return [
+        numpy_helper.from_array(np.array(0.05, np.float32), "act_scale"),
+        numpy_helper.from_array(np.array(128, np.uint8), "act_zero"),
+    ]
+
+
+def _int8_weight(name: str, weight: np.ndarray, axis: int) -> tuple[list[onnx.TensorProto], onnx.NodeProto]:
+    """A per-channel (along ``axis``) symmetric int8 weight and the DequantizeLinear that reads it."""
+    moved = np.moveaxis(weight, axis, 0)
+    scale = np.maximum(np.abs(moved).reshape(moved.shape[0], -1).max(axis=1), 1e-6) / 127
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    quantized = np.round(weight / scale.reshape(shape)).astype(np.int8)
+    inits = [
+        numpy_helper.from_array(quantized, f"{name}_q"),
+        numpy_helper.from_array(scale.astype(np.float32), f"{name}_s"),
+        numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}_z"),
+    ]
+    return inits, helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [name], axis=axis)
+
+
+def _qdq_chain(
+    length: int, shape: list[int], element: Any, inits: list[onnx.TensorProto]
+) -> onnx.ModelProto:
+    """x ─Q─ (DQ ─ op ─ Q) × length ─ DQ ─ y: ``element(i, dq_output)`` returns the op's nodes and output."""
+    inits = [*_activation_qparams(), *inits]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "act_scale", "act_zero"], ["q_in"])]
+    current = "q_in"
+    for i in range(length):
+        nodes.append(helper.make_node("DequantizeLinear", [current, "act_scale", "act_zero"], [f"a{i}"]))
+        body, out = element(i, f"a{i}")
+        nodes += [*body, helper.make_node("QuantizeLinear", [out, "act_scale", "act_zero"], [f"q{i}"])]
+        current = f"q{i}"
+    nodes.append(helper.make_node("DequantizeLinear", [current, "act_scale", "act_zero"], ["y"]))
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)], "y", inits)
+
+
+def _matmul_chain(length: int, kind: str, sizes: ProbeSizes, large: bool, rng: np.random.Generator) -> onnx.ModelProto:
+    """``int8_matmul``: QDQ MatMuls [1, tokens, features] × [features, features] (onnxruntime: QLinearMatMul)."""
+    features, tokens = (sizes.matmul_features, sizes.matmul_tokens) if large else (sizes.tiny_features, sizes.tiny_tokens)
+    inits: list[onnx.TensorProto] = []
+    dequantize: list[onnx.NodeProto] = []
+    for i in range(length):
+        weight = (rng.standard_normal((features, features)) / math.sqrt(features)).astype(np.float32)
+        tensors, node = _int8_weight(f"w{i}", weight, axis=1)
+        inits += tensors
+        dequantize.append(node)
+
+    def element(i: int, a: str) -> tuple[list[onnx.NodeProto], str]:
+        return [dequantize[i], helper.make_node("MatMul", [a, f"w{i}"], [f"m{i}"])], f"m{i}"
+
+    return _qdq_chain(length, [1, tokens, features], element, inits)
+
+
+def _add_qdq_chain(length: int, kind: str, sizes: ProbeSizes, large: bool, rng: np.random.Generator) -> onnx.ModelProto:
+    """``int8_elementwise``: QDQ Adds of the activation and a quantized constant (onnxruntime: QLinearAdd)."""
+    shape = list(sizes.elementwise_shape) if large else [1, sizes.tiny_elements]
+    # uint8 like the activation: onnxruntime fuses a QDQ Add only when both inputs have the same type.
+    values = np.round(rng.uniform(108, 148, shape)).astype(np.uint8)
+    inits = [numpy_helper.from_array(values, "b_q"), numpy_helper.from_array(np.array(0.01, np.float32), "b_s"),
+             numpy_helper.from_array(np.array(128, np.uint8), "b_z")]  # fmt: skip
+    inits_nodes = helper.make_node("DequantizeLinear", ["b_q", "b_s", "b_z"], ["b"])
+
+    def element(i: int, a: str) -> tuple[list[onnx.NodeProto], str]:
+        return ([inits_nodes] if i == 0 else []) + [helper.make_node("Add", [a, "b"], [f"s{i}"])], f"s{i}"
+
+    return _qdq_chain(length, shape, element, inits)
+
+
+def _quantize_chain(length: int, kind: str, sizes: ProbeSizes, large: bool, rng: np.random.Generator) -> onnx.ModelProto:
+    """``quantize``: (QuantizeLinear → DequantizeLinear → Neg) × length: a float op without an int8 kernel between
+    quantized boundaries, so onnxruntime runs every Quantize/DequantizeLinear as a node."""
+    shape = list(sizes.elementwise_shape) if large else [1, sizes.tiny_elements]
+    nodes: list[onnx.NodeProto] = []
+    current = "x"
+    for i in range(length):
+        nodes += [
+            helper.make_node("QuantizeLinear", [current, "act_scale", "act_zero"], [f"q{i}"]),
+            helper.make_node("DequantizeLinear", [f"q{i}", "act_scale", "act_zero"], [f"d{i}"]),
+            helper.make_node("Neg", [f"d{i}"], [f"n{i}"]),
+        ]
+        current = f"n{i}"
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)], current, _activation_qparams())
+
+
+#: Per kernel class whose probe is not a conv chain: its builder, the probed op, the helper op beside each
+#: element (None: none) and how many probed nodes each element has.
+_PROBE_BUILDERS: dict[str, tuple[Any, str, str | None, int]] = {
+    "int8_matmul": (_matmul_chain, "MatMul", None, 1),
+    "int8_elementwise": (_add_qdq_chain, "Add", None, 1),
+    "quantize": (_quantize_chain, "QuantizeLinear", "Neg", 2),
+}
 
 
 def _cpu_name() -> str:

@@ -17,19 +17,35 @@ from nnopt.errors import InputError
 #: each covers. Nodes of other classes run at the profile's ``peak_flops``.
 KERNEL_CLASSES: dict[str, str] = {
     "conv": "dense float Conv, ConvTranspose, Gemm and MatMul with a constant weight",
-    "depthwise": "float Conv with one input channel per group (group = input channels > 1), constant weight",
+    "depthwise": "float Conv with one input and one output channel per group (group = channels > 1), constant "
+    "weight",
+    "grouped_conv": "float Conv with group > 1 that is not a plain depthwise conv (a channel multiplier, as "
+    "conv-to-separable writes, or several channels per group): onnxruntime's generic path, an im2col and a "
+    "small GEMM per group",
     "unblocked_conv": "dense float Conv with a constant weight and at least 16 input channels, not a multiple of "
     "4: onnxruntime cannot run it in its blocked (NCHWc) layout and falls back to im2col + GEMM",
     "dynamic_weight": "float Conv, ConvTranspose, Gemm and MatMul whose weight is computed at run time (e.g. "
     "dequantized from int8 at every inference, or a MatMul of two activations): no pre-packed weight",
-    "int8": "int8 Conv, MatMul and Gemm: QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger, and the "
-    "DequantizeLinear → Conv/MatMul/Gemm groups a runtime fuses into them",
+    "int8": "int8 dense Conv: QLinearConv, ConvInteger, and the DequantizeLinear → Conv groups a runtime fuses "
+    "into them",
+    "pointwise": "dense float 1×1 Conv (group 1) with a constant weight: a plain GEMM with a short reduction, "
+    "what SVD's second factor and a separable conv's second half are",
+    "int8_depthwise": "int8 depthwise Conv: a QDQ group around a depthwise Conv (onnxruntime: QLinearConv with "
+    "one channel per group)",
+    "int8_matmul": "int8 MatMul and Gemm: QLinearMatMul, MatMulInteger, and the QDQ groups around MatMul/Gemm "
+    "(onnxruntime: QLinearMatMul, QGemm)",
+    "int8_elementwise": "Add and Mul on int8 data: a QDQ group around Add/Mul (onnxruntime: QLinearAdd, "
+    "QLinearMul)",
+    "quantize": "QuantizeLinear and DequantizeLinear a runtime runs as nodes (not fused into an int8 kernel): "
+    "activation boundaries of float islands, weights dequantized at every inference",
 }
 #: Kernel classes of nodes that cost nothing per inference (only produced for profiles with a ``runtime``):
 #: computed once when the session is created, or absorbed into another node's kernel.
 FREE_KERNELS: frozenset[str] = frozenset({"folded", "fused"})
 #: Runtimes whose graph rewrites the estimate can model (``HardwareProfile.runtime``).
 RUNTIMES: dict[str, str] = {
+    "generic": "what any deployment runtime does: subgraphs computed from constants only (kmeans decoders) run "
+    "once at load, DequantizeLinear → Conv/MatMul/Gemm → QuantizeLinear groups run as int8 kernels",
     "onnxruntime": "constant folding (except DequantizeLinear), BatchNormalization and activations fused into "
     "the Conv/Gemm before them, QDQ groups fused into int8 kernels",
 }
@@ -139,8 +155,13 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
             bandwidth=2 * 8 * 2.666e9,
             description=(
                 "generic 2-core x86 CPU with AVX2+FMA at 3.0 GHz: 2 cores × 3.0 GHz × 32 FP32 FLOPs/cycle "
-                "(2 FMA units × 8 lanes × 2) = 192 GFLOP/s; dual-channel DDR4-2666 = 42.7 GB/s"
+                "(2 FMA units × 8 lanes × 2) = 192 GFLOP/s; dual-channel DDR4-2666 = 42.7 GB/s; int8 kernels "
+                "(u8 × s8 through VPMADDUBSW + VPMADDWD: 32 multiply-adds per 2 instructions where FP32 FMA does "
+                "8 per 1) twice the FP32 rate = 384 GOP/s for dense convs and matmuls; constants folded at "
+                "load and QDQ groups fused (runtime generic)"
             ),
+            kernels={kind: KernelFigures(flops=2 * 2 * 3.0e9 * 32) for kind in ("int8", "int8_matmul")},
+            runtime="generic",
         ),
         HardwareProfile(
             name="rpi4",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
 import onnx
 
 from nnopt.errors import InputError
@@ -36,7 +40,6 @@ def parse_input_shapes(items: list[str]) -> dict[str, list[int]]:
             raise InputError(f"input shape for '{name}' given twice")
         shapes[name] = dims
     return shapes
-
 
 
 def resolve_input_shapes(
@@ -108,3 +111,48 @@ def _declared_dims(vi: onnx.ValueInfoProto) -> list[int | str] | None:
         for d in vi.type.tensor_type.shape.dim
     ]
 
+
+
+def sample_input_shapes(
+    graph: onnx.GraphProto, sample: Mapping[str, Any], given: Mapping[str, list[int]] | None = None
+) -> dict[str, list[int]]:
+    """Concrete shapes for the graph inputs the model leaves dynamic, read from one data sample.
+
+    ``given`` (the user's ``--input-shape``) wins over the sample; inputs whose declared shape is fully
+    fixed are left out, so a model without dynamic inputs is costed exactly as without data.
+
+    Args:
+        graph: The model's main graph.
+        sample: One sample of the data (input name to array), e.g. the first of ``load_samples``.
+        given: Shapes the user gave; they are returned as they are.
+    """
+    shapes = {name: list(dims) for name, dims in (given or {}).items()}
+    init_names = {t.name for t in graph.initializer}
+    for vi in graph.input:
+        if vi.name in init_names or vi.name in shapes or vi.name not in sample:
+            continue
+        declared = _declared_dims(vi)
+        if declared is not None and all(isinstance(d, int) for d in declared):
+            continue
+        dims = [int(d) for d in np.shape(sample[vi.name])]
+        if all(d >= 1 for d in dims) and (declared is None or len(declared) == len(dims)):
+            shapes[vi.name] = dims
+    return shapes
+
+
+def data_shapes_note(
+    graph: onnx.GraphProto, shapes: Mapping[str, list[int]], given: Mapping[str, list[int]]
+) -> str | None:
+    """A note naming the input shapes taken from the data, when they differ from the dims of 1 the cost
+    model assumes without data (None when the data changed nothing)."""
+    init_names = {t.name for t in graph.initializer}
+    assumed, _ = resolve_input_shapes(graph, init_names, {}, [])
+    from_data = {n: list(d) for n, d in shapes.items() if n not in given and assumed.get(n) != list(d)}
+    if not from_data:
+        return None
+    return f"cost figures use the input shapes of the first data sample: {format_shapes(from_data)}"
+
+
+def format_shapes(shapes: Mapping[str, list[int]]) -> str:
+    """``x=1x3x320x320, y=scalar``, for messages."""
+    return ", ".join(f"{n}={'x'.join(map(str, d)) or 'scalar'}" for n, d in shapes.items())

@@ -89,7 +89,7 @@ def cost_nodes(
     hardware = scope.hardware
     # Kernel class per node (in ``nodes`` order), for profiles that model a runtime or give per-class figures.
     kernels = (
-        kernel_classes([n.proto for n in nodes], scope.infos, scope.consts, hardware.runtime, graph_outputs)
+        kernel_classes([n.proto for n in nodes], scope.infos, scope.consts, hardware.runtime, graph_outputs, decoded)
         if hardware.models_runtime
         else ["other"] * len(nodes)
     )

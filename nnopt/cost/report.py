@@ -24,6 +24,8 @@ class CostReport:
         notes: Assumptions made and things not counted, one sentence each.
         hardware: The profile the latency estimate used.
         input_shapes: The concrete graph-input shapes the analysis used.
+
+    ``to_dict`` also holds ``uncosted``: ``{"count", "nodes"}``, the nodes that could not be costed.
     """
 
     totals: dict[str, float | int]
@@ -40,7 +42,25 @@ class CostReport:
             "notes": list(self.notes),
             "hardware": self.hardware.to_dict(),
             "input_shapes": {name: list(dims) for name, dims in self.input_shapes.items()},
+            "uncosted": {"count": len(self.uncosted), "nodes": self.uncosted},
         }
+
+    @property
+    def uncosted(self) -> list[str]:
+        """Names of the main-graph nodes that could not be costed (no rule, unknown shapes, a failing rule):
+        they count 0 FLOPs, so the totals are a lower bound."""
+        return [node["name"] for node in self.nodes if not node["costed"]]
+
+    def uncosted_warning(self) -> str | None:
+        """One loud line saying how many nodes (and which) could not be costed, or None when all were."""
+        names = self.uncosted
+        if not names:
+            return None
+        shown = ", ".join(names[:_WARNING_NAMES]) + (", ..." if len(names) > _WARNING_NAMES else "")
+        return (
+            f"{len(names)} of {len(self.nodes)} node(s) could not be costed and count 0 FLOPs: the FLOPs and "
+            f"latency totals are a lower bound (give the input shapes with --input-shape or --data): {shown}"
+        )
 
     def format_table(self, max_rows: int | None = None) -> str:
         """A per-node table, a totals line and the notes, as plain text.
@@ -90,11 +110,17 @@ class CostReport:
                 f"{n}={'x'.join(map(str, d)) or 'scalar'}" for n, d in self.input_shapes.items()
             )
             lines.append(f"input shapes: {shapes}")
+        warning = self.uncosted_warning()
+        if warning is not None:
+            lines.append(f"WARNING: {warning}")
         if self.notes:
             lines.append("notes:")
             lines.extend(f"  - {note}" for note in self.notes)
         return lines
 
+
+#: How many uncosted node names ``uncosted_warning`` lists.
+_WARNING_NAMES = 8
 
 _HEADER = ["#", "name", "op", "output shape", "params", "MACs", "FLOPs", "out bytes", "FLOP/B", "latency", "%"]
 #: Text columns (name, op, output shape) are left-aligned; figures are right-aligned.

@@ -26,9 +26,18 @@ _KERNEL_OF_OP: dict[tuple[str, str], tuple[str, int | None]] = {
     ("com.microsoft", "FusedMatMul"): ("conv", 1),
     ("", "QLinearConv"): ("int8", None),
     ("", "ConvInteger"): ("int8", None),
-    ("", "QLinearMatMul"): ("int8", None),
-    ("", "MatMulInteger"): ("int8", None),
+    ("", "QLinearMatMul"): ("int8_matmul", None),
+    ("", "MatMulInteger"): ("int8_matmul", None),
+    ("com.microsoft", "QGemm"): ("int8_matmul", None),
+    ("com.microsoft", "QLinearAdd"): ("int8_elementwise", None),
+    ("com.microsoft", "QLinearMul"): ("int8_elementwise", None),
+    ("", "QuantizeLinear"): ("quantize", None),
+    ("", "DequantizeLinear"): ("quantize", None),
 }
+#: The int8 kernel a QDQ group around each op runs as (see ``_fuse_qdq_groups``); Conv is ``int8`` or, with
+#: one input channel per group, ``int8_depthwise``.
+_QDQ_KERNEL = {"Conv": "int8", "MatMul": "int8_matmul", "Gemm": "int8_matmul", "Add": "int8_elementwise",
+               "Mul": "int8_elementwise"}  # fmt: skip
 
 #: onnxruntime's blocked-layout (NCHWc) convs take any input channel count below its block size (16 with
 #: AVX-512, 8 with AVX2: the larger is used here) and multiples of 4 above it; other dense convs run as
@@ -68,6 +77,7 @@ def kernel_classes(
     constants: Iterable[str],
     runtime: str | None = None,
     graph_outputs: Iterable[str] = (),
+    decoded: Iterable[str] = (),
 ) -> list[str]:
     """The kernel class of each node (in the order given, which must be topological).
 
@@ -98,14 +108,17 @@ def kernel_classes(
         nodes: The main-graph nodes in topological order.
         infos: Tensor shapes (for the weight shape of a Conv: depthwise or not).
         constants: Names of constant tensors (initializers, Constant outputs).
-        runtime: None, or ``"onnxruntime"`` to model its graph rewrites.
+        runtime: None, or a key of ``nnopt.cost.hardware.RUNTIMES`` (``"generic"``, ``"onnxruntime"``)
+            to model its graph rewrites (``generic``: only constant folding and QDQ fusion).
         graph_outputs: Names of the graph outputs (a fused epilogue would hide them).
+        decoded: Names of the weights decoded from constants at run time (``nnopt.cost.decoded``): what the
+            ``generic`` runtime folds.
     """
     const = set(constants)
     if runtime is None:
         return [_op_kernel(node, infos, const) for node in nodes]
-    graph = _RuntimeGraph(nodes, infos, const, graph_outputs)
-    for rewrite in _ONNXRUNTIME_REWRITES:
+    graph = _RuntimeGraph(nodes, infos, const, graph_outputs, decoded)
+    for rewrite in _REWRITES[runtime]:
         rewrite(graph)
     return graph.classes
 
@@ -113,13 +126,18 @@ def kernel_classes(
 class _RuntimeGraph:
     """The main graph as a runtime's optimiser sees it: each node's kernel class so far, who produces and who
     reads each tensor, and the tensors eliminated nodes pass through (``alias``). The rewrites of
-    ``_ONNXRUNTIME_REWRITES`` run on it in order, each turning some nodes' classes into ``folded``,
+    ``_REWRITES`` of the runtime run on it in order, each turning some nodes' classes into ``folded``,
     ``fused`` or ``int8``."""
 
     def __init__(
-        self, nodes: list[onnx.NodeProto], infos: dict[str, TensorInfo], const: set[str], graph_outputs: Iterable[str]
+        self,
+        nodes: list[onnx.NodeProto],
+        infos: dict[str, TensorInfo],
+        const: set[str],
+        graph_outputs: Iterable[str],
+        decoded: Iterable[str] = (),
     ) -> None:
-        self.nodes, self.infos, self.const = nodes, infos, const
+        self.nodes, self.infos, self.const, self.decoded = nodes, infos, const, set(decoded)
         self.classes: list[str] = []
         self.producer: dict[str, int] = {}
         self.readers: dict[str, list[int]] = {name: [-1] for name in graph_outputs}  # -1: read by the caller
@@ -158,6 +176,31 @@ def _fold_constants(g: _RuntimeGraph) -> None:
             g.classes.append(_op_kernel(node, g.infos, g.const))
 
 
+def _fold_decoders(g: _RuntimeGraph) -> None:
+    """Only the nodes that decode a weight from constants (``decoded``: what ``nnopt.cost.decoded`` found, e.g.
+    a kmeans codebook Gather and the index arithmetic before it) are ``folded``; each other node gets its
+    own class. Any runtime computes these once at load; other constant subgraphs stay as written."""
+    decoding: set[int] = set()
+    todo = [g.producer[name] for name in g.decoded if name in g.producer]
+    while todo:
+        i = todo.pop()
+        if i not in decoding:
+            decoding.add(i)
+            todo.extend(g.producer[name] for name in g.nodes[i].input if name in g.producer)
+    folded: set[str] = set()  # outputs of folded nodes: what follows a decoder on constants only folds too
+    for i, node in enumerate(g.nodes):
+        inputs = [name for name in node.input if name]
+        foldable = g.ops[i] not in _NOT_FOLDED and ":" not in g.ops[i] and not has_subgraph(node)
+        decodes = i in decoding or any(name in folded for name in inputs)
+        if foldable and decodes and all(name in g.const for name in inputs):
+            g.classes.append("folded")
+            outputs = [name for name in node.output if name]
+            g.const.update(outputs)
+            folded.update(outputs)
+        else:
+            g.classes.append(_op_kernel(node, g.infos, g.const))
+
+
 def _fuse_qdq_groups(g: _RuntimeGraph) -> None:
     """DequantizeLinear → op → QuantizeLinear groups run as one int8 kernel (see ``kernel_classes``)."""
     grouped: set[int] = set()
@@ -173,9 +216,13 @@ def _fuse_qdq_groups(g: _RuntimeGraph) -> None:
         if g.ops[i] in _QDQ_COMPUTE:
             if len(node.input) < 2 or not g.from_dq(node.input[1]):
                 continue
-            g.classes[i] = "int8"
+            g.classes[i] = _qdq_kernel(node, g)
         elif not quantized:
             continue
+        elif g.ops[i] in _QDQ_KERNEL:
+            if len(_dq_types(g, activations)) != 1:
+                continue  # QLinearAdd/QLinearMul take one type: uint8 + int8 stays float with its Q/DQ nodes
+            g.classes[i] = _QDQ_KERNEL[g.ops[i]]
         grouped.add(i)
         for j in quantize if quantized else []:
             g.classes[j] = "fused"
@@ -183,6 +230,26 @@ def _fuse_qdq_groups(g: _RuntimeGraph) -> None:
         for name in g.nodes[i].input:
             if name and g.from_dq(name) and all(k in grouped for k in g.readers.get(name, [])):
                 g.classes[g.producer[name]] = "fused"
+
+
+def _dq_types(g: _RuntimeGraph, names: list[str]) -> set[int | None]:
+    """The quantized types the DequantizeLinear nodes producing ``names`` read."""
+    types = set()
+    for name in names:
+        source = g.nodes[g.producer[name]].input[0]
+        info = g.infos.get(source)
+        types.add(info.dtype if info is not None else None)
+    return types
+
+
+def _qdq_kernel(node: onnx.NodeProto, g: _RuntimeGraph) -> str:
+    """The int8 kernel class of a QDQ-wrapped Conv/MatMul/Gemm (its weight is the DequantizeLinear's input)."""
+    if node.op_type != "Conv":
+        return _QDQ_KERNEL[node.op_type]
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    weight = g.infos.get(g.nodes[g.producer[node.input[1]]].input[0])
+    depthwise = group > 1 and weight is not None and weight.shape is not None and len(weight.shape) > 1
+    return "int8_depthwise" if depthwise and weight.shape[1] == 1 else "int8"  # type: ignore[index]
 
 
 def _eliminate_pass_throughs(g: _RuntimeGraph) -> None:
@@ -199,7 +266,8 @@ def _fuse_epilogues(g: _RuntimeGraph) -> None:
     """Affine ops and one activation after a float Conv/Gemm/MatMul, followed while exactly one node reads
     each tensor, are ``fused`` into it."""
     for i, node in enumerate(g.nodes):
-        float_kernel = g.classes[i] in ("conv", "depthwise", "unblocked_conv", "dynamic_weight")
+        float_kernel = g.classes[i] in ("conv", "pointwise", "depthwise", "grouped_conv", "unblocked_conv",
+                                        "dynamic_weight")
         if not float_kernel or g.ops[i] not in _EPILOGUE_AFFINE or not node.output:
             continue
         affine = _EPILOGUE_AFFINE[g.ops[i]]
@@ -235,14 +303,14 @@ def _fuse_silu(g: _RuntimeGraph) -> None:
                 g.classes[i] = "fused"
 
 
-#: onnxruntime's default graph optimisations as the estimate models them, in the order they apply.
-_ONNXRUNTIME_REWRITES: tuple[Callable[[_RuntimeGraph], None], ...] = (
-    _fold_constants,
-    _fuse_qdq_groups,
-    _eliminate_pass_throughs,
-    _fuse_epilogues,
-    _fuse_silu,
-)
+#: Per runtime (``nnopt.cost.hardware.RUNTIMES``), its graph rewrites as the estimate models them, in the order
+#: they apply. ``generic``: what every deployment runtime does (constant subgraphs such as kmeans decoders
+#: computed once at load, QDQ groups run as int8 kernels; other constant subgraphs stay as written);
+#: ``onnxruntime``: every constant subgraph folded, and its default fusions.
+_REWRITES: dict[str, tuple[Callable[[_RuntimeGraph], None], ...]] = {
+    "generic": (_fold_decoders, _fuse_qdq_groups),
+    "onnxruntime": (_fold_constants, _fuse_qdq_groups, _eliminate_pass_throughs, _fuse_epilogues, _fuse_silu),
+}
 
 
 def _per_channel(host: str, operands: list[str], infos: dict[str, TensorInfo], weight: TensorInfo | None) -> bool:
@@ -272,10 +340,15 @@ def _op_kernel(node: onnx.NodeProto, infos: dict[str, TensorInfo], constants: se
         weight = infos.get(node.input[weight_index])
         if weight is None or weight.shape is None or len(weight.shape) < 2:
             return kernel
-        if group > 1 and weight.shape[1] == 1:
-            return "depthwise"
+        if group > 1:
+            # Only a plain depthwise conv (one input and one output channel per group) has onnxruntime's
+            # depthwise kernel; a channel multiplier or several channels per group take the generic path.
+            plain = weight.shape[1] == 1 and (weight.shape[0] == group or node.op_type == "ConvTranspose")
+            return "depthwise" if plain else "grouped_conv"
         channels = weight.shape[1]
         blockable = (norm_domain(node.domain), node.op_type) in _BLOCKABLE_OPS
+        if blockable and group == 1 and len(weight.shape) > 2 and all(k == 1 for k in weight.shape[2:]):
+            return "pointwise"
         if blockable and group == 1 and channels >= _BLOCKED_MIN_CHANNELS and channels % _BLOCKED_ALIGNMENT:
             return "unblocked_conv"
     return kernel

@@ -116,6 +116,13 @@ class PassRecord:
     stats: dict[str, Any] = field(default_factory=dict)
     layers: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def newly_uncosted(self) -> int:
+        """How many more nodes the cost model could not cost after the pass than before: their FLOPs and
+        latency count 0, so the pass's FLOPs and latency changes cannot be told (its ``delta`` says None)."""
+        before, after = self.before.get("uncosted_nodes"), self.after.get("uncosted_nodes")
+        return max(0, int(after) - int(before)) if isinstance(before, int) and isinstance(after, int) else 0
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -128,7 +135,9 @@ class PassRecord:
             "verify_seconds": round(self.verify_seconds, 6),
             "before": self.before,
             "after": self.after,
-            "delta": {k: _delta(self.before.get(k), self.after.get(k)) for k in DELTA_KEYS if k in self.before},
+            "delta": {k: None if k in _UNCOSTED_HIDES and self.newly_uncosted else _delta(self.before.get(k),
+                                                                                           self.after.get(k))
+                      for k in DELTA_KEYS if k in self.before},
             "fidelity": self.fidelity,
             "stats": self.stats,
             "layers": self.layers,
@@ -313,6 +322,7 @@ class PassManager:
             if not applied_any:
                 break
         report.final = current.cost
+        report.notes.extend(_uncosted_notes(report))
         if self._active_verifier is not None:
             reference = self._active_verifier.reference
             report.fidelity = (current.fidelity or compare_outputs(reference, reference)).to_dict()
@@ -475,6 +485,24 @@ def _outside_cycle_collection() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+#: Figures an uncosted node understates: a pass after which more nodes are uncosted gets no delta for these.
+_UNCOSTED_HIDES = frozenset({"macs", "flops", "latency_s", "activation_bytes"})
+
+
+def _uncosted_notes(report: PipelineReport) -> list[str]:
+    """A note per pass after which the cost model could not cost more nodes than before (a lower FLOPs or
+    latency figure would be an artefact of the nodes it no longer counts, not a saving)."""
+    notes = []
+    for r in report.passes:
+        if r.newly_uncosted:
+            notes.append(
+                f"after {r.name}, {r.after['uncosted_nodes']} node(s) could not be costed (before: "
+                f"{r.before['uncosted_nodes']}): its FLOPs and latency changes are not comparable and are not "
+                "reported; give the input shapes (--input-shape or --data)"
+            )
+    return notes
 
 
 def _delta(before: Any, after: Any) -> Any:

@@ -1,0 +1,344 @@
+"""Micro-benchmark: onnxruntime CPU single layers in float vs QDQ int8, the basis of quantize's select=latency table.
+
+Each case is one layer in a model of its own, built with onnx's helper: a dense 3x3 Conv, a pointwise (1x1)
+Conv, a depthwise 3x3 Conv, a Gemm (a MatMul with a constant weight), and the elementwise Add and Mul that
+int8 regions carry (QLinearAdd, QLinearMul); plus a lone QuantizeLinear (float -> uint8) and a lone
+DequantizeLinear (uint8 -> float), the costs of a region's boundaries. The int8 variant of a layer is the
+float model quantized by nnopt's own ``quantize`` pass with ``select=all`` (uint8 activations, per-channel int8
+weights; onnxruntime fuses it into QLinearConv / QGemm / QLinearAdd ...), so it is
+``Q(input) -> int8 kernel -> DQ(output)``; the kernel's own time is that minus the separately timed Q of its
+input and DQ of its output.
+
+Timing: one onnxruntime session per variant (default options, as the benchmarks use), all variants of a
+case interleaved in rounds, the median per variant over all runs. The fitted table (per kind: fixed µs +
+ns per MAC, float and int8; per boundary op: fixed µs + ns per element) is written to
+docs/int8_kernels.json and as a table to docs/int8_kernels.md; ``passes/_int8_select.py`` commits the
+constants with a reference to this output.
+
+    python benchmarks/int8_kernels.py                 # all cases -> docs/int8_kernels.{json,md}
+    python benchmarks/int8_kernels.py --runs 30 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: (kind, channels, spatial) per conv case (channels in = out, so layers chain); spatial is H = W.
+CONV_CASES = [
+    *[("dense", c, s) for c, s in ((8, 28), (16, 28), (16, 56), (32, 14), (32, 28), (64, 14), (64, 28), (128, 7))],
+    *[("pointwise", c, s) for c, s in ((8, 28), (16, 28), (16, 56), (24, 56), (32, 14), (32, 28), (64, 14),
+                                       (96, 28), (128, 14), (128, 7), (256, 7))],
+    *[("depthwise", c, s) for c, s in ((16, 12), (16, 56), (32, 28), (64, 14), (64, 28), (72, 56), (128, 14),
+                                       (256, 7))],
+]
+#: (M, K = N) per Gemm case.
+GEMM_CASES = [(1, 64), (1, 256), (1, 512), (1, 1024), (16, 256), (64, 512)]
+#: (C, spatial) per elementwise case (activations of [1, C, s, s]).
+ELTWISE_CASES = [(16, 14), (32, 28), (64, 28), (16, 56), (64, 56)]
+#: (channels, spatial, activation) per sandwich case: depthwise -> [act] -> pointwise -> [act] -> depthwise,
+#: float vs the pointwise layer alone int8 (the MobileNet block select=latency meets).
+SANDWICH_CASES = [(c, s, act) for c, s in ((16, 56), (32, 28), (64, 28), (64, 14), (128, 14), (256, 7))
+                  for act in ("", "HardSwish")]
+#: Layers per chain: the in-chain cost of a layer is (t(3 layers) - t(1 layer)) / 2, its region's boundary
+#: cost is what remains of the 1-layer model once the layer and the float model's fixed session cost are off.
+CHAIN = 3
+
+
+def _conv_model(kind: str, c: int, s: int, layers: int, rng: np.random.Generator) -> onnx.ModelProto:
+    k, group = (1, 1) if kind == "pointwise" else (3, 1)
+    if kind == "depthwise":
+        group = c
+    nodes, arrays, names = [], [], []
+    for i in range(layers):
+        arrays += [rng.normal(0, 1.5 / np.sqrt(k * k * c // group), (c, c // group, k, k)).astype(np.float32),
+                   rng.normal(0, 0.1, c).astype(np.float32)]
+        names += [f"w{i}", f"b{i}"]
+        src, dst = ("x" if i == 0 else f"t{i}"), ("y" if i == layers - 1 else f"t{i + 1}")
+        nodes.append(helper.make_node("Conv", [src, f"w{i}", f"b{i}"], [dst], name=f"layer{i}", pads=[k // 2] * 4,
+                                      group=group))
+    return _model(nodes, {"x": [1, c, s, s]}, {"y": [1, c, s, s]}, arrays, names)
+
+
+def _gemm_model(m: int, k: int, layers: int, rng: np.random.Generator) -> onnx.ModelProto:
+    nodes, arrays, names = [], [], []
+    for i in range(layers):
+        arrays += [rng.normal(0, 1 / np.sqrt(k), (k, k)).astype(np.float32), rng.normal(0, 0.1, k).astype(np.float32)]
+        names += [f"w{i}", f"b{i}"]
+        src, dst = ("x" if i == 0 else f"t{i}"), ("y" if i == layers - 1 else f"t{i + 1}")
+        nodes.append(helper.make_node("Gemm", [src, f"w{i}", f"b{i}"], [dst], name=f"layer{i}"))
+    return _model(nodes, {"x": [m, k]}, {"y": [m, k]}, arrays, names)
+
+
+def _sandwich_model(c: int, s: int, act: str, rng: np.random.Generator) -> onnx.ModelProto:
+    shapes = {"dw0": (c, 1, 3, 3), "pw": (c, c, 1, 1), "dw1": (c, 1, 3, 3)}
+    arrays = [rng.normal(0, 0.5, shape).astype(np.float32) for shape in shapes.values()]
+    nodes, src = [], "x"
+    for i, name in enumerate(shapes):
+        dst = "y" if i == 2 else f"{name}_out"
+        kw = {"group": c, "pads": [1] * 4} if name.startswith("dw") else {}
+        nodes.append(helper.make_node("Conv", [src, f"w_{name}"], [dst], name=name, **kw))
+        src = dst
+        if act and i < 2:
+            nodes.append(helper.make_node(act, [src], [f"{name}_act"], name=f"{name}_{act}"))
+            src = f"{name}_act"
+    return _model(nodes, {"x": [1, c, s, s]}, {"y": [1, c, s, s]}, arrays, [f"w_{k}" for k in shapes], opset=14)
+
+
+def _eltwise_model(op: str, c: int, s: int, layers: int) -> onnx.ModelProto:
+    nodes = []
+    for i in range(layers):
+        src, dst = ("x" if i == 0 else f"t{i}"), ("y" if i == layers - 1 else f"t{i + 1}")
+        nodes.append(helper.make_node(op, [src, "z"], [dst], name=f"layer{i}"))
+    return _model(nodes, {"x": [1, c, s, s], "z": [1, c, s, s]}, {"y": [1, c, s, s]}, [], [])
+
+
+def _model(nodes: list[onnx.NodeProto], inputs: dict[str, list[int]], outputs: dict[str, list[int]],
+           arrays: list[np.ndarray], names: list[str], opset: int = 13) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "case", [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in inputs.items()],
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in outputs.items()],
+        [numpy_helper.from_array(a, n) for a, n in zip(arrays, names)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def _quantized(proto: onnx.ModelProto, rng: np.random.Generator) -> onnx.ModelProto:
+    """``proto`` through nnopt's quantize pass (select=all: every layer int8), calibrated on random inputs."""
+    from nnopt.ir.model import Model
+    from nnopt.passes.quantize import Quantize, QuantizeOptions
+    from nnopt.pipeline.base import PassContext
+
+    samples = [_feeds(proto, rng) for _ in range(4)]
+    model = Model.from_proto(proto)
+    opts = QuantizeOptions.create("quantize", bias_correction="off", select="all")
+    Quantize(opts).run(model, PassContext(samples=samples))
+    return model.to_proto()
+
+
+def _only_int8(proto: onnx.ModelProto, nodes: list[str], rng: np.random.Generator) -> onnx.ModelProto:
+    """``proto`` with only ``nodes`` int8 (QDQ placed as select=latency places it: the others read the
+    DequantizeLinear of an int8 neighbour, as ops without an int8 kernel do)."""
+    from nnopt.passes import _qdq
+
+    samples = [_feeds(proto, rng) for _ in range(4)]
+    ranges = _qdq.calibrate(proto, samples, "minmax", ("Conv",))
+    return _qdq.place_qdq(proto, ranges, per_channel=True, activation_type="uint8", nodes_to_quantize=nodes,
+                          nodes_to_exclude=[], op_types=("Conv",))
+
+
+def _feeds(proto: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    feeds = {}
+    for i in proto.graph.input:
+        shape = [d.dim_value for d in i.type.tensor_type.shape.dim]
+        if i.type.tensor_type.elem_type == TensorProto.UINT8:
+            feeds[i.name] = rng.integers(0, 256, shape).astype(np.uint8)
+        else:
+            feeds[i.name] = rng.normal(0, 1, shape).astype(np.float32)
+    return feeds
+
+
+#: onnxruntime intra-op threads (0: its default, one per core); set by --threads.
+THREADS = [0]
+
+
+def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.intra_op_num_threads = THREADS[0]
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def time_interleaved(protos: dict[str, onnx.ModelProto], runs: int, rounds: int, seed: int = 0,
+                     inputs: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Median µs per variant, the variants' runs interleaved in ``rounds`` rounds of ``runs`` runs each
+    (on ``inputs`` when given, else on seeded random inputs of each model's static shapes)."""
+    rng = np.random.default_rng(seed)
+    sessions = {k: _session(p) for k, p in protos.items()}
+    feeds = {k: inputs if inputs is not None else _feeds(p, rng) for k, p in protos.items()}
+    times: dict[str, list[float]] = {k: [] for k in protos}
+    for k, sess in sessions.items():
+        for _ in range(5):
+            sess.run(None, feeds[k])
+    for _ in range(rounds):
+        for k, sess in sessions.items():
+            for _ in range(runs):
+                start = time.perf_counter()
+                sess.run(None, feeds[k])
+                times[k].append(time.perf_counter() - start)
+    return {k: float(np.median(v)) * 1e6 for k, v in times.items()}
+
+
+def _fit(xs: list[float], ys: list[float], relative: bool = False) -> tuple[float, float]:
+    """(fixed µs, µs per unit) by least squares, the fixed part clamped at >= 0; ``relative`` minimises
+    relative errors (so small layers, where the decisions are close, are fitted as well as large ones)."""
+    x, y = np.asarray(xs, float), np.asarray(ys, float)
+    w = 1.0 / np.maximum(np.abs(y), 0.5) if relative else np.ones_like(y)
+    slope, fixed = np.polyfit(x, y, 1, w=w)
+    if fixed < 0:  # refit through the origin: a negative fixed cost is noise
+        slope, fixed = float(np.dot(w * w * x, y) / np.dot(w * w * x, x)), 0.0
+    return float(fixed), float(slope)
+
+
+def _cases(rng: np.random.Generator) -> list[tuple[str, dict[str, Any], Any, int]]:
+    """(kind, shape figures, builder (layers -> float model), elements crossing a region boundary) per case."""
+    specs: list[tuple[str, dict[str, Any], Any, int]] = []
+    for kind, c, s in CONV_CASES:
+        k = 1 if kind == "pointwise" else 3
+        macs = c * s * s * k * k * (1 if kind == "depthwise" else c)
+        specs.append((kind, {"channels": c, "spatial": s, "macs": macs},
+                      lambda n, kind=kind, c=c, s=s: _conv_model(kind, c, s, n, rng), 2 * c * s * s))
+    for m, k in GEMM_CASES:
+        specs.append(("gemm", {"m": m, "k": k, "macs": m * k * k}, lambda n, m=m, k=k: _gemm_model(m, k, n, rng),
+                      2 * m * k))
+    for op in ("Add", "Mul"):
+        for c, s in ELTWISE_CASES:
+            specs.append((op.lower(), {"channels": c, "spatial": s, "macs": c * s * s},
+                          lambda n, op=op, c=c, s=s: _eltwise_model(op, c, s, n), 3 * c * s * s))
+    return specs
+
+
+def run(runs: int, rounds: int) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    cases: list[dict[str, Any]] = []
+    for kind, shape, build, crossing in _cases(rng):
+        protos = {"float1": build(1), f"float{CHAIN}": build(CHAIN)}
+        protos.update({"int8_1": _quantized(protos["float1"], rng), f"int8_{CHAIN}": _quantized(protos[f"float{CHAIN}"], rng)})
+        t = time_interleaved(protos, runs, rounds)
+        f_layer = (t[f"float{CHAIN}"] - t["float1"]) / (CHAIN - 1)
+        i_layer = (t[f"int8_{CHAIN}"] - t["int8_1"]) / (CHAIN - 1)
+        boundary = (t["int8_1"] - i_layer) - (t["float1"] - f_layer)
+        case = {"kind": kind, **shape, "float_us": f_layer, "int8_us": i_layer, "ratio": i_layer / f_layer,
+                "boundary_us": boundary, "boundary_elements": crossing, "float1_us": t["float1"],
+                "int8_1_us": t["int8_1"]}
+        cases.append(case)
+        print(f"{kind} {shape}: layer float {f_layer:.1f} µs, int8 {i_layer:.1f} µs (x{case['ratio']:.2f}); "
+              f"1-layer models float {t['float1']:.1f} int8 {t['int8_1']:.1f}; boundary {boundary:.1f} µs", flush=True)
+    sandwiches = _sandwiches(runs, rounds, rng)
+    return {"onnxruntime": ort.__version__, "threads": THREADS[0], "runs": runs, "rounds": rounds, "chain": CHAIN,
+            "cases": cases, "sandwiches": sandwiches, "fits": fit_all(cases, sandwiches)}
+
+
+def fit_all(cases: list[dict[str, Any]], sandwiches: list[dict[str, Any]]) -> dict[str, Any]:
+    """The table: per kind, float and int8 time as fixed µs + ns per MAC (least squares), the
+    1-layer region edge, and the sandwiches' edge and unfused-activation costs."""
+    fits: dict[str, Any] = {}
+    for kind in dict.fromkeys(c["kind"] for c in cases):
+        rows = [c for c in cases if c["kind"] == kind]
+        # NOTE: the Gemm cases span 4 k to 17 M MACs: ordinary least squares gives the large ones all the
+        # weight (a 15 µs fixed float cost where the smallest measured 0.5 µs), so they are fitted on
+        # relative errors; the other kinds span 1-2 decades and are fitted as they are.
+        relative = kind == "gemm"
+        f_fit = _fit([c["macs"] for c in rows], [c["float_us"] for c in rows], relative)
+        i_fit = _fit([c["macs"] for c in rows], [c["int8_us"] for c in rows], relative)
+        b_fit = _fit([c["boundary_elements"] for c in rows], [c["boundary_us"] for c in rows])
+        fits[kind] = {"float_fixed_us": f_fit[0], "float_ns_per_mac": f_fit[1] * 1e3,
+                      "int8_fixed_us": i_fit[0], "int8_ns_per_mac": i_fit[1] * 1e3,
+                      "boundary_fixed_us": b_fit[0], "boundary_ns_per_element": b_fit[1] * 1e3,
+                      "median_ratio": float(np.median([c["ratio"] for c in rows]))}
+    fits.update(_edge_fits(sandwiches, fits["pointwise"]))
+    return fits
+
+
+def _sandwiches(runs: int, rounds: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Float vs pointwise-only-int8 times of each sandwich case."""
+    rows = []
+    for c, s, act in SANDWICH_CASES:
+        proto = _sandwich_model(c, s, act, rng)
+        t = time_interleaved({"float": proto, "mixed": _only_int8(proto, ["pw"], rng)}, runs, rounds)
+        rows.append({"channels": c, "spatial": s, "activation": act, "elements": c * s * s, "macs": c * c * s * s,
+                     "float_us": t["float"], "mixed_us": t["mixed"]})
+        print(f"sandwich {c}x{s}x{s} {act or '-'}: float {t['float']:.1f} µs, pointwise int8 {t['mixed']:.1f} µs",
+              flush=True)
+    return rows
+
+
+def _edge_fits(rows: list[dict[str, Any]], pointwise: dict[str, float]) -> dict[str, Any]:
+    """Region edge cost per crossing tensor, and the cost of an activation left unfused, from the sandwiches.
+
+    mixed - float = (int8 pointwise - float pointwise) + 2 edges (+ 1 activation that can no longer fuse
+    into the float Conv producing it, when the block has them).
+    """
+    def kernel_gain(r: dict[str, Any]) -> float:
+        f = pointwise["float_fixed_us"] + pointwise["float_ns_per_mac"] * r["macs"] * 1e-3
+        i = pointwise["int8_fixed_us"] + pointwise["int8_ns_per_mac"] * r["macs"] * 1e-3
+        return f - i
+
+    plain = [r for r in rows if not r["activation"]]
+    edge = _fit([r["elements"] for r in plain], [(r["mixed_us"] - r["float_us"] + kernel_gain(r)) / 2 for r in plain])
+    acts = [r for r in rows if r["activation"]]
+    extra = [r["mixed_us"] - r["float_us"] + kernel_gain(r) - 2 * (edge[0] + edge[1] * r["elements"]) for r in acts]
+    act = _fit([r["elements"] for r in acts], extra)
+    return {"edge": {"fixed_us": edge[0], "ns_per_element": edge[1] * 1e3},
+            "unfused_activation": {"fixed_us": act[0], "ns_per_element": act[1] * 1e3}}
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [f"onnxruntime {result['onnxruntime']}, {result['threads'] or 'default'} intra-op thread(s), {result['runs']} runs x {result['rounds']} interleaved rounds, "
+             f"medians. Layer = (t({result['chain']} chained layers) - t(1 layer)) / {result['chain'] - 1}; boundary = "
+             "the int8 1-layer model's time beyond its layer and beyond the float model's fixed cost (the region's "
+             "QuantizeLinear in, DequantizeLinear out, and onnxruntime's NCHW<->NHWC reorders for int8 convs).", "",
+             "| kind | shape | MACs | float µs | int8 µs | int8 / float | boundary µs | boundary elements |",
+             "|---" * 8 + "|"]
+    for c in result["cases"]:
+        shape = " ".join(f"{k}={v}" for k, v in c.items() if k in ("channels", "spatial", "m", "k"))
+        lines.append(f"| {c['kind']} | {shape} | {c['macs']:,} | {c['float_us']:.1f} | {c['int8_us']:.1f} | "
+                     f"{c['ratio']:.2f} | {c['boundary_us']:.1f} | {c['boundary_elements']:,} |")
+    lines += ["", "Sandwiches (depthwise -> [act] -> pointwise -> [act] -> depthwise; only the pointwise int8):", "",
+              "| channels | spatial | activation | float µs | pointwise int8 µs | ratio |", "|---" * 6 + "|"]
+    for r in result["sandwiches"]:
+        lines.append(f"| {r['channels']} | {r['spatial']} | {r['activation'] or '-'} | {r['float_us']:.1f} | "
+                     f"{r['mixed_us']:.1f} | {r['mixed_us'] / r['float_us']:.2f} |")
+    for k in ("edge", "unfused_activation"):
+        f = result["fits"][k]
+        lines.append(f"\n{k}: {f['fixed_us']:.2f} µs + {f['ns_per_element']:.3f} ns per element")
+    lines += ["", "| kind | float fixed µs | float ns/MAC | int8 fixed µs | int8 ns/MAC | median int8/float | "
+              "boundary fixed µs | boundary ns/element |", "|---" * 8 + "|"]
+    for k, f in result["fits"].items():
+        if "float_fixed_us" not in f:
+            continue
+        lines.append(f"| {k} | {f['float_fixed_us']:.2f} | {f['float_ns_per_mac']:.4f} | {f['int8_fixed_us']:.2f} | "
+                     f"{f['int8_ns_per_mac']:.4f} | {f['median_ratio']:.2f} | {f['boundary_fixed_us']:.2f} | "
+                     f"{f['boundary_ns_per_element']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="onnxruntime intra-op threads (0: its default; 1 keeps a shared machine's load out)")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "int8_kernels"))
+    parser.add_argument("--refit", action="store_true",
+                        help="fit the table again from the measurements in OUT.json (no timing)")
+    args = parser.parse_args(argv)
+    THREADS[0] = args.threads
+    if args.refit:
+        result = json.loads(Path(args.out + ".json").read_text())
+        result["fits"] = fit_all(result["cases"], result["sandwiches"])
+        args.threads, args.runs, args.rounds = result["threads"], result["runs"], result["rounds"]
+    else:
+        result = run(args.runs, args.rounds)
+    Path(args.out + ".json").write_text(json.dumps(result, indent=1))
+    header = ("# int8 kernels vs float in onnxruntime (CPU)\n\nGenerated by `python benchmarks/int8_kernels.py "
+              f"--threads {args.threads} --runs {args.runs} --rounds {args.rounds}` ({time.strftime('%Y-%m-%d')}); "
+              "the constants of passes/_int8_select.py come from this output (docs/quantize.md, "
+              "\"Latency-aware selection\").\n\n")
+    Path(args.out + ".md").write_text(header + render(result))
+    print(render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
