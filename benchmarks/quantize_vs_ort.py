@@ -171,19 +171,45 @@ REAL_INPUTS: dict[str, tuple[str, Callable[[int, str], list[dict[str, np.ndarray
 }
 
 
-def load_case(key: str, calib_n: int, eval_scale: float) -> dict[str, Any] | None:
-    if key == "digits":
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
+def _digits() -> dict[str, Any]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
 
-        d = load_digits()
-        images = (d.images / 16).astype(np.float32)[:, None]
-        x_train, _, _, _ = train_test_split(images, d.target, test_size=0.25, random_state=0, stratify=d.target)
-        digits = ROOT / "examples" / "digits"
-        x_test = np.load(digits / "digits_test.npz")["x"]
-        return {"proto": onnx.load(digits / "digits_cnn.onnx"), "inputs": "digits: 256 training / 450 test images",
-                "calib": [{"x": x_train[i:i + 32]} for i in range(0, 256, 32)],
-                "eval": [{"x": x_test}], "labels": np.load(digits / "digits_test_labels.npy"), "classes": True}
+    d = load_digits()
+    images = (d.images / 16).astype(np.float32)[:, None]
+    x_train, _, _, _ = train_test_split(images, d.target, test_size=0.25, random_state=0, stratify=d.target)
+    digits = ROOT / "examples" / "digits"
+    x_test = np.load(digits / "digits_test.npz")["x"]
+    return {"proto": onnx.load(digits / "digits_cnn.onnx"), "shapes": {}, "inputs": "digits: 256 training / 450 test "
+            "images", "calib": [{"x": x_train[i:i + 32]} for i in range(0, 256, 32)], "eval": [{"x": x_test}],
+            "labels": np.load(digits / "digits_test_labels.npy"), "classes": True}
+
+
+def load_case(key: str, calib_n: int, eval_n: int) -> dict[str, Any] | None:
+    """The digits CNN with its data, or a real model with seeded generated inputs (``benchmarks/
+    quantize_select.py`` reads its cases here; every model of ``tests/realmodels.py``)."""
+    if key == "digits":
+        return _digits()
+    from realmodels import REAL_MODELS
+
+    from nnopt.runtime import generate_samples
+
+    spec = next((m for m in REAL_MODELS if m.key == key), None)
+    if spec is None or spec.path() is None:
+        return None
+    proto = onnx.load(str(spec.path()))
+    sess = make_session(proto)
+    calib = generate_samples(sess, count=calib_n, seed=100, input_shapes=spec.input_shapes)
+    evals = generate_samples(sess, count=eval_n, seed=900, input_shapes=spec.input_shapes)
+    for feeds in calib + evals:
+        feeds.update(spec.fixed_inputs)
+    return {"proto": proto, "shapes": spec.input_shapes, "calib": calib, "eval": evals, "labels": None}
+
+
+def load_real_case(key: str, calib_n: int, eval_scale: float) -> dict[str, Any] | None:
+    """This benchmark's case: the digits CNN, or a real model of ``REAL_INPUTS`` with rendered inputs."""
+    if key == "digits":
+        return _digits()
     from realmodels import REAL_MODELS
 
     spec = next((m for m in REAL_MODELS if m.key == key), None)
@@ -425,7 +451,7 @@ def fidelity(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]],
 
 
 def bench(key: str, args: argparse.Namespace) -> dict[str, Any] | None:
-    case = load_case(key, args.calib, args.eval_scale)
+    case = load_real_case(key, args.calib, args.eval_scale)
     if case is None:
         return None
     case["with_prepare"] = args.prepare
