@@ -186,6 +186,7 @@ def kernel_counts(layers: Sequence[LayerDecision]) -> dict[str, Any]:
     """Layers per kernel among the rewritten ones (for the pass's stats)."""
     counts: dict[str, int] = {}
     for entry in layers:
-        if entry.action == "rewritten" and "kernel" in entry.figures:
-            counts[entry.figures["kernel"]] = counts.get(entry.figures["kernel"], 0) + 1
+        kernel = entry.figures.get("kernel")
+        if entry.action == "rewritten" and isinstance(kernel, str):
+            counts[kernel] = counts.get(kernel, 0) + 1
     return dict(sorted(counts.items()))
