@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from nnopt.ir.graphview import stable_topological_order, subgraph_reads
+from nnopt.ir.naming import taken_names, unique_name
 from nnopt.passes import _ort_quant
 from nnopt.runtime import run_model
 
@@ -296,3 +297,73 @@ def own_sqnr_db(out_db: float, in_db: float) -> float:
     if not math.isfinite(own):
         return -math.inf
     return math.inf if own <= 0 else -10.0 * math.log10(own)
+
+
+def ort_prepared(proto: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]]) -> tuple[onnx.ModelProto, str]:
+    """``proto`` after the graph optimisation step of onnxruntime's ``quant_pre_process``, and what it changed.
+
+    That step is onnxruntime's basic-level optimizer (constant folding, redundant-node removal, Conv+Add/
+    Conv+Mul folding, MatMul+Add -> Gemm, function inlining such as HardSwish -> HardSigmoid * x); the
+    quantizer then sees the graph onnxruntime will run: a bias Add folded into its Conv is no QLinearAdd of
+    its own, a MatMul + Add pair becomes one QGemm. Only the graph is taken (the model's metadata and
+    opset imports stay, plus any domain the new nodes use); ``quant_pre_process``'s symbolic shape
+    inference is skipped (it fails on PP-OCR's dynamic dims), as is its onnx shape inference (placement runs
+    its own). The input is returned unchanged, with the reason, when the optimizer fails or the optimized
+    graph's outputs on (up to four of) ``samples`` differ from the input's beyond float rounding.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="nnopt-quantize-") as tmp:
+        # A file, not the proto: onnxruntime's in-memory route mishandles tensors it moves to external data.
+        in_path, out_path = Path(tmp) / "model.onnx", Path(tmp) / "prepared.onnx"
+        try:
+            onnx.save_model(proto, in_path.as_posix(), save_as_external_data=proto.ByteSize() > 1_800_000_000)
+            quant_pre_process(in_path.as_posix(), out_path.as_posix(), skip_symbolic_shape=True,
+                              skip_onnx_shape=True)
+            optimized = onnx.load(out_path.as_posix())
+        except Exception as exc:  # noqa: BLE001 - the optimizer is a bonus: without it, place as before
+            return proto, f"not prepared: {type(exc).__name__}: {exc}"[:200]
+    before = _op_counts(proto.graph)
+    after = _op_counts(optimized.graph)
+    if before == after:  # at most reordered: nothing the quantizer would place differently
+        return proto, "nothing to change"
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    out.graph.CopyFrom(optimized.graph)
+    domains = {o.domain for o in out.opset_import}
+    used = {n.domain for n in out.graph.node} - domains - {"ai.onnx"}
+    out.opset_import.extend(o for o in optimized.opset_import if o.domain in used)
+    # Inlined functions' nodes come unnamed; layers are selected and reported by name.
+    taken = taken_names(out)
+    for node in out.graph.node:
+        if not node.name:
+            node.name = unique_name(f"quantize/{node.op_type}", taken)
+    changes = [f"{op} {before.get(op, 0)} -> {after.get(op, 0)}" for op in sorted(set(before) | set(after))
+               if before.get(op, 0) != after.get(op, 0)]
+    differs = _outputs_differ(proto, out, samples[:4])
+    if differs:
+        return proto, f"not prepared: {differs}"
+    return out, ", ".join(changes) or "nodes renamed or reordered"
+
+
+def _outputs_differ(proto: onnx.ModelProto, other: onnx.ModelProto, samples: Sequence[dict[str, np.ndarray]],
+                    ) -> str | None:
+    """Why ``other`` does not compute what ``proto`` does on ``samples`` (float rounding aside), or None."""
+    from nnopt.pipeline.verify import LOSSLESS_ATOL, LOSSLESS_TOLERANCE, compare_outputs
+    from nnopt.runtime import make_session
+
+    try:
+        a, b = make_session(proto), make_session(other)
+        fidelity = compare_outputs([run_model(a, f) for f in samples], [run_model(b, f) for f in samples])
+    except Exception as exc:  # noqa: BLE001 - a model onnxruntime cannot run is not kept
+        return f"the optimized graph does not run: {type(exc).__name__}"
+    if fidelity.max_rel_error <= LOSSLESS_TOLERANCE or fidelity.max_abs_error <= LOSSLESS_ATOL:
+        return None
+    return f"outputs differ (max relative error {fidelity.max_rel_error:.3g})"
+
+
+def _op_counts(graph: onnx.GraphProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts

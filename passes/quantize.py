@@ -17,7 +17,7 @@ from nnopt.errors import OptionError
 from nnopt.ir.constants import lower_model_constants
 from nnopt.ir.model import Model
 from nnopt.ir.naming import taken_names, unique_name
-from nnopt.passes import _biascorrect, _equalize, _int8_select, _qdq
+from nnopt.passes import _biascorrect, _equalize, _int8_select, _qdq, _weight_kernels
 from nnopt.pipeline.base import LayerDecision, Pass, PassContext, PassResult
 from nnopt.pipeline.verify import LOSSLESS_ATOL, LOSSLESS_TOLERANCE, compare_outputs
 from nnopt.runtime import make_session, run_model
@@ -46,6 +46,21 @@ class QuantizeOptions(NodeSelection):
         default="static",
         metadata={"help": "static: int8 weights and activations (calibrated on --data), run by onnxruntime's int8 "
                           "kernels; weight_only: int8 weights + DequantizeLinear, float compute, no data needed"},
+    )
+    kernel: Literal["dequantize", "dynamic", "matmul_nbits", "auto"] = field(
+        default="dequantize",
+        metadata={"help": "weight_only: how onnxruntime runs the int8 weights. dequantize: DequantizeLinear at every "
+                          "run (smallest, slower than float); dynamic: MatMul/Gemm/LSTM on onnxruntime's dynamic int8 "
+                          "kernels (DynamicQuantizeMatMul/LSTM), other layers stay float; matmul_nbits: MatMul/Gemm on "
+                          "MatMulNBits (nbits-bit blocks; needs onnx-ir), others float; auto: the fast kernel where "
+                          "one exists (dynamic), dequantize elsewhere. The report says per layer which"},
+    )
+    nbits: Literal[4, 8] = field(default=8, metadata={"help": "weight bits of kernel=matmul_nbits"})
+    prepare: Literal["ort", "off"] = field(
+        default="off",
+        metadata={"help": "static: before calibration and placement, run the graph optimisation of onnxruntime's "
+                          "quant_pre_process (bias Add folded into Conv, MatMul+Add -> Gemm, HardSwish inlined, "
+                          "constant folding), kept only if the outputs are unchanged: ort, or off"},
     )
     activation_type: Literal["uint8", "int8"] = field(
         default="uint8", metadata={"help": "activation type in static mode (uint8 is the fast path on x86 CPUs)"}
@@ -112,6 +127,8 @@ class QuantizeOptions(NodeSelection):
             raise OptionError(f"quantize: max_excluded must be a non-negative integer, got {self.max_excluded!r}")
         if not self.op_types:
             raise OptionError("quantize: op_types must name at least one op type")
+        if self.kernel != "dequantize" and self.mode != "weight_only":
+            raise OptionError(f"quantize: kernel={self.kernel} applies to mode=weight_only only")
 
 
 class Quantize(Pass[QuantizeOptions]):
@@ -174,6 +191,8 @@ class Quantize(Pass[QuantizeOptions]):
             else:
                 stats["per_channel_fallback"] = f"opset {opset} < 13 and not safely convertible: per-tensor scales"
         stats["per_channel"] = per_channel
+        if opts.mode == "static" and opts.prepare == "ort":
+            float_proto, stats["prepared"] = _qdq.ort_prepared(float_proto, ctx.samples)
 
         candidates = [n for n in float_proto.graph.node if n.op_type in opts.op_types]
         selected = [n for n in candidates if opts.selects(n.name)]
@@ -194,7 +213,11 @@ class Quantize(Pass[QuantizeOptions]):
         if opts.mode == "weight_only":
             if opts.equalize == "on":
                 float_proto, stats["equalize"] = _equalized(float_proto)
-            out_proto, wlayers = _weight_only(float_proto, selected, per_channel)
+            if opts.kernel == "dequantize":
+                out_proto, wlayers = _weight_only(float_proto, selected, per_channel)
+            else:
+                out_proto, wlayers = _weight_only_fast(float_proto, selected, per_channel, opts)
+                stats["kernels"] = _weight_kernels.kernel_counts(wlayers)
             layers.extend(wlayers)
             done = sum(1 for entry in wlayers if entry.action == "rewritten")
             stats.update({"layers_quantized": done,
@@ -655,6 +678,17 @@ def _weight_only(proto: onnx.ModelProto, selected: list[onnx.NodeProto], per_cha
     nodes = new_nodes + list(out.graph.node)
     del out.graph.node[:]
     out.graph.node.extend(nodes)
+    return out, layers
+
+
+def _weight_only_fast(proto: onnx.ModelProto, selected: list[onnx.NodeProto], per_channel: bool,
+                      opts: QuantizeOptions) -> tuple[onnx.ModelProto, list[LayerDecision]]:
+    """Weight-only int8 on onnxruntime's fast kernels (``opts.kernel``; see ``_weight_kernels``)."""
+    out, layers = _weight_kernels.weight_only_fast(proto, selected, per_channel, opts.kernel, opts.nbits,
+                                                   _weight_only)
+    if out is not proto:
+        _weight_kernels.strip_extras(out, proto)
+        _qdq.toposort(out.graph)
     return out, layers
 
 
