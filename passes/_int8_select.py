@@ -158,7 +158,7 @@ def _describe(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> _Laye
     elif kind == "gemm":
         a = shapes.get(node.input[0])
         work = float(np.prod(out)) * a[-1] if out is not None and a else math.nan
-        if node.op_type == "Gemm" and attrs.get("transA", 0) and a:
+        if node.op_type == "Gemm" and attrs.get("transA", 0) and out is not None and a:
             work = float(np.prod(out)) * a[0]
     elif kind == "dense":  # ConvTranspose: every input element times a kernel of out-channels
         w = shapes.get(node.input[1])
