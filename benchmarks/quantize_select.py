@@ -84,7 +84,7 @@ def bench(key: str, runs: int, rounds: int) -> dict[str, Any] | None:
     reasons: dict[str, int] = {}
     for e in declined:
         head = e.get("reason", "").replace("float (select=latency): ", "").split(":")[0].split(" (")[0]
-        head = re.sub(r"[-+]?\d[\d.,]*", "N", head)
+        head = re.sub(r"(?<![A-Za-z\d])[-+]?\d[\d.,]*", "N", head)
         reasons[head] = reasons.get(head, 0) + 1
     return {"model": key, "rows": rows, "float_reasons": reasons}
 

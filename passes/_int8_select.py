@@ -13,6 +13,7 @@ from onnx import helper
 
 from nnopt.passes import _qdq
 from nnopt.pipeline.base import LayerDecision
+from nnopt.runtime import RunTimeLimitExceeded
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,8 @@ def _shapes(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple[dict[
     names = sorted({o for n in proto.graph.node for o in n.output if o} - shapes.keys() - got.keys())
     try:
         got.update(_qdq.run_probe(_qdq.probe_session(proto, names), names, feeds))
+    except RunTimeLimitExceeded:
+        raise  # the pipeline's run time limit: the pass stops, as its calibration would
     except Exception:  # noqa: BLE001 - a tensor onnxruntime cannot return: shapes stay unknown, layers float
         pass
     arrays = {k: v for k, v in got.items() if isinstance(v, np.ndarray)}
@@ -155,7 +158,7 @@ def _describe(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> _Laye
     elif kind == "gemm":
         a = shapes.get(node.input[0])
         work = float(np.prod(out)) * a[-1] if out is not None and a else math.nan
-        if node.op_type == "Gemm" and attrs.get("transA", 0) and a:
+        if node.op_type == "Gemm" and attrs.get("transA", 0) and out is not None and a:
             work = float(np.prod(out)) * a[0]
     elif kind == "dense":  # ConvTranspose: every input element times a kernel of out-channels
         w = shapes.get(node.input[1])

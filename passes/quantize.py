@@ -107,7 +107,7 @@ class QuantizeOptions(NodeSelection):
         metadata={"help": "static: which layers become int8. latency: only those predicted to make onnxruntime "
                           "(CPU) faster, region edges' Q/DQ included (depthwise convs, layers too small or with "
                           "few channels, islands between ops without int8 kernels stay float; the report says "
-                          "why per layer, docs/quantize.md); all: every selected layer (before 0.x's default). "
+                          "why per layer, docs/quantize.md); all: every selected layer (the behaviour before this option). "
                           "Ignored in weight_only"},
     )
     bias_correction: Literal["auto", "on", "off"] = field(

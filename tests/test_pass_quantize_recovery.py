@@ -119,7 +119,7 @@ def test_bias_correction_lowers_the_mean_output_shift_on_unseen_samples(digits: 
 
 
 def test_auto_reports_each_decision(digits: dict[str, object]) -> None:
-    _, report = _quantize(digits, "bias_correction=auto,equalize=auto")
+    _, report = _quantize(digits, "bias_correction=auto,equalize=auto,select=all")
     stats = report["stats"]
     assert str(stats["equalize"]).startswith(("kept", "not kept", "no equalizable"))
     assert "bias_correction" in stats

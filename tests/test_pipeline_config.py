@@ -421,7 +421,7 @@ def test_digits_example_pipeline_validates_against_the_builtin_passes(registry, 
     assert _built(config) == (
         ("default", None),
         ("prune", registry["prune"].Options(ratio=0.1, round_to=4)),
-        ("quantize", registry["quantize"].Options(mode="static")),
+        ("quantize", registry["quantize"].Options(mode="static", select="all")),
     )
     assert config.data.resolve() == (EXAMPLES / "digits" / "digits_test.npz").resolve()
     assert config.budget == Budget(min_top1=0.98)

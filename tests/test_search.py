@@ -153,7 +153,8 @@ def test_space_of_the_digits_cnn_and_the_pipeline_of_a_configuration(digits_file
         ("prune", {"ratio": 0.5, "nodes": ["/7/Conv", "/12/Gemm"]}),
         ("svd", {"rank": 32, "nodes": ["/7/Conv"], "min_param_saving": 0.0}),
         ("kmeans", {"bits": 3, "per_channel": True, "nodes": ["svd//7/Conv/first", "svd//7/Conv/second"]}),
-        ("quantize", {"exclude": ["/3/Conv", "svd//7/Conv/first", "svd//7/Conv/second", "/12/Gemm", "/14/Gemm"]}),
+        ("quantize", {"exclude": ["/3/Conv", "svd//7/Conv/first", "svd//7/Conv/second", "/12/Gemm", "/14/Gemm"],
+                      "select": "all"}),
     ]
     with pytest.raises(ValueError):
         space.normalise({"/7/Conv/prune": 0.3})

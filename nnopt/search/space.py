@@ -115,7 +115,7 @@ class SearchSpace:
         passes += [("kmeans", {"bits": b, "per_channel": True, "nodes": n}) for b, n in sorted(kmeans.items(),
                                                                                                 reverse=True)]
         if any_int8:
-            passes.append(("quantize", {"exclude": floats}))
+            passes.append(("quantize", {"exclude": floats, "select": "all"}))  # the search decides per layer
         return passes
 
     def decisions(self, config: Configuration) -> list[dict[str, Any]]:
