@@ -81,7 +81,12 @@ class SearchSpace:
         return dict(sorted(out.items()))
 
     def pipeline(self, config: Configuration) -> list[tuple[str, dict[str, Any]]]:
-        """The passes (name, options) that make the candidate ``config`` stands for from the base model."""
+        """The passes (name, options) that make the candidate ``config`` stands for from the base model.
+
+        The configuration decides every layer itself, so the passes' own latency checks are off
+        (``quantize:select=all``, ``svd:min_latency_saving=none``): a layer the search sets to int8 or a rank
+        is int8 or factored, and the search measures whether that paid.
+        """
         by_name = {layer.name: layer for layer in self.layers}
         choice = {name: config.get(name, choices[0]) for name, choices in self.params.items()}
         passes: list[tuple[str, dict[str, Any]]] = []
@@ -96,7 +101,8 @@ class SearchSpace:
             fraction = choice.get(f"{layer.name}/rank")
             if fraction is not None:
                 rank = max(1, round(fraction * by_name[layer.name].full_rank))
-                passes.append(("svd", {"rank": rank, "nodes": [_pattern(layer.name)], "min_param_saving": 0.0}))
+                passes.append(("svd", {"rank": rank, "nodes": [_pattern(layer.name)], "min_param_saving": 0.0,
+                                       "min_latency_saving": None}))
                 factored.add(layer.name)
         if choice.get("distill"):
             passes.append(("distill", dict(DISTILL_OPTIONS)))
@@ -115,7 +121,7 @@ class SearchSpace:
         passes += [("kmeans", {"bits": b, "per_channel": True, "nodes": n}) for b, n in sorted(kmeans.items(),
                                                                                                 reverse=True)]
         if any_int8:
-            passes.append(("quantize", {"exclude": floats, "select": "all"}))  # the search decides per layer
+            passes.append(("quantize", {"exclude": floats, "select": "all"}))
         return passes
 
     def decisions(self, config: Configuration) -> list[dict[str, Any]]:
