@@ -146,7 +146,7 @@ def digits_variants(tmp_path_factory):
     with np.load(DIGITS / "digits_test.npz") as npz:
         np.savez(tmp / "data.npz", x=npz["x"][:32])
     variants = {}
-    for name, passes in (("float", None), ("kmeans", ["kmeans:bits=8"]), ("int8", ["quantize:mode=static"])):
+    for name, passes in (("float", None), ("kmeans", ["kmeans:bits=8"]), ("int8", ["quantize:mode=static,select=all"])):
         model, _ = optimize(DIGITS / "digits_cnn.onnx", passes, data=tmp / "data.npz", seed=0)
         variants[name] = model.to_proto()
     return variants
