@@ -531,8 +531,8 @@ def render(results: list[dict[str, Any]]) -> str:
         verdict = ("passes" if all(checks.values()) else "fails: " + ", ".join(k for k, v in checks.items() if not v)
                    ) if checks else "no verdict"
         lines.append(f"- **{res['model']}**: A/A noise {100 * res['aa_noise']:.1f} %; nnopt {verdict}; inputs: "
-                     f"{res['inputs']} ({res['calibration_samples']} calibration, {res['evaluation_samples']} "
-                     "held-out)")
+                     f"{res['inputs']} ({res['calibration_samples']} calibration feeds, {res['evaluation_samples']} "
+                     "held-out feeds)")
         for k, v in res["notes"].items():
             if v:
                 lines.append(f"  - {k}: {v}")

@@ -254,7 +254,7 @@ ERRORS = [
         "pipeline.toml",
         '[[passes]]\nname = "svd"\nbits = 4\n',
         "passes[1].bits: pass 'svd' has no option 'bits' "
-        "(options: data_aware, energy, exclude, max_error, min_param_saving, nodes, rank)",
+        "(options: data_aware, energy, exclude, max_error, min_latency_saving, min_param_saving, nodes, rank)",
     ),
     (
         "pipeline.toml",

@@ -151,7 +151,7 @@ def test_space_of_the_digits_cnn_and_the_pipeline_of_a_configuration(digits_file
     assert config_key(config) == config_key(dict(reversed(list(config.items()))))
     assert space.pipeline(config) == [
         ("prune", {"ratio": 0.5, "nodes": ["/7/Conv", "/12/Gemm"]}),
-        ("svd", {"rank": 32, "nodes": ["/7/Conv"], "min_param_saving": 0.0}),
+        ("svd", {"rank": 32, "nodes": ["/7/Conv"], "min_param_saving": 0.0, "min_latency_saving": None}),
         ("kmeans", {"bits": 3, "per_channel": True, "nodes": ["svd//7/Conv/first", "svd//7/Conv/second"]}),
         ("quantize", {"exclude": ["/3/Conv", "svd//7/Conv/first", "svd//7/Conv/second", "/12/Gemm", "/14/Gemm"],
                       "select": "all"}),
