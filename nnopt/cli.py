@@ -302,11 +302,14 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     plugins = _plugins(args)
     # Validate and build everything once, before loading the model: a typo in a pipeline file costs no time.
     pipeline = Pipeline.from_file(args.pipeline, plugins) if args.pipeline else Pipeline(args.passes)
+    specs = pipeline.passes
     flags = _command_line_settings(args, pipeline, parse_input_shapes(args.input_shape), plugins)
     pipeline = pipeline.replace(**flags).resolved(plugins)
     model = load_model(src)
     progress = None if args.quiet or args.json else StreamProgress(sys.stderr)
+    named = _named_positions(specs, plugins)
     model, report = pipeline.run(model, plugins=plugins, progress=progress)
+    _warn_named_unchanged(report, named)
     external = {"auto": None, "on": True, "off": False}[args.external_data]
     report_text = json.dumps(_finite(report.to_dict()), indent=2) + "\n"
     _write_outputs(model, dst, external, input_files, [(report_path, report_text.encode())] if report_path else [])
@@ -317,6 +320,31 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         print(report.format_table())
         print(f"wrote {dst}")
     return EXIT_OK
+
+
+def _named_positions(specs: Any, plugins: Any) -> list[bool]:
+    """For each pass of the built pipeline, whether the user named it (``-p NAME`` or a file's ``name``)
+    rather than getting it from the ``default`` pipeline (whose passes often have nothing to do)."""
+    from nnopt.pipeline.spec import DEFAULT_PIPELINE, parse_pass_spec
+
+    named: list[bool] = []
+    for spec in specs or ["default"]:
+        # A spec is a string, a (name, options) pair, or a built Pass (always one the user named).
+        name, values = parse_pass_spec(spec) if isinstance(spec, str) else spec if isinstance(spec, tuple) else ("", {})
+        if name == "default" and not values:
+            named += [False] * sum(1 for n in DEFAULT_PIPELINE if n in plugins.passes)
+        else:
+            named.append(True)
+    return named
+
+
+def _warn_named_unchanged(report: Any, named: list[bool]) -> None:
+    """A pass the user asked for by name that changed nothing is a warning (the exit code stays 0)."""
+    first = [r for r in report.passes if r.iteration == 0]
+    for record, asked in zip(first, named):
+        if asked and record.status == "unchanged":
+            why = record.reason or "it found nothing to change in this model"
+            print(f"nnopt: warning: {record.name} changed nothing: {why}", file=sys.stderr)
 
 
 #: Flags that only the search (--level) reads, with their defaults: given without --level they are an error.

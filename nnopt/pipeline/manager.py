@@ -7,6 +7,7 @@ import gc
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -16,7 +17,7 @@ import onnx
 from nnopt.analysis.manager import AnalysisManager, AnalysisSettings, Checkpoint
 from nnopt.errors import OptionError, PassFailedError, first_line
 from nnopt.ir.model import Model
-from nnopt.pipeline.base import Pass, PassContext, PassResult, PassStatus
+from nnopt.pipeline.base import LayerDecision, Pass, PassContext, PassResult, PassStatus
 from nnopt.pipeline.progress import Progress
 from nnopt.pipeline.verify import (
     LOSSLESS_ATOL,
@@ -193,6 +194,9 @@ class PipelineReport:
             lines.append(f"fixed point: {iterations} iteration(s) over the pipeline")
         for r in self.rolled_back:
             lines.append(f"rolled back: {r.name}: {r.reason}")
+        for r in self.passes:
+            if r.status == "unchanged" and r.reason and r.iteration == 0:
+                lines.append(f"unchanged: {r.name}: {r.reason}")
         if self.verification != "onnxruntime":
             lines.append(f"numerical verification skipped: {self.verification}")
         lines.extend(f"note: {n}" for n in self.notes)
@@ -359,6 +363,7 @@ class PassManager:
         record.layers = [layer.to_dict() for layer in result.layers]
         if not result.modified:
             record.status = "unchanged"
+            record.reason = result.reason or declined_reason(result.layers)
             record.after = current.cost
             return False
         check_started = time.perf_counter()
@@ -503,6 +508,30 @@ def _uncosted_notes(report: PipelineReport) -> list[str]:
                 "reported; give the input shapes (--input-shape or --data)"
             )
     return notes
+
+
+def declined_reason(layers: list[LayerDecision]) -> str:
+    """Why a pass that changed nothing did so, from its declined layers: the commonest reasons first.
+
+    One reason is stated as it is (``static quantization needs --data``); several as
+    ``5 layers declined: nothing to remove at this ratio (4); ...``. No declined layer: ``""``.
+    """
+    reasons = Counter(layer.reason for layer in layers if layer.action == "declined")
+    if not reasons:
+        return ""
+    if len(reasons) == 1:
+        reason, count = reasons.most_common(1)[0]
+        return reason if count == 1 else f"{reason} ({count} layers)"
+    total = sum(reasons.values())
+    if reasons.most_common(1)[0][1] == 1:  # every layer its own reason (figures in each): one example
+        return f"{total} layers declined, e.g. {next(iter(reasons))}"
+    shown = "; ".join(f"{reason} ({count})" for reason, count in reasons.most_common(_REASONS_SHOWN))
+    more = "; ..." if len(reasons) > _REASONS_SHOWN else ""
+    return f"{total} layers declined: {shown}{more}"
+
+
+#: How many distinct reasons ``declined_reason`` names before it elides the rest.
+_REASONS_SHOWN = 2
 
 
 def _delta(before: Any, after: Any) -> Any:
