@@ -317,7 +317,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         json.dump(_finite(report.to_dict()), sys.stdout, indent=2)
         sys.stdout.write("\n")
     elif not args.quiet:
-        print(report.format_table())
+        print(report.format_table(file_bytes=(_bytes_on_disk(src), _bytes_on_disk(dst))))
         print(f"wrote {dst}")
     return EXIT_OK
 
@@ -608,6 +608,13 @@ def _hardware(spec: str | None, plugins: Any) -> Any:
     from nnopt.cost.hardware import DEFAULT_PROFILE, parse_hardware
 
     return parse_hardware(spec, plugins.hardware_registry()) if spec else DEFAULT_PROFILE
+
+
+def _bytes_on_disk(model_path: Path) -> int:
+    """A model's size on disk: its .onnx file plus the external data files it names."""
+    from nnopt.ir.model import external_data_files
+
+    return model_path.stat().st_size + sum(f.stat().st_size for f in external_data_files(model_path) if f.is_file())
 
 
 def _check_outputs(src: Path, outputs: list[Path]) -> set[Path]:

@@ -61,3 +61,45 @@ def test_declined_reason_summarises_the_layers_decisions():
     assert declined_reason(declined("small", "small")) == "small (2 layers)"
     assert declined_reason(declined("small", "pinned", "small", "odd")) == "4 layers declined: small (2); pinned (1); ..."
     assert declined_reason(declined("rank 9 saves 1%", "rank 60 saves 2%")) == "2 layers declined, e.g. rank 9 saves 1%"
+
+
+# ---------------------------------------------------------------------------------------------- summary line
+PIPELINE = ROOT / "examples" / "pipelines" / "digits_prune_quantize.toml"
+
+
+def test_the_table_ends_with_a_summary_line_and_the_budgeted_metric(tmp_path, capsys):
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    code, stdout, err = _run(capsys, "optimize", str(DIGITS), "-o", str(out), "--pipeline", str(PIPELINE),
+                             "--report", str(rep))
+    assert code == 0, err
+    report = json.loads(rep.read_text())
+    before, after = report["original"], report["final"]
+    lines = stdout.splitlines()
+    [summary] = [line for line in lines if line.startswith("summary: ")]
+    # Every figure of the line is the report's or the files' own; weight bytes shrink by int8 (about 4x).
+    assert f"weight bytes {before['weight_bytes']:,} -> {after['weight_bytes']:,} (" in summary
+    assert f"params {before['params']:,} -> {after['params']:,} (" in summary
+    assert f"nodes {before['nodes']} -> {after['nodes']} (" in summary
+    assert f"file bytes {DIGITS.stat().st_size:,} -> {out.stat().st_size:,} (" in summary
+    change = (after["weight_bytes"] - before["weight_bytes"]) / before["weight_bytes"] * 100
+    assert f"(-{abs(change):.1f} %)" in summary and change < -70
+    # The budget is top-1 agreement (the file's min_top1 = 0.98), not the cosine/max_rel_err columns.
+    top1 = report["fidelity"]["top1_agreement"]
+    assert top1 >= 0.98
+    assert f"budget: top-1 agreement {top1:.4f} >= 0.98: met" in lines
+    assert lines.index(summary) < lines.index(f"wrote {out}")
+
+
+def test_a_rolled_back_pass_says_what_its_attempt_would_have_given(tmp_path, capsys):
+    rep = tmp_path / "r.json"
+    code, stdout, err = _run(capsys, "optimize", str(DIGITS), "-o", str(tmp_path / "o.onnx"), "-p",
+                             "quantize:select=all", "--data", str(DIGITS_DATA), "--max-rel-error", "0.01",
+                             "--report", str(rep))
+    assert code == 0, err
+    [record] = json.loads(rep.read_text())["passes"]
+    assert record["status"] == "rolled_back" and record["after"] == record["before"]
+    tried, before = record["attempted"]["weight_bytes"], record["before"]["weight_bytes"]
+    assert tried < before / 3  # int8 weights: what the rejected attempt would have saved
+    [line] = [w for w in stdout.splitlines() if w.startswith("rolled back: quantize: relative error")]
+    assert f"it would have given weight bytes {before:,} -> {tried:,} ({(tried - before) / before * 100:+.1f} %)" in line
+    assert "budget: max relative error 0.0000 <= 0.01: met" in stdout  # the rollback kept the budget
