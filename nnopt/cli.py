@@ -275,10 +275,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     else:
         print(report.format_table(max_rows=args.top))
         if measured is not None:
+            from nnopt.cost.report import time_unit
+
             est = report.totals["latency_s"]
+            scale, unit = time_unit(est)  # the table's unit
             print(
-                f"latency: estimated {est * 1e3:.3f} ms, measured {measured['median_s'] * 1e3:.3f} ms "
-                f"(onnxruntime CPU, median of {measured['runs']} runs)"
+                f"latency: estimated {est / scale:.3f} {unit} ({report.hardware.name}), measured "
+                f"{measured['median_s'] / scale:.3f} {unit} (onnxruntime CPU, median of {measured['runs']} runs)"
             )
     return EXIT_OK
 
@@ -288,6 +291,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from nnopt.cost import parse_input_shapes
     from nnopt.ir.model import load_model
     from nnopt.pipeline.progress import StreamProgress
+    from nnopt.pipeline.table import int8_estimate_note
 
     src = Path(args.model)
     dst = Path(args.output)
@@ -318,6 +322,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     elif not args.quiet:
         print(report.format_table(file_bytes=(_bytes_on_disk(src), _bytes_on_disk(dst))))
+        note = int8_estimate_note(pipeline.hardware, {n.op for g in model.all_graphs() for n in g.nodes}, str(dst))
+        print(f"note: {note}\n" if note else "", end="")
         print(f"wrote {dst}")
     return EXIT_OK
 

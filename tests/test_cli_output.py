@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+
+import onnx
 
 from nnopt.cli import main
 from nnopt.pipeline.base import LayerDecision
 from nnopt.pipeline.manager import declined_reason
+from nnopt.pipeline.table import int8_estimate_note
+from nnopt.testing import model_from_text
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits" / "digits_cnn.onnx"
 DIGITS_DATA = ROOT / "examples" / "digits" / "digits_test.npz"
+EXAMPLE = ROOT / "examples" / "small_cnn.onnx"
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -103,3 +109,55 @@ def test_a_rolled_back_pass_says_what_its_attempt_would_have_given(tmp_path, cap
     [line] = [w for w in stdout.splitlines() if w.startswith("rolled back: quantize: relative error")]
     assert f"it would have given weight bytes {before:,} -> {tried:,} ({(tried - before) / before * 100:+.1f} %)" in line
     assert "budget: max relative error 0.0000 <= 0.01: met" in stdout  # the rollback kept the budget
+
+
+# ---------------------------------------------------------------------------------------------- units
+def test_one_unit_per_column_and_the_estimate_names_its_profile(tmp_path, capsys):
+    tiny = tmp_path / "tiny.onnx"
+    onnx.save_model(model_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 4] x) => (float[1, 4] y) {
+          a = Identity(x)
+          y = Relu(a)
+        }
+        """), str(tiny))
+    code, stdout, err = _run(capsys, "optimize", str(tiny), "-o", str(tmp_path / "o.onnx"), "-p", "remove-noops")
+    assert code == 0, err
+    header, _, first, row = stdout.splitlines()[:4]
+    assert "est_us (x86-avx2-2core)" in header and "latency_us" not in header
+    # A model of nanoseconds: the column shows them in us with enough decimals, not "0.0".
+    cells = [line.split()[-1] if line.startswith("(input)") else line.split()[5] for line in (first, row)]
+    assert all(float(c) > 0 and len(c.split(".")[1]) == 3 for c in cells), cells
+    code, stdout, _ = _run(capsys, "analyze", str(EXAMPLE), "--measure", "--runs", "3")
+    assert code == 0
+    lines = stdout.splitlines()
+    assert "est. latency (us)" in lines[0] and "% of latency" in lines[0]
+    assert not any(unit in line for line in lines[2:18] for unit in (" us", " ns", " ms"))
+    [measured] = [line for line in lines if line.startswith("latency: ")]
+    assert measured.startswith("latency: estimated 38.") and " us (x86-avx2-2core), measured " in measured
+    assert measured.split("measured ")[1].split()[1] == "us"
+
+
+def test_after_quantize_the_output_says_what_the_estimate_assumes_about_int8(tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    argv = ["optimize", str(DIGITS), "-o", str(out), "-p", "quantize", "--data", str(DIGITS_DATA)]
+    code, stdout, err = _run(capsys, *argv)
+    assert code == 0, err
+    assert "note: est_us: hardware profile x86-avx2-2core assumes int8 kernels (int8, int8_matmul) at 2x its " \
+           "FP32 rate" in stdout and f"nnopt analyze {out} --measure" in stdout
+    code, stdout, err = _run(capsys, *argv, "--hardware", "rpi4")
+    assert "note: est_us: hardware profile rpi4 has no int8 figures" in stdout and "ignores int8" in stdout
+    code, stdout, err = _run(capsys, "optimize", str(DIGITS), "-o", str(out), "-p", "prune")
+    assert code == 0 and "int8" not in stdout  # no int8 op, no note
+
+
+def test_a_calibrated_profile_gets_no_int8_note():
+    from nnopt.cost.hardware import DEFAULT_PROFILE, KernelFigures
+
+    ops = {"QuantizeLinear", "Conv"}
+    assert int8_estimate_note(DEFAULT_PROFILE, {"Conv"}) is None
+    assert "2x its FP32 rate" in int8_estimate_note(DEFAULT_PROFILE, ops)
+    measured = replace(DEFAULT_PROFILE, name="calibrated", kernels={"int8": KernelFigures(flops=3.1e11)})
+    assert int8_estimate_note(measured, ops) is None
+    plain = replace(DEFAULT_PROFILE, name="mine", kernels={}, runtime=None)
+    assert "plus every QuantizeLinear/DequantizeLinear as a node" in int8_estimate_note(plain, ops)

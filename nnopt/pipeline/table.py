@@ -151,3 +151,32 @@ def _fmt_num(value: Any, digits: int = 3) -> str:
     if isinstance(value, float) and math.isinf(value):
         return "inf"
     return f"{value:.{digits}g}" if digits == 3 else f"{value:.{digits}f}"
+
+
+#: Op types whose presence makes the latency estimate depend on how the profile models int8 kernels.
+INT8_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                      "MatMulInteger", "DynamicQuantizeLinear"})
+
+
+def int8_estimate_note(profile: Any, op_types: set[str], output: str = "OUTPUT") -> str | None:
+    """What the latency estimate of a model with int8 ops assumes about int8 kernels on ``profile``
+    (None: no int8 op, or a profile measured on the target by ``nnopt calibrate``, whose figures are real)."""
+    from nnopt.cost.hardware import BUILTIN_PROFILES
+
+    if not op_types & INT8_OPS:
+        return None
+    rates = {k: f.flops for k, f in profile.kernels.items() if k.startswith("int8") and f.flops is not None}
+    how = (f"for real figures, time the model (nnopt analyze {output} --measure) or calibrate a profile on the "
+           "target (nnopt calibrate -o PROFILE.json, then --hardware PROFILE.json)")
+    if not rates:
+        counted = ("QDQ groups as int8 kernels at the FP32 rate" if profile.runtime is not None
+                   else "int8 layers at the FP32 rate plus every QuantizeLinear/DequantizeLinear as a node")
+        return (f"est_us: hardware profile {profile.name} has no int8 figures: the estimate counts {counted}, "
+                f"so it ignores int8 kernels' speed-up; {how}")
+    if BUILTIN_PROFILES.get(profile.name) != profile:
+        return None
+    ratios = sorted({rate / profile.peak_flops for rate in rates.values()})
+    classes = ", ".join(sorted(rates))
+    return (f"est_us: hardware profile {profile.name} assumes int8 kernels ({classes}) at "
+            f"{'/'.join(f'{r:g}' for r in ratios)}x its FP32 rate, other int8 ops at the FP32 rate: datasheet "
+            f"arithmetic, not measured on this machine; {how}")
