@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
 
 import onnx
+import pytest
 
+from nnopt.api import Pipeline
 from nnopt.cli import main
+from nnopt.errors import PassFailedError
 from nnopt.pipeline.base import LayerDecision
-from nnopt.pipeline.manager import declined_reason
+from nnopt.pipeline.manager import Budget, PassRecord, declined_reason
+from nnopt.pipeline.progress import StreamProgress
 from nnopt.pipeline.table import int8_estimate_note
 from nnopt.testing import model_from_text
 
@@ -161,3 +166,58 @@ def test_a_calibrated_profile_gets_no_int8_note():
     assert int8_estimate_note(measured, ops) is None
     plain = replace(DEFAULT_PROFILE, name="mine", kernels={}, runtime=None)
     assert "plus every QuantizeLinear/DequantizeLinear as a node" in int8_estimate_note(plain, ops)
+
+
+# ---------------------------------------------------------------------------------------------- progress
+def _records(progress: StreamProgress, iteration: int, statuses: list[str]) -> None:
+    for position, status in enumerate(statuses, start=1):
+        progress.pass_started(f"p{position}", position, len(statuses), iteration)
+        progress.pass_finished(PassRecord(f"p{position}", {}, False, iteration, status=status, seconds=0.25))
+
+
+def test_a_log_gets_one_line_for_a_repeat_that_changed_nothing():
+    stream = io.StringIO()
+    progress = StreamProgress(stream)
+    _records(progress, 0, ["applied", "unchanged", "applied"])
+    _records(progress, 1, ["unchanged", "unchanged", "unchanged"])
+    progress.finished()
+    assert stream.getvalue().splitlines() == [
+        "nnopt: [1/3] p1: applied in 0.25 s",
+        "nnopt: [2/3] p2: unchanged in 0.25 s",
+        "nnopt: [3/3] p3: applied in 0.25 s",
+        "nnopt: repeat 2: nothing changed in 3 passes (0.75 s): fixed point reached",
+    ]
+
+
+def test_a_repeat_that_changes_something_shows_each_pass_in_order():
+    stream = io.StringIO()
+    progress = StreamProgress(stream)
+    _records(progress, 1, ["unchanged", "applied", "unchanged"])
+    _records(progress, 2, ["unchanged", "unchanged", "unchanged"])
+    progress.finished()
+    assert stream.getvalue().splitlines() == [
+        "nnopt: [1/3] p1 (repeat 2): unchanged in 0.25 s",
+        "nnopt: [2/3] p2 (repeat 2): applied in 0.25 s",
+        "nnopt: [3/3] p3 (repeat 2): unchanged in 0.25 s",
+        "nnopt: repeat 3: nothing changed in 3 passes (0.75 s): fixed point reached",
+    ]
+
+
+def test_the_default_pipeline_in_a_log(tmp_path, capsys):
+    code, stdout, err = _run(capsys, "optimize", str(EXAMPLE), "-o", str(tmp_path / "o.onnx"))
+    assert code == 0
+    lines = err.splitlines()
+    assert len(lines) == 8 and lines[-1].startswith("nnopt: repeat 2: nothing changed in 7 passes (")
+    assert stdout.splitlines()[-1] == f"wrote {tmp_path / 'o.onnx'}"
+
+
+def test_a_strict_failure_clears_the_terminal_line_before_the_error(tmp_path):
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Tty()
+    pipeline = Pipeline(["quantize:select=all"], data=DIGITS_DATA, budget=Budget(max_rel_error=0.001), strict=True)
+    with pytest.raises(PassFailedError):
+        pipeline.run(str(DIGITS), progress=StreamProgress(stream))
+    assert "\n" not in stream.getvalue() and stream.getvalue().endswith("\r\x1b[2K")

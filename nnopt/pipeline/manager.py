@@ -293,6 +293,19 @@ class PassManager:
         current = _Current(snapshot, self._totals(analyses), analyses.checkpoint(), reference)
         report.original = current.cost
 
+        try:
+            self._iterate(model, ctx, report, current)
+        finally:
+            self.progress.finished()
+        report.final = current.cost
+        report.notes.extend(_uncosted_notes(report))
+        if self._active_verifier is not None:
+            reference = self._active_verifier.reference
+            report.fidelity = (current.fidelity or compare_outputs(reference, reference)).to_dict()
+        return report
+
+    def _iterate(self, model: Model, ctx: PassContext, report: PipelineReport, current: _Current) -> None:
+        """Run the passes in order; in fixed-point mode again, until an iteration applies nothing."""
         for iteration in range(self.max_iterations if self.fixed_point else 1):
             applied_any = False
             for position, pass_ in enumerate(self.passes, start=1):
@@ -303,12 +316,6 @@ class PassManager:
                 self._after(record, model)
             if not applied_any:
                 break
-        report.final = current.cost
-        report.notes.extend(_uncosted_notes(report))
-        if self._active_verifier is not None:
-            reference = self._active_verifier.reference
-            report.fidelity = (current.fidelity or compare_outputs(reference, reference)).to_dict()
-        return report
 
     def _hardware_name(self) -> str:
         """The profile the latency estimates are for ("" when the caller costs models its own way)."""
