@@ -13,7 +13,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +23,32 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_PASS_FAILED = 3
+#: A reader closed the pipe nnopt was writing to (128 + SIGPIPE, what a shell reports for such a tool).
+EXIT_BROKEN_PIPE = 141
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line naming the problem (exit code 2)."""
+    """argparse, but a usage error is one line naming the problem (exit code 2), and an epilog may be
+    computed when help is shown (``epilog_factory``: ``optimize --help`` lists the registered passes)."""
+
+    epilog_factory: Callable[[], str] | None = None
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise InputError(f"{self.prog}: {message} (see --help)")
+        # main() prints "nnopt: error: "; the command after it, not "nnopt" again.
+        command = self.prog.removeprefix("nnopt").strip()
+        raise InputError(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
+
+    def format_help(self) -> str:
+        if self.epilog_factory is not None:
+            self.epilog = self.epilog_factory()
+        return super().format_help()
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nnopt import __version__
+
     parser = _Parser(prog="nnopt", description="Optimize ONNX models: ONNX in, smaller and faster ONNX out.")
+    parser.add_argument("--version", action="version", version=f"nnopt {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     parser.add_argument(
         "--no-plugins",
@@ -43,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_analyze(sub)
     _add_optimize(sub)
-    for name, help_text in (("passes", "list the registered passes and their options"),
-                            ("plugins", "list loaded plugins and where they come from")):
-        sub.add_parser(name, help=help_text).add_argument("--json", action="store_true")
+    passes = sub.add_parser("passes", help="list the registered passes and their options; NAME: one pass's full help")
+    passes.add_argument("name", nargs="?", default=None, metavar="NAME", help="show this pass's full help")
+    passes.add_argument("--json", action="store_true")
+    sub.add_parser("plugins", help="list loaded plugins and where they come from").add_argument("--json",
+                                                                                                action="store_true")
     _add_calibrate(sub)
     for command in sub.choices.values():
         # Global flags are accepted after the command too (`nnopt optimize ... --no-plugins`, as a build step
@@ -75,7 +92,9 @@ def _add_analyze(sub: Any) -> None:
 
 
 def _add_optimize(sub: Any) -> None:
-    opt = sub.add_parser("optimize", help="run a pass pipeline and write the optimized model")
+    opt = sub.add_parser("optimize", help="run a pass pipeline and write the optimized model",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    opt.epilog_factory = _optimize_epilog
     opt.add_argument("model")
     opt.add_argument("-o", "--output", required=True, help="where to write the optimized model")
     opt.add_argument("-p", "--pass", dest="passes", action="append", default=None, metavar="PASS[:k=v,...]",
@@ -108,6 +127,32 @@ def _add_optimize(sub: Any) -> None:
     output.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     output.add_argument("-q", "--quiet", action="store_true",
                         help="print nothing on success: no table, no progress (warnings and errors still go to stderr)")
+
+
+def _optimize_epilog() -> str:
+    """``optimize --help``'s tail: the -p syntax with examples, then every registered pass in one line."""
+    import shutil
+    import textwrap
+
+    from nnopt.pipeline.spec import DEFAULT_PIPELINE
+    from nnopt.plugin_manager import build_plugins
+
+    width = max(60, min(shutil.get_terminal_size().columns, 120)) - 2
+    plugins = build_plugins(load_entry_points=os.environ.get("NNOPT_NO_PLUGINS") != "1")
+    lines = [
+        "passes (-p NAME:key=value,key=value; repeat -p for several, run in order):",
+        "  nnopt optimize model.onnx -o small.onnx -p default -p prune:ratio=0.3,round_to=4 \\",
+        "      -p quantize:mode=static --data calib.npz --min-top1 0.99",
+        f"  default: the lossless clean-ups ({', '.join(dict.fromkeys(DEFAULT_PIPELINE))}),",
+        "  repeated until nothing changes; `nnopt passes NAME` shows a pass's options in full.",
+        "",
+    ]
+    name_width = max((len(n) for n in plugins.passes), default=0)
+    for name in sorted(plugins.passes):
+        cls = plugins.passes[name].cls
+        head = f"  {name.ljust(name_width)}  {'lossy   ' if cls.lossy else 'lossless'}  "
+        lines.extend(textwrap.wrap(cls.summary(), width, initial_indent=head, subsequent_indent=" " * len(head)))
+    return "\n".join(lines)
 
 
 def _add_search_flags(opt: Any) -> None:
@@ -210,6 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nnopt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`nnopt passes --json | head`): stop quietly, as a Unix tool killed by
+        # SIGPIPE does. stdout goes to /dev/null so that the interpreter's final flush fails silently too.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as exc:  # boundary: the whole program
         if debug:
             raise
@@ -460,9 +511,13 @@ def _command_line_settings(
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
+    from nnopt.plugin_manager import get_pass_class
+
     plugins = _plugins(args)
+    if args.name is not None:
+        get_pass_class(plugins, args.name)  # an unknown name: one line, a close match suggested, exit 2
     entries = []
-    for name in sorted(plugins.passes):
+    for name in sorted(plugins.passes) if args.name is None else [args.name]:
         entry = plugins.passes[name]
         entries.append(
             {
@@ -478,6 +533,9 @@ def cmd_passes(args: argparse.Namespace) -> int:
         json.dump({"passes": entries}, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_OK
+    if args.name is not None:
+        print(_pass_help(entries[0]))
+        return EXIT_OK
     for e in entries:
         print(f"{e['name']}  [{'lossy' if e['lossy'] else 'lossless'}; {e['plugin']}]")
         print(f"    {e['summary']}")
@@ -485,6 +543,20 @@ def cmd_passes(args: argparse.Namespace) -> int:
             print(f"    --  {opt['name']} ({opt['type']}, default {opt['default']!r}): {opt['help']}")
     _print_plugin_errors(plugins)
     return EXIT_OK
+
+
+def _pass_help(entry: dict[str, Any]) -> str:
+    """``nnopt passes NAME``: the pass's whole docstring, then each option as ``-p NAME:key=VALUE``."""
+    import inspect
+
+    lines = [f"{entry['name']}  [{'lossy' if entry['lossy'] else 'lossless'}; {entry['plugin']}]", ""]
+    lines += ["    " + line if line else "" for line in inspect.cleandoc(entry["doc"]).splitlines()]
+    if entry["options"]:
+        lines += ["", "options:"]
+    for opt in entry["options"]:
+        lines.append(f"  -p {entry['name']}:{opt['name']}=VALUE  ({opt['type']}, default {opt['default']!r})")
+        lines.append(f"      {opt['help']}" if opt["help"] else "")
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

@@ -221,3 +221,63 @@ def test_a_strict_failure_clears_the_terminal_line_before_the_error(tmp_path):
     with pytest.raises(PassFailedError):
         pipeline.run(str(DIGITS), progress=StreamProgress(stream))
     assert "\n" not in stream.getvalue() and stream.getvalue().endswith("\r\x1b[2K")
+
+
+# ---------------------------------------------------------------------------------------------- conventions
+def test_version(capsys):
+    from nnopt import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"nnopt {__version__}\n"
+
+
+def test_a_usage_error_says_nnopt_error_once(capsys):
+    code, stdout, err = _run(capsys, "optimize")
+    assert code == 2 and stdout == ""
+    assert err == ("nnopt: error: optimize: the following arguments are required: model, -o/--output "
+                   "(see nnopt optimize --help)\n")
+    code, _, err = _run(capsys, "bogus")
+    assert code == 2 and err.startswith("nnopt: error: argument COMMAND: invalid choice: 'bogus'")
+    assert err.count("nnopt") == 2 and err.endswith("(see nnopt --help)\n")  # the prefix and the hint
+
+
+def test_a_closed_pipe_exits_quietly():
+    import os
+    import subprocess
+    import sys
+
+    for args in (["passes", "--json"], ["passes"]):
+        # `nnopt passes --json | head -1` where head has already gone: the output (tens of KB) would fit in
+        # the pipe's buffer, so the reader's end is closed before nnopt writes, for a deterministic test.
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "nnopt", *args], stdout=write, stderr=subprocess.PIPE,
+                                  check=False)
+        finally:
+            os.close(write)
+        assert proc.returncode == 141 and proc.stderr == b"", proc.stderr
+
+
+def test_passes_name_shows_one_pass_in_full(capsys):
+    code, stdout, _ = _run(capsys, "passes", "prune")
+    assert code == 0
+    lines = stdout.splitlines()
+    assert lines[0] == "prune  [lossy; nnopt (built-in)]"
+    assert "Unstructured mode sets the smallest-magnitude weights" in stdout  # the whole doc, not its first line
+    assert any(line.startswith("  -p prune:ratio=VALUE  (float, default ") for line in lines)
+    assert not any(line.startswith("quantize") for line in lines)
+    code, stdout, _ = _run(capsys, "passes", "prune", "--json")
+    assert [p["name"] for p in json.loads(stdout)["passes"]] == ["prune"]
+    code, _, err = _run(capsys, "passes", "prun")
+    assert code == 2 and err == "nnopt: error: unknown pass 'prun'; did you mean 'prune'?\n"
+
+
+def test_optimize_help_lists_the_passes_and_the_syntax(capsys):
+    with pytest.raises(SystemExit):
+        main(["optimize", "--help"])
+    text = capsys.readouterr().out
+    assert "-p NAME:key=value,key=value" in text and "-p prune:ratio=0.3,round_to=4" in text
+    for name in ("prune", "quantize", "kmeans", "svd", "dce", "fold-batchnorm"):
+        assert any(line.split()[:1] == [name] for line in text.splitlines()), name
