@@ -98,6 +98,8 @@ def test_the_table_ends_with_a_summary_line_and_the_budgeted_metric(tmp_path, ca
     top1 = report["fidelity"]["top1_agreement"]
     assert top1 >= 0.98
     assert f"budget: top-1 agreement {top1:.4f} >= 0.98: met" in lines
+    assert lines[0].split()[-2:] == ["top1_agree", "seconds"]  # a top-1 budget gets its column
+    assert [line.split()[-2] for line in lines if line.startswith("quantize ")] == [f"{top1:.4f}"]
     assert lines.index(summary) < lines.index(f"wrote {out}")
 
 

@@ -46,12 +46,14 @@ def format_report(report: PipelineReport, file_bytes: tuple[int, int] | None = N
 def _table(report: PipelineReport) -> list[str]:
     """The aligned per-pass rows: cost after each pass (one unit per column) and fidelity to the input."""
     profile = f" ({report.hardware})" if report.hardware else ""
+    # A top-1 budget gets its own column: the one figure the budget is judged on (cosine may look alarming).
+    top1 = report.budget is not None and report.budget.min_top1 is not None
     header = ["pass", "status", "params", "flops", "weight_bytes", f"est_us{profile}", "max_rel_err",
-              "cosine", "seconds"]
+              "cosine", *(["top1_agree"] if top1 else []), "seconds"]
     shown = [r for r in report.passes if not (r.iteration > 0 and r.status == "unchanged")]
     latencies = [t.get("latency_s") for t in [report.original, *(r.after or r.before for r in shown)]]
     us = _fixed_decimals([v * 1e6 for v in latencies if isinstance(v, int | float)])
-    rows = [["(input)", "", *_cost_cells(report.original, us), "", "", ""]]
+    rows = [["(input)", "", *_cost_cells(report.original, us), *[""] * (len(header) - 6)]]
     for r in shown:  # repeats that found nothing more are summarised by the "fixed point" line
         fid = r.fidelity or {}
         rows.append([
@@ -60,6 +62,7 @@ def _table(report: PipelineReport) -> list[str]:
             *_cost_cells(r.after or r.before, us),
             _fmt_num(fid.get("max_rel_error")),
             _fmt_num(fid.get("cosine_similarity"), digits=6),
+            *([_fmt_num(fid.get("top1_agreement"), digits=4)] if top1 else []),
             f"{r.seconds + r.verify_seconds:.2f}",
         ])
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
