@@ -13,10 +13,12 @@ import pytest
 from nnopt.api import Pipeline
 from nnopt.cli import main
 from nnopt.errors import PassFailedError
-from nnopt.pipeline.base import LayerDecision
-from nnopt.pipeline.manager import Budget, PassRecord, declined_reason
+from nnopt.ir.model import Model
+from nnopt.pipeline.base import LayerDecision, Pass, PassResult
+from nnopt.pipeline.manager import Budget, PassManager, PassRecord, declined_reason
 from nnopt.pipeline.progress import StreamProgress
 from nnopt.pipeline.table import int8_estimate_note
+from nnopt.pipeline.verify import Verifier
 from nnopt.testing import model_from_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +62,31 @@ def test_default_pipeline_passes_that_find_nothing_are_not_warnings(tmp_path, ca
                         "-p", "dce", "-q")
     assert code == 0 and err.splitlines() == [
         "nnopt: warning: dce changed nothing: it found nothing to change in this model"]
+
+
+class _Declines(Pass):
+    """Changes nothing; says why itself, or through a declined layer."""
+
+    name = "declines"
+
+    def __init__(self, reason: str, layer_reason: str) -> None:
+        super().__init__()
+        self.reason, self.layer_reason = reason, layer_reason
+
+    def run(self, model, ctx) -> PassResult:
+        return PassResult(False, layers=[LayerDecision("n", "Relu", "declined", self.layer_reason)],
+                          reason=self.reason)
+
+
+def test_a_pass_own_reason_wins_over_its_layers_and_reaches_the_record():
+    proto = model_from_text("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 4] x) => (float[1, 4] y) { y = Relu(x) }
+        """)
+    manager = PassManager([_Declines("no Relu worth it", "tiny"), _Declines("", "tiny")], verifier=Verifier(proto))
+    report = manager.run(Model.from_proto(proto))
+    assert [(r.status, r.reason) for r in report.passes] == [("unchanged", "no Relu worth it"), ("unchanged", "tiny")]
+    assert "unchanged: declines: no Relu worth it" in report.format_table()
 
 
 def test_declined_reason_summarises_the_layers_decisions():
