@@ -109,7 +109,7 @@ def would_have_saved(record: PassRecord) -> str:
         if not (_is_number(before) and _is_number(after)) or before == after:
             continue
         if key == "latency_s":
-            parts.append(f"{label} {before * 1e6:,.1f} -> {after * 1e6:,.1f} us{_change(before, after)}")
+            parts.append(f"{label} {float(before) * 1e6:,.1f} -> {float(after) * 1e6:,.1f} us{_change(before, after)}")
         else:
             parts.append(f"{label} {_int(before)} -> {_int(after)}{_change(before, after)}")
     return ", ".join(parts)
