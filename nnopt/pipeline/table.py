@@ -108,8 +108,9 @@ def would_have_saved(record: PassRecord) -> str:
         before, after = record.before.get(key), record.attempted.get(key)
         if not (_is_number(before) and _is_number(after)) or before == after:
             continue
+        assert before is not None and after is not None  # _is_number said so; for the type checker
         if key == "latency_s":
-            parts.append(f"{label} {float(before) * 1e6:,.1f} -> {float(after) * 1e6:,.1f} us{_change(before, after)}")
+            parts.append(f"{label} {before * 1e6:,.1f} -> {after * 1e6:,.1f} us{_change(before, after)}")
         else:
             parts.append(f"{label} {_int(before)} -> {_int(after)}{_change(before, after)}")
     return ", ".join(parts)
