@@ -123,6 +123,8 @@ def _add_optimize(sub: Any) -> None:
     opt.add_argument("--external-data", choices=["auto", "on", "off"], default="auto",
                      help="write weights to OUTPUT.<hash>.data, named after its content (auto: if the input had external data or is > 1.8 GB)")
     _add_search_flags(opt)
+    opt.add_argument("--ops", action="store_true",
+                     help="also print the node count of each op type before and after (with --json: op_types)")
     output = opt.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     output.add_argument("-q", "--quiet", action="store_true",
@@ -342,7 +344,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from nnopt.cost import parse_input_shapes
     from nnopt.ir.model import load_model
     from nnopt.pipeline.progress import StreamProgress
-    from nnopt.pipeline.table import int8_estimate_note
+    from nnopt.pipeline.table import int8_estimate_note, op_type_counts, op_type_table
 
     src = Path(args.model)
     dst = Path(args.output)
@@ -361,18 +363,22 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     flags = _command_line_settings(args, pipeline, parse_input_shapes(args.input_shape), plugins)
     pipeline = pipeline.replace(**flags).resolved(plugins)
     model = load_model(src)
+    ops_before = op_type_counts(model.all_graphs()) if args.ops else None
     progress = None if args.quiet or args.json else StreamProgress(sys.stderr)
     named = _named_positions(specs, plugins)
     model, report = pipeline.run(model, plugins=plugins, progress=progress)
     _warn_named_unchanged(report, named)
     external = {"auto": None, "on": True, "off": False}[args.external_data]
-    report_text = json.dumps(_finite(report.to_dict()), indent=2) + "\n"
+    ops = None if ops_before is None else {"before": ops_before, "after": op_type_counts(model.all_graphs())}
+    out = _finite(report.to_dict()) | ({"op_types": ops} if ops is not None else {})
+    report_text = json.dumps(out, indent=2) + "\n"
     _write_outputs(model, dst, external, input_files, [(report_path, report_text.encode())] if report_path else [])
     if args.json:
-        json.dump(_finite(report.to_dict()), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        sys.stdout.write(report_text)
     elif not args.quiet:
         print(report.format_table(file_bytes=(_bytes_on_disk(src), _bytes_on_disk(dst))))
+        if ops is not None:
+            print(op_type_table(ops["before"], ops["after"]))
         note = int8_estimate_note(pipeline.hardware, {n.op for g in model.all_graphs() for n in g.nodes}, str(dst))
         print(f"note: {note}\n" if note else "", end="")
         print(f"wrote {dst}")

@@ -310,3 +310,22 @@ def test_optimize_help_lists_the_passes_and_the_syntax(capsys):
     assert "-p NAME:key=value,key=value" in text and "-p prune:ratio=0.3,round_to=4" in text
     for name in ("prune", "quantize", "kmeans", "svd", "dce", "fold-batchnorm"):
         assert any(line.split()[:1] == [name] for line in text.splitlines()), name
+
+
+# ---------------------------------------------------------------------------------------------- --ops
+def test_ops_prints_the_op_types_before_and_after(tmp_path, capsys):
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    code, stdout, err = _run(capsys, "optimize", str(EXAMPLE), "-o", str(out), "--ops", "--report", str(rep))
+    assert code == 0, err
+    lines = stdout.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("op type ")))
+    rows = {line.split()[0]: line.split()[1:] for line in lines[start + 2:] if not line.startswith(("-", "wrote"))}
+    # The example's unfused BNs, Identity, Dropout, Constant weight and dead Neg go; the convs stay.
+    assert rows["BatchNormalization"] == ["2", "0", "-2"] and rows["Conv"] == ["3", "3"]
+    assert rows["Neg"] == ["1", "0", "-1"] and rows["total"] == ["16", "10", "-6"]
+    result = onnx.load(str(out))
+    assert sum(1 for n in result.graph.node if n.op_type == "Conv") == 3 and len(result.graph.node) == 10
+    report = json.loads(rep.read_text())
+    assert report["op_types"]["before"]["BatchNormalization"] == 2 and "BatchNormalization" not in report["op_types"]["after"]
+    code, stdout, _ = _run(capsys, "optimize", str(EXAMPLE), "-o", str(out))
+    assert "op type" not in stdout  # only when asked

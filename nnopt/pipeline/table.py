@@ -184,3 +184,34 @@ def int8_estimate_note(profile: Any, op_types: set[str], output: str = "OUTPUT")
     return (f"est_us: hardware profile {profile.name} assumes int8 kernels ({classes}) at "
             f"{'/'.join(f'{r:g}' for r in ratios)}x its FP32 rate, other int8 ops at the FP32 rate: datasheet "
             f"arithmetic, not measured on this machine; {how}")
+
+
+def op_type_counts(graphs: list[Any]) -> dict[str, int]:
+    """How many nodes of each op type the graphs hold (``domain:op`` outside the default domain), sorted
+    by name; ``graphs`` are graphsurgeon graphs, subgraphs included (``Model.all_graphs()``)."""
+    counts: dict[str, int] = {}
+    for graph in graphs:
+        for node in graph.nodes:
+            op = f"{node.domain}:{node.op}" if node.domain not in ("", "ai.onnx", None) else node.op
+            counts[op] = counts.get(op, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def op_type_table(before: dict[str, int], after: dict[str, int]) -> str:
+    """``--ops``: node counts per op type before and after, with the change; a total row at the end."""
+    ops = sorted(set(before) | set(after))
+    rows = [[op, str(before.get(op, 0)), str(after.get(op, 0)), _count_change(before.get(op, 0), after.get(op, 0))]
+            for op in ops]
+    total_before, total_after = sum(before.values()), sum(after.values())
+    rows.append(["total", str(total_before), str(total_after), _count_change(total_before, total_after)])
+    header = ["op type", "before", "after", "change"]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.insert(len(lines) - 1, lines[1])
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _count_change(before: int, after: int) -> str:
+    return "" if before == after else f"{after - before:+d}"
