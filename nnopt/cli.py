@@ -140,7 +140,7 @@ def _optimize_epilog() -> str:
     from nnopt.plugin_manager import build_plugins
 
     width = max(60, min(shutil.get_terminal_size().columns, 120)) - 2
-    plugins = build_plugins(load_entry_points=os.environ.get("NNOPT_NO_PLUGINS") != "1")
+    plugins = build_plugins(load_entry_points="--no-plugins" not in sys.argv)  # the env var: build_plugins
     lines = [
         "passes (-p NAME:key=value,key=value; repeat -p for several, run in order):",
         "  nnopt optimize model.onnx -o small.onnx -p default -p prune:ratio=0.3,round_to=4 \\",
@@ -380,7 +380,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         if ops is not None:
             print(op_type_table(ops["before"], ops["after"]))
         note = int8_estimate_note(pipeline.hardware, {n.op for g in model.all_graphs() for n in g.nodes}, str(dst))
-        print(f"note: {note}\n" if note else "", end="")
+        if note is not None:
+            print(f"note: {note}")
         print(f"wrote {dst}")
     return EXIT_OK
 
