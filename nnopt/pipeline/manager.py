@@ -115,7 +115,8 @@ class PassRecord:
     fidelity: dict[str, Any] | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     layers: list[dict[str, Any]] = field(default_factory=list)
-    #: A rolled-back pass's cost totals as it would have left the model (empty if it could not be costed).
+    #: A rolled-back pass's cost totals as it would have left the model (empty if it could not be costed);
+    #: in ``to_dict`` only for rolled-back records.
     attempted: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -143,7 +144,8 @@ class PassRecord:
             "fidelity": self.fidelity,
             "stats": self.stats,
             "layers": self.layers,
-            "attempted": self.attempted,
+            # Only where there was a rejected attempt: every other record reads as it always has.
+            **({"attempted": self.attempted} if self.status == "rolled_back" else {}),
         }
 
 
