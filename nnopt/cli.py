@@ -543,13 +543,30 @@ def cmd_passes(args: argparse.Namespace) -> int:
     if args.name is not None:
         print(_pass_help(entries[0]))
         return EXIT_OK
-    for e in entries:
-        print(f"{e['name']}  [{'lossy' if e['lossy'] else 'lossless'}; {e['plugin']}]")
-        print(f"    {e['summary']}")
-        for opt in e["options"]:
-            print(f"    --  {opt['name']} ({opt['type']}, default {opt['default']!r}): {opt['help']}")
+    print(_pass_list(entries))
     _print_plugin_errors(plugins)
     return EXIT_OK
+
+
+def _pass_list(entries: list[dict[str, Any]]) -> str:
+    """``nnopt passes``: the default pipeline, then each pass with its options as ``-p NAME:key=VALUE``,
+    wrapped to the terminal's width."""
+    import shutil
+    import textwrap
+
+    from nnopt.pipeline.spec import DEFAULT_PIPELINE
+
+    width = max(60, shutil.get_terminal_size().columns) - 1
+    lines = textwrap.wrap(f"default (-p default, or no -p): {' -> '.join(DEFAULT_PIPELINE)}, repeated until "
+                          "nothing changes", width, subsequent_indent="    ")
+    lines.append("")
+    for e in entries:
+        lines.append(f"{e['name']}  [{'lossy' if e['lossy'] else 'lossless'}; {e['plugin']}]")
+        lines += textwrap.wrap(e["summary"], width, initial_indent="    ", subsequent_indent="    ")
+        for opt in e["options"]:
+            text = f"-p {e['name']}:{opt['name']}=VALUE ({opt['type']}, default {opt['default']!r}): {opt['help']}"
+            lines += textwrap.wrap(text, width, initial_indent="    ", subsequent_indent="        ")
+    return "\n".join(lines)
 
 
 def _pass_help(entry: dict[str, Any]) -> str:

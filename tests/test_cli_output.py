@@ -329,3 +329,13 @@ def test_ops_prints_the_op_types_before_and_after(tmp_path, capsys):
     assert report["op_types"]["before"]["BatchNormalization"] == 2 and "BatchNormalization" not in report["op_types"]["after"]
     code, stdout, _ = _run(capsys, "optimize", str(EXAMPLE), "-o", str(out))
     assert "op type" not in stdout  # only when asked
+
+
+def test_passes_lists_the_default_pipeline_and_options_in_p_syntax(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    code, stdout, _ = _run(capsys, "passes")
+    assert code == 0
+    lines = stdout.splitlines()
+    assert lines[0].startswith("default (-p default, or no -p): strip-debug-info -> constants-to-initializers")
+    assert "    -p prune:ratio=VALUE (float, default " in stdout
+    assert max(len(line) for line in lines) <= 99  # wrapped to the terminal's width
