@@ -123,6 +123,10 @@ def _add_optimize(sub: Any) -> None:
     opt.add_argument("--external-data", choices=["auto", "on", "off"], default="auto",
                      help="write weights to OUTPUT.<hash>.data, named after its content (auto: if the input had external data or is > 1.8 GB)")
     _add_search_flags(opt)
+    opt.add_argument("--measure", action="store_true",
+                     help="also time the input and the output model in onnxruntime (interleaved runs; with --json: "
+                          "measured)")
+    opt.add_argument("--runs", type=_positive_int, default=20, help="timed runs of each model for --measure")
     opt.add_argument("--ops", action="store_true",
                      help="also print the node count of each op type before and after (with --json: op_types)")
     output = opt.add_mutually_exclusive_group()
@@ -341,6 +345,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from nnopt.api import Pipeline
+    from nnopt.cli_measure import measured_line
     from nnopt.cost import parse_input_shapes
     from nnopt.ir.model import load_model
     from nnopt.pipeline.progress import StreamProgress
@@ -371,12 +376,17 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     external = {"auto": None, "on": True, "off": False}[args.external_data]
     ops = None if ops_before is None else {"before": ops_before, "after": op_type_counts(model.all_graphs())}
     out = _finite(report.to_dict()) | ({"op_types": ops} if ops is not None else {})
+    measured = None
+    if args.measure:  # before writing: the report carries the figures, and a failure leaves nothing behind
+        measured = out["measured"] = _measure_optimized(args, src, pipeline, model)
     report_text = json.dumps(out, indent=2) + "\n"
     _write_outputs(model, dst, external, input_files, [(report_path, report_text.encode())] if report_path else [])
     if args.json:
         sys.stdout.write(report_text)
     elif not args.quiet:
         print(report.format_table(file_bytes=(_bytes_on_disk(src), _bytes_on_disk(dst))))
+        if measured is not None:
+            print(measured_line(measured))
         if ops is not None:
             print(op_type_table(ops["before"], ops["after"]))
         note = int8_estimate_note(pipeline.hardware, {n.op for g in model.all_graphs() for n in g.nodes}, str(dst))
@@ -384,6 +394,16 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             print(f"note: {note}")
         print(f"wrote {dst}")
     return EXIT_OK
+
+
+def _measure_optimized(args: argparse.Namespace, src: Path, pipeline: Any, model: Any) -> dict[str, Any]:
+    """``optimize --measure``: both models timed on the first sample of the data, or on generated inputs."""
+    from nnopt.cli_measure import measure_before_after
+    from nnopt.runtime import load_samples, make_session
+
+    data = pipeline.data
+    samples = load_samples(str(data), make_session(model)) if data else []
+    return measure_before_after(src, model, args.runs, samples[0] if samples else None, dict(pipeline.input_shapes))
 
 
 def _named_positions(specs: Any, plugins: Any) -> list[bool]:

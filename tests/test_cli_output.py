@@ -339,3 +339,20 @@ def test_passes_lists_the_default_pipeline_and_options_in_p_syntax(capsys, monke
     assert lines[0].startswith("default (-p default, or no -p): strip-debug-info -> constants-to-initializers")
     assert "    -p prune:ratio=VALUE (float, default " in stdout
     assert max(len(line) for line in lines) <= 99  # wrapped to the terminal's width
+
+
+# ---------------------------------------------------------------------------------------------- --measure
+def test_measure_times_both_models_interleaved(tmp_path, capsys):
+    rep = tmp_path / "r.json"
+    code, stdout, err = _run(capsys, "optimize", str(DIGITS), "-o", str(tmp_path / "o.onnx"), "-p", "quantize",
+                             "--data", str(DIGITS_DATA), "--measure", "--runs", "5", "--report", str(rep))
+    assert code == 0, err
+    measured = json.loads(rep.read_text())["measured"]
+    assert measured["runs"] == 5 and measured["before_s"] > 0 and measured["after_s"] > 0
+    assert measured["ratio"] == pytest.approx(measured["after_s"] / measured["before_s"])
+    [line] = [w for w in stdout.splitlines() if w.startswith("measured: ")]
+    before, after = measured["before_s"] * 1e6, measured["after_s"] * 1e6
+    assert line == (f"measured: {before:,.1f} -> {after:,.1f} us ({(after - before) / before * 100:+.1f} %), "
+                    "onnxruntime CPU, median of 5 interleaved runs each")
+    code, stdout, _ = _run(capsys, "optimize", str(DIGITS), "-o", str(tmp_path / "o.onnx"), "-q")
+    assert "measured" not in stdout
