@@ -13,7 +13,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +23,32 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_PASS_FAILED = 3
+#: A reader closed the pipe nnopt was writing to (128 + SIGPIPE, what a shell reports for such a tool).
+EXIT_BROKEN_PIPE = 141
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line naming the problem (exit code 2)."""
+    """argparse, but a usage error is one line naming the problem (exit code 2), and an epilog may be
+    computed when help is shown (``epilog_factory``: ``optimize --help`` lists the registered passes)."""
+
+    epilog_factory: Callable[[], str] | None = None
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise InputError(f"{self.prog}: {message} (see --help)")
+        # main() prints "nnopt: error: "; the command after it, not "nnopt" again.
+        command = self.prog.removeprefix("nnopt").strip()
+        raise InputError(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
+
+    def format_help(self) -> str:
+        if self.epilog_factory is not None:
+            self.epilog = self.epilog_factory()
+        return super().format_help()
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nnopt import __version__
+
     parser = _Parser(prog="nnopt", description="Optimize ONNX models: ONNX in, smaller and faster ONNX out.")
+    parser.add_argument("--version", action="version", version=f"nnopt {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     parser.add_argument(
         "--no-plugins",
@@ -43,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_analyze(sub)
     _add_optimize(sub)
-    for name, help_text in (("passes", "list the registered passes and their options"),
-                            ("plugins", "list loaded plugins and where they come from")):
-        sub.add_parser(name, help=help_text).add_argument("--json", action="store_true")
+    passes = sub.add_parser("passes", help="list the registered passes and their options; NAME: one pass's full help")
+    passes.add_argument("name", nargs="?", default=None, metavar="NAME", help="show this pass's full help")
+    passes.add_argument("--json", action="store_true")
+    sub.add_parser("plugins", help="list loaded plugins and where they come from").add_argument("--json",
+                                                                                                action="store_true")
     _add_calibrate(sub)
     for command in sub.choices.values():
         # Global flags are accepted after the command too (`nnopt optimize ... --no-plugins`, as a build step
@@ -75,7 +92,9 @@ def _add_analyze(sub: Any) -> None:
 
 
 def _add_optimize(sub: Any) -> None:
-    opt = sub.add_parser("optimize", help="run a pass pipeline and write the optimized model")
+    opt = sub.add_parser("optimize", help="run a pass pipeline and write the optimized model",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    opt.epilog_factory = _optimize_epilog
     opt.add_argument("model")
     opt.add_argument("-o", "--output", required=True, help="where to write the optimized model")
     opt.add_argument("-p", "--pass", dest="passes", action="append", default=None, metavar="PASS[:k=v,...]",
@@ -104,10 +123,42 @@ def _add_optimize(sub: Any) -> None:
     opt.add_argument("--external-data", choices=["auto", "on", "off"], default="auto",
                      help="write weights to OUTPUT.<hash>.data, named after its content (auto: if the input had external data or is > 1.8 GB)")
     _add_search_flags(opt)
+    opt.add_argument("--measure", action="store_true",
+                     help="also time the input and the output model in onnxruntime (interleaved runs; with --json: "
+                          "measured)")
+    opt.add_argument("--runs", type=_positive_int, default=20, help="timed runs of each model for --measure")
+    opt.add_argument("--ops", action="store_true",
+                     help="also print the node count of each op type before and after (with --json: op_types)")
     output = opt.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     output.add_argument("-q", "--quiet", action="store_true",
                         help="print nothing on success: no table, no progress (warnings and errors still go to stderr)")
+
+
+def _optimize_epilog() -> str:
+    """``optimize --help``'s tail: the -p syntax with examples, then every registered pass in one line."""
+    import shutil
+    import textwrap
+
+    from nnopt.pipeline.spec import DEFAULT_PIPELINE
+    from nnopt.plugin_manager import build_plugins
+
+    width = max(60, min(shutil.get_terminal_size().columns, 120)) - 2
+    plugins = build_plugins(load_entry_points="--no-plugins" not in sys.argv)  # the env var: build_plugins
+    lines = [
+        "passes (-p NAME:key=value,key=value; repeat -p for several, run in order):",
+        "  nnopt optimize model.onnx -o small.onnx -p default -p prune:ratio=0.3,round_to=4 \\",
+        "      -p quantize:mode=static --data calib.npz --min-top1 0.99",
+        f"  default: the lossless clean-ups ({', '.join(dict.fromkeys(DEFAULT_PIPELINE))}),",
+        "  repeated until nothing changes; `nnopt passes NAME` shows a pass's options in full.",
+        "",
+    ]
+    name_width = max((len(n) for n in plugins.passes), default=0)
+    for name in sorted(plugins.passes):
+        cls = plugins.passes[name].cls
+        head = f"  {name.ljust(name_width)}  {'lossy   ' if cls.lossy else 'lossless'}  "
+        lines.extend(textwrap.wrap(cls.summary(), width, initial_indent=head, subsequent_indent=" " * len(head)))
+    return "\n".join(lines)
 
 
 def _add_search_flags(opt: Any) -> None:
@@ -210,6 +261,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nnopt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`nnopt passes --json | head`): stop quietly, as a Unix tool killed by
+        # SIGPIPE does. stdout goes to /dev/null so that the interpreter's final flush fails silently too.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as exc:  # boundary: the whole program
         if debug:
             raise
@@ -275,19 +332,24 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     else:
         print(report.format_table(max_rows=args.top))
         if measured is not None:
+            from nnopt.cost.report import time_unit
+
             est = report.totals["latency_s"]
+            scale, unit = time_unit(est)  # the table's unit
             print(
-                f"latency: estimated {est * 1e3:.3f} ms, measured {measured['median_s'] * 1e3:.3f} ms "
-                f"(onnxruntime CPU, median of {measured['runs']} runs)"
+                f"latency: estimated {est / scale:.3f} {unit} ({report.hardware.name}), measured "
+                f"{measured['median_s'] / scale:.3f} {unit} (onnxruntime CPU, median of {measured['runs']} runs)"
             )
     return EXIT_OK
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from nnopt.api import Pipeline
+    from nnopt.cli_measure import measured_line
     from nnopt.cost import parse_input_shapes
     from nnopt.ir.model import load_model
     from nnopt.pipeline.progress import StreamProgress
+    from nnopt.pipeline.table import int8_estimate_note, op_type_counts, op_type_table
 
     src = Path(args.model)
     dst = Path(args.output)
@@ -302,21 +364,71 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     plugins = _plugins(args)
     # Validate and build everything once, before loading the model: a typo in a pipeline file costs no time.
     pipeline = Pipeline.from_file(args.pipeline, plugins) if args.pipeline else Pipeline(args.passes)
+    specs = pipeline.passes
     flags = _command_line_settings(args, pipeline, parse_input_shapes(args.input_shape), plugins)
     pipeline = pipeline.replace(**flags).resolved(plugins)
     model = load_model(src)
+    ops_before = op_type_counts(model.all_graphs()) if args.ops else None
     progress = None if args.quiet or args.json else StreamProgress(sys.stderr)
+    named = _named_positions(specs, plugins)
     model, report = pipeline.run(model, plugins=plugins, progress=progress)
+    _warn_named_unchanged(report, named)
     external = {"auto": None, "on": True, "off": False}[args.external_data]
-    report_text = json.dumps(_finite(report.to_dict()), indent=2) + "\n"
+    ops = None if ops_before is None else {"before": ops_before, "after": op_type_counts(model.all_graphs())}
+    out = _finite(report.to_dict()) | ({"op_types": ops} if ops is not None else {})
+    measured = None
+    if args.measure:  # before writing: the report carries the figures, and a failure leaves nothing behind
+        measured = out["measured"] = _measure_optimized(args, src, pipeline, model)
+    report_text = json.dumps(out, indent=2) + "\n"
     _write_outputs(model, dst, external, input_files, [(report_path, report_text.encode())] if report_path else [])
     if args.json:
-        json.dump(_finite(report.to_dict()), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        sys.stdout.write(report_text)
     elif not args.quiet:
-        print(report.format_table())
+        print(report.format_table(file_bytes=(_bytes_on_disk(src), _bytes_on_disk(dst))))
+        if measured is not None:
+            print(measured_line(measured))
+        if ops is not None:
+            print(op_type_table(ops["before"], ops["after"]))
+        note = int8_estimate_note(pipeline.hardware, {n.op for g in model.all_graphs() for n in g.nodes}, str(dst))
+        if note is not None:
+            print(f"note: {note}")
         print(f"wrote {dst}")
     return EXIT_OK
+
+
+def _measure_optimized(args: argparse.Namespace, src: Path, pipeline: Any, model: Any) -> dict[str, Any]:
+    """``optimize --measure``: both models timed on the first sample of the data, or on generated inputs."""
+    from nnopt.cli_measure import measure_before_after
+    from nnopt.runtime import load_samples, make_session
+
+    data = pipeline.data
+    samples = load_samples(str(data), make_session(model)) if data else []
+    return measure_before_after(src, model, args.runs, samples[0] if samples else None, dict(pipeline.input_shapes))
+
+
+def _named_positions(specs: Any, plugins: Any) -> list[bool]:
+    """For each pass of the built pipeline, whether the user named it (``-p NAME`` or a file's ``name``)
+    rather than getting it from the ``default`` pipeline (whose passes often have nothing to do)."""
+    from nnopt.pipeline.spec import DEFAULT_PIPELINE, parse_pass_spec
+
+    named: list[bool] = []
+    for spec in specs or ["default"]:
+        # A spec is a string, a (name, options) pair, or a built Pass (always one the user named).
+        name, values = parse_pass_spec(spec) if isinstance(spec, str) else spec if isinstance(spec, tuple) else ("", {})
+        if name == "default" and not values:
+            named += [False] * sum(1 for n in DEFAULT_PIPELINE if n in plugins.passes)
+        else:
+            named.append(True)
+    return named
+
+
+def _warn_named_unchanged(report: Any, named: list[bool]) -> None:
+    """A pass the user asked for by name that changed nothing is a warning (the exit code stays 0)."""
+    first = [r for r in report.passes if r.iteration == 0]
+    for record, asked in zip(first, named):
+        if asked and record.status == "unchanged":
+            why = record.reason or "it found nothing to change in this model"
+            print(f"nnopt: warning: {record.name} changed nothing: {why}", file=sys.stderr)
 
 
 #: Flags that only the search (--level) reads, with their defaults: given without --level they are an error.
@@ -426,9 +538,13 @@ def _command_line_settings(
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
+    from nnopt.plugin_manager import get_pass_class
+
     plugins = _plugins(args)
+    if args.name is not None:
+        get_pass_class(plugins, args.name)  # an unknown name: one line, a close match suggested, exit 2
     entries = []
-    for name in sorted(plugins.passes):
+    for name in sorted(plugins.passes) if args.name is None else [args.name]:
         entry = plugins.passes[name]
         entries.append(
             {
@@ -444,13 +560,47 @@ def cmd_passes(args: argparse.Namespace) -> int:
         json.dump({"passes": entries}, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_OK
-    for e in entries:
-        print(f"{e['name']}  [{'lossy' if e['lossy'] else 'lossless'}; {e['plugin']}]")
-        print(f"    {e['summary']}")
-        for opt in e["options"]:
-            print(f"    --  {opt['name']} ({opt['type']}, default {opt['default']!r}): {opt['help']}")
+    if args.name is not None:
+        print(_pass_help(entries[0]))
+        return EXIT_OK
+    print(_pass_list(entries))
     _print_plugin_errors(plugins)
     return EXIT_OK
+
+
+def _pass_list(entries: list[dict[str, Any]]) -> str:
+    """``nnopt passes``: the default pipeline, then each pass with its options as ``-p NAME:key=VALUE``,
+    wrapped to the terminal's width."""
+    import shutil
+    import textwrap
+
+    from nnopt.pipeline.spec import DEFAULT_PIPELINE
+
+    width = max(60, shutil.get_terminal_size().columns) - 1
+    lines = textwrap.wrap(f"default (-p default, or no -p): {' -> '.join(DEFAULT_PIPELINE)}, repeated until "
+                          "nothing changes", width, subsequent_indent="    ")
+    lines.append("")
+    for e in entries:
+        lines.append(f"{e['name']}  [{'lossy' if e['lossy'] else 'lossless'}; {e['plugin']}]")
+        lines += textwrap.wrap(e["summary"], width, initial_indent="    ", subsequent_indent="    ")
+        for opt in e["options"]:
+            text = f"-p {e['name']}:{opt['name']}=VALUE ({opt['type']}, default {opt['default']!r}): {opt['help']}"
+            lines += textwrap.wrap(text, width, initial_indent="    ", subsequent_indent="        ")
+    return "\n".join(lines)
+
+
+def _pass_help(entry: dict[str, Any]) -> str:
+    """``nnopt passes NAME``: the pass's whole docstring, then each option as ``-p NAME:key=VALUE``."""
+    import inspect
+
+    lines = [f"{entry['name']}  [{'lossy' if entry['lossy'] else 'lossless'}; {entry['plugin']}]", ""]
+    lines += ["    " + line if line else "" for line in inspect.cleandoc(entry["doc"]).splitlines()]
+    if entry["options"]:
+        lines += ["", "options:"]
+    for opt in entry["options"]:
+        lines.append(f"  -p {entry['name']}:{opt['name']}=VALUE  ({opt['type']}, default {opt['default']!r})")
+        lines.append(f"      {opt['help']}" if opt["help"] else "")
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -580,6 +730,13 @@ def _hardware(spec: str | None, plugins: Any) -> Any:
     from nnopt.cost.hardware import DEFAULT_PROFILE, parse_hardware
 
     return parse_hardware(spec, plugins.hardware_registry()) if spec else DEFAULT_PROFILE
+
+
+def _bytes_on_disk(model_path: Path) -> int:
+    """A model's size on disk: its .onnx file plus the external data files it names."""
+    from nnopt.ir.model import external_data_files
+
+    return model_path.stat().st_size + sum(f.stat().st_size for f in external_data_files(model_path) if f.is_file())
 
 
 def _check_outputs(src: Path, outputs: list[Path]) -> set[Path]:

@@ -74,8 +74,10 @@ class CostReport:
             ranked = sorted(rows, key=lambda r: (-r[1]["latency_s"], -r[1]["flops"], r[0]))
             rows = sorted(ranked[: max(0, max_rows)], key=lambda r: r[0])
         total_latency = float(self.totals["latency_s"]) or 1.0
-        table = [_HEADER] + [_row(index, node, total_latency) for index, node in rows]
-        widths = [max(len(row[i]) for row in table) for i in range(len(_HEADER))]
+        scale, unit = time_unit(total_latency)  # one unit for the whole column and the total
+        header = [*_HEADER[:-2], f"est. latency ({unit})", "% of latency"]
+        table = [header] + [_row(index, node, total_latency, scale) for index, node in rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         lines = [
             "  ".join(
                 cell.ljust(widths[i]) if i in _LEFT else cell.rjust(widths[i]) for i, cell in enumerate(row)
@@ -127,7 +129,7 @@ _HEADER = ["#", "name", "op", "output shape", "params", "MACs", "FLOPs", "out by
 _LEFT = {1, 2, 3}
 
 
-def _row(index: int, node: dict[str, Any], total_latency: float) -> list[str]:
+def _row(index: int, node: dict[str, Any], total_latency: float, scale: float) -> list[str]:
     op = f"{node['domain']}:{node['op_type']}" if node["domain"] else node["op_type"]
     return [
         str(index),
@@ -139,7 +141,7 @@ def _row(index: int, node: dict[str, Any], total_latency: float) -> list[str]:
         _si(node["flops"]) + ("" if node["costed"] else "?"),
         _si(node["output_bytes"], "B"),
         f"{node['arithmetic_intensity']:.1f}",
-        _format_seconds(node["latency_s"]),
+        f"{node['latency_s'] / scale:.3f}",
         f"{100 * node['latency_s'] / total_latency:.1f}",
     ]
 
@@ -155,11 +157,17 @@ def _si(value: float | None, unit: str = "") -> str:
     return f"{value:g}{space}{unit}" if isinstance(value, float) else f"{value}{space}{unit}"
 
 
-def _format_seconds(seconds: float) -> str:
+def time_unit(seconds: float) -> tuple[float, str]:
+    """The unit a duration (and a table of durations summing to it) reads best in: ``(1e-6, "us")``."""
     for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
         if seconds >= scale:
-            return f"{seconds / scale:.3f} {unit}"
-    return f"{seconds / 1e-9:.3f} ns" if seconds else "0"
+            return scale, unit
+    return 1e-9, "ns"
+
+
+def _format_seconds(seconds: float) -> str:
+    scale, unit = time_unit(seconds)
+    return f"{seconds / scale:.3f} {unit}"
 
 
 def _format_shapes(shapes: list[list[int] | None]) -> str:

@@ -225,11 +225,14 @@ class PassResult:
         modified: whether the pass changed the model. The manager skips verification when it did not.
         stats: counts with units in their names (``nodes_removed``, ``weight_bytes_saved``).
         layers: per-layer decisions; the report shows each as ``LayerDecision.to_dict()``.
+        reason: why the pass left the model unchanged, when it has a reason of its own to give. Left
+            empty, the pass manager states the reasons of the ``declined`` layers instead.
     """
 
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
     layers: list[LayerDecision] = field(default_factory=list)
+    reason: str = ""
 
 
 @dataclass

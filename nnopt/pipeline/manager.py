@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -16,7 +16,7 @@ import onnx
 from nnopt.analysis.manager import AnalysisManager, AnalysisSettings, Checkpoint
 from nnopt.errors import OptionError, PassFailedError, first_line
 from nnopt.ir.model import Model
-from nnopt.pipeline.base import Pass, PassContext, PassResult, PassStatus
+from nnopt.pipeline.base import LayerDecision, Pass, PassContext, PassResult, PassStatus
 from nnopt.pipeline.progress import Progress
 from nnopt.pipeline.verify import (
     LOSSLESS_ATOL,
@@ -115,6 +115,9 @@ class PassRecord:
     fidelity: dict[str, Any] | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     layers: list[dict[str, Any]] = field(default_factory=list)
+    #: A rolled-back pass's cost totals as it would have left the model (empty if it could not be costed);
+    #: in ``to_dict`` only for rolled-back records.
+    attempted: dict[str, Any] = field(default_factory=dict)
 
     @property
     def newly_uncosted(self) -> int:
@@ -141,6 +144,8 @@ class PassRecord:
             "fidelity": self.fidelity,
             "stats": self.stats,
             "layers": self.layers,
+            # Only where there was a rejected attempt: every other record reads as it always has.
+            **({"attempted": self.attempted} if self.status == "rolled_back" else {}),
         }
 
 
@@ -152,6 +157,9 @@ class PipelineReport:
     fidelity: dict[str, Any] | None = None
     verification: str = "onnxruntime"
     notes: list[str] = field(default_factory=list)
+    #: The run's budget and hardware profile name, for the table (not part of ``to_dict``).
+    budget: Budget | None = None
+    hardware: str = ""
 
     @property
     def rolled_back(self) -> list[PassRecord]:
@@ -167,36 +175,12 @@ class PipelineReport:
             "notes": self.notes,
         }
 
-    def format_table(self) -> str:
-        header = ["pass", "status", "params", "flops", "weight_bytes", "latency_us", "max_rel_err", "cosine", "seconds"]
-        rows = [["(input)", "", *_cost_cells(self.original), "", "", ""]]
-        for r in self.passes:
-            if r.iteration > 0 and r.status == "unchanged":
-                continue  # repeats that found nothing more are summarised below
-            fid = r.fidelity or {}
-            rows.append(
-                [
-                    r.name if r.iteration == 0 else f"{r.name} (#{r.iteration + 1})",
-                    r.status,
-                    *_cost_cells(r.after or r.before),
-                    _fmt_num(fid.get("max_rel_error")),
-                    _fmt_num(fid.get("cosine_similarity"), digits=6),
-                    f"{r.seconds + r.verify_seconds:.2f}",
-                ]
-            )
-        widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                 for row in [header, *rows]]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        iterations = max((r.iteration for r in self.passes), default=0) + 1
-        if iterations > 1:
-            lines.append(f"fixed point: {iterations} iteration(s) over the pipeline")
-        for r in self.rolled_back:
-            lines.append(f"rolled back: {r.name}: {r.reason}")
-        if self.verification != "onnxruntime":
-            lines.append(f"numerical verification skipped: {self.verification}")
-        lines.extend(f"note: {n}" for n in self.notes)
-        return "\n".join(lines)
+    def format_table(self, file_bytes: tuple[int, int] | None = None) -> str:
+        """The table a person reads (``nnopt.pipeline.table``); ``file_bytes``: the input and output files'
+        sizes on disk, for the summary line (known only once the model is written)."""
+        from nnopt.pipeline.table import format_report
+
+        return format_report(self, file_bytes)
 
 
 #: Maps an exported model to its cost totals (for callers that cost models their own way, e.g. tests).
@@ -295,7 +279,7 @@ class PassManager:
         if ctx.analyses is None or ctx.analyses.model is not model:
             ctx.analyses = AnalysisManager(model, self.settings)
         analyses = ctx.analyses
-        report = PipelineReport()
+        report = PipelineReport(budget=self.budget, hardware=self._hardware_name())
         snapshot = analyses.proto()
         self._strict_shapes = passes_strict_shape_inference(snapshot)
         if not self._strict_shapes:
@@ -311,6 +295,19 @@ class PassManager:
         current = _Current(snapshot, self._totals(analyses), analyses.checkpoint(), reference)
         report.original = current.cost
 
+        try:
+            self._iterate(model, ctx, report, current)
+        finally:
+            self.progress.finished()
+        report.final = current.cost
+        report.notes.extend(_uncosted_notes(report))
+        if self._active_verifier is not None:
+            reference = self._active_verifier.reference
+            report.fidelity = (current.fidelity or compare_outputs(reference, reference)).to_dict()
+        return report
+
+    def _iterate(self, model: Model, ctx: PassContext, report: PipelineReport, current: _Current) -> None:
+        """Run the passes in order; in fixed-point mode again, until an iteration applies nothing."""
         for iteration in range(self.max_iterations if self.fixed_point else 1):
             applied_any = False
             for position, pass_ in enumerate(self.passes, start=1):
@@ -321,12 +318,14 @@ class PassManager:
                 self._after(record, model)
             if not applied_any:
                 break
-        report.final = current.cost
-        report.notes.extend(_uncosted_notes(report))
-        if self._active_verifier is not None:
-            reference = self._active_verifier.reference
-            report.fidelity = (current.fidelity or compare_outputs(reference, reference)).to_dict()
-        return report
+
+    def _hardware_name(self) -> str:
+        """The profile the latency estimates are for ("" when the caller costs models its own way)."""
+        from nnopt.cost.hardware import DEFAULT_PROFILE
+
+        if self.analyze is not None:
+            return ""
+        return (self.settings.hardware or DEFAULT_PROFILE).name
 
     def _verification_notes(self, verifier: Verifier) -> list[str]:
         """How the budget is judged, for the report; refuses a top-1 budget no output can be scored on."""
@@ -359,6 +358,7 @@ class PassManager:
         record.layers = [layer.to_dict() for layer in result.layers]
         if not result.modified:
             record.status = "unchanged"
+            record.reason = result.reason or declined_reason(result.layers)
             record.after = current.cost
             return False
         check_started = time.perf_counter()
@@ -367,6 +367,7 @@ class PassManager:
         record.verify_seconds = time.perf_counter() - check_started
         record.fidelity = verdict.fidelity_record()
         if verdict.problem is not None:
+            record.attempted = verdict.cost
             self._roll_back(model, ctx, current, record, verdict.problem)
             return False
         if verdict.outputs is not None:
@@ -409,8 +410,8 @@ class PassManager:
             total = compare_outputs(verifier.reference, outputs)
             step = compare_outputs(current.outputs, outputs)
             problem = self._fidelity_problem(pass_, current.outputs, outputs, total, step)
-            if problem is not None:
-                return _Verdict(problem, outputs, total, step)
+            if problem is not None:  # costed all the same: the report says what the attempt would have saved
+                return _Verdict(problem, outputs, total, step, self._attempted_cost(analyses))
         try:
             cost = self._totals(analyses)
         except Exception as exc:  # boundary: shape inference inside the cost model
@@ -430,6 +431,14 @@ class PassManager:
             f"(max abs {step.max_abs_error:.3g}) > {LOSSLESS_TOLERANCE:g} of the output's "
             f"scale and > {LOSSLESS_ATOL:g} absolute"
         )
+
+    def _attempted_cost(self, analyses: AnalysisManager) -> dict[str, Any]:
+        """The cost totals of a version about to be rolled back; empty if the cost model fails on it."""
+        try:
+            return self._totals(analyses)
+        except Exception:  # boundary: shape inference inside the cost model, on a rejected model
+            log.debug("cost of a rejected version failed", exc_info=True)
+            return {}
 
     def _totals(self, analyses: AnalysisManager) -> dict[str, Any]:
         if self.analyze is not None:
@@ -505,25 +514,31 @@ def _uncosted_notes(report: PipelineReport) -> list[str]:
     return notes
 
 
+def declined_reason(layers: list[LayerDecision]) -> str:
+    """Why a pass that changed nothing did so, from its declined layers: the commonest reasons first.
+
+    One reason is stated as it is (``static quantization needs --data``); several as
+    ``5 layers declined: nothing to remove at this ratio (4); ...``. No declined layer: ``""``.
+    """
+    reasons = Counter(layer.reason for layer in layers if layer.action == "declined")
+    if not reasons:
+        return ""
+    if len(reasons) == 1:
+        reason, count = reasons.most_common(1)[0]
+        return reason if count == 1 else f"{reason} ({count} layers)"
+    total = sum(reasons.values())
+    if reasons.most_common(1)[0][1] == 1:  # every layer its own reason (figures in each): one example
+        return f"{total} layers declined, e.g. {next(iter(reasons))}"
+    shown = "; ".join(f"{reason} ({count})" for reason, count in reasons.most_common(_REASONS_SHOWN))
+    more = "; ..." if len(reasons) > _REASONS_SHOWN else ""
+    return f"{total} layers declined: {shown}{more}"
+
+
+#: How many distinct reasons ``declined_reason`` names before it elides the rest.
+_REASONS_SHOWN = 2
+
+
 def _delta(before: Any, after: Any) -> Any:
     if isinstance(before, (int, float)) and isinstance(after, (int, float)):
         return after - before
     return None
-
-
-def _cost_cells(totals: dict[str, Any]) -> list[str]:
-    lat = totals.get("latency_s")
-    return [
-        f"{int(totals.get('params', 0)):,}",
-        f"{int(totals.get('flops', 0)):,}",
-        f"{int(totals.get('weight_bytes', 0)):,}",
-        f"{lat * 1e6:,.1f}" if isinstance(lat, (int, float)) else "",
-    ]
-
-
-def _fmt_num(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    return f"{value:.{digits}g}" if digits == 3 else f"{value:.{digits}f}"
