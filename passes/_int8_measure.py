@@ -30,7 +30,8 @@ _FLOAT, _LATENCY, _ALL = "float", "latency", "all"
 
 
 def refine(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], selection: _int8_select.Selection,
-           build: Builder, feeds: dict[str, np.ndarray]) -> _int8_select.Selection:
+           build: Builder, feeds: dict[str, np.ndarray], *, max_regions: int = MAX_REGIONS, rounds: int = ROUNDS,
+           runs: int = RUNS) -> _int8_select.Selection:
     """select=latency's ``selection`` replaced by the fastest of a few candidates timed in onnxruntime.
 
     Candidates: float, the choice, every layer of ``selected`` (select=all), and the choice with one of its
@@ -45,6 +46,9 @@ def refine(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], selection
         selection: select=latency's result for them (its ``chosen`` may hold recurrent layers: kept).
         build: The model with QDQ on a set of layers.
         feeds: The input the models are timed on.
+        max_regions: Regions timed left float (benchmarks time them all).
+        rounds: Interleaved rounds (``measure_interleaved``).
+        runs: Timed runs per model and round.
     """
     names = [n.name for n in selected]
     latency = frozenset(selection.chosen) & set(names)
@@ -52,14 +56,14 @@ def refine(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], selection
     predict = _predictor(proto, selected, feeds)
     regions = _regions(selection, latency)
     gains = {r: predict(latency - members) - predict(latency) for r, members in regions.items()}
-    timed = sorted(regions, key=lambda r: (gains[r], r))[:MAX_REGIONS]
+    timed = sorted(regions, key=lambda r: (gains[r], r))[:max_regions]
     sets = {_FLOAT: frozenset(), _LATENCY: latency, _ALL: frozenset(names)}
     sets.update({f"region {r} float": latency - regions[r] for r in timed})
     unique: dict[frozenset[str], str] = {}
     for label, members in sets.items():
         unique.setdefault(members, label)  # the same model is timed once, under its first label
     timings = measure_interleaved({label: build(members) for members, label in unique.items()}, feeds,
-                                  rounds=ROUNDS, runs=RUNS, warmup=WARMUP, threads=1, clock="thread", aa=True)
+                                  rounds=rounds, runs=runs, warmup=WARMUP, threads=1, clock="thread", aa=True)
     measured = {label: timings[unique[members]].median_s * 1e6 for label, members in sets.items()}
     noise = aa_noise(timings, _FLOAT)
     pick = _pick(measured, noise)
