@@ -194,27 +194,6 @@ def _digits() -> dict[str, Any]:
             "labels": np.load(digits / "digits_test_labels.npy"), "classes": True}
 
 
-def load_case(key: str, calib_n: int, eval_n: int) -> dict[str, Any] | None:
-    """The digits CNN with its data, or a real model with seeded generated inputs (``benchmarks/
-    quantize_select.py`` reads its cases here; every model of ``tests/realmodels.py``)."""
-    if key == "digits":
-        return _digits()
-    from realmodels import REAL_MODELS
-
-    from nnopt.runtime import generate_samples
-
-    spec = next((m for m in REAL_MODELS if m.key == key), None)
-    if spec is None or spec.path() is None:
-        return None
-    proto = onnx.load(str(spec.path()))
-    sess = make_session(proto)
-    calib = generate_samples(sess, count=calib_n, seed=100, input_shapes=spec.input_shapes)
-    evals = generate_samples(sess, count=eval_n, seed=900, input_shapes=spec.input_shapes)
-    for feeds in calib + evals:
-        feeds.update(spec.fixed_inputs)
-    return {"proto": proto, "shapes": spec.input_shapes, "calib": calib, "eval": evals, "labels": None}
-
-
 def load_real_case(key: str, calib_n: int, eval_scale: float) -> dict[str, Any] | None:
     """This benchmark's case: the digits CNN, or a real model of ``REAL_INPUTS`` with rendered inputs."""
     if key == "digits":
