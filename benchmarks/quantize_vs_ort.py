@@ -506,9 +506,10 @@ def _verdict(res: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- per layer
 def per_layer(key: str, args: argparse.Namespace) -> dict[str, Any] | None:
-    """select=latency's regions of ``key``, each timed left float against the whole choice: predicted gain
-    (the kernel table's) and measured gain per region, with float, select=all and an A/A copy of float in
-    the same interleaved run (``passes/_int8_measure.refine``, every region)."""
+    """select=latency's choice on ``key`` toggled: each of its regions left float, and each layer it left
+    float (one with a kernel in the table) made int8, timed against the choice with float, select=all and an
+    A/A copy of float in the same interleaved run (``passes/_int8_measure.refine``, every toggle): the
+    predicted (kernel table) and measured time each toggle's int8 layers save."""
     from nnopt.ir.model import Model
     from nnopt.passes import _int8_measure, _qdq
     from nnopt.passes import quantize as q
@@ -528,37 +529,40 @@ def per_layer(key: str, args: argparse.Namespace) -> dict[str, Any] | None:
     started = time.perf_counter()
     selection = q._select(proto, selected, candidates, ctx)
     build = q._qdq_builder(proto, selected, candidates, per_channel, opts, ctx)
-    refined = _int8_measure.refine(proto, selected, selection, build, case["eval"][0], max_regions=10**6,
+    refined = _int8_measure.refine(proto, selected, selection, build, case["eval"][0], max_toggles=10**6,
                                    rounds=args.rounds, runs=args.runs)
     stats = refined.stats
     return {"model": key, "inputs": case["inputs"], "int8_layers": len(selection.chosen),
-            "regions": stats["measured_regions"], "measured_us": stats["measured_us"],
+            "toggles": stats["measured_toggles"], "measured_us": stats["measured_us"],
+            "confirm_us": stats.get("measured_confirm_us"),
             "predicted_us": stats["predicted_us"], "aa_noise": stats["measured_aa_noise"],
             "measured_choice": stats["measured_choice"], "minutes": round((time.perf_counter() - started) / 60, 1)}
 
 
 def render_per_layer(results: list[dict[str, Any]]) -> str:
-    """Per model, each region's predicted and measured gain, and how often their signs agree where the
-    measured gain exceeds the A/A noise."""
-    lines = ["| model | region | layers | predicted gain µs | measured gain µs | beyond A/A noise | signs agree |",
+    """Per model, each toggle's predicted and measured gain (µs the int8 form of its layers saves), and how
+    often their signs agree where the measured gain exceeds the A/A noise."""
+    lines = ["| model | toggle | layers | predicted gain µs | measured gain µs | beyond A/A noise | signs agree |",
              "|---|---|---|---|---|---|---|"]
     summary = []
     for res in results:
         noise_us = (res["aa_noise"] or 0.0) * res["measured_us"]["float"]
-        agree = clear = 0
-        for row in res["regions"]:
+        counts = {kind: [0, 0] for kind in ("regions left float", "layers made int8")}
+        for row in res["toggles"]:
             beyond = abs(row["measured_gain_us"]) > noise_us
             same = (row["predicted_gain_us"] > 0) == (row["measured_gain_us"] > 0)
-            clear += beyond
-            agree += beyond and same
-            lines.append(f"| {res['model']} | {row['region']} | {row['layers']} | {row['predicted_gain_us']:+,.1f} | "
+            kind = counts["regions left float" if row["toggle"].startswith("region ") else "layers made int8"]
+            kind[0] += beyond and same
+            kind[1] += beyond
+            lines.append(f"| {res['model']} | {row['toggle']} | {row['layers']} | {row['predicted_gain_us']:+,.1f} | "
                          f"{row['measured_gain_us']:+,.1f} | {'yes' if beyond else 'no'} | {'yes' if same else 'no'} |")
+        agree = "; ".join(f"{kind}: {a} of {n}" for kind, (a, n) in counts.items())
         totals = ", ".join(f"{k} {res['measured_us'][k]:,.0f} (predicted {res['predicted_us'][k]:,.0f})"
                            for k in ("float", "latency", "all"))
-        summary.append(f"- **{res['model']}**: {len(res['regions'])} regions, {res['int8_layers']} int8 layers; signs "
-                       f"agree on {agree} of the {clear} regions whose measured gain exceeds the A/A noise "
-                       f"({100 * (res['aa_noise'] or 0):.1f} % = {noise_us:,.0f} µs); µs: {totals}; select=measured "
-                       f"would keep `{res['measured_choice']}`")
+        confirm = "" if not res.get("confirm_us") else f" (confirming run, µs: {res['confirm_us']})"
+        summary.append(f"- **{res['model']}**: {res['int8_layers']} int8 layers; signs agree where the measured gain "
+                       f"exceeds the A/A noise ({100 * (res['aa_noise'] or 0):.1f} % = {noise_us:,.0f} µs): {agree}; "
+                       f"µs: {totals}; select=measured keeps `{res['measured_choice']}`{confirm}")
     return "\n".join(lines + [""] + summary) + "\n"
 
 
@@ -641,11 +645,12 @@ def main_per_layer(args: argparse.Namespace) -> None:
         print(render_per_layer([res]), flush=True)
         Path(args.out + "_per_layer.json").write_text(json.dumps(results, indent=1, default=str))
         Path(args.out + "_per_layer.md").write_text(
-            f"# quantize select=latency: predicted vs measured gain per region\n\nGenerated by `python "
+            f"# quantize select=latency: predicted vs measured gain per toggle\n\nGenerated by `python "
             f"benchmarks/quantize_vs_ort.py --per-layer --rounds {args.rounds} --runs {args.runs}` (onnxruntime "
             f"{ort.__version__}, {time.strftime('%Y-%m-%d')}, 1 intra-op thread, CPU time of the calling thread, "
-            "median of per-round medians). Gain: time with the region left float minus time of the whole choice "
-            "(positive: the region's int8 pays).\n\n" + render_per_layer(results))
+            "median of per-round medians). Gain: the time the toggle's layers save in int8 (a region of the choice "
+            "left float: its time minus the choice's; a float layer made int8: the choice's time minus its; "
+            "positive: int8 pays there).\n\n" + render_per_layer(results))
 
 
 def write(results: list[dict[str, Any]], args: argparse.Namespace, minutes: float) -> None:
