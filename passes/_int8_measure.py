@@ -164,7 +164,7 @@ def _pick(measured: dict[str, float], noise: float) -> str:
     return pick if measured[pick] < measured[_FLOAT] else _FLOAT
 
 
-def _report(selection: _int8_select.Selection, ops: dict[str, str], chosen: set[str], pick: str,
+def _report(selection: _int8_select.Selection, ops: dict[str, str], chosen: frozenset[str], pick: str,
             toggles: list[_Toggle], rows: list[dict[str, Any]], stats: dict[str, Any]) -> _int8_select.Selection:
     """The Selection of the kept candidate: report lines of the layers that changed side, and each timed
     toggle's predicted and measured gain on its layers' figures."""
