@@ -28,6 +28,7 @@ WARMUP = 2
 #: or by more than the A/A noise if that is larger: a tie keeps the deterministic choice.
 MIN_MARGIN = 0.02
 _FLOAT, _LATENCY, _ALL, _COMBINED = "float", "latency", "all", "combined"
+_FORBIDDEN_US = _int8_select._FORBIDDEN_US / 2
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,11 @@ def _toggles(proto: onnx.ModelProto, selection: _int8_select.Selection, latency:
         if name not in latency and kinds.get(name) in _int8_select.KERNELS:
             members = frozenset({name, *_adjacent_followers(proto, name, set(names) - latency)})
             variant = latency | members
-            toggles.append(_Toggle(f"{name} int8", members, variant, True, base - predict(variant)))
+            gain = base - predict(variant)
+            # Not timed: int8 there would feed a float Conv/Gemm through a DequantizeLinear, and onnxruntime
+            # would quantize that layer's weights per tensor (the table's penalty; a fidelity matter).
+            if gain > -_FORBIDDEN_US:
+                toggles.append(_Toggle(f"{name} int8", members, variant, True, gain))
     return toggles
 
 
