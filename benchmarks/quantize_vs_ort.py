@@ -507,8 +507,8 @@ def _verdict(res: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- per layer
 def per_layer(key: str, args: argparse.Namespace) -> dict[str, Any] | None:
     """select=latency's choice on ``key`` toggled: each of its regions left float, and each layer it left
-    float (one with a kernel in the table) made int8, timed against the choice with float, select=all and an
-    A/A copy of float in the same interleaved run (``passes/_int8_measure.refine``, every toggle): the
+    float (one with a kernel in the table) made int8, timed against the choice (twice: an A/A copy) with
+    float and select=all in the same interleaved run (``passes/_int8_measure.refine``, every toggle): the
     predicted (kernel table) and measured time each toggle's int8 layers save."""
     from nnopt.ir.model import Model
     from nnopt.passes import _int8_measure, _qdq
@@ -546,7 +546,7 @@ def render_per_layer(results: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|"]
     summary = []
     for res in results:
-        noise_us = (res["aa_noise"] or 0.0) * res["measured_us"]["float"]
+        noise_us = (res["aa_noise"] or 0.0) * res["measured_us"]["latency"]
         counts = {kind: [0, 0] for kind in ("regions left float", "layers made int8")}
         for row in res["toggles"]:
             beyond = abs(row["measured_gain_us"]) > noise_us

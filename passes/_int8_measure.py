@@ -52,7 +52,7 @@ def refine(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], selection
            runs: int = RUNS) -> _int8_select.Selection:
     """select=latency's ``selection`` replaced by the fastest of a few candidates timed in onnxruntime.
 
-    Stage 1 times, interleaved with an A/A copy of the float model: float, the choice, every layer of
+    Stage 1 times, interleaved, the choice (twice: an A/A copy), float, every layer of
     ``selected`` (select=all), and the choice toggled (``max_toggles``: one of its regions left float, or one
     layer it left float made int8). Stage 2 (when there is anything to confirm) times float, the choice,
     stage 1's fastest and the choice with every toggle that paid beyond the noise, in a fresh run (stage 1's
@@ -75,16 +75,17 @@ def refine(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], selection
     predict = _predictor(proto, selected, feeds)
     toggles = _toggles(proto, selection, latency, names, predict)
     toggles = sorted(toggles, key=lambda t: (abs(t.predicted_gain_us), t.label))[:max_toggles]
-    sets = {_FLOAT: frozenset(), _LATENCY: latency, _ALL: frozenset(names), **{t.label: t.variant for t in toggles}}
+    # The choice first: every toggle's gain is against it, so it is timed twice (the A/A copy) and averaged.
+    sets = {_LATENCY: latency, _FLOAT: frozenset(), _ALL: frozenset(names), **{t.label: t.variant for t in toggles}}
     measured, noise, aa_us = _time(sets, build, feeds, rounds, runs)
-    noise_us = (noise if math.isfinite(noise) else 0.0) * measured[_FLOAT]
+    noise_us = (noise if math.isfinite(noise) else 0.0) * measured[_LATENCY]
     rows = [{"toggle": t.label, "layers": len(t.members), "predicted_gain_us": round(t.predicted_gain_us, 1),
              "measured_gain_us": round(t.measured_gain_us(measured), 1)} for t in toggles]
     paid = [t for t in toggles if t.measured_gain_us(measured) * (1 if t.adds else -1) > noise_us]
     combined = (latency | {n for t in paid if t.adds for n in t.members}) - {
         n for t in paid if not t.adds for n in t.members}
     best = _pick(measured, noise)
-    finals = {_FLOAT: frozenset(), _LATENCY: latency, best: sets[best]}
+    finals = {_LATENCY: latency, _FLOAT: frozenset(), best: sets[best]}
     if combined not in finals.values():
         finals[_COMBINED] = combined
     stats: dict[str, Any] = {}
@@ -95,7 +96,7 @@ def refine(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], selection
         sets.update(finals)
     stats = {**selection.stats, "select": "measured", "measured_choice": best,
              "measured_us": {k: round(v, 1) for k, v in measured.items()}, **stats,
-             "measured_float_aa_us": round(aa_us, 1), "measured_aa_noise": round(noise, 4) if math.isfinite(noise)
+             "measured_aa_us": round(aa_us, 1), "measured_aa_noise": round(noise, 4) if math.isfinite(noise)
              else None, "predicted_us": {k: round(predict(v), 1) for k, v in sets.items()}, "measured_toggles": rows}
     fixed = {n for n in selection.chosen if n not in set(names)}
     stats["select_int8_layers"] = len(sets[best] | fixed)
@@ -104,15 +105,18 @@ def refine(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], selection
 
 def _time(sets: dict[str, frozenset[str]], build: Builder, feeds: dict[str, np.ndarray], rounds: int,
           runs: int) -> tuple[dict[str, float], float, float]:
-    """(median µs per label, the A/A noise, the float A/A copy's µs): each distinct model timed once."""
+    """(median µs per label, the A/A noise, the A/A copy's µs): each distinct model timed once, the first
+    twice (two sessions; its figure is their mean)."""
     unique: dict[frozenset[str], str] = {}
     for label, members in sets.items():
         unique.setdefault(members, label)  # the same model is timed once, under its first label
     timings = measure_interleaved({label: build(members) for members, label in unique.items()}, feeds,
                                   rounds=rounds, runs=runs, warmup=WARMUP, threads=1, clock="thread", aa=True)
-    measured = {label: timings[unique[members]].median_s * 1e6 for label, members in sets.items()}
     first = next(iter(unique.values()))
-    return measured, aa_noise(timings, first), timings[first + AA_SUFFIX].median_s * 1e6
+    copy_us = timings[first + AA_SUFFIX].median_s * 1e6
+    us = {label: t.median_s * 1e6 for label, t in timings.items()}
+    us[first] = (us[first] + copy_us) / 2
+    return {label: us[unique[members]] for label, members in sets.items()}, aa_noise(timings, first), copy_us
 
 
 def _predictor(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto],

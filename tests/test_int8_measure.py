@@ -109,7 +109,7 @@ def test_select_measured_keeps_a_timed_candidate_never_slower_than_float() -> No
     toggles = ["region 0 float", "region 1 float", "conv1 int8"]
     assert set(measured) == {"float", "latency", "all", *toggles}
     assert set(predicted) >= set(measured)
-    assert stats["measured_float_aa_us"] > 0 and 0 <= stats["measured_aa_noise"] < 1
+    assert stats["measured_aa_us"] > 0 and 0 <= stats["measured_aa_noise"] < 1
     choice = stats["measured_choice"]
     final = stats.get("measured_confirm_us", measured)  # a confirming run decides when there is one
     assert choice == "float" or final[choice] < final["float"]
