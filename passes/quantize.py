@@ -671,12 +671,12 @@ def _qdq_builder(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], c
     layers left float are simply not asked for.
     """
     ort_op_types = tuple(t for t in opts.op_types if t not in _qdq.RECURRENT_OPS)
-    ranges = _qdq.calibrate(float_proto, ctx.samples, opts.calibration, ort_op_types)
+    ranges = _qdq.calibrate(float_proto, ctx.samples, opts.calibration, ort_op_types) if ort_op_types else None
     wanted = {n.name for n in selected}
     exclude = [n.name for n in candidates if n.name not in wanted and n.op_type not in _qdq.RECURRENT_OPS]
 
     def build(chosen: frozenset[str]) -> onnx.ModelProto:
-        if not chosen:
+        if not chosen or not ort_op_types:  # nothing onnxruntime's quantizer is to place
             return float_proto
         return _qdq.place_qdq(float_proto, ranges, per_channel=per_channel, activation_type=opts.activation_type,
                               nodes_to_quantize=sorted(chosen), nodes_to_exclude=exclude, op_types=ort_op_types)
