@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from realmodels import REAL_MODELS  # noqa: E402
 from nnopt.api import optimize  # noqa: E402
 from nnopt.cost.analysis import analyze  # noqa: E402
 from nnopt.cost.hardware import DEFAULT_PROFILE, HardwareProfile, load_profile  # noqa: E402
+from nnopt.cost.timing import measure_interleaved  # noqa: E402
 from nnopt.ir.model import Model, load_model  # noqa: E402
 from nnopt.passes._latency import onnxruntime_view  # noqa: E402
 from nnopt.runtime import generate_samples  # noqa: E402
@@ -189,7 +189,8 @@ def estimates(proto: onnx.ModelProto, shapes: dict[str, list[int]], profiles: di
 
 def measure(protos: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray], rounds: int, runs: int,
             threads: int | None) -> dict[str, dict[str, float]]:
-    """Per variant, over interleaved rounds (the order rotating each round) of ``runs`` runs each:
+    """Per variant, over interleaved rounds (``measure_interleaved``: the order rotating each round) of
+    ``runs`` runs each:
 
     - ``cpu``: onnxruntime on one thread, the CPU time of that thread per run (``time.thread_time``; the
       kernels run in the calling thread), the median of the per-round medians. Time the scheduler gives to
@@ -197,37 +198,17 @@ def measure(protos: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray], ro
     - ``wall`` (unless ``threads`` is None): ``threads`` intra-op threads (0: onnxruntime's default, one per
       core), wall-clock, the least of the per-round medians (other jobs on shared cores only ever add time).
 
-    The original is timed twice (``original`` and ``original A/A``, separate sessions) for the A/A noise.
+    The original (the first variant) is timed twice (``original`` and ``original A/A``, separate sessions)
+    for the A/A noise.
     """
-    order = [*protos, "original A/A"]
-    out: dict[str, dict[str, float]] = {name: {"wall": float("nan")} for name in order}
-    modes = [("cpu", 1, time.thread_time)] + ([("wall", threads, time.perf_counter)] if threads is not None else [])
-    for mode, n_threads, clock in modes:
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
-        options.intra_op_num_threads = n_threads
-        sessions = {name: ort.InferenceSession(protos["original" if name == "original A/A" else name]
-                                               .SerializeToString(), options, providers=["CPUExecutionProvider"])
-                    for name in order}
-        per_round: dict[str, list[float]] = {name: [] for name in order}
-        for r in range(rounds):
-            for name in order[r % len(order):] + order[:r % len(order)]:
-                per_round[name].append(_median_run(sessions[name], feeds, runs, clock))
-        pick = statistics.median if mode == "cpu" else min
-        for name in order:
-            out[name][mode] = pick(per_round[name])
+    cpu = measure_interleaved(protos, feeds, rounds=rounds, runs=runs, warmup=2, threads=1, clock="thread")
+    out = {name: {"cpu": t.median_s, "wall": float("nan")} for name, t in cpu.items()}
+    if threads is not None:
+        wall = measure_interleaved(protos, feeds, rounds=rounds, runs=runs, warmup=2, threads=threads or None,
+                                   clock="wall")
+        for name, t in wall.items():
+            out[name]["wall"] = t.min_s
     return out
-
-
-def _median_run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], runs: int, clock: Any) -> float:
-    for _ in range(2):
-        session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = clock()
-        session.run(None, feeds)
-        times.append(clock() - start)
-    return statistics.median(times)
 
 
 def fidelity(reference: onnx.ModelProto, proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],

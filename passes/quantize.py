@@ -17,7 +17,7 @@ from nnopt.errors import OptionError
 from nnopt.ir.constants import lower_model_constants
 from nnopt.ir.model import Model
 from nnopt.ir.naming import taken_names, unique_name
-from nnopt.passes import _biascorrect, _equalize, _int8_select, _qdq, _weight_kernels
+from nnopt.passes import _biascorrect, _equalize, _int8_measure, _int8_select, _qdq, _weight_kernels
 from nnopt.pipeline.base import LayerDecision, Pass, PassContext, PassResult
 from nnopt.pipeline.verify import LOSSLESS_ATOL, LOSSLESS_TOLERANCE, compare_outputs
 from nnopt.runtime import make_session, run_model
@@ -102,13 +102,16 @@ class QuantizeOptions(NodeSelection):
                           "without it and keep the one with the lower output error on --data; weight_only: off). "
                           "Off by default: on held-out inputs it did not pay on the models measured (docs/quantize.md)"},
     )
-    select: Literal["latency", "all"] = field(
+    select: Literal["latency", "all", "measured"] = field(
         default="latency",
         metadata={"help": "static: which layers become int8. latency: only those predicted to make onnxruntime "
                           "(CPU) faster, region edges' Q/DQ included (depthwise convs, layers too small or with "
                           "few channels, islands between ops without int8 kernels stay float; the report says "
-                          "why per layer, docs/quantize.md); all: every selected layer (the behaviour before this option). "
-                          "Ignored in weight_only"},
+                          "why per layer, docs/quantize.md); all: every selected layer (the behaviour before this option); "
+                          "measured: latency's choice, float, all and the choice with each of its regions left float "
+                          "timed in onnxruntime here (one thread, interleaved), the fastest kept, never slower than "
+                          "float; the report gives each region's predicted and measured gain. Not deterministic: "
+                          "the result depends on this machine's timings. Ignored in weight_only"},
     )
     bias_correction: Literal["auto", "on", "off"] = field(
         default="auto",
@@ -167,30 +170,12 @@ class Quantize(Pass[QuantizeOptions]):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         opts = self.options
-        present = _qdq.quantized_ops_present(n.op for n in model.graph.nodes)
-        if present:
-            return _refuse(f"already quantized: the model holds {', '.join(present)}; quantize leaves it alone")
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-        if opset < 10:
-            return _refuse(f"QuantizeLinear/DequantizeLinear need opset >= 10; the model has opset {opset}")
-        if opts.mode == "static" and not ctx.samples:
-            return _refuse("static quantization needs --data (calibration samples); use mode=weight_only without")
-
+        refusal = _precondition(model, opts, ctx)
+        if refusal is not None:
+            return refusal
         float_proto, lowered, renamed = _float_model(model, ctx)
         stats: dict[str, Any] = {"constants_lowered": lowered}
-        # NOTE: DequantizeLinear has an ``axis`` (per-channel scales) only from opset 13. Per-tensor int8
-        # weights after BatchNorm folding can lose whole channels, so an older model is converted to
-        # opset 13 by onnx's version converter (Split, Squeeze, Unsqueeze, ReduceSum move attributes to
-        # inputs) when the converted model gives the same outputs; otherwise weights get per-tensor scales.
-        per_channel = opts.per_channel and opset >= 13
-        if opts.per_channel and opset < 13:
-            raised = _raise_opset(float_proto, ctx)
-            if raised is not None:
-                float_proto, per_channel = raised, True
-                stats["opset_raised"] = f"{opset} -> 13"
-            else:
-                stats["per_channel_fallback"] = f"opset {opset} < 13 and not safely convertible: per-tensor scales"
-        stats["per_channel"] = per_channel
+        float_proto, per_channel = _per_channel_model(model, float_proto, opts, ctx, stats)
         if opts.mode == "static" and opts.prepare == "ort":
             float_proto, stats["prepared"] = _qdq.ort_prepared(float_proto, ctx.samples)
 
@@ -211,37 +196,11 @@ class Quantize(Pass[QuantizeOptions]):
             return PassResult(modified=False, stats={"layers_quantized": 0}, layers=layers)
 
         if opts.mode == "weight_only":
-            if opts.equalize == "on":
-                float_proto, stats["equalize"] = _equalized(float_proto)
-            if opts.kernel == "dequantize":
-                out_proto, wlayers = _weight_only(float_proto, selected, per_channel)
-            else:
-                out_proto, wlayers = _weight_only_fast(float_proto, selected, per_channel, opts)
-                stats["kernels"] = _weight_kernels.kernel_counts(wlayers)
-            layers.extend(wlayers)
-            done = sum(1 for entry in wlayers if entry.action == "rewritten")
-            stats.update({"layers_quantized": done,
-                          "dequantize_nodes": sum(n.op_type == "DequantizeLinear" for n in out_proto.graph.node)})
-            if not done:
-                return PassResult(modified=False, stats=stats, layers=layers)
+            out_proto = _run_weight_only(float_proto, selected, per_channel, opts, stats, layers)
         else:
-            left_float: frozenset[str] = frozenset()
-            if opts.select == "latency":
-                selection = _select(float_proto, selected, candidates, ctx)
-                layers.extend(selection.declined)
-                stats.update(selection.stats)
-                left_float = frozenset(n.name for n in selected) - set(selection.chosen)
-                selected = [n for n in selected if n.name not in left_float]
-                if not selected:
-                    return PassResult(modified=False, stats={**stats, "layers_quantized": 0}, layers=layers)
-            out_proto, slayers, sstats = _static_recovered(float_proto, selected, candidates, opts, per_channel, ctx,
-                                                           left_float)
-            if opts.select == "latency":
-                _annotate(slayers, selection)
-            layers.extend(slayers)
-            stats.update(sstats)
-            if not stats["layers_quantized"]:  # the budget excluded every layer: the layers say why
-                return PassResult(modified=False, stats=stats, layers=layers)
+            out_proto = _run_static(float_proto, selected, candidates, per_channel, opts, ctx, stats, layers)
+        if out_proto is None:
+            return PassResult(modified=False, stats=stats, layers=layers)
         if out_proto is float_proto:  # nothing was placed (all excluded): never edit the shared export
             out_proto = onnx.ModelProto()
             out_proto.CopyFrom(float_proto)
@@ -249,6 +208,87 @@ class Quantize(Pass[QuantizeOptions]):
         _install(model, out_proto)
         stats["nodes_named"] = renamed
         return PassResult(modified=True, stats=stats, layers=layers)
+
+
+def _precondition(model: Model, opts: QuantizeOptions, ctx: PassContext) -> PassResult | None:
+    """The refusal when the pass cannot run on ``model`` (already quantized, opset < 10, no data), or None."""
+    present = _qdq.quantized_ops_present(n.op for n in model.graph.nodes)
+    if present:
+        return _refuse(f"already quantized: the model holds {', '.join(present)}; quantize leaves it alone")
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if opset < 10:
+        return _refuse(f"QuantizeLinear/DequantizeLinear need opset >= 10; the model has opset {opset}")
+    if opts.mode == "static" and not ctx.samples:
+        return _refuse("static quantization needs --data (calibration samples); use mode=weight_only without")
+    return None
+
+
+def _per_channel_model(model: Model, float_proto: onnx.ModelProto, opts: QuantizeOptions, ctx: PassContext,
+                       stats: dict[str, Any]) -> tuple[onnx.ModelProto, bool]:
+    """(the float model to quantize, whether weights get per-channel scales); what was done goes to ``stats``."""
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    # NOTE: DequantizeLinear has an ``axis`` (per-channel scales) only from opset 13. Per-tensor int8
+    # weights after BatchNorm folding can lose whole channels, so an older model is converted to
+    # opset 13 by onnx's version converter (Split, Squeeze, Unsqueeze, ReduceSum move attributes to
+    # inputs) when the converted model gives the same outputs; otherwise weights get per-tensor scales.
+    per_channel = opts.per_channel and opset >= 13
+    if opts.per_channel and opset < 13:
+        raised = _raise_opset(float_proto, ctx)
+        if raised is not None:
+            float_proto, per_channel = raised, True
+            stats["opset_raised"] = f"{opset} -> 13"
+        else:
+            stats["per_channel_fallback"] = f"opset {opset} < 13 and not safely convertible: per-tensor scales"
+    stats["per_channel"] = per_channel
+    return float_proto, per_channel
+
+
+def _run_weight_only(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], per_channel: bool,
+                     opts: QuantizeOptions, stats: dict[str, Any], layers: list[LayerDecision],
+                     ) -> onnx.ModelProto | None:
+    """Weight-only mode: the rewritten model, or None when no layer was rewritten (``stats``/``layers`` grow)."""
+    if opts.equalize == "on":
+        float_proto, stats["equalize"] = _equalized(float_proto)
+    if opts.kernel == "dequantize":
+        out_proto, wlayers = _weight_only(float_proto, selected, per_channel)
+    else:
+        out_proto, wlayers = _weight_only_fast(float_proto, selected, per_channel, opts)
+        stats["kernels"] = _weight_kernels.kernel_counts(wlayers)
+    layers.extend(wlayers)
+    done = sum(1 for entry in wlayers if entry.action == "rewritten")
+    stats.update({"layers_quantized": done,
+                  "dequantize_nodes": sum(n.op_type == "DequantizeLinear" for n in out_proto.graph.node)})
+    return out_proto if done else None
+
+
+def _run_static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candidates: list[onnx.NodeProto],
+                per_channel: bool, opts: QuantizeOptions, ctx: PassContext, stats: dict[str, Any],
+                layers: list[LayerDecision]) -> onnx.ModelProto | None:
+    """Static mode: the quantized model, or None when no layer is int8 (``stats``/``layers`` grow)."""
+    left_float: frozenset[str] = frozenset()
+    selection = None
+    if opts.select in ("latency", "measured"):
+        selection = _select(float_proto, selected, candidates, ctx)
+        if opts.select == "measured":
+            # The one setting whose result depends on this machine: the timings of a few candidates.
+            build = _qdq_builder(float_proto, selected, candidates, per_channel, opts, ctx)
+            selection = _int8_measure.refine(float_proto, [n for n in selected if n.op_type not in
+                                                           _qdq.RECURRENT_OPS], selection, build, ctx.samples[0])
+        layers.extend(selection.declined)
+        stats.update(selection.stats)
+        left_float = frozenset(n.name for n in selected) - set(selection.chosen)
+        selected = [n for n in selected if n.name not in left_float]
+        if not selected:
+            stats["layers_quantized"] = 0
+            return None
+    out_proto, slayers, sstats = _static_recovered(float_proto, selected, candidates, opts, per_channel, ctx,
+                                                   left_float)
+    if selection is not None:
+        _annotate(slayers, selection)
+    layers.extend(slayers)
+    stats.update(sstats)
+    # The budget may have excluded every layer: the layers say why.
+    return out_proto if stats["layers_quantized"] else None
 
 
 # ---------------------------------------------------------------------------------------------- static
@@ -620,6 +660,28 @@ def _select(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candid
     selection.declined.extend(_int8_select.float_islands(float_proto, [n.name for n in candidates],
                                                          {n.op_type for n in candidates}))
     return selection
+
+
+def _qdq_builder(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candidates: list[onnx.NodeProto],
+                 per_channel: bool, opts: QuantizeOptions, ctx: PassContext) -> _int8_measure.Builder:
+    """A function giving ``float_proto`` with QDQ placed on a set of layers, for select=measured's timing.
+
+    Calibrated once; no recovery step (equalization and bias correction change values, not what runs) and
+    no fidelity budget. Placement as ``_static``'s: the layers outside ``selected`` are excluded, the
+    layers left float are simply not asked for.
+    """
+    ort_op_types = tuple(t for t in opts.op_types if t not in _qdq.RECURRENT_OPS)
+    ranges = _qdq.calibrate(float_proto, ctx.samples, opts.calibration, ort_op_types) if ort_op_types else None
+    wanted = {n.name for n in selected}
+    exclude = [n.name for n in candidates if n.name not in wanted and n.op_type not in _qdq.RECURRENT_OPS]
+
+    def build(chosen: frozenset[str]) -> onnx.ModelProto:
+        if not chosen or not ort_op_types:  # nothing onnxruntime's quantizer is to place
+            return float_proto
+        return _qdq.place_qdq(float_proto, ranges, per_channel=per_channel, activation_type=opts.activation_type,
+                              nodes_to_quantize=sorted(chosen), nodes_to_exclude=exclude, op_types=ort_op_types)
+
+    return build
 
 
 def _annotate(layers: list[LayerDecision], selection: _int8_select.Selection) -> None:

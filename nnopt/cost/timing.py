@@ -1,14 +1,18 @@
-"""Measured latency in onnxruntime (CPU): warm-up, repeated runs, median."""
+"""Measured latency in onnxruntime (CPU): one model's median, or several models timed interleaved."""
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from nnopt.analysis.shapes import ShapeResult
 from nnopt.errors import InputError, first_line
@@ -85,3 +89,120 @@ def measure_latency(
         "runs": runs,
     }
 
+
+
+#: The name under which ``measure_interleaved`` times a second session of its first model (A/A).
+AA_SUFFIX = " A/A"
+_CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One model's timings from ``measure_interleaved``: the median of each round's runs, in seconds."""
+
+    per_round: tuple[float, ...]
+
+    @property
+    def median_s(self) -> float:
+        """Median of the per-round medians: the figure for the thread clock (other jobs add no CPU time)."""
+        return statistics.median(self.per_round)
+
+    @property
+    def min_s(self) -> float:
+        """Least per-round median: the figure for the wall clock (other jobs on shared cores only add time)."""
+        return min(self.per_round)
+
+
+def measure_interleaved(
+    models: Mapping[str, Model | onnx.ModelProto | str | os.PathLike[str]],
+    feeds: dict[str, np.ndarray],
+    *,
+    rounds: int = 5,
+    runs: int = 10,
+    warmup: int = 2,
+    threads: int | None = 1,
+    clock: Literal["wall", "thread"] = "thread",
+    aa: bool = True,
+) -> dict[str, Timing]:
+    """Time several models against each other in onnxruntime (CPU, default graph optimizations).
+
+    Each session is created once; then ``rounds`` rounds each run every model ``warmup`` times untimed and
+    ``runs`` times timed, the models' order rotating by one each round, so drift in the machine's load
+    hits every model alike and no model always runs first.
+
+    Args:
+        models: Name -> model (a Model, a ModelProto with its weights loaded, or a path); ordered.
+        feeds: Input values, the same for every model.
+        rounds: Interleaved rounds.
+        runs: Timed runs per model and round (their median is the round's figure).
+        warmup: Untimed runs per model before each round's timed ones (caches, after the other models ran).
+        threads: onnxruntime intra-op threads (None: its default, one per core).
+        clock: ``thread``: CPU time of the calling thread (``time.thread_time``), which with one intra-op
+            thread is where onnxruntime computes, so time the scheduler gave other processes is not
+            counted (needs ``threads=1``); ``wall``: wall-clock time.
+        aa: Also time a second, separate session of the first model, under ``<first name> A/A``: how far
+            two timings of the same model differ here is the noise of the comparison (see ``aa_noise``).
+
+    Returns:
+        Name -> ``Timing`` (the A/A copy last).
+
+    Raises:
+        InputError: bad counts, the thread clock with more than one thread, or onnxruntime rejecting a model
+            or the feeds.
+    """
+    if rounds < 1 or runs < 1 or warmup < 0 or not models:
+        raise InputError(f"interleaved timing needs models, rounds >= 1, runs >= 1 and warmup >= 0, got "
+                         f"{len(models)} model(s), rounds={rounds}, runs={runs}, warmup={warmup}")
+    if clock == "thread" and threads != 1:
+        raise InputError(f"the thread clock measures one intra-op thread only, got threads={threads}")
+    first = next(iter(models))
+    sources = dict(models)
+    if aa:
+        sources[first + AA_SUFFIX] = models[first]
+    try:
+        sessions = {name: _timing_session(model, threads) for name, model in sources.items()}
+        order = list(sessions)
+        per_round: dict[str, list[float]] = {name: [] for name in order}
+        tick = _CLOCKS[clock]
+        for r in range(rounds):
+            for name in order[r % len(order):] + order[:r % len(order)]:
+                per_round[name].append(_round_median(sessions[name], feeds, runs, warmup, tick))
+    except InputError:
+        raise
+    except Exception as exc:  # boundary: onnxruntime raises its own exception types
+        raise InputError(f"onnxruntime cannot run the model: {first_line(exc)}") from exc
+    return {name: Timing(tuple(times)) for name, times in per_round.items()}
+
+
+def aa_noise(timings: Mapping[str, Timing], first: str) -> float:
+    """Relative difference of the A/A copy's median to ``first``'s (0.03: timings here differ by 3 % for
+    the same model); NaN without an A/A copy."""
+    copy = timings.get(first + AA_SUFFIX)
+    if copy is None or not timings[first].median_s > 0:
+        return math.nan
+    return abs(copy.median_s / timings[first].median_s - 1.0)
+
+
+def _timing_session(model: Model | onnx.ModelProto | str | os.PathLike[str], threads: int | None,
+                    ) -> ort.InferenceSession:
+    """A session with onnxruntime's default graph optimizations and ``threads`` intra-op threads."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    if isinstance(model, (str, os.PathLike)):
+        return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    proto = model.to_proto() if isinstance(model, Model) else model
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _round_median(session: ort.InferenceSession, feeds: dict[str, np.ndarray], runs: int, warmup: int,
+                  tick: Callable[[], float]) -> float:
+    for _ in range(warmup):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = tick()
+        session.run(None, feeds)
+        times.append(tick() - start)
+    return statistics.median(times)
