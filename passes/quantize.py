@@ -219,7 +219,7 @@ def _precondition(model: Model, opts: QuantizeOptions, ctx: PassContext) -> Pass
     if opset < 10:
         return _refuse(f"QuantizeLinear/DequantizeLinear need opset >= 10; the model has opset {opset}")
     if opts.mode == "static" and not ctx.samples:
-        return _refuse("static quantization needs --data (calibration samples); use mode=weight_only without")
+        return _refuse("static quantization needs --data (calibration samples); without data, use mode=weight_only")
     return None
 
 
