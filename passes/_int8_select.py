@@ -260,7 +260,8 @@ def _describe(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]], rates: T
         return _Layer(node, kind, work, 0.0, 0.0)
     if math.isnan(work):
         return _Layer(node, kind, work, 0.0, 0.0, gate="shape unknown (not seen in the float run): kept float")
-    pixels = float(np.prod(out[2:])) if kind == "dense_narrow" and out is not None else 0.0
+    # Output pixels, the batch included (N x H x W): what a narrow conv's int8 kernel pays per.
+    pixels = float(np.prod(out)) / out[1] if kind == "dense_narrow" and out is not None and out[1] else 0.0
     elements = sum(float(np.prod(shapes[x])) for x in (*node.input, *node.output) if x in shapes)
     layer = _Layer(node, kind, work, *rates.layer_us(kind, work, pixels, elements))
     layer.gate = _gate(node, layer, shapes, rates.name)

@@ -13,11 +13,13 @@ from onnx import helper, numpy_helper
 
 from nnopt.analysis.refit import MIN_REFIT_SAMPLES
 from nnopt.analysis.selection import NodeSelection
+from nnopt.cost.hardware import HardwareProfile
 from nnopt.errors import OptionError
 from nnopt.ir.constants import lower_model_constants
 from nnopt.ir.model import Model
 from nnopt.ir.naming import taken_names, unique_name
 from nnopt.passes import _biascorrect, _equalize, _int8_select, _qdq, _weight_kernels
+from nnopt.passes._latency import run_profile
 from nnopt.pipeline.base import LayerDecision, Pass, PassContext, PassResult
 from nnopt.pipeline.verify import LOSSLESS_ATOL, LOSSLESS_TOLERANCE, compare_outputs
 from nnopt.runtime import make_session, run_model
@@ -227,7 +229,7 @@ class Quantize(Pass[QuantizeOptions]):
         else:
             left_float: frozenset[str] = frozenset()
             if opts.select == "latency":
-                selection = _select(float_proto, selected, candidates, ctx)
+                selection = _select(float_proto, selected, candidates, ctx, run_profile(model, ctx))
                 layers.extend(selection.declined)
                 stats.update(selection.stats)
                 left_float = frozenset(n.name for n in selected) - set(selection.chosen)
@@ -610,12 +612,13 @@ def _db(value: float) -> float | None:
 
 # ---------------------------------------------------------------------------------------------- select=latency
 def _select(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candidates: list[onnx.NodeProto],
-            ctx: PassContext) -> _int8_select.Selection:
-    """select=latency's choice among ``selected`` (see ``_int8_select``), with the float islands reported."""
+            ctx: PassContext, profile: HardwareProfile | None = None) -> _int8_select.Selection:
+    """select=latency's choice among ``selected`` (see ``_int8_select``), with the float islands reported;
+    times from the run's ``profile`` when it is a calibrated one (``_int8_select.rates_for``)."""
     # Recurrent layers are not int8 kernels (their weights are stored int8 or not, by recurrent_weights).
     recurrent = [n.name for n in selected if n.op_type in _qdq.RECURRENT_OPS]
     selection = _int8_select.select(float_proto, [n for n in selected if n.op_type not in _qdq.RECURRENT_OPS],
-                                    ctx.samples[0])
+                                    ctx.samples[0], rates=_int8_select.rates_for(profile))
     selection.chosen.extend(recurrent)
     selection.declined.extend(_int8_select.float_islands(float_proto, [n.name for n in candidates],
                                                          {n.op_type for n in candidates}))
