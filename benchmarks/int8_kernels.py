@@ -9,8 +9,13 @@ weights; onnxruntime fuses it into QLinearConv / QGemm / QLinearAdd ...), so it 
 ``Q(input) -> int8 kernel -> DQ(output)``; the kernel's own time is that minus the separately timed Q of its
 input and DQ of its output.
 
-Timing: one onnxruntime session per variant (default options, as the benchmarks use), all variants of a
-case interleaved in rounds, the median per variant over all runs. The fitted table (per kind: fixed µs +
+Dense convs with fewer than 16 input channels (the stems of image models) are their own kind, timed as
+parallel layers on one input (``NARROW_CASES``): their int8 time is fitted per output pixel and per MAC.
+
+Timing: one onnxruntime session per variant (default options, as the benchmarks use, one intra-op thread
+unless ``--threads``), all variants of a case interleaved in rounds, the median per variant over all runs,
+each run timed in the calling thread's CPU time (``time.thread_time``), which other processes' load on a
+shared machine does not inflate. The fitted table (per kind: fixed µs +
 ns per MAC, float and int8; per boundary op: fixed µs + ns per element) is written to
 docs/int8_kernels.json and as a table to docs/int8_kernels.md; ``passes/_int8_select.py`` commits the
 constants with a reference to this output.
