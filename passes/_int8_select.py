@@ -39,8 +39,9 @@ class Rate:
 # NOTE: measured by benchmarks/int8_kernels.py --threads 1 (onnxruntime 1.32, the project's 2-core x86
 # benchmark machine, shared; one intra-op thread, timed in the calling thread's CPU time, keeps other
 # processes' load out of the figures; output in docs/int8_kernels.md, summarised in docs/quantize.md
-# "Latency-aware selection"): per kind, fits on relative errors of the in-chain time of one layer
-# ((t(3 chained layers) - t(1 layer)) / 2, interleaved medians) as fixed µs + ns per MAC. Measured
+# "Latency-aware selection"): per kind, fits of the in-chain time of one layer ((t(3 chained layers) -
+# t(1 layer)) / 2, interleaved medians) as fixed µs + ns per MAC (convs and Gemm on relative errors, Add and
+# Mul by ordinary least squares; narrow convs' int8 time also per output pixel). Measured
 # int8/float ratios: dense 3x3 conv 0.26-0.47, with 3-12 input channels ("dense_narrow", the stems) 0.33-0.66
 # from 8 input and 16 output channels on, x1.40-x2.56 with 3 input channels, pointwise 0.30-0.73 (0.90 with 8),
 # depthwise 1.15-3.56 (never faster), Gemm 0.30-0.69 (x1.89 at 64x64), Add 0.83-1.01, Mul 1.17-1.53.
