@@ -9,8 +9,13 @@ weights; onnxruntime fuses it into QLinearConv / QGemm / QLinearAdd ...), so it 
 ``Q(input) -> int8 kernel -> DQ(output)``; the kernel's own time is that minus the separately timed Q of its
 input and DQ of its output.
 
-Timing: one onnxruntime session per variant (default options, as the benchmarks use), all variants of a
-case interleaved in rounds, the median per variant over all runs. The fitted table (per kind: fixed µs +
+Dense convs with fewer than 16 input channels (the stems of image models) are their own kind, timed as
+parallel layers on one input (``NARROW_CASES``): their int8 time is fitted per output pixel and per MAC.
+
+Timing: one onnxruntime session per variant (default options, as the benchmarks use, one intra-op thread
+unless ``--threads``), all variants of a case interleaved in rounds, the median per variant over all runs,
+each run timed in the calling thread's CPU time (``time.thread_time``), which other processes' load on a
+shared machine does not inflate. The fitted table (per kind: fixed µs +
 ns per MAC, float and int8; per boundary op: fixed µs + ns per element) is written to
 docs/int8_kernels.json and as a table to docs/int8_kernels.md; ``passes/_int8_select.py`` commits the
 constants with a reference to this output.
@@ -34,15 +39,28 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Channels below which select=latency keeps a conv float whatever its size (``MIN_INT8_CHANNELS``).
+MIN_CHANNELS = 16
+#: A DequantizeLinear's ns per element (passes/_int8_select.py's region edge, from an earlier run).
+BOUNDARY_NS_PER_ELEMENT = 0.12
 
 #: (kind, channels, spatial) per conv case (channels in = out, so layers chain); spatial is H = W.
 CONV_CASES = [
-    *[("dense", c, s) for c, s in ((8, 28), (16, 28), (16, 56), (32, 14), (32, 28), (64, 14), (64, 28), (128, 7))],
+    *[("dense", c, s) for c, s in ((16, 28), (16, 56), (16, 104), (32, 14), (32, 28), (32, 104), (64, 14), (64, 28),
+                                   (64, 52), (128, 7), (128, 26), (256, 13))],
     *[("pointwise", c, s) for c, s in ((8, 28), (16, 28), (16, 56), (24, 56), (32, 14), (32, 28), (64, 14),
                                        (96, 28), (128, 14), (128, 7), (256, 7))],
     *[("depthwise", c, s) for c, s in ((16, 12), (16, 56), (32, 28), (64, 14), (64, 28), (72, 56), (128, 14),
                                        (256, 7))],
 ]
+#: (in channels, out channels, spatial, stride) per narrow dense 3x3 conv case (fewer than 16 input channels:
+#: the stems of image models, 3 channels, and a Focus/space-to-depth stem's 12, as in ddddocr's detector, at
+#: the sizes the real models run them). In and out channels differ, so these layers cannot chain: the case
+#: is CHAIN parallel layers reading one input (one QuantizeLinear shared, as in a stem), each int8 output
+#: with its own DequantizeLinear, which is taken off (``BOUNDARY_NS_PER_ELEMENT``).
+NARROW_CASES = [(3, 16, 112, 1), (3, 16, 224, 2), (3, 32, 224, 2), (3, 24, 416, 2), (8, 8, 28, 1), (8, 8, 112, 1),
+                (8, 16, 112, 1), (8, 32, 56, 1), (12, 12, 104, 1), (12, 24, 104, 1), (12, 24, 208, 1),
+                (12, 32, 208, 1), (12, 48, 104, 1), (12, 64, 52, 1)]
 #: (M, K = N) per Gemm case.
 GEMM_CASES = [(1, 64), (1, 256), (1, 512), (1, 1024), (16, 256), (64, 512)]
 #: (C, spatial) per elementwise case (activations of [1, C, s, s]).
@@ -57,6 +75,7 @@ CHAIN = 3
 
 
 def _conv_model(kind: str, c: int, s: int, layers: int, rng: np.random.Generator) -> onnx.ModelProto:
+    """A chain of ``layers`` identical convs of ``kind`` on [1, c, s, s]."""
     k, group = (1, 1) if kind == "pointwise" else (3, 1)
     if kind == "depthwise":
         group = c
@@ -69,6 +88,18 @@ def _conv_model(kind: str, c: int, s: int, layers: int, rng: np.random.Generator
         nodes.append(helper.make_node("Conv", [src, f"w{i}", f"b{i}"], [dst], name=f"layer{i}", pads=[k // 2] * 4,
                                       group=group))
     return _model(nodes, {"x": [1, c, s, s]}, {"y": [1, c, s, s]}, arrays, names)
+
+
+def _narrow_model(cin: int, cout: int, s: int, stride: int, layers: int, rng: np.random.Generator) -> onnx.ModelProto:
+    """``layers`` parallel 3x3 convs cin -> cout reading one input [1, cin, s, s], one output each."""
+    nodes, arrays, names, out = [], [], [], (s - 1) // stride + 1
+    for i in range(layers):
+        arrays += [rng.normal(0, 1.5 / np.sqrt(9 * cin), (cout, cin, 3, 3)).astype(np.float32),
+                   rng.normal(0, 0.1, cout).astype(np.float32)]
+        names += [f"w{i}", f"b{i}"]
+        nodes.append(helper.make_node("Conv", ["x", f"w{i}", f"b{i}"], [f"y{i}"], name=f"layer{i}", pads=[1] * 4,
+                                      strides=[stride] * 2))
+    return _model(nodes, {"x": [1, cin, s, s]}, {f"y{i}": [1, cout, out, out] for i in range(layers)}, arrays, names)
 
 
 def _gemm_model(m: int, k: int, layers: int, rng: np.random.Generator) -> onnx.ModelProto:
@@ -148,8 +179,9 @@ def _feeds(proto: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.nda
     return feeds
 
 
-#: onnxruntime intra-op threads (0: its default, one per core); set by --threads.
-THREADS = [0]
+#: onnxruntime intra-op threads (0: its default, one per core); set by --threads. With one thread the
+#: runs are timed in the calling thread's CPU time, which other processes' load does not inflate.
+THREADS = [1]
 
 
 def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
@@ -162,7 +194,12 @@ def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
 def time_interleaved(protos: dict[str, onnx.ModelProto], runs: int, rounds: int, seed: int = 0,
                      inputs: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """Median µs per variant, the variants' runs interleaved in ``rounds`` rounds of ``runs`` runs each
-    (on ``inputs`` when given, else on seeded random inputs of each model's static shapes)."""
+    (on ``inputs`` when given, else on seeded random inputs of each model's static shapes).
+
+    With one intra-op thread (``THREADS``, the default) a run is timed in the calling thread's CPU time
+    (``time.thread_time``: onnxruntime runs a one-thread session's kernels in it), else in wall time.
+    """
+    clock = time.thread_time if THREADS[0] == 1 else time.perf_counter
     rng = np.random.default_rng(seed)
     sessions = {k: _session(p) for k, p in protos.items()}
     feeds = {k: inputs if inputs is not None else _feeds(p, rng) for k, p in protos.items()}
@@ -173,9 +210,9 @@ def time_interleaved(protos: dict[str, onnx.ModelProto], runs: int, rounds: int,
     for _ in range(rounds):
         for k, sess in sessions.items():
             for _ in range(runs):
-                start = time.perf_counter()
+                start = clock()
                 sess.run(None, feeds[k])
-                times[k].append(time.perf_counter() - start)
+                times[k].append(clock() - start)
     return {k: float(np.median(v)) * 1e6 for k, v in times.items()}
 
 
@@ -190,6 +227,25 @@ def _fit(xs: list[float], ys: list[float], relative: bool = False) -> tuple[floa
     return float(fixed), float(slope)
 
 
+def _fit2(x1: list[float], x2: list[float], ys: list[float]) -> tuple[float, float, float]:
+    """(fixed µs, µs per unit of x1, µs per unit of x2) minimising relative errors, each clamped at >= 0
+    (a negative term is refitted without it)."""
+    y = np.asarray(ys, float)
+    w = 1.0 / np.maximum(np.abs(y), 0.5)
+    cols = [np.ones_like(y), np.asarray(x1, float), np.asarray(x2, float)]
+    keep = [0, 1, 2]
+    while True:
+        a = np.stack([cols[i] for i in keep], axis=1) * w[:, None]
+        coef = np.linalg.lstsq(a, y * w, rcond=None)[0]
+        if (coef >= 0).all() or len(keep) == 1:
+            break
+        keep.pop(int(np.argmin(coef)))
+    out = [0.0, 0.0, 0.0]
+    for i, c in zip(keep, coef):
+        out[i] = max(float(c), 0.0)
+    return out[0], out[1], out[2]
+
+
 def _cases(rng: np.random.Generator) -> list[tuple[str, dict[str, Any], Any, int]]:
     """(kind, shape figures, builder (layers -> float model), elements crossing a region boundary) per case."""
     specs: list[tuple[str, dict[str, Any], Any, int]] = []
@@ -198,6 +254,12 @@ def _cases(rng: np.random.Generator) -> list[tuple[str, dict[str, Any], Any, int
         macs = c * s * s * k * k * (1 if kind == "depthwise" else c)
         specs.append((kind, {"channels": c, "spatial": s, "macs": macs},
                       lambda n, kind=kind, c=c, s=s: _conv_model(kind, c, s, n, rng), 2 * c * s * s))
+    for cin, cout, s, stride in NARROW_CASES:
+        out = (s - 1) // stride + 1
+        specs.append(("dense_narrow", {"channels": cin, "out_channels": cout, "spatial": s, "stride": stride,
+                                       "macs": cout * cin * 9 * out * out, "pixels": out * out},
+                      lambda n, a=cin, b=cout, s=s, st=stride: _narrow_model(a, b, s, st, n, rng),
+                      cin * s * s + cout * out * out))
     for m, k in GEMM_CASES:
         specs.append(("gemm", {"m": m, "k": k, "macs": m * k * k}, lambda n, m=m, k=k: _gemm_model(m, k, n, rng),
                       2 * m * k))
@@ -217,6 +279,8 @@ def run(runs: int, rounds: int) -> dict[str, Any]:
         t = time_interleaved(protos, runs, rounds)
         f_layer = (t[f"float{CHAIN}"] - t["float1"]) / (CHAIN - 1)
         i_layer = (t[f"int8_{CHAIN}"] - t["int8_1"]) / (CHAIN - 1)
+        if kind == "dense_narrow":  # parallel layers: each added one brings its output's DequantizeLinear
+            i_layer -= BOUNDARY_NS_PER_ELEMENT * shape["out_channels"] * shape["pixels"] * 1e-3
         boundary = (t["int8_1"] - i_layer) - (t["float1"] - f_layer)
         case = {"kind": kind, **shape, "float_us": f_layer, "int8_us": i_layer, "ratio": i_layer / f_layer,
                 "boundary_us": boundary, "boundary_elements": crossing, "float1_us": t["float1"],
@@ -234,18 +298,30 @@ def fit_all(cases: list[dict[str, Any]], sandwiches: list[dict[str, Any]]) -> di
     1-layer region edge, and the sandwiches' edge and unfused-activation costs."""
     fits: dict[str, Any] = {}
     for kind in dict.fromkeys(c["kind"] for c in cases):
-        rows = [c for c in cases if c["kind"] == kind]
-        # NOTE: the Gemm cases span 4 k to 17 M MACs: ordinary least squares gives the large ones all the
-        # weight (a 15 µs fixed float cost where the smallest measured 0.5 µs), so they are fitted on
-        # relative errors; the other kinds span 1-2 decades and are fitted as they are.
-        relative = kind == "gemm"
+        # Narrow convs with fewer than 16 output channels are kept float by select=latency's gate (measured
+        # x0.99-x1.24): the fit is of the others.
+        rows = [c for c in cases if c["kind"] == kind and c.get("out_channels", MIN_CHANNELS) >= MIN_CHANNELS]
+        # NOTE: dense convs and Gemm are fitted on relative errors: their cases span 2-4 decades of MACs,
+        # and ordinary least squares gives the large ones all the weight (dense int8 came out 11.3 µs fixed,
+        # which kept every dense conv under ~0.7 MMAC float; Gemm a 15 µs fixed float cost where the
+        # smallest measured 0.5 µs). Pointwise, Add and Mul keep ordinary least squares: on relative errors
+        # their fixed costs move by fractions of a µs, which flipped ppocr_cls's small residual blocks to
+        # float (29 layers fewer int8: measured x0.916 float instead of x0.889, interleaved).
+        relative = kind not in ("pointwise", "add", "mul")
         f_fit = _fit([c["macs"] for c in rows], [c["float_us"] for c in rows], relative)
         i_fit = _fit([c["macs"] for c in rows], [c["int8_us"] for c in rows], relative)
         b_fit = _fit([c["boundary_elements"] for c in rows], [c["boundary_us"] for c in rows])
         fits[kind] = {"float_fixed_us": f_fit[0], "float_ns_per_mac": f_fit[1] * 1e3,
-                      "int8_fixed_us": i_fit[0], "int8_ns_per_mac": i_fit[1] * 1e3,
+                      "int8_fixed_us": i_fit[0], "int8_ns_per_mac": i_fit[1] * 1e3, "int8_ns_per_pixel": 0.0,
                       "boundary_fixed_us": b_fit[0], "boundary_ns_per_element": b_fit[1] * 1e3,
                       "median_ratio": float(np.median([c["ratio"] for c in rows]))}
+        if kind == "dense_narrow":
+            # NOTE: onnxruntime's int8 conv with few input channels pays per output pixel (its NHWC
+            # reorder and im2col), whatever the output channels: 12 -> 12 channels at 208x208 measured x1.05,
+            # 12 -> 24 x0.40. One rate per MAC cannot say both; a second term per output pixel can.
+            fixed, per_pixel, per_mac = _fit2([c["pixels"] for c in rows], [c["macs"] for c in rows],
+                                              [c["int8_us"] for c in rows])
+            fits[kind].update(int8_fixed_us=fixed, int8_ns_per_pixel=per_pixel * 1e3, int8_ns_per_mac=per_mac * 1e3)
     fits.update(_edge_fits(sandwiches, fits["pointwise"]))
     return fits
 
@@ -291,7 +367,8 @@ def render(result: dict[str, Any]) -> str:
              "| kind | shape | MACs | float µs | int8 µs | int8 / float | boundary µs | boundary elements |",
              "|---" * 8 + "|"]
     for c in result["cases"]:
-        shape = " ".join(f"{k}={v}" for k, v in c.items() if k in ("channels", "spatial", "m", "k"))
+        shape = " ".join(f"{k}={v}" for k, v in c.items() if k in ("channels", "out_channels", "spatial", "stride",
+                                                                   "m", "k"))
         lines.append(f"| {c['kind']} | {shape} | {c['macs']:,} | {c['float_us']:.1f} | {c['int8_us']:.1f} | "
                      f"{c['ratio']:.2f} | {c['boundary_us']:.1f} | {c['boundary_elements']:,} |")
     lines += ["", "Sandwiches (depthwise -> [act] -> pointwise -> [act] -> depthwise; only the pointwise int8):", "",
@@ -302,13 +379,13 @@ def render(result: dict[str, Any]) -> str:
     for k in ("edge", "unfused_activation"):
         f = result["fits"][k]
         lines.append(f"\n{k}: {f['fixed_us']:.2f} µs + {f['ns_per_element']:.3f} ns per element")
-    lines += ["", "| kind | float fixed µs | float ns/MAC | int8 fixed µs | int8 ns/MAC | median int8/float | "
-              "boundary fixed µs | boundary ns/element |", "|---" * 8 + "|"]
+    lines += ["", "| kind | float fixed µs | float ns/MAC | int8 fixed µs | int8 ns/MAC | int8 ns/output pixel | "
+              "median int8/float | boundary fixed µs | boundary ns/element |", "|---" * 9 + "|"]
     for k, f in result["fits"].items():
         if "float_fixed_us" not in f:
             continue
         lines.append(f"| {k} | {f['float_fixed_us']:.2f} | {f['float_ns_per_mac']:.4f} | {f['int8_fixed_us']:.2f} | "
-                     f"{f['int8_ns_per_mac']:.4f} | {f['median_ratio']:.2f} | {f['boundary_fixed_us']:.2f} | "
+                     f"{f['int8_ns_per_mac']:.4f} | {f.get('int8_ns_per_pixel', 0.0):.2f} | {f['median_ratio']:.2f} | {f['boundary_fixed_us']:.2f} | "
                      f"{f['boundary_ns_per_element']:.3f} |")
     return "\n".join(lines) + "\n"
 

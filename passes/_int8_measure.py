@@ -49,7 +49,7 @@ class _Toggle:
 
 def refine(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], selection: _int8_select.Selection,
            build: Builder, feeds: dict[str, np.ndarray], *, max_toggles: int = MAX_TOGGLES, rounds: int = ROUNDS,
-           runs: int = RUNS) -> _int8_select.Selection:
+           runs: int = RUNS, rates: _int8_select.TableRates | None = None) -> _int8_select.Selection:
     """select=latency's ``selection`` replaced by the fastest of a few candidates timed in onnxruntime.
 
     Stage 1 times, interleaved, the choice (twice: an A/A copy), float, every layer of
@@ -69,10 +69,11 @@ def refine(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], selection
         max_toggles: Toggles timed (benchmarks time them all).
         rounds: Interleaved rounds of each stage (``measure_interleaved``).
         runs: Timed runs per model and round.
+        rates: The kernel times select=latency used (its predicted gains are reported beside the measured).
     """
     names = [n.name for n in selected]
     latency = frozenset(selection.chosen) & set(names)
-    predict = _predictor(proto, selected, feeds)
+    predict = _int8_select.predictor(proto, selected, feeds, rates)
     toggles = _toggles(proto, selection, latency, names, predict)
     toggles = sorted(toggles, key=lambda t: (abs(t.predicted_gain_us), t.label))[:max_toggles]
     # The choice first: every toggle's gain is against it, so it is timed twice (the A/A copy) and averaged.
@@ -117,17 +118,6 @@ def _time(sets: dict[str, frozenset[str]], build: Builder, feeds: dict[str, np.n
     us = {label: t.median_s * 1e6 for label, t in timings.items()}
     us[first] = (us[first] + copy_us) / 2
     return {label: us[unique[members]] for label, members in sets.items()}, aa_noise(timings, first), copy_us
-
-
-def _predictor(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto],
-               feeds: dict[str, np.ndarray]) -> Callable[[frozenset[str]], float]:
-    """Predicted µs (select=latency's kernel table, region edges included) of the model with a set of layers
-    int8."""
-    # NOTE: the cost model is _int8_select's own (its internals: the Selection API has no per-set figure).
-    shapes, floats = _int8_select._shapes(proto, feeds)
-    layers = {n.name: _int8_select._describe(n, shapes) for n in selected}
-    cost = _int8_select._CostModel(proto, layers, shapes, floats)
-    return lambda chosen: cost.total(cost.effective(set(chosen)))
 
 
 def _toggles(proto: onnx.ModelProto, selection: _int8_select.Selection, latency: frozenset[str], names: list[str],

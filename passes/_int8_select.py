@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from nnopt.cost.hardware import HardwareProfile
 from nnopt.passes import _qdq
 from nnopt.pipeline.base import LayerDecision
 from nnopt.runtime import RunTimeLimitExceeded
@@ -19,34 +20,43 @@ from nnopt.runtime import RunTimeLimitExceeded
 @dataclass(frozen=True)
 class Rate:
     """Time of one layer kind in onnxruntime, float and int8: a fixed µs plus ns per unit of work (MACs for
-    Conv/Gemm/MatMul, output elements for elementwise ops)."""
+    Conv/Gemm/MatMul, output elements for elementwise ops), plus, int8 only, ns per output pixel (the
+    NHWC reorder and im2col of a conv with few input channels, which its MACs do not track)."""
 
     float_fixed_us: float
     float_ns: float
     int8_fixed_us: float
     int8_ns: float
+    int8_ns_per_pixel: float = 0.0
 
     def float_us(self, work: float) -> float:
         return self.float_fixed_us + self.float_ns * work * 1e-3
 
-    def int8_us(self, work: float) -> float:
-        return self.int8_fixed_us + self.int8_ns * work * 1e-3
+    def int8_us(self, work: float, pixels: float = 0.0) -> float:
+        return self.int8_fixed_us + (self.int8_ns * work + self.int8_ns_per_pixel * pixels) * 1e-3
 
 
 # NOTE: measured by benchmarks/int8_kernels.py --threads 1 (onnxruntime 1.32, the project's 2-core x86
-# benchmark machine, shared; one intra-op thread keeps other processes' load out of the figures; output in
-# docs/int8_kernels.md, summarised in docs/quantize.md "Latency-aware selection"): per kind, least-squares
-# fits of the in-chain time of one layer ((t(3 chained layers) - t(1 layer)) / 2, interleaved
-# medians) as fixed µs + ns per MAC. Measured int8/float ratios: dense 3x3 conv 0.27-0.46 (x1.18 with 8
-# channels), pointwise 0.29-0.74 (0.85 with 8), depthwise 1.18-3.59 (never faster), Gemm 0.26-0.62 (x2.16 at
-# 64x64), Add 0.83-0.94, Mul 1.17-1.52 (QLinearMul is slower than float Mul).
+# benchmark machine, shared; one intra-op thread, timed in the calling thread's CPU time, keeps other
+# processes' load out of the figures; output in docs/int8_kernels.md, summarised in docs/quantize.md
+# "Latency-aware selection"): per kind, fits of the in-chain time of one layer ((t(3 chained layers) -
+# t(1 layer)) / 2, interleaved medians) as fixed µs + ns per MAC (convs and Gemm on relative errors, Add and
+# Mul by ordinary least squares; narrow convs' int8 time also per output pixel). Measured
+# int8/float ratios: dense 3x3 conv 0.26-0.47, with 3-12 input channels ("dense_narrow", the stems) 0.33-0.66
+# from 8 input and 16 output channels on, x1.40-x2.56 with 3 input channels, pointwise 0.30-0.73 (0.90 with 8),
+# depthwise 1.15-3.56 (never faster), Gemm 0.30-0.69 (x1.89 at 64x64), Add 0.83-1.01, Mul 1.17-1.53.
+# The pointwise rate and the region-edge constants below are the previous run's (same cases, wall time):
+# this run's fits of them (pointwise 4.40 + 0.0171 / 3.76 + 0.0048; edge beside a float conv 0.347 ns per
+# element) differ by fractions of a µs, which flipped small layers of ppocr_rec and ppocr_det whose
+# measured times were better as they were (ppocr_rec x0.579 float instead of x0.564, interleaved).
 KERNELS: dict[str, Rate] = {
-    "dense": Rate(2.17, 0.0171, 11.29, 0.0043),
-    "pointwise": Rate(3.70, 0.0178, 3.75, 0.0048),
-    "depthwise": Rate(1.30, 0.0273, 0.0, 0.0967),
-    "gemm": Rate(0.49, 0.0233, 1.43, 0.0065),  # fitted on relative errors (cases over 3.5 decades of MACs)
-    "add": Rate(1.08, 0.1460, 0.52, 0.1371),
-    "mul": Rate(1.19, 0.1390, 0.38, 0.2161),
+    "dense": Rate(1.00, 0.0172, 3.67, 0.0049),
+    "dense_narrow": Rate(0.0, 0.0230, 0.0, 0.0026, 18.87),
+    "pointwise": Rate(3.70, 0.0178, 3.75, 0.0048),  # the previous run's (see the NOTE)
+    "depthwise": Rate(0.70, 0.0311, 1.07, 0.0556),
+    "gemm": Rate(0.57, 0.0228, 1.33, 0.0066),
+    "add": Rate(1.15, 0.1395, 0.39, 0.1385),
+    "mul": Rate(1.10, 0.1393, 0.51, 0.2132),
 }
 #: One tensor crossing a region's edge: a QuantizeLinear in or a DequantizeLinear out, with onnxruntime's
 #: NCHW <-> NHWC transposes around int8 convs; fitted on the 1-layer int8 models' time beyond their layer
@@ -68,8 +78,10 @@ FUSED_ACTIVATIONS = frozenset({"Relu", "Clip", "HardSwish", "HardSigmoid", "Leak
 #: that would feed one of these ops, left float, through a DequantizeLinear is never chosen (this penalty).
 AUTO_QUANTIZED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 _FORBIDDEN_US = 1e6
-#: Below this many input channels per group onnxruntime's int8 Conv is no faster than float (measured: 8
-#: channels x1.18 dense, x0.85-x1.64 pointwise with 1 or 2 threads), whatever its size.
+#: Below this many input channels a pointwise Conv's int8 kernel is no faster than float (measured: 8
+#: channels x0.85-x1.64 with 1 or 2 threads), and below this many output channels a dense one with few input
+#: channels is not (8 -> 8 x1.23, 12 -> 12 x0.99), whatever their size. Dense convs with fewer input
+#: channels and at least this many output channels are the "dense_narrow" kind, timed by the table.
 MIN_INT8_CHANNELS = 16
 #: Moves of the search must save more than this (µs): it ends, and ties never flip-flop.
 _EPS_US = 1e-3
@@ -82,6 +94,83 @@ FOLLOWERS = frozenset({"Relu", "Clip", "Reshape", "Transpose", "Squeeze", "Unsqu
                        "MaxPool", "AveragePool", "Slice", "Pad", "Split"})
 #: Op type -> kind of ``KERNELS`` (Conv is dense, pointwise or depthwise by its attributes).
 _KIND = {"Gemm": "gemm", "MatMul": "gemm", "ConvTranspose": "dense", "Add": "add", "Mul": "mul"}
+
+#: Per kind of ``KERNELS``: the cost model's kernel class of its float and of its int8 form
+#: (``nnopt.cost.hardware.KERNEL_CLASSES``; "other" runs at the profile's peak rate), and FLOPs per unit of work.
+_PROFILE_CLASSES: dict[str, tuple[str, str, float]] = {
+    "dense": ("conv", "int8", 2.0), "pointwise": ("pointwise", "int8", 2.0),
+    "depthwise": ("depthwise", "int8_depthwise", 2.0), "gemm": ("conv", "int8_matmul", 2.0),
+    "add": ("other", "int8_elementwise", 1.0), "mul": ("other", "int8_elementwise", 1.0),
+}  # fmt: skip
+#: The kernel classes a profile must measure for select=latency to take its times from it.
+INT8_CLASSES = ("conv", "pointwise", "depthwise", "int8", "int8_depthwise", "int8_matmul", "int8_elementwise",
+                "quantize")
+
+
+@dataclass(frozen=True)
+class TableRates:
+    """select=latency's built-in rate set: ``KERNELS`` and the region-edge constants above, measured on one
+    machine by benchmarks/int8_kernels.py. Its ``name`` is what the pass's stats report as ``select_profile``.
+
+    Every time is in µs: ``layer_us`` of one layer of a kind (``work``: MACs or elements; ``pixels``: output
+    pixels of a conv; ``elements``: values its activations and weights hold), ``boundary_us`` of one region
+    edge over ``elements`` values (``conv_side``: a float Conv beyond it), ``unfused_us`` of an activation that
+    no longer fuses into the float Conv before it.
+    """
+
+    name: str = "int8-kernels-table"
+
+    def layer_us(self, kind: str, work: float, pixels: float, elements: float) -> tuple[float, float]:
+        rate = KERNELS[kind]
+        return rate.float_us(work), rate.int8_us(work, pixels)
+
+    def boundary_us(self, elements: float, conv_side: bool = False) -> float:
+        return boundary_us(elements, conv_side)
+
+    def unfused_us(self, elements: float) -> float:
+        return UNFUSED_ACTIVATION_NS_PER_ELEMENT * elements * 1e-3
+
+
+@dataclass(frozen=True)
+class ProfileRates(TableRates):
+    """The same times from a calibrated hardware profile (``nnopt calibrate`` for onnxruntime: it measures
+    ``INT8_CLASSES``), through ``HardwareProfile.node_latency`` as the latency estimate computes them, so the
+    selection and the estimate tell the same story. What a profile has no class for comes from the table:
+    convs with few input channels (their int8 cost per output pixel) and onnxruntime's NCHWc reorder at a
+    region edge beside a float Conv (beyond the edge's QuantizeLinear/DequantizeLinear)."""
+
+    profile: HardwareProfile | None = None
+
+    def layer_us(self, kind: str, work: float, pixels: float, elements: float) -> tuple[float, float]:
+        if kind not in _PROFILE_CLASSES or self.profile is None:
+            return super().layer_us(kind, work, pixels, elements)
+        float_class, int8_class, flops_per_unit = _PROFILE_CLASSES[kind]
+        flops = flops_per_unit * work
+        float_s = self.profile.node_latency(float_class, flops, 4.0 * elements)[0]
+        int8_s = self.profile.node_latency(int8_class, flops, elements)[0]
+        return float_s * 1e6, int8_s * 1e6
+
+    def boundary_us(self, elements: float, conv_side: bool = False) -> float:
+        if self.profile is None:
+            return super().boundary_us(elements, conv_side)
+        # One float and one int8 value per element; a reorder when a float Conv is beyond (table).
+        edge = self.profile.node_latency("quantize", elements, 5.0 * elements)[0] * 1e6
+        reorder = boundary_us(elements, True) - boundary_us(elements) if conv_side else 0.0
+        return edge + max(reorder, 0.0)
+
+    def unfused_us(self, elements: float) -> float:
+        if self.profile is None:
+            return super().unfused_us(elements)
+        return self.profile.node_latency("other", elements, 8.0 * elements)[0] * 1e6
+
+
+def rates_for(hardware: HardwareProfile | None) -> TableRates:
+    """The rate set select=latency decides with: the run's hardware profile (``--hardware``) when it is a
+    calibrated one for onnxruntime (runtime "onnxruntime", every class of ``INT8_CLASSES`` measured), else
+    the built-in table."""
+    if hardware is not None and hardware.runtime == "onnxruntime" and set(INT8_CLASSES) <= set(hardware.kernels):
+        return ProfileRates(name=hardware.name, profile=hardware)
+    return TableRates()
 
 
 @dataclass
@@ -106,17 +195,20 @@ class Selection:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def select(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], feeds: dict[str, np.ndarray]) -> Selection:
+def select(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], feeds: dict[str, np.ndarray],
+           rates: TableRates | None = None) -> Selection:
     """The subset of ``selected`` whose int8 form is predicted to make ``proto`` faster in onnxruntime.
 
-    Tensor shapes come from one float run on ``feeds``; each layer's float and int8 time from ``KERNELS``
-    and each region edge's from ``BOUNDARY_*``. A greedy search (drop whole regions, then toggle single
-    layers, while the predicted total time falls) picks the set; deterministic for a model and feeds.
+    Tensor shapes come from one float run on ``feeds``; each layer's float and int8 time and each region
+    edge's from ``rates`` (``rates_for``: a calibrated profile, or the built-in table ``KERNELS`` /
+    ``BOUNDARY_*`` when None). A greedy search (drop whole regions, then toggle single layers, while the
+    predicted total time falls) picks the set; deterministic for a model, feeds and rates.
     """
+    rates = TableRates() if rates is None else rates
     shapes, floats = _shapes(proto, feeds)
     inits = {t.name: t for t in proto.graph.initializer}
-    layers = {n.name: _describe(n, shapes) for n in selected}
-    cost = _CostModel(proto, layers, shapes, floats)
+    layers = {n.name: _describe(n, shapes, rates) for n in selected}
+    cost = _CostModel(proto, layers, shapes, floats, rates)
     for layer in layers.values():
         if not any(x in floats for x in (*layer.node.input, *layer.node.output) if x not in inits):
             layer.gate = "integer tensors only (shapes, indices): nothing to quantize"
@@ -125,7 +217,19 @@ def select(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], feeds: di
     float_total, total = cost.total(set()), cost.total(effective)
     if not total < float_total - _EPS_US:
         effective, total = set(), float_total
-    return _result(cost, effective, float_total, total)
+    sel = _result(cost, effective, float_total, total)
+    sel.stats["select_profile"] = rates.name
+    return sel
+
+
+def predictor(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], feeds: dict[str, np.ndarray],
+              rates: TableRates | None = None) -> Callable[[frozenset[str]], float]:
+    """The predicted µs (layers and region edges, as ``select`` sees them) of ``proto`` with a set of
+    ``selected`` layers int8: select=measured compares its timings with it."""
+    rates = TableRates() if rates is None else rates
+    shapes, floats = _shapes(proto, feeds)
+    cost = _CostModel(proto, {n.name: _describe(n, shapes, rates) for n in selected}, shapes, floats, rates)
+    return lambda chosen: cost.total(cost.effective(set(chosen)))
 
 
 def _shapes(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple[dict[str, tuple[int, ...]], set[str]]:
@@ -147,7 +251,7 @@ def _shapes(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple[dict[
     return shapes, floats
 
 
-def _describe(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> _Layer:
+def _describe(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]], rates: TableRates) -> _Layer:
     """``node``'s kind, work and predicted times, and the gate that keeps it float if one applies."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     out = shapes.get(node.output[0]) if node.output else None
@@ -170,15 +274,17 @@ def _describe(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> _Laye
         return _Layer(node, kind, work, 0.0, 0.0)
     if math.isnan(work):
         return _Layer(node, kind, work, 0.0, 0.0, gate="shape unknown (not seen in the float run): kept float")
-    rate = KERNELS[kind]
-    layer = _Layer(node, kind, work, rate.float_us(work), rate.int8_us(work))
-    layer.gate = _gate(node, layer, shapes)
+    # Output pixels, the batch included (N x H x W): what a narrow conv's int8 kernel pays per.
+    pixels = float(np.prod(out)) / out[1] if kind == "dense_narrow" and out is not None and out[1] else 0.0
+    elements = sum(float(np.prod(shapes[x])) for x in (*node.input, *node.output) if x in shapes)
+    layer = _Layer(node, kind, work, *rates.layer_us(kind, work, pixels, elements))
+    layer.gate = _gate(node, layer, shapes, rates.name)
     return layer
 
 
 def _conv_kind(node: onnx.NodeProto, attrs: dict[str, Any], shapes: dict[str, tuple[int, ...]],
                out: tuple[int, ...] | None) -> tuple[str, float]:
-    """(dense | pointwise | depthwise, MACs) of a Conv."""
+    """(dense | dense_narrow | pointwise | depthwise, MACs) of a Conv."""
     w = shapes.get(node.input[1]) if len(node.input) > 1 else None
     if w is None or out is None or len(w) < 3:
         return "dense", math.nan
@@ -189,23 +295,27 @@ def _conv_kind(node: onnx.NodeProto, attrs: dict[str, Any], shapes: dict[str, tu
         return "depthwise", macs
     if all(k == 1 for k in w[2:]) and group == 1:
         return "pointwise", macs
-    return "dense", macs
+    return ("dense_narrow" if group == 1 and cin_per_group < MIN_INT8_CHANNELS else "dense"), macs
 
 
-def _gate(node: onnx.NodeProto, layer: _Layer, shapes: dict[str, tuple[int, ...]]) -> str:
-    """Why ``layer`` stays float whatever its neighbours do, or "" (its int8 kernel is faster)."""
+def _gate(node: onnx.NodeProto, layer: _Layer, shapes: dict[str, tuple[int, ...]], source: str) -> str:
+    """Why ``layer`` stays float whatever its neighbours do, or "" (its int8 kernel is faster); ``source``
+    names the rates the times come from."""
     ratio = layer.int8_us / layer.float_us if layer.float_us > 0 else math.inf
-    if layer.kind == "depthwise":
-        return (f"depthwise: onnxruntime's int8 kernel is no faster (table: {layer.int8_us:.1f} µs int8 vs "
-                f"{layer.float_us:.1f} µs float, x{ratio:.2f}; measured x1.18-x3.59)")
-    if layer.kind in ("dense", "pointwise") and node.op_type == "Conv":
-        cin = shapes[node.input[1]][1]
-        if cin < MIN_INT8_CHANNELS:
-            return (f"{cin} input channel(s) per group < {MIN_INT8_CHANNELS}: onnxruntime's int8 conv is no faster "
-                    "there (measured with 8: x1.18 dense)")
-    if layer.kind in ("dense", "pointwise", "gemm") and not layer.int8_us < layer.float_us:
-        return (f"too small: {layer.work / 1e3:.1f} kMAC, int8 kernel {layer.int8_us:.1f} µs >= float "
-                f"{layer.float_us:.1f} µs (table)")
+    if layer.kind == "depthwise" and not layer.int8_us < layer.float_us:
+        return (f"depthwise: onnxruntime's int8 kernel is no faster ({source}: {layer.int8_us:.1f} µs int8 vs "
+                f"{layer.float_us:.1f} µs float, x{ratio:.2f}; measured x1.15-x3.56)")
+    if layer.kind == "pointwise" and shapes[node.input[1]][1] < MIN_INT8_CHANNELS:
+        return (f"{shapes[node.input[1]][1]} input channel(s) < {MIN_INT8_CHANNELS}: onnxruntime's int8 pointwise "
+                "conv is no faster there (measured with 8: x0.85-x1.64)")
+    if layer.kind == "dense_narrow" and shapes[node.input[1]][0] < MIN_INT8_CHANNELS:
+        return (f"{shapes[node.input[1]][1]} input and {shapes[node.input[1]][0]} output channels (< "
+                f"{MIN_INT8_CHANNELS}): onnxruntime's int8 conv is no faster there (measured 8 -> 8 x1.23, "
+                "12 -> 12 x0.99)")
+    if layer.kind in ("dense", "dense_narrow", "pointwise", "gemm") and not layer.int8_us < layer.float_us:
+        narrow = " (few input channels: int8 pays per output pixel)" if layer.kind == "dense_narrow" else ""
+        return (f"too small{narrow}: {layer.work / 1e3:.1f} kMAC, int8 kernel {layer.int8_us:.1f} µs >= float "
+                f"{layer.float_us:.1f} µs ({source})")
     return ""
 
 
@@ -226,8 +336,9 @@ class _CostModel:
     """
 
     def __init__(self, proto: onnx.ModelProto, layers: dict[str, _Layer], shapes: dict[str, tuple[int, ...]],
-                 floats: set[str]):
+                 floats: set[str], rates: TableRates):
         self.layers = layers
+        self.rates = rates
         self.order = [n.name for n in proto.graph.node if n.name in layers]
         self.position = {name: i for i, name in enumerate(self.order)}
         inits = {t.name for t in proto.graph.initializer}
@@ -273,12 +384,13 @@ class _CostModel:
         readers = self.readers.get(t, [])
         cost = 0.0
         if not p_in and any(r in e for r in readers):
-            cost = boundary_us(self.elements[t], self._conv_side([producer] if producer else []))
+            cost = self.rates.boundary_us(self.elements[t], self._conv_side([producer] if producer else []))
         elif p_in and (t in self.outputs or any(r not in e for r in readers)):
-            cost = boundary_us(self.elements[t], self._conv_side([r for r in readers if r not in e], after=True))
+            cost = self.rates.boundary_us(self.elements[t],
+                                          self._conv_side([r for r in readers if r not in e], after=True))
         if p_in:
             unfused = sum(1 for r in readers if r not in e and self.nodes[r].op_type in FUSED_ACTIVATIONS)
-            cost += unfused * UNFUSED_ACTIVATION_NS_PER_ELEMENT * self.elements[t] * 1e-3
+            cost += unfused * self.rates.unfused_us(self.elements[t])
             if any(r not in e and self.nodes[r].op_type in AUTO_QUANTIZED_OPS and self.nodes[r].input[0] == t
                    for r in readers):
                 cost += _FORBIDDEN_US

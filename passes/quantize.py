@@ -13,11 +13,13 @@ from onnx import helper, numpy_helper
 
 from nnopt.analysis.refit import MIN_REFIT_SAMPLES
 from nnopt.analysis.selection import NodeSelection
+from nnopt.cost.hardware import HardwareProfile
 from nnopt.errors import OptionError
 from nnopt.ir.constants import lower_model_constants
 from nnopt.ir.model import Model
 from nnopt.ir.naming import taken_names, unique_name
 from nnopt.passes import _biascorrect, _equalize, _int8_measure, _int8_select, _qdq, _weight_kernels
+from nnopt.passes._latency import run_profile
 from nnopt.pipeline.base import LayerDecision, Pass, PassContext, PassResult
 from nnopt.pipeline.verify import LOSSLESS_ATOL, LOSSLESS_TOLERANCE, compare_outputs
 from nnopt.runtime import make_session, run_model
@@ -198,7 +200,8 @@ class Quantize(Pass[QuantizeOptions]):
         if opts.mode == "weight_only":
             out_proto = _run_weight_only(float_proto, selected, per_channel, opts, stats, layers)
         else:
-            out_proto = _run_static(float_proto, selected, candidates, per_channel, opts, ctx, stats, layers)
+            out_proto = _run_static(float_proto, selected, candidates, per_channel, opts, ctx, stats, layers,
+                                    run_profile(model, ctx))
         if out_proto is None:
             return PassResult(modified=False, stats=stats, layers=layers)
         if out_proto is float_proto:  # nothing was placed (all excluded): never edit the shared export
@@ -263,17 +266,19 @@ def _run_weight_only(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto
 
 def _run_static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candidates: list[onnx.NodeProto],
                 per_channel: bool, opts: QuantizeOptions, ctx: PassContext, stats: dict[str, Any],
-                layers: list[LayerDecision]) -> onnx.ModelProto | None:
-    """Static mode: the quantized model, or None when no layer is int8 (``stats``/``layers`` grow)."""
+                layers: list[LayerDecision], profile: HardwareProfile | None) -> onnx.ModelProto | None:
+    """Static mode: the quantized model, or None when no layer is int8 (``stats``/``layers`` grow); the
+    selection reads ``profile``'s int8 times when it is a calibrated one."""
     left_float: frozenset[str] = frozenset()
     selection = None
     if opts.select in ("latency", "measured"):
-        selection = _select(float_proto, selected, candidates, ctx)
+        selection = _select(float_proto, selected, candidates, ctx, profile)
         if opts.select == "measured":
             # The one setting whose result depends on this machine: the timings of a few candidates.
             build = _qdq_builder(float_proto, selected, candidates, per_channel, opts, ctx)
             selection = _int8_measure.refine(float_proto, [n for n in selected if n.op_type not in
-                                                           _qdq.RECURRENT_OPS], selection, build, ctx.samples[0])
+                                                           _qdq.RECURRENT_OPS], selection, build, ctx.samples[0],
+                                             rates=_int8_select.rates_for(profile))
         layers.extend(selection.declined)
         stats.update(selection.stats)
         left_float = frozenset(n.name for n in selected) - set(selection.chosen)
@@ -650,12 +655,13 @@ def _db(value: float) -> float | None:
 
 # ---------------------------------------------------------------------------------------------- select=latency
 def _select(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candidates: list[onnx.NodeProto],
-            ctx: PassContext) -> _int8_select.Selection:
-    """select=latency's choice among ``selected`` (see ``_int8_select``), with the float islands reported."""
+            ctx: PassContext, profile: HardwareProfile | None = None) -> _int8_select.Selection:
+    """select=latency's choice among ``selected`` (see ``_int8_select``), with the float islands reported;
+    times from the run's ``profile`` when it is a calibrated one (``_int8_select.rates_for``)."""
     # Recurrent layers are not int8 kernels (their weights are stored int8 or not, by recurrent_weights).
     recurrent = [n.name for n in selected if n.op_type in _qdq.RECURRENT_OPS]
     selection = _int8_select.select(float_proto, [n for n in selected if n.op_type not in _qdq.RECURRENT_OPS],
-                                    ctx.samples[0])
+                                    ctx.samples[0], rates=_int8_select.rates_for(profile))
     selection.chosen.extend(recurrent)
     selection.declined.extend(_int8_select.float_islands(float_proto, [n.name for n in candidates],
                                                          {n.op_type for n in candidates}))

@@ -78,8 +78,8 @@ def test_depthwise_layers_stay_float_and_pointwise_ones_run_int8(tmp_path: Path)
         entry = by_node[name]
         assert entry.action == "declined" and entry.reason.startswith("float (select=latency): depthwise")
         assert entry.figures["kind"] == "depthwise"
-        # The table's int8 depthwise kernel is ~3x the float one at 128 x 28 x 28 (measured x1.18-x3.59).
-        assert entry.figures["predicted_int8_us"] > 2 * entry.figures["predicted_float_us"]
+        # The table's int8 depthwise kernel is ~1.8x the float one at 128 x 28 x 28 (measured x1.15-x3.56).
+        assert entry.figures["predicted_int8_us"] > 1.5 * entry.figures["predicted_float_us"]
     for name in ("pw0", "pw2", "pw4"):
         entry = by_node[name]
         assert entry.action == "rewritten" and entry.figures["select"] == "int8"
@@ -185,12 +185,13 @@ def test_digits_keeps_its_int8_layers_and_fidelity(digits_calib) -> None:
         figures[select] = (float((got.argmax(1) == y).mean()),
                            float((got * reference).sum() / np.linalg.norm(got) / np.linalg.norm(reference)))
     rewritten = {e.node for e in result.layers if e.action == "rewritten"}
-    # The 1-channel stem conv stays float (onnxruntime's int8 conv is no faster below 16 channels), and so
+    # The 1-channel stem conv stays float (with few input channels onnxruntime's int8 conv pays per output
+    # pixel: 40.2 µs predicted vs 13.6 µs float at batch 32; measured x1.40-x2.56 with 3 channels), and so
     # does the 128 -> 10 classifier Gemm (41 kMAC at batch 32: its int8 kernel's fixed cost is more than
     # the float one's); the two other convs and the first Gemm are int8.
     assert {"/3/Conv", "/7/Conv", "/12/Gemm"} <= rewritten and not {"/0/Conv", "/14/Gemm"} & rewritten
     reasons = {e.node: e.reason for e in result.layers}
-    assert "1 input channel(s) per group < 16" in reasons["/0/Conv"]
+    assert "too small (few input channels: int8 pays per output pixel): 589.8 kMAC" in reasons["/0/Conv"]
     assert "too small: 41.0 kMAC" in reasons["/14/Gemm"]
     # Held-out test split (450 images): float 446 / 450; select=all 446 / 450, cosine 0.99997.
     assert figures["latency"][0] >= figures["all"][0] == 446 / 450

@@ -1,0 +1,133 @@
+"""Tests of select=latency's rate sources: the built-in table (narrow-input stems) and a calibrated profile."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from nnopt.analysis.manager import AnalysisManager, AnalysisSettings
+from nnopt.cost.hardware import DEFAULT_PROFILE, HardwareProfile, KernelFigures
+from nnopt.ir.model import Model
+from nnopt.passes import _int8_select
+from nnopt.passes._latency import onnxruntime_view
+from nnopt.passes.quantize import DEFAULT_OP_TYPES, Quantize
+from nnopt.pipeline.base import PassContext
+
+
+def _net(layers: list[tuple[int, int, int]], cin: int, spatial: int, seed: int = 0,
+         ) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+    """Convs (out channels, kernel, group) with a Relu after each but the last, on [1, cin, s, s], and 8
+    calibration samples."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, src, c = [], [], "x", cin
+    for i, (out, k, group) in enumerate(layers):
+        w = rng.normal(0, 1.0 / np.sqrt(k * k * c // group), (out, c // group, k, k)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"),
+                  numpy_helper.from_array(rng.normal(0, 0.1, out).astype(np.float32), f"b{i}")]
+        nodes.append(helper.make_node("Conv", [src, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}", group=group,
+                                      pads=[k // 2] * 4))
+        src, c = f"c{i}", out
+        if i < len(layers) - 1:
+            nodes.append(helper.make_node("Relu", [src], [f"r{i}"], name=f"relu{i}"))
+            src = f"r{i}"
+    graph = helper.make_graph(
+        nodes, "net", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, cin, spatial, spatial])],
+        [helper.make_tensor_value_info(src, onnx.TensorProto.FLOAT, [1, c, spatial, spatial])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8)
+    return proto, [{"x": rng.normal(0, 1, (1, cin, spatial, spatial)).astype(np.float32)} for _ in range(8)]
+
+
+def _select(proto: onnx.ModelProto, feeds: dict[str, np.ndarray],
+            rates: _int8_select.TableRates | None = None) -> _int8_select.Selection:
+    return _int8_select.select(proto, [n for n in proto.graph.node if n.op_type in DEFAULT_OP_TYPES], feeds, rates)
+
+
+def _figures(sel: _int8_select.Selection, name: str) -> dict:
+    return sel.figures.get(name) or next(d.figures for d in sel.declined if d.node == name)
+
+
+def test_a_space_to_depth_stem_of_12_channels_runs_int8() -> None:
+    # ddddocr's detector: a 12-channel Focus stem conv (12 -> 24, 3x3). Measured in the model: float 25.26 ms,
+    # with that conv int8 22.76 ms; the table gives 644.8 µs float vs 277.0 µs int8 at 104 x 104.
+    proto, calib = _net([(24, 3, 1), (24, 3, 1)], 12, 104)
+    sel = _select(proto, calib[0])
+    assert sel.chosen == ["conv0", "relu0", "conv1"]
+    stem = _figures(sel, "conv0")
+    macs = 24 * 12 * 9 * 104 * 104
+    rate = _int8_select.KERNELS["dense_narrow"]
+    assert stem["kind"] == "dense_narrow" and stem["work"] == macs
+    assert stem["predicted_float_us"] == pytest.approx(rate.float_us(macs), abs=0.01) == pytest.approx(644.8, abs=0.1)
+    assert stem["predicted_int8_us"] == pytest.approx(rate.int8_us(macs, 104 * 104), abs=0.01)
+    assert stem["predicted_int8_us"] == pytest.approx(277.0, abs=0.1)
+    assert sel.stats["select_profile"] == "int8-kernels-table"
+
+
+@pytest.mark.parametrize(("cin", "out", "why"), [
+    (3, 24, "too small (few input channels: int8 pays per output pixel)"),  # measured x1.40-x2.56
+    (12, 12, "12 input and 12 output channels (< 16)"),  # measured x0.99 (8 -> 8: x1.23)
+])
+def test_narrow_stems_where_int8_does_not_pay_stay_float(cin: int, out: int, why: str) -> None:
+    proto, calib = _net([(out, 3, 1), (32, 3, 1)], cin, 104)
+    sel = _select(proto, calib[0])
+    assert "conv0" not in sel.chosen and "conv1" in sel.chosen
+    reason = next(d.reason for d in sel.declined if d.node == "conv0")
+    assert why in reason
+
+
+def _calibrated(depthwise_int8_flops: float) -> HardwareProfile:
+    """A profile as ``nnopt calibrate`` writes one for onnxruntime (every int8 class measured)."""
+    kernels = {"conv": KernelFigures(5e10, 2e-6), "pointwise": KernelFigures(5e10, 1e-6),
+               "depthwise": KernelFigures(1e10, 1e-6), "grouped_conv": KernelFigures(4e9, 1e-6),
+               "unblocked_conv": KernelFigures(2.5e10, 2e-6), "dynamic_weight": KernelFigures(3e10, 2e-6),
+               "int8": KernelFigures(2e11, 3e-6), "int8_depthwise": KernelFigures(depthwise_int8_flops, 1e-6),
+               "int8_matmul": KernelFigures(2e11, 2e-6), "int8_elementwise": KernelFigures(5e9, 1e-6),
+               "quantize": KernelFigures(4e9, 0.5e-6)}
+    return HardwareProfile("calibrated-test", peak_flops=1e11, bandwidth=2e10, node_overhead_s=1e-6,
+                           kernels=kernels, runtime="onnxruntime")
+
+
+def test_a_calibrated_profile_gives_the_times_its_estimate_gives() -> None:
+    # Pointwise 64 -> 128 -> depthwise 128 -> pointwise 64 at 28 x 28.
+    proto, calib = _net([(128, 1, 1), (128, 3, 128), (64, 1, 1)], 64, 28)
+    profile = _calibrated(4e10)  # int8 depthwise 4x the float rate: this profile says it pays
+    rates = _int8_select.rates_for(profile)
+    assert isinstance(rates, _int8_select.ProfileRates) and rates.name == "calibrated-test"
+    sel = _select(proto, calib[0], rates)
+    assert sel.stats["select_profile"] == "calibrated-test"
+    assert sel.chosen == ["conv0", "relu0", "conv1", "relu1", "conv2"]
+    dw = _figures(sel, "conv1")
+    macs, elements = 128 * 9 * 28 * 28, 2 * 128 * 28 * 28 + 128 * 9 + 128
+    assert dw["predicted_float_us"] == round(profile.node_latency("depthwise", 2 * macs, 4 * elements)[0] * 1e6, 2)
+    assert dw["predicted_int8_us"] == round(profile.node_latency("int8_depthwise", 2 * macs, elements)[0] * 1e6, 2)
+    # 1 µs node overhead + 1 µs class overhead + max(1.81 MFLOP / 1e10 = 180.6 µs, 0.81 MB / 2e10 = 40.4 µs)
+    # = 182.6 µs float; int8: 2 µs + max(1.81 MFLOP / 4e10 = 45.2 µs, 0.20 MB / 2e10 = 10.1 µs) = 47.2 µs.
+    assert dw["predicted_float_us"] == pytest.approx(182.6, abs=0.1)
+    assert dw["predicted_int8_us"] == pytest.approx(47.2, abs=0.1)
+    # The same profile with int8 depthwise slower than float: the depthwise layer stays float, and the
+    # pointwise ones are decided by its edges.
+    slow = _select(proto, calib[0], _int8_select.rates_for(_calibrated(5e9)))
+    assert "conv1" not in slow.chosen
+    assert next(d.reason for d in slow.declined if d.node == "conv1").startswith(
+        "float (select=latency): depthwise: onnxruntime's int8 kernel is no faster (calibrated-test:")
+
+
+def test_profiles_without_int8_classes_use_the_table() -> None:
+    assert type(_int8_select.rates_for(None)) is _int8_select.TableRates
+    # The default profile as onnxruntime runs it has int8 and int8_matmul figures only (no quantize class).
+    assert type(_int8_select.rates_for(onnxruntime_view(DEFAULT_PROFILE))) is _int8_select.TableRates
+    uncalibrated = HardwareProfile("plain", peak_flops=1e11, kernels=_calibrated(4e10).kernels)
+    assert type(_int8_select.rates_for(uncalibrated)) is _int8_select.TableRates
+
+
+def test_the_pass_decides_with_the_runs_hardware_profile() -> None:
+    proto, calib = _net([(128, 1, 1), (128, 3, 128), (64, 1, 1)], 64, 28)
+    decided = {}
+    for hardware in (None, _calibrated(4e10)):
+        model = Model.from_proto(proto)
+        ctx = PassContext(samples=calib, analyses=AnalysisManager(model, AnalysisSettings(hardware=hardware)))
+        result = Quantize().run(model, ctx)
+        decided[result.stats["select_profile"]] = {e.node for e in result.layers if e.action == "rewritten"}
+    # The table keeps the depthwise conv float (measured x1.15-x3.56); the profile says it pays.
+    assert decided == {"int8-kernels-table": {"conv0", "conv2"}, "calibrated-test": {"conv0", "conv1", "conv2"}}
