@@ -658,7 +658,10 @@ def sign_table(payload: dict[str, Any]) -> list[str]:
 def busy_warning(payload: dict[str, Any]) -> list[str]:
     """A paragraph saying that other load disturbed the run, when the run's own figures show it."""
     waits = payload["idle_waits"]
-    spread = payload["calibrated_profile"].get("measurements", {}).get("max_median_to_min", 1.0)
+    measurements = payload["calibrated_profile"].get("measurements", {})
+    # The typical probe's spread, not the worst one's: a few probes of a few microseconds jitter by ×2 even
+    # on an idle machine (older files lack it: their spread says nothing then).
+    spread = measurements.get("median_median_to_min", 1.0)
     if not waits["timed_out"] and spread <= 1.5:
         return []
     if payload.get("idle_threshold") == 0:
@@ -672,13 +675,16 @@ def busy_warning(payload: dict[str, Any]) -> list[str]:
             "--measure` on an idle machine.",
             "",
         ]
+    found = []
+    if waits["timed_out"]:
+        found.append(f"{waits['timed_out']} of {waits['count']} timings started without an idle CPU")
+    if spread > 1.5:
+        found.append(f"the calibration's typical probe had a median run {spread:.1f} × its fastest")
     return [
-        f"**This run was disturbed by other load on the machine**: {waits['timed_out']} of {waits['count']} "
-        f"timings started without an idle CPU, and the calibration's most disturbed probe had a median run "
-        f"{spread:.1f} × its fastest. onnxruntime's worker threads spin on both cores, so a busy neighbour "
-        "stretches long runs (the big models) far more than short ones: the measured column, the calibrated "
-        "figures and both correlations are unreliable. Re-run `python benchmarks/cost_model.py --measure` on "
-        "an idle machine.",
+        f"**This run was disturbed by other load on the machine**: {' and '.join(found)}. onnxruntime's worker "
+        "threads spin on both cores, so a busy neighbour stretches long runs (the big models) far more than "
+        "short ones: the measured column, the calibrated figures and both correlations are unreliable. Re-run "
+        "`python benchmarks/cost_model.py --measure` on an idle machine.",
         "",
     ]
 
