@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from cost_profiles import MEASURED
 
 import nnopt
 import nnopt.cost.timing
 from nnopt.cli import main
 from nnopt.cost import BUILTIN_PROFILES, DEFAULT_PROFILE, HardwareProfile, analyze
-from nnopt.cost.calibrate import CALIBRATED_KERNELS, QUICK_SIZES, calibrate, rank_average, spearman
-from nnopt.cost.hardware import KernelFigures, load_profile, parse_hardware, profile_from_dict, write_profile
+from nnopt.cost.calibrate import CALIBRATED_KERNELS, GRID_KERNELS, QUICK_SIZES, calibrate, rank_average, spearman
+from nnopt.cost.hardware import (
+    KernelFigures,
+    RatePoint,
+    load_profile,
+    parse_hardware,
+    profile_from_dict,
+    write_profile,
+)
 from nnopt.cost.rules import kernel_classes
 from nnopt.errors import InputError
 from nnopt.testing import model_from_text
@@ -332,14 +341,7 @@ def test_bad_profile_file_is_a_one_line_error_naming_file_and_key(tmp_path, caps
 # ---------------------------------------------------------------------------------------------- calibrate
 def test_calibrate_recovers_the_profile_of_a_machine_that_follows_the_model(monkeypatch):
     """With every probe 'measured' as the estimate of a known profile, calibration gives that profile back."""
-    truth = HardwareProfile(
-        "truth", 300e9, 50e9, node_overhead_s=0.4e-6, run_overhead_s=6e-6, runtime="onnxruntime",
-        kernels={"conv": KernelFigures(300e9, 4e-6), "depthwise": KernelFigures(40e9, 1e-6),
-                 "unblocked_conv": KernelFigures(150e9, 5e-6), "dynamic_weight": KernelFigures(100e9, 2e-6),
-                 "int8": KernelFigures(500e9, 3e-6), "pointwise": KernelFigures(200e9, 2e-6),
-                 "int8_depthwise": KernelFigures(20e9, 1.5e-6), "int8_matmul": KernelFigures(100e9, 1e-6),
-                 "int8_elementwise": KernelFigures(3e9, 0.5e-6), "quantize": KernelFigures(3e9, 0.2e-6)},
-    )
+    truth = replace(MEASURED, name="truth")
 
     def estimated(model, feeds=None, **_):
         seconds = analyze(model, hardware=truth, run_onnxruntime=False).totals["latency_s"]
@@ -355,7 +357,47 @@ def test_calibrate_recovers_the_profile_of_a_machine_that_follows_the_model(monk
         assert profile.kernels[kernel].overhead_s == pytest.approx(figures.overhead_s, rel=1e-9)
     # Per-node FLOPs of the probes come from the analysis: a 3×3 conv of 8 → 8 channels on 16 × 16.
     assert measurements["probes"]["conv_large"]["flops_per_node"] == 2 * 8 * 8 * 9 * 16 * 16
-    assert measurements["max_median_to_min"] == 1.0
+    assert measurements["max_median_to_min"] == 1.0 and measurements["median_median_to_min"] == 1.0
+    # A machine with one rate per class measures that rate at every grid point, and one bandwidth.
+    for kernel in GRID_KERNELS:
+        assert [p.flops for p in profile.kernels[kernel].grid] == pytest.approx(
+            [truth.kernels[kernel].flops] * len(profile.kernels[kernel].grid), rel=1e-9)
+    assert [b for _, b in profile.bandwidth_grid] == pytest.approx([truth.bandwidth] * 3, rel=1e-9)
+
+
+def test_calibrate_recovers_the_grids_of_a_machine_whose_rates_depend_on_shape(monkeypatch):
+    """Each grid probe gives back the rate the (grid) truth has at its shape, and each Add chain its bandwidth."""
+    # The QUICK_SIZES grid probes (conv: 4 channels on 16², 16 on 8²; 1×1: 16 on 16², 64 on 4²; grouped: 4 on
+    # 12², 8 on 6²) at rates of their own, and the class's large and tiny probes at the class's single rate.
+    rate = {kernel: MEASURED.kernels[kernel].flops for kernel in GRID_KERNELS}
+    conv = (RatePoint(36, 16, rate["conv"]), RatePoint(36, 256, 20e9), RatePoint(72, 256, rate["conv"]),
+            RatePoint(144, 64, 150e9))
+    pointwise = (RatePoint(4, 16, rate["pointwise"]), RatePoint(16, 256, 40e9), RatePoint(32, 64, rate["pointwise"]),
+                 RatePoint(64, 16, 90e9))
+    grouped = (RatePoint(9, 16, rate["grouped_conv"]), RatePoint(9, 36, 10e9), RatePoint(9, 64, rate["grouped_conv"]),
+               RatePoint(9, 144, 20e9))
+    kernels = dict(MEASURED.kernels)
+    for kernel, grid in (("conv", conv), ("pointwise", pointwise), ("grouped_conv", grouped)):
+        kernels[kernel] = replace(kernels[kernel], grid=grid)
+    # Small tensors move slower, though never so slowly that a conv probe turns memory-bound.
+    truth = replace(MEASURED, kernels=kernels, bandwidth_grid=((3072.0, 100e9), (24576.0, 120e9), (196608.0, 134e9)))
+
+    def estimated(model, feeds=None, **_):
+        seconds = analyze(model, hardware=truth, run_onnxruntime=False).totals["latency_s"]
+        return {"median_s": seconds, "min_s": seconds}
+
+    monkeypatch.setattr(nnopt.cost.timing, "measure_latency", estimated)
+    profile, _ = calibrate(sizes=QUICK_SIZES, runs=1, rounds=1)
+    for kernel, grid in (("conv", conv), ("pointwise", pointwise), ("grouped_conv", grouped)):
+        measured = {(p.reduction, p.spatial): p.flops for p in profile.kernels[kernel].grid}
+        # Within 0.2 %: the tiny 1×1 probe is memory-bound, and the class overhead under the grid rates is derived
+        # with the large Add's bandwidth, not the grid's (1.5 ns of the tiny node).
+        assert measured == pytest.approx({(p.reduction, p.spatial): p.flops for p in grid if (p.reduction, p.spatial)
+                                          in measured}, rel=1e-9 if kernel != "pointwise" else 2e-3)
+        assert len(measured) == 2 and set(measured.values()) & {20e9, 150e9, 40e9, 90e9, 10e9} == set()
+    # The 2^8 and 2^11-float Adds (3 KB, 24 KB moved) and the large one; the large one's rate is derived as before.
+    assert [b for b, _ in profile.bandwidth_grid] == [3072.0, 24576.0, 196608.0]
+    assert [r for _, r in profile.bandwidth_grid] == pytest.approx([100e9, 120e9, 134e9], rel=1e-9)
 
 
 def test_calibrate_warns_when_other_load_disturbs_the_probes(tmp_path, monkeypatch, capsys):

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from cost_profiles import MEASURED
 
 from nnopt.api import optimize
 from nnopt.cli import main
-from nnopt.cost import DEFAULT_PROFILE, HardwareProfile, analyze
-from nnopt.cost.hardware import KernelFigures
+from nnopt.cost import DEFAULT_PROFILE, analyze
 from nnopt.cost.inputs import data_shapes_note, sample_input_shapes
 from nnopt.pipeline.manager import PassRecord, PipelineReport, _uncosted_notes
 from nnopt.testing import model_from_text
@@ -172,16 +172,6 @@ def test_int8_is_faster_than_float_in_the_default_estimate(digits_variants):
 
 
 # ---------------------------------------------------------------------------------------------- int8 and groups
-#: What ``nnopt calibrate`` measured on the development machine (2 cores, onnxruntime 1.32), rounded.
-MEASURED = HardwareProfile(
-    "measured", 237e9, 134e9, node_overhead_s=0.28e-6, run_overhead_s=5.5e-6, runtime="onnxruntime",
-    kernels={"conv": KernelFigures(237e9, 2.2e-6), "pointwise": KernelFigures(283e9, 1.5e-6),
-             "depthwise": KernelFigures(149e9, 0.7e-6), "grouped_conv": KernelFigures(54e9, 2.9e-6),
-             "unblocked_conv": KernelFigures(173e9, 7.6e-6), "dynamic_weight": KernelFigures(154e9, 3.0e-6),
-             "int8": KernelFigures(749e9, 2.6e-6), "int8_depthwise": KernelFigures(68e9, 1.7e-6),
-             "int8_matmul": KernelFigures(377e9, 0.6e-6), "int8_elementwise": KernelFigures(5.5e9, 0.07e-6),
-             "quantize": KernelFigures(8.0e9, 0.0)},
-)  # fmt: skip
 
 
 def test_int8_is_faster_than_float_under_the_measured_profile(digits_variants):

@@ -94,7 +94,8 @@ class ProbeSizes:
         tiny_features, tiny_tokens: Likewise for the tiny one.
         elementwise_shape: The tensor of the large int8 Add and of the large Quantize/DequantizeLinear
             (the tiny ones take [1, tiny_elements]).
-        conv_grid, pointwise_grid: (channels, size) of the grid probes of ``conv`` (3×3) and ``pointwise``.
+        conv_grid, pointwise_grid, grouped_grid: (channels, size) of the grid probes of ``conv`` (3×3),
+            ``pointwise`` and ``grouped_conv`` (pairs as ``_grouped_chain`` builds them).
         bandwidth_elements: Elements per input of the Add chains of the bandwidth grid.
         grouped_channels, grouped_multiplier, grouped_size: The large ``grouped_conv`` probe (the tiny one
             takes ``tiny_channels``, multiplier 2, ``tiny_size``).
@@ -130,6 +131,9 @@ class ProbeSizes:
     grouped_channels: int = 64
     grouped_multiplier: int = 4
     grouped_size: int = 28
+    #: (channels, size) of the ``grouped_conv`` grid probes (multiplier ``grouped_multiplier``): the generic
+    #: path pays per group, so small maps (as 1-D audio convs have) run at a fraction of the large probe's rate.
+    grouped_grid: tuple[tuple[int, int], ...] = ((32, 4), (128, 4), (64, 12), (32, 56))
 
 
 FULL_SIZES = ProbeSizes()
@@ -152,11 +156,12 @@ QUICK_SIZES = ProbeSizes(
     tiny_tokens=2,
     elementwise_shape=(1, 8, 16, 16),
     conv_grid=((4, 16), (16, 8)),
-    pointwise_grid=((4, 16), (32, 8)),
+    pointwise_grid=((16, 16), (64, 4)),
     bandwidth_elements=(1 << 8, 1 << 11),
     grouped_channels=8,
     grouped_multiplier=2,
     grouped_size=8,
+    grouped_grid=((4, 12), (8, 6)),
 )
 
 
@@ -411,7 +416,7 @@ def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
             kernels[kernel] = _kernel_figures(large, tiny, bandwidth, node_overhead)
         peak = kernels["conv"].flops  # type: ignore[assignment]
     for kernel in GRID_KERNELS:
-        grid = _rate_grid(figures, kernel, node_overhead, kernels[kernel])
+        grid = _rate_grid(figures, kernel, (node_overhead, run_overhead, bandwidth), kernels[kernel])
         if grid:
             kernels[kernel] = replace(kernels[kernel], grid=grid)
     return {
@@ -419,13 +424,13 @@ def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "run_overhead_s": run_overhead,
         "bandwidth": bandwidth,
         "kernels": kernels,
-        "bandwidth_grid": _bandwidth_grid(figures, node_overhead, add_large["bytes_per_node"], bandwidth),
+        "bandwidth_grid": _bandwidth_grid(figures, node_overhead, run_overhead, add_large["bytes_per_node"], bandwidth),
     }
 
 
 #: The kernel classes whose rate is interpolated in a grid of probes (``ProbeSizes.conv_grid``...): dense
 #: convs run at 40-250 GFLOP/s here depending on their GEMM's shape.
-GRID_KERNELS = ("conv", "pointwise")
+GRID_KERNELS = ("conv", "pointwise", "grouped_conv")
 
 
 def _chain_pairs(figures: dict[str, dict[str, Any]], prefix: str) -> list[tuple[str, str]]:
@@ -434,16 +439,23 @@ def _chain_pairs(figures: dict[str, dict[str, Any]], prefix: str) -> list[tuple[
 
 
 def _rate_grid(
-    figures: dict[str, dict[str, Any]], kernel: str, node_overhead: float, base: KernelFigures
+    figures: dict[str, dict[str, Any]], kernel: str, machine: tuple[float, float, float], base: KernelFigures
 ) -> tuple[RatePoint, ...]:
-    """The grid of ``kernel``: per grid probe, the rate its chain's slope gives once the node's and the class's
-    fixed costs are taken off (points whose slope noise leaves no time are dropped)."""
+    """The grid of ``kernel``: per grid probe, the rate its time per node (``_large_per_node``: the slope, unless
+    noise made it implausible) gives once the node's and the class's fixed costs are taken off. Points that
+    ran memory-bound say nothing of the rate, and points whose noise leaves no time, are dropped.
+
+    Args:
+        machine: ``(node_overhead_s, run_overhead_s, bandwidth)`` as derived.
+    """
+    node_overhead, run_overhead, bandwidth = machine
     points = []
     for short, long in _chain_pairs(figures, f"grid_{kernel}_"):
         probe = figures[long]
-        compute = _slope(figures, short, long) - node_overhead - base.overhead_s
+        per_node = _large_per_node(figures, short, long, run_overhead, 0.0) / probe.get("per_element", 1)
+        compute = per_node - node_overhead - base.overhead_s
         shape = probe["output_shape"]
-        if compute > 0 and shape:
+        if compute > probe["bytes_per_node"] / bandwidth * (1 + 1e-6) and shape:
             probe["seconds_per_node"] = compute + node_overhead + base.overhead_s
             outputs, spatial = math.prod(shape), math.prod(shape[2:])
             flops = probe["flops_per_node"]
@@ -452,13 +464,14 @@ def _rate_grid(
 
 
 def _bandwidth_grid(
-    figures: dict[str, dict[str, Any]], node_overhead: float, large_bytes: float, large_bandwidth: float
+    figures: dict[str, dict[str, Any]], node_overhead: float, run_overhead: float, large_bytes: float,
+    large_bandwidth: float,
 ) -> tuple[tuple[float, float], ...]:
     """``(bytes, bytes/s)`` per Add chain of the bandwidth grid, and the large Add's: what one Add moves ÷ its
     time beyond node overhead."""
     points = {large_bytes: large_bandwidth}
     for short, long in _chain_pairs(figures, "grid_add_"):
-        moved = _slope(figures, short, long) - node_overhead
+        moved = _large_per_node(figures, short, long, run_overhead, 0.0) - node_overhead
         if moved > 0:
             points[figures[long]["bytes_per_node"]] = figures[long]["bytes_per_node"] / moved
     return tuple(sorted(points.items()))
@@ -501,6 +514,12 @@ def _grid_probes(sizes: ProbeSizes, rng: np.random.Generator) -> dict[str, _Prob
                 name = f"grid_{kind}_{channels}x{size}{suffix}"
                 model, unit = _convs(length, channels, size, kind, rng), _convs(1, channels, size, kind, rng)
                 probes[name] = _Probe(name, "Conv", model, unit, length)
+    for channels, size in sizes.grouped_grid:
+        for length, suffix in ((1, "_1"), (3, "")):
+            name = f"grid_grouped_conv_{channels}x{size}{suffix}"
+            model = _grouped_pairs(length, channels, sizes.grouped_multiplier, size, rng)
+            unit = _grouped_pairs(1, channels, sizes.grouped_multiplier, size, rng)
+            probes[name] = _Probe(name, "Conv", model, unit, length, per_element=2)
     for elements in sizes.bandwidth_elements:
         long = min(max(3, sizes.large_elements // elements), 33)
         for length, suffix in ((1, "_1"), (long, "")):
@@ -687,6 +706,11 @@ def _grouped_chain(length: int, kind: str, sizes: ProbeSizes, large: bool, rng: 
     inputs and one output per group, the same FLOPs) so that the chain can go on."""
     channels, multiplier, size = ((sizes.grouped_channels, sizes.grouped_multiplier, sizes.grouped_size) if large
                                   else (sizes.tiny_channels, 2, sizes.tiny_size))  # fmt: skip
+    return _grouped_pairs(length, channels, multiplier, size, rng)
+
+
+def _grouped_pairs(length: int, channels: int, multiplier: int, size: int, rng: np.random.Generator) -> onnx.ModelProto:
+    """See ``_grouped_chain``: ``length`` pairs, C = ``channels``, m = ``multiplier``, on ``size`` × ``size``."""
     wide = channels * multiplier
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
