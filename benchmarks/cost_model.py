@@ -462,10 +462,11 @@ PROBES = {
     "int8_large": "the same, three in a chain",
     "int8_tiny_1": "QDQ 3×3 Conv, 8 → 8 on 8 × 8, one",
     "int8_tiny": "the same, 33 in a chain",
-    "grouped_conv_large_1": "grouped 3×3 Conv, 128 → 128 channels in groups of 4, on 56 × 56, one",
-    "grouped_conv_large": "the same, three in a chain",
-    "grouped_conv_tiny_1": "grouped 3×3 Conv, 8 → 8 channels in groups of 4, on 8 × 8, one",
-    "grouped_conv_tiny": "the same, 33 in a chain",
+    "grouped_conv_large_1": "grouped 3×3 Conv as conv-to-separable writes it, 64 → 256 channels with group 64 "
+    "on 28 × 28, and back 256 → 64 (group 64), one pair",
+    "grouped_conv_large": "the same, three pairs in a chain",
+    "grouped_conv_tiny_1": "the same pair with 8 → 16 → 8 channels on 8 × 8, one",
+    "grouped_conv_tiny": "the same, 33 pairs in a chain",
     "pointwise_large_1": "dense 1×1 Conv, 64 → 64 channels on 56 × 56, one",
     "pointwise_large": "the same, three in a chain",
     "pointwise_tiny_1": "dense 1×1 Conv, 8 → 8 on 8 × 8, one",
@@ -488,6 +489,27 @@ PROBES = {
     "quantize_tiny_1": "QuantizeLinear → DequantizeLinear → Neg on [1, 16], one",
     "quantize_tiny": "the same, 33 in a chain",
 }
+
+
+#: What the grid probes are, by the kind in their name (``grid_<kind>_<channels>x<size>``, ``grid_add_<elements>``).
+GRID_PROBES = {
+    "conv": "dense 3×3 Conv, {c} → {c} channels on {s} × {s}",
+    "pointwise": "dense 1×1 Conv, {c} → {c} channels on {s} × {s}",
+    "grouped_conv": "grouped 3×3 Conv pair, {c} → 4·{c} → {c} channels (group {c}) on {s} × {s}",
+}
+
+
+def probe_description(key: str) -> str:
+    """What the probe ``key`` is: from ``PROBES``, or from a grid probe's name."""
+    if key in PROBES or not key.startswith("grid_"):
+        return PROBES.get(key, "")
+    name, one = key.removesuffix("_1"), key.endswith("_1")
+    count = "one" if one else ("a chain" if name.startswith("grid_add_") else "three in a chain")
+    if name.startswith("grid_add_"):
+        return f"Add of two [1, {name.removeprefix('grid_add_')}] tensors (bandwidth grid), {count}"
+    kind, _, shape = name.removeprefix("grid_").rpartition("_")
+    channels, size = shape.split("x")
+    return f"{GRID_PROBES[kind].format(c=channels, s=size)} (grid), {count}"
 
 
 def to_markdown(payload: dict[str, Any]) -> str:
@@ -575,6 +597,19 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "decoders are folded and QDQ groups fused (any deployment runtime does both), int8 convs and matmuls "
         "at twice its FP32 peak. FLOPs, bytes and params in every report stay those of the graph as written.",
         "",
+        "**Rates that depend on the shape** (issue #16). One rate per class cannot fit onnxruntime's convs: a "
+        "GEMM with a short reduction or a wide, shallow map runs at a fraction of the rate of 64 → 64 channels "
+        "on 28 × 28. So `nnopt calibrate` also times a grid of probes per class (`conv`: 3×3 convs from 8 "
+        "channels on 160 × 160 to 128 on 14 × 14; `pointwise`: 1×1 convs from 8 channels on 160 × 160 to 256 on "
+        "14 × 14; `grouped_conv`: conv-to-separable's grouped convs from 4 × 4 to 56 × 56 maps) and the "
+        "profile stores each point's rate with its multiply-adds per output (the GEMM's depth) and output "
+        "positions per channel (its width); a node's rate is interpolated in log space over both (inverse "
+        "distance weighting of the log rates, `nnopt.cost.hardware.interpolate_rate`). Likewise for bytes: "
+        "onnxruntime splits an elementwise op across its threads only above a size, so chains of Adds of 1 K to "
+        "64 K floats give a bandwidth grid (`bandwidth_grid`, interpolated log-log by bytes moved). 1-D (and "
+        "3-D) convs are `unblocked_conv`: the NCHWc layout takes 2-D convs only. A profile file without grids "
+        "(written before them) loads and estimates exactly as before.",
+        "",
         "How the terms were chosen, and how their values were not: the terms are what the plain roofline visibly "
         "missed on these models (a fixed cost per node dominates the small models; quantized variants run faster "
         "while the roofline charges their Quantize/DequantizeLinear nodes; kmeans decoders are folded at load "
@@ -599,7 +634,7 @@ def to_markdown(payload: dict[str, Any]) -> str:
     for key, probe in probes.items():
         per_node = probe.get("seconds_per_node")
         lines.append(
-            f"| `{key}` | {PROBES.get(key, '')} | {probe['nodes']} | {probe['flops_per_node']:,} | "
+            f"| `{key}` | {probe_description(key)} | {probe['nodes']} | {probe['flops_per_node']:,} | "
             f"{probe['bytes_per_node']:,} | {probe['seconds'] * 1e3:.4f} | "
             f"{'' if per_node is None else f'{per_node * 1e3:.4f}'} |"
         )
@@ -649,21 +684,18 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "onnxruntime fallback reads main-graph tensors only: those nodes count their per-node overhead and "
         "no FLOPs. Loop and Scan bodies are not costed at all.",
         "- onnxruntime's NCHWc layout transformation (ReorderInput/ReorderOutput nodes around blocked convs, "
-        "and Conv + Add fused as a residual sum) is not modelled; neither are cache effects (the bandwidth is "
-        "one figure, that of a 12.6 MB Add) nor the per-step cost of LSTM loops.",
+        "and Conv + Add fused as a residual sum) is not modelled: in ppocr_cls (HardSwish between every pair of "
+        "convs) onnxruntime's profiler puts 59 reorders at a fifth of the kernel time. Neither are "
+        "transcendental elementwise ops (Sigmoid, x·sigmoid(x), Div) slower than an Add per byte (×2-4 here), "
+        "nor the per-step cost of LSTM loops: the small models (ppocr_cls, digits, silero) stay estimated low.",
         "- A quantized model whose QDQ groups onnxruntime cannot fuse (ops outside `_QDQ_COMPUTE`/`_QDQ_OTHER` "
         "in `nnopt/cost/runtime_kernels.py`) runs its Quantize/DequantizeLinear nodes, and so does the estimate "
         "(class `quantize`); a fused group runs at the rate of its class (`int8`, `int8_depthwise`, "
         "`int8_matmul`, `int8_elementwise`), whatever its shape.",
-        "- **The main gap: one rate per conv class, whatever the shape.** onnxruntime's dense convs run far "
-        "slower on large feature maps with few channels than the calibration's 64 → 64 channels on 28 × 28 "
-        "(238 GFLOP/s): timed alone on this machine (fastest of 60 runs, chains of 1 and 4, repeated), "
-        "48 → 48 channels 3×3 on 80 × 80 ran at 53–87 GFLOP/s, 8 → 8 on 160 × 160 at 49, 24 → 24 on 80 × 80 at "
-        "136, but 16 → 16 on 112 × 112 at 258–315 and 1×1 convs from 110 to 318. No simple term (per output "
-        "element, working set, channel blocks) fits these, so the estimate does not model them, and models "
-        "whose time goes to high-resolution layers (the text detectors and recognisers, at 0.5–0.7 × measured) "
-        "are estimated low; a grid of conv probes in `nnopt calibrate` would be the next step. The same "
-        "effect makes SVD's thin factors slower than their FLOPs say.",
+        "- The grids are few points, each one timing: on a loaded machine a point can be off by ×2 (48 → 48 "
+        "channels on 80 × 80 measured 37, 93 and 235 GFLOP/s in three calibrations while other jobs ran), and "
+        "between points the rate is interpolated, not measured. The grouped-conv probes time a pair "
+        "(C → m·C and back), so the rate of a pair is given to the first conv's shape.",
     ]
     if payload["notes"]:
         lines += ["", "## Notes", "", *(f"- {n}" for n in payload["notes"])]
@@ -716,7 +748,8 @@ def busy_warning(payload: dict[str, Any]) -> list[str]:
     # The typical probe's spread, not the worst one's: a few probes of a few microseconds jitter by ×2 even
     # on an idle machine (older files lack it: their spread says nothing then).
     spread = measurements.get("median_median_to_min", 1.0)
-    if not waits["timed_out"] and spread <= 1.5:
+    calibrate_busy = payload.get("calibrate_waits", {}).get("timed_out", 0)
+    if not waits["timed_out"] and not calibrate_busy and spread <= 1.5:
         return []
     if payload.get("idle_threshold") == 0:
         return [
@@ -729,16 +762,30 @@ def busy_warning(payload: dict[str, Any]) -> list[str]:
             "--measure` on an idle machine.",
             "",
         ]
-    found = []
     if waits["timed_out"]:
-        found.append(f"{waits['timed_out']} of {waits['count']} timings started without an idle CPU")
+        return [
+            f"**This run was disturbed by other load on the machine**: {waits['timed_out']} of {waits['count']} "
+            "model timings started without an idle CPU. onnxruntime's worker threads spin on both cores, so a busy "
+            "neighbour stretches long runs (the big models) far more than short ones: the measured column and "
+            "both correlations are unreliable. Re-run `python benchmarks/cost_model.py --measure` on an idle "
+            "machine.",
+            "",
+        ]
+    return _busy_calibration(payload, spread)
+
+
+def _busy_calibration(payload: dict[str, Any], spread: float) -> list[str]:
+    """What the run says when only the calibration ran on a busy machine (the models' timings did not)."""
+    waits = payload.get("calibrate_waits", {"count": 0, "timed_out": 0})
+    found = [f"{waits['timed_out']} of {waits['count']} probe timings started without an idle CPU"] if waits[
+        "timed_out"] else []  # fmt: skip
     if spread > 1.5:
-        found.append(f"the calibration's typical probe had a median run {spread:.1f} × its fastest")
+        found.append(f"the typical probe's median run took {spread:.1f} × its fastest")
     return [
-        f"**This run was disturbed by other load on the machine**: {' and '.join(found)}. onnxruntime's worker "
-        "threads spin on both cores, so a busy neighbour stretches long runs (the big models) far more than "
-        "short ones: the measured column, the calibrated figures and both correlations are unreliable. Re-run "
-        "`python benchmarks/cost_model.py --measure` on an idle machine.",
+        f"**The calibration ran on a busy machine** ({' and '.join(found)}); the models' timings did not (every "
+        "one of them started on an idle CPU). Each probe keeps its fastest run, which held within a few percent "
+        "under load before, but the grid probes (a few milliseconds each) are noisier than that: re-run "
+        "`python benchmarks/cost_model.py --calibrate` on an idle machine.",
         "",
     ]
 
@@ -871,12 +918,14 @@ def main(argv: list[str] | None = None) -> int:
             profile = None
     calibrate_s = cache.get("calibrate_s", 0.0)
     waited: list[float] = []
+    calibrate_waited: list[float] = []  # the calibration's own: it may run at another time than the models
     if profile is None:
         print("calibrating...", file=sys.stderr, flush=True)
-        wait_for_idle(args.idle, args.idle_timeout, waited)
+        wait_for_idle(args.idle, args.idle_timeout, calibrate_waited)
         started = time.perf_counter()
-        profile, measurements = calibrate(**calibrate_args,
-                                          before_each=lambda: wait_for_idle(args.idle, args.idle_timeout, waited))
+        profile, measurements = calibrate(
+            **calibrate_args, before_each=lambda: wait_for_idle(args.idle, args.idle_timeout, calibrate_waited)
+        )
         calibrate_s = time.perf_counter() - started
         profile_dict = {**profile.to_dict(), "measurements": measurements}
     calibrate_command = shlex.join(["nnopt", "calibrate", *(f"--{k}={v}" for k, v in calibrate_args.items())])
@@ -936,6 +985,13 @@ def main(argv: list[str] | None = None) -> int:
         }
         if waited
         else cache.get("idle_waits", {"count": 0, "total_s": 0.0, "timed_out": 0}),
+        "calibrate_waits": {
+            "count": len(calibrate_waited),
+            "total_s": sum(calibrate_waited),
+            "timed_out": sum(1 for w in calibrate_waited if w >= args.idle_timeout),
+        }
+        if calibrate_waited
+        else cache.get("calibrate_waits", {"count": 0, "total_s": 0.0, "timed_out": 0}),
         "calibrated_profile": profile_dict,
         "default_profile": DEFAULT_PROFILE.to_dict(),
         "summary": summarize(points),

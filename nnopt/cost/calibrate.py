@@ -133,7 +133,7 @@ class ProbeSizes:
     grouped_size: int = 28
     #: (channels, size) of the ``grouped_conv`` grid probes (multiplier ``grouped_multiplier``): the generic
     #: path pays per group, so small maps (as 1-D audio convs have) run at a fraction of the large probe's rate.
-    grouped_grid: tuple[tuple[int, int], ...] = ((32, 4), (128, 4), (64, 12), (32, 56))
+    grouped_grid: tuple[tuple[int, int], ...] = ((64, 2), (128, 4), (64, 12), (32, 56))
 
 
 FULL_SIZES = ProbeSizes()
