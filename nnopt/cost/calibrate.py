@@ -19,6 +19,11 @@ models it will be used to estimate:
   overhead (a helper node beside each conv, the weight's DequantizeLinear, is costed as the estimate
   costs it and taken off first). ``peak_flops`` is the dense conv rate.
 
+* grids (``derive_figures``' ``_rate_grid``/``_bandwidth_grid``): the same chains at several shapes per
+  class of ``GRID_KERNELS`` (dense 3×3, 1×1, and conv-to-separable's grouped convs: channels × map size
+  spanning real models' layers), each giving the rate at its shape once the node and class overheads are
+  taken off; and chains of Adds of several sizes, each giving the bandwidth at its bytes moved.
+
 FLOPs and bytes of each probe come from ``nnopt.cost.analyze``, so they follow the estimate's own
 conventions. Each probe is timed in ``rounds`` interleaved rounds of ``runs`` runs; the fastest run is
 kept, since other load on the machine only ever adds time (``_STATISTIC``).
@@ -223,26 +228,9 @@ def calibrate(
     probes = _probes(sizes, np.random.default_rng(seed))
     spread = _time_probes(probes, runs, rounds, before_each)
     figures = _probe_figures(probes)
-    derived = derive_figures(figures)
-    kernels = derived["kernels"]
-    bandwidth, node_overhead = derived["bandwidth"], derived["node_overhead_s"]
     cpu = _cpu_name()
-    description = (
-        f"measured by nnopt calibrate on {cpu}, onnxruntime {onnxruntime.__version__} CPU "
-        f"({datetime.date.today().isoformat()}): dense 3x3 conv {kernels['conv'].flops / 1e9:.1f} GFLOP/s, "
-        f"Add {bandwidth / 1e9:.1f} GB/s, {node_overhead * 1e6:.2f} us per node"
-    )  # fmt: skip
-    profile = HardwareProfile(
-        name=name,
-        peak_flops=kernels["conv"].flops,
-        bandwidth=bandwidth,
-        description=description,
-        node_overhead_s=node_overhead,
-        run_overhead_s=derived["run_overhead_s"],
-        kernels=kernels,
-        runtime="onnxruntime",
-        bandwidth_grid=derived["bandwidth_grid"],
-    )
+    profile = profile_from_probes(figures, name, f"{cpu}, onnxruntime {onnxruntime.__version__} CPU "
+                                  f"({datetime.date.today().isoformat()})")  # fmt: skip
     measurements = {
         # Median ÷ fastest run of the kept round, worst probe: well above 1 means other load disturbed it.
         "max_median_to_min": max(spread.values()),
@@ -255,6 +243,35 @@ def calibrate(
         "probes": figures,
     }
     return profile, measurements
+
+
+def profile_from_probes(figures: dict[str, dict[str, Any]], name: str, where: str) -> HardwareProfile:
+    """The profile :func:`calibrate` derives from its probes' timings (``measurements["probes"]`` of a profile
+    file: a profile can be derived again from what was measured, e.g. after the derivation changed).
+
+    Args:
+        figures: Per probe, what ``measurements["probes"]`` holds (``seconds_per_node`` is recomputed).
+        name: The profile's name.
+        where: The machine, runtime and date, for the description.
+    """
+    derived = derive_figures(figures)
+    kernels = derived["kernels"]
+    bandwidth, node_overhead = derived["bandwidth"], derived["node_overhead_s"]
+    description = (
+        f"measured by nnopt calibrate on {where}: dense 3x3 conv {kernels['conv'].flops / 1e9:.1f} GFLOP/s, "
+        f"Add {bandwidth / 1e9:.1f} GB/s, {node_overhead * 1e6:.2f} us per node"
+    )  # fmt: skip
+    return HardwareProfile(
+        name=name,
+        peak_flops=kernels["conv"].flops,
+        bandwidth=bandwidth,
+        description=description,
+        node_overhead_s=node_overhead,
+        run_overhead_s=derived["run_overhead_s"],
+        kernels=kernels,
+        runtime="onnxruntime",
+        bandwidth_grid=derived["bandwidth_grid"],
+    )
 
 
 #: Which run of a round a probe keeps: the fastest. Other jobs on shared cores only ever add time, and on a
@@ -424,7 +441,7 @@ def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "run_overhead_s": run_overhead,
         "bandwidth": bandwidth,
         "kernels": kernels,
-        "bandwidth_grid": _bandwidth_grid(figures, node_overhead, run_overhead, add_large["bytes_per_node"], bandwidth),
+        "bandwidth_grid": _bandwidth_grid(figures, node_overhead, add_large["bytes_per_node"], bandwidth),
     }
 
 
@@ -464,14 +481,15 @@ def _rate_grid(
 
 
 def _bandwidth_grid(
-    figures: dict[str, dict[str, Any]], node_overhead: float, run_overhead: float, large_bytes: float,
-    large_bandwidth: float,
+    figures: dict[str, dict[str, Any]], node_overhead: float, large_bytes: float, large_bandwidth: float
 ) -> tuple[tuple[float, float], ...]:
     """``(bytes, bytes/s)`` per Add chain of the bandwidth grid, and the large Add's: what one Add moves ÷ its
     time beyond node overhead."""
     points = {large_bytes: large_bandwidth}
     for short, long in _chain_pairs(figures, "grid_add_"):
-        moved = _large_per_node(figures, short, long, run_overhead, 0.0) - node_overhead
+        # The plain slope: these Adds take a fraction of a microsecond, so a one-node chain's time is mostly
+        # run overhead and bounds nothing (``_large_per_node`` is for nodes far longer than that).
+        moved = _slope(figures, short, long) - node_overhead
         if moved > 0:
             points[figures[long]["bytes_per_node"]] = figures[long]["bytes_per_node"] / moved
     return tuple(sorted(points.items()))

@@ -23,7 +23,8 @@ KERNEL_CLASSES: dict[str, str] = {
     "conv-to-separable writes, or several channels per group): onnxruntime's generic path, an im2col and a "
     "small GEMM per group",
     "unblocked_conv": "dense float Conv with a constant weight and at least 16 input channels, not a multiple of "
-    "4: onnxruntime cannot run it in its blocked (NCHWc) layout and falls back to im2col + GEMM",
+    "4, or a 1-D or 3-D kernel: onnxruntime cannot run it in its blocked (NCHWc) layout and falls back to "
+    "im2col + GEMM",
     "dynamic_weight": "float Conv, ConvTranspose, Gemm and MatMul whose weight is computed at run time (e.g. "
     "dequantized from int8 at every inference, or a MatMul of two activations): no pre-packed weight",
     "int8": "int8 dense Conv: QLinearConv, ConvInteger, and the DequantizeLinear → Conv groups a runtime fuses "
@@ -59,6 +60,8 @@ class KernelFigures:
         flops: Effective arithmetic rate of the class in FLOP/s; None uses the profile's ``peak_flops``.
         overhead_s: Fixed seconds per node of the class, on top of the profile's ``node_overhead_s``
             (e.g. a GEMM kernel's packing and thread-pool dispatch).
+        grid: Rates measured at several shapes (see :class:`RatePoint`); a node whose output shape is known
+            runs at the rate interpolated in them instead of ``flops``. Empty: ``flops`` for every node.
     """
 
     flops: float | None = None
@@ -142,8 +145,9 @@ class HardwareProfile:
 
     The estimate of one node is ``node_overhead_s + kernel overhead + max(FLOPs ÷ rate, bytes ÷
     bandwidth)``, where the rate and kernel overhead are those of the node's kernel class in ``kernels``
-    (``peak_flops`` and 0 for classes it does not list); the model's estimate adds ``run_overhead_s``
-    once. With the defaults (no overheads, no kernels, no runtime) this is the plain roofline
+    (``peak_flops`` and 0 for classes it does not list; the rate interpolated in the class's ``grid`` by the
+    node's output shape when it has one) and the bandwidth is interpolated in ``bandwidth_grid`` when
+    given; the model's estimate adds ``run_overhead_s`` once. With the defaults (no overheads, no kernels, no runtime) this is the plain roofline
     ``max(FLOPs ÷ peak_flops, bytes ÷ bandwidth)`` the built-in profiles give.
 
     Attributes:
