@@ -616,7 +616,9 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "time, weight-only DequantizeLinear is not, and a conv whose weight it computes runs several times "
         "slower; SVD factors with channel counts the blocked layout cannot take run slower than their FLOPs "
         "say; int8 depthwise convs and the Q/DQ nodes around float islands are what makes MobileNet-style int8 "
-        "models slower than float), and the fusion rules were checked against the graphs onnxruntime itself "
+        "models slower than float; a conv's rate depends on its GEMM's shape, few channels on a large map "
+        "running at a fifth of the dense probe's rate, and 1-D convs fall outside the blocked layout), and the "
+        "fusion rules were checked against the graphs onnxruntime itself "
         "writes (`SessionOptions.optimized_model_filepath`). Every value comes from `nnopt calibrate`'s "
         "micro-benchmarks alone, built in memory and unrelated to the models above; nothing is fitted to the "
         "points of this page.",
