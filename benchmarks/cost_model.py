@@ -918,6 +918,9 @@ def main(argv: list[str] | None = None) -> int:
         if profile is not None and set(profile.kernels) != set(CALIBRATED_KERNELS):
             print("cached profile measured other kernel classes; calibrating", file=sys.stderr)
             profile = None
+        elif profile is not None and not profile.bandwidth_grid:
+            print("cached profile has no grids (measured before them); calibrating", file=sys.stderr)
+            profile = None
     calibrate_s = cache.get("calibrate_s", 0.0)
     waited: list[float] = []
     calibrate_waited: list[float] = []  # the calibration's own: it may run at another time than the models
