@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from cost_profiles import MEASURED, MEASURED_GRID
 
 import nnopt
 import nnopt.cost.timing
 from nnopt.cli import main
 from nnopt.cost import BUILTIN_PROFILES, DEFAULT_PROFILE, HardwareProfile, analyze
-from nnopt.cost.calibrate import CALIBRATED_KERNELS, QUICK_SIZES, calibrate, rank_average, spearman
-from nnopt.cost.hardware import KernelFigures, load_profile, parse_hardware, profile_from_dict, write_profile
+from nnopt.cost.calibrate import CALIBRATED_KERNELS, GRID_KERNELS, QUICK_SIZES, calibrate, rank_average, spearman
+from nnopt.cost.hardware import (
+    KernelFigures,
+    RatePoint,
+    interpolate_bandwidth,
+    interpolate_rate,
+    load_profile,
+    parse_hardware,
+    profile_from_dict,
+    write_profile,
+)
 from nnopt.cost.rules import kernel_classes
 from nnopt.errors import InputError
 from nnopt.testing import model_from_text
@@ -332,14 +343,7 @@ def test_bad_profile_file_is_a_one_line_error_naming_file_and_key(tmp_path, caps
 # ---------------------------------------------------------------------------------------------- calibrate
 def test_calibrate_recovers_the_profile_of_a_machine_that_follows_the_model(monkeypatch):
     """With every probe 'measured' as the estimate of a known profile, calibration gives that profile back."""
-    truth = HardwareProfile(
-        "truth", 300e9, 50e9, node_overhead_s=0.4e-6, run_overhead_s=6e-6, runtime="onnxruntime",
-        kernels={"conv": KernelFigures(300e9, 4e-6), "depthwise": KernelFigures(40e9, 1e-6),
-                 "unblocked_conv": KernelFigures(150e9, 5e-6), "dynamic_weight": KernelFigures(100e9, 2e-6),
-                 "int8": KernelFigures(500e9, 3e-6), "pointwise": KernelFigures(200e9, 2e-6),
-                 "int8_depthwise": KernelFigures(20e9, 1.5e-6), "int8_matmul": KernelFigures(100e9, 1e-6),
-                 "int8_elementwise": KernelFigures(3e9, 0.5e-6), "quantize": KernelFigures(3e9, 0.2e-6)},
-    )
+    truth = replace(MEASURED, name="truth")
 
     def estimated(model, feeds=None, **_):
         seconds = analyze(model, hardware=truth, run_onnxruntime=False).totals["latency_s"]
@@ -355,7 +359,50 @@ def test_calibrate_recovers_the_profile_of_a_machine_that_follows_the_model(monk
         assert profile.kernels[kernel].overhead_s == pytest.approx(figures.overhead_s, rel=1e-9)
     # Per-node FLOPs of the probes come from the analysis: a 3×3 conv of 8 → 8 channels on 16 × 16.
     assert measurements["probes"]["conv_large"]["flops_per_node"] == 2 * 8 * 8 * 9 * 16 * 16
-    assert measurements["max_median_to_min"] == 1.0
+    assert measurements["max_median_to_min"] == 1.0 and measurements["median_median_to_min"] == 1.0
+    # A machine with one rate per class measures that rate at every grid point, and one bandwidth.
+    for kernel in GRID_KERNELS:
+        assert [p.flops for p in profile.kernels[kernel].grid] == pytest.approx(
+            [truth.kernels[kernel].flops] * len(profile.kernels[kernel].grid), rel=1e-9)
+    assert [b for _, b in profile.bandwidth_grid] == pytest.approx([truth.bandwidth] * 3, rel=1e-9)
+
+
+def test_calibrate_recovers_the_grids_of_a_machine_whose_rates_depend_on_shape(monkeypatch):
+    """Each grid probe gives back the rate the (grid) truth has at its shape, and each Add chain its bandwidth."""
+    # The QUICK_SIZES grid probes (conv: 4 channels on 16², 16 on 8²; 1×1: 16 on 16², 64 on 4²; grouped: 4 on
+    # 12², 8 on 6²) at rates of their own, and the class's large and tiny probes at the class's single rate.
+    rate = {kernel: MEASURED.kernels[kernel].flops for kernel in GRID_KERNELS}
+    conv = (RatePoint(36, 16, rate["conv"]), RatePoint(36, 256, 20e9), RatePoint(72, 256, rate["conv"]),
+            RatePoint(144, 64, 150e9))
+    pointwise = (RatePoint(4, 16, rate["pointwise"]), RatePoint(16, 256, 40e9), RatePoint(32, 64, rate["pointwise"]),
+                 RatePoint(64, 16, 90e9))
+    # Each grouped element is a pair, C → 2C (9 MACs per output) and back (18): both at the same rate.
+    grouped = tuple(RatePoint(r, s, flops) for r in (9, 18) for s, flops in
+                    ((16, rate["grouped_conv"]), (36, 10e9), (64, rate["grouped_conv"]), (144, 20e9)))
+    kernels = dict(MEASURED.kernels)
+    for kernel, grid in (("conv", conv), ("pointwise", pointwise), ("grouped_conv", grouped)):
+        kernels[kernel] = replace(kernels[kernel], grid=grid)
+    # Small tensors move slower, though never so slowly that a conv probe turns memory-bound.
+    truth = replace(MEASURED, kernels=kernels, bandwidth_grid=((3072.0, 100e9), (24576.0, 120e9), (196608.0, 134e9)))
+
+    def estimated(model, feeds=None, **_):
+        seconds = analyze(model, hardware=truth, run_onnxruntime=False).totals["latency_s"]
+        return {"median_s": seconds, "min_s": seconds}
+
+    monkeypatch.setattr(nnopt.cost.timing, "measure_latency", estimated)
+    profile, _ = calibrate(sizes=QUICK_SIZES, runs=1, rounds=1)
+    for kernel, grid in (("conv", conv), ("pointwise", pointwise), ("grouped_conv", grouped)):
+        measured = {(p.reduction, p.spatial): p.flops for p in profile.kernels[kernel].grid}
+        # Within 0.2 %: the tiny 1×1 probe is memory-bound, and the class overhead under the grid rates is derived
+        # with the large Add's bandwidth, not the grid's (1.5 ns of the tiny node).
+        assert measured == pytest.approx({(p.reduction, p.spatial): p.flops for p in grid if (p.reduction, p.spatial)
+                                          in measured}, rel=1e-9 if kernel != "pointwise" else 2e-3)
+        assert len(measured) == 2 and set(measured.values()) & {20e9, 150e9, 40e9, 90e9, 10e9} == set()
+    # The 2^8 and 2^11-float Adds (3 KB, 24 KB moved) and the large one; the large one's rate is derived as before.
+    assert [b for b, _ in profile.bandwidth_grid] == [3072.0, 24576.0, 196608.0]
+    # Within 2 %: the node overhead is derived with the large Add's bandwidth for the tiny Adds, which the grid
+    # truth moves at its smallest point's (0.5 ns of the 0.28 µs per node).
+    assert [r for _, r in profile.bandwidth_grid] == pytest.approx([100e9, 120e9, 134e9], rel=2e-2)
 
 
 def test_calibrate_warns_when_other_load_disturbs_the_probes(tmp_path, monkeypatch, capsys):
@@ -434,3 +481,65 @@ def test_default_profile_is_unchanged_but_for_int8_and_decoders():
     assert DEFAULT_PROFILE == HardwareProfile("x86-avx2-2core", 192e9, 2 * 8 * 2.666e9, DEFAULT_PROFILE.description,
                                               kernels={k: KernelFigures(flops=384e9) for k in ("int8", "int8_matmul")},
                                               runtime="generic")
+
+
+# ---------------------------------------------------------------------------------------------- grids
+def test_interpolated_rates_and_bandwidths_exact_values():
+    grid = (RatePoint(8, 100, 10e9), RatePoint(32, 100, 40e9))
+    assert interpolate_rate(grid, 8, 100) == 10e9 and interpolate_rate(grid, 32, 100) == 40e9
+    # Equally far from both (in log space): the geometric mean of their rates.
+    assert interpolate_rate(grid, 16, 100) == pytest.approx(20e9, rel=1e-12)
+    # Nearer the first: 1/d³ weights 1 and 1/27 over ln 10e9 and ln 40e9.
+    expected = math.exp((math.log(10e9) + math.log(40e9) / 27) / (1 + 1 / 27))
+    assert interpolate_rate(grid, 8 * 2**0.5, 100) == pytest.approx(expected, rel=1e-12)
+    bandwidth = ((1000.0, 10e9), (100000.0, 40e9))
+    assert interpolate_bandwidth(bandwidth, 10000) == pytest.approx(20e9, rel=1e-12)  # log-log halfway
+    assert interpolate_bandwidth(bandwidth, 10) == 10e9 and interpolate_bandwidth(bandwidth, 1e9) == 40e9
+
+
+def test_a_conv_takes_its_rate_from_the_grid_by_its_output_shape():
+    conv = MEASURED_GRID.kernels["conv"]
+    # 8 → 8 channels 3×3 on 160 × 160 is a grid point (72 MACs per output, 25,600 positions): 46 GFLOP/s.
+    flops = 2 * 8 * 72 * 160 * 160
+    latency, compute_s, _ = MEASURED_GRID.node_latency("conv", flops, 1e6, output_shape=(1, 8, 160, 160))
+    assert compute_s == pytest.approx(flops / 46e9, rel=1e-12)
+    assert latency == pytest.approx(0.28e-6 + 2.2e-6 + flops / 46e9, rel=1e-12)
+    # Without a shape (how passes/_latency.py calls it) or with an unknown one: the class's single rate.
+    for shape in (None, (1, 8)):
+        assert MEASURED_GRID.node_latency("conv", flops, 1e6, output_shape=shape)[1] == flops / conv.flops
+    assert MEASURED_GRID.node_latency("conv", flops, 1e6)[1] == flops / conv.flops
+    # The bandwidth grid: a 49,152-byte Add moves at 77 GB/s where the large Add's scalar is 134.
+    assert MEASURED_GRID.node_latency("other", 4096, 49152)[2] == pytest.approx(49152 / 77e9, rel=1e-12)
+    assert MEASURED.node_latency("other", 4096, 49152)[2] == pytest.approx(49152 / 134e9, rel=1e-12)
+
+
+def test_profile_files_without_grids_load_as_before_and_grids_round_trip(tmp_path):
+    old = MEASURED.to_dict()
+    # A profile without grids is written exactly as before the grids existed.
+    assert "bandwidth_grid" not in old and all("grid" not in k for k in old["kernels"].values())
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    assert load_profile(path) == MEASURED
+    assert analyze(DIGITS, hardware=load_profile(path)).totals == analyze(DIGITS, hardware=MEASURED).totals
+    write_profile(MEASURED_GRID, tmp_path / "grid.json", {"probes": {}})
+    again = load_profile(tmp_path / "grid.json")
+    assert again == MEASURED_GRID and again.kernels["conv"].grid == MEASURED_GRID.kernels["conv"].grid
+    assert again.bandwidth_grid == MEASURED_GRID.bandwidth_grid
+    assert analyze(DIGITS, hardware=again).totals == analyze(DIGITS, hardware=MEASURED_GRID).totals
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["kernels"]["conv"].update(grid=[{"reduction": 8, "spatial": 1}]), r"kernels.conv.grid\[0\]"),
+        (lambda d: d["kernels"]["conv"].update(grid=[{"reduction": 8, "spatial": 1, "flops_per_s": -1}]),
+         "expected a positive number"),
+        (lambda d: d.update(bandwidth_grid=[[10, 1e9], [5, 1e9]]), "sorted by bytes"),
+        (lambda d: d.update(bandwidth_grid=[[10]]), "bandwidth_grid"),
+    ],
+)
+def test_bad_grids_in_a_profile_file_are_one_line_errors(edit, message):
+    data = MEASURED_GRID.to_dict()
+    edit(data)
+    with pytest.raises(InputError, match=message):
+        profile_from_dict(data, "p.json")

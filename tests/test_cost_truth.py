@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from cost_profiles import MEASURED, MEASURED_GRID
 
 from nnopt.api import optimize
 from nnopt.cli import main
-from nnopt.cost import DEFAULT_PROFILE, HardwareProfile, analyze
-from nnopt.cost.hardware import KernelFigures
+from nnopt.cost import DEFAULT_PROFILE, analyze
 from nnopt.cost.inputs import data_shapes_note, sample_input_shapes
 from nnopt.pipeline.manager import PassRecord, PipelineReport, _uncosted_notes
 from nnopt.testing import model_from_text
@@ -172,16 +172,6 @@ def test_int8_is_faster_than_float_in_the_default_estimate(digits_variants):
 
 
 # ---------------------------------------------------------------------------------------------- int8 and groups
-#: What ``nnopt calibrate`` measured on the development machine (2 cores, onnxruntime 1.32), rounded.
-MEASURED = HardwareProfile(
-    "measured", 237e9, 134e9, node_overhead_s=0.28e-6, run_overhead_s=5.5e-6, runtime="onnxruntime",
-    kernels={"conv": KernelFigures(237e9, 2.2e-6), "pointwise": KernelFigures(283e9, 1.5e-6),
-             "depthwise": KernelFigures(149e9, 0.7e-6), "grouped_conv": KernelFigures(54e9, 2.9e-6),
-             "unblocked_conv": KernelFigures(173e9, 7.6e-6), "dynamic_weight": KernelFigures(154e9, 3.0e-6),
-             "int8": KernelFigures(749e9, 2.6e-6), "int8_depthwise": KernelFigures(68e9, 1.7e-6),
-             "int8_matmul": KernelFigures(377e9, 0.6e-6), "int8_elementwise": KernelFigures(5.5e9, 0.07e-6),
-             "quantize": KernelFigures(8.0e9, 0.0)},
-)  # fmt: skip
 
 
 def test_int8_is_faster_than_float_under_the_measured_profile(digits_variants):
@@ -246,3 +236,38 @@ def test_qdq_add_fuses_only_when_both_inputs_share_a_type():
     assert same == ["quantize", "fused", "fused", "int8_elementwise", "fused", "quantize"]
     mixed = [n["kernel"] for n in analyze(qadd("int8", np.array(0, np.int8)), hardware=MEASURED).nodes]
     assert mixed == ["quantize", "quantize", "quantize", "other", "quantize", "quantize"]
+
+
+# ---------------------------------------------------------------------------------------------- conv shape
+def conv_model(channels: int, size: int, dims: int = 2) -> onnx.ModelProto:
+    """One 3×3 (or, with ``dims`` 1, length-3) conv, channels → channels, padded, on size (× size)."""
+    spatial = [size] * dims
+    shape = ",".join(str(d) for d in [1, channels, *spatial])
+    weight = np.full((channels, channels, *[3] * dims), 0.01, np.float32)
+    return model_from_text(
+        f"""{HEADER}
+        g (float[{shape}] x) => (float[{shape}] y) {{
+            y = Conv<pads: ints = {[1] * 2 * dims}>(x, w)
+        }}""",
+        {"w": weight},
+    )
+
+
+def test_few_channels_on_a_large_map_cost_more_per_flop_than_many_on_a_small_one():
+    """Measured here: 8 → 8 channels on 160 × 160 at 46 GFLOP/s, 128 → 128 on 14 × 14 at 225 (issue #16)."""
+    few, many = (analyze(conv_model(c, s), hardware=MEASURED_GRID).nodes[0] for c, s in ((8, 160), (128, 14)))
+    assert few["flops"] == 2 * 8 * 72 * 160 * 160 and many["flops"] == 2 * 128 * 1152 * 14 * 14
+    per_flop = [(n["latency_s"] - 0.28e-6 - 2.2e-6) / n["flops"] for n in (few, many)]
+    assert per_flop[0] / per_flop[1] == pytest.approx(225 / 46, rel=1e-9)
+    # One rate per class, as before the grids: the same per FLOP.
+    single = [analyze(conv_model(c, s), hardware=MEASURED).nodes[0] for c, s in ((8, 160), (128, 14))]
+    assert [(n["latency_s"] - 0.28e-6 - 2.2e-6) / n["flops"] for n in single] == pytest.approx([1 / 237e9] * 2)
+
+
+def test_a_1d_conv_runs_unblocked():
+    """onnxruntime's NCHWc layout takes 2-D convs only: a 1-D conv runs as im2col + GEMM (measured 2-3 × slower
+    than the dense rate says on silero_vad's shapes)."""
+    node = analyze(conv_model(64, 32, dims=1), hardware=MEASURED).nodes[0]
+    assert node["kernel"] == "unblocked_conv"
+    assert node["latency_s"] == pytest.approx(0.28e-6 + 7.6e-6 + node["flops"] / 173e9, rel=1e-12)
+    assert analyze(conv_model(64, 32), hardware=MEASURED).nodes[0]["kernel"] == "conv"

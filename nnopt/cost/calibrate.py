@@ -19,6 +19,11 @@ models it will be used to estimate:
   overhead (a helper node beside each conv, the weight's DequantizeLinear, is costed as the estimate
   costs it and taken off first). ``peak_flops`` is the dense conv rate.
 
+* grids (``derive_figures``' ``_rate_grid``/``_bandwidth_grid``): the same chains at several shapes per
+  class of ``GRID_KERNELS`` (dense 3×3, 1×1, and conv-to-separable's grouped convs: channels × map size
+  spanning real models' layers), each giving the rate at its shape once the node and class overheads are
+  taken off; and chains of Adds of several sizes, each giving the bandwidth at its bytes moved.
+
 FLOPs and bytes of each probe come from ``nnopt.cost.analyze``, so they follow the estimate's own
 conventions. Each probe is timed in ``rounds`` interleaved rounds of ``runs`` runs; the fastest run is
 kept, since other load on the machine only ever adds time (``_STATISTIC``).
@@ -30,14 +35,14 @@ import datetime
 import math
 import platform
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from nnopt.cost.hardware import HardwareProfile, KernelFigures
+from nnopt.cost.hardware import HardwareProfile, KernelFigures, RatePoint
 from nnopt.errors import InputError
 
 #: IR version and opset of the probe models: ones every supported onnxruntime release loads.
@@ -94,6 +99,11 @@ class ProbeSizes:
         tiny_features, tiny_tokens: Likewise for the tiny one.
         elementwise_shape: The tensor of the large int8 Add and of the large Quantize/DequantizeLinear
             (the tiny ones take [1, tiny_elements]).
+        conv_grid, pointwise_grid, grouped_grid: (channels, size) of the grid probes of ``conv`` (3×3),
+            ``pointwise`` and ``grouped_conv`` (pairs as ``_grouped_chain`` builds them).
+        bandwidth_elements: Elements per input of the Add chains of the bandwidth grid.
+        grouped_channels, grouped_multiplier, grouped_size: The large ``grouped_conv`` probe (the tiny one
+            takes ``tiny_channels``, multiplier 2, ``tiny_size``).
     """
 
     tiny_elements: int = 16
@@ -116,6 +126,19 @@ class ProbeSizes:
     tiny_features: int = 16
     tiny_tokens: int = 4
     elementwise_shape: tuple[int, ...] = (1, 64, 56, 56)
+    #: (channels, size) of the dense 3×3 and of the 1×1 convs whose rates make the classes' grids: from
+    #: few channels on large maps to many on small ones, as the layers of real models run.
+    conv_grid: tuple[tuple[int, int], ...] = ((8, 160), (16, 80), (32, 56), (48, 80), (128, 14))
+    pointwise_grid: tuple[tuple[int, int], ...] = ((8, 160), (16, 112), (32, 56), (128, 28), (256, 14))
+    #: Elements of each Add of the chains whose bandwidths make the bandwidth grid (besides ``large_elements``).
+    bandwidth_elements: tuple[int, ...] = (1 << 10, 1 << 12, 1 << 14, 1 << 16)
+    #: The grouped conv as conv-to-separable writes it: C → m·C channels with group C (m: the multiplier).
+    grouped_channels: int = 64
+    grouped_multiplier: int = 4
+    grouped_size: int = 28
+    #: (channels, size) of the ``grouped_conv`` grid probes (multiplier ``grouped_multiplier``): the generic
+    #: path pays per group, so small maps (as 1-D audio convs have) run at a fraction of the large probe's rate.
+    grouped_grid: tuple[tuple[int, int], ...] = ((64, 2), (128, 4), (64, 12), (32, 56))
 
 
 FULL_SIZES = ProbeSizes()
@@ -137,6 +160,13 @@ QUICK_SIZES = ProbeSizes(
     tiny_features=4,
     tiny_tokens=2,
     elementwise_shape=(1, 8, 16, 16),
+    conv_grid=((4, 16), (16, 8)),
+    pointwise_grid=((16, 16), (64, 4)),
+    bandwidth_elements=(1 << 8, 1 << 11),
+    grouped_channels=8,
+    grouped_multiplier=2,
+    grouped_size=8,
+    grouped_grid=((4, 12), (8, 6)),
 )
 
 
@@ -198,16 +228,40 @@ def calibrate(
     probes = _probes(sizes, np.random.default_rng(seed))
     spread = _time_probes(probes, runs, rounds, before_each)
     figures = _probe_figures(probes)
+    cpu = _cpu_name()
+    profile = profile_from_probes(figures, name, f"{cpu}, onnxruntime {onnxruntime.__version__} CPU "
+                                  f"({datetime.date.today().isoformat()})")  # fmt: skip
+    measurements = {
+        # Median ÷ fastest run of the kept round, worst probe: well above 1 means other load disturbed it.
+        "max_median_to_min": max(spread.values()),
+        # The same for the typical probe: a few short probes jitter by ×2 even on an idle machine.
+        "median_median_to_min": float(np.median(list(spread.values()))),
+        "onnxruntime": onnxruntime.__version__,
+        "cpu": cpu,
+        "runs": runs,
+        "rounds": rounds,
+        "probes": figures,
+    }
+    return profile, measurements
+
+
+def profile_from_probes(figures: dict[str, dict[str, Any]], name: str, where: str) -> HardwareProfile:
+    """The profile :func:`calibrate` derives from its probes' timings (``measurements["probes"]`` of a profile
+    file: a profile can be derived again from what was measured, e.g. after the derivation changed).
+
+    Args:
+        figures: Per probe, what ``measurements["probes"]`` holds (``seconds_per_node`` is recomputed).
+        name: The profile's name.
+        where: The machine, runtime and date, for the description.
+    """
     derived = derive_figures(figures)
     kernels = derived["kernels"]
     bandwidth, node_overhead = derived["bandwidth"], derived["node_overhead_s"]
-    cpu = _cpu_name()
     description = (
-        f"measured by nnopt calibrate on {cpu}, onnxruntime {onnxruntime.__version__} CPU "
-        f"({datetime.date.today().isoformat()}): dense 3x3 conv {kernels['conv'].flops / 1e9:.1f} GFLOP/s, "
+        f"measured by nnopt calibrate on {where}: dense 3x3 conv {kernels['conv'].flops / 1e9:.1f} GFLOP/s, "
         f"Add {bandwidth / 1e9:.1f} GB/s, {node_overhead * 1e6:.2f} us per node"
     )  # fmt: skip
-    profile = HardwareProfile(
+    return HardwareProfile(
         name=name,
         peak_flops=kernels["conv"].flops,
         bandwidth=bandwidth,
@@ -216,17 +270,8 @@ def calibrate(
         run_overhead_s=derived["run_overhead_s"],
         kernels=kernels,
         runtime="onnxruntime",
+        bandwidth_grid=derived["bandwidth_grid"],
     )
-    measurements = {
-        # Median ÷ fastest run of the kept round, worst probe: well above 1 means other load disturbed it.
-        "max_median_to_min": max(spread.values()),
-        "onnxruntime": onnxruntime.__version__,
-        "cpu": cpu,
-        "runs": runs,
-        "rounds": rounds,
-        "probes": figures,
-    }
-    return profile, measurements
 
 
 #: Which run of a round a probe keeps: the fastest. Other jobs on shared cores only ever add time, and on a
@@ -269,6 +314,7 @@ def _probe_figures(probes: dict[str, _Probe]) -> dict[str, dict[str, Any]]:
             "flops_per_node": unit["flops"],
             "bytes_per_node": unit["bytes_moved"],
             "seconds": probe.seconds,
+            "output_shape": unit["output_shapes"][0],
         }
         if probe.per_element != 1:
             figures[key]["per_element"] = probe.per_element
@@ -386,12 +432,67 @@ def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 probe["seconds_per_node"] = (element - helper) / probe.get("per_element", 1)
             kernels[kernel] = _kernel_figures(large, tiny, bandwidth, node_overhead)
         peak = kernels["conv"].flops  # type: ignore[assignment]
+    for kernel in GRID_KERNELS:
+        grid = _rate_grid(figures, kernel, (node_overhead, run_overhead, bandwidth), kernels[kernel])
+        if grid:
+            kernels[kernel] = replace(kernels[kernel], grid=grid)
     return {
         "node_overhead_s": node_overhead,
         "run_overhead_s": run_overhead,
         "bandwidth": bandwidth,
         "kernels": kernels,
+        "bandwidth_grid": _bandwidth_grid(figures, node_overhead, add_large["bytes_per_node"], bandwidth),
     }
+
+
+#: The kernel classes whose rate is interpolated in a grid of probes (``ProbeSizes.conv_grid``...): dense
+#: convs run at 40-250 GFLOP/s here depending on their GEMM's shape.
+GRID_KERNELS = ("conv", "pointwise", "grouped_conv")
+
+
+def _chain_pairs(figures: dict[str, dict[str, Any]], prefix: str) -> list[tuple[str, str]]:
+    """The (one-node, chain) probe names that start with ``prefix`` (``<prefix><label>_1`` and ``<prefix><label>``)."""
+    return [(f"{name}_1", name) for name in figures if name.startswith(prefix) and f"{name}_1" in figures]
+
+
+def _rate_grid(
+    figures: dict[str, dict[str, Any]], kernel: str, machine: tuple[float, float, float], base: KernelFigures
+) -> tuple[RatePoint, ...]:
+    """The grid of ``kernel``: per grid probe, the rate its time per node (``_large_per_node``: the slope, unless
+    noise made it implausible) gives once the node's and the class's fixed costs are taken off. Points that
+    ran memory-bound say nothing of the rate, and points whose noise leaves no time, are dropped.
+
+    Args:
+        machine: ``(node_overhead_s, run_overhead_s, bandwidth)`` as derived.
+    """
+    node_overhead, run_overhead, bandwidth = machine
+    points = []
+    for short, long in _chain_pairs(figures, f"grid_{kernel}_"):
+        probe = figures[long]
+        per_node = _large_per_node(figures, short, long, run_overhead, 0.0) / probe.get("per_element", 1)
+        compute = per_node - node_overhead - base.overhead_s
+        shape = probe["output_shape"]
+        if compute > probe["bytes_per_node"] / bandwidth * (1 + 1e-6) and shape:
+            probe["seconds_per_node"] = compute + node_overhead + base.overhead_s
+            outputs, spatial = math.prod(shape), math.prod(shape[2:])
+            flops = probe["flops_per_node"]
+            points.append(RatePoint(reduction=flops / (2 * outputs), spatial=spatial, flops=flops / compute))
+    return tuple(sorted(points, key=lambda p: (p.reduction, p.spatial)))
+
+
+def _bandwidth_grid(
+    figures: dict[str, dict[str, Any]], node_overhead: float, large_bytes: float, large_bandwidth: float
+) -> tuple[tuple[float, float], ...]:
+    """``(bytes, bytes/s)`` per Add chain of the bandwidth grid, and the large Add's: what one Add moves ÷ its
+    time beyond node overhead."""
+    points = {large_bytes: large_bandwidth}
+    for short, long in _chain_pairs(figures, "grid_add_"):
+        # The plain slope: these Adds take a fraction of a microsecond, so a one-node chain's time is mostly
+        # run overhead and bounds nothing (``_large_per_node`` is for nodes far longer than that).
+        moved = _slope(figures, short, long) - node_overhead
+        if moved > 0:
+            points[figures[long]["bytes_per_node"]] = figures[long]["bytes_per_node"] / moved
+    return tuple(sorted(points.items()))
 
 
 def _probes(sizes: ProbeSizes, rng: np.random.Generator) -> dict[str, _Probe]:
@@ -416,6 +517,32 @@ def _probes(sizes: ProbeSizes, rng: np.random.Generator) -> dict[str, _Probe]:
             model = build(length, kind, sizes, large_probe, rng)
             unit = build(1, kind, sizes, large_probe, rng)
             probes[name] = _Probe(name, op_type, model, unit, length, helper_op, per_element=per_element)
+    probes.update(_grid_probes(sizes, rng))
+    return probes
+
+
+def _grid_probes(sizes: ProbeSizes, rng: np.random.Generator) -> dict[str, _Probe]:
+    """The probes of the grids: per (channels, size) of ``conv_grid``/``pointwise_grid`` a chain of 1 and of 3
+    convs; per ``bandwidth_elements`` a chain of 1 Add and a longer one (short Adds need more nodes for a
+    slope above the timer's noise)."""
+    probes: dict[str, _Probe] = {}
+    for kind, grid in (("conv", sizes.conv_grid), ("pointwise", sizes.pointwise_grid)):
+        for channels, size in grid:
+            for length, suffix in ((1, "_1"), (3, "")):
+                name = f"grid_{kind}_{channels}x{size}{suffix}"
+                model, unit = _convs(length, channels, size, kind, rng), _convs(1, channels, size, kind, rng)
+                probes[name] = _Probe(name, "Conv", model, unit, length)
+    for channels, size in sizes.grouped_grid:
+        for length, suffix in ((1, "_1"), (3, "")):
+            name = f"grid_grouped_conv_{channels}x{size}{suffix}"
+            model = _grouped_pairs(length, channels, sizes.grouped_multiplier, size, rng)
+            unit = _grouped_pairs(1, channels, sizes.grouped_multiplier, size, rng)
+            probes[name] = _Probe(name, "Conv", model, unit, length, per_element=2)
+    for elements in sizes.bandwidth_elements:
+        long = min(max(3, sizes.large_elements // elements), 33)
+        for length, suffix in ((1, "_1"), (long, "")):
+            name = f"grid_add_{elements}{suffix}"
+            probes[name] = _Probe(name, "Add", _add_chain(length, [1, elements]), _add_chain(1, [1, elements]), length)
     return probes
 
 
@@ -446,7 +573,6 @@ def _conv_chain(length: int, kind: str, sizes: ProbeSizes, large: bool, rng: np.
         "int8_depthwise": (sizes.depthwise_channels, sizes.depthwise_size, sizes.tiny_channels),
         "unblocked_conv": (sizes.unblocked_channels, sizes.conv_size, sizes.unblocked_tiny_channels),
         "pointwise": (sizes.pointwise_channels, sizes.pointwise_size, sizes.tiny_channels),
-        "grouped_conv": (sizes.depthwise_channels, sizes.depthwise_size, sizes.tiny_channels),
     }.get(kind, (sizes.conv_channels, sizes.conv_size, sizes.tiny_channels))
     return _convs(length, channels if large else tiny_channels, size if large else sizes.tiny_size, kind, rng)
 
@@ -463,7 +589,7 @@ def _convs(length: int, channels: int, size: int, kind: str, rng: np.random.Gene
     QLinearConv). Weights are N(0, 1 / fan-in), so activations keep their scale along the chain: a
     shrinking chain would reach denormal floats, which are many times slower and would spoil the timing.
     """
-    group = {"depthwise": channels, "int8_depthwise": channels, "grouped_conv": max(2, channels // _GROUP_WIDTH)}.get(kind, 1)
+    group = {"depthwise": channels, "int8_depthwise": channels}.get(kind, 1)
     k = 1 if kind == "pointwise" else 3
     fan_in = k * k * (channels // group)
     int8 = kind in ("int8", "int8_depthwise")
@@ -503,10 +629,6 @@ def _convs(length: int, channels: int, size: int, kind: str, rng: np.random.Gene
         current = "y"
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])
     return _model(nodes, [x], current, inits)
-
-
-#: Channels per group of the ``grouped_conv`` probes.
-_GROUP_WIDTH = 4
 
 
 def _activation_qparams() -> list[onnx.TensorProto]:
@@ -596,9 +718,35 @@ def _quantize_chain(length: int, kind: str, sizes: ProbeSizes, large: bool, rng:
     return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)], current, _activation_qparams())
 
 
+def _grouped_chain(length: int, kind: str, sizes: ProbeSizes, large: bool, rng: np.random.Generator) -> onnx.ModelProto:
+    """``grouped_conv``: ``length`` pairs of 3×3 grouped convs shaped like conv-to-separable's first half: C → m·C
+    channels with group C (one input channel and m outputs per group), then back m·C → C with group C (m
+    inputs and one output per group, the same FLOPs) so that the chain can go on."""
+    channels, multiplier, size = ((sizes.grouped_channels, sizes.grouped_multiplier, sizes.grouped_size) if large
+                                  else (sizes.tiny_channels, 2, sizes.tiny_size))  # fmt: skip
+    return _grouped_pairs(length, channels, multiplier, size, rng)
+
+
+def _grouped_pairs(length: int, channels: int, multiplier: int, size: int, rng: np.random.Generator) -> onnx.ModelProto:
+    """See ``_grouped_chain``: ``length`` pairs, C = ``channels``, m = ``multiplier``, on ``size`` × ``size``."""
+    wide = channels * multiplier
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    current = "x"
+    for i in range(length):
+        for j, (c_out, c_per_group) in enumerate(((wide, 1), (channels, multiplier))):
+            weight = rng.standard_normal((c_out, c_per_group, 3, 3)) / math.sqrt(9 * c_per_group)
+            inits.append(numpy_helper.from_array(weight.astype(np.float32), f"w{i}_{j}"))
+            nodes.append(helper.make_node("Conv", [current, f"w{i}_{j}"], [f"c{i}_{j}"], pads=[1] * 4, group=channels))
+            current = f"c{i}_{j}"
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])
+    return _model(nodes, [x], current, inits)
+
+
 #: Per kernel class whose probe is not a conv chain: its builder, the probed op, the helper op beside each
 #: element (None: none) and how many probed nodes each element has.
 _PROBE_BUILDERS: dict[str, tuple[Any, str, str | None, int]] = {
+    "grouped_conv": (_grouped_chain, "Conv", None, 2),
     "int8_matmul": (_matmul_chain, "MatMul", None, 1),
     "int8_elementwise": (_add_qdq_chain, "Add", None, 1),
     "quantize": (_quantize_chain, "QuantizeLinear", "Neg", 2),

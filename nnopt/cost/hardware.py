@@ -6,7 +6,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,8 @@ KERNEL_CLASSES: dict[str, str] = {
     "conv-to-separable writes, or several channels per group): onnxruntime's generic path, an im2col and a "
     "small GEMM per group",
     "unblocked_conv": "dense float Conv with a constant weight and at least 16 input channels, not a multiple of "
-    "4: onnxruntime cannot run it in its blocked (NCHWc) layout and falls back to im2col + GEMM",
+    "4, or a 1-D or 3-D kernel: onnxruntime cannot run it in its blocked (NCHWc) layout and falls back to "
+    "im2col + GEMM",
     "dynamic_weight": "float Conv, ConvTranspose, Gemm and MatMul whose weight is computed at run time (e.g. "
     "dequantized from int8 at every inference, or a MatMul of two activations): no pre-packed weight",
     "int8": "int8 dense Conv: QLinearConv, ConvInteger, and the DequantizeLinear → Conv groups a runtime fuses "
@@ -59,13 +60,83 @@ class KernelFigures:
         flops: Effective arithmetic rate of the class in FLOP/s; None uses the profile's ``peak_flops``.
         overhead_s: Fixed seconds per node of the class, on top of the profile's ``node_overhead_s``
             (e.g. a GEMM kernel's packing and thread-pool dispatch).
+        grid: Rates measured at several shapes (see :class:`RatePoint`); a node whose output shape is known
+            runs at the rate interpolated in them instead of ``flops``. Empty: ``flops`` for every node.
     """
 
     flops: float | None = None
     overhead_s: float = 0.0
+    grid: tuple[RatePoint, ...] = ()
+
+    def rate(self, flops: float, output_shape: Sequence[int] | None) -> float | None:
+        """The class's FLOP/s for a node of ``flops`` whose (first) output has ``output_shape``: interpolated
+        in ``grid`` when it has points and the shape is known, else ``flops`` (the single rate)."""
+        if not self.grid or not output_shape or len(output_shape) < 3 or flops <= 0:
+            return self.flops
+        outputs, spatial = math.prod(output_shape), math.prod(output_shape[2:])
+        if outputs <= 0 or spatial <= 0:
+            return self.flops
+        return interpolate_rate(self.grid, flops / (2 * outputs), spatial)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"flops_per_s": self.flops, "overhead_s": self.overhead_s}
+        data: dict[str, Any] = {"flops_per_s": self.flops, "overhead_s": self.overhead_s}
+        if self.grid:  # only then: a profile without a grid keeps the file form it always had
+            data["grid"] = [point.to_dict() for point in self.grid]
+        return data
+
+
+@dataclass(frozen=True)
+class RatePoint:
+    """The rate one probe conv of a kernel class ran at, and where it lies in the space the rate is
+    interpolated over (see :func:`interpolate_rate`).
+
+    Attributes:
+        reduction: Multiply-adds per output element (C_in ÷ group × kernel area): the GEMM's depth.
+        spatial: Output positions per channel (H × W): the GEMM's width.
+        flops: The measured FLOP/s.
+    """
+
+    reduction: float
+    spatial: float
+    flops: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"reduction": self.reduction, "spatial": self.spatial, "flops_per_s": self.flops}
+
+
+#: How fast a grid point's weight falls with its distance in :func:`interpolate_rate` (inverse distance to
+#: this power): high enough that the nearest probes decide, low enough that the rate varies smoothly.
+_GRID_POWER = 3.0
+
+
+def interpolate_rate(grid: Sequence[RatePoint], reduction: float, spatial: float) -> float:
+    """The rate at (``reduction``, ``spatial``) from measured points: inverse-distance weighting of the log
+    rates in (log reduction, log spatial). A conv's speed in onnxruntime depends on its GEMM's shape far
+    more than a single rate allows (a short reduction runs at a fraction of a long one's rate), and the
+    measured points lie scattered rather than on a lattice; outside them the estimate tends to the nearest
+    points' rates."""
+    x, y = math.log(max(reduction, 1e-9)), math.log(max(spatial, 1e-9))
+    total = weighted = 0.0
+    for point in grid:
+        distance = math.hypot(math.log(point.reduction) - x, math.log(point.spatial) - y)
+        if distance < 1e-9:
+            return point.flops
+        weight = distance**-_GRID_POWER
+        total += weight
+        weighted += weight * math.log(point.flops)
+    return math.exp(weighted / total)
+
+
+def interpolate_bandwidth(grid: Sequence[tuple[float, float]], nbytes: float) -> float:
+    """The bandwidth for a node moving ``nbytes`` from ``(bytes, bytes/s)`` points sorted by bytes: linear in
+    log-log between neighbours, the end points' bandwidth beyond them."""
+    if nbytes <= grid[0][0]:
+        return grid[0][1]
+    for (b0, r0), (b1, r1) in zip(grid, grid[1:]):
+        if nbytes <= b1:
+            t = math.log(nbytes / b0) / math.log(b1 / b0)
+            return math.exp(math.log(r0) + t * math.log(r1 / r0))
+    return grid[-1][1]
 
 
 @dataclass(frozen=True)
@@ -74,8 +145,9 @@ class HardwareProfile:
 
     The estimate of one node is ``node_overhead_s + kernel overhead + max(FLOPs ÷ rate, bytes ÷
     bandwidth)``, where the rate and kernel overhead are those of the node's kernel class in ``kernels``
-    (``peak_flops`` and 0 for classes it does not list); the model's estimate adds ``run_overhead_s``
-    once. With the defaults (no overheads, no kernels, no runtime) this is the plain roofline
+    (``peak_flops`` and 0 for classes it does not list; the rate interpolated in the class's ``grid`` by the
+    node's output shape when it has one) and the bandwidth is interpolated in ``bandwidth_grid`` when
+    given; the model's estimate adds ``run_overhead_s`` once. With the defaults (no overheads, no kernels, no runtime) this is the plain roofline
     ``max(FLOPs ÷ peak_flops, bytes ÷ bandwidth)`` the built-in profiles give.
 
     Attributes:
@@ -89,6 +161,10 @@ class HardwareProfile:
         kernels: Figures per kernel class (keys of :data:`KERNEL_CLASSES`).
         runtime: A key of :data:`RUNTIMES`: estimate the graph that runtime executes (constants folded,
             nodes fused) rather than the graph as written. None for the graph as written.
+        bandwidth_grid: ``(bytes moved per node, bytes/s)`` points, sorted by bytes: the bandwidth of a node
+            is interpolated in them (:func:`interpolate_bandwidth`) instead of ``bandwidth`` when given.
+            onnxruntime splits an elementwise op across its threads only above a size, so mid-sized
+            tensors move at about half the rate of large ones.
     """
 
     name: str
@@ -99,6 +175,7 @@ class HardwareProfile:
     run_overhead_s: float = 0.0
     kernels: Mapping[str, KernelFigures] = field(default_factory=dict, hash=False)
     runtime: str | None = None
+    bandwidth_grid: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.peak_flops > 0 or (self.bandwidth is not None and not self.bandwidth > 0):
@@ -113,15 +190,31 @@ class HardwareProfile:
                 raise ValueError(f"hardware profile '{self.name}': kernels.{kernel} figures must be positive")
         if self.runtime is not None and self.runtime not in RUNTIMES:
             raise ValueError(f"hardware profile '{self.name}': unknown runtime '{self.runtime}'")
+        points = [p for figures in self.kernels.values() for p in figures.grid]
+        if any(not (p.reduction > 0 and p.spatial > 0 and p.flops > 0) for p in points) or any(
+            not (b > 0 and r > 0) for b, r in self.bandwidth_grid
+        ):
+            raise ValueError(f"hardware profile '{self.name}': grid points must be positive")
+        if list(self.bandwidth_grid) != sorted(self.bandwidth_grid):
+            raise ValueError(f"hardware profile '{self.name}': bandwidth_grid must be sorted by bytes")
 
-    def node_latency(self, kernel: str, flops: float, bytes_moved: float) -> tuple[float, float, float]:
-        """``(latency_s, compute_s, memory_s)`` of one node of kernel class ``kernel``."""
+    def node_latency(
+        self, kernel: str, flops: float, bytes_moved: float, *, output_shape: Sequence[int] | None = None
+    ) -> tuple[float, float, float]:
+        """``(latency_s, compute_s, memory_s)`` of one node of kernel class ``kernel``.
+
+        ``output_shape`` (of the node's first output) selects the rate in the class's grid, when the profile
+        has one (see :meth:`KernelFigures.rate`); without it the class's single rate is used.
+        """
         if kernel in FREE_KERNELS:
             return 0.0, 0.0, 0.0
         figures = self.kernels.get(kernel)
-        rate = figures.flops if figures is not None and figures.flops is not None else self.peak_flops
-        compute_s = flops / rate
-        memory_s = bytes_moved / self.bandwidth if self.bandwidth else 0.0
+        rate = figures.rate(flops, output_shape) if figures is not None else None
+        compute_s = flops / (rate if rate is not None else self.peak_flops)
+        if self.bandwidth_grid:
+            memory_s = bytes_moved / interpolate_bandwidth(self.bandwidth_grid, bytes_moved)
+        else:
+            memory_s = bytes_moved / self.bandwidth if self.bandwidth else 0.0
         overhead_s = self.node_overhead_s + (figures.overhead_s if figures is not None else 0.0)
         return overhead_s + max(compute_s, memory_s), compute_s, memory_s
 
@@ -141,6 +234,8 @@ class HardwareProfile:
             "run_overhead_s": self.run_overhead_s,
             "kernels": {kernel: figures.to_dict() for kernel, figures in sorted(self.kernels.items())},
             "runtime": self.runtime,
+            # Only when measured: a profile without it keeps the file form it always had.
+            **({"bandwidth_grid": [list(point) for point in self.bandwidth_grid]} if self.bandwidth_grid else {}),
         }
 
 
@@ -276,9 +371,11 @@ def _parse_number(text: str, key: str, spec: str) -> float:
 # ---------------------------------------------------------------------------------------------- profile files
 #: Keys of a profile file: required, optional, and free-form (``measurements``: what calibration measured).
 _FILE_REQUIRED = ("name", "peak_flops_per_s")
-_FILE_OPTIONAL = ("bandwidth_bytes_per_s", "description", "node_overhead_s", "run_overhead_s", "kernels", "runtime")
+_FILE_OPTIONAL = ("bandwidth_bytes_per_s", "description", "node_overhead_s", "run_overhead_s", "kernels", "runtime",
+                  "bandwidth_grid")
 _FILE_FREE = ("measurements",)
-_KERNEL_KEYS = ("flops_per_s", "overhead_s")
+_KERNEL_KEYS = ("flops_per_s", "overhead_s", "grid")
+_POINT_KEYS = ("reduction", "spatial", "flops_per_s")
 
 
 def load_profile(path: str | os.PathLike[str]) -> HardwareProfile:
@@ -347,6 +444,7 @@ def profile_from_dict(data: Any, source: str = "profile") -> HardwareProfile:
         kernels[kernel] = KernelFigures(
             flops=_file_number(figures, "flops_per_s", where, label, positive=True, optional=True),
             overhead_s=_file_number(figures, "overhead_s", where, label) or 0.0,
+            grid=_file_grid(figures.get("grid", []), where, f"{label}.grid"),
         )
     return HardwareProfile(
         name=name.strip(),
@@ -357,7 +455,35 @@ def profile_from_dict(data: Any, source: str = "profile") -> HardwareProfile:
         run_overhead_s=_file_number(data, "run_overhead_s", where) or 0.0,
         kernels=kernels,
         runtime=runtime,
+        bandwidth_grid=_file_bandwidth_grid(data.get("bandwidth_grid", []), where),
     )
+
+
+def _file_grid(points: Any, where: str, label: str) -> tuple[RatePoint, ...]:
+    """A kernel class's ``grid``: a list of objects with the keys of :class:`RatePoint`'s ``to_dict``."""
+    if not isinstance(points, list):
+        raise InputError(f"{where}: {label}: expected a list of points")
+    grid = []
+    for i, point in enumerate(points):
+        if not isinstance(point, dict) or set(point) != set(_POINT_KEYS):
+            raise InputError(f"{where}: {label}[{i}]: expected an object with {', '.join(_POINT_KEYS)}")
+        values = [_file_number(point, key, where, f"{label}[{i}]", positive=True) for key in _POINT_KEYS]
+        grid.append(RatePoint(*values))  # type: ignore[arg-type]
+    return tuple(grid)
+
+
+def _file_bandwidth_grid(points: Any, where: str) -> tuple[tuple[float, float], ...]:
+    """``bandwidth_grid``: [bytes, bytes/s] pairs of positive numbers, sorted by bytes."""
+    pairs = []
+    ok = isinstance(points, list)
+    for pair in points if ok else []:
+        ok = ok and isinstance(pair, list) and len(pair) == 2
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in pair)
+        pairs.append(tuple(float(v) for v in pair) if ok else (0.0, 0.0))
+    if not ok or pairs != sorted(pairs):
+        raise InputError(f"{where}: bandwidth_grid: expected [bytes, bytes_per_s] pairs of positive numbers, "
+                         "sorted by bytes")
+    return tuple(pairs)  # type: ignore[arg-type]
 
 
 def _file_number(

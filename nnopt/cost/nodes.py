@@ -129,7 +129,10 @@ def _cost_node(
     output_bytes = 0 if produces_constant else sum(nbytes(o) for o in outputs if o is not None)
     if branch is None:
         moved = input_bytes + weight_bytes + output_bytes
-        latency, compute_s, memory_s = scope.hardware.node_latency(kernel, cost.flops, moved)
+        # The output's shape picks a conv's rate in a calibrated profile's grid (GEMM shape matters).
+        first = outputs[0] if outputs else None
+        shape = first.shape if first is not None and first.shape is not None else None
+        latency, compute_s, memory_s = scope.hardware.node_latency(kernel, cost.flops, moved, output_shape=shape)
     else:
         cost, moved, latency, compute_s, memory_s = _with_branch(cost, kernel, input_bytes + output_bytes, branch,
                                                                  scope.hardware)

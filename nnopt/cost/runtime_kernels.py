@@ -13,7 +13,8 @@ from nnopt.cost.tensors import TensorInfo, norm_domain
 #: Per op type (default domain, plus com.microsoft fused ops), the kernel class it runs as, and which input
 #: is its weight (a weight that is not constant makes it ``dynamic_weight``; a Conv weight of shape
 #: [C, 1, k...] with group > 1 makes it ``depthwise``; a dense Conv weight [C_out, C_in, k...] with
-#: C_in >= ``_BLOCKED_MIN_CHANNELS`` not a multiple of ``_BLOCKED_ALIGNMENT`` makes it ``unblocked_conv``).
+#: C_in >= ``_BLOCKED_MIN_CHANNELS`` not a multiple of ``_BLOCKED_ALIGNMENT``, or a kernel that is not 2-D, makes it
+#: ``unblocked_conv``).
 #: Ops not listed are class "other". See ``nnopt.cost.hardware.KERNEL_CLASSES``.
 _KERNEL_OF_OP: dict[tuple[str, str], tuple[str, int | None]] = {
     ("", "Conv"): ("conv", 1),
@@ -45,6 +46,9 @@ _QDQ_KERNEL = {"Conv": "int8", "MatMul": "int8_matmul", "Gemm": "int8_matmul", "
 _BLOCKED_MIN_CHANNELS = 16
 _BLOCKED_ALIGNMENT = 4
 _BLOCKABLE_OPS = frozenset({("", "Conv"), ("com.microsoft", "FusedConv")})
+#: The weight rank of the convs the blocked layout takes (onnxruntime's NCHWc transformer: 2-D convs only;
+#: 1-D and 3-D convs run as im2col + GEMM, measured 2-3 × slower than the dense rate says).
+_BLOCKED_RANK = 4
 
 #: Ops onnxruntime never constant-folds: DequantizeLinear (kept so that QDQ groups can fuse into int8
 #: kernels; a weight-only DequantizeLinear therefore runs at every inference) and random generators.
@@ -352,5 +356,7 @@ def _op_kernel(node: onnx.NodeProto, infos: dict[str, TensorInfo], constants: se
             return "pointwise"
         if blockable and group == 1 and channels >= _BLOCKED_MIN_CHANNELS and channels % _BLOCKED_ALIGNMENT:
             return "unblocked_conv"
+        if blockable and group == 1 and len(weight.shape) != _BLOCKED_RANK:
+            return "unblocked_conv"  # 1-D and 3-D convs: the NCHWc layout takes 2-D convs only
     return kernel
 
