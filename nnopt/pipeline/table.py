@@ -81,20 +81,34 @@ def summary_line(before: dict[str, Any], after: dict[str, Any], file_bytes: tupl
     return "summary: " + ", ".join(parts)
 
 
-def budget_line(budget: Budget | None, fidelity: dict[str, Any] | None) -> str | None:
-    """Each budgeted metric of the final model against its limit (None: no budget set)."""
-    if budget is None or not budget.is_set:
-        return None
-    parts = []
-    for limit_key, (metric, label, at_least) in BUDGET_METRICS.items():
-        limit = getattr(budget, limit_key)
+def budget_checks(budget: Budget | None, fidelity: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Each limit of the budget against the final model's figure: ``{"metric": "min_top1", "limit": 0.98,
+    "value": 0.99, "met": True}``, in ``BUDGET_METRICS`` order; ``value`` and ``met`` are None where the
+    figure was not measured. Empty without a budget."""
+    checks: list[dict[str, Any]] = []
+    for limit_key, (metric, _, at_least) in BUDGET_METRICS.items():
+        limit = getattr(budget, limit_key) if budget is not None else None
         if limit is None:
             continue
         value = (fidelity or {}).get(metric)
-        if not _is_number(value):
+        met = None if not _is_number(value) else (value >= limit if at_least else value <= limit)
+        checks.append({"metric": limit_key, "limit": limit, "value": value if _is_number(value) else None,
+                       "met": met})
+    return checks
+
+
+def budget_line(budget: Budget | None, fidelity: dict[str, Any] | None) -> str | None:
+    """Each budgeted metric of the final model against its limit (None: no budget set)."""
+    checks = budget_checks(budget, fidelity)
+    if not checks:
+        return None
+    parts = []
+    for check in checks:
+        _, label, at_least = BUDGET_METRICS[check["metric"]]
+        limit, value, met = check["limit"], check["value"], check["met"]
+        if met is None:
             parts.append(f"{label} not measured (limit {limit:g})")
             continue
-        met = value >= limit if at_least else value <= limit
         sign = (">=" if met else "<") if at_least else ("<=" if met else ">")
         parts.append(f"{label} {_fmt_num(value, digits=4)} {sign} {limit:g}: {'met' if met else 'NOT met'}")
     return "budget: " + "; ".join(parts)
