@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plugins", help="list loaded plugins and where they come from").add_argument("--json",
                                                                                                 action="store_true")
     _add_calibrate(sub)
+    _add_diff(sub)
     for command in sub.choices.values():
         # Global flags are accepted after the command too (`nnopt optimize ... --no-plugins`, as a build step
         # appends them); SUPPRESS keeps a command that does not repeat a flag from resetting it.
@@ -201,6 +202,23 @@ def _add_calibrate(sub: Any) -> None:
     calibrate.add_argument("--name", default="calibrated", help="the profile's name")
     calibrate.add_argument("--quick", action="store_true",
                            help="tiny probes: checks the machinery in a second; the figures are not representative")
+
+
+def _add_diff(sub: Any) -> None:
+    diff = sub.add_parser("diff", help="compare two versions of a model: ops, params, FLOPs, bytes, latency, fidelity")
+    diff.add_argument("a", metavar="A.onnx", help="the reference model (say, the original)")
+    diff.add_argument("b", metavar="B.onnx", help="the model compared with it (say, the optimized one)")
+    diff.add_argument("--data", default=None,
+                      help=".npz of inputs B's outputs are compared with A's on (default: 16 generated samples); "
+                           "its first sample's shapes are costed and timed")
+    diff.add_argument("--measure", action="store_true", help="also time both models in onnxruntime (interleaved)")
+    diff.add_argument("--runs", type=_positive_int, default=20, help="timed runs of each model for --measure")
+    diff.add_argument("--hardware", default=None,
+                      help="profile for the latency estimates: a name, flops=...,bandwidth=..., or PROFILE.json")
+    diff.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS",
+                      help="concrete shape for a dynamic input, e.g. x=1,3,224,224 (repeatable)")
+    diff.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the generated inputs (default 0)")
+    diff.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
 
 class _LowerCaseLevel(logging.Formatter):
@@ -696,6 +714,24 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from nnopt.cli_diff import DiffSettings, diff, format_diff
+    from nnopt.cli_report import finite
+    from nnopt.cost import parse_input_shapes
+
+    plugins = _plugins(args)
+    settings = DiffSettings(data=args.data, hardware=_hardware(args.hardware, plugins),
+                            input_shapes=parse_input_shapes(args.input_shape), seed=args.seed,
+                            runs=args.runs if args.measure else 0, rules=plugins.cost_rules)
+    result = diff(Path(args.a), Path(args.b), settings)
+    if args.json:
+        json.dump(finite(result), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_diff(result))
+    return EXIT_OK
+
+
 #: Median ÷ fastest run of a calibration probe above which the CLI warns that the machine looks busy.
 _BUSY_SPREAD = 1.5
 
@@ -774,6 +810,7 @@ _COMMANDS = {
     "passes": cmd_passes,
     "plugins": cmd_plugins,
     "calibrate": cmd_calibrate,
+    "diff": cmd_diff,
 }
 
 

@@ -133,7 +133,8 @@ def fields_markdown(data: Mapping[str, Any] | None = None) -> str:
         lines += [f"### {title}", "", "| field | type | meaning |", "|---|---|---|"]
         lines += [_row(name, spec) for name, spec in _walk(part)]
         lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+    lines.append(f"Cost totals (`original`, `final`, `passes[].before`, ...) hold {data['$defs']['totals']['description']}.")
+    return "\n".join(lines) + "\n"
 
 
 def _walk(spec: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Mapping[str, Any]]]:

@@ -77,8 +77,12 @@ def summary_line(before: dict[str, Any], after: dict[str, Any], file_bytes: tupl
     pairs = [(label, before.get(key), after.get(key)) for key, label in SUMMARY_KEYS]
     if file_bytes is not None:
         pairs.append(("file bytes", *file_bytes))
-    parts = [f"{label} {_int(b)} -> {_int(a)}{_change(b, a)}" for label, b, a in pairs if _is_number(b)]
-    return "summary: " + ", ".join(parts)
+    return "summary: " + ", ".join(change_parts(pairs))
+
+
+def change_parts(pairs: list[tuple[str, Any, Any]]) -> list[str]:
+    """``nodes 15 -> 12 (-20.0 %)`` for each (label, before, after) whose before is a number."""
+    return [f"{label} {_int(b)} -> {_int(a)}{_change(b, a)}" for label, b, a in pairs if _is_number(b)]
 
 
 def budget_checks(budget: Budget | None, fidelity: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -211,14 +215,15 @@ def op_type_counts(graphs: list[Any]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def op_type_table(before: dict[str, int], after: dict[str, int]) -> str:
-    """``--ops``: node counts per op type before and after, with the change; a total row at the end."""
+def op_type_table(before: dict[str, int], after: dict[str, int], labels: tuple[str, str] = ("before", "after")) -> str:
+    """``--ops``: node counts per op type before and after (``labels``: the two columns' titles), with the
+    change; a total row at the end."""
     ops = sorted(set(before) | set(after))
     rows = [[op, str(before.get(op, 0)), str(after.get(op, 0)), _count_change(before.get(op, 0), after.get(op, 0))]
             for op in ops]
     total_before, total_after = sum(before.values()), sum(after.values())
     rows.append(["total", str(total_before), str(total_after), _count_change(total_before, total_after)])
-    header = ["op type", "before", "after", "change"]
+    header = ["op type", *labels, "change"]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in [header, *rows]]
