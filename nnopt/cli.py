@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import json
 import logging
 import math
@@ -428,15 +429,11 @@ def _cmd_pipeline(args: argparse.Namespace, src: Path, dst: Path, report_path: P
         extra["measured"] = _measure_optimized(args, src, pipeline, model)
     if not args.no_provenance:
         stamp(model, pipeline_provenance(pipeline))
-    text: list[str] = []  # the report, rendered once the model is on disk (it holds the file's size)
-
-    def final_report() -> bytes:
-        text.append(render(report, written=True, **extra))
-        return text[-1].encode()
-
+    # The report is rendered once the model is on disk (it holds the file's size), and only once.
+    final_report = functools.cache(lambda: render(report, written=True, **extra).encode())
     _write_outputs(model, dst, external, input_files, [(report_path, final_report)] if report_path else [])
     if args.json:
-        sys.stdout.write(text[-1] if text else final_report().decode())
+        sys.stdout.write(final_report().decode())
     elif not args.quiet:
         print(report.format_table(file_bytes=(bytes_on_disk(src), bytes_on_disk(dst))))
         if "measured" in extra:
@@ -559,17 +556,12 @@ def _cmd_search(args: argparse.Namespace, src: Path, dst: Path, report_path: Pat
         stamp(model, search_provenance(report, settings))
     plot = _search_plot(report, warned) if report_path is not None else None
     png = report_path.with_suffix(".png") if report_path is not None else None
-    text: list[str] = []
-
-    def final_report() -> bytes:
-        text.append(render(report, written=True))
-        return text[-1].encode()
-
+    final_report = functools.cache(lambda: render(report, written=True).encode())
     extras = [(path, data) for path, data in ((report_path, final_report), (png, (lambda: plot) if plot else None))
               if path is not None and data is not None]
     _write_outputs(model, dst, external, input_files, extras)  # the model, the report and its plot: all or none
     if args.json:
-        sys.stdout.write(text[-1] if text else final_report().decode())
+        sys.stdout.write(final_report().decode())
     elif not args.quiet:
         print("\n".join([*report.summary_lines(), f"wrote {dst}"]))
     return EXIT_OK

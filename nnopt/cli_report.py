@@ -51,7 +51,8 @@ def collect_warnings(silent: bool) -> Iterator[Warnings]:
     sink = Warnings(silent)
     root = logging.getLogger()
     kept = _Kept(sink)
-    printers = [h for h in root.handlers if isinstance(h, logging.StreamHandler)] if silent else []
+    # basicConfig's own handler (nnopt.cli.main's): a test harness's capturing handlers keep their level.
+    printers = [h for h in root.handlers if type(h) is logging.StreamHandler] if silent else []
     levels = [h.level for h in printers]
     root.addHandler(kept)
     for handler in printers:
