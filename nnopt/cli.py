@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import json
 import logging
 import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plugins", help="list loaded plugins and where they come from").add_argument("--json",
                                                                                                 action="store_true")
     _add_calibrate(sub)
+    _add_diff(sub)
     for command in sub.choices.values():
         # Global flags are accepted after the command too (`nnopt optimize ... --no-plugins`, as a build step
         # appends them); SUPPRESS keeps a command that does not repeat a flag from resetting it.
@@ -129,10 +130,13 @@ def _add_optimize(sub: Any) -> None:
     opt.add_argument("--runs", type=_positive_int, default=20, help="timed runs of each model for --measure")
     opt.add_argument("--ops", action="store_true",
                      help="also print the node count of each op type before and after (with --json: op_types)")
-    output = opt.add_mutually_exclusive_group()
-    output.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
-    output.add_argument("-q", "--quiet", action="store_true",
-                        help="print nothing on success: no table, no progress (warnings and errors still go to stderr)")
+    opt.add_argument("--no-provenance", action="store_true",
+                     help="do not record nnopt's version, the pipeline, the options and the seed in the output "
+                          "model's metadata_props")
+    opt.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    opt.add_argument("-q", "--quiet", action="store_true",
+                     help="print nothing on success: no table, no progress (warnings and errors still go to stderr; "
+                          "with --json: JSON on stdout, nothing on stderr, the warnings in the report)")
 
 
 def _optimize_epilog() -> str:
@@ -199,6 +203,23 @@ def _add_calibrate(sub: Any) -> None:
     calibrate.add_argument("--name", default="calibrated", help="the profile's name")
     calibrate.add_argument("--quick", action="store_true",
                            help="tiny probes: checks the machinery in a second; the figures are not representative")
+
+
+def _add_diff(sub: Any) -> None:
+    diff = sub.add_parser("diff", help="compare two versions of a model: ops, params, FLOPs, bytes, latency, fidelity")
+    diff.add_argument("a", metavar="A.onnx", help="the reference model (say, the original)")
+    diff.add_argument("b", metavar="B.onnx", help="the model compared with it (say, the optimized one)")
+    diff.add_argument("--data", default=None,
+                      help=".npz of inputs B's outputs are compared with A's on (default: 16 generated samples); "
+                           "its first sample's shapes are costed and timed")
+    diff.add_argument("--measure", action="store_true", help="also time both models in onnxruntime (interleaved)")
+    diff.add_argument("--runs", type=_positive_int, default=20, help="timed runs of each model for --measure")
+    diff.add_argument("--hardware", default=None,
+                      help="profile for the latency estimates: a name, flops=...,bandwidth=..., or PROFILE.json")
+    diff.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS",
+                      help="concrete shape for a dynamic input, e.g. x=1,3,224,224 (repeatable)")
+    diff.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the generated inputs (default 0)")
+    diff.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
 
 class _LowerCaseLevel(logging.Formatter):
@@ -344,12 +365,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from nnopt.api import Pipeline
-    from nnopt.cli_measure import measured_line
-    from nnopt.cost import parse_input_shapes
-    from nnopt.ir.model import load_model
-    from nnopt.pipeline.progress import StreamProgress
-    from nnopt.pipeline.table import int8_estimate_note, op_type_counts, op_type_table
+    from nnopt.cli_report import collect_warnings
 
     src = Path(args.model)
     dst = Path(args.output)
@@ -359,9 +375,29 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.pipeline and args.passes:
         raise InputError("nnopt optimize: give the passes either with -p or in --pipeline FILE, not both")
     _check_search_flags(args)
-    if args.level is not None:
-        return _cmd_search(args, src, dst, report_path, input_files)
-    plugins = _plugins(args)
+    with collect_warnings(silent=args.json and args.quiet) as warned:
+        if args.level is not None:
+            return _cmd_search(args, src, dst, report_path, input_files, warned)
+        return _cmd_pipeline(args, src, dst, report_path, input_files, warned)
+
+
+def _cmd_pipeline(args: argparse.Namespace, src: Path, dst: Path, report_path: Path | None,
+                  input_files: set[Path], warned: Any) -> int:
+    """``optimize`` with a pass pipeline: run it, then write the model and the report together.
+
+    A pass rolled back under --strict still gets its report (outcome ``rolled_back_strict``, no model).
+    """
+    from nnopt.api import Pipeline
+    from nnopt.cli_measure import measured_line
+    from nnopt.cli_report import pipeline_provenance, pipeline_report, report_text
+    from nnopt.cost import parse_input_shapes
+    from nnopt.errors import PassFailedError
+    from nnopt.ir.model import bytes_on_disk, load_model
+    from nnopt.pipeline.progress import StreamProgress
+    from nnopt.pipeline.table import int8_estimate_note, op_type_counts, op_type_table
+    from nnopt.provenance import stamp
+
+    plugins = _plugins(args, warned)
     # Validate and build everything once, before loading the model: a typo in a pipeline file costs no time.
     pipeline = Pipeline.from_file(args.pipeline, plugins) if args.pipeline else Pipeline(args.passes)
     specs = pipeline.passes
@@ -371,29 +407,57 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     ops_before = op_type_counts(model.all_graphs()) if args.ops else None
     progress = None if args.quiet or args.json else StreamProgress(sys.stderr)
     named = _named_positions(specs, plugins)
-    model, report = pipeline.run(model, plugins=plugins, progress=progress)
-    _warn_named_unchanged(report, named)
+
+    def render(report: Any, *, written: bool, strict_failed: bool = False, **extra: Any) -> str:
+        return report_text(pipeline_report(report, pipeline, source=src, output=dst, written=written,
+                                           strict_failed=strict_failed, warned=warned, extra=extra))
+
+    try:
+        model, report = pipeline.run(model, plugins=plugins, progress=progress)
+    except PassFailedError as exc:
+        if exc.report is None:
+            raise
+        _report_failure(args, report_path, render(exc.report, written=False, strict_failed=True),
+                        exc.report.format_table())
+        raise
+    _warn_named_unchanged(report, named, warned)
     external = {"auto": None, "on": True, "off": False}[args.external_data]
-    ops = None if ops_before is None else {"before": ops_before, "after": op_type_counts(model.all_graphs())}
-    out = _finite(report.to_dict()) | ({"op_types": ops} if ops is not None else {})
-    measured = None
+    extra: dict[str, Any] = {}
+    if ops_before is not None:
+        extra["op_types"] = {"before": ops_before, "after": op_type_counts(model.all_graphs())}
     if args.measure:  # before writing: the report carries the figures, and a failure leaves nothing behind
-        measured = out["measured"] = _measure_optimized(args, src, pipeline, model)
-    report_text = json.dumps(out, indent=2) + "\n"
-    _write_outputs(model, dst, external, input_files, [(report_path, report_text.encode())] if report_path else [])
+        extra["measured"] = _measure_optimized(args, src, pipeline, model)
+    if not args.no_provenance:
+        stamp(model, pipeline_provenance(pipeline))
+    # The report is rendered once the model is on disk (it holds the file's size), and only once.
+    final_report = functools.cache(lambda: render(report, written=True, **extra).encode())
+    _write_outputs(model, dst, external, input_files, [(report_path, final_report)] if report_path else [])
     if args.json:
-        sys.stdout.write(report_text)
+        sys.stdout.write(final_report().decode())
     elif not args.quiet:
-        print(report.format_table(file_bytes=(_bytes_on_disk(src), _bytes_on_disk(dst))))
-        if measured is not None:
-            print(measured_line(measured))
-        if ops is not None:
-            print(op_type_table(ops["before"], ops["after"]))
+        print(report.format_table(file_bytes=(bytes_on_disk(src), bytes_on_disk(dst))))
+        if "measured" in extra:
+            print(measured_line(extra["measured"]))
+        if "op_types" in extra:
+            print(op_type_table(extra["op_types"]["before"], extra["op_types"]["after"]))
         note = int8_estimate_note(pipeline.hardware, {n.op for g in model.all_graphs() for n in g.nodes}, str(dst))
         if note is not None:
             print(f"note: {note}")
         print(f"wrote {dst}")
     return EXIT_OK
+
+
+def _report_failure(args: argparse.Namespace, report_path: Path | None, text: str, table: str | None) -> None:
+    """Exit 3 still has a report: written to --report and printed by --json (the table, for a person,
+    otherwise); the error line follows on stderr."""
+    from nnopt.atomic import write_atomic
+
+    if report_path is not None:
+        write_atomic(report_path, text.encode())
+    if args.json:
+        sys.stdout.write(text)
+    elif not args.quiet and table is not None:
+        print(table)
 
 
 def _measure_optimized(args: argparse.Namespace, src: Path, pipeline: Any, model: Any) -> dict[str, Any]:
@@ -422,13 +486,13 @@ def _named_positions(specs: Any, plugins: Any) -> list[bool]:
     return named
 
 
-def _warn_named_unchanged(report: Any, named: list[bool]) -> None:
+def _warn_named_unchanged(report: Any, named: list[bool], warn: Callable[[str], None]) -> None:
     """A pass the user asked for by name that changed nothing is a warning (the exit code stays 0)."""
     first = [r for r in report.passes if r.iteration == 0]
     for record, asked in zip(first, named):
         if asked and record.status == "unchanged":
             why = record.reason or "it found nothing to change in this model"
-            print(f"nnopt: warning: {record.name} changed nothing: {why}", file=sys.stderr)
+            warn(f"{record.name} changed nothing: {why}")
 
 
 #: Flags that only the search (--level) reads, with their defaults: given without --level they are an error.
@@ -459,12 +523,14 @@ def _check_search_flags(args: argparse.Namespace) -> None:
 
 
 def _cmd_search(args: argparse.Namespace, src: Path, dst: Path, report_path: Path | None,
-                input_files: set[Path]) -> int:
+                input_files: set[Path], warned: Any) -> int:
     """``optimize --level N``: search, then write the model, the report and its plot together."""
+    from nnopt.cli_report import report_text, search_provenance, search_report
     from nnopt.cost import parse_input_shapes
-    from nnopt.search.driver import SearchSettings, search
+    from nnopt.provenance import stamp
+    from nnopt.search.driver import SearchFailed, SearchSettings, search
 
-    plugins = _plugins(args)
+    plugins = _plugins(args, warned)
     settings = SearchSettings(
         level=args.level, max_drop=0.01 if args.max_drop is None else args.max_drop, metric=args.metric,
         labels_key=args.labels_key, drop_type=args.drop_type, objective=args.objective,
@@ -475,27 +541,38 @@ def _cmd_search(args: argparse.Namespace, src: Path, dst: Path, report_path: Pat
     if args.ray_address is not None:
         for module in ("ray", "optuna"):  # ray logs through the root logger at INFO
             logging.getLogger(module).setLevel(logging.WARNING)
-    model, report = search(src, data=args.data, eval_data=args.eval_data, settings=settings, log=log)
+
+    def render(report: Any, *, written: bool, exit_code: int = EXIT_OK) -> str:
+        return report_text(search_report(report, settings, source=src, output=dst, written=written,
+                                         exit_code=exit_code, warned=warned))
+
+    try:
+        model, report = search(src, data=args.data, eval_data=args.eval_data, settings=settings, log=log)
+    except SearchFailed as exc:
+        _report_failure(args, report_path, render(exc.report, written=False, exit_code=exc.exit_code), None)
+        raise
     external = {"auto": None, "on": True, "off": False}[args.external_data]
-    text = report.to_json()
-    plot = _search_plot(report) if report_path is not None else None
+    if not args.no_provenance:
+        stamp(model, search_provenance(report, settings))
+    plot = _search_plot(report, warned) if report_path is not None else None
     png = report_path.with_suffix(".png") if report_path is not None else None
-    extras = [(path, data) for path, data in ((report_path, text.encode()), (png, plot))
+    final_report = functools.cache(lambda: render(report, written=True).encode())
+    extras = [(path, data) for path, data in ((report_path, final_report), (png, (lambda: plot) if plot else None))
               if path is not None and data is not None]
     _write_outputs(model, dst, external, input_files, extras)  # the model, the report and its plot: all or none
     if args.json:
-        sys.stdout.write(text)
+        sys.stdout.write(final_report().decode())
     elif not args.quiet:
         print("\n".join([*report.summary_lines(), f"wrote {dst}"]))
     return EXIT_OK
 
 
-def _search_plot(report: Any) -> bytes | None:
+def _search_plot(report: Any, warned: Any) -> bytes | None:
     """The report's Pareto plot (PNG), or None with a warning when matplotlib (nnopt[search]) is missing."""
     try:
         return bytes(report.plot_png())
     except InputError as exc:
-        print(f"nnopt: warning: no plot beside the report: {exc}", file=sys.stderr)
+        warned(f"no plot beside the report: {exc}")
         return None
 
 
@@ -629,6 +706,24 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from nnopt.cli_diff import DiffSettings, diff, format_diff
+    from nnopt.cli_report import finite
+    from nnopt.cost import parse_input_shapes
+
+    plugins = _plugins(args)
+    settings = DiffSettings(data=args.data, hardware=_hardware(args.hardware, plugins),
+                            input_shapes=parse_input_shapes(args.input_shape), seed=args.seed,
+                            runs=args.runs if args.measure else 0, rules=plugins.cost_rules)
+    result = diff(Path(args.a), Path(args.b), settings)
+    if args.json:
+        json.dump(finite(result), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_diff(result))
+    return EXIT_OK
+
+
 #: Median ÷ fastest run of a calibration probe above which the CLI warns that the machine looks busy.
 _BUSY_SPREAD = 1.5
 
@@ -707,16 +802,22 @@ _COMMANDS = {
     "passes": cmd_passes,
     "plugins": cmd_plugins,
     "calibrate": cmd_calibrate,
+    "diff": cmd_diff,
 }
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _plugins(args: argparse.Namespace) -> Any:
+def _plugins(args: argparse.Namespace, warn: Callable[[str], None] | None = None) -> Any:
+    """The plugins; one that failed to load is a warning (through ``warn``: optimize keeps it for the report)."""
     from nnopt.plugin_manager import build_plugins
 
     plugins = build_plugins(load_entry_points=not args.no_plugins)
     for p in plugins.errors:
-        print(f"nnopt: warning: plugin {p.name} ({p.distribution}) not loaded: {p.error}", file=sys.stderr)
+        message = f"plugin {p.name} ({p.distribution}) not loaded: {p.error}"
+        if warn is not None:
+            warn(message)
+        else:
+            print(f"nnopt: warning: {message}", file=sys.stderr)
     return plugins
 
 
@@ -730,13 +831,6 @@ def _hardware(spec: str | None, plugins: Any) -> Any:
     from nnopt.cost.hardware import DEFAULT_PROFILE, parse_hardware
 
     return parse_hardware(spec, plugins.hardware_registry()) if spec else DEFAULT_PROFILE
-
-
-def _bytes_on_disk(model_path: Path) -> int:
-    """A model's size on disk: its .onnx file plus the external data files it names."""
-    from nnopt.ir.model import external_data_files
-
-    return model_path.stat().st_size + sum(f.stat().st_size for f in external_data_files(model_path) if f.is_file())
 
 
 def _check_outputs(src: Path, outputs: list[Path]) -> set[Path]:
@@ -775,50 +869,26 @@ def _check_folder_writable(out: Path) -> None:
 
 
 def _write_outputs(model: Any, dst: Path, external: bool | None, input_files: set[Path],
-                   side_files: list[tuple[Path, bytes]]) -> None:
-    """Write the model and its side files (report, plot) together: the side files are staged first and
-    renamed into place only once the model is written, so either all of them land or none."""
+                   side_files: list[tuple[Path, Callable[[], bytes]]]) -> None:
+    """Write the model and its side files (report, plot) together: the side files are staged (created
+    empty) first, filled once the model is written (a report holds the written model's size) and renamed
+    into place, so a model that cannot be written leaves no side file, and a side file that cannot be
+    created no model."""
+    from nnopt.atomic import commit, fill, stage
     from nnopt.ir.model import save_model
 
     with _sigterm_as_exit():
-        staged: list[tuple[Path, Path]] = []
+        staged: list[tuple[Path, Path, Callable[[], bytes]]] = []
         try:
-            for path, data in side_files:
-                staged.append((_stage(path, data), path))
+            for path, render in side_files:
+                staged.append((stage(path, b""), path, render))
             save_model(model, dst, external_data=external, keep=input_files)
-            for temporary, path in staged:
-                _commit(temporary, path)
+            for temporary, path, render in staged:
+                fill(temporary, path, render())
+                commit(temporary, path)
         finally:
-            for temporary, _ in staged:
+            for temporary, _, _ in staged:
                 temporary.unlink(missing_ok=True)
-
-
-def _stage(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path`` (see ``_commit``); OS failures are OutputErrors."""
-    from nnopt.ir.model import make_output_folder, remove_stale_temporaries, temporary_prefix
-
-    tmp: str | None = None
-    try:
-        remove_stale_temporaries(make_output_folder(path.resolve().parent))
-        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(), dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return Path(tmp)
-    except OSError as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write: {exc.strerror or first_line(exc)}") from exc
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _commit(staged: Path, path: Path) -> None:
-    try:
-        os.replace(staged, path)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write: {exc.strerror or first_line(exc)}") from exc
 
 
 @contextlib.contextmanager
@@ -836,17 +906,6 @@ def _sigterm_as_exit() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no Infinity/NaN: write them as strings."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _quiet_third_party() -> None:

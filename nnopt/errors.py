@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nnopt.pipeline.manager import PipelineReport
+
 
 class NnoptError(Exception):
     """Base class of nnopt's own errors. ``exit_code`` is what the CLI exits with."""
@@ -43,9 +48,14 @@ class OutputError(InputError):
 
 
 class PassFailedError(NnoptError):
-    """A pass was rolled back and ``--strict`` asked for that to be an error."""
+    """A pass was rolled back and ``--strict`` asked for that to be an error.
+
+    ``report``: the pipeline's report up to and including the failed pass (a ``PipelineReport``; None when
+    raised outside a pipeline run), so that the command line can still write it.
+    """
 
     exit_code = 3
+    report: PipelineReport | None = None
 
 
 class PluginError(NnoptError):

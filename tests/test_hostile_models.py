@@ -245,7 +245,7 @@ def test_map_and_sequence_of_map_types_are_written_back_unchanged(
     for name, proto in (("zipmap", zipmap), ("vectorizer", vectorizer)):
         src, out = tmp_path / f"{name}.onnx", tmp_path / f"{name}.out.onnx"
         onnx.save(proto, str(src))
-        assert main(["optimize", str(src), "-o", str(out)]) == 0
+        assert main(["optimize", str(src), "-o", str(out), "--no-provenance"]) == 0
         stdout = capsys.readouterr().out
         assert out.read_bytes() == src.read_bytes()
         if name == "vectorizer":  # a map cannot be generated: verification says so instead of failing

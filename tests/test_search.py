@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from report_schema import validate
 
 from nnopt.cli import main
 from nnopt.errors import DataError, InputError
@@ -256,6 +257,15 @@ def test_level1_on_the_digits_cnn_stays_within_the_drop_on_unseen_images(digits_
     assert _accuracy(result, digits_files["test"]) >= _accuracy(original, digits_files["test"]) - 0.01
     assert chosen["measured_latency_s"] > 0 and rep["evaluations"] == 2
     assert rep["front"] and rep["meets_constraint"] and rep["original"]["size"] == digits_files["model"].stat().st_size
+    validate(rep)  # the common fields of every report (nnopt.report), then the search's own
+    assert (rep["kind"], rep["outcome"], rep["exit_code"]) == ("search", "ok", 0)
+    assert rep["output"] == {"path": str(out), "bytes": out.stat().st_size, "written": True}
+    assert rep["fidelity"] == {"source": "user data", "samples": 225} and rep["eval_samples"] == 225
+    assert rep["budget"] == {"met": True, "limits": [{"metric": "max_drop", "limit": 0.01, "value": chosen["drop"],
+                                                      "met": True}]}
+    provenance = {p.key: p.value for p in result.metadata_props}
+    assert json.loads(provenance["nnopt.pipeline"])[0] == "search:level=1"
+    assert json.loads(provenance["nnopt.options"])["max_drop"] == 0.01
     png = report.with_suffix(".png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l1.json", "l1.onnx", "l1.png"]
@@ -317,14 +327,18 @@ def test_strict_search_with_nothing_within_the_drop_exits_3(digits_files: dict[s
     module = types.ModuleType("exact_metric_module")
     module.exact = exact  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "exact_metric_module", module)
-    out = tmp_path / "o.onnx"
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
     code = main(["optimize", str(digits_files["model"]), "-o", str(out), "--level", "1", "--data",
                  str(digits_files["calib"]), "--eval", str(digits_files["eval"]), "--metric", "exact_metric_module:exact",
-                 "--max-drop", "0.5", "--strict", "--workers", "1", "--no-plugins"])
+                 "--max-drop", "0.5", "--strict", "--workers", "1", "--no-plugins", "--report", str(report)])
     err = capsys.readouterr().err
     assert code == 3 and "no candidate stayed within --max-drop 0.5: the closest" in err
     assert "dropped 1.0000" in err
-    assert list(tmp_path.iterdir()) == []
+    # No model (nor plot), but the report, with the outcome and the closest candidate's drop.
+    assert list(tmp_path.iterdir()) == [report]
+    rep = validate(json.loads(report.read_text()))
+    assert (rep["outcome"], rep["exit_code"], rep["output"]["written"]) == ("budget_failed", 3, False)
+    assert rep["budget"]["met"] is False and rep["budget"]["limits"][0]["value"] == 1.0
 
 
 def test_python_api_compress(digits_files: dict[str, Path]) -> None:
@@ -371,7 +385,11 @@ def test_a_repeated_search_resumes_from_its_study(digits_files: dict[str, Path],
     assert first["evaluations"] == 2 and second["evaluations"] == 0  # every candidate came from the study
     assert first["chosen"] == second["chosen"]
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
-    assert (study / "models" / f"{first['chosen']}.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
+    # The study keeps the candidate as evaluated; the output is that model plus its provenance.
+    written = onnx.load(tmp_path / "a.onnx")
+    assert [p.key for p in written.metadata_props] == ["nnopt.version", "nnopt.pipeline", "nnopt.options", "nnopt.seed"]
+    del written.metadata_props[:]
+    assert (study / "models" / f"{first['chosen']}.onnx").read_bytes() == written.SerializeToString()
     # Another seed is another study: refused in one line, nothing written.
     code = main(["optimize", "-o", str(tmp_path / "c.onnx"), *common, "--seed", "1"])
     assert code == 2 and "seed" in capsys.readouterr().err and not (tmp_path / "c.onnx").exists()

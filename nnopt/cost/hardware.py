@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nnopt.atomic import write_atomic
 from nnopt.errors import InputError
 
 #: Kernel classes a profile may give their own figures for (see ``nnopt.cost.runtime_kernels.kernel_classes``), and what
@@ -515,13 +515,4 @@ def write_profile(
     data = profile.to_dict()
     if measurements is not None:
         data["measurements"] = measurements
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".nnopt-", suffix=".json", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())

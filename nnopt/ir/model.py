@@ -701,6 +701,11 @@ def _write_proto(proto: onnx.ModelProto, path: Path, external_data: bool, keep: 
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+def bytes_on_disk(path: Path) -> int:
+    """A model's size on disk: its .onnx file plus the external data files it names."""
+    return path.stat().st_size + sum(f.stat().st_size for f in external_data_files(path) if f.is_file())
+
+
 def external_data_files(path: Path) -> set[Path]:
     """The resolved external-data files the model file at ``path`` names; none if it cannot be read as ONNX."""
     try:

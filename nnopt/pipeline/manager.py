@@ -297,14 +297,24 @@ class PassManager:
 
         try:
             self._iterate(model, ctx, report, current)
+        except PassFailedError as exc:  # --strict: the report so far (the model as last verified) goes with it
+            self._finish(report, current)
+            exc.report = report
+            raise
         finally:
             self.progress.finished()
+        self._finish(report, current)
+        return report
+
+    def _finish(self, report: PipelineReport, current: _Current) -> None:
+        """The report's final figures: the last verified model's cost and fidelity, and where it was measured."""
         report.final = current.cost
         report.notes.extend(_uncosted_notes(report))
-        if self._active_verifier is not None:
-            reference = self._active_verifier.reference
-            report.fidelity = (current.fidelity or compare_outputs(reference, reference)).to_dict()
-        return report
+        verifier = self._active_verifier
+        if verifier is not None:
+            reference = verifier.reference
+            report.fidelity = {**(current.fidelity or compare_outputs(reference, reference)).to_dict(),
+                               "source": "generated inputs" if verifier.generated else "user data"}
 
     def _iterate(self, model: Model, ctx: PassContext, report: PipelineReport, current: _Current) -> None:
         """Run the passes in order; in fixed-point mode again, until an iteration applies nothing."""

@@ -77,24 +77,42 @@ def summary_line(before: dict[str, Any], after: dict[str, Any], file_bytes: tupl
     pairs = [(label, before.get(key), after.get(key)) for key, label in SUMMARY_KEYS]
     if file_bytes is not None:
         pairs.append(("file bytes", *file_bytes))
-    parts = [f"{label} {_int(b)} -> {_int(a)}{_change(b, a)}" for label, b, a in pairs if _is_number(b)]
-    return "summary: " + ", ".join(parts)
+    return "summary: " + ", ".join(change_parts(pairs))
+
+
+def change_parts(pairs: list[tuple[str, Any, Any]]) -> list[str]:
+    """``nodes 15 -> 12 (-20.0 %)`` for each (label, before, after) whose before is a number."""
+    return [f"{label} {_int(b)} -> {_int(a)}{_change(b, a)}" for label, b, a in pairs if _is_number(b)]
+
+
+def budget_checks(budget: Budget | None, fidelity: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Each limit of the budget against the final model's figure: ``{"metric": "min_top1", "limit": 0.98,
+    "value": 0.99, "met": True}``, in ``BUDGET_METRICS`` order; ``value`` and ``met`` are None where the
+    figure was not measured. Empty without a budget."""
+    checks: list[dict[str, Any]] = []
+    for limit_key, (metric, _, at_least) in BUDGET_METRICS.items():
+        limit = getattr(budget, limit_key) if budget is not None else None
+        if limit is None:
+            continue
+        value = (fidelity or {}).get(metric)
+        met = None if not _is_number(value) else (value >= limit if at_least else value <= limit)
+        checks.append({"metric": limit_key, "limit": limit, "value": value if _is_number(value) else None,
+                       "met": met})
+    return checks
 
 
 def budget_line(budget: Budget | None, fidelity: dict[str, Any] | None) -> str | None:
     """Each budgeted metric of the final model against its limit (None: no budget set)."""
-    if budget is None or not budget.is_set:
+    checks = budget_checks(budget, fidelity)
+    if not checks:
         return None
     parts = []
-    for limit_key, (metric, label, at_least) in BUDGET_METRICS.items():
-        limit = getattr(budget, limit_key)
-        if limit is None:
-            continue
-        value = (fidelity or {}).get(metric)
-        if not _is_number(value):
+    for check in checks:
+        _, label, at_least = BUDGET_METRICS[check["metric"]]
+        limit, value, met = check["limit"], check["value"], check["met"]
+        if met is None:
             parts.append(f"{label} not measured (limit {limit:g})")
             continue
-        met = value >= limit if at_least else value <= limit
         sign = (">=" if met else "<") if at_least else ("<=" if met else ">")
         parts.append(f"{label} {_fmt_num(value, digits=4)} {sign} {limit:g}: {'met' if met else 'NOT met'}")
     return "budget: " + "; ".join(parts)
@@ -197,14 +215,15 @@ def op_type_counts(graphs: list[Any]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def op_type_table(before: dict[str, int], after: dict[str, int]) -> str:
-    """``--ops``: node counts per op type before and after, with the change; a total row at the end."""
+def op_type_table(before: dict[str, int], after: dict[str, int], labels: tuple[str, str] = ("before", "after")) -> str:
+    """``--ops``: node counts per op type before and after (``labels``: the two columns' titles), with the
+    change; a total row at the end."""
     ops = sorted(set(before) | set(after))
     rows = [[op, str(before.get(op, 0)), str(after.get(op, 0)), _count_change(before.get(op, 0), after.get(op, 0))]
             for op in ops]
     total_before, total_after = sum(before.values()), sum(after.values())
     rows.append(["total", str(total_before), str(total_after), _count_change(total_before, total_after)])
-    header = ["op type", "before", "after", "change"]
+    header = ["op type", *labels, "change"]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in [header, *rows]]

@@ -184,7 +184,7 @@ def search(model: Model | onnx.ModelProto | str | os.PathLike[str], *, data: str
         decisions=_decisions(shared.space, chosen.config if chosen is not None else {}, outcome),
         seconds=time.monotonic() - started, evaluations=runs.evaluated,
         notes=[*notes[1:], *outcome.notes, *finish_notes, f"executor: {getattr(executor, 'name', 'serial')}"],
-        original=_original_figures(model, original, runs),
+        original=_original_figures(model, original, runs), eval_samples=len(shared.eval_samples),
     )
     if chosen is None and settings.strict:
         closest = choose(results, settings.objective, settings.max_drop)[0]

@@ -10,9 +10,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from nnopt.atomic import write_atomic
 from nnopt.errors import InputError
 from nnopt.search.candidate import CandidateResult, Configuration
-from nnopt.search.study import write_atomic
 
 
 def _usable(result: CandidateResult, objective: str) -> bool:
@@ -107,6 +107,7 @@ class SearchReport:
         notes: anything the user should know (a stop at the time budget, a skipped technique, ...).
         original: the original model's ``size``, ``latency`` and ``flops`` (as ``CandidateResult.objective``),
             to show the candidates' ratios; optional.
+        eval_samples: how many evaluation samples the drops are measured on (0: not recorded).
     """
 
     level: int
@@ -125,6 +126,7 @@ class SearchReport:
     evaluations: int
     notes: list[str] = field(default_factory=list)
     original: dict[str, float | None] = field(default_factory=dict)
+    eval_samples: int = 0
 
     @classmethod
     def from_results(cls, results: Sequence[CandidateResult], *, level: int, metric: str, drop_type: str,
@@ -152,8 +154,9 @@ class SearchReport:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SearchReport:
-        """The report of ``to_dict`` (or of a report file read back)."""
-        fields = dict(data)
+        """The report of ``to_dict`` (or of a report file read back: the fields ``nnopt.report`` adds around
+        the search's own are left out)."""
+        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         fields["candidates"] = [CandidateResult.from_dict(c) for c in data["candidates"]]
         return cls(**fields)
 

@@ -6,11 +6,11 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from nnopt.atomic import write_atomic
 from nnopt.errors import InputError, OutputError, first_line
 from nnopt.search.candidate import CandidateResult, Configuration, config_key
 
@@ -241,33 +241,3 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes, *, sync: bool = False) -> None:
-    """Write ``data`` to ``path`` all at once: a temporary file beside it, renamed over it.
-
-    Readers see the old file or the new one, never a part; a killed writer leaves a temporary that the next
-    nnopt run writing there removes. ``sync``: on disk before the rename (survives a power cut).
-
-    Raises:
-        OutputError: the folder cannot be created or the file written.
-    """
-    from nnopt.ir.model import make_output_folder, remove_stale_temporaries, temporary_prefix
-
-    target = Path(path)
-    tmp: str | None = None
-    try:
-        remove_stale_temporaries(make_output_folder(target.resolve().parent))
-        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(), dir=target.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, target)
-        tmp = None
-    except OSError as exc:
-        raise OutputError(f"{target}: cannot write: {exc.strerror or first_line(exc)}") from exc
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
