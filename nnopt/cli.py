@@ -256,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NnoptError as exc:
         if debug:
             raise
-        print(f"nnopt: error: {first_line(exc)}", file=sys.stderr)
+        for line in exc.lines():
+            print(f"nnopt: error: {line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("nnopt: interrupted", file=sys.stderr)
