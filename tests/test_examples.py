@@ -67,3 +67,39 @@ def test_writing_a_pass_guide_test_snippet():
     assert op_types(out) == ["Relu", "Relu"] and not result.modified
     assert [layer.to_dict() for layer in result.layers] == [{"node": out.graph.node[1].name, "op_type": "Relu", "action": "declined",
                               "reason": "its output is a graph output"}]
+
+
+def _readme_python_snippet() -> str:
+    """The README's Python API example, exactly as the README shows it."""
+    readme = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Python API"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+
+
+@pytest.mark.slow  # about 25 s: three pipelines on the digits CNN, in a fresh interpreter
+def test_the_readme_python_snippet_runs_as_written_on_the_shipped_files(tmp_path):
+    """Run from a folder laid out as the repository (its examples linked in), so what it writes lands in tmp."""
+    import onnx
+
+    import nnopt
+
+    (tmp_path / "examples").symlink_to(EXAMPLES, target_is_directory=True)
+    snippet = _readme_python_snippet()
+    check = snippet + (
+        "\nimport json\n"
+        "print(json.dumps({'statuses': [r.status for r in report.passes], 'fidelity': report.passes[-1].fidelity,"
+        " 'seed': pipeline.seed}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    written = tmp_path / "out" / "digits.opt.onnx"
+    # The flops printed are the saved model's, and the model is the prune + quantize result.
+    assert int(float(lines[-2])) == int(nnopt.analyze(written).totals["flops"])
+    ops = {n.op_type for n in onnx.load(str(written)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "BatchNormalization" not in ops
+    assert "prune" in done.stdout and "quantize" in done.stdout  # the table
+    import json
+
+    last = json.loads(lines[-1])
+    assert last["statuses"] == ["applied"] and last["fidelity"]["samples"] == 64 and last["seed"] == 1
