@@ -103,3 +103,32 @@ def test_the_readme_python_snippet_runs_as_written_on_the_shipped_files(tmp_path
 
     last = json.loads(lines[-1])
     assert last["statuses"] == ["applied"] and last["fidelity"]["samples"] == 64 and last["seed"] == 1
+
+
+def test_what_the_guide_says_about_graphsurgeon_links_holds():
+    """docs/writing-a-pass.md: change node.inputs in place; an assignment rebuilt from the same list by a
+    generator empties it (graphsurgeon clears, then reads). If graphsurgeon changes this, revisit the guide."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    guide = (EXAMPLES.parent / "docs" / "writing-a-pass.md").read_text(encoding="utf-8")
+    assert "Change them in place: `node.inputs[1] = new_tensor`" in guide
+    assert "assigning to them rewires the graph" not in guide
+
+    def add() -> tuple:
+        a, b = gs.Variable("a", np.float32, [1]), gs.Variable("b", np.float32, [1])
+        return a, b, gs.Node("Add", inputs=[a, b], outputs=[gs.Variable("y", np.float32, [1])])
+
+    a, b, node = add()
+    node.inputs[1] = a  # in place: both sides of the link follow
+    assert [t.name for t in node.inputs] == ["a", "a"] and a.outputs == [node, node] and b.outputs == []
+    a, b, node = add()
+    node.inputs = (a if t is b else t for t in node.inputs)  # the pitfall the guide warns about
+    assert list(node.inputs) == [] and a.outputs == [] and b.outputs == []
+
+
+def test_the_guide_says_to_install_nnopt_before_a_plugin_that_depends_on_it():
+    guide = (EXAMPLES.parent / "docs" / "writing-a-pass.md").read_text(encoding="utf-8")
+    section = guide[guide.index("## 5. Package it as a plugin"):guide.index("## 6. Use it")]
+    assert section.index("Install nnopt first, then the plugin") < section.index("pip install .  ")
+    assert section.index("pip install /path/to/nnopt") < section.index("pip install .  ")
