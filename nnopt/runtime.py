@@ -352,6 +352,13 @@ def generate_samples(
     return [make_feeds(sess, input_shapes, seed=seed + i) for i in range(count)]
 
 
+#: Reference data for ``load_samples`` and the ``data=`` of ``nnopt.Pipeline`` and ``nnopt.optimize``:
+#: the path of an ``.npz``; what an ``.npz`` holds, as a dict of arrays (input name → samples on the first
+#: axis, and an optional ``labels`` array); one such array alone, for a model with one input; or an
+#: iterable of feeds, one dict of input name → array per sample, each array of the input's own shape.
+DataSource = str | os.PathLike[str] | np.ndarray | Mapping[str, Any] | Iterable[Mapping[str, Any]]
+
+
 def load_samples(
     source: DataSource,
     sess: ort.InferenceSession,
@@ -376,14 +383,14 @@ def load_samples(
         path = Path(source)
         if not path.is_file():
             raise DataError(f"data file {path}: no such file")
-        where, (arrays, total) = f"data file {path}", _read_npz(path, limit)
+        where, short = f"data file {path}", f"data file {path.name}"  # messages; the report's note
+        arrays, total = _read_npz(path, limit)
         per_input = _split_arrays(arrays, specs, where, ignore)
-        named = path.name
     else:
-        where = named = "data"
+        where = short = "data"
         per_input, total = _in_memory_samples(source, specs, limit)
     if limit is not None and total > limit:
-        note = f"{'data file ' if named != 'data' else ''}{named} holds {total} samples; only the first {limit} are used"
+        note = f"{short} holds {total} samples; only the first {limit} are used"
         log.warning(note)
         if notes is not None:
             notes.append(note)
@@ -416,13 +423,6 @@ def load_samples(
     for name, samples in per_input.items():
         _check_finite(where, name, samples)
     return [{name: per_input[name][i] for name in names} for i in range(n)]
-
-
-#: Reference data for ``load_samples`` and the ``data=`` of ``nnopt.Pipeline`` and ``nnopt.optimize``:
-#: the path of an ``.npz``; what an ``.npz`` holds, as a dict of arrays (input name → samples on the first
-#: axis, and an optional ``labels`` array); one such array alone, for a model with one input; or an
-#: iterable of feeds, one dict of input name → array per sample, each array of the input's own shape.
-DataSource = str | os.PathLike[str] | np.ndarray | Mapping[str, Any] | Iterable[Mapping[str, Any]]
 
 
 def _split_arrays(
