@@ -5,8 +5,6 @@ The public surface for pipeline scripts and plugin authors is what this module e
 
 from __future__ import annotations
 
-from typing import Any
-
 from nnopt.analysis.manager import Analysis, AnalysisManager, AnalysisSettings
 from nnopt.analysis.selection import NodeSelection
 from nnopt.cost.hardware import HardwareProfile
@@ -46,41 +44,13 @@ from nnopt.pipeline.progress import Progress, StreamProgress
 __version__ = "0.1.0"
 
 
-def optimize(*args: Any, **kwargs: Any) -> Any:
-    """See ``nnopt.api.optimize``."""
-    from nnopt.api import optimize as _optimize
-
-    return _optimize(*args, **kwargs)
-
-
-def compress(*args: Any, **kwargs: Any) -> Any:
-    """See ``nnopt.search.driver.compress``: the automatic search (``nnopt optimize --level``) in one call."""
-    from nnopt.search.driver import compress as _compress
-
-    return _compress(*args, **kwargs)
-
-
-def __getattr__(name: str) -> Any:
-    # Imported on first use: these pull in the plugin manager, which imports the built-in passes, which
-    # import from ``nnopt``: importing them here eagerly would be circular.
-    if name == "Pipeline":
-        from nnopt.api import Pipeline
-
-        return Pipeline
-    if name == "build_plugins":
-        from nnopt.plugin_manager import build_plugins
-
-        return build_plugins
-    raise AttributeError(f"module 'nnopt' has no attribute {name!r}")
-
-
-def analyze(*args: Any, **kwargs: Any) -> Any:
-    """``nnopt.cost.analyze`` with the installed plugins' cost rules and hardware profiles, as ``nnopt
-    analyze`` uses them; see ``nnopt.cost.analyze_with_plugins``."""
-    from nnopt.cost import analyze_with_plugins
-
-    return analyze_with_plugins(*args, **kwargs)
-
+# After the names above: the API modules import the plugin manager and the analysis, which import from
+# ``nnopt`` (the built-in passes are imported only when ``build_plugins`` runs). Imported, not wrapped, so
+# that ``inspect.signature``, help() and type checkers see the real parameters.
+from nnopt.api import Pipeline, optimize  # noqa: E402
+from nnopt.cost.analysis import analyze_with_plugins as analyze  # noqa: E402
+from nnopt.plugin_manager import build_plugins  # noqa: E402
+from nnopt.search.driver import compress  # noqa: E402
 
 __all__ = [
     "Analysis",

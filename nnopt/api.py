@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -37,7 +37,7 @@ from nnopt.pipeline.progress import Progress
 from nnopt.pipeline.spec import DEFAULT_PIPELINE, instantiate, parse_pass_spec
 from nnopt.pipeline.verify import Verifier
 from nnopt.plugin_manager import Plugins, build_plugins, get_pass_class
-from nnopt.runtime import DEFAULT_RUN_TIME_LIMIT_S, run_time_limit
+from nnopt.runtime import DEFAULT_RUN_TIME_LIMIT_S, DataSource, run_time_limit
 
 #: A pass in a pipeline: ``"name"`` or ``"name:key=value,..."`` (as on the command line), a
 #: ``(name, {option: value})`` pair with typed values, or a configured ``Pass`` instance.
@@ -57,7 +57,10 @@ class Pipeline:
 
     Attributes:
         passes: the passes in order; None is the default (lossless) pipeline.
-        data: ``.npz`` of reference inputs: verification, calibration and data-aware fitting.
+        data: reference inputs for verification, calibration and data-aware fitting: an ``.npz`` path, or
+            the same in memory: a dict of arrays (input name → samples on the first axis, and optionally
+            ``labels``), one array (a model with one input), or an iterable of feeds, one dict of input
+            name → array per sample (read once, here). See ``nnopt.runtime.DataSource``.
         budget: how far lossy passes may move the outputs from the original model's.
         strict: a pass that is rolled back raises ``PassFailedError`` instead of being skipped.
         seed: seeds generated inputs and every randomised pass (same seed → byte-identical output).
@@ -71,7 +74,7 @@ class Pipeline:
     """
 
     passes: Sequence[PassSpec] | None = None
-    data: str | os.PathLike[str] | None = None
+    data: DataSource | None = None
     budget: Budget = field(default_factory=Budget)
     strict: bool = False
     seed: int = 0
@@ -82,6 +85,10 @@ class Pipeline:
     run_time_limit: float | None = DEFAULT_RUN_TIME_LIMIT_S
 
     def __post_init__(self) -> None:
+        if isinstance(self.data, Iterable) and not isinstance(self.data, str | os.PathLike | np.ndarray | Mapping):
+            # An iterable of feeds (a generator, a DataLoader-like object) is read once, so that every run
+            # of this pipeline, and every copy of it, sees the same samples.
+            object.__setattr__(self, "data", tuple(self.data))
         # The command line and pipeline files check these too; this is the Python API's check.
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise OptionError(f"seed: expected a non-negative integer, got {self.seed!r}")
@@ -152,7 +159,7 @@ class Pipeline:
         """``run`` on a resolved pipeline, under its run time limit."""
         if self.budget.is_set and not self.verify:
             raise OptionError("a budget needs numerical verification: drop --no-verify (verify = false) or the budget")
-        if self.budget.min_top1 is not None and not self.data:
+        if self.budget.min_top1 is not None and self.data is None:
             raise DataError(
                 "a top-1 budget (--min-top1) needs reference data (--data): agreement on generated noise "
                 "says nothing about accuracy"
@@ -165,9 +172,9 @@ class Pipeline:
         )
         analyses = AnalysisManager(model, settings)
         proto = analyses.proto()  # the one export of the input: verifier, samples and the first pass share it
-        data = str(self.data) if self.data else None
+        data = self.data
         verifier = (
-            Verifier(proto, data_path=data, seed=self.seed, input_shapes=self.input_shapes,
+            Verifier(proto, data=data, seed=self.seed, input_shapes=self.input_shapes,
                      samples=GENERATED_BUDGET_SAMPLES if self.budget.is_set else GENERATED_SAMPLES,
                      shapes=analyses.shapes())  # its runs take the limit run() set
             if self.verify
@@ -219,7 +226,7 @@ def optimize(
     model: ModelSource,
     passes: Sequence[PassSpec] | None = None,
     *,
-    data: str | os.PathLike[str] | None = None,
+    data: DataSource | None = None,
     budget: Budget | None = None,
     strict: bool = False,
     fixed_point: bool | None = None,
@@ -227,6 +234,7 @@ def optimize(
     input_shapes: dict[str, list[int]] | None = None,
     hardware: HardwareProfile | str | None = None,
     verify: bool = True,
+    run_time_limit: float | None = DEFAULT_RUN_TIME_LIMIT_S,
     plugins: Plugins | None = None,
     progress: Progress | None = None,
 ) -> tuple[Model, PipelineReport]:
@@ -244,6 +252,7 @@ def optimize(
         hardware=hardware,
         verify=verify,
         fixed_point=fixed_point,
+        run_time_limit=run_time_limit,
     )
     return pipeline.run(model, plugins=plugins, progress=progress)
 
@@ -287,10 +296,10 @@ def _with_data_shapes(
     return settings
 
 
-def _pass_samples(proto: onnx.ModelProto, data: Any, verifier: Verifier | None) -> list[dict[str, Any]]:
+def _pass_samples(proto: onnx.ModelProto, data: DataSource | None, verifier: Verifier | None) -> list[dict[str, Any]]:
     """The user's reference data for data-aware passes (never generated inputs: those verify rewrites but
     are no data to fit weights on), read once whether or not verification runs."""
-    if not data:
+    if data is None:
         return []
     if verifier is not None and verifier.samples:
         return verifier.samples
@@ -299,9 +308,9 @@ def _pass_samples(proto: onnx.ModelProto, data: Any, verifier: Verifier | None) 
     return load_samples(data, make_session(proto))
 
 
-def _pass_labels(proto: onnx.ModelProto, data: Any, count: int) -> np.ndarray | None:
-    """The data file's class labels, one per pass sample, or None (no data, or no ``labels`` array)."""
-    if not data or not count:
+def _pass_labels(proto: onnx.ModelProto, data: DataSource | None, count: int) -> np.ndarray | None:
+    """The data's class labels, one per pass sample, or None (no data, or no ``labels`` array)."""
+    if data is None or not count:
         return None
     from nnopt.runtime import load_labels, make_session
 

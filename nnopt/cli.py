@@ -277,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NnoptError as exc:
         if debug:
             raise
-        print(f"nnopt: error: {first_line(exc)}", file=sys.stderr)
+        for line in exc.lines():
+            print(f"nnopt: error: {line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("nnopt: interrupted", file=sys.stderr)
@@ -648,22 +649,45 @@ def cmd_passes(args: argparse.Namespace) -> int:
 def _pass_list(entries: list[dict[str, Any]]) -> str:
     """``nnopt passes``: the default pipeline, then each pass with its options as ``-p NAME:key=VALUE``,
     wrapped to the terminal's width."""
-    import shutil
-    import textwrap
-
     from nnopt.pipeline.spec import DEFAULT_PIPELINE
 
-    width = max(60, shutil.get_terminal_size().columns) - 1
-    lines = textwrap.wrap(f"default (-p default, or no -p): {' -> '.join(DEFAULT_PIPELINE)}, repeated until "
-                          "nothing changes", width, subsequent_indent="    ")
+    width = _terminal_width()
+    lines = _wrap(f"default (-p default, or no -p): {' -> '.join(DEFAULT_PIPELINE)}, repeated until nothing changes",
+                  width, "", "    ")
     lines.append("")
     for e in entries:
         lines.append(f"{e['name']}  [{'lossy' if e['lossy'] else 'lossless'}; {e['plugin']}]")
-        lines += textwrap.wrap(e["summary"], width, initial_indent="    ", subsequent_indent="    ")
+        lines += _wrap(e["summary"], width, "    ", "    ")
         for opt in e["options"]:
-            text = f"-p {e['name']}:{opt['name']}=VALUE ({opt['type']}, default {opt['default']!r}): {opt['help']}"
-            lines += textwrap.wrap(text, width, initial_indent="    ", subsequent_indent="        ")
+            text = f"-p {e['name']}:{opt['name']}=VALUE ({opt['type']}, default {_cli_value(opt['default'])}): {opt['help']}"
+            lines += _wrap(text, width, "    ", "        ")
     return "\n".join(lines)
+
+
+def _cli_value(value: Any) -> str:
+    """An option's default as it is typed after ``-p NAME:key=``: true, none, 0.1, a,b ([] when empty)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "none"
+    if isinstance(value, list):
+        return ",".join(_cli_value(v) for v in value) if value else "[]"
+    return str(value)
+
+
+def _terminal_width() -> int:
+    """The width listings wrap to: the terminal's (or $COLUMNS), at least 60 columns, less one."""
+    import shutil
+
+    return max(60, shutil.get_terminal_size().columns) - 1
+
+
+def _wrap(text: str, width: int, indent: str, subsequent: str) -> list[str]:
+    """``text`` wrapped to ``width``, never inside a name: pass names (fold-constants) and option names
+    break at spaces only."""
+    import textwrap
+
+    return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=subsequent, break_on_hyphens=False)
 
 
 def _pass_help(entry: dict[str, Any]) -> str:
@@ -675,7 +699,7 @@ def _pass_help(entry: dict[str, Any]) -> str:
     if entry["options"]:
         lines += ["", "options:"]
     for opt in entry["options"]:
-        lines.append(f"  -p {entry['name']}:{opt['name']}=VALUE  ({opt['type']}, default {opt['default']!r})")
+        lines.append(f"  -p {entry['name']}:{opt['name']}=VALUE  ({opt['type']}, default {_cli_value(opt['default'])})")
         lines.append(f"      {opt['help']}" if opt["help"] else "")
     return "\n".join(line.rstrip() for line in lines)
 
@@ -686,9 +710,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         {
             "name": p.name,
             "distribution": p.distribution,
+            "version": p.version,
             "status": p.status,
             "error": p.error,
-            "passes": sorted(n for n, e in plugins.passes.items() if e.plugin == p.distribution),
+            "passes": p.passes,
+            "cost_rules": p.cost_rules,
+            "hardware": p.hardware,
         }
         for p in plugins.plugins
     ]
@@ -696,13 +723,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         json.dump({"plugins": rows}, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_OK
-    for r in rows:
-        line = f"{r['name']}  ({r['distribution']})  {r['status']}"
-        if r["passes"]:
-            line += f"  passes: {', '.join(r['passes'])}"
-        if r["error"]:
-            line += f"  problem: {r['error']}"
-        print(line)
+    print(_plugin_list(rows))
     return EXIT_OK
 
 
@@ -722,6 +743,29 @@ def cmd_diff(args: argparse.Namespace) -> int:
     else:
         print(format_diff(result))
     return EXIT_OK
+
+
+#: Above this many entries, ``nnopt plugins`` gives a count instead of the names (``--json`` lists them all).
+_LISTED_NAMES = 12
+
+
+def _plugin_list(rows: list[dict[str, Any]]) -> str:
+    """``nnopt plugins``: each plugin's name, distribution, version and status, then what it registered
+    (passes, cost rules, hardware profiles) and any problem, wrapped to the terminal's width."""
+    width = _terminal_width()
+    lines: list[str] = []
+    for r in rows:
+        version = f", version {r['version']}" if r["version"] else ""
+        lines.append(f"{r['name']}  ({r['distribution']}{version})  {r['status']}")
+        for key, label in (("passes", "passes"), ("cost_rules", "cost rules"), ("hardware", "hardware profiles")):
+            names = r[key]
+            if not names:
+                continue
+            text = ", ".join(names) if len(names) <= _LISTED_NAMES else f"{len(names)} (nnopt plugins --json lists them)"
+            lines += _wrap(f"{label}: {text}", width, "    ", "        ")
+        if r["error"]:
+            lines += _wrap(f"problem: {r['error']}", width, "    ", "        ")
+    return "\n".join(lines)
 
 
 #: Median ÷ fastest run of a calibration probe above which the CLI warns that the machine looks busy.

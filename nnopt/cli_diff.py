@@ -117,7 +117,7 @@ def _fidelity(protos: list[onnx.ModelProto], settings: DiffSettings
     from nnopt.pipeline.verify import Verifier, compare_outputs
     from nnopt.report import GENERATED, USER_DATA
 
-    verifier = Verifier(protos[0], data_path=settings.data, samples=GENERATED_SAMPLES, seed=settings.seed,
+    verifier = Verifier(protos[0], data=settings.data, samples=GENERATED_SAMPLES, seed=settings.seed,
                         input_shapes=settings.input_shapes)
     first = verifier.samples[0] if settings.data and verifier.samples else None
     if verifier.unavailable is not None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Self
 
 if TYPE_CHECKING:
     from nnopt.pipeline.manager import PipelineReport
@@ -12,6 +13,20 @@ class NnoptError(Exception):
     """Base class of nnopt's own errors. ``exit_code`` is what the CLI exits with."""
 
     exit_code = 1
+    #: Set by ``several``: each problem of an error that reports more than one, a line each.
+    problems: tuple[str, ...] = ()
+
+    @classmethod
+    def several(cls, problems: Sequence[str]) -> Self:
+        """One error reporting every problem found (a pipeline file's, a pass's options), not the first only."""
+        error = cls("\n".join(problems))
+        error.problems = tuple(problems)
+        return error
+
+    def lines(self) -> list[str]:
+        """What the CLI prints, one ``nnopt: error:`` line each: every problem of an error made by
+        ``several``, else the message's first line."""
+        return list(self.problems) or [first_line(self)]
 
 
 class InputError(NnoptError):

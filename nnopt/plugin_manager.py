@@ -30,10 +30,18 @@ class PassEntry:
 
 @dataclass
 class PluginInfo:
+    """One plugin as ``nnopt plugins`` lists it: where it comes from and what it registered."""
+
     name: str
     distribution: str
     status: str  # "loaded" or "failed"
     error: str = ""
+    #: The distribution's version ("" when unknown, e.g. a plugin registered directly).
+    version: str = ""
+    #: What was accepted from it: pass names, cost rules' ops (``CostRule.label``), hardware profile names.
+    passes: list[str] = field(default_factory=list)
+    cost_rules: list[str] = field(default_factory=list)
+    hardware: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -87,36 +95,44 @@ def build_plugins(*, load_entry_points: bool = True, extra: list[Any] | None = N
     plugins = Plugins(pm=pm, cost_rules=default_registry())
     pm.register(_DefaultRunner(), name="nnopt.default-runner")
 
+    from nnopt import __version__
     from nnopt import passes as builtin_passes  # the `passes/` folder, installed as nnopt.passes
+    from nnopt.cost.hardware import BUILTIN_PROFILES
 
-    _register(plugins, builtin_passes, "nnopt.passes", BUILTIN)
+    _register(plugins, builtin_passes, "nnopt.passes", BUILTIN, __version__)
+    # nnopt's own cost rules and profiles are not registered through hooks; the built-in row lists them.
+    plugins.plugins[-1].cost_rules = sorted({rule.label for rule in plugins.cost_rules.rules()})
+    plugins.plugins[-1].hardware = sorted(BUILTIN_PROFILES)
     if load_entry_points and not plugins_disabled_by_env():
         for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = ep.dist.name if ep.dist is not None else "?"
+            version = getattr(ep.dist, "version", "") or ""
             try:
                 obj = ep.load()
             except KeyboardInterrupt:
                 raise
             except BaseException as exc:  # boundary: third-party import; even its sys.exit() must not end nnopt
                 reason = f"import failed: {_described(exc)}"
-                plugins.plugins.append(PluginInfo(ep.name, dist, "failed", reason))
+                plugins.plugins.append(PluginInfo(ep.name, dist, "failed", reason, version))
                 log.warning("plugin %s (%s): %s", ep.name, dist, reason)
                 continue
-            _register(plugins, obj, ep.name, dist)
+            _register(plugins, obj, ep.name, dist, version)
     for i, obj in enumerate(extra or []):
         _register(plugins, obj, getattr(obj, "__name__", f"extra-{i}"), "(registered directly)")
     return plugins
 
 
-def _register(plugins: Plugins, obj: Any, name: str, dist: str) -> None:
+def _register(plugins: Plugins, obj: Any, name: str, dist: str, version: str = "") -> None:
     pm = plugins.pm
+    info = PluginInfo(name, dist, "loaded", version=version)
     try:
         pm.register(obj, name=name)
         pm.check_pending()  # a misspelled hook (nnopt_register_pass) fails here, loudly
     except Exception as exc:  # boundary: pluggy validation of third-party code
         if pm.is_registered(obj):
             pm.unregister(obj)
-        plugins.plugins.append(PluginInfo(name, dist, "failed", first_line(exc)))
+        info.status, info.error = "failed", first_line(exc)
+        plugins.plugins.append(info)
         log.warning("plugin %s (%s): %s", name, dist, exc)
         return
     problems: list[str] = []
@@ -132,19 +148,25 @@ def _register(plugins: Plugins, obj: Any, name: str, dist: str) -> None:
             problems.append(problem)
             continue
         plugins.passes[cls.name] = PassEntry(cls, dist)
+        info.passes.append(cls.name)
         accepted += 1
     for rule in rules:
         try:
             plugins.cost_rules.register(rule)
+            info.cost_rules.append(rule.label)
             accepted += 1
         except Exception as exc:  # boundary: a malformed or conflicting third-party rule
             problems.append(f"cost rule {getattr(rule, 'op_type', rule)!r}: {first_line(exc)}")
     for profile in hardware:
-        plugins.hardware.setdefault(profile.name, profile)
-    status = "failed" if problems and not (accepted or hardware) else "loaded"
-    if status == "failed":
+        if plugins.hardware.setdefault(profile.name, profile) is profile:
+            info.hardware.append(profile.name)
+    info.status = "failed" if problems and not (accepted or hardware) else "loaded"
+    info.error = "; ".join(problems)
+    for names in (info.passes, info.cost_rules, info.hardware):
+        names.sort()
+    if info.status == "failed":
         pm.unregister(obj)  # none of its hooks (wrappers, observers) may run
-    plugins.plugins.append(PluginInfo(name, dist, status, "; ".join(problems)))
+    plugins.plugins.append(info)
     if problems:
         log.warning("plugin %s (%s): %s", name, dist, "; ".join(problems))
 

@@ -10,7 +10,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,15 +352,23 @@ def generate_samples(
     return [make_feeds(sess, input_shapes, seed=seed + i) for i in range(count)]
 
 
+#: Reference data for ``load_samples`` and the ``data=`` of ``nnopt.Pipeline`` and ``nnopt.optimize``:
+#: the path of an ``.npz``; what an ``.npz`` holds, as a dict of arrays (input name → samples on the first
+#: axis, and an optional ``labels`` array); one such array alone, for a model with one input; or an
+#: iterable of feeds, one dict of input name → array per sample, each array of the input's own shape.
+DataSource = str | os.PathLike[str] | np.ndarray | Mapping[str, Any] | Iterable[Mapping[str, Any]]
+
+
 def load_samples(
-    path: str | Path,
+    source: DataSource,
     sess: ort.InferenceSession,
     *,
     limit: int | None = MAX_DATA_SAMPLES,
     notes: list[str] | None = None,
     ignore: Collection[str] = (),
 ) -> list[dict[str, np.ndarray]]:
-    """Read an ``.npz`` of reference inputs: one array per input name, samples on the first axis.
+    """Reference inputs, one feed per sample, from an ``.npz`` (one array per input name, samples on the
+    first axis) or the same in memory (see ``DataSource``).
 
     An array named ``labels`` that is no input's name holds class labels (``load_labels``) and is skipped here,
     as are the arrays named in ``ignore`` that are no input's name (the search's ``--labels KEY``).
@@ -370,16 +378,57 @@ def load_samples(
     more were given, and ``notes`` gets the same line): an archive of two million tiny samples, or a small
     file that would decompress to gigabytes, costs no more than ``limit`` samples do.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path}: no such file")
-    arrays, total = _read_npz(path, limit)
+    specs = input_specs(sess)
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"data file {path}: no such file")
+        where, short = f"data file {path}", f"data file {path.name}"  # messages; the report's note
+        arrays, total = _read_npz(path, limit)
+        per_input = _split_arrays(arrays, specs, where, ignore)
+    else:
+        where = short = "data"
+        per_input, total = _in_memory_samples(source, specs, limit)
     if limit is not None and total > limit:
-        note = f"data file {path.name} holds {total} samples; only the first {limit} are used"
+        note = f"{short} holds {total} samples; only the first {limit} are used"
         log.warning(note)
         if notes is not None:
             notes.append(note)
-    specs = input_specs(sess)
+        per_input = {name: samples[:limit] for name, samples in per_input.items()}
+    for name, dtype, shape in specs:
+        samples = per_input[name]
+        for s in samples:
+            if s.ndim != len(shape):
+                raise DataError(f"{where}: '{name}' gives samples of shape {list(s.shape)}, model input has rank {len(shape)}")
+            for axis, (got, want) in enumerate(zip(s.shape, shape)):
+                if isinstance(want, int) and want >= 0 and got != want:
+                    raise DataError(
+                        f"{where}: array '{name}' gives samples of shape {list(s.shape)}, "
+                        f"model input expects {shape} (axis {axis})"
+                    )
+        if dtype is not None and any(s.dtype != dtype for s in samples):
+            if all(np.can_cast(s.dtype, dtype, casting="same_kind") for s in samples):
+                samples = [_cast_exactly(where, name, np.asarray(s), np.dtype(dtype)) for s in samples]
+            else:
+                raise DataError(f"{where}: array '{name}' is {samples[0].dtype}, model input is {np.dtype(dtype)}")
+        per_input[name] = samples
+    counts = {len(v) for v in per_input.values()}
+    if len(counts) > 1:
+        raise DataError(f"{where}: arrays hold different numbers of samples ({sorted(counts)})")
+    n = counts.pop() if counts else 0
+    names = [s[0] for s in specs]
+    if names and n == 0:
+        # Nothing to compare outputs on: a fidelity figure computed from no samples would read as perfect.
+        raise DataError(f"{where}: holds no samples (every array is empty on its first axis)")
+    for name, samples in per_input.items():
+        _check_finite(where, name, samples)
+    return [{name: per_input[name][i] for name in names} for i in range(n)]
+
+
+def _split_arrays(
+    arrays: Mapping[str, np.ndarray], specs: list[tuple[str, Any, list[Any]]], where: str, ignore: Collection[str]
+) -> dict[str, list[np.ndarray]]:
+    """Each input's samples from its array (see ``load_samples``), after checking the arrays' names."""
     names = [s[0] for s in specs]
     missing = [n for n in names if n not in arrays]
     extra = [k for k in arrays if k not in names and k != LABELS_ARRAY and k not in ignore]
@@ -389,84 +438,108 @@ def load_samples(
             what.append(f"missing input(s) {', '.join(missing)}")
         if extra:
             what.append(f"unknown array(s) {', '.join(extra)}")
-        raise DataError(f"data file {path}: {'; '.join(what)} (model inputs: {', '.join(names)})")
+        raise DataError(f"{where}: {'; '.join(what)} (model inputs: {', '.join(names)})")
     per_input: dict[str, list[np.ndarray]] = {}
-    for name, dtype, shape in specs:
+    for name, _, shape in specs:
         arr = arrays[name]
         if len(shape) and arr.ndim == len(shape) + 1:
-            samples = [np.asarray(arr[i]) for i in range(arr.shape[0])]
+            per_input[name] = [np.asarray(arr[i]) for i in range(arr.shape[0])]
         elif arr.ndim == len(shape) and arr.ndim > 0:
-            samples = [arr[i : i + 1] for i in range(arr.shape[0])]
+            per_input[name] = [arr[i : i + 1] for i in range(arr.shape[0])]
         elif not shape and arr.ndim in (0, 1):
-            samples = [arr] if arr.ndim == 0 else [np.asarray(arr[i]) for i in range(arr.shape[0])]
+            per_input[name] = [arr] if arr.ndim == 0 else [np.asarray(arr[i]) for i in range(arr.shape[0])]
         else:
-            raise DataError(
-                f"data file {path}: array '{name}' has shape {list(arr.shape)}, model input has rank {len(shape)}"
-            )
-        for s in samples:
-            for axis, (got, want) in enumerate(zip(s.shape, shape)):
-                if isinstance(want, int) and want >= 0 and got != want:
-                    raise DataError(
-                        f"data file {path}: array '{name}' gives samples of shape {list(s.shape)}, "
-                        f"model input expects {shape} (axis {axis})"
-                    )
-        if dtype is not None and arr.dtype != dtype:
-            if np.can_cast(arr.dtype, dtype, casting="same_kind"):
-                samples = [_cast_exactly(path, name, np.asarray(s), np.dtype(dtype)) for s in samples]
-            else:
-                raise DataError(f"data file {path}: array '{name}' is {arr.dtype}, model input is {np.dtype(dtype)}")
-        per_input[name] = samples
-    counts = {len(v) for v in per_input.values()}
-    if len(counts) > 1:
-        raise DataError(f"data file {path}: arrays hold different numbers of samples ({sorted(counts)})")
-    n = counts.pop() if counts else 0
-    if names and n == 0:
-        # Nothing to compare outputs on: a fidelity figure computed from no samples would read as perfect.
-        raise DataError(f"data file {path}: holds no samples (every array is empty on its first axis)")
-    for name, samples in per_input.items():
-        _check_finite(path, name, samples)
-    return [{name: per_input[name][i] for name in names} for i in range(n)]
+            raise DataError(f"{where}: array '{name}' has shape {list(arr.shape)}, model input has rank {len(shape)}")
+    return per_input
+
+
+def _in_memory_samples(
+    source: Any, specs: list[tuple[str, Any, list[Any]]], limit: int | None
+) -> tuple[dict[str, list[np.ndarray]], int]:
+    """``load_samples`` for data given in Python: each input's samples, and how many were given."""
+    names = [s[0] for s in specs]
+    if isinstance(source, np.ndarray):
+        if len(names) != 1:
+            raise DataError(f"data: one array was given, but the model has {len(names)} inputs ({', '.join(names)}); "
+                            "give a dict of arrays by input name")
+        source = {names[0]: source}
+    if isinstance(source, Mapping):
+        arrays = {str(k): _plain_array(v, f"data: array '{k}'") for k, v in source.items()}
+        per_input = _split_arrays(arrays, specs, "data", ())
+        return per_input, max((len(v) for v in per_input.values()), default=0)
+    if not isinstance(source, Iterable):
+        raise DataError(f"data: expected an .npz path, an array, a dict of arrays or a list of feeds, got "
+                        f"{type(source).__name__}")
+    per_input = {name: [] for name in names}
+    total = 0
+    for index, feed in enumerate(source):
+        total += 1
+        if limit is not None and total > limit:
+            continue  # counted, for the note, but not kept
+        if not isinstance(feed, Mapping) or sorted(map(str, feed)) != sorted(names):
+            got = ", ".join(sorted(map(str, feed))) if isinstance(feed, Mapping) else type(feed).__name__
+            raise DataError(f"data: feed {index} must map each model input ({', '.join(names)}) to an array, got {got}")
+        for name in names:
+            per_input[name].append(_plain_array(feed[name], f"data: feed {index}, '{name}'"))
+    return per_input, total
+
+
+def _plain_array(value: Any, where: str) -> np.ndarray:
+    """``value`` as a numpy array of numbers (object arrays are refused, as pickled ones in files are)."""
+    array = np.asarray(value)
+    if array.dtype.hasobject:
+        raise DataError(f"{where} holds Python objects; give numeric arrays")
+    return array
 
 
 def load_labels(
-    path: str | Path, sess: ort.InferenceSession, count: int, *, limit: int | None = MAX_DATA_SAMPLES
+    source: DataSource, sess: ort.InferenceSession, count: int, *, limit: int | None = MAX_DATA_SAMPLES
 ) -> np.ndarray | None:
-    """The ``labels`` array of a data file: one integer class per sample (int64, shape ``(count,)``).
+    """The ``labels`` array of a data file, or of a dict of arrays given in Python: one integer class per
+    sample (int64, shape ``(count,)``).
 
-    None when the file has no such array, or when ``labels`` is the name of a model input (then it is data).
-    Only the first ``limit`` labels are read, as ``load_samples`` reads only that many samples.
+    None when there is no such array (an array or a list of feeds never has one), or when ``labels`` is the
+    name of a model input (then it is data). Only the first ``limit`` labels are read, as ``load_samples``
+    reads only that many samples.
 
     Raises:
         DataError: the labels are not a 1-D integer array of one label per sample.
     """
-    path = Path(path)
     if any(s[0] == LABELS_ARRAY for s in input_specs(sess)):
         return None
-    try:
-        with zipfile.ZipFile(path) as archive:
-            member = f"{LABELS_ARRAY}.npy"
-            if member not in archive.namelist():
-                return None
-            with archive.open(member) as stream:
-                labels, _ = _read_leading_rows(path, LABELS_ARRAY, stream, limit)
-    except DataError:
-        raise
-    except Exception as exc:  # boundary: the zip and .npy readers
-        raise DataError(f"data file {path}: not a readable .npz archive ({first_line(exc, 300)})") from exc
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        where = f"data file {path}"
+        try:
+            with zipfile.ZipFile(path) as archive:
+                member = f"{LABELS_ARRAY}.npy"
+                if member not in archive.namelist():
+                    return None
+                with archive.open(member) as stream:
+                    labels, _ = _read_leading_rows(path, LABELS_ARRAY, stream, limit)
+        except DataError:
+            raise
+        except Exception as exc:  # boundary: the zip and .npy readers
+            raise DataError(f"{where}: not a readable .npz archive ({first_line(exc, 300)})") from exc
+    elif isinstance(source, Mapping) and LABELS_ARRAY in source:
+        where = "data"
+        labels = _plain_array(source[LABELS_ARRAY], f"data: array '{LABELS_ARRAY}'")[:limit]
+    else:
+        return None
     if labels.ndim != 1 or labels.dtype.kind not in "iu" or labels.shape[0] != count:
         raise DataError(
-            f"data file {path}: array '{LABELS_ARRAY}' must hold one integer class per sample ({count}), "
+            f"{where}: array '{LABELS_ARRAY}' must hold one integer class per sample ({count}), "
             f"got {labels.dtype} of shape {list(labels.shape)}"
         )
     return labels.astype(np.int64)
 
 
-def _cast_exactly(path: Path, name: str, sample: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+def _cast_exactly(where: str, name: str, sample: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
     """``sample`` as ``dtype``; an integer that does not fit is refused (a cast would wrap it around)."""
     if sample.dtype.kind in "iub" and dtype.kind in "iu":
         info = np.iinfo(dtype)
         if sample.size and (sample.min() < info.min or sample.max() > info.max):
-            raise DataError(f"data file {path}: array '{name}' holds values outside the range of {dtype}")
+            raise DataError(f"{where}: array '{name}' holds values outside the range of {dtype}")
     with np.errstate(over="ignore"):  # float64 to float32 may overflow to inf: _check_finite refuses that
         return sample.astype(dtype)
 
@@ -513,10 +586,10 @@ def _read_leading_rows(path: Path, name: str, stream: Any, limit: int | None) ->
     return array.copy(), rows
 
 
-def _check_finite(path: Path, name: str, samples: list[np.ndarray]) -> None:
+def _check_finite(where: str, name: str, samples: list[np.ndarray]) -> None:
     """Refuse NaN or infinite input values: outputs computed from them compare as equal or as nothing, so
     verification on such data would say a lossy pass changed nothing."""
     for i, sample in enumerate(samples):
         if sample.dtype.kind in "fc" and not np.isfinite(sample).all():
             bad = "NaN" if np.isnan(sample).any() else "infinite"
-            raise DataError(f"data file {path}: array '{name}' holds {bad} values (sample {i}); give finite data")
+            raise DataError(f"{where}: array '{name}' holds {bad} values (sample {i}); give finite data")

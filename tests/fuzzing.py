@@ -47,7 +47,8 @@ FAILURE_CLASSES = {
     "memory": "peak RSS above the memory threshold",
     "input_changed": "the input model, its data files or the --data file changed",
     "leftover_output": "exit != 0 and something left in the output folder (exit 3: anything but the report)",
-    "bad_error_message": "exit 2 without exactly one 'nnopt: error:' line on stderr (warning lines aside)",
+    "bad_error_message": "exit 2 without one distinct 'nnopt: error:' line per problem on stderr, and nothing else "
+                         "(warning lines aside)",
     "traceback": "a Python traceback printed without --debug",
     "missing_output": "optimize exited 0 but wrote no model",
     "output_unloadable": "exit 0, and onnxruntime loads the input but not the output",
@@ -1381,7 +1382,10 @@ def check(case: Case, folder: Path, result: RunResult, before: dict[str, str], r
         failures.append("leftover_output")
     lines = _stderr_lines(result.stderr)
     errors = [line for line in lines if not line.startswith("nnopt: warning:")]
-    if code == 2 and (len(errors) != 1 or not errors[0].startswith("nnopt: error:")):
+    # One "nnopt: error:" line per problem: one line, or several distinct ones for an input with several
+    # problems (a pipeline file's, a pass's options).
+    if code == 2 and (not errors or len(set(errors)) != len(errors)
+                      or not all(line.startswith("nnopt: error:") for line in errors)):
         failures.append("bad_error_message")
     if "Traceback (most recent call last)" in result.stderr + result.stdout:
         failures.append("traceback")

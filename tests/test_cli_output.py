@@ -339,6 +339,14 @@ def test_passes_lists_the_default_pipeline_and_options_in_p_syntax(capsys, monke
     assert lines[0].startswith("default (-p default, or no -p): strip-debug-info -> constants-to-initializers")
     assert "    -p prune:ratio=VALUE (float, default " in stdout
     assert max(len(line) for line in lines) <= 99  # wrapped to the terminal's width
+    # Defaults as they are typed after -p NAME:key= (not Python's True/None), and no name cut at a hyphen.
+    assert "-p svd:data_aware=VALUE (bool, default true)" in stdout and "default True" not in stdout
+    assert "-p svd:rank=VALUE (int | none, default none)" in stdout and "default None" not in stdout
+    monkeypatch.setenv("COLUMNS", "60")
+    _, narrow, _ = _run(capsys, "passes")
+    cut = [w for w in narrow.split() if len(w) > 1 and w.endswith("-")]
+    assert not cut, cut
+    assert {"fold-constants", "fold-batchnorm", "constants-to-initializers"} <= set(narrow.split())
 
 
 # ---------------------------------------------------------------------------------------------- --measure

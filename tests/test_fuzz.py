@@ -136,6 +136,9 @@ def test_checks_flag_what_they_claim(builtin: dict[str, Seed], tmp_path: Path) -
         assert failures(result(2, "nnopt: error: x", rss=5000)) == ["memory"]
         assert failures(result(2, "nnopt: warning: w\nnnopt: error: x")) == []
         assert failures(result(2, "nnopt: error: x\nmore")) == ["bad_error_message"]
+        assert failures(result(2, "nnopt: error: p.toml: seed: x\nnnopt: error: p.toml: passes[1]: y")) == []
+        assert failures(result(2, "nnopt: error: x\nnnopt: error: x")) == ["bad_error_message"]  # said twice
+        assert failures(result(2, "")) == ["bad_error_message"]
         assert failures(result(2, "Traceback (most recent call last):\nnnopt: error: x")) == ["bad_error_message",
                                                                                             "traceback"]
         assert failures(result(0)) == ["missing_output"]

@@ -194,7 +194,7 @@ def test_two_million_tiny_samples_are_cut_when_read(tmp_path) -> None:
     data = tmp_path / "many.npz"
     np.savez_compressed(data, x=np.ones((2_000_000, 1), np.float32))
     assert data.stat().st_size < 100_000
-    verifier = Verifier(proto, data_path=str(data))
+    verifier = Verifier(proto, data=str(data))
     assert len(verifier.samples) == MAX_DATA_SAMPLES and verifier.samples[0]["x"].shape == (1,)
     assert verifier.notes == [f"data file many.npz holds 2000000 samples; only the first {MAX_DATA_SAMPLES} are used"]
 

@@ -311,8 +311,8 @@ ERRORS = [
     ),
     (
         "pipeline.toml",
-        '[verify]\nstrict = "yes"\n',
-        "verify.strict: expected true or false, got the string 'yes'",
+        '[verify]\nstrict = "maybe"\n',
+        "verify.strict: expected true or false, got the string 'maybe'",
     ),
     (
         "pipeline.toml",
@@ -440,3 +440,107 @@ def test_lossless_example_pipeline_is_the_default_pipeline_verified_strictly(reg
 def test_a_file_nested_too_deeply_is_a_one_line_error(tmp_path, registry, hardware, name, text):
     with pytest.raises(PipelineFileError, match=r"nested too deeply to read"):
         load_pipeline_file(_write(tmp_path, name, text), registry, hardware)
+
+
+# ---------------------------------------------------------------------------------------------- all problems at once
+FOUR_PROBLEMS = """
+seed = -1
+
+[verify]
+strict = "maybe"
+
+[[passes]]
+name = "prnue"
+
+[[passes]]
+name = "prune"
+ratio = "abc"
+round_to = 2.5
+"""
+
+
+def test_every_problem_of_a_file_is_reported_at_once_in_key_order(tmp_path, registry, hardware):
+    path = _write(tmp_path, "p.toml", FOUR_PROBLEMS)
+    with pytest.raises(PipelineFileError) as raised:
+        load_pipeline_file(path, registry, hardware)
+    assert raised.value.lines() == [
+        f"{path}: seed: expected a non-negative integer, got the number -1",
+        f"{path}: verify.strict: expected true or false, got the string 'maybe'",
+        f"{path}: passes[1].name: unknown pass 'prnue' (did you mean 'prune'?; see nnopt passes)",
+        f"{path}: passes[2].ratio: expected a number, got the string 'abc'",
+        f"{path}: passes[2].round_to: expected an integer, got the number 2.5",
+    ]
+    assert str(raised.value) == "\n".join(raised.value.lines()) and raised.value.exit_code == 2
+
+
+def test_the_cli_prints_each_problem_as_an_error_line_exits_2_and_writes_nothing(tmp_path, capsys):
+    from nnopt.cli import main
+
+    path = _write(tmp_path, "p.toml", FOUR_PROBLEMS + '\n[bogus]\n')
+    out = tmp_path / "out" / "o.onnx"
+    assert main(["optimize", str(EXAMPLES / "small_cnn.onnx"), "-o", str(out), "--pipeline", str(path)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert [line.split(": ")[3] for line in lines] == [
+        "bogus", "seed", "verify.strict", "passes[1].name", "passes[2].ratio", "passes[2].round_to"
+    ]
+    assert all(line.startswith(f"nnopt: error: {path}: ") for line in lines)
+    assert captured.out == "" and not out.parent.exists()
+
+
+def test_unknown_keys_and_a_non_table_section_are_all_reported(tmp_path, registry, hardware):
+    path = _write(tmp_path, "p.json", json.dumps({"sed": 1, "verify": 3, "input_shapes": {"x": [0], "y": [1, 2]}}))
+    with pytest.raises(PipelineFileError) as raised:
+        load_pipeline_file(path, registry, hardware)
+    assert [line.removeprefix(f"{path}: ").split(":")[0] for line in raised.value.lines()] == [
+        "sed", "verify", "input_shapes.x"
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- strings as values
+def test_numeric_and_boolean_strings_are_accepted_for_every_setting_as_for_pass_options(tmp_path, registry, hardware):
+    """One rule for the whole file: a string converts as the command line would convert it."""
+    (tmp_path / "calib.npz").write_bytes(b"")
+    typed = load_pipeline_file(_write(tmp_path, "typed.toml", FULL_TOML), registry, hardware)
+    as_strings = FULL_TOML.replace("seed = 7", 'seed = "7"').replace("fixed_point = false", 'fixed_point = "false"')
+    as_strings = as_strings.replace("x = [1, 3, 32, 32]", 'x = "1,3,32,32"').replace("strict = true", 'strict = "true"')
+    as_strings = as_strings.replace("max_rel_error = 0.05", 'max_rel_error = "0.05"').replace("min_top1 = 1", 'min_top1 = "1"')
+    as_strings = as_strings.replace("ratio = 0.3", 'ratio = "0.3"').replace("rank = 4", 'rank = "4"')
+    assert as_strings.count('"') - FULL_TOML.count('"') == 16  # eight values now strings
+    strings = load_pipeline_file(_write(tmp_path, "strings.toml", as_strings), registry, hardware)
+    assert _built(strings) == _built(typed)
+    assert dataclasses.replace(strings, passes=None) == dataclasses.replace(typed, passes=None)
+    assert (strings.seed, strings.input_shapes, strings.budget.min_top1) == (7, {"x": [1, 3, 32, 32]}, 1.0)
+    listed = load_pipeline_file(_write(tmp_path, "l.json", '{"input_shapes": {"x": ["1", "3"]}}'), registry, hardware)
+    assert listed.input_shapes == {"x": [1, 3]}
+
+
+# ---------------------------------------------------------------------------------------------- the format's documentation
+def test_every_key_the_loader_accepts_is_documented_in_docs_pipeline_files():
+    """docs/pipeline-files.md has a table row for each key, with the key as the loader spells it."""
+    import re
+
+    from nnopt.pipeline.config import TOP_LEVEL_KEYS, VERIFY_KEYS
+
+    doc = (EXAMPLES.parent / "docs" / "pipeline-files.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| `([A-Za-z0-9_.\[\]]+)` \|", doc, flags=re.MULTILINE))
+    accepted = {*TOP_LEVEL_KEYS, *(f"verify.{k}" for k in VERIFY_KEYS), "passes[].name"}
+    assert accepted <= documented, sorted(accepted - documented)
+    assert documented <= accepted | {"passes[].OPTION"}, sorted(documented - accepted)
+
+
+def test_the_docs_examples_are_valid_and_the_toml_and_json_agree(tmp_path, registry, hardware):
+    import re
+    import shutil
+
+    doc = (EXAMPLES.parent / "docs" / "pipeline-files.md").read_text(encoding="utf-8")
+    example = doc[doc.index("## An example"):]
+    toml_text = re.search(r"```toml\n(.*?)```", example, flags=re.DOTALL)[1]
+    json_text = re.search(r"```json\n(.*?)```", example, flags=re.DOTALL)[1]
+    (tmp_path / "digits").mkdir()
+    shutil.copy(EXAMPLES / "digits" / "digits_test.npz", tmp_path / "digits" / "digits_test.npz")
+    from_toml = load_pipeline_file(_write(tmp_path / "pipelines", "p.toml", toml_text), registry, hardware)
+    from_json = load_pipeline_file(_write(tmp_path / "pipelines", "p.json", json_text), registry, hardware)
+    assert _built(from_toml) == _built(from_json) and len(from_toml.passes) == 3
+    assert dataclasses.replace(from_toml, passes=None) == dataclasses.replace(from_json, passes=None)
+    assert from_toml.budget == Budget(min_top1=0.98) and from_toml.input_shapes == {"x": [1, 1, 28, 28]}

@@ -195,3 +195,52 @@ def test_a_plugin_that_exits_at_import_or_in_a_hook_is_reported_not_obeyed(monke
     assert main(["optimize", str(example), "-o", str(out), "-q"]) == 0
     assert out.exists()  # nnopt went on without the plugins, and said why
     assert "plugin exits-at-import (exits-at-import-dist) not loaded: import failed: SystemExit: 0" in capsys.readouterr().err
+
+
+def test_nnopt_plugins_lists_each_plugins_passes_cost_rules_profiles_and_version(capsys, monkeypatch):
+    """The installed example distribution, through its real entry point: everything it registered, by name."""
+    import importlib.metadata
+    import json
+
+    from nnopt import __version__
+    from nnopt.cli import main
+
+    version = importlib.metadata.version("nnopt-example-plugin")
+    assert main(["plugins", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["plugins"]}
+    assert rows["example"] == {
+        "name": "example",
+        "distribution": "nnopt-example-plugin",
+        "version": version,
+        "status": "loaded",
+        "error": "",
+        "passes": ["example.cancel-transposes", "example.strip-doc-strings"],
+        "cost_rules": ["com.example:FancyOp"],
+        "hardware": ["example-npu"],
+    }
+    builtin = rows["nnopt.passes"]
+    assert builtin["version"] == __version__ and builtin["hardware"] == ["cortex-m7", "jetson-nano", "rpi4", "x86-avx2-2core"]
+    assert "Conv" in builtin["cost_rules"] and "com.example:FancyOp" not in builtin["cost_rules"]
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["plugins"]) == 0
+    text = capsys.readouterr().out
+    block = text[text.index("example  ("):]
+    assert block.splitlines() == [
+        f"example  (nnopt-example-plugin, version {version})  loaded",
+        "    passes: example.cancel-transposes, example.strip-doc-strings",
+        "    cost rules: com.example:FancyOp",
+        "    hardware profiles: example-npu",
+    ]
+    assert f"nnopt.passes  (nnopt (built-in), version {__version__})  loaded" in text
+    assert f"    cost rules: {len(builtin['cost_rules'])} (nnopt plugins --json lists them)" in text
+    assert max(len(line) for line in text.splitlines()) <= 79
+
+
+def test_a_failed_plugin_is_listed_with_its_problem_and_nothing_registered(monkeypatch, capsys):
+    from nnopt.cli import main
+
+    _fake_entry_points(monkeypatch, [_EntryPoint("broken", error=ImportError("No module named 'missing_dep'"))])
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "broken  (broken-dist)  failed\n    problem: import failed: No module named 'missing_dep'" in out

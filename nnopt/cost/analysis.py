@@ -243,7 +243,10 @@ def analyze_with_plugins(
     hardware: HardwareProfile | str | None = None,
     rules: CostRuleRegistry | None = None,
     plugins: Plugins | bool = True,
-    **options: object,
+    input_shapes: dict[str, list[int]] | None = None,
+    run_onnxruntime: bool = True,
+    decode_patterns: DecodePatternRegistry | None = None,
+    counter: Counter[str] | None = None,
 ) -> CostReport:
     """:func:`analyze` with what the installed plugins register, as ``nnopt analyze`` does (``nnopt.analyze``).
 
@@ -255,7 +258,7 @@ def analyze_with_plugins(
         rules: The cost rules; the plugins' (built-in ones included) if None.
         plugins: The loaded plugins to use; True loads the installed ones (unless the environment
             disables plugins); False uses only what nnopt ships.
-        **options: ``input_shapes``, ``run_onnxruntime``, ``decode_patterns``, ``counter`` of :func:`analyze`.
+        input_shapes, run_onnxruntime, decode_patterns, counter: As for :func:`analyze`.
     """
     if plugins is True and (rules is None or isinstance(hardware, str)):
         from nnopt.plugin_manager import build_plugins
@@ -267,4 +270,5 @@ def analyze_with_plugins(
         hardware = parse_hardware(hardware, BUILTIN_PROFILES if isinstance(plugins, bool) else plugins.hardware_registry())
     if rules is None and not isinstance(plugins, bool):
         rules = plugins.cost_rules
-    return analyze(model, hardware=hardware, rules=rules, **options)  # type: ignore[arg-type]
+    return analyze(model, hardware=hardware, input_shapes=input_shapes, rules=rules, run_onnxruntime=run_onnxruntime,
+                   decode_patterns=decode_patterns, counter=counter)

@@ -139,6 +139,11 @@ class CostRule:
     since_version: int = field(default=1, kw_only=True)
     until_version: int | None = field(default=None, kw_only=True)
 
+    @property
+    def label(self) -> str:
+        """How listings name the rule's op: ``Conv``, or ``com.example:FancyOp`` for another domain."""
+        return _label(self.domain, self.op_type)
+
     def applies_to(self, opset: int | None) -> bool:
         """Whether the rule covers ``opset`` (None, an unimported domain, matches any rule)."""
         if opset is None:

@@ -80,17 +80,24 @@ class PassOptions:
 
         kwargs: dict[str, Any] = {}
         given: dict[str, str] = {}  # attribute → the key as the user wrote it
+        problems: list[str] = []  # every unknown or mistyped option, not the first only
         for key, value in values.items():
             attr = key.replace("-", "_")
             if attr not in fields:
                 known = ", ".join(sorted(fields)) or "none"
                 close = difflib.get_close_matches(attr, sorted(fields), n=1)
                 hint = f"did you mean '{close[0]}'?; " if close else ""
-                raise OptionError(f"{path(key)}: pass '{pass_name}' has no option '{key}' ({hint}options: {known})")
-            if attr in kwargs:
-                raise OptionError(f"{path(key)}: option '{attr}' is given twice (as '{given[attr]}' and '{key}')")
-            kwargs[attr] = _typed_value(value, hints[attr], path(key))
-            given[attr] = key
+                problems.append(f"{path(key)}: pass '{pass_name}' has no option '{key}' ({hint}options: {known})")
+            elif attr in given:
+                problems.append(f"{path(key)}: option '{attr}' is given twice (as '{given[attr]}' and '{key}')")
+            else:
+                given[attr] = key
+                try:
+                    kwargs[attr] = _typed_value(value, hints[attr], path(key))
+                except OptionError as exc:
+                    problems.append(str(exc))
+        if problems:
+            raise OptionError.several(problems)
         try:
             return cls.create(pass_name, **kwargs)
         except OptionError as exc:

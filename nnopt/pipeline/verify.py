@@ -16,6 +16,7 @@ from nnopt.analysis.shapes import STRICT, ShapeResult, infer_shapes
 from nnopt.errors import DataError, first_line
 from nnopt.ir.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes, write_proto_atomically
 from nnopt.runtime import (
+    DataSource,
     RunTimeLimitExceeded,
     RuntimeUnavailable,
     generate_samples,
@@ -185,7 +186,7 @@ class Verifier:
         self,
         proto: onnx.ModelProto,
         *,
-        data_path: str | None = None,
+        data: DataSource | None = None,
         samples: int = 2,
         seed: int = 0,
         input_shapes: dict[str, list[int]] | None = None,
@@ -198,19 +199,19 @@ class Verifier:
         self.time_limit = time_limit
         #: Whether a run of the original model was stopped at the time limit.
         self.timed_out = False
-        self.generated = not data_path
+        self.generated = data is None
         self.samples: list[dict[str, np.ndarray]] = []
         self.reference: list[list[Any]] = []
         try:
             sess = make_session(proto)
         except RuntimeUnavailable as exc:
-            if data_path:
+            if data is not None:
                 raise
             self.unavailable = str(exc)
             return
-        if data_path:
+        if data is not None:
             # DataError propagates: the data is the user's input.
-            self.samples = load_samples(data_path, sess, notes=self.notes)
+            self.samples = load_samples(data, sess, notes=self.notes)
         else:
             try:
                 self.samples = generate_samples(sess, count=samples, seed=seed, input_shapes=input_shapes)
@@ -227,21 +228,22 @@ class Verifier:
         except RunTimeLimitExceeded as exc:
             self.timed_out = True
             self.unavailable = (
-                f"verification impossible: the original model on the {'given' if data_path else 'generated'} "
+                f"verification impossible: the original model on the {'generated' if self.generated else 'given'} "
                 f"inputs: {exc} (see --run-time-limit)"
             )
             return
         except Exception as exc:  # boundary: onnxruntime
             self.unavailable = (
                 "the original model does not run on the "
-                f"{'given' if data_path else 'generated'} inputs: {first_line(exc, 200)}"
+                f"{'generated' if self.generated else 'given'} inputs: {first_line(exc, 200)}"
             )
             return
         nan = _first_nan_output(self.reference, [o.name for o in sess.get_outputs()])
         if nan is not None:
             # NaN compares as unchanged whatever a pass does: no fidelity can be measured from these outputs.
-            if data_path:
-                raise DataError(f"data file {data_path}: the original model's output {nan}; outputs cannot be "
+            if data is not None:
+                where = f"data file {data}" if isinstance(data, str | os.PathLike) else "data"
+                raise DataError(f"{where}: the original model's output {nan}; outputs cannot be "
                                 "compared on this data")
             self.unavailable = f"the original model's output {nan} on the generated inputs: give --data"
             self.reference = []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import nnopt_example_plugin
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -11,9 +10,9 @@ import pytest
 from nnopt_example_plugin.cancel_transposes import CancelTransposes
 from onnx import TensorProto, helper, numpy_helper
 
+import nnopt
 from nnopt import Model, PassContext
-from nnopt.api import optimize
-from nnopt.plugin_manager import build_plugins
+from nnopt.testing import apply_pass, assert_plugin_discovered, run_checked
 
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
 NCHW = [2, 3, 5, 7]  # odd sizes, so no vectorised kernel sees a whole number of blocks
@@ -39,9 +38,7 @@ def _transpose(src: str, dst: str, perm: list[int] | None, name: str) -> onnx.No
 
 
 def _run_pass(proto: onnx.ModelProto):
-    model = Model.from_proto(proto)
-    result = CancelTransposes().run(model, PassContext())
-    out = model.to_proto()
+    out, result = apply_pass(CancelTransposes(), proto)
     onnx.checker.check_model(out, full_check=True)
     return out, result
 
@@ -68,9 +65,8 @@ def _assert_bit_exact(original: onnx.ModelProto, optimized: onnx.ModelProto) -> 
         assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
 
 
-def test_registered_by_the_plugin():
-    plugins = build_plugins(load_entry_points=False, extra=[nnopt_example_plugin])
-    assert plugins.passes["example.cancel-transposes"].cls is CancelTransposes
+def test_registered_by_the_plugin_through_its_entry_point():
+    assert_plugin_discovered("nnopt-example-plugin", passes=["example.cancel-transposes"])
 
 
 def test_nchw_to_nhwc_relu_and_back_becomes_the_relu_alone():
@@ -428,19 +424,16 @@ def _tf2onnx_style_model() -> onnx.ModelProto:
 
 def test_through_the_pass_manager_on_a_tf2onnx_style_model():
     proto = _tf2onnx_style_model()
-    plugins = build_plugins(load_entry_points=False, extra=[nnopt_example_plugin])
-    model, report = optimize(proto, ["example.cancel-transposes"], plugins=plugins)
-    [record] = report.passes
+    out, record = run_checked(CancelTransposes(), proto)  # checked and verified as `nnopt optimize -p` does
     assert record.status == "applied" and record.stats["transposes_removed"] == 2
-    out = model.to_proto()
+    assert record.fidelity["max_abs_error"] == 0.0
     assert len(out.graph.node) == len(proto.graph.node) - 2
     assert _ops(out) == ["Transpose", "Conv", "Relu", "Add", "Conv", "Transpose"]
     _assert_bit_exact(proto, out)
 
 
 def test_after_the_default_pipeline_as_the_cli_runs_it():
-    plugins = build_plugins(load_entry_points=False, extra=[nnopt_example_plugin])
-    model, report = optimize(_tf2onnx_style_model(), ["default", "example.cancel-transposes"], plugins=plugins)
+    model, report = nnopt.optimize(_tf2onnx_style_model(), ["default", CancelTransposes()])
     record = next(r for r in report.passes if r.name == "example.cancel-transposes")
     assert record.status == "applied" and record.stats["transposes_removed"] == 2
     assert _ops(model.to_proto()).count("Transpose") == 2

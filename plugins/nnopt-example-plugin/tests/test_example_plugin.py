@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import nnopt_example_plugin
-import numpy as np
 import onnx
+from nnopt_example_plugin import StripDocStrings
 from onnx import TensorProto, helper
 
-from nnopt.api import optimize
-from nnopt.cost import analyze
-from nnopt.plugin_manager import build_plugins
+from nnopt.testing import assert_plugin_discovered, node_cost, run_checked
 
 
 def _model() -> onnx.ModelProto:
@@ -25,19 +23,20 @@ def _model() -> onnx.ModelProto:
     return model
 
 
-def test_registers_everything():
-    plugins = build_plugins(load_entry_points=False, extra=[nnopt_example_plugin])
-    assert "example.strip-doc-strings" in plugins.passes
-    assert "example-npu" in plugins.hardware
-    assert plugins.cost_rules.lookup("com.example", "FancyOp", 1) is not None
+def test_the_installed_distribution_registers_everything_through_its_entry_point():
+    info = assert_plugin_discovered(
+        "nnopt-example-plugin",
+        passes=["example.cancel-transposes", "example.strip-doc-strings"],
+        cost_rules=["com.example:FancyOp"],
+        hardware=["example-npu"],
+    )
+    assert info.name == "example"
 
 
 def test_strip_doc_strings_pass_through_the_pipeline():
-    plugins = build_plugins(load_entry_points=False, extra=[nnopt_example_plugin])
-    model, report = optimize(_model(), ["example.strip-doc-strings"], plugins=plugins)
-    out = model.to_proto()
+    out, record = run_checked(StripDocStrings(), _model())
     assert (out.doc_string, out.graph.doc_string, out.graph.node[0].doc_string) == ("", "", "")
-    assert report.passes[0].status == "applied" and report.passes[0].stats["doc_strings_removed"] == 3
+    assert record.status == "applied" and record.stats["doc_strings_removed"] == 3
 
 
 def test_custom_op_gets_flops_from_the_rule():
@@ -49,8 +48,5 @@ def test_custom_op_gets_flops_from_the_rule():
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
     model.ir_version = 8
-    plugins = build_plugins(load_entry_points=False, extra=[nnopt_example_plugin])
-    report = analyze(model, rules=plugins.cost_rules, run_onnxruntime=False, input_shapes=None)
-    [node] = report.nodes
-    assert node["flops"] == 2 * 64 and node["macs"] == 64
-    assert np.isclose(report.totals["flops"], 128)
+    cost = node_cost(model, nnopt_example_plugin.nnopt_register_cost_rules(), node="fancy")
+    assert (cost["macs"], cost["flops"], cost["costed"]) == (64, 128, True)
