@@ -40,6 +40,11 @@ dl.facts dt { color: #666; } dl.facts dd { margin: 0; }
 .muted { color: #666; } ul.notes li { margin: 2px 0; }
 """
 
+#: The browser's guarantee that the page loads nothing: no script, font, image, frame or connection at all,
+#: only its own inline styles (and data: images, which it has none of).
+_NO_NETWORK = ('<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; style-src \'unsafe-inline\'; '
+               'img-src data:">')
+
 #: Per-layer figures the passes report, charted where present: figure key -> (title, unit, which way is better).
 LAYER_FIGURES: dict[str, tuple[str, str, str]] = {
     "sqnr_db": ("SQNR of the layer's output", "dB", "higher is better"),
@@ -60,7 +65,8 @@ def render(report: Report) -> str:
     title = f"nnopt report: {report['input']['path']}"
     body = "\n".join(part for section in _SECTIONS if (part := section(report)))
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{esc(title)}</title>\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n{_NO_NETWORK}\n'
+            f"<title>{esc(title)}</title>\n"
             f"<style>{_CSS}{CHART_CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
 
 
