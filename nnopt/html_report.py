@@ -100,7 +100,8 @@ def _budget(budget: Mapping[str, Any] | None) -> str:
     for check in budget["limits"]:
         label = BUDGET_METRICS[check["metric"]][1] if check["metric"] in BUDGET_METRICS else "accuracy drop"
         met = {True: "met", False: "NOT met", None: "not measured"}[check["met"]]
-        rows.append([label, _g(check["limit"]), _g(check["value"]), met])
+        value = fmt_num(check["value"], digits=4) if is_number(check["value"]) else ""  # as the budget line
+        rows.append([label, _g(check["limit"]), value, met])
     return (f'<p id="budget"><span class="badge {css}">{text}</span></p>\n'
             + _table(["limit", "allowed", "final model", ""], rows, numeric={1, 2}))
 
