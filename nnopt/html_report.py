@@ -165,19 +165,28 @@ def _pareto(report: Report) -> str:
     by_key = {r.key: r for r in search.candidates}
     front = [by_key[k] for k in search.front if k in by_key and usable(by_key[k])]
     chosen = search.candidate(search.chosen)
-    points = [Point(r.objective(objective) / scale, float(r.drop or 0.0), "front" if r.key in search.front else "candidate",
-                    f"{r.key}: {label} {r.objective(objective) / scale:,.4g} {unit}, drop {r.drop:.4f}")
+    # A candidate that broke the model (drop 0.6) would squash the ones that matter into the bottom row:
+    # the y axis stops at 4x the larger of the max drop and the chosen's, and such points sit on its top edge.
+    cap = 4 * max(search.max_drop, float(chosen.drop or 0.0) if chosen is not None else 0.0, 1e-3)
+
+    def point(r: Any, kind: str) -> Point:
+        x, drop = r.objective(objective) / scale, float(r.drop or 0.0)
+        title = f"{'chosen: ' if kind == 'chosen' else ''}{r.key}: {label} {x:,.4g} {unit}, drop {drop:.4f}"
+        return Point(x, min(drop, cap), kind, title)
+
+    points = [point(r, "front" if r.key in search.front else "candidate")
               for r in search.candidates if usable(r) and r is not chosen]
     points.sort(key=lambda p: p.kind == "front")  # the front on top of the other candidates
     if chosen is not None and usable(chosen):
-        points.append(Point(chosen.objective(objective) / scale, float(chosen.drop or 0.0), "chosen",
-                            f"chosen: {chosen.key}"))
+        points.append(point(chosen, "chosen"))
     xs = [p.x for p in points]
     log_x = bool(xs) and min(xs) > 0 and max(xs) > 20 * min(xs)
+    above = sum(1 for r in search.candidates if usable(r) and float(r.drop or 0.0) > cap)
+    title = f"{len(points)} candidates: Pareto front (blue), chosen (red)" + (
+        f"; {above} with a drop above {cap:.3g} drawn at the top" if above else "")
     plot = scatter_plot(points, x_label=f"{label} ({unit})", y_label=f"drop of {search.metric} ({search.drop_type})",
-                        title=f"{len(points)} candidates: Pareto front (blue), chosen (red)", log_x=log_x,
-                        line=[(r.objective(objective) / scale, float(r.drop or 0.0)) for r in front],
-                        limit=(search.max_drop, f"max drop {search.max_drop:g}"))
+                        title=title, log_x=log_x, limit=(search.max_drop, f"max drop {search.max_drop:g}"),
+                        line=[(p.x, p.y) for p in (point(r, "front") for r in front)])
     rows = [[r.key + (" (chosen)" if r is chosen else ""), f"{r.objective(objective) / scale:,.4g}", _g(r.metric),
              _g(r.drop), _g(r.drop_bound)] for r in front]
     table = _table(["front candidate", f"{label} ({unit})", search.metric, "drop", "drop + 1 s.e."], rows,
