@@ -105,6 +105,9 @@ def _add_optimize(sub: Any) -> None:
                           "flags given on the command line override it")
     opt.add_argument("--data", default=None, help=".npz of reference inputs (arrays keyed by input name)")
     opt.add_argument("--report", default=None, help="write the pipeline report as JSON")
+    opt.add_argument("--html", default=None, metavar="REPORT.html",
+                     help="write the report as one self-contained HTML page: the per-pass table, per-node cost "
+                          "before/after, per-layer SQNR and errors, fidelity, and a search's Pareto plot")
     opt.add_argument("--strict", action="store_true", default=None,
                      help="a pass that is rolled back is an error (exit 3)")
     opt.add_argument("--hardware", default=None,
@@ -372,17 +375,40 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     dst = Path(args.output)
     report_path = Path(args.report) if args.report else None
     plot_path = report_path.with_suffix(".png") if report_path and args.level is not None else None
-    input_files = _check_outputs(src, [dst] + [p for p in (report_path, plot_path) if p is not None])
+    html_path = Path(args.html) if args.html else None
+    input_files = _check_outputs(src, [dst] + [p for p in (report_path, plot_path, html_path) if p is not None])
+    reports = _ReportFiles(report_path, html_path)
     if args.pipeline and args.passes:
         raise InputError("nnopt optimize: give the passes either with -p or in --pipeline FILE, not both")
     _check_search_flags(args)
     with collect_warnings(silent=args.json and args.quiet) as warned:
         if args.level is not None:
-            return _cmd_search(args, src, dst, report_path, input_files, warned)
-        return _cmd_pipeline(args, src, dst, report_path, input_files, warned)
+            return _cmd_search(args, src, dst, reports, input_files, warned)
+        return _cmd_pipeline(args, src, dst, reports, input_files, warned)
 
 
-def _cmd_pipeline(args: argparse.Namespace, src: Path, dst: Path, report_path: Path | None,
+class _ReportFiles:
+    """Where the report goes (``--report`` JSON, ``--html`` page): both rendered from one report dict."""
+
+    def __init__(self, json_path: Path | None, html_path: Path | None) -> None:
+        self.json_path = json_path
+        self.html_path = html_path
+
+    def side_files(self, data: Callable[[], dict[str, Any]]) -> list[tuple[Path, Callable[[], bytes]]]:
+        """(path, bytes) of each report file asked for; ``data`` gives the report dict (called once each)."""
+        from nnopt.cli_report import report_text
+        from nnopt.html_report import render
+
+        files: list[tuple[Path | None, Callable[[], bytes]]] = [
+            (self.json_path, lambda: report_text(data()).encode()), (self.html_path, lambda: render(data()).encode())]
+        return [(path, content) for path, content in files if path is not None]
+
+    def write(self, data: dict[str, Any]) -> None:
+        """Write the report files of a run that ends without a model (exit 3): all of them, or none."""
+        _write_outputs(None, None, None, set(), self.side_files(lambda: data))
+
+
+def _cmd_pipeline(args: argparse.Namespace, src: Path, dst: Path, reports: _ReportFiles,
                   input_files: set[Path], warned: Any) -> int:
     """``optimize`` with a pass pipeline: run it, then write the model and the report together.
 
@@ -409,16 +435,16 @@ def _cmd_pipeline(args: argparse.Namespace, src: Path, dst: Path, report_path: P
     progress = None if args.quiet or args.json else StreamProgress(sys.stderr)
     named = _named_positions(specs, plugins)
 
-    def render(report: Any, *, written: bool, strict_failed: bool = False, **extra: Any) -> str:
-        return report_text(pipeline_report(report, pipeline, source=src, output=dst, written=written,
-                                           strict_failed=strict_failed, warned=warned, extra=extra))
+    def render(report: Any, *, written: bool, strict_failed: bool = False, **extra: Any) -> dict[str, Any]:
+        return pipeline_report(report, pipeline, source=src, output=dst, written=written,
+                               strict_failed=strict_failed, warned=warned, extra=extra)
 
     try:
         model, report = pipeline.run(model, plugins=plugins, progress=progress)
     except PassFailedError as exc:
         if exc.report is None:
             raise
-        _report_failure(args, report_path, render(exc.report, written=False, strict_failed=True),
+        _report_failure(args, reports, render(exc.report, written=False, strict_failed=True),
                         exc.report.format_table())
         raise
     _warn_named_unchanged(report, named, warned)
@@ -431,10 +457,10 @@ def _cmd_pipeline(args: argparse.Namespace, src: Path, dst: Path, report_path: P
     if not args.no_provenance:
         stamp(model, pipeline_provenance(pipeline))
     # The report is rendered once the model is on disk (it holds the file's size), and only once.
-    final_report = functools.cache(lambda: render(report, written=True, **extra).encode())
-    _write_outputs(model, dst, external, input_files, [(report_path, final_report)] if report_path else [])
+    final_report = functools.cache(lambda: render(report, written=True, **extra))
+    _write_outputs(model, dst, external, input_files, reports.side_files(final_report))
     if args.json:
-        sys.stdout.write(final_report().decode())
+        sys.stdout.write(report_text(final_report()))
     elif not args.quiet:
         print(report.format_table(file_bytes=(bytes_on_disk(src), bytes_on_disk(dst))))
         if "measured" in extra:
@@ -448,15 +474,14 @@ def _cmd_pipeline(args: argparse.Namespace, src: Path, dst: Path, report_path: P
     return EXIT_OK
 
 
-def _report_failure(args: argparse.Namespace, report_path: Path | None, text: str, table: str | None) -> None:
-    """Exit 3 still has a report: written to --report and printed by --json (the table, for a person,
-    otherwise); the error line follows on stderr."""
-    from nnopt.atomic import write_atomic
+def _report_failure(args: argparse.Namespace, reports: _ReportFiles, data: dict[str, Any], table: str | None) -> None:
+    """Exit 3 still has a report: written to --report and --html and printed by --json (the table, for a
+    person, otherwise); the error line follows on stderr."""
+    from nnopt.cli_report import report_text
 
-    if report_path is not None:
-        write_atomic(report_path, text.encode())
+    reports.write(data)
     if args.json:
-        sys.stdout.write(text)
+        sys.stdout.write(report_text(data))
     elif not args.quiet and table is not None:
         print(table)
 
@@ -523,7 +548,7 @@ def _check_search_flags(args: argparse.Namespace) -> None:
         raise InputError(f"--max-drop: expected a number in [0, 1], got {args.max_drop}")
 
 
-def _cmd_search(args: argparse.Namespace, src: Path, dst: Path, report_path: Path | None,
+def _cmd_search(args: argparse.Namespace, src: Path, dst: Path, reports: _ReportFiles,
                 input_files: set[Path], warned: Any) -> int:
     """``optimize --level N``: search, then write the model, the report and its plot together."""
     from nnopt.cli_report import report_text, search_provenance, search_report
@@ -543,26 +568,27 @@ def _cmd_search(args: argparse.Namespace, src: Path, dst: Path, report_path: Pat
         for module in ("ray", "optuna"):  # ray logs through the root logger at INFO
             logging.getLogger(module).setLevel(logging.WARNING)
 
-    def render(report: Any, *, written: bool, exit_code: int = EXIT_OK) -> str:
-        return report_text(search_report(report, settings, source=src, output=dst, written=written,
-                                         exit_code=exit_code, warned=warned))
+    def render(report: Any, *, written: bool, exit_code: int = EXIT_OK) -> dict[str, Any]:
+        return search_report(report, settings, source=src, output=dst, written=written, exit_code=exit_code,
+                             warned=warned)
 
     try:
         model, report = search(src, data=args.data, eval_data=args.eval_data, settings=settings, log=log)
     except SearchFailed as exc:
-        _report_failure(args, report_path, render(exc.report, written=False, exit_code=exc.exit_code), None)
+        _report_failure(args, reports, render(exc.report, written=False, exit_code=exc.exit_code), None)
         raise
     external = {"auto": None, "on": True, "off": False}[args.external_data]
     if not args.no_provenance:
         stamp(model, search_provenance(report, settings))
+    report_path = reports.json_path
     plot = _search_plot(report, warned) if report_path is not None else None
-    png = report_path.with_suffix(".png") if report_path is not None else None
-    final_report = functools.cache(lambda: render(report, written=True).encode())
-    extras = [(path, data) for path, data in ((report_path, final_report), (png, (lambda: plot) if plot else None))
-              if path is not None and data is not None]
-    _write_outputs(model, dst, external, input_files, extras)  # the model, the report and its plot: all or none
+    final_report = functools.cache(lambda: render(report, written=True))
+    extras = reports.side_files(final_report)
+    if report_path is not None and plot is not None:
+        extras.append((report_path.with_suffix(".png"), lambda: plot))
+    _write_outputs(model, dst, external, input_files, extras)  # the model, the reports and the plot: all or none
     if args.json:
-        sys.stdout.write(final_report().decode())
+        sys.stdout.write(report_text(final_report()))
     elif not args.quiet:
         print("\n".join([*report.summary_lines(), f"wrote {dst}"]))
     return EXIT_OK
@@ -887,12 +913,15 @@ def _check_outputs(src: Path, outputs: list[Path]) -> set[Path]:
     input_files = {src.resolve()} if src.is_file() else set()
     if src.is_file() and any(out.exists() for out in outputs):
         input_files |= external_data_files(src)
-    if len({out.resolve() for out in outputs}) < len(outputs):
-        raise InputError(f"{outputs[0]}: -o and --report name the same file; choose two paths")
+    seen: set[Path] = set()
+    for out in outputs:
+        if out.resolve() in seen:
+            raise InputError(f"{out}: two of -o, --report and --html name the same file; choose different paths")
+        seen.add(out.resolve())
     for out in outputs:
         _check_folder_writable(out)
         if out.exists() and out.is_dir():
-            raise InputError(f"{out}: is a directory; -o and --report take a file path")
+            raise InputError(f"{out}: is a directory; -o, --report and --html take a file path")
         if out.exists() and not out.is_file():
             raise OutputError(f"{out}: is a special file (a device, pipe or socket); refusing to replace it")
         if out.exists() and out.resolve() in input_files:
@@ -912,12 +941,12 @@ def _check_folder_writable(out: Path) -> None:
         raise OutputError(f"{out}: cannot write: {os.strerror(errno.EACCES)}: {folder}")
 
 
-def _write_outputs(model: Any, dst: Path, external: bool | None, input_files: set[Path],
+def _write_outputs(model: Any, dst: Path | None, external: bool | None, input_files: set[Path],
                    side_files: list[tuple[Path, Callable[[], bytes]]]) -> None:
-    """Write the model and its side files (report, plot) together: the side files are staged (created
+    """Write the model and its side files (reports, plot) together: the side files are staged (created
     empty) first, filled once the model is written (a report holds the written model's size) and renamed
     into place, so a model that cannot be written leaves no side file, and a side file that cannot be
-    created no model."""
+    created no model. ``model`` None (with ``dst`` None): only the side files, all or none."""
     from nnopt.atomic import commit, fill, stage
     from nnopt.ir.model import save_model
 
@@ -926,7 +955,8 @@ def _write_outputs(model: Any, dst: Path, external: bool | None, input_files: se
         try:
             for path, render in side_files:
                 staged.append((stage(path, b""), path, render))
-            save_model(model, dst, external_data=external, keep=input_files)
+            if model is not None and dst is not None:
+                save_model(model, dst, external_data=external, keep=input_files)
             for temporary, path, render in staged:
                 fill(temporary, path, render())
                 commit(temporary, path)

@@ -245,7 +245,8 @@ def test_level1_on_the_digits_cnn_stays_within_the_drop_on_unseen_images(digits_
     out, report = tmp_path / "l1.onnx", tmp_path / "l1.json"
     code = main(["optimize", str(digits_files["model"]), "-o", str(out), "--level", "1", "--data",
                  str(digits_files["calib"]), "--eval", str(digits_files["eval"]), "--metric", "top1",
-                 "--max-drop", "0.01", "--report", str(report), "--workers", "1", "--no-plugins"])
+                 "--max-drop", "0.01", "--report", str(report), "--html", str(tmp_path / "l1.html"), "--workers", "1",
+                 "--no-plugins"])
     assert code == 0, capsys.readouterr().err
     rep = json.loads(report.read_text())
     chosen = {c["key"]: c for c in rep["candidates"]}[rep["chosen"]]
@@ -268,7 +269,16 @@ def test_level1_on_the_digits_cnn_stays_within_the_drop_on_unseen_images(digits_
     assert json.loads(provenance["nnopt.options"])["max_drop"] == 0.01
     png = report.with_suffix(".png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["l1.json", "l1.onnx", "l1.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l1.html", "l1.json", "l1.onnx", "l1.png"]
+    # The HTML page: rendered from the same report, with a point per candidate and the chosen one marked.
+    from nnopt.html_report import render
+
+    page = (tmp_path / "l1.html").read_text(encoding="utf-8")
+    assert page == render(rep)
+    assert page.count('<circle class="point ') == len(rep["candidates"]) and page.count("point chosen") == 1
+    # Per-node cost of the input and the chosen model: /7/Conv estimated faster in int8.
+    conv = next(n for n in rep["node_costs"]["nodes"] if n["name"] == "/7/Conv")
+    assert conv["after"]["latency_s"] < conv["before"]["latency_s"] and 'data-figure="latency_s"' in page
 
 
 @pytest.mark.parametrize("flags, message", [

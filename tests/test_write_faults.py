@@ -107,7 +107,8 @@ def test_read_only_folder_is_exit_2(tmp_path, capsys):
 def test_same_path_for_model_and_report_is_refused(tmp_path, capsys):
     out = tmp_path / "o.onnx"
     assert optimize("-o", str(out), "--report", str(out)) == 2
-    assert error_line(capsys) == f"nnopt: error: {out}: -o and --report name the same file; choose two paths"
+    assert error_line(capsys) == (f"nnopt: error: {out}: two of -o, --report and --html name the same file; "
+                                  "choose different paths")
     assert os.listdir(tmp_path) == []
 
 

@@ -160,6 +160,9 @@ class PipelineReport:
     #: The run's budget and hardware profile name, for the table (not part of ``to_dict``).
     budget: Budget | None = None
     hardware: str = ""
+    #: The input and output models' per-node cost side by side (``nnopt.cost.per_node``); None when the
+    #: manager was given its own ``analyze`` (no per-node figures).
+    node_costs: dict[str, Any] | None = None
 
     @property
     def rolled_back(self) -> list[PassRecord]:
@@ -173,6 +176,7 @@ class PipelineReport:
             "fidelity": self.fidelity,
             "verification": self.verification,
             "notes": self.notes,
+            **({"node_costs": self.node_costs} if self.node_costs is not None else {}),
         }
 
     def format_table(self, file_bytes: tuple[int, int] | None = None) -> str:
@@ -294,21 +298,29 @@ class PassManager:
         reference = self._active_verifier.reference if self._active_verifier else None
         current = _Current(snapshot, self._totals(analyses), analyses.checkpoint(), reference)
         report.original = current.cost
+        # The cost report the totals came from: its per-node figures, for node_costs (no extra analysis).
+        original_nodes = analyses.cost().nodes if self.analyze is None else None
 
         try:
             self._iterate(model, ctx, report, current)
         except PassFailedError as exc:  # --strict: the report so far (the model as last verified) goes with it
-            self._finish(report, current)
+            self._finish(report, current, analyses, original_nodes)
             exc.report = report
             raise
         finally:
             self.progress.finished()
-        self._finish(report, current)
+        self._finish(report, current, analyses, original_nodes)
         return report
 
-    def _finish(self, report: PipelineReport, current: _Current) -> None:
-        """The report's final figures: the last verified model's cost and fidelity, and where it was measured."""
+    def _finish(self, report: PipelineReport, current: _Current, analyses: AnalysisManager,
+                original_nodes: list[dict[str, Any]] | None) -> None:
+        """The report's final figures: the last verified model's cost (totals and per node) and fidelity, and
+        where it was measured."""
+        from nnopt.cost.per_node import node_costs
+
         report.final = current.cost
+        if original_nodes is not None:  # the model is the last verified version: its cost report is cached
+            report.node_costs = node_costs(original_nodes, analyses.cost().nodes)
         report.notes.extend(_uncosted_notes(report))
         verifier = self._active_verifier
         if verifier is not None:

@@ -52,7 +52,7 @@ def _table(report: PipelineReport) -> list[str]:
               "cosine", *(["top1_agree"] if top1 else []), "seconds"]
     shown = [r for r in report.passes if not (r.iteration > 0 and r.status == "unchanged")]
     latencies = [t.get("latency_s") for t in [report.original, *(r.after or r.before for r in shown)]]
-    us = _fixed_decimals([v * 1e6 for v in latencies if isinstance(v, int | float)])
+    us = fixed_decimals([v * 1e6 for v in latencies if isinstance(v, int | float)])
     rows = [["(input)", "", *_cost_cells(report.original, us), *[""] * (len(header) - 6)]]
     for r in shown:  # repeats that found nothing more are summarised by the "fixed point" line
         fid = r.fidelity or {}
@@ -60,9 +60,9 @@ def _table(report: PipelineReport) -> list[str]:
             r.name if r.iteration == 0 else f"{r.name} (#{r.iteration + 1})",
             r.status.replace("_", " "),
             *_cost_cells(r.after or r.before, us),
-            _fmt_num(fid.get("max_rel_error")),
-            _fmt_num(fid.get("cosine_similarity"), digits=6),
-            *([_fmt_num(fid.get("top1_agreement"), digits=4)] if top1 else []),
+            fmt_num(fid.get("max_rel_error")),
+            fmt_num(fid.get("cosine_similarity"), digits=6),
+            *([fmt_num(fid.get("top1_agreement"), digits=4)] if top1 else []),
             f"{r.seconds + r.verify_seconds:.2f}",
         ])
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
@@ -82,7 +82,7 @@ def summary_line(before: dict[str, Any], after: dict[str, Any], file_bytes: tupl
 
 def change_parts(pairs: list[tuple[str, Any, Any]]) -> list[str]:
     """``nodes 15 -> 12 (-20.0 %)`` for each (label, before, after) whose before is a number."""
-    return [f"{label} {_int(b)} -> {_int(a)}{_change(b, a)}" for label, b, a in pairs if _is_number(b)]
+    return [f"{label} {_int(b)} -> {_int(a)}{percent_change(b, a)}" for label, b, a in pairs if is_number(b)]
 
 
 def budget_checks(budget: Budget | None, fidelity: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -95,8 +95,8 @@ def budget_checks(budget: Budget | None, fidelity: dict[str, Any] | None) -> lis
         if limit is None:
             continue
         value = (fidelity or {}).get(metric)
-        met = None if not _is_number(value) else (value >= limit if at_least else value <= limit)
-        checks.append({"metric": limit_key, "limit": limit, "value": value if _is_number(value) else None,
+        met = None if not is_number(value) else (value >= limit if at_least else value <= limit)
+        checks.append({"metric": limit_key, "limit": limit, "value": value if is_number(value) else None,
                        "met": met})
     return checks
 
@@ -114,7 +114,7 @@ def budget_line(budget: Budget | None, fidelity: dict[str, Any] | None) -> str |
             parts.append(f"{label} not measured (limit {limit:g})")
             continue
         sign = (">=" if met else "<") if at_least else ("<=" if met else ">")
-        parts.append(f"{label} {_fmt_num(value, digits=4)} {sign} {limit:g}: {'met' if met else 'NOT met'}")
+        parts.append(f"{label} {fmt_num(value, digits=4)} {sign} {limit:g}: {'met' if met else 'NOT met'}")
     return "budget: " + "; ".join(parts)
 
 
@@ -124,17 +124,17 @@ def would_have_saved(record: PassRecord) -> str:
     parts = []
     for key, label in SAVING_KEYS:
         before, after = record.before.get(key), record.attempted.get(key)
-        if not (_is_number(before) and _is_number(after)) or before == after:
+        if not (is_number(before) and is_number(after)) or before == after:
             continue
         assert before is not None and after is not None  # _is_number said so; for the type checker
         if key == "latency_s":
-            parts.append(f"{label} {before * 1e6:,.1f} -> {after * 1e6:,.1f} us{_change(before, after)}")
+            parts.append(f"{label} {before * 1e6:,.1f} -> {after * 1e6:,.1f} us{percent_change(before, after)}")
         else:
-            parts.append(f"{label} {_int(before)} -> {_int(after)}{_change(before, after)}")
+            parts.append(f"{label} {_int(before)} -> {_int(after)}{percent_change(before, after)}")
     return ", ".join(parts)
 
 
-def _fixed_decimals(values: list[float]) -> Callable[[float], str]:
+def fixed_decimals(values: list[float]) -> Callable[[float], str]:
     """A formatter with one number of decimals for a whole column: enough for its smallest non-zero value
     to show two significant digits (at most 3 decimals), so that 0.0 never stands for a real 40 ns."""
     smallest = min((abs(v) for v in values if v), default=1.0)
@@ -152,22 +152,24 @@ def _cost_cells(totals: dict[str, Any], us: Callable[[float], str]) -> list[str]
     ]
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): a figure that can be shown and compared."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _int(value: Any) -> str:
-    return f"{int(value):,}" if _is_number(value) else "?"
+    return f"{int(value):,}" if is_number(value) else "?"
 
 
-def _change(before: Any, after: Any) -> str:
+def percent_change(before: Any, after: Any) -> str:
     """`` (-20.0 %)``: the change relative to ``before``; empty when there is nothing to divide by."""
-    if not (_is_number(before) and _is_number(after)) or before == 0:
+    if not (is_number(before) and is_number(after)) or before == 0:
         return ""
     return f" ({(after - before) / before * 100:+.1f} %)"
 
 
-def _fmt_num(value: Any, digits: int = 3) -> str:
+def fmt_num(value: Any, digits: int = 3) -> str:
+    """A fidelity figure as the table shows it: 3 significant digits, or ``digits`` decimals; ``inf``; empty for None."""
     if value is None:
         return ""
     if isinstance(value, float) and math.isinf(value):

@@ -23,7 +23,7 @@ from nnopt.errors import DataError, InputError, first_line
 from nnopt.ir.model import Model, load_model
 from nnopt.search.candidate import CandidateResult, Configuration, config_key
 from nnopt.search.evaldata import load_search_data
-from nnopt.search.evaluate import SharedInputs, build_bytes, evaluate, run_outputs
+from nnopt.search.evaluate import SharedInputs, build_bytes, cost_report, evaluate, run_outputs
 from nnopt.search.levels import Outcome, best_of, level1, level2
 from nnopt.search.metrics import DEFAULT_LABELS_KEY, resolve_metric
 from nnopt.search.report import SearchReport, choose, pareto_front
@@ -185,6 +185,7 @@ def search(model: Model | onnx.ModelProto | str | os.PathLike[str], *, data: str
         seconds=time.monotonic() - started, evaluations=runs.evaluated,
         notes=[*notes[1:], *outcome.notes, *finish_notes, f"executor: {getattr(executor, 'name', 'serial')}"],
         original=_original_figures(model, original, runs), eval_samples=len(shared.eval_samples),
+        node_costs=_node_costs(shared, original, model_out),
     )
     if chosen is None and settings.strict:
         closest = choose(results, settings.objective, settings.max_drop)[0]
@@ -379,6 +380,13 @@ def _original_figures(source: Any, original: onnx.ModelProto, runs: Evaluations)
     return {"size": float(Path(source).stat().st_size if on_disk else original.ByteSize()),
             "flops": base.flops if base is not None else None,
             "latency": (base.measured_latency_s or base.latency_s) if base is not None else None}
+
+
+def _node_costs(shared: SharedInputs, original: onnx.ModelProto, model: Model) -> dict[str, Any]:
+    """The input model's and the returned model's per-node cost side by side (``nnopt.cost.per_node``)."""
+    from nnopt.cost.per_node import node_costs
+
+    return node_costs(cost_report(shared, original).nodes, cost_report(shared, model.to_proto()).nodes)
 
 
 def _make_executor(settings: SearchSettings) -> Any:

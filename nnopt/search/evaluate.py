@@ -195,11 +195,16 @@ def _cosine(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) ->
 
 
 def _costs(shared: SharedInputs, proto: onnx.ModelProto) -> dict[str, float]:
+    report = cost_report(shared, proto)
+    return {"flops": float(report.totals["flops"]), "latency_s": float(report.totals["latency_s"])}
+
+
+def cost_report(shared: SharedInputs, proto: onnx.ModelProto) -> Any:
+    """The cost report of a model as the search costs its candidates (profile, input shapes, plugins' rules)."""
     from nnopt.cost.analysis import analyze
 
-    report = analyze(proto, hardware=shared.hardware, input_shapes=dict(shared.input_shapes),
-                     rules=_plugins(shared.load_plugins).cost_rules, run_onnxruntime=False)
-    return {"flops": float(report.totals["flops"]), "latency_s": float(report.totals["latency_s"])}
+    return analyze(proto, hardware=shared.hardware, input_shapes=dict(shared.input_shapes),
+                   rules=_plugins(shared.load_plugins).cost_rules, run_onnxruntime=False)
 
 
 # Per-process caches: a worker evaluates many candidates of the same search.

@@ -108,6 +108,8 @@ class SearchReport:
         original: the original model's ``size``, ``latency`` and ``flops`` (as ``CandidateResult.objective``),
             to show the candidates' ratios; optional.
         eval_samples: how many evaluation samples the drops are measured on (0: not recorded).
+        node_costs: the input and the returned model's per-node cost side by side (``nnopt.cost.per_node``);
+            None when not computed.
     """
 
     level: int
@@ -127,6 +129,7 @@ class SearchReport:
     notes: list[str] = field(default_factory=list)
     original: dict[str, float | None] = field(default_factory=dict)
     eval_samples: int = 0
+    node_costs: dict[str, Any] | None = None
 
     @classmethod
     def from_results(cls, results: Sequence[CandidateResult], *, level: int, metric: str, drop_type: str,
