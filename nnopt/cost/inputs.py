@@ -102,6 +102,57 @@ def resolve_input_shapes(
     return fixed, overridden
 
 
+def batched_input_shapes(
+    graph: onnx.GraphProto, init_names: set[str], given: Mapping[str, list[int]], batch: int, notes: list[str]
+) -> dict[str, list[int]]:
+    """Shapes for every graph input with its first (batch) dim set to ``batch``, for ``nnopt analyze --batch``.
+
+    A first dim the model leaves dynamic or fixes at 1 (or ``given`` sets to 1) becomes ``batch``; the other
+    dims are ``given``'s, else the declared ones (unknown ones counted as 1, each in ``notes``). Inputs of rank
+    0 or of unknown rank have no batch dim and are left as they are.
+
+    Raises:
+        InputError: ``batch`` is below 1, or an input's batch dim is fixed (by the model or ``given``) at a
+            value other than 1 and ``batch``: the model cannot run at another batch size.
+    """
+    if batch < 1:
+        raise InputError(f"--batch: expected a positive integer, got {batch}")
+    shapes = {name: list(dims) for name, dims in given.items()}
+    for vi in graph.input:
+        if vi.name in init_names:
+            continue
+        declared = _declared_dims(vi)
+        dims: list[int | str] | None = list(given[vi.name]) if vi.name in given else declared
+        if not dims:
+            continue
+        first = dims[0]
+        if isinstance(first, int) and first not in (1, batch):
+            where = "the given shape" if vi.name in given else "the model"
+            raise InputError(f"--batch {batch}: input '{vi.name}' has its batch dim fixed at {first} by {where}; "
+                             "only a dynamic batch dim or one of 1 can be set")
+        concrete = [batch]
+        for axis, dim in enumerate(dims[1:], start=1):
+            if not isinstance(dim, int):
+                notes.append(f"input '{vi.name}': unknown dim {axis}{f' {dim!r}' if dim else ''} counted as 1; "
+                             "pass input shapes to set it")
+            concrete.append(dim if isinstance(dim, int) else 1)
+        shapes[vi.name] = concrete
+    return shapes
+
+
+def batched_feeds(sample: Mapping[str, Any] | None, shapes: Mapping[str, list[int]]) -> dict[str, Any] | None:
+    """``sample`` with each input of batch 1 repeated along its first axis to the batch of ``shapes`` (what
+    :func:`batched_input_shapes` gave), so that a model is timed at the batch it was costed at."""
+    if sample is None:
+        return None
+    feeds = dict(sample)
+    for name, dims in shapes.items():
+        value = feeds.get(name)
+        if value is not None and dims and np.ndim(value) == len(dims) and np.shape(value)[0] == 1 < dims[0]:
+            feeds[name] = np.repeat(np.asarray(value), dims[0], axis=0)
+    return feeds
+
+
 def _declared_dims(vi: onnx.ValueInfoProto) -> list[int | str] | None:
     """Per dim its value, or its symbol ("" when anonymous); None when the rank is unknown."""
     if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
