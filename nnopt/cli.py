@@ -319,19 +319,18 @@ def _first_sample(args: argparse.Namespace, model: Any) -> dict[str, Any] | None
     return samples[0]
 
 
-def _measure(args: argparse.Namespace, model: Any, shapes: dict[str, list[int]],
+def _measure(args: argparse.Namespace, proto: Any, shapes: dict[str, list[int]],
              feeds: dict[str, Any] | None) -> dict[str, Any]:
     """``analyze --measure``: latency on the first sample of ``--data``, or on generated inputs."""
     from nnopt.analysis.shapes import FRESH, infer_shapes
     from nnopt.cost.timing import measure_latency
 
-    return measure_latency(model, feeds, runs=args.runs, input_shapes=shapes,
-                           shapes=infer_shapes(model.to_proto(), FRESH))
+    return measure_latency(proto, feeds, runs=args.runs, input_shapes=shapes, shapes=infer_shapes(proto, FRESH))
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from nnopt.cost import analyze, parse_input_shapes
-    from nnopt.cost.inputs import batched_feeds, format_shapes, sample_input_shapes
+    from nnopt.cost.inputs import batched_feeds, format_shapes, free_batch_dims, sample_input_shapes
     from nnopt.ir.model import load_model
     from nnopt.runtime import run_time_limit
 
@@ -345,9 +344,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     limit = contextlib.nullcontext() if args.run_time_limit is None else run_time_limit(args.run_time_limit)
     with limit:  # shape probing runs the model too
         report = analyze(model, hardware=hardware, input_shapes=shapes, rules=plugins.cost_rules, batch=args.batch)
+        timed = model.to_proto()
         if args.batch is not None:  # timed at the batch costed: generated inputs of its shapes, or the sample repeated
             given, sample = report.input_shapes, batched_feeds(sample, report.input_shapes)
-        measured = _measure(args, model, given, sample) if args.measure else None
+            timed = free_batch_dims(timed, report.input_shapes)
+        measured = _measure(args, timed, given, sample) if args.measure else None
     if measured is not None:
         measured["batch"] = report.batch
         measured["throughput_per_s"] = report.batch / measured["median_s"] if measured["median_s"] > 0 else 0.0

@@ -155,6 +155,17 @@ def test_batch_overrides_a_fixed_batch_of_one_and_refuses_any_other(tmp_path: Pa
         analyze(one_conv("N"), hardware=RPI4, input_shapes={"x": [2, 3, 8, 8]}, batch=4)
 
 
+def test_a_fixed_first_dim_beside_a_dynamic_batch_is_not_batched() -> None:
+    # A recurrent state [layers, batch, hidden] beside a dynamic input: only the dynamic input is batched.
+    model = one_conv("N")
+    model.graph.input.append(helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, 1, 16]))
+    model.graph.node.append(helper.make_node("Identity", ["state"], ["state_out"]))
+    model.graph.output.append(helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [2, 1, 16]))
+    report = analyze(model, hardware=RPI4, batch=8)
+    assert report.input_shapes == {"x": [8, 3, 8, 8], "state": [2, 1, 16]}
+    assert report.totals["macs"] == 8 * 3888
+
+
 def test_analyze_batch_measures_at_that_batch(tmp_path: Path, capsys: Any) -> None:
     path = tmp_path / "conv.onnx"
     onnx.save(one_conv("N"), path)
@@ -211,3 +222,13 @@ def test_a_search_with_objective_energy_records_and_minimises_it(tmp_path: Path,
     assert set(chosen["config"].values()) == {"int8"}
     assert chosen["energy_j"] < 0.5 * report["original"]["energy"]
     assert chosen["energy_j"] == min(c["energy_j"] for c in candidates.values() if c["drop"] <= 0.01)
+
+
+def test_a_model_exported_at_batch_one_is_timed_at_the_batch(tmp_path: Path, capsys: Any) -> None:
+    path = tmp_path / "b1.onnx"
+    onnx.save(one_conv(1), path)
+    assert main(["analyze", str(path), "--batch", "4", "--measure", "--runs", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    # The declared batch of 1 is made dynamic in the copy that is timed; the file is not changed.
+    assert data["input_shapes"] == {"x": [4, 3, 8, 8]} and data["measured"]["batch"] == 4
+    assert onnx.load(path).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
