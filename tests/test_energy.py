@@ -232,3 +232,15 @@ def test_a_model_exported_at_batch_one_is_timed_at_the_batch(tmp_path: Path, cap
     # The declared batch of 1 is made dynamic in the copy that is timed; the file is not changed.
     assert data["input_shapes"] == {"x": [4, 3, 8, 8]} and data["measured"]["batch"] == 4
     assert onnx.load(path).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+
+
+def test_the_machines_last_level_cache_is_read_from_linux(tmp_path: Path) -> None:
+    from nnopt.cost.energy import machine_cache_bytes
+
+    for index, (level, size) in enumerate((("1", "32K"), ("2", "1024K"), ("3", "32M"), ("1", "48K"))):
+        folder = tmp_path / f"index{index}"
+        folder.mkdir()
+        (folder / "level").write_text(level + "\n")
+        (folder / "size").write_text(size + "\n")
+    assert machine_cache_bytes(str(tmp_path)) == 32 << 20
+    assert machine_cache_bytes(str(tmp_path / "none")) is None

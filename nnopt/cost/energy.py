@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -143,6 +144,26 @@ def energy_from_dict(data: Any, where: str) -> EnergyFigures:
         return EnergyFigures(**keyword)
     except (TypeError, ValueError) as exc:
         raise InputError(f"{where}: energy: {exc}") from None
+
+
+#: Where Linux describes the first CPU's caches (``indexN/level`` and ``indexN/size``, e.g. ``32768K``).
+_CACHE_DIR = "/sys/devices/system/cpu/cpu0/cache"
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def machine_cache_bytes(cache_dir: str = _CACHE_DIR) -> int | None:
+    """This machine's last-level cache in bytes, as Linux reports it; None where it does not (other systems)."""
+    best: tuple[int, int] | None = None
+    for index in sorted(Path(cache_dir).glob("index*")):
+        try:
+            level = int((index / "level").read_text().strip())
+            text = (index / "size").read_text().strip()
+            size = int(text[:-1]) * _SIZE_UNITS[text[-1]] if text[-1] in _SIZE_UNITS else int(text)
+        except (OSError, ValueError, IndexError):
+            continue
+        if size > 0 and (best is None or (level, size) > best):
+            best = (level, size)
+    return best[1] if best is not None else None
 
 
 def dtype_class(op_type: str, kernel: str, element_type: int | None) -> str:
