@@ -85,11 +85,12 @@ class KMeansOptions(NodeSelection):
     keep_zeros: bool = field(
         default=True,
         metadata={"help": "reserve an exact 0 in the codebook of a tensor (channel) that has zeros, so pruned "
-                          "weights stay exactly zero; that leaves 2^bits - 1 shared values for the rest"},
+                          "weights stay exactly zero; that leaves 2^bits - 1 shared values for the rest (mode=kmeans; "
+                          "ternary always keeps zeros, binary has no zero)"},
     )
     init: Literal["kmeans++", "quantiles"] = field(
         default="kmeans++",
-        metadata={"help": "where k-means starts: kmeans++ (seeded k-means++, the lowest weight error) or "
+        metadata={"help": "mode=kmeans: where k-means starts: kmeans++ (seeded k-means++, the lowest weight error) or "
                           "quantiles (k evenly spaced quantiles, min and max included, as onnxsim does): keeps a "
                           "centroid on a few extreme weights that k-means++ averages away (ppocr_rec's classifier "
                           "at 4 bits: output cosine 0.59 -> 0.97, see docs/kmeans.md)"},
