@@ -154,7 +154,8 @@ class Clustering:
     """One codebook and the index of every value into it.
 
     Attributes:
-        codebook: the shared values in float64, ascending; 0.0 first when zeros were reserved.
+        codebook: the shared values in float64, ascending; 0.0 first when zeros were reserved (and in ternary
+            mode: [0, -α, +α]).
         codes: per input value, its codebook index (uint8).
         exact: whether the tensor had at most k distinct values, so the codebook is those values.
         distinct: distinct values in the input.
