@@ -44,14 +44,17 @@ def _conv(zeros: float = 0.0) -> tuple[onnx.ModelProto, np.ndarray]:
     return proto, w
 
 
-def _weight(proto: onnx.ModelProto) -> np.ndarray:
-    """The weight the Conv reads, as onnxruntime decodes it (a graph output added for the purpose)."""
+def _weight_of(proto: onnx.ModelProto, name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Tensor ``name`` as onnxruntime computes it (a graph output added for the purpose)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
-    name = probe.graph.node[-1].input[1]
     probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    x = np.zeros((1, 64, 6, 6), np.float32)
-    return run(probe, {"X": x})[-1]
+    return run(probe, feeds)[-1]
+
+
+def _weight(proto: onnx.ModelProto) -> np.ndarray:
+    """The weight the test conv reads, as its decoder gives it."""
+    return _weight_of(proto, proto.graph.node[-1].input[1], {"X": np.zeros((1, 64, 6, 6), np.float32)})
 
 
 def _stored_bytes(proto: onnx.ModelProto, suffix: str) -> int:
@@ -184,3 +187,21 @@ def _accuracy(spec: str, digits: dict[str, object]) -> float:
 ])
 def test_digits_test_accuracy(spec: str, accuracy: float, digits: dict[str, object]) -> None:
     assert _accuracy(spec, digits) == pytest.approx(accuracy, abs=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["binary", "ternary"])
+def test_zero_channel_stays_zero_through_the_refit(mode: str, digits: dict[str, object], tmp_path: Path) -> None:
+    proto = onnx.load(DIGITS / "digits_cnn.onnx")
+    found = [t for t in proto.graph.initializer if t.name == "3.weight"]
+    assert len(found) == 1
+    w = onnx.numpy_helper.to_array(found[0]).copy()
+    w[0] = 0.0  # a pruned output channel: its codebook is [0], no scale for the refit to fit
+    found[0].CopyFrom(onnx.numpy_helper.from_array(w, "3.weight"))
+    path = tmp_path / "pruned.onnx"
+    onnx.save(proto, path)
+    model, report = optimize(str(path), [f"kmeans:mode={mode},per_channel=true"], data=str(digits["data"]), seed=0)
+    record = report.passes[-1]
+    assert record.status == "applied" and record.stats["layers_refit"] == 4
+    conv = next(n for n in model.graph.nodes if n.op == "Conv" and n.inputs[1].name.startswith("kmeans/3.weight"))
+    decoded = _weight_of(model.to_proto(), conv.inputs[1].name, {"x": np.zeros((1, 1, 8, 8), np.float32)})
+    assert np.all(decoded[0] == 0) and np.count_nonzero(decoded[1:]) > 0.3 * decoded[1:].size
