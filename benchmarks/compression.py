@@ -78,6 +78,7 @@ DEFAULT_SETTINGS = (
     "kmeans:mode=binary,per_channel=true",
     "kmeans:mode=ternary,per_channel=true,refit=off",
     "kmeans:mode=ternary,per_channel=true",
+    "kmeans:mode=ternary",
     "default+kmeans:bits=4",
     "default+conv-to-separable:energy=0.9+svd:energy=0.9+kmeans:bits=8",
     "default+prune:ratio=0.3",
