@@ -163,6 +163,21 @@ def classify(node: onnx.NodeProto, index: int, opset: int, floats: set[str], tar
     return Node(index, node.name, node.op_type, role, "", inputs, f_out)
 
 
+def block_wide_constants(view: Node, node: onnx.NodeProto, too_wide: Mapping[str, float]) -> Node:
+    """``view`` blocked when it computes with a constant beyond the narrow type's range (``too_wide``: name
+    -> largest magnitude). Clipping such a weight changes the model, not its precision: ppocr_det's
+    BatchNorm variances of 1e7-1e8 clipped to 65504 turned its output into noise (cosine 0.03).
+    """
+    if view.role == "blocked":
+        return view
+    for i, use in view.inputs.items():
+        if use == "mode" and node.input[i] in too_wide:
+            reason = f"its constant {node.input[i]} reaches {too_wide[node.input[i]]:.3g}, beyond the narrow range"
+            return Node(view.index, view.name, view.op_type, "blocked", reason,
+                        {k: "float32" for k in view.inputs}, view.outputs)
+    return view
+
+
 def _value_is_float(node: onnx.NodeProto) -> bool:
     for attr in node.attribute:
         if attr.name == "value":
@@ -198,8 +213,9 @@ def float32_names(graph: onnx.GraphProto, known: Mapping[str, int], opset: int) 
 _SOURCE, _SINK = ("narrow",), ("float32",)
 #: Cost of a Cast (one per tensor whose producer and readers disagree, shared by all readers).
 _CAST = 2
-#: Pull of an initializer towards the narrow type: less than a Cast, so a weight that only float32
-#: nodes read stays float32 rather than being stored narrow and cast back at every run.
+#: Pull of an initializer (or Constant node) towards the narrow type: less than a Cast, so a weight that
+#: only float32 nodes read stays float32 rather than being stored narrow and cast back at every run, and
+#: a weight that only subgraphs read (silero_vad's LSTM weights, read inside nested Ifs) is stored narrow.
 _INITIALIZER_PULL = 1
 
 
@@ -235,6 +251,8 @@ def narrow_nodes(nodes: Mapping[int, Node], tensors: Mapping[str, Tensor]) -> tu
             g.add_edge(_SOURCE, ("n", index))  # no capacity attribute: infinite
         elif node.role == "blocked":
             g.add_edge(("n", index), _SINK)
+        elif node.op_type == "Constant":
+            g.add_edge(_SOURCE, ("n", index), capacity=_INITIALIZER_PULL)  # a weight, like an initializer
     for name, t in tensors.items():
         members: list[tuple[str, ...] | tuple[str, int]] = []
         if t.producer is not None:
@@ -262,7 +280,7 @@ def narrow_nodes(nodes: Mapping[int, Node], tensors: Mapping[str, Tensor]) -> tu
     _, (narrow_side, _) = nx.minimum_cut(g, _SOURCE, _SINK)
     chosen = {key[1] for key in narrow_side if key[0] == "n"}
     inits = {key[1] for key in narrow_side if key[0] == "i"}
-    return chosen, inits  # type: ignore[return-value]
+    return chosen, inits
 
 
 def readers_of(nodes: Iterable[Node], graph: onnx.GraphProto) -> dict[str, list[tuple[int, int, Use]]]:

@@ -10,7 +10,7 @@ import onnx
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 #: numpy dtype of each narrow ONNX type (bfloat16 comes from ml_dtypes, which onnx itself depends on).
-NUMPY_DTYPES = {onnx.TensorProto.FLOAT16: np.dtype(np.float16),
+NUMPY_DTYPES: dict[int, np.dtype] = {onnx.TensorProto.FLOAT16: np.dtype(np.float16),
                 onnx.TensorProto.BFLOAT16: np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -32,3 +32,12 @@ def narrow_array(values: np.ndarray, target: int) -> tuple[np.ndarray, int, int]
     narrow = values.astype(dtype)
     flushed = int(np.count_nonzero((values != 0) & (narrow == 0)))
     return narrow, clipped, flushed
+
+
+def out_of_range(values: np.ndarray, target: int) -> float | None:
+    """The largest finite magnitude in ``values`` if the narrow type cannot hold it, else None."""
+    if NUMPY_DTYPES[target] != np.float16 or values.size == 0:
+        return None
+    finite = np.abs(values[np.isfinite(values)])
+    peak = float(finite.max()) if finite.size else 0.0
+    return peak if peak > FLOAT16_MAX else None

@@ -17,7 +17,7 @@ from nnopt.ir.graphview import subgraph_protos
 from nnopt.ir.model import Model
 from nnopt.ir.naming import taken_names, unique_name
 from nnopt.passes import _fp16_plan as plan
-from nnopt.passes._fp16_values import narrow_array
+from nnopt.passes._fp16_values import narrow_array, out_of_range
 from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassOptions, PassResult
 
 #: ONNX element type of each ``dtype`` option.
@@ -69,7 +69,7 @@ class _Tally:
     converted: Counter[str] = field(default_factory=Counter)
     kept: dict[str, Counter[str]] = field(default_factory=dict)
     casts: int = 0
-    initializers: int = 0
+    constants: int = 0
     bytes_before: int = 0
     bytes_after: int = 0
     clipped: int = 0
@@ -108,14 +108,14 @@ class Fp16(Pass[Fp16Options]):
         taken = taken_names(proto)
         converter = _GraphConverter(opts, target, opset, known, taken, tally)
         converter.convert(proto.graph, {}, narrow_io=not opts.keep_io_types)
-        modified = tally.casts > 0 or tally.initializers > 0 or sum(tally.converted.values()) > 0
+        modified = tally.casts > 0 or tally.constants > 0 or sum(tally.converted.values()) > 0
         stats: dict[str, object] = {
             "nodes_converted": sum(tally.converted.values()),
             "nodes_kept_float32": sum(sum(c.values()) for c in tally.kept.values()),
             "casts_inserted": tally.casts,
-            "initializers_converted": tally.initializers,
-            "initializer_bytes_before": tally.bytes_before,
-            "initializer_bytes_after": tally.bytes_after,
+            "constants_converted": tally.constants,
+            "constant_bytes_before": tally.bytes_before,
+            "constant_bytes_after": tally.bytes_after,
             "values_clipped": tally.clipped,
             "values_flushed_to_zero": tally.flushed,
         }
@@ -147,11 +147,12 @@ class _GraphConverter:
         known = dict(self.known)
         known.update({name: FLOAT for name in outer})  # originally float32, whatever they are now
         floats = plan.float32_names(graph, known, self.opset)
+        too_wide = self._too_wide(graph)
         nodes: dict[int, plan.Node] = {}
         for i, node in enumerate(graph.node):
             view = plan.classify(node, i, self.opset, floats, self.target, self.blocked)
             if view is not None:
-                nodes[i] = view
+                nodes[i] = plan.block_wide_constants(view, node, too_wide)
         tensors = self._tensors(graph, nodes, floats, outer, narrow_io)
         narrow, narrow_inits = plan.narrow_nodes(nodes, tensors)
         final = self._rewrite(graph, nodes, tensors, narrow, narrow_inits, narrow_io)
@@ -162,6 +163,22 @@ class _GraphConverter:
                 self.convert(body, scope, narrow_io=False)
 
     # ------------------------------------------------------------------------------------------ planning
+    def _too_wide(self, graph: onnx.GraphProto) -> dict[str, float]:
+        """float32 constants of this scope (initializers, Constant values) with finite values beyond the
+        narrow type's range, with their largest magnitude."""
+        found: dict[str, float] = {}
+        tensors = [*graph.initializer, *(a.t for n in graph.node if n.op_type == "Constant" and n.output
+                                         for a in n.attribute if a.name == "value")]
+        names = [*(t.name for t in graph.initializer),
+                 *(n.output[0] for n in graph.node if n.op_type == "Constant" and n.output
+                   for a in n.attribute if a.name == "value")]
+        for name, tensor in zip(names, tensors):
+            if tensor.data_type == FLOAT:
+                peak = out_of_range(numpy_helper.to_array(tensor), self.target)
+                if peak is not None:
+                    found[name] = peak
+        return found
+
     def _tensors(self, graph: onnx.GraphProto, nodes: Mapping[int, plan.Node], floats: set[str],
                  outer: Mapping[str, int], narrow_io: bool) -> dict[str, plan.Tensor]:
         producers: dict[str, int] = {}
@@ -259,7 +276,6 @@ class _GraphConverter:
         for k, tensor in enumerate(graph.initializer):
             if tensor.name in names and tensor.data_type == FLOAT:
                 graph.initializer[k].CopyFrom(_narrow_tensor(tensor, self.target, self.tally))
-                self.tally.initializers += 1
 
     def _count(self, nodes: Mapping[int, plan.Node], narrow: set[int]) -> None:
         for index, view in sorted(nodes.items()):
@@ -270,7 +286,7 @@ class _GraphConverter:
                 continue
             if view.role == "neutral" and not view.outputs and all(u != "mode" for u in view.inputs.values()):
                 continue  # reads either precision: nothing to convert
-            reason = view.reason or "moves data between float32 values: converting it would add Casts"
+            reason = view.reason or "moves data only, and its producer or readers stay float32: converting it would add Casts"
             self.tally.kept.setdefault(op, Counter())[reason] += 1
             self.tally.layers.append(LayerDecision(view.name, op, "declined", f"kept float32: {reason}"))
 
@@ -285,6 +301,7 @@ def _narrow_tensor(tensor: onnx.TensorProto, target: int, tally: _Tally) -> onnx
     tally.clipped += clipped
     tally.flushed += flushed
     out = numpy_helper.from_array(narrow, tensor.name)
+    tally.constants += 1
     tally.bytes_before += values.size * 4
     tally.bytes_after += values.size * 2
     return out
