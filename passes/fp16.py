@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,16 @@ class Fp16Options(PassOptions):
         metadata={"help": "op types that stay float32, besides Range, CumSum, NonMaxSuppression and RoiAlign "
                           "(coordinates and running sums) and ops whose schema has no narrow type"},
     )
+    compute: Literal["narrow", "float32"] = field(
+        default="narrow",
+        metadata={"help": "narrow: nodes compute in the narrow type; float32: only weights (initializers and "
+                          "Constant values of at least min_size elements) are stored narrow, each read through "
+                          "a Cast that onnxruntime folds at load: half the size, float32 speed, the only way "
+                          "to run bfloat16 on onnxruntime's CPU provider"},
+    )
+    min_size: int = field(
+        default=16, metadata={"help": "compute=float32: leave constants of fewer elements than this float32"}
+    )
     fragile: bool = field(
         default=False,
         metadata={"help": "also keep float32 the numerically fragile ops: Softmax, LogSoftmax, Layer/Group/"
@@ -49,6 +60,8 @@ class Fp16Options(PassOptions):
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.min_size, bool) or not isinstance(self.min_size, int) or self.min_size < 1:
+            raise OptionError(f"fp16: min_size must be a positive integer, got {self.min_size!r}")
         for op in self.block:
             if not op or not op.isidentifier():
                 raise OptionError(f"fp16:block: {op!r} is not an op type")
@@ -153,7 +166,9 @@ class _GraphConverter:
             view = plan.classify(node, i, self.opset, floats, self.target, self.blocked)
             if view is not None:
                 nodes[i] = plan.block_wide_constants(view, node, too_wide)
-        tensors = self._tensors(graph, nodes, floats, outer, narrow_io)
+        if self.opts.compute == "float32":
+            nodes = {i: self._weights_only(view, graph.node[i], too_wide) for i, view in nodes.items()}
+        tensors = self._tensors(graph, nodes, floats, outer, narrow_io, too_wide)
         narrow, narrow_inits = plan.narrow_nodes(nodes, tensors)
         final = self._rewrite(graph, nodes, tensors, narrow, narrow_inits, narrow_io)
         self._count(nodes, narrow)
@@ -179,8 +194,20 @@ class _GraphConverter:
                     found[name] = peak
         return found
 
+    def _weights_only(self, view: plan.Node, node: onnx.NodeProto, too_wide: Mapping[str, float]) -> plan.Node:
+        """With ``compute=float32``: a Constant node holding a weight is stored narrow (tied to the narrow
+        side, read through a Cast); every other node computes in float32."""
+        if view.role != "blocked" and node.op_type == "Constant" and node.output[0] not in too_wide:
+            size = next((math.prod(a.t.dims) for a in node.attribute if a.name == "value"), 0)
+            if size >= self.opts.min_size:
+                return plan.Node(view.index, view.name, view.op_type, "compute", "", view.inputs, view.outputs)
+        if view.role == "blocked":
+            return view
+        return plan.Node(view.index, view.name, view.op_type, "blocked", "compute=float32: only weights are narrow",
+                         {k: "float32" for k in view.inputs}, view.outputs)
+
     def _tensors(self, graph: onnx.GraphProto, nodes: Mapping[int, plan.Node], floats: set[str],
-                 outer: Mapping[str, int], narrow_io: bool) -> dict[str, plan.Tensor]:
+                 outer: Mapping[str, int], narrow_io: bool, too_wide: Mapping[str, float]) -> dict[str, plan.Tensor]:
         producers: dict[str, int] = {}
         binds: set[str] = set()
         for i, node in enumerate(graph.node):
@@ -192,7 +219,8 @@ class _GraphConverter:
         readers = plan.readers_of(nodes.values(), graph)
         inputs = {v.name for v in graph.input}
         outputs = {v.name for v in graph.output}
-        inits = {t.name for t in graph.initializer}
+        inits = {t.name: math.prod(t.dims) for t in graph.initializer}
+        weights_only = self.opts.compute == "float32"
         names = [*(t.name for t in graph.initializer), *(v.name for v in graph.input), *producers,
                  *readers, *(v.name for v in graph.output)]
         tensors: dict[str, plan.Tensor] = {}
@@ -208,7 +236,12 @@ class _GraphConverter:
             elif name in producers:
                 fixed = False  # a fixed-type output (DequantizeLinear's at old opsets) or a blocked node's
             elif name in inits:
-                fixed = False if name in outputs else None
+                if name in outputs:
+                    fixed = False
+                elif weights_only:  # stored narrow, read through one Cast, unless too small or too wide
+                    fixed = inits[name] >= self.opts.min_size and name not in too_wide
+                else:
+                    fixed = None  # the cut decides
             else:
                 fixed = outer.get(name, FLOAT) == self.target
             tensors[name] = plan.Tensor(producer, fixed, tuple(readers.get(name, ())),
@@ -220,6 +253,7 @@ class _GraphConverter:
                  narrow: set[int], narrow_inits: set[str], narrow_io: bool) -> dict[str, int]:
         """Apply the plan to ``graph``; returns the names whose type changed, with their new type."""
         target = self.target
+        inits = {t.name for t in graph.initializer}
         final: dict[str, int] = {}
         casts: list[onnx.NodeProto] = []
         for name, t in tensors.items():
@@ -227,6 +261,8 @@ class _GraphConverter:
                 dtype = target if t.producer in narrow else FLOAT
             elif t.fixed is not None:
                 dtype = target if t.fixed else FLOAT
+                if t.fixed and name in inits:
+                    narrow_inits.add(name)
             else:
                 dtype = target if name in narrow_inits else FLOAT
             wants: dict[int, list[tuple[int, int]]] = {}
