@@ -178,6 +178,12 @@ def block_wide_constants(view: Node, node: onnx.NodeProto, too_wide: Mapping[str
     return view
 
 
+def cast_allows(opset: int, target: int) -> bool:
+    """Whether ONNX's Cast at ``opset`` converts float32 to and from ``target`` (bfloat16: opset >= 13)."""
+    schema = onnx.defs.get_schema("Cast", opset, "")
+    return all(_type_name(target) in c.allowed_type_strs for c in schema.type_constraints)
+
+
 def _value_is_float(node: onnx.NodeProto) -> bool:
     for attr in node.attribute:
         if attr.name == "value":

@@ -117,6 +117,10 @@ class Fp16(Pass[Fp16Options]):
         types = ctx.analyses_for(model).shapes().types
         known = {name: t.elem_type for name, t in types.items()}
         opset = model.opset
+        if not plan.cast_allows(opset, target):
+            reason = f"{opts.dtype} needs a Cast to and from it, which ONNX has from opset 13; the model is opset {opset}"
+            return PassResult(modified=False, reason=reason,
+                              layers=[LayerDecision("(model)", "", "declined", reason)])
         tally = _Tally()
         taken = taken_names(proto)
         converter = _GraphConverter(opts, target, opset, known, taken, tally)
