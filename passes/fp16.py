@@ -30,8 +30,9 @@ FLOAT = onnx.TensorProto.FLOAT
 class Fp16Options(PassOptions):
     dtype: Literal["float16", "bfloat16"] = field(
         default="float16",
-        metadata={"help": "the narrow type: float16 (10-bit significand, range +-65504: weights beyond it are "
-                          "clipped and counted) or bfloat16 (float32's range, 7-bit significand)"},
+        metadata={"help": "the narrow type: float16 (10-bit significand, range +-65504: a node reading a weight "
+                          "beyond it stays float32) or bfloat16 (float32's range, 7-bit significand; needs opset "
+                          ">= 13, and onnxruntime's CPU provider runs it only with compute=float32)"},
     )
     keep_io_types: bool = field(
         default=True,
@@ -95,16 +96,17 @@ class Fp16(Pass[Fp16Options]):
 
     Matches: every default-domain node whose float32 inputs and outputs share a type variable that the
     ONNX schema (at the model's opset) allows in the narrow type. Rewrites: those nodes compute in the
-    narrow type, their float32 initializers and Constant values are stored in it (float16 clips beyond
-    +-65504, counted). Stays float32: ops in the block list (``block``, the default coordinates/running-sum
-    ops, with ``fragile`` the exponentials and normalisations), ops whose schema has no narrow type, custom
-    domains, the boundary of If/Loop/Scan (their bodies are converted on their own, with float32 at the
-    body's inputs and outputs), and with ``keep_io_types`` the model's inputs and outputs.
-    Casts: data-movement ops (Reshape, Transpose, Concat, Gather, ...) take whichever precision needs fewer
-    Casts, chosen by a minimum cut over the graph; one Cast per tensor and target type, shared by all its
-    readers. Lossy: float16 keeps about 3 significant decimal digits. onnxruntime's CPU provider has float16
-    kernels for few ops and casts around the rest at run time, so the model is about half the size but
-    usually slower on CPU (docs/fp16.md).
+    narrow type, and the float32 initializers and Constant values they read are stored in it. Stays
+    float32: ops in the block list (``block``, the default coordinates/running-sum ops, with ``fragile``
+    the exponentials and normalisations), ops whose schema has no narrow type, custom domains, nodes that
+    read a constant beyond float16's range (clipping it would change the model), the boundary of
+    If/Loop/Scan (their bodies are converted on their own, float32 at the body's inputs and outputs), and
+    with ``keep_io_types`` the model's inputs and outputs. Casts: data-movement ops (Reshape, Transpose,
+    Concat, Gather, ...) take whichever precision needs fewer Casts, chosen by a minimum cut over the graph;
+    one Cast per tensor and target type, shared by all its readers. ``compute=float32`` stores only the
+    weights narrow. Lossy: float16 keeps about 3 significant decimal digits. onnxruntime's CPU provider has
+    float16 kernels for few ops and casts around the rest at run time, so a float16 model is half the size
+    but slower on CPU; ``compute=float32`` is half the size at float32 speed (docs/fp16.md).
     """
 
     name = "fp16"
