@@ -212,3 +212,14 @@ def test_real_models_halve_at_cosine_0999(key, tmp_path):
     assert record.after["weight_bytes"] <= 0.5 * record.before["weight_bytes"] + 1024
     assert record.fidelity is not None and record.fidelity["cosine_similarity"] >= 0.999
     assert record.stats["values_clipped"] == 0
+
+
+def test_weights_only_casts_cost_nothing_at_run_time():
+    """The cost model's ``cast-narrow-constant`` pattern: a Cast of a float16 weight is a decoded weight,
+    counted at its logical size in params and at its stored size in bytes, and folded at load."""
+    proto = model_from_text(MLP, MLP_WEIGHTS)
+    out, _ = run_checked(_fp16(compute="float32"), proto, data=_feeds())
+    before, after = analyze(proto), analyze(out)
+    assert after.totals["params"] == before.totals["params"] == MLP_WEIGHT_COUNT
+    assert after.totals["weight_bytes"] == 2 * MLP_WEIGHT_COUNT
+    assert after.totals["latency_s"] == pytest.approx(before.totals["latency_s"], rel=1e-9)
