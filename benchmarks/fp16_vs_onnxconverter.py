@@ -1,10 +1,11 @@
 """Benchmark: nnopt's fp16 pass against onnxconverter-common's float16 converter on the real models.
 
 Both convert with float32 inputs and outputs kept (``keep_io_types``). For each model and converter: the
-serialised size against the original, the Casts added to the main graph, and the lowest output cosine
-over 4 generated samples in onnxruntime (or why onnxruntime cannot run the result). The converter is not a
-dependency of nnopt: ``pip install onnxconverter-common==1.16.0`` (or pass ``--converter-path DIR`` where it
-was installed with ``pip install --target DIR --no-deps``). Prints a Markdown table (docs/fp16.md quotes it).
+serialised size against the original, the Casts added to the main graph, and the lowest cosine over every
+output and 4 generated samples in onnxruntime (or why onnxruntime cannot run the result). The converter is
+not a dependency of nnopt: ``pip install onnxconverter-common==1.16.0`` (or pass ``--converter-path DIR``
+where it was installed with ``pip install --target DIR --no-deps``). Prints a Markdown table (docs/fp16.md
+quotes it).
 
     python benchmarks/fp16_vs_onnxconverter.py [--models KEY ...] [--converter-path DIR]
 """
@@ -40,9 +41,9 @@ def _cosine(reference: ort.InferenceSession, model: onnx.ModelProto, feeds: list
         return f"onnxruntime cannot load it: {str(exc).splitlines()[0][:110]}"
     worst = 1.0
     for feed in feeds:
-        a = reference.run(None, feed)[0].astype(np.float64).ravel()
-        b = session.run(None, feed)[0].astype(np.float64).ravel()
-        worst = min(worst, float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)))
+        for want, got in zip(reference.run(None, feed), session.run(None, feed)):
+            a, b = np.asarray(want, np.float64).ravel(), np.asarray(got, np.float64).ravel()
+            worst = min(worst, float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)))
     return f"{worst:.6f}"
 
 
