@@ -14,7 +14,7 @@ from onnx import helper, numpy_helper
 
 from nnopt.analysis.shapes import topological_order
 from nnopt.errors import OptionError
-from nnopt.ir.graphview import subgraph_protos
+from nnopt.ir.graphview import graph_protos, subgraph_protos, subgraph_reads
 from nnopt.ir.model import Model
 from nnopt.ir.naming import taken_names, unique_name
 from nnopt.passes import _fp16_plan as plan
@@ -160,6 +160,8 @@ class _GraphConverter:
         self.blocked = opts.blocked()
         self.taken, self.tally = taken, tally
         self.suffix: dict[str, int] = {}
+        #: Narrow tensor -> the output of the Cast that widens it back to float32, where one exists.
+        self.widened: dict[str, str] = {}
 
     def convert(self, graph: onnx.GraphProto, outer: Mapping[str, int], *, narrow_io: bool) -> None:
         """Convert ``graph``; ``outer`` maps outer-scope float32 names to the type they now have."""
@@ -178,6 +180,8 @@ class _GraphConverter:
         narrow, narrow_inits = plan.narrow_nodes(nodes, tensors)
         final = self._rewrite(graph, nodes, tensors, narrow, narrow_inits, narrow_io)
         self._count(nodes, narrow)
+        if self.opts.compute == "float32":
+            self._widen_for_bodies(graph, final)
         scope = {**outer, **final}
         for node in list(graph.node):
             for body in subgraph_protos(node):
@@ -292,6 +296,8 @@ class _GraphConverter:
             if wants.get(other):
                 cast_out = unique_name(f"{name}/{_label(other)}", self.taken, self.suffix)
                 casts.append(self._cast(name, cast_out, other))
+                if other == FLOAT:
+                    self.widened[name] = cast_out
                 for index, pos in wants[other]:
                     graph.node[index].input[pos] = cast_out
         for i in sorted(narrow):
@@ -300,15 +306,35 @@ class _GraphConverter:
         for vi in [*graph.value_info, *(graph.input if narrow_io else ()), *(graph.output if narrow_io else ())]:
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type == FLOAT and final.get(vi.name) == target:
                 vi.type.tensor_type.elem_type = target
-        if casts:
-            graph.node.extend(casts)
-            order, _ = topological_order(graph.node)
-            if order is not None:
-                ordered = [graph.node[i] for i in order]
-                del graph.node[:]
-                graph.node.extend(ordered)
-        self.tally.casts += len(casts)
+        self._insert(graph, casts)
         return final
+
+    def _insert(self, graph: onnx.GraphProto, casts: list[onnx.NodeProto]) -> None:
+        """Add ``casts`` to ``graph`` and restore a topological order (subgraph reads count)."""
+        if not casts:
+            return
+        graph.node.extend(casts)
+        order, _ = topological_order(graph.node)
+        if order is not None:
+            ordered = [graph.node[i] for i in order]
+            del graph.node[:]
+            graph.node.extend(ordered)
+        self.tally.casts += len(casts)
+
+    def _widen_for_bodies(self, graph: onnx.GraphProto, final: Mapping[str, int]) -> None:
+        """``compute=float32``: a narrow weight that If/Loop bodies read is widened once, in this scope,
+        and the bodies read the float32 copy: one Cast, not one per body (silero_vad reads its LSTM
+        weights in both branches of nested Ifs), and one decoded weight for the cost model."""
+        casts: list[onnx.NodeProto] = []
+        for node in list(graph.node):
+            reads = sorted(n for n in subgraph_reads(node) if final.get(n) == self.target)
+            for name in reads:
+                if name not in self.widened:
+                    self.widened[name] = unique_name(f"{name}/{_label(FLOAT)}", self.taken, self.suffix)
+                    casts.append(self._cast(name, self.widened[name], FLOAT))
+                for body in subgraph_protos(node):
+                    _rename_reads(body, name, self.widened[name])
+        self._insert(graph, casts)
 
     def _cast(self, source: str, dest: str, to: int) -> onnx.NodeProto:
         name = unique_name(f"fp16/{dest}", self.taken, self.suffix)
@@ -331,6 +357,18 @@ class _GraphConverter:
             reason = view.reason or "moves data only, and its producer or readers stay float32: converting it would add Casts"
             self.tally.kept.setdefault(op, Counter())[reason] += 1
             self.tally.layers.append(LayerDecision(view.name, op, "declined", f"kept float32: {reason}"))
+
+
+def _rename_reads(body: onnx.GraphProto, old: str, new: str) -> None:
+    """Make ``body`` and the graphs nested in it read ``new`` wherever they read the outer name ``old``."""
+    for graph in graph_protos(body):
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if name == old:
+                    node.input[i] = new
+        for value in graph.output:
+            if value.name == old:
+                value.name = new
 
 
 def _label(dtype: int) -> str:

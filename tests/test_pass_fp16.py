@@ -223,3 +223,23 @@ def test_weights_only_casts_cost_nothing_at_run_time():
     assert after.totals["params"] == before.totals["params"] == MLP_WEIGHT_COUNT
     assert after.totals["weight_bytes"] == 2 * MLP_WEIGHT_COUNT
     assert after.totals["latency_s"] == pytest.approx(before.totals["latency_s"], rel=1e-9)
+
+
+def test_weights_only_widens_a_weight_once_for_all_bodies():
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2,16] x, bool c) => (float[2,16] y) {
+      y = If (c) <
+        then_branch = t () => (float[2,16] a) { a = MatMul(x, W) },
+        else_branch = e () => (float[2,16] b) { m = MatMul(x, W)  b = Relu(m) }
+      >
+    }"""
+    proto = model_from_text(text, {"W": _w(16, 16, scale=0.3)})
+    feeds = [{"x": RNG.standard_normal((2, 16)).astype(np.float32), "c": np.array(flag)} for flag in (True, False)]
+    out, record = run_checked(_fp16(compute="float32"), proto, data=feeds, budget=Budget(min_cosine=0.999))
+    assert {t.name: t.data_type for t in out.graph.initializer} == {"W": F16}
+    # One Cast in the main graph, read by both branches; none inside them.
+    assert op_types(out) == ["Cast", "If"] and record.stats["casts_inserted"] == 1
+    branches = [a.g for a in out.graph.node[1].attribute]
+    assert all("Cast" not in [n.op_type for n in b.node] for b in branches)
+    assert all(b.node[0].input[1] == out.graph.node[0].output[0] for b in branches)
+    assert record.after["params"] == record.before["params"] == 16 * 16
