@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.converter_path:
         sys.path.insert(0, args.converter_path)
-    print("| model | converter | size (ratio) | Casts added | lowest cosine |\n|---|---|---|---|---|")
+    print("| model | converter | size (ratio) | Casts added (main graph) | lowest cosine |\n|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models:
             for row in compare(key, Path(tmp)):

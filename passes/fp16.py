@@ -105,8 +105,8 @@ class Fp16(Pass[Fp16Options]):
     Concat, Gather, ...) take whichever precision needs fewer Casts, chosen by a minimum cut over the graph;
     one Cast per tensor and target type, shared by all its readers. ``compute=float32`` stores only the
     weights narrow. Lossy: float16 keeps about 3 significant decimal digits. onnxruntime's CPU provider has
-    float16 kernels for few ops and casts around the rest at run time, so a float16 model is half the size
-    but slower on CPU; ``compute=float32`` is half the size at float32 speed (docs/fp16.md).
+    float16 kernels for few ops and widens the rest back to float32 at load, so on CPU a float16 model is
+    half the size at float32's speed, slower where Casts stay inside If/Loop bodies (docs/fp16.md).
     """
 
     name = "fp16"
