@@ -37,7 +37,8 @@ class Fp16Options(PassOptions):
     keep_io_types: bool = field(
         default=True,
         metadata={"help": "keep the model's float32 inputs and outputs float32 (a Cast at each); false: they "
-                          "become the narrow type too, and callers must feed it"},
+                          "become the narrow type too and callers must feed it; verification cannot feed the "
+                          "original's float32 data to such a model, so run it with --no-verify"},
     )
     block: tuple[str, ...] = field(
         default=(),
