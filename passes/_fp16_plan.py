@@ -148,8 +148,8 @@ def classify(node: onnx.NodeProto, index: int, opset: int, floats: set[str], tar
             inputs[i] = "any" if target_type in allowed[var] else "float32"
         else:
             inputs[i] = "mode"
-    bound = {in_vars[i].type_str for i, u in inputs.items() if u == "mode" and in_vars[i] is not None}  # type: ignore[union-attr]
-    bound |= {out_vars[i].type_str for i in f_out if out_vars[i] is not None}  # type: ignore[union-attr]
+    bound = {p.type_str for i, u in inputs.items() if u == "mode" and (p := in_vars[i]) is not None}
+    bound |= {p.type_str for i in f_out if (p := out_vars[i]) is not None}
     if not bound:
         return Node(index, node.name, node.op_type, "neutral", "", inputs, f_out)  # only flexible inputs: any precision, no Cast
     if node.op_type in blocked:

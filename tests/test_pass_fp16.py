@@ -243,3 +243,10 @@ def test_weights_only_widens_a_weight_once_for_all_bodies():
     assert all("Cast" not in [n.op_type for n in b.node] for b in branches)
     assert all(b.node[0].input[1] == out.graph.node[0].output[0] for b in branches)
     assert record.after["params"] == record.before["params"] == 16 * 16
+
+
+def test_keep_io_types_false_cannot_be_verified_on_float32_data():
+    # Documented: verification feeds the original's float32 data, which a float16 input refuses.
+    _, record = run_checked(_fp16(keep_io_types=False), model_from_text(MLP, MLP_WEIGHTS), data=_feeds(),
+                            strict=False)
+    assert record.status == "rolled_back" and "Unexpected input data type" in record.reason
