@@ -14,6 +14,7 @@ def nnopt_register_passes() -> list[type[Pass]]:
     from nnopt.passes.distill import Distill
     from nnopt.passes.fold_batchnorm import FoldBatchNorm
     from nnopt.passes.fold_constants import FoldConstants
+    from nnopt.passes.hashed_sharing import HashedSharing
     from nnopt.passes.kmeans import KMeansWeightSharing
     from nnopt.passes.prune import Prune
     from nnopt.passes.quantize import Quantize
@@ -31,6 +32,7 @@ def nnopt_register_passes() -> list[type[Pass]]:
         ConvToSeparable,
         Svd,
         KMeansWeightSharing,
+        HashedSharing,
         Prune,
         Distill,
         Quantize,

@@ -275,9 +275,10 @@ class _Builder:
     taken: set[str]
     nodes: list[gs.Node] = field(default_factory=list)
     constants: list[gs.Constant] = field(default_factory=list)
+    prefix: str = _PREFIX  # the pass whose decoder this is (hashed-sharing builds its own with this class)
 
     def name(self, what: str) -> str:
-        return unique_name(f"{_PREFIX}/{self.label}/{what}", self.taken)
+        return unique_name(f"{self.prefix}/{self.label}/{what}", self.taken)
 
     def const(self, what: str, values: np.ndarray | LazyValues) -> gs.Constant:
         const = gs.Constant(self.name(what), values)
