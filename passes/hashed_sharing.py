@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from nnopt.analysis.refit import MIN_REFIT_SAMPLES
@@ -105,7 +106,7 @@ class HashedSharing(Pass[HashedOptions]):
 
     Rewrites a weight W of shape S and n elements into K stored values and the hash that places them::
 
-        Conv(X, W)  →  Conv(X, Gather(values [K], idx) · Gather([1, -1], bit))
+        Conv(X, W)  →  Conv(X, Gather(values [K], idx) · Cast(Gather([1, -1] int8, bit)))
         pos = Reshape(Range(0, n, 1), S)                      int64
         idx = Mod(Mod(Add(Mul(pos, A), B), P), K)             bucket of each position
         bit = Mod(Mod(Add(Mul(pos, A'), B'), P), 2)           sign hash (sign=true)
@@ -290,8 +291,11 @@ class HashedSharing(Pass[HashedOptions]):
 
         weight_out = b.op("Gather", [b.const("values", stored), hashed("bucket", MULTIPLIER, offset, k)], dtype, shape)
         if opts.sign:
-            sign = b.op("Gather", [b.const("signs", np.array([1, -1], dtype=dtype)),
-                                   hashed("sign", SIGN_MULTIPLIER, sign_offset, 2)], dtype, shape)
+            # NOTE: an int8 table, not a float one: distill trains float tables read by Gather, and the
+            # signs must stay ±1 (the values are what training may move).
+            sign = b.op("Gather", [b.const("signs", np.array([1, -1], dtype=np.int8)),
+                                   hashed("sign", SIGN_MULTIPLIER, sign_offset, 2)], np.int8, shape)
+            sign = b.op("Cast", [sign], dtype, shape, to=int(onnx.helper.np_dtype_to_tensor_dtype(dtype)))
             weight_out = b.op("Mul", [weight_out, sign], dtype, shape)
         bytes_before = n * dtype.itemsize
         bytes_after = sum(_stored_bytes(c) for c in b.constants)
