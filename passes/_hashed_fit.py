@@ -45,8 +45,6 @@ def data_fit(layer: _kmeans_refit.Layer, buckets: np.ndarray, signs: np.ndarray,
     one (output position, channel) pair: its design row is the input patch summed into the K buckets with
     the signs of that channel's weights, so Z·v is the layer's output at that position and channel.
     """
-    import scipy.sparse  # scikit-learn's dependency; only data fits need it
-
     k = values.size
     available = sum(x.shape[0] for x in xs) * layer.channels
     if available < MIN_ROWS_PER_VALUE * k:
@@ -54,10 +52,6 @@ def data_fit(layer: _kmeans_refit.Layer, buckets: np.ndarray, signs: np.ndarray,
     ch_buckets = _kmeans_refit.channel_weights(layer, buckets)
     ch_signs = _kmeans_refit.channel_weights(layer, signs.astype(np.float64))
     per_group = layer.channels // layer.groups
-    span = ch_buckets.shape[1]
-    # Channel o sums its inputs into buckets: a sparse [values per channel, K] map with one ±1 per row.
-    maps = [scipy.sparse.csr_matrix((ch_signs[o], (np.arange(span), ch_buckets[o])), shape=(span, k))
-            for o in range(layer.channels)]
     rng = np.random.default_rng(seed)
     per_sample = max(1, min(FIT_ROWS, MAX_FIT_ROWS) // max(1, len(xs)))
     pairs = []
@@ -68,7 +62,11 @@ def data_fit(layer: _kmeans_refit.Layer, buckets: np.ndarray, signs: np.ndarray,
         z = np.empty((chosen.size, k))
         for o in np.unique(channels):
             at = np.flatnonzero(channels == o)
-            z[at] = layer.alpha * np.asarray((maps[o].T @ x[rows[at], o // per_group, :].T).T)
+            # Each row's signed inputs summed into the K buckets of channel o: one bincount for all rows,
+            # row r's buckets shifted to [r·K, (r+1)·K).
+            signed = x[rows[at], o // per_group, :] * ch_signs[o]
+            slots = (np.arange(at.size)[:, None] * k + ch_buckets[o][None, :]).reshape(-1)
+            z[at] = layer.alpha * np.bincount(slots, weights=signed.reshape(-1), minlength=at.size * k).reshape(-1, k)
         pairs.append((z, (y[rows, channels] - layer.bias[channels])[:, None]))
     result = refit_linear(pairs, values[:, None], np.zeros(1), False, rng)
     return (result.p[:, 0] if result.used else values), fit_figures(result)

@@ -7,7 +7,7 @@ import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -96,6 +96,11 @@ class _Weight:
     figures: dict[str, Figure] = field(default_factory=dict)
 
 
+def _fitted_to_data(fit: Figure) -> bool:
+    """Whether a layer's ``fit`` figure says its values were fitted to the data (a dict), not the weights."""
+    return isinstance(fit, Mapping) and fit.get("fit") == "data"
+
+
 class HashedSharing(Pass[HashedOptions]):
     """Share each layer's weights among K values picked by a seeded hash of their position (HashedNets).
 
@@ -149,7 +154,7 @@ class HashedSharing(Pass[HashedOptions]):
         rewritten = [entry for entry in layers if entry.action == "rewritten"]
         before = sum(entry.int_figure("bytes_before") for entry in rewritten)
         after = sum(entry.int_figure("bytes_after") for entry in rewritten)
-        fitted = [e for e in rewritten if isinstance(e.figures.get("fit"), dict) and e.figures["fit"].get("fit") == "data"]
+        fitted = [e for e in rewritten if _fitted_to_data(e.figures.get("fit"))]
         stats: dict[str, Figure] = {
             "weights_rewritten": len(rewritten),
             "weights_declined": len(layers) - len(rewritten),
@@ -304,6 +309,7 @@ class HashedSharing(Pass[HashedOptions]):
             "elements": int(n),
             "sign": opts.sign,
             "seed": int(offset),
+            **({"sign_seed": int(sign_offset)} if opts.sign else {}),
             "rel_error": float(f"{error:.6g}"),
             "buckets_empty": int(k - np.unique(buckets).size),
             "bytes_before": int(bytes_before),
