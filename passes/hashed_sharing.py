@@ -138,6 +138,7 @@ class HashedSharing(Pass[HashedOptions]):
         scope = all_graphs(model.graph)
         layers: list[LayerDecision] = []
         inserts: dict[int, list[gs.Node]] = {}
+        positions = {id(node): i for i, node in enumerate(model.graph.nodes)}
         started = time.perf_counter()
         for done, weight in enumerate(weights, start=1):
             ctx.progress(done - 1, len(weights), weight.label)
@@ -147,7 +148,8 @@ class HashedSharing(Pass[HashedOptions]):
                 layers.append(LayerDecision(weight.label, weight.op_type, "declined", str(why), weight.figures))
                 continue
             layers.append(LayerDecision(weight.label, weight.op_type, "rewritten", figures=weight.figures))
-            inserts.setdefault(id(weight.readers[0]), []).extend(nodes)
+            first = min(weight.readers, key=lambda node: positions[id(node)])
+            inserts.setdefault(id(first), []).extend(nodes)
         if inserts:
             # Decoders read constants only: placed before the first reader, the graph stays sorted.
             model.graph.nodes = [n for node in model.graph.nodes for n in (*inserts.get(id(node), []), node)]

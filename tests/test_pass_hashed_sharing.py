@@ -36,11 +36,12 @@ def _hashed(**options: object) -> HashedSharing:
     return HashedSharing(HashedOptions(**options))  # type: ignore[arg-type]
 
 
-def _decoded(layer: dict[str, object], values: np.ndarray, sign: bool) -> np.ndarray:
+def _decoded(layer: dict[str, object], values: np.ndarray, sign: bool,
+             shape: tuple[int, int] = (N_IN, N_OUT)) -> np.ndarray:
     """The weight the graph should compute: stored values placed by numpy's own hash."""
-    n, k, offset = N_IN * N_OUT, int(layer["k"]), int(layer["seed"])  # type: ignore[call-overload]
+    n, k, offset = math.prod(shape), int(layer["k"]), int(layer["seed"])  # type: ignore[call-overload]
     signs = sign_hash(n, layer["sign_seed"]) if sign else np.ones(n)  # type: ignore[arg-type]
-    return (values.astype(np.float64)[bucket_hash(n, k, offset)] * signs).reshape(N_IN, N_OUT)
+    return (values.astype(np.float64)[bucket_hash(n, k, offset)] * signs).reshape(shape)
 
 
 def _stored_values(proto: onnx.ModelProto) -> np.ndarray:
@@ -179,3 +180,21 @@ def test_distill_trains_the_hashed_values_back_to_the_original_predictions() -> 
     # Post-training hashing at K = n/2 leaves 11 % of held-out predictions; training the values brings 99 %.
     assert distill.stats["metric_before"] < 0.3
     assert distill.stats["metric_after"] > 0.95
+
+
+def test_a_weight_two_nodes_read_is_decoded_once_before_the_first() -> None:
+    weight = np.random.default_rng(6).normal(size=(N_IN, N_IN)).astype(np.float32)
+    proto = model_from_text(
+        f"""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[4, {N_IN}] x) => (float[4, {N_IN}] z) {{ y = MatMul(x, w)  z = MatMul(y, w) }}""",
+        {"w": weight},
+    )
+    out, record = run_checked(_hashed(k=128), proto)
+    assert record.stats["weights_rewritten"] == 1
+    assert [n.op_type for n in out.graph.node].count("Range") == 1
+    assert [n.op_type for n in out.graph.node][-2:] == ["MatMul", "MatMul"]  # the decoder runs first
+    [layer] = record.layers
+    decoded = _decoded(layer, _stored_values(out), sign=True, shape=(N_IN, N_IN))
+    x = np.random.default_rng(7).normal(size=(4, N_IN)).astype(np.float32)
+    np.testing.assert_allclose(run(out, {"x": x})[0], x @ decoded @ decoded, rtol=1e-4, atol=1e-4)
+
