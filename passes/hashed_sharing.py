@@ -121,8 +121,9 @@ class HashedSharing(Pass[HashedOptions]):
     optimisations on, so inference costs what the original model's does (docs/hashed_sharing.md measures it).
 
     Lossy: the values are the least-squares fit to the weights (per bucket the mean of the signed weights);
-    with ``--data`` (at least 4 samples) and K ≤ 1024 they are fitted instead to the layer's outputs on the
-    data (ridge least squares, kept where held-out samples' output error drops). Deterministic for a seed.
+    with ``--data`` (at least 4 samples, 4 rows of data per value) and K ≤ 512 they are fitted instead to the
+    layer's outputs on the data (ridge least squares, kept where held-out samples' output error drops).
+    Deterministic for a seed.
     Without retraining the hash mixes unrelated weights: see the docs for what that costs and for ``distill``.
     """
 
