@@ -189,7 +189,10 @@ class HashedSharing(Pass[HashedOptions]):
     def _check(self, model: Model, weight: _Weight, opts: HashedOptions, outputs: set[int]) -> tuple[np.ndarray, int]:
         """The weight's values and K, or the reason to leave it alone."""
         if not isinstance(weight.tensor, gs.Constant):
-            raise _Decline("weight is not an initializer (constants-to-initializers makes Constant nodes one)")
+            producer = weight.tensor.inputs[0] if weight.tensor.inputs else None
+            if producer is not None and producer.op == "Constant":
+                raise _Decline("weight is a Constant node's output (constants-to-initializers makes it an initializer)")
+            raise _Decline("weight is not a constant (a graph input, or computed)")
         values = np.asarray(weight.tensor.values)
         if values.dtype not in (np.float16, np.float32, np.float64):
             raise _Decline(f"weight is {values.dtype}, not float16/32/64")

@@ -123,6 +123,10 @@ def test_declines_with_reasons() -> None:
     assert result.layers[0].reason == f"k={N_IN * N_OUT} is not below the weight's {N_IN * N_OUT} elements"
     _, result = apply_pass(_hashed(min_size=10_000), _matmul(weight))
     assert result.layers[0].reason == f"{N_IN * N_OUT} elements, below min_size=10000"
+    overridable = _matmul(weight)
+    overridable.graph.input.append(onnx.helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [N_IN, N_OUT]))
+    _, result = apply_pass(_hashed(), overridable)
+    assert result.layers[0].reason == "weight is not a constant (a graph input, or computed)"
     _, result = apply_pass(_hashed(), _matmul(weight, opset=10))
     assert result.layers[0].reason == "the hash needs Range (opset >= 11); the model has opset 10"
     assert not result.modified
@@ -198,3 +202,42 @@ def test_a_weight_two_nodes_read_is_decoded_once_before_the_first() -> None:
     x = np.random.default_rng(7).normal(size=(4, N_IN)).astype(np.float32)
     np.testing.assert_allclose(run(out, {"x": x})[0], x @ decoded @ decoded, rtol=1e-4, atol=1e-4)
 
+
+
+def test_float16_weights_keep_their_dtype() -> None:
+    rng = np.random.default_rng(8)
+    weight = rng.normal(size=(N_IN, N_OUT)).astype(np.float16)
+    proto = model_from_text(
+        f"""<ir_version: 8, opset_import: ["" : 17]>
+        g (float16[4, {N_IN}] x) => (float16[4, {N_OUT}] y) {{ y = MatMul(x, w) }}""",
+        {"w": weight},
+    )
+    out, record = run_checked(_hashed(k=256), proto)
+    values = _stored_values(out)
+    assert values.dtype == np.float16 and record.layers[0]["bytes_after"] == 256 * 2 + 2 + 10 * 8 + 2 * 8
+    x = rng.normal(size=(4, N_IN)).astype(np.float16)
+    expected = x.astype(np.float64) @ _decoded(record.layers[0], values, sign=True)
+    np.testing.assert_allclose(run(out, {"x": x})[0].astype(np.float64), expected, rtol=2e-2, atol=5e-2)
+
+
+def test_grouped_convs_are_fitted_to_their_outputs() -> None:
+    rng = np.random.default_rng(9)
+    proto = model_from_text(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 16, 12, 12] x) => (float[1, 32, 10, 10] z) {
+            y = Conv<group=16, pads=[1, 1, 1, 1]>(x, w1, b)  z = Conv<group=2>(y, w2) }""",
+        {name: rng.normal(size=shape).astype(np.float32)
+         for name, shape in (("w1", (16, 1, 3, 3)), ("b", (16,)), ("w2", (32, 8, 3, 3)))},
+    )
+    # Spatially smooth inputs: a patch's values move together, so the output error weighs the weight error
+    # unevenly and the data fit has something to gain over the bucket means (on white noise it has not).
+    smooth = rng.normal(size=(8, 1, 16, 1, 1)) + 0.1 * rng.normal(size=(8, 1, 16, 12, 12))
+    data = {"x": smooth.astype(np.float32)}
+    _, record = run_checked(_hashed(k=64, min_size=100), proto, data=data)
+    fits = [layer["fit"] for layer in record.layers]
+    assert all(isinstance(f, dict) and f["fit"] == "data" for f in fits), fits
+    # Held-out output errors (samples the fit did not see), measured: depthwise 0.933 → 0.303, grouped
+    # 0.972 → 0.870.
+    depthwise, grouped = fits
+    assert depthwise["heldout_error_refit"] < 0.5 * depthwise["heldout_error_weight_fit"], depthwise
+    assert grouped["heldout_error_refit"] < grouped["heldout_error_weight_fit"] - 0.05, grouped
