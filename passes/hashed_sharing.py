@@ -20,7 +20,7 @@ from nnopt.ir.model import Model, replace_tensor
 from nnopt.ir.naming import taken_names
 from nnopt.ir.walk import all_graphs, graph_outputs, is_onnx_op
 from nnopt.passes import _hashed_fit, _kmeans_refit
-from nnopt.passes.kmeans import WEIGHT_INPUTS, _Builder, _stored_bytes
+from nnopt.passes._decoder import DecoderBuilder, stored_bytes
 from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
 #: The hash is h(pos) = ((pos · A + B) mod P) mod K, in int64 both in numpy and in the graph (ONNX Mul, Add,
@@ -34,6 +34,8 @@ SIGN_MULTIPLIER = 1_500_450_271
 MAX_ELEMENTS = 2**32
 #: Range (opset 11) and Mod (opset 10) build the positions and the hash.
 MIN_OPSET = 11
+#: Op type → the input index of the weight it multiplies (Gemm's and MatMul's B).
+WEIGHT_SLOTS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
 
 @dataclass(frozen=True)
@@ -176,10 +178,10 @@ class HashedSharing(Pass[HashedOptions]):
         """Every tensor read as a Conv/ConvTranspose/Gemm/MatMul weight in the main graph, once, in order."""
         found: dict[int, _Weight] = {}
         for node in model.graph.nodes:
-            slot = WEIGHT_INPUTS.get(node.op) if is_onnx_op(node) else None
-            if slot is None or len(node.inputs) <= slot[0]:
+            slot = WEIGHT_SLOTS.get(node.op) if is_onnx_op(node) else None
+            if slot is None or len(node.inputs) <= slot:
                 continue
-            tensor = node.inputs[slot[0]]
+            tensor = node.inputs[slot]
             if id(tensor) not in found:
                 readers = list({id(n): n for n in tensor.outputs}.values())
                 label = node.name or (node.outputs[0].name if node.outputs else node.op)
@@ -284,7 +286,7 @@ class HashedSharing(Pass[HashedOptions]):
         norm = float(np.linalg.norm(ref))
         error = float(np.linalg.norm(ref - decoded)) / norm if norm > 0 else 0.0
 
-        b = _Builder(weight.tensor.name or "weight", taken, prefix="hashed")
+        b = DecoderBuilder("hashed", weight.tensor.name or "weight", taken)
         int64 = np.int64
 
         def scalar(what: str, value: int) -> gs.Constant:
@@ -309,7 +311,7 @@ class HashedSharing(Pass[HashedOptions]):
             sign = b.op("Cast", [sign], dtype, shape, to=int(onnx.helper.np_dtype_to_tensor_dtype(dtype)))
             weight_out = b.op("Mul", [weight_out, sign], dtype, shape)
         bytes_before = n * dtype.itemsize
-        bytes_after = sum(_stored_bytes(c) for c in b.constants)
+        bytes_after = sum(stored_bytes(c) for c in b.constants)
         weight.figures.update({
             "k": int(k),
             "elements": int(n),
