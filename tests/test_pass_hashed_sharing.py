@@ -241,3 +241,24 @@ def test_grouped_convs_are_fitted_to_their_outputs() -> None:
     depthwise, grouped = fits
     assert depthwise["heldout_error_refit"] < 0.5 * depthwise["heldout_error_weight_fit"], depthwise
     assert grouped["heldout_error_refit"] < grouped["heldout_error_weight_fit"] - 0.05, grouped
+
+
+def test_distills_interpreter_runs_range_and_mod_as_onnxruntime_does() -> None:
+    torch = pytest.importorskip("torch")
+    from nnopt.passes._torch_ops import OPS
+
+    def one(op: str, inputs: list[object], **attrs: object) -> np.ndarray:
+        [out] = OPS[op].run(inputs, attrs, 17)
+        return np.asarray(out)
+
+    start, limit, delta = (torch.tensor(v, dtype=torch.int64) for v in (3, 11, 2))
+    np.testing.assert_array_equal(one("Range", [start, limit, delta]), [3, 5, 7, 9])
+    a, b = torch.tensor([7, -7, 7, -7]), torch.tensor([3, 3, -3, -3])
+    np.testing.assert_array_equal(one("Mod", [a, b]), [1, 2, -2, -1])  # fmod=0: the divisor's sign
+    np.testing.assert_array_equal(one("Mod", [a, b], fmod=1), [1, -1, 1, -1])  # fmod=1: the dividend's
+    proto = model_from_text(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (int64[4] a, int64[4] b) => (int64[4] r, int64[4] f) { r = Mod(a, b)  f = Mod<fmod=1>(a, b) }""")
+    r, f = run(proto, {"a": a.numpy(), "b": b.numpy()})
+    np.testing.assert_array_equal(r, [1, 2, -2, -1])
+    np.testing.assert_array_equal(f, [1, -1, 1, -1])
