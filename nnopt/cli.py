@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nnopt.errors import InputError, NnoptError, OutputError, first_line
+from nnopt.search.objectives import OBJECTIVES
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_analyze(sub: Any) -> None:
-    analyze = sub.add_parser("analyze", help="per-node cost: params, MACs, FLOPs, bytes, estimated latency")
+    analyze = sub.add_parser("analyze", help="per-node cost: params, MACs, FLOPs, bytes, estimated latency and "
+                                             "energy")
     analyze.add_argument("model")
     analyze.add_argument("--json", action="store_true", help="one JSON object on stdout")
     analyze.add_argument("--hardware", default=None,
@@ -90,6 +92,9 @@ def _add_analyze(sub: Any) -> None:
                          help=".npz of inputs: its first sample's shapes are costed (dynamic dims; --input-shape "
                               "wins) and timed by --measure; default: generated inputs")
     analyze.add_argument("--top", type=int, default=None, help="show only the N most expensive nodes")
+    analyze.add_argument("--batch", type=_positive_int, default=None, metavar="N",
+                         help="cost (and with --measure, time) one run of N samples: every input's dynamic or 1 "
+                              "batch dim set to N; reports latency per batch and throughput = N / latency")
 
 
 def _add_optimize(sub: Any) -> None:
@@ -184,8 +189,9 @@ def _add_search_flags(opt: Any) -> None:
     group.add_argument("--labels", dest="labels_key", default="labels", metavar="KEY",
                        help="the array of class labels in the data files (default: labels)")
     group.add_argument("--drop-type", choices=["absolute", "relative"], default="absolute")
-    group.add_argument("--objective", choices=["size", "latency", "flops"], default="size",
-                       help="what the search minimises within the drop (default: size)")
+    group.add_argument("--objective", choices=list(OBJECTIVES), default="size",
+                       help="what the search minimises within the drop (default: size; latency and energy: the "
+                            "cost model's estimates, latency measured at the end)")
     group.add_argument("--time-budget", type=_seconds, default=None, metavar="SECONDS",
                        help="stop searching after this long (level 3 default: 600)")
     group.add_argument("--workers", type=_positive_int, default=None,
@@ -313,19 +319,18 @@ def _first_sample(args: argparse.Namespace, model: Any) -> dict[str, Any] | None
     return samples[0]
 
 
-def _measure(args: argparse.Namespace, model: Any, shapes: dict[str, list[int]],
+def _measure(args: argparse.Namespace, proto: Any, shapes: dict[str, list[int]],
              feeds: dict[str, Any] | None) -> dict[str, Any]:
     """``analyze --measure``: latency on the first sample of ``--data``, or on generated inputs."""
     from nnopt.analysis.shapes import FRESH, infer_shapes
     from nnopt.cost.timing import measure_latency
 
-    return measure_latency(model, feeds, runs=args.runs, input_shapes=shapes,
-                           shapes=infer_shapes(model.to_proto(), FRESH))
+    return measure_latency(proto, feeds, runs=args.runs, input_shapes=shapes, shapes=infer_shapes(proto, FRESH))
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from nnopt.cost import analyze, parse_input_shapes
-    from nnopt.cost.inputs import format_shapes, sample_input_shapes
+    from nnopt.cost.inputs import batched_feeds, format_shapes, free_batch_dims, sample_input_shapes
     from nnopt.ir.model import load_model
     from nnopt.runtime import run_time_limit
 
@@ -338,9 +343,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     shapes = given if sample is None else sample_input_shapes(model.to_proto().graph, sample, given)
     limit = contextlib.nullcontext() if args.run_time_limit is None else run_time_limit(args.run_time_limit)
     with limit:  # shape probing runs the model too
-        report = analyze(model, hardware=hardware, input_shapes=shapes, rules=plugins.cost_rules)
-        measured = _measure(args, model, given, sample) if args.measure else None
-    from_data = {n: d for n, d in shapes.items() if n not in given}
+        report = analyze(model, hardware=hardware, input_shapes=shapes, rules=plugins.cost_rules, batch=args.batch)
+        timed = model.to_proto()
+        if args.batch is not None:  # timed at the batch costed: generated inputs of its shapes, or the sample repeated
+            given, sample = report.input_shapes, batched_feeds(sample, report.input_shapes)
+            timed = free_batch_dims(timed, report.input_shapes)
+        measured = _measure(args, timed, given, sample) if args.measure else None
+    if measured is not None:
+        measured["batch"] = report.batch
+        measured["throughput_per_s"] = report.batch / measured["median_s"] if measured["median_s"] > 0 else 0.0
+    from_data = {n: d for n, d in shapes.items() if n not in parse_input_shapes(args.input_shape)}
     if from_data:
         report.notes.insert(0, f"input shapes from the first sample of {Path(args.data).name}: "
                                f"{format_shapes(from_data)}")
@@ -365,6 +377,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 f"latency: estimated {est / scale:.3f} {unit} ({report.hardware.name}), measured "
                 f"{measured['median_s'] / scale:.3f} {unit} (onnxruntime CPU, median of {measured['runs']} runs)"
             )
+            if report.batch != 1:
+                print(f"throughput at batch {report.batch}: estimated {report.totals['throughput_per_s']:,.1f}, "
+                      f"measured {measured['throughput_per_s']:,.1f} inferences/s")
     return EXIT_OK
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from nnopt.pipeline.table import BUDGET_METRICS, SUMMARY_KEYS, fixed_decimals, fmt_num, is_number, percent_change
 from nnopt.report import OUTCOMES
+from nnopt.search.objectives import OBJECTIVES
 from nnopt.svg import CSS as CHART_CSS
 from nnopt.svg import BarRow, Point, bar_chart, esc, scatter_plot
 
@@ -156,8 +157,7 @@ def _pareto(report: Report) -> str:
 
     search = SearchReport.from_dict(report)
     objective = search.objective
-    unit, scale, label = {"size": ("kB", 1e3, "file size"), "latency": ("us", 1e-6, "latency"),
-                          "flops": ("MFLOP", 1e6, "FLOPs")}[objective]
+    (scale, unit), label = OBJECTIVES[objective].plot, OBJECTIVES[objective].label
 
     def usable(r: Any) -> bool:
         return not r.failed and r.drop is not None and math.isfinite(r.objective(objective))

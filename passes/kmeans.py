@@ -20,7 +20,7 @@ from nnopt.ir.constants import constant_node_payload, constant_values
 from nnopt.ir.model import Model, replace_tensor
 from nnopt.ir.naming import taken_names
 from nnopt.ir.walk import all_graphs, graph_outputs, is_onnx_op
-from nnopt.passes import _kmeans_refit
+from nnopt.passes import _kmeans_refit, _ternary
 from nnopt.passes._decoder import DecoderBuilder, stored_bytes
 from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
@@ -51,11 +51,24 @@ class KMeansOptions(NodeSelection):
         "exclude": "never weights read by a node matching these (shell patterns)",
     }
 
-    bits: int = field(
-        default=8,
-        metadata={"help": "index width: k = 2^bits shared values per codebook (1-8). 8 kept the outputs of the "
-                          "real models measured at cosine >= 0.9997 for a quarter of the size; 4 and below "
+    mode: Literal["kmeans", "binary", "ternary"] = field(
+        default="kmeans",
+        metadata={"help": "what the codebook holds: kmeans (2^bits k-means centroids), binary (sign(W) x alpha, "
+                          "alpha = mean|W|, 1-bit indices; BinaryConnect/XNOR) or ternary ({-alpha, 0, +alpha}: "
+                          "0 where |W| <= threshold x mean|W|, alpha = mean|W| above it, 2-bit indices; TWN); "
+                          "alpha per tensor, or per output channel with per_channel (see docs/ternary.md)"},
+    )
+    bits: int | None = field(
+        default=None,
+        metadata={"help": "index width: k = 2^bits shared values per codebook (1-8); none: 8 for mode=kmeans, "
+                          "1 for binary, 2 for ternary (the only widths those modes take). 8 kept the outputs of "
+                          "the real models measured at cosine >= 0.9997 for a quarter of the size; 4 and below "
                           "trade accuracy for size (see docs/kmeans.md)"},
+    )
+    threshold: float | None = field(
+        default=None,
+        metadata={"help": "mode=ternary only: weights with |W| <= threshold x mean|W| (of their tensor or channel) "
+                          "become 0; none: TWN's 0.7"},
     )
     per_channel: bool = field(
         default=False,
@@ -72,11 +85,12 @@ class KMeansOptions(NodeSelection):
     keep_zeros: bool = field(
         default=True,
         metadata={"help": "reserve an exact 0 in the codebook of a tensor (channel) that has zeros, so pruned "
-                          "weights stay exactly zero; that leaves 2^bits - 1 shared values for the rest"},
+                          "weights stay exactly zero; that leaves 2^bits - 1 shared values for the rest (mode=kmeans; "
+                          "ternary always keeps zeros, binary has no zero)"},
     )
     init: Literal["kmeans++", "quantiles"] = field(
         default="kmeans++",
-        metadata={"help": "where k-means starts: kmeans++ (seeded k-means++, the lowest weight error) or "
+        metadata={"help": "mode=kmeans: where k-means starts: kmeans++ (seeded k-means++, the lowest weight error) or "
                           "quantiles (k evenly spaced quantiles, min and max included, as onnxsim does): keeps a "
                           "centroid on a few extreme weights that k-means++ averages away (ppocr_rec's classifier "
                           "at 4 bits: output cosine 0.59 -> 0.97, see docs/kmeans.md)"},
@@ -98,10 +112,29 @@ class KMeansOptions(NodeSelection):
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
+        if self.bits is not None and (isinstance(self.bits, bool) or not isinstance(self.bits, int)
+                                      or not 1 <= self.bits <= 8):
             raise OptionError(f"kmeans: bits must be an integer from 1 to 8, got {self.bits!r}")
+        fixed = MODE_BITS.get(self.mode)
+        if fixed is not None and self.bits not in (None, fixed):
+            raise OptionError(f"kmeans: mode={self.mode} stores {fixed}-bit indices; leave bits out, got bits={self.bits}")
+        if self.threshold is not None:
+            if self.mode != "ternary":
+                raise OptionError(f"kmeans: threshold applies to mode=ternary only, not mode={self.mode}")
+            if isinstance(self.threshold, bool) or not math.isfinite(self.threshold) or self.threshold < 0:
+                raise OptionError(f"kmeans: threshold must be a finite number >= 0, got {self.threshold!r}")
         if isinstance(self.min_size, bool) or not isinstance(self.min_size, int) or self.min_size < 1:
             raise OptionError(f"kmeans: min_size must be a positive integer, got {self.min_size!r}")
+
+
+    @property
+    def index_bits(self) -> int:
+        """The index width in use: ``bits``, or the mode's own width."""
+        return self.bits if self.bits is not None else MODE_BITS.get(self.mode, 8)
+
+
+#: The index width of the modes that have one (binary: 2 values; ternary: 3).
+MODE_BITS: dict[str, int] = {"binary": 1, "ternary": 2}
 
 
 class _Decline(Exception):
@@ -121,7 +154,8 @@ class Clustering:
     """One codebook and the index of every value into it.
 
     Attributes:
-        codebook: the shared values in float64, ascending; 0.0 first when zeros were reserved.
+        codebook: the shared values in float64, ascending; 0.0 first when zeros were reserved (and in ternary
+            mode: [0, -α, +α]).
         codes: per input value, its codebook index (uint8).
         exact: whether the tensor had at most k distinct values, so the codebook is those values.
         distinct: distinct values in the input.
@@ -264,6 +298,34 @@ def _sklearn_kmeans(points: np.ndarray, weights: np.ndarray, k: int, seed: int, 
         warnings.simplefilter("ignore")
         model.fit(points.reshape(-1, 1), sample_weight=weights)
     return np.asarray(model.labels_, dtype=np.int64)
+
+
+def _kmeans_codebook(values: np.ndarray, opts: KMeansOptions, seed: int) -> Clustering:
+    return cluster_values(values, 1 << opts.index_bits, keep_zeros=opts.keep_zeros, seed=seed, init=opts.init)
+
+
+def _signed_codebook(values: np.ndarray, found: tuple[np.ndarray, np.ndarray]) -> Clustering:
+    """A binary or ternary codebook as a ``Clustering``; exact when it decodes to the values themselves."""
+    codebook, codes = found
+    exact = bool(np.array_equal(codebook.astype(values.dtype)[codes], values.reshape(-1)))
+    return Clustering(codebook, codes, exact, _distinct(values))
+
+
+def _binary_codebook(values: np.ndarray, opts: KMeansOptions, seed: int) -> Clustering:
+    return _signed_codebook(values, _ternary.binary_codes(values))
+
+
+def _ternary_codebook(values: np.ndarray, opts: KMeansOptions, seed: int) -> Clustering:
+    threshold = _ternary.TWN_THRESHOLD if opts.threshold is None else opts.threshold
+    return _signed_codebook(values, _ternary.ternary_codes(values, threshold))
+
+
+#: How one codebook (a tensor's, or a channel's) is found, by ``mode``: (values, options, seed) → clustering.
+CODEBOOKS: dict[str, Callable[[np.ndarray, KMeansOptions, int], Clustering]] = {
+    "kmeans": _kmeans_codebook,
+    "binary": _binary_codebook,
+    "ternary": _ternary_codebook,
+}
 
 
 # ---------------------------------------------------------------------------------------------- storage
@@ -512,6 +574,10 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
     >= 21/25, else bits-wide fields packed into uint8/uint32/uint64 words and unpacked with BitShift (opset
     >= 11), else uint8. The opset is never raised.
 
+    ``mode=binary`` and ``mode=ternary`` replace k-means by fixed codebooks, stored and decoded the same way:
+    [-α, +α] with α = mean|W| (1-bit indices), or [0, -α, +α] with 0 where |W| <= ``threshold`` · mean|W|
+    and α the mean |W| above it (2-bit indices); α per tensor, or per output channel with ``per_channel``.
+
     Lossy: every value becomes the mean of its cluster (scikit-learn KMeans started by k-means++, seeded
     from the pipeline seed and the tensor's name, or by quantiles with ``init=quantiles``); exact for tensors with at most k distinct values.
     Exact zeros stay exact zeros (``keep_zeros``), so pruned weights stay pruned. With ``--data`` (``refit=auto``)
@@ -720,14 +786,14 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
         values = self._check(model, weight, opts)
         entry = weight.figures
         n = values.size
-        fmt_name = choose_format(opts.storage, opts.bits, n, model)
+        fmt_name = choose_format(opts.storage, opts.index_bits, n, model)
         axes = {axis_of(node, values.ndim) for node, _, axis_of in weight.slots}
         axis = next(iter(axes)) if len(axes) == 1 else None
         per_channel = opts.per_channel and axis is not None
         if opts.per_channel and not per_channel:
             why = "its readers disagree on the channel axis" if len(axes) > 1 else "it has no channel axis"
             entry["note"] = f"per tensor: {why}"
-        k = 1 << opts.bits
+        find = CODEBOOKS[opts.mode]
         dtype = values.dtype
         work = values.astype(np.float32) if dtype == np.float16 else values  # sort and bin in 32 bits at least
         seed = ctx.seed_for(f"{self.name}:{weight.tensor.name}")
@@ -735,7 +801,7 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
         started = time.perf_counter()
         if per_channel and axis is not None:  # per_channel implies an axis; the test names it for mypy
             rows = np.moveaxis(work, axis, 0).reshape(values.shape[axis], -1)
-            results = [cluster_values(row, k, keep_zeros=opts.keep_zeros, seed=seed, init=opts.init) for row in rows]
+            results = [find(row, opts, seed) for row in rows]
             codebook = np.zeros((rows.shape[0], max(r.codebook.size for r in results)), dtype=np.float64)
             for c, r in enumerate(results):
                 codebook[c, :r.codebook.size] = r.codebook
@@ -746,7 +812,7 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
             distinct = _distinct(work)
         else:
             rows = work.reshape(1, -1)
-            result = cluster_values(rows[0], k, keep_zeros=opts.keep_zeros, seed=seed, init=opts.init)
+            result = find(rows[0], opts, seed)
             codebook = result.codebook[None, :]
             row_codes = result.codes[None, :]
             codes = result.codes.reshape(values.shape)
@@ -758,7 +824,7 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
         stored_codebook = codebook.astype(dtype)
         error, max_abs, used = _errors(rows, row_codes, stored_codebook)
         b = DecoderBuilder(_PREFIX, weight.tensor.name or "weight", taken)
-        indices = FORMATS[fmt_name].build(b, codes, opts.bits, model)
+        indices = FORMATS[fmt_name].build(b, codes, opts.index_bits, model)
         if per_channel and axis is not None:
             offsets_shape = [1] * values.ndim
             offsets_shape[axis] = codebook.shape[0]
@@ -769,10 +835,11 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
         bytes_before = n * dtype.itemsize
         bytes_after = sum(stored_bytes(c) for c in b.constants)
         entry.update({
-            "bits": opts.bits,
+            "mode": opts.mode,
+            "bits": opts.index_bits,
             "k": int(codebook.shape[1]),
             "granularity": f"per channel (axis {axis}, {len(codebook)} codebooks)" if per_channel else "per tensor",
-            "storage": FORMATS[fmt_name].describe(opts.bits, model),
+            "storage": FORMATS[fmt_name].describe(opts.index_bits, model),
             "elements": int(n),
             "distinct_before": distinct,
             "distinct_after": int(np.unique(stored_codebook.reshape(-1)[used]).size),
@@ -784,6 +851,9 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
             "bytes_after": int(bytes_after),
             "seconds": round(seconds, 4),
         })
+        if opts.mode == "ternary":
+            entry["zeros_after"] = int(sum(np.count_nonzero(stored_codebook[r][row_codes[r]] == 0)
+                                           for r in range(rows.shape[0])))
         if bytes_after >= bytes_before:
             raise _Decline(f"codebook and indices ({bytes_after} bytes) would not be smaller than the weight "
                            f"({bytes_before})")

@@ -112,7 +112,8 @@ def test_the_entry_points_have_real_signatures_not_wrappers():
     assert set(params[1:-2]) == {f.name for f in dataclasses.fields(nnopt.Pipeline)}
     assert list(signatures[nnopt.build_plugins].parameters) == ["load_entry_points", "extra"]
     assert list(signatures[nnopt.analyze].parameters) == [
-        "model", "hardware", "rules", "plugins", "input_shapes", "run_onnxruntime", "decode_patterns", "counter"]
+        "model", "hardware", "rules", "plugins", "input_shapes", "run_onnxruntime", "decode_patterns", "counter",
+        "batch"]
 
 
 # ---------------------------------------------------------------------------------------------- data=

@@ -457,7 +457,7 @@ def test_parse_input_shapes_duplicate():
 def test_report_to_dict_is_json_and_table_is_readable():
     report = analyze(conv_model(3, 8, 3, 10, batch="N"), hardware=BUILTIN_PROFILES["rpi4"])
     data = json.loads(json.dumps(report.to_dict()))
-    assert set(data) == {"totals", "nodes", "notes", "hardware", "input_shapes", "uncosted"}
+    assert set(data) == {"totals", "nodes", "notes", "hardware", "input_shapes", "uncosted", "batch"}
     for key in ("params", "macs", "flops", "weight_bytes", "activation_bytes", "latency_s",
                 "arithmetic_intensity", "nodes"):  # fmt: skip
         assert key in data["totals"]

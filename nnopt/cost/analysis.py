@@ -75,6 +75,20 @@ Conventions (the figures ``analyze`` reports follow these exactly):
   (the built-in x86 profile) folds only decoded weights and fuses only QDQ groups
   (``nnopt.cost.runtime_kernels.kernel_classes``). Each node's ``kernel`` says which class it was estimated as.
 
+* **Energy estimate** (``nnopt.cost.energy``; the 45 nm figures of Horowitz, ISSCC 2014, unscaled): per node,
+  MACs × pJ per MAC of its data type (fp32 4.6, fp16 1.5, int8 0.3 with a 32-bit accumulator, int32 3.2) +
+  (FLOPs − 2 × MACs) × pJ per add of the type (0.9, 0.4, 0.03, 0.1) + bytes_moved at the on-chip price
+  (the table's cache figure for the profile's ``cache_bytes``, 12.5 pJ/B for 1 MB) or the DRAM price
+  (162.5 pJ/B) for the bytes that go off the chip: all weights when they do not all fit in ``cache_bytes``,
+  and each activation tensor larger than it (``offchip_bytes``). The data type (``dtype``) is int8 for int8
+  kernels (QLinear*/*Integer ops, QDQ groups the profile's runtime fuses), else its first output's type.
+  Nodes the runtime folds or fuses cost 0, as in the latency estimate. ``totals.energy_j`` sums the nodes.
+
+* **Batch and throughput.** ``batch`` (``nnopt analyze --batch N``) sets every input's first dim to N where
+  the model leaves it dynamic or at 1 (a batch dim fixed at another value is refused); the figures are then
+  those of one run of N samples, and ``totals.throughput_per_s`` = N ÷ ``latency_s`` (inferences per
+  second; 1 ÷ latency at batch 1; 0 when the estimate is 0).
+
 * **Shapes.** ONNX shape inference (with data propagation) runs on a copy of the model whose dynamic
   graph-input dims are made concrete: from ``input_shapes`` when given (``nnopt analyze --data`` and a
   pipeline with data give the shapes of the data's first sample, ``nnopt.cost.inputs.sample_input_shapes``),
@@ -109,7 +123,7 @@ import onnx
 from nnopt.cost.constants import collect_constants
 from nnopt.cost.decoded import DecodePatternRegistry, default_decode_patterns
 from nnopt.cost.hardware import DEFAULT_PROFILE, HardwareProfile, parse_hardware
-from nnopt.cost.inputs import resolve_input_shapes
+from nnopt.cost.inputs import batched_input_shapes, resolve_input_shapes
 from nnopt.cost.nodes import Scope, cost_nodes
 from nnopt.cost.notes import Findings, finding_notes
 from nnopt.cost.report import CostReport
@@ -132,6 +146,7 @@ def analyze(
     run_onnxruntime: bool = True,
     decode_patterns: DecodePatternRegistry | None = None,
     counter: Counter[str] | None = None,
+    batch: int | None = None,
 ) -> CostReport:
     """Estimate the cost of every main-graph node and the model's totals (see the module docstring).
 
@@ -145,10 +160,12 @@ def analyze(
         decode_patterns: How weights decoded at run time are recognised;
             :func:`~nnopt.cost.decoded.default_decode_patterns` if None.
         counter: Counts the work done (``nnopt.analysis.shapes`` keys: shape inference runs).
+        batch: Cost one run of this many samples: every input's batch dim set to it (see
+            :func:`~nnopt.cost.inputs.batched_input_shapes`); None costs the shapes as given (batch 1).
 
     Raises:
         InputError: ``input_shapes`` names an input the model does not have, gives the wrong rank, or a
-            dim below 1.
+            dim below 1; ``batch`` is below 1 or an input's batch dim is fixed at another value than 1.
     """
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model)
@@ -162,6 +179,7 @@ def analyze(
             run_onnxruntime,
             default_decode_patterns() if decode_patterns is None else decode_patterns,
             counter,
+            batch,
         )
 
 
@@ -199,11 +217,14 @@ def _analyze(
     run_onnxruntime: bool,
     decode_patterns: DecodePatternRegistry,
     counter: Counter[str] | None,
+    batch: int | None,
 ) -> CostReport:
     graph = proto.graph
     notes: list[str] = []
 
     init_names = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+    if batch is not None:
+        input_shapes = batched_input_shapes(graph, init_names, input_shapes, batch, notes)
     fixed, overridden = resolve_input_shapes(graph, init_names, input_shapes, notes)
     views = node_views(graph.node)
     order, cyclic = order_of([v.reads for v in views], [v.outputs for v in views])
@@ -231,11 +252,15 @@ def _analyze(
         hardware=hardware,
         patterns=decode_patterns,
         findings=Findings(),
+        # Weights stay on the chip between inferences only if all of them fit (nnopt.cost.energy).
+        weights_offchip=sum(c.nbytes for n, c in consts.items() if n in needed) > hardware.energy.cache_bytes,
     )
     records, totals = cost_nodes(nodes, order, scope, [o.name for o in graph.output])
     unused = [t.name for t in graph.initializer if t.name not in needed]
     notes.extend(finding_notes(scope.findings, unused))
-    return CostReport(totals=totals, nodes=records, notes=notes, hardware=hardware, input_shapes=fixed)
+    samples = 1 if batch is None else batch
+    totals["throughput_per_s"] = samples / totals["latency_s"] if totals["latency_s"] > 0 else 0.0
+    return CostReport(totals=totals, nodes=records, notes=notes, hardware=hardware, input_shapes=fixed, batch=samples)
 
 
 def analyze_with_plugins(
@@ -248,6 +273,7 @@ def analyze_with_plugins(
     run_onnxruntime: bool = True,
     decode_patterns: DecodePatternRegistry | None = None,
     counter: Counter[str] | None = None,
+    batch: int | None = None,
 ) -> CostReport:
     """:func:`analyze` with what the installed plugins register, as ``nnopt analyze`` does (``nnopt.analyze``).
 
@@ -259,7 +285,7 @@ def analyze_with_plugins(
         rules: The cost rules; the plugins' (built-in ones included) if None.
         plugins: The loaded plugins to use; True loads the installed ones (unless the environment
             disables plugins); False uses only what nnopt ships.
-        input_shapes, run_onnxruntime, decode_patterns, counter: As for :func:`analyze`.
+        input_shapes, run_onnxruntime, decode_patterns, counter, batch: As for :func:`analyze`.
     """
     if plugins is True and (rules is None or isinstance(hardware, str)):
         from nnopt.plugin_manager import build_plugins
@@ -272,4 +298,4 @@ def analyze_with_plugins(
     if rules is None and not isinstance(plugins, bool):
         rules = plugins.cost_rules
     return analyze(model, hardware=hardware, input_shapes=input_shapes, rules=rules, run_onnxruntime=run_onnxruntime,
-                   decode_patterns=decode_patterns, counter=counter)
+                   decode_patterns=decode_patterns, counter=counter, batch=batch)

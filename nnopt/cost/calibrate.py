@@ -42,6 +42,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from nnopt.cost.energy import DEFAULT_ENERGY, EnergyFigures, machine_cache_bytes
 from nnopt.cost.hardware import HardwareProfile, KernelFigures, RatePoint
 from nnopt.errors import InputError
 
@@ -261,6 +262,9 @@ def profile_from_probes(figures: dict[str, dict[str, Any]], name: str, where: st
         f"measured by nnopt calibrate on {where}: dense 3x3 conv {kernels['conv'].flops / 1e9:.1f} GFLOP/s, "
         f"Add {bandwidth / 1e9:.1f} GB/s, {node_overhead * 1e6:.2f} us per node"
     )  # fmt: skip
+    cache = machine_cache_bytes()  # the energy estimate's on-chip size: this machine's last-level cache
+    if cache is not None:
+        description += f", {cache >> 10} KiB last-level cache"
     return HardwareProfile(
         name=name,
         peak_flops=kernels["conv"].flops,
@@ -271,6 +275,7 @@ def profile_from_probes(figures: dict[str, dict[str, Any]], name: str, where: st
         kernels=kernels,
         runtime="onnxruntime",
         bandwidth_grid=derived["bandwidth_grid"],
+        energy=EnergyFigures(cache_bytes=cache) if cache is not None else DEFAULT_ENERGY,
     )
 
 

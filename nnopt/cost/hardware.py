@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from nnopt.atomic import write_atomic
+from nnopt.cost.energy import DEFAULT_ENERGY, EnergyFigures, energy_from_dict
 from nnopt.errors import InputError
 
 #: Kernel classes a profile may give their own figures for (see ``nnopt.cost.runtime_kernels.kernel_classes``), and what
@@ -165,6 +166,9 @@ class HardwareProfile:
             is interpolated in them (:func:`interpolate_bandwidth`) instead of ``bandwidth`` when given.
             onnxruntime splits an elementwise op across its threads only above a size, so mid-sized
             tensors move at about half the rate of large ones.
+        energy: The energy prices (pJ per MAC and operation by data type, per byte on and off the chip) and
+            the on-chip memory size the energy estimate uses (``nnopt.cost.energy``); the 45 nm figures with
+            a 4 MiB cache (:data:`DEFAULT_ENERGY`) unless the profile gives its own.
     """
 
     name: str
@@ -176,6 +180,7 @@ class HardwareProfile:
     kernels: Mapping[str, KernelFigures] = field(default_factory=dict, hash=False)
     runtime: str | None = None
     bandwidth_grid: tuple[tuple[float, float], ...] = ()
+    energy: EnergyFigures = DEFAULT_ENERGY
 
     def __post_init__(self) -> None:
         if not self.peak_flops > 0 or (self.bandwidth is not None and not self.bandwidth > 0):
@@ -236,6 +241,7 @@ class HardwareProfile:
             "runtime": self.runtime,
             # Only when measured: a profile without it keeps the file form it always had.
             **({"bandwidth_grid": [list(point) for point in self.bandwidth_grid]} if self.bandwidth_grid else {}),
+            "energy": self.energy.to_dict(),
         }
 
 
@@ -253,7 +259,8 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
                 "(2 FMA units × 8 lanes × 2) = 192 GFLOP/s; dual-channel DDR4-2666 = 42.7 GB/s; int8 kernels "
                 "(u8 × s8 through VPMADDUBSW + VPMADDWD: 32 multiply-adds per 2 instructions where FP32 FMA does "
                 "8 per 1) twice the FP32 rate = 384 GOP/s for dense convs and matmuls; constants folded at "
-                "load and QDQ groups fused (runtime generic)"
+                "load and QDQ groups fused (runtime generic); 4 MiB last-level cache (Intel's 2-core desktop parts, "
+                "e.g. Core i3-7350K)"
             ),
             kernels={kind: KernelFigures(flops=2 * 2 * 3.0e9 * 32) for kind in ("int8", "int8_matmul")},
             runtime="generic",
@@ -264,8 +271,10 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
             bandwidth=4 * 3.2e9,
             description=(
                 "Raspberry Pi 4 (BCM2711, 4 × Cortex-A72 at 1.5 GHz): 4 cores × 1.5 GHz × 8 FP32 "
-                "FLOPs/cycle (one 4-lane NEON FMA) = 48 GFLOP/s; 32-bit LPDDR4-3200 = 12.8 GB/s"
+                "FLOPs/cycle (one 4-lane NEON FMA) = 48 GFLOP/s; 32-bit LPDDR4-3200 = 12.8 GB/s; 1 MiB shared L2 "
+                "(Raspberry Pi documentation, BCM2711)"
             ),
+            energy=EnergyFigures(cache_bytes=1 << 20),
         ),
         HardwareProfile(
             name="jetson-nano",
@@ -273,8 +282,10 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
             bandwidth=8 * 3.2e9,
             description=(
                 "NVIDIA Jetson Nano GPU (128 Maxwell CUDA cores at 921.6 MHz): 128 × 0.9216 GHz × 2 "
-                "(FMA) = 236 GFLOP/s FP32 (NVIDIA's 472 GFLOPS is FP16); 64-bit LPDDR4-3200 = 25.6 GB/s"
+                "(FMA) = 236 GFLOP/s FP32 (NVIDIA's 472 GFLOPS is FP16); 64-bit LPDDR4-3200 = 25.6 GB/s; 256 KiB "
+                "GPU L2 (Tegra X1)"
             ),
+            energy=EnergyFigures(cache_bytes=256 << 10),
         ),
         HardwareProfile(
             name="cortex-m7",
@@ -282,8 +293,10 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
             bandwidth=480e6 * 8,
             description=(
                 "Cortex-M7 MCU at 480 MHz (e.g. STM32H7) with single-precision FPU: 1 FMA/cycle × 2 = "
-                "0.96 GFLOP/s; 64-bit TCM access at core clock = 3.84 GB/s"
+                "0.96 GFLOP/s; 64-bit TCM access at core clock = 3.84 GB/s; 1 MiB on-chip SRAM (STM32H743: 1 MB "
+                "of RAM, TCM included)"
             ),
+            energy=EnergyFigures(cache_bytes=1 << 20),
         ),
     )
 }
@@ -372,7 +385,7 @@ def _parse_number(text: str, key: str, spec: str) -> float:
 #: Keys of a profile file: required, optional, and free-form (``measurements``: what calibration measured).
 _FILE_REQUIRED = ("name", "peak_flops_per_s")
 _FILE_OPTIONAL = ("bandwidth_bytes_per_s", "description", "node_overhead_s", "run_overhead_s", "kernels", "runtime",
-                  "bandwidth_grid")
+                  "bandwidth_grid", "energy")
 _FILE_FREE = ("measurements",)
 _KERNEL_KEYS = ("flops_per_s", "overhead_s", "grid")
 _POINT_KEYS = ("reduction", "spatial", "flops_per_s")
@@ -456,6 +469,7 @@ def profile_from_dict(data: Any, source: str = "profile") -> HardwareProfile:
         kernels=kernels,
         runtime=runtime,
         bandwidth_grid=_file_bandwidth_grid(data.get("bandwidth_grid", []), where),
+        energy=energy_from_dict(data["energy"], where) if data.get("energy") is not None else DEFAULT_ENERGY,
     )
 
 

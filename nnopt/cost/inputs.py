@@ -102,6 +102,74 @@ def resolve_input_shapes(
     return fixed, overridden
 
 
+def batched_input_shapes(
+    graph: onnx.GraphProto, init_names: set[str], given: Mapping[str, list[int]], batch: int, notes: list[str]
+) -> dict[str, list[int]]:
+    """Shapes for the graph inputs with their first (batch) dim set to ``batch``, for ``nnopt analyze --batch``.
+
+    Which first dims are batch dims: those the model leaves dynamic; when it leaves none dynamic (a model exported
+    at a fixed batch), those it fixes at 1. Inputs with a fixed first dim beside a dynamic one keep it: a
+    recurrent state ``[layers, batch, hidden]`` or a side input is not batched on its first axis. The other dims
+    are ``given``'s, else the declared ones (unknown ones counted as 1, each in ``notes``). Inputs of rank 0 or of
+    unknown rank are left as they are.
+
+    Raises:
+        InputError: ``batch`` is below 1, or a batch dim is fixed at a value other than 1 and ``batch`` (by a
+            model exported at that batch, or by ``given``): the model cannot run at another batch size.
+    """
+    if batch < 1:
+        raise InputError(f"--batch: expected a positive integer, got {batch}")
+    shapes = {name: list(dims) for name, dims in given.items()}
+    declared = {vi.name: _declared_dims(vi) for vi in graph.input if vi.name not in init_names}
+    ranked = {name: dims for name, dims in declared.items() if dims}
+    dynamic = {name for name, dims in ranked.items() if not isinstance(dims[0], int)}
+    for name, model_dims in ranked.items():
+        if dynamic and name not in dynamic:
+            continue  # a fixed first dim beside dynamic ones is not a batch dim
+        dims: list[int | str] = list(given[name]) if name in given else list(model_dims)
+        first = dims[0]
+        if isinstance(first, int) and first not in (1, batch):
+            where = "the given shape" if name in given else "the model"
+            raise InputError(f"--batch {batch}: input '{name}' has its batch dim fixed at {first} by {where}; "
+                             "only a dynamic batch dim or one of 1 can be set")
+        concrete = [batch]
+        for axis, dim in enumerate(dims[1:], start=1):
+            if not isinstance(dim, int):
+                notes.append(f"input '{name}': unknown dim {axis}{f' {dim!r}' if dim else ''} counted as 1; "
+                             "pass input shapes to set it")
+            concrete.append(dim if isinstance(dim, int) else 1)
+        shapes[name] = concrete
+    return shapes
+
+
+def batched_feeds(sample: Mapping[str, Any] | None, shapes: Mapping[str, list[int]]) -> dict[str, Any] | None:
+    """``sample`` with each input of batch 1 repeated along its first axis to the batch of ``shapes`` (what
+    :func:`batched_input_shapes` gave), so that a model is timed at the batch it was costed at."""
+    if sample is None:
+        return None
+    feeds = dict(sample)
+    for name, dims in shapes.items():
+        value = feeds.get(name)
+        if value is not None and dims and np.ndim(value) == len(dims) and np.shape(value)[0] == 1 < dims[0]:
+            feeds[name] = np.repeat(np.asarray(value), dims[0], axis=0)
+    return feeds
+
+
+def free_batch_dims(proto: onnx.ModelProto, shapes: Mapping[str, list[int]]) -> onnx.ModelProto:
+    """``proto`` (copied when anything changes) with the batch dim of each input that declares it fixed at 1 while
+    ``shapes`` gives it another size made dynamic, so that onnxruntime accepts the batch ``--batch`` costed. A
+    graph that hard-codes its batch further in (a Reshape to ``[1, ...]``) still fails, and says so."""
+    fixed_one = [i for i, vi in enumerate(proto.graph.input) if (_declared_dims(vi) or [0])[0] == 1
+                 and (shapes.get(vi.name) or [1])[0] != 1]
+    if not fixed_one:
+        return proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for i in fixed_one:
+        copy.graph.input[i].type.tensor_type.shape.dim[0].dim_param = "batch"  # clears dim_value (a oneof)
+    return copy
+
+
 def _declared_dims(vi: onnx.ValueInfoProto) -> list[int | str] | None:
     """Per dim its value, or its symbol ("" when anonymous); None when the rank is unknown."""
     if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):

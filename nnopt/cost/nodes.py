@@ -11,7 +11,8 @@ import onnx
 
 from nnopt.cost.constants import Const, body_constants, subgraph_constants
 from nnopt.cost.decoded import DecodePatternRegistry, decoded_weights
-from nnopt.cost.hardware import HardwareProfile
+from nnopt.cost.energy import dtype_class
+from nnopt.cost.hardware import FREE_KERNELS, HardwareProfile
 from nnopt.cost.notes import Findings
 from nnopt.cost.report import first_line
 from nnopt.cost.rules import Cost, CostContext, CostRuleRegistry, UnknownShapeError
@@ -19,9 +20,10 @@ from nnopt.cost.runtime_kernels import kernel_classes
 from nnopt.cost.tensors import TensorInfo
 from nnopt.cost.walk import NodeView, node_views, order_of, subgraphs
 
-#: The totals every graph's costing sums, besides ``latency_s`` (a float) and the derived ``nodes`` and
-#: ``arithmetic_intensity``.
-_SUMMED = ("params", "macs", "flops", "weight_bytes", "activation_bytes", "bytes_moved", "uncosted_nodes")
+#: The totals every graph's costing sums, besides ``latency_s`` and ``energy_j`` (floats) and the derived ``nodes``
+#: and ``arithmetic_intensity``.
+_SUMMED = ("params", "macs", "flops", "weight_bytes", "activation_bytes", "bytes_moved", "offchip_bytes",
+           "uncosted_nodes")
 
 
 @dataclass
@@ -34,6 +36,8 @@ class Scope:
         opsets: Opset version per (normalised) domain.
         rules, hardware, patterns: The cost rules, the latency profile and the decoded-weight patterns.
         findings: Where notes-worthy findings accumulate (shared by all scopes of one analysis).
+        weights_offchip: Whether the model's weights are read from DRAM at every inference (they do not all
+            fit in the profile's on-chip memory; see ``nnopt.cost.energy``).
     """
 
     infos: dict[str, TensorInfo]
@@ -43,12 +47,13 @@ class Scope:
     hardware: HardwareProfile
     patterns: DecodePatternRegistry
     findings: Findings
+    weights_offchip: bool = False
     _nbytes: dict[str, int] = field(default_factory=dict, repr=False)
 
     def with_consts(self, consts: Mapping[str, Const]) -> Scope:
         """The same analysis over a graph whose constants are ``consts``."""
         return Scope(self.infos, consts, self.opsets, self.rules, self.hardware, self.patterns, self.findings,
-                     self._nbytes)  # fmt: skip
+                     self.weights_offchip, self._nbytes)  # fmt: skip
 
     def info(self, name: str) -> TensorInfo:
         """The tensor's info, recorded as unknown the first time an unknown name is asked for."""
@@ -94,7 +99,7 @@ def cost_nodes(
         else ["other"] * len(nodes)
     )
     totals: dict[str, float | int] = dict.fromkeys(_SUMMED, 0)
-    totals["latency_s"] = 0.0
+    totals["latency_s"] = totals["energy_j"] = 0.0
     records = [
         _cost_node(index, node, kernel, scope, weights, totals) for index, node, kernel in zip(order, nodes, kernels)
     ]
@@ -124,24 +129,39 @@ def _cost_node(
             branch = costliest_branch(node.proto, scope)
     params, weight_bytes = _count_weights(node, read, weights, totals)
     nbytes = scope.nbytes
-    input_bytes = sum(nbytes(scope.infos[n]) for n in dict.fromkeys(node.inputs) if n and n not in consts)
+    read_bytes = [nbytes(scope.infos[n]) for n in dict.fromkeys(node.inputs) if n and n not in consts]
     produces_constant = all(n in consts for n in node.outputs if n)
-    output_bytes = 0 if produces_constant else sum(nbytes(o) for o in outputs if o is not None)
+    written_bytes = [] if produces_constant else [nbytes(o) for o in outputs if o is not None]
+    input_bytes, output_bytes = sum(read_bytes), sum(written_bytes)
+    # An If's branch nodes count the weights they read; the If itself only moves its inputs and outputs.
+    own_weight_bytes = weight_bytes if branch is None else 0
+    moved = input_bytes + own_weight_bytes + output_bytes
+    # Off the chip: an activation that alone overflows the on-chip memory, and every weight when they all do.
+    energy = scope.hardware.energy
+    offchip = sum(b for b in (*read_bytes, *written_bytes) if b > energy.cache_bytes)
+    offchip += own_weight_bytes if scope.weights_offchip else 0
     if branch is None:
-        moved = input_bytes + weight_bytes + output_bytes
         # The output's shape picks a conv's rate in a calibrated profile's grid (GEMM shape matters).
         first = outputs[0] if outputs else None
         shape = first.shape if first is not None and first.shape is not None else None
         latency, compute_s, memory_s = scope.hardware.node_latency(kernel, cost.flops, moved, output_shape=shape)
-    else:
+    dtype = dtype_class(op_type, kernel, outputs[0].dtype if outputs and outputs[0] is not None else None)
+    # A node the runtime folds or fuses away costs no latency, and no energy either.
+    joules = 0.0 if kernel in FREE_KERNELS else energy.node_energy_j(dtype, cost.macs, cost.flops,
+                                                                       moved - offchip, offchip)
+    if branch is not None:
         cost, moved, latency, compute_s, memory_s = _with_branch(cost, kernel, input_bytes + output_bytes, branch,
                                                                  scope.hardware)
+        joules += branch["energy_j"]
+        offchip += int(branch["offchip_bytes"])
     bound = "" if latency == 0 else ("compute" if compute_s >= memory_s else "memory")
     totals["macs"] += cost.macs
     totals["flops"] += cost.flops
     totals["activation_bytes"] += output_bytes
     totals["bytes_moved"] += moved
     totals["latency_s"] += latency
+    totals["energy_j"] += joules
+    totals["offchip_bytes"] += offchip
     totals["uncosted_nodes"] += 0 if costed else 1
     return {
         "name": name,
@@ -156,6 +176,9 @@ def _cost_node(
         "bytes_moved": int(moved),
         "arithmetic_intensity": cost.flops / moved if moved else 0.0,
         "latency_s": latency,
+        "energy_j": joules,
+        "offchip_bytes": int(offchip),
+        "dtype": dtype,
         "bound": bound,
         "kernel": kernel,
         "output_shapes": [list(o.shape) if o is not None and o.shape is not None else None for o in outputs],

@@ -15,15 +15,18 @@ class CostReport:
 
     Attributes:
         totals: Model-wide figures: ``params, macs, flops, weight_bytes, activation_bytes, bytes_moved,
-            latency_s, arithmetic_intensity, nodes, uncosted_nodes``.
+            offchip_bytes, latency_s, energy_j, throughput_per_s, arithmetic_intensity, nodes, uncosted_nodes``.
         nodes: One dict per main-graph node in topological order, with ``name, op_type, domain, params,
-            macs, flops, weight_bytes, input_bytes, output_bytes, bytes_moved, arithmetic_intensity,
-            latency_s, bound ("compute"/"memory"/""), kernel (see ``nnopt.cost.runtime_kernels.kernel_classes``),
+            macs, flops, weight_bytes, input_bytes, output_bytes, bytes_moved, offchip_bytes,
+            arithmetic_intensity, latency_s, energy_j, dtype (the data-type class energy is priced in),
+            bound ("compute"/"memory"/""), kernel (see ``nnopt.cost.runtime_kernels.kernel_classes``),
             output_shapes, costed, extra, outputs`` (``outputs``: the node's output tensor names, which
             identify it where node names are empty or repeated).
         notes: Assumptions made and things not counted, one sentence each.
-        hardware: The profile the latency estimate used.
+        hardware: The profile the latency and energy estimates used.
         input_shapes: The concrete graph-input shapes the analysis used.
+        batch: The samples one run processes (``analyze(batch=N)``): the figures are those of one run, and
+            ``throughput_per_s`` is batch ÷ latency.
 
     ``to_dict`` also holds ``uncosted``: ``{"count", "nodes"}``, the nodes that could not be costed.
     """
@@ -33,9 +36,10 @@ class CostReport:
     notes: list[str]
     hardware: HardwareProfile
     input_shapes: dict[str, list[int]]
+    batch: int = 1
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict: ``totals, nodes, notes, hardware, input_shapes``."""
+        """A JSON-serialisable dict: ``totals, nodes, notes, hardware, input_shapes, batch``."""
         return {
             "totals": dict(self.totals),
             "nodes": [dict(node) for node in self.nodes],
@@ -43,6 +47,7 @@ class CostReport:
             "hardware": self.hardware.to_dict(),
             "input_shapes": {name: list(dims) for name, dims in self.input_shapes.items()},
             "uncosted": {"count": len(self.uncosted), "nodes": self.uncosted},
+            "batch": self.batch,
         }
 
     @property
@@ -75,8 +80,9 @@ class CostReport:
             rows = sorted(ranked[: max(0, max_rows)], key=lambda r: r[0])
         total_latency = float(self.totals["latency_s"]) or 1.0
         scale, unit = time_unit(total_latency)  # one unit for the whole column and the total
-        header = [*_HEADER[:-2], f"est. latency ({unit})", "% of latency"]
-        table = [header] + [_row(index, node, total_latency, scale) for index, node in rows]
+        joules, joule_unit = energy_unit(float(self.totals.get("energy_j", 0.0)))
+        header = [*_HEADER[:-3], f"est. latency ({unit})", "% of latency", f"est. energy ({joule_unit})"]
+        table = [header] + [_row(index, node, total_latency, scale, joules) for index, node in rows]
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         lines = [
             "  ".join(
@@ -104,9 +110,17 @@ class CostReport:
             "",
             f"total: {t['nodes']} nodes, {_si(t['params'])} params ({_si(t['weight_bytes'], 'B')} weights), "
             f"{_si(t['macs'])} MACs, {_si(t['flops'])} FLOPs, {_si(t['activation_bytes'], 'B')} activations, "
-            f"{t['arithmetic_intensity']:.1f} FLOP/B, estimated latency {_format_seconds(t['latency_s'])}",
-            f"hardware: {hw.name} ({_si(hw.peak_flops, 'FLOP/s')}{bandwidth})",
+            f"{t['arithmetic_intensity']:.1f} FLOP/B, estimated latency {_format_seconds(t['latency_s'])}, "
+            f"estimated energy {_format_joules(float(t.get('energy_j', 0.0)))} "
+            f"({_si(t.get('offchip_bytes', 0), 'B')} off-chip)",
+            f"hardware: {hw.name} ({_si(hw.peak_flops, 'FLOP/s')}{bandwidth}, {_si(hw.energy.cache_bytes, 'B')} "
+            "on-chip; energy from 45 nm-era figures: an estimate, not a measurement)",
         ]
+        if self.batch != 1:
+            per = float(t.get("energy_j", 0.0)) / self.batch
+            lines.append(f"batch {self.batch}: estimated latency {_format_seconds(t['latency_s'])} per batch, "
+                         f"throughput {t.get('throughput_per_s', 0.0):,.1f} inferences/s, energy "
+                         f"{_format_joules(per)} per inference")
         if self.input_shapes:
             shapes = ", ".join(
                 f"{n}={'x'.join(map(str, d)) or 'scalar'}" for n, d in self.input_shapes.items()
@@ -124,12 +138,13 @@ class CostReport:
 #: How many uncosted node names ``uncosted_warning`` lists.
 _WARNING_NAMES = 8
 
-_HEADER = ["#", "name", "op", "output shape", "params", "MACs", "FLOPs", "out bytes", "FLOP/B", "latency", "%"]
+_HEADER = ["#", "name", "op", "output shape", "params", "MACs", "FLOPs", "out bytes", "FLOP/B", "latency", "%",
+           "energy"]
 #: Text columns (name, op, output shape) are left-aligned; figures are right-aligned.
 _LEFT = {1, 2, 3}
 
 
-def _row(index: int, node: dict[str, Any], total_latency: float, scale: float) -> list[str]:
+def _row(index: int, node: dict[str, Any], total_latency: float, scale: float, joules: float) -> list[str]:
     op = f"{node['domain']}:{node['op_type']}" if node["domain"] else node["op_type"]
     return [
         str(index),
@@ -143,6 +158,7 @@ def _row(index: int, node: dict[str, Any], total_latency: float, scale: float) -
         f"{node['arithmetic_intensity']:.1f}",
         f"{node['latency_s'] / scale:.3f}",
         f"{100 * node['latency_s'] / total_latency:.1f}",
+        f"{node.get('energy_j', 0.0) / joules:.3f}",
     ]
 
 
@@ -163,6 +179,19 @@ def time_unit(seconds: float) -> tuple[float, str]:
         if seconds >= scale:
             return scale, unit
     return 1e-9, "ns"
+
+
+def energy_unit(joules: float) -> tuple[float, str]:
+    """The unit an energy (and a table of energies summing to it) reads best in: ``(1e-6, "uJ")``."""
+    for scale, unit in ((1.0, "J"), (1e-3, "mJ"), (1e-6, "uJ")):
+        if joules >= scale:
+            return scale, unit
+    return 1e-9, "nJ"
+
+
+def _format_joules(joules: float) -> str:
+    scale, unit = energy_unit(joules)
+    return f"{joules / scale:.3f} {unit}"
 
 
 def _format_seconds(seconds: float) -> str:

@@ -8,6 +8,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from nnopt.search.objectives import OBJECTIVES
+
 #: A candidate's configuration: parameter name -> chosen value, e.g. ``{"conv1/prune": 0.25,
 #: "conv1/weights": "k4", "fc1/rank": 0.5}``. Values are JSON scalars (str, int, float, bool, None);
 #: a parameter left out takes its space's "no change" value.
@@ -38,6 +40,8 @@ class CandidateResult:
         error: one line saying why the candidate failed (it crashed, gave NaN, ...), else None.
         seconds: wall time of the evaluation.
         measured_latency_s: onnxruntime latency, measured later for the candidates that need it.
+        energy_j: the cost model's estimated energy of one inference (``nnopt.cost.energy``); None in results
+            stored before it was recorded.
     """
 
     key: str
@@ -52,6 +56,7 @@ class CandidateResult:
     seconds: float = 0.0
     measured_latency_s: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    energy_j: float | None = None
 
     @property
     def failed(self) -> bool:
@@ -71,9 +76,9 @@ class CandidateResult:
         return not self.failed and bound is not None and bound <= max_drop + 1e-12
 
     def objective(self, name: str) -> float:
-        """The value minimised for ``--objective name`` (size, latency or flops); inf when unknown."""
-        value = {"size": self.size_bytes, "latency": self.measured_latency_s or self.latency_s,
-                 "flops": self.flops}[name]
+        """The value minimised for ``--objective name`` (a key of ``nnopt.search.objectives.OBJECTIVES``); inf
+        when unknown."""
+        value = OBJECTIVES[name].value(self)
         return float(value) if value is not None else math.inf
 
     def to_dict(self) -> dict[str, Any]:

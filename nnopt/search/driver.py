@@ -26,11 +26,12 @@ from nnopt.search.evaldata import load_search_data
 from nnopt.search.evaluate import SharedInputs, build_bytes, cost_report, evaluate, run_outputs
 from nnopt.search.levels import Outcome, best_of, level1, level2
 from nnopt.search.metrics import DEFAULT_LABELS_KEY, resolve_metric
+from nnopt.search.objectives import OBJECTIVES as OBJECTIVE_REGISTRY
 from nnopt.search.report import SearchReport, choose, pareto_front
 from nnopt.search.space import SearchSpace, build_space
 
 LEVELS = (1, 2, 3)
-OBJECTIVES = ("size", "latency", "flops")
+OBJECTIVES = tuple(OBJECTIVE_REGISTRY)
 DROP_TYPES = ("absolute", "relative")
 #: Without --time-budget, level 3 searches this long and level 2 stops measuring and combining after this long
 #: (the digits CNN needs 3 minutes; a 50-layer model would measure single choices for an hour). Level 1 has
@@ -81,7 +82,7 @@ class SearchSettings:
         if self.drop_type not in DROP_TYPES:
             raise InputError(f"--drop-type: expected absolute or relative, got {self.drop_type!r}")
         if self.objective not in OBJECTIVES:
-            raise InputError(f"--objective: expected size, latency or flops, got {self.objective!r}")
+            raise InputError(f"--objective: expected {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.time_budget is not None and not (0 < self.time_budget < math.inf):
             raise InputError(f"--time-budget: expected a positive number of seconds, got {self.time_budget!r}")
         if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 1):
@@ -135,12 +136,7 @@ class Evaluations:
 
 
 def _objective_text(result: CandidateResult, objective: str) -> str:
-    value = result.objective(objective)
-    if objective == "size":
-        return f"{value / 1e3:.1f} kB"
-    if objective == "latency":
-        return f"{value * 1e6:.1f} us (estimated)"
-    return f"{value / 1e6:.2f} MFLOPs"
+    return OBJECTIVE_REGISTRY[objective].format(result.objective(objective))
 
 
 def search(model: Model | onnx.ModelProto | str | os.PathLike[str], *, data: str | os.PathLike[str],
@@ -374,12 +370,14 @@ def _decisions(space: SearchSpace, config: Configuration, outcome: Outcome) -> l
 
 
 def _original_figures(source: Any, original: onnx.ModelProto, runs: Evaluations) -> dict[str, float | None]:
-    """The original file's size, and the cleaned float model's FLOPs and latency (measured when it was timed)."""
+    """The original file's size, and the cleaned float model's FLOPs, latency (measured when it was timed) and
+    estimated energy."""
     base = next((r for r in runs.results.values() if not r.config), None)
     on_disk = isinstance(source, str | os.PathLike) and Path(source).is_file()
     return {"size": float(Path(source).stat().st_size if on_disk else original.ByteSize()),
             "flops": base.flops if base is not None else None,
-            "latency": (base.measured_latency_s or base.latency_s) if base is not None else None}
+            "latency": (base.measured_latency_s or base.latency_s) if base is not None else None,
+            "energy": base.energy_j if base is not None else None}
 
 
 def _node_costs(shared: SharedInputs, original: onnx.ModelProto, model: Model) -> dict[str, Any]:

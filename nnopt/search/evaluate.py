@@ -99,7 +99,7 @@ def evaluate(shared: SharedInputs, config: Configuration) -> CandidateResult:
         extra["layers"] = figures
     return CandidateResult(
         key, config, metric, dropped,
-        size_bytes=proto.ByteSize(), flops=costs["flops"], latency_s=costs["latency_s"],
+        size_bytes=proto.ByteSize(), flops=costs["flops"], latency_s=costs["latency_s"], energy_j=costs["energy_j"],
         distortion=1.0 - _cosine(outputs, shared.reference_outputs), seconds=time.perf_counter() - started,
         extra=extra,
     )
@@ -196,7 +196,7 @@ def _cosine(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) ->
 
 def _costs(shared: SharedInputs, proto: onnx.ModelProto) -> dict[str, float]:
     report = cost_report(shared, proto)
-    return {"flops": float(report.totals["flops"]), "latency_s": float(report.totals["latency_s"])}
+    return {key: float(report.totals[key]) for key in ("flops", "latency_s", "energy_j")}
 
 
 def cost_report(shared: SharedInputs, proto: onnx.ModelProto) -> Any:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from nnopt.errors import InputError
 from nnopt.search.candidate import CandidateResult, Configuration, config_key
+from nnopt.search.objectives import OBJECTIVES as OBJECTIVE_REGISTRY
 
 if TYPE_CHECKING:
     import optuna
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: What ``objective=`` may name: ``CandidateResult.objective(name)``.
-OBJECTIVES = ("size", "latency", "flops")
+OBJECTIVES = tuple(OBJECTIVE_REGISTRY)
 
 #: How far over the drop allowed a failed candidate (or one without a measured objective) is told to be.
 #: A penalty, not TrialState.FAIL: Optuna's samplers ignore failed trials, so TPE would keep proposing the
@@ -87,7 +88,7 @@ def joint_search(
             levels 1-2.
         evaluate_batch: evaluates configurations, returning their results in the same order (``key`` =
             ``config_key(config)``). A candidate that crashed is a result with ``error`` set, not an exception.
-        objective: "size", "latency" or "flops" (``CandidateResult.objective``).
+        objective: a key of ``nnopt.search.objectives.OBJECTIVES`` (``CandidateResult.objective``).
         max_drop: feasible = ``result.drop <= max_drop``. TPE minimises log(objective) with the constraint
             drop - max_drop <= 0 (Optuna ranks infeasible trials by their violation); NSGA-II minimises
             (drop, log objective) under the same constraint. Failed candidates are told ``FAILED_VIOLATION``.

@@ -13,6 +13,7 @@ from typing import Any
 from nnopt.atomic import write_atomic
 from nnopt.errors import InputError
 from nnopt.search.candidate import CandidateResult, Configuration
+from nnopt.search.objectives import OBJECTIVES
 
 
 def _usable(result: CandidateResult, objective: str) -> bool:
@@ -72,16 +73,6 @@ def decisions(config: Configuration, sensitivity: Mapping[str, float | None] | N
     return rows
 
 
-#: The objective's unit on the plot and in the summary: (label, divisor of the raw value, unit).
-_UNITS = {"size": ("file size", 1e3, "kB"), "latency": ("latency", 1e-3, "ms"), "flops": ("FLOPs", 1e6, "MFLOP")}
-
-
-def _quantity(name: str, value: float) -> str:
-    """A size, latency or FLOP count in the unit that reads best: ``30 B``, ``12.3 kB``, ``1.52 ms``, ``4 MFLOP``."""
-    steps = {"size": [(1e6, "MB"), (1e3, "kB"), (1.0, "B")], "latency": [(1.0, "s"), (1e-3, "ms"), (1e-6, "us")],
-             "flops": [(1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "kFLOP"), (1.0, "FLOP")]}[name]
-    scale, unit = next(((scale, unit) for scale, unit in steps if abs(value) >= scale), steps[-1])
-    return f"{value / scale:.3g} {unit}"
 
 
 @dataclass
@@ -93,7 +84,7 @@ class SearchReport:
         metric: the metric's name (``top1``, ``agreement``, ``cosine``, ``module:function``).
         drop_type: ``absolute`` or ``relative``.
         max_drop: the drop allowed.
-        objective: what was minimised (``size``, ``latency``, ``flops``).
+        objective: what was minimised (a key of ``nnopt.search.objectives.OBJECTIVES``).
         baseline_metric: the original model's metric on the evaluation data.
         eval_data: how the evaluation data was chosen, e.g. ``"--eval test.npz (450 samples)"`` or
             ``"a seeded 25 % split of --data (seed 0)"``.
@@ -105,7 +96,7 @@ class SearchReport:
         seconds: the search's wall time.
         evaluations: candidates evaluated by this run (not those the study already held).
         notes: anything the user should know (a stop at the time budget, a skipped technique, ...).
-        original: the original model's ``size``, ``latency`` and ``flops`` (as ``CandidateResult.objective``),
+        original: the original model's ``size``, ``latency``, ``flops`` and ``energy`` (as ``CandidateResult.objective``),
             to show the candidates' ratios; optional.
         eval_samples: how many evaluation samples the drops are measured on (0: not recorded).
         node_costs: the input and the returned model's per-node cost side by side (``nnopt.cost.per_node``);
@@ -203,13 +194,13 @@ class SearchReport:
 
     def _measures(self, result: CandidateResult) -> list[str]:
         parts = []
-        for name, (label, _, _) in _UNITS.items():
+        for name, objective in OBJECTIVES.items():
             value = result.objective(name)
             if not math.isfinite(value):
                 continue
             base = self.original.get(name)
             ratio = f" ({value / base:.3f}x the original)" if base else ""
-            parts.append(f"{label} {_quantity(name, value)}{ratio}")
+            parts.append(f"{objective.label} {objective.format(value)}{ratio}")
         return parts
 
 
@@ -241,7 +232,8 @@ def _plot(report: SearchReport) -> bytes:
     figure = figure_class(figsize=(7.0, 4.5), dpi=100)
     canvas_class(figure)
     axes = figure.add_subplot()
-    label, scale, unit = _UNITS[report.objective]
+    objective = OBJECTIVES[report.objective]
+    label, (scale, unit) = objective.label, objective.plot
     base = report.original.get(report.objective)
     if base:
         label, scale, unit = f"{label} / the original's", float(base), "x"
