@@ -115,6 +115,7 @@ def test_cost_model_counts_the_weight_once_and_folds_the_decoder() -> None:
     assert all(n["kernel"] == "folded" and n["latency_s"] == 0 for n in decoder)
     assert [n["params"] for n in decoder if n["params"]] == [N_IN * N_OUT]  # the signed weight, once
     assert after.totals["latency_s"] == pytest.approx(before.totals["latency_s"])
+    assert after.totals["energy_j"] == pytest.approx(before.totals["energy_j"])  # folded nodes cost no energy
 
 
 def test_declines_with_reasons() -> None:
