@@ -15,6 +15,7 @@ def nnopt_register_passes() -> list[type[Pass]]:
     from nnopt.passes.fold_batchnorm import FoldBatchNorm
     from nnopt.passes.fold_constants import FoldConstants
     from nnopt.passes.fp16 import Fp16
+    from nnopt.passes.hashed_sharing import HashedSharing
     from nnopt.passes.kmeans import KMeansWeightSharing
     from nnopt.passes.prune import Prune
     from nnopt.passes.quantize import Quantize
@@ -32,6 +33,7 @@ def nnopt_register_passes() -> list[type[Pass]]:
         ConvToSeparable,
         Svd,
         KMeansWeightSharing,
+        HashedSharing,
         Prune,
         Distill,
         Quantize,

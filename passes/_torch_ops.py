@@ -312,6 +312,17 @@ def _bit_shift(inputs: Inputs, attrs: dict[str, Any], opset: int) -> torch.Tenso
     return torch.bitwise_right_shift(x, amount.to(x.dtype))
 
 
+def _range(inputs: Inputs, attrs: dict[str, Any], opset: int) -> torch.Tensor:
+    start, limit, delta = _x(inputs, 0), _x(inputs, 1), _x(inputs, 2)
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+
+
+def _mod(inputs: Inputs, attrs: dict[str, Any], opset: int) -> torch.Tensor:
+    # fmod=0 takes the divisor's sign (Python's %, torch.remainder); fmod=1 the dividend's (C's fmod).
+    op = torch.fmod if int(attrs.get("fmod", 0)) else torch.remainder
+    return op(_x(inputs, 0), _x(inputs, 1))
+
+
 def _dequantize_linear(inputs: Inputs, attrs: dict[str, Any], opset: int) -> torch.Tensor:
     x, scale, zero = _x(inputs, 0), _x(inputs, 1), _opt(inputs, 2)
     if int(attrs.get("block_size", 0)):
@@ -400,6 +411,9 @@ OPS: dict[str, OpSpec] = {
     # train the way Deep Compression fine-tunes shared weights, indices kept).
     "Gather": OpSpec(_one(_gather), (0,)),
     "BitShift": OpSpec(_one(_bit_shift)),
+    # hashed-sharing's decoder: positions and their hash (its values train through the Gather above).
+    "Range": OpSpec(_one(_range)),
+    "Mod": OpSpec(_one(_mod)),
     "DequantizeLinear": OpSpec(_one(_dequantize_linear)),
     "Cast": OpSpec(_one(_cast)),
     "ReduceMean": OpSpec(_one(_reduce_mean)),

@@ -7,21 +7,21 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from nnopt.analysis.refit import MIN_REFIT_SAMPLES
 from nnopt.analysis.selection import NodeSelection
 from nnopt.errors import OptionError
 from nnopt.ir.constants import constant_node_payload, constant_values
 from nnopt.ir.model import Model, replace_tensor
-from nnopt.ir.naming import taken_names, unique_name
+from nnopt.ir.naming import taken_names
 from nnopt.ir.walk import all_graphs, graph_outputs, is_onnx_op
 from nnopt.passes import _kmeans_refit, _ternary
+from nnopt.passes._decoder import DecoderBuilder, stored_bytes
 from nnopt.pipeline.base import Figure, LayerDecision, Pass, PassContext, PassResult
 
 _PREFIX = "kmeans"
@@ -329,35 +329,6 @@ CODEBOOKS: dict[str, Callable[[np.ndarray, KMeansOptions, int], Clustering]] = {
 
 
 # ---------------------------------------------------------------------------------------------- storage
-@dataclass
-class _Builder:
-    """Creates the decode subgraph of one weight: uniquely named constants, variables and nodes."""
-
-    label: str
-    taken: set[str]
-    nodes: list[gs.Node] = field(default_factory=list)
-    constants: list[gs.Constant] = field(default_factory=list)
-
-    def name(self, what: str) -> str:
-        return unique_name(f"{_PREFIX}/{self.label}/{what}", self.taken)
-
-    def const(self, what: str, values: np.ndarray | LazyValues) -> gs.Constant:
-        const = gs.Constant(self.name(what), values)
-        self.constants.append(const)
-        return const
-
-    def lazy_const(self, what: str, data_type: int, dims: tuple[int, ...], raw: bytes) -> gs.Constant:
-        tensor = onnx.TensorProto(name=self.name(what), data_type=data_type, dims=list(dims), raw_data=raw)
-        const = gs.Constant(tensor.name, LazyValues(tensor))
-        self.constants.append(const)
-        return const
-
-    def op(self, op: str, inputs: list[gs.Tensor], dtype: Any, shape: tuple[int, ...], **attrs: Any) -> gs.Variable:
-        out = gs.Variable(self.name(op.lower()), dtype=dtype, shape=list(shape))
-        self.nodes.append(gs.Node(op, self.name(op), attrs=attrs, inputs=inputs, outputs=[out]))
-        return out
-
-
 @dataclass(frozen=True)
 class _Format:
     """One way to store indices: its size, when the model can use it, and its decoder."""
@@ -366,16 +337,16 @@ class _Format:
     unavailable: Callable[[int, Model], str | None]
     nbytes: Callable[[int, int, Model], int]
     #: Builds the constants and nodes that turn the stored indices into int32 indices of the weight's shape.
-    build: Callable[[_Builder, np.ndarray, int, Model], gs.Variable]
+    build: Callable[[DecoderBuilder, np.ndarray, int, Model], gs.Variable]
 
 
-def _cast_int32(b: _Builder, stored: gs.Constant, shape: tuple[int, ...]) -> gs.Variable:
+def _cast_int32(b: DecoderBuilder, stored: gs.Constant, shape: tuple[int, ...]) -> gs.Variable:
     # NOTE: Gather's indices must be int32 or int64 (onnxruntime rejects uint8 and uint4 ones): Cast first.
     return b.op("Cast", [stored], np.int32, shape, to=onnx.TensorProto.INT32)
 
 
 # uint8: one byte per index. Cast (opset 6 gives Cast an int ``to``) and Gather exist at every usable opset.
-def _uint8_build(b: _Builder, codes: np.ndarray, bits: int, model: Model) -> gs.Variable:
+def _uint8_build(b: DecoderBuilder, codes: np.ndarray, bits: int, model: Model) -> gs.Variable:
     return _cast_int32(b, b.const("indices", codes.astype(np.uint8)), codes.shape)
 
 
@@ -398,7 +369,7 @@ def _subbyte_unavailable(bits: int, model: Model) -> str | None:
     return None
 
 
-def _subbyte_build(b: _Builder, codes: np.ndarray, bits: int, model: Model) -> gs.Variable:
+def _subbyte_build(b: DecoderBuilder, codes: np.ndarray, bits: int, model: Model) -> gs.Variable:
     data_type, width = _subbyte_type(bits, model)  # type: ignore[misc]  # not None: the format's check passed
     per = 8 // width
     flat = codes.reshape(-1)
@@ -435,7 +406,7 @@ def _bitpack_nbytes(n: int, bits: int, model: Model) -> int:
     return -(-n // per) * word.itemsize
 
 
-def _bitpack_build(b: _Builder, codes: np.ndarray, bits: int, model: Model) -> gs.Variable:
+def _bitpack_build(b: DecoderBuilder, codes: np.ndarray, bits: int, model: Model) -> gs.Variable:
     word, per = _bitpack_word(bits)
     width = word.itemsize * 8
     flat = codes.reshape(-1)
@@ -852,7 +823,7 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
 
         stored_codebook = codebook.astype(dtype)
         error, max_abs, used = _errors(rows, row_codes, stored_codebook)
-        b = _Builder(weight.tensor.name or "weight", taken)
+        b = DecoderBuilder(_PREFIX, weight.tensor.name or "weight", taken)
         indices = FORMATS[fmt_name].build(b, codes, opts.index_bits, model)
         if per_channel and axis is not None:
             offsets_shape = [1] * values.ndim
@@ -862,7 +833,7 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
         table = b.const("codebook", stored_codebook.reshape(-1))
         decoded = b.op("Gather", [table, indices], dtype, values.shape)
         bytes_before = n * dtype.itemsize
-        bytes_after = sum(_stored_bytes(c) for c in b.constants)
+        bytes_after = sum(stored_bytes(c) for c in b.constants)
         entry.update({
             "mode": opts.mode,
             "bits": opts.index_bits,
@@ -889,14 +860,6 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
         replace_tensor(weight.graph, weight.tensor, decoded, graphs=weight.facts.scope)
         self._correct_bias(weight, delta)
         return b.nodes
-
-
-def _stored_bytes(const: gs.Constant) -> int:
-    """Bytes of a constant as written to the file (sub-byte types packed)."""
-    values = const._values
-    if isinstance(values, LazyValues):
-        return len(values.tensor.raw_data)
-    return int(np.asarray(values).nbytes)
 
 
 def _errors(rows: np.ndarray, row_codes: np.ndarray, codebook: np.ndarray) -> tuple[float, float, np.ndarray]:

@@ -102,7 +102,7 @@ def test_a_registered_decode_pattern_counts_its_weight_once_at_logical_size():
     builtin = analyze(model)
     assert builtin.totals["params"] == 30 + 1  # int8 values and the scale, each counted as stored
     patterns = default_decode_patterns()
-    assert [p.name for p in patterns.patterns()] == ["gather-codebook", "cast-narrow-constant"]
+    assert [p.name for p in patterns.patterns()] == ["gather-codebook", "cast-narrow-constant", "signed-decoded"]
 
     def dequantize(site: DecodeSite) -> bool:
         return site.node.op_type == "DequantizeLinear" and site.node.input[0] in site.constants

@@ -55,7 +55,8 @@ Conventions (the figures ``analyze`` reports follow these exactly):
   decoded weight itself is an activation of the decoder (``output_bytes``), as it is when onnxruntime runs
   the graph without constant folding. A decoder whose output shape is unknown is counted like any node.
   Which tensors are decoded weights is decided by the patterns of ``nnopt.cost.decoded`` (the built-in
-  one is the kmeans Gather above; passes and plugins may register theirs).
+  ones are the kmeans Gather above and hashed-sharing's Mul of such a Gather by a ±1 computed from
+  constants, which counts once, as the outer weight; passes and plugins may register theirs).
 
 * **Bytes.** A node's ``output_bytes`` are the elements × itemsize of its outputs; ``input_bytes`` those of
   its non-constant inputs; ``bytes_moved`` = input_bytes + weight_bytes + output_bytes.

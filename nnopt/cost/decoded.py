@@ -1,10 +1,12 @@
-"""Weights a graph decodes at run time from stored constants (kmeans codebooks): a registry of patterns.
+"""Weights a graph decodes at run time from stored constants (kmeans codebooks, hashed-sharing's hashed
+values): a registry of patterns.
 
 A decoded weight is counted once, at its logical size: the decoder's output is the weight the model
 computes with, and the constants only decoders read (codebook, stored indices, shift tables) count 0
 params. Which tensors computed from constants only are decoded weights is what a pattern decides; the
-built-in one recognises what the ``kmeans`` pass writes, and passes or plugins that store weights another
-way register their own.
+built-in ones recognise what the ``kmeans`` and ``hashed-sharing`` passes write, and passes or plugins that
+store weights another way register their own. A decoded weight that only feeds the decoder of another one
+(hashed-sharing's gathered values before their sign) is an intermediate: only the outermost counts.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ class DecodeSite:
         output: Its name (one of ``node``'s outputs).
         constants: The constants in scope, by name (``dtype``, ``shape``, ``nbytes``, ``params``).
         derived: Names of the tensors computed from constants only (``output`` among them).
+        decoded: Names of the decoded weights found before this one (in topological order).
     """
 
     node: onnx.NodeProto
     output: str
     constants: Mapping[str, Const]
     derived: Collection[str]
+    decoded: Collection[str] = ()
 
 
 @dataclass(frozen=True)
@@ -82,10 +86,21 @@ def _cast_of_narrow_constant(site: DecodeSite) -> bool:
 
 _NARROW_FLOATS = frozenset({onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
 
+
+def _signed_decoded(site: DecodeSite) -> bool:
+    """hashed-sharing: a Mul of a decoded weight (the gathered values) by another tensor computed from constants
+    (the ±1 sign gathered by the sign hash)."""
+    node = site.node
+    if node.op_type != "Mul" or len(node.input) != 2 or node.output[0] != site.output:
+        return False
+    return all(name in site.derived for name in node.input) and any(name in site.decoded for name in node.input)
+
+
 #: The patterns nnopt ships.
 BUILTIN_DECODE_PATTERNS: tuple[DecodePattern, ...] = (
     DecodePattern("gather-codebook", _gather_from_codebook),
     DecodePattern("cast-narrow-constant", _cast_of_narrow_constant),
+    DecodePattern("signed-decoded", _signed_decoded),
 )
 
 
@@ -149,14 +164,18 @@ def decoded_weights(
             if out and out not in consts:
                 derived[out] = (sources, chain)
     decoded: dict[str, int] = {}
+    chains: dict[str, frozenset[int]] = {}
     candidates: set[str] = set()
     decoder_nodes: set[int] = set()
-    for name, (sources, chain) in derived.items():
+    for name, (sources, chain) in derived.items():  # topological order: inner decoded weights come first
         node = nodes[max(chain)]  # the node that produced ``name``: the last of its chain
         info = infos.get(name)
-        if info is None or info.shape is None or not patterns.matches(DecodeSite(node.proto, name, consts, derived)):
+        if info is None or info.shape is None:
+            continue
+        if not patterns.matches(DecodeSite(node.proto, name, consts, derived, decoded)):
             continue
         decoded[name] = math.prod(info.shape)
+        chains[name] = chain
         candidates |= sources
         decoder_nodes |= chain
     if not candidates:
@@ -165,5 +184,11 @@ def decoded_weights(
     for i, node in enumerate(nodes):
         for name in node.reads:
             readers.setdefault(name, set()).add(i)
+    # An intermediate decoded weight (read only inside another one's decoder) is not a weight of its own.
+    # (A tensor's readers are never in its own chain, which ends at its producer.)
+    in_chains = {i for chain in chains.values() for i in chain}
+    for name in list(decoded):
+        if readers.get(name) and readers[name] <= in_chains:
+            del decoded[name]
     storage = {n for n in candidates if readers.get(n, set()) <= decoder_nodes}
     return decoded, storage
