@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -21,6 +21,10 @@ ROWS_PER_SAMPLE = 512
 #: Layers with more unknowns than this (output channels × centroids) are not refit: at 8 bits the weight
 #: error is already small, and the per-channel problems would cost more than the clustering.
 MAX_UNKNOWNS = 1 << 14
+
+
+#: A planned layer's key (the caller's: e.g. id() of the weight tensor).
+K = TypeVar("K")
 
 
 @dataclass
@@ -63,6 +67,18 @@ def plan(node: gs.Node, weight: np.ndarray, readers: int) -> Layer | str:
         own = isinstance(node.inputs[2], gs.Constant) and len(node.inputs[2].outputs) == 1
         tensor = node.inputs[2] if own else None
     return Layer(node, x, y, weight, bias, tensor, channels, groups, alpha)
+
+
+def collect_planned(model: Any, planned: dict[K, Layer], samples: Sequence[dict[str, np.ndarray]], seed: int,
+                    ) -> dict[K, tuple[Layer, list[np.ndarray], list[np.ndarray]]]:
+    """``collect`` for the planned layers (key -> layer), each with its input and output rows; a layer whose
+    input tensor another planned layer reads too is left out (it would need two sets of rows)."""
+    inputs = [layer.x for layer in planned.values()]
+    kept = {key: layer for key, layer in planned.items() if inputs.count(layer.x) == 1}
+    if not kept:
+        return {}
+    acts = collect(model, list(kept.values()), samples, seed)
+    return {key: (layer, *acts[layer.y]) for key, layer in kept.items()}
 
 
 def collect(model: Any, layers: Sequence[Layer], samples: Sequence[dict[str, np.ndarray]], seed: int,

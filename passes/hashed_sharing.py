@@ -247,13 +247,7 @@ class HashedSharing(Pass[HashedOptions]):
                 weight.figures["fit"] = f"weights: {found}"
             else:
                 layers[id(weight.tensor)] = found
-        # A tensor two planned layers read would need two sets of rows: those layers keep the weight fit.
-        inputs = [layer.x for layer in layers.values()]
-        layers = {key: layer for key, layer in layers.items() if inputs.count(layer.x) == 1}
-        if not layers:
-            return {}
-        acts = _kmeans_refit.collect(model, list(layers.values()), ctx.samples, ctx.seed_for(f"{self.name}:fit"))
-        return {key: (layer, *acts[layer.y]) for key, layer in layers.items()}
+        return _kmeans_refit.collect_planned(model, layers, ctx.samples, ctx.seed_for(f"{self.name}:fit"))
 
     # ------------------------------------------------------------------------------------------ rewriting
     def _offsets(self, name: str, ctx: PassContext) -> tuple[int, int]:

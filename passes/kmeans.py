@@ -704,13 +704,7 @@ class KMeansWeightSharing(Pass[KMeansOptions]):
                 weight.figures["refit"] = f"not refit: {found}"
             else:
                 layers[id(weight.tensor)] = found
-        # A tensor two planned layers read as input would need two sets of rows: those layers are left out.
-        inputs = [layer.x for layer in layers.values()]
-        layers = {key: layer for key, layer in layers.items() if inputs.count(layer.x) == 1}
-        if not layers:
-            return {}
-        acts = _kmeans_refit.collect(model, list(layers.values()), ctx.samples, ctx.seed_for("kmeans:refit"))
-        return {key: (layer, *acts[layer.y]) for key, layer in layers.items()}
+        return _kmeans_refit.collect_planned(model, layers, ctx.samples, ctx.seed_for("kmeans:refit"))
 
     def _refit(self, weight: _Weight, codes: np.ndarray, codebook: np.ndarray, per_channel: bool, exact: bool,
                opts: KMeansOptions, ctx: PassContext) -> tuple[np.ndarray, np.ndarray | None]:
