@@ -86,7 +86,7 @@ def measure(key: str, settings: tuple[str, ...]) -> list[dict[str, object]]:
             rows.append({
                 "model": key, "setting": setting, "agreement": float((top == reference).mean()),
                 "accuracy": None if labels is None else float((top == labels).mean()),
-                "seconds": round(seconds, 1),
+                "seconds": round(seconds, 1), "statuses": {r.name: r.status for r in report.passes},
                 "distill": None if distill is None else {
                     "status": distill.status, "reason": distill.reason, **{k: distill.stats.get(k) for k in
                                                  ("epochs_run", "best_epoch", "stopped_by", "seconds",
