@@ -103,6 +103,7 @@ def test_qat_on_digits_keeps_the_qdq_graph_and_changes_only_initializer_values(d
     old, new = _initializers(before), _initializers(after)
     assert list(old) == list(new)
     assert all(old[k].dtype == new[k].dtype and old[k].shape == new[k].shape for k in old)
+    assert [old[k].nbytes for k in old] == [new[k].nbytes for k in new]  # same bytes per tensor, same order
     changed = [k for k in old if not np.array_equal(old[k], new[k])]
     int8_changed = [k for k in changed if new[k].dtype == np.int8]
     assert len(int8_changed) >= 2  # the weights of the convs and gemms (stored int8) moved on their grids
