@@ -91,6 +91,8 @@ DEFAULT_SETTINGS = (
     "prune:mode=unstructured,ratio=0.5+kmeans:bits=4",
     "quantize:mode=static",
     "quantize:mode=weight_only",
+    "quantize:mode=static+distill:lr=0.0001,max_seconds=60",
+    "kmeans:bits=2+distill:max_seconds=60",
     "default+prune:ratio=0.3,round_to=8+quantize:mode=static",
     "fp16",
     "fp16:fragile=true",

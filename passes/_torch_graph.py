@@ -12,7 +12,7 @@ import torch
 
 from nnopt.ir.constants import constant_node_payload
 from nnopt.ir.walk import is_onnx_op
-from nnopt.passes._torch_ops import OPS, OpFunction, UnsupportedOp
+from nnopt.passes._torch_ops import OPS, OpFunction, UnsupportedOp, fake_quantize, integer_range, scale_shape
 
 #: Ops whose output a constant added next (``MatMul → Add(bias)``) is the bias of: that constant trains too.
 _BIASED = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
@@ -27,16 +27,54 @@ class _Step:
 
 
 @dataclass(frozen=True)
+class Grid:
+    """The fixed integer grid of a weight stored quantized (integers read by DequantizeLinear): its scale,
+    zero point (shaped to broadcast against the weight) and saturation range."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    shape: list[int]
+    low: int
+    high: int
+
+    def integers(self, values: torch.Tensor) -> torch.Tensor:
+        """Float weights on the grid, as a float tensor of integers (straight-through gradient)."""
+        return fake_quantize(values, self.scale, self.zero, self.shape, self.low, self.high)
+
+    def dequantize(self, integers: np.ndarray) -> np.ndarray:
+        zero = 0.0 if self.zero is None else self.zero.to(torch.float32).reshape(self.shape).numpy()
+        return ((integers.astype(np.float32) - zero) * self.scale.reshape(self.shape).numpy()).astype(np.float32)
+
+
+@dataclass(frozen=True)
 class Weight:
-    """A trainable float constant: where its values live in the graph, and what reads it."""
+    """A trainable constant: where its values live in the graph, and what reads it.
+
+    A float constant trains as itself. An integer constant read only by DequantizeLinear (a quantized
+    weight, ``grid`` set) trains as a float shadow initialised from its dequantized values and
+    fake-quantized on the fixed grid in the forward pass (quantization-aware training); it is written
+    back as integers on the same grid, so the graph and onnxruntime's int8 kernels are unchanged.
+    """
 
     name: str
     holder: gs.Constant | gs.Node  # the initializer, or the Constant node whose ``value`` holds it
     values: np.ndarray
     readers: tuple[gs.Node, ...]
+    grid: Grid | None = None
+
+    def initial(self) -> np.ndarray:
+        """The float32 values training starts from (the dequantized ones for a quantized weight)."""
+        return self.values.astype(np.float32) if self.grid is None else self.grid.dequantize(self.values)
+
+    def feed(self, param: torch.Tensor) -> torch.Tensor:
+        """What the graph's readers see: the parameter, or its integers on the grid."""
+        return param if self.grid is None else self.grid.integers(param)
 
     def write(self, values: np.ndarray) -> None:
         """Give the graph new values (a new array, the old one untouched), in the initializer's own dtype."""
+        if self.grid is not None:
+            with torch.no_grad():
+                values = self.grid.integers(torch.from_numpy(values.astype(np.float32))).numpy()
         new = np.ascontiguousarray(values.astype(self.values.dtype))
         if isinstance(self.holder, gs.Constant):
             self.holder.values = new
@@ -64,15 +102,14 @@ class TorchGraph(torch.nn.Module):
         constants = _constants(graph)
         self.steps = _plan(graph, set(constants) | set(self.input_names))
         self.weights = [w for w in _weights(graph, constants) if w.values.dtype.kind == "f"]
+        self.weights += _quantized_weights(graph, constants)
         trained = {w.name for w in self.weights}
-        self.params = torch.nn.ParameterList(
-            [torch.nn.Parameter(torch.from_numpy(w.values.astype(np.float32))) for w in self.weights]
-        )
+        self.params = torch.nn.ParameterList([torch.nn.Parameter(torch.from_numpy(w.initial())) for w in self.weights])
         self.fixed = {name: _tensor(values) for name, (_, values) in constants.items() if name not in trained}
 
     def forward(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         env: dict[str, torch.Tensor] = dict(self.fixed)
-        env.update((w.name, p) for w, p in zip(self.weights, self.params))
+        env.update((w.name, w.feed(p)) for w, p in zip(self.weights, self.params))
         env.update(feeds)
         for step in self.steps:
             args = [env[name] if name else None for name in step.inputs]
@@ -171,6 +208,52 @@ def _weights(graph: gs.Graph, constants: dict[str, tuple[gs.Constant | gs.Node, 
             continue  # value_float(s): a scalar hyper-parameter, not a weight
         out.append(Weight(name, holder, values, tuple(nodes)))
     return out
+
+
+def _quantized_weights(graph: gs.Graph, constants: dict[str, tuple[gs.Constant | gs.Node, np.ndarray]]) -> list[Weight]:
+    """Integer constants that only DequantizeLinear nodes read, all with the same constant scale, zero
+    point and axis: quantize's int8 weights (and int32 biases). Anything else integer (kmeans indices,
+    shapes) stays fixed."""
+    readers: dict[str, list[gs.Node]] = {}
+    for node in graph.nodes:
+        for tensor in node.inputs:
+            if tensor.name in constants:
+                readers.setdefault(tensor.name, []).append(node)
+    out = []
+    for name, nodes in readers.items():
+        holder, values = constants[name]
+        if values.dtype.kind not in "iu":
+            continue
+        grids = {_grid_key(node, name, constants) for node in nodes}
+        if len(grids) != 1 or None in grids:
+            continue
+        grid = _grid(nodes[0], values, constants)
+        if grid is not None:
+            out.append(Weight(name, holder, values, tuple(nodes), grid))
+    return out
+
+
+def _grid_key(node: gs.Node, name: str, constants: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What makes two DequantizeLinear readers of ``name`` agree: the same scale, zero point and axis."""
+    if node.op != "DequantizeLinear" or not is_onnx_op(node) or node.inputs[0].name != name:
+        return None
+    params = tuple(t.name for t in node.inputs[1:3] if t.name)
+    if not all(p in constants for p in params) or int(node.attrs.get("block_size", 0)):
+        return None
+    return (*params, int(node.attrs.get("axis", 1)))
+
+
+def _grid(node: gs.Node, values: np.ndarray, constants: dict[str, Any]) -> Grid | None:
+    """The grid of a DequantizeLinear reading ``values`` (scale, zero point and range), or None if unfit."""
+    scale = _tensor(constants[node.inputs[1].name][1])
+    zero_name = node.inputs[2].name if len(node.inputs) > 2 else ""
+    zero = _tensor(constants[zero_name][1]) if zero_name else None
+    if not scale.is_floating_point() or zero is not None and zero.dtype != _tensor(values).dtype:
+        return None
+    shape = scale_shape(_tensor(values), scale, node.attrs)
+    info = np.iinfo(values.dtype)
+    low, high = integer_range(zero) if zero is not None else (int(info.min), int(info.max))
+    return Grid(scale, zero, shape, low, high)
 
 
 def _weight_slots(node: gs.Node) -> list[int]:

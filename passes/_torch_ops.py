@@ -323,15 +323,52 @@ def _mod(inputs: Inputs, attrs: dict[str, Any], opset: int) -> torch.Tensor:
     return op(_x(inputs, 0), _x(inputs, 1))
 
 
-def _dequantize_linear(inputs: Inputs, attrs: dict[str, Any], opset: int) -> torch.Tensor:
-    x, scale, zero = _x(inputs, 0), _x(inputs, 1), _opt(inputs, 2)
+def scale_shape(x: torch.Tensor, scale: torch.Tensor, attrs: dict[str, Any]) -> list[int]:
+    """The shape a (per-tensor or per-axis) scale or zero point broadcasts to against ``x``."""
     if int(attrs.get("block_size", 0)):
-        raise UnsupportedOp("blocked DequantizeLinear")
+        raise UnsupportedOp("blocked QuantizeLinear/DequantizeLinear")
     shape = [1] * x.dim()
     if scale.dim() == 1 and x.dim() > 0 and scale.numel() > 1:
         shape[int(attrs.get("axis", 1)) % x.dim()] = -1
+    return shape
+
+
+def _dequantize_linear(inputs: Inputs, attrs: dict[str, Any], opset: int) -> torch.Tensor:
+    # ``x`` may be a float tensor of integer values: QuantizeLinear's fake-quantized output (see below).
+    x, scale, zero = _x(inputs, 0), _x(inputs, 1), _opt(inputs, 2)
+    shape = scale_shape(x, scale, attrs)
     values = x.to(torch.float32) - (0 if zero is None else zero.to(torch.float32).reshape(shape))
     return values * scale.reshape(shape)
+
+
+def integer_range(zero: torch.Tensor | None) -> tuple[int, int]:
+    """The saturation range of a QuantizeLinear whose zero point is ``zero`` (absent: uint8, as ONNX says)."""
+    if zero is None:
+        return 0, 255
+    if zero.is_floating_point():
+        raise UnsupportedOp(f"QuantizeLinear to {zero.dtype}")
+    info = torch.iinfo(zero.dtype)
+    return info.min, info.max
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, shape: list[int],
+                  low: int, high: int) -> torch.Tensor:
+    """``saturate(round(x / scale) + zero)`` as a float tensor of integer values, with the straight-through
+    estimator: the forward pass rounds (half to even, as ONNX), the gradient passes rounding unchanged and
+    is zero where the value saturates (clamp's own gradient), so fixed scales train the values they quantize."""
+    q = x / scale.reshape(shape) + (0 if zero is None else zero.to(torch.float32).reshape(shape))
+    q = q + (torch.round(q) - q).detach()
+    return torch.clamp(q, float(low), float(high))
+
+
+def _quantize_linear(inputs: Inputs, attrs: dict[str, Any], opset: int) -> torch.Tensor:
+    # Fake quantization: the integers stay in a float tensor so that gradients reach the layers before it
+    # (DequantizeLinear reads them back; the scales and zero points are constants and stay fixed).
+    x, scale, zero = _x(inputs, 0), _x(inputs, 1), _opt(inputs, 2)
+    if int(attrs.get("output_dtype", 0)) not in (0, 2, 3):  # 0: the zero point's type
+        raise UnsupportedOp("QuantizeLinear to other than uint8/int8")
+    low, high = integer_range(zero)
+    return fake_quantize(x.to(torch.float32), scale, zero, scale_shape(x, scale, attrs), low, high)
 
 
 #: ONNX TensorProto data type → the torch dtype the interpreter computes in. Every float type computes
@@ -415,6 +452,8 @@ OPS: dict[str, OpSpec] = {
     "Range": OpSpec(_one(_range)),
     "Mod": OpSpec(_one(_mod)),
     "DequantizeLinear": OpSpec(_one(_dequantize_linear)),
+    # Static quantize's activations: fake-quantized with a straight-through gradient (quantization-aware training).
+    "QuantizeLinear": OpSpec(_one(_quantize_linear)),
     "Cast": OpSpec(_one(_cast)),
     "ReduceMean": OpSpec(_one(_reduce_mean)),
     "Dropout": OpSpec(_dropout),
