@@ -843,6 +843,14 @@ def load_cache(path: Path) -> dict[str, Any]:
         return {}
 
 
+def _waits(waited: list[float], timeout: float, cached: dict[str, Any] | None) -> dict[str, Any]:
+    """Count, total and timed-out waits for an idle CPU of this run, or of the run that measured the cached
+    figures when this one waited for nothing."""
+    if not waited:
+        return cached or {"count": 0, "total_s": 0.0, "timed_out": 0}
+    return {"count": len(waited), "total_s": sum(waited), "timed_out": sum(1 for w in waited if w >= timeout)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", help="digits and keys of tests/realmodels.py (default: all installed)")
@@ -983,20 +991,8 @@ def main(argv: list[str] | None = None) -> int:
         "calibrate_s": calibrate_s,
         "idle_threshold": args.idle,
         # Waits of this run, or of the run that measured the cached figures when this one measured nothing.
-        "idle_waits": {
-            "count": len(waited),
-            "total_s": sum(waited),
-            "timed_out": sum(1 for w in waited if w >= args.idle_timeout),
-        }
-        if waited
-        else cache.get("idle_waits", {"count": 0, "total_s": 0.0, "timed_out": 0}),
-        "calibrate_waits": {
-            "count": len(calibrate_waited),
-            "total_s": sum(calibrate_waited),
-            "timed_out": sum(1 for w in calibrate_waited if w >= args.idle_timeout),
-        }
-        if calibrate_waited
-        else cache.get("calibrate_waits", {"count": 0, "total_s": 0.0, "timed_out": 0}),
+        "idle_waits": _waits(waited, args.idle_timeout, cache.get("idle_waits")),
+        "calibrate_waits": _waits(calibrate_waited, args.idle_timeout, cache.get("calibrate_waits")),
         "calibrated_profile": profile_dict,
         "default_profile": DEFAULT_PROFILE.to_dict(),
         "summary": summarize(points),
