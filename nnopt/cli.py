@@ -150,7 +150,6 @@ def _add_optimize(sub: Any) -> None:
 def _optimize_epilog() -> str:
     """``optimize --help``'s tail: the -p syntax with examples, then every registered pass in one line."""
     import shutil
-    import textwrap
 
     from nnopt.pipeline.spec import DEFAULT_PIPELINE
     from nnopt.plugin_manager import build_plugins
@@ -169,7 +168,7 @@ def _optimize_epilog() -> str:
     for name in sorted(plugins.passes):
         cls = plugins.passes[name].cls
         head = f"  {name.ljust(name_width)}  {'lossy   ' if cls.lossy else 'lossless'}  "
-        lines.extend(textwrap.wrap(cls.summary(), width, initial_indent=head, subsequent_indent=" " * len(head)))
+        lines.extend(_wrap(cls.summary(), width, head, " " * len(head)))
     return "\n".join(lines)
 
 
