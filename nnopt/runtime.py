@@ -215,6 +215,17 @@ def set_session_threads(threads: int | None) -> None:
     _SESSION_THREADS = threads
 
 
+@contextlib.contextmanager
+def session_threads(threads: int | None) -> Iterator[None]:
+    """``set_session_threads(threads)`` for the ``with`` block, the previous count restored after it."""
+    previous = _SESSION_THREADS
+    set_session_threads(threads)
+    try:
+        yield
+    finally:
+        set_session_threads(previous)
+
+
 def make_session(
     model: Model | onnx.ModelProto | str | os.PathLike[str], *, optimize: bool = False
 ) -> ort.InferenceSession:

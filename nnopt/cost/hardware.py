@@ -169,6 +169,10 @@ class HardwareProfile:
         energy: The energy prices (pJ per MAC and operation by data type, per byte on and off the chip) and
             the on-chip memory size the energy estimate uses (``nnopt.cost.energy``); the 45 nm figures with
             a 4 MiB cache (:data:`DEFAULT_ENERGY`) unless the profile gives its own.
+        threads: The onnxruntime intra-op threads the figures were measured with (``nnopt calibrate
+            --threads``); None: onnxruntime's default (one per core), or not a measured profile. int8 gains
+            differ with the thread count (a MobileNet that int8 makes 0.74x float on one thread ran 1.25x
+            float on two), so a profile is for the thread count it was measured at.
     """
 
     name: str
@@ -181,6 +185,7 @@ class HardwareProfile:
     runtime: str | None = None
     bandwidth_grid: tuple[tuple[float, float], ...] = ()
     energy: EnergyFigures = DEFAULT_ENERGY
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if not self.peak_flops > 0 or (self.bandwidth is not None and not self.bandwidth > 0):
@@ -193,6 +198,8 @@ class HardwareProfile:
         for kernel, figures in self.kernels.items():
             if (figures.flops is not None and not figures.flops > 0) or not figures.overhead_s >= 0:
                 raise ValueError(f"hardware profile '{self.name}': kernels.{kernel} figures must be positive")
+        if self.threads is not None and not self.threads >= 1:
+            raise ValueError(f"hardware profile '{self.name}': threads must be at least 1")
         if self.runtime is not None and self.runtime not in RUNTIMES:
             raise ValueError(f"hardware profile '{self.name}': unknown runtime '{self.runtime}'")
         points = [p for figures in self.kernels.values() for p in figures.grid]
@@ -242,6 +249,8 @@ class HardwareProfile:
             # Only when measured: a profile without it keeps the file form it always had.
             **({"bandwidth_grid": [list(point) for point in self.bandwidth_grid]} if self.bandwidth_grid else {}),
             "energy": self.energy.to_dict(),
+            # Only when measured at a given count: a profile without it keeps its file form.
+            **({"threads": self.threads} if self.threads is not None else {}),
         }
 
 
@@ -385,7 +394,7 @@ def _parse_number(text: str, key: str, spec: str) -> float:
 #: Keys of a profile file: required, optional, and free-form (``measurements``: what calibration measured).
 _FILE_REQUIRED = ("name", "peak_flops_per_s")
 _FILE_OPTIONAL = ("bandwidth_bytes_per_s", "description", "node_overhead_s", "run_overhead_s", "kernels", "runtime",
-                  "bandwidth_grid", "energy")
+                  "bandwidth_grid", "energy", "threads")
 _FILE_FREE = ("measurements",)
 _KERNEL_KEYS = ("flops_per_s", "overhead_s", "grid")
 _POINT_KEYS = ("reduction", "spatial", "flops_per_s")
@@ -470,7 +479,17 @@ def profile_from_dict(data: Any, source: str = "profile") -> HardwareProfile:
         runtime=runtime,
         bandwidth_grid=_file_bandwidth_grid(data.get("bandwidth_grid", []), where),
         energy=energy_from_dict(data["energy"], where) if data.get("energy") is not None else DEFAULT_ENERGY,
+        threads=_file_threads(data.get("threads"), where),
     )
+
+
+def _file_threads(value: Any, where: str) -> int | None:
+    """``threads``: null or a whole number of at least 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{where}: threads: expected null or a whole number of at least 1, got {value!r}")
+    return value
 
 
 def _file_grid(points: Any, where: str, label: str) -> tuple[RatePoint, ...]:
