@@ -121,6 +121,11 @@ class TableRates:
 
     name: str = "int8-kernels-table"
 
+    @property
+    def threads(self) -> int | None:
+        """The onnxruntime intra-op threads the times are for (the table: one; None: onnxruntime's default)."""
+        return 1
+
     def layer_us(self, kind: str, work: float, pixels: float, elements: float,
                  output_shape: Sequence[int] | None = None) -> tuple[float, float]:
         rate = KERNELS[kind]
@@ -154,6 +159,10 @@ class ProfileRates(TableRates):
         float_s = self.profile.node_latency(float_class, flops, 4.0 * elements, output_shape=output_shape)[0]
         int8_s = self.profile.node_latency(int8_class, flops, elements, output_shape=output_shape)[0]
         return float_s * 1e6, int8_s * 1e6
+
+    @property
+    def threads(self) -> int | None:
+        return self.profile.threads if self.profile is not None else 1
 
     @property
     def narrow(self) -> bool:
@@ -231,6 +240,7 @@ def select(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], feeds: di
         effective, total = set(), float_total
     sel = _result(cost, effective, float_total, total)
     sel.stats["select_profile"] = rates.name
+    sel.stats["select_threads"] = rates.threads
     return sel
 
 

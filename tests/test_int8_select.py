@@ -63,7 +63,7 @@ def test_a_space_to_depth_stem_of_12_channels_runs_int8() -> None:
     assert stem["predicted_float_us"] == pytest.approx(rate.float_us(macs), abs=0.01) == pytest.approx(644.8, abs=0.1)
     assert stem["predicted_int8_us"] == pytest.approx(rate.int8_us(macs, 104 * 104), abs=0.01)
     assert stem["predicted_int8_us"] == pytest.approx(277.0, abs=0.1)
-    assert sel.stats["select_profile"] == "int8-kernels-table"
+    assert sel.stats["select_profile"] == "int8-kernels-table" and sel.stats["select_threads"] == 1
 
 
 @pytest.mark.parametrize(("cin", "out", "why"), [
@@ -97,7 +97,8 @@ def test_a_calibrated_profile_gives_the_times_its_estimate_gives() -> None:
     rates = _int8_select.rates_for(profile)
     assert isinstance(rates, _int8_select.ProfileRates) and rates.name == "calibrated-test"
     sel = _select(proto, calib[0], rates)
-    assert sel.stats["select_profile"] == "calibrated-test"
+    assert sel.stats["select_profile"] == "calibrated-test" and sel.stats["select_threads"] is None
+    assert _select(proto, calib[0], _int8_select.rates_for(replace(profile, threads=2))).stats["select_threads"] == 2
     assert sel.chosen == ["conv0", "relu0", "conv1", "relu1", "conv2"]
     dw = _figures(sel, "conv1")
     macs, elements = 128 * 9 * 28 * 28, 2 * 128 * 28 * 28 + 128 * 9 + 128
