@@ -861,6 +861,7 @@ _KERNEL_LABELS = {
     "pointwise": "1x1 conv",
     "int8": "int8 conv",
     "int8_depthwise": "int8 depthwise",
+    "int8_pointwise": "int8 1x1 conv",
     "int8_matmul": "int8 matmul",
     "int8_elementwise": "int8 add/mul",
     "quantize": "Q/DQ nodes",

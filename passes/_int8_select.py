@@ -98,7 +98,7 @@ _KIND = {"Gemm": "gemm", "MatMul": "gemm", "ConvTranspose": "dense", "Add": "add
 #: Per kind of ``KERNELS``: the cost model's kernel class of its float and of its int8 form
 #: (``nnopt.cost.hardware.KERNEL_CLASSES``; "other" runs at the profile's peak rate), and FLOPs per unit of work.
 _PROFILE_CLASSES: dict[str, tuple[str, str, float]] = {
-    "dense": ("conv", "int8", 2.0), "dense_narrow": ("conv", "int8", 2.0), "pointwise": ("pointwise", "int8", 2.0),
+    "dense": ("conv", "int8", 2.0), "dense_narrow": ("conv", "int8", 2.0), "pointwise": ("pointwise", "int8_pointwise", 2.0),
     "depthwise": ("depthwise", "int8_depthwise", 2.0), "gemm": ("conv", "int8_matmul", 2.0),
     "add": ("other", "int8_elementwise", 1.0), "mul": ("other", "int8_elementwise", 1.0),
 }  # fmt: skip

@@ -184,7 +184,7 @@ QUICK_SIZES = ProbeSizes(
 #: The kernel classes calibration measures: convs by chains of convs (``_conv_chain``), ``int8_matmul`` by a
 #: chain of QDQ MatMuls, ``int8_elementwise`` by QDQ Adds, ``quantize`` by Quantize → Dequantize → Neg.
 CALIBRATED_KERNELS = ("conv", "pointwise", "depthwise", "grouped_conv", "unblocked_conv", "dynamic_weight", "int8",
-                      "int8_depthwise", "int8_matmul", "int8_elementwise", "quantize")  # fmt: skip
+                      "int8_depthwise", "int8_pointwise", "int8_matmul", "int8_elementwise", "quantize")  # fmt: skip
 
 
 @dataclass
@@ -480,7 +480,7 @@ def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
 #: The kernel classes whose rate is interpolated in a grid of probes (``ProbeSizes.conv_grid``...): dense
 #: convs run at 40-250 GFLOP/s here depending on their GEMM's shape, int8 ones too, and both far slower with
 #: few input channels (``narrow_grid``).
-GRID_KERNELS = ("conv", "pointwise", "grouped_conv", "int8")
+GRID_KERNELS = ("conv", "pointwise", "grouped_conv", "int8", "int8_pointwise")
 
 
 def _chain_pairs(figures: dict[str, dict[str, Any]], prefix: str) -> list[tuple[str, str]]:
@@ -509,7 +509,11 @@ def _rate_grid(
     node_overhead, run_overhead, bandwidth, peak = machine
     base = kernels[kernel]
     points = []
+    # "grid_int8_" also begins the names of int8_pointwise's probes: a longer class name's probes are its own.
+    others = tuple(f"grid_{k}_" for k in GRID_KERNELS if k != kernel and k.startswith(kernel))
     for short, long in _chain_pairs(figures, f"grid_{kernel}_"):
+        if others and long.startswith(others):
+            continue
         probe = figures[long]
         element = _large_per_node(figures, short, long, run_overhead, 0.0)
         helper_bandwidth = interpolate_bandwidth(bandwidth_grid, probe.get("helper_bytes_per_node", 0.0))
@@ -571,7 +575,8 @@ def _grid_probes(sizes: ProbeSizes, rng: np.random.Generator) -> dict[str, _Prob
     convs; per ``bandwidth_elements`` a chain of 1 Add and a longer one (short Adds need more nodes for a
     slope above the timer's noise)."""
     probes: dict[str, _Probe] = {}
-    for kind, grid in (("conv", sizes.conv_grid), ("pointwise", sizes.pointwise_grid), ("int8", sizes.conv_grid)):
+    for kind, grid in (("conv", sizes.conv_grid), ("pointwise", sizes.pointwise_grid), ("int8", sizes.conv_grid),
+                       ("int8_pointwise", sizes.pointwise_grid)):
         for channels, size in grid:
             for length, suffix in ((1, "_1"), (3, "")):
                 name = f"grid_{kind}_{channels}x{size}{suffix}"
@@ -629,6 +634,7 @@ def _conv_chain(length: int, kind: str, sizes: ProbeSizes, large: bool, rng: np.
         "int8_depthwise": (sizes.depthwise_channels, sizes.depthwise_size, sizes.tiny_channels),
         "unblocked_conv": (sizes.unblocked_channels, sizes.conv_size, sizes.unblocked_tiny_channels),
         "pointwise": (sizes.pointwise_channels, sizes.pointwise_size, sizes.tiny_channels),
+        "int8_pointwise": (sizes.pointwise_channels, sizes.pointwise_size, sizes.tiny_channels),
     }.get(kind, (sizes.conv_channels, sizes.conv_size, sizes.tiny_channels))
     return _convs(length, channels if large else tiny_channels, size if large else sizes.tiny_size, kind, rng)
 
@@ -646,9 +652,9 @@ def _convs(length: int, channels: int, size: int, kind: str, rng: np.random.Gene
     shrinking chain would reach denormal floats, which are many times slower and would spoil the timing.
     """
     group = {"depthwise": channels, "int8_depthwise": channels}.get(kind, 1)
-    k = 1 if kind == "pointwise" else 3
+    k = 1 if kind in ("pointwise", "int8_pointwise") else 3
     fan_in = k * k * (channels // group)
-    int8 = kind in ("int8", "int8_depthwise")
+    int8 = kind in ("int8", "int8_depthwise", "int8_pointwise")
     quantized_weight = int8 or kind == "dynamic_weight"
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []

@@ -34,6 +34,8 @@ KERNEL_CLASSES: dict[str, str] = {
     "what SVD's second factor and a separable conv's second half are",
     "int8_depthwise": "int8 depthwise Conv: a QDQ group around a depthwise Conv (onnxruntime: QLinearConv with "
     "one channel per group)",
+    "int8_pointwise": "int8 1×1 Conv (group 1): a QDQ group around a pointwise Conv (onnxruntime: QLinearConv, "
+    "a plain int8 GEMM without im2col); a profile without it uses its int8 figures",
     "int8_matmul": "int8 MatMul and Gemm: QLinearMatMul, MatMulInteger, and the QDQ groups around MatMul/Gemm "
     "(onnxruntime: QLinearMatMul, QGemm)",
     "int8_elementwise": "Add and Mul on int8 data: a QDQ group around Add/Mul (onnxruntime: QLinearAdd, "
@@ -41,6 +43,9 @@ KERNEL_CLASSES: dict[str, str] = {
     "quantize": "QuantizeLinear and DequantizeLinear a runtime runs as nodes (not fused into an int8 kernel): "
     "activation boundaries of float islands, weights dequantized at every inference",
 }
+#: Kernel classes a profile that has no figures of its own for them takes from another class (profiles
+#: written before the class existed keep estimating as they did).
+KERNEL_FALLBACK: dict[str, str] = {"int8_pointwise": "int8"}
 #: Kernel classes of nodes that cost nothing per inference (only produced for profiles with a ``runtime``):
 #: computed once when the session is created, or absorbed into another node's kernel.
 FREE_KERNELS: frozenset[str] = frozenset({"folded", "fused"})
@@ -220,7 +225,7 @@ class HardwareProfile:
         """
         if kernel in FREE_KERNELS:
             return 0.0, 0.0, 0.0
-        figures = self.kernels.get(kernel)
+        figures = self.kernels.get(kernel, self.kernels.get(KERNEL_FALLBACK.get(kernel, "")))
         rate = figures.rate(flops, output_shape) if figures is not None else None
         compute_s = flops / (rate if rate is not None else self.peak_flops)
         if self.bandwidth_grid:
