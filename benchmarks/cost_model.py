@@ -488,6 +488,11 @@ PROBES = {
     "quantize_large": "the same, three in a chain",
     "quantize_tiny_1": "QuantizeLinear → DequantizeLinear → Neg on [1, 16], one",
     "quantize_tiny": "the same, 33 in a chain",
+    "recurrent_large_1": "LSTM, hidden size 128 (input 128) over 16 steps, then a Squeeze, one (the Squeeze's "
+    "estimate is taken off)",
+    "recurrent_large": "the same, three in a chain",
+    "recurrent_tiny_1": "LSTM, hidden size 16 over one step, one",
+    "recurrent_tiny": "the same, 33 in a chain",
 }
 
 
@@ -496,6 +501,7 @@ GRID_PROBES = {
     "conv": "dense 3×3 Conv, {c} → {c} channels on {s} × {s}",
     "pointwise": "dense 1×1 Conv, {c} → {c} channels on {s} × {s}",
     "grouped_conv": "grouped 3×3 Conv pair, {c} → 4·{c} → {c} channels (group {c}) on {s} × {s}",
+    "recurrent": "LSTM, hidden size {c} (input {c}) over {s} steps",
 }
 
 

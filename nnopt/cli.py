@@ -860,6 +860,7 @@ _KERNEL_LABELS = {
     "int8_matmul": "int8 matmul",
     "int8_elementwise": "int8 add/mul",
     "quantize": "Q/DQ nodes",
+    "recurrent": "LSTM",
 }
 #: Classes whose FLOPs are one per element: their rate reads as elements per second.
 _PER_ELEMENT = frozenset({"int8_elementwise", "quantize"})

@@ -543,3 +543,58 @@ def test_bad_grids_in_a_profile_file_are_one_line_errors(edit, message):
     edit(data)
     with pytest.raises(InputError, match=message):
         profile_from_dict(data, "p.json")
+
+
+# ---------------------------------------------------------------------------------------------- recurrent
+def lstm_model(hidden: int = 16, steps: int = 4) -> onnx.ModelProto:
+    """x[steps, 1, hidden] ─LSTM(hidden)─ y[steps, 1, 1, hidden]: 4 gates × hidden × (input + hidden) MACs a step."""
+    return model_from_text(
+        f"""{HEADER}
+        g (float[{steps},1,{hidden}] x) => (float[{steps},1,1,{hidden}] y) {{
+            y = LSTM<hidden_size: int = {hidden}>(x, w, r)
+        }}""",
+        {n: np.full((1, 4 * hidden, hidden), 0.01, np.float32) for n in ("w", "r")},
+    )
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_recurrent_ops_are_their_own_kernel_class(op: str):
+    node = onnx.helper.make_node(op, ["x", "w", "r"], ["y"], hidden_size=8)
+    assert kernel_classes([node], {}, {"w", "r"}) == ["recurrent"]
+    assert kernel_classes([node], {}, {"w", "r"}, runtime="onnxruntime") == ["recurrent"]
+
+
+def test_an_lstm_runs_at_the_recurrent_rate_interpolated_by_its_hidden_size():
+    # 4 steps × 4 gates × 16 hidden × (16 + 16) = 8,192 MACs; in the grid at 4 × 32 = 128 MACs per output, 16 wide.
+    grid = (RatePoint(64, 8, 20e9), RatePoint(256, 32, 80e9))
+    profile = replace(MEASURED, kernels={**MEASURED.kernels, "recurrent": KernelFigures(89e9, 1.6e-6, grid)})
+    (node,) = analyze(lstm_model(), hardware=profile).nodes
+    assert (node["kernel"], node["flops"]) == ("recurrent", 16_384)
+    # Halfway between the two points in log space, equally weighted: the geometric mean of their rates, 40 GFLOP/s.
+    assert node["latency_s"] == pytest.approx(0.28e-6 + 1.6e-6 + 16_384 / 40e9, rel=1e-9)
+    # A profile from before the class existed runs it at the peak rate with no class overhead, as before.
+    old = replace(MEASURED, kernels={k: v for k, v in MEASURED.kernels.items() if k != "recurrent"})
+    (node,) = analyze(lstm_model(), hardware=old).nodes
+    assert node["latency_s"] == pytest.approx(0.28e-6 + 16_384 / 237e9, rel=1e-9)
+
+
+def test_calibrate_recovers_the_recurrent_grid(monkeypatch):
+    """The QUICK_SIZES LSTM grid probes (8 hidden over 4 steps, 32 over 2) give back the truth's rates at their
+    shapes, once the Squeeze beside each LSTM and the class overhead are taken off."""
+    # The class's large and tiny probes (16 hidden over 4 steps, 4 over 1) at the class's single rate.
+    rate = MEASURED.kernels["recurrent"].flops
+    grid = (RatePoint(32, 4, rate), RatePoint(64, 8, 7e9), RatePoint(128, 16, rate), RatePoint(256, 32, 30e9))
+    kernels = {**MEASURED.kernels, "recurrent": KernelFigures(rate, 1.6e-6, grid)}
+    truth = replace(MEASURED, kernels=kernels)
+
+    def estimated(model, feeds=None, **_):
+        seconds = analyze(model, hardware=truth, run_onnxruntime=False).totals["latency_s"]
+        return {"median_s": seconds, "min_s": seconds}
+
+    monkeypatch.setattr(nnopt.cost.timing, "measure_latency", estimated)
+    profile, measurements = calibrate(sizes=QUICK_SIZES, runs=1, rounds=1)
+    assert {(p.reduction, p.spatial): p.flops for p in profile.kernels["recurrent"].grid} == pytest.approx(
+        {(64.0, 8): 7e9, (256.0, 32): 30e9}, rel=1e-9)
+    assert profile.kernels["recurrent"].flops == pytest.approx(rate, rel=1e-9)
+    # The grid probes' FLOPs come from the analysis: 2 × 4 steps × 4 gates × 8 × 16 MACs.
+    assert measurements["probes"]["grid_recurrent_8x4"]["flops_per_node"] == 2 * 4 * 4 * 8 * 16

@@ -105,6 +105,7 @@ class ProbeSizes:
         bandwidth_elements: Elements per input of the Add chains of the bandwidth grid.
         grouped_channels, grouped_multiplier, grouped_size: The large ``grouped_conv`` probe (the tiny one
             takes ``tiny_channels``, multiplier 2, ``tiny_size``).
+        recurrent_hidden, recurrent_steps, recurrent_grid: The ``recurrent`` probes (LSTMs, see ``_lstms``).
     """
 
     tiny_elements: int = 16
@@ -140,6 +141,13 @@ class ProbeSizes:
     #: (channels, size) of the ``grouped_conv`` grid probes (multiplier ``grouped_multiplier``): the generic
     #: path pays per group, so small maps (as 1-D audio convs have) run at a fraction of the large probe's rate.
     grouped_grid: tuple[tuple[int, int], ...] = ((64, 2), (128, 4), (64, 12), (32, 56))
+    #: The large ``recurrent`` probe: an LSTM of this hidden size (input size the same) over this many steps
+    #: (the tiny one: ``tiny_features`` hidden, one step).
+    recurrent_hidden: int = 128
+    recurrent_steps: int = 16
+    #: (hidden size, steps) of the ``recurrent`` grid probes: each step is a GEMM of 4·hidden outputs, so the
+    #: rate grows with the hidden size (speech models use 64-128, text recognisers 256-512).
+    recurrent_grid: tuple[tuple[int, int], ...] = ((32, 16), (64, 16), (256, 8), (512, 4))
 
 
 FULL_SIZES = ProbeSizes()
@@ -168,13 +176,17 @@ QUICK_SIZES = ProbeSizes(
     grouped_multiplier=2,
     grouped_size=8,
     grouped_grid=((4, 12), (8, 6)),
+    recurrent_hidden=16,
+    recurrent_steps=4,
+    recurrent_grid=((8, 4), (32, 2)),
 )
 
 
 #: The kernel classes calibration measures: convs by chains of convs (``_conv_chain``), ``int8_matmul`` by a
-#: chain of QDQ MatMuls, ``int8_elementwise`` by QDQ Adds, ``quantize`` by Quantize → Dequantize → Neg.
+#: chain of QDQ MatMuls, ``int8_elementwise`` by QDQ Adds, ``quantize`` by Quantize → Dequantize → Neg,
+#: ``recurrent`` by LSTMs.
 CALIBRATED_KERNELS = ("conv", "pointwise", "depthwise", "grouped_conv", "unblocked_conv", "dynamic_weight", "int8",
-                      "int8_depthwise", "int8_matmul", "int8_elementwise", "quantize")  # fmt: skip
+                      "int8_depthwise", "int8_matmul", "int8_elementwise", "quantize", "recurrent")  # fmt: skip
 
 
 @dataclass
@@ -438,7 +450,10 @@ def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
             kernels[kernel] = _kernel_figures(large, tiny, bandwidth, node_overhead)
         peak = kernels["conv"].flops  # type: ignore[assignment]
     for kernel in GRID_KERNELS:
-        grid = _rate_grid(figures, kernel, (node_overhead, run_overhead, bandwidth), kernels[kernel])
+        def helper_s(probe: dict[str, Any]) -> float:
+            return _helper_time(probe, peak, bandwidth, node_overhead, kernels)
+
+        grid = _rate_grid(figures, kernel, (node_overhead, run_overhead, bandwidth), kernels[kernel], helper_s)
         if grid:
             kernels[kernel] = replace(kernels[kernel], grid=grid)
     return {
@@ -451,8 +466,8 @@ def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 #: The kernel classes whose rate is interpolated in a grid of probes (``ProbeSizes.conv_grid``...): dense
-#: convs run at 40-250 GFLOP/s here depending on their GEMM's shape.
-GRID_KERNELS = ("conv", "pointwise", "grouped_conv")
+#: convs run at 40-250 GFLOP/s here depending on their GEMM's shape, LSTMs by their hidden size.
+GRID_KERNELS = ("conv", "pointwise", "grouped_conv", "recurrent")
 
 
 def _chain_pairs(figures: dict[str, dict[str, Any]], prefix: str) -> list[tuple[str, str]]:
@@ -461,7 +476,11 @@ def _chain_pairs(figures: dict[str, dict[str, Any]], prefix: str) -> list[tuple[
 
 
 def _rate_grid(
-    figures: dict[str, dict[str, Any]], kernel: str, machine: tuple[float, float, float], base: KernelFigures
+    figures: dict[str, dict[str, Any]],
+    kernel: str,
+    machine: tuple[float, float, float],
+    base: KernelFigures,
+    helper: Callable[[dict[str, Any]], float] = lambda probe: 0.0,
 ) -> tuple[RatePoint, ...]:
     """The grid of ``kernel``: per grid probe, the rate its time per node (``_large_per_node``: the slope, unless
     noise made it implausible) gives once the node's and the class's fixed costs are taken off. Points that
@@ -469,12 +488,14 @@ def _rate_grid(
 
     Args:
         machine: ``(node_overhead_s, run_overhead_s, bandwidth)`` as derived.
+        helper: Seconds of a probe's helper node per element (``_helper_time``: the LSTM probes' Squeeze).
     """
     node_overhead, run_overhead, bandwidth = machine
     points = []
     for short, long in _chain_pairs(figures, f"grid_{kernel}_"):
         probe = figures[long]
-        per_node = _large_per_node(figures, short, long, run_overhead, 0.0) / probe.get("per_element", 1)
+        per_element = _large_per_node(figures, short, long, run_overhead, 0.0) - helper(probe)
+        per_node = per_element / probe.get("per_element", 1)
         compute = per_node - node_overhead - base.overhead_s
         shape = probe["output_shape"]
         if compute > probe["bytes_per_node"] / bandwidth * (1 + 1e-6) and shape:
@@ -523,6 +544,7 @@ def _probes(sizes: ProbeSizes, rng: np.random.Generator) -> dict[str, _Probe]:
             unit = build(1, kind, sizes, large_probe, rng)
             probes[name] = _Probe(name, op_type, model, unit, length, helper_op, per_element=per_element)
     probes.update(_grid_probes(sizes, rng))
+    probes.update(_recurrent_grid_probes(sizes, rng))
     return probes
 
 
@@ -548,6 +570,19 @@ def _grid_probes(sizes: ProbeSizes, rng: np.random.Generator) -> dict[str, _Prob
         for length, suffix in ((1, "_1"), (long, "")):
             name = f"grid_add_{elements}{suffix}"
             probes[name] = _Probe(name, "Add", _add_chain(length, [1, elements]), _add_chain(1, [1, elements]), length)
+    return probes
+
+
+def _recurrent_grid_probes(sizes: ProbeSizes, rng: np.random.Generator) -> dict[str, _Probe]:
+    """The ``recurrent`` grid: per (hidden, steps) of ``recurrent_grid`` a chain of 1 and of 3 LSTMs. An LSTM's
+    output [steps, 1, 1, hidden] puts it in the grid at 4·(input + hidden) multiply-adds per output (the
+    reduction) and ``hidden`` outputs per step (the spatial size), like any node the estimate looks up."""
+    probes: dict[str, _Probe] = {}
+    for hidden, steps in sizes.recurrent_grid:
+        for length, suffix in ((1, "_1"), (3, "")):
+            name = f"grid_recurrent_{hidden}x{steps}{suffix}"
+            model, unit = _lstms(length, hidden, steps, rng), _lstms(1, hidden, steps, rng)
+            probes[name] = _Probe(name, "LSTM", model, unit, length, helper="Squeeze")
     return probes
 
 
@@ -748,6 +783,32 @@ def _grouped_pairs(length: int, channels: int, multiplier: int, size: int, rng: 
     return _model(nodes, [x], current, inits)
 
 
+def _recurrent_chain(length: int, kind: str, sizes: ProbeSizes, large: bool, rng: np.random.Generator) -> onnx.ModelProto:
+    """``recurrent``: LSTMs of the probe sizes (large, or ``tiny_features`` hidden over one step), see ``_lstms``."""
+    hidden, steps = (sizes.recurrent_hidden, sizes.recurrent_steps) if large else (sizes.tiny_features, 1)
+    return _lstms(length, hidden, steps, rng)
+
+
+def _lstms(length: int, hidden: int, steps: int, rng: np.random.Generator) -> onnx.ModelProto:
+    """``length`` forward LSTMs of ``hidden`` units (input size the same) over ``steps`` steps, each output
+    [steps, 1, 1, hidden] squeezed to the next one's input [steps, 1, hidden] (the Squeeze is the probe's
+    helper node). Weights N(0, 1 / hidden) keep the gates away from saturation and the states from denormals."""
+    nodes: list[onnx.NodeProto] = []
+    inits = [numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    current = "x"
+    for i in range(length):
+        for kind in ("w", "r"):
+            weight = rng.standard_normal((1, 4 * hidden, hidden)) / math.sqrt(hidden)
+            inits.append(numpy_helper.from_array(weight.astype(np.float32), f"{kind}{i}"))
+        nodes += [
+            helper.make_node("LSTM", [current, f"w{i}", f"r{i}"], [f"y{i}"], hidden_size=hidden),
+            helper.make_node("Squeeze", [f"y{i}", "axes"], [f"s{i}"]),
+        ]
+        current = f"s{i}"
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [steps, 1, hidden])
+    return _model(nodes, [x], current, inits)
+
+
 #: Per kernel class whose probe is not a conv chain: its builder, the probed op, the helper op beside each
 #: element (None: none) and how many probed nodes each element has.
 _PROBE_BUILDERS: dict[str, tuple[Any, str, str | None, int]] = {
@@ -755,6 +816,7 @@ _PROBE_BUILDERS: dict[str, tuple[Any, str, str | None, int]] = {
     "int8_matmul": (_matmul_chain, "MatMul", None, 1),
     "int8_elementwise": (_add_qdq_chain, "Add", None, 1),
     "quantize": (_quantize_chain, "QuantizeLinear", "Neg", 2),
+    "recurrent": (_recurrent_chain, "LSTM", "Squeeze", 1),
 }
 
 

@@ -38,6 +38,8 @@ KERNEL_CLASSES: dict[str, str] = {
     "(onnxruntime: QLinearMatMul, QGemm)",
     "int8_elementwise": "Add and Mul on int8 data: a QDQ group around Add/Mul (onnxruntime: QLinearAdd, "
     "QLinearMul)",
+    "recurrent": "LSTM, GRU and RNN: one small GEMM per time step, the steps one after another, so their rate "
+    "is a fraction of a dense conv's (and depends on the hidden size)",
     "quantize": "QuantizeLinear and DequantizeLinear a runtime runs as nodes (not fused into an int8 kernel): "
     "activation boundaries of float islands, weights dequantized at every inference",
 }

@@ -32,6 +32,9 @@ _KERNEL_OF_OP: dict[tuple[str, str], tuple[str, int | None]] = {
     ("com.microsoft", "QGemm"): ("int8_matmul", None),
     ("com.microsoft", "QLinearAdd"): ("int8_elementwise", None),
     ("com.microsoft", "QLinearMul"): ("int8_elementwise", None),
+    ("", "LSTM"): ("recurrent", None),
+    ("", "GRU"): ("recurrent", None),
+    ("", "RNN"): ("recurrent", None),
     ("", "QuantizeLinear"): ("quantize", None),
     ("", "DequantizeLinear"): ("quantize", None),
 }
