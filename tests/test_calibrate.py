@@ -225,7 +225,10 @@ def test_fused_and_folded_nodes_cost_nothing_and_the_conv_keeps_its_cost():
     conv, bn, relu = report.nodes
     # 4 × 6 × 6 outputs × 36 taps = 5,184 MACs; compute 10,368 / 1e10 s beats memory (1,600 B: 1.024 + 0.576 kB).
     assert conv["flops"] == 10_368 and conv["bytes_moved"] == 1024 + 576 + 576
-    assert conv["latency_s"] == pytest.approx(1e-6 + 3e-6 + 10_368 / 1e10, rel=1e-12)
+    # The output goes back from the blocked layout to the caller: one ReorderOutput of the 576-byte tensor.
+    assert conv["extra"]["reorders"] == 1
+    assert conv["extra"]["reorder_s"] == pytest.approx(1e-6 + 2 * 576 / 48e9, rel=1e-12)
+    assert conv["latency_s"] - conv["extra"]["reorder_s"] == pytest.approx(1e-6 + 3e-6 + 10_368 / 1e10, rel=1e-12)
     assert bn["latency_s"] == relu["latency_s"] == 0.0 and bn["bound"] == relu["bound"] == ""
     assert report.totals["latency_s"] == pytest.approx(5e-6 + conv["latency_s"], rel=1e-12)
     # FLOPs and bytes stay those of the graph as written; only the latency estimate changes.
@@ -598,3 +601,39 @@ def test_calibrate_recovers_the_recurrent_grid(monkeypatch):
     assert profile.kernels["recurrent"].flops == pytest.approx(rate, rel=1e-9)
     # The grid probes' FLOPs come from the analysis: 2 × 4 steps × 4 gates × 8 × 16 MACs.
     assert measurements["probes"]["grid_recurrent_8x4"]["flops_per_node"] == 2 * 4 * 4 * 8 * 16
+
+
+# ---------------------------------------------------------------------------------------------- NCHWc reorders
+def blocked_pair(between: str) -> onnx.ModelProto:
+    """x[1,16,8,8] ─Conv 1×1 (16 → 16)─ ``between`` ─Conv 1×1─ y: onnxruntime runs both convs blocked (NCHWc)."""
+    return model_from_text(
+        f"""{HEADER}
+        g (float[1,16,8,8] x) => (float[1,16,8,8] y) {{
+            a = Conv(x, w1)
+            b = {between}
+            y = Conv(b, w2)
+        }}""",
+        {"w1": np.ones((16, 16, 1, 1), np.float32), "w2": np.ones((16, 16, 1, 1), np.float32),
+         "c": np.ones((), np.float32)},
+    )
+
+
+def test_an_op_outside_the_blocked_layout_costs_a_reorder_on_each_side():
+    # An Add of a scalar takes NCHW only: ReorderOutput after the first conv, ReorderInput before the second, each
+    # copying the 4,096-byte tensor (read and write) at the node overhead and the bandwidth. The input x has 16
+    # channels: it is reordered too, and the output y back to NCHW for the caller.
+    convs = [n for n in analyze(blocked_pair("Add(a, c)"), hardware=MEASURED).nodes if n["op_type"] == "Conv"]
+    assert [n["extra"].get("reorders") for n in convs] == [2, 2]
+    copy = 0.28e-6 + 2 * 4096 / 134e9
+    plain = analyze(blocked_pair("Add(a, c)"), hardware=replace(MEASURED, runtime=None)).nodes
+    assert [n["latency_s"] for n in convs] == pytest.approx([plain[0]["latency_s"] + 2 * copy,
+                                                             plain[2]["latency_s"] + 2 * copy], rel=1e-9)
+
+
+def test_ops_of_the_blocked_layout_and_fused_activations_need_no_reorder():
+    for between in ("Relu(a)", "MaxPool<kernel_shape: ints = [1, 1]>(a)", "Add(a, a)"):
+        nodes = analyze(blocked_pair(between), hardware=MEASURED).nodes
+        # Only the network's own ends: x into the first conv, y out of the last.
+        assert sum(n["extra"].get("reorders", 0) for n in nodes) == 2, between
+    # Without the onnxruntime runtime (the built-in profile), no layout is modelled.
+    assert all("reorders" not in n["extra"] for n in analyze(blocked_pair("Add(a, c)")).nodes)
