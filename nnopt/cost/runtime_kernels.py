@@ -109,7 +109,8 @@ def kernel_classes(
     * SiLU: a Sigmoid read only by a Mul of its own input (``x * sigmoid(x)``) is ``fused`` into that
       Mul (onnxruntime's QuickGelu).
 
-    Layout transformations (onnxruntime's NCHWc reorders) and fusions of longer patterns are not modelled.
+    Fusions of longer patterns are not modelled; the layout changes around blocked convs are found apart, on
+    these classes (``nnopt.cost.layout``).
 
     Args:
         nodes: The main-graph nodes in topological order.
