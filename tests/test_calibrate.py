@@ -637,3 +637,43 @@ def test_ops_of_the_blocked_layout_and_fused_activations_need_no_reorder():
         assert sum(n["extra"].get("reorders", 0) for n in nodes) == 2, between
     # Without the onnxruntime runtime (the built-in profile), no layout is modelled.
     assert all("reorders" not in n["extra"] for n in analyze(blocked_pair("Add(a, c)")).nodes)
+
+
+def test_reorders_match_the_graph_onnxruntime_writes(tmp_path):
+    """A MobileNetV3 block (1×1 conv, HardSwish as Add/Clip/Mul/Div, depthwise conv, squeeze-excitation, 1×1
+    conv): as many layout changes as onnxruntime's optimized graph has Reorder nodes (7 with onnxruntime 1.32;
+    channels multiples of 16,
+    so AVX2's block of 8 and AVX-512's of 16 give the same graph)."""
+    import onnxruntime as ort
+
+    proto = model_from_text(
+        f"""{HEADER}
+        g (float[1,16,16,16] x) => (float[1,16,16,16] y) {{
+            a = Conv(x, w1)
+            a3 = Add(a, three)
+            ac = Clip(a3, zero, six)
+            am = Mul(a, ac)
+            h = Div(am, six)
+            d = Conv<group: int = 32, pads: ints = [1, 1, 1, 1]>(h, wd)
+            r = Relu(d)
+            p = GlobalAveragePool(r)
+            s1 = Conv(p, ws1)
+            s1r = Relu(s1)
+            s2 = Conv(s1r, ws2)
+            s2h = HardSigmoid(s2)
+            e = Mul(r, s2h)
+            y = Conv(e, w2)
+        }}""",
+        {"w1": np.full((32, 16, 1, 1), 0.1, np.float32), "wd": np.full((32, 1, 3, 3), 0.1, np.float32),
+         "ws1": np.full((16, 32, 1, 1), 0.1, np.float32), "ws2": np.full((32, 16, 1, 1), 0.1, np.float32),
+         "w2": np.full((16, 32, 1, 1), 0.1, np.float32), "three": np.array(3, np.float32),
+         "zero": np.array(0, np.float32), "six": np.array(6, np.float32)},
+    )
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    written = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    expected = written.count("ReorderInput") + written.count("ReorderOutput")
+    found = sum(n["extra"].get("reorders", 0) for n in analyze(proto, hardware=MEASURED).nodes)
+    assert found == expected and expected >= 4, written
