@@ -642,8 +642,7 @@ def test_ops_of_the_blocked_layout_and_fused_activations_need_no_reorder():
 def test_reorders_match_the_graph_onnxruntime_writes(tmp_path):
     """A MobileNetV3 block (1×1 conv, HardSwish as Add/Clip/Mul/Div, depthwise conv, squeeze-excitation, 1×1
     conv): as many layout changes as onnxruntime's optimized graph has Reorder nodes (7 with onnxruntime 1.32;
-    channels multiples of 16,
-    so AVX2's block of 8 and AVX-512's of 16 give the same graph)."""
+    channels multiples of 16, so AVX2's block of 8 and AVX-512's of 16 give the same graph)."""
     import onnxruntime as ort
 
     proto = model_from_text(
