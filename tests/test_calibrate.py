@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 from dataclasses import replace
 from pathlib import Path
 
@@ -225,10 +226,13 @@ def test_fused_and_folded_nodes_cost_nothing_and_the_conv_keeps_its_cost():
     conv, bn, relu = report.nodes
     # 4 × 6 × 6 outputs × 36 taps = 5,184 MACs; compute 10,368 / 1e10 s beats memory (1,600 B: 1.024 + 0.576 kB).
     assert conv["flops"] == 10_368 and conv["bytes_moved"] == 1024 + 576 + 576
-    # The output goes back from the blocked layout to the caller: one ReorderOutput of the 576-byte tensor.
-    assert conv["extra"]["reorders"] == 1
-    assert conv["extra"]["reorder_s"] == pytest.approx(1e-6 + 2 * 576 / 48e9, rel=1e-12)
-    assert conv["latency_s"] - conv["extra"]["reorder_s"] == pytest.approx(1e-6 + 3e-6 + 10_368 / 1e10, rel=1e-12)
+    assert conv["latency_s"] == pytest.approx(1e-6 + 3e-6 + 10_368 / 1e10, rel=1e-12)
+    # With the machine's channel block known, the output goes back from the blocked layout to the caller: one
+    # ReorderOutput of the 576-byte tensor, charged to the conv.
+    blocked = analyze(conv_bn_relu(), hardware=replace(FULL, nchwc_block=16)).nodes[0]
+    assert blocked["extra"]["reorders"] == 1
+    assert blocked["extra"]["reorder_s"] == pytest.approx(1e-6 + 2 * 576 / 48e9, rel=1e-12)
+    assert blocked["latency_s"] - blocked["extra"]["reorder_s"] == pytest.approx(conv["latency_s"], rel=1e-12)
     assert bn["latency_s"] == relu["latency_s"] == 0.0 and bn["bound"] == relu["bound"] == ""
     assert report.totals["latency_s"] == pytest.approx(5e-6 + conv["latency_s"], rel=1e-12)
     # FLOPs and bytes stay those of the graph as written; only the latency estimate changes.
@@ -432,6 +436,8 @@ def test_calibrate_command_writes_a_profile_analyze_accepts(tmp_path, capsys):
     assert all(math.isfinite(o) and o >= 0 for o in overheads)
     assert sorted(profile.kernels) == sorted(CALIBRATED_KERNELS)
     assert profile.runtime == "onnxruntime"
+    # onnxruntime's NCHWc layout exists on x86 with AVX2 (block 8) or AVX-512 (16), not elsewhere.
+    assert profile.nchwc_block in ((8, 16) if platform.machine() in ("x86_64", "AMD64") else (0, 4, 8, 16, 32, 64))
     assert set(json.loads(path.read_text())["measurements"]["probes"]) >= {"add_short", "add_long", "add_large"}
     assert main(["analyze", str(DIGITS), "--hardware", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["hardware"]["name"] == "me"
@@ -635,8 +641,21 @@ def test_ops_of_the_blocked_layout_and_fused_activations_need_no_reorder():
         nodes = analyze(blocked_pair(between), hardware=MEASURED).nodes
         # Only the network's own ends: x into the first conv, y out of the last.
         assert sum(n["extra"].get("reorders", 0) for n in nodes) == 2, between
-    # Without the onnxruntime runtime (the built-in profile), no layout is modelled.
-    assert all("reorders" not in n["extra"] for n in analyze(blocked_pair("Add(a, c)")).nodes)
+    # Without the onnxruntime runtime (the built-in profile), or without the machine's channel block (a profile
+    # file written before it was measured), no layout is modelled.
+    for profile in (DEFAULT_PROFILE, replace(MEASURED, nchwc_block=0)):
+        assert all("reorders" not in n["extra"] for n in analyze(blocked_pair("Add(a, c)"), hardware=profile).nodes)
+
+
+def test_the_channel_block_round_trips_and_a_bad_one_is_a_one_line_error(tmp_path):
+    path = tmp_path / "p.json"
+    write_profile(MEASURED, path)
+    assert json.loads(path.read_text())["nchwc_block"] == 16 and load_profile(path).nchwc_block == 16
+    # Written before the block was measured: no key, 0.
+    assert "nchwc_block" not in replace(MEASURED, nchwc_block=0).to_dict()
+    for bad in (-8, 1.5, True, "16"):
+        with pytest.raises(InputError, match=r"^hardware profile file p: nchwc_block: expected a whole number"):
+            profile_from_dict({**MEASURED.to_dict(), "nchwc_block": bad}, "p")
 
 
 def test_reorders_match_the_graph_onnxruntime_writes(tmp_path):

@@ -244,6 +244,7 @@ def calibrate(
     cpu = _cpu_name()
     profile = profile_from_probes(figures, name, f"{cpu}, onnxruntime {onnxruntime.__version__} CPU "
                                   f"({datetime.date.today().isoformat()})")  # fmt: skip
+    profile = replace(profile, nchwc_block=nchwc_block())
     measurements = {
         # Median ÷ fastest run of the kept round, worst probe: well above 1 means other load disturbed it.
         "max_median_to_min": max(spread.values()),
@@ -256,6 +257,37 @@ def calibrate(
         "probes": figures,
     }
     return profile, measurements
+
+
+#: Channel counts tried by :func:`nchwc_block`: the blocks MLAS's NCHWc kernels use (8 with AVX2, 16 with AVX-512).
+_BLOCK_CANDIDATES = (4, 8, 16, 32, 64)
+
+
+def nchwc_block() -> int:
+    """The channel block of onnxruntime's blocked (NCHWc) conv layout on this machine, or 0 if it has none.
+
+    A dense conv with fewer input channels than the block reads its NCHW input directly, so the block is the
+    least channel count whose dense 3×3 conv onnxruntime precedes with a ReorderInput (read from the graph it
+    writes with ``optimized_model_filepath``, under the session settings timings use): no timing involved.
+    """
+    import tempfile
+
+    import onnxruntime
+
+    for channels in _BLOCK_CANDIDATES:
+        weight = numpy_helper.from_array(np.full((channels, channels, 3, 3), 0.1, np.float32), "w")
+        conv = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4)
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 8, 8])
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 4  # the warning that the optimized graph is machine-specific is the point
+        with tempfile.TemporaryDirectory(prefix="nnopt-nchwc-") as tmp:
+            options.optimized_model_filepath = f"{tmp}/optimized.onnx"
+            model = _model([conv], [x], "y", [weight])
+            onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            written = onnx.load(options.optimized_model_filepath)
+        if any(node.op_type == "ReorderInput" for node in written.graph.node):
+            return channels
+    return 0
 
 
 def profile_from_probes(figures: dict[str, dict[str, Any]], name: str, where: str) -> HardwareProfile:

@@ -21,9 +21,9 @@ from nnopt.cost.tensors import TensorInfo, norm_domain
 #: The kernel classes of convs onnxruntime runs blocked (``nnopt.cost.runtime_kernels``: dense convs with a
 #: blockable channel count, 1×1 convs and plain depthwise convs).
 _BLOCKED_CLASSES = frozenset({"conv", "pointwise", "depthwise"})
-#: The channel block of onnxruntime's NCHWc kernels with AVX-512 (8 with AVX2): a depthwise conv is blocked
-#: only when its channels are a multiple of it, and a dense conv with fewer input channels reads NCHW directly.
-_BLOCK = 16
+#: A depthwise conv is blocked when its channels are a multiple of this (padded up to the block: checked with
+#: onnxruntime 1.32 on 4, 8, 12, 20 and 24 channels, AVX-512).
+_DEPTHWISE_ALIGNMENT = 4
 #: Ops that read a blocked tensor and write a blocked one (onnxruntime's NchwcTransformer). ``_SAME_SHAPE``
 #: ones only when every activation input is blocked and of one shape.
 _PROPAGATE = frozenset({"MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool", "Relu", "Sigmoid", "Tanh",
@@ -45,6 +45,7 @@ def reorders(
     nodes: Sequence[onnx.NodeProto],
     classes: Sequence[str],
     infos: dict[str, TensorInfo],
+    block: int,
     graph_outputs: Iterable[str] = (),
 ) -> list[Reorder]:
     """The ReorderInput/ReorderOutput nodes onnxruntime adds to ``nodes`` (topological order) whose kernel
@@ -52,7 +53,9 @@ def reorders(
     nodes are transparent: a fused activation's output is in its input's layout).
 
     One ReorderOutput per blocked tensor that some other op (or the graph's caller) reads, and one
-    ReorderInput per NCHW tensor that a blocked conv with at least ``_BLOCK`` input channels reads.
+    ReorderInput per NCHW tensor that a blocked conv with at least ``block`` input channels reads (``block``:
+    the channel block, ``HardwareProfile.nchwc_block``: a dense conv with fewer input channels reads NCHW
+    directly).
     """
     blocked: set[str] = set()
     producer: dict[str, int] = {}
@@ -73,30 +76,32 @@ def reorders(
                 blocked.update(out[:1])
                 producer.update(dict.fromkeys(out, producer[data[0]]))  # charged to the kernel it is fused into
             continue
-        if _is_blocked_conv(node, classes[i], infos):
-            if data[0] not in blocked and _channels(infos.get(data[0])) >= _BLOCK and data[0] not in to_blocked:
+        if _is_blocked_conv(node, classes[i], infos, block):
+            if data[0] not in blocked and _channels(infos.get(data[0])) >= block and data[0] not in to_blocked:
                 to_blocked.add(data[0])
                 found.append(Reorder(i, data[0], True))
             blocked.update(out[:1])
-        elif _propagates(node, data, blocked, infos):
+        elif _propagates(node, data, blocked, infos, block):
             blocked.update(out[:1])
     for name in sorted(blocked, key=lambda n: producer[n]):
-        if any(j < 0 or not _reads_blocked(nodes[j], classes[j], name, blocked, infos) for j in readers.get(name, [])):
+        if any(j < 0 or not _reads_blocked(nodes[j], classes[j], name, blocked, infos, block) for j in readers.get(name, [])):
             found.append(Reorder(producer[name], name, False))
     return found
 
 
-def _is_blocked_conv(node: onnx.NodeProto, kernel: str, infos: dict[str, TensorInfo]) -> bool:
-    """A float 2-D Conv onnxruntime runs blocked (a depthwise one only with channels a multiple of ``_BLOCK``)."""
+def _is_blocked_conv(node: onnx.NodeProto, kernel: str, infos: dict[str, TensorInfo], block: int) -> bool:
+    """A float 2-D Conv onnxruntime runs blocked (a depthwise one only with channels a multiple of 4)."""
     if kernel not in _BLOCKED_CLASSES or (norm_domain(node.domain), node.op_type) != ("", "Conv"):
         return False
     weight = infos.get(node.input[1]) if len(node.input) > 1 else None
     if weight is None or weight.shape is None or len(weight.shape) != 4:
         return False
-    return kernel != "depthwise" or weight.shape[0] % _BLOCK == 0
+    return kernel != "depthwise" or weight.shape[0] % _DEPTHWISE_ALIGNMENT == 0
 
 
-def _propagates(node: onnx.NodeProto, data: list[str], blocked: set[str], infos: dict[str, TensorInfo]) -> bool:
+def _propagates(
+    node: onnx.NodeProto, data: list[str], blocked: set[str], infos: dict[str, TensorInfo], block: int
+) -> bool:
     if norm_domain(node.domain) != "" or not data or data[0] not in blocked:
         return False
     if node.op_type in _SAME_SHAPE:
@@ -104,7 +109,7 @@ def _propagates(node: onnx.NodeProto, data: list[str], blocked: set[str], infos:
         return all(name in blocked for name in data) and len(shapes) == 1 and None not in shapes
     if node.op_type == "Concat":
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        return axis == 1 and all(name in blocked and _channels(infos.get(name)) % _BLOCK == 0 for name in data)
+        return axis == 1 and all(name in blocked and _channels(infos.get(name)) % block == 0 for name in data)
     return node.op_type in _PROPAGATE and node.op_type not in ("Resize", "Upsample") or _nearest(node)
 
 
@@ -116,14 +121,16 @@ def _nearest(node: onnx.NodeProto) -> bool:
     return mode == b"nearest"
 
 
-def _reads_blocked(node: onnx.NodeProto, kernel: str, name: str, blocked: set[str], infos: dict[str, TensorInfo]) -> bool:
+def _reads_blocked(
+    node: onnx.NodeProto, kernel: str, name: str, blocked: set[str], infos: dict[str, TensorInfo], block: int
+) -> bool:
     """Whether ``node`` takes the blocked tensor ``name`` as it is."""
     if kernel == "fused":
         return True  # absorbed into the kernel that produced ``name``
     data = [n for n in node.input if n]
-    if _is_blocked_conv(node, kernel, infos):
+    if _is_blocked_conv(node, kernel, infos, block):
         return data[0] == name
-    return _propagates(node, data, blocked, infos)
+    return _propagates(node, data, blocked, infos, block)
 
 
 def _shape(info: TensorInfo | None) -> tuple[int, ...] | None:

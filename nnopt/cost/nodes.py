@@ -104,7 +104,7 @@ def cost_nodes(
     records = [
         _cost_node(index, node, kernel, scope, weights, totals) for index, node, kernel in zip(order, nodes, kernels)
     ]
-    if hardware.runtime == "onnxruntime":
+    if hardware.runtime == "onnxruntime" and hardware.nchwc_block:
         _add_reorders(records, totals, [n.proto for n in nodes], kernels, scope, graph_outputs)
     totals["latency_s"] += hardware.run_overhead_s
     totals["nodes"] = len(records)
@@ -124,7 +124,7 @@ def _add_reorders(
     copies the tensor (read and write) at the profile's per-node overhead and bandwidth. Only the latency
     changes: FLOPs and bytes stay those of the graph as written; ``extra["reorders"]`` counts them and
     ``extra["reorder_s"]`` is their share of the node's ``latency_s``."""
-    for reorder in reorders(protos, kernels, scope.infos, graph_outputs):
+    for reorder in reorders(protos, kernels, scope.infos, scope.hardware.nchwc_block, graph_outputs):
         record = records[reorder.node]
         latency, _, _ = scope.hardware.node_latency("other", 0, 2 * scope.nbytes(scope.info(reorder.tensor)))
         record["latency_s"] += latency
