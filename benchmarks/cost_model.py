@@ -493,6 +493,14 @@ PROBES = {
     "recurrent_large": "the same, three in a chain",
     "recurrent_tiny_1": "LSTM, hidden size 16 over one step, one",
     "recurrent_tiny": "the same, 33 in a chain",
+    "divide_large_1": "Div of a [1, 32, 32, 32] tensor by a scalar constant, one",
+    "divide_large": "the same, three in a chain",
+    "divide_tiny_1": "Div of a [1, 16] tensor by a scalar constant, one",
+    "divide_tiny": "the same, 33 in a chain",
+    "activation_large_1": "Sigmoid of a [1, 32, 32, 32] tensor, one",
+    "activation_large": "the same, three in a chain",
+    "activation_tiny_1": "Sigmoid of a [1, 16] tensor, one",
+    "activation_tiny": "the same, 33 in a chain",
 }
 
 

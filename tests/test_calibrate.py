@@ -281,7 +281,8 @@ def test_generic_runtime_folds_decoders_but_not_other_constant_subgraphs():
 
 
 def test_identity_is_removed_and_silu_is_one_node():
-    assert kernels_of(identity_and_silu()) == ["pointwise", "fused", "fused", "fused", "other"]
+    # The Mul of x·sigmoid(x) computes the sigmoid too: it runs at the activation rate.
+    assert kernels_of(identity_and_silu()) == ["pointwise", "fused", "fused", "fused", "activation"]
 
 
 def test_kernel_classes_without_a_runtime_follow_the_op_alone():
@@ -695,3 +696,32 @@ def test_reorders_match_the_graph_onnxruntime_writes(tmp_path):
     expected = written.count("ReorderInput") + written.count("ReorderOutput")
     found = sum(n["extra"].get("reorders", 0) for n in analyze(proto, hardware=MEASURED).nodes)
     assert found == expected and expected >= 4, written
+
+
+# ---------------------------------------------------------------------------------------------- divide, activation
+@pytest.mark.parametrize(("op", "kernel"), [("Div", "divide"), ("Sigmoid", "activation"), ("Tanh", "activation"),
+                                            ("HardSwish", "activation"), ("Relu", "other"), ("Add", "other")])
+def test_elementwise_ops_slower_than_moving_their_data_have_their_own_classes(op: str, kernel: str):
+    inputs = ["x", "c"] if op in ("Div", "Add") else ["x"]
+    node = onnx.helper.make_node(op, inputs, ["y"])
+    assert kernel_classes([node], {}, {"c"}) == [kernel]
+
+
+def test_a_div_and_a_sigmoid_run_at_their_measured_element_rates():
+    proto = model_from_text(
+        f"""{HEADER}
+        g (float[1,16,8,8] x) => (float[1,16,8,8] y) {{
+            d = Div(x, c)
+            y = Sigmoid(d)
+        }}""",
+        {"c": np.array(6, np.float32)},
+    )
+    div, sigmoid = analyze(proto, hardware=MEASURED).nodes
+    # 1,024 elements, one FLOP each: at 6.4 and 4.5 G elements/s both are compute-bound (8 kB moved at 134 GB/s).
+    assert (div["kernel"], sigmoid["kernel"], div["flops"]) == ("divide", "activation", 1024)
+    assert div["latency_s"] == pytest.approx(0.28e-6 + 1024 / 6.4e9, rel=1e-9)
+    assert sigmoid["latency_s"] == pytest.approx(0.28e-6 + 1024 / 4.5e9, rel=1e-9)
+    # A profile written before the classes: the peak rate, so both memory-bound, as they were.
+    old = replace(MEASURED, kernels={k: v for k, v in MEASURED.kernels.items() if k not in ("divide", "activation")})
+    assert [n["latency_s"] for n in analyze(proto, hardware=old).nodes] == pytest.approx(
+        [0.28e-6 + n["bytes_moved"] / 134e9 for n in (div, sigmoid)], rel=1e-9)

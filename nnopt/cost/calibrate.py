@@ -100,6 +100,7 @@ class ProbeSizes:
         tiny_features, tiny_tokens: Likewise for the tiny one.
         elementwise_shape: The tensor of the large int8 Add and of the large Quantize/DequantizeLinear
             (the tiny ones take [1, tiny_elements]).
+        math_shape: Likewise for the large ``divide`` and ``activation`` probes.
         conv_grid, pointwise_grid, grouped_grid: (channels, size) of the grid probes of ``conv`` (3×3),
             ``pointwise`` and ``grouped_conv`` (pairs as ``_grouped_chain`` builds them).
         bandwidth_elements: Elements per input of the Add chains of the bandwidth grid.
@@ -128,6 +129,9 @@ class ProbeSizes:
     tiny_features: int = 16
     tiny_tokens: int = 4
     elementwise_shape: tuple[int, ...] = (1, 64, 56, 56)
+    #: The tensor of the large ``divide`` and ``activation`` probes: onnxruntime splits these across its threads
+    #: only above some 100 K elements, and most such nodes of real models are smaller (a third of that here).
+    math_shape: tuple[int, ...] = (1, 32, 32, 32)
     #: (channels, size) of the dense 3×3 and of the 1×1 convs whose rates make the classes' grids: from
     #: few channels on large maps to many on small ones, as the layers of real models run.
     conv_grid: tuple[tuple[int, int], ...] = ((8, 160), (16, 80), (32, 56), (48, 80), (128, 14))
@@ -169,6 +173,7 @@ QUICK_SIZES = ProbeSizes(
     tiny_features=4,
     tiny_tokens=2,
     elementwise_shape=(1, 8, 16, 16),
+    math_shape=(1, 8, 16, 16),
     conv_grid=((4, 16), (16, 8)),
     pointwise_grid=((16, 16), (64, 4)),
     bandwidth_elements=(1 << 8, 1 << 11),
@@ -184,9 +189,10 @@ QUICK_SIZES = ProbeSizes(
 
 #: The kernel classes calibration measures: convs by chains of convs (``_conv_chain``), ``int8_matmul`` by a
 #: chain of QDQ MatMuls, ``int8_elementwise`` by QDQ Adds, ``quantize`` by Quantize → Dequantize → Neg,
-#: ``recurrent`` by LSTMs.
+#: ``recurrent`` by LSTMs, ``divide`` and ``activation`` by chains of Div and Sigmoid.
 CALIBRATED_KERNELS = ("conv", "pointwise", "depthwise", "grouped_conv", "unblocked_conv", "dynamic_weight", "int8",
-                      "int8_depthwise", "int8_matmul", "int8_elementwise", "quantize", "recurrent")  # fmt: skip
+                      "int8_depthwise", "int8_matmul", "int8_elementwise", "quantize", "recurrent", "divide",
+                      "activation")  # fmt: skip
 
 
 @dataclass
@@ -841,6 +847,20 @@ def _lstms(length: int, hidden: int, steps: int, rng: np.random.Generator) -> on
     return _model(nodes, [x], current, inits)
 
 
+def _elementwise_chain(length: int, kind: str, sizes: ProbeSizes, large: bool, rng: np.random.Generator) -> onnx.ModelProto:
+    """``divide``: Divs by a scalar constant (as a decomposed HardSwish divides by 6; by 1.25 here, so that 33 of
+    them keep the values normal floats); ``activation``: Sigmoids. On ``math_shape`` or [1, tiny_elements]."""
+    shape = list(sizes.math_shape) if large else [1, sizes.tiny_elements]
+    inits = [numpy_helper.from_array(np.array(1.25, np.float32), "d")]
+    nodes: list[onnx.NodeProto] = []
+    current = "x"
+    for i in range(length):
+        inputs = [current, "d"] if kind == "divide" else [current]
+        nodes.append(helper.make_node("Div" if kind == "divide" else "Sigmoid", inputs, [f"e{i}"]))
+        current = f"e{i}"
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)], current, inits)
+
+
 #: Per kernel class whose probe is not a conv chain: its builder, the probed op, the helper op beside each
 #: element (None: none) and how many probed nodes each element has.
 _PROBE_BUILDERS: dict[str, tuple[Any, str, str | None, int]] = {
@@ -849,6 +869,8 @@ _PROBE_BUILDERS: dict[str, tuple[Any, str, str | None, int]] = {
     "int8_elementwise": (_add_qdq_chain, "Add", None, 1),
     "quantize": (_quantize_chain, "QuantizeLinear", "Neg", 2),
     "recurrent": (_recurrent_chain, "LSTM", "Squeeze", 1),
+    "divide": (_elementwise_chain, "Div", None, 1),
+    "activation": (_elementwise_chain, "Sigmoid", None, 1),
 }
 
 

@@ -38,6 +38,9 @@ KERNEL_CLASSES: dict[str, str] = {
     "(onnxruntime: QLinearMatMul, QGemm)",
     "int8_elementwise": "Add and Mul on int8 data: a QDQ group around Add/Mul (onnxruntime: QLinearAdd, "
     "QLinearMul)",
+    "divide": "Div: onnxruntime divides element by element at about a third of an Add's speed per byte",
+    "activation": "Sigmoid, Tanh, HardSwish, and x·sigmoid(x) (SiLU, one node in onnxruntime): a function of "
+    "each element several times slower than moving it",
     "recurrent": "LSTM, GRU and RNN: one small GEMM per time step, the steps one after another, so their rate "
     "is a fraction of a dense conv's (and depends on the hidden size)",
     "quantize": "QuantizeLinear and DequantizeLinear a runtime runs as nodes (not fused into an int8 kernel): "

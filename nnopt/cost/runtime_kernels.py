@@ -32,6 +32,10 @@ _KERNEL_OF_OP: dict[tuple[str, str], tuple[str, int | None]] = {
     ("com.microsoft", "QGemm"): ("int8_matmul", None),
     ("com.microsoft", "QLinearAdd"): ("int8_elementwise", None),
     ("com.microsoft", "QLinearMul"): ("int8_elementwise", None),
+    ("", "Div"): ("divide", None),
+    ("", "Sigmoid"): ("activation", None),
+    ("", "Tanh"): ("activation", None),
+    ("", "HardSwish"): ("activation", None),
     ("", "LSTM"): ("recurrent", None),
     ("", "GRU"): ("recurrent", None),
     ("", "RNN"): ("recurrent", None),
@@ -303,13 +307,14 @@ def _fuse_epilogues(g: _RuntimeGraph) -> None:
 def _fuse_silu(g: _RuntimeGraph) -> None:
     """SiLU, ``x * sigmoid(x)``: the Sigmoid is computed inside the Mul."""
     for i, node in enumerate(g.nodes):
-        if g.ops[i] != "Sigmoid" or g.classes[i] != "other" or not node.input or not node.output:
+        if g.ops[i] != "Sigmoid" or g.classes[i] != "activation" or not node.input or not node.output:
             continue
         j = g.only_reader(node.output[0])
         if j is not None and g.ops[j] == "Mul" and g.classes[j] == "other":
             operands = {g.source(name) for name in g.nodes[j].input}
             if operands == {g.source(node.input[0]), node.output[0]}:
                 g.classes[i] = "fused"
+                g.classes[j] = "activation"  # the Mul computes the sigmoid too (onnxruntime's QuickGelu)
 
 
 #: Per runtime (``nnopt.cost.hardware.RUNTIMES``), its graph rewrites as the estimate models them, in the order
