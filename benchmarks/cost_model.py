@@ -637,8 +637,17 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "distance weighting of the log rates, `nnopt.cost.hardware.interpolate_rate`). Likewise for bytes: "
         "onnxruntime splits an elementwise op across its threads only above a size, so chains of Adds of 1 K to "
         "64 K floats give a bandwidth grid (`bandwidth_grid`, interpolated log-log by bytes moved). 1-D (and "
-        "3-D) convs are `unblocked_conv`: the NCHWc layout takes 2-D convs only. A profile file without grids "
-        "(written before them) loads and estimates exactly as before.",
+        "3-D) convs are `unblocked_conv`: the NCHWc layout takes 2-D convs only. The `int8` class has a grid "
+        "too: the `conv` grid's shapes as QDQ convs, plus stems with few input channels (1 → 24 channels on 64 × "
+        "64, 3 → 16 on 112 × 112, 3 → 32 on 56 × 56, 12 → 24 on 104 × 104), timed in float (points of the "
+        "`conv` grid) and in int8. A stem cannot chain, so its probe is parallel stems reading one input and "
+        "summed, which keeps onnxruntime's layout (NCHWc in float, NHWC in int8) from input to output as a "
+        "network does; in int8 the QLinearAdds are taken off, in float onnxruntime fuses the Adds into the convs. "
+        "Measured here with one thread: the 1-channel stem takes 10 µs in float and 63 µs in int8 (onnxruntime's "
+        "profile of ddddocr_ocr's own stem: 74 µs int8), the 12-channel one 290 µs and 131 µs. quantize's "
+        "select=latency reads these points when it decides with the profile. A profile file without grids "
+        "(written before them) loads and estimates exactly as before. `nnopt calibrate --threads N` measures at "
+        "N intra-op threads and records them in the profile (`threads`): int8 gains depend on it.",
         "",
         "How the terms were chosen, and how their values were not: the terms are what the plain roofline visibly "
         "missed on these models (a fixed cost per node dominates the small models; quantized variants run faster "

@@ -81,6 +81,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from nnopt.api import optimize  # noqa: E402
+from nnopt.cost.hardware import load_profile  # noqa: E402
 from nnopt.cost.timing import AA_SUFFIX, measure_interleaved  # noqa: E402
 from nnopt.runtime import make_session  # noqa: E402
 
@@ -288,24 +289,35 @@ def ort_quantize_file(source: Path, calib: list[dict[str, np.ndarray]], activati
     return onnx.load(out)
 
 
+#: The variant ``--hardware`` adds: select=latency deciding with that (calibrated) profile, as
+#: ``nnopt optimize --hardware PROFILE.json`` does.
+PROFILE_VARIANT = "nnopt-profile"
+
+
 def _nnopt(reference: onnx.ModelProto, options: dict[str, Any], calib: list[dict[str, np.ndarray]],
-           ) -> tuple[onnx.ModelProto, dict]:
+           hardware: Any = None) -> tuple[onnx.ModelProto, dict]:
+    from nnopt.analysis.manager import AnalysisManager, AnalysisSettings
     from nnopt.ir.model import Model
     from nnopt.passes.quantize import Quantize, QuantizeOptions
     from nnopt.pipeline.base import PassContext
 
     model = Model.from_proto(reference)
-    result = Quantize(QuantizeOptions.create("quantize", **options)).run(model, PassContext(samples=calib))
+    analyses = AnalysisManager(model, AnalysisSettings(hardware=hardware)) if hardware is not None else None
+    ctx = PassContext(samples=calib, analyses=analyses) if analyses is not None else PassContext(samples=calib)
+    result = Quantize(QuantizeOptions.create("quantize", **options)).run(model, ctx)
     return model.to_proto(), {"stats": result.stats, "layers": [layer.to_dict() for layer in result.layers]}
 
 
-def nnopt_variants(with_prepare: bool = False, with_measured: bool = False) -> list[tuple[str, dict[str, Any]]]:
+def nnopt_variants(with_prepare: bool = False, with_measured: bool = False, with_profile: bool = False,
+                   ) -> list[tuple[str, dict[str, Any]]]:
     """The nnopt variants this checkout's quantize pass offers (``nnopt+pre`` only ``with_prepare``,
-    ``nnopt-measured`` only ``with_measured``)."""
+    ``nnopt-measured`` only ``with_measured``, ``PROFILE_VARIANT`` only ``with_profile``)."""
     from nnopt.passes.quantize import QuantizeOptions
 
     fields = {f.name: f for f in dataclasses.fields(QuantizeOptions)}
     variants: list[tuple[str, dict[str, Any]]] = [("nnopt", {})]
+    if with_profile:
+        variants.append((PROFILE_VARIANT, {}))
     if "select" in fields:
         variants.append(("nnopt-all", {"select": "all"}))
     if with_measured and "select" in fields and "measured" in str(fields["select"].type):
@@ -350,10 +362,11 @@ def quantize_all(reference: onnx.ModelProto, case: dict[str, Any], tmp: Path,
     variants = {"float": reference}  # first: the timing's A/A copy (float-AA) is of this one
     seconds: dict[str, float] = {}
     notes: dict[str, str] = {}
-    for name, options in nnopt_variants(case["with_prepare"], case["with_measured"]):
+    for name, options in nnopt_variants(case["with_prepare"], case["with_measured"], case["hardware"] is not None):
         start = time.perf_counter()
         try:
-            variants[name], report = _nnopt(reference, options, case["calib"])
+            hardware = case["hardware"] if name == PROFILE_VARIANT else None
+            variants[name], report = _nnopt(reference, options, case["calib"], hardware)
             notes[name] = _summary(report)
         except Exception as exc:  # report, keep benchmarking the rest
             notes[name] = f"failed: {type(exc).__name__}: {exc}"[:300]
@@ -447,6 +460,7 @@ def bench(key: str, args: argparse.Namespace) -> dict[str, Any] | None:
     if case is None:
         return None
     case["with_prepare"], case["with_measured"] = args.prepare, args.measured
+    case["hardware"] = load_profile(args.hardware) if args.hardware else None
     float_model, _ = optimize(case["proto"], ["constants-to-initializers", "fold-batchnorm"], verify=False)
     reference = float_model.to_proto()
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -493,14 +507,16 @@ def _verdict(res: dict[str, Any]) -> dict[str, Any]:
     for r in res["rows"]:
         r["vs_best_ort"] = r["latency_ms"] / best["latency_ms"] if best else None
         r["fastest_ort"] = r is best
-    nn = rows.get("nnopt")
-    if nn is not None and best is not None:
+    for variant, key in (("nnopt", "checks"), (PROFILE_VARIANT, "checks_profile")):
+        nn = rows.get(variant)
+        if nn is None or best is None:
+            continue
         checks = {"<= float": nn["latency_ratio"] <= 1.0 + noise,
                   "<= fastest ORT": nn["vs_best_ort"] <= 1.0 + noise,
                   "cosine >= fastest ORT's": nn["cosine"] >= best["cosine"] - 1e-4}
         if best.get("top1") is not None and nn.get("top1") is not None:
             checks["top-1 >= fastest ORT's"] = nn["top1"] >= best["top1"] - 1e-9
-        res["checks"] = checks
+        res[key] = checks
     return res
 
 
@@ -583,9 +599,9 @@ def render(results: list[dict[str, Any]]) -> str:
                 f"{kernels} | {r['qdq_left']} | {r['seconds']:.1f} |")
     lines.append("")
     for res in results:
-        checks = res.get("checks", {})
-        verdict = ("passes" if all(checks.values()) else "fails: " + ", ".join(k for k, v in checks.items() if not v)
-                   ) if checks else "no verdict"
+        verdict = _verdict_text(res.get("checks", {}))
+        if "checks_profile" in res:
+            verdict += f"; {PROFILE_VARIANT} {_verdict_text(res['checks_profile'])}"
         lines.append(f"- **{res['model']}**: A/A noise {100 * res['aa_noise']:.1f} %; nnopt {verdict}; inputs: "
                      f"{res['inputs']} ({res['calibration_samples']} calibration feeds, {res['evaluation_samples']} "
                      "held-out feeds)")
@@ -593,6 +609,12 @@ def render(results: list[dict[str, Any]]) -> str:
             if v:
                 lines.append(f"  - {k}: {v}")
     return "\n".join(lines) + "\n"
+
+
+def _verdict_text(checks: dict[str, bool]) -> str:
+    if not checks:
+        return "no verdict"
+    return "passes" if all(checks.values()) else "fails: " + ", ".join(k for k, v in checks.items() if not v)
 
 
 def main() -> None:
@@ -608,6 +630,9 @@ def main() -> None:
                              "One by default, timed in CPU time of the calling thread (onnxruntime computes there): "
                              "on a machine shared with other work, wall time of a pool of threads swings by tens "
                              "of percent")
+    parser.add_argument("--hardware", default=None, metavar="PROFILE.json",
+                        help=f"also nnopt deciding with this profile ({PROFILE_VARIANT}), e.g. from `nnopt calibrate "
+                             "--threads N` at the --threads timed here")
     parser.add_argument("--calib", type=int, default=16, help="calibration samples of the real models")
     parser.add_argument("--eval-scale", type=float, default=1.0,
                         help="scale the held-out sample counts of the real models (0.25 for a quick look)")
@@ -661,6 +686,7 @@ def _command_line_options(args: argparse.Namespace) -> str:
              for name, default in (("rounds", 8), ("runs", 5), ("threads", 1), ("calib", 16), ("eval_scale", 1.0))
              if getattr(args, name) != default]
     flags += [f"--{name}" for name in ("prepare", "measured") if getattr(args, name)]
+    flags += ["--hardware PROFILE.json"] if args.hardware else []
     return models + "".join(" " + flag for flag in flags)
 
 

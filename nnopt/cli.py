@@ -209,6 +209,10 @@ def _add_calibrate(sub: Any) -> None:
     calibrate.add_argument("--rounds", type=int, default=5,
                            help="interleaved rounds over the probes (the least disturbed one is kept)")
     calibrate.add_argument("--name", default="calibrated", help="the profile's name")
+    calibrate.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                           help="onnxruntime intra-op threads to measure with, recorded in the profile (default: "
+                                "onnxruntime's, one per core); int8 gains depend on it: measure at the count the "
+                                "models will run with")
     calibrate.add_argument("--quick", action="store_true",
                            help="tiny probes: checks the machinery in a second; the figures are not representative")
 
@@ -827,7 +831,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise InputError("nnopt calibrate: --name must not be empty")
     started = time.perf_counter()
     profile, measurements = calibrate(runs=args.runs, rounds=args.rounds, name=args.name.strip(),
-                                      sizes=QUICK_SIZES if args.quick else FULL_SIZES)
+                                      sizes=QUICK_SIZES if args.quick else FULL_SIZES, threads=args.threads)
     summary = f"{_profile_summary(profile)} ({time.perf_counter() - started:.1f} s" + (
         ", --quick: not representative)" if args.quick else ")"
     )
@@ -857,6 +861,7 @@ _KERNEL_LABELS = {
     "pointwise": "1x1 conv",
     "int8": "int8 conv",
     "int8_depthwise": "int8 depthwise",
+    "int8_pointwise": "int8 1x1 conv",
     "int8_matmul": "int8 matmul",
     "int8_elementwise": "int8 add/mul",
     "quantize": "Q/DQ nodes",
@@ -879,8 +884,9 @@ def _profile_summary(profile: Any) -> str:
         unit = " G elements/s" if key in _PER_ELEMENT else " GFLOP/s"
         parts.append(f"{label} {flops / 1e9:.1f}{unit} (+{kernel.overhead_s * 1e6:.1f} us)")
     bandwidth = f"{profile.bandwidth / 1e9:.1f} GB/s" if profile.bandwidth is not None else "no bandwidth"
+    threads = f", {profile.threads} thread(s)" if profile.threads is not None else ""
     return (f"{profile.name}: {', '.join(parts)}, bandwidth {bandwidth}, "
-            f"{profile.node_overhead_s * 1e6:.2f} us per node, {profile.run_overhead_s * 1e6:.1f} us per run")
+            f"{profile.node_overhead_s * 1e6:.2f} us per node, {profile.run_overhead_s * 1e6:.1f} us per run{threads}")
 
 
 _COMMANDS = {

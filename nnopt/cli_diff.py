@@ -49,9 +49,14 @@ def signature(proto: onnx.ModelProto) -> tuple[list[tuple[str, int, list[int | s
     return inputs, len(proto.graph.output)
 
 
+#: Input element types whose values diff casts from A's to B's (``nnopt.runtime.feeds_for``).
+_CASTABLE_FLOATS = frozenset({onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE})
+
+
 def check_same_interface(a: onnx.ModelProto, b: onnx.ModelProto, names: tuple[str, str]) -> None:
-    """One InputError line when B cannot be fed what A is fed: other input names, types, static dims or
-    a different number of outputs (their outputs are compared by position)."""
+    """One InputError line when B cannot be fed what A is fed: other input names, types (but for float types
+    a value can be cast between: float16, float, double), static dims or a different number of outputs (their
+    outputs are compared by position)."""
     (a_in, a_out), (b_in, b_out) = signature(a), signature(b)
 
     def show(inputs: list[tuple[str, int, list[int | str]]]) -> str:
@@ -61,8 +66,11 @@ def check_same_interface(a: onnx.ModelProto, b: onnx.ModelProto, names: tuple[st
     def fixed(dims: list[int | str]) -> list[int | None]:
         return [d if isinstance(d, int) and d > 0 else None for d in dims]
 
+    def feedable(ta: int, tb: int) -> bool:  # A's values cast to B's float type (fp16 inputs) count as the same
+        return ta == tb or {ta, tb} <= _CASTABLE_FLOATS
+
     same = len(a_in) == len(b_in) and all(
-        na == nb and ta == tb and len(da) == len(db)
+        na == nb and feedable(ta, tb) and len(da) == len(db)
         and all(x == y or x is None or y is None for x, y in zip(fixed(da), fixed(db)))
         for (na, ta, da), (nb, tb, db) in zip(a_in, b_in)
     )

@@ -25,19 +25,21 @@ def measure_before_after(src: Path, optimized: Any, runs: int, feeds: dict[str, 
     Returns:
         ``{"runs", "before_s", "after_s", "ratio"}`` (``ratio``: after ÷ before).
     """
-    from nnopt.runtime import RuntimeUnavailable, make_feeds, make_session
+    from nnopt.runtime import RuntimeUnavailable, feeds_for, make_feeds, make_session
 
     try:
         sessions = [make_session(str(src), optimize=True), make_session(optimized, optimize=True)]
         inputs = make_feeds(sessions[0], input_shapes, given=feeds)
     except RuntimeUnavailable as exc:
         raise InputError(f"--measure: {exc}") from exc
+    # The same values for both, each in its session's float input types (fp16 with keep_io_types=false).
+    per_session = [feeds_for(session, inputs) for session in sessions]
     times: list[list[float]] = [[], []]
     try:
         for i in range(WARMUP + runs):
-            for session, timed in zip(sessions, times):
+            for session, timed, session_inputs in zip(sessions, times, per_session):
                 start = time.perf_counter()
-                session.run(None, inputs)
+                session.run(None, session_inputs)
                 if i >= WARMUP:
                     timed.append(time.perf_counter() - start)
     except Exception as exc:  # boundary: onnxruntime raises its own exception types

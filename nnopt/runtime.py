@@ -215,6 +215,32 @@ def set_session_threads(threads: int | None) -> None:
     _SESSION_THREADS = threads
 
 
+@contextlib.contextmanager
+def session_threads(threads: int | None) -> Iterator[None]:
+    """``set_session_threads(threads)`` for the ``with`` block, the previous count restored after it."""
+    previous = _SESSION_THREADS
+    set_session_threads(threads)
+    try:
+        yield
+    finally:
+        set_session_threads(previous)
+
+
+#: onnxruntime's element type names of the float inputs a float value can be cast to (numpy has no bfloat16).
+_FLOAT_INPUTS = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(double)": np.float64}
+
+
+def feeds_for(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feeds`` with each float value cast to the float type ``session``'s input of that name takes (a model whose
+    inputs a pass made float16, or double); other values unchanged. Same feeds object when nothing changes."""
+    types = {info.name: _FLOAT_INPUTS.get(info.type) for info in session.get_inputs()}
+    casts = {name: types[name] for name, value in feeds.items() if isinstance(value, np.ndarray)
+             and value.dtype.kind == "f" and types.get(name) is not None and value.dtype != types[name]}
+    if not casts:
+        return feeds
+    return {name: value.astype(casts[name]) if name in casts else value for name, value in feeds.items()}
+
+
 def make_session(
     model: Model | onnx.ModelProto | str | os.PathLike[str], *, optimize: bool = False
 ) -> ort.InferenceSession:

@@ -27,7 +27,7 @@ from nnopt.ir.model import Model
 from nnopt.pipeline.base import Pass, PassContext, PassResult
 from nnopt.pipeline.manager import Budget, PassRecord
 from nnopt.plugin_manager import PluginInfo, Plugins
-from nnopt.runtime import DataSource, generate_samples, load_samples, make_session
+from nnopt.runtime import DataSource, feeds_for, generate_samples, load_samples, make_session
 
 #: Generated samples ``assert_within_budget`` judges on without data (as many as a budget run generates).
 BUDGET_SAMPLES = 16
@@ -43,8 +43,10 @@ def model_from_text(text: str, initializers: dict[str, np.ndarray] | None = None
 
 
 def run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[Any]:
-    """Outputs of ``proto`` in onnxruntime (graph optimisations off)."""
-    return make_session(proto).run(None, feeds)
+    """Outputs of ``proto`` in onnxruntime (graph optimisations off); float values are cast to the float type
+    of the input they feed (a model a pass gave float16 inputs), as the pass manager's verification does."""
+    session = make_session(proto)
+    return session.run(None, feeds_for(session, feeds))
 
 
 def random_feeds(proto: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:

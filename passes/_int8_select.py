@@ -98,7 +98,7 @@ _KIND = {"Gemm": "gemm", "MatMul": "gemm", "ConvTranspose": "dense", "Add": "add
 #: Per kind of ``KERNELS``: the cost model's kernel class of its float and of its int8 form
 #: (``nnopt.cost.hardware.KERNEL_CLASSES``; "other" runs at the profile's peak rate), and FLOPs per unit of work.
 _PROFILE_CLASSES: dict[str, tuple[str, str, float]] = {
-    "dense": ("conv", "int8", 2.0), "pointwise": ("pointwise", "int8", 2.0),
+    "dense": ("conv", "int8", 2.0), "dense_narrow": ("conv", "int8", 2.0), "pointwise": ("pointwise", "int8_pointwise", 2.0),
     "depthwise": ("depthwise", "int8_depthwise", 2.0), "gemm": ("conv", "int8_matmul", 2.0),
     "add": ("other", "int8_elementwise", 1.0), "mul": ("other", "int8_elementwise", 1.0),
 }  # fmt: skip
@@ -113,14 +113,21 @@ class TableRates:
     machine by benchmarks/int8_kernels.py. Its ``name`` is what the pass's stats report as ``select_profile``.
 
     Every time is in µs: ``layer_us`` of one layer of a kind (``work``: MACs or elements; ``pixels``: output
-    pixels of a conv; ``elements``: values its activations and weights hold), ``boundary_us`` of one region
+    pixels of a conv; ``elements``: values its activations and weights hold; ``output_shape``: of its first
+    output, for rates that depend on the shape), ``boundary_us`` of one region
     edge over ``elements`` values (``conv_side``: a float Conv beyond it), ``unfused_us`` of an activation that
     no longer fuses into the float Conv before it.
     """
 
     name: str = "int8-kernels-table"
 
-    def layer_us(self, kind: str, work: float, pixels: float, elements: float) -> tuple[float, float]:
+    @property
+    def threads(self) -> int | None:
+        """The onnxruntime intra-op threads the times are for (the table: one; None: onnxruntime's default)."""
+        return 1
+
+    def layer_us(self, kind: str, work: float, pixels: float, elements: float,
+                 output_shape: Sequence[int] | None = None) -> tuple[float, float]:
         rate = KERNELS[kind]
         return rate.float_us(work), rate.int8_us(work, pixels)
 
@@ -135,20 +142,34 @@ class TableRates:
 class ProfileRates(TableRates):
     """The same times from a calibrated hardware profile (``nnopt calibrate`` for onnxruntime: it measures
     ``INT8_CLASSES``), through ``HardwareProfile.node_latency`` as the latency estimate computes them, so the
-    selection and the estimate tell the same story. What a profile has no class for comes from the table:
-    convs with few input channels (their int8 cost per output pixel) and onnxruntime's NCHWc reorder at a
-    region edge beside a float Conv (beyond the edge's QuantizeLinear/DequantizeLinear)."""
+    selection and the estimate tell the same story (rates interpolated in the classes' grids by the layer's
+    output shape, as the estimate does). Convs with few input channels take their times from the profile
+    only when it measured them (its ``int8`` grid, from ``nnopt calibrate``'s narrow probes), else from the
+    table; onnxruntime's NCHWc reorder at a region edge beside a float Conv (beyond the edge's
+    QuantizeLinear/DequantizeLinear) always comes from the table."""
 
     profile: HardwareProfile | None = None
 
-    def layer_us(self, kind: str, work: float, pixels: float, elements: float) -> tuple[float, float]:
-        if kind not in _PROFILE_CLASSES or self.profile is None:
+    def layer_us(self, kind: str, work: float, pixels: float, elements: float,
+                 output_shape: Sequence[int] | None = None) -> tuple[float, float]:
+        if kind not in _PROFILE_CLASSES or self.profile is None or (kind == "dense_narrow" and not self.narrow):
             return super().layer_us(kind, work, pixels, elements)
         float_class, int8_class, flops_per_unit = _PROFILE_CLASSES[kind]
         flops = flops_per_unit * work
-        float_s = self.profile.node_latency(float_class, flops, 4.0 * elements)[0]
-        int8_s = self.profile.node_latency(int8_class, flops, elements)[0]
+        float_s = self.profile.node_latency(float_class, flops, 4.0 * elements, output_shape=output_shape)[0]
+        int8_s = self.profile.node_latency(int8_class, flops, elements, output_shape=output_shape)[0]
         return float_s * 1e6, int8_s * 1e6
+
+    @property
+    def threads(self) -> int | None:
+        return self.profile.threads if self.profile is not None else 1
+
+    @property
+    def narrow(self) -> bool:
+        """Whether the profile measured int8 convs with few input channels (grid points of a reduction below
+        ``MIN_INT8_CHANNELS`` 3×3 taps): a profile from before the narrow probes has none."""
+        int8 = self.profile.kernels.get("int8") if self.profile is not None else None
+        return int8 is not None and any(p.reduction < MIN_INT8_CHANNELS * 9 for p in int8.grid)
 
     def boundary_us(self, elements: float, conv_side: bool = False) -> float:
         if self.profile is None:
@@ -219,6 +240,7 @@ def select(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], feeds: di
         effective, total = set(), float_total
     sel = _result(cost, effective, float_total, total)
     sel.stats["select_profile"] = rates.name
+    sel.stats["select_threads"] = rates.threads
     return sel
 
 
@@ -277,7 +299,7 @@ def _describe(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]], rates: T
     # Output pixels, the batch included (N x H x W): what a narrow conv's int8 kernel pays per.
     pixels = float(np.prod(out)) / out[1] if kind == "dense_narrow" and out is not None and out[1] else 0.0
     elements = sum(float(np.prod(shapes[x])) for x in (*node.input, *node.output) if x in shapes)
-    layer = _Layer(node, kind, work, *rates.layer_us(kind, work, pixels, elements))
+    layer = _Layer(node, kind, work, *rates.layer_us(kind, work, pixels, elements, out))
     layer.gate = _gate(node, layer, shapes, rates.name)
     return layer
 

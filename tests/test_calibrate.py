@@ -106,12 +106,13 @@ def conv_bn_relu(weight_only: bool = False, shared: bool = False) -> onnx.ModelP
     )
 
 
-def qdq_conv() -> onnx.ModelProto:
+def qdq_conv(kernel: int = 3) -> onnx.ModelProto:
     """x ─Q─ DQ ─┐
     wq ─DQ ──────Conv─ Q ─ DQ─ y     (what the quantize pass writes; onnxruntime runs it as QLinearConv)."""
+    out = 9 - kernel
     return model_from_text(
         f"""{HEADER}
-        g (float[1,4,8,8] x) => (float[1,4,6,6] y) {{
+        g (float[1,4,8,8] x) => (float[1,4,{out},{out}] y) {{
             xq = QuantizeLinear(x, s, z)
             xd = DequantizeLinear(xq, s, z)
             w = DequantizeLinear(wq, ws)
@@ -119,7 +120,7 @@ def qdq_conv() -> onnx.ModelProto:
             cq = QuantizeLinear(c, s, z)
             y = DequantizeLinear(cq, s, z)
         }}""",
-        {"s": np.array(0.1, np.float32), "z": np.array(128, np.uint8), "wq": np.ones((4, 4, 3, 3), np.int8),
+        {"s": np.array(0.1, np.float32), "z": np.array(128, np.uint8), "wq": np.ones((4, 4, kernel, kernel), np.int8),
          "ws": np.array(0.01, np.float32)},
     )
 
@@ -253,6 +254,19 @@ def test_qdq_group_runs_as_one_int8_kernel():
     assert all(n["latency_s"] > 0 for n in analyze(qdq_conv(), hardware=HardwareProfile("p", 192e9, 42e9)).nodes)
 
 
+def test_int8_pointwise_convs_are_their_own_class_or_int8s_in_older_profiles():
+    pointwise = replace(FULL, kernels={**FULL.kernels, "int8_pointwise": KernelFigures(flops=2e11, overhead_s=0.2e-6)})
+    conv = analyze(qdq_conv(1), hardware=pointwise).nodes[3]
+    assert conv["kernel"] == "int8_pointwise"
+    assert conv["latency_s"] == pytest.approx(1e-6 + 0.2e-6 + max(conv["flops"] / 2e11, conv["bytes_moved"] / 48e9),
+                                              rel=1e-12)
+    # FULL predates the class: its int8 figures cost the node, as they did before the class existed.
+    older = analyze(qdq_conv(1), hardware=FULL).nodes[3]
+    assert older["kernel"] == "int8_pointwise"
+    assert older["latency_s"] == pytest.approx(1e-6 + 0.5e-6 + max(older["flops"] / 4e10, older["bytes_moved"] / 48e9),
+                                               rel=1e-12)
+
+
 def test_weights_decoded_from_constants_are_folded():
     assert kernels_of(decoded_weight()) == ["folded", "folded", "folded", "pointwise"]
     # The built-in profile folds the decoder too (any runtime computes it once at load): only the conv costs.
@@ -335,6 +349,8 @@ def test_pipeline_and_analyze_accept_a_profile_file(tmp_path, capsys):
         ('{"name": "x", "peak_flops_per_s": 1e9, "kernels": {"conv": {"flops_per_s": 0}}}', "kernels.conv.flops_per_s: expected a positive number"),
         ('{"name": "x", "peak_flops_per_s": 1e9, "runtime": "tvm"}', "runtime: expected null or one of generic, onnxruntime"),
         ('{"name": "", "peak_flops_per_s": 1e9}', "name: expected a non-empty string"),
+        ('{"name": "x", "peak_flops_per_s": 1e9, "threads": 0}', "threads: expected null or a whole number of at least 1"),
+        ('{"name": "x", "peak_flops_per_s": 1e9, "threads": 1.5}', "threads: expected null or a whole number"),
     ],
 )
 def test_bad_profile_file_is_a_one_line_error_naming_file_and_key(tmp_path, capsys, content, message):
@@ -349,9 +365,16 @@ def test_bad_profile_file_is_a_one_line_error_naming_file_and_key(tmp_path, caps
 
 
 # ---------------------------------------------------------------------------------------------- calibrate
+#: An int8 1×1 conv class of its own for the truths below (MEASURED predates it and falls back to int8's).
+INT8_POINTWISE = KernelFigures(600e9, 1.2e-6)
+
+
 def test_calibrate_recovers_the_profile_of_a_machine_that_follows_the_model(monkeypatch):
     """With every probe 'measured' as the estimate of a known profile, calibration gives that profile back."""
-    truth = replace(MEASURED, name="truth")
+    # Without layout changes (nchwc_block 0): a one-node chain's time bounds a node's (``_large_per_node``), and
+    # the reorders at a chain's ends would be part of it.
+    truth = replace(MEASURED, name="truth", kernels={**MEASURED.kernels, "int8_pointwise": INT8_POINTWISE},
+                    nchwc_block=0)
 
     def estimated(model, feeds=None, **_):
         seconds = analyze(model, hardware=truth, run_onnxruntime=False).totals["latency_s"]
@@ -379,19 +402,30 @@ def test_calibrate_recovers_the_grids_of_a_machine_whose_rates_depend_on_shape(m
     """Each grid probe gives back the rate the (grid) truth has at its shape, and each Add chain its bandwidth."""
     # The QUICK_SIZES grid probes (conv: 4 channels on 16², 16 on 8²; 1×1: 16 on 16², 64 on 4²; grouped: 4 on
     # 12², 8 on 6²) at rates of their own, and the class's large and tiny probes at the class's single rate.
-    rate = {kernel: MEASURED.kernels[kernel].flops for kernel in GRID_KERNELS}
+    measured = {**MEASURED.kernels, "int8_pointwise": INT8_POINTWISE}
+    rate = {kernel: measured[kernel].flops for kernel in GRID_KERNELS}
+    # The narrow probes (1 → 8 channels on 8², 3 → 16 on 6²: reductions 9 and 27) are points of conv and int8;
+    # int8 also takes conv's (channels, size) grid.
     conv = (RatePoint(36, 16, rate["conv"]), RatePoint(36, 256, 20e9), RatePoint(72, 256, rate["conv"]),
-            RatePoint(144, 64, 150e9))
+            RatePoint(144, 64, 150e9), RatePoint(9, 64, 5e9), RatePoint(27, 36, 30e9))
+    int8 = (RatePoint(36, 16, rate["int8"]), RatePoint(36, 256, 25e9), RatePoint(72, 256, rate["int8"]),
+            RatePoint(144, 64, 300e9), RatePoint(9, 64, 2e9), RatePoint(27, 36, 45e9))
     pointwise = (RatePoint(4, 16, rate["pointwise"]), RatePoint(16, 256, 40e9), RatePoint(32, 64, rate["pointwise"]),
                  RatePoint(64, 16, 90e9))
     # Each grouped element is a pair, C → 2C (9 MACs per output) and back (18): both at the same rate.
     grouped = tuple(RatePoint(r, s, flops) for r in (9, 18) for s, flops in
                     ((16, rate["grouped_conv"]), (36, 10e9), (64, rate["grouped_conv"]), (144, 20e9)))
-    kernels = dict(MEASURED.kernels)
-    for kernel, grid in (("conv", conv), ("pointwise", pointwise), ("grouped_conv", grouped)):
+    # int8 1×1 convs (QUICK: 32 channels on 8², tiny 4 on 4², grid 16 on 16², 64 on 4²).
+    int8_pointwise = (RatePoint(4, 16, rate["int8_pointwise"]), RatePoint(32, 64, rate["int8_pointwise"]),
+                      RatePoint(16, 256, 80e9), RatePoint(64, 16, 200e9))
+    kernels = dict(measured)
+    grids = {"conv": conv, "pointwise": pointwise, "grouped_conv": grouped, "int8": int8,
+             "int8_pointwise": int8_pointwise}
+    for kernel, grid in grids.items():
         kernels[kernel] = replace(kernels[kernel], grid=grid)
     # Small tensors move slower, though never so slowly that a conv probe turns memory-bound.
-    truth = replace(MEASURED, kernels=kernels, bandwidth_grid=((3072.0, 100e9), (24576.0, 120e9), (196608.0, 134e9)))
+    truth = replace(MEASURED, kernels=kernels, bandwidth_grid=((3072.0, 100e9), (24576.0, 120e9), (196608.0, 134e9)),
+                    nchwc_block=0)  # as above: no reorders at the chains' ends
 
     def estimated(model, feeds=None, **_):
         seconds = analyze(model, hardware=truth, run_onnxruntime=False).totals["latency_s"]
@@ -399,13 +433,17 @@ def test_calibrate_recovers_the_grids_of_a_machine_whose_rates_depend_on_shape(m
 
     monkeypatch.setattr(nnopt.cost.timing, "measure_latency", estimated)
     profile, _ = calibrate(sizes=QUICK_SIZES, runs=1, rounds=1)
-    for kernel, grid in (("conv", conv), ("pointwise", pointwise), ("grouped_conv", grouped)):
+    for kernel, grid in grids.items():
         measured = {(p.reduction, p.spatial): p.flops for p in profile.kernels[kernel].grid}
         # Within 0.2 %: the tiny 1×1 probe is memory-bound, and the class overhead under the grid rates is derived
-        # with the large Add's bandwidth, not the grid's (1.5 ns of the tiny node).
+        # with the large Add's bandwidth, not the grid's (1.5 ns of the tiny node); likewise the tiny int8 convs'
+        # (its uint8 tensors). Within 0.01 % for conv's narrow probes: their Slices (helpers) are taken off at the
+        # bandwidth interpolated in the derived grid.
         assert measured == pytest.approx({(p.reduction, p.spatial): p.flops for p in grid if (p.reduction, p.spatial)
-                                          in measured}, rel=1e-9 if kernel != "pointwise" else 2e-3)
-        assert len(measured) == 2 and set(measured.values()) & {20e9, 150e9, 40e9, 90e9, 10e9} == set()
+                                          in measured}, rel={"pointwise": 2e-3, "conv": 1e-4, "int8": 5e-3, "int8_pointwise": 5e-3}.get(kernel, 1e-9))
+        assert len(measured) == (4 if kernel in ("conv", "int8") else 2)
+        assert set(measured.values()) & {20e9, 150e9, 40e9, 90e9, 10e9, 5e9, 30e9, 25e9, 300e9, 2e9, 45e9, 80e9,
+                                         200e9} == set()
     # The 2^8 and 2^11-float Adds (3 KB, 24 KB moved) and the large one; the large one's rate is derived as before.
     assert [b for b, _ in profile.bandwidth_grid] == [3072.0, 24576.0, 196608.0]
     # Within 2 %: the node overhead is derived with the large Add's bandwidth for the tiny Adds, which the grid
@@ -458,6 +496,32 @@ def test_calibrate_bad_arguments_write_nothing(tmp_path, monkeypatch, capsys, ar
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_calibrate_measures_at_the_threads_asked_for_and_records_them(tmp_path, monkeypatch, capsys):
+    import nnopt.runtime
+
+    seen = []
+
+    def estimated(model, feeds=None, **_):
+        seen.append(nnopt.runtime._SESSION_THREADS)  # what make_session gives the probe's session
+        seconds = analyze(model, hardware=MEASURED, run_onnxruntime=False).totals["latency_s"]
+        return {"median_s": seconds, "min_s": seconds}
+
+    monkeypatch.setattr(nnopt.cost.timing, "measure_latency", estimated)
+    path = tmp_path / "one.json"
+    assert main(["calibrate", "--quick", "--threads", "1", "--runs", "1", "--rounds", "1", "-o", str(path)]) == 0
+    assert seen and set(seen) == {1} and nnopt.runtime._SESSION_THREADS is None  # restored after
+    assert " us per run, 1 thread(s) (" in capsys.readouterr().out
+    data = json.loads(path.read_text())
+    assert data["threads"] == 1 and data["measurements"]["threads"] == 1 and "CPU, 1 intra-op thread (" in data["description"]
+    assert load_profile(path).threads == 1
+    # Without --threads: onnxruntime's default, and the file keeps the form it had before the key existed.
+    seen.clear()
+    profile, measurements = calibrate(sizes=QUICK_SIZES, runs=1, rounds=1)
+    assert set(seen) == {None} and profile.threads is None and "threads" not in profile.to_dict()
+    assert main(["calibrate", "--quick", "--threads", "0", "-o", str(tmp_path / "zero.json")]) == 2
+    assert not (tmp_path / "zero.json").exists()
 
 
 def test_calibrate_without_output_prints_the_profile(capsys):

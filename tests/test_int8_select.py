@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
 
 from nnopt.analysis.manager import AnalysisManager, AnalysisSettings
-from nnopt.cost.hardware import DEFAULT_PROFILE, HardwareProfile, KernelFigures
+from nnopt.cost.hardware import DEFAULT_PROFILE, HardwareProfile, KernelFigures, RatePoint
 from nnopt.ir.model import Model
 from nnopt.passes import _int8_select
 from nnopt.passes._latency import onnxruntime_view
@@ -61,7 +63,7 @@ def test_a_space_to_depth_stem_of_12_channels_runs_int8() -> None:
     assert stem["predicted_float_us"] == pytest.approx(rate.float_us(macs), abs=0.01) == pytest.approx(644.8, abs=0.1)
     assert stem["predicted_int8_us"] == pytest.approx(rate.int8_us(macs, 104 * 104), abs=0.01)
     assert stem["predicted_int8_us"] == pytest.approx(277.0, abs=0.1)
-    assert sel.stats["select_profile"] == "int8-kernels-table"
+    assert sel.stats["select_profile"] == "int8-kernels-table" and sel.stats["select_threads"] == 1
 
 
 @pytest.mark.parametrize(("cin", "out", "why"), [
@@ -95,7 +97,8 @@ def test_a_calibrated_profile_gives_the_times_its_estimate_gives() -> None:
     rates = _int8_select.rates_for(profile)
     assert isinstance(rates, _int8_select.ProfileRates) and rates.name == "calibrated-test"
     sel = _select(proto, calib[0], rates)
-    assert sel.stats["select_profile"] == "calibrated-test"
+    assert sel.stats["select_profile"] == "calibrated-test" and sel.stats["select_threads"] is None
+    assert _select(proto, calib[0], _int8_select.rates_for(replace(profile, threads=2))).stats["select_threads"] == 2
     assert sel.chosen == ["conv0", "relu0", "conv1", "relu1", "conv2"]
     dw = _figures(sel, "conv1")
     macs, elements = 128 * 9 * 28 * 28, 2 * 128 * 28 * 28 + 128 * 9 + 128
@@ -111,6 +114,41 @@ def test_a_calibrated_profile_gives_the_times_its_estimate_gives() -> None:
     assert "conv1" not in slow.chosen
     assert next(d.reason for d in slow.declined if d.node == "conv1").startswith(
         "float (select=latency): depthwise: onnxruntime's int8 kernel is no faster (calibrated-test:")
+
+
+def _with_narrow_points(profile: HardwareProfile, int8_narrow_flops: float) -> HardwareProfile:
+    """``profile`` with conv and int8 grids as ``nnopt calibrate`` measures them: a 1-channel stem point
+    (1 -> 24 channels, 64 x 64: 9 MACs per output) and a dense point (64 -> 64, 28 x 28: 576)."""
+    kernels = dict(profile.kernels)
+    kernels["conv"] = replace(kernels["conv"], grid=(RatePoint(9, 4096, 1e10), RatePoint(576, 784, 5e10)))
+    kernels["int8"] = replace(kernels["int8"], grid=(RatePoint(9, 4096, int8_narrow_flops), RatePoint(576, 784, 2e11)))
+    return replace(profile, kernels=kernels)
+
+
+@pytest.mark.parametrize(("int8_narrow_flops", "stem_int8"), [(3e10, True), (3e9, False)])
+def test_a_profile_that_measured_narrow_stems_decides_them(int8_narrow_flops: float, stem_int8: bool) -> None:
+    # A greyscale stem, 1 -> 24 channels on 64 x 64, then a dense 24 -> 32 conv. On a VNNI machine int8 runs
+    # such a stem faster, on an AVX2 one 4x slower: the profile's narrow grid point says which this is.
+    proto, calib = _net([(24, 3, 1), (32, 3, 1)], 1, 64)
+    profile = _with_narrow_points(_calibrated(4e10), int8_narrow_flops)
+    rates = _int8_select.rates_for(profile)
+    assert isinstance(rates, _int8_select.ProfileRates) and rates.narrow
+    sel = _select(proto, calib[0], rates)
+    assert ("conv0" in sel.chosen) is stem_int8
+    stem = _figures(sel, "conv0")
+    macs, out = 24 * 9 * 64 * 64, (1, 24, 64, 64)
+    elements = 64 * 64 + 24 * 64 * 64 + 24 * 9 + 24
+    assert stem["kind"] == "dense_narrow"
+    # The rates at the stem's own grid point: float 3 µs + 1.77 MFLOP / 1e10 = 180.0 µs; int8 4 µs + 1.77 MFLOP
+    # / 3e10 (63.0 µs) or / 3e9 (593.8 µs).
+    assert stem["predicted_float_us"] == round(profile.node_latency("conv", 2 * macs, 4 * elements,
+                                                                   output_shape=out)[0] * 1e6, 2)
+    assert stem["predicted_float_us"] == pytest.approx(179.95, abs=0.01)
+    assert stem["predicted_int8_us"] == pytest.approx(4 + 2 * macs / int8_narrow_flops * 1e6, abs=0.01)
+    # A profile from before the narrow probes (no int8 grid) leaves stems to the table.
+    old = _int8_select.rates_for(_calibrated(4e10))
+    assert not old.narrow and _figures(_select(proto, calib[0], old), "conv0")["predicted_int8_us"] == pytest.approx(
+        _int8_select.KERNELS["dense_narrow"].int8_us(macs, 64 * 64), abs=0.01)
 
 
 def test_profiles_without_int8_classes_use_the_table() -> None:

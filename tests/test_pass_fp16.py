@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -245,8 +247,33 @@ def test_weights_only_widens_a_weight_once_for_all_bodies():
     assert record.after["params"] == record.before["params"] == 16 * 16
 
 
-def test_keep_io_types_false_cannot_be_verified_on_float32_data():
-    # Documented: verification feeds the original's float32 data, which a float16 input refuses.
-    _, record = run_checked(_fp16(keep_io_types=False), model_from_text(MLP, MLP_WEIGHTS), data=_feeds(),
-                            strict=False)
-    assert record.status == "rolled_back" and "Unexpected input data type" in record.reason
+def test_keep_io_types_false_is_verified_on_the_data_cast_to_float16(tmp_path, capsys):
+    # Verification feeds the original's float32 data to the new model as a caller would: cast to float16.
+    feeds = _feeds()
+    proto, record = run_checked(_fp16(keep_io_types=False), model_from_text(MLP, MLP_WEIGHTS), data=feeds,
+                                strict=False)
+    assert record.status == "applied" and record.fidelity is not None
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    # The figures are those of the float16 model on the float16-rounded inputs against the original's.
+    from nnopt.pipeline.verify import compare_outputs
+    from nnopt.runtime import make_session
+
+    original = make_session(model_from_text(MLP, MLP_WEIGHTS))
+    narrow = make_session(proto)
+    reference = [original.run(None, f) for f in feeds]
+    outputs = [narrow.run(None, {k: v.astype(np.float16) for k, v in f.items()}) for f in feeds]
+    expected = compare_outputs(reference, outputs)
+    assert record.fidelity["cosine_similarity"] == pytest.approx(expected.cosine_similarity, abs=1e-12)
+    assert 0.999 < expected.cosine_similarity < 1.0 and record.fidelity["samples"] == len(feeds)
+    assert record.fidelity["max_rel_error"] == pytest.approx(expected.max_rel_error, rel=1e-9)
+    assert expected.max_rel_error > 0
+    # nnopt diff compares the two (float32 against float16 inputs) the same way.
+    from nnopt.cli import main
+
+    original_path, narrow_path, data = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "d.npz"
+    onnx.save(model_from_text(MLP, MLP_WEIGHTS), original_path)
+    onnx.save(proto, narrow_path)
+    np.savez(data, x=np.stack([f["x"] for f in feeds]))  # one sample per leading index
+    assert main(["diff", str(original_path), str(narrow_path), "--data", str(data), "--json"]) == 0
+    diffed = json.loads(capsys.readouterr().out)["fidelity"]
+    assert diffed["cosine_similarity"] == pytest.approx(expected.cosine_similarity, abs=1e-12)

@@ -2,7 +2,7 @@
 
 ``calibrate()`` measures what the latency estimate needs (see ``HardwareProfile``) on this machine, in
 onnxruntime with exactly the session settings ``nnopt.cost.timing.measure_latency`` uses (default graph
-optimisations and threads). Every figure comes from a small model built in memory, never from the
+optimisations and threads, or the ``threads`` asked for, recorded in the profile). Every figure comes from a small model built in memory, never from the
 models it will be used to estimate:
 
 * a probe is a chain of N identical nodes; the time of one node is the slope between two chain lengths,
@@ -43,7 +43,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from nnopt.cost.energy import DEFAULT_ENERGY, EnergyFigures, machine_cache_bytes
-from nnopt.cost.hardware import HardwareProfile, KernelFigures, RatePoint
+from nnopt.cost.hardware import HardwareProfile, KernelFigures, RatePoint, interpolate_bandwidth
 from nnopt.errors import InputError
 
 #: IR version and opset of the probe models: ones every supported onnxruntime release loads.
@@ -102,7 +102,10 @@ class ProbeSizes:
             (the tiny ones take [1, tiny_elements]).
         math_shape: Likewise for the large ``divide`` and ``activation`` probes.
         conv_grid, pointwise_grid, grouped_grid: (channels, size) of the grid probes of ``conv`` (3×3),
-            ``pointwise`` and ``grouped_conv`` (pairs as ``_grouped_chain`` builds them).
+            ``pointwise`` and ``grouped_conv`` (pairs as ``_grouped_chain`` builds them); ``conv_grid``'s
+            shapes are timed as ``int8`` (QDQ) convs too, for the int8 class's grid.
+        narrow_grid: (input channels, output channels, size) of the 3×3 convs with few input channels (the
+            stems of image models) timed in float and in int8, points of the ``conv`` and ``int8`` grids.
         bandwidth_elements: Elements per input of the Add chains of the bandwidth grid.
         grouped_channels, grouped_multiplier, grouped_size: The large ``grouped_conv`` probe (the tiny one
             takes ``tiny_channels``, multiplier 2, ``tiny_size``).
@@ -152,6 +155,12 @@ class ProbeSizes:
     #: (hidden size, steps) of the ``recurrent`` grid probes: each step is a GEMM of 4·hidden outputs, so the
     #: rate grows with the hidden size (speech models use 64-128, text recognisers 256-512).
     recurrent_grid: tuple[tuple[int, int], ...] = ((32, 16), (64, 16), (256, 8), (512, 4))
+    #: (in, out channels, size) of the narrow convs: a greyscale stem (1 -> 24 on 64 x 64 output pixels, as
+    #: a text recogniser's on 32 x 128), RGB stems (3 -> 16, 3 -> 32) and a space-to-depth stem (12 -> 24).
+    #: onnxruntime's int8 conv with few input channels pays per output pixel (its NHWC reorder and im2col), so
+    #: whether int8 pays for a stem is a matter of this machine (issue #16: a VNNI CPU runs the 1-channel stem
+    #: faster in int8, an AVX2 one 4x slower).
+    narrow_grid: tuple[tuple[int, int, int], ...] = ((1, 24, 64), (3, 16, 112), (3, 32, 56), (12, 24, 104))
 
 
 FULL_SIZES = ProbeSizes()
@@ -184,6 +193,7 @@ QUICK_SIZES = ProbeSizes(
     recurrent_hidden=16,
     recurrent_steps=4,
     recurrent_grid=((8, 4), (32, 2)),
+    narrow_grid=((1, 8, 8), (3, 16, 6)),
 )
 
 
@@ -191,8 +201,8 @@ QUICK_SIZES = ProbeSizes(
 #: chain of QDQ MatMuls, ``int8_elementwise`` by QDQ Adds, ``quantize`` by Quantize → Dequantize → Neg,
 #: ``recurrent`` by LSTMs, ``divide`` and ``activation`` by chains of Div and Sigmoid.
 CALIBRATED_KERNELS = ("conv", "pointwise", "depthwise", "grouped_conv", "unblocked_conv", "dynamic_weight", "int8",
-                      "int8_depthwise", "int8_matmul", "int8_elementwise", "quantize", "recurrent", "divide",
-                      "activation")  # fmt: skip
+                      "int8_depthwise", "int8_pointwise", "int8_matmul", "int8_elementwise", "quantize", "recurrent",
+                      "divide", "activation")  # fmt: skip
 
 
 @dataclass
@@ -211,6 +221,8 @@ class _Probe:
     seconds: float = math.inf
     #: Nodes of the probed class per element of the chain (a Quantize and a Dequantize: 2).
     per_element: int = 1
+    #: The kernel class the helper is estimated as (None: ``_HELPER_KERNEL`` by its op type).
+    helper_kernel: str | None = None
 
 
 def calibrate(
@@ -221,6 +233,7 @@ def calibrate(
     name: str = "calibrated",
     seed: int = 0,
     before_each: Callable[[], None] | None = None,
+    threads: int | None = None,
 ) -> tuple[HardwareProfile, dict[str, Any]]:
     """Measure this machine in onnxruntime and return the profile and what was measured.
 
@@ -231,25 +244,33 @@ def calibrate(
         name: The profile's name.
         seed: Seed of the probes' weights.
         before_each: Called before each probe is timed (e.g. to wait until the CPU is idle).
+        threads: onnxruntime intra-op threads of the probes' sessions (None: its default, one per core);
+            recorded in the profile. Measure at the thread count the models will run with.
 
     Returns:
         The profile (``runtime="onnxruntime"``), and ``measurements``: per probe its chain length, FLOPs
         and bytes per node (from ``nnopt.cost.analyze``) and seconds, plus the onnxruntime version.
 
     Raises:
-        InputError: ``runs`` or ``rounds`` below 1, or onnxruntime cannot run a probe.
+        InputError: ``runs`` or ``rounds`` below 1, ``threads`` below 1, or onnxruntime cannot run a probe.
     """
     # Imported here: onnxruntime is slow to import and only calibration needs it.
     import onnxruntime
 
+    from nnopt.runtime import session_threads
+
     if runs < 1 or rounds < 1:
         raise InputError(f"calibration needs runs >= 1 and rounds >= 1, got runs={runs}, rounds={rounds}")
+    if threads is not None and threads < 1:
+        raise InputError(f"calibration needs threads >= 1 (or the default), got threads={threads}")
     probes = _probes(sizes, np.random.default_rng(seed))
-    spread = _time_probes(probes, runs, rounds, before_each)
+    with session_threads(threads):
+        spread = _time_probes(probes, runs, rounds, before_each)
     figures = _probe_figures(probes)
     cpu = _cpu_name()
-    profile = profile_from_probes(figures, name, f"{cpu}, onnxruntime {onnxruntime.__version__} CPU "
-                                  f"({datetime.date.today().isoformat()})")  # fmt: skip
+    threads_text = f", {threads} intra-op thread{'s' if threads != 1 else ''}" if threads is not None else ""
+    profile = profile_from_probes(figures, name, f"{cpu}, onnxruntime {onnxruntime.__version__} CPU{threads_text} "
+                                  f"({datetime.date.today().isoformat()})", threads=threads)  # fmt: skip
     profile = replace(profile, nchwc_block=nchwc_block())
     measurements = {
         # Median ÷ fastest run of the kept round, worst probe: well above 1 means other load disturbed it.
@@ -260,6 +281,7 @@ def calibrate(
         "cpu": cpu,
         "runs": runs,
         "rounds": rounds,
+        "threads": threads,
         "probes": figures,
     }
     return profile, measurements
@@ -296,7 +318,9 @@ def nchwc_block() -> int:
     return 0
 
 
-def profile_from_probes(figures: dict[str, dict[str, Any]], name: str, where: str) -> HardwareProfile:
+def profile_from_probes(
+    figures: dict[str, dict[str, Any]], name: str, where: str, threads: int | None = None
+) -> HardwareProfile:
     """The profile :func:`calibrate` derives from its probes' timings (``measurements["probes"]`` of a profile
     file: a profile can be derived again from what was measured, e.g. after the derivation changed).
 
@@ -304,6 +328,7 @@ def profile_from_probes(figures: dict[str, dict[str, Any]], name: str, where: st
         figures: Per probe, what ``measurements["probes"]`` holds (``seconds_per_node`` is recomputed).
         name: The profile's name.
         where: The machine, runtime and date, for the description.
+        threads: The intra-op threads the probes were timed with (None: onnxruntime's default).
     """
     derived = derive_figures(figures)
     kernels = derived["kernels"]
@@ -326,6 +351,7 @@ def profile_from_probes(figures: dict[str, dict[str, Any]], name: str, where: st
         runtime="onnxruntime",
         bandwidth_grid=derived["bandwidth_grid"],
         energy=EnergyFigures(cache_bytes=cache) if cache is not None else DEFAULT_ENERGY,
+        threads=threads,
     )
 
 
@@ -376,7 +402,7 @@ def _probe_figures(probes: dict[str, _Probe]) -> dict[str, dict[str, Any]]:
         if probe.helper is not None:
             helper = next(n for n in nodes if n["op_type"] == probe.helper)
             figures[key].update(helper_flops_per_node=helper["flops"], helper_bytes_per_node=helper["bytes_moved"],
-                                helper_kernel=_HELPER_KERNEL.get(probe.helper, "other"))  # fmt: skip
+                                helper_kernel=probe.helper_kernel or _HELPER_KERNEL.get(probe.helper, "other"))  # fmt: skip
     return figures
 
 
@@ -487,11 +513,9 @@ def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 probe["seconds_per_node"] = (element - helper) / probe.get("per_element", 1)
             kernels[kernel] = _kernel_figures(large, tiny, bandwidth, node_overhead)
         peak = kernels["conv"].flops  # type: ignore[assignment]
+    bandwidth_grid = _bandwidth_grid(figures, node_overhead, add_large["bytes_per_node"], bandwidth)
     for kernel in GRID_KERNELS:
-        def helper_s(probe: dict[str, Any]) -> float:
-            return _helper_time(probe, peak, bandwidth, node_overhead, kernels)
-
-        grid = _rate_grid(figures, kernel, (node_overhead, run_overhead, bandwidth), kernels[kernel], helper_s)
+        grid = _rate_grid(figures, kernel, (node_overhead, run_overhead, bandwidth, peak), kernels, bandwidth_grid)
         if grid:
             kernels[kernel] = replace(kernels[kernel], grid=grid)
     return {
@@ -499,13 +523,14 @@ def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "run_overhead_s": run_overhead,
         "bandwidth": bandwidth,
         "kernels": kernels,
-        "bandwidth_grid": _bandwidth_grid(figures, node_overhead, add_large["bytes_per_node"], bandwidth),
+        "bandwidth_grid": bandwidth_grid,
     }
 
 
 #: The kernel classes whose rate is interpolated in a grid of probes (``ProbeSizes.conv_grid``...): dense
-#: convs run at 40-250 GFLOP/s here depending on their GEMM's shape, LSTMs by their hidden size.
-GRID_KERNELS = ("conv", "pointwise", "grouped_conv", "recurrent")
+#: convs run at 40-250 GFLOP/s here depending on their GEMM's shape, int8 ones too, and both far slower with
+#: few input channels (``narrow_grid``); LSTMs by their hidden size.
+GRID_KERNELS = ("conv", "pointwise", "grouped_conv", "int8", "int8_pointwise", "recurrent")
 
 
 def _chain_pairs(figures: dict[str, dict[str, Any]], prefix: str) -> list[tuple[str, str]]:
@@ -516,24 +541,34 @@ def _chain_pairs(figures: dict[str, dict[str, Any]], prefix: str) -> list[tuple[
 def _rate_grid(
     figures: dict[str, dict[str, Any]],
     kernel: str,
-    machine: tuple[float, float, float],
-    base: KernelFigures,
-    helper: Callable[[dict[str, Any]], float] = lambda probe: 0.0,
+    machine: tuple[float, float, float, float],
+    kernels: dict[str, KernelFigures],
+    bandwidth_grid: tuple[tuple[float, float], ...],
 ) -> tuple[RatePoint, ...]:
     """The grid of ``kernel``: per grid probe, the rate its time per node (``_large_per_node``: the slope, unless
-    noise made it implausible) gives once the node's and the class's fixed costs are taken off. Points that
-    ran memory-bound say nothing of the rate, and points whose noise leaves no time, are dropped.
+    noise made it implausible) gives once the node's and the class's fixed costs, and a helper node's time
+    (``_helper_time``), are taken off. Points that ran memory-bound say nothing of the rate, and points whose
+    noise leaves no time, are dropped.
 
     Args:
-        machine: ``(node_overhead_s, run_overhead_s, bandwidth)`` as derived.
-        helper: Seconds of a probe's helper node per element (``_helper_time``: the LSTM probes' Squeeze).
+        machine: ``(node_overhead_s, run_overhead_s, bandwidth, peak_flops)`` as derived.
+        kernels: The classes' figures as derived (``kernels[kernel]`` gives the class overhead).
+        bandwidth_grid: As derived: a helper node's bytes move at the bandwidth interpolated at their size,
+            as the estimate has them.
     """
-    node_overhead, run_overhead, bandwidth = machine
+    node_overhead, run_overhead, bandwidth, peak = machine
+    base = kernels[kernel]
     points = []
+    # "grid_int8_" also begins the names of int8_pointwise's probes: a longer class name's probes are its own.
+    others = tuple(f"grid_{k}_" for k in GRID_KERNELS if k != kernel and k.startswith(kernel))
     for short, long in _chain_pairs(figures, f"grid_{kernel}_"):
+        if others and long.startswith(others):
+            continue
         probe = figures[long]
-        per_element = _large_per_node(figures, short, long, run_overhead, 0.0) - helper(probe)
-        per_node = per_element / probe.get("per_element", 1)
+        element = _large_per_node(figures, short, long, run_overhead, 0.0)
+        helper_bandwidth = interpolate_bandwidth(bandwidth_grid, probe.get("helper_bytes_per_node", 0.0))
+        helper = _helper_time(probe, peak, helper_bandwidth, node_overhead, kernels)
+        per_node = (element - helper) / probe.get("per_element", 1)
         compute = per_node - node_overhead - base.overhead_s
         shape = probe["output_shape"]
         if compute > probe["bytes_per_node"] / bandwidth * (1 + 1e-6) and shape:
@@ -591,12 +626,24 @@ def _grid_probes(sizes: ProbeSizes, rng: np.random.Generator) -> dict[str, _Prob
     convs; per ``bandwidth_elements`` a chain of 1 Add and a longer one (short Adds need more nodes for a
     slope above the timer's noise)."""
     probes: dict[str, _Probe] = {}
-    for kind, grid in (("conv", sizes.conv_grid), ("pointwise", sizes.pointwise_grid)):
+    for kind, grid in (("conv", sizes.conv_grid), ("pointwise", sizes.pointwise_grid), ("int8", sizes.conv_grid),
+                       ("int8_pointwise", sizes.pointwise_grid)):
         for channels, size in grid:
             for length, suffix in ((1, "_1"), (3, "")):
                 name = f"grid_{kind}_{channels}x{size}{suffix}"
                 model, unit = _convs(length, channels, size, kind, rng), _convs(1, channels, size, kind, rng)
                 probes[name] = _Probe(name, "Conv", model, unit, length)
+    for kind in ("conv", "int8"):
+        for c_in, c_out, size in sizes.narrow_grid:
+            for length, suffix in ((1, "_1"), (3, "")):
+                name = f"grid_{kind}_{c_in}to{c_out}x{size}{suffix}"
+                int8 = kind == "int8"
+                model = _narrow_chain(length, c_in, c_out, size, int8, rng)
+                unit = _narrow_chain(2, c_in, c_out, size, int8, rng)  # one conv's and one Add's figures
+                # onnxruntime fuses a float Add into the Conv before it (its NCHWc kernel's sum input): only
+                # the int8 chain has Adds of its own (QLinearAdd).
+                probes[name] = _Probe(name, "Conv", model, unit, length, helper="Add" if int8 else None,
+                                      helper_kernel="int8_elementwise" if int8 else None)
     for channels, size in sizes.grouped_grid:
         for length, suffix in ((1, "_1"), (3, "")):
             name = f"grid_grouped_conv_{channels}x{size}{suffix}"
@@ -651,6 +698,7 @@ def _conv_chain(length: int, kind: str, sizes: ProbeSizes, large: bool, rng: np.
         "int8_depthwise": (sizes.depthwise_channels, sizes.depthwise_size, sizes.tiny_channels),
         "unblocked_conv": (sizes.unblocked_channels, sizes.conv_size, sizes.unblocked_tiny_channels),
         "pointwise": (sizes.pointwise_channels, sizes.pointwise_size, sizes.tiny_channels),
+        "int8_pointwise": (sizes.pointwise_channels, sizes.pointwise_size, sizes.tiny_channels),
     }.get(kind, (sizes.conv_channels, sizes.conv_size, sizes.tiny_channels))
     return _convs(length, channels if large else tiny_channels, size if large else sizes.tiny_size, kind, rng)
 
@@ -668,9 +716,9 @@ def _convs(length: int, channels: int, size: int, kind: str, rng: np.random.Gene
     shrinking chain would reach denormal floats, which are many times slower and would spoil the timing.
     """
     group = {"depthwise": channels, "int8_depthwise": channels}.get(kind, 1)
-    k = 1 if kind == "pointwise" else 3
+    k = 1 if kind in ("pointwise", "int8_pointwise") else 3
     fan_in = k * k * (channels // group)
-    int8 = kind in ("int8", "int8_depthwise")
+    int8 = kind in ("int8", "int8_depthwise", "int8_pointwise")
     quantized_weight = int8 or kind == "dynamic_weight"
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -707,6 +755,49 @@ def _convs(length: int, channels: int, size: int, kind: str, rng: np.random.Gene
         current = "y"
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])
     return _model(nodes, [x], current, inits)
+
+
+def _narrow_chain(length: int, c_in: int, c_out: int, size: int, int8: bool, rng: np.random.Generator) -> onnx.ModelProto:
+    """``length`` 3×3 convs ``c_in`` → ``c_out`` on size × size (padded), all reading the input, their outputs
+    summed by a chain of ``length - 1`` Adds. Convs with few input channels cannot follow one another, and
+    parallel convs with an output each would each return it (a copy, and in int8 a reorder out of onnxruntime's
+    NHWC layout, larger than the conv); summed, the layout stays onnxruntime's from input to output as in a
+    network. In int8 each Add is the element's helper node (a QLinearAdd), costed as ``int8_elementwise`` and
+    taken off; in float onnxruntime fuses it into the Conv before it (the NCHWc kernel's sum input), as it does
+    a network's residual Adds. ``int8``: in QDQ form, as ``_convs`` writes it."""
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    source = "x"
+    if int8:
+        inits += _activation_qparams()
+        nodes += [helper.make_node("QuantizeLinear", ["x", "act_scale", "act_zero"], ["q_in"]),
+                  helper.make_node("DequantizeLinear", ["q_in", "act_scale", "act_zero"], ["a_in"])]  # fmt: skip
+        source = "a_in"
+
+    def requantized(name: str) -> str:  # an int8 tensor between two int8 kernels: Q → DQ
+        if not int8:
+            return name
+        nodes.extend([helper.make_node("QuantizeLinear", [name, "act_scale", "act_zero"], [f"{name}_q"]),
+                      helper.make_node("DequantizeLinear", [f"{name}_q", "act_scale", "act_zero"], [f"{name}_d"])])
+        return f"{name}_d"
+
+    total = ""
+    for i in range(length):
+        weight = (rng.standard_normal((c_out, c_in, 3, 3)) / math.sqrt(9 * c_in)).astype(np.float32)
+        if int8:
+            tensors, dequantize = _int8_weight(f"w{i}", weight, axis=0)
+            inits += tensors
+            nodes.append(dequantize)
+        else:
+            inits.append(numpy_helper.from_array(weight, f"w{i}"))
+        nodes.append(helper.make_node("Conv", [source, f"w{i}"], [f"c{i}"], pads=[1] * 4))
+        conv = requantized(f"c{i}")
+        if i:
+            nodes.append(helper.make_node("Add", [total, conv], [f"t{i}"]))
+            conv = requantized(f"t{i}")
+        total = conv
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c_in, size, size])
+    return _model(nodes, [x], total, inits)
 
 
 def _activation_qparams() -> list[onnx.TensorProto]:

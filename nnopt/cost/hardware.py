@@ -34,6 +34,8 @@ KERNEL_CLASSES: dict[str, str] = {
     "what SVD's second factor and a separable conv's second half are",
     "int8_depthwise": "int8 depthwise Conv: a QDQ group around a depthwise Conv (onnxruntime: QLinearConv with "
     "one channel per group)",
+    "int8_pointwise": "int8 1×1 Conv (group 1): a QDQ group around a pointwise Conv (onnxruntime: QLinearConv, "
+    "a plain int8 GEMM without im2col); a profile without it uses its int8 figures",
     "int8_matmul": "int8 MatMul and Gemm: QLinearMatMul, MatMulInteger, and the QDQ groups around MatMul/Gemm "
     "(onnxruntime: QLinearMatMul, QGemm)",
     "int8_elementwise": "Add and Mul on int8 data: a QDQ group around Add/Mul (onnxruntime: QLinearAdd, "
@@ -46,6 +48,9 @@ KERNEL_CLASSES: dict[str, str] = {
     "quantize": "QuantizeLinear and DequantizeLinear a runtime runs as nodes (not fused into an int8 kernel): "
     "activation boundaries of float islands, weights dequantized at every inference",
 }
+#: Kernel classes a profile that has no figures of its own for them takes from another class (profiles
+#: written before the class existed keep estimating as they did).
+KERNEL_FALLBACK: dict[str, str] = {"int8_pointwise": "int8"}
 #: Kernel classes of nodes that cost nothing per inference (only produced for profiles with a ``runtime``):
 #: computed once when the session is created, or absorbed into another node's kernel.
 FREE_KERNELS: frozenset[str] = frozenset({"folded", "fused"})
@@ -178,6 +183,10 @@ class HardwareProfile:
         energy: The energy prices (pJ per MAC and operation by data type, per byte on and off the chip) and
             the on-chip memory size the energy estimate uses (``nnopt.cost.energy``); the 45 nm figures with
             a 4 MiB cache (:data:`DEFAULT_ENERGY`) unless the profile gives its own.
+        threads: The onnxruntime intra-op threads the figures were measured with (``nnopt calibrate
+            --threads``); None: onnxruntime's default (one per core), or not a measured profile. int8 gains
+            differ with the thread count (a MobileNet that int8 makes 0.74x float on one thread ran 1.25x
+            float on two), so a profile is for the thread count it was measured at.
     """
 
     name: str
@@ -191,6 +200,7 @@ class HardwareProfile:
     bandwidth_grid: tuple[tuple[float, float], ...] = ()
     energy: EnergyFigures = DEFAULT_ENERGY
     nchwc_block: int = 0
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if not self.peak_flops > 0 or (self.bandwidth is not None and not self.bandwidth > 0):
@@ -203,6 +213,8 @@ class HardwareProfile:
         for kernel, figures in self.kernels.items():
             if (figures.flops is not None and not figures.flops > 0) or not figures.overhead_s >= 0:
                 raise ValueError(f"hardware profile '{self.name}': kernels.{kernel} figures must be positive")
+        if self.threads is not None and not self.threads >= 1:
+            raise ValueError(f"hardware profile '{self.name}': threads must be at least 1")
         if self.runtime is not None and self.runtime not in RUNTIMES:
             raise ValueError(f"hardware profile '{self.name}': unknown runtime '{self.runtime}'")
         points = [p for figures in self.kernels.values() for p in figures.grid]
@@ -225,7 +237,7 @@ class HardwareProfile:
         """
         if kernel in FREE_KERNELS:
             return 0.0, 0.0, 0.0
-        figures = self.kernels.get(kernel)
+        figures = self.kernels.get(kernel, self.kernels.get(KERNEL_FALLBACK.get(kernel, "")))
         rate = figures.rate(flops, output_shape) if figures is not None else None
         compute_s = flops / (rate if rate is not None else self.peak_flops)
         if self.bandwidth_grid:
@@ -255,6 +267,8 @@ class HardwareProfile:
             **({"bandwidth_grid": [list(point) for point in self.bandwidth_grid]} if self.bandwidth_grid else {}),
             **({"nchwc_block": self.nchwc_block} if self.nchwc_block else {}),
             "energy": self.energy.to_dict(),
+            # Only when measured at a given count: a profile without it keeps its file form.
+            **({"threads": self.threads} if self.threads is not None else {}),
         }
 
 
@@ -398,7 +412,7 @@ def _parse_number(text: str, key: str, spec: str) -> float:
 #: Keys of a profile file: required, optional, and free-form (``measurements``: what calibration measured).
 _FILE_REQUIRED = ("name", "peak_flops_per_s")
 _FILE_OPTIONAL = ("bandwidth_bytes_per_s", "description", "node_overhead_s", "run_overhead_s", "kernels", "runtime",
-                  "bandwidth_grid", "energy", "nchwc_block")
+                  "bandwidth_grid", "energy", "threads", "nchwc_block")
 _FILE_FREE = ("measurements",)
 _KERNEL_KEYS = ("flops_per_s", "overhead_s", "grid")
 _POINT_KEYS = ("reduction", "spatial", "flops_per_s")
@@ -484,7 +498,17 @@ def profile_from_dict(data: Any, source: str = "profile") -> HardwareProfile:
         bandwidth_grid=_file_bandwidth_grid(data.get("bandwidth_grid", []), where),
         nchwc_block=_file_block(data.get("nchwc_block", 0), where),
         energy=energy_from_dict(data["energy"], where) if data.get("energy") is not None else DEFAULT_ENERGY,
+        threads=_file_threads(data.get("threads"), where),
     )
+
+
+def _file_threads(value: Any, where: str) -> int | None:
+    """``threads``: null or a whole number of at least 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{where}: threads: expected null or a whole number of at least 1, got {value!r}")
+    return value
 
 
 def _file_grid(points: Any, where: str, label: str) -> tuple[RatePoint, ...]:

@@ -42,8 +42,8 @@ _KERNEL_OF_OP: dict[tuple[str, str], tuple[str, int | None]] = {
     ("", "QuantizeLinear"): ("quantize", None),
     ("", "DequantizeLinear"): ("quantize", None),
 }
-#: The int8 kernel a QDQ group around each op runs as (see ``_fuse_qdq_groups``); Conv is ``int8`` or, with
-#: one input channel per group, ``int8_depthwise``.
+#: The int8 kernel a QDQ group around each op runs as (see ``_fuse_qdq_groups``); Conv is ``int8``, or with
+#: one input channel per group ``int8_depthwise``, or 1×1 with group 1 ``int8_pointwise``.
 _QDQ_KERNEL = {"Conv": "int8", "MatMul": "int8_matmul", "Gemm": "int8_matmul", "Add": "int8_elementwise",
                "Mul": "int8_elementwise"}  # fmt: skip
 
@@ -262,7 +262,8 @@ def _qdq_kernel(node: onnx.NodeProto, g: _RuntimeGraph) -> str:
     weight = g.infos.get(g.nodes[g.producer[node.input[1]]].input[0])
     shape = weight.shape if weight is not None else None
     depthwise = group > 1 and shape is not None and len(shape) > 1 and shape[1] == 1
-    return "int8_depthwise" if depthwise else "int8"
+    pointwise = group == 1 and shape is not None and len(shape) > 2 and all(k == 1 for k in shape[2:])
+    return "int8_depthwise" if depthwise else "int8_pointwise" if pointwise else "int8"
 
 
 def _eliminate_pass_throughs(g: _RuntimeGraph) -> None:

@@ -19,6 +19,7 @@ from nnopt.runtime import (
     DataSource,
     RunTimeLimitExceeded,
     RuntimeUnavailable,
+    feeds_for,
     generate_samples,
     load_samples,
     make_session,
@@ -255,7 +256,10 @@ class Verifier:
             RunTimeLimitExceeded: one run took longer than the time limit.
         """
         sess = make_session(proto)
-        return [run_model(sess, feeds, time_limit=self.time_limit) for feeds in self.samples]
+        # A pass may change an input's float type (fp16 with keep_io_types=false): its reference values are fed
+        # as a caller of the new model would feed them, and their rounding is part of the change measured.
+        return [run_model(sess, feeds_for(sess, feeds), time_limit=self.time_limit) for feeds in self.samples]
+
 
 
 def _first_nan_output(reference: list[list[Any]], names: list[str]) -> str | None:
