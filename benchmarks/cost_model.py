@@ -488,6 +488,19 @@ PROBES = {
     "quantize_large": "the same, three in a chain",
     "quantize_tiny_1": "QuantizeLinear → DequantizeLinear → Neg on [1, 16], one",
     "quantize_tiny": "the same, 33 in a chain",
+    "recurrent_large_1": "LSTM, hidden size 128 (input 128) over 16 steps, then a Squeeze, one (the Squeeze's "
+    "estimate is taken off)",
+    "recurrent_large": "the same, three in a chain",
+    "recurrent_tiny_1": "LSTM, hidden size 16 over one step, one",
+    "recurrent_tiny": "the same, 33 in a chain",
+    "divide_large_1": "Div of a [1, 32, 32, 32] tensor by a scalar constant, one",
+    "divide_large": "the same, three in a chain",
+    "divide_tiny_1": "Div of a [1, 16] tensor by a scalar constant, one",
+    "divide_tiny": "the same, 33 in a chain",
+    "activation_large_1": "Sigmoid of a [1, 32, 32, 32] tensor, one",
+    "activation_large": "the same, three in a chain",
+    "activation_tiny_1": "Sigmoid of a [1, 16] tensor, one",
+    "activation_tiny": "the same, 33 in a chain",
 }
 
 
@@ -496,6 +509,7 @@ GRID_PROBES = {
     "conv": "dense 3×3 Conv, {c} → {c} channels on {s} × {s}",
     "pointwise": "dense 1×1 Conv, {c} → {c} channels on {s} × {s}",
     "grouped_conv": "grouped 3×3 Conv pair, {c} → 4·{c} → {c} channels (group {c}) on {s} × {s}",
+    "recurrent": "LSTM, hidden size {c} (input {c}) over {s} steps",
 }
 
 
@@ -586,14 +600,29 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "one), `int8_matmul` (QLinearMatMul/QGemm, and QDQ MatMul/Gemm groups), `int8_elementwise` (QDQ Add/Mul "
         "groups onnxruntime runs as QLinearAdd/QLinearMul: only when both inputs have the same type), `quantize` "
         "(a Quantize/DequantizeLinear onnxruntime runs as a node: the boundaries of float islands such as "
-        "HardSwish, and weight-only dequantization), `other` (every other op, at the dense rate and the "
-        "bandwidth). With `runtime: onnxruntime` the estimate costs the graph onnxruntime executes rather than "
+        "HardSwish, and weight-only dequantization), `recurrent` (LSTM, GRU, RNN: one small GEMM per time step, "
+        "the steps one after another), `divide` (Div) and `activation` (Sigmoid, Tanh, HardSwish, and the Mul of "
+        "x·sigmoid(x) onnxruntime runs as one node): elementwise ops 2-4 × slower than moving their data, at "
+        "element rates measured on chains of Divs and Sigmoids of 32 K floats (below the size at which "
+        "onnxruntime splits them across its threads, as most such nodes of these models are; larger tensors run "
+        "up to twice as fast as estimated), `other` (every other op, at the dense rate and the bandwidth). With `runtime: onnxruntime` the estimate costs the graph onnxruntime executes rather than "
         "the graph as written: nodes it constant-folds (everything computed from constants, e.g. kmeans "
         "codebook decoders, shape arithmetic on constants, but not DequantizeLinear, which onnxruntime keeps for "
         "QDQ fusion, so a weight-only DequantizeLinear runs at every inference) and nodes it fuses "
         "(BatchNormalization and per-channel Add/Mul into the Conv before them, one activation into a "
         "Conv/Gemm, Identity/Dropout removed, x·sigmoid(x) as one node, the DequantizeLinear and QuantizeLinear "
-        "around an int8 kernel) cost nothing. The built-in profile has `runtime: generic`: only kmeans-style "
+        "around an int8 kernel) cost nothing, and the layout changes it adds cost a node each: onnxruntime runs "
+        "2-D float convs in a channel-blocked layout (NCHWc) and keeps a tensor in it through ops that take it "
+        "(blocked convs, pools, Add/Mul of two blocked tensors of one shape, channel Concat, Relu, x·sigmoid(x)), "
+        "but before any other op (the Add/Clip/Mul/Div of a decomposed HardSwish, a squeeze-excitation Mul, a "
+        "Reshape, the caller) it inserts a ReorderOutput, and before a blocked conv with at least a block of "
+        "input channels reading an NCHW tensor a ReorderInput (`nnopt.cost.layout`): each a copy of the tensor at "
+        "the per-node overhead and the bandwidth, charged to the conv (or producer) beside it (`extra.reorders`, "
+        "`extra.reorder_s`). The block (16 with AVX-512, 8 with AVX2, none off x86) is what `nnopt calibrate` "
+        "reads from the graph onnxruntime writes for a small conv (`nchwc_block` in the profile; a profile "
+        "without it charges no reorders, as before). On ppocr's MobileNetV3 backbones these are a quarter of the "
+        "executed nodes; the counts match onnxruntime's optimized graphs on 8 of the 11 real models (ppocr_cls "
+        "52 of 59, ppocr_det 82 of 93, ppocr_rec 69 for 63). The built-in profile has `runtime: generic`: only kmeans-style "
         "decoders are folded and QDQ groups fused (any deployment runtime does both), int8 convs and matmuls "
         "at twice its FP32 peak. FLOPs, bytes and params in every report stay those of the graph as written.",
         "",
@@ -601,7 +630,8 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "GEMM with a short reduction or a wide, shallow map runs at a fraction of the rate of 64 → 64 channels "
         "on 28 × 28. So `nnopt calibrate` also times a grid of probes per class (`conv`: 3×3 convs from 8 "
         "channels on 160 × 160 to 128 on 14 × 14; `pointwise`: 1×1 convs from 8 channels on 160 × 160 to 256 on "
-        "14 × 14; `grouped_conv`: conv-to-separable's grouped convs from 4 × 4 to 56 × 56 maps) and the "
+        "14 × 14; `grouped_conv`: conv-to-separable's grouped convs from 4 × 4 to 56 × 56 maps; `recurrent`: "
+        "LSTMs of hidden size 32 to 512, measured here at 70-150 GFLOP/s where the dense conv runs at 570) and the "
         "profile stores each point's rate with its multiply-adds per output (the GEMM's depth) and output "
         "positions per channel (its width); a node's rate is interpolated in log space over both (inverse "
         "distance weighting of the log rates, `nnopt.cost.hardware.interpolate_rate`). Likewise for bytes: "
@@ -694,11 +724,13 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "inference leaves most tensors unknown (their shapes follow from the sample-rate input), and the "
         "onnxruntime fallback reads main-graph tensors only: those nodes count their per-node overhead and "
         "no FLOPs. Loop and Scan bodies are not costed at all.",
-        "- onnxruntime's NCHWc layout transformation (ReorderInput/ReorderOutput nodes around blocked convs, "
-        "and Conv + Add fused as a residual sum) is not modelled: in ppocr_cls (HardSwish between every pair of "
-        "convs) onnxruntime's profiler puts 59 reorders at a fifth of the kernel time. Neither are "
-        "transcendental elementwise ops (Sigmoid, x·sigmoid(x), Div) slower than an Add per byte (×2-4 here), "
-        "nor the per-step cost of LSTM loops: the small models (ppocr_cls, digits, silero) stay estimated low.",
+        "- Conv + Add fused as a residual sum in the blocked layout is not modelled, nor are elementwise ops "
+        "other than Div, Sigmoid, Tanh and HardSwish that are slower than an Add per byte (Erf, Sqrt, LeakyRelu "
+        "×3-5 here, Softplus ×80). Nor is the cost "
+        "of onnxruntime's second thread on models of many small nodes: on an idle machine ppocr_cls runs in "
+        "0.99 ms with the default two threads and 0.46 ms with one (0.49 ms with two while other jobs keep the "
+        "second core busy), while chains of one op measured under load showed no such gap; calibrate's probes "
+        "are such chains, so the small MobileNetV3 models (ppocr_cls) stay estimated low.",
         "- A quantized model whose QDQ groups onnxruntime cannot fuse (ops outside `_QDQ_COMPUTE`/`_QDQ_OTHER` "
         "in `nnopt/cost/runtime_kernels.py`) runs its Quantize/DequantizeLinear nodes, and so does the estimate "
         "(class `quantize`); a fused group runs at the rate of its class (`int8`, `int8_depthwise`, "

@@ -865,9 +865,12 @@ _KERNEL_LABELS = {
     "int8_matmul": "int8 matmul",
     "int8_elementwise": "int8 add/mul",
     "quantize": "Q/DQ nodes",
+    "recurrent": "LSTM",
+    "divide": "Div",
+    "activation": "Sigmoid/Tanh",
 }
 #: Classes whose FLOPs are one per element: their rate reads as elements per second.
-_PER_ELEMENT = frozenset({"int8_elementwise", "quantize"})
+_PER_ELEMENT = frozenset({"int8_elementwise", "quantize", "divide", "activation"})
 
 
 def _profile_summary(profile: Any) -> str:

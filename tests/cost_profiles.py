@@ -16,7 +16,9 @@ MEASURED = HardwareProfile(
              "unblocked_conv": KernelFigures(173e9, 7.6e-6), "dynamic_weight": KernelFigures(154e9, 3.0e-6),
              "int8": KernelFigures(749e9, 2.6e-6), "int8_depthwise": KernelFigures(68e9, 1.7e-6),
              "int8_matmul": KernelFigures(377e9, 0.6e-6), "int8_elementwise": KernelFigures(5.5e9, 0.07e-6),
-             "quantize": KernelFigures(8.0e9, 0.0)},
+             "quantize": KernelFigures(8.0e9, 0.0), "recurrent": KernelFigures(89e9, 1.6e-6),
+             "divide": KernelFigures(6.4e9, 0.0), "activation": KernelFigures(4.5e9, 0.0)},
+    nchwc_block=16,
 )  # fmt: skip
 
 #: The grids the same machine measured (rounded): dense 3×3 convs from 46 GFLOP/s (8 channels on 160 × 160)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 from dataclasses import replace
 from pathlib import Path
 
@@ -227,6 +228,12 @@ def test_fused_and_folded_nodes_cost_nothing_and_the_conv_keeps_its_cost():
     # 4 × 6 × 6 outputs × 36 taps = 5,184 MACs; compute 10,368 / 1e10 s beats memory (1,600 B: 1.024 + 0.576 kB).
     assert conv["flops"] == 10_368 and conv["bytes_moved"] == 1024 + 576 + 576
     assert conv["latency_s"] == pytest.approx(1e-6 + 3e-6 + 10_368 / 1e10, rel=1e-12)
+    # With the machine's channel block known, the output goes back from the blocked layout to the caller: one
+    # ReorderOutput of the 576-byte tensor, charged to the conv.
+    blocked = analyze(conv_bn_relu(), hardware=replace(FULL, nchwc_block=16)).nodes[0]
+    assert blocked["extra"]["reorders"] == 1
+    assert blocked["extra"]["reorder_s"] == pytest.approx(1e-6 + 2 * 576 / 48e9, rel=1e-12)
+    assert blocked["latency_s"] - blocked["extra"]["reorder_s"] == pytest.approx(conv["latency_s"], rel=1e-12)
     assert bn["latency_s"] == relu["latency_s"] == 0.0 and bn["bound"] == relu["bound"] == ""
     assert report.totals["latency_s"] == pytest.approx(5e-6 + conv["latency_s"], rel=1e-12)
     # FLOPs and bytes stay those of the graph as written; only the latency estimate changes.
@@ -288,7 +295,8 @@ def test_generic_runtime_folds_decoders_but_not_other_constant_subgraphs():
 
 
 def test_identity_is_removed_and_silu_is_one_node():
-    assert kernels_of(identity_and_silu()) == ["pointwise", "fused", "fused", "fused", "other"]
+    # The Mul of x·sigmoid(x) computes the sigmoid too: it runs at the activation rate.
+    assert kernels_of(identity_and_silu()) == ["pointwise", "fused", "fused", "fused", "activation"]
 
 
 def test_kernel_classes_without_a_runtime_follow_the_op_alone():
@@ -363,7 +371,10 @@ INT8_POINTWISE = KernelFigures(600e9, 1.2e-6)
 
 def test_calibrate_recovers_the_profile_of_a_machine_that_follows_the_model(monkeypatch):
     """With every probe 'measured' as the estimate of a known profile, calibration gives that profile back."""
-    truth = replace(MEASURED, name="truth", kernels={**MEASURED.kernels, "int8_pointwise": INT8_POINTWISE})
+    # Without layout changes (nchwc_block 0): a one-node chain's time bounds a node's (``_large_per_node``), and
+    # the reorders at a chain's ends would be part of it.
+    truth = replace(MEASURED, name="truth", kernels={**MEASURED.kernels, "int8_pointwise": INT8_POINTWISE},
+                    nchwc_block=0)
 
     def estimated(model, feeds=None, **_):
         seconds = analyze(model, hardware=truth, run_onnxruntime=False).totals["latency_s"]
@@ -413,7 +424,8 @@ def test_calibrate_recovers_the_grids_of_a_machine_whose_rates_depend_on_shape(m
     for kernel, grid in grids.items():
         kernels[kernel] = replace(kernels[kernel], grid=grid)
     # Small tensors move slower, though never so slowly that a conv probe turns memory-bound.
-    truth = replace(MEASURED, kernels=kernels, bandwidth_grid=((3072.0, 100e9), (24576.0, 120e9), (196608.0, 134e9)))
+    truth = replace(MEASURED, kernels=kernels, bandwidth_grid=((3072.0, 100e9), (24576.0, 120e9), (196608.0, 134e9)),
+                    nchwc_block=0)  # as above: no reorders at the chains' ends
 
     def estimated(model, feeds=None, **_):
         seconds = analyze(model, hardware=truth, run_onnxruntime=False).totals["latency_s"]
@@ -463,6 +475,8 @@ def test_calibrate_command_writes_a_profile_analyze_accepts(tmp_path, capsys):
     assert all(math.isfinite(o) and o >= 0 for o in overheads)
     assert sorted(profile.kernels) == sorted(CALIBRATED_KERNELS)
     assert profile.runtime == "onnxruntime"
+    # onnxruntime's NCHWc layout exists on x86 with AVX2 (block 8) or AVX-512 (16), not elsewhere.
+    assert profile.nchwc_block in ((8, 16) if platform.machine() in ("x86_64", "AMD64") else (0, 4, 8, 16, 32, 64))
     assert set(json.loads(path.read_text())["measurements"]["probes"]) >= {"add_short", "add_long", "add_large"}
     assert main(["analyze", str(DIGITS), "--hardware", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["hardware"]["name"] == "me"
@@ -603,3 +617,175 @@ def test_bad_grids_in_a_profile_file_are_one_line_errors(edit, message):
     edit(data)
     with pytest.raises(InputError, match=message):
         profile_from_dict(data, "p.json")
+
+
+# ---------------------------------------------------------------------------------------------- recurrent
+def lstm_model(hidden: int = 16, steps: int = 4) -> onnx.ModelProto:
+    """x[steps, 1, hidden] ─LSTM(hidden)─ y[steps, 1, 1, hidden]: 4 gates × hidden × (input + hidden) MACs a step."""
+    return model_from_text(
+        f"""{HEADER}
+        g (float[{steps},1,{hidden}] x) => (float[{steps},1,1,{hidden}] y) {{
+            y = LSTM<hidden_size: int = {hidden}>(x, w, r)
+        }}""",
+        {n: np.full((1, 4 * hidden, hidden), 0.01, np.float32) for n in ("w", "r")},
+    )
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_recurrent_ops_are_their_own_kernel_class(op: str):
+    node = onnx.helper.make_node(op, ["x", "w", "r"], ["y"], hidden_size=8)
+    assert kernel_classes([node], {}, {"w", "r"}) == ["recurrent"]
+    assert kernel_classes([node], {}, {"w", "r"}, runtime="onnxruntime") == ["recurrent"]
+
+
+def test_an_lstm_runs_at_the_recurrent_rate_interpolated_by_its_hidden_size():
+    # 4 steps × 4 gates × 16 hidden × (16 + 16) = 8,192 MACs; in the grid at 4 × 32 = 128 MACs per output, 16 wide.
+    grid = (RatePoint(64, 8, 20e9), RatePoint(256, 32, 80e9))
+    profile = replace(MEASURED, kernels={**MEASURED.kernels, "recurrent": KernelFigures(89e9, 1.6e-6, grid)})
+    (node,) = analyze(lstm_model(), hardware=profile).nodes
+    assert (node["kernel"], node["flops"]) == ("recurrent", 16_384)
+    # Halfway between the two points in log space, equally weighted: the geometric mean of their rates, 40 GFLOP/s.
+    assert node["latency_s"] == pytest.approx(0.28e-6 + 1.6e-6 + 16_384 / 40e9, rel=1e-9)
+    # A profile from before the class existed runs it at the peak rate with no class overhead, as before.
+    old = replace(MEASURED, kernels={k: v for k, v in MEASURED.kernels.items() if k != "recurrent"})
+    (node,) = analyze(lstm_model(), hardware=old).nodes
+    assert node["latency_s"] == pytest.approx(0.28e-6 + 16_384 / 237e9, rel=1e-9)
+
+
+def test_calibrate_recovers_the_recurrent_grid(monkeypatch):
+    """The QUICK_SIZES LSTM grid probes (8 hidden over 4 steps, 32 over 2) give back the truth's rates at their
+    shapes, once the Squeeze beside each LSTM and the class overhead are taken off."""
+    # The class's large and tiny probes (16 hidden over 4 steps, 4 over 1) at the class's single rate.
+    rate = MEASURED.kernels["recurrent"].flops
+    grid = (RatePoint(32, 4, rate), RatePoint(64, 8, 7e9), RatePoint(128, 16, rate), RatePoint(256, 32, 30e9))
+    kernels = {**MEASURED.kernels, "recurrent": KernelFigures(rate, 1.6e-6, grid)}
+    truth = replace(MEASURED, kernels=kernels)
+
+    def estimated(model, feeds=None, **_):
+        seconds = analyze(model, hardware=truth, run_onnxruntime=False).totals["latency_s"]
+        return {"median_s": seconds, "min_s": seconds}
+
+    monkeypatch.setattr(nnopt.cost.timing, "measure_latency", estimated)
+    profile, measurements = calibrate(sizes=QUICK_SIZES, runs=1, rounds=1)
+    assert {(p.reduction, p.spatial): p.flops for p in profile.kernels["recurrent"].grid} == pytest.approx(
+        {(64.0, 8): 7e9, (256.0, 32): 30e9}, rel=1e-9)
+    assert profile.kernels["recurrent"].flops == pytest.approx(rate, rel=1e-9)
+    # The grid probes' FLOPs come from the analysis: 2 × 4 steps × 4 gates × 8 × 16 MACs.
+    assert measurements["probes"]["grid_recurrent_8x4"]["flops_per_node"] == 2 * 4 * 4 * 8 * 16
+
+
+# ---------------------------------------------------------------------------------------------- NCHWc reorders
+def blocked_pair(between: str) -> onnx.ModelProto:
+    """x[1,16,8,8] ─Conv 1×1 (16 → 16)─ ``between`` ─Conv 1×1─ y: onnxruntime runs both convs blocked (NCHWc)."""
+    return model_from_text(
+        f"""{HEADER}
+        g (float[1,16,8,8] x) => (float[1,16,8,8] y) {{
+            a = Conv(x, w1)
+            b = {between}
+            y = Conv(b, w2)
+        }}""",
+        {"w1": np.ones((16, 16, 1, 1), np.float32), "w2": np.ones((16, 16, 1, 1), np.float32),
+         "c": np.ones((), np.float32)},
+    )
+
+
+def test_an_op_outside_the_blocked_layout_costs_a_reorder_on_each_side():
+    # An Add of a scalar takes NCHW only: ReorderOutput after the first conv, ReorderInput before the second, each
+    # copying the 4,096-byte tensor (read and write) at the node overhead and the bandwidth. The input x has 16
+    # channels: it is reordered too, and the output y back to NCHW for the caller.
+    convs = [n for n in analyze(blocked_pair("Add(a, c)"), hardware=MEASURED).nodes if n["op_type"] == "Conv"]
+    assert [n["extra"].get("reorders") for n in convs] == [2, 2]
+    copy = 0.28e-6 + 2 * 4096 / 134e9
+    plain = analyze(blocked_pair("Add(a, c)"), hardware=replace(MEASURED, runtime=None)).nodes
+    assert [n["latency_s"] for n in convs] == pytest.approx([plain[0]["latency_s"] + 2 * copy,
+                                                             plain[2]["latency_s"] + 2 * copy], rel=1e-9)
+
+
+def test_ops_of_the_blocked_layout_and_fused_activations_need_no_reorder():
+    for between in ("Relu(a)", "MaxPool<kernel_shape: ints = [1, 1]>(a)", "Add(a, a)"):
+        nodes = analyze(blocked_pair(between), hardware=MEASURED).nodes
+        # Only the network's own ends: x into the first conv, y out of the last.
+        assert sum(n["extra"].get("reorders", 0) for n in nodes) == 2, between
+    # Without the onnxruntime runtime (the built-in profile), or without the machine's channel block (a profile
+    # file written before it was measured), no layout is modelled.
+    for profile in (DEFAULT_PROFILE, replace(MEASURED, nchwc_block=0)):
+        assert all("reorders" not in n["extra"] for n in analyze(blocked_pair("Add(a, c)"), hardware=profile).nodes)
+
+
+def test_the_channel_block_round_trips_and_a_bad_one_is_a_one_line_error(tmp_path):
+    path = tmp_path / "p.json"
+    write_profile(MEASURED, path)
+    assert json.loads(path.read_text())["nchwc_block"] == 16 and load_profile(path).nchwc_block == 16
+    # Written before the block was measured: no key, 0.
+    assert "nchwc_block" not in replace(MEASURED, nchwc_block=0).to_dict()
+    for bad in (-8, 1.5, True, "16"):
+        with pytest.raises(InputError, match=r"^hardware profile file p: nchwc_block: expected a whole number"):
+            profile_from_dict({**MEASURED.to_dict(), "nchwc_block": bad}, "p")
+
+
+def test_reorders_match_the_graph_onnxruntime_writes(tmp_path):
+    """A MobileNetV3 block (1×1 conv, HardSwish as Add/Clip/Mul/Div, depthwise conv, squeeze-excitation, 1×1
+    conv): as many layout changes as onnxruntime's optimized graph has Reorder nodes (7 with onnxruntime 1.32;
+    channels multiples of 16, so AVX2's block of 8 and AVX-512's of 16 give the same graph)."""
+    import onnxruntime as ort
+
+    proto = model_from_text(
+        f"""{HEADER}
+        g (float[1,16,16,16] x) => (float[1,16,16,16] y) {{
+            a = Conv(x, w1)
+            a3 = Add(a, three)
+            ac = Clip(a3, zero, six)
+            am = Mul(a, ac)
+            h = Div(am, six)
+            d = Conv<group: int = 32, pads: ints = [1, 1, 1, 1]>(h, wd)
+            r = Relu(d)
+            p = GlobalAveragePool(r)
+            s1 = Conv(p, ws1)
+            s1r = Relu(s1)
+            s2 = Conv(s1r, ws2)
+            s2h = HardSigmoid(s2)
+            e = Mul(r, s2h)
+            y = Conv(e, w2)
+        }}""",
+        {"w1": np.full((32, 16, 1, 1), 0.1, np.float32), "wd": np.full((32, 1, 3, 3), 0.1, np.float32),
+         "ws1": np.full((16, 32, 1, 1), 0.1, np.float32), "ws2": np.full((32, 16, 1, 1), 0.1, np.float32),
+         "w2": np.full((16, 32, 1, 1), 0.1, np.float32), "three": np.array(3, np.float32),
+         "zero": np.array(0, np.float32), "six": np.array(6, np.float32)},
+    )
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    written = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    expected = written.count("ReorderInput") + written.count("ReorderOutput")
+    found = sum(n["extra"].get("reorders", 0) for n in analyze(proto, hardware=MEASURED).nodes)
+    assert found == expected and expected >= 4, written
+
+
+# ---------------------------------------------------------------------------------------------- divide, activation
+@pytest.mark.parametrize(("op", "kernel"), [("Div", "divide"), ("Sigmoid", "activation"), ("Tanh", "activation"),
+                                            ("HardSwish", "activation"), ("Relu", "other"), ("Add", "other")])
+def test_elementwise_ops_slower_than_moving_their_data_have_their_own_classes(op: str, kernel: str):
+    inputs = ["x", "c"] if op in ("Div", "Add") else ["x"]
+    node = onnx.helper.make_node(op, inputs, ["y"])
+    assert kernel_classes([node], {}, {"c"}) == [kernel]
+
+
+def test_a_div_and_a_sigmoid_run_at_their_measured_element_rates():
+    proto = model_from_text(
+        f"""{HEADER}
+        g (float[1,16,8,8] x) => (float[1,16,8,8] y) {{
+            d = Div(x, c)
+            y = Sigmoid(d)
+        }}""",
+        {"c": np.array(6, np.float32)},
+    )
+    div, sigmoid = analyze(proto, hardware=MEASURED).nodes
+    # 1,024 elements, one FLOP each: at 6.4 and 4.5 G elements/s both are compute-bound (8 kB moved at 134 GB/s).
+    assert (div["kernel"], sigmoid["kernel"], div["flops"]) == ("divide", "activation", 1024)
+    assert div["latency_s"] == pytest.approx(0.28e-6 + 1024 / 6.4e9, rel=1e-9)
+    assert sigmoid["latency_s"] == pytest.approx(0.28e-6 + 1024 / 4.5e9, rel=1e-9)
+    # A profile written before the classes: the peak rate, so both memory-bound, as they were.
+    old = replace(MEASURED, kernels={k: v for k, v in MEASURED.kernels.items() if k not in ("divide", "activation")})
+    assert [n["latency_s"] for n in analyze(proto, hardware=old).nodes] == pytest.approx(
+        [0.28e-6 + n["bytes_moved"] / 134e9 for n in (div, sigmoid)], rel=1e-9)

@@ -69,9 +69,10 @@ Conventions (the figures ``analyze`` reports follow these exactly):
   A profile may add (``nnopt calibrate`` measures them; see ``nnopt.cost.hardware.HardwareProfile``): a
   fixed cost per node and per inference, and per kernel class (``nnopt.cost.hardware.KERNEL_CLASSES``:
   dense, 1×1, depthwise and grouped convs, convs outside onnxruntime's blocked layout, convs with a weight
-  computed at run time, int8 dense/depthwise/matmul/elementwise kernels, Quantize/DequantizeLinear nodes)
-  its own FLOP/s and fixed cost per node; with ``runtime="onnxruntime"`` nodes that onnxruntime folds into
-  constants or fuses into another kernel cost 0 and QDQ groups run as int8 kernels; ``runtime="generic"``
+  computed at run time, int8 dense/depthwise/matmul/elementwise kernels, Quantize/DequantizeLinear nodes,
+  LSTM/GRU/RNN, Div, Sigmoid/Tanh/HardSwish) its own FLOP/s and fixed cost per node; with ``runtime="onnxruntime"`` nodes that onnxruntime
+  folds into constants or fuses into another kernel cost 0, QDQ groups run as int8 kernels and the layout
+  changes around blocked convs cost a copy each (``nnopt.cost.layout``); ``runtime="generic"``
   (the built-in x86 profile) folds only decoded weights and fuses only QDQ groups
   (``nnopt.cost.runtime_kernels.kernel_classes``). Each node's ``kernel`` says which class it was estimated as.
 

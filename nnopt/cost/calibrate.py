@@ -100,6 +100,7 @@ class ProbeSizes:
         tiny_features, tiny_tokens: Likewise for the tiny one.
         elementwise_shape: The tensor of the large int8 Add and of the large Quantize/DequantizeLinear
             (the tiny ones take [1, tiny_elements]).
+        math_shape: Likewise for the large ``divide`` and ``activation`` probes.
         conv_grid, pointwise_grid, grouped_grid: (channels, size) of the grid probes of ``conv`` (3×3),
             ``pointwise`` and ``grouped_conv`` (pairs as ``_grouped_chain`` builds them); ``conv_grid``'s
             shapes are timed as ``int8`` (QDQ) convs too, for the int8 class's grid.
@@ -108,6 +109,7 @@ class ProbeSizes:
         bandwidth_elements: Elements per input of the Add chains of the bandwidth grid.
         grouped_channels, grouped_multiplier, grouped_size: The large ``grouped_conv`` probe (the tiny one
             takes ``tiny_channels``, multiplier 2, ``tiny_size``).
+        recurrent_hidden, recurrent_steps, recurrent_grid: The ``recurrent`` probes (LSTMs, see ``_lstms``).
     """
 
     tiny_elements: int = 16
@@ -130,6 +132,9 @@ class ProbeSizes:
     tiny_features: int = 16
     tiny_tokens: int = 4
     elementwise_shape: tuple[int, ...] = (1, 64, 56, 56)
+    #: The tensor of the large ``divide`` and ``activation`` probes: onnxruntime splits these across its threads
+    #: only above some 100 K elements, and most such nodes of real models are smaller (a third of that here).
+    math_shape: tuple[int, ...] = (1, 32, 32, 32)
     #: (channels, size) of the dense 3×3 and of the 1×1 convs whose rates make the classes' grids: from
     #: few channels on large maps to many on small ones, as the layers of real models run.
     conv_grid: tuple[tuple[int, int], ...] = ((8, 160), (16, 80), (32, 56), (48, 80), (128, 14))
@@ -143,6 +148,13 @@ class ProbeSizes:
     #: (channels, size) of the ``grouped_conv`` grid probes (multiplier ``grouped_multiplier``): the generic
     #: path pays per group, so small maps (as 1-D audio convs have) run at a fraction of the large probe's rate.
     grouped_grid: tuple[tuple[int, int], ...] = ((64, 2), (128, 4), (64, 12), (32, 56))
+    #: The large ``recurrent`` probe: an LSTM of this hidden size (input size the same) over this many steps
+    #: (the tiny one: ``tiny_features`` hidden, one step).
+    recurrent_hidden: int = 128
+    recurrent_steps: int = 16
+    #: (hidden size, steps) of the ``recurrent`` grid probes: each step is a GEMM of 4·hidden outputs, so the
+    #: rate grows with the hidden size (speech models use 64-128, text recognisers 256-512).
+    recurrent_grid: tuple[tuple[int, int], ...] = ((32, 16), (64, 16), (256, 8), (512, 4))
     #: (in, out channels, size) of the narrow convs: a greyscale stem (1 -> 24 on 64 x 64 output pixels, as
     #: a text recogniser's on 32 x 128), RGB stems (3 -> 16, 3 -> 32) and a space-to-depth stem (12 -> 24).
     #: onnxruntime's int8 conv with few input channels pays per output pixel (its NHWC reorder and im2col), so
@@ -170,6 +182,7 @@ QUICK_SIZES = ProbeSizes(
     tiny_features=4,
     tiny_tokens=2,
     elementwise_shape=(1, 8, 16, 16),
+    math_shape=(1, 8, 16, 16),
     conv_grid=((4, 16), (16, 8)),
     pointwise_grid=((16, 16), (64, 4)),
     bandwidth_elements=(1 << 8, 1 << 11),
@@ -177,14 +190,19 @@ QUICK_SIZES = ProbeSizes(
     grouped_multiplier=2,
     grouped_size=8,
     grouped_grid=((4, 12), (8, 6)),
+    recurrent_hidden=16,
+    recurrent_steps=4,
+    recurrent_grid=((8, 4), (32, 2)),
     narrow_grid=((1, 8, 8), (3, 16, 6)),
 )
 
 
 #: The kernel classes calibration measures: convs by chains of convs (``_conv_chain``), ``int8_matmul`` by a
-#: chain of QDQ MatMuls, ``int8_elementwise`` by QDQ Adds, ``quantize`` by Quantize → Dequantize → Neg.
+#: chain of QDQ MatMuls, ``int8_elementwise`` by QDQ Adds, ``quantize`` by Quantize → Dequantize → Neg,
+#: ``recurrent`` by LSTMs, ``divide`` and ``activation`` by chains of Div and Sigmoid.
 CALIBRATED_KERNELS = ("conv", "pointwise", "depthwise", "grouped_conv", "unblocked_conv", "dynamic_weight", "int8",
-                      "int8_depthwise", "int8_pointwise", "int8_matmul", "int8_elementwise", "quantize")  # fmt: skip
+                      "int8_depthwise", "int8_pointwise", "int8_matmul", "int8_elementwise", "quantize", "recurrent",
+                      "divide", "activation")  # fmt: skip
 
 
 @dataclass
@@ -253,6 +271,7 @@ def calibrate(
     threads_text = f", {threads} intra-op thread{'s' if threads != 1 else ''}" if threads is not None else ""
     profile = profile_from_probes(figures, name, f"{cpu}, onnxruntime {onnxruntime.__version__} CPU{threads_text} "
                                   f"({datetime.date.today().isoformat()})", threads=threads)  # fmt: skip
+    profile = replace(profile, nchwc_block=nchwc_block())
     measurements = {
         # Median ÷ fastest run of the kept round, worst probe: well above 1 means other load disturbed it.
         "max_median_to_min": max(spread.values()),
@@ -266,6 +285,37 @@ def calibrate(
         "probes": figures,
     }
     return profile, measurements
+
+
+#: Channel counts tried by :func:`nchwc_block`: the blocks MLAS's NCHWc kernels use (8 with AVX2, 16 with AVX-512).
+_BLOCK_CANDIDATES = (4, 8, 16, 32, 64)
+
+
+def nchwc_block() -> int:
+    """The channel block of onnxruntime's blocked (NCHWc) conv layout on this machine, or 0 if it has none.
+
+    A dense conv with fewer input channels than the block reads its NCHW input directly, so the block is the
+    least channel count whose dense 3×3 conv onnxruntime precedes with a ReorderInput (read from the graph it
+    writes with ``optimized_model_filepath``, under the session settings timings use): no timing involved.
+    """
+    import tempfile
+
+    import onnxruntime
+
+    for channels in _BLOCK_CANDIDATES:
+        weight = numpy_helper.from_array(np.full((channels, channels, 3, 3), 0.1, np.float32), "w")
+        conv = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4)
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 8, 8])
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 4  # the warning that the optimized graph is machine-specific is the point
+        with tempfile.TemporaryDirectory(prefix="nnopt-nchwc-") as tmp:
+            options.optimized_model_filepath = f"{tmp}/optimized.onnx"
+            model = _model([conv], [x], "y", [weight])
+            onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            written = onnx.load(options.optimized_model_filepath)
+        if any(node.op_type == "ReorderInput" for node in written.graph.node):
+            return channels
+    return 0
 
 
 def profile_from_probes(
@@ -479,8 +529,8 @@ def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 #: The kernel classes whose rate is interpolated in a grid of probes (``ProbeSizes.conv_grid``...): dense
 #: convs run at 40-250 GFLOP/s here depending on their GEMM's shape, int8 ones too, and both far slower with
-#: few input channels (``narrow_grid``).
-GRID_KERNELS = ("conv", "pointwise", "grouped_conv", "int8", "int8_pointwise")
+#: few input channels (``narrow_grid``); LSTMs by their hidden size.
+GRID_KERNELS = ("conv", "pointwise", "grouped_conv", "int8", "int8_pointwise", "recurrent")
 
 
 def _chain_pairs(figures: dict[str, dict[str, Any]], prefix: str) -> list[tuple[str, str]]:
@@ -567,6 +617,7 @@ def _probes(sizes: ProbeSizes, rng: np.random.Generator) -> dict[str, _Probe]:
             unit = build(1, kind, sizes, large_probe, rng)
             probes[name] = _Probe(name, op_type, model, unit, length, helper_op, per_element=per_element)
     probes.update(_grid_probes(sizes, rng))
+    probes.update(_recurrent_grid_probes(sizes, rng))
     return probes
 
 
@@ -604,6 +655,19 @@ def _grid_probes(sizes: ProbeSizes, rng: np.random.Generator) -> dict[str, _Prob
         for length, suffix in ((1, "_1"), (long, "")):
             name = f"grid_add_{elements}{suffix}"
             probes[name] = _Probe(name, "Add", _add_chain(length, [1, elements]), _add_chain(1, [1, elements]), length)
+    return probes
+
+
+def _recurrent_grid_probes(sizes: ProbeSizes, rng: np.random.Generator) -> dict[str, _Probe]:
+    """The ``recurrent`` grid: per (hidden, steps) of ``recurrent_grid`` a chain of 1 and of 3 LSTMs. An LSTM's
+    output [steps, 1, 1, hidden] puts it in the grid at 4·(input + hidden) multiply-adds per output (the
+    reduction) and ``hidden`` outputs per step (the spatial size), like any node the estimate looks up."""
+    probes: dict[str, _Probe] = {}
+    for hidden, steps in sizes.recurrent_grid:
+        for length, suffix in ((1, "_1"), (3, "")):
+            name = f"grid_recurrent_{hidden}x{steps}{suffix}"
+            model, unit = _lstms(length, hidden, steps, rng), _lstms(1, hidden, steps, rng)
+            probes[name] = _Probe(name, "LSTM", model, unit, length, helper="Squeeze")
     return probes
 
 
@@ -848,6 +912,46 @@ def _grouped_pairs(length: int, channels: int, multiplier: int, size: int, rng: 
     return _model(nodes, [x], current, inits)
 
 
+def _recurrent_chain(length: int, kind: str, sizes: ProbeSizes, large: bool, rng: np.random.Generator) -> onnx.ModelProto:
+    """``recurrent``: LSTMs of the probe sizes (large, or ``tiny_features`` hidden over one step), see ``_lstms``."""
+    hidden, steps = (sizes.recurrent_hidden, sizes.recurrent_steps) if large else (sizes.tiny_features, 1)
+    return _lstms(length, hidden, steps, rng)
+
+
+def _lstms(length: int, hidden: int, steps: int, rng: np.random.Generator) -> onnx.ModelProto:
+    """``length`` forward LSTMs of ``hidden`` units (input size the same) over ``steps`` steps, each output
+    [steps, 1, 1, hidden] squeezed to the next one's input [steps, 1, hidden] (the Squeeze is the probe's
+    helper node). Weights N(0, 1 / hidden) keep the gates away from saturation and the states from denormals."""
+    nodes: list[onnx.NodeProto] = []
+    inits = [numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    current = "x"
+    for i in range(length):
+        for kind in ("w", "r"):
+            weight = rng.standard_normal((1, 4 * hidden, hidden)) / math.sqrt(hidden)
+            inits.append(numpy_helper.from_array(weight.astype(np.float32), f"{kind}{i}"))
+        nodes += [
+            helper.make_node("LSTM", [current, f"w{i}", f"r{i}"], [f"y{i}"], hidden_size=hidden),
+            helper.make_node("Squeeze", [f"y{i}", "axes"], [f"s{i}"]),
+        ]
+        current = f"s{i}"
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [steps, 1, hidden])
+    return _model(nodes, [x], current, inits)
+
+
+def _elementwise_chain(length: int, kind: str, sizes: ProbeSizes, large: bool, rng: np.random.Generator) -> onnx.ModelProto:
+    """``divide``: Divs by a scalar constant (as a decomposed HardSwish divides by 6; by 1.25 here, so that 33 of
+    them keep the values normal floats); ``activation``: Sigmoids. On ``math_shape`` or [1, tiny_elements]."""
+    shape = list(sizes.math_shape) if large else [1, sizes.tiny_elements]
+    inits = [numpy_helper.from_array(np.array(1.25, np.float32), "d")]
+    nodes: list[onnx.NodeProto] = []
+    current = "x"
+    for i in range(length):
+        inputs = [current, "d"] if kind == "divide" else [current]
+        nodes.append(helper.make_node("Div" if kind == "divide" else "Sigmoid", inputs, [f"e{i}"]))
+        current = f"e{i}"
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)], current, inits)
+
+
 #: Per kernel class whose probe is not a conv chain: its builder, the probed op, the helper op beside each
 #: element (None: none) and how many probed nodes each element has.
 _PROBE_BUILDERS: dict[str, tuple[Any, str, str | None, int]] = {
@@ -855,6 +959,9 @@ _PROBE_BUILDERS: dict[str, tuple[Any, str, str | None, int]] = {
     "int8_matmul": (_matmul_chain, "MatMul", None, 1),
     "int8_elementwise": (_add_qdq_chain, "Add", None, 1),
     "quantize": (_quantize_chain, "QuantizeLinear", "Neg", 2),
+    "recurrent": (_recurrent_chain, "LSTM", "Squeeze", 1),
+    "divide": (_elementwise_chain, "Div", None, 1),
+    "activation": (_elementwise_chain, "Sigmoid", None, 1),
 }
 
 

@@ -40,6 +40,11 @@ KERNEL_CLASSES: dict[str, str] = {
     "(onnxruntime: QLinearMatMul, QGemm)",
     "int8_elementwise": "Add and Mul on int8 data: a QDQ group around Add/Mul (onnxruntime: QLinearAdd, "
     "QLinearMul)",
+    "divide": "Div: onnxruntime divides element by element at about a third of an Add's speed per byte",
+    "activation": "Sigmoid, Tanh, HardSwish, and x·sigmoid(x) (SiLU, one node in onnxruntime): a function of "
+    "each element several times slower than moving it",
+    "recurrent": "LSTM, GRU and RNN: one small GEMM per time step, the steps one after another, so their rate "
+    "is a fraction of a dense conv's (and depends on the hidden size)",
     "quantize": "QuantizeLinear and DequantizeLinear a runtime runs as nodes (not fused into an int8 kernel): "
     "activation boundaries of float islands, weights dequantized at every inference",
 }
@@ -171,6 +176,10 @@ class HardwareProfile:
             is interpolated in them (:func:`interpolate_bandwidth`) instead of ``bandwidth`` when given.
             onnxruntime splits an elementwise op across its threads only above a size, so mid-sized
             tensors move at about half the rate of large ones.
+        nchwc_block: The channel block of onnxruntime's blocked (NCHWc) conv layout on the target (16 with
+            AVX-512, 8 with AVX2), as ``nnopt calibrate`` finds it; with ``runtime: onnxruntime`` the estimate
+            then charges the layout changes around blocked convs (``nnopt.cost.layout``). 0: not modelled (no
+            blocked layout, or a profile written before it was).
         energy: The energy prices (pJ per MAC and operation by data type, per byte on and off the chip) and
             the on-chip memory size the energy estimate uses (``nnopt.cost.energy``); the 45 nm figures with
             a 4 MiB cache (:data:`DEFAULT_ENERGY`) unless the profile gives its own.
@@ -190,6 +199,7 @@ class HardwareProfile:
     runtime: str | None = None
     bandwidth_grid: tuple[tuple[float, float], ...] = ()
     energy: EnergyFigures = DEFAULT_ENERGY
+    nchwc_block: int = 0
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -212,6 +222,8 @@ class HardwareProfile:
             not (b > 0 and r > 0) for b, r in self.bandwidth_grid
         ):
             raise ValueError(f"hardware profile '{self.name}': grid points must be positive")
+        if self.nchwc_block < 0:
+            raise ValueError(f"hardware profile '{self.name}': nchwc_block must be at least 0")
         if list(self.bandwidth_grid) != sorted(self.bandwidth_grid):
             raise ValueError(f"hardware profile '{self.name}': bandwidth_grid must be sorted by bytes")
 
@@ -253,6 +265,7 @@ class HardwareProfile:
             "runtime": self.runtime,
             # Only when measured: a profile without it keeps the file form it always had.
             **({"bandwidth_grid": [list(point) for point in self.bandwidth_grid]} if self.bandwidth_grid else {}),
+            **({"nchwc_block": self.nchwc_block} if self.nchwc_block else {}),
             "energy": self.energy.to_dict(),
             # Only when measured at a given count: a profile without it keeps its file form.
             **({"threads": self.threads} if self.threads is not None else {}),
@@ -399,7 +412,7 @@ def _parse_number(text: str, key: str, spec: str) -> float:
 #: Keys of a profile file: required, optional, and free-form (``measurements``: what calibration measured).
 _FILE_REQUIRED = ("name", "peak_flops_per_s")
 _FILE_OPTIONAL = ("bandwidth_bytes_per_s", "description", "node_overhead_s", "run_overhead_s", "kernels", "runtime",
-                  "bandwidth_grid", "energy", "threads")
+                  "bandwidth_grid", "energy", "threads", "nchwc_block")
 _FILE_FREE = ("measurements",)
 _KERNEL_KEYS = ("flops_per_s", "overhead_s", "grid")
 _POINT_KEYS = ("reduction", "spatial", "flops_per_s")
@@ -483,6 +496,7 @@ def profile_from_dict(data: Any, source: str = "profile") -> HardwareProfile:
         kernels=kernels,
         runtime=runtime,
         bandwidth_grid=_file_bandwidth_grid(data.get("bandwidth_grid", []), where),
+        nchwc_block=_file_block(data.get("nchwc_block", 0), where),
         energy=energy_from_dict(data["energy"], where) if data.get("energy") is not None else DEFAULT_ENERGY,
         threads=_file_threads(data.get("threads"), where),
     )
@@ -508,6 +522,13 @@ def _file_grid(points: Any, where: str, label: str) -> tuple[RatePoint, ...]:
         values = [_file_number(point, key, where, f"{label}[{i}]", positive=True) for key in _POINT_KEYS]
         grid.append(RatePoint(*values))  # type: ignore[arg-type]
     return tuple(grid)
+
+
+def _file_block(value: Any, where: str) -> int:
+    """``nchwc_block``: a whole number of channels, at least 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InputError(f"{where}: nchwc_block: expected a whole number of channels of at least 0, got {value!r}")
+    return value
 
 
 def _file_bandwidth_grid(points: Any, where: str) -> tuple[tuple[float, float], ...]:

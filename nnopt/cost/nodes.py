@@ -13,6 +13,7 @@ from nnopt.cost.constants import Const, body_constants, subgraph_constants
 from nnopt.cost.decoded import DecodePatternRegistry, decoded_weights
 from nnopt.cost.energy import dtype_class
 from nnopt.cost.hardware import FREE_KERNELS, HardwareProfile
+from nnopt.cost.layout import reorders
 from nnopt.cost.notes import Findings
 from nnopt.cost.report import first_line
 from nnopt.cost.rules import Cost, CostContext, CostRuleRegistry, UnknownShapeError
@@ -103,10 +104,34 @@ def cost_nodes(
     records = [
         _cost_node(index, node, kernel, scope, weights, totals) for index, node, kernel in zip(order, nodes, kernels)
     ]
+    if hardware.runtime == "onnxruntime" and hardware.nchwc_block:
+        _add_reorders(records, totals, [n.proto for n in nodes], kernels, scope, graph_outputs)
     totals["latency_s"] += hardware.run_overhead_s
     totals["nodes"] = len(records)
     totals["arithmetic_intensity"] = totals["flops"] / totals["bytes_moved"] if totals["bytes_moved"] else 0.0
     return records, totals
+
+
+def _add_reorders(
+    records: list[dict[str, Any]],
+    totals: dict[str, float | int],
+    protos: list[onnx.NodeProto],
+    kernels: list[str],
+    scope: Scope,
+    graph_outputs: list[str],
+) -> None:
+    """Charge each layout change onnxruntime adds (``nnopt.cost.layout``) to the node it is next to: a node that
+    copies the tensor (read and write) at the profile's per-node overhead and bandwidth. Only the latency
+    changes: FLOPs and bytes stay those of the graph as written; ``extra["reorders"]`` counts them and
+    ``extra["reorder_s"]`` is their share of the node's ``latency_s``."""
+    for reorder in reorders(protos, kernels, scope.infos, scope.hardware.nchwc_block, graph_outputs):
+        record = records[reorder.node]
+        latency, _, _ = scope.hardware.node_latency("other", 0, 2 * scope.nbytes(scope.info(reorder.tensor)))
+        record["latency_s"] += latency
+        extra = record["extra"]
+        record["extra"] = {**extra, "reorders": extra.get("reorders", 0.0) + 1,
+                           "reorder_s": extra.get("reorder_s", 0.0) + latency}  # fmt: skip
+        totals["latency_s"] += latency
 
 
 def _cost_node(

@@ -32,6 +32,13 @@ _KERNEL_OF_OP: dict[tuple[str, str], tuple[str, int | None]] = {
     ("com.microsoft", "QGemm"): ("int8_matmul", None),
     ("com.microsoft", "QLinearAdd"): ("int8_elementwise", None),
     ("com.microsoft", "QLinearMul"): ("int8_elementwise", None),
+    ("", "Div"): ("divide", None),
+    ("", "Sigmoid"): ("activation", None),
+    ("", "Tanh"): ("activation", None),
+    ("", "HardSwish"): ("activation", None),
+    ("", "LSTM"): ("recurrent", None),
+    ("", "GRU"): ("recurrent", None),
+    ("", "RNN"): ("recurrent", None),
     ("", "QuantizeLinear"): ("quantize", None),
     ("", "DequantizeLinear"): ("quantize", None),
 }
@@ -106,7 +113,8 @@ def kernel_classes(
     * SiLU: a Sigmoid read only by a Mul of its own input (``x * sigmoid(x)``) is ``fused`` into that
       Mul (onnxruntime's QuickGelu).
 
-    Layout transformations (onnxruntime's NCHWc reorders) and fusions of longer patterns are not modelled.
+    Fusions of longer patterns are not modelled; the layout changes around blocked convs are found apart, on
+    these classes (``nnopt.cost.layout``).
 
     Args:
         nodes: The main-graph nodes in topological order.
@@ -300,13 +308,14 @@ def _fuse_epilogues(g: _RuntimeGraph) -> None:
 def _fuse_silu(g: _RuntimeGraph) -> None:
     """SiLU, ``x * sigmoid(x)``: the Sigmoid is computed inside the Mul."""
     for i, node in enumerate(g.nodes):
-        if g.ops[i] != "Sigmoid" or g.classes[i] != "other" or not node.input or not node.output:
+        if g.ops[i] != "Sigmoid" or g.classes[i] != "activation" or not node.input or not node.output:
             continue
         j = g.only_reader(node.output[0])
         if j is not None and g.ops[j] == "Mul" and g.classes[j] == "other":
             operands = {g.source(name) for name in g.nodes[j].input}
             if operands == {g.source(node.input[0]), node.output[0]}:
                 g.classes[i] = "fused"
+                g.classes[j] = "activation"  # the Mul computes the sigmoid too (onnxruntime's QuickGelu)
 
 
 #: Per runtime (``nnopt.cost.hardware.RUNTIMES``), its graph rewrites as the estimate models them, in the order

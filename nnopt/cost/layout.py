@@ -1,0 +1,142 @@
+"""The layout changes onnxruntime adds around its blocked (NCHWc) convs: ReorderInput and ReorderOutput nodes.
+
+onnxruntime's NCHWc transformer runs 2-D float convs in a channel-blocked layout and keeps a tensor in it as
+long as the ops reading it can take it (other blocked convs, pools, Add/Sum of two blocked tensors of one
+shape, channel Concat, Relu/Sigmoid/Tanh, BatchNormalization, Resize). Where a blocked tensor meets any other
+op (the Add/Clip/Mul/Div of a decomposed HardSwish, the Mul of a squeeze-excitation block, a Reshape) it
+inserts a ReorderOutput back to NCHW, and before a blocked conv reading an NCHW tensor a ReorderInput. Each
+is a node that copies the whole tensor: on MobileNetV3-style models (ppocr's) a quarter of the executed
+nodes. ``reorders`` finds them on the graph as written, with the kernel classes the runtime rewrites gave.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import onnx
+
+from nnopt.cost.tensors import TensorInfo, norm_domain
+
+#: The kernel classes of convs onnxruntime runs blocked (``nnopt.cost.runtime_kernels``: dense convs with a
+#: blockable channel count, 1×1 convs and plain depthwise convs).
+_BLOCKED_CLASSES = frozenset({"conv", "pointwise", "depthwise"})
+#: A depthwise conv is blocked when its channels are a multiple of this (padded up to the block: checked with
+#: onnxruntime 1.32 on 4, 8, 12, 20 and 24 channels, AVX-512).
+_DEPTHWISE_ALIGNMENT = 4
+#: Ops that read a blocked tensor and write a blocked one (onnxruntime's NchwcTransformer). ``_SAME_SHAPE``
+#: ones only when every activation input is blocked and of one shape.
+_PROPAGATE = frozenset({"MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool", "Relu", "Sigmoid", "Tanh",
+                        "BatchNormalization", "Resize", "Upsample", "Concat"})  # fmt: skip
+_SAME_SHAPE = frozenset({"Add", "Sum", "Mul"})
+
+
+@dataclass(frozen=True)
+class Reorder:
+    """One layout change: ``tensor`` copied to (``to_blocked``) or from the blocked layout, charged to the
+    node at index ``node`` (the blocked conv reading it, or the node writing it)."""
+
+    node: int
+    tensor: str
+    to_blocked: bool
+
+
+def reorders(
+    nodes: Sequence[onnx.NodeProto],
+    classes: Sequence[str],
+    infos: dict[str, TensorInfo],
+    block: int,
+    graph_outputs: Iterable[str] = (),
+) -> list[Reorder]:
+    """The ReorderInput/ReorderOutput nodes onnxruntime adds to ``nodes`` (topological order) whose kernel
+    classes are ``classes`` (from ``kernel_classes`` with ``runtime="onnxruntime"``: ``folded`` and ``fused``
+    nodes are transparent: a fused activation's output is in its input's layout).
+
+    One ReorderOutput per blocked tensor that some other op (or the graph's caller) reads, and one
+    ReorderInput per NCHW tensor that a blocked conv with at least ``block`` input channels reads (``block``:
+    the channel block, ``HardwareProfile.nchwc_block``: a dense conv with fewer input channels reads NCHW
+    directly).
+    """
+    blocked: set[str] = set()
+    producer: dict[str, int] = {}
+    readers: dict[str, list[int]] = {name: [-1] for name in graph_outputs}
+    found: list[Reorder] = []
+    to_blocked: set[str] = set()
+    for i, node in enumerate(nodes):
+        data = [name for name in node.input if name]
+        if classes[i] == "folded":
+            continue
+        for name in dict.fromkeys(data):
+            readers.setdefault(name, []).append(i)
+        out = [name for name in node.output if name]
+        for name in out:
+            producer[name] = i
+        if classes[i] == "fused":
+            if data and data[0] in blocked:
+                blocked.update(out[:1])
+                producer.update(dict.fromkeys(out, producer[data[0]]))  # charged to the kernel it is fused into
+            continue
+        if _is_blocked_conv(node, classes[i], infos, block):
+            if data[0] not in blocked and _channels(infos.get(data[0])) >= block and data[0] not in to_blocked:
+                to_blocked.add(data[0])
+                found.append(Reorder(i, data[0], True))
+            blocked.update(out[:1])
+        elif _propagates(node, data, blocked, infos, block):
+            blocked.update(out[:1])
+    for name in sorted(blocked, key=lambda n: producer[n]):
+        if any(j < 0 or not _reads_blocked(nodes[j], classes[j], name, blocked, infos, block) for j in readers.get(name, [])):
+            found.append(Reorder(producer[name], name, False))
+    return found
+
+
+def _is_blocked_conv(node: onnx.NodeProto, kernel: str, infos: dict[str, TensorInfo], block: int) -> bool:
+    """A float 2-D Conv onnxruntime runs blocked (a depthwise one only with channels a multiple of 4)."""
+    if kernel not in _BLOCKED_CLASSES or (norm_domain(node.domain), node.op_type) != ("", "Conv"):
+        return False
+    weight = infos.get(node.input[1]) if len(node.input) > 1 else None
+    if weight is None or weight.shape is None or len(weight.shape) != 4:
+        return False
+    return kernel != "depthwise" or weight.shape[0] % _DEPTHWISE_ALIGNMENT == 0
+
+
+def _propagates(
+    node: onnx.NodeProto, data: list[str], blocked: set[str], infos: dict[str, TensorInfo], block: int
+) -> bool:
+    if norm_domain(node.domain) != "" or not data or data[0] not in blocked:
+        return False
+    if node.op_type in _SAME_SHAPE:
+        shapes = {_shape(infos.get(name)) for name in data}
+        return all(name in blocked for name in data) and len(shapes) == 1 and None not in shapes
+    if node.op_type == "Concat":
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        return axis == 1 and all(name in blocked and _channels(infos.get(name)) % block == 0 for name in data)
+    return node.op_type in _PROPAGATE and node.op_type not in ("Resize", "Upsample") or _nearest(node)
+
+
+def _nearest(node: onnx.NodeProto) -> bool:
+    """A Resize/Upsample in nearest mode (the one the NCHWc transformer takes)."""
+    if node.op_type not in ("Resize", "Upsample"):
+        return False
+    mode = next((a.s for a in node.attribute if a.name == "mode"), b"nearest")
+    return mode == b"nearest"
+
+
+def _reads_blocked(
+    node: onnx.NodeProto, kernel: str, name: str, blocked: set[str], infos: dict[str, TensorInfo], block: int
+) -> bool:
+    """Whether ``node`` takes the blocked tensor ``name`` as it is."""
+    if kernel == "fused":
+        return True  # absorbed into the kernel that produced ``name``
+    data = [n for n in node.input if n]
+    if _is_blocked_conv(node, kernel, infos, block):
+        return data[0] == name
+    return _propagates(node, data, blocked, infos, block)
+
+
+def _shape(info: TensorInfo | None) -> tuple[int, ...] | None:
+    return tuple(info.shape) if info is not None and info.shape is not None else None
+
+
+def _channels(info: TensorInfo | None) -> int:
+    shape = _shape(info)
+    return shape[1] if shape is not None and len(shape) > 1 else 0
