@@ -74,7 +74,7 @@ LOSSY = (
 )
 SETTINGS = ("default", *(f"default+{s}" for s in LOSSY))
 QUICK_MODELS = ("digits", "small_cnn", "ppocr_cls")
-#: Generated reference inputs per real model, as ``benchmarks/compression.py`` gives its pipelines.
+#: Seeded N(0, 1) reference inputs per real model (``tests/realmodels.write_data``): counts and hashes, not accuracy.
 SAMPLES = 2
 #: Counters, in table order.
 COUNTS = ("exports", "imports", "gs_exports", "gs_imports", "shape_inference", "ort_sessions")

