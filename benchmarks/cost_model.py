@@ -510,6 +510,13 @@ GRID_PROBES = {
     "pointwise": "dense 1×1 Conv, {c} → {c} channels on {s} × {s}",
     "grouped_conv": "grouped 3×3 Conv pair, {c} → 4·{c} → {c} channels (group {c}) on {s} × {s}",
     "recurrent": "LSTM, hidden size {c} (input {c}) over {s} steps",
+    "int8": "QDQ 3×3 Conv (QLinearConv), {c} → {c} channels on {s} × {s}",
+    "int8_pointwise": "QDQ 1×1 Conv (QLinearConv), {c} → {c} channels on {s} × {s}",
+}
+#: The stems of the ``conv`` and ``int8`` grids (``grid_<kind>_<in>to<out>x<size>``): parallel convs summed.
+NARROW_PROBES = {
+    "conv": "3×3 Conv stems {i} → {o} channels on {s} × {s}, parallel, summed (Adds fused)",
+    "int8": "QDQ 3×3 Conv stems {i} → {o} channels on {s} × {s}, parallel, summed (QLinearAdds taken off)",
 }
 
 
@@ -523,6 +530,9 @@ def probe_description(key: str) -> str:
         return f"Add of two [1, {name.removeprefix('grid_add_')}] tensors (bandwidth grid), {count}"
     kind, _, shape = name.removeprefix("grid_").rpartition("_")
     channels, size = shape.split("x")
+    if "to" in channels:
+        c_in, c_out = channels.split("to")
+        return f"{NARROW_PROBES[kind].format(i=c_in, o=c_out, s=size)} (grid), {count}"
     return f"{GRID_PROBES[kind].format(c=channels, s=size)} (grid), {count}"
 
 
