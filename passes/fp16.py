@@ -37,8 +37,8 @@ class Fp16Options(PassOptions):
     keep_io_types: bool = field(
         default=True,
         metadata={"help": "keep the model's float32 inputs and outputs float32 (a Cast at each); false: they "
-                          "become the narrow type too and callers must feed it; verification cannot feed the "
-                          "original's float32 data to such a model, so run it with --no-verify"},
+                          "become the narrow type too and callers must feed it (verification casts the reference "
+                          "data to float16 as they would; bfloat16 inputs need --no-verify)"},
     )
     block: tuple[str, ...] = field(
         default=(),
