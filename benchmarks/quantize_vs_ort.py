@@ -24,7 +24,8 @@ recognisers), on the held-out inputs. Variants, all timed in interleaved rounds 
   ``select=measured`` (select=latency's choice checked by timing candidates; its note gives what it kept);
   the note of each nnopt variant gives select=latency's predicted ratio and why layers stayed float
   (what ``benchmarks/quantize_select.py`` reported before it was folded in here); with ``--prepare``, ``nnopt+pre``:
-  ``prepare=ort`` (onnxruntime's graph optimisation of ``quant_pre_process`` before placement);
+  ``prepare=ort`` (onnxruntime's graph optimisation of ``quant_pre_process`` before placement); with
+  ``--threads N`` (N != 1), ``nnopt-threads``: ``threads=N`` (select=latency deciding for N threads);
 * ``ort-u8s8``, ``ort-s8s8``: ``quantize_static(QDQ, per_channel=True, MinMax)``, uint8 or int8
   activations, int8 weights; ``+pre`` after ``quant_pre_process``. Where the model's opset is below 13,
   onnxruntime's per-channel output is invalid (DequantizeLinear has no ``axis`` before 13): onnxruntime
@@ -219,6 +220,8 @@ def ort_quantize_file(source: Path, calib: list[dict[str, np.ndarray]], activati
 #: The variant ``--hardware`` adds: select=latency deciding with that (calibrated) profile, as
 #: ``nnopt optimize --hardware PROFILE.json`` does.
 PROFILE_VARIANT = "nnopt-profile"
+#: The variant ``--threads N`` (N != 1) adds: select=latency deciding for N threads (``quantize:threads=N``).
+THREADS_VARIANT = "nnopt-threads"
 
 
 def _nnopt(reference: onnx.ModelProto, options: dict[str, Any], calib: list[dict[str, np.ndarray]],
@@ -236,15 +239,18 @@ def _nnopt(reference: onnx.ModelProto, options: dict[str, Any], calib: list[dict
 
 
 def nnopt_variants(with_prepare: bool = False, with_measured: bool = False, with_profile: bool = False,
-                   ) -> list[tuple[str, dict[str, Any]]]:
+                   threads: int = 1) -> list[tuple[str, dict[str, Any]]]:
     """The nnopt variants this checkout's quantize pass offers (``nnopt+pre`` only ``with_prepare``,
-    ``nnopt-measured`` only ``with_measured``, ``PROFILE_VARIANT`` only ``with_profile``)."""
+    ``nnopt-measured`` only ``with_measured``, ``PROFILE_VARIANT`` only ``with_profile``, ``nnopt-threads``,
+    deciding for the timed ``threads``, only when they are not one)."""
     from nnopt.passes.quantize import QuantizeOptions
 
     fields = {f.name: f for f in dataclasses.fields(QuantizeOptions)}
     variants: list[tuple[str, dict[str, Any]]] = [("nnopt", {})]
     if with_profile:
         variants.append((PROFILE_VARIANT, {}))
+    if threads != 1 and "threads" in fields:
+        variants.append((THREADS_VARIANT, {"threads": threads}))
     if "select" in fields:
         variants.append(("nnopt-all", {"select": "all"}))
     if with_measured and "select" in fields and "measured" in str(fields["select"].type):
@@ -289,7 +295,8 @@ def quantize_all(reference: onnx.ModelProto, case: dict[str, Any], tmp: Path,
     variants = {"float": reference}  # first: the timing's A/A copy (float-AA) is of this one
     seconds: dict[str, float] = {}
     notes: dict[str, str] = {}
-    for name, options in nnopt_variants(case["with_prepare"], case["with_measured"], case["hardware"] is not None):
+    for name, options in nnopt_variants(case["with_prepare"], case["with_measured"], case["hardware"] is not None,
+                                        case["threads"]):
         start = time.perf_counter()
         try:
             hardware = case["hardware"] if name == PROFILE_VARIANT else None
@@ -388,6 +395,7 @@ def bench(key: str, args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     case["with_prepare"], case["with_measured"] = args.prepare, args.measured
     case["hardware"] = load_profile(args.hardware) if args.hardware else None
+    case["threads"] = args.threads or os.cpu_count() or 1  # 0: onnxruntime's default, one per core
     float_model, _ = optimize(case["proto"], ["constants-to-initializers", "fold-batchnorm"], verify=False)
     reference = float_model.to_proto()
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -49,7 +49,8 @@ class _Toggle:
 
 def refine(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], selection: _int8_select.Selection,
            build: Builder, feeds: dict[str, np.ndarray], *, max_toggles: int = MAX_TOGGLES, rounds: int = ROUNDS,
-           runs: int = RUNS, rates: _int8_select.TableRates | None = None) -> _int8_select.Selection:
+           runs: int = RUNS, rates: _int8_select.TableRates | None = None,
+           threads: int = 1) -> _int8_select.Selection:
     """select=latency's ``selection`` replaced by the fastest of a few candidates timed in onnxruntime.
 
     Stage 1 times, interleaved, the choice (twice: an A/A copy), float, every layer of
@@ -70,6 +71,8 @@ def refine(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], selection
         rounds: Interleaved rounds of each stage (``measure_interleaved``).
         runs: Timed runs per model and round.
         rates: The kernel times select=latency used (its predicted gains are reported beside the measured).
+        threads: onnxruntime intra-op threads of the timed sessions (one: timed in the calling thread's CPU
+            time, which other processes' load does not inflate; more: wall time).
     """
     names = [n.name for n in selected]
     latency = frozenset(selection.chosen) & set(names)
@@ -78,7 +81,7 @@ def refine(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], selection
     toggles = sorted(toggles, key=lambda t: (abs(t.predicted_gain_us), t.label))[:max_toggles]
     # The choice first: every toggle's gain is against it, so it is timed twice (the A/A copy) and averaged.
     sets = {_LATENCY: latency, _FLOAT: frozenset(), _ALL: frozenset(names), **{t.label: t.variant for t in toggles}}
-    measured, noise, aa_us = _time(sets, build, feeds, rounds, runs)
+    measured, noise, aa_us = _time(sets, build, feeds, rounds, runs, threads)
     noise_us = (noise if math.isfinite(noise) else 0.0) * measured[_LATENCY]
     rows = [{"toggle": t.label, "layers": len(t.members), "predicted_gain_us": round(t.predicted_gain_us, 1),
              "measured_gain_us": round(t.measured_gain_us(measured), 1)} for t in toggles]
@@ -91,7 +94,7 @@ def refine(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], selection
         finals[_COMBINED] = combined
     stats: dict[str, Any] = {}
     if len(set(finals.values())) > 2:  # something besides float and the choice to confirm
-        confirm, noise2, _ = _time(finals, build, feeds, rounds, runs)
+        confirm, noise2, _ = _time(finals, build, feeds, rounds, runs, threads)
         stats["measured_confirm_us"] = {k: round(v, 1) for k, v in confirm.items()}
         best = _pick(confirm, noise2)
         sets.update(finals)
@@ -105,14 +108,15 @@ def refine(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], selection
 
 
 def _time(sets: dict[str, frozenset[str]], build: Builder, feeds: dict[str, np.ndarray], rounds: int,
-          runs: int) -> tuple[dict[str, float], float, float]:
+          runs: int, threads: int) -> tuple[dict[str, float], float, float]:
     """(median µs per label, the A/A noise, the A/A copy's µs): each distinct model timed once, the first
     twice (two sessions; its figure is their mean)."""
     unique: dict[frozenset[str], str] = {}
     for label, members in sets.items():
         unique.setdefault(members, label)  # the same model is timed once, under its first label
     timings = measure_interleaved({label: build(members) for members, label in unique.items()}, feeds,
-                                  rounds=rounds, runs=runs, warmup=WARMUP, threads=1, clock="thread", aa=True)
+                                  rounds=rounds, runs=runs, warmup=WARMUP, threads=threads,
+                                  clock="thread" if threads == 1 else "wall", aa=True)
     first = next(iter(unique.values()))
     copy_us = timings[first + AA_SUFFIX].median_s * 1e6
     us = {label: t.median_s * 1e6 for label, t in timings.items()}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from nnopt.cost.hardware import HardwareProfile
+from nnopt.cost.hardware import HardwareProfile, shipped_profile
 from nnopt.passes import _qdq
 from nnopt.pipeline.base import LayerDecision
 from nnopt.runtime import RunTimeLimitExceeded
@@ -36,6 +36,30 @@ class Rate:
         return self.int8_fixed_us + (self.int8_ns * work + self.int8_ns_per_pixel * pixels) * 1e-3
 
 
+@dataclass(frozen=True)
+class KernelTable:
+    """select=latency's built-in times at one onnxruntime intra-op thread count: a ``Rate`` per kind of layer,
+    and the cost of one tensor crossing a region's edge (a QuantizeLinear in or a DequantizeLinear out, with
+    onnxruntime's NCHW <-> NHWC transposes around int8 convs; more when a float Conv is on the other side:
+    onnxruntime's float convs run in its blocked NCHWc layout, and each int8 island adds a reorder out of and
+    back into it), and of an activation that no longer fuses into the float Conv before it."""
+
+    threads: int
+    kernels: Mapping[str, Rate]
+    boundary_fixed_us: float
+    boundary_ns_per_element: float
+    conv_edge_fixed_us: float
+    conv_edge_ns_per_element: float
+    unfused_ns_per_element: float
+
+    def boundary_us(self, elements: float, conv_side: bool = False) -> float:
+        """Predicted µs of one QuantizeLinear or DequantizeLinear at a region's edge over ``elements`` values
+        (``conv_side``: a float Conv on the edge's other side)."""
+        if conv_side:
+            return self.conv_edge_fixed_us + self.conv_edge_ns_per_element * elements * 1e-3
+        return self.boundary_fixed_us + self.boundary_ns_per_element * elements * 1e-3
+
+
 # NOTE: measured by benchmarks/int8_kernels.py --threads 1 (onnxruntime 1.32, the project's 2-core x86
 # benchmark machine, shared; one intra-op thread, timed in the calling thread's CPU time, keeps other
 # processes' load out of the figures; output in docs/int8_kernels.md, summarised in docs/quantize.md
@@ -49,28 +73,36 @@ class Rate:
 # this run's fits of them (pointwise 4.40 + 0.0171 / 3.76 + 0.0048; edge beside a float conv 0.347 ns per
 # element) differ by fractions of a µs, which flipped small layers of ppocr_rec and ppocr_det whose
 # measured times were better as they were (ppocr_rec x0.579 float instead of x0.564, interleaved).
-KERNELS: dict[str, Rate] = {
-    "dense": Rate(1.00, 0.0172, 3.67, 0.0049),
-    "dense_narrow": Rate(0.0, 0.0230, 0.0, 0.0026, 18.87),
-    "pointwise": Rate(3.70, 0.0178, 3.75, 0.0048),  # the previous run's (see the NOTE)
-    "depthwise": Rate(0.70, 0.0311, 1.07, 0.0556),
-    "gemm": Rate(0.57, 0.0228, 1.33, 0.0066),
-    "add": Rate(1.15, 0.1395, 0.39, 0.1385),
-    "mul": Rate(1.10, 0.1393, 0.51, 0.2132),
-}
-#: One tensor crossing a region's edge: a QuantizeLinear in or a DequantizeLinear out, with onnxruntime's
-#: NCHW <-> NHWC transposes around int8 convs; fitted on the 1-layer int8 models' time beyond their layer
-#: and beyond the float model's fixed cost (dense conv 0.135, Add/Mul 0.11 ns per element).
-BOUNDARY_FIXED_US = 1.5
-BOUNDARY_NS_PER_ELEMENT = 0.12
-#: The same edge with a float Conv on its other side: onnxruntime's float convs run in its blocked NCHWc
-#: layout, and each int8 island adds a reorder out of and back into it. Fitted on the sandwich cases
-#: (depthwise -> pointwise -> depthwise, float vs pointwise int8: x0.58-x1.38).
-CONV_EDGE_FIXED_US = 0.86
-CONV_EDGE_NS_PER_ELEMENT = 0.292
-#: An activation onnxruntime fuses into the float Conv before it (Relu, Clip, HardSwish, HardSigmoid...)
-#: runs on its own after an int8 layer: 0.174 ns per element (sandwiches with HardSwish vs without).
-UNFUSED_ACTIVATION_NS_PER_ELEMENT = 0.174
+# Region edges: fitted on the 1-layer int8 models' time beyond their layer and beyond the float model's
+# fixed cost (dense conv 0.135, Add/Mul 0.11 ns per element); beside a float conv, on the sandwich cases
+# (depthwise -> pointwise -> depthwise, float vs pointwise int8: x0.58-x1.38); the unfused activation on
+# sandwiches with HardSwish vs without.
+ONE_THREAD = KernelTable(
+    threads=1,
+    kernels={
+        "dense": Rate(1.00, 0.0172, 3.67, 0.0049),
+        "dense_narrow": Rate(0.0, 0.0230, 0.0, 0.0026, 18.87),
+        "pointwise": Rate(3.70, 0.0178, 3.75, 0.0048),  # the previous run's (see the NOTE)
+        "depthwise": Rate(0.70, 0.0311, 1.07, 0.0556),
+        "gemm": Rate(0.57, 0.0228, 1.33, 0.0066),
+        "add": Rate(1.15, 0.1395, 0.39, 0.1385),
+        "mul": Rate(1.10, 0.1393, 0.51, 0.2132),
+    },
+    boundary_fixed_us=1.5, boundary_ns_per_element=0.12,
+    conv_edge_fixed_us=0.86, conv_edge_ns_per_element=0.292,
+    unfused_ns_per_element=0.174,
+)
+#: The one-thread table's rates (the kinds of layer select=latency knows).
+KERNELS = ONE_THREAD.kernels
+#: The built-in rates for several intra-op threads: a profile ``nnopt calibrate --threads 2`` measured on the
+#: machine the one-thread table comes from (its chained-layer micro-benchmark is too noisy in wall time with
+#: a thread pool to fit a table: ``benchmarks/int8_kernels.py --threads 2`` gave layers faster than the
+#: machine's peak). Shipped with the package (``nnopt/cost/profiles``).
+THREADED_PROFILE = "onnxruntime-cpu-2-threads"
+
+
+#: Activations onnxruntime fuses into the float Conv before them; after an int8 layer they run on their own
+#: (``KernelTable.unfused_ns_per_element``).
 FUSED_ACTIVATIONS = frozenset({"Relu", "Clip", "HardSwish", "HardSigmoid", "LeakyRelu", "Sigmoid", "Tanh"})
 #: onnxruntime (WeightBiasQuantization, 1.20+) quantizes the float weight of any Conv, ConvTranspose or Gemm
 #: whose input comes straight from a DequantizeLinear: per tensor, so a layer left float would become an int8
@@ -109,8 +141,8 @@ INT8_CLASSES = ("conv", "pointwise", "depthwise", "int8", "int8_depthwise", "int
 
 @dataclass(frozen=True)
 class TableRates:
-    """select=latency's built-in rate set: ``KERNELS`` and the region-edge constants above, measured on one
-    machine by benchmarks/int8_kernels.py. Its ``name`` is what the pass's stats report as ``select_profile``.
+    """select=latency's built-in rate set: a ``KernelTable`` measured on one machine by
+    benchmarks/int8_kernels.py. Its ``name`` is what the pass's stats report as ``select_profile``.
 
     Every time is in µs: ``layer_us`` of one layer of a kind (``work``: MACs or elements; ``pixels``: output
     pixels of a conv; ``elements``: values its activations and weights hold; ``output_shape``: of its first
@@ -120,22 +152,23 @@ class TableRates:
     """
 
     name: str = "int8-kernels-table"
+    table: KernelTable = ONE_THREAD
 
     @property
     def threads(self) -> int | None:
-        """The onnxruntime intra-op threads the times are for (the table: one; None: onnxruntime's default)."""
-        return 1
+        """The onnxruntime intra-op threads the times are for (None: onnxruntime's default)."""
+        return self.table.threads
 
     def layer_us(self, kind: str, work: float, pixels: float, elements: float,
                  output_shape: Sequence[int] | None = None) -> tuple[float, float]:
-        rate = KERNELS[kind]
+        rate = self.table.kernels[kind]
         return rate.float_us(work), rate.int8_us(work, pixels)
 
     def boundary_us(self, elements: float, conv_side: bool = False) -> float:
-        return boundary_us(elements, conv_side)
+        return self.table.boundary_us(elements, conv_side)
 
     def unfused_us(self, elements: float) -> float:
-        return UNFUSED_ACTIVATION_NS_PER_ELEMENT * elements * 1e-3
+        return self.table.unfused_ns_per_element * elements * 1e-3
 
 
 @dataclass(frozen=True)
@@ -176,7 +209,7 @@ class ProfileRates(TableRates):
             return super().boundary_us(elements, conv_side)
         # One float and one int8 value per element; a reorder when a float Conv is beyond (table).
         edge = self.profile.node_latency("quantize", elements, 5.0 * elements)[0] * 1e6
-        reorder = boundary_us(elements, True) - boundary_us(elements) if conv_side else 0.0
+        reorder = self.table.boundary_us(elements, True) - self.table.boundary_us(elements) if conv_side else 0.0
         return edge + max(reorder, 0.0)
 
     def unfused_us(self, elements: float) -> float:
@@ -185,12 +218,16 @@ class ProfileRates(TableRates):
         return self.profile.node_latency("other", elements, 8.0 * elements)[0] * 1e6
 
 
-def rates_for(hardware: HardwareProfile | None) -> TableRates:
+def rates_for(hardware: HardwareProfile | None, threads: int = 1) -> TableRates:
     """The rate set select=latency decides with: the run's hardware profile (``--hardware``) when it is a
-    calibrated one for onnxruntime (runtime "onnxruntime", every class of ``INT8_CLASSES`` measured), else
-    the built-in table."""
+    calibrated one for onnxruntime (runtime "onnxruntime", every class of ``INT8_CLASSES`` measured; its own
+    thread count wins), else the built-in rates for ``threads`` intra-op threads: the one-thread table, or
+    for more threads the shipped ``THREADED_PROFILE``."""
     if hardware is not None and hardware.runtime == "onnxruntime" and set(INT8_CLASSES) <= set(hardware.kernels):
         return ProfileRates(name=hardware.name, profile=hardware)
+    if threads > 1:
+        profile = shipped_profile(THREADED_PROFILE)
+        return ProfileRates(name=profile.name, profile=profile)
     return TableRates()
 
 
@@ -221,8 +258,8 @@ def select(proto: onnx.ModelProto, selected: Sequence[onnx.NodeProto], feeds: di
     """The subset of ``selected`` whose int8 form is predicted to make ``proto`` faster in onnxruntime.
 
     Tensor shapes come from one float run on ``feeds``; each layer's float and int8 time and each region
-    edge's from ``rates`` (``rates_for``: a calibrated profile, or the built-in table ``KERNELS`` /
-    ``BOUNDARY_*`` when None). A greedy search (drop whole regions, then toggle single layers, while the
+    edge's from ``rates`` (``rates_for``: a calibrated profile, or a built-in ``KernelTable``; the one-thread
+    table when None). A greedy search (drop whole regions, then toggle single layers, while the
     predicted total time falls) picks the set; deterministic for a model, feeds and rates.
     """
     rates = TableRates() if rates is None else rates
@@ -339,14 +376,6 @@ def _gate(node: onnx.NodeProto, layer: _Layer, shapes: dict[str, tuple[int, ...]
         return (f"too small{narrow}: {layer.work / 1e3:.1f} kMAC, int8 kernel {layer.int8_us:.1f} µs >= float "
                 f"{layer.float_us:.1f} µs ({source})")
     return ""
-
-
-def boundary_us(elements: float, conv_side: bool = False) -> float:
-    """Predicted µs of one QuantizeLinear or DequantizeLinear at a region's edge over ``elements`` values
-    (``conv_side``: a float Conv on the edge's other side)."""
-    if conv_side:
-        return CONV_EDGE_FIXED_US + CONV_EDGE_NS_PER_ELEMENT * elements * 1e-3
-    return BOUNDARY_FIXED_US + BOUNDARY_NS_PER_ELEMENT * elements * 1e-3
 
 
 class _CostModel:

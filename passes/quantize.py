@@ -115,6 +115,14 @@ class QuantizeOptions(NodeSelection):
                           "float; the report gives each region's predicted and measured gain. Not deterministic: "
                           "the result depends on this machine's timings. Ignored in weight_only"},
     )
+    threads: int = field(
+        default=1,
+        metadata={"help": "static, select=latency/measured: the onnxruntime intra-op threads the model will run "
+                          "with. Int8 pays less with several threads (float convs split across threads better "
+                          "than the int8 path and its Q/DQ), so the choice is made with the built-in kernel table "
+                          "measured at that count (1 or 2 here; more: the 2-thread one) and select=measured times "
+                          "at it. A calibrated --hardware profile decides with its own thread count"},
+    )
     bias_correction: Literal["auto", "on", "off"] = field(
         default="auto",
         metadata={"help": "static: fold each quantized Conv/Gemm's mean output shift against float on --data "
@@ -126,6 +134,8 @@ class QuantizeOptions(NodeSelection):
     def __post_init__(self) -> None:
         if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
             raise OptionError(f"quantize: min_cosine must be in [-1, 1], got {self.min_cosine!r}")
+        if self.threads < 1:
+            raise OptionError(f"quantize: threads must be >= 1, got {self.threads!r}")
         if self.max_rel_error is not None and not self.max_rel_error >= 0:
             raise OptionError(f"quantize: max_rel_error must be >= 0, got {self.max_rel_error!r}")
         if isinstance(self.max_excluded, bool) or not isinstance(self.max_excluded, int) or self.max_excluded < 0:
@@ -272,13 +282,14 @@ def _run_static(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], ca
     left_float: frozenset[str] = frozenset()
     selection = None
     if opts.select in ("latency", "measured"):
-        selection = _select(float_proto, selected, candidates, ctx, profile)
+        rates = _int8_select.rates_for(profile, opts.threads)
+        selection = _select(float_proto, selected, candidates, ctx, rates)
         if opts.select == "measured":
             # The one setting whose result depends on this machine: the timings of a few candidates.
             build = _qdq_builder(float_proto, selected, candidates, per_channel, opts, ctx)
             selection = _int8_measure.refine(float_proto, [n for n in selected if n.op_type not in
                                                            _qdq.RECURRENT_OPS], selection, build, ctx.samples[0],
-                                             rates=_int8_select.rates_for(profile))
+                                             rates=rates, threads=rates.threads or opts.threads)
         layers.extend(selection.declined)
         stats.update(selection.stats)
         left_float = frozenset(n.name for n in selected) - set(selection.chosen)
@@ -655,13 +666,14 @@ def _db(value: float) -> float | None:
 
 # ---------------------------------------------------------------------------------------------- select=latency
 def _select(float_proto: onnx.ModelProto, selected: list[onnx.NodeProto], candidates: list[onnx.NodeProto],
-            ctx: PassContext, profile: HardwareProfile | None = None) -> _int8_select.Selection:
-    """select=latency's choice among ``selected`` (see ``_int8_select``), with the float islands reported;
-    times from the run's ``profile`` when it is a calibrated one (``_int8_select.rates_for``)."""
+            ctx: PassContext, rates: _int8_select.TableRates) -> _int8_select.Selection:
+    """select=latency's choice among ``selected`` (see ``_int8_select``) with ``rates`` (``rates_for``: the
+    run's calibrated profile, or the built-in table for the option's threads), with the float islands
+    reported."""
     # Recurrent layers are not int8 kernels (their weights are stored int8 or not, by recurrent_weights).
     recurrent = [n.name for n in selected if n.op_type in _qdq.RECURRENT_OPS]
     selection = _int8_select.select(float_proto, [n for n in selected if n.op_type not in _qdq.RECURRENT_OPS],
-                                    ctx.samples[0], rates=_int8_select.rates_for(profile))
+                                    ctx.samples[0], rates=rates)
     selection.chosen.extend(recurrent)
     selection.declined.extend(_int8_select.float_islands(float_proto, [n.name for n in candidates],
                                                          {n.op_type for n in candidates}))

@@ -10,11 +10,12 @@ import pytest
 from onnx import helper, numpy_helper
 
 from nnopt.analysis.manager import AnalysisManager, AnalysisSettings
-from nnopt.cost.hardware import DEFAULT_PROFILE, HardwareProfile, KernelFigures, RatePoint
+from nnopt.cost.hardware import DEFAULT_PROFILE, HardwareProfile, KernelFigures, RatePoint, shipped_profile
+from nnopt.errors import OptionError
 from nnopt.ir.model import Model
 from nnopt.passes import _int8_select
 from nnopt.passes._latency import onnxruntime_view
-from nnopt.passes.quantize import DEFAULT_OP_TYPES, Quantize
+from nnopt.passes.quantize import DEFAULT_OP_TYPES, Quantize, QuantizeOptions
 from nnopt.pipeline.base import PassContext
 
 
@@ -169,3 +170,38 @@ def test_the_pass_decides_with_the_runs_hardware_profile() -> None:
         decided[result.stats["select_profile"]] = {e.node for e in result.layers if e.action == "rewritten"}
     # The table keeps the depthwise conv float (measured x1.15-x3.56); the profile says it pays.
     assert decided == {"int8-kernels-table": {"conv0", "conv2"}, "calibrated-test": {"conv0", "conv1", "conv2"}}
+
+
+def test_threads_option_decides_with_the_shipped_multi_thread_profile() -> None:
+    # quantize:threads=2 takes its times from the profile `nnopt calibrate --threads 2` measured (shipped with
+    # the package), read through the same node_latency the estimate uses; one thread keeps the table.
+    shipped = shipped_profile(_int8_select.THREADED_PROFILE)
+    assert shipped.threads == 2 and set(_int8_select.INT8_CLASSES) <= set(shipped.kernels)
+    proto, calib = _net([(128, 1, 1), (128, 3, 128), (64, 1, 1)], 64, 28)
+    stats, figures = {}, {}
+    for threads in (1, 2):
+        model = Model.from_proto(proto)
+        result = Quantize(QuantizeOptions(threads=threads)).run(model, PassContext(samples=calib))
+        stats[threads] = result.stats
+        figures[threads] = {e.node: e.figures for e in result.layers}
+    assert (stats[1]["select_profile"], stats[1]["select_threads"]) == ("int8-kernels-table", 1)
+    assert (stats[2]["select_profile"], stats[2]["select_threads"]) == ("onnxruntime-cpu-2-threads", 2)
+    macs = 64 * 128 * 28 * 28
+    elements = 64 * 28 * 28 + 128 * 64 + 128 + 128 * 28 * 28  # input, weight, bias, output
+    float_s = shipped.node_latency("pointwise", 2.0 * macs, 4.0 * elements, output_shape=(1, 128, 28, 28))[0]
+    assert figures[2]["conv0"]["predicted_float_us"] == pytest.approx(float_s * 1e6, rel=1e-3)
+    assert figures[1]["conv0"]["predicted_float_us"] == pytest.approx(
+        _int8_select.KERNELS["pointwise"].float_us(macs), abs=0.01)
+
+
+def test_a_calibrated_hardware_profile_wins_over_the_threads_option() -> None:
+    proto, calib = _net([(64, 3, 1), (64, 3, 1)], 32, 28)
+    model = Model.from_proto(proto)
+    ctx = PassContext(samples=calib, analyses=AnalysisManager(model, AnalysisSettings(hardware=_calibrated(4e10))))
+    result = Quantize(QuantizeOptions(threads=2)).run(model, ctx)
+    assert result.stats["select_profile"] == "calibrated-test" and result.stats["select_threads"] is None
+
+
+def test_threads_below_one_is_an_option_error() -> None:
+    with pytest.raises(OptionError, match="quantize: threads must be >= 1, got 0"):
+        QuantizeOptions(threads=0)

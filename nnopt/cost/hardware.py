@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -416,6 +417,17 @@ _FILE_OPTIONAL = ("bandwidth_bytes_per_s", "description", "node_overhead_s", "ru
 _FILE_FREE = ("measurements",)
 _KERNEL_KEYS = ("flops_per_s", "overhead_s", "grid")
 _POINT_KEYS = ("reduction", "spatial", "flops_per_s")
+
+
+#: Where the package's measured profiles live (``shipped_profile``).
+SHIPPED_PROFILES_DIR = Path(__file__).parent / "profiles"
+
+
+@functools.cache
+def shipped_profile(name: str) -> HardwareProfile:
+    """A profile ``nnopt calibrate`` measured and the package ships (``SHIPPED_PROFILES_DIR``/NAME.json), read
+    once per process."""
+    return load_profile(SHIPPED_PROFILES_DIR / f"{name}{PROFILE_SUFFIX}")
 
 
 def load_profile(path: str | os.PathLike[str]) -> HardwareProfile:
