@@ -859,6 +859,7 @@ _KERNEL_LABELS = {
     "unblocked_conv": "unblocked",
     "dynamic_weight": "run-time weights",
     "pointwise": "1x1 conv",
+    "unblocked_pointwise": "unblocked 1x1",
     "int8": "int8 conv",
     "int8_depthwise": "int8 depthwise",
     "int8_pointwise": "int8 1x1 conv",

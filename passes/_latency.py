@@ -11,6 +11,7 @@ import onnx
 from onnx import helper
 
 from nnopt.cost.hardware import DEFAULT_PROFILE, HardwareProfile, KernelFigures
+from nnopt.cost.layout import padded_work
 from nnopt.cost.runtime_kernels import kernel_classes
 from nnopt.cost.tensors import TensorInfo
 from nnopt.errors import OptionError
@@ -98,8 +99,15 @@ class Step:
     def kernel(self) -> str:
         """The cost model's kernel class of this node (``nnopt.cost.runtime_kernels``): e.g. ``pointwise`` for
         a 1×1 conv, ``grouped_conv`` for a depthwise conv with depth multiplier > 1."""
-        infos = {"w": TensorInfo("w", onnx.TensorProto.FLOAT, self.weight, is_constant=True)}
-        return kernel_classes([self.proto()], infos, {"w"})[0]
+        return kernel_classes([self.proto()], self._infos(), {"w"})[0]
+
+    def padding(self, kernel: str, block: int) -> float:
+        """The work onnxruntime's blocked layout does over this node's (``nnopt.cost.layout.padded_work``): a
+        rank-5 factor's output runs as 16 channels where the block is 16."""
+        return padded_work(self.proto(), kernel, self._infos(), block)
+
+    def _infos(self) -> dict[str, TensorInfo]:
+        return {"w": TensorInfo("w", onnx.TensorProto.FLOAT, self.weight, is_constant=True)}
 
 
 @dataclass(frozen=True)
@@ -134,7 +142,7 @@ def estimate_steps(
         kernel = step.kernel()
         flops = 2.0 * positions * step.macs
         moved = reads + writes + math.prod(step.weight) * itemsize + bias
-        return _node_latency(profile, step, kernel, flops, moved)
+        return _node_latency(profile, step, kernel, flops, moved, step.padding(kernel, profile.nchwc_block))
 
     before = node(original, in_bytes, out_bytes, bias_bytes)
     after = []
@@ -146,8 +154,9 @@ def estimate_steps(
     return before, after
 
 
-def _node_latency(profile: HardwareProfile, step: Step, kernel: str, flops: float, moved: float) -> NodeEstimate:
-    latency, _, _ = profile.node_latency(kernel, flops, moved)
+def _node_latency(profile: HardwareProfile, step: Step, kernel: str, flops: float, moved: float,
+                  padding: float = 1.0) -> NodeEstimate:
+    latency, _, _ = profile.node_latency(kernel, flops, moved, padding=padding)
     figures = profile.kernels.get(kernel)
     overhead = profile.node_overhead_s + (figures.overhead_s if figures is not None else 0.0)
     return NodeEstimate(step, kernel, latency, overhead)

@@ -14,10 +14,19 @@ import pytest
 from cost_profiles import MEASURED, MEASURED_GRID
 
 import nnopt
+import nnopt.cost.calibrate
 import nnopt.cost.timing
 from nnopt.cli import main
 from nnopt.cost import BUILTIN_PROFILES, DEFAULT_PROFILE, HardwareProfile, analyze
-from nnopt.cost.calibrate import CALIBRATED_KERNELS, GRID_KERNELS, QUICK_SIZES, calibrate, rank_average, spearman
+from nnopt.cost.calibrate import (
+    CALIBRATED_KERNELS,
+    GRID_KERNELS,
+    QUICK_SIZES,
+    calibrate,
+    profile_from_probes,
+    rank_average,
+    spearman,
+)
 from nnopt.cost.hardware import (
     KernelFigures,
     RatePoint,
@@ -233,7 +242,10 @@ def test_fused_and_folded_nodes_cost_nothing_and_the_conv_keeps_its_cost():
     blocked = analyze(conv_bn_relu(), hardware=replace(FULL, nchwc_block=16)).nodes[0]
     assert blocked["extra"]["reorders"] == 1
     assert blocked["extra"]["reorder_s"] == pytest.approx(1e-6 + 2 * 576 / 48e9, rel=1e-12)
-    assert blocked["latency_s"] - blocked["extra"]["reorder_s"] == pytest.approx(conv["latency_s"], rel=1e-12)
+    # The blocked conv computes its 4 output channels padded to the 16 of a block: 4 × the FLOPs' time.
+    assert blocked["latency_s"] - blocked["extra"]["reorder_s"] == pytest.approx(1e-6 + 3e-6 + 4 * 10_368 / 1e10,
+                                                                                  rel=1e-12)
+    assert blocked["flops"] == conv["flops"]
     assert bn["latency_s"] == relu["latency_s"] == 0.0 and bn["bound"] == relu["bound"] == ""
     assert report.totals["latency_s"] == pytest.approx(5e-6 + conv["latency_s"], rel=1e-12)
     # FLOPs and bytes stay those of the graph as written; only the latency estimate changes.
@@ -381,6 +393,7 @@ def test_calibrate_recovers_the_profile_of_a_machine_that_follows_the_model(monk
         return {"median_s": seconds, "min_s": seconds}
 
     monkeypatch.setattr(nnopt.cost.timing, "measure_latency", estimated)
+    monkeypatch.setattr(nnopt.cost.calibrate, "nchwc_block", lambda: truth.nchwc_block)
     profile, measurements = calibrate(sizes=QUICK_SIZES, runs=1, rounds=1, name="mine")
     assert (profile.name, profile.runtime) == ("mine", "onnxruntime")
     for key in ("peak_flops", "bandwidth", "node_overhead_s", "run_overhead_s"):
@@ -396,6 +409,14 @@ def test_calibrate_recovers_the_profile_of_a_machine_that_follows_the_model(monk
         assert [p.flops for p in profile.kernels[kernel].grid] == pytest.approx(
             [truth.kernels[kernel].flops] * len(profile.kernels[kernel].grid), rel=1e-9)
     assert [b for _, b in profile.bandwidth_grid] == pytest.approx([truth.bandwidth] * 3, rel=1e-9)
+    # On a machine with a channel block of 16, a blocked conv probe of 4 output channels computes 16: its rate is
+    # per FLOP of the padded channels (4 ×), which the estimate multiplies back in; 16 channels need no padding.
+    blocked = profile_from_probes(measurements["probes"], "blocked", "here", block=16)
+    assert blocked.nchwc_block == 16
+    for kernel, padded in (("conv", {36.0: 4.0, 144.0: 1.0}), ("pointwise", {16.0: 1.0, 64.0: 1.0})):
+        plain = {p.reduction: p.flops for p in profile.kernels[kernel].grid}
+        rates = {p.reduction: p.flops for p in blocked.kernels[kernel].grid}
+        assert {r: rates[r] / plain[r] for r in padded} == pytest.approx(padded, rel=1e-12)
 
 
 def test_calibrate_recovers_the_grids_of_a_machine_whose_rates_depend_on_shape(monkeypatch):
@@ -432,6 +453,7 @@ def test_calibrate_recovers_the_grids_of_a_machine_whose_rates_depend_on_shape(m
         return {"median_s": seconds, "min_s": seconds}
 
     monkeypatch.setattr(nnopt.cost.timing, "measure_latency", estimated)
+    monkeypatch.setattr(nnopt.cost.calibrate, "nchwc_block", lambda: truth.nchwc_block)
     profile, _ = calibrate(sizes=QUICK_SIZES, runs=1, rounds=1)
     for kernel, grid in grids.items():
         measured = {(p.reduction, p.spatial): p.flops for p in profile.kernels[kernel].grid}
@@ -551,10 +573,11 @@ def test_spearman_exact_values():
         spearman([1, 2, 3], [1, 2])
 
 
-def test_default_profile_is_unchanged_but_for_int8_and_decoders():
+def test_default_profile_is_unchanged_but_for_int8_decoders_and_the_avx2_block():
+    # nchwc_block 8 (AVX2) counts only where the estimate models onnxruntime (the low-rank passes' verdicts).
     assert DEFAULT_PROFILE == HardwareProfile("x86-avx2-2core", 192e9, 2 * 8 * 2.666e9, DEFAULT_PROFILE.description,
                                               kernels={k: KernelFigures(flops=384e9) for k in ("int8", "int8_matmul")},
-                                              runtime="generic")
+                                              runtime="generic", nchwc_block=8)
 
 
 # ---------------------------------------------------------------------------------------------- grids

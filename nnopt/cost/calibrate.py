@@ -44,6 +44,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from nnopt.cost.energy import DEFAULT_ENERGY, EnergyFigures, machine_cache_bytes
 from nnopt.cost.hardware import HardwareProfile, KernelFigures, RatePoint, interpolate_bandwidth
+from nnopt.cost.layout import channel_padding
 from nnopt.errors import InputError
 
 #: IR version and opset of the probe models: ones every supported onnxruntime release loads.
@@ -270,8 +271,8 @@ def calibrate(
     cpu = _cpu_name()
     threads_text = f", {threads} intra-op thread{'s' if threads != 1 else ''}" if threads is not None else ""
     profile = profile_from_probes(figures, name, f"{cpu}, onnxruntime {onnxruntime.__version__} CPU{threads_text} "
-                                  f"({datetime.date.today().isoformat()})", threads=threads)  # fmt: skip
-    profile = replace(profile, nchwc_block=nchwc_block())
+                                  f"({datetime.date.today().isoformat()})", threads=threads,
+                                  block=nchwc_block())  # fmt: skip
     measurements = {
         # Median ÷ fastest run of the kept round, worst probe: well above 1 means other load disturbed it.
         "max_median_to_min": max(spread.values()),
@@ -319,7 +320,7 @@ def nchwc_block() -> int:
 
 
 def profile_from_probes(
-    figures: dict[str, dict[str, Any]], name: str, where: str, threads: int | None = None
+    figures: dict[str, dict[str, Any]], name: str, where: str, threads: int | None = None, block: int = 0
 ) -> HardwareProfile:
     """The profile :func:`calibrate` derives from its probes' timings (``measurements["probes"]`` of a profile
     file: a profile can be derived again from what was measured, e.g. after the derivation changed).
@@ -329,8 +330,10 @@ def profile_from_probes(
         name: The profile's name.
         where: The machine, runtime and date, for the description.
         threads: The intra-op threads the probes were timed with (None: onnxruntime's default).
+        block: The channel block of onnxruntime's blocked conv layout on the machine (``nchwc_block``; 0:
+            none): the float grids' rates are per FLOP of the channels padded to it, as the estimate counts.
     """
-    derived = derive_figures(figures)
+    derived = derive_figures(figures, block)
     kernels = derived["kernels"]
     bandwidth, node_overhead = derived["bandwidth"], derived["node_overhead_s"]
     description = (
@@ -352,6 +355,7 @@ def profile_from_probes(
         bandwidth_grid=derived["bandwidth_grid"],
         energy=EnergyFigures(cache_bytes=cache) if cache is not None else DEFAULT_ENERGY,
         threads=threads,
+        nchwc_block=block,
     )
 
 
@@ -475,7 +479,7 @@ def _large_per_node(
     return max(min(slope, bound) if slope >= _PLAUSIBLE_SLOPE * bound else bound, tiny * (1 + 1e-6))
 
 
-def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def derive_figures(figures: dict[str, dict[str, Any]], block: int = 0) -> dict[str, Any]:
     """The profile's figures from the probes' timings (see the module docstring).
 
     Exact for a machine that behaves as the estimate models it: each chain takes ``run_overhead_s`` plus,
@@ -488,6 +492,8 @@ def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
             ``bytes_per_node``, measured ``seconds``, and ``helper_flops_per_node``/``helper_bytes_per_node``
             when each element has a helper node. ``seconds_per_node`` is added to the conv probes: the
             time of one chained node, its helper's time taken off.
+        block: The channel block of onnxruntime's blocked conv layout (0: none), for the float grids
+            (``_rate_grid``).
 
     Returns:
         ``node_overhead_s``, ``run_overhead_s``, ``bandwidth``, and ``kernels`` (KernelFigures per class).
@@ -515,7 +521,8 @@ def derive_figures(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
         peak = kernels["conv"].flops  # type: ignore[assignment]
     bandwidth_grid = _bandwidth_grid(figures, node_overhead, add_large["bytes_per_node"], bandwidth)
     for kernel in GRID_KERNELS:
-        grid = _rate_grid(figures, kernel, (node_overhead, run_overhead, bandwidth, peak), kernels, bandwidth_grid)
+        grid = _rate_grid(figures, kernel, (node_overhead, run_overhead, bandwidth, peak), kernels, bandwidth_grid,
+                          block)
         if grid:
             kernels[kernel] = replace(kernels[kernel], grid=grid)
     return {
@@ -544,6 +551,7 @@ def _rate_grid(
     machine: tuple[float, float, float, float],
     kernels: dict[str, KernelFigures],
     bandwidth_grid: tuple[tuple[float, float], ...],
+    block: int = 0,
 ) -> tuple[RatePoint, ...]:
     """The grid of ``kernel``: per grid probe, the rate its time per node (``_large_per_node``: the slope, unless
     noise made it implausible) gives once the node's and the class's fixed costs, and a helper node's time
@@ -555,6 +563,9 @@ def _rate_grid(
         kernels: The classes' figures as derived (``kernels[kernel]`` gives the class overhead).
         bandwidth_grid: As derived: a helper node's bytes move at the bandwidth interpolated at their size,
             as the estimate has them.
+        block: onnxruntime's channel block (0: none). A float blocked conv computes its channels padded to
+            it (``nnopt.cost.layout.padded_work``): an 8-channel probe does the work of 16, so its rate is
+            per FLOP of the padded channels, which the estimate multiplies back in.
     """
     node_overhead, run_overhead, bandwidth, peak = machine
     base = kernels[kernel]
@@ -575,8 +586,22 @@ def _rate_grid(
             probe["seconds_per_node"] = compute + node_overhead + base.overhead_s
             outputs, spatial = math.prod(shape), math.prod(shape[2:])
             flops = probe["flops_per_node"]
-            points.append(RatePoint(reduction=flops / (2 * outputs), spatial=spatial, flops=flops / compute))
+            reduction = flops / (2 * outputs)
+            padded = _GRID_PADDING.get(kernel, lambda *_: 1.0)(shape[1], reduction, block)
+            points.append(RatePoint(reduction=reduction, spatial=spatial, flops=flops * padded / compute))
     return tuple(sorted(points, key=lambda p: (p.reduction, p.spatial)))
+
+
+def _blocked_padding(taps: int) -> Callable[[int, float, int], float]:
+    """The padding factor of a float conv grid probe with ``taps`` kernel positions: from its output channels
+    and reduction (input channels × taps), as ``nnopt.cost.layout.padded_work`` computes it for a node."""
+    def padding(out_channels: int, reduction: float, block: int) -> float:
+        return channel_padding(out_channels, round(reduction / taps), block)
+    return padding
+
+
+#: The grid classes onnxruntime runs in its blocked layout, by their probes' kernel positions.
+_GRID_PADDING = {"conv": _blocked_padding(9), "pointwise": _blocked_padding(1)}
 
 
 def _bandwidth_grid(

@@ -33,6 +33,9 @@ KERNEL_CLASSES: dict[str, str] = {
     "into them",
     "pointwise": "dense float 1×1 Conv (group 1) with a constant weight: a plain GEMM with a short reduction, "
     "what SVD's second factor and a separable conv's second half are",
+    "unblocked_pointwise": "dense float 1×1 Conv with at least 16 input channels, not a multiple of 4: one GEMM "
+    "at the pointwise rate (a profile without it uses its pointwise figures), but outside onnxruntime's blocked "
+    "layout, so the tensors around it are reordered and a HardSwish after it runs on its own",
     "int8_depthwise": "int8 depthwise Conv: a QDQ group around a depthwise Conv (onnxruntime: QLinearConv with "
     "one channel per group)",
     "int8_pointwise": "int8 1×1 Conv (group 1): a QDQ group around a pointwise Conv (onnxruntime: QLinearConv, "
@@ -51,7 +54,7 @@ KERNEL_CLASSES: dict[str, str] = {
 }
 #: Kernel classes a profile that has no figures of its own for them takes from another class (profiles
 #: written before the class existed keep estimating as they did).
-KERNEL_FALLBACK: dict[str, str] = {"int8_pointwise": "int8"}
+KERNEL_FALLBACK: dict[str, str] = {"int8_pointwise": "int8", "unblocked_pointwise": "pointwise"}
 #: Kernel classes of nodes that cost nothing per inference (only produced for profiles with a ``runtime``):
 #: computed once when the session is created, or absorbed into another node's kernel.
 FREE_KERNELS: frozenset[str] = frozenset({"folded", "fused"})
@@ -229,18 +232,20 @@ class HardwareProfile:
             raise ValueError(f"hardware profile '{self.name}': bandwidth_grid must be sorted by bytes")
 
     def node_latency(
-        self, kernel: str, flops: float, bytes_moved: float, *, output_shape: Sequence[int] | None = None
+        self, kernel: str, flops: float, bytes_moved: float, *, output_shape: Sequence[int] | None = None,
+        padding: float = 1.0,
     ) -> tuple[float, float, float]:
         """``(latency_s, compute_s, memory_s)`` of one node of kernel class ``kernel``.
 
         ``output_shape`` (of the node's first output) selects the rate in the class's grid, when the profile
-        has one (see :meth:`KernelFigures.rate`); without it the class's single rate is used.
+        has one (see :meth:`KernelFigures.rate`); without it the class's single rate is used. ``padding``: the
+        work the kernel does over ``flops`` (a blocked conv's channels padded to the block), at that rate.
         """
         if kernel in FREE_KERNELS:
             return 0.0, 0.0, 0.0
         figures = self.kernels.get(kernel, self.kernels.get(KERNEL_FALLBACK.get(kernel, "")))
         rate = figures.rate(flops, output_shape) if figures is not None else None
-        compute_s = flops / (rate if rate is not None else self.peak_flops)
+        compute_s = flops * padding / (rate if rate is not None else self.peak_flops)
         if self.bandwidth_grid:
             memory_s = bytes_moved / interpolate_bandwidth(self.bandwidth_grid, bytes_moved)
         else:
@@ -292,6 +297,7 @@ BUILTIN_PROFILES: dict[str, HardwareProfile] = {
             ),
             kernels={kind: KernelFigures(flops=2 * 2 * 3.0e9 * 32) for kind in ("int8", "int8_matmul")},
             runtime="generic",
+            nchwc_block=8,  # MLAS's NCHWc block with AVX2 (used where the estimate models onnxruntime)
         ),
         HardwareProfile(
             name="rpi4",

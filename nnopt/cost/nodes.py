@@ -13,7 +13,7 @@ from nnopt.cost.constants import Const, body_constants, subgraph_constants
 from nnopt.cost.decoded import DecodePatternRegistry, decoded_weights
 from nnopt.cost.energy import dtype_class
 from nnopt.cost.hardware import FREE_KERNELS, HardwareProfile
-from nnopt.cost.layout import reorders
+from nnopt.cost.layout import padded_work, reorders
 from nnopt.cost.notes import Findings
 from nnopt.cost.report import first_line
 from nnopt.cost.rules import Cost, CostContext, CostRuleRegistry, UnknownShapeError
@@ -134,6 +134,15 @@ def _add_reorders(
         totals["latency_s"] += latency
 
 
+def _padding(node: NodeView, kernel: str, scope: Scope) -> float:
+    """The extra work of a conv onnxruntime runs in its blocked layout on channels padded to the block
+    (``nnopt.cost.layout.padded_work``); 1.0 for other nodes and profiles that do not model the layout."""
+    hardware = scope.hardware
+    if hardware.runtime != "onnxruntime" or not hardware.nchwc_block or node.op_type != "Conv":
+        return 1.0
+    return padded_work(node.proto, kernel, scope.infos, hardware.nchwc_block)
+
+
 def _cost_node(
     index: int, node: NodeView, kernel: str, scope: Scope, weights: _Weights, totals: dict[str, float | int]
 ) -> dict[str, Any]:
@@ -169,7 +178,8 @@ def _cost_node(
         # The output's shape picks a conv's rate in a calibrated profile's grid (GEMM shape matters).
         first = outputs[0] if outputs else None
         shape = first.shape if first is not None and first.shape is not None else None
-        latency, compute_s, memory_s = scope.hardware.node_latency(kernel, cost.flops, moved, output_shape=shape)
+        latency, compute_s, memory_s = scope.hardware.node_latency(kernel, cost.flops, moved, output_shape=shape,
+                                                                   padding=_padding(node, kernel, scope))
     dtype = dtype_class(op_type, kernel, outputs[0].dtype if outputs and outputs[0] is not None else None)
     # A node the runtime folds or fuses away costs no latency, and no energy either.
     joules = 0.0 if kernel in FREE_KERNELS else energy.node_energy_j(dtype, cost.macs, cost.flops,

@@ -78,6 +78,10 @@ _EPILOGUE_AFFINE: dict[str, frozenset[str]] = {
     "MatMul": frozenset({"Add"}),
 }
 _FUSED_ACTIVATIONS = frozenset({"Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "HardSwish"})
+#: Activations only the blocked (NCHWc) convs take: after any other kernel onnxruntime runs a HardSwish as
+#: HardSigmoid and Mul (the graphs it writes for SVD factors with unaligned channels: 9 of each, unfused).
+_BLOCKED_ONLY_ACTIVATIONS = frozenset({"HardSwish"})
+_BLOCKED_FLOAT_CLASSES = frozenset({"conv", "pointwise", "depthwise"})
 #: Ops onnxruntime removes, rewiring their readers to their input.
 _ELIMINATED = frozenset({"Identity", "Dropout"})
 
@@ -108,8 +112,9 @@ def kernel_classes(
     * elimination: Identity and Dropout are ``fused`` (their readers read their input);
     * epilogue fusion: after a float Conv whose weight is constant, BatchNormalization and Add/Mul with
       constant operands are ``fused`` (after a MatMul, an Add with a constant operand); then one
-      activation (Relu, Clip, Sigmoid, Tanh, LeakyRelu, HardSigmoid, HardSwish) after a Conv, Gemm or
-      MatMul. Each only when the tensor it reads goes nowhere else;
+      activation (Relu, Clip, Sigmoid, Tanh, LeakyRelu, HardSigmoid; HardSwish only after a conv the
+      blocked layout takes) after a Conv, Gemm or MatMul. Each only when the tensor it reads goes nowhere
+      else;
     * SiLU: a Sigmoid read only by a Mul of its own input (``x * sigmoid(x)``) is ``fused`` into that
       Mul (onnxruntime's QuickGelu).
 
@@ -281,7 +286,7 @@ def _fuse_epilogues(g: _RuntimeGraph) -> None:
     each tensor, are ``fused`` into it."""
     for i, node in enumerate(g.nodes):
         float_kernel = g.classes[i] in ("conv", "pointwise", "depthwise", "grouped_conv", "unblocked_conv",
-                                        "dynamic_weight")
+                                        "unblocked_pointwise", "dynamic_weight")
         if not float_kernel or g.ops[i] not in _EPILOGUE_AFFINE or not node.output:
             continue
         affine = _EPILOGUE_AFFINE[g.ops[i]]
@@ -300,7 +305,8 @@ def _fuse_epilogues(g: _RuntimeGraph) -> None:
                 g.classes[j] = "fused"
                 tail = follower.output[0]
                 continue
-            if g.ops[j] in _FUSED_ACTIVATIONS and data == tail:
+            blocked_only = g.ops[j] in _BLOCKED_ONLY_ACTIVATIONS and g.classes[i] not in _BLOCKED_FLOAT_CLASSES
+            if g.ops[j] in _FUSED_ACTIVATIONS and data == tail and not blocked_only:
                 g.classes[j] = "fused"
             break
 
@@ -362,9 +368,12 @@ def _op_kernel(node: onnx.NodeProto, infos: dict[str, TensorInfo], constants: se
             return "depthwise" if plain else "grouped_conv"
         channels = weight.shape[1]
         blockable = (norm_domain(node.domain), node.op_type) in _BLOCKABLE_OPS
+        unaligned = channels >= _BLOCKED_MIN_CHANNELS and channels % _BLOCKED_ALIGNMENT
         if blockable and group == 1 and len(weight.shape) > 2 and all(k == 1 for k in weight.shape[2:]):
-            return "pointwise"
-        if blockable and group == 1 and channels >= _BLOCKED_MIN_CHANNELS and channels % _BLOCKED_ALIGNMENT:
+            # One GEMM at the pointwise rate either way; unaligned, outside the blocked layout (SVD's second
+            # factors of rank 30-177 ran as plain Convs, with reorders around them).
+            return "unblocked_pointwise" if unaligned else "pointwise"
+        if blockable and group == 1 and unaligned:
             return "unblocked_conv"
         if blockable and group == 1 and len(weight.shape) != _BLOCKED_RANK:
             return "unblocked_conv"  # 1-D and 3-D convs: the NCHWc layout takes 2-D convs only
