@@ -587,21 +587,15 @@ def _rate_grid(
             outputs, spatial = math.prod(shape), math.prod(shape[2:])
             flops = probe["flops_per_node"]
             reduction = flops / (2 * outputs)
-            padded = _GRID_PADDING.get(kernel, lambda *_: 1.0)(shape[1], reduction, block)
+            taps = _BLOCKED_GRID_TAPS.get(kernel)
+            padded = channel_padding(shape[1], round(reduction / taps), block) if taps else 1.0
             points.append(RatePoint(reduction=reduction, spatial=spatial, flops=flops * padded / compute))
     return tuple(sorted(points, key=lambda p: (p.reduction, p.spatial)))
 
 
-def _blocked_padding(taps: int) -> Callable[[int, float, int], float]:
-    """The padding factor of a float conv grid probe with ``taps`` kernel positions: from its output channels
-    and reduction (input channels × taps), as ``nnopt.cost.layout.padded_work`` computes it for a node."""
-    def padding(out_channels: int, reduction: float, block: int) -> float:
-        return channel_padding(out_channels, round(reduction / taps), block)
-    return padding
-
-
-#: The grid classes onnxruntime runs in its blocked layout, by their probes' kernel positions.
-_GRID_PADDING = {"conv": _blocked_padding(9), "pointwise": _blocked_padding(1)}
+#: The grid classes onnxruntime runs in its blocked layout, and their probes' kernel positions (input channels
+#: = reduction ÷ taps).
+_BLOCKED_GRID_TAPS = {"conv": 9, "pointwise": 1}
 
 
 def _bandwidth_grid(
