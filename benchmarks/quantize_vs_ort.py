@@ -359,14 +359,14 @@ def optimized_ops(proto: onnx.ModelProto, tmp: Path) -> dict[str, dict[str, int]
 
 
 def latencies(variants: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray], runs: int,
-              rounds: int, threads: int) -> dict[str, float]:
+              rounds: int, threads: int, fresh_sessions: bool = False) -> dict[str, float]:
     """Per variant, the least over ``rounds`` interleaved rounds (``measure_interleaved``, the order rotating)
     of the median of ``runs`` timed runs (s): CPU time of the calling thread with ``threads`` 1, else wall
     time. ``float-AA`` is the helper's A/A copy of ``float`` (the first variant)."""
     # With one intra-op thread onnxruntime computes on the calling thread, so that thread's CPU time is the
     # run's cost without the time other processes held the core (wall time swung 2x on a loaded machine).
     timings = measure_interleaved(variants, feeds, rounds=rounds, runs=runs, warmup=1, threads=threads or None,
-                                  clock="thread" if threads == 1 else "wall", aa=True)
+                                  clock="thread" if threads == 1 else "wall", aa=True, fresh_sessions=fresh_sessions)
     return {("float-AA" if name == "float" + AA_SUFFIX else name): t.min_s for name, t in timings.items()}
 
 
@@ -411,7 +411,7 @@ def bench(key: str, args: argparse.Namespace) -> dict[str, Any] | None:
                 continue
             onnx.save(variants[name], tmp / "size.onnx")
             sizes[name] = (tmp / "size.onnx").stat().st_size
-    lat = latencies(variants, case["eval"][0], args.runs, args.rounds, args.threads)
+    lat = latencies(variants, case["eval"][0], args.runs, args.rounds, args.threads, args.fresh_sessions)
     # float-AA's row beside float's, as its own session was timed (its file and kernels are float's).
     variants = {"float": reference, "float-AA": reference, **variants}
     sizes["float-AA"], kernels["float-AA"] = sizes["float"], kernels["float"]
@@ -565,6 +565,9 @@ def main() -> None:
                              "One by default, timed in CPU time of the calling thread (onnxruntime computes there): "
                              "on a machine shared with other work, wall time of a pool of threads swings by tens "
                              "of percent")
+    parser.add_argument("--fresh-sessions", action="store_true",
+                        help="create every variant's session anew each round (measure_interleaved's fresh_sessions: "
+                             "a session's speed can depend on where its buffers land)")
     parser.add_argument("--hardware", default=None, metavar="PROFILE.json",
                         help=f"also nnopt deciding with this profile ({PROFILE_VARIANT}), e.g. from `nnopt calibrate "
                              "--threads N` at the --threads timed here")
@@ -620,7 +623,7 @@ def _command_line_options(args: argparse.Namespace) -> str:
     flags = [f"--{name.replace('_', '-')} {getattr(args, name):g}"
              for name, default in (("rounds", 8), ("runs", 5), ("threads", 1), ("calib", 16), ("eval_scale", 1.0))
              if getattr(args, name) != default]
-    flags += [f"--{name}" for name in ("prepare", "measured") if getattr(args, name)]
+    flags += [f"--{name.replace('_', '-')}" for name in ("prepare", "measured", "fresh_sessions") if getattr(args, name)]
     flags += ["--hardware PROFILE.json"] if args.hardware else []
     return models + "".join(" " + flag for flag in flags)
 

@@ -53,6 +53,26 @@ def test_interleaved_rounds_rotate_the_order_and_time_an_aa_copy(monkeypatch: py
     assert got["a"].min_s == pytest.approx(1.1)
 
 
+def test_fresh_sessions_time_each_round_on_a_new_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[str] = []
+    calls: list[str] = []
+
+    def fake_session(model: str, threads: int | None) -> str:
+        made.append(f"{model}{len(made)}")
+        return made[-1]
+
+    def fake_round(session: str, feeds: Any, runs: int, warmup: int, tick: Any) -> float:
+        calls.append(session)
+        return 1.0
+
+    monkeypatch.setattr(timing, "_timing_session", fake_session)
+    monkeypatch.setattr(timing, "_round_median", fake_round)
+    got = measure_interleaved({"a": "a", "b": "b"}, {}, rounds=3, aa=False, fresh_sessions=True)
+    assert list(got) == ["a", "b"] and all(len(t.per_round) == 3 for t in got.values())
+    # Round 0 on the sessions made up front; each later round on a session made just before it runs.
+    assert calls == ["a0", "b1", "b2", "a3", "a4", "b5"] and made == ["a0", "b1", "b2", "a3", "a4", "b5"]
+
+
 def test_interleaved_thread_clock_orders_models_by_cost() -> None:
     small = {"x": np.ones((64, 32), np.float32)}
     large = {"x": np.ones((64, 256), np.float32)}

@@ -123,12 +123,13 @@ def measure_interleaved(
     threads: int | None = 1,
     clock: Literal["wall", "thread"] = "thread",
     aa: bool = True,
+    fresh_sessions: bool = False,
 ) -> dict[str, Timing]:
     """Time several models against each other in onnxruntime (CPU, default graph optimizations).
 
-    Each session is created once; then ``rounds`` rounds each run every model ``warmup`` times untimed and
-    ``runs`` times timed, the models' order rotating by one each round, so drift in the machine's load
-    hits every model alike and no model always runs first.
+    Each session is created once (``fresh_sessions``: anew every round); then ``rounds`` rounds each run
+    every model ``warmup`` times untimed and ``runs`` times timed, the models' order rotating by one each
+    round, so drift in the machine's load hits every model alike and no model always runs first.
 
     Args:
         models: Name -> model (a Model, a ModelProto with its weights loaded, or a path); ordered.
@@ -142,6 +143,11 @@ def measure_interleaved(
             counted (needs ``threads=1``); ``wall``: wall-clock time.
         aa: Also time a second, separate session of the first model, under ``<first name> A/A``: how far
             two timings of the same model differ here is the noise of the comparison (see ``aa_noise``).
+        fresh_sessions: Create every session again before each round (one at a time, the previous one
+            released first). A session's speed can depend on where its buffers land: among a dozen large
+            models timed together, two quantized models onnxruntime executes as the same graph differed by
+            5-13 % for whole runs, and by nothing timed alone. Fresh sessions give each model several
+            placements; the least round then compares like with like.
 
     Returns:
         Name -> ``Timing`` (the A/A copy last).
@@ -166,6 +172,9 @@ def measure_interleaved(
         tick = _CLOCKS[clock]
         for r in range(rounds):
             for name in order[r % len(order):] + order[:r % len(order)]:
+                if fresh_sessions and r:
+                    del sessions[name]
+                    sessions[name] = _timing_session(sources[name], threads)
                 per_round[name].append(_round_median(sessions[name], feeds, runs, warmup, tick))
     except InputError:
         raise
