@@ -415,7 +415,8 @@ def test_ddddocr_detector(tmp_path):
     assert layers["Conv_132"]["latency_ratio"] == pytest.approx(0.8562, abs=1e-4)
     slower = [layer for layer in record.layers if "min_latency_saving" in layer.get("reason", "")]
     assert len(slower) == 12 and all("runs as grouped GEMMs" in layer["reason"] for layer in slower)
-    assert layers["Conv_41"]["reason"].startswith("estimated 3.05× slower (depthwise multiplier 5 runs as grouped")
+    # Its 12 input channels run padded to 16 in AVX2's blocks of 8 (3.05× slower without that padding).
+    assert layers["Conv_41"]["reason"].startswith("estimated 2.32× slower (depthwise multiplier 5 runs as grouped")
 
     data = write_data(spec, path, tmp_path / "data.npz")
     _, report = optimize(load_model(path), ["conv-to-separable:energy=0.9,min_latency_saving=none"], data=data)

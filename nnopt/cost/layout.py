@@ -139,7 +139,7 @@ def padded_work(node: onnx.NodeProto, kernel: str, infos: dict[str, TensorInfo],
     """How much more work a conv onnxruntime runs blocked does than the graph as written says: its output
     channels padded up to a whole block, and its input channels too when they are a block or more (a conv
     with fewer reads NCHW). 1.0 for every other node. Seen in onnxruntime's optimized graphs: SVD factors of
-    rank 5, 15 and 28 ran with weights of 16, 16 and 32 output channels, at the time of the padded ones."""
+    rank 5, 15 and 28 ran with weights of 16, 16 and 32 output channels, and took the time of that many."""
     if block <= 0 or not _is_blocked_conv(node, kernel, infos, block):
         return 1.0
     weight = infos[node.input[1]]
