@@ -15,6 +15,7 @@ def nnopt_register_passes() -> list[type[Pass]]:
     from nnopt.passes.fold_batchnorm import FoldBatchNorm
     from nnopt.passes.fold_constants import FoldConstants
     from nnopt.passes.fp16 import Fp16
+    from nnopt.passes.fuse_hardswish import FuseHardSwish
     from nnopt.passes.hashed_sharing import HashedSharing
     from nnopt.passes.kmeans import KMeansWeightSharing
     from nnopt.passes.prune import Prune
@@ -29,6 +30,7 @@ def nnopt_register_passes() -> list[type[Pass]]:
         FoldConstants,
         RemoveNoops,
         FoldBatchNorm,
+        FuseHardSwish,
         StripDebugInfo,
         ConvToSeparable,
         Svd,

@@ -194,7 +194,7 @@ def test_default_can_start_an_explicit_pipeline(tmp_path, capsys):
     assert code == 0, err
     names = [p["name"] for p in json.loads(rep.read_text())["passes"]]
     assert names == ["strip-debug-info", "constants-to-initializers", "dce", "fold-constants", "remove-noops",
-                     "fold-batchnorm", "dce", "dce"]
+                     "fold-batchnorm", "fuse-hardswish", "dce", "dce"]
 
 
 @pytest.mark.parametrize(

@@ -188,7 +188,7 @@ def test_provenance_is_recorded_deterministically_and_keeps_the_inputs_metadata(
     assert meta["nnopt.version"] == nnopt.__version__ and meta["nnopt.seed"] == "7"
     assert json.loads(meta["nnopt.pipeline"]) == [
         "strip-debug-info", "constants-to-initializers", "dce", "fold-constants", "remove-noops", "fold-batchnorm",
-        "dce", "prune:ratio=0.25,round_to=4"]
+        "fuse-hardswish", "dce", "prune:ratio=0.25,round_to=4"]
     assert json.loads(meta["nnopt.options"]) == {
         "budget": {"min_cosine": 0.9}, "data": True, "fixed_point": False, "hardware": "x86-avx2-2core",
         "input_shapes": {}, "strict": False, "verify": True}

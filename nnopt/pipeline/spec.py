@@ -18,6 +18,7 @@ DEFAULT_PIPELINE = (
     "fold-constants",
     "remove-noops",
     "fold-batchnorm",
+    "fuse-hardswish",
     "dce",
 )
 
