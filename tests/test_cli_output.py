@@ -236,7 +236,7 @@ def test_the_default_pipeline_in_a_log(tmp_path, capsys):
     code, stdout, err = _run(capsys, "optimize", str(EXAMPLE), "-o", str(tmp_path / "o.onnx"))
     assert code == 0
     lines = err.splitlines()
-    assert len(lines) == 8 and lines[-1].startswith("nnopt: repeat 2: nothing changed in 7 passes (")
+    assert len(lines) == 9 and lines[-1].startswith("nnopt: repeat 2: nothing changed in 8 passes (")
     assert stdout.splitlines()[-1] == f"wrote {tmp_path / 'o.onnx'}"
 
 
