@@ -142,4 +142,6 @@ def _orders(pair: list[gs.Tensor]) -> list[tuple[gs.Tensor, gs.Tensor]]:
 def _is_scalar(tensor: gs.Tensor, value: float) -> bool:
     """Whether ``tensor`` is a constant holding the one value ``value`` (any shape of one element)."""
     values = constant_values(tensor)
-    return values is not None and np.asarray(values).size == 1 and abs(float(np.asarray(values).reshape(-1)[0]) - value) <= _TOLERANCE
+    if values is None or np.asarray(values).size != 1:
+        return False
+    return abs(float(np.asarray(values).reshape(-1)[0]) - value) <= _TOLERANCE
