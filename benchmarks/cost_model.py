@@ -741,6 +741,11 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "inference leaves most tensors unknown (their shapes follow from the sample-rate input), and the "
         "onnxruntime fallback reads main-graph tensors only: those nodes count their per-node overhead and "
         "no FLOPs. Loop and Scan bodies are not costed at all.",
+        "- The figures move between full re-measures more than between the estimate's versions: three runs of "
+        "`--measure` within 1.5 hours on 2026-12-06 (this one, a disturbed one, and a clean one after "
+        "`fuse-hardswish` joined the default pipeline) gave Spearman 0.970, 0.977 and 0.957, median error "
+        "×1.24, ×1.38 and ×1.21. ppocr_det measures 9.4 ms here in every run against 5.6 ms with `nnopt analyze "
+        "--measure`'s generated inputs (other input values; not explained).",
         "- An activation fused into a conv costs nothing in the estimate, but onnxruntime still computes a "
         "Sigmoid or HardSwish for each element in the conv's epilogue: measured on one thread, 0.17-0.21 ns per "
         "element in depthwise, 1×1 and 3×3 convs alike (as much as a 64-channel depthwise conv itself), a Relu "
