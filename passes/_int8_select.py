@@ -141,7 +141,7 @@ INT8_CLASSES = ("conv", "pointwise", "depthwise", "int8", "int8_depthwise", "int
 
 @dataclass(frozen=True)
 class TableRates:
-    """select=latency's built-in rate set: a ``KernelTable`` measured on one machine by
+    """select=latency's built-in rate set: the ``ONE_THREAD`` table measured on one machine by
     benchmarks/int8_kernels.py. Its ``name`` is what the pass's stats report as ``select_profile``.
 
     Every time is in µs: ``layer_us`` of one layer of a kind (``work``: MACs or elements; ``pixels``: output
@@ -152,23 +152,22 @@ class TableRates:
     """
 
     name: str = "int8-kernels-table"
-    table: KernelTable = ONE_THREAD
 
     @property
     def threads(self) -> int | None:
         """The onnxruntime intra-op threads the times are for (None: onnxruntime's default)."""
-        return self.table.threads
+        return ONE_THREAD.threads
 
     def layer_us(self, kind: str, work: float, pixels: float, elements: float,
                  output_shape: Sequence[int] | None = None) -> tuple[float, float]:
-        rate = self.table.kernels[kind]
+        rate = ONE_THREAD.kernels[kind]
         return rate.float_us(work), rate.int8_us(work, pixels)
 
     def boundary_us(self, elements: float, conv_side: bool = False) -> float:
-        return self.table.boundary_us(elements, conv_side)
+        return ONE_THREAD.boundary_us(elements, conv_side)
 
     def unfused_us(self, elements: float) -> float:
-        return self.table.unfused_ns_per_element * elements * 1e-3
+        return ONE_THREAD.unfused_ns_per_element * elements * 1e-3
 
 
 @dataclass(frozen=True)
@@ -209,7 +208,7 @@ class ProfileRates(TableRates):
             return super().boundary_us(elements, conv_side)
         # One float and one int8 value per element; a reorder when a float Conv is beyond (table).
         edge = self.profile.node_latency("quantize", elements, 5.0 * elements)[0] * 1e6
-        reorder = self.table.boundary_us(elements, True) - self.table.boundary_us(elements) if conv_side else 0.0
+        reorder = ONE_THREAD.boundary_us(elements, True) - ONE_THREAD.boundary_us(elements) if conv_side else 0.0
         return edge + max(reorder, 0.0)
 
     def unfused_us(self, elements: float) -> float:
