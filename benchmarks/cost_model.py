@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -48,11 +49,11 @@ from nnopt.cost import analyze  # noqa: E402
 from nnopt.cost.calibrate import CALIBRATED_KERNELS, calibrate, spearman  # noqa: E402
 from nnopt.cost.hardware import DEFAULT_PROFILE, HardwareProfile, profile_from_dict  # noqa: E402
 from nnopt.cost.inputs import sample_input_shapes  # noqa: E402
-from nnopt.cost.timing import measure_latency  # noqa: E402
+from nnopt.cost.timing import time_alternating  # noqa: E402
 from nnopt.errors import NnoptError  # noqa: E402
 from nnopt.ir.model import save_model  # noqa: E402
 from nnopt.plugin_manager import build_plugins  # noqa: E402
-from nnopt.runtime import load_samples, make_session  # noqa: E402
+from nnopt.runtime import load_samples, make_session, session_threads  # noqa: E402
 
 DIGITS = ROOT / "examples" / "digits"
 #: The original model and its optimized variants. Settings as in benchmarks/compression.py: ``default`` is
@@ -169,6 +170,10 @@ def build_variant(subject: Subject, setting: str, plugins: Any, work: Path) -> t
     return out, "rolled back " + "; ".join(rolled_back) if rolled_back else "applied"
 
 
+#: A point's measurement (see ``measure_points``), cached while its file is byte-identical.
+MEASURED_FIELDS = ("measured_s", "measured_rounds_s", "ratio_rounds", "reference_s")
+
+
 def collect_points(
     subject: Subject,
     args: argparse.Namespace,
@@ -204,31 +209,27 @@ def collect_points(
             notes.append(f"{subject.key} `{setting}`: identical to `{seen[digest]}`, not a separate point")
             continue
         seen[digest] = setting
-        mine.append(_point(subject.key, setting, digest, path, cached, args.statistic))
+        mine.append(_point(subject.key, setting, digest, path, cached))
         if status.startswith("rolled back"):
             notes.append(f"{subject.key} `{setting}`: {status}")
     original = next((p for p in mine if p["variant"] == "original"), None)
     if original is not None:
-        aa = _point(subject.key, AA, original["sha256"], original["path"], cached, args.statistic)
-        if "measured_s" not in aa or "measured_s" not in original:  # both in the same rounds, or neither
-            for p in (aa, original):
-                for key in ("measured_s", "measured_rounds_s", "fastest_run_s", "median_s"):
-                    p.pop(key, None)
-        mine.append(aa)
+        mine.append(_point(subject.key, AA, original["sha256"], original["path"], cached))
+    if any("measured_s" not in p for p in mine):  # every point is a ratio to the original: all in one run
+        for p in mine:
+            for key in MEASURED_FIELDS:
+                p.pop(key, None)
     return mine
 
 
 def _point(
-    model: str, setting: str, digest: str, path: Path, cached: dict[Any, dict[str, Any]], statistic: str
+    model: str, setting: str, digest: str, path: Path, cached: dict[Any, dict[str, Any]]
 ) -> dict[str, Any]:
-    """A point, with the measurement of the cached one of the same file (``statistic``: which figure)."""
+    """A point, with the measurement of the cached one of the same file."""
     point: dict[str, Any] = {"model": model, "variant": setting, "sha256": digest, "path": path}
     before = cached.get((model, setting, digest))
-    if before is not None and "fastest_run_s" in before:
-        point.update({k: before[k] for k in ("measured_rounds_s", "fastest_run_s", "executed_graph", "executed_graph_of")
-                      if k in before})
-        point["median_s"] = before.get("median_s", min(before["measured_rounds_s"]))
-        point["measured_s"] = point["fastest_run_s"] if statistic == "min" else point["median_s"]
+    if before is not None and "ratio_rounds" in before:  # measured against the original (older files were not)
+        point.update({k: before[k] for k in MEASURED_FIELDS + ("executed_graph", "executed_graph_of") if k in before})
     return point
 
 
@@ -283,24 +284,36 @@ def wait_for_idle(threshold: float, timeout: float, waited: list[float]) -> None
 def measure_points(
     points: list[dict[str, Any]], subject: Subject, args: argparse.Namespace, waited: list[float]
 ) -> None:
-    """Time every point of one model in interleaved rounds; keep the per-round medians and their minimum.
+    """Time every point of one model against the model's original, run by run (``time_alternating``).
 
-    Other jobs share the cores: they only ever add time, so the least-disturbed round (the minimum of the
-    per-round medians) is the figure kept, and each timing waits for the CPU to be idle first.
+    On this shared host, load from outside the machine comes in bursts of tens of seconds that the idle
+    check cannot see (the VM looks idle; ppocr_det took 9.4-10.5 ms in such bursts for 6.0 outside them, on
+    every variant alike). A burst slows a point and the original timed beside it alike, so each point is a
+    ratio to the original measured with it, fresh sessions for both every round; a point's figure is the
+    median of its ratios times the original's least per-pair median (other load only ever adds time). The
+    original itself is paired with a second session of itself, as is the A/A point.
     """
-    per_round: list[list[float]] = [[] for _ in points]
-    fastest = [math.inf] * len(points)
+    original = next(p["path"] for p in points if p["variant"] == "original")
+    reference: list[float] = []
+    ratios: list[list[float]] = [[] for _ in points]
+    medians: list[list[float]] = [[] for _ in points]
     for _ in range(args.rounds):
         for i, point in enumerate(points):
             wait_for_idle(args.idle, args.idle_timeout, waited)
-            timing = measure_latency(point["path"], subject.feeds, runs=args.runs, warmup=3)
-            per_round[i].append(float(timing["median_s"]))
-            fastest[i] = min(fastest[i], float(timing["min_s"]))
-    for point, times, quickest in zip(points, per_round, fastest):
-        point["measured_rounds_s"] = times
-        point["median_s"] = min(times)
-        point["fastest_run_s"] = quickest
-        point["measured_s"] = quickest if args.statistic == "min" else min(times)
+            with session_threads(args.threads):
+                sessions = [make_session(str(original), optimize=True),
+                            make_session(str(point["path"]), optimize=True)]
+            base, timed = (statistics.median(t) for t in time_alternating(
+                sessions, [subject.feeds, subject.feeds], rounds=1, runs=args.runs, warmup=3))
+            del sessions
+            reference.append(base)
+            medians[i].append(timed)
+            ratios[i].append(timed / base)
+    for point, point_ratios, point_medians in zip(points, ratios, medians):
+        point["ratio_rounds"] = point_ratios
+        point["measured_rounds_s"] = point_medians
+        point["reference_s"] = min(reference)
+        point["measured_s"] = min(reference) * statistics.median(point_ratios)
 
 
 def estimate(path: Path, profile: HardwareProfile | None, input_shapes: dict[str, list[int]]) -> dict[str, Any]:
@@ -563,15 +576,19 @@ def to_markdown(payload: dict[str, Any]) -> str:
         *busy_warning(payload),
         "## How it is measured",
         "",
-        "- **measured**: onnxruntime CPU with its default settings (`nnopt.cost.timing.measure_latency`: graph "
-        f"optimisations on, default threads), {payload['runs']} runs after 3 warm-up runs, in "
-        f"{payload['rounds']} interleaved rounds over a model's variants; "
-        + ("the fastest run of all rounds is kept (`--statistic min`; `nnopt calibrate` keeps the fastest run "
-           "too): other jobs on the shared cores only ever add time, and on this machine, shared by five jobs, "
-           "no moment was idle, so a round's median was as disturbed as its neighbour's load. "
-           if payload.get("statistic", "median") == "min" else
-           "the minimum of the per-round medians is kept, since other jobs on the shared cores only ever add "
-           "time. ")
+        "- **measured**: onnxruntime CPU, graph optimisations on, "
+        + (f"{payload['threads']} intra-op thread{'s' if payload['threads'] != 1 else ''} (`--threads`; "
+           "the calibration too). " if payload.get("threads") else "its default threads (one per core). ")
+        + "Each variant is timed against the model's original, in turn (`nnopt.cost.timing.time_alternating`: "
+        f"3 warm-up and {payload['runs']} timed runs of the original, then of the variant, fresh sessions for "
+        f"both), in {payload['rounds']} rounds over a model's variants. A point's figure is the median of its "
+        "rounds' ratios (median run of the variant ÷ median run of the original beside it) times the original's "
+        "least median over all its pairs: on this shared host, load from outside the machine comes in bursts of "
+        "tens of seconds that the idle check below cannot see, and a burst slows both models of a pair alike. "
+        "The original's own point pairs it with a second session of itself, as does the A/A point. One thread by "
+        "default: with two, every parallel section waits for the slower core, and ppocr_det's runs varied "
+        "6.6-10.4 ms within a minute while one thread's stayed within 10.5-12.1 ms (the previous runs, at two "
+        "threads, timed each variant on its own and kept a burst's 9.4 ms for ppocr_det's 6.0). "
         + "Each timing first waits for the CPU to "
         f"be {payload['idle_threshold']:.0%} idle (onnxruntime's threads spin on every core, so one busy "
         f"neighbour makes a model several times slower): {waits['count']} waits, {waits['total_s']:.0f} s in "
@@ -928,11 +945,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
     parser.add_argument("--measure", action="store_true", help="re-measure every latency and the calibration")
     parser.add_argument(
-        "--statistic",
-        choices=("min", "median"),
-        default="min",
-        help="measured latency: the fastest run of all rounds (default: other jobs only add time, and nnopt "
-        "calibrate keeps the fastest run too), or the least of the per-round medians",
+        "--threads",
+        type=int,
+        default=1,
+        help="onnxruntime intra-op threads of every timing and of the calibration (default 1; 0: onnxruntime's "
+        "default, one per core). With two threads every run waits for the slower core, and on this shared host "
+        "ppocr_det's runs then varied 6.6-10.4 ms where one thread's stayed within 10.5-12.1 ms",
     )
     parser.add_argument("--calibrate", action="store_true", help="re-measure the calibrated profile only")
     parser.add_argument("--remeasure", nargs="+", metavar="MODEL",
@@ -972,7 +990,10 @@ def main(argv: list[str] | None = None) -> int:
         plot(payload, out.with_suffix(".png"))
         print(f"wrote {out.with_suffix('.md')} and .png", file=sys.stderr)
         return 0
+    args.threads = args.threads or None  # 0: onnxruntime's default
     cache = {} if args.measure else load_cache(out.with_suffix(".json"))
+    if cache.get("threads") != args.threads:  # measured (and calibrated) at another thread count
+        cache = {}
     cached = {(p["model"], p["variant"], p["sha256"]): p for p in cache.get("points", [])
               if p["model"] not in (args.remeasure or [])}  # fmt: skip
     plugins = build_plugins(load_entry_points=False)
@@ -982,7 +1003,7 @@ def main(argv: list[str] | None = None) -> int:
 
     calibrate_args = {
         key: value
-        for key, value in (("runs", args.calibrate_runs), ("rounds", args.calibrate_rounds))
+        for key, value in (("runs", args.calibrate_runs), ("rounds", args.calibrate_rounds), ("threads", args.threads))
         if value is not None
     }
     profile_dict = cache.get("calibrated_profile")
@@ -1055,7 +1076,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
         "runs": args.runs,
         "rounds": args.rounds,
-        "statistic": args.statistic,
+        "method": "paired",
+        "threads": args.threads,
         "calibrate_command": calibrate_command,
         "calibrate_s": calibrate_s,
         "idle_threshold": args.idle,

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 from nnopt.errors import InputError, first_line
 
-#: Untimed runs of each model first (allocations, caches, thread-pool start-up).
+#: Untimed runs of each model before each block of timed ones (caches, and the other session's spinning
+#: worker threads: see ``time_alternating``), and timed runs per block.
 WARMUP = 3
+BLOCK = 5
 
 
 def measure_before_after(src: Path, optimized: Any, runs: int, feeds: dict[str, Any] | None,
@@ -18,13 +19,14 @@ def measure_before_after(src: Path, optimized: Any, runs: int, feeds: dict[str, 
     """Median wall-clock seconds per run of the input model (at ``src``) and the ``optimized`` one (a Model)
     on the same inputs.
 
-    The two models' runs alternate (before, after, before, ...), so that load from other processes
-    falls on both alike and the ratio holds even on a busy machine; both sessions use onnxruntime's
-    default graph optimizations, as a deployment would.
+    The two models' runs alternate in blocks of ``BLOCK`` (before, after, before, ...), so that load from
+    other processes falls on both alike and the ratio holds even on a busy machine; both sessions use
+    onnxruntime's default graph optimizations, as a deployment would. ``runs`` is rounded up to whole blocks.
 
     Returns:
         ``{"runs", "before_s", "after_s", "ratio"}`` (``ratio``: after ÷ before).
     """
+    from nnopt.cost.timing import time_alternating
     from nnopt.runtime import RuntimeUnavailable, feeds_for, make_feeds, make_session
 
     try:
@@ -34,18 +36,13 @@ def measure_before_after(src: Path, optimized: Any, runs: int, feeds: dict[str, 
         raise InputError(f"--measure: {exc}") from exc
     # The same values for both, each in its session's float input types (fp16 with keep_io_types=false).
     per_session = [feeds_for(session, inputs) for session in sessions]
-    times: list[list[float]] = [[], []]
     try:
-        for i in range(WARMUP + runs):
-            for session, timed, session_inputs in zip(sessions, times, per_session):
-                start = time.perf_counter()
-                session.run(None, session_inputs)
-                if i >= WARMUP:
-                    timed.append(time.perf_counter() - start)
+        times = time_alternating(sessions, per_session, rounds=-(-runs // BLOCK), runs=min(runs, BLOCK),
+                                 warmup=WARMUP)
     except Exception as exc:  # boundary: onnxruntime raises its own exception types
         raise InputError(f"--measure: onnxruntime cannot run the model: {first_line(exc)}") from exc
     before, after = (statistics.median(t) for t in times)
-    return {"runs": runs, "before_s": before, "after_s": after, "ratio": after / before if before else None}
+    return {"runs": len(times[0]), "before_s": before, "after_s": after, "ratio": after / before if before else None}
 
 
 def measured_line(measured: dict[str, Any]) -> str:

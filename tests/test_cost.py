@@ -20,7 +20,7 @@ from nnopt.cost import (
     parse_input_shapes,
 )
 from nnopt.cost.hardware import parse_hardware
-from nnopt.cost.timing import measure_latency
+from nnopt.cost.timing import measure_latency, time_alternating
 from nnopt.errors import InputError, PluginError
 from nnopt.ir.model import load_model
 from nnopt.runtime import DEFAULT_DYNAMIC_DIM, make_feeds, make_session
@@ -489,6 +489,23 @@ def test_measure_latency_on_a_tiny_model():
     assert measure_latency(load_model(model), feeds, warmup=0, runs=1)["median_s"] > 0
     with pytest.raises(InputError):
         measure_latency(model, runs=0)
+
+
+def test_time_alternating_runs_the_sessions_in_turn_in_blocks_timing_only_after_warmup():
+    calls: list[str] = []
+
+    class Recorder:  # a stand-in session: records its runs; the fake clock ticks once per reading
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def run(self, outputs: object, feeds: dict[str, str]) -> None:
+            calls.append(f"{self.name}:{feeds['x']}")
+
+    clock = iter(range(100))
+    times = time_alternating([Recorder("a"), Recorder("b")], [{"x": "fa"}, {"x": "fb"}], rounds=2, runs=3,
+                             warmup=1, tick=lambda: next(clock))
+    assert calls == (["a:fa"] * 4 + ["b:fb"] * 4) * 2
+    assert times == [[1] * 6, [1] * 6]  # only the timed runs read the clock, twice each
 
 
 def test_measure_latency_through_external_data(monkeypatch: pytest.MonkeyPatch):

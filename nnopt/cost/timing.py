@@ -6,7 +6,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -89,6 +89,37 @@ def measure_latency(
         "runs": runs,
     }
 
+
+
+def time_alternating(
+    sessions: Sequence[ort.InferenceSession],
+    feeds: Sequence[dict[str, np.ndarray]],
+    *,
+    rounds: int,
+    runs: int,
+    warmup: int,
+    tick: Callable[[], float] = time.perf_counter,
+) -> list[list[float]]:
+    """Run the sessions in turn, ``rounds`` times: each ``warmup`` times untimed, then ``runs`` times timed.
+    Returns each session's timed runs (``rounds * runs``), in seconds; ``feeds[i]`` are session i's inputs.
+
+    Load from outside the machine (on a shared host, bursts of tens of seconds the machine itself does not
+    see) then falls on every session alike, so ratios of their medians hold where absolute times do not.
+    Blocks, not single runs, alternate: with more than one intra-op thread, onnxruntime pins each session's
+    worker threads to the same CPUs and they spin for a while after a run, so a session run right after
+    another one competes with its spinning workers (ppocr_det, two threads: 6.6 ms alone, 12 ms alternating
+    run by run, 6.6 ms alternating blocks after 3 warm-up runs). onnxruntime's exceptions propagate.
+    """
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for session, session_feeds, timed in zip(sessions, feeds, times):
+            for _ in range(warmup):
+                session.run(None, session_feeds)
+            for _ in range(runs):
+                start = tick()
+                session.run(None, session_feeds)
+                timed.append(tick() - start)
+    return times
 
 
 #: The name under which ``measure_interleaved`` times a second session of its first model (A/A).
