@@ -496,6 +496,8 @@ def interleaved_latency(original: Path, variants: list[Path], feeds: dict[str, n
 
     import onnxruntime
 
+    from nnopt.cost.timing import time_alternating
+
     def open_session(path: Path) -> Any:
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 4
@@ -503,14 +505,10 @@ def interleaved_latency(original: Path, variants: list[Path], feeds: dict[str, n
             options.intra_op_num_threads = threads
         return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def block(session: Any) -> float:
-        session.run(None, feeds)  # untimed: caches and the thread pool after another session's block
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    def pair(first: Any, second: Any) -> tuple[float, float]:
+        # One untimed run each first: caches and the thread pool after another session's block.
+        times = time_alternating([first, second], [feeds, feeds], rounds=1, runs=runs, warmup=1)
+        return statistics.median(times[0]), statistics.median(times[1])
 
     base_session = open_session(original)
     sessions = [open_session(path) for path in variants]
@@ -521,12 +519,12 @@ def interleaved_latency(original: Path, variants: list[Path], feeds: dict[str, n
     pairs: list[list[tuple[float, float]]] = [[] for _ in variants]
     for _ in range(rounds):
         for i, session in enumerate(sessions):
-            before = block(base_session)
-            after = block(session)
+            before, after = pair(base_session, session)
             base.append(before)
             pairs[i].append((after, after / before))
     if not variants:
-        base = [block(base_session) for _ in range(rounds)]
+        base = [statistics.median(time_alternating([base_session], [feeds], rounds=1, runs=runs, warmup=1)[0])
+                for _ in range(rounds)]
     return statistics.median(base), [
         (statistics.median(a for a, _ in p), statistics.median(r for _, r in p)) for p in pairs
     ]
