@@ -47,7 +47,7 @@ from realmodels import REAL_MODELS, write_data  # noqa: E402
 from nnopt.api import optimize  # noqa: E402
 from nnopt.cost import analyze  # noqa: E402
 from nnopt.cost.calibrate import CALIBRATED_KERNELS, calibrate, spearman  # noqa: E402
-from nnopt.cost.hardware import DEFAULT_PROFILE, HardwareProfile, profile_from_dict  # noqa: E402
+from nnopt.cost.hardware import DEFAULT_PROFILE, EPILOGUE_KERNEL, HardwareProfile, profile_from_dict  # noqa: E402
 from nnopt.cost.inputs import sample_input_shapes  # noqa: E402
 from nnopt.cost.timing import time_alternating  # noqa: E402
 from nnopt.errors import NnoptError  # noqa: E402
@@ -1018,7 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
             profile = profile_from_dict(profile_dict, source=str(out.with_suffix(".json")))
         except NnoptError as exc:
             print(f"cached profile unusable ({exc}); calibrating", file=sys.stderr)
-        if profile is not None and set(profile.kernels) != set(CALIBRATED_KERNELS):
+        if profile is not None and set(profile.kernels) != {*CALIBRATED_KERNELS, EPILOGUE_KERNEL}:
             print("cached profile measured other kernel classes; calibrating", file=sys.stderr)
             profile = None
         elif profile is not None and not profile.bandwidth_grid:

@@ -28,6 +28,7 @@ from nnopt.cost.calibrate import (
     spearman,
 )
 from nnopt.cost.hardware import (
+    EPILOGUE_KERNEL,
     KernelFigures,
     RatePoint,
     interpolate_bandwidth,
@@ -231,6 +232,30 @@ def test_onnxruntime_folds_batchnorm_and_activation_into_the_conv():
     assert kernels_of(conv_bn_relu(), no_runtime) == ["conv", "other", "other"]
 
 
+@pytest.mark.parametrize("activation", ["Sigmoid", "HardSwish", "Relu"])
+def test_a_fused_sigmoid_costs_its_elements_at_the_epilogue_rate_and_a_fused_relu_nothing(activation: str):
+    """x ─Conv (4 → 4, 3×3, 6 × 6 out)─ c ─ACT─ y: onnxruntime fuses the activation into the conv; a Sigmoid or
+    HardSwish still computes its 144 elements there, a Relu is free."""
+    proto = model_from_text(
+        f"""{HEADER}
+        g (float[1,4,8,8] x) => (float[1,4,6,6] y) {{
+            c = Conv(x, w)
+            y = {activation}(c)
+        }}""",
+        {"w": np.ones((4, 4, 3, 3), np.float32)},
+    )
+    profile = replace(FULL, kernels={**FULL.kernels, EPILOGUE_KERNEL: KernelFigures(flops=2e8)})
+    conv, act = analyze(proto, hardware=profile).nodes
+    assert conv["kernel"] == "conv"
+    if activation == "Relu":
+        assert (act["kernel"], act["latency_s"]) == ("fused", 0.0)
+        return
+    assert act["kernel"] == EPILOGUE_KERNEL and act["flops"] == 144
+    assert act["latency_s"] == pytest.approx(144 / 2e8, rel=1e-12)  # no node overhead, no memory traffic
+    # A profile measured before the class (no figures for it) charges nothing, as it did.
+    assert analyze(proto, hardware=FULL).nodes[1]["latency_s"] == 0.0
+
+
 def test_fused_and_folded_nodes_cost_nothing_and_the_conv_keeps_its_cost():
     report = analyze(conv_bn_relu(), hardware=FULL)
     conv, bn, relu = report.nodes
@@ -385,8 +410,9 @@ def test_calibrate_recovers_the_profile_of_a_machine_that_follows_the_model(monk
     """With every probe 'measured' as the estimate of a known profile, calibration gives that profile back."""
     # Without layout changes (nchwc_block 0): a one-node chain's time bounds a node's (``_large_per_node``), and
     # the reorders at a chain's ends would be part of it.
-    truth = replace(MEASURED, name="truth", kernels={**MEASURED.kernels, "int8_pointwise": INT8_POINTWISE},
-                    nchwc_block=0)
+    # A Sigmoid fused into a conv at 5 G elements/s (0.2 ns each, as measured here at one thread).
+    truth = replace(MEASURED, name="truth", kernels={**MEASURED.kernels, "int8_pointwise": INT8_POINTWISE,
+                                                     EPILOGUE_KERNEL: KernelFigures(5e9)}, nchwc_block=0)
 
     def estimated(model, feeds=None, **_):
         seconds = analyze(model, hardware=truth, run_onnxruntime=False).totals["latency_s"]
@@ -491,11 +517,13 @@ def test_calibrate_command_writes_a_profile_analyze_accepts(tmp_path, capsys):
     summary = capsys.readouterr().out.strip()
     assert summary.count("\n") == 0 and summary.startswith("me: dense conv") and str(path) in summary
     profile = load_profile(path)
-    figures = [profile.peak_flops, profile.bandwidth, *(k.flops for k in profile.kernels.values())]
+    # A fused activation may measure as free (no rate): a few probe elements on an 8 × 8 map.
+    figures = [profile.peak_flops, profile.bandwidth,
+               *(k.flops for name, k in profile.kernels.items() if name != EPILOGUE_KERNEL or k.flops is not None)]
     assert all(math.isfinite(f) and f > 0 for f in figures)
     overheads = [profile.node_overhead_s, profile.run_overhead_s, *(k.overhead_s for k in profile.kernels.values())]
     assert all(math.isfinite(o) and o >= 0 for o in overheads)
-    assert sorted(profile.kernels) == sorted(CALIBRATED_KERNELS)
+    assert sorted(profile.kernels) == sorted([*CALIBRATED_KERNELS, EPILOGUE_KERNEL])
     assert profile.runtime == "onnxruntime"
     # onnxruntime's NCHWc layout exists on x86 with AVX2 (block 8) or AVX-512 (16), not elsewhere.
     assert profile.nchwc_block in ((8, 16) if platform.machine() in ("x86_64", "AMD64") else (0, 4, 8, 16, 32, 64))

@@ -43,7 +43,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from nnopt.cost.energy import DEFAULT_ENERGY, EnergyFigures, machine_cache_bytes
-from nnopt.cost.hardware import HardwareProfile, KernelFigures, RatePoint, interpolate_bandwidth
+from nnopt.cost.hardware import EPILOGUE_KERNEL, HardwareProfile, KernelFigures, RatePoint, interpolate_bandwidth
 from nnopt.cost.layout import channel_padding
 from nnopt.errors import InputError
 
@@ -519,6 +519,7 @@ def derive_figures(figures: dict[str, dict[str, Any]], block: int = 0) -> dict[s
                 probe["seconds_per_node"] = (element - helper) / probe.get("per_element", 1)
             kernels[kernel] = _kernel_figures(large, tiny, bandwidth, node_overhead)
         peak = kernels["conv"].flops  # type: ignore[assignment]
+    kernels[EPILOGUE_KERNEL] = _epilogue_figures(figures, run_overhead, tiny_slopes["pointwise"])
     bandwidth_grid = _bandwidth_grid(figures, node_overhead, add_large["bytes_per_node"], bandwidth)
     for kernel in GRID_KERNELS:
         grid = _rate_grid(figures, kernel, (node_overhead, run_overhead, bandwidth, peak), kernels, bandwidth_grid,
@@ -532,6 +533,16 @@ def derive_figures(figures: dict[str, dict[str, Any]], block: int = 0) -> dict[s
         "kernels": kernels,
         "bandwidth_grid": bandwidth_grid,
     }
+
+
+def _epilogue_figures(figures: dict[str, dict[str, Any]], run_overhead: float, tiny: float) -> KernelFigures:
+    """The rate of an activation fused into a conv: the large 1×1 conv's time per node with a Sigmoid fused
+    in, less its time without, per element (one FLOP each). No rate (it costs nothing) if noise left the
+    chain with the Sigmoid no slower."""
+    fused = _large_per_node(figures, f"{EPILOGUE_KERNEL}_large_1", f"{EPILOGUE_KERNEL}_large", run_overhead, tiny)
+    plain = _large_per_node(figures, "pointwise_large_1", "pointwise_large", run_overhead, tiny)
+    extra = fused - plain
+    return KernelFigures(flops=figures[f"{EPILOGUE_KERNEL}_large"]["flops_per_node"] / extra if extra > 0 else None)
 
 
 #: The kernel classes whose rate is interpolated in a grid of probes (``ProbeSizes.conv_grid``...): dense
@@ -635,6 +646,11 @@ def _probes(sizes: ProbeSizes, rng: np.random.Generator) -> dict[str, _Probe]:
             model = build(length, kind, sizes, large_probe, rng)
             unit = build(1, kind, sizes, large_probe, rng)
             probes[name] = _Probe(name, op_type, model, unit, length, helper_op, per_element=per_element)
+    # The large 1×1 conv again, a Sigmoid fused into each: what the activation adds (``_epilogue_figures``).
+    for name, length in ((f"{EPILOGUE_KERNEL}_large_1", 1), (f"{EPILOGUE_KERNEL}_large", 3)):
+        model, unit = (_convs(n, sizes.pointwise_channels, sizes.pointwise_size, "pointwise", rng, "Sigmoid")
+                       for n in (length, 1))
+        probes[name] = _Probe(name, "Sigmoid", model, unit, length)
     probes.update(_grid_probes(sizes, rng))
     probes.update(_recurrent_grid_probes(sizes, rng))
     return probes
@@ -722,7 +738,8 @@ def _conv_chain(length: int, kind: str, sizes: ProbeSizes, large: bool, rng: np.
     return _convs(length, channels if large else tiny_channels, size if large else sizes.tiny_size, kind, rng)
 
 
-def _convs(length: int, channels: int, size: int, kind: str, rng: np.random.Generator) -> onnx.ModelProto:
+def _convs(length: int, channels: int, size: int, kind: str, rng: np.random.Generator,
+           activation: str | None = None) -> onnx.ModelProto:
     """``length`` convs (1×1 for ``pointwise``, else 3×3), channels → channels on size × size (padded), one
     after the other.
 
@@ -733,6 +750,7 @@ def _convs(length: int, channels: int, size: int, kind: str, rng: np.random.Gene
     weights in QDQ form, as the quantize pass's static mode writes it: onnxruntime fuses each conv into a
     QLinearConv). Weights are N(0, 1 / fan-in), so activations keep their scale along the chain: a
     shrinking chain would reach denormal floats, which are many times slower and would spoil the timing.
+    ``activation``: an op after each float conv (onnxruntime fuses it into the conv).
     """
     group = {"depthwise": channels, "int8_depthwise": channels}.get(kind, 1)
     k = 1 if kind in ("pointwise", "int8_pointwise") else 3
@@ -769,6 +787,9 @@ def _convs(length: int, channels: int, size: int, kind: str, rng: np.random.Gene
         else:
             nodes.append(helper.make_node("Conv", [current, f"w{i}"], [f"c{i}"], pads=pads, group=group))
             current = f"c{i}"
+            if activation is not None:
+                nodes.append(helper.make_node(activation, [current], [f"act{i}"]))
+                current = f"act{i}"
     if int8:
         nodes.append(helper.make_node("DequantizeLinear", [current, "act_scale", "act_zero"], ["y"]))
         current = "y"

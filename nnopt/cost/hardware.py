@@ -49,6 +49,9 @@ KERNEL_CLASSES: dict[str, str] = {
     "each element several times slower than moving it",
     "recurrent": "LSTM, GRU and RNN: one small GEMM per time step, the steps one after another, so their rate "
     "is a fraction of a dense conv's (and depends on the hidden size)",
+    "fused_activation": "a Sigmoid, Tanh, HardSigmoid or HardSwish onnxruntime fuses into the float conv before "
+    "it: no node of its own, but its function of every output element (per element, from a conv chain with "
+    "and without it); a profile without it charges nothing, as before",
     "quantize": "QuantizeLinear and DequantizeLinear a runtime runs as nodes (not fused into an int8 kernel): "
     "activation boundaries of float islands, weights dequantized at every inference",
 }
@@ -58,6 +61,11 @@ KERNEL_FALLBACK: dict[str, str] = {"int8_pointwise": "int8", "unblocked_pointwis
 #: Kernel classes of nodes that cost nothing per inference (only produced for profiles with a ``runtime``):
 #: computed once when the session is created, or absorbed into another node's kernel.
 FREE_KERNELS: frozenset[str] = frozenset({"folded", "fused"})
+#: The kernel class of an activation fused into the conv before it that still costs time (see
+#: ``nnopt.cost.runtime_kernels``): its FLOPs (one per element) at the class's rate, nothing else.
+EPILOGUE_KERNEL = "fused_activation"
+#: Kernel classes of nodes absorbed into the kernel before them (the layout follows that kernel's output).
+FUSED_KERNELS: frozenset[str] = frozenset({"fused", EPILOGUE_KERNEL})
 #: Runtimes whose graph rewrites the estimate can model (``HardwareProfile.runtime``).
 RUNTIMES: dict[str, str] = {
     "generic": "what any deployment runtime does: subgraphs computed from constants only (kmeans decoders) run "
@@ -243,6 +251,10 @@ class HardwareProfile:
         """
         if kernel in FREE_KERNELS:
             return 0.0, 0.0, 0.0
+        if kernel == EPILOGUE_KERNEL:  # inside the conv's kernel: no node, no memory traffic of its own
+            figures = self.kernels.get(kernel)
+            compute_s = flops / figures.flops if figures is not None and figures.flops else 0.0
+            return compute_s, compute_s, 0.0
         figures = self.kernels.get(kernel, self.kernels.get(KERNEL_FALLBACK.get(kernel, "")))
         rate = figures.rate(flops, output_shape) if figures is not None else None
         compute_s = flops * padding / (rate if rate is not None else self.peak_flops)

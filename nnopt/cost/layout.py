@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import onnx
 
+from nnopt.cost.hardware import FUSED_KERNELS
 from nnopt.cost.tensors import TensorInfo, norm_domain
 
 #: The kernel classes of convs onnxruntime runs blocked (``nnopt.cost.runtime_kernels``: dense convs with a
@@ -71,7 +72,7 @@ def reorders(
         out = [name for name in node.output if name]
         for name in out:
             producer[name] = i
-        if classes[i] == "fused":
+        if classes[i] in FUSED_KERNELS:
             if data and data[0] in blocked:
                 blocked.update(out[:1])
                 producer.update(dict.fromkeys(out, producer[data[0]]))  # charged to the kernel it is fused into
@@ -125,7 +126,7 @@ def _reads_blocked(
     node: onnx.NodeProto, kernel: str, name: str, blocked: set[str], infos: dict[str, TensorInfo], block: int
 ) -> bool:
     """Whether ``node`` takes the blocked tensor ``name`` as it is."""
-    if kernel == "fused":
+    if kernel in FUSED_KERNELS:
         return True  # absorbed into the kernel that produced ``name``
     data = [n for n in node.input if n]
     if _is_blocked_conv(node, kernel, infos, block):
