@@ -256,6 +256,22 @@ def test_a_fused_sigmoid_costs_its_elements_at_the_epilogue_rate_and_a_fused_rel
     assert analyze(proto, hardware=FULL).nodes[1]["latency_s"] == 0.0
 
 
+@pytest.mark.parametrize(("group", "kernel"), [(1, "dynamic_weight"), (4, "grouped_conv")])
+def test_a_grouped_conv_with_a_weight_computed_at_run_time_takes_the_generic_path(group: int, kernel: str):
+    """wq ─DequantizeLinear─ w; x ─Conv(w, group)─ y: weight-only's dense conv is ``dynamic_weight``, its
+    depthwise conv the generic path's ``grouped_conv`` (onnxruntime ran such depthwise convs of a weight-only
+    MobileNetV3 10-20 × slower than the dense rate said)."""
+    proto = model_from_text(
+        f"""{HEADER}
+        g (float[1,4,8,8] x) => (float[1,4,6,6] y) {{
+            w = DequantizeLinear(wq, ws)
+            y = Conv<group: int = {group}>(x, w)
+        }}""",
+        {"wq": np.ones((4, 4 // group, 3, 3), np.int8), "ws": np.array(0.1, np.float32)},
+    )
+    assert kernels_of(proto) == ["quantize", kernel]
+
+
 def test_fused_and_folded_nodes_cost_nothing_and_the_conv_keeps_its_cost():
     report = analyze(conv_bn_relu(), hardware=FULL)
     conv, bn, relu = report.nodes

@@ -319,6 +319,28 @@ def test_if_is_costed_as_its_costlier_branch_and_its_constants_are_params():
     assert reports[0].totals["latency_s"] > plain.totals["latency_s"]
 
 
+def test_a_branch_weight_costs_the_same_as_an_initializer_or_a_constant_node():
+    """then: a 1-D Conv (8 → 8 channels, kernel 3) whose weight is the branch's own; else: Identity. Shape
+    inference types a branch's Constant outputs but not its initializers (what constants-to-initializers
+    writes): either way the conv is a 1-D one, outside onnxruntime's blocked layout (``unblocked_conv``)."""
+    from nnopt.cost.hardware import HardwareProfile, KernelFigures
+
+    profile = HardwareProfile("p", 1e11, 1e10, node_overhead_s=1e-6, runtime="onnxruntime",
+                              kernels={"conv": KernelFigures(1e10), "unblocked_conv": KernelFigures(1e9)})
+    w = numpy_helper.from_array(np.ones((8, 8, 3), np.float32), "W")
+    conv = helper.make_node("Conv", ["x", "W"], ["t"], pads=[1, 1])
+    inputs, outputs = [vi("cond", [], TensorProto.BOOL), vi("x", [1, 8, 16])], [vi("y", [1, 8, 16])]
+    identity = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [vi("e", [1, 8, 16])])
+    latencies = []
+    for nodes, inits in (([helper.make_node("Constant", [], ["W"], value=w), conv], []), ([conv], [w])):
+        then = helper.make_graph(nodes, "then", [], [vi("t", [1, 8, 16])], initializer=inits)
+        node = helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=identity)
+        latencies.append(node_by_op(analyze(make_model([node], inputs, outputs), hardware=profile), "If")["latency_s"])
+    # 8 × 16 outputs × 24 MACs = 6,144 FLOPs at the unblocked rate (the blocked one would be 10 × less), plus the
+    # conv's and the If's node overheads and the If's own 513 bytes in and out.
+    assert latencies == pytest.approx([2e-6 + 6_144 / 1e9 + 513 / 1e10] * 2, rel=1e-9)
+
+
 def test_loop_bodies_are_not_costed_but_their_constants_are_params():
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "c"], ["v_out"])],

@@ -18,6 +18,7 @@ from nnopt.cost.notes import Findings
 from nnopt.cost.report import first_line
 from nnopt.cost.rules import Cost, CostContext, CostRuleRegistry, UnknownShapeError
 from nnopt.cost.runtime_kernels import kernel_classes
+from nnopt.cost.shapes import unknown
 from nnopt.cost.tensors import TensorInfo
 from nnopt.cost.walk import NodeView, node_views, order_of, subgraphs
 
@@ -273,7 +274,13 @@ def costliest_branch(node: onnx.NodeProto, scope: Scope) -> dict[str, float | in
         order, _ = order_of([v.reads for v in views], [v.outputs for v in views])
         order = list(range(len(views))) if order is None else order
         nodes = [views[i] for i in order]
-        branch = scope.with_consts({**scope.consts, **body_constants(body)})
+        local = body_constants(body)
+        for name, const in local.items():
+            # Shape inference gives a subgraph's Constant outputs a type, not its initializers (which
+            # constants-to-initializers makes of them): without their shapes, weight shapes read as unknown.
+            if unknown(scope.infos.get(name)):
+                scope.infos[name] = TensorInfo(name, const.dtype, const.shape, is_constant=True)
+        branch = scope.with_consts({**scope.consts, **local})
         _, totals = cost_nodes(nodes, order, branch, [o.name for o in body.output])
         totals["latency_s"] -= scope.hardware.run_overhead_s
         if best is None or totals["latency_s"] > best["latency_s"]:
