@@ -768,7 +768,12 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "- An `If` is costed as its costlier branch, but inside the Silero VAD models' branches ONNX shape "
         "inference leaves most tensors unknown (their shapes follow from the sample-rate input), and the "
         "onnxruntime fallback reads main-graph tensors only: those nodes count their per-node overhead and "
-        "no FLOPs. Loop and Scan bodies are not costed at all.",
+        "no FLOPs. Loop and Scan bodies are not costed at all. Until 2026-12-06 a branch's initializers had no "
+        "shapes either, so after `constants-to-initializers` (which every non-default variant runs first) "
+        "Silero's 1-D convs were costed as blocked 2-D ones and each variant's estimate moved for that alone. "
+        "With that fixed, `svd` on Silero's 1-D convs is measured 9-23 % faster and estimated 4-9 % slower, "
+        "and `conv-to-separable` the other way round: the `unblocked_conv` and `grouped_conv` rates come from "
+        "2-D probes, and convs over a few time steps run at other rates (a 1-D grid is not calibrated).",
         "- Two threads are not what this page measures. On this shared host a two-thread run waits, at every "
         "parallel section, for the slower of the two cores, and how slow that is comes and goes with load the "
         "machine cannot see: ppocr_det took 6.6-10.4 ms within one minute at two threads, 10.5-12.1 ms at one. "
