@@ -162,6 +162,10 @@ class ProbeSizes:
     #: whether int8 pays for a stem is a matter of this machine (issue #16: a VNNI CPU runs the 1-channel stem
     #: faster in int8, an AVX2 one 4x slower).
     narrow_grid: tuple[tuple[int, int, int], ...] = ((1, 24, 64), (3, 16, 112), (3, 32, 56), (12, 24, 104))
+    #: (channels, length) of the 1-D 3-tap convs of the ``unblocked_conv`` grid (with the 2-D large probe's shape as
+    #: one more point): audio models convolve a few time steps at a time (Silero VAD: 64-128 channels over 1-4
+    #: steps), where a conv's rate is far from the 2-D probe's.
+    conv1d_grid: tuple[tuple[int, int], ...] = ((64, 2), (128, 4), (128, 16), (64, 128))
 
 
 FULL_SIZES = ProbeSizes()
@@ -195,6 +199,7 @@ QUICK_SIZES = ProbeSizes(
     recurrent_steps=4,
     recurrent_grid=((8, 4), (32, 2)),
     narrow_grid=((1, 8, 8), (3, 16, 6)),
+    conv1d_grid=((8, 4), (16, 16)),
 )
 
 
@@ -547,8 +552,8 @@ def _epilogue_figures(figures: dict[str, dict[str, Any]], run_overhead: float, t
 
 #: The kernel classes whose rate is interpolated in a grid of probes (``ProbeSizes.conv_grid``...): dense
 #: convs run at 40-250 GFLOP/s here depending on their GEMM's shape, int8 ones too, and both far slower with
-#: few input channels (``narrow_grid``); LSTMs by their hidden size.
-GRID_KERNELS = ("conv", "pointwise", "grouped_conv", "int8", "int8_pointwise", "recurrent")
+#: few input channels (``narrow_grid``); LSTMs by their hidden size; unaligned and 1-D convs by their length.
+GRID_KERNELS = ("conv", "pointwise", "grouped_conv", "int8", "int8_pointwise", "recurrent", "unblocked_conv")
 
 
 def _chain_pairs(figures: dict[str, dict[str, Any]], prefix: str) -> list[tuple[str, str]]:
@@ -679,6 +684,12 @@ def _grid_probes(sizes: ProbeSizes, rng: np.random.Generator) -> dict[str, _Prob
                 # the int8 chain has Adds of its own (QLinearAdd).
                 probes[name] = _Probe(name, "Conv", model, unit, length, helper="Add" if int8 else None,
                                       helper_kernel="int8_elementwise" if int8 else None)
+    unblocked = [(channels, size, 1) for channels, size in sizes.conv1d_grid]
+    for channels, size, dims in [*unblocked, (sizes.unblocked_channels, sizes.conv_size, 2)]:
+        for length, suffix in ((1, "_1"), (3, "")):
+            name = f"grid_unblocked_conv_{channels}x{size}{'' if dims == 2 else '_1d'}{suffix}"
+            model, unit = (_convs(n, channels, size, "unblocked_conv", rng, dims=dims) for n in (length, 1))
+            probes[name] = _Probe(name, "Conv", model, unit, length)
     for channels, size in sizes.grouped_grid:
         for length, suffix in ((1, "_1"), (3, "")):
             name = f"grid_grouped_conv_{channels}x{size}{suffix}"
@@ -739,7 +750,7 @@ def _conv_chain(length: int, kind: str, sizes: ProbeSizes, large: bool, rng: np.
 
 
 def _convs(length: int, channels: int, size: int, kind: str, rng: np.random.Generator,
-           activation: str | None = None) -> onnx.ModelProto:
+           activation: str | None = None, dims: int = 2) -> onnx.ModelProto:
     """``length`` convs (1×1 for ``pointwise``, else 3×3), channels → channels on size × size (padded), one
     after the other.
 
@@ -750,11 +761,12 @@ def _convs(length: int, channels: int, size: int, kind: str, rng: np.random.Gene
     weights in QDQ form, as the quantize pass's static mode writes it: onnxruntime fuses each conv into a
     QLinearConv). Weights are N(0, 1 / fan-in), so activations keep their scale along the chain: a
     shrinking chain would reach denormal floats, which are many times slower and would spoil the timing.
-    ``activation``: an op after each float conv (onnxruntime fuses it into the conv).
+    ``activation``: an op after each float conv (onnxruntime fuses it into the conv). ``dims``: 1 for 1-D
+    convs over ``size`` steps (dense float only).
     """
     group = {"depthwise": channels, "int8_depthwise": channels}.get(kind, 1)
     k = 1 if kind in ("pointwise", "int8_pointwise") else 3
-    fan_in = k * k * (channels // group)
+    fan_in = k**dims * (channels // group)
     int8 = kind in ("int8", "int8_depthwise", "int8_pointwise")
     quantized_weight = int8 or kind == "dynamic_weight"
     nodes: list[onnx.NodeProto] = []
@@ -765,7 +777,7 @@ def _convs(length: int, channels: int, size: int, kind: str, rng: np.random.Gene
         nodes.append(helper.make_node("QuantizeLinear", ["x", "act_scale", "act_zero"], ["q_in"]))
         current = "q_in"
     for i in range(length):
-        weight = (rng.standard_normal((channels, channels // group, k, k)) / math.sqrt(fan_in)).astype(np.float32)
+        weight = (rng.standard_normal((channels, channels // group, *[k] * dims)) / math.sqrt(fan_in)).astype(np.float32)
         if quantized_weight:
             scale = np.maximum(np.abs(weight).reshape(channels, -1).max(axis=1), 1e-6) / 127
             inits += [
@@ -776,7 +788,7 @@ def _convs(length: int, channels: int, size: int, kind: str, rng: np.random.Gene
             nodes.append(helper.make_node("DequantizeLinear", [f"wq{i}", f"ws{i}", f"wz{i}"], [f"w{i}"], axis=0))
         else:
             inits.append(numpy_helper.from_array(weight, f"w{i}"))
-        pads = [k // 2] * 4
+        pads = [k // 2] * 2 * dims
         if int8:
             nodes += [
                 helper.make_node("DequantizeLinear", [current, "act_scale", "act_zero"], [f"a{i}"]),
@@ -793,7 +805,7 @@ def _convs(length: int, channels: int, size: int, kind: str, rng: np.random.Gene
     if int8:
         nodes.append(helper.make_node("DequantizeLinear", [current, "act_scale", "act_zero"], ["y"]))
         current = "y"
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, *[size] * dims])
     return _model(nodes, [x], current, inits)
 
 
