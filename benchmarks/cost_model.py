@@ -531,6 +531,8 @@ GRID_PROBES = {
     "recurrent": "LSTM, hidden size {c} (input {c}) over {s} steps",
     "int8": "QDQ 3×3 Conv (QLinearConv), {c} → {c} channels on {s} × {s}",
     "int8_pointwise": "QDQ 1×1 Conv (QLinearConv), {c} → {c} channels on {s} × {s}",
+    "unblocked_conv": "dense 3×3 Conv, {c} → {c} channels on {s} × {s} (not blockable)",
+    "unblocked_conv_1d": "1-D 3-tap Conv, {c} → {c} channels over {s} steps",
 }
 #: The stems of the ``conv`` and ``int8`` grids (``grid_<kind>_<in>to<out>x<size>``): parallel convs summed.
 NARROW_PROBES = {
@@ -547,7 +549,9 @@ def probe_description(key: str) -> str:
     count = "one" if one else ("a chain" if name.startswith("grid_add_") else "three in a chain")
     if name.startswith("grid_add_"):
         return f"Add of two [1, {name.removeprefix('grid_add_')}] tensors (bandwidth grid), {count}"
-    kind, _, shape = name.removeprefix("grid_").rpartition("_")
+    one_d = name.endswith("_1d")
+    kind, _, shape = name.removeprefix("grid_").removesuffix("_1d").rpartition("_")
+    kind += "_1d" if one_d else ""
     channels, size = shape.split("x")
     if "to" in channels:
         c_in, c_out = channels.split("to")
@@ -772,8 +776,11 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "shapes either, so after `constants-to-initializers` (which every non-default variant runs first) "
         "Silero's 1-D convs were costed as blocked 2-D ones and each variant's estimate moved for that alone. "
         "With that fixed, `svd` on Silero's 1-D convs is measured 9-23 % faster and estimated 4-9 % slower, "
-        "and `conv-to-separable` the other way round: the `unblocked_conv` and `grouped_conv` rates come from "
-        "2-D probes, and convs over a few time steps run at other rates (a 1-D grid is not calibrated).",
+        "and `conv-to-separable` the other way round. A grid of 1-D probes for `unblocked_conv` (64-128 "
+        "channels over 2-128 steps: 96-343 GFLOP/s against the 2-D probe's 195) did not change those signs. "
+        "Timed per node with onnxruntime's profiler, svd's factors take as long as the convs they replace; the "
+        "whole model is 22-25 % faster nonetheless (two runs), so the gain is somewhere the per-node view does "
+        "not show (the profiler adds ~2 µs to each of these 2-12 µs nodes). Not found.",
         "- Two threads are not what this page measures. On this shared host a two-thread run waits, at every "
         "parallel section, for the slower of the two cores, and how slow that is comes and goes with load the "
         "machine cannot see: ppocr_det took 6.6-10.4 ms within one minute at two threads, 10.5-12.1 ms at one. "
