@@ -284,12 +284,13 @@ def wait_for_idle(threshold: float, timeout: float, waited: list[float]) -> None
 def measure_points(
     points: list[dict[str, Any]], subject: Subject, args: argparse.Namespace, waited: list[float]
 ) -> None:
-    """Time every point of one model against the model's original, run by run (``time_alternating``).
+    """Time every point of one model against the model's original, in blocks of runs (``time_alternating``).
 
     On this shared host, load from outside the machine comes in bursts of tens of seconds that the idle
     check cannot see (the VM looks idle; ppocr_det took 9.4-10.5 ms in such bursts for 6.0 outside them, on
     every variant alike). A burst slows a point and the original timed beside it alike, so each point is a
-    ratio to the original measured with it, fresh sessions for both every round; a point's figure is the
+    ratio to the original measured with it (blocks in the order original, variant, variant, original), fresh
+    sessions for both every round, at ``args.threads`` intra-op threads; a point's figure is the
     median of its ratios times the original's least per-pair median (other load only ever adds time). The
     original itself is paired with a second session of itself, as is the A/A point.
     """
@@ -313,11 +314,12 @@ def measure_points(
             reference.append(base)
             medians[i].append(timed)
             ratios[i].append(timed / base)
+    least = min(reference)
     for point, point_ratios, point_medians in zip(points, ratios, medians):
         point["ratio_rounds"] = point_ratios
         point["measured_rounds_s"] = point_medians
-        point["reference_s"] = min(reference)
-        point["measured_s"] = min(reference) * statistics.median(point_ratios)
+        point["reference_s"] = least
+        point["measured_s"] = least * statistics.median(point_ratios)
 
 
 def estimate(path: Path, profile: HardwareProfile | None, input_shapes: dict[str, list[int]]) -> dict[str, Any]:

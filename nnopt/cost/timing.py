@@ -238,11 +238,5 @@ def _timing_session(model: Model | onnx.ModelProto | str | os.PathLike[str], thr
 
 def _round_median(session: ort.InferenceSession, feeds: dict[str, np.ndarray], runs: int, warmup: int,
                   tick: Callable[[], float]) -> float:
-    for _ in range(warmup):
-        session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = tick()
-        session.run(None, feeds)
-        times.append(tick() - start)
+    (times,) = time_alternating([session], [feeds], rounds=1, runs=runs, warmup=warmup, tick=tick)
     return statistics.median(times)
