@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from nnopt.analysis import shapes
 from nnopt.cost import (
     BUILTIN_PROFILES,
     DEFAULT_PROFILE,
@@ -339,6 +340,32 @@ def test_a_branch_weight_costs_the_same_as_an_initializer_or_a_constant_node():
     # 8 × 16 outputs × 24 MACs = 6,144 FLOPs at the unblocked rate (the blocked one would be 10 × less), plus the
     # conv's and the If's node overheads and the If's own 513 bytes in and out.
     assert latencies == pytest.approx([2e-6 + 6_144 / 1e9 + 513 / 1e10] * 2, rel=1e-9)
+
+
+def test_a_branch_sees_the_outer_scope_constants_its_shapes_depend_on():
+    """Silero VAD's If branches pad the input by a main-graph initializer, then run their convs. ONNX's
+    inference gives a branch the outer types but not values: the pad's output length, and every conv after
+    it, went unknown (and uncosted), even with concrete input dims; a branch's declared symbolic dims were
+    kept over inferred ones too."""
+    inputs, outputs = [vi("cond", [], TensorProto.BOOL), vi("x", ["n", 12])], [vi("y", ["n", 4, 14])]
+    then = helper.make_graph(
+        [helper.make_node("Pad", ["x", "pads"], ["p"]), helper.make_node("Unsqueeze", ["p", "axes"], ["u"]),
+         helper.make_node("Conv", ["u", "W"], ["t"], pads=[1, 1])],
+        "then", [], [vi("t", ["n", 4, 14])], value_info=[vi("p", ["n", "padded"])],
+    )
+    identity = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [vi("e", ["n", 12])])
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=identity)
+    inits = [numpy_helper.from_array(np.array([0, 1, 0, 1], np.int64), "pads"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes"), weight("W", [4, 1, 3])]
+    model = make_model([node], inputs, outputs, inits)
+    result = shapes.infer_shapes(model, shapes.CONCRETE.with_inputs({"x": [2, 12]}))
+    assert result.types["p"].shape == (2, 14) and result.types["t"].shape == (2, 4, 14)
+    # The copies inference read are gone from its result (and the model was never touched).
+    assert [len(g.initializers) for g in result.graphs] == [3, 0, 0]
+    assert len(model.graph.node[0].attribute[0].g.initializer) == 0
+    report = analyze(model, input_shapes={"x": [2, 12]})
+    assert node_by_op(report, "If")["macs"] == 2 * 4 * 14 * 3  # batch 2, 4 channels, 14 steps, 3 taps
+    assert not any("unknown shapes" in note for note in report.notes)
 
 
 def test_loop_bodies_are_not_costed_but_their_constants_are_params():

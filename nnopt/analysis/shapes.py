@@ -17,7 +17,13 @@ import numpy as np
 import onnx
 
 from nnopt.errors import first_line
-from nnopt.ir.graphview import graph_protos, stable_topological_order, subgraph_reads
+from nnopt.ir.graphview import (
+    graph_protos,
+    outer_scope_reads,
+    stable_topological_order,
+    subgraph_protos,
+    subgraph_reads,
+)
 
 #: What ``infer_shapes`` did, over the process: ``calls`` (helper calls) and ``infer`` (runs of ONNX shape
 #: inference, a retry without data propagation included). Tests read it to pin how often inference runs;
@@ -27,8 +33,8 @@ COUNTERS: Counter[str] = Counter()
 #: What to keep of the model's own shape annotations (value_info and graph-output shapes) before inference:
 #:
 #: * ``keep``: everything, as written;
-#: * ``static``: in the main graph, only concrete dims (symbolic ones would be kept over inferred values);
-#: * ``typed``: in the main graph, element types but no shapes (stale dims would win over new input dims);
+#: * ``static``: in every graph, only concrete dims (symbolic ones would be kept over inferred values);
+#: * ``typed``: in every graph, element types but no shapes (stale dims would win over new input dims);
 #: * ``drop``: in every graph, no value_info at all and no output shapes (they may be stale, and passes
 #:   prove rewrites correct from what inference finds).
 Declared = Literal["keep", "static", "typed", "drop"]
@@ -275,7 +281,7 @@ def infer_shapes(
     _count(counter, "calls")
     if isinstance(model, (str, os.PathLike)):
         return _infer_path(Path(model), options, counter)
-    prepared = _prepare(model, options, consume)
+    prepared, own_initializers = _prepare(model, options, consume)
     error = None
     for data_prop in (options.data_prop, False) if options.retry_without_data_prop else (options.data_prop,):
         _count(counter, "infer")
@@ -287,8 +293,11 @@ def infer_shapes(
         except Exception as exc:  # noqa: BLE001 - boundary: onnx raises several types
             error = first_line(exc)
             continue
+        _hide_outer_constants(inferred, own_initializers)
+        _hide_outer_constants(prepared, own_initializers)
         _drop_tensor_data(inferred)
         return ShapeResult(None, options, inferred)
+    _hide_outer_constants(prepared, own_initializers)
     return ShapeResult(error, options, prepared if prepared is not model or consume else _without_data(model))
 
 
@@ -311,9 +320,12 @@ def _infer_path(path: Path, options: ShapeOptions, counter: Counter[str] | None)
         return ShapeResult(error, options, onnx.load(str(path), load_external_data=False))
 
 
-def _prepare(model: onnx.ModelProto, options: ShapeOptions, consume: bool) -> onnx.ModelProto:
+def _prepare(
+    model: onnx.ModelProto, options: ShapeOptions, consume: bool
+) -> tuple[onnx.ModelProto, list[int] | None]:
     """What inference runs on: ``model`` itself when the options change nothing (or it is handed over),
-    else a copy."""
+    else a copy; and, when outer-scope constants were copied into subgraph bodies, each graph's own
+    initializer count (see :func:`_hide_outer_constants`)."""
     if options.strip_data_above is not None:
         prepared = _stripped_copy(model, options.strip_data_above)
     elif consume:
@@ -321,14 +333,71 @@ def _prepare(model: onnx.ModelProto, options: ShapeOptions, consume: bool) -> on
     elif options.input_dims or options.declared != "keep":
         prepared = onnx.ModelProto()
         prepared.CopyFrom(model)
+    elif options.data_prop and any(has_subgraph(n) for n in model.graph.node):
+        prepared = onnx.ModelProto()  # outer-scope constants are about to be copied into the bodies
+        prepared.CopyFrom(model)
     else:
-        return model
+        return model, None
     dims = dict(options.input_dims)
     for vi in prepared.graph.input:
         if vi.name in dims:
             set_dims(vi, dims[vi.name])
-    _DECLARED[options.declared](prepared.graph)
-    return prepared
+    for graph in graph_protos(prepared.graph):
+        _DECLARED[options.declared](graph)
+    if not options.data_prop:
+        return prepared, None
+    own_initializers = [len(g.initializer) for g in graph_protos(prepared.graph)]
+    _show_outer_constants(prepared.graph, {}, options.strip_data_above or SHAPE_DATA_LIMIT)
+    return prepared, own_initializers
+
+
+#: Elements of the largest outer-scope constant copied into a subgraph body for inference to read: shape
+#: arithmetic needs short vectors (pads, axes, starts), never weights.
+SHAPE_DATA_LIMIT = 4096
+
+
+def _show_outer_constants(graph: onnx.GraphProto, visible: Mapping[str, onnx.TensorProto], limit: int) -> None:
+    """Copy the small constants of enclosing scopes that each body of ``graph`` reads into that body, as
+    initializers appended after its own.
+
+    ONNX's inference gives a body the outer scope's types but not its values, so a Pad whose pads are a
+    main-graph initializer has an output of unknown length inside an If branch, and so has everything after
+    it (Silero VAD: every conv of its branches went uncosted). Inference-only: :func:`_hide_outer_constants`
+    takes the copies off the result.
+    """
+    own = dict(visible)
+    for tensor in graph.initializer:
+        own[tensor.name] = tensor
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attr in node.attribute:
+                if attr.name == "value" and attr.HasField("t"):
+                    value = onnx.TensorProto()
+                    value.CopyFrom(attr.t)
+                    value.name = node.output[0]
+                    own[node.output[0]] = value
+    small = {
+        name: t for name, t in own.items()
+        if t.data_location != onnx.TensorProto.EXTERNAL and math.prod(t.dims) <= limit and _has_data(t)
+    }
+    for node in graph.node:
+        for body in subgraph_protos(node):
+            for name in sorted(outer_scope_reads(body) & small.keys()):
+                body.initializer.append(small[name])
+            _show_outer_constants(body, small, limit)
+
+
+def _hide_outer_constants(model: onnx.ModelProto, counts: Sequence[int] | None) -> None:
+    """Take :func:`_show_outer_constants`' copies off ``model`` (the prepared copy or inference's result,
+    whose graphs are the same): ``counts`` are each graph's own initializers, in ``graph_protos`` order."""
+    for graph, count in zip(graph_protos(model.graph), counts or ()):
+        del graph.initializer[count:]
+
+
+def _has_data(tensor: onnx.TensorProto) -> bool:
+    return bool(tensor.raw_data) or any(
+        len(getattr(tensor, f)) for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+    ) or math.prod(tensor.dims) == 0
 
 
 def _stripped_copy(model: onnx.ModelProto, limit: int) -> onnx.ModelProto:
@@ -450,11 +519,10 @@ def _keep_types(graph: onnx.GraphProto) -> None:
 
 
 def _drop_declared(graph: onnx.GraphProto) -> None:
-    for g in graph_protos(graph):
-        del g.value_info[:]
-        for out in g.output:
-            if out.type.HasField("tensor_type"):
-                out.type.tensor_type.ClearField("shape")
+    del graph.value_info[:]
+    for out in graph.output:
+        if out.type.HasField("tensor_type"):
+            out.type.tensor_type.ClearField("shape")
 
 
 _DECLARED = {"keep": _keep_declared, "static": _keep_static, "typed": _keep_types, "drop": _drop_declared}

@@ -59,11 +59,12 @@ def subgraph_reads(node: onnx.NodeProto) -> set[str]:
     ``implicit_inputs`` for a NodeProto."""
     reads: set[str] = set()
     for graph in subgraph_protos(node):
-        reads |= _outer_scope_reads(graph)
+        reads |= outer_scope_reads(graph)
     return reads
 
 
-def _outer_scope_reads(graph: onnx.GraphProto) -> set[str]:
+def outer_scope_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names that the body ``graph`` (and bodies nested in it) read from enclosing scopes."""
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     defined |= {t.values.name for t in graph.sparse_initializer} | {o for n in graph.node for o in n.output}
     read = {x for n in graph.node for x in (*n.input, *subgraph_reads(n))}
