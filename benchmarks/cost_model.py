@@ -473,6 +473,10 @@ PROBES = {
     "unblocked_conv_large": "the same, three in a chain",
     "unblocked_conv_tiny_1": "dense 3×3 Conv, 18 → 18 channels on 8 × 8, one",
     "unblocked_conv_tiny": "the same, 33 in a chain",
+    "conv1d_large_1": "1-D 3-tap Conv, 128 → 128 channels over 64 steps, one",
+    "conv1d_large": "the same, three in a chain",
+    "conv1d_tiny_1": "1-D 3-tap Conv, 8 → 8 channels over 8 steps, one",
+    "conv1d_tiny": "the same, 33 in a chain",
     "dynamic_weight_large_1": "dense 3×3 Conv, 64 → 64 on 28 × 28, weight dequantized from int8 at run time, one",
     "dynamic_weight_large": "the same, three in a chain (the DequantizeLinear nodes' estimate is taken off)",
     "dynamic_weight_tiny_1": "the same with 8 → 8 channels on 8 × 8, one",
@@ -534,7 +538,7 @@ GRID_PROBES = {
     "int8": "QDQ 3×3 Conv (QLinearConv), {c} → {c} channels on {s} × {s}",
     "int8_pointwise": "QDQ 1×1 Conv (QLinearConv), {c} → {c} channels on {s} × {s}",
     "unblocked_conv": "dense 3×3 Conv, {c} → {c} channels on {s} × {s} (not blockable)",
-    "unblocked_conv_1d": "1-D 3-tap Conv, {c} → {c} channels over {s} steps",
+    "conv1d": "1-D 3-tap Conv, {c} → {c} channels over {s} steps",
 }
 #: The stems of the ``conv`` and ``int8`` grids (``grid_<kind>_<in>to<out>x<size>``): parallel convs summed.
 NARROW_PROBES = {
@@ -551,9 +555,7 @@ def probe_description(key: str) -> str:
     count = "one" if one else ("a chain" if name.startswith("grid_add_") else "three in a chain")
     if name.startswith("grid_add_"):
         return f"Add of two [1, {name.removeprefix('grid_add_')}] tensors (bandwidth grid), {count}"
-    one_d = name.endswith("_1d")
-    kind, _, shape = name.removeprefix("grid_").removesuffix("_1d").rpartition("_")
-    kind += "_1d" if one_d else ""
+    kind, _, shape = name.removeprefix("grid_").rpartition("_")
     channels, size = shape.split("x")
     if "to" in channels:
         c_in, c_out = channels.split("to")
@@ -633,7 +635,9 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "`pointwise` (a dense 1×1 Conv: a GEMM with a short reduction, what SVD's second "
         "factor and a separable conv's second half are), `depthwise` (one input channel per group), "
         "`unblocked_conv` (a dense Conv with ≥ 16 input channels not a multiple of 4, which onnxruntime cannot "
-        "run in its blocked NCHWc layout: SVD factors and unrounded pruning make these), `unblocked_pointwise` "
+        "run in its blocked NCHWc layout: SVD factors and unrounded pruning make these; and 3-D convs), `conv1d` "
+        "(a dense 1-D Conv with a kernel longer than 1: also outside the blocked layout, one small im2col and "
+        "GEMM, whose fixed cost the tiny 1-D probe measures far below the 2-D unblocked one's), `unblocked_pointwise` "
         "(such a Conv with a 1×1 kernel: one GEMM at the pointwise rate, but outside the blocked layout, so the "
         "tensors around it are reordered and a HardSwish after it runs on its own), `dynamic_weight` (the "
         "weight is computed at run time, e.g. dequantized from int8 at every inference: nothing can be "
@@ -687,8 +691,9 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "positions per channel (its width); a node's rate is interpolated in log space over both (inverse "
         "distance weighting of the log rates, `nnopt.cost.hardware.interpolate_rate`). Likewise for bytes: "
         "onnxruntime splits an elementwise op across its threads only above a size, so chains of Adds of 1 K to "
-        "64 K floats give a bandwidth grid (`bandwidth_grid`, interpolated log-log by bytes moved). 1-D (and "
-        "3-D) convs are `unblocked_conv`: the NCHWc layout takes 2-D convs only. The `int8` class has a grid "
+        "64 K floats give a bandwidth grid (`bandwidth_grid`, interpolated log-log by bytes moved). 1-D convs "
+        "(`conv1d`) have a grid of 1-D 3-tap convs, 64-128 channels over 2-128 steps (Silero VAD convolves 1-4 "
+        "steps at a time). The `int8` class has a grid "
         "too: the `conv` grid's shapes as QDQ convs, plus stems with few input channels (1 → 24 channels on 64 × "
         "64, 3 → 16 on 112 × 112, 3 → 32 on 56 × 56, 12 → 24 on 104 × 104), timed in float (points of the "
         "`conv` grid) and in int8. A stem cannot chain, so its probe is parallel stems reading one input and "
@@ -771,18 +776,20 @@ def to_markdown(payload: dict[str, Any]) -> str:
         )
         + ". What the estimate does not model:",
         "",
-        "- An `If` is costed as its costlier branch, but inside the Silero VAD models' branches ONNX shape "
-        "inference leaves most tensors unknown (their shapes follow from the sample-rate input), and the "
-        "onnxruntime fallback reads main-graph tensors only: those nodes count their per-node overhead and "
-        "no FLOPs. Loop and Scan bodies are not costed at all. Until 2026-12-06 a branch's initializers had no "
-        "shapes either, so after `constants-to-initializers` (which every non-default variant runs first) "
-        "Silero's 1-D convs were costed as blocked 2-D ones and each variant's estimate moved for that alone. "
-        "With that fixed, `svd` on Silero's 1-D convs is measured 9-23 % faster and estimated 4-9 % slower, "
-        "and `conv-to-separable` the other way round. A grid of 1-D probes for `unblocked_conv` (64-128 "
-        "channels over 2-128 steps: 96-343 GFLOP/s against the 2-D probe's 195) did not change those signs. "
-        "Timed per node with onnxruntime's profiler, svd's factors take as long as the convs they replace; the "
-        "whole model is 22-25 % faster nonetheless (two runs), so the gain is somewhere the per-node view does "
-        "not show (the profiler adds ~2 µs to each of these 2-12 µs nodes). Not found.",
+        "- An `If` is costed as its costlier branch. Until 2026-12-06's last session ONNX shape inference left "
+        "most tensors of the Silero VAD models' branches unknown, and their convs uncosted: it gives a branch "
+        "the outer scope's types but not its values, so a Pad by a main-graph initializer (op18_ifless) or by "
+        "pads computed in the branch through a Transpose (silero_vad) had an output of unknown length. "
+        "Inference now sees the small outer-scope constants a branch reads and the small values a branch "
+        "computes from constants alone (`nnopt.analysis.shapes`). What remains unknown: silero_vad's nested "
+        "Ifs on a shape (`Equal(Gather(Shape(x)), 1)`), whose LSTM branches stay uncosted. Silero's 1-D convs "
+        "are a class of their own (`conv1d`): over 1-4 steps their GEMM takes as long as over 16 (onnxruntime's "
+        "GEMM packs its columns, one per step, in strips of 16), so the 1-D grid's rates, 34-231 GFLOP/s as "
+        "written, are 218-271 per FLOP of steps padded to 16, and the estimate pads likewise; their fixed cost "
+        "measured 0.5 µs, where the 2-D unblocked probe's is 3.4 µs. With both, `svd` and `conv-to-separable` "
+        "on Silero get their signs (svd: factors of rank 1-33 replace 1-D convs over 1-3 steps). Silero's "
+        "estimates stay 15-30 % low: an If costs onnxruntime more than a node (inlining op18_ifless's branch "
+        "made it 10 % faster), not modelled. Loop and Scan bodies are not costed at all.",
         "- Two threads are not what this page measures. On this shared host a two-thread run waits, at every "
         "parallel section, for the slower of the two cores, and how slow that is comes and goes with load the "
         "machine cannot see: ppocr_det took 6.6-10.4 ms within one minute at two threads, 10.5-12.1 ms at one. "

@@ -857,6 +857,7 @@ _KERNEL_LABELS = {
     "depthwise": "depthwise",
     "grouped_conv": "grouped",
     "unblocked_conv": "unblocked",
+    "conv1d": "1-D conv",
     "dynamic_weight": "run-time weights",
     "pointwise": "1x1 conv",
     "unblocked_pointwise": "unblocked 1x1",

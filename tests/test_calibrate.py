@@ -420,6 +420,8 @@ def test_bad_profile_file_is_a_one_line_error_naming_file_and_key(tmp_path, caps
 # ---------------------------------------------------------------------------------------------- calibrate
 #: An int8 1×1 conv class of its own for the truths below (MEASURED predates it and falls back to int8's).
 INT8_POINTWISE = KernelFigures(600e9, 1.2e-6)
+#: Likewise a 1-D conv class (MEASURED falls back to unblocked_conv's): a fixed cost far below that one's.
+CONV1D = KernelFigures(120e9, 0.9e-6)
 
 
 def test_calibrate_recovers_the_profile_of_a_machine_that_follows_the_model(monkeypatch):
@@ -428,7 +430,8 @@ def test_calibrate_recovers_the_profile_of_a_machine_that_follows_the_model(monk
     # the reorders at a chain's ends would be part of it.
     # A Sigmoid fused into a conv at 5 G elements/s (0.2 ns each, as measured here at one thread).
     truth = replace(MEASURED, name="truth", kernels={**MEASURED.kernels, "int8_pointwise": INT8_POINTWISE,
-                                                     EPILOGUE_KERNEL: KernelFigures(5e9)}, nchwc_block=0)
+                                                     "conv1d": CONV1D, EPILOGUE_KERNEL: KernelFigures(5e9)},
+                    nchwc_block=0)
 
     def estimated(model, feeds=None, **_):
         seconds = analyze(model, hardware=truth, run_onnxruntime=False).totals["latency_s"]
@@ -465,7 +468,7 @@ def test_calibrate_recovers_the_grids_of_a_machine_whose_rates_depend_on_shape(m
     """Each grid probe gives back the rate the (grid) truth has at its shape, and each Add chain its bandwidth."""
     # The QUICK_SIZES grid probes (conv: 4 channels on 16², 16 on 8²; 1×1: 16 on 16², 64 on 4²; grouped: 4 on
     # 12², 8 on 6²) at rates of their own, and the class's large and tiny probes at the class's single rate.
-    measured = {**MEASURED.kernels, "int8_pointwise": INT8_POINTWISE}
+    measured = {**MEASURED.kernels, "int8_pointwise": INT8_POINTWISE, "conv1d": CONV1D}
     rate = {kernel: measured[kernel].flops for kernel in GRID_KERNELS}
     # The narrow probes (1 → 8 channels on 8², 3 → 16 on 6²: reductions 9 and 27) are points of conv and int8;
     # int8 also takes conv's (channels, size) grid.
@@ -481,9 +484,13 @@ def test_calibrate_recovers_the_grids_of_a_machine_whose_rates_depend_on_shape(m
     # int8 1×1 convs (QUICK: 32 channels on 8², tiny 4 on 4², grid 16 on 16², 64 on 4²).
     int8_pointwise = (RatePoint(4, 16, rate["int8_pointwise"]), RatePoint(32, 64, rate["int8_pointwise"]),
                       RatePoint(16, 256, 80e9), RatePoint(64, 16, 200e9))
+    # 1-D 3-tap convs (QUICK: 16 channels over 32 steps, tiny 4 over 16; grid 8 over 4, 16 over 16 steps). The
+    # grid's rates are per FLOP of the steps padded to 16 (the 4-step point does 4 × the work it computes).
+    conv1d = (RatePoint(12, 16, rate["conv1d"]), RatePoint(24, 4, 15e9), RatePoint(48, 16, 60e9),
+              RatePoint(48, 32, rate["conv1d"]))
     kernels = dict(measured)
     grids = {"conv": conv, "pointwise": pointwise, "grouped_conv": grouped, "int8": int8,
-             "int8_pointwise": int8_pointwise}
+             "int8_pointwise": int8_pointwise, "conv1d": conv1d}
     for kernel, grid in grids.items():
         kernels[kernel] = replace(kernels[kernel], grid=grid)
     # Small tensors move slower, though never so slowly that a conv probe turns memory-bound.

@@ -348,23 +348,33 @@ def test_a_branch_sees_the_outer_scope_constants_its_shapes_depend_on():
     it, went unknown (and uncosted), even with concrete input dims; a branch's declared symbolic dims were
     kept over inferred ones too."""
     inputs, outputs = [vi("cond", [], TensorProto.BOOL), vi("x", ["n", 12])], [vi("y", ["n", 4, 14])]
+    # The branch's own pads are computed from constants through a Transpose, which data propagation does not
+    # follow (Silero's: a Slice with a negative step, a Transpose and a Cast).
+    table = numpy_helper.from_array(np.array([[0, 0], [1, 1]], np.int64), "table")
     then = helper.make_graph(
-        [helper.make_node("Pad", ["x", "pads"], ["p"]), helper.make_node("Unsqueeze", ["p", "axes"], ["u"]),
-         helper.make_node("Conv", ["u", "W"], ["t"], pads=[1, 1])],
+        [helper.make_node("Constant", [], ["table"], value=table), helper.make_node("Transpose", ["table"], ["tt"]),
+         helper.make_node("Reshape", ["tt", "flat"], ["own_pads"]), helper.make_node("Pad", ["x", "own_pads"], ["p"]),
+         helper.make_node("Unsqueeze", ["p", "axes"], ["u"]), helper.make_node("Conv", ["u", "W"], ["t0"], pads=[1, 1]),
+         helper.make_node("Pad", ["t0", "pads"], ["t1"]), helper.make_node("Conv", ["t1", "W2"], ["t"])],
         "then", [], [vi("t", ["n", 4, 14])], value_info=[vi("p", ["n", "padded"])],
     )
     identity = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [vi("e", ["n", 12])])
     node = helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=identity)
-    inits = [numpy_helper.from_array(np.array([0, 1, 0, 1], np.int64), "pads"),
-             numpy_helper.from_array(np.array([1], np.int64), "axes"), weight("W", [4, 1, 3])]
+    inits = [numpy_helper.from_array(np.array([0, 0, 1, 0, 0, 1], np.int64), "pads"),
+             numpy_helper.from_array(np.array([4], np.int64), "flat"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes"), weight("W", [4, 1, 3]), weight("W2", [4, 4, 3])]
     model = make_model([node], inputs, outputs, inits)
     result = shapes.infer_shapes(model, shapes.CONCRETE.with_inputs({"x": [2, 12]}))
-    assert result.types["p"].shape == (2, 14) and result.types["t"].shape == (2, 4, 14)
+    assert result.types["p"].shape == (2, 14) and result.types["t0"].shape == (2, 4, 14)
+    assert result.types["t1"].shape == (2, 4, 16) and result.types["t"].shape == (2, 4, 14)
     # The copies inference read are gone from its result (and the model was never touched).
-    assert [len(g.initializers) for g in result.graphs] == [3, 0, 0]
-    assert len(model.graph.node[0].attribute[0].g.initializer) == 0
+    assert [len(g.initializers) for g in result.graphs] == [5, 0, 0]
+    then_body = next(a.g for a in model.graph.node[0].attribute if a.name == "then_branch")
+    assert len(then_body.initializer) == 0
+    assert [n.op_type for n in then_body.node][:3] == ["Constant", "Transpose", "Reshape"]
     report = analyze(model, input_shapes={"x": [2, 12]})
-    assert node_by_op(report, "If")["macs"] == 2 * 4 * 14 * 3  # batch 2, 4 channels, 14 steps, 3 taps
+    # Batch 2, 4 channels, 14 steps: 3 taps of 1 channel, then 3 taps of 4.
+    assert node_by_op(report, "If")["macs"] == 2 * 4 * 14 * 3 + 2 * 4 * 14 * 12
     assert not any("unknown shapes" in note for note in report.notes)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from cost_profiles import MEASURED, MEASURED_GRID
 from nnopt.api import optimize
 from nnopt.cli import main
 from nnopt.cost import DEFAULT_PROFILE, analyze
+from nnopt.cost.hardware import KernelFigures
 from nnopt.cost.inputs import data_shapes_note, sample_input_shapes
 from nnopt.pipeline.manager import PassRecord, PipelineReport, _uncosted_notes
 from nnopt.testing import model_from_text
@@ -239,15 +241,16 @@ def test_qdq_add_fuses_only_when_both_inputs_share_a_type():
 
 
 # ---------------------------------------------------------------------------------------------- conv shape
-def conv_model(channels: int, size: int, dims: int = 2) -> onnx.ModelProto:
-    """One 3×3 (or, with ``dims`` 1, length-3) conv, channels → channels, padded, on size (× size)."""
+def conv_model(channels: int, size: int, dims: int = 2, kernel: int = 3) -> onnx.ModelProto:
+    """One 3×3 (or, with ``dims`` 1, length-3; ``kernel`` for another size) conv, channels → channels, padded,
+    on size (× size)."""
     spatial = [size] * dims
     shape = ",".join(str(d) for d in [1, channels, *spatial])
-    weight = np.full((channels, channels, *[3] * dims), 0.01, np.float32)
+    weight = np.full((channels, channels, *[kernel] * dims), 0.01, np.float32)
     return model_from_text(
         f"""{HEADER}
         g (float[{shape}] x) => (float[{shape}] y) {{
-            y = Conv<pads: ints = {[1] * 2 * dims}>(x, w)
+            y = Conv<pads: ints = {[kernel // 2] * 2 * dims}>(x, w)
         }}""",
         {"w": weight},
     )
@@ -269,10 +272,23 @@ def test_few_channels_on_a_large_map_cost_more_per_flop_than_many_on_a_small_one
         pytest.approx([2 / 237e9, 1 / 237e9])
 
 
-def test_a_1d_conv_runs_unblocked():
+def test_a_1d_conv_is_a_class_of_its_own_and_older_profiles_cost_it_as_unblocked():
     """onnxruntime's NCHWc layout takes 2-D convs only: a 1-D conv runs as im2col + GEMM (measured 2-3 × slower
-    than the dense rate says on silero_vad's shapes)."""
+    than the dense rate says on silero_vad's shapes), but with a fixed cost well below a 2-D unblocked conv's
+    (Silero's 1-D convs over 1-3 steps took 1-9 µs, the 2-D unblocked probe's fixed cost is 3.5 µs)."""
     node = analyze(conv_model(64, 32, dims=1), hardware=MEASURED).nodes[0]
-    assert node["kernel"] == "unblocked_conv"
+    assert node["kernel"] == "conv1d"
+    # MEASURED predates the class: unblocked_conv's figures, as it estimated before.
     assert node["latency_s"] == pytest.approx(0.28e-6 + 7.6e-6 + node["flops"] / 173e9, rel=1e-12)
+    own = replace(MEASURED, kernels={**MEASURED.kernels, "conv1d": KernelFigures(120e9, 0.9e-6)})
+    node = analyze(conv_model(64, 32, dims=1), hardware=own).nodes[0]
+    assert node["latency_s"] == pytest.approx(0.28e-6 + 0.9e-6 + node["flops"] / 120e9, rel=1e-12)
+    # Over 4 steps its GEMM's columns are padded to a strip of 16: 4 × the work it computes (a profile with
+    # figures of its own measured them so), the older profile's estimate as it was.
+    short = analyze(conv_model(64, 4, dims=1), hardware=own).nodes[0]
+    assert short["latency_s"] == pytest.approx(0.28e-6 + 0.9e-6 + 4 * short["flops"] / 120e9, rel=1e-12)
+    short = analyze(conv_model(64, 4, dims=1), hardware=MEASURED).nodes[0]
+    assert short["latency_s"] == pytest.approx(0.28e-6 + 7.6e-6 + short["flops"] / 173e9, rel=1e-12)
     assert analyze(conv_model(64, 32), hardware=MEASURED).nodes[0]["kernel"] == "conv"
+    # A 1-D 1×1 conv is a GEMM as before (pointwise), a 1-D grouped one the generic path.
+    assert analyze(conv_model(64, 32, dims=1, kernel=1), hardware=MEASURED).nodes[0]["kernel"] == "pointwise"

@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from nnopt.errors import first_line
 from nnopt.ir.graphview import (
@@ -347,7 +348,8 @@ def _prepare(
     if not options.data_prop:
         return prepared, None
     own_initializers = [len(g.initializer) for g in graph_protos(prepared.graph)]
-    _show_outer_constants(prepared.graph, {}, options.strip_data_above or SHAPE_DATA_LIMIT)
+    opsets = list(prepared.opset_import)
+    _show_outer_constants(prepared.graph, {}, options.strip_data_above or SHAPE_DATA_LIMIT, opsets)
     return prepared, own_initializers
 
 
@@ -356,9 +358,16 @@ def _prepare(
 SHAPE_DATA_LIMIT = 4096
 
 
-def _show_outer_constants(graph: onnx.GraphProto, visible: Mapping[str, onnx.TensorProto], limit: int) -> None:
+def _show_outer_constants(
+    graph: onnx.GraphProto,
+    visible: Mapping[str, onnx.TensorProto],
+    limit: int,
+    opsets: Sequence[onnx.OperatorSetIdProto],
+    body: bool = False,
+) -> None:
     """Copy the small constants of enclosing scopes that each body of ``graph`` reads into that body, as
-    initializers appended after its own.
+    initializers appended after its own; and in a body (``body``), compute the small values that follow from
+    constants alone (see :func:`_fold_small_constants`).
 
     ONNX's inference gives a body the outer scope's types but not its values, so a Pad whose pads are a
     main-graph initializer has an output of unknown length inside an If branch, and so has everything after
@@ -380,11 +389,64 @@ def _show_outer_constants(graph: onnx.GraphProto, visible: Mapping[str, onnx.Ten
         name: t for name, t in own.items()
         if t.data_location != onnx.TensorProto.EXTERNAL and math.prod(t.dims) <= limit and _has_data(t)
     }
+    if body:
+        _fold_small_constants(graph, small, limit, opsets)
     for node in graph.node:
-        for body in subgraph_protos(node):
-            for name in sorted(outer_scope_reads(body) & small.keys()):
-                body.initializer.append(small[name])
-            _show_outer_constants(body, small, limit)
+        for sub in subgraph_protos(node):
+            for name in sorted(outer_scope_reads(sub) & small.keys()):
+                sub.initializer.append(small[name])
+            _show_outer_constants(sub, small, limit, opsets, body=True)
+
+
+#: Ops whose outputs are not a function of their inputs' values alone.
+_NOT_FOLDABLE = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                           "Bernoulli", "Dropout", "If", "Loop", "Scan", "SequenceMap"})  # fmt: skip
+
+
+def _fold_small_constants(
+    body: onnx.GraphProto, known: dict[str, onnx.TensorProto], limit: int, opsets: Sequence[onnx.OperatorSetIdProto]
+) -> None:
+    """Replace each default-domain node of ``body`` whose inputs are all in ``known`` by Constant nodes of its
+    outputs (evaluated by onnx's reference implementation; small ones only), adding them to ``known``.
+
+    Data propagation follows a few ops only (Shape, Concat, Gather...): Silero VAD's branches compute their
+    STFT padding from constants through a Slice with a negative step, a Transpose and a Cast, and the
+    padded length, with every shape after it, stayed unknown.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    nodes = list(body.node)
+    del body.node[:]
+    for node in nodes:
+        inputs = [name for name in node.input if name]
+        foldable = (
+            node.domain in ("", "ai.onnx") and node.op_type not in _NOT_FOLDABLE and node.op_type != "Constant"
+            and inputs and all(name in known for name in inputs)
+        )
+        values = None
+        if foldable:
+            try:
+                single = helper.make_model(
+                    helper.make_graph([node], "fold", [helper.make_tensor_value_info(n, known[n].data_type, None)
+                                                      for n in dict.fromkeys(inputs)],
+                                      [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
+                                       for o in node.output if o]),
+                    opset_imports=opsets,
+                )
+                feeds = {n: numpy_helper.to_array(known[n]) for n in dict.fromkeys(inputs)}
+                values = ReferenceEvaluator(single).run(None, feeds)
+            except Exception:  # noqa: BLE001 - boundary: the reference implementation raises many types
+                values = None
+        outputs = [o for o in node.output if o]
+        if values is None or len(values) != len(outputs) or any(
+            not isinstance(v, np.ndarray) or v.size > limit for v in values
+        ):
+            body.node.append(node)
+            continue
+        for name, value in zip(outputs, values):
+            tensor = numpy_helper.from_array(np.asarray(value), name)
+            known[name] = tensor
+            body.node.append(helper.make_node("Constant", [], [name], value=tensor))
 
 
 def _hide_outer_constants(model: onnx.ModelProto, counts: Sequence[int] | None) -> None:

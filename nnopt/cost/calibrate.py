@@ -11,7 +11,8 @@ models it will be used to estimate:
   ``run_overhead_s``: what the short chain takes beyond its nodes;
 * ``bandwidth``: bytes moved by one of a chain of large Adds (two inputs read, one output written) ÷ its time;
 * per kernel class (``conv``: a dense 3×3 Conv, ``depthwise``: a 3×3 Conv with one channel per group,
-  ``unblocked_conv``: a dense 3×3 Conv with 62 (18 for the tiny one) input channels,
+  ``unblocked_conv``: a dense 3×3 Conv with 62 (18 for the tiny one) input channels, ``conv1d``: a 1-D
+  3-tap Conv,
   ``dynamic_weight``: a dense 3×3 Conv whose weight is dequantized from int8 at every inference,
   ``int8``: a DequantizeLinear → Conv → QuantizeLinear group onnxruntime fuses into QLinearConv), a large
   and a tiny node: the difference of their times over the difference of their FLOPs is the class's
@@ -44,7 +45,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from nnopt.cost.energy import DEFAULT_ENERGY, EnergyFigures, machine_cache_bytes
 from nnopt.cost.hardware import EPILOGUE_KERNEL, HardwareProfile, KernelFigures, RatePoint, interpolate_bandwidth
-from nnopt.cost.layout import channel_padding
+from nnopt.cost.layout import channel_padding, step_padding
 from nnopt.errors import InputError
 
 #: IR version and opset of the probe models: ones every supported onnxruntime release loads.
@@ -94,6 +95,9 @@ class ProbeSizes:
         depthwise_channels, depthwise_size: Likewise for the large depthwise conv.
         unblocked_channels, unblocked_tiny_channels: Channels of the large and tiny ``unblocked_conv``
             probes (at least 16, not multiples of 4; at ``conv_size`` and ``tiny_size``).
+        conv1d_channels, conv1d_steps, conv1d_tiny_steps: The large ``conv1d`` probe, a 1-D 3-tap conv, and
+            the tiny one's steps (it takes ``tiny_channels``); steps in whole GEMM column strips
+            (``nnopt.cost.layout.GEMM_COLUMNS``), so that neither computes padding.
         tiny_channels, tiny_size: Channels and spatial size of every other tiny conv.
         tiny_convs: How many nodes longer the long chain of tiny convs is than the short one (1 node).
         pointwise_channels, pointwise_size: Channels and spatial size of the large 1×1 conv.
@@ -123,6 +127,9 @@ class ProbeSizes:
     depthwise_size: int = 56
     unblocked_channels: int = 62
     unblocked_tiny_channels: int = 18
+    conv1d_channels: int = 128
+    conv1d_steps: int = 64
+    conv1d_tiny_steps: int = 16
     tiny_channels: int = 8
     tiny_size: int = 8
     tiny_convs: int = 32
@@ -162,9 +169,8 @@ class ProbeSizes:
     #: whether int8 pays for a stem is a matter of this machine (issue #16: a VNNI CPU runs the 1-channel stem
     #: faster in int8, an AVX2 one 4x slower).
     narrow_grid: tuple[tuple[int, int, int], ...] = ((1, 24, 64), (3, 16, 112), (3, 32, 56), (12, 24, 104))
-    #: (channels, length) of the 1-D 3-tap convs of the ``unblocked_conv`` grid (with the 2-D large probe's shape as
-    #: one more point): audio models convolve a few time steps at a time (Silero VAD: 64-128 channels over 1-4
-    #: steps), where a conv's rate is far from the 2-D probe's.
+    #: (channels, length) of the 1-D 3-tap convs of the ``conv1d`` grid: audio models convolve a few time steps at
+    #: a time (Silero VAD: 64-128 channels over 1-4 steps), where a conv's rate is far from a long one's.
     conv1d_grid: tuple[tuple[int, int], ...] = ((64, 2), (128, 4), (128, 16), (64, 128))
 
 
@@ -200,13 +206,16 @@ QUICK_SIZES = ProbeSizes(
     recurrent_grid=((8, 4), (32, 2)),
     narrow_grid=((1, 8, 8), (3, 16, 6)),
     conv1d_grid=((8, 4), (16, 16)),
+    conv1d_channels=16,
+    conv1d_steps=32,
 )
 
 
 #: The kernel classes calibration measures: convs by chains of convs (``_conv_chain``), ``int8_matmul`` by a
 #: chain of QDQ MatMuls, ``int8_elementwise`` by QDQ Adds, ``quantize`` by Quantize → Dequantize → Neg,
 #: ``recurrent`` by LSTMs, ``divide`` and ``activation`` by chains of Div and Sigmoid.
-CALIBRATED_KERNELS = ("conv", "pointwise", "depthwise", "grouped_conv", "unblocked_conv", "dynamic_weight", "int8",
+CALIBRATED_KERNELS = ("conv", "pointwise", "depthwise", "grouped_conv", "unblocked_conv", "conv1d", "dynamic_weight",
+                      "int8",
                       "int8_depthwise", "int8_pointwise", "int8_matmul", "int8_elementwise", "quantize", "recurrent",
                       "divide", "activation")  # fmt: skip
 
@@ -552,8 +561,8 @@ def _epilogue_figures(figures: dict[str, dict[str, Any]], run_overhead: float, t
 
 #: The kernel classes whose rate is interpolated in a grid of probes (``ProbeSizes.conv_grid``...): dense
 #: convs run at 40-250 GFLOP/s here depending on their GEMM's shape, int8 ones too, and both far slower with
-#: few input channels (``narrow_grid``); LSTMs by their hidden size; unaligned and 1-D convs by their length.
-GRID_KERNELS = ("conv", "pointwise", "grouped_conv", "int8", "int8_pointwise", "recurrent", "unblocked_conv")
+#: few input channels (``narrow_grid``); LSTMs by their hidden size; 1-D convs by their length.
+GRID_KERNELS = ("conv", "pointwise", "grouped_conv", "int8", "int8_pointwise", "recurrent", "unblocked_conv", "conv1d")
 
 
 def _chain_pairs(figures: dict[str, dict[str, Any]], prefix: str) -> list[tuple[str, str]]:
@@ -581,7 +590,8 @@ def _rate_grid(
             as the estimate has them.
         block: onnxruntime's channel block (0: none). A float blocked conv computes its channels padded to
             it (``nnopt.cost.layout.padded_work``): an 8-channel probe does the work of 16, so its rate is
-            per FLOP of the padded channels, which the estimate multiplies back in.
+            per FLOP of the padded channels, which the estimate multiplies back in. ``conv1d``'s rates are
+            likewise per FLOP of its steps padded to the GEMM's column strips (``step_padding``).
     """
     node_overhead, run_overhead, bandwidth, peak = machine
     base = kernels[kernel]
@@ -605,6 +615,8 @@ def _rate_grid(
             reduction = flops / (2 * outputs)
             taps = _BLOCKED_GRID_TAPS.get(kernel)
             padded = channel_padding(shape[1], round(reduction / taps), block) if taps else 1.0
+            if kernel == "conv1d":
+                padded = step_padding(shape[-1])
             points.append(RatePoint(reduction=reduction, spatial=spatial, flops=flops * padded / compute))
     return tuple(sorted(points, key=lambda p: (p.reduction, p.spatial)))
 
@@ -684,12 +696,12 @@ def _grid_probes(sizes: ProbeSizes, rng: np.random.Generator) -> dict[str, _Prob
                 # the int8 chain has Adds of its own (QLinearAdd).
                 probes[name] = _Probe(name, "Conv", model, unit, length, helper="Add" if int8 else None,
                                       helper_kernel="int8_elementwise" if int8 else None)
-    unblocked = [(channels, size, 1) for channels, size in sizes.conv1d_grid]
-    for channels, size, dims in [*unblocked, (sizes.unblocked_channels, sizes.conv_size, 2)]:
-        for length, suffix in ((1, "_1"), (3, "")):
-            name = f"grid_unblocked_conv_{channels}x{size}{'' if dims == 2 else '_1d'}{suffix}"
-            model, unit = (_convs(n, channels, size, "unblocked_conv", rng, dims=dims) for n in (length, 1))
-            probes[name] = _Probe(name, "Conv", model, unit, length)
+    for kind, grid in (("conv1d", sizes.conv1d_grid), ("unblocked_conv", ((sizes.unblocked_channels, sizes.conv_size),))):
+        for channels, size in grid:
+            for length, suffix in ((1, "_1"), (3, "")):
+                name = f"grid_{kind}_{channels}x{size}{suffix}"
+                model, unit = (_convs(n, channels, size, kind, rng) for n in (length, 1))
+                probes[name] = _Probe(name, "Conv", model, unit, length)
     for channels, size in sizes.grouped_grid:
         for length, suffix in ((1, "_1"), (3, "")):
             name = f"grid_grouped_conv_{channels}x{size}{suffix}"
@@ -743,28 +755,30 @@ def _conv_chain(length: int, kind: str, sizes: ProbeSizes, large: bool, rng: np.
         "depthwise": (sizes.depthwise_channels, sizes.depthwise_size, sizes.tiny_channels),
         "int8_depthwise": (sizes.depthwise_channels, sizes.depthwise_size, sizes.tiny_channels),
         "unblocked_conv": (sizes.unblocked_channels, sizes.conv_size, sizes.unblocked_tiny_channels),
+        "conv1d": (sizes.conv1d_channels, sizes.conv1d_steps, sizes.tiny_channels),
         "pointwise": (sizes.pointwise_channels, sizes.pointwise_size, sizes.tiny_channels),
         "int8_pointwise": (sizes.pointwise_channels, sizes.pointwise_size, sizes.tiny_channels),
     }.get(kind, (sizes.conv_channels, sizes.conv_size, sizes.tiny_channels))
-    return _convs(length, channels if large else tiny_channels, size if large else sizes.tiny_size, kind, rng)
+    tiny_size = sizes.conv1d_tiny_steps if kind == "conv1d" else sizes.tiny_size
+    return _convs(length, channels if large else tiny_channels, size if large else tiny_size, kind, rng)
 
 
 def _convs(length: int, channels: int, size: int, kind: str, rng: np.random.Generator,
-           activation: str | None = None, dims: int = 2) -> onnx.ModelProto:
+           activation: str | None = None) -> onnx.ModelProto:
     """``length`` convs (1×1 for ``pointwise``, else 3×3), channels → channels on size × size (padded), one
     after the other.
 
     ``kind``: ``conv`` and ``unblocked_conv`` (dense, constant weights; which one is the channel count's
-    doing), ``depthwise`` (group = channels), ``dynamic_weight``
+    doing), ``conv1d`` (the same in 1-D: over ``size`` steps), ``depthwise`` (group = channels), ``dynamic_weight``
     (each weight a DequantizeLinear of an int8 constant, as the quantize pass's weight-only mode writes
     it: onnxruntime runs it at every inference) or ``int8`` (uint8 activations and per-channel int8
     weights in QDQ form, as the quantize pass's static mode writes it: onnxruntime fuses each conv into a
     QLinearConv). Weights are N(0, 1 / fan-in), so activations keep their scale along the chain: a
     shrinking chain would reach denormal floats, which are many times slower and would spoil the timing.
-    ``activation``: an op after each float conv (onnxruntime fuses it into the conv). ``dims``: 1 for 1-D
-    convs over ``size`` steps (dense float only).
+    ``activation``: an op after each float conv (onnxruntime fuses it into the conv).
     """
     group = {"depthwise": channels, "int8_depthwise": channels}.get(kind, 1)
+    dims = 1 if kind == "conv1d" else 2
     k = 1 if kind in ("pointwise", "int8_pointwise") else 3
     fan_in = k**dims * (channels // group)
     int8 = kind in ("int8", "int8_depthwise", "int8_pointwise")

@@ -25,8 +25,11 @@ KERNEL_CLASSES: dict[str, str] = {
     "conv-to-separable writes, or several channels per group): onnxruntime's generic path, an im2col and a "
     "small GEMM per group",
     "unblocked_conv": "dense float Conv with a constant weight and at least 16 input channels, not a multiple of "
-    "4, or a 1-D or 3-D kernel: onnxruntime cannot run it in its blocked (NCHWc) layout and falls back to "
+    "4, or a 3-D kernel: onnxruntime cannot run it in its blocked (NCHWc) layout and falls back to "
     "im2col + GEMM",
+    "conv1d": "dense float 1-D Conv with a constant weight and a kernel longer than 1: an im2col and one GEMM "
+    "over a few time steps, with a fixed cost far below a 2-D unblocked conv's; a profile without it uses its "
+    "unblocked_conv figures",
     "dynamic_weight": "float Conv, ConvTranspose, Gemm and MatMul whose weight is computed at run time (e.g. "
     "dequantized from int8 at every inference, or a MatMul of two activations): no pre-packed weight",
     "int8": "int8 dense Conv: QLinearConv, ConvInteger, and the DequantizeLinear → Conv groups a runtime fuses "
@@ -57,7 +60,8 @@ KERNEL_CLASSES: dict[str, str] = {
 }
 #: Kernel classes a profile that has no figures of its own for them takes from another class (profiles
 #: written before the class existed keep estimating as they did).
-KERNEL_FALLBACK: dict[str, str] = {"int8_pointwise": "int8", "unblocked_pointwise": "pointwise"}
+KERNEL_FALLBACK: dict[str, str] = {"int8_pointwise": "int8", "unblocked_pointwise": "pointwise",
+                                   "conv1d": "unblocked_conv"}
 #: Kernel classes of nodes that cost nothing per inference (only produced for profiles with a ``runtime``):
 #: computed once when the session is created, or absorbed into another node's kernel.
 FREE_KERNELS: frozenset[str] = frozenset({"folded", "fused"})

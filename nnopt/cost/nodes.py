@@ -13,7 +13,7 @@ from nnopt.cost.constants import Const, body_constants, subgraph_constants
 from nnopt.cost.decoded import DecodePatternRegistry, decoded_weights
 from nnopt.cost.energy import dtype_class
 from nnopt.cost.hardware import FREE_KERNELS, HardwareProfile
-from nnopt.cost.layout import padded_work, reorders
+from nnopt.cost.layout import padded_work, reorders, step_padding
 from nnopt.cost.notes import Findings
 from nnopt.cost.report import first_line
 from nnopt.cost.rules import Cost, CostContext, CostRuleRegistry, UnknownShapeError
@@ -137,8 +137,14 @@ def _add_reorders(
 
 def _padding(node: NodeView, kernel: str, scope: Scope) -> float:
     """The extra work of a conv onnxruntime runs in its blocked layout on channels padded to the block
-    (``nnopt.cost.layout.padded_work``); 1.0 for other nodes and profiles that do not model the layout."""
+    (``nnopt.cost.layout.padded_work``), or of a 1-D conv's GEMM on steps padded to its column strips
+    (``step_padding``); 1.0 for other nodes and profiles that do not model them."""
     hardware = scope.hardware
+    if kernel == "conv1d" and kernel in hardware.kernels and hardware.runtime == "onnxruntime":
+        # A profile with 1-D figures of its own measured them per FLOP of the padded steps.
+        output = scope.infos.get(node.proto.output[0]) if node.proto.output else None
+        shape = output.shape if output is not None else None
+        return step_padding(shape[-1]) if shape is not None and len(shape) == 3 else 1.0
     if hardware.runtime != "onnxruntime" or not hardware.nchwc_block or node.op_type != "Conv":
         return 1.0
     return padded_work(node.proto, kernel, scope.infos, hardware.nchwc_block)

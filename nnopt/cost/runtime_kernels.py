@@ -14,8 +14,8 @@ from nnopt.cost.tensors import TensorInfo, norm_domain
 #: Per op type (default domain, plus com.microsoft fused ops), the kernel class it runs as, and which input
 #: is its weight (a weight that is not constant makes it ``dynamic_weight``; a Conv weight of shape
 #: [C, 1, k...] with group > 1 makes it ``depthwise``; a dense Conv weight [C_out, C_in, k...] with
-#: C_in >= ``_BLOCKED_MIN_CHANNELS`` not a multiple of ``_BLOCKED_ALIGNMENT``, or a kernel that is not 2-D, makes it
-#: ``unblocked_conv``).
+#: C_in >= ``_BLOCKED_MIN_CHANNELS`` not a multiple of ``_BLOCKED_ALIGNMENT``, or a 3-D kernel, makes it
+#: ``unblocked_conv``; a 1-D kernel longer than 1, ``conv1d``).
 #: Ops not listed are class "other". See ``nnopt.cost.hardware.KERNEL_CLASSES``.
 _KERNEL_OF_OP: dict[tuple[str, str], tuple[str, int | None]] = {
     ("", "Conv"): ("conv", 1),
@@ -102,7 +102,7 @@ def kernel_classes(
     """The kernel class of each node (in the order given, which must be topological).
 
     Without a runtime, each node gets the class of its op and weight: ``conv``, ``depthwise``,
-    ``unblocked_conv``, ``dynamic_weight`` (when its weight input is not a constant), ``int8`` or
+    ``unblocked_conv``, ``conv1d``, ``dynamic_weight`` (when its weight input is not a constant), ``int8`` or
     ``other``. With ``runtime="onnxruntime"`` the graph is first rewritten the way onnxruntime's default
     graph optimisations rewrite it, and nodes that then cost nothing per inference are ``folded``
     (computed once from constants when the session is created) or ``fused`` (absorbed into another
@@ -291,7 +291,7 @@ def _fuse_epilogues(g: _RuntimeGraph) -> None:
     each tensor, are ``fused`` into it."""
     for i, node in enumerate(g.nodes):
         float_kernel = g.classes[i] in ("conv", "pointwise", "depthwise", "grouped_conv", "unblocked_conv",
-                                        "unblocked_pointwise", "dynamic_weight")
+                                        "conv1d", "unblocked_pointwise", "dynamic_weight")
         if not float_kernel or g.ops[i] not in _EPILOGUE_AFFINE or not node.output:
             continue
         affine = _EPILOGUE_AFFINE[g.ops[i]]
@@ -380,9 +380,13 @@ def _op_kernel(node: onnx.NodeProto, infos: dict[str, TensorInfo], constants: se
             # One GEMM at the pointwise rate either way; unaligned, outside the blocked layout (SVD's second
             # factors of rank 30-177 ran as plain Convs, with reorders around them).
             return "unblocked_pointwise" if unaligned else "pointwise"
+        if blockable and group == 1 and len(weight.shape) == _BLOCKED_RANK - 1 and node.op_type != "ConvTranspose":
+            # Outside the NCHWc layout too, but one small im2col and GEMM: Silero VAD's 1-D convs over 1-4
+            # steps took 1-9 µs, where the 2-D unblocked probe's fixed cost alone is 3.5 µs.
+            return "conv1d"
         if blockable and group == 1 and unaligned:
             return "unblocked_conv"
         if blockable and group == 1 and len(weight.shape) != _BLOCKED_RANK:
-            return "unblocked_conv"  # 1-D and 3-D convs: the NCHWc layout takes 2-D convs only
+            return "unblocked_conv"  # 3-D convs (and 1-D ConvTranspose): the NCHWc layout takes 2-D convs only
     return kernel
 
