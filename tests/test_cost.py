@@ -378,6 +378,34 @@ def test_a_branch_sees_the_outer_scope_constants_its_shapes_depend_on():
     assert not any("unknown shapes" in note for note in report.notes)
 
 
+def test_a_branch_that_picks_a_branch_by_a_static_shape_is_costed_through_it():
+    """Silero VAD's decoder picks its LSTM's input by a tensor's rank (``Equal(Gather(Shape(x)), 1)``, one
+    branch squeezing, the other not): ONNX's inference merges the two ranks into none, and the LSTM went
+    uncosted. A second look takes the Shape of a static tensor as a constant and the If as the branch it
+    takes."""
+    u_vi = vi("u", [2, 1, 12])
+    keep = helper.make_graph([helper.make_node("Identity", ["u"], ["kept"])], "keep", [], [vi("kept", [2, 1, 12])])
+    squeeze = helper.make_graph([helper.make_node("Squeeze", ["u", "one"], ["squeezed"])], "squeeze", [],
+                                [vi("squeezed", [2, 12])])
+    then = helper.make_graph(
+        [helper.make_node("Unsqueeze", ["x", "one"], ["u"]), helper.make_node("Shape", ["u"], ["s"]),
+         helper.make_node("Gather", ["s", "one"], ["g"]), helper.make_node("Equal", ["g", "one"], ["e"]),
+         helper.make_node("If", ["e"], ["v"], then_branch=keep, else_branch=squeeze),
+         helper.make_node("Conv", ["v", "W"], ["t"])],
+        "then", [], [vi("t", None)], value_info=[u_vi],
+    )
+    identity = helper.make_graph([helper.make_node("Identity", ["x"], ["e2"])], "else", [], [vi("e2", [2, 12])])
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=identity)
+    model = make_model([node], [vi("cond", [], TensorProto.BOOL), vi("x", [2, 12])], [vi("y", None)],
+                       [numpy_helper.from_array(np.array([1], np.int64), "one"), weight("W", [4, 1, 3])])
+    result = shapes.infer_shapes(model, shapes.CONCRETE)
+    assert result.types["t"].shape == (2, 4, 10)
+    assert [len(g.initializers) for g in result.graphs][:2] == [2, 0]  # the copies of "one" are gone
+    assert node_by_op(analyze(model), "If")["macs"] == 2 * 4 * 10 * 3
+    # Without data propagation (the validity check's flavour) nothing is rewritten: the rank stays unknown.
+    assert shapes.infer_shapes(model, shapes.STRICT).types["t"].shape is None
+
+
 def test_loop_bodies_are_not_costed_but_their_constants_are_params():
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["v_in", "c"], ["v_out"])],
