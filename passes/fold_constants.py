@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from nnopt.analysis.shapes import TensorType
-from nnopt.ir.constants import constant_node_payload, detached_values, lower_model_constants
+from nnopt.ir.constants import NONDETERMINISTIC_OPS, constant_node_payload, detached_values, lower_model_constants
 from nnopt.ir.graphview import subgraphs_of, topological_nodes
 from nnopt.ir.model import Model
 from nnopt.ir.walk import is_onnx_op, remove_dead_nodes
@@ -25,20 +25,6 @@ from nnopt.pipeline.base import LayerDecision, Pass, PassContext, PassResult
 #: [64] bias from its 8-byte shape stays (a larger allowance, such as 1 KiB per node, grows models whose
 #: weights are all built that way).
 SLACK_BYTES = 64
-
-#: Ops whose outputs are random: folding would freeze one sample.
-_NONDETERMINISTIC_OPS = frozenset(
-    {
-        "RandomNormal",
-        "RandomUniform",
-        "RandomNormalLike",
-        "RandomUniformLike",
-        "Multinomial",
-        "Bernoulli",
-        "Dropout",
-    }
-)
-
 
 # ---------------------------------------------------------------------------------------------- shape ops
 def _shape_value(node: gs.Node, shape: tuple[int, ...]) -> np.ndarray:
@@ -185,7 +171,7 @@ def _size_rule(
     """
 
     def exclude(node: gs.Node) -> bool:
-        if node.op in _NONDETERMINISTIC_OPS or not is_onnx_op(node):
+        if node.op in NONDETERMINISTIC_OPS or not is_onnx_op(node):
             return True
         out_bytes = 0
         for out in node.outputs:

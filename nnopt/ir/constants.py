@@ -13,6 +13,11 @@ from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 from nnopt.ir.model import Model
 from nnopt.ir.walk import graph_outputs, is_onnx_op
 
+#: Ops whose outputs are random: folding would freeze one sample.
+NONDETERMINISTIC_OPS = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
+)
+
 
 # ---------------------------------------------------------------------------------------- Constant attrs
 def _tensor_attr(value: Any) -> gs.Constant | None:
