@@ -784,7 +784,7 @@ def to_markdown(payload: dict[str, Any]) -> str:
         "computes from constants alone, and takes a second look with what it found: a Shape of a static "
         "tensor is a constant, and an If on a constant condition is the branch it takes (silero_vad's decoder "
         "picks its LSTM's input by a tensor's rank, `Equal(Gather(Shape(x)), 1)`; merged, the two branches' "
-        "ranks left the LSTM uncosted) (`nnopt.analysis.shapes`). Silero's 1-D convs "
+        "ranks left the LSTM uncosted) (`nnopt.analysis.body_values`). Silero's 1-D convs "
         "are a class of their own (`conv1d`): over 1-16 steps their GEMM takes the same time (onnxruntime's "
         "GEMM packs its columns, one per step, in strips of 16: 128 → 128 channels took 7.7 µs over 4 steps "
         "and 7.9 µs over 16), so the 1-D grid's rates are per FLOP of steps padded to 16 (219-275 GFLOP/s, "
