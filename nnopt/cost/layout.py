@@ -153,7 +153,7 @@ def padded_work(node: onnx.NodeProto, kernel: str, infos: dict[str, TensorInfo],
 
 #: Columns of onnxruntime's float GEMM kernel (MLAS packs the right-hand matrix in strips this wide): a 1-D conv's
 #: GEMM has one column per output step, so over 1-16 steps it takes as long as over 16. Measured here (AVX-512):
-#: 1-D convs over 2, 4, 16 and 128 steps ran at 34-231 GFLOP/s as written, 219-275 per FLOP of steps padded to
+#: 1-D convs over 2, 4, 16 and 128 steps ran at 23-218 GFLOP/s as written, 219-275 per FLOP of steps padded to
 #: 16. Not checked on AVX2 machines.
 GEMM_COLUMNS = 16
 
