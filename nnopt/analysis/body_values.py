@@ -120,9 +120,9 @@ def _fold_small_constants(
     """
     from onnx.reference import ReferenceEvaluator
 
-    nodes = list(body.node)
-    del body.node[:]
-    for node in nodes:
+    rewritten: list[onnx.NodeProto] = []
+    folded = False
+    for node in body.node:
         inputs = [name for name in node.input if name]
         foldable = (
             node.domain in ("", "ai.onnx") and node.op_type not in _NOT_FOLDABLE
@@ -146,12 +146,24 @@ def _fold_small_constants(
         if values is None or len(values) != len(outputs) or any(
             not isinstance(v, np.ndarray) or v.size > limit for v in values
         ):
-            body.node.append(node)
+            rewritten.append(node)
             continue
+        folded = True
         for name, value in zip(outputs, values):
             tensor = numpy_helper.from_array(np.asarray(value), name)
             known[name] = tensor
-            body.node.append(helper.make_node("Constant", [], [name], value=tensor))
+            rewritten.append(helper.make_node("Constant", [], [name], value=tensor))
+    if folded:  # the node list is rewritten only when something was folded
+        _replace_nodes(body, rewritten)
+
+
+def _replace_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    # The new list may hold the graph's own nodes: copies first, then the clear.
+    copies = [onnx.NodeProto() for _ in nodes]
+    for copy, node in zip(copies, nodes):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def hide_outer_constants(model: onnx.ModelProto, copied: set[str] | None) -> None:
@@ -233,22 +245,23 @@ def _inline_constant_ifs(graph: onnx.GraphProto, known: Mapping[str, onnx.Tensor
     """Replace each If of ``graph`` whose condition is in ``known`` by the branch it takes: the branch's
     initializers as Constant nodes, its nodes, and an Identity from each branch output to the If's."""
     changed = False
-    nodes = list(graph.node)
-    del graph.node[:]
-    for node in nodes:
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
         condition = known.get(node.input[0]) if node.op_type == "If" and node.domain in ("", "ai.onnx") else None
         if condition is None:
-            graph.node.append(node)
+            nodes.append(node)
             continue
         taken = "then_branch" if bool(numpy_helper.to_array(condition).reshape(-1)[0]) else "else_branch"
         branch = next(a.g for a in node.attribute if a.name == taken)
         # Copies of outer constants (``show_outer_constants``) are in scope here already.
-        graph.node.extend(
+        nodes.extend(
             helper.make_node("Constant", [], [t.name], value=t) for t in branch.initializer if t.name not in known
         )
-        graph.node.extend(branch.node)
-        graph.node.extend(
+        nodes.extend(branch.node)
+        nodes.extend(
             helper.make_node("Identity", [inner.name], [outer]) for inner, outer in zip(branch.output, node.output) if outer
         )
         changed = True
+    if changed:
+        _replace_nodes(graph, nodes)
     return changed

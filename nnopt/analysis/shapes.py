@@ -306,7 +306,7 @@ def _second_look(
     last result that ran."""
     limit = options.strip_data_above or SHAPE_DATA_LIMIT
     for _ in range(_SECOND_LOOKS):
-        types = {name: t for g in graph_protos(inferred.graph) for name, t in _typed_values(g)}
+        types = ShapeResult(None, options, inferred).types
         if not refine_bodies(prepared.graph, types, limit, list(prepared.opset_import)):
             break
         _count(counter, "infer")
@@ -321,12 +321,6 @@ def _second_look(
 
 #: Rounds of :func:`_second_look`: Silero VAD needs two (its decoder's Ifs nest).
 _SECOND_LOOKS = 3
-
-
-def _typed_values(graph: onnx.GraphProto) -> Iterator[tuple[str, TensorType]]:
-    for vi in (*graph.input, *graph.value_info, *graph.output):
-        if vi.name and vi.type.HasField("tensor_type"):
-            yield vi.name, value_type(vi)
 
 
 def _infer_path(path: Path, options: ShapeOptions, counter: Counter[str] | None) -> ShapeResult:

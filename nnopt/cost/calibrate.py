@@ -215,8 +215,7 @@ QUICK_SIZES = ProbeSizes(
 #: chain of QDQ MatMuls, ``int8_elementwise`` by QDQ Adds, ``quantize`` by Quantize → Dequantize → Neg,
 #: ``recurrent`` by LSTMs, ``divide`` and ``activation`` by chains of Div and Sigmoid.
 CALIBRATED_KERNELS = ("conv", "pointwise", "depthwise", "grouped_conv", "unblocked_conv", "conv1d", "dynamic_weight",
-                      "int8",
-                      "int8_depthwise", "int8_pointwise", "int8_matmul", "int8_elementwise", "quantize", "recurrent",
+                      "int8", "int8_depthwise", "int8_pointwise", "int8_matmul", "int8_elementwise", "quantize", "recurrent",
                       "divide", "activation")  # fmt: skip
 
 
@@ -614,9 +613,10 @@ def _rate_grid(
             flops = probe["flops_per_node"]
             reduction = flops / (2 * outputs)
             taps = _BLOCKED_GRID_TAPS.get(kernel)
-            padded = channel_padding(shape[1], round(reduction / taps), block) if taps else 1.0
             if kernel == "conv1d":
                 padded = step_padding(shape[-1])
+            else:
+                padded = channel_padding(shape[1], round(reduction / taps), block) if taps else 1.0
             points.append(RatePoint(reduction=reduction, spatial=spatial, flops=flops * padded / compute))
     return tuple(sorted(points, key=lambda p: (p.reduction, p.spatial)))
 
@@ -678,8 +678,10 @@ def _grid_probes(sizes: ProbeSizes, rng: np.random.Generator) -> dict[str, _Prob
     convs; per ``bandwidth_elements`` a chain of 1 Add and a longer one (short Adds need more nodes for a
     slope above the timer's noise)."""
     probes: dict[str, _Probe] = {}
+    unblocked = ((sizes.unblocked_channels, sizes.conv_size),)  # the large probe's shape: one more point
     for kind, grid in (("conv", sizes.conv_grid), ("pointwise", sizes.pointwise_grid), ("int8", sizes.conv_grid),
-                       ("int8_pointwise", sizes.pointwise_grid)):
+                       ("int8_pointwise", sizes.pointwise_grid), ("conv1d", sizes.conv1d_grid),
+                       ("unblocked_conv", unblocked)):
         for channels, size in grid:
             for length, suffix in ((1, "_1"), (3, "")):
                 name = f"grid_{kind}_{channels}x{size}{suffix}"
@@ -696,12 +698,6 @@ def _grid_probes(sizes: ProbeSizes, rng: np.random.Generator) -> dict[str, _Prob
                 # the int8 chain has Adds of its own (QLinearAdd).
                 probes[name] = _Probe(name, "Conv", model, unit, length, helper="Add" if int8 else None,
                                       helper_kernel="int8_elementwise" if int8 else None)
-    for kind, grid in (("conv1d", sizes.conv1d_grid), ("unblocked_conv", ((sizes.unblocked_channels, sizes.conv_size),))):
-        for channels, size in grid:
-            for length, suffix in ((1, "_1"), (3, "")):
-                name = f"grid_{kind}_{channels}x{size}{suffix}"
-                model, unit = (_convs(n, channels, size, kind, rng) for n in (length, 1))
-                probes[name] = _Probe(name, "Conv", model, unit, length)
     for channels, size in sizes.grouped_grid:
         for length, suffix in ((1, "_1"), (3, "")):
             name = f"grid_grouped_conv_{channels}x{size}{suffix}"
