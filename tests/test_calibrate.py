@@ -513,6 +513,10 @@ def test_calibrate_recovers_the_grids_of_a_machine_whose_rates_depend_on_shape(m
         assert measured == pytest.approx({(p.reduction, p.spatial): p.flops for p in grid if (p.reduction, p.spatial)
                                           in measured}, rel={"pointwise": 2e-3, "conv": 1e-4, "int8": 5e-3, "int8_pointwise": 5e-3}.get(kernel, 1e-9))
         assert len(measured) == (4 if kernel in ("conv", "int8") else 2)
+        # The int8 classes' points record their output channels (QUICK_SIZES: 4 and 16 channels square, and the
+        # narrow 1 → 8 and 3 → 16 stems; 1×1: 16 and 64); the float classes' do not.
+        channels = sorted(p.channels for p in profile.kernels[kernel].grid)
+        assert channels == {"int8": [4, 8, 16, 16], "int8_pointwise": [16, 64]}.get(kernel, [0.0] * len(channels))
         assert set(measured.values()) & {20e9, 150e9, 40e9, 90e9, 10e9, 5e9, 30e9, 25e9, 300e9, 2e9, 45e9, 80e9,
                                          200e9} == set()
     # The 2^8 and 2^11-float Adds (3 KB, 24 KB moved) and the large one; the large one's rate is derived as before.
@@ -643,6 +647,37 @@ def test_interpolated_rates_and_bandwidths_exact_values():
     bandwidth = ((1000.0, 10e9), (100000.0, 40e9))
     assert interpolate_bandwidth(bandwidth, 10000) == pytest.approx(20e9, rel=1e-12)  # log-log halfway
     assert interpolate_bandwidth(bandwidth, 10) == 10e9 and interpolate_bandwidth(bandwidth, 1e9) == 40e9
+
+
+def test_int8_grids_are_read_by_output_channels_when_their_points_record_them(tmp_path):
+    # The measured int8 grid around a 12 → 24 channel stem on 208 × 208 (ddddocr_det's Conv_41): an 8 → 8 probe on
+    # 160², the 12 → 24 probe on 104², a 16 → 16 on 80² (GFLOP/s as measured here).
+    def grid(channels):
+        return tuple(RatePoint(r, s, f, channels=c if channels else 0.0) for r, s, f, c in
+                     ((72, 25600, 69e9, 8), (108, 10816, 449e9, 24), (144, 6400, 426e9, 16)))
+
+    flops = 2 * 108 * 24 * 208 * 208
+    by_channels = KernelFigures(flops=1e12, grid=grid(True)).rate(flops, (1, 24, 208, 208))
+    assert by_channels == 449e9  # its own point: same depth, same output channels, whatever the map size
+    # Read by map size (a profile written before channels were recorded) the 8 → 8 probe is the nearest point.
+    by_spatial = KernelFigures(flops=1e12, grid=grid(False)).rate(flops, (1, 24, 208, 208))
+    assert 69e9 < by_spatial < 150e9
+    # One point without channels (or a query without them): the grid is read by map size, as before.
+    mixed = (*grid(True)[:2], replace(grid(True)[2], channels=0.0))
+    assert interpolate_rate(mixed, 108, 43264, 24) == interpolate_rate(grid(False), 108, 43264)
+    assert interpolate_rate(grid(True), 108, 43264) == by_spatial
+    # The file form: "channels" only on the points that have it, and it survives the round trip.
+    profile = replace(FULL, kernels={**FULL.kernels, "int8": KernelFigures(1e12, 1e-6, grid(True))})
+    path = tmp_path / "int8.json"
+    write_profile(profile, path)
+    points = json.loads(path.read_text())["kernels"]["int8"]["grid"]
+    assert [p["channels"] for p in points] == [8, 24, 16]
+    assert load_profile(path) == profile
+    for point, message in (({"reduction": 9, "spatial": 4, "flops_per_s": 1e9, "channels": 0}, "channels: expected a positive"),
+                           ({"reduction": 9, "spatial": 4, "flops_per_s": 1e9, "width": 3}, "expected an object with")):
+        path.write_text(json.dumps({"name": "x", "peak_flops_per_s": 1e9, "kernels": {"int8": {"grid": [point]}}}))
+        with pytest.raises(InputError, match=message):
+            load_profile(path)
 
 
 def test_a_conv_takes_its_rate_from_the_grid_by_its_output_shape():

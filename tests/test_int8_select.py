@@ -205,3 +205,32 @@ def test_a_calibrated_hardware_profile_wins_over_the_threads_option() -> None:
 def test_threads_below_one_is_an_option_error() -> None:
     with pytest.raises(OptionError, match="quantize: threads must be >= 1, got 0"):
         QuantizeOptions(threads=0)
+
+
+class _FixedRates(_int8_select.TableRates):
+    """Every conv 30 µs float and 20 µs int8 (depthwise 10 and 12), every region edge 8 µs, an unfused
+    activation 0.5 µs: numbers chosen so that one conv alone does not pay for its two edges (10 < 16) while two
+    joined do (20 > 16)."""
+
+    def layer_us(self, kind, work, pixels, elements, output_shape=None):
+        return (10.0, 12.0) if kind == "depthwise" else (30.0, 20.0)
+
+    def boundary_us(self, elements, conv_side=False):
+        return 8.0
+
+    def unfused_us(self, elements):
+        return 0.5
+
+
+def test_a_region_feeding_a_float_conv_keeps_its_layers_that_pay() -> None:
+    # conv0 → relu0 → conv1 → relu1 → depthwise conv2 (kept float: its int8 kernel is slower). With every other
+    # layer int8, relu1's int8 output would reach the float conv2 through a DequantizeLinear, which onnxruntime
+    # turns into a per-tensor int8 conv: never chosen. Dropping that whole region first leaves the model float,
+    # since no single conv pays for its own two edges; leaving relu1 float keeps conv0 → conv1 int8.
+    proto, calib = _net([(16, 3, 1), (16, 3, 1), (16, 3, 16)], 16, 8)
+    sel = _select(proto, calib[0], _FixedRates())
+    assert sel.chosen == ["conv0", "relu0", "conv1"]
+    # Float 30 + 30 + 10; int8 20 + 20 + 10, a QuantizeLinear before conv0 and a DequantizeLinear after conv1
+    # (8 each), and relu1 no longer fused into conv1 (0.5).
+    assert sel.stats["select_predicted_float_us"] == 70.0 and sel.stats["select_predicted_us"] == 66.5
+    assert "depthwise" in next(d.reason for d in sel.declined if d.node == "conv2")

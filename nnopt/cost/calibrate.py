@@ -44,7 +44,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from nnopt.cost.energy import DEFAULT_ENERGY, EnergyFigures, machine_cache_bytes
-from nnopt.cost.hardware import EPILOGUE_KERNEL, HardwareProfile, KernelFigures, RatePoint, interpolate_bandwidth
+from nnopt.cost.hardware import (
+    CHANNEL_GRID_KERNELS,
+    EPILOGUE_KERNEL,
+    HardwareProfile,
+    KernelFigures,
+    RatePoint,
+    interpolate_bandwidth,
+)
 from nnopt.cost.layout import channel_padding, step_padding
 from nnopt.errors import InputError
 
@@ -617,8 +624,10 @@ def _rate_grid(
                 padded = step_padding(shape[-1])
             else:
                 padded = channel_padding(shape[1], round(reduction / taps), block) if taps else 1.0
-            points.append(RatePoint(reduction=reduction, spatial=spatial, flops=flops * padded / compute))
-    return tuple(sorted(points, key=lambda p: (p.reduction, p.spatial)))
+            channels = shape[1] if kernel in CHANNEL_GRID_KERNELS else 0.0
+            points.append(RatePoint(reduction=reduction, spatial=spatial, flops=flops * padded / compute,
+                                    channels=channels))
+    return tuple(sorted(points, key=lambda p: (p.reduction, p.spatial, p.channels)))
 
 
 #: The grid classes onnxruntime runs in its blocked layout, and their probes' kernel positions (input channels

@@ -103,7 +103,7 @@ class KernelFigures:
         outputs, spatial = math.prod(output_shape), math.prod(output_shape[2:])
         if outputs <= 0 or spatial <= 0:
             return self.flops
-        return interpolate_rate(self.grid, flops / (2 * outputs), spatial)
+        return interpolate_rate(self.grid, flops / (2 * outputs), spatial, output_shape[1])
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"flops_per_s": self.flops, "overhead_s": self.overhead_s}
@@ -121,14 +121,30 @@ class RatePoint:
         reduction: Multiply-adds per output element (C_in ÷ group × kernel area): the GEMM's depth.
         spatial: Output positions per channel (H × W): the GEMM's width.
         flops: The measured FLOP/s.
+        channels: Output channels, for the classes whose rate follows them rather than ``spatial``
+            (:data:`CHANNEL_GRID_KERNELS`); 0 for the others, and in profiles written before it was recorded.
     """
 
     reduction: float
     spatial: float
     flops: float
+    channels: float = 0.0
 
     def to_dict(self) -> dict[str, float]:
-        return {"reduction": self.reduction, "spatial": self.spatial, "flops_per_s": self.flops}
+        data = {"reduction": self.reduction, "spatial": self.spatial, "flops_per_s": self.flops}
+        if self.channels:  # only then: the other classes' points keep the file form they always had
+            data["channels"] = self.channels
+        return data
+
+
+#: Kernel classes whose grid is read by (reduction, output channels) instead of (reduction, spatial).
+#: onnxruntime's int8 conv is a GEMM in its NHWC layout: output pixels are its rows, output channels its
+#: columns. Every layer has rows enough that their number hardly matters, while few columns starve the
+#: kernel. Measured (one thread, AVX-512): 12 → 24 channels ran at 368, 368 and 365 GFLOP/s on 104², 160² and
+#: 208² maps, 12 → 8 at 89 and 8 → 24 at 287 on 160²; 64 → 64 at 1029 on 56² and 974 on 14²; a 1×1 conv of 8
+#: channels at 25 on 160² and 23 on 40². Interpolated by map size, a 12-channel stem on a large map took the
+#: rate of the 8 → 8 probe on a large map (a fifth of its own).
+CHANNEL_GRID_KERNELS: frozenset[str] = frozenset({"int8", "int8_pointwise"})
 
 
 #: How fast a grid point's weight falls with its distance in :func:`interpolate_rate` (inverse distance to
@@ -136,16 +152,19 @@ class RatePoint:
 _GRID_POWER = 3.0
 
 
-def interpolate_rate(grid: Sequence[RatePoint], reduction: float, spatial: float) -> float:
+def interpolate_rate(grid: Sequence[RatePoint], reduction: float, spatial: float, channels: float = 0.0) -> float:
     """The rate at (``reduction``, ``spatial``) from measured points: inverse-distance weighting of the log
     rates in (log reduction, log spatial). A conv's speed in onnxruntime depends on its GEMM's shape far
     more than a single rate allows (a short reduction runs at a fraction of a long one's rate), and the
     measured points lie scattered rather than on a lattice; outside them the estimate tends to the nearest
-    points' rates."""
-    x, y = math.log(max(reduction, 1e-9)), math.log(max(spatial, 1e-9))
+    points' rates. When every point records its output channels (:data:`CHANNEL_GRID_KERNELS`) and
+    ``channels`` is given, the second axis is log output channels instead of log spatial."""
+    by_channels = channels > 0 and all(point.channels > 0 for point in grid)
+    x, y = math.log(max(reduction, 1e-9)), math.log(max(channels if by_channels else spatial, 1e-9))
     total = weighted = 0.0
     for point in grid:
-        distance = math.hypot(math.log(point.reduction) - x, math.log(point.spatial) - y)
+        second = point.channels if by_channels else point.spatial
+        distance = math.hypot(math.log(point.reduction) - x, math.log(second) - y)
         if distance < 1e-9:
             return point.flops
         weight = distance**-_GRID_POWER
@@ -234,7 +253,7 @@ class HardwareProfile:
         if self.runtime is not None and self.runtime not in RUNTIMES:
             raise ValueError(f"hardware profile '{self.name}': unknown runtime '{self.runtime}'")
         points = [p for figures in self.kernels.values() for p in figures.grid]
-        if any(not (p.reduction > 0 and p.spatial > 0 and p.flops > 0) for p in points) or any(
+        if any(not (p.reduction > 0 and p.spatial > 0 and p.flops > 0 and p.channels >= 0) for p in points) or any(
             not (b > 0 and r > 0) for b, r in self.bandwidth_grid
         ):
             raise ValueError(f"hardware profile '{self.name}': grid points must be positive")
@@ -439,6 +458,7 @@ _FILE_OPTIONAL = ("bandwidth_bytes_per_s", "description", "node_overhead_s", "ru
 _FILE_FREE = ("measurements",)
 _KERNEL_KEYS = ("flops_per_s", "overhead_s", "grid")
 _POINT_KEYS = ("reduction", "spatial", "flops_per_s")
+_POINT_OPTIONAL = ("channels",)
 
 
 #: Where the package's measured profiles live (``shipped_profile``).
@@ -551,10 +571,12 @@ def _file_grid(points: Any, where: str, label: str) -> tuple[RatePoint, ...]:
         raise InputError(f"{where}: {label}: expected a list of points")
     grid = []
     for i, point in enumerate(points):
-        if not isinstance(point, dict) or set(point) != set(_POINT_KEYS):
-            raise InputError(f"{where}: {label}[{i}]: expected an object with {', '.join(_POINT_KEYS)}")
+        if not isinstance(point, dict) or not set(_POINT_KEYS) <= set(point) <= {*_POINT_KEYS, *_POINT_OPTIONAL}:
+            raise InputError(f"{where}: {label}[{i}]: expected an object with {', '.join(_POINT_KEYS)} "
+                             f"(and optionally {', '.join(_POINT_OPTIONAL)})")
         values = [_file_number(point, key, where, f"{label}[{i}]", positive=True) for key in _POINT_KEYS]
-        grid.append(RatePoint(*values))  # type: ignore[arg-type]
+        channels = _file_number(point, "channels", where, f"{label}[{i}]", positive=True, optional=True) or 0.0
+        grid.append(RatePoint(*values, channels=channels))  # type: ignore[arg-type]
     return tuple(grid)
 
 
