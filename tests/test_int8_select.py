@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -207,13 +207,16 @@ def test_threads_below_one_is_an_option_error() -> None:
         QuantizeOptions(threads=0)
 
 
+@dataclass(frozen=True)
 class _FixedRates(_int8_select.TableRates):
-    """Every conv 30 µs float and 20 µs int8 (depthwise 10 and 12), every region edge 8 µs, an unfused
-    activation 0.5 µs: numbers chosen so that one conv alone does not pay for its two edges (10 < 16) while two
-    joined do (20 > 16)."""
+    """Every conv 30 µs float and ``conv_int8_us`` int8 (depthwise 10 and 12), every region edge 8 µs, an unfused
+    activation 0.5 µs: with 15, one conv alone does not pay for its two edges (15 < 16) while two joined do
+    (30 > 16)."""
+
+    conv_int8_us: float = 15.0
 
     def layer_us(self, kind, work, pixels, elements, output_shape=None):
-        return (10.0, 12.0) if kind == "depthwise" else (30.0, 20.0)
+        return (10.0, 12.0) if kind == "depthwise" else (30.0, self.conv_int8_us)
 
     def boundary_us(self, elements, conv_side=False):
         return 8.0
@@ -222,15 +225,19 @@ class _FixedRates(_int8_select.TableRates):
         return 0.5
 
 
-def test_a_region_feeding_a_float_conv_keeps_its_layers_that_pay() -> None:
+@pytest.mark.parametrize(("conv_int8_us", "chosen", "predicted_us"), [
+    (15.0, ["conv0", "relu0", "conv1"], 56.5),  # 19 % below float: the second start's set is taken
+    (20.0, [], 70.0),  # 66.5, 5 % below float, is within the second start's margin: the first start's (float) stays
+])
+def test_a_region_feeding_a_float_conv_keeps_its_layers_that_pay(conv_int8_us, chosen, predicted_us) -> None:
     # conv0 → relu0 → conv1 → relu1 → depthwise conv2 (kept float: its int8 kernel is slower). With every other
     # layer int8, relu1's int8 output would reach the float conv2 through a DequantizeLinear, which onnxruntime
     # turns into a per-tensor int8 conv: never chosen. Dropping that whole region first leaves the model float,
-    # since no single conv pays for its own two edges; leaving relu1 float keeps conv0 → conv1 int8.
+    # since no single conv pays for its own two edges; starting with relu1 float keeps conv0 → conv1 int8.
     proto, calib = _net([(16, 3, 1), (16, 3, 1), (16, 3, 16)], 16, 8)
-    sel = _select(proto, calib[0], _FixedRates())
-    assert sel.chosen == ["conv0", "relu0", "conv1"]
-    # Float 30 + 30 + 10; int8 20 + 20 + 10, a QuantizeLinear before conv0 and a DequantizeLinear after conv1
-    # (8 each), and relu1 no longer fused into conv1 (0.5).
-    assert sel.stats["select_predicted_float_us"] == 70.0 and sel.stats["select_predicted_us"] == 66.5
+    sel = _select(proto, calib[0], _FixedRates(conv_int8_us=conv_int8_us))
+    assert sel.chosen == chosen
+    # Float 30 + 30 + 10; int8 2 × conv_int8_us + 10, a QuantizeLinear before conv0 and a DequantizeLinear after
+    # conv1 (8 each), and relu1 no longer fused into conv1 (0.5).
+    assert sel.stats["select_predicted_float_us"] == 70.0 and sel.stats["select_predicted_us"] == predicted_us
     assert "depthwise" in next(d.reason for d in sel.declined if d.node == "conv2")
