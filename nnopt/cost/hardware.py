@@ -574,9 +574,10 @@ def _file_grid(points: Any, where: str, label: str) -> tuple[RatePoint, ...]:
         if not isinstance(point, dict) or not set(_POINT_KEYS) <= set(point) <= {*_POINT_KEYS, *_POINT_OPTIONAL}:
             raise InputError(f"{where}: {label}[{i}]: expected an object with {', '.join(_POINT_KEYS)} "
                              f"(and optionally {', '.join(_POINT_OPTIONAL)})")
-        values = [_file_number(point, key, where, f"{label}[{i}]", positive=True) for key in _POINT_KEYS]
+        reduction, spatial, flops = (_file_number(point, key, where, f"{label}[{i}]", positive=True) or 0.0
+                                     for key in _POINT_KEYS)
         channels = _file_number(point, "channels", where, f"{label}[{i}]", positive=True, optional=True) or 0.0
-        grid.append(RatePoint(*values, channels=channels))  # type: ignore[arg-type]
+        grid.append(RatePoint(reduction, spatial, flops, channels))
     return tuple(grid)
 
 
