@@ -528,10 +528,9 @@ def _best_search(cost: _CostModel, start: set[str]) -> set[str]:
 def _without_float_conv_feeders(cost: _CostModel, start: set[str]) -> set[str]:
     """``start`` without the layers whose output a Conv, ConvTranspose or Gemm outside it (gated, or not a
     candidate: float whatever the search does) reads as its data input, and so on upstream while that makes a
-    float conv of a layer in it. Int8 there is never chosen (``_FORBIDDEN_US``), so the search starts with
-    them float. Left in, the region holding them is dropped whole, and on a detector that is most of the net:
-    ddddocr_det with a calibrated profile whose int8 grid gates its 1 → 4-channel head convs went 71 layers
-    int8 (predicted 9.5 ms), where starting without the SiLU Muls before those heads keeps 262 (7.8 ms)."""
+    float conv of a layer in it. Int8 there is never chosen (``_FORBIDDEN_US``): a search that starts with
+    them int8 drops the whole region holding them, on a detector most of the net (ddddocr_det's SiLU Muls
+    before its 1 → 4-channel head convs, which a calibrated profile keeps float)."""
     start = set(start)
     while True:
         feeders = {cost.producer.get(node.input[0]) for node in cost.nodes.values()
