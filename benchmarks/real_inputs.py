@@ -114,6 +114,10 @@ def _vad(key: str) -> Callable[[int, str], Feeds]:
     return make
 
 
+#: The Silero VAD files fed chunk by chunk (the 16k_sequence one takes whole sequences and another state).
+VAD_MODELS = ("silero_vad", "silero_vad_16k_op15", "silero_vad_half", "silero_vad_op18_ifless")
+
+
 class RealInput(NamedTuple):
     """How one real model is fed: what the inputs are, their builder, whether its (first) output is class
     scores (top-1 over the last axis; a detector's maps and box rows are not), and for a detector of one
@@ -135,5 +139,5 @@ REAL_INPUTS: dict[str, RealInput] = {
     "ddddocr_det": RealInput("rendered pages letterboxed to 416x416", _ddddocr_det, False),
     **{key: RealInput("synthesized speech (espeak-ng): 512-sample chunks at 16 kHz after 64 of context, with "
                       "the model's own states along the stream", _vad(key), False, 0.5)
-       for key in ("silero_vad", "silero_vad_16k_op15", "silero_vad_half", "silero_vad_op18_ifless")},
+       for key in VAD_MODELS},
 }
