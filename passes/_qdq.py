@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from nnopt.ir.graphview import stable_topological_order, subgraph_reads
+from nnopt.ir.graphview import stable_topological_order, subgraph_protos, subgraph_reads
 from nnopt.ir.naming import taken_names, unique_name
 from nnopt.passes import _ort_quant
 from nnopt.runtime import run_model
@@ -127,6 +127,7 @@ def place_qdq(proto: onnx.ModelProto, ranges: Any, *, per_channel: bool, activat
     quantizer.quantize_model()
     out = quantizer.model.model
     _float_inputs_for(out.graph, set(nodes_to_exclude), {t.name for t in proto.graph.initializer})
+    _subgraphs_read_absorbed_activations(proto.graph, out)
     toposort(out.graph)
     # Shapes inferred for placement are not part of the result (the input had only its own value_info).
     keep = {v.name for v in proto.graph.value_info}
@@ -165,6 +166,59 @@ def _with_feeding_activations(graph: onnx.GraphProto, excluded: Sequence[str]) -
             names.append(node.name)
             chosen.add(node.name)
     return names
+
+
+def _subgraphs_read_absorbed_activations(before: onnx.GraphProto, model: onnx.ModelProto) -> None:
+    """Give If branches and Loop bodies that read an absorbed activation's output that activation back.
+
+    onnxruntime's quantizer drops a Relu/Clip after a quantized op (its output's QuantizeLinear clamps) and
+    rewires the main graph's readers to that QuantizeLinear's DequantizeLinear, but not a subgraph that reads
+    the activation's output from the outer scope: the name is then the producer's, unclamped (Silero VAD's
+    decoder If reads the encoder's last Relu: output cosine 0.65, 37 % of speech decisions flipped). The
+    activation comes back, in float, for the subgraphs alone, reading the DequantizeLinear the main graph's
+    readers read (the producer still fuses into an int8 kernel; onnxruntime 1.32 aborted the process when
+    building a session whose subgraph read a DequantizeLinear's output directly) or, with no QuantizeLinear
+    on it, the producer's output.
+    """
+    after = model.graph
+    kept = {n.name for n in after.node}
+    dropped = {n.output[0]: n for n in before.node
+               if n.op_type in ABSORBED_ACTIVATIONS and n.output and n.name not in kept}
+    read = sorted({x for n in after.node for x in subgraph_reads(n)} & dropped.keys())
+    if not read:
+        return
+    quantized = {n.input[0]: n.output[0] for n in after.node if n.op_type == "QuantizeLinear"}
+    dequantized = {n.input[0]: n.output[0] for n in after.node if n.op_type == "DequantizeLinear"}
+    renames, taken = {}, taken_names(model)
+    present = {t.name for t in after.initializer}
+    for name in read:
+        activation = onnx.NodeProto()
+        activation.CopyFrom(dropped[name])
+        activation.name = unique_name(activation.name or activation.op_type, taken)
+        # The quantizer gave the activation's output name to its producer; Clip's bounds may be gone with it.
+        activation.input[0] = dequantized.get(quantized.get(name, ""), name)
+        after.initializer.extend(t for t in before.initializer if t.name in activation.input[1:] and t.name not in present)
+        present.update(activation.input[1:])
+        activation.output[0] = renames[name] = unique_name(name, taken)
+        after.node.append(activation)  # toposort places it
+    for node in after.node:
+        for body in subgraph_protos(node):
+            _rename_outer_reads(body, renames)
+
+
+def _rename_outer_reads(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    """Rename, in ``graph`` and the bodies nested in it, reads of outer-scope names by ``renames`` (a name the
+    body defines itself shadows the outer one and is left alone)."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    live = {old: new for old, new in renames.items() if old not in defined}
+    if not live:
+        return
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in live:
+                node.input[i] = live[name]
+        for body in subgraph_protos(node):
+            _rename_outer_reads(body, live)
 
 
 def _float_inputs_for(graph: onnx.GraphProto, excluded: set[str], original_inits: set[str]) -> None:

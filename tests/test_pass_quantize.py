@@ -619,3 +619,46 @@ def test_excluding_a_layer_keeps_the_activation_that_feeds_it(digits: dict, excl
     reader = next(n for n in out.graph.node if n.name == excluded)
     producers = {o: n for n in out.graph.node for o in n.output}
     assert producers[reader.input[0]].op_type in ("Relu", "MaxPool", "Flatten")  # float, as in the original
+
+
+@pytest.mark.parametrize("main_reader", [True, False])
+def test_an_if_branch_reading_an_absorbed_activation_reads_it_clamped(main_reader: bool) -> None:
+    #   x → Conv "conv" → Relu "relu" → r;  [r → Conv "head" → y;]  If "gate" (then: Identity(r) from the outer
+    #   scope, else: Neg(r)) → z.  onnxruntime's quantizer absorbs the Relu into the conv's QuantizeLinear and
+    #   rewires only main-graph readers: the branch read the conv's unclamped output (Silero VAD's decoder If
+    #   reads the encoder's last Relu: output cosine 0.65). The Relu comes back for the branch alone.
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, 4, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (8, 4, 3)).astype(np.float32), "w2")]
+    head = helper.make_node("Conv", ["r" if main_reader else "x", "w2" if main_reader else "w"], ["y"], name="head",
+                            pads=[1, 1])
+    if main_reader:
+        inits[1] = numpy_helper.from_array(rng.normal(0, 0.5, (8, 8, 3)).astype(np.float32), "w2")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"), head,
+             _if_node("gate", "flag", "z", "r", "Identity")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 16]),
+                     helper.make_tensor_value_info("flag", onnx.TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)], [i for i in inits if i.name in
+                                                                             ("w", "w2" if main_reader else "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feeds = [{"x": rng.normal(0, 1, (1, 4, 16)).astype(np.float32), "flag": np.array(flag)}
+             for flag in (True, False) * 4]
+    out, result = apply_pass(Quantize(QuantizeOptions(select="all")), proto, PassContext(samples=feeds))
+    assert result.modified
+    gate = next(n for n in out.graph.node if n.name == "gate")
+    read = _qdq.subgraph_reads(gate)
+    producers = {o: n for n in out.graph.node for o in n.output}
+    # A float Relu of the branches' own, reading the DequantizeLinear the head reads (a branch reading that
+    # DequantizeLinear itself made onnxruntime 1.32 abort the process in the session's graph optimisation).
+    relu = producers[next(iter(read))]
+    assert len(read) == 1 and relu.op_type == "Relu"
+    assert producers[relu.input[0]].op_type == ("DequantizeLinear" if main_reader else "Conv")
+    for feed in feeds[:2]:
+        reference = make_session(proto).run(None, feed)
+        got = make_session(out).run(None, feed)
+        if feed["flag"]:
+            assert got[1].min() >= 0.0 and (reference[1] > 0).sum() > 0
+        assert float(np.abs(got[1] - reference[1]).max()) < 0.05 * float(np.abs(reference[1]).max())
