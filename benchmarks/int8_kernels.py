@@ -38,6 +38,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from nnopt.cost.layout import step_padding
+
 ROOT = Path(__file__).resolve().parents[1]
 #: Channels below which select=latency keeps a conv float whatever its size (``MIN_INT8_CHANNELS``).
 MIN_CHANNELS = 16
@@ -63,6 +65,11 @@ NARROW_CASES = [(3, 16, 112, 1), (3, 16, 224, 2), (3, 32, 224, 2), (3, 24, 416, 
                 (12, 32, 208, 1), (12, 48, 104, 1), (12, 64, 52, 1)]
 #: (M, K = N) per Gemm case.
 GEMM_CASES = [(1, 64), (1, 256), (1, 512), (1, 1024), (16, 256), (64, 512)]
+#: (channels, steps) per 1-D dense conv case (3 taps, stride 1, channels in = out so layers chain): audio
+#: models (Silero VAD's encoder) convolve a few time steps. onnxruntime's float 1-D conv is one GEMM whose
+#: columns are the output steps, in strips of ``nnopt.cost.layout.GEMM_COLUMNS``; the float fit is per MAC of
+#: the padded steps (``step_padding``), the int8 one (an NHWC GEMM, output steps as rows) per MAC as written.
+CONV1D_CASES = [(64, 1), (128, 1), (64, 2), (128, 4), (256, 4), (64, 16), (128, 16), (128, 64), (64, 128)]
 #: (C, spatial) per elementwise case (activations of [1, C, s, s]).
 ELTWISE_CASES = [(16, 14), (32, 28), (64, 28), (16, 56), (64, 56)]
 #: (channels, spatial, activation) per sandwich case: depthwise -> [act] -> pointwise -> [act] -> depthwise,
@@ -88,6 +95,18 @@ def _conv_model(kind: str, c: int, s: int, layers: int, rng: np.random.Generator
         nodes.append(helper.make_node("Conv", [src, f"w{i}", f"b{i}"], [dst], name=f"layer{i}", pads=[k // 2] * 4,
                                       group=group))
     return _model(nodes, {"x": [1, c, s, s]}, {"y": [1, c, s, s]}, arrays, names)
+
+
+def _conv1d_model(c: int, steps: int, layers: int, rng: np.random.Generator) -> onnx.ModelProto:
+    """A chain of ``layers`` 1-D 3-tap convs c -> c on [1, c, steps]."""
+    nodes, arrays, names = [], [], []
+    for i in range(layers):
+        arrays += [rng.normal(0, 1.5 / np.sqrt(3 * c), (c, c, 3)).astype(np.float32),
+                   rng.normal(0, 0.1, c).astype(np.float32)]
+        names += [f"w{i}", f"b{i}"]
+        src, dst = ("x" if i == 0 else f"t{i}"), ("y" if i == layers - 1 else f"t{i + 1}")
+        nodes.append(helper.make_node("Conv", [src, f"w{i}", f"b{i}"], [dst], name=f"layer{i}", pads=[1, 1]))
+    return _model(nodes, {"x": [1, c, steps]}, {"y": [1, c, steps]}, arrays, names)
 
 
 def _narrow_model(cin: int, cout: int, s: int, stride: int, layers: int, rng: np.random.Generator) -> onnx.ModelProto:
@@ -260,6 +279,11 @@ def _cases(rng: np.random.Generator) -> list[tuple[str, dict[str, Any], Any, int
                                        "macs": cout * cin * 9 * out * out, "pixels": out * out},
                       lambda n, a=cin, b=cout, s=s, st=stride: _narrow_model(a, b, s, st, n, rng),
                       cin * s * s + cout * out * out))
+    for c, steps in CONV1D_CASES:
+        macs = c * c * 3 * steps
+        specs.append(("dense_1d", {"channels": c, "steps": steps, "macs": macs,
+                                   "padded_macs": round(macs * step_padding(steps))},
+                      lambda n, c=c, steps=steps: _conv1d_model(c, steps, n, rng), 2 * c * steps))
     for m, k in GEMM_CASES:
         specs.append(("gemm", {"m": m, "k": k, "macs": m * k * k}, lambda n, m=m, k=k: _gemm_model(m, k, n, rng),
                       2 * m * k))
@@ -270,10 +294,13 @@ def _cases(rng: np.random.Generator) -> list[tuple[str, dict[str, Any], Any, int
     return specs
 
 
-def run(runs: int, rounds: int) -> dict[str, Any]:
+def run(runs: int, rounds: int, kinds: set[str] | None = None) -> dict[str, Any]:
+    """Every case (of ``kinds`` only, when given; then without the sandwiches) timed, and the table fitted."""
     rng = np.random.default_rng(0)
     cases: list[dict[str, Any]] = []
     for kind, shape, build, crossing in _cases(rng):
+        if kinds is not None and kind not in kinds:
+            continue
         protos = {"float1": build(1), f"float{CHAIN}": build(CHAIN)}
         protos.update({"int8_1": _quantized(protos["float1"], rng), f"int8_{CHAIN}": _quantized(protos[f"float{CHAIN}"], rng)})
         t = time_interleaved(protos, runs, rounds)
@@ -288,6 +315,8 @@ def run(runs: int, rounds: int) -> dict[str, Any]:
         cases.append(case)
         print(f"{kind} {shape}: layer float {f_layer:.1f} µs, int8 {i_layer:.1f} µs (x{case['ratio']:.2f}); "
               f"1-layer models float {t['float1']:.1f} int8 {t['int8_1']:.1f}; boundary {boundary:.1f} µs", flush=True)
+    if kinds is not None:  # the caller fits them with the other kinds' cases
+        return {"cases": cases}
     sandwiches = _sandwiches(runs, rounds, rng)
     return {"onnxruntime": ort.__version__, "threads": THREADS[0], "runs": runs, "rounds": rounds, "chain": CHAIN,
             "cases": cases, "sandwiches": sandwiches, "fits": fit_all(cases, sandwiches)}
@@ -308,7 +337,9 @@ def fit_all(cases: list[dict[str, Any]], sandwiches: list[dict[str, Any]]) -> di
         # their fixed costs move by fractions of a µs, which flipped ppocr_cls's small residual blocks to
         # float (29 layers fewer int8: measured x0.916 float instead of x0.889, interleaved).
         relative = kind not in ("pointwise", "add", "mul")
-        f_fit = _fit([c["macs"] for c in rows], [c["float_us"] for c in rows], relative)
+        # A 1-D conv's float GEMM computes its steps padded to whole column strips.
+        f_work = "padded_macs" if kind == "dense_1d" else "macs"
+        f_fit = _fit([c[f_work] for c in rows], [c["float_us"] for c in rows], relative)
         i_fit = _fit([c["macs"] for c in rows], [c["int8_us"] for c in rows], relative)
         b_fit = _fit([c["boundary_elements"] for c in rows], [c["boundary_us"] for c in rows])
         fits[kind] = {"float_fixed_us": f_fit[0], "float_ns_per_mac": f_fit[1] * 1e3,
@@ -367,10 +398,12 @@ def render(result: dict[str, Any]) -> str:
              "| kind | shape | MACs | float µs | int8 µs | int8 / float | boundary µs | boundary elements |",
              "|---" * 8 + "|"]
     for c in result["cases"]:
-        shape = " ".join(f"{k}={v}" for k, v in c.items() if k in ("channels", "out_channels", "spatial", "stride",
-                                                                   "m", "k"))
+        shape = " ".join(f"{k}={v}" for k, v in c.items() if k in ("channels", "out_channels", "spatial", "steps",
+                                                                   "stride", "m", "k"))
         lines.append(f"| {c['kind']} | {shape} | {c['macs']:,} | {c['float_us']:.1f} | {c['int8_us']:.1f} | "
                      f"{c['ratio']:.2f} | {c['boundary_us']:.1f} | {c['boundary_elements']:,} |")
+    for kind, when in result.get("remeasured", {}).items():
+        lines.append(f"\n{kind}: measured again on its own ({when}); the other kinds' figures as above.")
     lines += ["", "Sandwiches (depthwise -> [act] -> pointwise -> [act] -> depthwise; only the pointwise int8):", "",
               "| channels | spatial | activation | float µs | pointwise int8 µs | ratio |", "|---" * 6 + "|"]
     for r in result["sandwiches"]:
@@ -397,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="onnxruntime intra-op threads (0: its default; 1 keeps a shared machine's load out)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "int8_kernels"))
+    parser.add_argument("--kinds", nargs="+", default=None, metavar="KIND",
+                        help="time only these kinds' cases (e.g. dense_1d) and put them into OUT.json's results in "
+                             "place of that kind's old ones (the other kinds' measurements are kept), then refit")
     parser.add_argument("--refit", action="store_true",
                         help="fit the table again from the measurements in OUT.json (no timing)")
     args = parser.parse_args(argv)
@@ -405,11 +441,21 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(Path(args.out + ".json").read_text())
         result["fits"] = fit_all(result["cases"], result["sandwiches"])
         args.threads, args.runs, args.rounds = result["threads"], result["runs"], result["rounds"]
+    elif args.kinds:
+        result = json.loads(Path(args.out + ".json").read_text())
+        fresh = run(args.runs, args.rounds, set(args.kinds))
+        result["cases"] = [c for c in result["cases"] if c["kind"] not in args.kinds] + fresh["cases"]
+        result.setdefault("remeasured", {}).update(
+            {k: f"{time.strftime('%Y-%m-%d')}, --runs {args.runs} --rounds {args.rounds}" for k in args.kinds})
+        result["fits"] = fit_all(result["cases"], result["sandwiches"])
+        args.threads, args.runs, args.rounds = result["threads"], result["runs"], result["rounds"]
     else:
         result = run(args.runs, args.rounds)
+        result["date"] = time.strftime("%Y-%m-%d")
     Path(args.out + ".json").write_text(json.dumps(result, indent=1))
+    result.setdefault("date", time.strftime("%Y-%m-%d"))  # of the run whose --runs/--rounds the header gives
     header = ("# int8 kernels vs float in onnxruntime (CPU)\n\nGenerated by `python benchmarks/int8_kernels.py "
-              f"--threads {args.threads} --runs {args.runs} --rounds {args.rounds}` ({time.strftime('%Y-%m-%d')}); "
+              f"--threads {args.threads} --runs {args.runs} --rounds {args.rounds}` ({result['date']}); "
               "the constants of passes/_int8_select.py come from this output (docs/quantize.md, "
               "\"Latency-aware selection\").\n\n")
     Path(args.out + ".md").write_text(header + render(result))

@@ -12,6 +12,7 @@ import onnx
 from onnx import helper
 
 from nnopt.cost.hardware import HardwareProfile, shipped_profile
+from nnopt.cost.layout import step_padding
 from nnopt.passes import _qdq
 from nnopt.pipeline.base import LayerDecision
 from nnopt.runtime import RunTimeLimitExceeded
@@ -76,7 +77,11 @@ class KernelTable:
 # Region edges: fitted on the 1-layer int8 models' time beyond their layer and beyond the float model's
 # fixed cost (dense conv 0.135, Add/Mul 0.11 ns per element); beside a float conv, on the sandwich cases
 # (depthwise -> pointwise -> depthwise, float vs pointwise int8: x0.58-x1.38); the unfused activation on
-# sandwiches with HardSwish vs without.
+# sandwiches with HardSwish vs without. 1-D 3-tap convs ("dense_1d", audio models' encoders) were measured
+# on their own later (``--kinds dense_1d``, same method): float per MAC of the output steps padded to 16
+# (onnxruntime's GEMM column strips: 2-16 steps take as long as 16), int8/float 0.09-0.55 on 1-128 steps,
+# where the 2-D dense rates put the float side 1.6-16x too low (Silero VAD's encoder: kept float, x0.73
+# float measured; int8, x0.56).
 ONE_THREAD = KernelTable(
     threads=1,
     kernels={
@@ -84,6 +89,7 @@ ONE_THREAD = KernelTable(
         "dense_narrow": Rate(0.0, 0.0230, 0.0, 0.0026, 18.87),
         "pointwise": Rate(3.70, 0.0178, 3.75, 0.0048),  # the previous run's (see the NOTE)
         "depthwise": Rate(0.70, 0.0311, 1.07, 0.0556),
+        "dense_1d": Rate(0.53, 0.0065, 0.83, 0.0021),  # float per MAC of the padded steps (step_padding)
         "gemm": Rate(0.57, 0.0228, 1.33, 0.0066),
         "add": Rate(1.15, 0.1395, 0.39, 0.1385),
         "mul": Rate(1.10, 0.1393, 0.51, 0.2132),
@@ -132,6 +138,7 @@ _KIND = {"Gemm": "gemm", "MatMul": "gemm", "ConvTranspose": "dense", "Add": "add
 _PROFILE_CLASSES: dict[str, tuple[str, str, float]] = {
     "dense": ("conv", "int8", 2.0), "dense_narrow": ("conv", "int8", 2.0), "pointwise": ("pointwise", "int8_pointwise", 2.0),
     "depthwise": ("depthwise", "int8_depthwise", 2.0), "gemm": ("conv", "int8_matmul", 2.0),
+    "dense_1d": ("conv1d", "int8", 2.0),
     "add": ("other", "int8_elementwise", 1.0), "mul": ("other", "int8_elementwise", 1.0),
 }  # fmt: skip
 #: The kernel classes a profile must measure for select=latency to take its times from it.
@@ -161,7 +168,7 @@ class TableRates:
     def layer_us(self, kind: str, work: float, pixels: float, elements: float,
                  output_shape: Sequence[int] | None = None) -> tuple[float, float]:
         rate = ONE_THREAD.kernels[kind]
-        return rate.float_us(work), rate.int8_us(work, pixels)
+        return rate.float_us(work * _float_padding(kind, output_shape)), rate.int8_us(work, pixels)
 
     def boundary_us(self, elements: float, conv_side: bool = False) -> float:
         return ONE_THREAD.boundary_us(elements, conv_side)
@@ -184,11 +191,13 @@ class ProfileRates(TableRates):
 
     def layer_us(self, kind: str, work: float, pixels: float, elements: float,
                  output_shape: Sequence[int] | None = None) -> tuple[float, float]:
-        if kind not in _PROFILE_CLASSES or self.profile is None or (kind == "dense_narrow" and not self.narrow):
-            return super().layer_us(kind, work, pixels, elements)
+        if (kind not in _PROFILE_CLASSES or self.profile is None or (kind == "dense_narrow" and not self.narrow)
+                or _PROFILE_CLASSES[kind][0] not in self.profile.kernels):
+            return super().layer_us(kind, work, pixels, elements, output_shape)
         float_class, int8_class, flops_per_unit = _PROFILE_CLASSES[kind]
         flops = flops_per_unit * work
-        float_s = self.profile.node_latency(float_class, flops, 4.0 * elements, output_shape=output_shape)[0]
+        float_s = self.profile.node_latency(float_class, flops, 4.0 * elements, output_shape=output_shape,
+                                            padding=_float_padding(kind, output_shape))[0]
         int8_s = self.profile.node_latency(int8_class, flops, elements, output_shape=output_shape)[0]
         return float_s * 1e6, int8_s * 1e6
 
@@ -341,9 +350,17 @@ def _describe(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]], rates: T
     return layer
 
 
+def _float_padding(kind: str, output_shape: Sequence[int] | None) -> float:
+    """The work a float layer of ``kind`` does over its MACs: a 1-D conv's GEMM computes its output steps padded
+    to whole column strips (``nnopt.cost.layout.step_padding``), as the cost model has it."""
+    if kind == "dense_1d" and output_shape is not None and len(output_shape) == 3:
+        return step_padding(int(output_shape[-1]))
+    return 1.0
+
+
 def _conv_kind(node: onnx.NodeProto, attrs: dict[str, Any], shapes: dict[str, tuple[int, ...]],
                out: tuple[int, ...] | None) -> tuple[str, float]:
-    """(dense | dense_narrow | pointwise | depthwise, MACs) of a Conv."""
+    """(dense | dense_narrow | dense_1d | pointwise | depthwise, MACs) of a Conv."""
     w = shapes.get(node.input[1]) if len(node.input) > 1 else None
     if w is None or out is None or len(w) < 3:
         return "dense", math.nan
@@ -354,6 +371,8 @@ def _conv_kind(node: onnx.NodeProto, attrs: dict[str, Any], shapes: dict[str, tu
         return "depthwise", macs
     if all(k == 1 for k in w[2:]) and group == 1:
         return "pointwise", macs
+    if len(w) == 3 and group == 1:
+        return "dense_1d", macs
     return ("dense_narrow" if group == 1 and cin_per_group < MIN_INT8_CHANNELS else "dense"), macs
 
 
@@ -371,7 +390,7 @@ def _gate(node: onnx.NodeProto, layer: _Layer, shapes: dict[str, tuple[int, ...]
         return (f"{shapes[node.input[1]][1]} input and {shapes[node.input[1]][0]} output channels (< "
                 f"{MIN_INT8_CHANNELS}): onnxruntime's int8 conv is no faster there (measured 8 -> 8 x1.23, "
                 "12 -> 12 x0.99)")
-    if layer.kind in ("dense", "dense_narrow", "pointwise", "gemm") and not layer.int8_us < layer.float_us:
+    if layer.kind in ("dense", "dense_narrow", "dense_1d", "pointwise", "gemm") and not layer.int8_us < layer.float_us:
         narrow = " (few input channels: int8 pays per output pixel)" if layer.kind == "dense_narrow" else ""
         return (f"too small{narrow}: {layer.work / 1e3:.1f} kMAC, int8 kernel {layer.int8_us:.1f} µs >= float "
                 f"{layer.float_us:.1f} µs ({source})")

@@ -241,3 +241,39 @@ def test_a_region_feeding_a_float_conv_keeps_its_layers_that_pay(conv_int8_us, c
     # conv1 (8 each), and relu1 no longer fused into conv1 (0.5).
     assert sel.stats["select_predicted_float_us"] == 70.0 and sel.stats["select_predicted_us"] == predicted_us
     assert "depthwise" in next(d.reason for d in sel.declined if d.node == "conv2")
+
+
+def _net_1d(channels: int, steps: int, layers: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``layers`` 1-D 3-tap convs channels -> channels with a Relu between, on [1, channels, steps]."""
+    rng = np.random.default_rng(1)
+    nodes, inits, src = [], [], "x"
+    for i in range(layers):
+        inits += [numpy_helper.from_array(rng.normal(0, 0.1, (channels, channels, 3)).astype(np.float32), f"w{i}")]
+        nodes.append(helper.make_node("Conv", [src, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1]))
+        src = f"c{i}"
+        if i < layers - 1:
+            nodes.append(helper.make_node("Relu", [src], [f"r{i}"], name=f"relu{i}"))
+            src = f"r{i}"
+    graph = helper.make_graph(
+        nodes, "net1d", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, channels, steps])],
+        [helper.make_tensor_value_info(src, onnx.TensorProto.FLOAT, [1, channels, steps])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8)
+    return proto, {"x": rng.normal(0, 1, (1, channels, steps)).astype(np.float32)}
+
+
+def test_1d_convs_over_few_steps_are_costed_on_padded_steps_and_run_int8() -> None:
+    # Silero VAD's encoder: 1-D 3-tap convs over 1-4 steps. onnxruntime's float GEMM computes 16 steps for 2-16
+    # (int8_kernels.py, 128 channels: 8.9 µs float over 4 steps, 9.2 over 16; int8 1.3 µs): at the 2-D dense
+    # rate the table put 128 -> 128 over 4 steps at 4.4 µs float, 4.6 µs int8, and kept the encoder float.
+    proto, feeds = _net_1d(128, 4, 2)
+    sel = _select(proto, feeds)
+    macs = 128 * 128 * 3 * 4
+    figures = _figures(sel, "conv0")
+    rate = _int8_select.KERNELS["dense_1d"]
+    assert figures["kind"] == "dense_1d" and figures["work"] == macs
+    assert figures["predicted_float_us"] == pytest.approx(rate.float_us(macs * 16 / 4), abs=0.01)
+    assert figures["predicted_float_us"] == pytest.approx(5.6, abs=0.1)
+    assert figures["predicted_int8_us"] == pytest.approx(rate.int8_us(macs), abs=0.01) == pytest.approx(1.2, abs=0.1)
+    dense = _int8_select.KERNELS["dense"]
+    assert dense.float_us(macs) < dense.int8_us(macs)  # what the 2-D rate said
+    assert sel.chosen == ["conv0", "relu0", "conv1"]
