@@ -39,8 +39,9 @@ all timed in interleaved rounds in one process:
   then gets the opset-13 conversion, as nnopt converts it itself. Where ``quant_pre_process`` fails on the
   dynamic input dims ("Incomplete symbolic shape inference"), it is run again with the benchmark's input
   shapes fixed, then without its symbolic shape inference; the notes say which. The fastest onnxruntime
-  variant per model is marked ``*``; where the dims had to be fixed, ``nnopt-fixed``: nnopt's default
-  pipeline then ``quantize`` on the same fixed-dims model (the two then start from the same float graph);
+  variant per model is marked ``*``; where the dims had to be fixed, ``nnopt-fixed``: the same dims pinned
+  by nnopt's ``fix-input-shapes``, then its default pipeline and ``quantize`` (the two then start from the
+  same float graph);
 * ``wo``: ``quantize:mode=weight_only`` (int8 + DequantizeLinear at every run); ``wo-fast``:
   ``mode=weight_only:kernel=auto`` (onnxruntime's dynamic int8 kernels where they exist, DequantizeLinear
   elsewhere) and ``wo-dyn``: ``kernel=dynamic`` (dynamic int8 kernels, the other layers float) when the
@@ -237,9 +238,10 @@ THREADS_VARIANT = "nnopt-threads"
 #: quantize`` writes. The lossless passes are not quantization, but they are part of what nnopt gives.
 PIPELINE_VARIANT = "nnopt-default"
 #: Where ``quant_pre_process`` ran only with the input dims fixed (``ort_prepare``), onnxruntime's ``+pre``
-#: variants start from a float model with those dims: this variant is nnopt's default pipeline, then quantize,
-#: on the same fixed-dims model (what ``nnopt optimize -p default -p quantize`` writes for it), so that the
-#: two start alike (Silero VAD: fixed dims alone make the float model 0.85x).
+#: variants start from a float model with those dims: this variant pins the same dims (``fix-input-shapes``),
+#: then runs nnopt's default pipeline and quantize (what ``nnopt optimize --input-shape ... -p fix-input-shapes
+#: -p default -p quantize`` writes), so that the two start alike (Silero VAD: fixed dims alone make the float
+#: model 0.85x).
 FIXED_VARIANT = "nnopt-fixed"
 
 
@@ -357,9 +359,10 @@ def quantize_all(reference: onnx.ModelProto, case: dict[str, Any], tmp: Path,
     if prepared is not None and prepared[1].startswith("input dims fixed"):
         start = time.perf_counter()
         try:
-            fixed_float = _fixed_dims(reference, case["calib"][0])
-            make_session(fixed_float)  # raises where the fixed dims alone break the model (an untaken branch)
-            fixed = optimize(fixed_float, list(DEFAULT_PIPELINE), verify=False)[0]
+            shapes = {name: list(np.shape(value)) for name, value in case["calib"][0].items()}
+            pinned = optimize(reference, ["fix-input-shapes"], verify=False, input_shapes=shapes)[0].to_proto()
+            make_session(pinned)  # raises where the fixed dims alone break the model (an untaken branch)
+            fixed = optimize(pinned, list(DEFAULT_PIPELINE), verify=False)[0]
             variants[FIXED_VARIANT], report = _nnopt(fixed.to_proto(), {}, case["calib"])
             notes[FIXED_VARIANT] = _summary(report)
         except Exception as exc:

@@ -12,6 +12,7 @@ def nnopt_register_passes() -> list[type[Pass]]:
     from nnopt.passes.conv_to_separable import ConvToSeparable
     from nnopt.passes.dce import DeadNodeElimination
     from nnopt.passes.distill import Distill
+    from nnopt.passes.fix_input_shapes import FixInputShapes
     from nnopt.passes.fold_batchnorm import FoldBatchNorm
     from nnopt.passes.fold_constants import FoldConstants
     from nnopt.passes.fp16 import Fp16
@@ -32,6 +33,7 @@ def nnopt_register_passes() -> list[type[Pass]]:
         FoldBatchNorm,
         FuseHardSwish,
         StripDebugInfo,
+        FixInputShapes,
         ConvToSeparable,
         Svd,
         KMeansWeightSharing,
