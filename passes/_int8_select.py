@@ -184,15 +184,15 @@ class ProfileRates(TableRates):
     selection and the estimate tell the same story (rates interpolated in the classes' grids by the layer's
     output shape, as the estimate does). Convs with few input channels take their times from the profile
     only when it measured them (its ``int8`` grid, from ``nnopt calibrate``'s narrow probes), else from the
-    table; onnxruntime's NCHWc reorder at a region edge beside a float Conv (beyond the edge's
-    QuantizeLinear/DequantizeLinear) always comes from the table."""
+    table, as do 1-D convs when it has no ``conv1d`` class; onnxruntime's NCHWc reorder at a region edge
+    beside a float Conv (beyond the edge's QuantizeLinear/DequantizeLinear) always comes from the table."""
 
     profile: HardwareProfile | None = None
 
     def layer_us(self, kind: str, work: float, pixels: float, elements: float,
                  output_shape: Sequence[int] | None = None) -> tuple[float, float]:
         if (kind not in _PROFILE_CLASSES or self.profile is None or (kind == "dense_narrow" and not self.narrow)
-                or _PROFILE_CLASSES[kind][0] not in self.profile.kernels):
+                or (kind == "dense_1d" and "conv1d" not in self.profile.kernels)):
             return super().layer_us(kind, work, pixels, elements, output_shape)
         float_class, int8_class, flops_per_unit = _PROFILE_CLASSES[kind]
         flops = flops_per_unit * work

@@ -277,3 +277,27 @@ def test_1d_convs_over_few_steps_are_costed_on_padded_steps_and_run_int8() -> No
     dense = _int8_select.KERNELS["dense"]
     assert dense.float_us(macs) < dense.int8_us(macs)  # what the 2-D rate said
     assert sel.chosen == ["conv0", "relu0", "conv1"]
+
+
+def test_a_calibrated_profile_times_1d_convs_by_its_conv1d_class_and_adds_by_its_own_rates() -> None:
+    # conv0 -> relu0 -> conv1 (1-D, 64 channels over 4 steps), then Add with the input: the float conv on the
+    # profile's conv1d class over steps padded to 16 (the table's times when the profile has no conv1d class),
+    # the Add at the profile's rates whatever classes the profile lacks (a first version of the fallback
+    # sent Adds to the table: ppocr_cls with a profile went from 15 to 46 int8 layers).
+    proto, feeds = _net_1d(64, 4, 2)
+    proto.graph.node.append(helper.make_node("Add", ["c1", "x"], ["y"], name="add"))
+    proto.graph.output[0].name = "y"
+    macs, elements = 64 * 64 * 3 * 4, 2 * 64 * 4 + 64 * 64 * 3
+    without = _calibrated(4e10)
+    with_1d = replace(without, kernels={**without.kernels, "conv1d": KernelFigures(1e11, 1e-6)})
+    for profile in (without, with_1d):
+        sel = _select(proto, feeds, _int8_select.rates_for(profile))
+        conv, add = _figures(sel, "conv0"), _figures(sel, "add")
+        if profile is with_1d:
+            expected = (profile.node_latency("conv1d", 2 * macs, 4 * elements, padding=4.0)[0] * 1e6,
+                        profile.node_latency("int8", 2 * macs, elements)[0] * 1e6)
+        else:  # the layer's two times from one source: the table
+            expected = (_int8_select.KERNELS["dense_1d"].float_us(macs * 4), _int8_select.KERNELS["dense_1d"].int8_us(macs))
+        assert (conv["predicted_float_us"], conv["predicted_int8_us"]) == (round(expected[0], 2), round(expected[1], 2))
+        assert add["predicted_float_us"] == round(profile.node_latency("other", 256, 4 * 3 * 256)[0] * 1e6, 2)
+        assert add["predicted_int8_us"] == round(profile.node_latency("int8_elementwise", 256, 3 * 256)[0] * 1e6, 2)
