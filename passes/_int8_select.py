@@ -80,8 +80,8 @@ class KernelTable:
 # sandwiches with HardSwish vs without. 1-D 3-tap convs ("dense_1d", audio models' encoders) were measured
 # on their own later (``--kinds dense_1d``, same method): float per MAC of the output steps padded to 16
 # (onnxruntime's GEMM column strips: 2-16 steps take as long as 16), int8/float 0.09-0.55 on 1-128 steps,
-# where the 2-D dense rates put the float side 1.6-16x too low (Silero VAD's encoder: kept float, x0.73
-# float measured; int8, x0.56).
+# where the 2-D dense rates put the float side 1.6-16x too low (Silero VAD 16k's encoder was kept float:
+# quantize's output x0.88 float; with it int8 x0.66, docs/quantize_vs_ort.md).
 ONE_THREAD = KernelTable(
     threads=1,
     kernels={

@@ -13,10 +13,10 @@ class FixInputShapes(Pass[NoOptions]):
 
     For deployments that always feed one shape (a VAD's fixed chunk, a camera's frame): with the dims static,
     the shape arithmetic exporters write (Shape → Gather → Concat → Reshape) becomes constant, and
-    ``fold-constants`` (in the default pipeline, after this pass) folds it away; onnxruntime's own
-    ``quant_pre_process`` only runs on such models. Silero VAD 16k, pinned to its 576-sample chunk: 0.85×
-    the float time, 0.49–0.51× after the default pipeline and ``quantize`` (docs/quantize_vs_ort.md,
-    ``nnopt-fixed``), against 0.60× with the dims left dynamic.
+    ``fold-constants`` (in the default pipeline, after this pass) or onnxruntime at load folds it away
+    (onnxruntime's ``quant_pre_process`` needed the dims fixed on PP-OCR's and Silero's models). Silero VAD
+    16k, pinned to its 576-sample chunk: 0.85× the float time, 0.49–0.51× after the default pipeline and
+    ``quantize`` (docs/quantize_vs_ort.md, ``nnopt-fixed``), against 0.60–0.63× with the dims left dynamic.
 
     Matches: every graph input named in the pipeline's input shapes. Rewrites: each dim to the given size;
     the model then accepts only those shapes (onnxruntime rejects others), so this pass is never part of a
