@@ -217,7 +217,7 @@ ERRORS = [
         "pipeline.toml",
         '[[passes]]\nname = "zzzz"\n',
         "passes[1].name: unknown pass 'zzzz' (known: constants-to-initializers, conv-to-separable, dce, "
-        "default, distill, fold-batchnorm, fold-constants, fp16, fuse-hardswish, hashed-sharing, kmeans, prune, quantize, remove-noops, "
+        "default, distill, fix-input-shapes, fold-batchnorm, fold-constants, fp16, fuse-hardswish, hashed-sharing, kmeans, prune, quantize, remove-noops, "
         "strip-debug-info, svd; see nnopt passes)",
     ),
     (
