@@ -243,6 +243,9 @@ PIPELINE_VARIANT = "nnopt-default"
 #: -p default -p quantize`` writes), so that the two start alike (Silero VAD: fixed dims alone make the float
 #: model 0.85x).
 FIXED_VARIANT = "nnopt-fixed"
+#: The nnopt variants the verdict judges, and the key of each one's checks in a result.
+JUDGED = (("nnopt", "checks"), (PIPELINE_VARIANT, "checks_default"), (PROFILE_VARIANT, "checks_profile"),
+          (FIXED_VARIANT, "checks_fixed"))
 
 
 def _nnopt(reference: onnx.ModelProto, options: dict[str, Any], calib: list[dict[str, np.ndarray]],
@@ -482,8 +485,7 @@ def _verdict(res: dict[str, Any]) -> dict[str, Any]:
     for r in res["rows"]:
         r["vs_best_ort"] = r["latency_ms"] / best["latency_ms"] if best else None
         r["fastest_ort"] = r is best
-    for variant, key in (("nnopt", "checks"), (PIPELINE_VARIANT, "checks_default"), (PROFILE_VARIANT, "checks_profile"),
-                         (FIXED_VARIANT, "checks_fixed")):
+    for variant, key in JUDGED:
         nn = rows.get(variant)
         if nn is None or best is None:
             continue
@@ -576,8 +578,7 @@ def render(results: list[dict[str, Any]]) -> str:
     lines.append("")
     for res in results:
         verdict = _verdict_text(res.get("checks", {}))
-        for key, variant in (("checks_default", PIPELINE_VARIANT), ("checks_profile", PROFILE_VARIANT),
-                             ("checks_fixed", FIXED_VARIANT)):
+        for variant, key in JUDGED[1:]:
             if key in res:
                 verdict += f"; {variant} {_verdict_text(res[key])}"
         lines.append(f"- **{res['model']}**: A/A noise {100 * res['aa_noise']:.1f} %; nnopt {verdict}; inputs: "

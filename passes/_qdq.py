@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from nnopt.ir.graphview import stable_topological_order, subgraph_protos, subgraph_reads
+from nnopt.ir.graphview import rename_outer_reads, stable_topological_order, subgraph_protos, subgraph_reads
 from nnopt.ir.naming import taken_names, unique_name
 from nnopt.passes import _ort_quant
 from nnopt.runtime import run_model
@@ -203,22 +203,7 @@ def _subgraphs_read_absorbed_activations(before: onnx.GraphProto, model: onnx.Mo
         after.node.append(activation)  # toposort places it
     for node in after.node:
         for body in subgraph_protos(node):
-            _rename_outer_reads(body, renames)
-
-
-def _rename_outer_reads(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
-    """Rename, in ``graph`` and the bodies nested in it, reads of outer-scope names by ``renames`` (a name the
-    body defines itself shadows the outer one and is left alone)."""
-    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
-    live = {old: new for old, new in renames.items() if old not in defined}
-    if not live:
-        return
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in live:
-                node.input[i] = live[name]
-        for body in subgraph_protos(node):
-            _rename_outer_reads(body, live)
+            rename_outer_reads(body, renames)
 
 
 def _float_inputs_for(graph: onnx.GraphProto, excluded: set[str], original_inits: set[str]) -> None:

@@ -14,7 +14,7 @@ from onnx import helper, numpy_helper
 
 from nnopt.analysis.shapes import topological_order
 from nnopt.errors import OptionError
-from nnopt.ir.graphview import graph_protos, subgraph_protos, subgraph_reads
+from nnopt.ir.graphview import rename_outer_reads, subgraph_protos, subgraph_reads
 from nnopt.ir.model import Model
 from nnopt.ir.naming import taken_names, unique_name
 from nnopt.passes import _fp16_plan as plan
@@ -334,7 +334,7 @@ class _GraphConverter:
                     self.widened[name] = unique_name(f"{name}/{_label(FLOAT)}", self.taken, self.suffix)
                     casts.append(self._cast(name, self.widened[name], FLOAT))
                 for body in subgraph_protos(node):
-                    _rename_reads(body, name, self.widened[name])
+                    rename_outer_reads(body, {name: self.widened[name]})
         self._insert(graph, casts)
 
     def _cast(self, source: str, dest: str, to: int) -> onnx.NodeProto:
@@ -358,18 +358,6 @@ class _GraphConverter:
             reason = view.reason or "moves data only, and its producer or readers stay float32: converting it would add Casts"
             self.tally.kept.setdefault(op, Counter())[reason] += 1
             self.tally.layers.append(LayerDecision(view.name, op, "declined", f"kept float32: {reason}"))
-
-
-def _rename_reads(body: onnx.GraphProto, old: str, new: str) -> None:
-    """Make ``body`` and the graphs nested in it read ``new`` wherever they read the outer name ``old``."""
-    for graph in graph_protos(body):
-        for node in graph.node:
-            for i, name in enumerate(node.input):
-                if name == old:
-                    node.input[i] = new
-        for value in graph.output:
-            if value.name == old:
-                value.name = new
 
 
 def _label(dtype: int) -> str:

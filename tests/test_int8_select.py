@@ -19,27 +19,28 @@ from nnopt.passes.quantize import DEFAULT_OP_TYPES, Quantize, QuantizeOptions
 from nnopt.pipeline.base import PassContext
 
 
-def _net(layers: list[tuple[int, int, int]], cin: int, spatial: int, seed: int = 0,
+def _net(layers: list[tuple[int, int, int]], cin: int, spatial: int, seed: int = 0, dims: int = 2,
          ) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
-    """Convs (out channels, kernel, group) with a Relu after each but the last, on [1, cin, s, s], and 8
-    calibration samples."""
+    """Convs (out channels, kernel, group) with a Relu after each but the last, on [1, cin, s, s] (``dims``
+    spatial axes of size s: 1 for audio-style 1-D convs), and 8 calibration samples."""
     rng = np.random.default_rng(seed)
     nodes, inits, src, c = [], [], "x", cin
     for i, (out, k, group) in enumerate(layers):
-        w = rng.normal(0, 1.0 / np.sqrt(k * k * c // group), (out, c // group, k, k)).astype(np.float32)
+        w = rng.normal(0, 1.0 / np.sqrt(k**dims * c // group), (out, c // group, *[k] * dims)).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"w{i}"),
                   numpy_helper.from_array(rng.normal(0, 0.1, out).astype(np.float32), f"b{i}")]
         nodes.append(helper.make_node("Conv", [src, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}", group=group,
-                                      pads=[k // 2] * 4))
+                                      pads=[k // 2] * 2 * dims))
         src, c = f"c{i}", out
         if i < len(layers) - 1:
             nodes.append(helper.make_node("Relu", [src], [f"r{i}"], name=f"relu{i}"))
             src = f"r{i}"
+    shape = [spatial] * dims
     graph = helper.make_graph(
-        nodes, "net", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, cin, spatial, spatial])],
-        [helper.make_tensor_value_info(src, onnx.TensorProto.FLOAT, [1, c, spatial, spatial])], inits)
+        nodes, "net", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, cin, *shape])],
+        [helper.make_tensor_value_info(src, onnx.TensorProto.FLOAT, [1, c, *shape])], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8)
-    return proto, [{"x": rng.normal(0, 1, (1, cin, spatial, spatial)).astype(np.float32)} for _ in range(8)]
+    return proto, [{"x": rng.normal(0, 1, (1, cin, *shape)).astype(np.float32)} for _ in range(8)]
 
 
 def _select(proto: onnx.ModelProto, feeds: dict[str, np.ndarray],
@@ -243,30 +244,12 @@ def test_a_region_feeding_a_float_conv_keeps_its_layers_that_pay(conv_int8_us, c
     assert "depthwise" in next(d.reason for d in sel.declined if d.node == "conv2")
 
 
-def _net_1d(channels: int, steps: int, layers: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """``layers`` 1-D 3-tap convs channels -> channels with a Relu between, on [1, channels, steps]."""
-    rng = np.random.default_rng(1)
-    nodes, inits, src = [], [], "x"
-    for i in range(layers):
-        inits += [numpy_helper.from_array(rng.normal(0, 0.1, (channels, channels, 3)).astype(np.float32), f"w{i}")]
-        nodes.append(helper.make_node("Conv", [src, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1]))
-        src = f"c{i}"
-        if i < layers - 1:
-            nodes.append(helper.make_node("Relu", [src], [f"r{i}"], name=f"relu{i}"))
-            src = f"r{i}"
-    graph = helper.make_graph(
-        nodes, "net1d", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, channels, steps])],
-        [helper.make_tensor_value_info(src, onnx.TensorProto.FLOAT, [1, channels, steps])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8)
-    return proto, {"x": rng.normal(0, 1, (1, channels, steps)).astype(np.float32)}
-
-
 def test_1d_convs_over_few_steps_are_costed_on_padded_steps_and_run_int8() -> None:
     # Silero VAD's encoder: 1-D 3-tap convs over 1-4 steps. onnxruntime's float GEMM computes 16 steps for 2-16
     # (int8_kernels.py, 128 channels: 8.9 µs float over 4 steps, 9.2 over 16; int8 1.3 µs): at the 2-D dense
     # rate the table put 128 -> 128 over 4 steps at 4.4 µs float, 4.6 µs int8, and kept the encoder float.
-    proto, feeds = _net_1d(128, 4, 2)
-    sel = _select(proto, feeds)
+    proto, calib = _net([(128, 3, 1), (128, 3, 1)], 128, 4, dims=1)
+    sel = _select(proto, calib[0])
     macs = 128 * 128 * 3 * 4
     figures = _figures(sel, "conv0")
     rate = _int8_select.KERNELS["dense_1d"]
@@ -284,14 +267,14 @@ def test_a_calibrated_profile_times_1d_convs_by_its_conv1d_class_and_adds_by_its
     # profile's conv1d class over steps padded to 16 (the table's times when the profile has no conv1d class),
     # the Add at the profile's rates whatever classes the profile lacks (a first version of the fallback
     # sent Adds to the table: ppocr_cls with a profile went from 15 to 46 int8 layers).
-    proto, feeds = _net_1d(64, 4, 2)
+    proto, calib = _net([(64, 3, 1), (64, 3, 1)], 64, 4, dims=1)
     proto.graph.node.append(helper.make_node("Add", ["c1", "x"], ["y"], name="add"))
     proto.graph.output[0].name = "y"
-    macs, elements = 64 * 64 * 3 * 4, 2 * 64 * 4 + 64 * 64 * 3
+    macs, elements = 64 * 64 * 3 * 4, 2 * 64 * 4 + 64 * 64 * 3 + 64  # input, output, weight, bias
     without = _calibrated(4e10)
     with_1d = replace(without, kernels={**without.kernels, "conv1d": KernelFigures(1e11, 1e-6)})
     for profile in (without, with_1d):
-        sel = _select(proto, feeds, _int8_select.rates_for(profile))
+        sel = _select(proto, calib[0], _int8_select.rates_for(profile))
         conv, add = _figures(sel, "conv0"), _figures(sel, "add")
         if profile is with_1d:
             expected = (profile.node_latency("conv1d", 2 * macs, 4 * elements, padding=4.0)[0] * 1e6,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import networkx as nx
 import onnx
@@ -61,6 +61,20 @@ def subgraph_reads(node: onnx.NodeProto) -> set[str]:
     for graph in subgraph_protos(node):
         reads |= outer_scope_reads(graph)
     return reads
+
+
+def rename_outer_reads(body: onnx.GraphProto, renames: Mapping[str, str]) -> None:
+    """Make ``body`` and the graphs nested in it read ``renames[old]`` wherever they read the outer name
+    ``old`` (node inputs, and outputs that pass the outer value through). Names are unique in a model, so a
+    body never defines an outer name itself."""
+    for graph in graph_protos(body):
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if name in renames:
+                    node.input[i] = renames[name]
+        for value in graph.output:
+            if value.name in renames:
+                value.name = renames[value.name]
 
 
 def outer_scope_reads(graph: onnx.GraphProto) -> set[str]:
